@@ -1,0 +1,66 @@
+"""Image-branch throughput of the full-size (1024-d, 16000-code) Sat2Sound model.
+
+    python benchmarks/bench_model.py [--device auto] [--batches 1 8 32] [--metadata] [--repeats 3]
+
+Prints images/s per batch size (after a warm-up batch) and peak memory: CUDA allocator peak on GPU,
+process peak RSS on CPU. Weights are random: speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+
+from model.config import Sat2SoundConfig
+from model.inference import Sat2SoundEncoder, pick_device
+from model.metadata import Metadata
+from model.sat2sound import Sat2Sound
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--metadata", action="store_true", help="benchmark the withmeta (fusion) variant")
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    cfg = Sat2SoundConfig(metadata_type="latlong_month_time_asource_tsource" if args.metadata else "none")
+    encoder = Sat2SoundEncoder(Sat2Sound(cfg), device=str(device), precision=args.precision)
+    variant = "withmeta" if args.metadata else "nometa"
+    print(f"device {device} ({torch.get_num_threads()} threads), precision {encoder.dtype}, {variant}")
+    for batch in args.batches:
+        images = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
+        meta = (
+            Metadata.from_values(np.full(batch, 38.6), np.full(batch, -90.2), month=6, hour=12)
+            if args.metadata
+            else None
+        )
+        encoder.embed_images(images, 1, meta)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            encoder.embed_images(images, 1, meta)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / args.repeats
+        print(f"batch {batch:3d}: {batch / seconds:8.1f} images/s  ({seconds * 1000:7.1f} ms/batch)")
+    print(f"peak memory {peak_memory_mb(device):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

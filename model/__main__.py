@@ -1,0 +1,71 @@
+"""Command line of the model package: `python -m model {embed,convert,benchmark-info}`.
+
+python -m model embed --checkpoint CKPT --inputs IN.npz --out OUT.npz [--audio-from-waveform]
+python -m model convert CKPT OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import Sat2SoundError
+from model.io import atomic_save_npz
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from model.checkpoint import load_model
+    from model.reference import run_reference
+
+    if not args.inputs.is_file():
+        raise FileNotFoundError(
+            f"inputs {args.inputs} do not exist; pass an .npz in the parity-reference format"
+        )
+    model, _ = load_model(args.checkpoint)
+    with np.load(args.inputs) as data:
+        arrays = {name: data[name] for name in data.files if name.startswith("in/")}
+    outputs = run_reference(model, arrays, from_waveform=args.audio_from_waveform)
+    atomic_save_npz(args.out, outputs)
+    print(f"wrote {args.out}: {len(outputs)} arrays for {len(outputs['ctotal'])} samples")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from model.checkpoint import convert_to_safetensors
+
+    weights, config = convert_to_safetensors(args.checkpoint, args.out)
+    print(f"wrote {weights} and {config}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model", description="Sat2Sound model tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    embed = commands.add_parser("embed", help="run the model on an .npz in the parity-reference format")
+    embed.add_argument("--checkpoint", required=True, help="path, or hf://OWNER/REPO/FILE")
+    embed.add_argument("--inputs", required=True, type=Path, help=".npz with in/... arrays")
+    embed.add_argument("--out", required=True, type=Path, help="output .npz")
+    embed.add_argument(
+        "--audio-from-waveform", action="store_true", help="compute mel features from in/waveform_int16"
+    )
+    embed.set_defaults(run=_embed)
+    convert = commands.add_parser("convert", help="convert a .ckpt once to .safetensors + .json config")
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("out", type=Path, help="output .safetensors path")
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (Sat2SoundError, FileNotFoundError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

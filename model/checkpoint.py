@@ -1,0 +1,230 @@
+"""Loading Sat2Sound checkpoints without executing code from the file.
+
+Two formats: the official Lightning `.ckpt` (a torch zip holding `state_dict` and `hyper_parameters`),
+read with `torch.load(weights_only=True)` and an explicit allow-list of the few harmless classes
+Lightning checkpoints pickle; and a converted `.safetensors` file with a `.json` config beside it.
+All key handling lives in `filter_state_dict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from model.config import Sat2SoundConfig
+from model.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from model.io import atomic_path
+from model.sat2sound import Sat2Sound
+
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+CONFIG_FORMAT = "sat2sound-maps/config-v1"
+# Key prefixes of weights that no part of Sat2Sound reads (older revisions kept a text projector).
+IGNORED_PREFIXES = ("text_encoder.",)
+# Prefixes added by wrappers (DDP, torch.compile) around the whole model.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+MAX_LISTED_KEYS = 3
+
+
+class _AttributeDict:
+    """Stand-in for Lightning's AttributeDict (a dict subclass): unpickles as a plain dict."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> dict:  # type: ignore[misc]
+        return {}
+
+
+def _numpy_safe_globals() -> list[Any]:
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    return [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtypes,
+    ]
+
+
+SAFE_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    (_AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (_AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (_AttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
+    *_numpy_safe_globals(),
+]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def filter_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Bring a checkpoint's state dict to this package's key names (which equal upstream's)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        if key.startswith(IGNORED_PREFIXES) or not isinstance(value, Tensor):
+            continue
+        out[key] = value
+    return out
+
+
+def _unpickling_culprit(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's long weights-only error that names the refused object."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "Can only" in line]
+    return (named or lines or ["unsupported object"])[0][:200]
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint (not a zip archive: truncated or another format); "
+            "download it again or pass the .ckpt/.safetensors file"
+        )
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds pickled objects outside the safe allow-list ({_unpickling_culprit(exc)});"
+            " it is not a plain Sat2Sound checkpoint — refusing to run code from it"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"{path} cannot be read ({str(exc).splitlines()[0][:160]});"
+            " the file is truncated or corrupt, download it again"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(
+            f"{path} is not a Sat2Sound checkpoint (holds a {type(payload).__name__}, not a dict)"
+        )
+    return payload
+
+
+def read_torch_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    payload = _torch_load(path)
+    missing = [key for key in ("state_dict", "hyper_parameters") if key not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a Sat2Sound checkpoint (no {' or '.join(missing)}); "
+            "expected a Lightning checkpoint of mvrl/sat2sound"
+        )
+    hparams = dict(payload["hyper_parameters"])
+    try:
+        cfg = Sat2SoundConfig.from_hparams(hparams)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return cfg, filter_state_dict(payload["state_dict"]), hparams
+
+
+def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    config_path = path.with_suffix(".json")
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config beside it ({config_path.name}); convert the .ckpt again")
+    try:
+        meta = json.loads(config_path.read_text())
+        state_dict = load_file(path)
+    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} or its config cannot be read ({exc}); convert the .ckpt again"
+        ) from None
+    if meta.get("format") != CONFIG_FORMAT:
+        raise CheckpointError(f"{config_path} is not a Sat2Sound config (format {meta.get('format')!r})")
+    return (
+        Sat2SoundConfig.from_dict(meta["config"]),
+        filter_state_dict(state_dict),
+        meta.get("hyper_parameters", {}),
+    )
+
+
+def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    """Config, filtered state dict and original hyper-parameters of a local checkpoint file."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; check the path or use hf://MVRL/sat2sound/..."
+        )
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors_checkpoint(path)
+    return read_torch_checkpoint(path)
+
+
+def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str:
+    """One line listing missing and unexpected keys and shape differences, or '' if they fit."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = [
+        f"{key} {tuple(found[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in found and found[key].shape != expected[key].shape
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - MAX_LISTED_KEYS} more)" if len(items) > MAX_LISTED_KEYS else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:MAX_LISTED_KEYS])}{more}")
+    return "; ".join(parts)
+
+
+def build_model(
+    cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint"
+) -> Sat2Sound:
+    """A Sat2Sound model in eval mode holding exactly the given weights (strict)."""
+    with torch.device("meta"):
+        model = Sat2Sound(cfg)
+    problems = describe_mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source} does not fit a {cfg.sat_type}/{cfg.metadata_type} Sat2Sound: {problems}"
+        )
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:
+    """Model and provenance (path, sha256, hyper-parameters) from a path or an hf:// URI, on the CPU."""
+    from model.hub import resolve
+
+    path = resolve(str(source))
+    cfg, state_dict, hparams = read_checkpoint(path)
+    model = build_model(cfg, state_dict, source=str(source))
+    return model, {"checkpoint": str(source), "path": str(path), "hyper_parameters": hparams}
+
+
+def convert_to_safetensors(checkpoint: Path, out: Path) -> tuple[Path, Path]:
+    """One-time conversion of a `.ckpt` to `out` (.safetensors) plus its `.json` config, written atomically."""
+    if out.suffix != SAFETENSORS_SUFFIX:
+        raise CheckpointError(f"output {out} must end in {SAFETENSORS_SUFFIX}")
+    cfg, state_dict, hparams = read_checkpoint(checkpoint)
+    build_model(cfg, state_dict, source=str(checkpoint))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_path = out.with_suffix(".json")
+    meta = {
+        "format": CONFIG_FORMAT,
+        "config": cfg.to_dict(),
+        "hyper_parameters": json.loads(json.dumps(hparams, default=str)),
+        "converted_from": {"name": checkpoint.name, "sha256": sha256_file(checkpoint)},
+    }
+    with atomic_path(config_path) as tmp_config, atomic_path(out) as tmp_weights:
+        save_file({key: value.contiguous() for key, value in state_dict.items()}, str(tmp_weights))
+        tmp_config.write_text(json.dumps(meta, indent=1))
+    return out, config_path

@@ -1,0 +1,166 @@
+"""Architecture configuration: one frozen object describes every size of the model.
+
+`Sat2SoundConfig.from_hparams` reads the few fields it needs from a Lightning `hyper_parameters`
+dict (official checkpoints carry many more); `Sat2SoundConfig.small()` builds a tiny model for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from model.errors import ConfigError
+
+# Ground sample distance (m/px) at zoom level 1 for each imagery type the model was trained on.
+GSD_BY_SAT_TYPE: dict[str, float] = {"bingmap": 0.6, "sentinel": 10.0, "googleEarth": 0.2}
+# Source tile edge (px) that one zoom-level step covers before the resize to 224 px.
+TILE_PX_BY_SAT_TYPE: dict[str, int] = {"bingmap": 300, "sentinel": 256, "googleEarth": 256}
+
+# Metadata tokens in the order upstream appends them after the patch tokens.
+METADATA_ORDER: tuple[str, ...] = ("asource", "tsource", "latlong", "month", "time")
+AUDIO_SOURCES: tuple[str, ...] = ("yfcc", "iNat", "aporee", "freesound")
+CAPTION_SOURCES: tuple[str, ...] = ("meta", "qwen", "pengi")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """SatMAE ViT image encoder (no cls token, no learned position table)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass(frozen=True)
+class HTSATConfig:
+    """HTS-AT Swin audio encoder as used by MGA-CLAP."""
+
+    mel_bins: int = 64
+    spec_size: int = 256
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (4, 8, 16, 32)
+    window_size: int = 8
+    mlp_ratio: float = 4.0
+    num_classes: int = 527
+
+    @property
+    def out_dim(self) -> int:
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+
+@dataclass(frozen=True)
+class Sat2SoundConfig:
+    """Everything that decides the shapes of a Sat2Sound model."""
+
+    fc_dim: int = 1024
+    codebook_dim: int = 1024
+    codebook_size: int = 16000
+    sat_type: str = "bingmap"
+    metadata_type: str = "latlong_month_time_asource_tsource"
+    text_dim: int = 1024
+    fdt_temperature: float = 1000.0
+    fusion_layers: int = 3
+    fusion_heads: int = 8
+    fusion_ff_dim: int = 2048
+    metadata_hidden: int = 64
+    combined_modality_loss: bool = True
+    fdt_weight: float = 1.0
+    pseudo_match_alpha: float = 0.1
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    audio: HTSATConfig = field(default_factory=HTSATConfig)
+
+    def __post_init__(self) -> None:
+        if self.sat_type not in GSD_BY_SAT_TYPE:
+            raise ConfigError(f"unknown sat_type {self.sat_type!r}; use one of {sorted(GSD_BY_SAT_TYPE)}")
+        unknown = set(self.metadata) - set(METADATA_ORDER)
+        if unknown:
+            raise ConfigError(
+                f"unknown metadata {sorted(unknown)} in metadata_type {self.metadata_type!r};"
+                f" use 'none' or names from {list(METADATA_ORDER)} joined by '_'"
+            )
+
+    @property
+    def metadata(self) -> tuple[str, ...]:
+        """Metadata token names in upstream token order; empty for 'none'."""
+        if self.metadata_type in ("", "none"):
+            return ()
+        parts = set(self.metadata_type.split("_"))
+        return tuple(name for name in METADATA_ORDER if name in parts) + tuple(
+            sorted(parts - set(METADATA_ORDER))
+        )
+
+    @property
+    def gsd(self) -> float:
+        return GSD_BY_SAT_TYPE[self.sat_type]
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> Sat2SoundConfig:
+        """Build the config from a checkpoint's `hyper_parameters`, reading only what shapes the model."""
+        names = ("fc_dim", "codebook_dim", "codebook_size", "sat_type", "metadata_type")
+        missing = [name for name in names if name not in hparams]
+        if missing:
+            raise ConfigError(
+                f"hyper_parameters lack {missing}; this is not a Sat2Sound checkpoint"
+                " (expected the Lightning hparams of mvrl/sat2sound)"
+            )
+        kwargs: dict[str, Any] = {name: hparams[name] for name in names}
+        kwargs["combined_modality_loss"] = bool(hparams.get("combined_modality_loss", 1))
+        for name in ("fdt_weight", "pseudo_match_alpha"):
+            if name in hparams:
+                kwargs[name] = float(hparams[name])
+        return cls(**kwargs)
+
+    @classmethod
+    def small(cls, metadata_type: str = "latlong_month_time_asource_tsource") -> Sat2SoundConfig:
+        """A few-MB model with the official structure, for tests and the offline demo."""
+        return cls(
+            fc_dim=64,
+            codebook_dim=64,
+            codebook_size=256,
+            metadata_type=metadata_type,
+            text_dim=384,
+            fusion_layers=1,
+            fusion_heads=4,
+            fusion_ff_dim=128,
+            metadata_hidden=16,
+            vit=ViTConfig(embed_dim=64, depth=2, num_heads=2),
+            audio=HTSATConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Sat2SoundConfig:
+        """Inverse of `to_dict` (used by the safetensors + JSON checkpoint format)."""
+        data = dict(data)
+        try:
+            vit = ViTConfig(**data.pop("vit", {}))
+            audio_fields = dict(data.pop("audio", {}))
+            for name in ("depths", "num_heads"):
+                if name in audio_fields:
+                    audio_fields[name] = tuple(audio_fields[name])
+            audio = HTSATConfig(**audio_fields)
+            return cls(vit=vit, audio=audio, **data)
+        except TypeError as exc:
+            raise ConfigError(
+                f"bad model config ({exc}); regenerate it with 'python -m model convert'"
+            ) from None
+
+    def with_metadata(self, metadata_type: str) -> Sat2SoundConfig:
+        return replace(self, metadata_type=metadata_type)

@@ -1,0 +1,155 @@
+"""Batched inference: tiles, captions and audio clips to L2-normalised embeddings in the shared space.
+
+Runs on CPU or CUDA; on CUDA the encoders run under bf16 (or fp16) autocast while the codebook
+pooling stays in float32. Everything runs under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.audio import load_audio, log_mel
+from model.checkpoint import load_model
+from model.config import Sat2SoundConfig
+from model.errors import InputError, TextBackboneError
+from model.fdt import CodebookOutput
+from model.loss import l2_normalize
+from model.metadata import Metadata
+from model.preprocess import to_model_input
+from model.sat2sound import Sat2Sound
+from model.text import FLAN_T5_LARGE, TextBackbone, load_text_backbone
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Text backbone the official checkpoints were trained with, by hidden width.
+DEFAULT_TEXT_BACKBONE_BY_DIM = {1024: FLAN_T5_LARGE, 384: "minilm"}
+
+
+class Embeddings(NamedTuple):
+    """L2-normalised embeddings (B, D) and the sparse codebook weights (B, K) behind them, on the CPU."""
+
+    embedding: Tensor
+    weights: Tensor
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def pick_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {['auto', *PRECISIONS]}")
+    return PRECISIONS[precision]
+
+
+def _normalized(out: CodebookOutput) -> Embeddings:
+    return Embeddings(l2_normalize(out.embedding.float()).cpu(), out.weights.float().cpu())
+
+
+class Sat2SoundEncoder:
+    """A loaded model plus its text backbone, with batched encode methods for the pipeline."""
+
+    def __init__(
+        self,
+        model: Sat2Sound,
+        text_backbone: TextBackbone | str = "auto",
+        device: str = "auto",
+        precision: str = "auto",
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.dtype = pick_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.provenance = provenance or {}
+        self._text_backbone = None if isinstance(text_backbone, str) else text_backbone
+        self._text_backbone_spec = text_backbone if isinstance(text_backbone, str) else text_backbone.name
+
+    @classmethod
+    def from_checkpoint(
+        cls, source: str | os.PathLike[str], device: str = "auto", precision: str = "auto", text_backbone: str = "auto"
+    ) -> Sat2SoundEncoder:
+        model, provenance = load_model(str(source))
+        return cls(model, text_backbone, device=device, precision=precision, provenance=provenance)
+
+    @property
+    def cfg(self) -> Sat2SoundConfig:
+        return self.model.cfg
+
+    @property
+    def text_backbone(self) -> TextBackbone:
+        """Loaded on first use: map builds that score only audio queries never need it."""
+        if self._text_backbone is None:
+            spec = self._text_backbone_spec
+            if spec == "auto":
+                spec = DEFAULT_TEXT_BACKBONE_BY_DIM.get(self.cfg.text_dim, "")
+            if not spec:
+                raise TextBackboneError(
+                    f"no default text backbone for width {self.cfg.text_dim}; pass one with text_backbone=..."
+                )
+            self._text_backbone = load_text_backbone(spec, device=self.device)
+        if self._text_backbone.dim != self.cfg.text_dim:
+            raise TextBackboneError(
+                f"text backbone {self._text_backbone.name} gives {self._text_backbone.dim}-d states but the "
+                f"checkpoint expects {self.cfg.text_dim}-d; use the backbone it was trained with"
+            )
+        return self._text_backbone
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=enabled)
+
+    @torch.inference_mode()
+    def embed_images(
+        self, images: Tensor | np.ndarray, zoom_level: int | Sequence[float], metadata: Metadata | None = None
+    ) -> Embeddings:
+        """Tiles as uint8 RGB (B, 3, H, W) (resized to 224) or normalised float (B, 3, 224, 224)."""
+        batch = torch.as_tensor(images)
+        if batch.dtype == torch.uint8:
+            batch = to_model_input(batch)
+        zoom = [zoom_level] * len(batch) if isinstance(zoom_level, (int, float)) else list(zoom_level)
+        with self._autocast():
+            out = self.model.encode_image(batch.to(self.device), zoom, metadata)
+        return _normalized(out)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> Embeddings:
+        tokens = self.text_backbone.encode(texts)
+        with self._autocast():
+            out = self.model.encode_text(tokens.hidden.to(self.device), tokens.mask.to(self.device))
+        return _normalized(out)
+
+    @torch.inference_mode()
+    def embed_waveforms(self, waveforms: Tensor | np.ndarray) -> Embeddings:
+        """Mono 32 kHz clips (B, 320000) in [-1, 1]."""
+        mel = log_mel(torch.as_tensor(waveforms, dtype=torch.float32).to(self.device))
+        with self._autocast():
+            out = self.model.encode_audio(mel)
+        return _normalized(out)
+
+    def embed_audio(self, paths: Sequence[str | os.PathLike[str]]) -> Embeddings:
+        """Audio files (wav/flac/ogg/mp3, any rate/channels), first 10 s of each."""
+        return self.embed_waveforms(np.stack([load_audio(path) for path in paths]))
+
+    @torch.inference_mode()
+    def embed_composed(self, paths: Sequence[str | os.PathLike[str]], texts: Sequence[str]) -> Embeddings:
+        """Audio + caption queries, composed as training does: normalise(audio + caption) before normalising."""
+        if len(paths) != len(texts):
+            raise InputError(f"composed queries need one text per audio file, got {len(paths)} and {len(texts)}")
+        mel = log_mel(torch.as_tensor(np.stack([load_audio(p) for p in paths])).to(self.device))
+        tokens = self.text_backbone.encode(texts)
+        with self._autocast():
+            audio = self.model.encode_audio(mel)
+            caption = self.model.encode_text(tokens.hidden.to(self.device), tokens.mask.to(self.device))
+        combined = audio.embedding.float() + caption.embedding.float()
+        return Embeddings(l2_normalize(combined).cpu(), ((audio.weights + caption.weights) / 2).float().cpu())

@@ -1,0 +1,35 @@
+"""Errors and warnings of the map pipeline; each message is one line naming the problem and the fix."""
+
+from model.errors import Sat2SoundError
+
+
+class PipelineError(Sat2SoundError):
+    """Base class of the pipeline's own errors."""
+
+
+class RegionError(PipelineError):
+    """A region specification cannot be turned into a usable geometry."""
+
+
+class TilingError(PipelineError):
+    """Tiling settings are inconsistent or the region is too large for them."""
+
+
+class ImageryError(PipelineError):
+    """An imagery source is misconfigured or cannot serve imagery."""
+
+
+class FetchError(ImageryError):
+    """A remote tile or asset could not be fetched after all retries."""
+
+
+class CacheError(PipelineError):
+    """The tile cache cannot be read or written."""
+
+
+class RegionWarning(UserWarning):
+    """A region was usable but changed (repaired, clipped, CRS assumed)."""
+
+
+class ImageryWarning(UserWarning):
+    """Imagery was usable but degraded (missing tiles, coarser than asked)."""

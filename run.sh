@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One entry point that sets itself up on a fresh machine (only Python 3.10+ needed):
+#   bash run.sh demo   - build the default soundscape output (see README)
+#   bash run.sh test   - run the test suite
+# It creates .venv on first use and reinstalls only when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+# The CPU wheel here; on GPU clusters install your CUDA build of torch first (see README).
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "creating $VENV ..."
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+    if [ ! -f "$stamp" ]; then
+        echo "installing dependencies into $VENV (first run takes a few minutes) ..."
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+        "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+        rm -f "$VENV"/.installed-*
+        touch "$stamp"
+    fi
+}
+
+case "${1:-}" in
+    demo)
+        shift
+        setup
+        exec "$VENV/bin/python" -m model demo "$@"
+        ;;
+    test)
+        shift
+        setup
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash run.sh demo|test [args...]" >&2
+        exit 2
+        ;;
+esac

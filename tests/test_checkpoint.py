@@ -1,0 +1,157 @@
+"""Checkpoint loading: safe unpickling, clear one-line errors, safetensors conversion."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.__main__ import main
+from model.checkpoint import build_model, convert_to_safetensors, load_model, read_checkpoint
+from model.config import Sat2SoundConfig
+from model.errors import CheckpointError, CheckpointMismatchError
+from model.sat2sound import Sat2Sound
+
+
+def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    message = str(exc.value)
+    assert "\n" not in message, f"error message spans lines: {message!r}"
+    return message
+
+
+def test_truncated_checkpoint_is_reported(upstream_ckpt_path: Callable[[str], Path], tmp_path: Path) -> None:
+    source = upstream_ckpt_path("bingmap_nometa")
+    truncated = tmp_path / "truncated.ckpt"
+    with open(source, "rb") as fh:
+        truncated.write_bytes(fh.read(5_000_000))
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(truncated)
+    assert "truncated" in one_line(exc)
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes.ckpt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(path)
+    assert "not a torch checkpoint" in one_line(exc)
+
+
+def test_foreign_torch_file_is_not_a_sat2sound_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(path)
+    assert "not a Sat2Sound checkpoint" in one_line(exc)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(tmp_path / "absent.ckpt")
+    assert "absent.ckpt" in one_line(exc)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, path)
+    with pytest.raises(CheckpointError) as exc:
+        read_checkpoint(path)
+    assert "allow-list" in one_line(exc)
+    assert not marker.exists()
+
+
+def test_lightning_extras_load_with_the_allow_list(
+    upstream_state_dict: Callable[[str], dict[str, torch.Tensor]],
+    manifest: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real Lightning files pickle AttributeDict, numpy scalars and paths beside the weights."""
+    module_name = "pytorch_lightning.utilities.parsing"
+    for name in ("pytorch_lightning", "pytorch_lightning.utilities", module_name):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    attribute_dict = type("AttributeDict", (dict,), {"__module__": module_name})
+    sys.modules[module_name].AttributeDict = attribute_dict  # type: ignore[attr-defined]
+    payload = {
+        "state_dict": upstream_state_dict("bingmap_nometa"),
+        "hyper_parameters": attribute_dict(manifest["configs"]["bingmap_nometa"]["hyper_parameters"]),
+        "callbacks": {"ModelCheckpoint": {"best_model_score": np.float64(0.5), "dirpath": Path("/ckpts")}},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 5e-5}]}],
+    }
+    path = tmp_path / "lightning.ckpt"
+    torch.save(payload, path)
+    monkeypatch.undo()
+    cfg, state_dict, hparams = read_checkpoint(path)
+    assert cfg.metadata == () and hparams["codebook_size"] == 16000
+    assert len(state_dict) == 381
+
+
+def test_wrong_shapes_and_keys_are_listed(upstream_state_dict: Callable[[str], dict[str, torch.Tensor]]) -> None:
+    state_dict = dict(upstream_state_dict("bingmap_nometa"))
+    state_dict["fdt.space_dict"] = torch.zeros(100, 1024)
+    del state_dict["fdt.img_query_model.q_map.1.bias"]
+    state_dict["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError) as exc:
+        build_model(Sat2SoundConfig(metadata_type="none"), state_dict)
+    message = one_line(exc)
+    assert "fdt.space_dict (100, 1024) vs model (16000, 1024)" in message
+    assert "1 missing: fdt.img_query_model.q_map.1.bias" in message
+    assert "1 unexpected: extra.weight" in message
+
+
+def test_withmeta_weights_do_not_fit_a_nometa_config(upstream_state_dict) -> None:
+    with pytest.raises(CheckpointMismatchError) as exc:
+        build_model(Sat2SoundConfig(metadata_type="none"), upstream_state_dict("bingmap_withmeta"))
+    assert "50 unexpected: sat_encoder.meta_fuser" in one_line(exc)
+
+
+def test_safetensors_conversion_round_trip(upstream_ckpt_path, tmp_path: Path) -> None:
+    source = upstream_ckpt_path("bingmap_withmeta")
+    out = tmp_path / "converted" / "withmeta.safetensors"
+    assert main(["convert", str(source), str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+    converted, _ = load_model(out)
+    original, _ = load_model(source)
+    for (key, a), (key_b, b) in zip(converted.state_dict().items(), original.state_dict().items(), strict=True):
+        assert key == key_b and torch.equal(a, b), key
+
+
+def test_convert_refuses_a_non_safetensors_target(upstream_ckpt_path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        convert_to_safetensors(upstream_ckpt_path("bingmap_nometa"), tmp_path / "out.bin")
+
+
+def test_cli_reports_bad_checkpoint_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00" * 100)
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, x=np.zeros(1))
+    code = main(["embed", "--checkpoint", str(bad), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_small_model_state_dict_round_trips_through_build_model() -> None:
+    cfg = Sat2SoundConfig.small()
+    model = Sat2Sound(cfg)
+    rebuilt = build_model(cfg, model.state_dict())
+    assert not rebuilt.training
+    assert all(not p.requires_grad for p in rebuilt.parameters())
+    assert all(t.device.type == "cpu" for t in rebuilt.state_dict().values())
