@@ -122,12 +122,21 @@ class Sat2SoundEncoder:
             out = self.model.encode_image(batch.to(self.device), zoom, metadata)
         return _normalized(out)
 
+    def _encode_text(self, text: str) -> CodebookOutput:
+        # One text per forward: upstream zeroes pad-token scores before the max-pool, so in a padded
+        # batch a text's embedding would depend on the lengths of the other texts.
+        tokens = self.text_backbone.encode([text])
+        with self._autocast():
+            return self.model.encode_text(tokens.hidden.to(self.device), tokens.mask.to(self.device))
+
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> Embeddings:
-        tokens = self.text_backbone.encode(texts)
-        with self._autocast():
-            out = self.model.encode_text(tokens.hidden.to(self.device), tokens.mask.to(self.device))
-        return _normalized(out)
+        if isinstance(texts, str) or not texts:
+            raise InputError("embed_texts takes a non-empty list of strings; wrap a single text in a list")
+        outputs = [self._encode_text(text) for text in texts]
+        return _normalized(
+            CodebookOutput(torch.cat([o.weights for o in outputs]), torch.cat([o.embedding for o in outputs]))
+        )
 
     @torch.inference_mode()
     def embed_waveforms(self, waveforms: Tensor | np.ndarray) -> Embeddings:
@@ -143,13 +152,13 @@ class Sat2SoundEncoder:
 
     @torch.inference_mode()
     def embed_composed(self, paths: Sequence[str | os.PathLike[str]], texts: Sequence[str]) -> Embeddings:
-        """Audio + caption queries, composed as training does: normalise(audio + caption) before normalising."""
+        """Audio + caption queries, composed as training does: normalise(audio + caption) of raw embeddings."""
         if len(paths) != len(texts):
             raise InputError(f"composed queries need one text per audio file, got {len(paths)} and {len(texts)}")
         mel = log_mel(torch.as_tensor(np.stack([load_audio(p) for p in paths])).to(self.device))
-        tokens = self.text_backbone.encode(texts)
         with self._autocast():
             audio = self.model.encode_audio(mel)
-            caption = self.model.encode_text(tokens.hidden.to(self.device), tokens.mask.to(self.device))
-        combined = audio.embedding.float() + caption.embedding.float()
-        return Embeddings(l2_normalize(combined).cpu(), ((audio.weights + caption.weights) / 2).float().cpu())
+        captions = [self._encode_text(text) for text in texts]
+        combined = audio.embedding.float() + torch.cat([c.embedding for c in captions]).float()
+        weights = (audio.weights + torch.cat([c.weights for c in captions])) / 2
+        return Embeddings(l2_normalize(combined).cpu(), weights.float().cpu())

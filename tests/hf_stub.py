@@ -1,0 +1,98 @@
+"""A loopback stand-in for the Hugging Face Hub's file-resolve API, for tests that must not touch the network.
+
+It answers `HEAD|GET /{owner}/{repo}/resolve/{revision}/{path}` with the headers `hf_hub_download` relies on
+(`X-Repo-Commit`, `ETag`, `Content-Length`) and the Hub's error codes (`X-Error-Code`), and records every
+request so that tests can tell a download from a cache hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+RESOLVE_PATH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
+
+
+class HubStub:
+    """Serves `files`, keyed by (repo id, path in repo), from one commit reachable as "main" or its hash.
+
+    With `truncate=True` every GET body stops halfway while `Content-Length` promises the whole file,
+    the way a dropped connection looks to the client.
+    """
+
+    def __init__(self, files: dict[tuple[str, str], bytes], truncate: bool = False) -> None:
+        self.files = files
+        self.truncate = truncate
+        self.requests: list[tuple[str, str]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def gets(self) -> int:
+        return sum(1 for method, _ in self.requests if method == "GET")
+
+    def __enter__(self) -> HubStub:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class ResolveHandler(BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                self._answer(send_body=False)
+
+            def do_GET(self) -> None:
+                self._answer(send_body=True)
+
+            def _answer(self, send_body: bool) -> None:
+                stub.requests.append((self.command, self.path))
+                match = RESOLVE_PATH.match(self.path)
+                if match is None or not any(repo == match["repo"] for repo, _ in stub.files):
+                    # The Hub answers 401 for a repo that does not exist when the client is anonymous.
+                    self._error(401, "RepoNotFound")
+                    return
+                if match["revision"] not in ("main", COMMIT):
+                    self._error(404, "RevisionNotFound")
+                    return
+                content = stub.files.get((match["repo"], match["filename"]))
+                if content is None:
+                    self._error(404, "EntryNotFound")
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                self.send_header("Content-Length", str(len(content)))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(content[: len(content) // 2] if stub.truncate else content)
+
+            def _error(self, status: int, error_code: str) -> None:
+                self.send_response(status)
+                self.send_header("X-Error-Code", error_code)
+                if error_code == "EntryNotFound":
+                    self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Keep test output clean; `HubStub.requests` is the log."""
+
+        return ResolveHandler

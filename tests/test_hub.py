@@ -1,0 +1,181 @@
+"""model.hub: URI parsing, local paths, and hf:// downloads against a loopback stand-in of the Hub."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hf_stub import COMMIT, HubStub
+
+from model.errors import DownloadError
+from model.hub import HubFile, official_checkpoint_uri, parse_hf_uri, resolve
+
+REPO = "MVRL/sat2sound"
+FILENAME = "sat2sound/bingmap_withmeta.ckpt"
+URI = f"hf://{REPO}/{FILENAME}"
+PAYLOAD = bytes(range(256)) * 64
+CHILD = Path(__file__).with_name("hf_resolve_child.py")
+
+
+class Resolved:
+    """Outcome of resolving a URI in a child interpreter."""
+
+    def __init__(self, completed: subprocess.CompletedProcess[str]) -> None:
+        self.returncode = completed.returncode
+        self.lines = completed.stdout.strip().splitlines()
+        self.stderr = completed.stderr
+
+    @property
+    def path(self) -> Path:
+        assert self.returncode == 0, (self.lines, self.stderr)
+        assert len(self.lines) == 1
+        return Path(self.lines[0])
+
+    @property
+    def error(self) -> str:
+        assert self.returncode == 1, (self.lines, self.stderr)
+        assert len(self.lines) == 1, self.lines
+        assert "Traceback" not in self.stderr
+        prefix = "DownloadError: "
+        assert self.lines[0].startswith(prefix)
+        return self.lines[0][len(prefix) :]
+
+
+def resolve_in_child(uri: str, endpoint: str, home: Path, offline: bool = False) -> Resolved:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    completed = subprocess.run(
+        [sys.executable, str(CHILD), uri], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    return Resolved(completed)
+
+
+@pytest.fixture
+def hub() -> Iterator[HubStub]:
+    with HubStub({(REPO, FILENAME): PAYLOAD}) as stub:
+        yield stub
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_first_call_downloads_and_second_is_served_from_cache(hub: HubStub, tmp_path: Path) -> None:
+    first = resolve_in_child(URI, hub.url, tmp_path).path
+    assert first.read_bytes() == PAYLOAD
+    assert first.is_relative_to(tmp_path / "hub")
+    assert hub.gets() == 1
+
+    second = resolve_in_child(URI, hub.url, tmp_path).path
+    assert second == first
+    assert hub.gets() == 1
+
+
+def test_pinned_revision_is_served_from_cache_without_any_request(hub: HubStub, tmp_path: Path) -> None:
+    pinned = f"hf://{REPO}@{COMMIT}/{FILENAME}"
+    first = resolve_in_child(pinned, hub.url, tmp_path).path
+    assert first.read_bytes() == PAYLOAD
+    hub.requests.clear()
+
+    assert resolve_in_child(pinned, hub.url, tmp_path).path == first
+    assert hub.requests == []
+
+
+def test_offline_mode_uses_the_cache(hub: HubStub, tmp_path: Path) -> None:
+    downloaded = resolve_in_child(URI, hub.url, tmp_path).path
+    hub.requests.clear()
+
+    assert resolve_in_child(URI, hub.url, tmp_path, offline=True).path == downloaded
+    assert hub.requests == []
+
+
+def test_offline_mode_without_cached_copy_is_one_line_error(hub: HubStub, tmp_path: Path) -> None:
+    message = resolve_in_child(URI, hub.url, tmp_path, offline=True).error
+    assert "HF_HUB_OFFLINE" in message
+    assert hub.requests == []
+
+
+def test_missing_file_is_one_line_error(hub: HubStub, tmp_path: Path) -> None:
+    message = resolve_in_child(f"hf://{REPO}/sat2sound/nope.ckpt", hub.url, tmp_path).error
+    assert "sat2sound/nope.ckpt is not in Hub model repo MVRL/sat2sound" in message
+    assert hub.gets() == 0
+
+
+def test_missing_repo_is_one_line_error(hub: HubStub, tmp_path: Path) -> None:
+    message = resolve_in_child(f"hf://someone/else/{FILENAME}", hub.url, tmp_path).error
+    assert "someone/else does not exist" in message
+
+
+def test_unknown_revision_is_one_line_error(hub: HubStub, tmp_path: Path) -> None:
+    message = resolve_in_child(f"hf://{REPO}@v9/{FILENAME}", hub.url, tmp_path).error
+    assert "revision 'v9' does not exist" in message
+
+
+def test_unreachable_hub_is_one_line_error(tmp_path: Path) -> None:
+    endpoint = closed_port_url()
+    message = resolve_in_child(URI, endpoint, tmp_path).error
+    assert f"cannot reach the Hugging Face Hub at {endpoint}" in message
+
+
+def test_connection_dropped_mid_download_is_one_line_error(tmp_path: Path) -> None:
+    with HubStub({(REPO, FILENAME): PAYLOAD}, truncate=True) as hub:
+        message = resolve_in_child(URI, hub.url, tmp_path).error
+    assert f"download of {URI} failed" in message
+    assert hub.gets() > 1, "huggingface_hub should have retried the interrupted download"
+
+
+def test_unwritable_cache_is_one_line_error(hub: HubStub, tmp_path: Path) -> None:
+    (tmp_path / "hub").write_text("a file where the cache directory should be")
+    message = resolve_in_child(URI, hub.url, tmp_path).error
+    assert "cannot store" in message
+    assert "HF_HUB_CACHE" in message
+
+
+def test_parse_hf_uri_reads_repo_type_revision_and_nested_path() -> None:
+    assert parse_hf_uri(URI) == HubFile(REPO, FILENAME, None, "model")
+    assert parse_hf_uri("hf://datasets/MVRL/GeoSound@refs%2Fpr%2F3/demo/a.h5") == HubFile(
+        "MVRL/GeoSound", "demo/a.h5", "refs/pr/3", "dataset"
+    )
+
+
+@pytest.mark.parametrize("uri", ["hf://MVRL/sat2sound", "hf://MVRL//x.ckpt", "hf://MVRL/@main/x.ckpt", "s3://a/b/c"])
+def test_malformed_hf_uri_is_rejected(uri: str) -> None:
+    with pytest.raises(DownloadError, match="URI"):
+        parse_hf_uri(uri)
+
+
+def test_official_checkpoint_uri_follows_upstream_repo_layout() -> None:
+    # Upstream README: checkpoints live at sat2sound/{bingmap,sentinel,SoundingEarth}_{nometa,withmeta}.ckpt
+    # in the Hub repo MVRL/sat2sound.
+    assert official_checkpoint_uri("bingmap_withmeta") == "hf://MVRL/sat2sound/sat2sound/bingmap_withmeta.ckpt"
+    assert official_checkpoint_uri("SoundingEarth_nometa").endswith("/sat2sound/SoundingEarth_nometa.ckpt")
+    with pytest.raises(DownloadError, match="bingmap_nometa"):
+        official_checkpoint_uri("bingmap")
+
+
+def test_local_path_passes_through(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"x")
+    assert resolve(checkpoint) == checkpoint
+    assert resolve(str(checkpoint)) == checkpoint
+
+
+def test_missing_local_path_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError) as raised:
+        resolve(tmp_path / "missing.ckpt")
+    assert "missing.ckpt is not a file" in str(raised.value)
+    assert "\n" not in str(raised.value)

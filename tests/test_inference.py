@@ -1,0 +1,89 @@
+"""Batched inference API on a small model with the offline MiniLM text backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from model.config import Sat2SoundConfig
+from model.errors import InputError, TextBackboneError
+from model.inference import Sat2SoundEncoder
+from model.metadata import Metadata
+from model.sat2sound import Sat2Sound
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Sat2SoundEncoder:
+    torch.manual_seed(0)
+    return Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("none")), text_backbone="minilm", device="cpu")
+
+
+def assert_unit_rows(x: torch.Tensor) -> None:
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(len(x)))
+
+
+def test_images_give_normalised_embeddings_and_codebook_weights(encoder: Sat2SoundEncoder) -> None:
+    images = torch.randint(0, 256, (3, 3, 300, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = encoder.embed_images(images, zoom_level=1)
+    assert out.embedding.shape == (3, 64) and out.weights.shape == (3, 256)
+    assert_unit_rows(out.embedding)
+    assert (out.weights >= 0).all()
+    torch.testing.assert_close(out.weights.sum(dim=1), torch.ones(3))
+    alone = encoder.embed_images(images[1:2], zoom_level=1)
+    torch.testing.assert_close(alone.embedding[0], out.embedding[1], atol=1e-5, rtol=1e-4)
+
+
+def test_texts_are_embedded_independently_of_padding(encoder: Sat2SoundEncoder) -> None:
+    texts = ["birds singing in a park", "heavy traffic on a wet highway with horns and engines"]
+    both = encoder.embed_texts(texts)
+    assert_unit_rows(both.embedding)
+    alone = encoder.embed_texts(texts[:1])
+    torch.testing.assert_close(alone.embedding[0], both.embedding[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(both.embedding[0], both.embedding[1])
+
+
+def test_audio_files_and_composed_queries(encoder: Sat2SoundEncoder, tmp_path: Path) -> None:
+    rate = 44_100
+    t = np.arange(rate * 2) / rate
+    paths = []
+    for i, freq in enumerate((440.0, 2000.0)):
+        path = tmp_path / f"tone{i}.flac"
+        soundfile.write(path, 0.3 * np.sin(2 * np.pi * freq * t), rate)
+        paths.append(path)
+    audio = encoder.embed_audio(paths)
+    assert audio.embedding.shape == (2, 64)
+    assert_unit_rows(audio.embedding)
+    composed = encoder.embed_composed(paths, ["a beep", "a whistle"])
+    assert_unit_rows(composed.embedding)
+    assert not torch.allclose(composed.embedding, audio.embedding)
+    with pytest.raises(InputError, match="one text per audio file"):
+        encoder.embed_composed(paths, ["a beep"])
+
+
+def test_metadata_model_takes_per_tile_locations() -> None:
+    torch.manual_seed(0)
+    encoder = Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small()), text_backbone="minilm", device="cpu")
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    near = Metadata.from_values(np.array([38.6, 38.6]), np.array([-90.2, -90.2]), month=6, hour=12)
+    far = Metadata.from_values(np.array([38.6, -33.9]), np.array([-90.2, 151.2]), month=6, hour=12)
+    a, b = encoder.embed_images(images, 1, near), encoder.embed_images(images, 1, far)
+    torch.testing.assert_close(a.embedding[0], b.embedding[0])
+    assert not torch.allclose(a.embedding[1], b.embedding[1])
+
+
+def test_text_backbone_width_must_match_the_checkpoint() -> None:
+    model = Sat2Sound(Sat2SoundConfig(fc_dim=64, codebook_dim=64, codebook_size=32, metadata_type="none"))
+    encoder = Sat2SoundEncoder(model, text_backbone="minilm", device="cpu")
+    with pytest.raises(TextBackboneError, match="384-d states but the checkpoint expects 1024-d"):
+        encoder.embed_texts(["rain"])
+
+
+def test_cuda_request_without_cuda_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InputError, match="CUDA is not available"):
+        Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("none")), device="cuda")
