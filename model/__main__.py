@@ -1,4 +1,4 @@
-"""Command line of the model package: `python -m model {embed,convert,benchmark-info}`.
+"""Command line of the model package: `python -m model {embed,convert,demo}`.
 
 python -m model embed --checkpoint CKPT --inputs IN.npz --out OUT.npz [--audio-from-waveform]
 python -m model convert CKPT OUT.safetensors
@@ -21,9 +21,7 @@ def _embed(args: argparse.Namespace) -> None:
     from model.reference import run_reference
 
     if not args.inputs.is_file():
-        raise FileNotFoundError(
-            f"inputs {args.inputs} do not exist; pass an .npz in the parity-reference format"
-        )
+        raise FileNotFoundError(f"inputs {args.inputs} do not exist; pass an .npz in the parity-reference format")
     model, _ = load_model(args.checkpoint)
     with np.load(args.inputs) as data:
         arrays = {name: data[name] for name in data.files if name.startswith("in/")}
@@ -39,6 +37,12 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {weights} and {config}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from model.demo import DEFAULT_QUERIES, run_demo
+
+    run_demo(args.checkpoint, args.scene, tuple(args.query or DEFAULT_QUERIES), args.grid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model", description="Sat2Sound model tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,14 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--checkpoint", required=True, help="path, or hf://OWNER/REPO/FILE")
     embed.add_argument("--inputs", required=True, type=Path, help=".npz with in/... arrays")
     embed.add_argument("--out", required=True, type=Path, help="output .npz")
-    embed.add_argument(
-        "--audio-from-waveform", action="store_true", help="compute mel features from in/waveform_int16"
-    )
+    embed.add_argument("--audio-from-waveform", action="store_true", help="compute mel features from in/waveform_int16")
     embed.set_defaults(run=_embed)
     convert = commands.add_parser("convert", help="convert a .ckpt once to .safetensors + .json config")
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path, help="output .safetensors path")
     convert.set_defaults(run=_convert)
+    from model.demo import DEMO_SCENE
+
+    demo = commands.add_parser("demo", help="score tiles of a real scene against text queries")
+    demo.add_argument("--checkpoint", help="path or hf:// URI; default: a small untrained model")
+    demo.add_argument("--scene", type=Path, default=DEMO_SCENE, help="RGB GeoTIFF")
+    demo.add_argument("--query", action="append", help="text query (repeatable)")
+    demo.add_argument("--grid", type=int, default=3, help="tiles per side")
+    demo.set_defaults(run=_demo, query=None)
     return parser
 
 

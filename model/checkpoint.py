@@ -115,9 +115,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
             " the file is truncated or corrupt, download it again"
         ) from None
     if not isinstance(payload, dict):
-        raise CheckpointError(
-            f"{path} is not a Sat2Sound checkpoint (holds a {type(payload).__name__}, not a dict)"
-        )
+        raise CheckpointError(f"{path} is not a Sat2Sound checkpoint (holds a {type(payload).__name__}, not a dict)")
     return payload
 
 
@@ -145,9 +143,7 @@ def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, 
         meta = json.loads(config_path.read_text())
         state_dict = load_file(path)
     except (json.JSONDecodeError, SafetensorError, OSError) as exc:
-        raise CheckpointError(
-            f"{path} or its config cannot be read ({exc}); convert the .ckpt again"
-        ) from None
+        raise CheckpointError(f"{path} or its config cannot be read ({exc}); convert the .ckpt again") from None
     if meta.get("format") != CONFIG_FORMAT:
         raise CheckpointError(f"{config_path} is not a Sat2Sound config (format {meta.get('format')!r})")
     return (
@@ -160,9 +156,7 @@ def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, 
 def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
     """Config, filtered state dict and original hyper-parameters of a local checkpoint file."""
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; check the path or use hf://MVRL/sat2sound/..."
-        )
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path or use hf://MVRL/sat2sound/...")
     if path.suffix == SAFETENSORS_SUFFIX:
         return read_safetensors_checkpoint(path)
     return read_torch_checkpoint(path)
@@ -185,9 +179,7 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
     return "; ".join(parts)
 
 
-def build_model(
-    cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint"
-) -> Sat2Sound:
+def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> Sat2Sound:
     """A Sat2Sound model in eval mode holding exactly the given weights (strict)."""
     with torch.device("meta"):
         model = Sat2Sound(cfg)
@@ -210,21 +202,28 @@ def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:
     return model, {"checkpoint": str(source), "path": str(path), "hyper_parameters": hparams}
 
 
-def convert_to_safetensors(checkpoint: Path, out: Path) -> tuple[Path, Path]:
-    """One-time conversion of a `.ckpt` to `out` (.safetensors) plus its `.json` config, written atomically."""
+def save_safetensors(
+    model: Sat2Sound, out: Path, hparams: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """Write `out` (.safetensors weights) and its `.json` config beside it, each atomically."""
     if out.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"output {out} must end in {SAFETENSORS_SUFFIX}")
-    cfg, state_dict, hparams = read_checkpoint(checkpoint)
-    build_model(cfg, state_dict, source=str(checkpoint))
-    out.parent.mkdir(parents=True, exist_ok=True)
     config_path = out.with_suffix(".json")
     meta = {
         "format": CONFIG_FORMAT,
-        "config": cfg.to_dict(),
-        "hyper_parameters": json.loads(json.dumps(hparams, default=str)),
-        "converted_from": {"name": checkpoint.name, "sha256": sha256_file(checkpoint)},
+        "config": model.cfg.to_dict(),
+        "hyper_parameters": json.loads(json.dumps(dict(hparams or {}), default=str)),
+        **dict(provenance or {}),
     }
     with atomic_path(config_path) as tmp_config, atomic_path(out) as tmp_weights:
-        save_file({key: value.contiguous() for key, value in state_dict.items()}, str(tmp_weights))
+        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(tmp_weights))
         tmp_config.write_text(json.dumps(meta, indent=1))
     return out, config_path
+
+
+def convert_to_safetensors(checkpoint: Path, out: Path) -> tuple[Path, Path]:
+    """One-time conversion of a `.ckpt` to `out` (.safetensors) plus its `.json` config."""
+    cfg, state_dict, hparams = read_checkpoint(checkpoint)
+    model = build_model(cfg, state_dict, source=str(checkpoint))
+    source = {"converted_from": {"name": checkpoint.name, "sha256": sha256_file(checkpoint)}}
+    return save_safetensors(model, out, hparams, source)

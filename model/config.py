@@ -100,9 +100,7 @@ class Sat2SoundConfig:
         if self.metadata_type in ("", "none"):
             return ()
         parts = set(self.metadata_type.split("_"))
-        return tuple(name for name in METADATA_ORDER if name in parts) + tuple(
-            sorted(parts - set(METADATA_ORDER))
-        )
+        return tuple(name for name in METADATA_ORDER if name in parts) + tuple(sorted(parts - set(METADATA_ORDER)))
 
     @property
     def gsd(self) -> float:
@@ -158,9 +156,7 @@ class Sat2SoundConfig:
             audio = HTSATConfig(**audio_fields)
             return cls(vit=vit, audio=audio, **data)
         except TypeError as exc:
-            raise ConfigError(
-                f"bad model config ({exc}); regenerate it with 'python -m model convert'"
-            ) from None
+            raise ConfigError(f"bad model config ({exc}); regenerate it with 'python -m model convert'") from None
 
     def with_metadata(self, metadata_type: str) -> Sat2SoundConfig:
         return replace(self, metadata_type=metadata_type)

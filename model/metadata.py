@@ -89,9 +89,7 @@ class Metadata:
             month_valid=torch.from_numpy(month_valid),
             time_valid=torch.from_numpy(time_valid),
             audio_source=torch.full((count,), _source_index(audio_source, AUDIO_SOURCES), dtype=torch.int64),
-            caption_source=torch.full(
-                (count,), _source_index(caption_source, CAPTION_SOURCES), dtype=torch.int64
-            ),
+            caption_source=torch.full((count,), _source_index(caption_source, CAPTION_SOURCES), dtype=torch.int64),
         )
 
     def to(self, device: torch.device | str) -> Metadata:

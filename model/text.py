@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     T5EncoderModel,
 )
+from transformers.utils import logging as transformers_logging
 
 from model.errors import InputError, TextBackboneError
 
@@ -144,6 +145,8 @@ def load_text_backbone(
     spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> TextBackbone:
     """Build the backbone that `spec` names: "minilm", "flan-t5-large", or a T5 Hub id or local directory."""
+    # The per-tensor "Loading weights" bar is noise in pipeline logs; Hub download progress stays visible.
+    transformers_logging.disable_progress_bar()
     if spec == "minilm":
         return MiniLMBackbone(device=device)
     if spec == "flan-t5-large":
