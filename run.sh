@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point that sets itself up on a fresh machine (only Python 3.10+ needed):
+# One entry point that sets itself up on a fresh machine (only Python 3.11+ needed):
 #   bash run.sh demo   - build the default soundscape output (see README)
 #   bash run.sh test   - run the test suite
 # It creates .venv on first use and reinstalls only when pyproject.toml changes.

@@ -15,6 +15,10 @@ class TilingError(PipelineError):
     """Tiling settings are inconsistent or the region is too large for them."""
 
 
+class TooManyTilesError(TilingError):
+    """A region needs more output tiles than the allowed limit."""
+
+
 class ImageryError(PipelineError):
     """An imagery source is misconfigured or cannot serve imagery."""
 
@@ -33,3 +37,7 @@ class RegionWarning(UserWarning):
 
 class ImageryWarning(UserWarning):
     """Imagery was usable but degraded (missing tiles, coarser than asked)."""
+
+
+class TileDecodeError(ImageryError):
+    """Tile bytes are truncated or not a decodable JPEG, PNG or WebP image."""

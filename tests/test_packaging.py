@@ -10,7 +10,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # conda-forge names of packages whose PyPI name differs.
-CONDA_TO_PYPI = {"pytorch": "torch", "huggingface_hub": "huggingface-hub", "pysoundfile": "soundfile", "soxr-python": "soxr"}
+CONDA_TO_PYPI = {
+    "pytorch": "torch",
+    "huggingface_hub": "huggingface-hub",
+    "pysoundfile": "soundfile",
+    "soxr-python": "soxr",
+}
 CONDA_ONLY = {"python", "pip"}
 
 

@@ -1,0 +1,320 @@
+"""Turn a region specification (file, bbox, point + radius or catalog name) into a clean EPSG:4326 polygon.
+
+Every region leaves here valid, polygonal, within the Web Mercator latitude limit and, where it
+crosses the antimeridian, split into parts on either side of ±180°; each change is reported with a
+`RegionWarning`, and each unusable input raises a one-line `RegionError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import unicodedata
+import warnings
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import NamedTuple
+
+import geopandas as gpd
+import numpy as np
+import shapely
+from pyogrio.errors import DataLayerError, DataSourceError
+from pyproj import CRS, Geod, Transformer
+from shapely.affinity import translate
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
+
+from pipeline.errors import RegionError, RegionWarning
+from pipeline.types import WGS84
+
+REGIONS_DIR = Path(__file__).resolve().parents[1] / "regions"
+CATALOG_FILES = ("countries.geojson", "cities.geojson")
+
+# Latitude at which the square Web Mercator world ends: atan(sinh(pi)).
+WEB_MERCATOR_MAX_LAT = math.degrees(math.atan(math.sinh(math.pi)))
+MAX_RADIUS_M = 2_000_000.0
+CIRCLE_QUAD_SEGMENTS = 32
+VECTOR_SUFFIXES = frozenset({".geojson", ".json", ".gpkg", ".shp", ".parquet", ".geoparquet", ".fgb", ".kml", ".zip"})
+PARQUET_SUFFIXES = frozenset({".parquet", ".geoparquet"})
+_GEOD = Geod(ellps="WGS84")
+
+BBOX_LAYOUT = "minlon,minlat,maxlon,maxlat"
+POINT_LAYOUT = "lat,lon,RADIUS (e.g. 38.627,-90.199,3km)"
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+_BBOX_PATTERN = re.compile(rf"^\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*$")
+_POINT_PATTERN = re.compile(rf"^\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*(km|m)\s*$", re.IGNORECASE)
+
+
+class Region(NamedTuple):
+    """A named area to map: a valid (Multi)Polygon in EPSG:4326, split at ±180° when it crosses it."""
+
+    name: str
+    geometry: Polygon | MultiPolygon
+
+
+def parse_region(spec: str) -> Region:
+    """Read a region from a vector file path, `minlon,minlat,maxlon,maxlat`, `lat,lon,3km` or a catalog name.
+
+    A bbox whose west edge is greater than its east edge crosses the antimeridian (as in RFC 7946).
+    """
+    spec = spec.strip()
+    if not spec:
+        raise RegionError(f"empty region; give a file, a bbox {BBOX_LAYOUT}, a point {POINT_LAYOUT} or a name")
+    if bbox_match := _BBOX_PATTERN.match(spec):
+        west, south, east, north = (float(value) for value in bbox_match.groups())
+        return _finish(spec, _bbox_geometry(west, south, east, north))
+    if point_match := _POINT_PATTERN.match(spec):
+        lat, lon, radius = (float(value) for value in point_match.groups()[:3])
+        radius_m = radius * 1000.0 if point_match.group(4).lower() == "km" else radius
+        return _finish(spec, _circle_geometry(lat, lon, radius_m))
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        return _finish(path.stem, _read_vector_file(path))
+    if "," in spec:
+        raise RegionError(f"cannot read {spec!r} as a bbox {BBOX_LAYOUT} or a point {POINT_LAYOUT}")
+    return _catalog_region(spec)
+
+
+def catalog_names() -> list[str]:
+    """Names (countries, then example cities) that `parse_region` accepts, in catalog order."""
+    return [entry.name for entry in _catalog_entries()]
+
+
+def _looks_like_path(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    return path.suffix.lower() in VECTOR_SUFFIXES or "/" in spec or "\\" in spec or path.exists()
+
+
+def _check_latitude(lat: float, what: str, layout: str) -> None:
+    if not -90.0 <= lat <= 90.0:
+        raise RegionError(f"{what} latitude {lat:g} is out of range -90..90; write {layout}")
+
+
+def _check_longitude(lon: float, what: str, layout: str) -> None:
+    if not -180.0 <= lon <= 180.0:
+        raise RegionError(f"{what} longitude {lon:g} is out of range -180..180; write {layout}")
+
+
+def _bbox_geometry(west: float, south: float, east: float, north: float) -> BaseGeometry:
+    for lat, what in ((south, "bbox south"), (north, "bbox north")):
+        _check_latitude(lat, what, BBOX_LAYOUT)
+    for lon, what in ((west, "bbox west"), (east, "bbox east")):
+        _check_longitude(lon, what, BBOX_LAYOUT)
+    if south >= north:
+        raise RegionError(f"inverted bbox: south {south:g} is not below north {north:g}; write {BBOX_LAYOUT}")
+    if west == east:
+        raise RegionError(f"bbox has zero width (west = east = {west:g}); write {BBOX_LAYOUT}")
+    if west > east:
+        warnings.warn(
+            f"bbox west {west:g} > east {east:g}: reading it as crossing the antimeridian (RFC 7946)",
+            RegionWarning,
+            stacklevel=2,
+        )
+        east += 360.0
+    return box(west, south, east, north)
+
+
+def _circle_geometry(lat: float, lon: float, radius_m: float) -> BaseGeometry:
+    _check_latitude(lat, "point", POINT_LAYOUT)
+    _check_longitude(lon, "point", POINT_LAYOUT)
+    if not 0.0 < radius_m <= MAX_RADIUS_M:
+        raise RegionError(
+            f"radius {radius_m / 1000:g} km is out of range; give 0 < radius <= {MAX_RADIUS_M / 1000:g}km"
+            " (use a bbox or a file for larger areas)"
+        )
+    if _distance_to_nearest_pole_m(lat) <= radius_m:
+        raise RegionError(f"the {radius_m / 1000:g} km circle around {lat:g},{lon:g} contains a pole; use a bbox")
+    # A circle is round on the ground, so draw it in an azimuthal equidistant projection centred on the point.
+    local = CRS.from_proj4(f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m")
+    circle = shapely.Point(0.0, 0.0).buffer(radius_m, quad_segs=CIRCLE_QUAD_SEGMENTS)
+    to_lonlat = Transformer.from_crs(local, WGS84, always_xy=True)
+    return shapely.transform(circle, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+
+
+def _distance_to_nearest_pole_m(lat: float) -> float:
+    pole_lat = 90.0 if lat >= 0 else -90.0
+    return float(_GEOD.inv(0.0, lat, 0.0, pole_lat)[2])
+
+
+def _read_vector_file(path: Path) -> BaseGeometry:
+    if not path.exists():
+        raise RegionError(f"region file {path} does not exist; check the path")
+    try:
+        frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
+    except ImportError:
+        raise RegionError(f"reading {path.name} needs pyarrow; install it with 'pip install pyarrow'") from None
+    except (DataSourceError, DataLayerError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RegionError(
+            f"cannot read {path} as vector data ({reason}); give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
+        ) from None
+    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    if frame.empty:
+        raise RegionError(f"region file {path} holds no geometries; draw a polygon into it")
+    if frame.crs is None:
+        frame = _assume_wgs84(frame, path)
+    elif not frame.crs.equals(CRS(WGS84)):
+        frame = frame.to_crs(WGS84)
+    return shapely.union_all(_repaired_polygons(frame.geometry.to_numpy(), path.name))
+
+
+def _assume_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:
+    # A file without a CRS is most often a lon/lat Shapefile that lost its .prj, so lon/lat coordinates
+    # are taken as EPSG:4326; anything else cannot be guessed and is refused.
+    west, south, east, north = frame.total_bounds
+    if west < -180.0 or east > 360.0 or south < -90.0 or north > 90.0:
+        raise RegionError(
+            f"{path.name} has no CRS and its coordinates are not longitudes/latitudes; "
+            "add a .prj or set the CRS (e.g. ogr2ogr -a_srs EPSG:32633)"
+        )
+    warnings.warn(f"{path.name} has no CRS; assuming EPSG:4326 (lon/lat)", RegionWarning, stacklevel=2)
+    return frame.set_crs(WGS84)
+
+
+def _repaired_polygons(geometries: np.ndarray, source: str) -> list[BaseGeometry]:
+    geometries = shapely.force_2d(geometries)
+    invalid = ~shapely.is_valid(geometries)
+    if invalid.any():
+        warnings.warn(
+            f"{source}: repaired {int(invalid.sum())} invalid geometries (self-intersecting or badly nested rings)",
+            RegionWarning,
+            stacklevel=2,
+        )
+        geometries = shapely.make_valid(geometries)
+    polygons = [part for geometry in geometries for part in _polygon_parts(geometry)]
+    if not polygons:
+        raise RegionError(f"{source} holds no polygons; give areas, or a point with a radius as lat,lon,3km")
+    return polygons
+
+
+def _polygon_parts(geometry: BaseGeometry) -> Iterator[Polygon]:
+    if isinstance(geometry, Polygon):
+        if not geometry.is_empty:
+            yield geometry
+    elif hasattr(geometry, "geoms"):
+        for part in geometry.geoms:
+            yield from _polygon_parts(part)
+
+
+def _finish(name: str, geometry: BaseGeometry) -> Region:
+    """Split at the antimeridian, clip to the Web Mercator latitudes and check that something is left."""
+    geometry = _split_at_antimeridian(geometry)
+    world = box(-180.0, -WEB_MERCATOR_MAX_LAT, 180.0, WEB_MERCATOR_MAX_LAT)
+    south, north = geometry.bounds[1], geometry.bounds[3]
+    if south < -WEB_MERCATOR_MAX_LAT or north > WEB_MERCATOR_MAX_LAT:
+        geometry = geometry.intersection(world)
+        if not geometry.is_empty:
+            warnings.warn(
+                f"region {name!r} clipped to the Web Mercator limit of ±{WEB_MERCATOR_MAX_LAT:.4f}° latitude",
+                RegionWarning,
+                stacklevel=2,
+            )
+    polygons = list(_polygon_parts(geometry))
+    if not polygons or sum(polygon.area for polygon in polygons) == 0.0:
+        raise RegionError(
+            f"region {name!r} is empty after clipping to ±{WEB_MERCATOR_MAX_LAT:.4f}° latitude;"
+            " Web Mercator maps cannot show it"
+        )
+    merged = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
+    return Region(name=name, geometry=merged)
+
+
+def _split_at_antimeridian(geometry: BaseGeometry) -> BaseGeometry:
+    """Unwrap rings that jump across ±180° and cut everything outside -180..180 back into range."""
+    unwrapped = [_unwrap_polygon(polygon) for polygon in _polygon_parts(geometry)]
+    if not unwrapped:
+        return geometry
+    geometry = shapely.union_all(unwrapped)
+    west, _, east, _ = geometry.bounds
+    if west >= -180.0 and east <= 180.0:
+        return geometry
+    pieces = []
+    for shift in (-360.0, 0.0, 360.0):
+        window = box(-180.0 + shift, -90.0, 180.0 + shift, 90.0)
+        piece = geometry.intersection(window)
+        if not piece.is_empty:
+            pieces.append(translate(piece, xoff=-shift))
+    return shapely.union_all(pieces)
+
+
+def _unwrap_polygon(polygon: Polygon) -> Polygon:
+    """Remove longitude jumps of more than 180° between neighbouring vertices (edges across the antimeridian).
+
+    Rings that wind around a pole (their unwrapped ends differ by 360°) are left as they are: they
+    already describe a cap between two meridians at ±180°.
+    """
+    exterior = _unwrapped_ring(np.asarray(polygon.exterior.coords))
+    if exterior is None:
+        return polygon
+    centre = float(np.mean(exterior[:, 0]))
+    holes = []
+    for interior in polygon.interiors:
+        hole = _unwrapped_ring(np.asarray(interior.coords))
+        if hole is None:
+            return polygon
+        hole[:, 0] += 360.0 * round((centre - float(np.mean(hole[:, 0]))) / 360.0)
+        holes.append(hole)
+    return Polygon(exterior, holes)
+
+
+def _unwrapped_ring(coords: np.ndarray) -> np.ndarray | None:
+    lons = coords[:, 0]
+    if not (np.abs(np.diff(lons)) > 180.0).any():
+        return coords.copy()
+    unwrapped = np.unwrap(lons, period=360.0)
+    if abs(unwrapped[-1] - unwrapped[0]) > 180.0:
+        return None
+    result = coords.copy()
+    result[:, 0] = unwrapped
+    return result
+
+
+def _normalised(name: str) -> str:
+    """Case-, accent- and punctuation-blind form of a name, so 'sao paulo' finds 'São Paulo'."""
+    stripped = "".join(char for char in unicodedata.normalize("NFKD", name) if not unicodedata.combining(char))
+    return " ".join(re.sub(r"[^\w\s]", " ", stripped.casefold()).split())
+
+
+class _CatalogEntry(NamedTuple):
+    name: str
+    iso_code: str | None
+    geometry: BaseGeometry
+
+
+@cache
+def _catalog_entries() -> tuple[_CatalogEntry, ...]:
+    entries: list[_CatalogEntry] = []
+    for filename in CATALOG_FILES:
+        frame = gpd.read_file(REGIONS_DIR / filename)
+        codes = frame["iso_a3"] if "iso_a3" in frame else [None] * len(frame)
+        for name, code, geometry in zip(frame["name"], codes, frame.geometry, strict=True):
+            entries.append(_CatalogEntry(name, code if isinstance(code, str) else None, geometry))
+    return tuple(entries)
+
+
+@cache
+def _catalog_index() -> dict[str, int]:
+    """Normalised name or ISO 3166 alpha-3 country code -> position in `_catalog_entries`."""
+    entries = _catalog_entries()
+    index = {_normalised(entry.iso_code): position for position, entry in enumerate(entries) if entry.iso_code}
+    index.update((_normalised(entry.name), position) for position, entry in enumerate(entries))
+    return index
+
+
+def _catalog_region(spec: str) -> Region:
+    index = _catalog_index()
+    key = _normalised(spec)
+    if key not in index:
+        names = {_normalised(name): name for name in catalog_names()}
+        close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
+        hint = (
+            f"did you mean {', '.join(repr(names[match]) for match in close)}?"
+            if close
+            else f"use a country or city name, a file, a bbox {BBOX_LAYOUT} or a point {POINT_LAYOUT}"
+        )
+        raise RegionError(f"unknown region {spec!r}; {hint}")
+    entry = _catalog_entries()[index[key]]
+    return _finish(entry.name, entry.geometry)

@@ -1,0 +1,277 @@
+"""Region specifications: bboxes, circles, catalog names and vector files, with their real-world geometry cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import geopandas as gpd
+import mercantile
+import pytest
+import shapely
+from pyproj import Geod, Transformer
+from shapely.geometry import MultiPolygon, Point, Polygon, box
+
+from pipeline.errors import RegionError, RegionWarning
+from pipeline.regions import WEB_MERCATOR_MAX_LAT, Region, catalog_names, parse_region
+
+GEOD = Geod(ellps="WGS84")
+
+
+def _area_m2(region: Region) -> float:
+    return abs(GEOD.geometry_area_perimeter(region.geometry)[0])
+
+
+def _parse_quietly(spec: str) -> Region:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return parse_region(spec)
+
+
+def _assert_clean(region: Region) -> None:
+    assert isinstance(region.geometry, Polygon | MultiPolygon)
+    assert region.geometry.is_valid
+    assert not region.geometry.is_empty
+    west, south, east, north = region.geometry.bounds
+    assert -180.0 <= west <= east <= 180.0
+    assert -WEB_MERCATOR_MAX_LAT <= south < north <= WEB_MERCATOR_MAX_LAT
+
+
+def _write(frame: gpd.GeoDataFrame, path: Path, **options: object) -> Path:
+    if path.suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_file(path, **options)
+    return path
+
+
+def test_mercator_limit_is_the_latitude_of_the_square_world() -> None:
+    assert mercantile.bounds(0, 0, 0).north == pytest.approx(WEB_MERCATOR_MAX_LAT, abs=1e-12)
+
+
+def test_bbox_becomes_its_rectangle() -> None:
+    region = _parse_quietly(" -90.25, 38.55 ,-90.1,38.7 ")
+    assert region.geometry.equals(box(-90.25, 38.55, -90.1, 38.7))
+    _assert_clean(region)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("-90.1,38.7,-90.2,38.6", "inverted bbox"),
+        ("10,20,30,20", "inverted bbox"),
+        ("10,20,10,30", "zero width"),
+        ("38.6,-90.2,38.7,-91.2", "latitude -90.2 is out of range"),
+        ("-200,10,-190,20", "longitude -200 is out of range"),
+        ("0,86,10,89", "empty after clipping"),
+        ("95,10,3km", "latitude 95 is out of range"),
+        ("10,190,3km", "longitude 190 is out of range"),
+        ("10,10,0km", "radius 0 km is out of range"),
+        ("10,10,2500km", "radius 2500 km is out of range"),
+        ("89.5,0,100km", "contains a pole"),
+        ("1,2,3", "cannot read '1,2,3'"),
+        ("", "empty region"),
+        ("Frnace", "did you mean 'France'"),
+        ("Atlantis", "unknown region 'Atlantis'"),
+    ],
+)
+def test_bad_specs_raise_one_line_errors(spec: str, message: str) -> None:
+    with pytest.raises(RegionError, match=message) as caught:
+        parse_region(spec)
+    assert "\n" not in str(caught.value)
+
+
+def test_bbox_across_the_antimeridian_is_split_in_two() -> None:
+    with pytest.warns(RegionWarning, match="antimeridian"):
+        region = parse_region("170,-20,-170,-10")
+    _assert_clean(region)
+    assert isinstance(region.geometry, MultiPolygon)
+    parts = sorted(region.geometry.geoms, key=lambda part: part.bounds[0])
+    assert parts[0].equals(box(-180, -20, -170, -10))
+    assert parts[1].equals(box(170, -20, 180, -10))
+
+
+def test_bbox_beyond_the_mercator_limit_is_clipped() -> None:
+    with pytest.warns(RegionWarning, match="clipped"):
+        region = parse_region("0,80,10,89")
+    assert region.geometry.bounds == pytest.approx((0, 80, 10, WEB_MERCATOR_MAX_LAT))
+
+
+def test_point_with_radius_is_a_ground_circle() -> None:
+    region = _parse_quietly("38.627,-90.199,3km")
+    _assert_clean(region)
+    centre = region.geometry.centroid
+    assert (centre.y, centre.x) == pytest.approx((38.627, -90.199), abs=1e-3)
+    assert _area_m2(region) == pytest.approx(math.pi * 3000.0**2, rel=5e-3)
+    _, _, distance_m = GEOD.inv(-90.199, 38.627, *region.geometry.exterior.coords[0])
+    assert distance_m == pytest.approx(3000.0, rel=1e-3)
+
+
+def test_radius_in_metres() -> None:
+    region = _parse_quietly("-1.28,36.82,500m")
+    assert _area_m2(region) == pytest.approx(math.pi * 500.0**2, rel=5e-3)
+
+
+def test_circle_across_the_antimeridian_is_split_without_losing_area() -> None:
+    region = _parse_quietly("-17,179.9,50km")
+    _assert_clean(region)
+    assert isinstance(region.geometry, MultiPolygon)
+    assert region.geometry.bounds[0] == -180.0 and region.geometry.bounds[2] == 180.0
+    assert _area_m2(region) == pytest.approx(math.pi * 50_000.0**2, rel=5e-3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        ("france", "France"),
+        ("FRA", "France"),
+        ("sao paulo", "São Paulo"),
+        ("St Louis", "St. Louis"),
+        ("cote d'ivoire", "Côte d'Ivoire"),
+    ],
+)
+def test_catalog_names_ignore_case_accents_and_punctuation(spec: str, name: str) -> None:
+    assert _parse_quietly(spec).name == name
+
+
+def test_catalog_names_are_unique_and_every_entry_is_usable() -> None:
+    names = catalog_names()
+    assert len(names) == 177 + 5
+    folded = {name.casefold() for name in names}
+    assert len(folded) == len(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegionWarning)
+        for name in names:
+            _assert_clean(parse_region(name))
+
+
+def test_example_cities_are_small() -> None:
+    for name in ("St. Louis", "Paris", "Nairobi", "Tokyo", "São Paulo"):
+        area_km2 = _area_m2(_parse_quietly(name)) / 1e6
+        assert 2.0 < area_km2 < 15.0, name
+
+
+def test_countries_across_the_antimeridian_keep_their_parts_on_both_sides() -> None:
+    for name in ("Fiji", "Russia"):
+        region = _parse_quietly(name)
+        _assert_clean(region)
+        assert all(part.bounds[2] - part.bounds[0] < 180.0 for part in region.geometry.geoms)
+        assert region.geometry.bounds[0] == -180.0 and region.geometry.bounds[2] == 180.0
+
+
+def test_antarctica_is_clipped_with_a_warning() -> None:
+    with pytest.warns(RegionWarning, match="clipped"):
+        region = parse_region("Antarctica")
+    assert region.geometry.bounds[1] == pytest.approx(-WEB_MERCATOR_MAX_LAT)
+
+
+def test_geojson_file_union_of_features(tmp_path: Path) -> None:
+    frame = gpd.GeoDataFrame(geometry=[box(2.30, 48.80, 2.34, 48.84), box(2.40, 48.80, 2.44, 48.84)], crs=4326)
+    region = _parse_quietly(str(_write(frame, tmp_path / "two_parks.geojson")))
+    assert region.name == "two_parks"
+    assert region.geometry.equals(MultiPolygon(list(frame.geometry)))
+
+
+def test_projected_geopackage_with_hole_is_reprojected(tmp_path: Path) -> None:
+    ring = Polygon(box(-90.4, 38.45, -90.0, 38.8).exterior.coords, [box(-90.3, 38.55, -90.1, 38.7).exterior.coords])
+    frame = gpd.GeoDataFrame(geometry=[ring], crs=4326).to_crs(32615)
+    region = _parse_quietly(str(_write(frame, tmp_path / "ring.gpkg")))
+    assert isinstance(region.geometry, Polygon)
+    assert len(region.geometry.interiors) == 1
+    assert region.geometry.bounds == pytest.approx(ring.bounds, abs=1e-6)
+
+
+def test_geoparquet_file(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    frame = gpd.GeoDataFrame(geometry=[box(36.80, -1.30, 36.84, -1.27)], crs=4326)
+    region = _parse_quietly(str(_write(frame, tmp_path / "nairobi.parquet")))
+    assert region.geometry.equals(frame.geometry[0])
+
+
+def test_invalid_ring_is_repaired_with_a_warning(tmp_path: Path) -> None:
+    bowtie = Polygon([(10, 10), (11, 11), (11, 10), (10, 11), (10, 10)])
+    assert not bowtie.is_valid
+    path = _write(gpd.GeoDataFrame(geometry=[bowtie], crs=4326), tmp_path / "bowtie.geojson")
+    with pytest.warns(RegionWarning, match="repaired 1 invalid"):
+        region = parse_region(str(path))
+    _assert_clean(region)
+    assert region.geometry.area == pytest.approx(0.5)
+
+
+def test_three_dimensional_polygons_are_flattened(tmp_path: Path) -> None:
+    polygon = Polygon([(10, 10, 5), (11, 10, 5), (11, 11, 6), (10, 10, 5)])
+    region = _parse_quietly(str(_write(gpd.GeoDataFrame(geometry=[polygon], crs=4326), tmp_path / "z.gpkg")))
+    assert not shapely.has_z(region.geometry)
+
+
+def _shapefile_without_crs(tmp_path: Path, geometry: Polygon) -> Path:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'crs' was not provided")
+        path = _write(gpd.GeoDataFrame(geometry=[geometry]), tmp_path / "no_crs.shp")
+    path.with_suffix(".prj").unlink(missing_ok=True)
+    return path
+
+
+def test_missing_crs_with_lonlat_coordinates_is_assumed_wgs84(tmp_path: Path) -> None:
+    path = _shapefile_without_crs(tmp_path, box(30.0, 50.0, 30.1, 50.1))
+    with pytest.warns(RegionWarning, match="no CRS; assuming EPSG:4326"):
+        region = parse_region(str(path))
+    assert region.geometry.bounds == pytest.approx((30.0, 50.0, 30.1, 50.1))
+
+
+def test_missing_crs_with_projected_coordinates_is_refused(tmp_path: Path) -> None:
+    path = _shapefile_without_crs(tmp_path, box(500_000, 4_200_000, 510_000, 4_210_000))
+    with pytest.raises(RegionError, match="no CRS and its coordinates are not longitudes"):
+        parse_region(str(path))
+
+
+def test_projected_polygon_across_the_antimeridian_is_split(tmp_path: Path) -> None:
+    to_utm = Transformer.from_crs(4326, 32760, always_xy=True)
+    lonlat_ring = [(178.0, -17.0), (182.0, -17.0), (182.0, -16.0), (178.0, -16.0)]
+    utm = Polygon([to_utm.transform(lon, lat) for lon, lat in lonlat_ring])
+    path = _write(gpd.GeoDataFrame(geometry=[utm], crs=32760), tmp_path / "fiji_utm.gpkg")
+    region = _parse_quietly(str(path))
+    _assert_clean(region)
+    assert isinstance(region.geometry, MultiPolygon)
+    east, west = sorted(region.geometry.geoms, key=lambda part: -part.bounds[0])
+    assert east.bounds == pytest.approx((178.0, -17.0, 180.0, -16.0), abs=1e-6)
+    assert west.bounds == pytest.approx((-180.0, -17.0, -178.0, -16.0), abs=1e-6)
+
+
+def test_longitudes_past_180_are_wrapped(tmp_path: Path) -> None:
+    path = tmp_path / "pacific.geojson"
+    feature = {"type": "Polygon", "coordinates": [[[175, 10], [185, 10], [185, 12], [175, 12], [175, 10]]]}
+    path.write_text(
+        json.dumps(
+            {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": feature}]}
+        )
+    )
+    region = _parse_quietly(str(path))
+    assert region.geometry.equals(MultiPolygon([box(-180, 10, -175, 12), box(175, 10, 180, 12)]))
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "message"),
+    [
+        ("garbage.geojson", "this is not json", "cannot read"),
+        ("empty.geojson", '{"type": "FeatureCollection", "features": []}', "holds no geometries"),
+    ],
+)
+def test_unusable_files_raise_region_errors(tmp_path: Path, filename: str, content: str, message: str) -> None:
+    path = tmp_path / filename
+    path.write_text(content)
+    with pytest.raises(RegionError, match=message):
+        parse_region(str(path))
+
+
+def test_points_only_file_is_refused(tmp_path: Path) -> None:
+    path = _write(gpd.GeoDataFrame(geometry=[Point(1, 1), Point(2, 2)], crs=4326), tmp_path / "points.geojson")
+    with pytest.raises(RegionError, match="holds no polygons"):
+        parse_region(str(path))
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RegionError, match="does not exist"):
+        parse_region(str(tmp_path / "nowhere.gpkg"))

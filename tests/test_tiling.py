@@ -1,0 +1,288 @@
+"""Tile math, zoom choices, covers, chunks and the footprint sampler, checked against mercantile and brute force."""
+
+from __future__ import annotations
+
+import math
+
+import mercantile
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from pipeline.errors import TilingError, TooManyTilesError
+from pipeline.regions import parse_region
+from pipeline.tiling import (
+    MODEL_INPUT_PX,
+    TileCover,
+    TileGridSampler,
+    chunk_tiles,
+    cover,
+    default_chunk_zoom,
+    footprint,
+    footprint_size_m,
+    ground_resolution_m,
+    imagery_zoom,
+    output_zoom,
+    raster_grid,
+    tile_bounds,
+    tile_lnglat_bounds,
+)
+from pipeline.types import WEB_MERCATOR
+
+# Metres per pixel of 256-px Web Mercator tiles at zoom 0 on the equator (the published constant).
+EQUATOR_GSD_Z0 = 156543.03392804097
+WORLD_HALF_WIDTH_M = 20037508.342789244
+
+
+def _true_tile_size_m(zoom: int, lat: float) -> float:
+    """Ground edge of a tile at `lat`, from mercantile's own bounds and the Mercator factor cos(lat)."""
+    left, _, right, _ = mercantile.xy_bounds(0, 0, zoom)
+    return (right - left) * math.cos(math.radians(lat))
+
+
+def _brute_force_cover(geometry, zoom: int) -> set[mercantile.Tile]:
+    """Every tile in the bbox whose lon/lat box shares interior with the geometry."""
+    west, south, east, north = geometry.bounds
+    found = set()
+    for tile in mercantile.tiles(west, south, east, north, zooms=zoom):
+        tile_box = box(*mercantile.bounds(tile))
+        if geometry.intersects(tile_box) and not geometry.touches(tile_box):
+            found.add(tile)
+    return found
+
+
+@pytest.mark.parametrize("tile", [(0, 0, 0), (1, 0, 1), (38000, 49000, 17), (2**20 - 1, 2**20 - 1, 20), (5, 9, 4)])
+def test_tile_bounds_match_mercantile(tile: tuple[int, int, int]) -> None:
+    assert tile_bounds(mercantile.Tile(*tile)) == pytest.approx(tuple(mercantile.xy_bounds(*tile)), abs=1e-6)
+    assert tile_lnglat_bounds(mercantile.Tile(*tile)) == pytest.approx(tuple(mercantile.bounds(*tile)), abs=1e-12)
+
+
+def test_footprint_size_follows_sat_type_and_zoom_level() -> None:
+    assert footprint_size_m("bingmap", 1) == pytest.approx(300 * 0.6)
+    assert footprint_size_m("bingmap", 5) == pytest.approx(5 * 300 * 0.6)
+    assert footprint_size_m("sentinel", 1) == pytest.approx(256 * 10.0)
+    assert footprint_size_m("googleEarth", 3) == pytest.approx(3 * 256 * 0.2)
+    with pytest.raises(TilingError, match="unknown sat type"):
+        footprint_size_m("landsat", 1)
+    with pytest.raises(TilingError, match="zoom level 0"):
+        footprint_size_m("bingmap", 0)
+
+
+@pytest.mark.parametrize("lat", [0.0, 38.627, 60.0, -71.5])
+def test_footprint_is_square_of_true_ground_size_centred_on_the_tile(lat: float) -> None:
+    tile = mercantile.tile(-90.2, lat, 17)
+    view = footprint(tile, 180.0)
+    left, bottom, right, top = mercantile.xy_bounds(tile)
+    centre_lat = mercantile.lnglat((left + right) / 2, (bottom + top) / 2).lat
+    assert view.tile == tile
+    assert view.crs == WEB_MERCATOR
+    assert (view.bounds.left + view.bounds.right) / 2 == pytest.approx((left + right) / 2)
+    assert (view.bounds.bottom + view.bounds.top) / 2 == pytest.approx((bottom + top) / 2)
+    expected_width = 180.0 / math.cos(math.radians(centre_lat))
+    assert view.bounds.right - view.bounds.left == pytest.approx(expected_width, rel=1e-9)
+    assert view.bounds.top - view.bounds.bottom == pytest.approx(expected_width, rel=1e-9)
+    assert view.gsd_m == pytest.approx(180.0 / 224)
+
+
+def test_footprint_is_twice_as_wide_in_mercator_at_sixty_degrees() -> None:
+    tile = mercantile.tile(10.0, 60.0, 22)
+    view = footprint(tile, 1000.0)
+    assert view.bounds.right - view.bounds.left == pytest.approx(2000.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("zoom", [0, 12, 18])
+def test_ground_resolution_shrinks_with_cos_latitude(zoom: int) -> None:
+    equator = ground_resolution_m(zoom, 0.0)
+    assert equator == pytest.approx(EQUATOR_GSD_Z0 / 2**zoom)
+    assert ground_resolution_m(zoom, 60.0) == pytest.approx(equator / 2)
+    assert ground_resolution_m(zoom, -60.0) == pytest.approx(equator / 2)
+    assert ground_resolution_m(zoom, 45.0, tile_px=512) == pytest.approx(equator / 2 * math.cos(math.pi / 4))
+
+
+@pytest.mark.parametrize(
+    ("sat_type", "lat", "expected"),
+    [
+        # 180 m: equator tiles are 152.9 m at z18 and 305.7 m at z17; at 38.6° z17 tiles are 238.9 m.
+        ("bingmap", 0.0, 18),
+        ("bingmap", 38.627, 17),
+        ("bingmap", 60.0, 17),
+        # 2,560 m: 2,446 m tiles at z14 on the equator.
+        ("sentinel", 0.0, 14),
+        ("sentinel", 60.0, 13),
+        # 51.2 m: 38.2 m tiles at z20 beat 76.4 m at z19 on the equator.
+        ("googleEarth", 0.0, 20),
+    ],
+)
+def test_output_zoom_per_sat_type(sat_type: str, lat: float, expected: int) -> None:
+    assert output_zoom(footprint_size_m(sat_type, 1), lat) == expected
+
+
+@pytest.mark.parametrize("size_m", [51.2, 180.0, 540.0, 900.0, 2560.0, 12800.0])
+@pytest.mark.parametrize("lat", [0.0, 25.0, 38.627, -52.0, 70.0])
+def test_output_zoom_is_the_closest_tile_size_in_ratio(size_m: float, lat: float) -> None:
+    def mismatch(zoom: int) -> float:
+        return abs(math.log(_true_tile_size_m(zoom, lat) / size_m))
+
+    assert output_zoom(size_m, lat) == min(range(26), key=mismatch)
+
+
+@pytest.mark.parametrize(
+    ("sat_type", "lat", "expected"),
+    [
+        # Model input GSD 180/224 = 0.80 m: z17 is 1.19 m, z18 0.60 m on the equator; z17 is 0.60 m at 60°.
+        ("bingmap", 0.0, 18),
+        ("bingmap", 60.0, 17),
+        # 2560/224 = 11.4 m: z13 is 19.1 m, z14 9.6 m.
+        ("sentinel", 0.0, 14),
+        # 51.2/224 = 0.23 m: z19 is 0.30 m, z20 0.15 m.
+        ("googleEarth", 0.0, 20),
+    ],
+)
+def test_imagery_zoom_per_sat_type(sat_type: str, lat: float, expected: int) -> None:
+    assert imagery_zoom(footprint_size_m(sat_type, 1), lat) == expected
+
+
+@pytest.mark.parametrize("size_m", [51.2, 180.0, 540.0, 2560.0])
+@pytest.mark.parametrize("lat", [0.0, 38.627, -45.0, 80.0])
+def test_imagery_zoom_is_coarsest_zoom_fine_enough(size_m: float, lat: float) -> None:
+    target = size_m / MODEL_INPUT_PX
+
+    def true_gsd(zoom: int) -> float:
+        return _true_tile_size_m(zoom, lat) / 256
+
+    chosen = imagery_zoom(size_m, lat)
+    assert true_gsd(chosen) <= target * (1 + 1e-12)
+    assert true_gsd(chosen - 1) > target
+
+
+def test_imagery_zoom_keeps_an_exact_match() -> None:
+    exact_size_m = MODEL_INPUT_PX * EQUATOR_GSD_Z0 / 2**18
+    assert imagery_zoom(exact_size_m, 0.0) == 18
+    assert imagery_zoom(exact_size_m, 0.0, tile_px=512) == 17
+
+
+def test_zoom_choices_reject_bad_input() -> None:
+    with pytest.raises(TilingError, match="not positive"):
+        imagery_zoom(0.0, 10.0)
+    with pytest.raises(TilingError, match="latitude 90"):
+        output_zoom(180.0, 90.0)
+
+
+def test_cover_excludes_tiles_inside_a_hole() -> None:
+    outer = box(-90.40, 38.45, -90.00, 38.80)
+    hole = box(-90.30, 38.55, -90.10, 38.70)
+    ring = Polygon(outer.exterior.coords, [hole.exterior.coords])
+    result = cover(ring, 14)
+    tiles = set(result.tiles())
+    assert tiles == _brute_force_cover(ring, 14)
+    hole_centre = mercantile.tile(-90.20, 38.625, 14)
+    assert hole_centre not in tiles
+    assert hole_centre in set(cover(outer, 14).tiles())
+    assert len(result) == len(tiles)
+
+
+def test_cover_skips_tiles_that_only_touch_the_region() -> None:
+    inside = [mercantile.Tile(x, y, 9) for x in range(100, 104) for y in range(200, 203)]
+    aligned = shapely.union_all([box(*mercantile.bounds(tile)) for tile in inside])
+    assert set(cover(aligned, 9).tiles()) == set(inside)
+
+
+def test_cover_of_a_multipolygon_leaves_the_gap_out() -> None:
+    parts = MultiPolygon([box(2.30, 48.80, 2.34, 48.84), box(2.40, 48.80, 2.44, 48.84)])
+    tiles = set(cover(parts, 15).tiles())
+    assert tiles == _brute_force_cover(parts, 15)
+    assert mercantile.tile(2.37, 48.82, 15) not in tiles
+
+
+def test_cover_is_sorted_row_by_row() -> None:
+    result = cover(box(-1.0, -1.0, 1.0, 1.0), 8)
+    keys = list(zip(result.y.tolist(), result.x.tolist(), strict=True))
+    assert keys == sorted(keys)
+    assert len(set(keys)) == len(keys)
+
+
+def test_cover_across_the_antimeridian_has_both_edges_of_the_world() -> None:
+    with pytest.warns(UserWarning, match="antimeridian"):
+        region = parse_region("170,-20,-170,-10")
+    result = cover(region.geometry, 6)
+    tiles = set(result.tiles())
+    assert tiles == _brute_force_cover(region.geometry, 6)
+    assert mercantile.tile(179.9, -15.0, 6) in tiles
+    assert mercantile.tile(-179.9, -15.0, 6) in tiles
+    longitudes = [mercantile.bounds(tile).west for tile in tiles]
+    assert not any(-169.0 < lon < 168.0 for lon in longitudes)
+
+
+def test_cover_refuses_more_tiles_than_allowed() -> None:
+    geometry = box(5.0, 45.0, 6.0, 46.0)
+    full = cover(geometry, 12)
+    assert len(cover(geometry, 12, max_tiles=len(full))) == len(full)
+    with pytest.raises(TooManyTilesError, match="more than"):
+        cover(geometry, 12, max_tiles=len(full) - 1)
+    with pytest.raises(TooManyTilesError, match="more than 1,000"):
+        cover(geometry, 22, max_tiles=1000)
+
+
+def test_cover_of_a_country_stays_fast_and_complete() -> None:
+    region = parse_region("Belgium")
+    result = cover(region.geometry, 12)
+    assert set(result.tiles()) == _brute_force_cover(region.geometry, 12)
+
+
+def _city_cover() -> TileCover:
+    return cover(parse_region("Paris").geometry, 16)
+
+
+def test_chunks_are_the_parents_of_the_cover() -> None:
+    result = _city_cover()
+    chunks = chunk_tiles(result, 12)
+    assert chunks == sorted(set(chunks), key=lambda tile: (tile.y, tile.x))
+    assert set(chunks) == {mercantile.parent(tile, zoom=12) for tile in result.tiles()}
+    assert default_chunk_zoom(17) == 11
+    assert default_chunk_zoom(3) == 0
+    with pytest.raises(TilingError, match="chunk zoom 17"):
+        chunk_tiles(result, 17)
+
+
+def test_sampler_yields_each_tile_once_per_chunk() -> None:
+    result = _city_cover()
+    whole = TileGridSampler(result, 180.0)
+    assert len(whole) == len(result)
+    views = list(whole)
+    assert [view.tile for view in views] == list(result.tiles())
+    assert views[0] == footprint(views[0].tile, 180.0)
+    per_chunk = 0
+    for chunk in chunk_tiles(result, 13):
+        sampler = TileGridSampler(result, 180.0, chunk)
+        chunk_views = list(sampler)
+        assert len(chunk_views) == len(sampler) > 0
+        assert all(mercantile.parent(view.tile, zoom=13) == chunk for view in chunk_views)
+        per_chunk += len(sampler)
+    assert per_chunk == len(result)
+    outside = mercantile.Tile(0, 0, 13)
+    assert len(TileGridSampler(result, 180.0, outside)) == 0
+
+
+def test_raster_grid_spans_the_cover() -> None:
+    result = _city_cover()
+    grid = raster_grid(result)
+    assert grid.width == result.x.max() - result.x.min() + 1
+    assert grid.height == result.y.max() - result.y.min() + 1
+    top_left = mercantile.xy_bounds(int(result.x.min()), int(result.y.min()), 16)
+    bottom_right = mercantile.xy_bounds(int(result.x.max()), int(result.y.max()), 16)
+    assert tuple(grid.bounds) == pytest.approx(
+        (top_left.left, bottom_right.bottom, bottom_right.right, top_left.top), abs=1e-6
+    )
+
+
+def test_raster_grid_continues_across_the_antimeridian() -> None:
+    zoom = 5
+    last = 2**zoom - 1
+    crossing = TileCover(zoom, np.array([last, 0, 1]), np.array([10, 10, 11]))
+    grid = raster_grid(crossing)
+    assert (grid.width, grid.height) == (3, 2)
+    assert grid.bounds.left == pytest.approx(mercantile.xy_bounds(last, 10, zoom).left)
+    assert grid.bounds.right == pytest.approx(WORLD_HALF_WIDTH_M + 2 * 2 * WORLD_HALF_WIDTH_M / 2**zoom)
+    with pytest.raises(TilingError, match="empty"):
+        raster_grid(TileCover(zoom, np.array([], dtype=np.int64), np.array([], dtype=np.int64)))
