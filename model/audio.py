@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.errors import AudioDecodeError, InputError
+from model.errors import AudioDecodeError, InputError, first_line
 
 SAMPLE_RATE = 32_000
 CLIP_SECONDS = 10
@@ -136,10 +136,6 @@ def resample(waveform: np.ndarray, rate: int) -> np.ndarray:
     return waveform if rate == SAMPLE_RATE else soxr.resample(waveform, rate, SAMPLE_RATE)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode a WAV/FLAC/OGG/MP3 file to a (CLIP_SAMPLES,) float32 mono clip at 32 kHz: its first 10 s,
     zero-padded if shorter. Channels are averaged; other sample rates are resampled with soxr."""
@@ -153,7 +149,7 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
             samples = audio_file.read(frames, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as exc:
         raise AudioDecodeError(
-            f"cannot decode audio file {path} ({_one_line(exc)}); convert it to WAV, FLAC, OGG or MP3"
+            f"cannot decode audio file {path} ({first_line(exc)}); convert it to WAV, FLAC, OGG or MP3"
         ) from None
     if samples.shape[0] == 0:
         raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")

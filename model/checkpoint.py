@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from model.config import Sat2SoundConfig
-from model.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from model.errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
 from model.io import atomic_path
 from model.sat2sound import Sat2Sound
 
@@ -111,8 +111,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(
-            f"{path} cannot be read ({str(exc).splitlines()[0][:160]});"
-            " the file is truncated or corrupt, download it again"
+            f"{path} cannot be read ({first_line(exc)[:160]}); the file is truncated or corrupt, download it again"
         ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a Sat2Sound checkpoint (holds a {type(payload).__name__}, not a dict)")

@@ -22,7 +22,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from model.errors import DownloadError
+from model.errors import DownloadError, first_line
 
 HF_SCHEME = "hf://"
 OFFICIAL_REPO = "MVRL/sat2sound"
@@ -107,11 +107,11 @@ def resolve(uri: str | Path) -> Path:
         raise DownloadError(f"{hub_file.repo_id!r} is not a valid Hub repo id; fix it in {text}") from None
     except httpx2.HTTPError as exc:
         raise DownloadError(
-            f"download of {text} failed ({_first_line(exc)}); retry once the connection is stable"
+            f"download of {text} failed ({first_line(exc)}); retry once the connection is stable"
         ) from None
     except OSError as exc:
         raise DownloadError(
-            f"cannot store {text} in the Hugging Face cache {constants.HF_HUB_CACHE} ({_first_line(exc)});"
+            f"cannot store {text} in the Hugging Face cache {constants.HF_HUB_CACHE} ({first_line(exc)});"
             " check free space and write access, or set HF_HUB_CACHE"
         ) from None
     return Path(local)
@@ -127,8 +127,3 @@ def _unreachable_message(uri: str) -> str:
         f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} for {uri} and it is not cached;"
         " check the network (or HF_ENDPOINT) and retry, or give a local path"
     )
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

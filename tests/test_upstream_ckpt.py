@@ -11,16 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from upstream_ckpt import (
-    slaney_mel_matrix,
-    stft_kernels,
-    swin_relative_position_index,
-    swin_shifted_window_mask,
-    tensor_sha256,
-    write_checkpoint,
-)
+from upstream_ckpt import tensor_sha256, write_checkpoint
 
+from model.audio import dft_kernels, slaney_mel_filterbank
 from model.errors import ConfigError
+from model.htsat import relative_position_index, shifted_window_mask
 
 CONFIGS = ("bingmap_withmeta", "bingmap_nometa")
 
@@ -59,11 +54,11 @@ def test_logit_scales_match_documented_values(
 def test_relative_position_index_of_a_2x2_window() -> None:
     # index = (row_i - row_j + 1) * 3 + (col_i - col_j + 1) for tokens (0,0), (0,1), (1,0), (1,1)
     expected = [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
-    assert swin_relative_position_index(2).tolist() == expected
+    assert relative_position_index(2).tolist() == expected
 
 
 def test_shifted_window_mask_groups_tokens_by_region() -> None:
-    mask = swin_shifted_window_mask(map_side=16, window_size=8, shift=4)
+    mask = shifted_window_mask(16, 16, window_size=8, shift=4)
     assert mask.shape == (4, 64, 64)
     assert set(mask.unique().tolist()) == {0.0, -100.0}
     assert not torch.signbit(mask[mask == 0]).any()
@@ -76,7 +71,7 @@ def test_shifted_window_mask_groups_tokens_by_region() -> None:
 
 def test_stft_kernels_compute_the_hann_windowed_rfft() -> None:
     n_fft = 64
-    real, imag = stft_kernels(n_fft)
+    real, imag = dft_kernels(n_fft)
     frame = np.random.default_rng(0).standard_normal(n_fft)
     periodic_hann = np.hanning(n_fft + 1)[:-1]
     spectrum = np.fft.rfft(frame * periodic_hann)
@@ -85,7 +80,7 @@ def test_stft_kernels_compute_the_hann_windowed_rfft() -> None:
 
 
 def test_slaney_mel_filters_are_area_normalised_triangles() -> None:
-    weights = slaney_mel_matrix(n_fft=1024, n_mels=64, sample_rate=32000, fmin=50.0, fmax=14000.0)
+    weights = slaney_mel_filterbank(sample_rate=32000, n_fft=1024, n_mels=64, f_min=50.0, f_max=14000.0)
     assert weights.shape == (513, 64)
     assert weights.min() >= 0
     bin_hz = 32000 / 1024
