@@ -1,7 +1,8 @@
 """Batched inference: tiles, captions and audio clips to L2-normalised embeddings in the shared space.
 
-Runs on CPU or CUDA; on CUDA the encoders run under bf16 (or fp16) autocast while the codebook
-pooling stays in float32. Everything runs under `torch.inference_mode`.
+Runs on CPU or CUDA; by default the encoders run under bf16 autocast on CUDA and in float32 on the CPU
+(bf16/fp16 can be asked for on either), while the codebook pooling always stays in float32.
+Everything runs under `torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -106,8 +107,7 @@ class Sat2SoundEncoder:
         return self._text_backbone
 
     def _autocast(self) -> torch.autocast:
-        enabled = self.device.type == "cuda" and self.dtype != torch.float32
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=enabled)
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @torch.inference_mode()
     def embed_images(

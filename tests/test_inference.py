@@ -87,3 +87,17 @@ def test_cuda_request_without_cuda_is_a_clear_error() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(InputError, match="CUDA is not available"):
         Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("none")), device="cuda")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_autocast_stays_close_to_fp32(precision: str) -> None:
+    torch.manual_seed(0)
+    model = Sat2Sound(Sat2SoundConfig.small("none"))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    full = Sat2SoundEncoder(model, text_backbone="minilm", device="cpu", precision="fp32").embed_images(images, 1)
+    reduced = Sat2SoundEncoder(model, text_backbone="minilm", device="cpu", precision=precision)
+    assert reduced.dtype != torch.float32
+    out = reduced.embed_images(images, 1)
+    assert out.embedding.dtype == torch.float32
+    cosine = (out.embedding * full.embedding).sum(dim=1)
+    assert (cosine > 0.99).all(), cosine
