@@ -27,6 +27,18 @@ setup() {
     fi
 }
 
+# The HTML-preview tests drive a headless Chromium; install Debian's when we can (root + apt).
+browser() {
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing chromium and chromium-driver for the preview tests ..."
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
+        else
+            echo "note: install chromium and chromium-driver (Debian packages) for the HTML preview tests" >&2
+        fi
+    fi
+}
+
 case "${1:-}" in
     demo)
         shift
@@ -36,6 +48,7 @@ case "${1:-}" in
     test)
         shift
         setup
+        browser
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

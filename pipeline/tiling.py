@@ -18,12 +18,12 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from model.config import GSD_BY_SAT_TYPE, TILE_PX_BY_SAT_TYPE
+from model.preprocess import MODEL_INPUT_PX
 from pipeline.errors import TilingError, TooManyTilesError
 from pipeline.types import WEB_MERCATOR, Bounds, LngLatBBox
 
 EARTH_RADIUS_M = 6378137.0
 EARTH_CIRCUMFERENCE_M = 2.0 * math.pi * EARTH_RADIUS_M
-MODEL_INPUT_PX = 224
 SOURCE_TILE_PX = 256
 # log2 values this close to an integer count as that integer, so exact powers of two do not flip a zoom.
 ZOOM_EPSILON = 1e-9
