@@ -17,6 +17,9 @@ GSD_BY_SAT_TYPE: dict[str, float] = {"bingmap": 0.6, "sentinel": 10.0, "googleEa
 # Source tile edge (px) that one zoom-level step covers before the resize to 224 px.
 TILE_PX_BY_SAT_TYPE: dict[str, int] = {"bingmap": 300, "sentinel": 256, "googleEarth": 256}
 
+# Edge (px) of the square image the model's ViT takes.
+MODEL_INPUT_PX = 224
+
 # Metadata tokens in the order upstream appends them after the patch tokens.
 METADATA_ORDER: tuple[str, ...] = ("asource", "tsource", "latlong", "month", "time")
 AUDIO_SOURCES: tuple[str, ...] = ("yfcc", "iNat", "aporee", "freesound")

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.config import TILE_PX_BY_SAT_TYPE
+from model.config import MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE
 from model.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODEL_INPUT_PX = 224
 
 
 def crop_px(zoom_level: int, sat_type: str) -> int:

@@ -41,3 +41,23 @@ class ImageryWarning(UserWarning):
 
 class TileDecodeError(ImageryError):
     """Tile bytes are truncated or not a decodable JPEG, PNG or WebP image."""
+
+
+class BuildConfigError(PipelineError):
+    """The map build's config does not fit its schema or names inputs that cannot be used."""
+
+
+class QueryError(PipelineError):
+    """A query names an audio file that is missing, of an unknown type or undecodable."""
+
+
+class ImageryMismatchError(ImageryError):
+    """The imagery is too coarse for the model's view at the chosen zoom level."""
+
+
+class OutputDirError(PipelineError):
+    """The build's output folder cannot be created or written."""
+
+
+class ExportError(PipelineError):
+    """A build's Zarr store cannot be exported to COG, QGIS style or HTML preview."""

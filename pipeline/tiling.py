@@ -17,8 +17,7 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from model.config import GSD_BY_SAT_TYPE, TILE_PX_BY_SAT_TYPE
-from model.preprocess import MODEL_INPUT_PX
+from model.config import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE
 from pipeline.errors import TilingError, TooManyTilesError
 from pipeline.types import WEB_MERCATOR, Bounds, LngLatBBox
 

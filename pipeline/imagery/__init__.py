@@ -1,0 +1,68 @@
+"""Imagery sources behind one reader interface: XYZ/TMS tile servers, local rasters and STAC APIs.
+
+`open_reader` turns a source spec into a reader:
+
+    with open_reader("esri", cache_dir=Path("tiles_cache")) as src:
+        image = src.part(footprint.bounds, 224, 224)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ImageryError
+from pipeline.imagery.base import ImageryReader
+from pipeline.imagery.cache import CacheStats, TileCache
+from pipeline.imagery.http import RetryPolicy, redact
+from pipeline.imagery.local import LocalRasterReader, Stretch
+from pipeline.imagery.stac import StacReader
+from pipeline.imagery.xyz import XYZReader
+
+__all__ = [
+    "CacheStats",
+    "ImageryReader",
+    "LocalRasterReader",
+    "RetryPolicy",
+    "StacReader",
+    "Stretch",
+    "TileCache",
+    "XYZReader",
+    "open_reader",
+]
+
+_RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"})
+
+
+def open_reader(spec: str, *, cache_dir: Path, offline: bool = False, **options: Any) -> ImageryReader:
+    """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster
+    PATH ('file:PATH' forces a path). `options` go to the reader's constructor."""
+    spec = spec.strip()
+    cache_options = {"cache": TileCache(cache_dir), "offline": offline}
+    if spec in ("", "esri"):
+        return _build(XYZReader.esri, options, **cache_options)
+    if spec.startswith("xyz:"):
+        return _build(XYZReader, options, spec.removeprefix("xyz:"), **cache_options)
+    if spec.startswith("stac:"):
+        return _build(StacReader, options, spec.removeprefix("stac:"), **cache_options)
+    path = Path(spec.removeprefix("file:"))
+    if spec.startswith("file:") or path.suffix.lower() in _RASTER_SUFFIXES or path.exists():
+        if not path.exists():
+            raise ImageryError(f"raster {path} does not exist; check the path")
+        return _build(LocalRasterReader, options, path)
+    raise ImageryError(
+        f"unknown imagery source {redact(spec)!r}; use esri, xyz:URL_TEMPLATE, stac:URL or a raster path"
+    )
+
+
+def _build(factory: Callable[..., ImageryReader], options: dict[str, Any], *args: Any, **fixed: Any) -> ImageryReader:
+    """Call `factory`, turning unknown option names into one clear ImageryError."""
+    reader_class = XYZReader if factory == XYZReader.esri else factory
+    accepted = set(inspect.signature(reader_class).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        valid = ", ".join(sorted(accepted - set(fixed) - {"url_template", "url", "path"}))
+        raise ImageryError(f"option {unknown[0]!r} does not apply to this imagery source; valid options: {valid}")
+    return factory(*args, **fixed, **options)

@@ -1,0 +1,99 @@
+"""The one interface every imagery source offers, plus the georeferencing helpers they share."""
+
+from __future__ import annotations
+
+import abc
+import math
+from functools import lru_cache
+from types import TracebackType
+from typing import TypeVar
+
+import mercantile
+import numpy as np
+from pyproj import Geod, Transformer
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.transform import from_bounds as transform_from_bounds
+
+from pipeline.errors import ImageryError
+from pipeline.tiling import tile_bounds
+from pipeline.types import WEB_MERCATOR, WGS84, Bounds, ImageData
+
+RGB_BANDS = 3
+_Reader = TypeVar("_Reader", bound="ImageryReader")
+_WGS84_GEOD = Geod(ellps="WGS84")
+
+
+class ImageryReader(abc.ABC):
+    """An imagery source read rio-tiler style: `with Reader(...) as src: src.part(bounds, 224, 224)`.
+
+    `source_id` names the source stably (it is the tile-cache namespace); `attribution` is the text a
+    map made from the source must show.
+    """
+
+    source_id: str
+    attribution: str
+
+    @abc.abstractmethod
+    def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
+        """RGB pixels of `bounds` (in `dst_crs`) resampled to `width` x `height`; masked where no imagery."""
+
+    def tile(self, x: int, y: int, z: int, tilesize: int = 256) -> ImageData:
+        """The Web Mercator tile x/y/z at `tilesize` pixels."""
+        return self.part(tile_bounds(mercantile.Tile(x, y, z)), tilesize, tilesize)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections, thread pools and open datasets."""
+
+    def __enter__(self: _Reader) -> _Reader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def check_read_size(bounds: Bounds, width: int, height: int) -> Affine:
+    """Validate a read request and return its output grid's affine transform."""
+    if width < 1 or height < 1:
+        raise ImageryError(f"read size {width}x{height} px is empty; ask for at least 1x1 pixels")
+    if not (bounds.right > bounds.left and bounds.top > bounds.bottom):
+        raise ImageryError(f"read bounds {tuple(bounds)} are empty or inverted; pass (left, bottom, right, top)")
+    return transform_from_bounds(*bounds, width, height)
+
+
+def empty_image(bounds: Bounds, width: int, height: int, crs: str) -> ImageData:
+    """A fully masked RGB read: 'no imagery here'."""
+    pixels = np.ma.MaskedArray(np.zeros((RGB_BANDS, height, width), np.uint8), mask=True)
+    return ImageData(pixels, bounds, crs, true_gsd_m(bounds, width, crs))
+
+
+def resampling_method(name: str) -> Resampling:
+    try:
+        return Resampling[name]
+    except KeyError:
+        raise ImageryError(
+            f"unknown resampling {name!r}; use bilinear, cubic, lanczos or average (they antialias when shrinking)"
+        ) from None
+
+
+@lru_cache(maxsize=32)
+def _to_lnglat(crs: str) -> Transformer:
+    return Transformer.from_crs(crs, WGS84, always_xy=True)
+
+
+def true_gsd_m(bounds: Bounds, width: int, crs: str) -> float:
+    """Ground metres spanned by one pixel across the centre of `bounds` (geodesic, scale factor included)."""
+    pixel = (bounds.right - bounds.left) / width
+    centre_x = (bounds.left + bounds.right) / 2.0
+    centre_y = (bounds.bottom + bounds.top) / 2.0
+    lons, lats = _to_lnglat(crs).transform([centre_x - pixel / 2.0, centre_x + pixel / 2.0], [centre_y, centre_y])
+    _, _, distance = _WGS84_GEOD.inv(lons[0], lats[0], lons[1], lats[1])
+    if not math.isfinite(distance):
+        raise ImageryError(f"bounds {tuple(bounds)} do not lie on the Earth in {crs}; check the CRS")
+    return float(distance)

@@ -1,0 +1,156 @@
+"""A directory of fetched tiles shared by runs and by concurrent jobs.
+
+Keys are relative POSIX paths such as `esri-world-imagery/17/38000/49000.jpg`. Writes go to a
+temporary file in the target directory and are moved into place with os.replace, so a reader in
+another process sees either no file or a whole one. There is no fsync: a file cut short by a crash
+is caught when its bytes fail to decode, and fetched again. Reads refresh a file's modification
+time, so pruning by size drops the least recently used tiles first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from pipeline.errors import CacheError
+
+_TEMP_PREFIX = ".tmp-"
+# Temporary files older than this belong to a writer that died; pruning removes them.
+_STALE_TEMP_S = 3600.0
+_SECONDS_PER_DAY = 86400.0
+
+
+class CacheStats(NamedTuple):
+    files: int
+    bytes: int
+
+
+class _Entry(NamedTuple):
+    path: Path
+    size: int
+    mtime: float
+
+
+class TileCache:
+    """Tile bytes stored under `root`, one file per key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_of(self, key: str) -> Path:
+        """File that holds `key`; raises CacheError for keys that would escape the cache directory."""
+        parts = key.split("/")
+        if any(part in ("", ".", "..") or "\\" in part for part in parts):
+            raise CacheError(f"cache key {key!r} is not a relative path inside the cache; use 'source/z/x/y.ext'")
+        return self.root.joinpath(*parts)
+
+    def get(self, key: str) -> bytes | None:
+        path = self.path_of(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CacheError(f"cannot read cached tile {key}: {exc.strerror}; check permissions on the cache") from exc
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.path_of(key)
+        try:
+            try:
+                self._write_atomically(path, data)
+            except FileNotFoundError:  # a concurrent prune removed the directory just created
+                self._write_atomically(path, data)
+        except OSError as exc:
+            raise CacheError(f"cannot write cached tile {key}: {exc.strerror}; check space and permissions") from exc
+
+    def discard(self, key: str) -> None:
+        """Remove `key` if present (a corrupt tile that cannot be fetched again now)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path_of(key).unlink()
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.path_of(key).is_file()
+
+    def stats(self) -> CacheStats:
+        entries = self._entries()
+        return CacheStats(len(entries), sum(entry.size for entry in entries))
+
+    def prune(self, max_bytes: int | None = None, older_than_days: float | None = None) -> CacheStats:
+        """Delete tiles unused for `older_than_days`, then least recently used ones down to `max_bytes`.
+
+        Returns what was removed. Stale temporary files of crashed writers go too.
+        """
+        if max_bytes is None and older_than_days is None:
+            raise CacheError("prune needs a size limit or an age; pass max_bytes and/or older_than_days")
+        if max_bytes is not None and max_bytes < 0:
+            raise CacheError(f"cache size limit {max_bytes} is negative; pass 0 or more bytes")
+        now = time.time()
+        self._remove_stale_temp_files(now)
+        entries = sorted(self._entries(), key=lambda entry: entry.mtime)
+        doomed: list[_Entry] = []
+        if older_than_days is not None:
+            cutoff = now - older_than_days * _SECONDS_PER_DAY
+            doomed = [entry for entry in entries if entry.mtime < cutoff]
+            entries = entries[len(doomed) :]
+        if max_bytes is not None:
+            excess = sum(entry.size for entry in entries) - max_bytes
+            for entry in entries:
+                if excess <= 0:
+                    break
+                doomed.append(entry)
+                excess -= entry.size
+        removed = [entry for entry in doomed if self._unlink(entry.path)]
+        self._remove_empty_dirs()
+        return CacheStats(len(removed), sum(entry.size for entry in removed))
+
+    def _entries(self) -> list[_Entry]:
+        entries = []
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith("."):  # temporary files, and the repository's .gitkeep
+                    continue
+                path = Path(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    status = path.stat()
+                    entries.append(_Entry(path, status.st_size, status.st_mtime))
+        return entries
+
+    def _remove_stale_temp_files(self, now: float) -> None:
+        for path in self.root.rglob(f"{_TEMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < now - _STALE_TEMP_S:
+                    path.unlink()
+
+    def _remove_empty_dirs(self) -> None:
+        for directory, _, _ in sorted(os.walk(self.root), key=lambda item: len(item[0]), reverse=True):
+            if Path(directory) != self.root:
+                with contextlib.suppress(OSError):  # not empty, or removed by another process
+                    os.rmdir(directory)
+
+    @staticmethod
+    def _write_atomically(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+        try:
+            with os.fdopen(handle, "wb") as temp:
+                temp.write(data)
+            os.replace(temp_name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise
+
+    @staticmethod
+    def _unlink(path: Path) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True

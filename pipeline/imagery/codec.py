@@ -1,0 +1,98 @@
+"""Decode and encode image tiles (JPEG, PNG, WebP) with GDAL through rasterio's MemoryFile.
+
+A decoded tile is RGB plus a validity mask taken from its alpha band or transparency. Truncated
+bodies are caught both structurally (a PNG must end with its IEND chunk, a WebP must be as long as
+its RIFF header says) and by libjpeg, whose "premature end of file" warning is made an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import MemoryFile
+
+from pipeline.errors import TileDecodeError
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_START = b"\xff\xd8"
+_RIFF_HEADER_BYTES = 8
+
+
+class TileImage(NamedTuple):
+    """A decoded tile: `rgb` uint8 (3, H, W) and `valid` bool (H, W), False where transparent."""
+
+    rgb: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def is_blank(self) -> bool:
+        """True when the tile holds no imagery: fully transparent, or one flat colour (a placeholder)."""
+        if not self.valid.any():
+            return True
+        colours = self.rgb[:, self.valid]
+        return bool((colours == colours[:, :1]).all())
+
+
+def decode_tile(body: bytes) -> TileImage:
+    """Decode a JPEG, PNG or WebP tile; raises TileDecodeError when the bytes are cut short or garbled."""
+    _check_complete(body)
+    try:
+        with rasterio.Env(GDAL_ERROR_ON_LIBJPEG_WARNING=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with MemoryFile(body) as memfile, memfile.open() as dataset:
+                pixels = dataset.read()
+                valid = dataset.dataset_mask() > 0
+                colormap = dataset.colormap(1) if dataset.count == 1 and _has_colormap(dataset) else None
+    except RasterioError as exc:
+        raise TileDecodeError(f"tile of {len(body)} bytes does not decode ({type(exc).__name__})") from exc
+    return TileImage(_to_rgb(pixels, colormap), valid)
+
+
+def encode_png(rgb: np.ndarray, valid: np.ndarray) -> bytes:
+    """Lossless RGBA PNG of `rgb` (3, H, W) uint8, transparent where `valid` is False."""
+    alpha = np.where(valid, 255, 0).astype(np.uint8)[np.newaxis]
+    rgba = np.concatenate([rgb.astype(np.uint8), alpha])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile() as memfile:
+            with memfile.open(
+                driver="PNG", width=rgba.shape[2], height=rgba.shape[1], count=4, dtype="uint8"
+            ) as dataset:
+                dataset.write(rgba)
+            return bytes(memfile.read())
+
+
+def _check_complete(body: bytes) -> None:
+    if body.startswith(_PNG_SIGNATURE):
+        if not body.endswith(_PNG_END):
+            raise TileDecodeError(f"PNG tile of {len(body)} bytes lacks its IEND chunk (truncated)")
+    elif body.startswith(b"RIFF") and body[8:12] == b"WEBP":
+        declared = int.from_bytes(body[4:8], "little") + _RIFF_HEADER_BYTES
+        if len(body) < declared:
+            raise TileDecodeError(f"WebP tile has {len(body)} of its {declared} bytes (truncated)")
+    elif not body.startswith(_JPEG_START):
+        raise TileDecodeError(f"tile of {len(body)} bytes is not a JPEG, PNG or WebP image")
+
+
+def _has_colormap(dataset: rasterio.io.DatasetReader) -> bool:
+    try:
+        dataset.colormap(1)
+    except ValueError:
+        return False
+    return True
+
+
+def _to_rgb(pixels: np.ndarray, colormap: dict[int, tuple[int, ...]] | None) -> np.ndarray:
+    if colormap is not None:
+        lookup = np.zeros((256, 3), np.uint8)
+        for index, colour in colormap.items():
+            lookup[index] = colour[:3]
+        return np.moveaxis(lookup[pixels[0]], -1, 0)
+    if pixels.shape[0] in (1, 2):  # grey, or grey + alpha
+        return np.repeat(pixels[:1], 3, axis=0).astype(np.uint8)
+    return pixels[:3].astype(np.uint8)

@@ -1,0 +1,205 @@
+"""HTTP GET with bounded retries, exponential backoff with jitter, Retry-After, and redacted URLs.
+
+Timeouts, connection errors, bodies cut short, undecodable bodies, 429 and 5xx are retried; 204 and
+404 mean "nothing here" and are returned as None. URLs in messages and logs pass through `redact`,
+so API keys never leave the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import NamedTuple, TypeVar
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from pipeline.errors import FetchError, ImageryError, TileDecodeError
+
+LOGGER = logging.getLogger(__name__)
+# urllib3 logs every request line at DEBUG level, query string included.
+URLLIB3_LOGGER = logging.getLogger("urllib3.connectionpool")
+USER_AGENT = "sat2sound-maps/0.1 (python-requests)"
+REDACTED = "***"
+NO_CONTENT_STATUSES = frozenset({204, 404})
+_SENSITIVE_QUERY = re.compile(
+    r"(?i)([?&](?:api[_-]?key|key|access[_-]?token|token|sig|signature|subscription[_-]key|client[_-]secret)=)[^&#]*"
+)
+
+T = TypeVar("T")
+
+
+class RetryPolicy(NamedTuple):
+    """How hard to try one URL. `attempts` counts every try, the first included."""
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    max_retry_after_s: float = 120.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def retry_policy(value: RetryPolicy | Mapping[str, float]) -> RetryPolicy:
+    """A RetryPolicy from itself or from a mapping of its fields (as read from a YAML config)."""
+    if isinstance(value, RetryPolicy):
+        return value
+    unknown = sorted(set(value) - set(RetryPolicy._fields))
+    if unknown:
+        raise ImageryError(f"unknown retry setting {unknown[0]!r}; use {', '.join(RetryPolicy._fields)}")
+    return RetryPolicy(**value)  # type: ignore[arg-type]
+
+
+def backoff_delay(policy: RetryPolicy, retry_index: int, rng: random.Random) -> float:
+    """Delay before retry number `retry_index` (0-based): exponential, capped, with 'equal jitter'.
+
+    Half the delay is fixed and half random, so concurrent clients spread out but never hammer.
+    """
+    ceiling = min(policy.max_backoff_s, policy.backoff_s * 2.0**retry_index)
+    return ceiling * (0.5 + 0.5 * rng.random())
+
+
+def retry_after_s(header: str | None, now: datetime) -> float | None:
+    """Seconds a Retry-After header asks to wait (delta-seconds or HTTP date); None if absent or invalid."""
+    if header is None:
+        return None
+    header = header.strip()
+    if header.isdigit():
+        return float(header)
+    try:
+        when = parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every secret value and every credential-like query parameter replaced by ***."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _SENSITIVE_QUERY.sub(rf"\g<1>{REDACTED}", text)
+
+
+class SecretFilter(logging.Filter):
+    """Rewrites log records that contain a secret, whoever logs them."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = tuple(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = redact(message, self.secrets)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
+
+
+class HttpClient:
+    """Retrying GETs from up to `concurrency` threads, each with its own keep-alive requests.Session."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        policy: RetryPolicy = DEFAULT_RETRY,
+        secrets: Iterable[str] = (),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if concurrency < 1:
+            raise ImageryError(f"concurrency {concurrency} is below 1; use 1 or more parallel downloads")
+        if policy.attempts < 1:
+            raise ImageryError(f"retry attempts {policy.attempts} is below 1; use 1 or more")
+        self.concurrency = concurrency
+        self.policy = policy
+        self._secrets = tuple(secret for secret in secrets if secret)
+        self._sleep = sleep
+        self._rng = random.Random()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+        self._log_filter = SecretFilter(self._secrets) if self._secrets else None
+        if self._log_filter is not None:
+            URLLIB3_LOGGER.addFilter(self._log_filter)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    def fetch(self, url: str, validate: Callable[[bytes], T]) -> T | None:
+        """GET `url` and return `validate(body)`; None for 204/404. Raises FetchError when retries run out.
+
+        `validate` raises TileDecodeError for a body that is cut short or garbled; that is retried too.
+        """
+        policy = self.policy
+        reason = ""
+        for attempt in range(policy.attempts):
+            try:
+                response = self._session().get(url, timeout=(policy.connect_timeout_s, policy.read_timeout_s))
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                reason = type(exc).__name__
+                wait = backoff_delay(policy, attempt, self._rng)
+            except requests.RequestException as exc:  # a malformed URL or similar: retrying cannot help
+                raise FetchError(
+                    f"cannot request {self.redact(url)} ({type(exc).__name__}); check the URL template"
+                ) from None
+            else:
+                status = response.status_code
+                if status in NO_CONTENT_STATUSES:
+                    return None
+                if status == 200:
+                    try:
+                        return validate(response.content)
+                    except TileDecodeError:
+                        reason = "undecodable body"
+                        wait = backoff_delay(policy, attempt, self._rng)
+                elif status == 429 or status >= 500:
+                    reason = f"HTTP {status}"
+                    asked = retry_after_s(response.headers.get("Retry-After"), datetime.now(UTC))
+                    wait = (
+                        backoff_delay(policy, attempt, self._rng)
+                        if asked is None
+                        else min(asked, policy.max_retry_after_s)
+                    )
+                else:
+                    hint = "check the API key" if status in (401, 403) else "check the URL template"
+                    raise FetchError(f"HTTP {status} from {self.redact(url)}; {hint}")
+            if attempt + 1 < policy.attempts:
+                LOGGER.debug("retrying %s in %.2f s after %s", self.redact(url), wait, reason)
+                self._sleep(wait)
+        raise FetchError(
+            f"gave up on {self.redact(url)} after {policy.attempts} tries (last: {reason}); "
+            "check that the server is reachable, or retry later"
+        )
+
+    def close(self) -> None:
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+        if self._log_filter is not None:
+            URLLIB3_LOGGER.removeFilter(self._log_filter)
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session

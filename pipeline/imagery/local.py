@@ -1,0 +1,209 @@
+"""Local (or /vsicurl/) rasters in any CRS: GeoTIFF, COG, VRT, read as windows warped to the request.
+
+Each read builds a WarpedVRT on exactly the requested grid, so GDAL resamples straight from the
+source (using its overviews when shrinking). Band selection picks the RGB bands; data that is not
+8-bit is stretched linearly to 0-255 with ONE range per dataset, computed once from a decimated read,
+so that neighbouring tiles match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+
+from pipeline.errors import ImageryError
+from pipeline.imagery.base import (
+    RGB_BANDS,
+    ImageryReader,
+    check_read_size,
+    empty_image,
+    resampling_method,
+    true_gsd_m,
+)
+from pipeline.types import WEB_MERCATOR, Bounds, ImageData
+
+DEFAULT_PERCENTILES = (2.0, 98.0)
+# The stretch is estimated from a read no larger than this many pixels on its long side.
+STRETCH_SAMPLE_PX = 1024
+_UINT8_MAX = 255
+
+
+class Stretch(NamedTuple):
+    """Linear map of raw values: `low` -> 0 and `high` -> 255, clipped. One range for all bands keeps
+    the colour balance."""
+
+    low: float
+    high: float
+
+
+def percentile_stretch(sample: np.ma.MaskedArray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Stretch:
+    """Stretch from the `percentiles` of the valid values in `sample` (all bands pooled)."""
+    values = sample.compressed()
+    if values.size == 0:
+        raise ImageryError("cannot derive a stretch from a raster without valid pixels; pass stretch=(min, max)")
+    low, high = np.percentile(values, percentiles)
+    return Stretch(float(low), float(high) if high > low else float(low) + 1.0)
+
+
+def apply_stretch(values: np.ma.MaskedArray, stretch: Stretch | None) -> np.ma.MaskedArray:
+    """uint8 pixels from raw `values`; with no stretch, values are clipped to 0-255."""
+    data = np.ma.MaskedArray(values, dtype=np.float32).filled(0.0)  # masked values may be NaN
+    if stretch is not None:
+        data = (data - stretch.low) * (_UINT8_MAX / (stretch.high - stretch.low))
+    pixels = np.clip(np.rint(data), 0, _UINT8_MAX).astype(np.uint8)
+    return np.ma.MaskedArray(pixels, mask=np.ma.getmaskarray(values).copy())
+
+
+def resolve_stretch(option: str | Sequence[float] | Stretch, dtype: str) -> Stretch | str | None:
+    """Turn the `stretch` option into a fixed Stretch, 'percentile' (computed later) or None (as is).
+
+    'auto' keeps 8-bit data as is and percentile-stretches anything else.
+    """
+    if isinstance(option, str):
+        if option == "auto":
+            return None if dtype == "uint8" else "percentile"
+        if option == "none":
+            return None
+        if option == "percentile":
+            return option
+        raise ImageryError(f"unknown stretch {option!r}; use auto, none, percentile or (min, max)")
+    low, high = (float(value) for value in option)
+    if not high > low:
+        raise ImageryError(f"stretch ({low:g}, {high:g}) is empty or inverted; pass (min, max) with min < max")
+    return Stretch(low, high)
+
+
+class LocalRasterReader(ImageryReader):
+    """A raster GDAL can open, in any CRS, read as RGB uint8.
+
+    `bands` are 1-based indexes in RGB order (default: the bands tagged red/green/blue, else 1,2,3; a
+    single band is shown as grey). `nodata` overrides the file's nodata value. `gdal_env` holds GDAL
+    config options for every open and read (e.g. for rasters served over HTTP). A reader holds an
+    open GDAL dataset: use one per thread, and open it after forking worker processes.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        bands: Sequence[int] | None = None,
+        stretch: str | Sequence[float] | Stretch = "auto",
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        nodata: float | None = None,
+        resampling: str = "bilinear",
+        source_id: str | None = None,
+        attribution: str = "",
+        gdal_env: Mapping[str, object] | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.attribution = attribution
+        self._gdal_env = dict(gdal_env or {})
+        self._resampling = resampling_method(resampling)
+        self._percentiles = percentiles
+        try:
+            with rasterio.Env(**self._gdal_env):
+                self._dataset = rasterio.open(self.path)
+        except RasterioError as exc:
+            raise ImageryError(f"cannot open raster {self.path} ({type(exc).__name__}); check the path or URL") from exc
+        if self._dataset.crs is None:
+            self._dataset.close()
+            raise ImageryError(f"raster {self.path} has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
+        self.bands = tuple(bands) if bands is not None else _default_bands(self._dataset)
+        if len(self.bands) not in (1, RGB_BANDS) or any(not 1 <= band <= self._dataset.count for band in self.bands):
+            self._dataset.close()
+            raise ImageryError(
+                f"bands {self.bands} do not fit {self.path} ({self._dataset.count} bands); "
+                "pass three 1-based indexes in RGB order, or one for grey"
+            )
+        self.nodata = nodata if nodata is not None else self._dataset.nodata
+        self.source_id = source_id or _path_source_id(self.path)
+        self._stretch_rule = resolve_stretch(stretch, self._dataset.dtypes[self.bands[0] - 1])
+        self._stretch: Stretch | None = None
+
+    @property
+    def crs(self) -> str:
+        return self._dataset.crs.to_string()
+
+    @property
+    def stretch(self) -> Stretch | None:
+        """The dataset's stretch (computed on first use and then fixed), or None for 8-bit pass-through."""
+        if self._stretch_rule is None or isinstance(self._stretch_rule, Stretch):
+            return self._stretch_rule
+        if self._stretch is None:
+            self._stretch = percentile_stretch(self._decimated_sample(), self._percentiles)
+        return self._stretch
+
+    def read_values(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> np.ma.MaskedArray:
+        """Raw float32 values of the selected bands on the requested grid; masked per pixel."""
+        dst_transform = check_read_size(bounds, width, height)
+        shape = (len(self.bands), height, width)
+        if not self._overlaps(bounds, dst_crs):
+            return np.ma.MaskedArray(np.zeros(shape, np.float32), mask=True)
+        options: dict[str, object] = {"add_alpha": True} if self.nodata is None else {"src_nodata": self.nodata}
+        try:
+            with (
+                rasterio.Env(**self._gdal_env),
+                WarpedVRT(
+                    self._dataset,
+                    crs=dst_crs,
+                    transform=dst_transform,
+                    width=width,
+                    height=height,
+                    resampling=self._resampling,
+                    **options,
+                ) as vrt,
+            ):
+                values = vrt.read(indexes=list(self.bands), masked=True, out_dtype="float32")
+        except RasterioError as exc:
+            raise ImageryError(f"cannot read {self.path} ({type(exc).__name__}); check the file or URL") from exc
+        invalid = np.ma.getmaskarray(np.ma.masked_invalid(values)).any(axis=0)
+        return np.ma.MaskedArray(np.ma.getdata(values), mask=np.broadcast_to(invalid, shape).copy())
+
+    def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
+        values = self.read_values(bounds, width, height, dst_crs)
+        if np.ma.getmaskarray(values).all():
+            return empty_image(bounds, width, height, dst_crs)
+        pixels = apply_stretch(values, self.stretch)
+        if pixels.shape[0] == 1:
+            pixels = np.ma.concatenate([pixels] * RGB_BANDS)
+        return ImageData(pixels, bounds, dst_crs, true_gsd_m(bounds, width, dst_crs))
+
+    def close(self) -> None:
+        self._dataset.close()
+
+    def _overlaps(self, bounds: Bounds, dst_crs: str) -> bool:
+        left, bottom, right, top = transform_bounds(self._dataset.crs, dst_crs, *self._dataset.bounds, densify_pts=21)
+        return left < bounds.right and bounds.left < right and bottom < bounds.top and bounds.bottom < top
+
+    def _decimated_sample(self) -> np.ma.MaskedArray:
+        dataset = self._dataset
+        scale = max(1.0, max(dataset.width, dataset.height) / STRETCH_SAMPLE_PX)
+        shape = (len(self.bands), max(1, round(dataset.height / scale)), max(1, round(dataset.width / scale)))
+        with rasterio.Env(**self._gdal_env):
+            sample = dataset.read(indexes=list(self.bands), out_shape=shape, masked=True, out_dtype="float32")
+        if self.nodata is not None:
+            sample = np.ma.masked_where(sample.data == self.nodata, sample)
+        return np.ma.masked_invalid(sample)
+
+
+def _default_bands(dataset: rasterio.io.DatasetReader) -> tuple[int, ...]:
+    interpretation = list(dataset.colorinterp)
+    wanted = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+    if all(colour in interpretation for colour in wanted):
+        return tuple(interpretation.index(colour) + 1 for colour in wanted)
+    return (1, 2, 3) if dataset.count >= RGB_BANDS else (1,)
+
+
+def _path_source_id(path: str) -> str:
+    digest = hashlib.sha256(path.encode()).hexdigest()[:10]
+    stem = Path(path.split("?")[0]).stem.lower() or "raster"
+    return f"file-{stem}-{digest}"

@@ -1,0 +1,366 @@
+"""XYZ/TMS tile servers: fetch the server tiles under a read, mosaic them, crop and resample.
+
+Server tiles go through the TileCache; a 204/404 or a blank tile (fully transparent or one flat
+colour) means "no imagery here" and is masked, not an error. The mosaic keeps its exact EPSG:3857
+transform and is warped to the requested grid with GDAL, using the tiles' alpha so that missing
+tiles never bleed into their neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import string
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import mercantile
+import numpy as np
+from rasterio.transform import Affine
+from rasterio.warp import reproject, transform_bounds
+
+from pipeline.errors import ImageryError, ImageryWarning, TileDecodeError
+from pipeline.imagery.base import (
+    RGB_BANDS,
+    ImageryReader,
+    check_read_size,
+    empty_image,
+    resampling_method,
+    true_gsd_m,
+)
+from pipeline.imagery.cache import TileCache
+from pipeline.imagery.codec import TileImage, decode_tile
+from pipeline.imagery.http import DEFAULT_RETRY, HttpClient, RetryPolicy, redact, retry_policy
+from pipeline.types import WEB_MERCATOR, Bounds, ImageData
+
+LOGGER = logging.getLogger(__name__)
+
+ESRI_WORLD_IMAGERY_URL = "https://server.arcgisonline.com/ArcGIS/rest/services/World_Imagery/MapServer/tile/{z}/{y}/{x}"
+ESRI_WORLD_IMAGERY_ID = "esri-world-imagery"
+ESRI_ATTRIBUTION = "Tiles © Esri — Source: Esri, Maxar, Earthstar Geographics, and the GIS User Community"
+ESRI_MAX_ZOOM = 19
+ESRI_TYPICAL_TILE_BYTES = 25_000
+
+WORLD_HALF_M = mercantile.CE / 2.0
+API_KEY_FIELD = "api_key"
+_TEMPLATE_FIELDS = frozenset({"x", "y", "-y", "z", "q", API_KEY_FIELD})
+_KNOWN_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+# Tile-edge tolerance in tile units: bounds on a tile edge must not pull in the neighbour.
+_EDGE_EPSILON = 1e-6
+# log2 values this close to an integer count as that integer (same rule as pipeline.tiling).
+_ZOOM_EPSILON = 1e-9
+_OPAQUE = 255
+_MISSING_SUFFIX = "missing"
+
+
+class TileTemplate(NamedTuple):
+    """A validated tile URL template: `{z}` with `{x}` and `{y}` (or TMS `{-y}`), or a `{q}` quadkey."""
+
+    url: str
+
+    @classmethod
+    def parse(cls, url: str) -> TileTemplate:
+        shown = redact(url)
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ImageryError(f"tile URL template {shown} is not http(s); start it with https://")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(url) if name is not None}
+        except ValueError:
+            raise ImageryError(f"tile URL template {shown} has unbalanced braces; write {{z}}, {{x}}, {{y}}") from None
+        unknown = sorted(fields - _TEMPLATE_FIELDS)
+        if unknown:
+            raise ImageryError(
+                f"tile URL template {shown} has unknown placeholder {{{unknown[0]}}}; "
+                "use {z} {x} {y} {-y} {q} {api_key}"
+            )
+        if "q" not in fields:
+            if "z" not in fields:
+                raise ImageryError(
+                    f"tile URL template {shown} lacks {{z}}; use e.g. https://host/{{z}}/{{x}}/{{y}}.png"
+                )
+            if "x" not in fields or not fields & {"y", "-y"}:
+                raise ImageryError(
+                    f"tile URL template {shown} lacks {{x}} or {{y}}; use https://host/{{z}}/{{x}}/{{y}}.png"
+                )
+        return cls(url)
+
+    @property
+    def needs_api_key(self) -> bool:
+        return "{" + API_KEY_FIELD + "}" in self.url
+
+    @property
+    def tile_format(self) -> str:
+        """File extension the server's tiles probably have (cache file names only; decoding sniffs)."""
+        suffix = PurePosixPath(urlsplit(self.url).path).suffix.lower()
+        return _KNOWN_FORMATS.get(suffix, "img")
+
+    def url_for(self, tile: mercantile.Tile, api_key: str = "") -> str:
+        values = {
+            "x": tile.x,
+            "y": tile.y,
+            "-y": 2**tile.z - 1 - tile.y,
+            "z": tile.z,
+            "q": mercantile.quadkey(tile),
+            API_KEY_FIELD: api_key,
+        }
+        return self.url.format_map(values)
+
+    def default_source_id(self) -> str:
+        """Stable cache namespace from the host and a hash of the template (which holds no key)."""
+        host = re.sub(r"[^a-z0-9.-]+", "-", (urlsplit(self.url).hostname or "host").lower())
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:10]
+        return f"xyz-{host}-{digest}"
+
+
+class TileGrid(NamedTuple):
+    """The block of server tiles under a read: columns x0..x1 (may run past the antimeridian), rows y0..y1."""
+
+    zoom: int
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+
+    @classmethod
+    def covering(cls, bounds: Bounds, zoom: int) -> TileGrid:
+        tile_m = mercantile.CE / 2**zoom
+        last_row = 2**zoom - 1
+        x0 = math.floor((bounds.left + WORLD_HALF_M) / tile_m + _EDGE_EPSILON)
+        x1 = math.ceil((bounds.right + WORLD_HALF_M) / tile_m - _EDGE_EPSILON) - 1
+        y0 = max(0, math.floor((WORLD_HALF_M - bounds.top) / tile_m + _EDGE_EPSILON))
+        y1 = min(last_row, math.ceil((WORLD_HALF_M - bounds.bottom) / tile_m - _EDGE_EPSILON) - 1)
+        return cls(zoom, x0, max(x0, x1), y0, y1)
+
+    @property
+    def columns(self) -> int:
+        return self.x1 - self.x0 + 1
+
+    @property
+    def rows(self) -> int:
+        return max(0, self.y1 - self.y0 + 1)
+
+    def tiles(self) -> list[mercantile.Tile]:
+        """Server tiles row by row; columns past the antimeridian wrap around."""
+        n = 2**self.zoom
+        return [
+            mercantile.Tile(x % n, y, self.zoom)
+            for y in range(self.y0, self.y1 + 1)
+            for x in range(self.x0, self.x1 + 1)
+        ]
+
+    def transform(self, tile_size: int) -> Affine:
+        """EPSG:3857 transform of the mosaic of `tile_size`-pixel tiles."""
+        tile_m = mercantile.CE / 2**self.zoom
+        pixel_m = tile_m / tile_size
+        return Affine(pixel_m, 0.0, self.x0 * tile_m - WORLD_HALF_M, 0.0, -pixel_m, WORLD_HALF_M - self.y0 * tile_m)
+
+
+class XYZReader(ImageryReader):
+    """Imagery from an XYZ/TMS tile server, cached in a TileCache.
+
+    `api_key_env` names an environment variable whose value fills the template's `{api_key}`; the
+    value is never logged nor shown in errors. With `offline=True` only cached tiles are read and
+    uncached ones count as no imagery.
+    """
+
+    def __init__(
+        self,
+        url_template: str,
+        *,
+        cache: TileCache,
+        source_id: str | None = None,
+        attribution: str = "",
+        min_zoom: int = 0,
+        max_zoom: int = ESRI_MAX_ZOOM,
+        tile_size: int = 256,
+        tile_format: str | None = None,
+        api_key_env: str | None = None,
+        offline: bool = False,
+        concurrency: int = 8,
+        retry: RetryPolicy | Mapping[str, float] = DEFAULT_RETRY,
+        resampling: str = "bilinear",
+        typical_tile_bytes: int = 20_000,
+        max_source_tiles: int = 1024,
+    ) -> None:
+        self.template = TileTemplate.parse(url_template)
+        if not 0 <= min_zoom <= max_zoom:
+            raise ImageryError(f"zoom range {min_zoom}..{max_zoom} is empty or negative; use 0 <= min <= max")
+        self.cache = cache
+        self.source_id = source_id or self.template.default_source_id()
+        self.attribution = attribution
+        self.min_zoom = min_zoom
+        self.max_zoom = max_zoom
+        self.tile_size = tile_size
+        self.tile_format = tile_format or self.template.tile_format
+        self.offline = offline
+        self.typical_tile_bytes = typical_tile_bytes
+        self.max_source_tiles = max_source_tiles
+        self._resampling = resampling_method(resampling)
+        self._api_key = _read_api_key(self.template, api_key_env)
+        self._http = HttpClient(concurrency=concurrency, policy=retry_policy(retry), secrets=(self._api_key,))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._warned_max_zoom = False
+
+    @classmethod
+    def esri(cls, *, cache: TileCache, **options: object) -> XYZReader:
+        """Esri World Imagery, with its attribution."""
+        defaults: dict[str, object] = {
+            "source_id": ESRI_WORLD_IMAGERY_ID,
+            "attribution": ESRI_ATTRIBUTION,
+            "max_zoom": ESRI_MAX_ZOOM,
+            "tile_format": "jpg",
+            "typical_tile_bytes": ESRI_TYPICAL_TILE_BYTES,
+        }
+        return cls(ESRI_WORLD_IMAGERY_URL, cache=cache, **{**defaults, **options})  # type: ignore[arg-type]
+
+    def zoom_for(self, bounds: Bounds, width: int) -> int:
+        """Coarsest server zoom at least as fine as `width` pixels across EPSG:3857 `bounds`, within the
+        source's zoom range."""
+        pixel_m = (bounds.right - bounds.left) / width
+        wanted = max(0, math.ceil(math.log2(mercantile.CE / (self.tile_size * pixel_m)) - _ZOOM_EPSILON))
+        if wanted > self.max_zoom and not self._warned_max_zoom:
+            self._warned_max_zoom = True
+            warnings.warn(
+                f"{self.source_id} stops at zoom {self.max_zoom}, coarser than the zoom {wanted} this read needs; "
+                "imagery will be upsampled",
+                ImageryWarning,
+                stacklevel=3,
+            )
+        return min(max(wanted, self.min_zoom), self.max_zoom)
+
+    def source_tiles(self, bounds: Bounds, zoom: int) -> list[mercantile.Tile]:
+        """Server tiles at `zoom` that a read of EPSG:3857 `bounds` needs."""
+        return list(dict.fromkeys(TileGrid.covering(bounds, zoom).tiles()))
+
+    def cache_key(self, tile: mercantile.Tile) -> str:
+        return f"{self.source_id}/{tile.z}/{tile.x}/{tile.y}.{self.tile_format}"
+
+    def is_cached(self, tile: mercantile.Tile) -> bool:
+        return self.cache_key(tile) in self.cache or self._missing_key(tile) in self.cache
+
+    def prefetch(self, tiles: Iterable[mercantile.Tile]) -> int:
+        """Fetch `tiles` into the cache in parallel; returns how many hold imagery."""
+        return sum(image is not None for image in self._load_all(list(tiles)))
+
+    def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
+        dst_transform = check_read_size(bounds, width, height)
+        mercator_bounds = (
+            bounds
+            if dst_crs == WEB_MERCATOR
+            else Bounds(*transform_bounds(dst_crs, WEB_MERCATOR, *bounds, densify_pts=21))
+        )
+        grid = TileGrid.covering(mercator_bounds, self.zoom_for(mercator_bounds, width))
+        if grid.rows == 0:
+            return empty_image(bounds, width, height, dst_crs)
+        if grid.rows * grid.columns > self.max_source_tiles:
+            raise ImageryError(
+                f"a {width}x{height} px read needs {grid.rows * grid.columns} server tiles "
+                f"(limit {self.max_source_tiles}); read smaller parts"
+            )
+        images = self._load_all(grid.tiles())
+        if all(image is None for image in images):
+            return empty_image(bounds, width, height, dst_crs)
+        rgba = self._mosaic(grid, images)
+        warped = np.zeros((RGB_BANDS + 1, height, width), np.uint8)
+        reproject(
+            rgba,
+            warped,
+            src_transform=grid.transform(self.tile_size),
+            src_crs=WEB_MERCATOR,
+            dst_transform=dst_transform,
+            dst_crs=dst_crs,
+            src_alpha=RGB_BANDS + 1,
+            dst_alpha=RGB_BANDS + 1,
+            resampling=self._resampling,
+        )
+        invalid = np.broadcast_to(warped[RGB_BANDS] == 0, (RGB_BANDS, height, width))
+        pixels = np.ma.MaskedArray(warped[:RGB_BANDS], mask=invalid.copy())
+        return ImageData(pixels, bounds, dst_crs, true_gsd_m(bounds, width, dst_crs))
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+        self._http.close()
+
+    def _mosaic(self, grid: TileGrid, images: list[TileImage | None]) -> np.ndarray:
+        size = self.tile_size
+        rgba = np.zeros((RGB_BANDS + 1, grid.rows * size, grid.columns * size), np.uint8)
+        for index, image in enumerate(images):
+            if image is None:
+                continue
+            if image.rgb.shape[1:] != (size, size):
+                raise ImageryError(
+                    f"{self.source_id} served a {image.rgb.shape[2]}x{image.rgb.shape[1]} px tile; "
+                    f"set tile_size to {image.rgb.shape[2]}"
+                )
+            row, column = divmod(index, grid.columns)
+            window = np.s_[row * size : (row + 1) * size, column * size : (column + 1) * size]
+            rgba[(slice(0, RGB_BANDS), *window)] = image.rgb
+            rgba[(RGB_BANDS, *window)] = np.where(image.valid, _OPAQUE, 0)
+        return rgba
+
+    def _load_all(self, tiles: list[mercantile.Tile]) -> list[TileImage | None]:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._http.concurrency, thread_name_prefix=f"fetch-{self.source_id}")
+            pool = self._pool
+        return list(pool.map(self._load, tiles))
+
+    def _load(self, tile: mercantile.Tile) -> TileImage | None:
+        """One server tile from the cache or the server; None where there is no imagery."""
+        key = self.cache_key(tile)
+        cached = self.cache.get(key)
+        if cached is not None:
+            try:
+                return _imagery_or_none(decode_tile(cached))
+            except TileDecodeError:
+                action = "dropping it" if self.offline else "fetching it again"
+                LOGGER.warning("cached tile %s is corrupt; %s", key, action)
+                self.cache.discard(key)
+        if self.offline or self._missing_key(tile) in self.cache:
+            return None
+        fetched = self._http.fetch(self.template.url_for(tile, self._api_key), _decode_keeping_body)
+        if fetched is None:
+            self.cache.put(self._missing_key(tile), b"")
+            return None
+        body, image = fetched
+        self.cache.put(key, body)
+        return _imagery_or_none(image)
+
+    def _missing_key(self, tile: mercantile.Tile) -> str:
+        """Empty marker file: the server said there is no tile here (204/404)."""
+        return f"{self.source_id}/{tile.z}/{tile.x}/{tile.y}.{_MISSING_SUFFIX}"
+
+
+def _read_api_key(template: TileTemplate, env_name: str | None) -> str:
+    if env_name is None:
+        if template.needs_api_key:
+            raise ImageryError("the tile URL template has {api_key} but no api_key_env; name the variable holding it")
+        return ""
+    if not template.needs_api_key:
+        raise ImageryError(
+            f"api_key_env={env_name} is set but the URL template has no {{api_key}}; add e.g. ?key={{api_key}}"
+        )
+    value = os.environ.get(env_name, "")
+    if not value:
+        raise ImageryError(f"environment variable {env_name} is empty or unset; export the tile server's API key in it")
+    return value
+
+
+def _decode_keeping_body(body: bytes) -> tuple[bytes, TileImage]:
+    return body, decode_tile(body)
+
+
+def _imagery_or_none(image: TileImage) -> TileImage | None:
+    return None if image.is_blank else image

@@ -1,0 +1,85 @@
+"""Tile decoding (truncation, blank tiles, transparency) and the HTTP retry helpers."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import numpy as np
+import pytest
+from imagery_servers import encode_image
+
+from pipeline.errors import ImageryError, TileDecodeError
+from pipeline.imagery.codec import decode_tile, encode_png
+from pipeline.imagery.http import RetryPolicy, backoff_delay, redact, retry_after_s, retry_policy
+
+RNG = np.random.default_rng(7)
+NOISE = RNG.integers(0, 256, (3, 64, 64), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("driver", ["PNG", "JPEG", "WEBP"])
+def test_each_format_decodes_and_truncation_is_detected(driver: str) -> None:
+    body = encode_image(NOISE, driver)
+    image = decode_tile(body)
+    assert image.rgb.shape == (3, 64, 64)
+    assert image.valid.all()
+    if driver == "PNG":
+        np.testing.assert_array_equal(image.rgb, NOISE)
+    for cut in (len(body) // 2, len(body) - 2):
+        with pytest.raises(TileDecodeError):
+            decode_tile(body[:cut])
+
+
+def test_garbage_is_not_an_image() -> None:
+    with pytest.raises(TileDecodeError, match="not a JPEG, PNG or WebP"):
+        decode_tile(b"<html>rate limited</html>")
+
+
+def test_png_alpha_becomes_the_validity_mask_and_round_trips() -> None:
+    valid = np.zeros((64, 64), bool)
+    valid[:, :20] = True
+    image = decode_tile(encode_png(NOISE, valid))
+    np.testing.assert_array_equal(image.valid, valid)
+    np.testing.assert_array_equal(image.rgb[:, valid], NOISE[:, valid])
+    assert not image.is_blank
+
+
+def test_blank_tiles_are_transparent_or_one_flat_colour() -> None:
+    flat = np.full((3, 64, 64), 17, np.uint8)
+    assert decode_tile(encode_image(flat, "PNG")).is_blank
+    assert decode_tile(encode_png(NOISE, np.zeros((64, 64), bool))).is_blank
+    grey = decode_tile(encode_image(NOISE[:1], "PNG"))  # one band is grey, not blank
+    assert grey.rgb.shape == (3, 64, 64)
+    assert not grey.is_blank
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
+    policy = RetryPolicy(backoff_s=1.0, max_backoff_s=6.0)
+    rng = random.Random(3)
+    for retry_index, ceiling in enumerate([1.0, 2.0, 4.0, 6.0, 6.0]):
+        delays = [backoff_delay(policy, retry_index, rng) for _ in range(200)]
+        assert ceiling / 2 <= min(delays) and max(delays) <= ceiling
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not constant
+
+
+def test_retry_after_in_seconds_or_as_http_date() -> None:
+    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+    assert retry_after_s("7", now) == 7.0
+    assert retry_after_s(format_datetime(now + timedelta(seconds=30), usegmt=True), now) == pytest.approx(30.0)
+    assert retry_after_s(format_datetime(now - timedelta(seconds=30), usegmt=True), now) == 0.0
+    assert retry_after_s(None, now) is None
+    assert retry_after_s("soon", now) is None
+
+
+def test_redact_hides_secrets_and_credential_parameters() -> None:
+    url = "https://tiles.example/v1/SECRET123/1/2/3.jpg?access_token=abc&style=sat&key=zzz"
+    shown = redact(url, ["SECRET123"])
+    assert "SECRET123" not in shown and "abc" not in shown and "zzz" not in shown
+    assert shown == "https://tiles.example/v1/***/1/2/3.jpg?access_token=***&style=sat&key=***"
+
+
+def test_retry_settings_from_a_config_mapping() -> None:
+    assert retry_policy({"attempts": 2, "backoff_s": 0.1}) == RetryPolicy(attempts=2, backoff_s=0.1)
+    with pytest.raises(ImageryError, match="unknown retry setting 'tries'"):
+        retry_policy({"tries": 2})

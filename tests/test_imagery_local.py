@@ -1,0 +1,139 @@
+"""Local raster reader: band selection, any CRS, nodata, 16-bit stretch computed once per dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+import rasterio
+from imagery_servers import SCENE_PATH
+from rasterio.warp import calculate_default_transform, reproject, transform_bounds
+
+from pipeline.errors import ImageryError
+from pipeline.imagery import LocalRasterReader, Stretch, open_reader
+from pipeline.imagery.local import percentile_stretch
+from pipeline.types import Bounds
+
+with rasterio.open(SCENE_PATH) as _scene:
+    SCENE_RGB = _scene.read()
+    SCENE_PROFILE = _scene.profile
+    SCENE_BOUNDS = Bounds(*_scene.bounds)
+# A Web Mercator square well inside the scene.
+INNER = Bounds(*transform_bounds(SCENE_PROFILE["crs"], "EPSG:3857", 793900.0, 2049200.0, 794500.0, 2049800.0))
+
+
+def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
+    options = {**SCENE_PROFILE, "count": data.shape[0], "dtype": str(data.dtype), **profile}
+    with rasterio.open(path, "w", **options) as dataset:
+        dataset.write(data)
+    return path
+
+
+def _mean_difference(a: np.ma.MaskedArray, b: np.ma.MaskedArray) -> float:
+    both = ~(np.ma.getmaskarray(a) | np.ma.getmaskarray(b))
+    return float(np.abs(a.data.astype(int) - b.data.astype(int))[both].mean())
+
+
+def test_reading_the_scene_on_its_own_grid_returns_its_pixels() -> None:
+    with LocalRasterReader(SCENE_PATH) as reader:
+        assert reader.bands == (1, 2, 3)  # from the red/green/blue colour interpretation
+        image = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=SCENE_PROFILE["crs"].to_string())
+    assert image.coverage == 1.0
+    np.testing.assert_array_equal(image.array.data, SCENE_RGB)
+    assert image.gsd_m == pytest.approx(5.0 / 0.9996, rel=2e-3)  # UTM grid metres are 0.9996 ground metres here
+
+
+def test_band_selection_reorders_bands() -> None:
+    with LocalRasterReader(SCENE_PATH) as rgb, LocalRasterReader(SCENE_PATH, bands=(3, 2, 1)) as bgr:
+        np.testing.assert_array_equal(bgr.part(INNER, 64, 64).array, rgb.part(INNER, 64, 64).array[::-1])
+    with LocalRasterReader(SCENE_PATH, bands=(2,)) as grey:
+        image = grey.part(INNER, 64, 64)
+    assert image.array.shape == (3, 64, 64)
+    np.testing.assert_array_equal(image.array[0], image.array[2])
+
+
+def test_a_raster_in_another_crs_gives_the_same_picture(tmp_path: Path) -> None:
+    crs = "EPSG:4326"
+    transform, width, height = calculate_default_transform(
+        SCENE_PROFILE["crs"], crs, SCENE_PROFILE["width"], SCENE_PROFILE["height"], *SCENE_BOUNDS
+    )
+    lnglat = np.zeros((3, height, width), np.uint8)
+    reproject(SCENE_RGB, lnglat, src_transform=SCENE_PROFILE["transform"], src_crs=SCENE_PROFILE["crs"],
+              dst_transform=transform, dst_crs=crs, dst_nodata=0)  # fmt: skip
+    path = _write(tmp_path / "lnglat.tif", lnglat, crs=crs, transform=transform, width=width, height=height, nodata=0)
+    shifted = Bounds(INNER.left + 10.0, INNER.bottom, INNER.right + 10.0, INNER.top)  # two 5 m pixels east
+    with LocalRasterReader(SCENE_PATH) as utm, LocalRasterReader(path) as geographic:
+        reference = utm.part(INNER, 128, 128).array
+        aligned = _mean_difference(geographic.part(INNER, 128, 128).array, reference)
+        misaligned = _mean_difference(geographic.part(shifted, 128, 128).array, reference)
+    assert aligned < 8.0  # two bilinear resamplings of noisy 5 m imagery
+    assert misaligned > 2 * aligned
+
+
+def test_outside_the_raster_is_masked() -> None:
+    with LocalRasterReader(SCENE_PATH) as reader:
+        assert reader.part(Bounds(*mercantile.xy_bounds(mercantile.Tile(0, 0, 3))), 32, 32).coverage == 0.0
+        west_edge = Bounds(
+            *transform_bounds(SCENE_PROFILE["crs"], "EPSG:3857", 793068.0, 2049200.0, 793868.0, 2049800.0)
+        )
+        image = reader.part(west_edge, 80, 60)
+    mask = np.ma.getmaskarray(image.array)
+    assert mask[:, :, :30].all() and not mask[:, :, 50:].any()
+
+
+def test_sixteen_bit_stretch_is_one_range_per_dataset(tmp_path: Path) -> None:
+    data = SCENE_RGB.astype(np.uint16) * 40 + 500
+    data[:, :40, :40] = 0  # nodata corner
+    path = _write(tmp_path / "u16.tif", data, nodata=0)
+    valid = data[:, np.any(data > 0, axis=0)]
+    low, high = np.percentile(valid, (2, 98))
+    with LocalRasterReader(path) as reader:
+        small = reader.part(INNER, 64, 64)
+        assert reader.stretch == pytest.approx(Stretch(low, high))
+        whole = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=SCENE_PROFILE["crs"].to_string())
+        small_values = reader.read_values(INNER, 64, 64)
+    expected = np.clip(np.rint((data.astype(np.float64) - low) * 255 / (high - low)), 0, 255)
+    np.testing.assert_array_equal(whole.array.data[:, 40:, 40:], expected[:, 40:, 40:])
+    assert np.ma.getmaskarray(whole.array)[:, :40, :40].all()
+    # The small read used the dataset's range, not its own percentiles (which differ).
+    assert percentile_stretch(small_values) != pytest.approx(Stretch(low, high), rel=0.01)
+    small_expected = np.clip(np.rint((small_values.data.astype(np.float64) - low) * 255 / (high - low)), 0, 255)
+    np.testing.assert_array_equal(small.array.data, small_expected)
+    with LocalRasterReader(path, stretch=(500, 500 + 40 * 255)) as fixed:
+        image = fixed.part(SCENE_BOUNDS, 320, 288, dst_crs=SCENE_PROFILE["crs"].to_string())
+    np.testing.assert_array_equal(image.array.data[:, 40:, 40:], SCENE_RGB[:, 40:, 40:])
+
+
+def test_float_nan_and_nodata_override_are_masked(tmp_path: Path) -> None:
+    data = SCENE_RGB.astype(np.float32)
+    data[0, :10, :] = np.nan
+    data[:, 10:20, :] = -1.0
+    path = _write(tmp_path / "float.tif", data)
+    with LocalRasterReader(path, nodata=-1.0, stretch=(0, 255)) as reader:
+        image = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=SCENE_PROFILE["crs"].to_string())
+    mask = np.ma.getmaskarray(image.array)
+    assert mask[:, :20].all() and not mask[:, 20:].any()
+    np.testing.assert_array_equal(image.array.data[:, 20:], SCENE_RGB[:, 20:])
+
+
+def test_percentile_stretch_needs_valid_pixels() -> None:
+    with pytest.raises(ImageryError, match="pass stretch"):
+        percentile_stretch(np.ma.MaskedArray(np.zeros((3, 4, 4)), mask=True))
+
+
+def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ImageryError, match="bands"):
+        LocalRasterReader(SCENE_PATH, bands=(1, 2, 5))
+    with pytest.raises(ImageryError, match="does not exist"):
+        open_reader(str(tmp_path / "missing.tif"), cache_dir=tmp_path)
+    with pytest.raises(ImageryError, match="unknown stretch"):
+        LocalRasterReader(SCENE_PATH, stretch="magic")
+    no_crs = tmp_path / "plain.tif"
+    with rasterio.open(no_crs, "w", driver="GTiff", width=4, height=4, count=3, dtype="uint8") as dataset:
+        dataset.write(np.zeros((3, 4, 4), np.uint8))
+    with pytest.raises(ImageryError, match="has no CRS"):
+        LocalRasterReader(no_crs)
+    with pytest.raises(ImageryError, match="does not apply"):
+        open_reader(str(SCENE_PATH), cache_dir=tmp_path, max_zoom=3)

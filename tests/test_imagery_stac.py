@@ -1,0 +1,185 @@
+"""STAC reader against the loopback static STAC API: filters, least-cloudy mosaic, band assets, cache."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from imagery_servers import SCENE_PATH, Fault, StacServer, stac_item
+from rasterio.warp import transform_bounds
+
+from pipeline.errors import FetchError, ImageryError, ImageryWarning
+from pipeline.imagery import LocalRasterReader, StacReader, TileCache, open_reader
+from pipeline.imagery.http import RetryPolicy
+from pipeline.types import Bounds
+
+FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=2.0)
+SUMMER_2023 = "2023-01-01/2023-12-31"
+BANDS_COLLECTION = "sentinel-2-l2a-bands"
+REFLECTANCE_SCALE, REFLECTANCE_OFFSET = 0.0001, -0.1
+
+with rasterio.open(SCENE_PATH) as _scene:
+    SCENE_RGB = _scene.read()
+    SCENE_PROFILE = _scene.profile
+    SCENE_CRS = _scene.crs
+    SCENE_LNGLAT = transform_bounds(_scene.crs, "EPSG:4326", *_scene.bounds)
+    SCENE_3857 = Bounds(*transform_bounds(_scene.crs, "EPSG:3857", *_scene.bounds))
+HALF_WIDTH = SCENE_PROFILE["width"] // 2
+
+
+def _cog(path: Path, data: np.ndarray) -> str:
+    profile = {
+        "driver": "COG",
+        "crs": SCENE_CRS,
+        "transform": SCENE_PROFILE["transform"],
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": str(data.dtype),
+        "compress": "deflate",
+    }
+    with rasterio.open(path, "w", **profile) as dataset:
+        dataset.write(data)
+    return "{server}/assets/" + path.name
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("stac_assets")
+    _cog(folder / "west-half.tif", SCENE_RGB[:, :, :HALF_WIDTH])
+    _cog(folder / "inverted.tif", 255 - SCENE_RGB)
+    _cog(folder / "grey.tif", np.full_like(SCENE_RGB, 90))
+    digital_numbers = ((SCENE_RGB / 255.0 * 0.3 - REFLECTANCE_OFFSET) / REFLECTANCE_SCALE).round().astype(np.uint16)
+    for band, name in enumerate(("red", "green", "blue")):
+        _cog(folder / f"{name}.tif", digital_numbers[band : band + 1])
+    return folder
+
+
+def _items() -> list[dict[str, object]]:
+    def visual(item_id: str, when: str, cloud: float, asset: str) -> dict[str, object]:
+        return stac_item(item_id, SCENE_LNGLAT, when, cloud, {"visual": "{server}/assets/" + asset})
+
+    band_item = stac_item(
+        "per-band",
+        SCENE_LNGLAT,
+        "2023-05-05T15:00:00Z",
+        3.0,
+        {name: f"{{server}}/assets/{name}.tif" for name in ("red", "green", "blue")},
+        collection=BANDS_COLLECTION,
+    )
+    for asset in band_item["assets"].values():
+        asset["raster:bands"] = [{"scale": REFLECTANCE_SCALE, "offset": REFLECTANCE_OFFSET}]
+    far_away = stac_item("elsewhere", (10.0, 45.0, 10.1, 45.1), "2023-06-01T10:00:00Z", 0.0, {"visual": "x"})
+    return [
+        visual("cloudy", "2023-07-03T15:00:00Z", 80.0, "grey.tif"),
+        visual("hazy-full", "2023-07-02T15:00:00Z", 30.0, "inverted.tif"),
+        visual("clear-west", "2023-06-02T15:00:00Z", 5.0, "west-half.tif"),
+        visual("clear-but-2020", "2020-07-03T15:00:00Z", 1.0, "grey.tif"),
+        far_away,
+        band_item,
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(assets: Path) -> Iterator[StacServer]:
+    with StacServer(_items(), assets) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _fresh_server(server: StacServer) -> None:
+    server.clear()
+
+
+def _reader(server: StacServer, cache_dir: Path, **options: object) -> StacReader:
+    settings = {"datetime": SUMMER_2023, "max_cloud_cover": 50.0, "retry": FAST_RETRY, **options}
+    return StacReader(server.url, cache=TileCache(cache_dir), **settings)  # type: ignore[arg-type]
+
+
+def test_search_filters_dates_and_clouds_least_cloudy_first(server: StacServer, tmp_path: Path) -> None:
+    with _reader(server, tmp_path) as reader:
+        assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west", "hazy-full"]
+        searches = len(server.requests_to("/search"))
+        reader.search(SCENE_LNGLAT)
+        assert len(server.requests_to("/search")) == searches  # one search per cell, remembered
+    with _reader(server, tmp_path, max_cloud_cover=90.0) as reader:
+        assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west", "hazy-full", "cloudy"]
+
+
+def test_mosaic_fills_from_the_least_cloudy_item_first(server: StacServer, assets: Path, tmp_path: Path) -> None:
+    with _reader(server, tmp_path) as reader:
+        image = reader.part(SCENE_3857, 200, 180)
+    with LocalRasterReader(assets / "west-half.tif") as west, LocalRasterReader(assets / "inverted.tif") as hazy:
+        west_image = west.part(SCENE_3857, 200, 180)
+        from_west, from_hazy = west_image.array, hazy.part(SCENE_3857, 200, 180).array
+    west_valid = ~np.ma.getmaskarray(from_west)
+    rest = ~west_valid & ~np.ma.getmaskarray(from_hazy)
+    assert 0.3 < west_valid[0].mean() < 0.7
+    np.testing.assert_array_equal(image.array.data[west_valid], from_west.data[west_valid])
+    np.testing.assert_array_equal(image.array.data[rest], from_hazy.data[rest])
+    np.testing.assert_array_equal(np.ma.getmaskarray(image.array), ~(west_valid | rest))
+    assert image.gsd_m == west_image.gsd_m
+
+
+def test_an_unreadable_asset_is_skipped_with_a_warning(assets: Path, tmp_path: Path) -> None:
+    with StacServer(_items(), assets) as fresh, _reader(fresh, tmp_path) as reader:
+        fresh.add_fault(Fault("status", path="/assets/west-half.tif", status=404))
+        with pytest.warns(ImageryWarning, match="skipping STAC item clear-west"):
+            image = reader.part(SCENE_3857, 64, 64)
+    with LocalRasterReader(assets / "inverted.tif") as hazy:
+        np.testing.assert_array_equal(image.array, hazy.part(SCENE_3857, 64, 64).array)
+
+
+def test_per_band_assets_are_scaled_to_reflectance_and_stretched(server: StacServer, tmp_path: Path) -> None:
+    utm = SCENE_CRS.to_string()
+    scene_bounds = Bounds(*rasterio.open(SCENE_PATH).bounds)
+    with _reader(server, tmp_path, collection=BANDS_COLLECTION) as reader:
+        image = reader.part(scene_bounds, SCENE_PROFILE["width"], SCENE_PROFILE["height"], dst_crs=utm)
+    assert image.coverage == 1.0
+    assert np.abs(image.array.data.astype(int) - SCENE_RGB).max() <= 1
+
+
+def test_parts_are_cached_and_offline_reads_only_the_cache(server: StacServer, tmp_path: Path) -> None:
+    with _reader(server, tmp_path) as reader:
+        first = reader.part(SCENE_3857, 64, 64)
+        served = len(server.requests)
+        np.testing.assert_array_equal(reader.part(SCENE_3857, 64, 64).array, first.array)
+        assert len(server.requests) == served
+    with _reader(server, tmp_path, offline=True) as offline:
+        np.testing.assert_array_equal(offline.part(SCENE_3857, 64, 64).array, first.array)
+        assert offline.part(SCENE_3857, 32, 32).coverage == 0.0
+    assert len(server.requests) == served
+
+
+def test_cogs_are_read_by_range_without_sidecar_probes(assets: Path, tmp_path: Path) -> None:
+    # A server of its own: GDAL keeps what it read from URLs it has seen in an in-process cache.
+    with StacServer(_items(), assets) as fresh, _reader(fresh, tmp_path) as reader:
+        reader.part(SCENE_3857, 64, 64)
+        asset_requests = [record.path for record in fresh.requests_to("/assets/")]
+    assert asset_requests
+    assert all(path.endswith(".tif") for path in asset_requests), asset_requests
+
+
+def test_search_failures_raise_fetch_error(server: StacServer, tmp_path: Path) -> None:
+    server.add_fault(Fault("status", path="/search", status=503))
+    with _reader(server, tmp_path) as reader, pytest.raises(FetchError, match=r"STAC search at .* failed"):
+        reader.part(SCENE_3857, 32, 32)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = StacReader(f"http://127.0.0.1:{port}", cache=TileCache(tmp_path), retry=FAST_RETRY)
+    with unreachable, pytest.raises(FetchError, match="cannot open the STAC API"):
+        unreachable.part(SCENE_3857, 32, 32)
+
+
+def test_stac_spec_and_options(server: StacServer, tmp_path: Path) -> None:
+    with open_reader(f"stac:{server.url}", cache_dir=tmp_path, datetime=SUMMER_2023, max_cloud_cover=10) as reader:
+        assert isinstance(reader, StacReader)
+        assert reader.attribution == "Contains modified Copernicus Sentinel data"
+        assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west"]
+    with pytest.raises(ImageryError, match="not a percentage"):
+        open_reader(f"stac:{server.url}", cache_dir=tmp_path, max_cloud_cover=150)

@@ -1,0 +1,374 @@
+"""XYZ tile-server reader against the loopback tile server: georeferencing, faults, API keys, cache."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+from imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
+
+from pipeline.errors import FetchError, ImageryError, ImageryWarning
+from pipeline.imagery import LocalRasterReader, TileCache, XYZReader, open_reader
+from pipeline.imagery.http import RetryPolicy
+from pipeline.imagery.xyz import ESRI_ATTRIBUTION, ESRI_WORLD_IMAGERY_URL, TileTemplate
+from pipeline.tiling import imagery_zoom
+from pipeline.types import Bounds
+
+FAST_RETRY = RetryPolicy(
+    attempts=4, backoff_s=0.01, max_backoff_s=0.05, connect_timeout_s=1.0, read_timeout_s=0.4, max_retry_after_s=5.0
+)
+# A point inside the scene (Haiti, 18.51°N), in EPSG:3857 metres.
+SCENE_CENTRE = mercantile.xy(-72.2128, 18.5143)
+ZOOM = 16
+API_KEY = "s3cr3t-K3Y-value"
+
+
+@pytest.fixture(scope="module")
+def scene_tiles() -> SceneTiles:
+    return SceneTiles.from_raster(SCENE_PATH, zooms=(15, ZOOM, 17))
+
+
+@pytest.fixture(scope="module")
+def server(scene_tiles: SceneTiles) -> Iterator[TileServer]:
+    with TileServer(scene_tiles) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _fresh_server(server: TileServer) -> None:
+    server.clear()
+
+
+MakeReader = Callable[..., XYZReader]
+
+
+@pytest.fixture
+def make_reader(server: TileServer, tmp_path: Path) -> Iterator[MakeReader]:
+    readers: list[XYZReader] = []
+
+    def make(path: str = "/png/{z}/{x}/{y}.png", **options: object) -> XYZReader:
+        options = {"cache": TileCache(tmp_path / "cache"), "retry": FAST_RETRY, **options}
+        reader = XYZReader(server.url + path, **options)  # type: ignore[arg-type]
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.close()
+
+
+def _full_tiles(scene_tiles: SceneTiles, zoom: int) -> list[mercantile.Tile]:
+    return sorted(tile for tile, rgba in scene_tiles.rgba.items() if tile.z == zoom and rgba[3].all())
+
+
+def _square(centre: tuple[float, float], size_m: float) -> Bounds:
+    x, y = centre
+    return Bounds(x - size_m / 2, y - size_m / 2, x + size_m / 2, y + size_m / 2)
+
+
+def _mean_difference(a: np.ma.MaskedArray, b: np.ma.MaskedArray) -> float:
+    both = ~(np.ma.getmaskarray(a) | np.ma.getmaskarray(b))
+    assert both.mean() > 0.9
+    return float(np.abs(a.data.astype(int) - b.data.astype(int))[both].mean())
+
+
+# --- templates and tile math -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("https://host/{x}/{y}.png", "lacks {z}"),
+        ("https://host/{z}/{x}.png", "lacks {x} or {y}"),
+        ("https://host/{z}/{x}/{y}/{s}.png", "unknown placeholder {s}"),
+        ("ftp://host/{z}/{x}/{y}.png", "not http"),
+        ("https://host/{z}/{x}/{y.png", "unbalanced braces"),
+    ],
+)
+def test_bad_templates_are_refused_with_one_line(template: str, message: str) -> None:
+    with pytest.raises(ImageryError, match=message) as caught:
+        TileTemplate.parse(template)
+    assert "\n" not in str(caught.value)
+
+
+def test_template_fills_xyz_tms_and_quadkey() -> None:
+    tile = mercantile.Tile(3, 5, 4)
+    assert TileTemplate.parse("https://h/{z}/{x}/{y}.png").url_for(tile) == "https://h/4/3/5.png"
+    assert TileTemplate.parse("https://h/{z}/{x}/{-y}.png").url_for(tile) == "https://h/4/3/10.png"
+    assert TileTemplate.parse("https://h/a{q}.jpeg").url_for(tile) == f"https://h/a{mercantile.quadkey(tile)}.jpeg"
+    assert TileTemplate.parse("https://h/a{q}.jpeg").tile_format == "jpg"
+
+
+def test_esri_is_the_default_source(tmp_path: Path) -> None:
+    with open_reader("esri", cache_dir=tmp_path) as reader:
+        assert isinstance(reader, XYZReader)
+        assert reader.template.url == ESRI_WORLD_IMAGERY_URL
+        assert reader.attribution == ESRI_ATTRIBUTION
+        assert reader.cache_key(mercantile.Tile(38000, 49000, 17)) == "esri-world-imagery/17/38000/49000.jpg"
+
+
+def test_tile_bounds_are_exact_and_pull_in_no_neighbours(make_reader: MakeReader, scene_tiles: SceneTiles) -> None:
+    reader = make_reader()
+    tile = _full_tiles(scene_tiles, ZOOM)[0]
+    image = reader.tile(*tile)
+    assert image.bounds == pytest.approx(tuple(mercantile.xy_bounds(tile)), abs=1e-6)
+    assert image.crs == "EPSG:3857"
+    assert reader.source_tiles(image.bounds, ZOOM) == [tile]
+    assert sorted(reader.source_tiles(image.bounds, ZOOM + 1)) == sorted(mercantile.children(tile))
+    # True GSD: the tile's metres per pixel times the Mercator scale factor at its centre latitude.
+    lat = mercantile.lnglat(
+        (image.bounds.left + image.bounds.right) / 2, (image.bounds.bottom + image.bounds.top) / 2
+    ).lat
+    expected = 2 * np.pi * 6378137.0 / 2**ZOOM / 256 * np.cos(np.radians(lat))
+    assert image.gsd_m == pytest.approx(expected, rel=5e-3)
+
+
+def test_zoom_choice_matches_the_tiling_rule(make_reader: MakeReader) -> None:
+    reader = make_reader(max_zoom=22)
+    lat = 18.5143
+    for footprint_m in (40.0, 134.4, 600.0, 3000.0):
+        centre_x, centre_y = mercantile.xy(-72.2128, lat)
+        size_3857 = footprint_m / np.cos(np.radians(lat))
+        bounds = _square((centre_x, centre_y), size_3857)
+        assert reader.zoom_for(bounds, 224) == imagery_zoom(footprint_m, lat)
+
+
+def test_reads_finer_than_max_zoom_warn_once_and_upsample(make_reader: MakeReader) -> None:
+    reader = make_reader(max_zoom=15)
+    with pytest.warns(ImageryWarning, match="stops at zoom 15"):
+        image = reader.part(_square(SCENE_CENTRE, 100.0), 224, 224)
+    assert image.coverage == 1.0
+
+
+# --- georeferencing: XYZ against the local raster of the same scene ----------------------------------------
+
+
+def test_xyz_tiles_are_the_server_tiles_pixel_for_pixel(make_reader: MakeReader, scene_tiles: SceneTiles) -> None:
+    reader = make_reader()
+    for tile in [tile for tile in scene_tiles.rgba if tile.z == ZOOM][:6]:
+        image = reader.tile(*tile)
+        expected = scene_tiles.rgba[tile]
+        np.testing.assert_array_equal(np.ma.getmaskarray(image.array)[0], expected[3] == 0)
+        np.testing.assert_array_equal(image.array.filled(0), np.where(expected[3] > 0, expected[:3], 0))
+
+
+@pytest.mark.parametrize(("size_m", "offset"), [(300.0, (37.0, -55.0)), (640.0, (-120.0, 80.0)), (1200.0, (0.0, 0.0))])
+def test_xyz_and_local_reads_of_one_footprint_agree(
+    make_reader: MakeReader, size_m: float, offset: tuple[float, float]
+) -> None:
+    centre = (SCENE_CENTRE[0] + offset[0], SCENE_CENTRE[1] + offset[1])
+    bounds = _square(centre, size_m)
+    with LocalRasterReader(SCENE_PATH) as local:
+        from_local = local.part(bounds, 224, 224)
+        pixel_m = size_m / 224
+        shifted = local.part(
+            Bounds(bounds.left + 2 * pixel_m, bounds.bottom, bounds.right + 2 * pixel_m, bounds.top), 224, 224
+        )
+    from_tiles = make_reader().part(bounds, 224, 224)
+    assert from_tiles.bounds == bounds
+    assert from_tiles.gsd_m == pytest.approx(from_local.gsd_m)
+    aligned = _mean_difference(from_tiles.array, from_local.array)
+    assert aligned < 4.0
+    # Two pixels of misregistration must show: the comparison can tell good georeferencing from bad.
+    assert _mean_difference(from_tiles.array, shifted.array) > 3 * aligned
+
+
+@pytest.mark.parametrize(
+    "path", ["/tms/{z}/{x}/{-y}.png", "/q/{q}.png", "/jpg/{z}/{x}/{y}.jpg", "/webp/{z}/{x}/{y}.webp"]
+)
+def test_tms_quadkey_jpeg_and_webp_servers_give_the_same_picture(make_reader: MakeReader, path: str) -> None:
+    bounds = _square(SCENE_CENTRE, 500.0)
+    reference = make_reader().part(bounds, 224, 224)
+    image = make_reader(path, source_id="other").part(bounds, 224, 224)
+    lossless = path.startswith(("/tms", "/q"))
+    assert _mean_difference(image.array, reference.array) <= (0.0 if lossless else 4.0)
+
+
+def test_reads_in_another_crs(make_reader: MakeReader) -> None:
+    with LocalRasterReader(SCENE_PATH) as local:
+        utm_bounds = Bounds(793800.0, 2049000.0, 794400.0, 2049600.0)
+        expected = local.part(utm_bounds, 120, 120, dst_crs="EPSG:32618")
+    image = make_reader().part(utm_bounds, 120, 120, dst_crs="EPSG:32618")
+    assert image.crs == "EPSG:32618"
+    assert image.gsd_m == pytest.approx(5.0, rel=0.01)
+    assert _mean_difference(image.array, expected.array) < 4.0
+
+
+def test_outside_the_scene_is_no_imagery(make_reader: MakeReader, server: TileServer) -> None:
+    reader = make_reader()
+    far_away = _square(mercantile.xy(10.0, 45.0), 600.0)
+    assert reader.part(far_away, 64, 64).coverage == 0.0
+    requests_made = len(server.requests)
+    assert requests_made > 0
+    assert reader.part(far_away, 64, 64).coverage == 0.0
+    assert len(server.requests) == requests_made  # 404s are remembered in the cache
+    assert all(reader.is_cached(tile) for tile in reader.source_tiles(far_away, reader.zoom_for(far_away, 64)))
+
+
+# --- faults ------------------------------------------------------------------------------------------------
+
+
+def _one_tile(scene_tiles: SceneTiles) -> tuple[mercantile.Tile, str]:
+    tile = _full_tiles(scene_tiles, ZOOM)[0]
+    return tile, f"/{tile.z}/{tile.x}/{tile.y}."
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("status", status=500, times=2),
+        Fault("status", status=503, times=1),
+        Fault("slow", delay_s=1.0, times=1),
+        Fault("truncate", times=2),
+        Fault("short_body", times=1),
+    ],
+    ids=["500", "503", "timeout", "truncated-connection", "truncated-image"],
+)
+def test_transient_faults_are_retried(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles, fault: Fault
+) -> None:
+    tile, path = _one_tile(scene_tiles)
+    fault.path = path
+    retries = fault.times or 0
+    server.add_fault(fault)
+    reader = make_reader()
+    image = reader.tile(*tile)
+    np.testing.assert_array_equal(image.array.filled(0), scene_tiles.rgba[tile][:3])
+    assert len(server.requests_to(path)) == retries + 1
+    assert reader.cache.get(reader.cache_key(tile)) == scene_tiles.encoded(tile, "PNG")
+
+
+def test_429_retry_after_is_honoured(make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles) -> None:
+    tile, path = _one_tile(scene_tiles)
+    server.add_fault(Fault("status", path=path, status=429, retry_after=1, times=1))
+    assert make_reader().tile(*tile).coverage == 1.0
+    first, second = server.requests_to(path)
+    assert second.time - first.time >= 0.95  # the backoff alone would be 0.05 s at most
+
+
+def test_404_and_blank_tiles_are_masked_not_errors(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    tiles = _full_tiles(scene_tiles, ZOOM)[:2]
+    server.add_fault(Fault("status", path=f"/{ZOOM}/{tiles[0].x}/{tiles[0].y}.", status=404))
+    server.add_fault(Fault("blank", path=f"/{ZOOM}/{tiles[1].x}/{tiles[1].y}."))
+    reader = make_reader()
+    assert reader.tile(*tiles[0]).coverage == 0.0
+    assert reader.tile(*tiles[1]).coverage == 0.0
+    # A footprint straddling a missing tile and good ones is masked only where the tile is missing.
+    west, north = mercantile.xy(*mercantile.ul(*tiles[0]))
+    straddling = Bounds(west - 200.0, north - 200.0, west + 200.0, north + 200.0)
+    image = reader.part(straddling, 100, 100)
+    assert 0.0 < image.coverage < 1.0
+    assert np.ma.getmaskarray(image.array)[:, 60:, 60:].all()
+
+
+def test_exhausted_retries_raise_fetch_error_with_redacted_url(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TILE_KEY", API_KEY)
+    tile, path = _one_tile(scene_tiles)
+    server.add_fault(Fault("status", path=path, status=503))
+    reader = make_reader("/png/{z}/{x}/{y}.png?key={api_key}", api_key_env="TILE_KEY")
+    with pytest.raises(FetchError) as caught:
+        reader.tile(*tile)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "after 4 tries (last: HTTP 503)" in message
+    assert f"{path}png?key=***" in message
+    assert API_KEY not in message
+    assert len(server.requests_to(path)) == FAST_RETRY.attempts
+
+
+def test_unreachable_server_raises_fetch_error(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (
+        XYZReader(
+            f"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.png", cache=TileCache(tmp_path), retry=FAST_RETRY
+        ) as reader,
+        pytest.raises(FetchError, match="ConnectionError"),
+    ):
+        reader.tile(0, 0, 1)
+
+
+def test_api_key_is_sent_but_never_logged_cached_or_shown(
+    scene_tiles: SceneTiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TILE_KEY", API_KEY)
+    tile, path = _one_tile(scene_tiles)
+    with TileServer(scene_tiles, api_key=API_KEY) as keyed:
+        keyed.add_fault(Fault("status", path=path, status=500, times=2))
+        template = keyed.url + "/png/{z}/{x}/{y}.png?key={api_key}"
+        caplog.set_level(logging.DEBUG)
+        with XYZReader(template, cache=TileCache(tmp_path), retry=FAST_RETRY, api_key_env="TILE_KEY") as reader:
+            assert reader.tile(*tile).coverage == 1.0
+            assert API_KEY not in reader.source_id
+        assert "retrying" in caplog.text
+        assert API_KEY not in caplog.text
+        assert not any(API_KEY in str(path) for path in tmp_path.rglob("*"))
+        monkeypatch.setenv("TILE_KEY", "wrong-key")
+        with XYZReader(template, cache=TileCache(tmp_path / "b"), retry=FAST_RETRY, api_key_env="TILE_KEY") as reader:
+            with pytest.raises(FetchError, match=r"HTTP 403 .*check the API key") as caught:
+                reader.tile(*tile)
+            assert "wrong-key" not in str(caught.value)
+
+
+def test_api_key_settings_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNSET_TILE_KEY", raising=False)
+    cache = TileCache(tmp_path)
+    with pytest.raises(ImageryError, match="UNSET_TILE_KEY is empty or unset"):
+        XYZReader("https://h/{z}/{x}/{y}?k={api_key}", cache=cache, api_key_env="UNSET_TILE_KEY")
+    with pytest.raises(ImageryError, match="no api_key_env"):
+        XYZReader("https://h/{z}/{x}/{y}?k={api_key}", cache=cache)
+    with pytest.raises(ImageryError, match=r"has no \{api_key\}"):
+        XYZReader("https://h/{z}/{x}/{y}", cache=cache, api_key_env="UNSET_TILE_KEY")
+
+
+# --- cache -------------------------------------------------------------------------------------------------
+
+
+def test_cache_hits_skip_the_server_and_corrupt_files_are_fetched_again(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    tile, path = _one_tile(scene_tiles)
+    reader = make_reader()
+    assert not reader.is_cached(tile)
+    first = reader.tile(*tile)
+    assert reader.is_cached(tile)
+    assert len(server.requests_to(path)) == 1
+    np.testing.assert_array_equal(reader.tile(*tile).array, first.array)
+    assert len(server.requests_to(path)) == 1
+    cached_file = reader.cache.path_of(reader.cache_key(tile))
+    cached_file.write_bytes(cached_file.read_bytes()[:1000])  # a crash mid-copy, disk corruption...
+    np.testing.assert_array_equal(reader.tile(*tile).array, first.array)
+    assert len(server.requests_to(path)) == 2
+    assert cached_file.read_bytes() == scene_tiles.encoded(tile, "PNG")
+
+
+def test_offline_reads_only_the_cache(make_reader: MakeReader, server: TileServer) -> None:
+    bounds = _square(SCENE_CENTRE, 500.0)
+    offline = make_reader(offline=True)
+    assert offline.part(bounds, 224, 224).coverage == 0.0
+    assert server.requests == []
+    online = make_reader().part(bounds, 224, 224)
+    served = len(server.requests)
+    again = offline.part(bounds, 224, 224)
+    np.testing.assert_array_equal(again.array, online.array)
+    assert len(server.requests) == served
+
+
+def test_prefetch_fills_the_cache_in_parallel(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    tiles = [tile for tile in scene_tiles.rgba if tile.z == 17]
+    reader = make_reader(concurrency=8)
+    assert reader.prefetch(tiles) == len(tiles)
+    assert all(reader.is_cached(tile) for tile in tiles)
+    assert len(server.requests) == len(tiles)
