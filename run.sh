@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets itself up on a fresh machine (only Python 3.11+ needed):
-#   bash run.sh demo   - build the default soundscape output (see README)
+#   bash run.sh build  - build the default soundscape map (snakemake, config/config.yaml; see README)
 #   bash run.sh test   - run the test suite
 # It creates .venv on first use and reinstalls only when pyproject.toml changes.
 set -euo pipefail
@@ -40,10 +40,10 @@ browser() {
 }
 
 case "${1:-}" in
-    demo)
+    build)
         shift
         setup
-        exec "$VENV/bin/python" -m model demo "$@"
+        exec "$VENV/bin/snakemake" --profile profiles/local "$@"
         ;;
     test)
         shift
@@ -52,7 +52,7 @@ case "${1:-}" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)
-        echo "usage: bash run.sh demo|test [args...]" >&2
+        echo "usage: bash run.sh build|test [args...]" >&2
         exit 2
         ;;
 esac

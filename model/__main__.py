@@ -1,4 +1,4 @@
-"""Command line of the model package: `python -m model {embed,convert,demo}`.
+"""Command line of the model package: `python -m model {embed,convert}`.
 
 python -m model embed --checkpoint CKPT --inputs IN.npz --out OUT.npz [--audio-from-waveform]
 python -m model convert CKPT OUT.safetensors
@@ -37,12 +37,6 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {weights} and {config}")
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from model.demo import DEFAULT_QUERIES, run_demo
-
-    run_demo(args.checkpoint, args.scene, tuple(args.query or DEFAULT_QUERIES), args.grid)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model", description="Sat2Sound model tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,14 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path, help="output .safetensors path")
     convert.set_defaults(run=_convert)
-    from model.demo import DEMO_SCENE
-
-    demo = commands.add_parser("demo", help="score tiles of a real scene against text queries")
-    demo.add_argument("--checkpoint", help="path or hf:// URI; default: a small untrained model")
-    demo.add_argument("--scene", type=Path, default=DEMO_SCENE, help="RGB GeoTIFF")
-    demo.add_argument("--query", action="append", help="text query (repeatable)")
-    demo.add_argument("--grid", type=int, default=3, help="tiles per side")
-    demo.set_defaults(run=_demo, query=None)
     return parser
 
 

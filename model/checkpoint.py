@@ -161,6 +161,18 @@ def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dic
     return read_torch_checkpoint(path)
 
 
+def read_config(path: Path) -> Sat2SoundConfig:
+    """The architecture of a local checkpoint without reading its weights (.ckpt files are memory-mapped)."""
+    if path.suffix == SAFETENSORS_SUFFIX:
+        config_path = path.with_suffix(".json")
+        try:
+            meta = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read {config_path} ({first_line(exc)}); convert the .ckpt again") from None
+        return Sat2SoundConfig.from_dict(meta.get("config", {}))
+    return read_checkpoint(path)[0]
+
+
 def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str:
     """One line listing missing and unexpected keys and shape differences, or '' if they fit."""
     missing = [key for key in expected if key not in found]

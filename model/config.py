@@ -128,7 +128,7 @@ class Sat2SoundConfig:
 
     @classmethod
     def small(cls, metadata_type: str = "latlong_month_time_asource_tsource") -> Sat2SoundConfig:
-        """A few-MB model with the official structure, for tests and the offline demo."""
+        """A few-MB model with the official structure, for tests and the untrained default build."""
         return cls(
             fc_dim=64,
             codebook_dim=64,

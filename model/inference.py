@@ -114,12 +114,12 @@ class Sat2SoundEncoder:
         self, images: Tensor | np.ndarray, zoom_level: int | Sequence[float], metadata: Metadata | None = None
     ) -> Embeddings:
         """Tiles as uint8 RGB (B, 3, H, W) (resized to 224) or normalised float (B, 3, 224, 224)."""
-        batch = torch.as_tensor(images)
+        batch = torch.as_tensor(images).to(self.device)
         if batch.dtype == torch.uint8:
             batch = to_model_input(batch)
         zoom = [zoom_level] * len(batch) if isinstance(zoom_level, (int, float)) else list(zoom_level)
         with self._autocast():
-            out = self.model.encode_image(batch.to(self.device), zoom, metadata)
+            out = self.model.encode_image(batch, zoom, metadata)
         return _normalized(out)
 
     def _encode_text(self, text: str) -> CodebookOutput:

@@ -10,6 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+DEFAULT_FILE_MODE = 0o666
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
@@ -20,6 +28,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp (and some writers) create files 0600; give the output the mode a plain open() would,
+        # so others on a shared cluster can read it.
+        if tmp.is_file():
+            tmp.chmod(DEFAULT_FILE_MODE & ~_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

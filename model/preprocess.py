@@ -39,6 +39,6 @@ def to_model_input(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> T
     if tuple(pixels.shape[-2:]) != (size, size):
         pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         pixels = pixels.clamp(0.0, 1.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from model.__main__ import main
-from model.checkpoint import build_model, convert_to_safetensors, load_model, read_checkpoint
+from model.checkpoint import (
+    build_model,
+    convert_to_safetensors,
+    load_model,
+    read_checkpoint,
+    read_config,
+    save_safetensors,
+)
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError, CheckpointMismatchError
 from model.sat2sound import Sat2Sound
@@ -155,3 +162,18 @@ def test_small_model_state_dict_round_trips_through_build_model() -> None:
     assert not rebuilt.training
     assert all(not p.requires_grad for p in rebuilt.parameters())
     assert all(t.device.type == "cpu" for t in rebuilt.state_dict().values())
+
+
+def test_read_config_of_a_safetensors_checkpoint_skips_the_weights(tmp_path: Path) -> None:
+    cfg = Sat2SoundConfig.small("none")
+    weights, _ = save_safetensors(Sat2Sound(cfg), tmp_path / "small.safetensors")
+    weights.write_bytes(b"not read")
+    assert read_config(weights) == cfg
+
+
+def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path: Path) -> None:
+    weights, config = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")), tmp_path / "m.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert config.stat().st_mode & 0o777 == 0o666 & ~mask

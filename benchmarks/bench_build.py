@@ -1,0 +1,181 @@
+"""End-to-end map builds of about 100, 1,000 and 10,000 tiles against model-only throughput.
+
+    python benchmarks/bench_build.py [--tiles 100 1000 10000] [--cores 2] [--checkpoint untrained]
+
+Each build runs the whole Snakemake workflow (plan, embed, score, Zarr, COGs, preview) in a fresh folder on
+a square of output tiles in the middle of the bundled Landsat scene (local-raster source, the default
+config's model view; `--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the
+scene). Printed per build: end-to-end tiles/s, the model's own tiles/s on the same device in the same
+run (random uint8 tiles through `embed_images` at the build's batch size), their ratio, and the peak
+resident memory of the largest process of the build, which stays flat as regions grow because every
+step works chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mercantile
+import torch
+import yaml
+
+from model.inference import Sat2SoundEncoder
+from model.sat2sound import Sat2Sound
+from pipeline.config import load_build_config
+from pipeline.model_setup import untrained_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"
+SCENE_CENTRE = (-54.509, -25.348)
+# Shrinks the region a little inside its block of tiles, so that no neighbouring tile is touched.
+INSET = 0.01
+
+
+def square_region(tiles: int, zoom: int) -> str:
+    """A bbox covering exactly side x side tiles at `zoom` around the scene's centre (side = sqrt(tiles))."""
+    side = max(1, round(math.sqrt(tiles)))
+    centre = mercantile.tile(*SCENE_CENTRE, zoom)
+    first = mercantile.Tile(centre.x - side // 2, centre.y - side // 2, zoom)
+    last = mercantile.Tile(first.x + side - 1, first.y + side - 1, zoom)
+    west, north = mercantile.ul(first)
+    east, south = mercantile.ul(mercantile.Tile(last.x + 1, last.y + 1, zoom))
+    dx, dy = (east - west) * INSET / side, (north - south) * INSET / side
+    return f"{west + dx},{south + dy},{east - dx},{north - dy}"
+
+
+def build_config(name: str, region: str, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    return {
+        **defaults,
+        "name": name,
+        "output_dir": str(output_dir),
+        "region": region,
+        "imagery": {**defaults["imagery"], "source": str(SCENE), "cache_dir": str(output_dir / "tiles")},
+        "model": {
+            **defaults["model"],
+            "checkpoint": args.checkpoint,
+            "device": args.device,
+            "batch_size": args.batch_size,
+        },
+        "tiling": {"tile_zoom_offset": args.tile_zoom_offset},
+    }
+
+
+def run_build(config_path: Path, workdir: Path, cores: int) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of the largest process of one `snakemake` build."""
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--configfile",
+        str(config_path),
+        "--cores",
+        str(cores),
+    ]
+    start = time.perf_counter()
+    with open(config_path.with_suffix(".log"), "w") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    # wait4's usage covers the build's whole process tree; ru_maxrss is its largest process, in KiB.
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"build {config_path} failed; see {config_path.with_suffix('.log')} and the build's logs/")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def model_only_tiles_per_s(encoder: Sat2SoundEncoder, zoom_level: int, batch_size: int, tiles: int) -> float:
+    images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+    encoder.embed_images(images, zoom_level)
+    batches = max(1, math.ceil(tiles / batch_size))
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(batches):
+        encoder.embed_images(images, zoom_level)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def load_encoder(args: argparse.Namespace, settings: Any) -> Sat2SoundEncoder:
+    if args.checkpoint == "untrained":
+        torch.manual_seed(settings.seed)
+        return Sat2SoundEncoder(
+            Sat2Sound(untrained_config(settings.sat_type, settings.metadata_type)), device=args.device
+        )
+    return Sat2SoundEncoder.from_checkpoint(args.checkpoint, device=args.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--checkpoint", default="untrained")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tile-zoom-offset", type=int, default=5)
+    parser.add_argument("--model-tiles", type=int, default=2048, help="tiles timed for the model-only rate")
+    parser.add_argument(
+        "--keep", type=Path, help="build here and keep the outputs (default: a temporary folder)"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
+        root = args.keep or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        settings = load_build_config(build_config("settings", "0,0,1,1", args, root)).model
+        zoom = _tile_zoom(args, settings)
+        encoder = load_encoder(args, settings)
+        rows = []
+        for tiles in args.tiles:
+            name = f"bench-{tiles}"
+            config_path = root / f"{name}.yaml"
+            config_path.write_text(yaml.safe_dump(build_config(name, square_region(tiles, zoom), args, root)))
+            seconds, peak_mb = run_build(config_path, root, args.cores)
+            plan = json.loads((root / name / "plan.json").read_text())
+            model_rate = model_only_tiles_per_s(
+                encoder, settings.zoom_level, args.batch_size, args.model_tiles
+            )
+            count = plan["tile_count"]
+            rows.append((count, len(plan["chunks"]), seconds, count / seconds, model_rate, peak_mb))
+            print(f"built {count:,} tiles at zoom {plan['tile_zoom']} in {seconds:.1f} s", flush=True)
+    print(
+        f"\ndevice {encoder.device}, {torch.get_num_threads()} torch threads, snakemake --cores {args.cores}"
+    )
+    print("tiles  chunks  end-to-end s  end-to-end tiles/s  model-only tiles/s  ratio  peak RSS MB")
+    for count, chunks, seconds, rate, model_rate, peak_mb in rows:
+        print(
+            f"{count:>5,}  {chunks:>6}  {seconds:>12.1f}  {rate:>18.1f}  {model_rate:>18.1f}"
+            f"  {rate / model_rate:>5.2f}  {peak_mb:>11.0f}"
+        )
+
+
+def _tile_zoom(args: argparse.Namespace, settings: Any) -> int:
+    """The output zoom the build will use at the scene's latitude (automatic zoom + offset)."""
+    from pipeline.tiling import footprint_size_m, output_zoom
+
+    sat_type = settings.sat_type
+    if args.checkpoint != "untrained":
+        from pipeline.model_setup import model_config
+
+        sat_type = model_config(settings).sat_type
+    return (
+        output_zoom(footprint_size_m(sat_type, settings.zoom_level), SCENE_CENTRE[1]) + args.tile_zoom_offset
+    )
+
+
+if __name__ == "__main__":
+    main()

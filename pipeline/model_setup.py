@@ -1,0 +1,103 @@
+"""The model of a build: an official checkpoint, or a small untrained model built from a fixed seed.
+
+`prepare_model` records it once in model.json (local weights path and sha256), so every job of the build
+loads the very same weights; the untrained model is saved as safetensors inside the build folder.
+torch is imported only where weights are touched: the workflow reads this module while it plans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from model.config import Sat2SoundConfig
+from model.io import atomic_path
+from pipeline.config import UNTRAINED, ModelSettings
+
+if TYPE_CHECKING:
+    from model.inference import Sat2SoundEncoder
+
+UNTRAINED_WEIGHTS_NAME = "untrained.safetensors"
+
+
+class ModelRecord(NamedTuple):
+    checkpoint: str
+    path: str
+    sha256: str
+    untrained: bool
+    sat_type: str
+    metadata_type: str
+
+
+def untrained_notice(sat_type: str, seed: int) -> str:
+    return (
+        f"model: UNTRAINED small Sat2Sound ({sat_type}, seed {seed}): the maps show the plumbing, not"
+        " soundscapes; set model.checkpoint to a trained checkpoint for real predictions"
+    )
+
+
+def untrained_config(sat_type: str, metadata_type: str) -> Sat2SoundConfig:
+    return replace(Sat2SoundConfig.small(metadata_type), sat_type=sat_type)
+
+
+def model_config(settings: ModelSettings) -> Sat2SoundConfig:
+    """The architecture the build will run (reads the checkpoint's hyper-parameters; downloads hf:// once)."""
+    if settings.untrained:
+        return untrained_config(settings.sat_type, settings.metadata_type)
+    from model.checkpoint import read_config
+    from model.hub import resolve
+
+    return read_config(resolve(settings.checkpoint))
+
+
+def prepare_model(
+    checkpoint: str, sat_type: str, metadata_type: str, seed: int, weights_dir: Path, out: Path
+) -> ModelRecord:
+    """Resolve the weights (or, for 'untrained', build them from `seed` and save them); write model.json.
+
+    `sat_type` and `metadata_type` shape the untrained model only: checkpoints carry their own.
+    """
+    import torch
+
+    from model.checkpoint import read_config, save_safetensors, sha256_file
+    from model.hub import resolve
+    from model.sat2sound import Sat2Sound
+
+    untrained = checkpoint == UNTRAINED
+    if untrained:
+        torch.manual_seed(seed)
+        cfg = untrained_config(sat_type, metadata_type)
+        provenance = {"untrained": True, "seed": seed}
+        path, _ = save_safetensors(
+            Sat2Sound(cfg).eval(), weights_dir / UNTRAINED_WEIGHTS_NAME, provenance=provenance
+        )
+    else:
+        path = resolve(checkpoint)
+        cfg = read_config(path)
+    record = ModelRecord(
+        checkpoint=checkpoint,
+        path=str(path.resolve()),
+        sha256=sha256_file(path),
+        untrained=untrained,
+        sat_type=cfg.sat_type,
+        metadata_type=cfg.metadata_type,
+    )
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(record._asdict(), indent=1))
+    return record
+
+
+def read_model_record(path: Path) -> ModelRecord:
+    return ModelRecord(**json.loads(path.read_text()))
+
+
+def load_encoder(
+    record: ModelRecord, device: str, precision: str, text_backbone: str = "auto"
+) -> Sat2SoundEncoder:
+    from model.inference import Sat2SoundEncoder
+
+    return Sat2SoundEncoder.from_checkpoint(
+        record.path, device=device, precision=precision, text_backbone=text_backbone
+    )

@@ -1,0 +1,120 @@
+"""The queries of a build: text, audio files, or audio + text composed, embedded once into queries.npz.
+
+Each query keeps the logit scale the model was trained with for its kind of pair: image-text
+(`logit_scale_it`) for text, image-audio (`logit_scale_ia`) for audio and image-(audio + text)
+(`logit_scale_i_at`, or `logit_scale_ia` for checkpoints trained without it) for composed queries.
+The softmax normalisation across queries uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import soundfile
+
+from model.errors import first_line
+from model.io import atomic_save_npz
+from pipeline.config import QuerySpec
+from pipeline.errors import QueryError
+
+if TYPE_CHECKING:
+    from model.inference import Sat2SoundEncoder
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3"})
+LOGIT_SCALE_BY_KIND = {"text": "logit_scale_it", "audio": "logit_scale_ia", "composed": "logit_scale_i_at"}
+FALLBACK_COMPOSED_SCALE = "logit_scale_ia"
+
+
+def check_query_files(queries: Sequence[QuerySpec]) -> None:
+    """Raise a QueryError for the first audio file that is missing, of an unknown type or unreadable."""
+    for query in queries:
+        if query.audio is None:
+            continue
+        path = Path(query.audio)
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            raise QueryError(
+                f"query {query.id!r}: {path} is not a wav, flac, ogg or mp3 file; convert it to one"
+            )
+        if not path.is_file():
+            raise QueryError(f"query {query.id!r}: audio file {path} does not exist; check the path")
+        try:
+            soundfile.info(str(path))
+        except (RuntimeError, OSError) as exc:
+            raise QueryError(
+                f"query {query.id!r}: cannot read {path} as audio ({first_line(exc)});"
+                " check the file or convert it"
+            ) from None
+
+
+class QueryEmbeddings(NamedTuple):
+    ids: list[str]
+    kinds: list[str]
+    labels: list[str]
+    texts: list[str]  # "" for audio-only queries
+    audio: list[str]  # "" for text queries
+    embedding: np.ndarray  # (Q, D) float32, L2-normalised
+    logit_scale: np.ndarray  # (Q,) float32, log of the multiplier applied to cosines in training
+
+
+def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[QuerySpec]) -> QueryEmbeddings:
+    rows: dict[str, np.ndarray] = {}
+    by_kind = {kind: [query for query in queries if query.kind == kind] for kind in LOGIT_SCALE_BY_KIND}
+    if by_kind["text"]:
+        out = encoder.embed_texts([str(query.text) for query in by_kind["text"]])
+        rows.update(zip((query.id for query in by_kind["text"]), out.embedding.numpy(), strict=True))
+    if by_kind["audio"]:
+        out = encoder.embed_audio([str(query.audio) for query in by_kind["audio"]])
+        rows.update(zip((query.id for query in by_kind["audio"]), out.embedding.numpy(), strict=True))
+    if by_kind["composed"]:
+        composed = by_kind["composed"]
+        out = encoder.embed_composed(
+            [str(query.audio) for query in composed], [str(query.text) for query in composed]
+        )
+        rows.update(zip((query.id for query in composed), out.embedding.numpy(), strict=True))
+    return QueryEmbeddings(
+        ids=[query.id for query in queries],
+        kinds=[query.kind for query in queries],
+        labels=[query.label for query in queries],
+        texts=[query.text or "" for query in queries],
+        audio=[query.audio or "" for query in queries],
+        embedding=np.stack([rows[query.id] for query in queries]).astype(np.float32),
+        logit_scale=np.array([_logit_scale(encoder, query.kind) for query in queries], dtype=np.float32),
+    )
+
+
+def _logit_scale(encoder: Sat2SoundEncoder, kind: str) -> float:
+    name = LOGIT_SCALE_BY_KIND[kind]
+    if not hasattr(encoder.model, name):
+        name = FALLBACK_COMPOSED_SCALE
+    return float(getattr(encoder.model, name).detach())
+
+
+def write_queries(path: Path, queries: QueryEmbeddings) -> None:
+    atomic_save_npz(
+        path,
+        {
+            "ids": np.array(queries.ids),
+            "kinds": np.array(queries.kinds),
+            "labels": np.array(queries.labels),
+            "texts": np.array(queries.texts),
+            "audio": np.array(queries.audio),
+            "embedding": queries.embedding,
+            "logit_scale": queries.logit_scale,
+        },
+    )
+
+
+def read_queries(path: Path) -> QueryEmbeddings:
+    with np.load(path) as data:
+        return QueryEmbeddings(
+            ids=data["ids"].tolist(),
+            kinds=data["kinds"].tolist(),
+            labels=data["labels"].tolist(),
+            texts=data["texts"].tolist(),
+            audio=data["audio"].tolist(),
+            embedding=data["embedding"],
+            logit_scale=data["logit_scale"],
+        )

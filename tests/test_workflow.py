@@ -1,0 +1,408 @@
+"""The map workflow end to end, run as a user runs it: a tiny region against the loopback tile server.
+
+Expected values are derived independently of the pipeline: tile geometry with mercantile and shapely, model
+outputs from a model built here from the same seed and fed with imagery read straight from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import mercantile
+import numpy as np
+import pytest
+import rasterio
+import rioxarray  # noqa: F401 - registers the .rio accessor
+import soundfile
+import torch
+import xarray as xr
+import yaml
+from imagery_servers import SCENE_PATH, SceneTiles, TileServer
+from rasterio.warp import transform_bounds
+from rio_cogeo.cogeo import cog_validate
+from shapely.geometry import Polygon, box
+
+from model.config import Sat2SoundConfig
+from model.inference import Sat2SoundEncoder
+from model.metadata import Metadata
+from model.sat2sound import Sat2Sound
+from pipeline.imagery import open_reader
+from pipeline.types import Bounds
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+LOCAL_PROFILE = str(REPO / "profiles" / "local")
+SLURM_PROFILE = str(REPO / "profiles" / "slurm")
+IMAGERY_ZOOM = 16
+# bingmap views at zoom_level 5: 900 m squares seen at 4.0 m/px; the 5 m scene is fine for them.
+SAT_TYPE, ZOOM_LEVEL, FOOTPRINT_M = "bingmap", 5, 5 * 300 * 0.6
+TILE_ZOOM = 17  # 900 m views match zoom-15 tiles at 18.5°N; tile_zoom_offset 2 makes them zoom 17
+MONTH, HOUR = 6, 14
+SEED = 0
+# A triangle over the 1.6 x 1.4 km scene: its corners reach well past the scene (tiles without imagery)
+# and its bounding box holds tiles outside it.
+TRIANGLE = Polygon([(-72.2245, 18.5035), (-72.2015, 18.5035), (-72.2130, 18.5245)])
+# A 700 m square in the scene's centre: 12 tiles in 4 chunks of zoom 16.
+RESUME_REGION = "-72.2160,18.5110,-72.2095,18.5175"
+QUERIES = [{"id": "birds", "text": "birds singing in the trees"}, {"id": "traffic", "text": "cars and horns"}]
+SCORE_ATOL = 3e-3  # embeddings are stored as float16
+RUN_TIMEOUT_S = 240
+
+
+def snakemake(
+    work: Path, config: Path, *extra: str, profile: str = LOCAL_PROFILE
+) -> subprocess.CompletedProcess[str]:
+    command = [*SNAKEMAKE, "--profile", profile, "--configfile", str(config), *extra]
+    return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def check_ran(result: subprocess.CompletedProcess[str], work: Path) -> None:
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {log}\n{log.read_text()}" for log in sorted(work.rglob("logs/**/*.log")))
+        pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}\n{logs[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[TileServer]:
+    with TileServer(SceneTiles.from_raster(SCENE_PATH, zooms=(IMAGERY_ZOOM,))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def base_config(server: TileServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    shared = tmp_path_factory.mktemp("shared")
+    region = shared / "triangle.geojson"
+    feature = {"type": "Feature", "properties": {}, "geometry": TRIANGLE.__geo_interface__}
+    region.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return {
+        "name": "tiny",
+        "output_dir": "out",
+        "region": str(region),
+        "imagery": {
+            "source": f"xyz:{server.url}/png/{{z}}/{{x}}/{{y}}.png",
+            "options": {"max_zoom": IMAGERY_ZOOM, "attribution": "loopback test scene"},
+            "cache_dir": str(shared / "tiles"),
+        },
+        "model": {
+            "checkpoint": "untrained",
+            "sat_type": SAT_TYPE,
+            "metadata_type": "latlong_month_time",
+            "seed": SEED,
+            "zoom_level": ZOOM_LEVEL,
+            "month": MONTH,
+            "hour": HOUR,
+            "batch_size": 8,
+            "loader_workers": 1,
+        },
+        "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 13},
+        "queries": QUERIES,
+        "outputs": {"concepts_top_k": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def built(base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder after one complete build; tests that change it work on a copy."""
+    work = tmp_path_factory.mktemp("work")
+    check_ran(snakemake(work, write_config(work, base_config), "--cores", "2"), work)
+    return work
+
+
+@pytest.fixture
+def reference_encoder() -> Sat2SoundEncoder:
+    """The untrained model, built here the way the config describes it."""
+    torch.manual_seed(SEED)
+    cfg = replace(Sat2SoundConfig.small("latlong_month_time"), sat_type=SAT_TYPE)
+    return Sat2SoundEncoder(Sat2Sound(cfg), device="cpu")
+
+
+def grid_tiles() -> tuple[list[mercantile.Tile], int, int]:
+    """Every zoom-17 tile of the triangle's bounding box, with the box's first column and row."""
+    tiles = list(mercantile.tiles(*TRIANGLE.bounds, zooms=TILE_ZOOM))
+    return tiles, min(tile.x for tile in tiles), min(tile.y for tile in tiles)
+
+
+def in_region(tile: mercantile.Tile) -> bool:
+    west, south, east, north = mercantile.bounds(tile)
+    cell = box(west, south, east, north)
+    return TRIANGLE.intersects(cell) and not TRIANGLE.touches(cell)
+
+
+def view_bounds(tile: mercantile.Tile) -> Bounds:
+    """The model's 900 m ground square centred on the tile, in EPSG:3857."""
+    left, bottom, right, top = mercantile.xy_bounds(tile)
+    centre_x, centre_y = (left + right) / 2, (bottom + top) / 2
+    lat = math.degrees(math.atan(math.sinh(centre_y / 6378137.0)))
+    half = FOOTPRINT_M / 2 / math.cos(math.radians(lat))
+    return Bounds(centre_x - half, centre_y - half, centre_x + half, centre_y + half)
+
+
+def scene_box_3857() -> Polygon:
+    with rasterio.open(SCENE_PATH) as scene:
+        west, south, east, north = transform_bounds(scene.crs, "EPSG:4326", *scene.bounds)
+    return box(*mercantile.xy(west, south), *mercantile.xy(east, north))
+
+
+def test_build_writes_a_georeferenced_store_and_cogs_on_the_tile_grid(built: Path) -> None:
+    tiles, first_x, first_y = grid_tiles()
+    region_tiles = [tile for tile in tiles if in_region(tile)]
+    columns = max(tile.x for tile in region_tiles) - min(tile.x for tile in region_tiles) + 1
+    rows = max(tile.y for tile in region_tiles) - min(tile.y for tile in region_tiles) + 1
+    left, _, _, top = mercantile.xy_bounds(mercantile.Tile(first_x, first_y, TILE_ZOOM))
+    size = 2 * math.pi * 6378137.0 / 2**TILE_ZOOM
+    expected = rasterio.Affine(size, 0.0, left, 0.0, -size, top)
+
+    store = xr.open_zarr(built / "out/tiny/soundscape.zarr", decode_coords="all")
+    assert store.rio.crs.to_epsg() == 3857
+    assert store.score.rio.transform().almost_equals(expected, precision=1e-6)
+    assert (store.sizes["y"], store.sizes["x"]) == (rows, columns)
+    assert list(store["query"].values) == [query["id"] for query in QUERIES]
+    assert store.attrs["untrained"] is True and store.attrs["checkpoint"] == "untrained"
+    assert len(store.attrs["checkpoint_sha256"]) == 64
+    assert store.embedding.dtype == np.float16 and store.concept_index.dtype == np.int32
+
+    for query in QUERIES:
+        cog = built / f"out/tiny/cog/{query['id']}.tif"
+        assert cog_validate(cog)[0]
+        with rasterio.open(cog) as dataset:
+            assert dataset.crs.to_epsg() == 3857
+            assert dataset.transform.almost_equals(expected, precision=1e-6)
+            assert (dataset.height, dataset.width) == (rows, columns)
+            values = dataset.read(1)
+        assert np.array_equal(np.isnan(values), np.isnan(store.score.sel(query=query["id"]).values))
+    with rasterio.open(f'ZARR:"{built / "out/tiny/soundscape.zarr"}":/score') as gdal_view:
+        assert gdal_view.crs.to_epsg() == 3857 and gdal_view.transform.almost_equals(expected, precision=1e-6)
+
+
+def test_tiles_outside_the_region_or_without_imagery_are_nodata(built: Path) -> None:
+    tiles, first_x, first_y = grid_tiles()
+    store = xr.open_zarr(built / "out/tiny/soundscape.zarr")
+    valid = store.valid.values
+    scores = store.score.values
+    scene = scene_box_3857()
+    outside = without_imagery = 0
+    for tile in tiles:
+        row, col = tile.y - first_y, tile.x - first_x
+        if row >= valid.shape[0] or col >= valid.shape[1]:
+            continue
+        if not in_region(tile):
+            outside += 1
+            assert not valid[row, col] and np.isnan(scores[:, row, col]).all()
+        elif not box(*view_bounds(tile)).intersects(scene):
+            without_imagery += 1
+            assert not valid[row, col] and np.isnan(scores[:, row, col]).all()
+    assert outside > 0 and without_imagery > 0
+    assert valid.sum() >= 4 and np.isfinite(scores[:, valid]).all()
+
+
+def test_scores_equal_direct_model_calls(
+    built: Path, server: TileServer, reference_encoder: Sat2SoundEncoder, tmp_path: Path
+) -> None:
+    tiles, first_x, first_y = grid_tiles()
+    store = xr.open_zarr(built / "out/tiny/soundscape.zarr")
+    valid = store.valid.values
+    sampled = [tile for tile in tiles if in_region(tile) and valid[tile.y - first_y, tile.x - first_x]][::3]
+    template = f"xyz:{server.url}/png/{{z}}/{{x}}/{{y}}.png"
+    with open_reader(template, cache_dir=tmp_path, max_zoom=IMAGERY_ZOOM) as reader:
+        images = np.stack(
+            [np.ma.filled(reader.part(view_bounds(tile), 224, 224).array, 0) for tile in sampled]
+        )
+    centres = [
+        mercantile.lnglat(*np.mean(np.reshape(mercantile.xy_bounds(tile), (2, 2)), axis=0))
+        for tile in sampled
+    ]
+    lon, lat = np.array(centres).T
+    meta = Metadata.from_values(lat, lon, month=MONTH, hour=HOUR)
+    tile_embeddings = reference_encoder.embed_images(images, zoom_level=ZOOM_LEVEL, metadata=meta).embedding
+    query_embeddings = reference_encoder.embed_texts([query["text"] for query in QUERIES]).embedding
+    expected = (query_embeddings @ tile_embeddings.T).numpy()
+    rows = [tile.y - first_y for tile in sampled]
+    cols = [tile.x - first_x for tile in sampled]
+    stored = store.score.values[:, rows, cols]
+    assert len(sampled) >= 2
+    np.testing.assert_allclose(stored, expected, atol=SCORE_ATOL)
+    softmax = store.score_softmax.values[:, rows, cols]
+    np.testing.assert_allclose(softmax.sum(axis=0), 1.0, rtol=1e-5)
+
+
+def test_adding_a_query_reruns_only_query_scoring_and_exports(
+    built: Path, base_config: dict[str, Any], reference_encoder: Sat2SoundEncoder, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(built, work)
+    clip = tmp_path / "rain.wav"
+    soundfile.write(clip, 0.2 * np.sin(np.linspace(0, 2000, 32000)).astype(np.float32), 16000)
+    composed = {"id": "rain", "audio": str(clip), "text": "rain on a roof"}
+    config = write_config(work, {**base_config, "queries": [*QUERIES, composed]})
+    kept = {
+        path: path.stat().st_mtime_ns
+        for pattern in ("chunks/*", "imagery/*", "*.json")
+        for path in (work / "out/tiny").glob(pattern)
+    }
+
+    dry_run = snakemake(work, config, "-n")
+    check_ran(dry_run, work)
+    counts = job_counts(dry_run.stdout)
+    assert set(counts) == {"queries", "score", "mosaic", "cogs", "preview", "all"}
+
+    check_ran(snakemake(work, config, "--cores", "2"), work)
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
+    store = xr.open_zarr(work / "out/tiny/soundscape.zarr")
+    assert list(store["query"].values) == ["birds", "traffic", "rain"]
+    assert (work / "out/tiny/cog/rain.tif").is_file()
+    # The new query's scores are those of the composed embedding with the stored tile embeddings.
+    query = reference_encoder.embed_composed([clip], [composed["text"]]).embedding.numpy()[0]
+    valid = store.valid.values
+    tiles = store.embedding.values[valid].astype(np.float32)
+    np.testing.assert_allclose(store.score.sel(query="rain").values[valid], tiles @ query, atol=SCORE_ATOL)
+
+
+def test_a_killed_run_resumes_without_redoing_finished_chunks(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    config = {
+        **base_config,
+        "name": "resume",
+        "region": RESUME_REGION,
+        "imagery": {"source": str(SCENE_PATH)},
+        "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 16},
+        "model": {**base_config["model"], "loader_workers": 0},
+    }
+    config_path = write_config(tmp_path, config)
+    chunks = tmp_path / "out/resume/chunks"
+    target = (
+        "out/resume/soundscape.zarr/.zmetadata"  # the store alone: exports are not what this test is about
+    )
+    command = [
+        *SNAKEMAKE,
+        "--profile",
+        LOCAL_PROFILE,
+        "--configfile",
+        str(config_path),
+        "--cores",
+        "1",
+        target,
+    ]
+    run = subprocess.Popen(
+        command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(list(chunks.glob("*.npz"))) < 2 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    written = sorted(chunks.glob("*.npz"), key=lambda path: path.stat().st_mtime_ns)
+    # One job runs at a time, so every chunk before the newest was finished and recorded by Snakemake.
+    finished = {path: path.stat().st_mtime_ns for path in written[:-1]}
+    planned = json.loads((tmp_path / "out/resume/plan.json").read_text())["chunks"]
+    assert len(finished) >= 1 and len(written) < len(planned)
+
+    check_ran(snakemake(tmp_path, config_path, "--unlock"), tmp_path)
+    check_ran(snakemake(tmp_path, config_path, "--cores", "2", target), tmp_path)
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished
+    assert sorted(path.stem for path in chunks.glob("*.npz")) == sorted(planned)
+    assert int(xr.open_zarr(tmp_path / "out/resume/soundscape.zarr").valid.sum()) > 0
+
+
+BAD_INPUT_CASES = [
+    "missing audio",
+    "undecodable audio",
+    "not an audio type",
+    "imagery too coarse",
+    "empty region",
+    "output folder not writable",
+    "bad config value",
+    "unknown config key",
+]
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[dict[str, Any], str]]:
+    """Config changes that must stop the build before any job, with the words the error must say."""
+    garbage = tmp / "noise.wav"
+    garbage.write_bytes(b"this is not audio" * 20)
+    notes = tmp / "notes.txt"
+    notes.write_text("birds")
+    empty_region = tmp / "empty.geojson"
+    empty_region.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    a_file = tmp / "not_a_folder"
+    a_file.write_text("")
+    one_level_m = 300 * 0.6 / 224
+    with rasterio.open(SCENE_PATH) as scene:
+        fitting_level = math.ceil(scene.res[0] / one_level_m)
+    return {
+        "missing audio": ({"queries": [{"id": "rain", "audio": str(tmp / "missing.wav")}]}, "does not exist"),
+        "undecodable audio": ({"queries": [{"id": "rain", "audio": str(garbage)}]}, "cannot read"),
+        "not an audio type": (
+            {"queries": [{"id": "rain", "audio": str(notes)}]},
+            "is not a wav, flac, ogg or mp3",
+        ),
+        "imagery too coarse": (
+            {"imagery": {"source": str(SCENE_PATH)}, "model": {"checkpoint": "untrained", "zoom_level": 1}},
+            f"expects {one_level_m:.3g} m/px (at most 1.5x coarser); set model.zoom_level: {fitting_level}",
+        ),
+        "empty region": ({"region": str(empty_region)}, "holds no geometries"),
+        "output folder not writable": (
+            {"output_dir": str(a_file / "out")},
+            "cannot write into the output folder",
+        ),
+        "bad config value": (
+            {"tiling": {"tile_zoom_offset": -1}},
+            "config.tiling.tile_zoom_offset: -1 is less",
+        ),
+        "unknown config key": ({"zoom": 3}, "Additional properties are not allowed ('zoom' was unexpected)"),
+    }
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_inputs_stop_with_one_line(case: str, base_config: dict[str, Any], tmp_path: Path) -> None:
+    change, words = _bad_inputs(tmp_path)[case]
+    config = {**base_config, **change}
+    if "model" in change:
+        config["model"] = {**base_config["model"], "sat_type": SAT_TYPE, **change["model"]}
+    result = snakemake(tmp_path, write_config(tmp_path, config), "-n")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and words in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    result = snakemake(tmp_path, write_config(tmp_path, base_config), "-n", profile=SLURM_PROFILE)
+    check_ran(result, tmp_path)
+    jobs = result.stdout.split("\nrule ")
+    embed_jobs = [job for job in jobs if job.startswith("embed:")]
+    planned = job_counts(result.stdout)
+    assert len(embed_jobs) == planned["embed"] >= 2
+    assert all("gpu=1" in job for job in embed_jobs)
+    assert not any("gpu=1" in job for job in jobs if not job.startswith("embed:"))
