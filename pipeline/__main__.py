@@ -44,6 +44,7 @@ def _run_plan(args: argparse.Namespace) -> None:
             reader,
             sat_type=args.sat_type,
             zoom_level=args.zoom_level,
+            zoom_offset=args.tile_zoom_offset,
             chunk_zoom=args.chunk_zoom,
             max_tiles=None if args.allow_large else args.max_tiles,
         )
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--imagery", default="esri", help="esri, xyz:URL_TEMPLATE, a raster PATH or stac:URL")
     plan.add_argument("--sat-type", default="bingmap", choices=sorted(GSD_BY_SAT_TYPE), help="checkpoint imagery")
     plan.add_argument("--zoom-level", type=_positive_int, default=1, help="checkpoint zoom level (1, 3 or 5)")
+    plan.add_argument(
+        "--tile-zoom-offset",
+        type=int,
+        default=0,
+        help="output tiles this many zooms finer than the model view (overlapping views), as tiling.tile_zoom_offset",
+    )
     plan.add_argument("--chunk-zoom", type=int, help="zoom of the chunk tiles (default: output zoom - 6)")
     plan.add_argument("--max-tiles", type=_positive_int, default=DEFAULT_MAX_TILES, help="refuse larger regions")
     plan.add_argument("--allow-large", action="store_true", help="plan regions above --max-tiles anyway")

@@ -18,7 +18,7 @@ from shapely.geometry import mapping, shape
 
 from model.io import atomic_path
 from pipeline.config import TilingSettings
-from pipeline.errors import BuildConfigError, TooManyTilesError
+from pipeline.errors import TooManyTilesError
 from pipeline.gsd import ImageryFit
 from pipeline.regions import Region
 from pipeline.tiling import (
@@ -28,15 +28,10 @@ from pipeline.tiling import (
     RasterGrid,
     TileCover,
     TileGridSampler,
-    chunk_tiles,
     cover,
-    default_chunk_zoom,
-    footprint_size_m,
     latitude_of_mercator_y,
-    output_zoom,
-    raster_grid,
-    region_latitude,
     tile_bounds,
+    tile_region,
 )
 from pipeline.types import WEB_MERCATOR, Bounds
 
@@ -79,34 +74,32 @@ def chunk_tile(identifier: str) -> mercantile.Tile:
 
 
 def make_build_plan(
-    region: Region, sat_type: str, zoom_level: int, tiling: TilingSettings, imagery: ImageryFit
+    region: Region, sat_type: str, zoom_level: int, settings: TilingSettings, imagery: ImageryFit
 ) -> BuildPlan:
-    size_m = footprint_size_m(sat_type, zoom_level)
-    auto_zoom = output_zoom(size_m, region_latitude(region.geometry))
-    zoom = auto_zoom + tiling.tile_zoom_offset
     try:
-        tile_cover = cover(region.geometry, zoom, max_tiles=tiling.max_tiles)
-    except TooManyTilesError:
-        raise TooManyTilesError(
-            f"region {region.name!r} needs more than {tiling.max_tiles:,} tiles at zoom {zoom}; lower"
-            " tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
-        ) from None
-    chunk_zoom = default_chunk_zoom(zoom) if tiling.chunk_zoom is None else tiling.chunk_zoom
-    if chunk_zoom > zoom:
-        raise BuildConfigError(
-            f"config.tiling.chunk_zoom {chunk_zoom} is finer than the tile zoom {zoom}; use null"
+        tiling = tile_region(
+            region.geometry,
+            sat_type,
+            zoom_level,
+            zoom_offset=settings.tile_zoom_offset,
+            chunk_zoom=settings.chunk_zoom,
+            max_tiles=settings.max_tiles,
         )
+    except TooManyTilesError as exc:
+        raise TooManyTilesError(
+            f"{exc}; lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
+        ) from None
     return BuildPlan(
         region=region,
         sat_type=sat_type,
         zoom_level=zoom_level,
-        footprint_size_m=size_m,
-        auto_tile_zoom=auto_zoom,
-        tile_zoom=zoom,
-        chunk_zoom=chunk_zoom,
-        tile_count=len(tile_cover),
-        grid=raster_grid(tile_cover),
-        chunks=tuple(chunk_id(tile) for tile in chunk_tiles(tile_cover, chunk_zoom)),
+        footprint_size_m=tiling.footprint_size_m,
+        auto_tile_zoom=tiling.auto_zoom,
+        tile_zoom=tiling.zoom,
+        chunk_zoom=tiling.chunk_zoom,
+        tile_count=len(tiling.cover),
+        grid=tiling.grid,
+        chunks=tuple(chunk_id(tile) for tile in tiling.chunks),
         imagery=imagery,
     )
 

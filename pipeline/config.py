@@ -132,9 +132,7 @@ def _describe(error: ValidationError) -> str:
 def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
     """Validate a config mapping (as Snakemake loaded it) and return typed settings with defaults."""
     if not config:
-        raise BuildConfigError(
-            f"the config is empty; pass --configfile {DEFAULT_CONFIG_PATH.name} or another file"
-        )
+        raise BuildConfigError(f"the config is empty; pass --configfile {DEFAULT_CONFIG_PATH.name} or another file")
     filled = with_defaults(config)
     error = best_match(Draft202012Validator(_schema()).iter_errors(filled))
     if error is not None:
@@ -142,9 +140,7 @@ def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
     ids = [query["id"] for query in filled["queries"]]
     repeated = sorted({query_id for query_id in ids if ids.count(query_id) > 1})
     if repeated:
-        raise BuildConfigError(
-            f"config.queries: id {repeated[0]!r} is used twice; give every query its own id"
-        )
+        raise BuildConfigError(f"config.queries: id {repeated[0]!r} is used twice; give every query its own id")
     return BuildConfig(
         name=filled["name"],
         output_dir=filled["output_dir"],

@@ -43,14 +43,10 @@ def native_gsd_m(reader: ImageryReader, latitude: float) -> float:
             with rasterio.open(reader.path) as dataset:
                 return true_gsd_m(Bounds(*dataset.bounds), dataset.width, dataset.crs.to_string())
         except RasterioError as exc:
-            raise ImageryError(
-                f"cannot read the resolution of {reader.path} ({exc}); check the file"
-            ) from None
+            raise ImageryError(f"cannot read the resolution of {reader.path} ({exc}); check the file") from None
     if isinstance(reader, StacReader) and reader.collection == SENTINEL2_L2A:
         return SENTINEL2_TRUE_COLOUR_GSD_M
-    raise ImageryError(
-        f"cannot tell the resolution of imagery {reader.source_id}; set imagery.native_gsd_m (m/px)"
-    )
+    raise ImageryError(f"cannot tell the resolution of imagery {reader.source_id}; set imagery.native_gsd_m (m/px)")
 
 
 def model_gsd_m(sat_type: str, zoom_level: int) -> float:

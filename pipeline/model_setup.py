@@ -70,9 +70,7 @@ def prepare_model(
         torch.manual_seed(seed)
         cfg = untrained_config(sat_type, metadata_type)
         provenance = {"untrained": True, "seed": seed}
-        path, _ = save_safetensors(
-            Sat2Sound(cfg).eval(), weights_dir / UNTRAINED_WEIGHTS_NAME, provenance=provenance
-        )
+        path, _ = save_safetensors(Sat2Sound(cfg).eval(), weights_dir / UNTRAINED_WEIGHTS_NAME, provenance=provenance)
     else:
         path = resolve(checkpoint)
         cfg = read_config(path)
@@ -93,9 +91,7 @@ def read_model_record(path: Path) -> ModelRecord:
     return ModelRecord(**json.loads(path.read_text()))
 
 
-def load_encoder(
-    record: ModelRecord, device: str, precision: str, text_backbone: str = "auto"
-) -> Sat2SoundEncoder:
+def load_encoder(record: ModelRecord, device: str, precision: str, text_backbone: str = "auto") -> Sat2SoundEncoder:
     from model.inference import Sat2SoundEncoder
 
     return Sat2SoundEncoder.from_checkpoint(

@@ -19,17 +19,11 @@ from pipeline.tiling import (
     RasterGrid,
     TileCover,
     TileGridSampler,
-    chunk_tiles,
-    cover,
-    default_chunk_zoom,
-    footprint_size_m,
     ground_resolution_m,
     imagery_zoom,
     latitude_of_mercator_y,
-    output_zoom,
-    raster_grid,
-    region_latitude,
     tile_ground_size_m,
+    tile_region,
 )
 from pipeline.types import WEB_MERCATOR, Bounds
 
@@ -92,33 +86,32 @@ def make_plan(
     *,
     sat_type: str = "bingmap",
     zoom_level: int = 1,
+    zoom_offset: int = 0,
     chunk_zoom: int | None = None,
     max_tiles: int | None = DEFAULT_MAX_TILES,
 ) -> Plan:
     """Tile a region for a model view and count what the run needs; `max_tiles=None` lifts the size limit."""
-    size_m = footprint_size_m(sat_type, zoom_level)
-    latitude = region_latitude(region.geometry)
-    zoom = output_zoom(size_m, latitude)
     try:
-        tile_cover = cover(region.geometry, zoom, max_tiles=max_tiles)
-    except TooManyTilesError:
+        tiling = tile_region(
+            region.geometry, sat_type, zoom_level, zoom_offset=zoom_offset, chunk_zoom=chunk_zoom, max_tiles=max_tiles
+        )
+    except TooManyTilesError as exc:
         raise TooManyTilesError(
-            f"region {region.name!r} needs more than {max_tiles:,} output tiles at zoom {zoom}; pick a smaller"
-            " region or a larger --zoom-level, raise --max-tiles, or pass --allow-large"
+            f"region {region.name!r} needs {exc}; pick a smaller region or a larger --zoom-level,"
+            " raise --max-tiles, or pass --allow-large"
         ) from None
-    chunk_zoom = default_chunk_zoom(zoom) if chunk_zoom is None else chunk_zoom
-    chunks = chunk_tiles(tile_cover, chunk_zoom)
+    size_m, tile_cover, chunks = tiling.footprint_size_m, tiling.cover, tiling.chunks
     imagery = _estimate_imagery(reader, tile_cover, chunks, size_m) if isinstance(reader, TiledImagery) else None
     return Plan(
         region=region,
         sat_type=sat_type,
         zoom_level=zoom_level,
         footprint_size_m=size_m,
-        latitude=latitude,
+        latitude=tiling.latitude,
         tile_cover=tile_cover,
-        chunk_zoom=chunk_zoom,
+        chunk_zoom=tiling.chunk_zoom,
         chunks=chunks,
-        grid=raster_grid(tile_cover),
+        grid=tiling.grid,
         source_id=reader.source_id,
         attribution=reader.attribution,
         imagery=imagery,

@@ -28,8 +28,7 @@ def check_output_dir(folder: Path) -> None:
             pass
     except OSError as exc:
         raise OutputDirError(
-            f"cannot write into the output folder {folder} ({exc.strerror});"
-            " set output_dir to a writable folder"
+            f"cannot write into the output folder {folder} ({exc.strerror}); set output_dir to a writable folder"
         ) from None
 
 
@@ -56,9 +55,7 @@ def preflight(config: BuildConfig) -> BuildPlan:
 def describe(config: BuildConfig, plan: BuildPlan) -> list[str]:
     """Lines saying what the build will make, and plainly when its model is untrained."""
     offset = plan.tile_zoom - plan.auto_tile_zoom
-    zoom = f"zoom {plan.tile_zoom}" + (
-        f" ({plan.auto_tile_zoom} + tile_zoom_offset {offset})" if offset else ""
-    )
+    zoom = f"zoom {plan.tile_zoom}" + (f" ({plan.auto_tile_zoom} + tile_zoom_offset {offset})" if offset else "")
     lines = [
         f"build {config.build_dir}: {plan.tile_count:,} tiles at {zoom} in {len(plan.chunks)} chunk(s),"
         f" a {plan.grid.width} x {plan.grid.height} px grid, {len(config.queries)} queries",

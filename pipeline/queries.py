@@ -35,17 +35,14 @@ def check_query_files(queries: Sequence[QuerySpec]) -> None:
             continue
         path = Path(query.audio)
         if path.suffix.lower() not in AUDIO_SUFFIXES:
-            raise QueryError(
-                f"query {query.id!r}: {path} is not a wav, flac, ogg or mp3 file; convert it to one"
-            )
+            raise QueryError(f"query {query.id!r}: {path} is not a wav, flac, ogg or mp3 file; convert it to one")
         if not path.is_file():
             raise QueryError(f"query {query.id!r}: audio file {path} does not exist; check the path")
         try:
             soundfile.info(str(path))
         except (RuntimeError, OSError) as exc:
             raise QueryError(
-                f"query {query.id!r}: cannot read {path} as audio ({first_line(exc)});"
-                " check the file or convert it"
+                f"query {query.id!r}: cannot read {path} as audio ({first_line(exc)}); check the file or convert it"
             ) from None
 
 
@@ -70,9 +67,7 @@ def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[QuerySpec]) -> Qu
         rows.update(zip((query.id for query in by_kind["audio"]), out.embedding.numpy(), strict=True))
     if by_kind["composed"]:
         composed = by_kind["composed"]
-        out = encoder.embed_composed(
-            [str(query.audio) for query in composed], [str(query.text) for query in composed]
-        )
+        out = encoder.embed_composed([str(query.audio) for query in composed], [str(query.text) for query in composed])
         rows.update(zip((query.id for query in composed), out.embedding.numpy(), strict=True))
     return QueryEmbeddings(
         ids=[query.id for query in queries],

@@ -32,9 +32,7 @@ def _plan(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[str,
 
     sat_type = read_model_record(args.model).sat_type
     tiling = TilingSettings(**settings["tiling"])
-    plan = plan_build(
-        settings["region"], sat_type, settings["zoom_level"], tiling, _imagery(settings, runtime)
-    )
+    plan = plan_build(settings["region"], sat_type, settings["zoom_level"], tiling, _imagery(settings, runtime))
     write_plan(args.out, plan)
     return f"{plan.tile_count:,} tiles at zoom {plan.tile_zoom} in {len(plan.chunks)} chunks"
 
@@ -79,9 +77,7 @@ def _embed(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[str
         runtime["loader_workers"],
         settings["top_k"],
     )
-    valid = embed_chunk(
-        read_plan(args.plan), args.chunk, encoder, _imagery(settings, runtime), options, args.out
-    )
+    valid = embed_chunk(read_plan(args.plan), args.chunk, encoder, _imagery(settings, runtime), options, args.out)
     return f"{valid} valid tiles on {encoder.device}"
 
 
@@ -169,9 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--settings", type=json.loads, default={}, help="JSON: config values the output depends on"
         )
-        command.add_argument(
-            "--runtime", type=json.loads, default={}, help="JSON: how to run (device, batch size...)"
-        )
+        command.add_argument("--runtime", type=json.loads, default={}, help="JSON: how to run (device, batch size...)")
         if "out_dir" not in options:
             command.add_argument("--out", required=True, type=Path)
     return parser

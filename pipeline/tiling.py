@@ -163,7 +163,8 @@ def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> Ti
 
     Descends from the zoom-0 tile, keeping tiles that touch the region's boundary and filling tiles that
     lie wholly inside it in one step, so the work grows with the boundary, not the area. Raises a
-    `TooManyTilesError` as soon as more than `max_tiles` tiles are certain.
+    `TooManyTilesError` ("more than N tiles at zoom Z"; callers name the region and the fix) as soon as more than
+    `max_tiles` tiles are certain.
     """
     if not 0 <= zoom <= 30:
         raise TilingError(f"tile zoom {zoom} is outside 0..30; pick a coarser model view")
@@ -187,19 +188,13 @@ def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> Ti
         x, y = x[~inside], y[~inside]
         # Each remaining tile meets the region, so all but those merely touching it hold a tile of the cover.
         if max_tiles is not None and inner_count + len(x) > max_tiles:
-            raise TooManyTilesError(
-                f"region covers more than {max_tiles:,} tiles at zoom {zoom}; pick a smaller region, a coarser"
-                " model view or a higher tile limit"
-            )
+            raise TooManyTilesError(f"more than {max_tiles:,} tiles at zoom {zoom}")
         x, y = _children(x, y)
     filled = [_descendants(block_x, block_y, depth) for depth, block_x, block_y in inner_blocks]
     all_x = np.concatenate([x, *(block[0] for block in filled)])
     all_y = np.concatenate([y, *(block[1] for block in filled)])
     if max_tiles is not None and len(all_x) > max_tiles:
-        raise TooManyTilesError(
-            f"region covers {len(all_x):,} tiles at zoom {zoom}, more than {max_tiles:,}; pick a smaller region,"
-            " a coarser model view or a higher tile limit"
-        )
+        raise TooManyTilesError(f"{len(all_x):,} tiles at zoom {zoom}, more than {max_tiles:,}")
     order = np.lexsort((all_x, all_y))
     return TileCover(zoom=zoom, x=all_x[order], y=all_y[order])
 
@@ -298,3 +293,41 @@ def raster_grid(tile_cover: TileCover) -> RasterGrid:
     size = EARTH_CIRCUMFERENCE_M / world_columns
     height = bottom_row - top_row + 1
     return RasterGrid(width, height, Bounds(left, top - height * size, left + width * size, top))
+
+
+class RegionTiling(NamedTuple):
+    """How a region is cut into output tiles and chunks for one model view."""
+
+    footprint_size_m: float
+    latitude: float
+    auto_zoom: int
+    cover: TileCover
+    chunk_zoom: int
+    chunks: list[mercantile.Tile]
+    grid: RasterGrid
+
+    @property
+    def zoom(self) -> int:
+        return self.cover.zoom
+
+
+def tile_region(
+    geometry: BaseGeometry,
+    sat_type: str,
+    zoom_level: int,
+    *,
+    zoom_offset: int = 0,
+    chunk_zoom: int | None = None,
+    max_tiles: int | None = None,
+) -> RegionTiling:
+    """Output tiles (the automatic zoom plus `zoom_offset`), chunks and raster grid of a region.
+
+    A positive `zoom_offset` makes output tiles finer than the model's view, so neighbouring views overlap.
+    """
+    size_m = footprint_size_m(sat_type, zoom_level)
+    latitude = region_latitude(geometry)
+    auto_zoom = output_zoom(size_m, latitude)
+    tile_cover = cover(geometry, auto_zoom + zoom_offset, max_tiles=max_tiles)
+    chunk_zoom = default_chunk_zoom(tile_cover.zoom) if chunk_zoom is None else chunk_zoom
+    chunks = chunk_tiles(tile_cover, chunk_zoom)
+    return RegionTiling(size_m, latitude, auto_zoom, tile_cover, chunk_zoom, chunks, raster_grid(tile_cover))

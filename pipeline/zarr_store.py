@@ -205,9 +205,7 @@ def soundscape_dataset(
     sorted_scores = sorted_valid_scores(files, plan.chunks, len(queries.ids))
     variables = grid_variables(files, queries, sorted_scores, top_k, dim)
     data_vars = {
-        name: xr.Variable(
-            variable.dims, _lazy_array(files, variable, grid.height, grid.width), VARIABLE_ATTRS[name]
-        )
+        name: xr.Variable(variable.dims, _lazy_array(files, variable, grid.height, grid.width), VARIABLE_ATTRS[name])
         for name, variable in variables.items()
     }
     pixel = (grid.bounds.right - grid.bounds.left) / grid.width
@@ -230,9 +228,7 @@ def provenance(
 ) -> dict[str, Any]:
     query_list = [
         {"id": query_id, "kind": kind, "text": text or None, "audio": audio or None}
-        for query_id, kind, text, audio in zip(
-            queries.ids, queries.kinds, queries.texts, queries.audio, strict=True
-        )
+        for query_id, kind, text, audio in zip(queries.ids, queries.kinds, queries.texts, queries.audio, strict=True)
     ]
     return {
         "title": f"Sat2Sound soundscape map of {plan.region.name}",
@@ -255,9 +251,7 @@ def write_soundscape(dataset: xr.Dataset, attrs: Mapping[str, Any], out: Path, w
     """Compute `dataset` block by block into a Zarr store at `out` (replaced atomically)."""
     dataset = dataset.assign_attrs(**attrs)
     encoding: dict[str, dict[str, Any]] = {
-        str(name): {"_FillValue": None}
-        for name, variable in dataset.data_vars.items()
-        if variable.dtype.kind in "ib"
+        str(name): {"_FillValue": None} for name, variable in dataset.data_vars.items() if variable.dtype.kind in "ib"
     }
     with atomic_directory(out) as tmp, dask.config.set(scheduler="threads", num_workers=workers):
         dataset.to_zarr(tmp, mode="w", zarr_format=ZARR_FORMAT, consolidated=True, encoding=encoding)

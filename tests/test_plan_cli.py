@@ -121,7 +121,7 @@ def test_plan_follows_sat_type_zoom_level_and_chunk_zoom() -> None:
 
 def test_plan_refuses_large_regions_unless_allowed() -> None:
     region = _st_louis()
-    with pytest.raises(TooManyTilesError, match=r"more than 100 output tiles at zoom 17.*--allow-large"):
+    with pytest.raises(TooManyTilesError, match=r"more than 100 tiles at zoom 17.*--allow-large"):
         make_plan(region, TileServerStandIn(), max_tiles=100)
     assert len(make_plan(region, TileServerStandIn(), max_tiles=None).tile_cover) > 100
 
@@ -227,11 +227,11 @@ def test_cli_refuses_a_large_region_unless_allowed(capsys: pytest.CaptureFixture
     common = ("plan", "--region", "Belgium", "--imagery", OFFLINE_TEMPLATE, "--offline", "--cache-dir", str(tmp_path))
     status, out, err = _run_cli(capsys, *common)
     assert (status, out) == (2, "")
-    assert err.startswith("error: region 'Belgium' needs more than 250,000 output tiles at zoom 17;")
+    assert err.startswith("error: region 'Belgium' needs more than 250,000 tiles at zoom 17;")
     assert "--allow-large" in err
     status, out, err = _run_cli(capsys, *common, "--sat-type", "sentinel", "--zoom-level", "5", "--max-tiles", "10")
     assert (status, out) == (2, "")
-    assert "more than 10 output tiles at zoom 11" in err
+    assert "more than 10 tiles at zoom 11" in err
 
 
 def test_cli_prints_region_warnings_as_single_lines(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -288,3 +288,21 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     assert completed.stdout == ""
     assert completed.stderr.startswith("error: unknown region 'Atlantis';")
     assert completed.stderr.count("\n") == 1
+
+
+def test_plan_and_build_tile_a_region_alike() -> None:
+    from pipeline.build_plan import make_build_plan
+    from pipeline.config import TilingSettings
+    from pipeline.gsd import ImageryFit
+
+    region = _st_louis()
+    fit = ImageryFit("stand-in", "stand-in", "", 0.5, 0.8)
+    for offset in (0, 2):
+        planned = make_plan(region, TileServerStandIn(), sat_type="bingmap", zoom_level=1, zoom_offset=offset)
+        built = make_build_plan(region, "bingmap", 1, TilingSettings(offset, None, 250_000), fit)
+        assert (planned.tile_cover.zoom, len(planned.tile_cover), planned.grid) == (
+            built.tile_zoom,
+            built.tile_count,
+            built.grid,
+        )
+        assert len(planned.chunks) == len(built.chunks)
