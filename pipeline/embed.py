@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from model.inference import Sat2SoundEncoder
 from model.io import atomic_save_npz
@@ -35,6 +36,8 @@ from pipeline.tiling import MODEL_INPUT_PX
 from pipeline.types import Bounds
 
 LOADER_BATCH = 8
+# Progress lines go to the job log: one every this many seconds at most.
+PROGRESS_SECONDS = 10.0
 
 
 class ViewImages(Dataset):
@@ -125,7 +128,9 @@ def embed_chunk(
     # Workers hand over a few views at a time, so that all of them stay busy whatever the model batch.
     loader = DataLoader(images, batch_size=LOADER_BATCH, num_workers=options.loader_workers)
     start = 0
+    progress = tqdm(total=count, unit="tile", desc=f"embed {chunk}", mininterval=PROGRESS_SECONDS)
     for pixels, batch_coverage in model_batches(loader, options.batch_size):
+        progress.update(len(pixels))
         stop = start + len(pixels)
         coverage[start:stop] = batch_coverage.numpy()
         rows = start + np.flatnonzero(coverage[start:stop] >= imagery.min_coverage)
@@ -136,6 +141,7 @@ def embed_chunk(
             embedding[rows] = result.embedding.numpy().astype(np.float16)
             concept_index[rows], concept_weight[rows] = top_concepts(result.weights, top_k)
         start = stop
+    progress.close()
     images.close()
     x = np.array([tile.x for tile in tiles], dtype=np.int64)
     y = np.array([tile.y for tile in tiles], dtype=np.int64)
