@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import pathlib
 import pickle
@@ -47,7 +48,8 @@ class _AttributeDict:
 
 
 def _numpy_safe_globals() -> list[Any]:
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    scalar = multiarray.scalar
     dtypes = [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
     return [
         (scalar, "numpy.core.multiarray.scalar"),

@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -39,4 +40,4 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def atomic_save_npz(target: Path, arrays: Mapping[str, np.ndarray]) -> None:
     with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **cast(dict[str, Any], arrays))

@@ -48,6 +48,12 @@ class Sat2SoundOutput(NamedTuple):
 
 
 class Sat2Sound(nn.Module):
+    logit_scale_at: nn.Parameter
+    logit_scale_it: nn.Parameter
+    logit_scale_ia: nn.Parameter
+    logit_scale_fdt: nn.Parameter
+    logit_scale_i_at: nn.Parameter
+
     def __init__(self, cfg: Sat2SoundConfig) -> None:
         super().__init__()
         self.cfg = cfg
