@@ -165,7 +165,7 @@ def main() -> None:
 
 def _tile_zoom(args: argparse.Namespace, settings: Any) -> int:
     """The output zoom the build will use at the scene's latitude (automatic zoom + offset)."""
-    from pipeline.tiling import footprint_size_m, output_zoom
+    from pipeline.geometry import footprint_size_m, output_zoom
 
     sat_type = settings.sat_type
     if args.checkpoint != "untrained":

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_save_npz
 from model.errors import Sat2SoundError
-from model.io import atomic_save_npz
 
 
 def _embed(args: argparse.Namespace) -> None:

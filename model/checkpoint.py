@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from common.atomic import atomic_path
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
-from model.io import atomic_path
 from model.sat2sound import Sat2Sound
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")

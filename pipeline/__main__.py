@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from common.errors import Sat2SoundError
 from model.config import GSD_BY_SAT_TYPE
-from model.errors import Sat2SoundError
 from pipeline.imagery import open_reader
 from pipeline.imagery.cache import TileCache
 from pipeline.plan import DEFAULT_MAX_TILES, format_bytes, format_plan, make_plan, parse_size

@@ -16,14 +16,14 @@ import numpy as np
 import shapely
 from shapely.geometry import mapping, shape
 
-from model.io import atomic_path
+from common.atomic import atomic_path
 from pipeline.config import TilingSettings
 from pipeline.errors import TooManyTilesError
-from pipeline.gsd import ImageryFit
-from pipeline.regions import Region
-from pipeline.tiling import (
+from pipeline.geometry import (
     EARTH_CIRCUMFERENCE_M,
     EARTH_RADIUS_M,
+    WEB_MERCATOR,
+    Bounds,
     Footprint,
     RasterGrid,
     TileCover,
@@ -33,7 +33,8 @@ from pipeline.tiling import (
     tile_bounds,
     tile_region,
 )
-from pipeline.types import WEB_MERCATOR, Bounds
+from pipeline.gsd import ImageryFit
+from pipeline.regions import Region
 
 PLAN_FORMAT = "sat2sound-maps/plan-v1"
 

@@ -1,6 +1,6 @@
 """Embed one chunk's tiles: batched inference with imagery read in loader processes while the model runs.
 
-Each output tile is scored by the model's view centred on it (`pipeline.tiling.footprint`). A tile whose
+Each output tile is scored by the model's view centred on it (`pipeline.geometry.footprint`). A tile whose
 view holds imagery on less than `min_coverage` of its pixels is invalid: the model does not see it and
 its outputs are empty. chunks/<chunk>.npz holds, per tile of the chunk (row by row):
 
@@ -25,15 +25,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.atomic import atomic_save_npz
 from model.inference import Sat2SoundEncoder
-from model.io import atomic_save_npz
 from model.metadata import Metadata
 from pipeline.build_plan import BuildPlan, chunk_footprints, grid_index, plan_cover, tile_centres_lnglat
 from pipeline.config import ImagerySettings
 from pipeline.fetch import open_imagery
+from pipeline.geometry import MODEL_INPUT_PX, Bounds
 from pipeline.imagery import ImageryReader
-from pipeline.tiling import MODEL_INPUT_PX
-from pipeline.types import Bounds
 
 LOADER_BATCH = 8
 # Progress lines go to the job log: one every this many seconds at most.

@@ -1,6 +1,6 @@
 """Errors and warnings of the map pipeline; each message is one line naming the problem and the fix."""
 
-from model.errors import Sat2SoundError
+from common.errors import Sat2SoundError
 
 
 class PipelineError(Sat2SoundError):

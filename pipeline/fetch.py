@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from model.io import atomic_path
+from common.atomic import atomic_path
 from pipeline.build_plan import BuildPlan, chunk_footprints, plan_cover
 from pipeline.config import ImagerySettings
+from pipeline.geometry import MODEL_INPUT_PX
 from pipeline.imagery import ImageryReader, StacReader, XYZReader, open_reader
-from pipeline.tiling import MODEL_INPUT_PX
 
 
 class FetchReport(NamedTuple):

@@ -14,11 +14,10 @@ from rasterio.errors import RasterioError
 
 from model.config import GSD_BY_SAT_TYPE, TILE_PX_BY_SAT_TYPE
 from pipeline.errors import ImageryError, ImageryMismatchError
+from pipeline.geometry import MODEL_INPUT_PX, Bounds, footprint_size_m, ground_resolution_m
 from pipeline.imagery import ImageryReader, LocalRasterReader, StacReader, XYZReader
 from pipeline.imagery.base import true_gsd_m
 from pipeline.imagery.stac import SENTINEL2_L2A
-from pipeline.tiling import MODEL_INPUT_PX, footprint_size_m, ground_resolution_m
-from pipeline.types import Bounds
 
 COARSER_LIMIT = 1.5
 SENTINEL2_TRUE_COLOUR_GSD_M = 10.0

@@ -12,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from common.atomic import atomic_path
 from model.config import Sat2SoundConfig
-from model.io import atomic_path
 from pipeline.config import UNTRAINED, ModelSettings
 
 if TYPE_CHECKING:

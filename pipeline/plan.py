@@ -10,12 +10,12 @@ import mercantile
 from pyproj import Geod
 
 from pipeline.errors import TooManyTilesError
-from pipeline.imagery.base import ImageryReader
-from pipeline.regions import Region
-from pipeline.tiling import (
+from pipeline.geometry import (
     EARTH_RADIUS_M,
     MODEL_INPUT_PX,
     SOURCE_TILE_PX,
+    WEB_MERCATOR,
+    Bounds,
     RasterGrid,
     TileCover,
     TileGridSampler,
@@ -25,7 +25,8 @@ from pipeline.tiling import (
     tile_ground_size_m,
     tile_region,
 )
-from pipeline.types import WEB_MERCATOR, Bounds
+from pipeline.imagery.base import ImageryReader
+from pipeline.regions import Region
 
 DEFAULT_MAX_TILES = 250_000
 # Above this many output tiles the imagery numbers are extrapolated from evenly spread chunks.

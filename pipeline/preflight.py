@@ -13,11 +13,11 @@ from pipeline.build_plan import BuildPlan, make_build_plan
 from pipeline.config import BuildConfig, ImagerySettings, TilingSettings
 from pipeline.errors import OutputDirError
 from pipeline.fetch import open_imagery
+from pipeline.geometry import region_latitude
 from pipeline.gsd import check_imagery_fit, native_gsd_m
 from pipeline.model_setup import model_config, untrained_notice
 from pipeline.queries import check_query_files
 from pipeline.regions import parse_region
-from pipeline.tiling import region_latitude
 
 
 def check_output_dir(folder: Path) -> None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import soundfile
 
-from model.errors import first_line
-from model.io import atomic_save_npz
+from common.atomic import atomic_save_npz
+from common.errors import first_line
 from pipeline.config import QuerySpec
 from pipeline.errors import QueryError
 

@@ -26,9 +26,9 @@ from shapely.affinity import translate
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from model.errors import first_line
+from common.errors import first_line
 from pipeline.errors import RegionError, RegionWarning
-from pipeline.types import WGS84
+from pipeline.geometry import WGS84
 
 REGIONS_DIR = Path(__file__).resolve().parents[1] / "regions"
 CATALOG_FILES = ("countries.geojson", "cities.geojson")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from model.errors import Sat2SoundError
+from common.errors import Sat2SoundError
 from pipeline.config import RUNTIME_IMAGERY_KEYS, ImagerySettings, QuerySpec, TilingSettings
 
 ERROR_STATUS = 2
@@ -94,7 +94,7 @@ def _queries(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[s
 
 def _score(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[str, Any]) -> str:
     from pipeline.build_plan import read_plan
-    from pipeline.score import score_chunk
+    from pipeline.store.scores import score_chunk
 
     chunks = read_plan(args.plan).chunks
     for chunk in chunks:
@@ -106,7 +106,7 @@ def _mosaic(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[st
     from pipeline.build_plan import read_plan
     from pipeline.model_setup import read_model_record
     from pipeline.queries import read_queries
-    from pipeline.zarr_store import ChunkFiles, provenance, soundscape_dataset, write_soundscape
+    from pipeline.store.write import ChunkFiles, provenance, soundscape_dataset, write_soundscape
 
     plan, record, queries = read_plan(args.plan), read_model_record(args.model), read_queries(args.queries)
     files = ChunkFiles(plan, args.chunks_dir, args.scores_dir, settings["zarr_chunk_px"])
@@ -116,7 +116,7 @@ def _mosaic(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[st
 
 
 def _cogs(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[str, Any]) -> str:
-    from pipeline.cog import write_concept_cog, write_query_cogs
+    from pipeline.export.cog import write_concept_cog, write_query_cogs
 
     paths = write_query_cogs(args.store, args.out_dir, dst_crs=settings["crs"])
     paths.append(write_concept_cog(args.store, args.out_dir, dst_crs=settings["crs"]))
@@ -125,7 +125,7 @@ def _cogs(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[str,
 
 def _preview(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[str, Any]) -> str:
     from pipeline.build_plan import read_plan, region_feature
-    from pipeline.preview import write_preview
+    from pipeline.export.preview import write_preview
 
     write_preview(args.store, region_feature(read_plan(args.plan).region), args.out)
     return f"wrote {args.out}"

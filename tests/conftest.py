@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from upstream_ckpt import MANIFEST_PATH, build_state_dict, load_manifest, write_checkpoint
+from support.upstream_ckpt import MANIFEST_PATH, build_state_dict, load_manifest, write_checkpoint
 
 PARITY_PATH = Path(__file__).parent / "data" / "parity_public.npz"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from types import TracebackType
 from typing import TypeVar
@@ -16,12 +17,40 @@ from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
 
 from pipeline.errors import ImageryError
-from pipeline.tiling import tile_bounds
-from pipeline.types import WEB_MERCATOR, WGS84, Bounds, ImageData
+from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, tile_bounds
 
 RGB_BANDS = 3
 _Reader = TypeVar("_Reader", bound="ImageryReader")
 _WGS84_GEOD = Geod(ellps="WGS84")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """One read from an imagery source: masked RGB pixels plus their georeferencing.
+
+    `array` is a masked uint8 array shaped (bands, height, width); masked pixels had no imagery.
+    `gsd_m` is the true ground sample distance in metres at the centre of the read (Mercator
+    scale factor applied), not the nominal one of the source's zoom level.
+    """
+
+    array: np.ma.MaskedArray
+    bounds: Bounds
+    crs: str
+    gsd_m: float
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[-1])
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[-2])
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of pixels that hold imagery (0 means 'no imagery here')."""
+        mask = np.ma.getmaskarray(self.array)
+        return float(1.0 - mask.all(axis=0).mean())
 
 
 class ImageryReader(abc.ABC):

@@ -21,15 +21,16 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
 from pipeline.errors import ImageryError
+from pipeline.geometry import WEB_MERCATOR, Bounds
 from pipeline.imagery.base import (
     RGB_BANDS,
+    ImageData,
     ImageryReader,
     check_read_size,
     empty_image,
     resampling_method,
     true_gsd_m,
 )
-from pipeline.types import WEB_MERCATOR, Bounds, ImageData
 
 DEFAULT_PERCENTILES = (2.0, 98.0)
 # The stretch is estimated from a read no larger than this many pixels on its long side.

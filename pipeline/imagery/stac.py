@@ -25,12 +25,12 @@ from requests import RequestException
 from urllib3.util.retry import Retry
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning, TileDecodeError
-from pipeline.imagery.base import RGB_BANDS, ImageryReader, check_read_size, empty_image, true_gsd_m
+from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds
+from pipeline.imagery.base import RGB_BANDS, ImageData, ImageryReader, check_read_size, empty_image, true_gsd_m
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import decode_tile, encode_png
 from pipeline.imagery.http import DEFAULT_RETRY, RetryPolicy, redact, retry_policy
 from pipeline.imagery.local import LocalRasterReader, Stretch, apply_stretch
-from pipeline.types import WEB_MERCATOR, WGS84, Bounds, ImageData
 
 SENTINEL2_L2A = "sentinel-2-l2a"
 SENTINEL2_ATTRIBUTION = "Contains modified Copernicus Sentinel data"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 import string
@@ -24,12 +23,13 @@ from urllib.parse import urlsplit
 
 import mercantile
 import numpy as np
-from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
 from pipeline.errors import ImageryError, ImageryWarning, TileDecodeError
+from pipeline.geometry import WEB_MERCATOR, Bounds, TileBlock, imagery_zoom
 from pipeline.imagery.base import (
     RGB_BANDS,
+    ImageData,
     ImageryReader,
     check_read_size,
     empty_image,
@@ -39,7 +39,6 @@ from pipeline.imagery.base import (
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import TileImage, decode_tile
 from pipeline.imagery.http import DEFAULT_RETRY, HttpClient, RetryPolicy, redact, retry_policy
-from pipeline.types import WEB_MERCATOR, Bounds, ImageData
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,13 +48,10 @@ ESRI_ATTRIBUTION = "Tiles © Esri — Source: Esri, Maxar, Earthstar Geographics
 ESRI_MAX_ZOOM = 19
 ESRI_TYPICAL_TILE_BYTES = 25_000
 
-WORLD_HALF_M = mercantile.CE / 2.0
 API_KEY_FIELD = "api_key"
 _TEMPLATE_FIELDS = frozenset({"x", "y", "-y", "z", "q", API_KEY_FIELD})
 _KNOWN_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
-# Tile-edge tolerance in tile units: bounds on a tile edge must not pull in the neighbour.
-_EDGE_EPSILON = 1e-6
-# log2 values this close to an integer count as that integer (same rule as pipeline.tiling).
+# log2 values this close to an integer count as that integer (same rule as pipeline.geometry).
 _ZOOM_EPSILON = 1e-9
 _OPAQUE = 255
 _MISSING_SUFFIX = "missing"
@@ -120,49 +116,6 @@ class TileTemplate(NamedTuple):
         return f"xyz-{host}-{digest}"
 
 
-class TileGrid(NamedTuple):
-    """The block of server tiles under a read: columns x0..x1 (may run past the antimeridian), rows y0..y1."""
-
-    zoom: int
-    x0: int
-    x1: int
-    y0: int
-    y1: int
-
-    @classmethod
-    def covering(cls, bounds: Bounds, zoom: int) -> TileGrid:
-        tile_m = mercantile.CE / 2**zoom
-        last_row = 2**zoom - 1
-        x0 = math.floor((bounds.left + WORLD_HALF_M) / tile_m + _EDGE_EPSILON)
-        x1 = math.ceil((bounds.right + WORLD_HALF_M) / tile_m - _EDGE_EPSILON) - 1
-        y0 = max(0, math.floor((WORLD_HALF_M - bounds.top) / tile_m + _EDGE_EPSILON))
-        y1 = min(last_row, math.ceil((WORLD_HALF_M - bounds.bottom) / tile_m - _EDGE_EPSILON) - 1)
-        return cls(zoom, x0, max(x0, x1), y0, y1)
-
-    @property
-    def columns(self) -> int:
-        return self.x1 - self.x0 + 1
-
-    @property
-    def rows(self) -> int:
-        return max(0, self.y1 - self.y0 + 1)
-
-    def tiles(self) -> list[mercantile.Tile]:
-        """Server tiles row by row; columns past the antimeridian wrap around."""
-        n = 2**self.zoom
-        return [
-            mercantile.Tile(x % n, y, self.zoom)
-            for y in range(self.y0, self.y1 + 1)
-            for x in range(self.x0, self.x1 + 1)
-        ]
-
-    def transform(self, tile_size: int) -> Affine:
-        """EPSG:3857 transform of the mosaic of `tile_size`-pixel tiles."""
-        tile_m = mercantile.CE / 2**self.zoom
-        pixel_m = tile_m / tile_size
-        return Affine(pixel_m, 0.0, self.x0 * tile_m - WORLD_HALF_M, 0.0, -pixel_m, WORLD_HALF_M - self.y0 * tile_m)
-
-
 class XYZReader(ImageryReader):
     """Imagery from an XYZ/TMS tile server, cached in a TileCache.
 
@@ -225,8 +178,7 @@ class XYZReader(ImageryReader):
     def zoom_for(self, bounds: Bounds, width: int) -> int:
         """Coarsest server zoom at least as fine as `width` pixels across EPSG:3857 `bounds`, within the
         source's zoom range."""
-        pixel_m = (bounds.right - bounds.left) / width
-        wanted = max(0, math.ceil(math.log2(mercantile.CE / (self.tile_size * pixel_m)) - _ZOOM_EPSILON))
+        wanted = imagery_zoom((bounds.right - bounds.left) / width, self.tile_size)
         if wanted > self.max_zoom and not self._warned_max_zoom:
             self._warned_max_zoom = True
             warnings.warn(
@@ -239,7 +191,7 @@ class XYZReader(ImageryReader):
 
     def source_tiles(self, bounds: Bounds, zoom: int) -> list[mercantile.Tile]:
         """Server tiles at `zoom` that a read of EPSG:3857 `bounds` needs."""
-        return list(dict.fromkeys(TileGrid.covering(bounds, zoom).tiles()))
+        return list(dict.fromkeys(TileBlock.covering(bounds, zoom).tiles()))
 
     def cache_key(self, tile: mercantile.Tile) -> str:
         return f"{self.source_id}/{tile.z}/{tile.x}/{tile.y}.{self.tile_format}"
@@ -258,7 +210,7 @@ class XYZReader(ImageryReader):
             if dst_crs == WEB_MERCATOR
             else Bounds(*transform_bounds(dst_crs, WEB_MERCATOR, *bounds, densify_pts=21))
         )
-        grid = TileGrid.covering(mercator_bounds, self.zoom_for(mercator_bounds, width))
+        grid = TileBlock.covering(mercator_bounds, self.zoom_for(mercator_bounds, width))
         if grid.rows == 0:
             return empty_image(bounds, width, height, dst_crs)
         if grid.rows * grid.columns > self.max_source_tiles:
@@ -293,7 +245,7 @@ class XYZReader(ImageryReader):
                 self._pool = None
         self._http.close()
 
-    def _mosaic(self, grid: TileGrid, images: list[TileImage | None]) -> np.ndarray:
+    def _mosaic(self, grid: TileBlock, images: list[TileImage | None]) -> np.ndarray:
         size = self.tile_size
         rgba = np.zeros((RGB_BANDS + 1, grid.rows * size, grid.columns * size), np.uint8)
         for index, image in enumerate(images):

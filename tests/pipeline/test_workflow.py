@@ -28,19 +28,19 @@ import soundfile
 import torch
 import xarray as xr
 import yaml
-from imagery_servers import SCENE_PATH, SceneTiles, TileServer
 from rasterio.warp import transform_bounds
 from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import Polygon, box
+from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
 
 from model.config import Sat2SoundConfig
 from model.inference import Sat2SoundEncoder
 from model.metadata import Metadata
 from model.sat2sound import Sat2Sound
+from pipeline.geometry import Bounds
 from pipeline.imagery import open_reader
-from pipeline.types import Bounds
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 LOCAL_PROFILE = str(REPO / "profiles" / "local")
 SLURM_PROFILE = str(REPO / "profiles" / "slurm")

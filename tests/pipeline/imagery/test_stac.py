@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from imagery_servers import SCENE_PATH, Fault, StacServer, stac_item
 from rasterio.warp import transform_bounds
+from support.imagery_servers import SCENE_PATH, Fault, StacServer, stac_item
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
+from pipeline.geometry import Bounds
 from pipeline.imagery import LocalRasterReader, StacReader, TileCache, open_reader
 from pipeline.imagery.http import RetryPolicy
-from pipeline.types import Bounds
 
 FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=2.0)
 SUMMER_2023 = "2023-01-01/2023-12-31"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.io import atomic_save_npz
+from common.atomic import atomic_save_npz
 from pipeline.queries import read_queries
 
 

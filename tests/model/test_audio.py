@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from upstream_ckpt import tensor_sha256
+from support.upstream_ckpt import tensor_sha256
 
 from model.audio import CLIP_SAMPLES, N_FRAMES, N_MELS, SAMPLE_RATE, fit_clip, load_audio, log_mel
 from model.config import HTSATConfig

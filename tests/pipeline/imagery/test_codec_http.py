@@ -8,7 +8,7 @@ from email.utils import format_datetime
 
 import numpy as np
 import pytest
-from imagery_servers import encode_image
+from support.imagery_servers import encode_image
 
 from pipeline.errors import ImageryError, TileDecodeError
 from pipeline.imagery.codec import decode_tile, encode_png

@@ -35,7 +35,7 @@ from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
 from rasterio.warp import reproject, transform_bounds
 
-SCENE_PATH = Path(__file__).resolve().parent / "data" / "imagery" / "rgb_5m_utm18n.tif"
+SCENE_PATH = Path(__file__).resolve().parents[1] / "data" / "imagery" / "rgb_5m_utm18n.tif"
 TILE_PX = 256
 FAULT_KINDS = frozenset({"status", "slow", "truncate", "short_body", "blank"})
 STAC_CONFORMANCE = [

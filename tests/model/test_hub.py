@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hf_stub import COMMIT, HubStub
+from support.hf_stub import COMMIT, HubStub
 
 from model.errors import DownloadError
 from model.hub import HubFile, official_checkpoint_uri, parse_hf_uri, resolve
@@ -19,7 +19,7 @@ REPO = "MVRL/sat2sound"
 FILENAME = "sat2sound/bingmap_withmeta.ckpt"
 URI = f"hf://{REPO}/{FILENAME}"
 PAYLOAD = bytes(range(256)) * 64
-CHILD = Path(__file__).with_name("hf_resolve_child.py")
+CHILD = Path(__file__).resolve().parents[1] / "support" / "hf_resolve_child.py"
 
 
 class Resolved:

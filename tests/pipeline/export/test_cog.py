@@ -15,11 +15,11 @@ import xarray as xr
 import zarr
 from rasterio.warp import transform_bounds
 from rio_cogeo.cogeo import cog_validate
-from synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synthetic_store
+from support.synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synthetic_store
 
-from pipeline import cog
-from pipeline.cog import write_concept_cog, write_query_cogs
 from pipeline.errors import ExportError
+from pipeline.export import cog
+from pipeline.export.cog import write_concept_cog, write_query_cogs
 
 LABELS = ["birds chirping in a park", "rain_on_roof.flac", "harbour.wav + with seagulls"]
 # First and last colours of matplotlib's published viridis table.

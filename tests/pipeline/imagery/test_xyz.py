@@ -10,14 +10,13 @@ from pathlib import Path
 import mercantile
 import numpy as np
 import pytest
-from imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
+from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
+from pipeline.geometry import Bounds, imagery_zoom
 from pipeline.imagery import LocalRasterReader, TileCache, XYZReader, open_reader
 from pipeline.imagery.http import RetryPolicy
 from pipeline.imagery.xyz import ESRI_ATTRIBUTION, ESRI_WORLD_IMAGERY_URL, TileTemplate
-from pipeline.tiling import imagery_zoom
-from pipeline.types import Bounds
 
 FAST_RETRY = RetryPolicy(
     attempts=4, backoff_s=0.01, max_backoff_s=0.05, connect_timeout_s=1.0, read_timeout_s=0.4, max_retry_after_s=5.0

@@ -11,9 +11,9 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from pipeline.errors import TilingError, TooManyTilesError
-from pipeline.regions import parse_region
-from pipeline.tiling import (
+from pipeline.geometry import (
     MODEL_INPUT_PX,
+    WEB_MERCATOR,
     TileCover,
     TileGridSampler,
     chunk_tiles,
@@ -28,7 +28,7 @@ from pipeline.tiling import (
     tile_bounds,
     tile_lnglat_bounds,
 )
-from pipeline.types import WEB_MERCATOR
+from pipeline.regions import parse_region
 
 # Metres per pixel of 256-px Web Mercator tiles at zoom 0 on the equator (the published constant).
 EQUATOR_GSD_Z0 = 156543.03392804097

@@ -20,13 +20,13 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from synthetic_store import SyntheticStore, write_synthetic_store
+from support.synthetic_store import SyntheticStore, write_synthetic_store
 
-from pipeline import preview as preview_module
-from pipeline.cog import StoreGrid
 from pipeline.errors import ExportError
-from pipeline.preview import colourise, lnglat_corners, preview_lattice, write_preview
-from pipeline.qgis_style import DisplayRange
+from pipeline.export import preview as preview_module
+from pipeline.export.cog import StoreGrid
+from pipeline.export.preview import colourise, lnglat_corners, preview_lattice, write_preview
+from pipeline.export.qgis_style import DisplayRange
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = (

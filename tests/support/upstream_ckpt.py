@@ -23,7 +23,7 @@ from model.errors import CheckpointError, ConfigError
 from model.htsat import relative_position_index, shifted_window_mask
 from model.sat2sound import LOGIT_SCALE_INIT
 
-MANIFEST_PATH = Path(__file__).parent / "data" / "upstream_manifest.json"
+MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data" / "upstream_manifest.json"
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from hf_tiny_t5 import D_MODEL, PAD_ID, build_tiny_t5, token_ids
+from support.hf_tiny_t5 import D_MODEL, PAD_ID, build_tiny_t5, token_ids
 from transformers import T5EncoderModel
 
 from model.errors import InputError, TextBackboneError

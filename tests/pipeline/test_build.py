@@ -43,10 +43,10 @@ from pipeline.imagery import LocalRasterReader, TileCache, XYZReader
 from pipeline.preflight import check_output_dir
 from pipeline.queries import QueryEmbeddings, check_query_files, write_queries
 from pipeline.regions import parse_region
-from pipeline.score import percentile_within, score_chunk, softmax_over_queries
-from pipeline.zarr_store import ChunkFiles, atomic_directory, soundscape_dataset, write_soundscape
+from pipeline.store.scores import percentile_within, score_chunk, softmax_over_queries
+from pipeline.store.write import ChunkFiles, atomic_directory, soundscape_dataset, write_soundscape
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LANDSAT = REPO / "examples" / "landsat8_itaipu_30m.tif"
 WORLD_M = 2 * math.pi * 6378137.0
 MINIMAL = {"name": "test", "region": "1,1,1.1,1.1", "queries": [{"id": "birds", "text": "birds"}]}

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from branca.colormap import LinearColormap, linear
 
-from model.io import atomic_path
+from common.atomic import atomic_path
 
 QGIS_VERSION = "3.28.0"
 DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>"

@@ -14,10 +14,10 @@ import pytest
 from pipeline import plan as plan_module
 from pipeline.__main__ import main
 from pipeline.errors import TilingError, TooManyTilesError
+from pipeline.geometry import Bounds
 from pipeline.imagery.cache import TileCache
 from pipeline.plan import format_bytes, format_plan, make_plan, parse_size
 from pipeline.regions import Region, parse_region
-from pipeline.types import Bounds
 
 TYPICAL_TILE_BYTES = 20_000
 # Nothing listens on port 9 (discard); offline runs never connect anyway.

@@ -27,8 +27,9 @@ from folium.template import Template
 from pyproj import Transformer
 from rasterio.crs import CRS
 
-from model.io import atomic_path
-from pipeline.cog import (
+from common.atomic import atomic_path
+from pipeline.errors import ExportError
+from pipeline.export.cog import (
     SCORE_VARIABLES,
     StoreGrid,
     display_range,
@@ -38,8 +39,7 @@ from pipeline.cog import (
     store_grid,
     store_queries,
 )
-from pipeline.errors import ExportError
-from pipeline.qgis_style import SCORE_RAMP, DisplayRange, RampStop
+from pipeline.export.qgis_style import SCORE_RAMP, DisplayRange, RampStop
 
 # Longest side of an overlay PNG; larger grids are shown by a regular lattice of their tiles.
 PREVIEW_MAX_PX = 1024

@@ -8,13 +8,13 @@ import mercantile
 import numpy as np
 import pytest
 import rasterio
-from imagery_servers import SCENE_PATH
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
+from support.imagery_servers import SCENE_PATH
 
 from pipeline.errors import ImageryError
+from pipeline.geometry import Bounds
 from pipeline.imagery import LocalRasterReader, Stretch, open_reader
 from pipeline.imagery.local import percentile_stretch
-from pipeline.types import Bounds
 
 with rasterio.open(SCENE_PATH) as _scene:
     SCENE_RGB = _scene.read()

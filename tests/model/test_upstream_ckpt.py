@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from upstream_ckpt import tensor_sha256, write_checkpoint
+from support.upstream_ckpt import tensor_sha256, write_checkpoint
 
 from model.audio import dft_kernels, slaney_mel_filterbank
 from model.errors import ConfigError

@@ -29,10 +29,10 @@ import xarray as xr
 from rasterio.transform import from_bounds
 
 from pipeline.build_plan import BuildPlan
+from pipeline.geometry import WEB_MERCATOR
 from pipeline.model_setup import ModelRecord
 from pipeline.queries import QueryEmbeddings
-from pipeline.score import percentile_within, softmax_over_queries
-from pipeline.types import WEB_MERCATOR
+from pipeline.store.scores import percentile_within, softmax_over_queries
 
 PACKAGE_NAME = "sat2sound-maps"
 ZARR_FORMAT = 2

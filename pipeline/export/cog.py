@@ -34,9 +34,16 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.windows import Window
 
-from model.io import atomic_path
+from common.atomic import atomic_path
 from pipeline.errors import ExportError
-from pipeline.qgis_style import DisplayRange, PaletteEntry, category_colour, paletted_qml, pseudocolor_qml, write_style
+from pipeline.export.qgis_style import (
+    DisplayRange,
+    PaletteEntry,
+    category_colour,
+    paletted_qml,
+    pseudocolor_qml,
+    write_style,
+)
 
 SCORE_VARIABLES = {
     "score": "cosine similarity of the tile's and the query's embeddings (-1 to 1)",

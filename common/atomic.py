@@ -1,0 +1,71 @@
+"""Atomic writes: build the output under a temporary name beside the target, then rename it into place.
+
+A reader, in this process or another, sees either no file or a whole one; a run stopped half-way leaves
+only a hidden temporary name behind. Files get the mode a plain `open()` would give them (0666 less the
+umask), so others sharing a cluster's file system can read them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+DEFAULT_FILE_MODE = 0o666
+TEMP_PREFIX = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if tmp.is_file():
+            tmp.chmod(DEFAULT_FILE_MODE & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_save_npz(target: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **cast(dict[str, Any], arrays))
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; it replaces `target` only if the block succeeds."""
+    tmp = target.with_name(f"{TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        yield tmp
+        if target.exists():
+            stale = target.with_name(f"{TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}.old")
+            target.rename(stale)
+            tmp.rename(target)
+            shutil.rmtree(stale)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,347 @@
+"""Web Mercator geometry, in one place: bounds types, tile bounds, zoom rules, model views, region covers,
+chunks and the output raster grid.
+
+One output pixel is one Web Mercator tile at the output zoom, so every output raster aligns with web-map tiles.
+The model looks at a square of a given true ground size centred on each output tile; in EPSG:3857 that square
+is 1/cos(latitude) times larger. Tile bounds and the Earth's constants are mercantile's.
+Pure functions over NamedTuples and arrays; imports nothing of ours but the errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import mercantile
+import numpy as np
+import shapely
+from numpy.typing import ArrayLike
+from rasterio.transform import Affine
+from shapely.geometry.base import BaseGeometry
+
+from pipeline.errors import TilingError, TooManyTilesError
+
+WEB_MERCATOR = "EPSG:3857"
+WGS84 = "EPSG:4326"
+EARTH_RADIUS_M = mercantile.RE
+EARTH_CIRCUMFERENCE_M = mercantile.CE
+WORLD_HALF_M = EARTH_CIRCUMFERENCE_M / 2.0
+SOURCE_TILE_PX = 256
+# log2 values this close to an integer count as that integer, so exact powers of two do not flip a zoom.
+ZOOM_EPSILON = 1e-9
+# Tile-edge tolerance in tile units: bounds on a tile edge must not pull in the neighbour.
+EDGE_EPSILON = 1e-6
+# A chunk is the parent tile this many zooms above the output zoom: up to 4**6 = 4,096 output tiles.
+DEFAULT_CHUNK_DEPTH = 6
+MAX_ZOOM = 30
+
+
+class Bounds(NamedTuple):
+    """Axis-aligned bounds in the units of some CRS (metres for EPSG:3857)."""
+
+    left: float
+    bottom: float
+    right: float
+    top: float
+
+
+class LngLatBBox(NamedTuple):
+    """Geographic bounding box in degrees (EPSG:4326)."""
+
+    west: float
+    south: float
+    east: float
+    north: float
+
+
+def mercator_scale(lat: float) -> float:
+    """How many EPSG:3857 metres one true ground metre spans at `lat` (1 / cos(lat))."""
+    if not -90.0 < lat < 90.0:
+        raise TilingError(f"latitude {lat:g} has no Web Mercator scale; use a latitude strictly inside -90..90")
+    return 1.0 / math.cos(math.radians(lat))
+
+
+def lnglat_of_mercator(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Longitudes (wrapped to -180..180) and latitudes (degrees) of EPSG:3857 points."""
+    lon = np.degrees(np.asarray(x, dtype=np.float64) / EARTH_RADIUS_M)
+    lat = np.degrees(np.arctan(np.sinh(np.asarray(y, dtype=np.float64) / EARTH_RADIUS_M)))
+    return (lon + 180.0) % 360.0 - 180.0, lat
+
+
+def latitude_of_mercator_y(y: float) -> float:
+    """Latitude (degrees) of an EPSG:3857 northing (m)."""
+    return float(lnglat_of_mercator(0.0, y)[1])
+
+
+def tile_bounds(tile: mercantile.Tile) -> Bounds:
+    """EPSG:3857 bounds of a tile."""
+    return Bounds(*mercantile.xy_bounds(tile))
+
+
+def tile_lnglat_bounds(tile: mercantile.Tile) -> LngLatBBox:
+    """EPSG:4326 bounds of a tile."""
+    return LngLatBBox(*mercantile.bounds(tile))
+
+
+def tile_size_m(zoom: int) -> float:
+    """EPSG:3857 edge (m) of a tile at `zoom`."""
+    return EARTH_CIRCUMFERENCE_M / 2**zoom
+
+
+def tile_ground_size_m(zoom: int, lat: float) -> float:
+    """True ground edge (m) of a zoom-`zoom` tile at latitude `lat`."""
+    return tile_size_m(zoom) / mercator_scale(lat)
+
+
+def ground_resolution_m(zoom: int, lat: float, tile_px: int = SOURCE_TILE_PX) -> float:
+    """True ground metres per pixel of `tile_px`-pixel imagery tiles at `zoom` and `lat`."""
+    return tile_ground_size_m(zoom, lat) / tile_px
+
+
+def output_zoom(view_size_m: float, lat: float) -> int:
+    """Zoom whose tiles' ground size at `lat` is closest (in ratio) to a model view of `view_size_m`."""
+    _check_view_size(view_size_m)
+    exact = math.log2(EARTH_CIRCUMFERENCE_M / mercator_scale(lat) / view_size_m)
+    return max(0, math.floor(exact + 0.5 + ZOOM_EPSILON))
+
+
+def imagery_zoom(pixel_m: float, tile_px: int = SOURCE_TILE_PX) -> int:
+    """The one imagery-zoom rule: the coarsest tile zoom whose EPSG:3857 pixels are at most `pixel_m` metres.
+
+    Finer imagery would be thrown away by the resize to the model's input; readers cap the result at their
+    source's zoom range.
+    """
+    if not pixel_m > 0.0:
+        raise TilingError(f"pixel size {pixel_m:g} m is not positive; pass the read's EPSG:3857 metres per pixel")
+    exact = math.log2(EARTH_CIRCUMFERENCE_M / (tile_px * pixel_m))
+    return max(0, math.ceil(exact - ZOOM_EPSILON))
+
+
+def _check_view_size(view_size_m: float) -> None:
+    if not view_size_m > 0.0:
+        raise TilingError(f"model view size {view_size_m:g} m is not positive; use a positive ground size")
+
+
+def tile_centres(x: ArrayLike, y: ArrayLike, zoom: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPSG:3857 centres (m) of tiles x/y at `zoom`."""
+    size = tile_size_m(zoom)
+    centre_x = (np.asarray(x, dtype=np.float64) + 0.5) * size - WORLD_HALF_M
+    centre_y = WORLD_HALF_M - (np.asarray(y, dtype=np.float64) + 0.5) * size
+    return centre_x, centre_y
+
+
+def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float) -> np.ndarray:
+    """(N, 4) EPSG:3857 bounds (left, bottom, right, top) of the model's square views of `view_size_m` true
+    ground metres, centred on tiles x/y at `zoom`. Views of tiles at the world's edge may reach past the
+    antimeridian (x beyond ±20037508.34 m)."""
+    _check_view_size(view_size_m)
+    centre_x, centre_y = tile_centres(x, y, zoom)
+    _, lat = lnglat_of_mercator(centre_x, centre_y)
+    half = view_size_m / np.cos(np.radians(lat)) / 2.0
+    return np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=-1)
+
+
+def region_latitude(geometry: BaseGeometry) -> float:
+    """The latitude a region's zoom choice is made at: that of its centroid."""
+    return float(geometry.centroid.y)
+
+
+@dataclass(frozen=True)
+class TileCover:
+    """The tiles at `zoom` whose interiors meet a region, sorted row by row (y, then x)."""
+
+    zoom: int
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def tiles(self) -> Iterator[mercantile.Tile]:
+        for x, y in zip(self.x.tolist(), self.y.tolist(), strict=True):
+            yield mercantile.Tile(x, y, self.zoom)
+
+
+def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> TileCover:
+    """Tiles at `zoom` whose interior intersects the EPSG:4326 `geometry` (holes and gaps excluded).
+
+    Descends from the zoom-0 tile, keeping tiles that touch the region's boundary and filling tiles that
+    lie wholly inside it in one step, so the work grows with the boundary, not the area. Raises a
+    `TooManyTilesError` ("more than N tiles at zoom Z"; callers name the region and the fix) as soon as more than
+    `max_tiles` tiles are certain.
+    """
+    if not 0 <= zoom <= MAX_ZOOM:
+        raise TilingError(f"tile zoom {zoom} is outside 0..30; use a coarser model view (a larger model.zoom_level)")
+    shapely.prepare(geometry)
+    inner_blocks: list[tuple[int, np.ndarray, np.ndarray]] = []
+    inner_count = 0
+    x = np.zeros(1, dtype=np.int64)
+    y = np.zeros(1, dtype=np.int64)
+    for level in range(zoom + 1):
+        boxes = _lnglat_boxes(x, y, level)
+        meets = shapely.intersects(geometry, boxes)
+        x, y, boxes = x[meets], y[meets], boxes[meets]
+        if level == zoom:
+            interior = ~shapely.touches(geometry, boxes)
+            x, y = x[interior], y[interior]
+            break
+        inside = shapely.contains_properly(geometry, boxes)
+        if inside.any():
+            inner_blocks.append((zoom - level, x[inside], y[inside]))
+        inner_count += int(inside.sum()) * 4 ** (zoom - level)
+        x, y = x[~inside], y[~inside]
+        # Each remaining tile meets the region, so all but those merely touching it hold a tile of the cover.
+        if max_tiles is not None and inner_count + len(x) > max_tiles:
+            raise TooManyTilesError(f"more than {max_tiles:,} tiles at zoom {zoom}")
+        x, y = _children(x, y)
+    filled = [_descendants(block_x, block_y, depth) for depth, block_x, block_y in inner_blocks]
+    all_x = np.concatenate([x, *(block[0] for block in filled)])
+    all_y = np.concatenate([y, *(block[1] for block in filled)])
+    if max_tiles is not None and len(all_x) > max_tiles:
+        raise TooManyTilesError(f"{len(all_x):,} tiles at zoom {zoom}, more than {max_tiles:,}")
+    order = np.lexsort((all_x, all_y))
+    return TileCover(zoom=zoom, x=all_x[order], y=all_y[order])
+
+
+def _lnglat_boxes(x: np.ndarray, y: np.ndarray, zoom: int) -> np.ndarray:
+    size = tile_size_m(zoom)
+    _, north = lnglat_of_mercator(0.0, WORLD_HALF_M - y * size)
+    _, south = lnglat_of_mercator(0.0, WORLD_HALF_M - (y + 1) * size)
+    west = x * (360.0 / 2**zoom) - 180.0
+    east = west + 360.0 / 2**zoom
+    return shapely.box(west, south, east, north)
+
+
+def _children(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        (2 * x[:, None] + np.array([0, 1, 0, 1])).ravel(),
+        (2 * y[:, None] + np.array([0, 0, 1, 1])).ravel(),
+    )
+
+
+def _descendants(x: np.ndarray, y: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    side = 2**depth
+    offset_x, offset_y = np.meshgrid(np.arange(side), np.arange(side))
+    return (
+        ((x[:, None] << depth) + offset_x.ravel()).ravel(),
+        ((y[:, None] << depth) + offset_y.ravel()).ravel(),
+    )
+
+
+def default_chunk_zoom(zoom: int) -> int:
+    return max(0, zoom - DEFAULT_CHUNK_DEPTH)
+
+
+def chunk_tiles(tile_cover: TileCover, chunk_zoom: int) -> list[mercantile.Tile]:
+    """The parent tiles at `chunk_zoom` that hold at least one tile of the cover, row by row."""
+    depth = chunk_depth(tile_cover.zoom, chunk_zoom)
+    parents = np.unique(np.column_stack((tile_cover.y >> depth, tile_cover.x >> depth)), axis=0)
+    return [mercantile.Tile(int(x), int(y), chunk_zoom) for y, x in parents]
+
+
+def in_chunk(tile_cover: TileCover, chunk: mercantile.Tile) -> np.ndarray:
+    """Boolean mask of the cover's tiles that lie inside `chunk`."""
+    depth = chunk_depth(tile_cover.zoom, chunk.z)
+    return ((tile_cover.x >> depth) == chunk.x) & ((tile_cover.y >> depth) == chunk.y)
+
+
+def chunk_depth(zoom: int, chunk_zoom: int) -> int:
+    if not 0 <= chunk_zoom <= zoom:
+        raise TilingError(
+            f"chunk zoom {chunk_zoom} is outside 0..{zoom} (the output zoom); use a chunk zoom in that range"
+        )
+    return zoom - chunk_zoom
+
+
+class RasterGrid(NamedTuple):
+    """The tile-aligned EPSG:3857 raster that holds one pixel per output tile of `zoom`.
+
+    Its top-left pixel is tile (`first_column`, `top_row`). For regions crossing the antimeridian
+    `bounds.right` lies past the world's edge (x > 20037508.34 m) and columns continue across it.
+    """
+
+    zoom: int
+    first_column: int
+    top_row: int
+    width: int
+    height: int
+
+    @property
+    def pixel_m(self) -> float:
+        return tile_size_m(self.zoom)
+
+    @property
+    def bounds(self) -> Bounds:
+        left, _, _, top = tile_bounds(mercantile.Tile(self.first_column, self.top_row, self.zoom))
+        return Bounds(left, top - self.height * self.pixel_m, left + self.width * self.pixel_m, top)
+
+    @property
+    def transform(self) -> Affine:
+        left, _, _, top = self.bounds
+        return Affine(self.pixel_m, 0.0, left, 0.0, -self.pixel_m, top)
+
+    def cells(self, x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Grid rows and columns (int32) of output tiles x/y; columns continue across the antimeridian."""
+        rows = np.asarray(y, dtype=np.int64) - self.top_row
+        columns = (np.asarray(x, dtype=np.int64) - self.first_column) % 2**self.zoom
+        return rows.astype(np.int32), columns.astype(np.int32)
+
+
+def raster_grid(tile_cover: TileCover) -> RasterGrid:
+    """Smallest tile-aligned raster holding every tile of a non-empty cover, wrapping at the antimeridian."""
+    if len(tile_cover) == 0:
+        raise TilingError("the tile cover is empty; the region has no area at this zoom")
+    world_columns = 2**tile_cover.zoom
+    columns = np.unique(tile_cover.x)
+    # The widest run of empty columns stays outside the raster; on a tie, the run across the antimeridian.
+    steps = np.diff(columns, append=columns[0] + world_columns)
+    widest = len(steps) - 1 if steps[-1] == steps.max() else int(np.argmax(steps))
+    first_column = int(columns[(widest + 1) % len(columns)])
+    width = world_columns - int(steps[widest]) + 1
+    top_row, bottom_row = int(tile_cover.y.min()), int(tile_cover.y.max())
+    return RasterGrid(tile_cover.zoom, first_column, top_row, width, bottom_row - top_row + 1)
+
+
+class TileBlock(NamedTuple):
+    """The block of source tiles under a read: columns x0..x1 (may run past the antimeridian), rows y0..y1."""
+
+    zoom: int
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+
+    @classmethod
+    def covering(cls, bounds: Bounds, zoom: int) -> TileBlock:
+        size = tile_size_m(zoom)
+        last_row = 2**zoom - 1
+        x0 = math.floor((bounds.left + WORLD_HALF_M) / size + EDGE_EPSILON)
+        x1 = math.ceil((bounds.right + WORLD_HALF_M) / size - EDGE_EPSILON) - 1
+        y0 = max(0, math.floor((WORLD_HALF_M - bounds.top) / size + EDGE_EPSILON))
+        y1 = min(last_row, math.ceil((WORLD_HALF_M - bounds.bottom) / size - EDGE_EPSILON) - 1)
+        return cls(zoom, x0, max(x0, x1), y0, y1)
+
+    @property
+    def columns(self) -> int:
+        return self.x1 - self.x0 + 1
+
+    @property
+    def rows(self) -> int:
+        return max(0, self.y1 - self.y0 + 1)
+
+    def tiles(self) -> list[mercantile.Tile]:
+        """Source tiles row by row; columns past the antimeridian wrap around."""
+        n = 2**self.zoom
+        return [
+            mercantile.Tile(x % n, y, self.zoom)
+            for y in range(self.y0, self.y1 + 1)
+            for x in range(self.x0, self.x1 + 1)
+        ]
+
+    def transform(self, tile_px: int) -> Affine:
+        """EPSG:3857 transform of the mosaic of `tile_px`-pixel tiles."""
+        size = tile_size_m(self.zoom)
+        pixel_m = size / tile_px
+        return Affine(pixel_m, 0.0, self.x0 * size - WORLD_HALF_M, 0.0, -pixel_m, WORLD_HALF_M - self.y0 * size)
