@@ -33,7 +33,6 @@ include: "rules/export.smk"
 localrules:
     all,
     model,
-    plan,
     fetch,
     queries,
 

@@ -6,20 +6,27 @@ Errors of ours print one line on stderr and exit with status 2; warnings print o
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+import yaml
 
 from common.errors import Sat2SoundError
-from model.config import GSD_BY_SAT_TYPE
-from pipeline.imagery import open_reader
+from model import GSD_BY_SAT_TYPE
+from pipeline.build import describe, format_bytes, plan_build
+from pipeline.config import load_plan_inputs
+from pipeline.errors import BuildConfigError
 from pipeline.imagery.cache import TileCache
-from pipeline.plan import DEFAULT_MAX_TILES, format_bytes, format_plan, make_plan, parse_size
-from pipeline.regions import parse_region
 
 USAGE_ERROR_STATUS = 2
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_SIZE_UNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,19 +43,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+PLAN_LIMIT_HINT = "pick a smaller region or a larger --zoom-level, raise --max-tiles, or pass --allow-large"
+# Flags of `plan` and the config keys they set; unset flags leave the config file's value or the schema default.
+PLAN_FLAGS = {
+    "region": ("region",),
+    "imagery": ("imagery", "source"),
+    "cache_dir": ("imagery", "cache_dir"),
+    "offline": ("imagery", "offline"),
+    "checkpoint": ("model", "checkpoint"),
+    "sat_type": ("model", "sat_type"),
+    "zoom_level": ("model", "zoom_level"),
+    "tile_zoom_offset": ("tiling", "tile_zoom_offset"),
+    "chunk_zoom": ("tiling", "chunk_zoom"),
+    "max_tiles": ("tiling", "max_tiles"),
+}
+
+
 def _run_plan(args: argparse.Namespace) -> None:
-    region = parse_region(args.region)
-    with open_reader(args.imagery, cache_dir=args.cache_dir, offline=args.offline) as reader:
-        plan = make_plan(
-            region,
-            reader,
-            sat_type=args.sat_type,
-            zoom_level=args.zoom_level,
-            zoom_offset=args.tile_zoom_offset,
-            chunk_zoom=args.chunk_zoom,
-            max_tiles=None if args.allow_large else args.max_tiles,
-        )
-    print(format_plan(plan, offline=args.offline))
+    config = _read_config(args.config) if args.config else {}
+    for flag, (*sections, key) in PLAN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            target: dict[str, Any] = config
+            for section in sections:
+                target = target.setdefault(section, {})
+            target[key] = value
+    if "region" not in config:
+        raise BuildConfigError("plan needs a region; pass --region or --config with a region")
+    inputs = load_plan_inputs(config)
+    if args.allow_large:
+        inputs = replace(inputs, tiling=replace(inputs.tiling, max_tiles=None))
+    planned = plan_build(inputs, limit_hint=PLAN_LIMIT_HINT)
+    print("\n".join(describe(planned, offline=inputs.imagery.offline)))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise BuildConfigError(
+            f"cannot read the config {path} ({type(exc).__name__}); check the path and YAML"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise BuildConfigError(f"the config {path} is not a YAML mapping; write key: value lines")
+    return loaded
 
 
 def _run_cache_info(args: argparse.Namespace) -> None:
@@ -72,11 +110,14 @@ def _show_warning_line(
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+def parse_size(text: str) -> int:
+    """Bytes in '2GB', '500 MB', '1.5GiB' or '1000000' (decimal units unless spelt with 'i')."""
+    match = _SIZE_PATTERN.match(text)
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GB, 500MB or 1.5GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    factor = _BINARY_SIZE_UNITS[unit] if unit.endswith("i") else _SIZE_UNITS[unit]
+    return int(number * factor)
 
 
 def _size(text: str) -> int:
@@ -97,28 +138,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Sat2Sound map pipeline")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    plan = commands.add_parser("plan", help="show what mapping a region will take, before any work")
+    plan = commands.add_parser(
+        "plan", help="show what mapping a region will take, before any work (defaults: config/schema.json)"
+    )
+    plan.add_argument("--config", type=Path, help="a build config (YAML): plan exactly that build; flags override it")
     plan.add_argument(
         "--region",
-        required=True,
         help="country or city name, vector file, bbox minlon,minlat,maxlon,maxlat, or lat,lon,RADIUS (3km);"
         " write --region=-90.2,... when it starts with a minus sign",
     )
-    plan.add_argument("--imagery", default="esri", help="esri, xyz:URL_TEMPLATE, a raster PATH or stac:URL")
-    plan.add_argument("--sat-type", default="bingmap", choices=sorted(GSD_BY_SAT_TYPE), help="checkpoint imagery")
-    plan.add_argument("--zoom-level", type=_positive_int, default=1, help="checkpoint zoom level (1, 3 or 5)")
-    plan.add_argument(
-        "--tile-zoom-offset",
-        type=int,
-        default=0,
-        help="output tiles this many zooms finer than the model view (overlapping views), as tiling.tile_zoom_offset",
-    )
-    plan.add_argument("--chunk-zoom", type=int, help="zoom of the chunk tiles (default: output zoom - 6)")
-    plan.add_argument("--max-tiles", type=_positive_int, default=DEFAULT_MAX_TILES, help="refuse larger regions")
-    plan.add_argument("--allow-large", action="store_true", help="plan regions above --max-tiles anyway")
+    plan.add_argument("--imagery", help="imagery.source: esri, xyz:URL_TEMPLATE, a raster PATH or stac:URL")
+    plan.add_argument("--checkpoint", help="model.checkpoint: a path, hf:// URI or 'untrained'")
+    plan.add_argument("--sat-type", choices=sorted(GSD_BY_SAT_TYPE), help="model.sat_type of the untrained model")
+    plan.add_argument("--zoom-level", type=int, help="model.zoom_level (1, 3 or 5 were trained)")
+    plan.add_argument("--tile-zoom-offset", type=int, help="tiling.tile_zoom_offset: overlapping views")
+    plan.add_argument("--chunk-zoom", type=int, help="tiling.chunk_zoom (default: output zoom - 6)")
+    plan.add_argument("--max-tiles", type=int, help="tiling.max_tiles: refuse larger regions")
+    plan.add_argument("--allow-large", action="store_true", help="plan regions above the tile limit anyway")
+    plan.add_argument("--cache-dir", type=str, help="imagery.cache_dir, the tile cache folder")
+    plan.add_argument("--offline", action="store_true", default=None, help="count only cached imagery as available")
     plan.set_defaults(run=_run_plan)
-    _add_cache_options(plan)
-    plan.add_argument("--offline", action="store_true", help="count only cached imagery as available")
 
     cache = commands.add_parser("cache", help="report or prune the imagery tile cache")
     actions = cache.add_subparsers(required=True, metavar="ACTION")

@@ -5,17 +5,22 @@ Every problem becomes one `BuildConfigError` line naming the key and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
+from common.atomic import atomic_path
 from pipeline.errors import BuildConfigError
+
+if TYPE_CHECKING:
+    from pipeline.imagery import ImageryReader
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.json"
 DEFAULT_CONFIG_PATH = SCHEMA_PATH.with_name("config.yaml")
@@ -24,12 +29,19 @@ UNTRAINED = "untrained"
 
 @dataclass(frozen=True)
 class ImagerySettings:
+    """Which imagery a build reads; `cache_dir` and `offline` (runtime) say where its tiles are kept."""
+
     source: str
     options: Mapping[str, Any]
     cache_dir: str
     offline: bool
     native_gsd_m: float | None
     min_coverage: float
+
+    def open_reader(self) -> ImageryReader:
+        from pipeline.imagery import open_reader
+
+        return open_reader(self.source, cache_dir=Path(self.cache_dir), offline=self.offline, **dict(self.options))
 
 
 @dataclass(frozen=True)
@@ -56,11 +68,11 @@ class ModelSettings:
 class TilingSettings:
     tile_zoom_offset: int
     chunk_zoom: int | None
-    max_tiles: int
+    max_tiles: int | None  # None: no limit (the plan command's --allow-large)
 
 
 @dataclass(frozen=True)
-class QuerySpec:
+class Query:
     """A text query, an audio query, or both at once (a composed query)."""
 
     id: str
@@ -90,6 +102,16 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is made from: the region, its imagery, the model (its view) and the tiling."""
+
+    region: str
+    imagery: ImagerySettings
+    model: ModelSettings
+    tiling: TilingSettings
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     name: str
     output_dir: str
@@ -97,13 +119,17 @@ class BuildConfig:
     imagery: ImagerySettings
     model: ModelSettings
     tiling: TilingSettings
-    queries: tuple[QuerySpec, ...]
+    queries: tuple[Query, ...]
     outputs: OutputSettings
     raw: Mapping[str, Any]
 
     @property
     def build_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def plan_inputs(self) -> PlanInputs:
+        return PlanInputs(self.region, self.imagery, self.model, self.tiling)
 
 
 @cache
@@ -129,14 +155,19 @@ def _describe(error: ValidationError) -> str:
     return f"config{where}: {message}; see {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[1])}"
 
 
+def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    filled = with_defaults(config)
+    error = best_match(Draft202012Validator(schema).iter_errors(filled))
+    if error is not None:
+        raise BuildConfigError(_describe(error))
+    return filled
+
+
 def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
     """Validate a config mapping (as Snakemake loaded it) and return typed settings with defaults."""
     if not config:
         raise BuildConfigError(f"the config is empty; pass --configfile {DEFAULT_CONFIG_PATH.name} or another file")
-    filled = with_defaults(config)
-    error = best_match(Draft202012Validator(_schema()).iter_errors(filled))
-    if error is not None:
-        raise BuildConfigError(_describe(error))
+    filled = _validated(config, _schema())
     ids = [query["id"] for query in filled["queries"]]
     repeated = sorted({query_id for query_id in ids if ids.count(query_id) > 1})
     if repeated:
@@ -148,52 +179,75 @@ def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
         imagery=ImagerySettings(**filled["imagery"]),
         model=ModelSettings(**filled["model"]),
         tiling=TilingSettings(**filled["tiling"]),
-        queries=tuple(QuerySpec(**query) for query in filled["queries"]),
+        queries=tuple(Query(**query) for query in filled["queries"]),
         outputs=OutputSettings(**filled["outputs"]),
         raw=filled,
     )
 
 
-RUNTIME_IMAGERY_KEYS = ("cache_dir", "offline")
-RUNTIME_MODEL_KEYS = ("device", "batch_size", "loader_workers")
+def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
+    """The plan's part of a config (no name or queries needed), checked against the same schema and defaults."""
+    filled = _validated(config, {**_schema(), "required": ["region"]})
+    return PlanInputs(
+        region=filled["region"],
+        imagery=ImagerySettings(**filled["imagery"]),
+        model=ModelSettings(**filled["model"]),
+        tiling=TilingSettings(**filled["tiling"]),
+    )
 
 
-def runtime_settings(config: BuildConfig) -> dict[str, Any]:
-    """Settings that change how jobs run but not what they write: never a reason to rerun a job."""
-    return {
-        **{key: config.raw["imagery"][key] for key in RUNTIME_IMAGERY_KEYS},
-        **{key: config.raw["model"][key] for key in RUNTIME_MODEL_KEYS},
-    }
+RUNTIME_KEYS = {"imagery": ("cache_dir", "offline"), "model": ("device", "batch_size", "loader_workers")}
+STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "model": {"model": ("checkpoint", "sat_type", "metadata_type", "seed")},
+    "fetch": {"imagery": ("source", "options", "native_gsd_m")},
+    "embed": {
+        "imagery": ("source", "options", "native_gsd_m", "min_coverage"),
+        "model": ("month", "hour", "precision"),
+        "outputs": ("concepts_top_k",),
+    },
+    "queries": {"queries": (), "model": ("text_backbone", "precision")},
+    "cogs": {"outputs": ("crs",)},
+}
 
 
-def step_settings(config: BuildConfig) -> dict[str, dict[str, Any]]:
-    """Per workflow step, the config values its output depends on.
+def step_values(config: BuildConfig, step: str) -> dict[str, Any]:
+    """The config values a workflow step's output depends on (its rerun trigger).
 
-    They are the rule's params, so Snakemake reruns a step exactly when one of them changes: adding a
-    query touches only `queries` (and, through their inputs, scoring, the store and the exports).
+    Adding a query changes only `queries` (and, through their inputs, scoring, the store and the exports);
+    the runtime keys (`RUNTIME_KEYS`: device, batch size, loader workers, tile cache) are in no step's values,
+    so changing how jobs run never reruns one. The plan is not a step: its file changes when the region,
+    model view, tiling or imagery change, and every job that reads it reruns then.
     """
-    raw = config.raw
-    model = raw["model"]
-    imagery = {key: value for key, value in raw["imagery"].items() if key not in RUNTIME_IMAGERY_KEYS}
-    return {
-        "model": {key: model[key] for key in ("checkpoint", "sat_type", "metadata_type", "seed")},
-        "plan": {
-            "region": raw["region"],
-            "zoom_level": model["zoom_level"],
-            "tiling": raw["tiling"],
-            "imagery": imagery,
-        },
-        "fetch": {"imagery": imagery},
-        "embed": {
-            "imagery": imagery,
-            "top_k": raw["outputs"]["concepts_top_k"],
-            **{key: model[key] for key in ("month", "hour", "precision")},
-        },
-        "queries": {"queries": raw["queries"], **{key: model[key] for key in ("text_backbone", "precision")}},
-        "mosaic": {
-            "top_k": raw["outputs"]["concepts_top_k"],
-            "zarr_chunk_px": raw["outputs"]["zarr_chunk_px"],
-            "config": raw,
-        },
-        "cogs": {"crs": raw["outputs"]["crs"]},
-    }
+    if step == "mosaic":  # the store records the whole config, less how it ran, as provenance
+        return recorded_config(config)
+    values: dict[str, Any] = {}
+    for section, keys in STEP_KEYS[step].items():
+        raw = config.raw[section]
+        values[section] = raw if not keys else {key: raw[key] for key in keys}
+    return values
+
+
+def recorded_config(config: BuildConfig) -> dict[str, Any]:
+    """The config as outputs record it: everything but the runtime keys."""
+    recorded = dict(config.raw)
+    for section, keys in RUNTIME_KEYS.items():
+        recorded[section] = {key: value for key, value in config.raw[section].items() if key not in keys}
+    return recorded
+
+
+def settings_digest(config: BuildConfig, step: str) -> str:
+    """A short hash of `step_values`: the rule's params, so Snakemake reruns a step when they change."""
+    text = json.dumps(step_values(config, step), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_settings(config: BuildConfig, path: Path) -> None:
+    """The validated config with every default filled in, for the steps to read (rewritten only on change)."""
+    text = json.dumps(config.raw, indent=1, sort_keys=True)
+    if not path.is_file() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def read_settings(path: Path) -> BuildConfig:
+    return load_build_config(json.loads(path.read_text()))

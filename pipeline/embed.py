@@ -26,13 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common.atomic import atomic_save_npz
-from model.inference import Sat2SoundEncoder
-from model.metadata import Metadata
-from pipeline.build_plan import BuildPlan, chunk_footprints, grid_index, plan_cover, tile_centres_lnglat
+from model import MODEL_INPUT_PX, Metadata, Sat2SoundEncoder
 from pipeline.config import ImagerySettings
-from pipeline.fetch import open_imagery
-from pipeline.geometry import MODEL_INPUT_PX, Bounds
+from pipeline.geometry import Bounds
 from pipeline.imagery import ImageryReader
+from pipeline.plan import ChunkTiles
 
 LOADER_BATCH = 8
 # Progress lines go to the job log: one every this many seconds at most.
@@ -55,7 +53,7 @@ class ViewImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, float]:
         if self._reader is None:
-            self._reader = open_imagery(self._imagery)
+            self._reader = self._imagery.open_reader()
         image = self._reader.part(self._views[index], MODEL_INPUT_PX, MODEL_INPUT_PX)
         return np.ma.filled(image.array, 0), image.coverage
 
@@ -107,52 +105,46 @@ def model_batches(loader: Iterable[tuple[Tensor, Tensor]], size: int) -> Iterato
 
 
 def embed_chunk(
-    plan: BuildPlan,
-    chunk: str,
+    chunk: ChunkTiles,
+    zoom_level: int,
     encoder: Sat2SoundEncoder,
     imagery: ImagerySettings,
     options: EmbedOptions,
     out: Path,
 ) -> int:
     """Write chunks/<chunk>.npz; returns the number of valid tiles."""
-    views = chunk_footprints(plan, plan_cover(plan), chunk)
-    tiles = [view.tile for view in views]
-    count, top_k = len(views), options.top_k
+    count, top_k = len(chunk), options.top_k
     embedding = np.zeros((count, encoder.cfg.codebook_dim), np.float16)
     concept_index = np.full((count, top_k), -1, np.int32)
     concept_weight = np.zeros((count, top_k), np.float32)
     coverage = np.zeros(count, np.float32)
-    lon, lat = tile_centres_lnglat(tiles)
-    images = ViewImages([view.bounds for view in views], imagery)
+    images = ViewImages(chunk.view_bounds(), imagery)
     # Workers hand over a few views at a time, so that all of them stay busy whatever the model batch.
     loader = DataLoader(images, batch_size=LOADER_BATCH, num_workers=options.loader_workers)
     start = 0
-    progress = tqdm(total=count, unit="tile", desc=f"embed {chunk}", mininterval=PROGRESS_SECONDS)
+    progress = tqdm(total=count, unit="tile", desc=f"embed {chunk.id}", mininterval=PROGRESS_SECONDS)
     for pixels, batch_coverage in model_batches(loader, options.batch_size):
         progress.update(len(pixels))
         stop = start + len(pixels)
         coverage[start:stop] = batch_coverage.numpy()
         rows = start + np.flatnonzero(coverage[start:stop] >= imagery.min_coverage)
         if len(rows):
-            meta = tile_metadata(lat[rows], lon[rows], options) if encoder.cfg.metadata else None
+            meta = tile_metadata(chunk.lat[rows], chunk.lon[rows], options) if encoder.cfg.metadata else None
             chosen = torch.from_numpy(rows - start)
-            result = encoder.embed_images(pixels[chosen], zoom_level=plan.zoom_level, metadata=meta)
+            result = encoder.embed_images(pixels[chosen], zoom_level=zoom_level, metadata=meta)
             embedding[rows] = result.embedding.numpy().astype(np.float16)
             concept_index[rows], concept_weight[rows] = top_concepts(result.weights, top_k)
         start = stop
     progress.close()
     images.close()
-    x = np.array([tile.x for tile in tiles], dtype=np.int64)
-    y = np.array([tile.y for tile in tiles], dtype=np.int64)
-    row, col = grid_index(plan, x, y)
     valid = coverage >= imagery.min_coverage
     atomic_save_npz(
         out,
         {
-            "x": x,
-            "y": y,
-            "row": row,
-            "col": col,
+            "x": chunk.x,
+            "y": chunk.y,
+            "row": chunk.row,
+            "col": chunk.col,
             "coverage": coverage,
             "valid": valid,
             "embedding": embedding,

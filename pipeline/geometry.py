@@ -132,6 +132,11 @@ def tile_centres(x: ArrayLike, y: ArrayLike, zoom: int) -> tuple[np.ndarray, np.
     return centre_x, centre_y
 
 
+def tile_centres_lnglat(x: ArrayLike, y: ArrayLike, zoom: int) -> tuple[np.ndarray, np.ndarray]:
+    """Longitudes and latitudes (degrees) of the EPSG:3857 centres of tiles x/y at `zoom`."""
+    return lnglat_of_mercator(*tile_centres(x, y, zoom))
+
+
 def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float) -> np.ndarray:
     """(N, 4) EPSG:3857 bounds (left, bottom, right, top) of the model's square views of `view_size_m` true
     ground metres, centred on tiles x/y at `zoom`. Views of tiles at the world's edge may reach past the
@@ -206,11 +211,9 @@ def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> Ti
 
 
 def _lnglat_boxes(x: np.ndarray, y: np.ndarray, zoom: int) -> np.ndarray:
-    size = tile_size_m(zoom)
-    _, north = lnglat_of_mercator(0.0, WORLD_HALF_M - y * size)
-    _, south = lnglat_of_mercator(0.0, WORLD_HALF_M - (y + 1) * size)
-    west = x * (360.0 / 2**zoom) - 180.0
-    east = west + 360.0 / 2**zoom
+    # The same expressions as mercantile.bounds, so boxes of aligned regions meet tile edges exactly.
+    north, south = (np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * row / 2.0**zoom)))) for row in (y, y + 1))
+    west, east = (column / 2.0**zoom * 360.0 - 180.0 for column in (x, x + 1))
     return shapely.box(west, south, east, north)
 
 

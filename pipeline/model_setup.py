@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from common.atomic import atomic_path
-from model.config import Sat2SoundConfig
-from pipeline.config import UNTRAINED, ModelSettings
+from model import Sat2SoundConfig
+from pipeline.config import ModelSettings
 
 if TYPE_CHECKING:
-    from model.inference import Sat2SoundEncoder
+    from model import Sat2SoundEncoder
 
 UNTRAINED_WEIGHTS_NAME = "untrained.safetensors"
 
@@ -46,30 +46,25 @@ def model_config(settings: ModelSettings) -> Sat2SoundConfig:
     """The architecture the build will run (reads the checkpoint's hyper-parameters; downloads hf:// once)."""
     if settings.untrained:
         return untrained_config(settings.sat_type, settings.metadata_type)
-    from model.checkpoint import read_config
-    from model.hub import resolve
+    from model import read_config, resolve
 
     return read_config(resolve(settings.checkpoint))
 
 
-def prepare_model(
-    checkpoint: str, sat_type: str, metadata_type: str, seed: int, weights_dir: Path, out: Path
-) -> ModelRecord:
-    """Resolve the weights (or, for 'untrained', build them from `seed` and save them); write model.json.
+def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> ModelRecord:
+    """Resolve the weights (or, for 'untrained', build them from the seed and save them); write model.json.
 
     `sat_type` and `metadata_type` shape the untrained model only: checkpoints carry their own.
     """
     import torch
 
-    from model.checkpoint import read_config, save_safetensors, sha256_file
-    from model.hub import resolve
-    from model.sat2sound import Sat2Sound
+    from model import Sat2Sound, read_config, resolve, save_safetensors, sha256_file
 
-    untrained = checkpoint == UNTRAINED
+    checkpoint, untrained = settings.checkpoint, settings.untrained
     if untrained:
-        torch.manual_seed(seed)
-        cfg = untrained_config(sat_type, metadata_type)
-        provenance = {"untrained": True, "seed": seed}
+        torch.manual_seed(settings.seed)
+        cfg = untrained_config(settings.sat_type, settings.metadata_type)
+        provenance = {"untrained": True, "seed": settings.seed}
         path, _ = save_safetensors(Sat2Sound(cfg).eval(), weights_dir / UNTRAINED_WEIGHTS_NAME, provenance=provenance)
     else:
         path = resolve(checkpoint)
@@ -92,7 +87,7 @@ def read_model_record(path: Path) -> ModelRecord:
 
 
 def load_encoder(record: ModelRecord, device: str, precision: str, text_backbone: str = "auto") -> Sat2SoundEncoder:
-    from model.inference import Sat2SoundEncoder
+    from model import Sat2SoundEncoder
 
     return Sat2SoundEncoder.from_checkpoint(
         record.path, device=device, precision=precision, text_backbone=text_backbone

@@ -1,253 +1,287 @@
-"""What a map run will do before it does it: output tiles, chunks, imagery downloads and output raster size."""
+"""The plan of a map build: the one place where a region, a model view, tiling and imagery become tiles.
+
+`make_plan` checks the imagery against the model's view, covers the region with output tiles, groups them
+into chunks and places them on the output raster. The workflow makes the plan once, when it starts, and
+writes it to plan.npz: a JSON header plus, per chunk, its tiles (x, y), their grid cells (row, col), their
+model views (EPSG:3857 bounds) and their centres (lon, lat). Every job reads its chunk from that file and
+never re-derives it. `python -m pipeline plan` makes the very same plan, and says what it will cost.
+
+Output tiles are `tile_zoom_offset` zooms finer than the zoom whose tiles match the model's view: with an
+offset the views of neighbouring tiles overlap, which gives a smoother map.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import re
-from typing import NamedTuple, Protocol, runtime_checkable
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mercantile
-from pyproj import Geod
+import numpy as np
+from shapely.geometry import mapping, shape
 
-from pipeline.errors import TooManyTilesError
+from common.atomic import atomic_save_npz
+from model import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE
+from pipeline.config import ImagerySettings, TilingSettings
+from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
-    EARTH_RADIUS_M,
-    MODEL_INPUT_PX,
-    SOURCE_TILE_PX,
-    WEB_MERCATOR,
     Bounds,
     RasterGrid,
     TileCover,
-    TileGridSampler,
-    ground_resolution_m,
-    imagery_zoom,
-    latitude_of_mercator_y,
-    tile_ground_size_m,
-    tile_region,
+    chunk_depth,
+    cover,
+    default_chunk_zoom,
+    output_zoom,
+    raster_grid,
+    region_latitude,
+    tile_centres_lnglat,
+    view_bounds,
 )
-from pipeline.imagery.base import ImageryReader
 from pipeline.regions import Region
 
-DEFAULT_MAX_TILES = 250_000
-# Above this many output tiles the imagery numbers are extrapolated from evenly spread chunks.
-EXACT_IMAGERY_FOOTPRINTS = 100_000
+if TYPE_CHECKING:
+    from pipeline.imagery import FetchEstimate, ImageryReader
 
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_BINARY_SIZE_UNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-@runtime_checkable
-class TiledImagery(Protocol):
-    """The planning surface of readers backed by a tile pyramid (XYZReader): what a read downloads."""
-
-    max_zoom: int
-    typical_tile_bytes: int
-
-    def source_tiles(self, bounds: Bounds, zoom: int) -> list[mercantile.Tile]: ...
-
-    def is_cached(self, tile: mercantile.Tile) -> bool: ...
+PLAN_FORMAT = "sat2sound-maps/plan-v2"
+# Imagery more than this many times coarser than the model's view would feed it blurred views it never saw.
+COARSER_LIMIT = 1.5
+# Above this many output tiles the download estimate is extrapolated from evenly spread chunks.
+EXACT_ESTIMATE_TILES = 100_000
+_HEADER = "header"
+_CHUNK_ARRAYS = ("x", "y", "row", "col", "views", "lon", "lat")
 
 
-class ImageryEstimate(NamedTuple):
-    """Source tiles the footprints need; counts are extrapolated when `sampled_chunks` < `chunks`."""
+class ModelView(NamedTuple):
+    """What the model sees of each output tile: a square of `size_m` true ground metres at `MODEL_INPUT_PX`."""
 
-    min_zoom: int
-    max_zoom: int
-    source_max_zoom: int
-    tiles: int
-    cached: int
-    bytes_to_fetch: int
-    sampled_chunks: int
-    chunks: int
+    sat_type: str
+    zoom_level: int
+
+    @classmethod
+    def of(cls, sat_type: str, zoom_level: int) -> ModelView:
+        if sat_type not in GSD_BY_SAT_TYPE:
+            raise TilingError(f"unknown sat type {sat_type!r}; use one of {', '.join(sorted(GSD_BY_SAT_TYPE))}")
+        if zoom_level < 1:
+            raise TilingError(f"zoom level {zoom_level} is below 1; use the checkpoint's zoom level (1, 3 or 5)")
+        return cls(sat_type, zoom_level)
 
     @property
-    def extrapolated(self) -> bool:
-        return self.sampled_chunks < self.chunks
+    def size_m(self) -> float:
+        """True ground edge (m): zoom_level x the sat type's tile px x its GSD."""
+        return self.zoom_level * level_one_size_m(self.sat_type)
+
+    @property
+    def gsd_m(self) -> float:
+        """Ground metres per pixel the model sees."""
+        return self.size_m / MODEL_INPUT_PX
+
+
+def level_one_size_m(sat_type: str) -> float:
+    return TILE_PX_BY_SAT_TYPE[sat_type] * GSD_BY_SAT_TYPE[sat_type]
+
+
+class ImageryFit(NamedTuple):
+    """The imagery of a build, its resolution, and whether it is fetched into the tile cache ahead of embedding."""
+
+    source: str
+    source_id: str
+    attribution: str
+    native_gsd_m: float
+    fetches_ahead: bool
+
+
+def fitting_zoom_level(native_gsd_m: float, sat_type: str) -> int:
+    """Smallest zoom level whose model view is at least as coarse as the imagery."""
+    return max(1, math.ceil(native_gsd_m * MODEL_INPUT_PX / level_one_size_m(sat_type) - 1e-9))
+
+
+def check_imagery(reader: ImageryReader, settings: ImagerySettings, view: ModelView, latitude: float) -> ImageryFit:
+    """The fit of `reader`'s imagery to the model's view; raises ImageryMismatchError when it is too coarse."""
+    native_m = settings.native_gsd_m or reader.native_gsd_m(latitude)
+    if native_m > COARSER_LIMIT * view.gsd_m:
+        raise ImageryMismatchError(
+            f"imagery {settings.source} has {native_m:.3g} m/px but a {view.sat_type} model at zoom_level"
+            f" {view.zoom_level} expects {view.gsd_m:.3g} m/px (at most {COARSER_LIMIT:g}x coarser); set"
+            f" model.zoom_level: {fitting_zoom_level(native_m, view.sat_type)} or use finer imagery"
+        )
+    return ImageryFit(settings.source, reader.source_id, reader.attribution, native_m, reader.fetches_ahead)
+
+
+class ChunkTiles(NamedTuple):
+    """One chunk's output tiles, row by row: tile x/y, grid row/col, model views (N, 4) and centres."""
+
+    id: str
+    x: np.ndarray
+    y: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    views: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def view_bounds(self) -> list[Bounds]:
+        return [Bounds(*view) for view in self.views.tolist()]
 
 
 class Plan(NamedTuple):
     region: Region
-    sat_type: str
-    zoom_level: int
-    footprint_size_m: float
+    view: ModelView
     latitude: float
-    tile_cover: TileCover
-    chunk_zoom: int
-    chunks: list[mercantile.Tile]
+    auto_zoom: int
     grid: RasterGrid
-    source_id: str
-    attribution: str
-    imagery: ImageryEstimate | None
+    chunk_zoom: int
+    chunk_ids: tuple[str, ...]
+    tile_count: int
+    imagery: ImageryFit
+
+    @property
+    def zoom(self) -> int:
+        """Zoom of the output tiles."""
+        return self.grid.zoom
+
+
+def chunk_id(tile: mercantile.Tile) -> str:
+    return f"{tile.z}_{tile.x}_{tile.y}"
 
 
 def make_plan(
-    region: Region,
-    reader: ImageryReader,
-    *,
-    sat_type: str = "bingmap",
-    zoom_level: int = 1,
-    zoom_offset: int = 0,
-    chunk_zoom: int | None = None,
-    max_tiles: int | None = DEFAULT_MAX_TILES,
-) -> Plan:
-    """Tile a region for a model view and count what the run needs; `max_tiles=None` lifts the size limit."""
+    region: Region, view: ModelView, tiling: TilingSettings, imagery: ImageryFit, *, limit_hint: str
+) -> tuple[Plan, list[ChunkTiles]]:
+    """The plan and its chunks; `limit_hint` says how to lift the tile limit where the caller is (config or CLI)."""
+    latitude = region_latitude(region.geometry)
+    auto_zoom = output_zoom(view.size_m, latitude)
+    zoom = auto_zoom + tiling.tile_zoom_offset
     try:
-        tiling = tile_region(
-            region.geometry, sat_type, zoom_level, zoom_offset=zoom_offset, chunk_zoom=chunk_zoom, max_tiles=max_tiles
-        )
+        tile_cover = cover(region.geometry, zoom, max_tiles=tiling.max_tiles)
     except TooManyTilesError as exc:
-        raise TooManyTilesError(
-            f"region {region.name!r} needs {exc}; pick a smaller region or a larger --zoom-level,"
-            " raise --max-tiles, or pass --allow-large"
-        ) from None
-    size_m, tile_cover, chunks = tiling.footprint_size_m, tiling.cover, tiling.chunks
-    imagery = _estimate_imagery(reader, tile_cover, chunks, size_m) if isinstance(reader, TiledImagery) else None
-    return Plan(
+        raise TooManyTilesError(f"region {region.name!r} needs {exc}; {limit_hint}") from None
+    grid = raster_grid(tile_cover)
+    chunk_zoom = default_chunk_zoom(zoom) if tiling.chunk_zoom is None else tiling.chunk_zoom
+    chunks = list(_split_chunks(tile_cover, chunk_zoom, grid, view))
+    plan = Plan(
         region=region,
-        sat_type=sat_type,
-        zoom_level=zoom_level,
-        footprint_size_m=size_m,
-        latitude=tiling.latitude,
-        tile_cover=tile_cover,
-        chunk_zoom=tiling.chunk_zoom,
-        chunks=chunks,
-        grid=tiling.grid,
-        source_id=reader.source_id,
-        attribution=reader.attribution,
+        view=view,
+        latitude=latitude,
+        auto_zoom=auto_zoom,
+        grid=grid,
+        chunk_zoom=chunk_zoom,
+        chunk_ids=tuple(chunk.id for chunk in chunks),
+        tile_count=len(tile_cover),
         imagery=imagery,
     )
+    return plan, chunks
 
 
-def _estimate_imagery(
-    reader: TiledImagery, tile_cover: TileCover, chunks: list[mercantile.Tile], size_m: float
-) -> ImageryEstimate:
-    step = max(1, math.ceil(len(tile_cover) / EXACT_IMAGERY_FOOTPRINTS))
-    if step == 1:
-        samplers = [TileGridSampler(tile_cover, size_m)]
-    else:
-        samplers = [TileGridSampler(tile_cover, size_m, chunk) for chunk in chunks[::step]]
-    zoom_by_row: dict[int, int] = {}
-    needed: set[mercantile.Tile] = set()
-    sampled_footprints = 0
-    for sampler in samplers:
-        sampled_footprints += len(sampler)
-        for view in sampler:
-            zoom = zoom_by_row.get(view.tile.y)
-            if zoom is None:
-                centre_lat = latitude_of_mercator_y((view.bounds.bottom + view.bounds.top) / 2.0)
-                zoom = min(imagery_zoom(size_m, centre_lat, SOURCE_TILE_PX), reader.max_zoom)
-                zoom_by_row[view.tile.y] = zoom
-            needed.update(reader.source_tiles(view.bounds, zoom))
-    cached = sum(1 for tile in needed if reader.is_cached(tile))
-    scale = len(tile_cover) / sampled_footprints
-    tiles, cached = round(len(needed) * scale), round(cached * scale)
-    return ImageryEstimate(
-        min_zoom=min(zoom_by_row.values()),
-        max_zoom=max(zoom_by_row.values()),
-        source_max_zoom=reader.max_zoom,
-        tiles=tiles,
-        cached=cached,
-        bytes_to_fetch=(tiles - cached) * reader.typical_tile_bytes,
-        sampled_chunks=len(chunks) if step == 1 else len(samplers),
-        chunks=len(chunks),
+def _split_chunks(tile_cover: TileCover, chunk_zoom: int, grid: RasterGrid, view: ModelView) -> Iterator[ChunkTiles]:
+    """The cover's tiles grouped by their parent at `chunk_zoom`, chunks and tiles row by row."""
+    depth = chunk_depth(tile_cover.zoom, chunk_zoom)
+    parent_x, parent_y = tile_cover.x >> depth, tile_cover.y >> depth
+    order = np.lexsort((tile_cover.x, tile_cover.y, parent_x, parent_y))
+    x, y = tile_cover.x[order], tile_cover.y[order]
+    keys = np.column_stack((parent_y[order], parent_x[order]))
+    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+    for start, stop in zip(starts, [*starts[1:], len(x)], strict=True):
+        chunk_x, chunk_y = x[start:stop], y[start:stop]
+        row, col = grid.cells(chunk_x, chunk_y)
+        lon, lat = tile_centres_lnglat(chunk_x, chunk_y, tile_cover.zoom)
+        parent = mercantile.Tile(int(chunk_x[0] >> depth), int(chunk_y[0] >> depth), chunk_zoom)
+        views = view_bounds(chunk_x, chunk_y, tile_cover.zoom, view.size_m)
+        yield ChunkTiles(chunk_id(parent), chunk_x, chunk_y, row, col, views, lon, lat)
+
+
+def estimate_downloads(reader: ImageryReader, chunks: Sequence[ChunkTiles]) -> tuple[FetchEstimate | None, float]:
+    """What fetching the plan's imagery downloads, and the share of chunks it was counted on (1.0 = all).
+
+    Beyond EXACT_ESTIMATE_TILES tiles the count runs over evenly spread chunks and is scaled up.
+    """
+    total = sum(len(chunk) for chunk in chunks)
+    step = max(1, math.ceil(total / EXACT_ESTIMATE_TILES))
+    sampled = chunks[::step]
+    views = [view for chunk in sampled for view in chunk.view_bounds()]
+    estimate = reader.estimate(views, MODEL_INPUT_PX)
+    if estimate is None or step == 1:
+        return estimate, 1.0
+    scale = total / len(views)
+    return (
+        estimate._replace(
+            tiles=round(estimate.tiles * scale),
+            cached=round(estimate.cached * scale),
+            bytes_to_fetch=round(estimate.bytes_to_fetch * scale),
+        ),
+        len(sampled) / len(chunks),
     )
 
 
-def format_plan(plan: Plan, *, offline: bool = False) -> str:
-    """A short human summary with units, one fact per line."""
-    lat = plan.latitude
-    area_m2 = abs(Geod(ellps="WGS84").geometry_area_perimeter(plan.region.geometry)[0])
-    grid = plan.grid
-    west, north = _mercator_to_lnglat(grid.bounds.left, grid.bounds.top)
-    east, south = _mercator_to_lnglat(grid.bounds.right, grid.bounds.bottom)
-    tile_ground_m = tile_ground_size_m(plan.tile_cover.zoom, lat)
-    lines = [
-        f"Region         {plan.region.name}: {_format_area(area_m2)} around latitude {_format_lat(lat)}",
-        f"Model view     {plan.sat_type} zoom level {plan.zoom_level}: {_format_length(plan.footprint_size_m)}"
-        f" squares, {plan.footprint_size_m / MODEL_INPUT_PX:.2f} m/px at {MODEL_INPUT_PX} px",
-        f"Output tiles   {len(plan.tile_cover):,} at zoom {plan.tile_cover.zoom}",
-        f"Chunks         {len(plan.chunks):,} at zoom {plan.chunk_zoom}"
-        f" (up to {4 ** (plan.tile_cover.zoom - plan.chunk_zoom):,} tiles each)",
-        f"Output raster  {grid.width:,} x {grid.height:,} px in {WEB_MERCATOR},"
-        f" {_format_length(tile_ground_m)}/px true GSD at {_format_lat(lat)};"
-        f" extent {_format_lon(west)} {_format_lat(south)} to {_format_lon(east)} {_format_lat(north)}",
-    ]
-    lines.extend(_format_imagery(plan, offline))
-    lines.append(f"Attribution    {plan.attribution}")
-    return "\n".join(lines)
+def write_plan(path: Path, plan: Plan, chunks: Sequence[ChunkTiles]) -> bool:
+    """Write plan.npz unless the file already holds this very plan (so its time stamp, which Snakemake
+    compares, changes only with its content). Returns whether it wrote."""
+    arrays = {f"{chunk.id}/{name}": getattr(chunk, name) for chunk in chunks for name in _CHUNK_ARRAYS}
+    header = _header(plan)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    header["digest"] = digest.hexdigest()
+    if path.is_file():
+        try:
+            if _read_header(path).get("digest") == header["digest"]:
+                return False
+        except (OSError, ValueError, KeyError):
+            pass
+    atomic_save_npz(path, {_HEADER: np.array(json.dumps(header)), **arrays})
+    return True
 
 
-def _format_imagery(plan: Plan, offline: bool) -> list[str]:
-    if plan.imagery is None:
-        return [f"Imagery        {plan.source_id}: read on demand, nothing to download up front"]
-    imagery = plan.imagery
-    zooms = (
-        f"zoom {imagery.min_zoom}"
-        if imagery.min_zoom == imagery.max_zoom
-        else f"zooms {imagery.min_zoom}-{imagery.max_zoom}"
+def _header(plan: Plan) -> dict[str, Any]:
+    return {
+        "format": PLAN_FORMAT,
+        "region": region_feature(plan),
+        "view": plan.view._asdict(),
+        "latitude": plan.latitude,
+        "auto_zoom": plan.auto_zoom,
+        "grid": plan.grid._asdict(),
+        "chunk_zoom": plan.chunk_zoom,
+        "chunk_ids": list(plan.chunk_ids),
+        "tile_count": plan.tile_count,
+        "imagery": plan.imagery._asdict(),
+    }
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    with np.load(path) as archive:
+        header: dict[str, Any] = json.loads(str(archive[_HEADER]))
+    if header.get("format") != PLAN_FORMAT:
+        raise ValueError(f"{path} is not a {PLAN_FORMAT} file")
+    return header
+
+
+def read_plan(path: Path) -> Plan:
+    header = _read_header(path)
+    region = header["region"]
+    return Plan(
+        region=Region(region["properties"]["name"], shape(region["geometry"])),
+        view=ModelView(**header["view"]),
+        latitude=header["latitude"],
+        auto_zoom=header["auto_zoom"],
+        grid=RasterGrid(**header["grid"]),
+        chunk_zoom=header["chunk_zoom"],
+        chunk_ids=tuple(header["chunk_ids"]),
+        tile_count=header["tile_count"],
+        imagery=ImageryFit(**header["imagery"]),
     )
-    wanted_zoom = imagery_zoom(plan.footprint_size_m, plan.latitude, SOURCE_TILE_PX)
-    gsd_m = ground_resolution_m(min(wanted_zoom, imagery.source_max_zoom), plan.latitude, SOURCE_TILE_PX)
-    approx = "~" if imagery.extrapolated else ""
-    missing = imagery.tiles - imagery.cached
-    fetch = (
-        f"{approx}{missing:,} missing (offline: read as no imagery)"
-        if offline
-        else f"{approx}{missing:,} to fetch, ~{format_bytes(imagery.bytes_to_fetch)}"
-    )
-    lines = [
-        f"Imagery        {plan.source_id} at {zooms} ({gsd_m:.2f} m/px true GSD at {_format_lat(plan.latitude)}):"
-        f" {approx}{imagery.tiles:,} tiles, {approx}{imagery.cached:,} cached, {fetch}"
-    ]
-    if imagery.extrapolated:
-        lines.append(
-            f"               (imagery counts extrapolated from {imagery.sampled_chunks} of {imagery.chunks} chunks)"
-        )
-    if wanted_zoom > imagery.source_max_zoom:
-        lines.append(
-            f"               (the source stops at zoom {imagery.source_max_zoom}: coarser than the model's"
-            f" {plan.footprint_size_m / MODEL_INPUT_PX:.2f} m/px)"
-        )
-    return lines
 
 
-def _mercator_to_lnglat(x: float, y: float) -> tuple[float, float]:
-    lon = math.degrees(x / EARTH_RADIUS_M)
-    return (lon + 180.0) % 360.0 - 180.0, latitude_of_mercator_y(y)
+def read_chunk(path: Path, chunk: str) -> ChunkTiles:
+    with np.load(path) as archive:
+        return ChunkTiles(chunk, *(archive[f"{chunk}/{name}"] for name in _CHUNK_ARRAYS))
 
 
-def _format_lat(lat: float) -> str:
-    return f"{abs(lat):.4f}°{'N' if lat >= 0 else 'S'}"
-
-
-def _format_lon(lon: float) -> str:
-    return f"{abs(lon):.4f}°{'E' if lon >= 0 else 'W'}"
-
-
-def _format_length(metres: float) -> str:
-    return f"{metres / 1000:.1f} km" if metres >= 10_000 else f"{metres:,.0f} m"
-
-
-def _format_area(square_metres: float) -> str:
-    return f"{square_metres / 1e6:,.1f} km²" if square_metres >= 1e5 else f"{square_metres:,.0f} m²"
-
-
-def format_bytes(count: int) -> str:
-    """Decimal units (kB, MB, GB) as disks and downloads are sized."""
-    value = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000.0:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000.0
-    return f"{value:.1f} TB"
-
-
-def parse_size(text: str) -> int:
-    """Bytes in '2GB', '500 MB', '1.5GiB' or '1000000' (decimal units unless spelt with 'i')."""
-    match = _SIZE_PATTERN.match(text)
-    if match is None:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GB, 500MB or 1.5GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    factor = _BINARY_SIZE_UNITS[unit] if unit.endswith("i") else _SIZE_UNITS[unit]
-    return int(number * factor)
+def region_feature(plan: Plan) -> dict[str, Any]:
+    """The region as a GeoJSON Feature (EPSG:4326)."""
+    return {"type": "Feature", "properties": {"name": plan.region.name}, "geometry": mapping(plan.region.geometry)}

@@ -1,15 +1,14 @@
-# Config, start-up checks, the build's paths and the settings each rule hands to its step.
+# Config, the build's start (every input checked, the plan made once), the build's paths, and each step's
+# rerun trigger.
 
-import json
 import shlex
 import sys
 from pathlib import Path
 
-from model.errors import Sat2SoundError
-from pipeline.build_plan import read_plan
-from pipeline.config import load_build_config, runtime_settings, step_settings
-from pipeline.fetch import fetches_ahead
-from pipeline.preflight import describe, preflight
+from common.errors import Sat2SoundError
+from pipeline.build import PLAN_NAME, SETTINGS_NAME, start_build, start_lines
+from pipeline.config import load_build_config, settings_digest
+from pipeline.plan import read_plan
 
 
 def stop(exc):
@@ -23,32 +22,31 @@ except Sat2SoundError as exc:
     stop(exc)
 
 BUILD = str(CFG.build_dir)
-PLAN = f"{BUILD}/plan.json"
+SETTINGS = f"{BUILD}/{SETTINGS_NAME}"
+PLAN = f"{BUILD}/{PLAN_NAME}"
 MODEL = f"{BUILD}/model.json"
 QUERIES = f"{BUILD}/queries.npz"
 STORE = f"{BUILD}/soundscape.zarr"
 LOGS = f"{BUILD}/logs"
 QUERY_IDS = [query.id for query in CFG.queries]
 STEP = f"{shlex.quote(sys.executable)} -m pipeline.steps"
-SETTINGS = {step: json.dumps(values) for step, values in step_settings(CFG).items()}
-RUNTIME = json.dumps(runtime_settings(CFG))
-
-
-def step_settings_of(step):
-    # A function, so that Snakemake does not read the braces of URL templates in the JSON as wildcards.
-    return lambda wildcards: SETTINGS[step]
-
 
 if workflow.is_main_process:
     try:
-        BUILD_PLAN = preflight(CFG)
+        STARTED = start_build(CFG)
     except Sat2SoundError as exc:
         stop(exc)
-    print("\n".join(describe(CFG, BUILD_PLAN)), file=sys.stderr)
-    CHUNKS = BUILD_PLAN.chunks
+    print("\n".join(start_lines(CFG, STARTED)), file=sys.stderr)
+    PLANNED = STARTED.plan
 else:
-    # A job on a cluster node reads the Snakefile again: the main run has written the plan by then.
-    CHUNKS = read_plan(Path(PLAN)).chunks if Path(PLAN).exists() else ()
+    # A job on a cluster node reads the Snakefile again: it only reads the plan the main run wrote.
+    PLANNED = read_plan(Path(PLAN))
+CHUNKS = PLANNED.chunk_ids
+
+
+def digest(step):
+    """The rule's params: a hash of the config values its output depends on (see pipeline.config.step_values)."""
+    return settings_digest(CFG, step)
 
 
 wildcard_constraints:

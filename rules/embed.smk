@@ -4,30 +4,32 @@
 
 rule fetch:
     input:
-        plan=rules.plan.output.plan,
+        plan=PLAN,
     output:
         report=f"{BUILD}/imagery/{{chunk}}.json",
     params:
-        settings=step_settings_of("fetch"),
+        settings=SETTINGS,
+        digest=digest("fetch"),
     log:
         f"{LOGS}/fetch/{{chunk}}.log",
     shell:
-        "{STEP} fetch --plan {input.plan} --chunk {wildcards.chunk} --settings {params.settings:q}"
-        " --runtime {RUNTIME:q} --out {output.report} > {log} 2>&1"
+        "{STEP} fetch --settings {params.settings:q} --plan {input.plan:q} --chunk {wildcards.chunk}"
+        " --out {output.report:q} > {log:q} 2>&1"
 
 
 rule embed:
     input:
-        plan=rules.plan.output.plan,
+        plan=PLAN,
         model=rules.model.output.record,
-        imagery=[rules.fetch.output.report] if fetches_ahead(CFG.imagery.source) else [],
+        imagery=[rules.fetch.output.report] if PLANNED.imagery.fetches_ahead else [],
     output:
         chunk=f"{BUILD}/chunks/{{chunk}}.npz",
     params:
-        settings=step_settings_of("embed"),
+        settings=SETTINGS,
+        digest=digest("embed"),
     threads: 2
     log:
         f"{LOGS}/embed/{{chunk}}.log",
     shell:
-        "{STEP} embed --plan {input.plan} --model {input.model} --chunk {wildcards.chunk} --threads {threads}"
-        " --settings {params.settings:q} --runtime {RUNTIME:q} --out {output.chunk} > {log} 2>&1"
+        "{STEP} embed --settings {params.settings:q} --plan {input.plan:q} --model {input.model:q}"
+        " --chunk {wildcards.chunk} --threads {threads} --out {output.chunk:q} > {log:q} 2>&1"

@@ -8,20 +8,27 @@ rule cogs:
         queries=expand(f"{BUILD}/cog/{{query}}.tif", query=QUERY_IDS),
         concepts=f"{BUILD}/cog/concepts.tif",
     params:
-        settings=step_settings_of("cogs"),
+        settings=SETTINGS,
+        digest=digest("cogs"),
+        store=STORE,
+        cog_dir=f"{BUILD}/cog",
     log:
         f"{LOGS}/cogs.log",
     shell:
-        "{STEP} cogs --store {STORE} --out-dir {BUILD}/cog --settings {params.settings:q} > {log} 2>&1"
+        "{STEP} cogs --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q} > {log:q} 2>&1"
 
 
 rule preview:
     input:
         store=rules.mosaic.output.store,
-        plan=rules.plan.output.plan,
+        plan=PLAN,
     output:
         html=f"{BUILD}/preview.html",
+    params:
+        settings=SETTINGS,
+        store=STORE,
     log:
         f"{LOGS}/preview.log",
     shell:
-        "{STEP} preview --store {STORE} --plan {input.plan} --out {output.html} > {log} 2>&1"
+        "{STEP} preview --settings {params.settings:q} --store {params.store:q} --plan {input.plan:q}"
+        " --out {output.html:q} > {log:q} 2>&1"

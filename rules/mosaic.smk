@@ -5,7 +5,7 @@
 
 rule mosaic:
     input:
-        plan=rules.plan.output.plan,
+        plan=PLAN,
         model=rules.model.output.record,
         queries=rules.queries.output.queries,
         chunks=expand(rules.embed.output.chunk, chunk=CHUNKS),
@@ -13,11 +13,15 @@ rule mosaic:
     output:
         store=f"{STORE}/.zmetadata",
     params:
-        settings=step_settings_of("mosaic"),
+        settings=SETTINGS,
+        digest=digest("mosaic"),
+        chunks_dir=f"{BUILD}/chunks",
+        scores_dir=f"{BUILD}/scores",
+        store=STORE,
     threads: 2
     log:
         f"{LOGS}/mosaic.log",
     shell:
-        "{STEP} mosaic --plan {input.plan} --model {input.model} --queries {input.queries}"
-        " --chunks-dir {BUILD}/chunks --scores-dir {BUILD}/scores --threads {threads}"
-        " --settings {params.settings:q} --out {STORE} > {log} 2>&1"
+        "{STEP} mosaic --settings {params.settings:q} --plan {input.plan:q} --model {input.model:q}"
+        " --queries {input.queries:q} --chunks-dir {params.chunks_dir:q} --scores-dir {params.scores_dir:q}"
+        " --threads {threads} --out {params.store:q} > {log:q} 2>&1"

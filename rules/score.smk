@@ -8,23 +8,27 @@ rule queries:
     output:
         queries=QUERIES,
     params:
-        settings=step_settings_of("queries"),
+        settings=SETTINGS,
+        digest=digest("queries"),
     log:
         f"{LOGS}/queries.log",
     shell:
-        "{STEP} queries --model {input.model} --settings {params.settings:q} --runtime {RUNTIME:q}"
-        " --out {output.queries} > {log} 2>&1"
+        "{STEP} queries --settings {params.settings:q} --model {input.model:q} --out {output.queries:q} > {log:q} 2>&1"
 
 
 rule score:
     input:
-        plan=rules.plan.output.plan,
+        plan=PLAN,
         chunks=expand(rules.embed.output.chunk, chunk=CHUNKS),
         queries=rules.queries.output.queries,
     output:
         scores=expand(f"{BUILD}/scores/{{chunk}}.npz", chunk=CHUNKS),
+    params:
+        settings=SETTINGS,
+        chunks_dir=f"{BUILD}/chunks",
+        scores_dir=f"{BUILD}/scores",
     log:
         f"{LOGS}/score.log",
     shell:
-        "{STEP} score --plan {input.plan} --chunks-dir {BUILD}/chunks --queries {input.queries}"
-        " --out-dir {BUILD}/scores > {log} 2>&1"
+        "{STEP} score --settings {params.settings:q} --plan {input.plan:q} --chunks-dir {params.chunks_dir:q}"
+        " --queries {input.queries:q} --out-dir {params.scores_dir:q} > {log:q} 2>&1"

@@ -1,4 +1,4 @@
-"""Tile math, zoom choices, covers, chunks and the footprint sampler, checked against mercantile and brute force."""
+"""Tile math, zoom rules, model views, covers, chunks and the raster grid, against mercantile and brute force."""
 
 from __future__ import annotations
 
@@ -10,24 +10,28 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
+from model import MODEL_INPUT_PX
 from pipeline.errors import TilingError, TooManyTilesError
 from pipeline.geometry import (
-    MODEL_INPUT_PX,
-    WEB_MERCATOR,
+    Bounds,
+    TileBlock,
     TileCover,
-    TileGridSampler,
     chunk_tiles,
     cover,
     default_chunk_zoom,
-    footprint,
-    footprint_size_m,
     ground_resolution_m,
     imagery_zoom,
+    in_chunk,
+    lnglat_of_mercator,
+    mercator_scale,
     output_zoom,
     raster_grid,
     tile_bounds,
+    tile_centres_lnglat,
     tile_lnglat_bounds,
+    view_bounds,
 )
+from pipeline.plan import ModelView
 from pipeline.regions import parse_region
 
 # Metres per pixel of 256-px Web Mercator tiles at zoom 0 on the equator (the published constant).
@@ -58,11 +62,21 @@ def test_tile_bounds_match_mercantile(tile: tuple[int, int, int]) -> None:
     assert tile_lnglat_bounds(mercantile.Tile(*tile)) == pytest.approx(tuple(mercantile.bounds(*tile)), abs=1e-12)
 
 
-def test_footprint_size_follows_sat_type_and_zoom_level() -> None:
+def mercator_pixel_m(view_size_m: float, lat: float) -> float:
+    """EPSG:3857 metres per model-input pixel of a view of `view_size_m` ground metres at `lat`."""
+    return view_size_m * mercator_scale(lat) / MODEL_INPUT_PX
+
+
+def footprint_size_m(sat_type: str, zoom_level: int) -> float:
+    return ModelView.of(sat_type, zoom_level).size_m
+
+
+def test_model_view_size_follows_sat_type_and_zoom_level() -> None:
     assert footprint_size_m("bingmap", 1) == pytest.approx(300 * 0.6)
     assert footprint_size_m("bingmap", 5) == pytest.approx(5 * 300 * 0.6)
     assert footprint_size_m("sentinel", 1) == pytest.approx(256 * 10.0)
     assert footprint_size_m("googleEarth", 3) == pytest.approx(3 * 256 * 0.2)
+    assert ModelView.of("bingmap", 1).gsd_m == pytest.approx(180.0 / MODEL_INPUT_PX)
     with pytest.raises(TilingError, match="unknown sat type"):
         footprint_size_m("landsat", 1)
     with pytest.raises(TilingError, match="zoom level 0"):
@@ -72,23 +86,29 @@ def test_footprint_size_follows_sat_type_and_zoom_level() -> None:
 @pytest.mark.parametrize("lat", [0.0, 38.627, 60.0, -71.5])
 def test_footprint_is_square_of_true_ground_size_centred_on_the_tile(lat: float) -> None:
     tile = mercantile.tile(-90.2, lat, 17)
-    view = footprint(tile, 180.0)
+    view_left, view_bottom, view_right, view_top = view_bounds([tile.x], [tile.y], 17, 180.0)[0]
     left, bottom, right, top = mercantile.xy_bounds(tile)
-    centre_lat = mercantile.lnglat((left + right) / 2, (bottom + top) / 2).lat
-    assert view.tile == tile
-    assert view.crs == WEB_MERCATOR
-    assert (view.bounds.left + view.bounds.right) / 2 == pytest.approx((left + right) / 2)
-    assert (view.bounds.bottom + view.bounds.top) / 2 == pytest.approx((bottom + top) / 2)
-    expected_width = 180.0 / math.cos(math.radians(centre_lat))
-    assert view.bounds.right - view.bounds.left == pytest.approx(expected_width, rel=1e-9)
-    assert view.bounds.top - view.bounds.bottom == pytest.approx(expected_width, rel=1e-9)
-    assert view.gsd_m == pytest.approx(180.0 / 224)
+    centre = mercantile.lnglat((left + right) / 2, (bottom + top) / 2)
+    assert (view_left + view_right) / 2 == pytest.approx((left + right) / 2)
+    assert (view_bottom + view_top) / 2 == pytest.approx((bottom + top) / 2)
+    expected_width = 180.0 / math.cos(math.radians(centre.lat))
+    assert view_right - view_left == pytest.approx(expected_width, rel=1e-9)
+    assert view_top - view_bottom == pytest.approx(expected_width, rel=1e-9)
+    lon, lat_centre = tile_centres_lnglat([tile.x], [tile.y], 17)
+    assert (lon[0], lat_centre[0]) == pytest.approx((centre.lng, centre.lat), abs=1e-9)
 
 
 def test_footprint_is_twice_as_wide_in_mercator_at_sixty_degrees() -> None:
     tile = mercantile.tile(10.0, 60.0, 22)
-    view = footprint(tile, 1000.0)
-    assert view.bounds.right - view.bounds.left == pytest.approx(2000.0, rel=1e-4)
+    left, _, right, _ = view_bounds([tile.x], [tile.y], 22, 1000.0)[0]
+    assert right - left == pytest.approx(2000.0, rel=1e-4)
+
+
+def test_mercator_to_lnglat_inverts_mercantile() -> None:
+    points = [(-179.9, -80.0), (0.0, 0.0), (-90.2, 38.627), (179.99, 84.9)]
+    x, y = zip(*(mercantile.xy(lon, lat) for lon, lat in points), strict=True)
+    lon, lat = lnglat_of_mercator(x, y)
+    assert np.column_stack((lon, lat)) == pytest.approx(np.array(points), abs=1e-9)
 
 
 @pytest.mark.parametrize("zoom", [0, 12, 18])
@@ -140,7 +160,7 @@ def test_output_zoom_is_the_closest_tile_size_in_ratio(size_m: float, lat: float
     ],
 )
 def test_imagery_zoom_per_sat_type(sat_type: str, lat: float, expected: int) -> None:
-    assert imagery_zoom(footprint_size_m(sat_type, 1), lat) == expected
+    assert imagery_zoom(mercator_pixel_m(footprint_size_m(sat_type, 1), lat)) == expected
 
 
 @pytest.mark.parametrize("size_m", [51.2, 180.0, 540.0, 2560.0])
@@ -151,20 +171,20 @@ def test_imagery_zoom_is_coarsest_zoom_fine_enough(size_m: float, lat: float) ->
     def true_gsd(zoom: int) -> float:
         return _true_tile_size_m(zoom, lat) / 256
 
-    chosen = imagery_zoom(size_m, lat)
+    chosen = imagery_zoom(mercator_pixel_m(size_m, lat))
     assert true_gsd(chosen) <= target * (1 + 1e-12)
     assert true_gsd(chosen - 1) > target
 
 
 def test_imagery_zoom_keeps_an_exact_match() -> None:
     exact_size_m = MODEL_INPUT_PX * EQUATOR_GSD_Z0 / 2**18
-    assert imagery_zoom(exact_size_m, 0.0) == 18
-    assert imagery_zoom(exact_size_m, 0.0, tile_px=512) == 17
+    assert imagery_zoom(mercator_pixel_m(exact_size_m, 0.0)) == 18
+    assert imagery_zoom(mercator_pixel_m(exact_size_m, 0.0), tile_px=512) == 17
 
 
 def test_zoom_choices_reject_bad_input() -> None:
     with pytest.raises(TilingError, match="not positive"):
-        imagery_zoom(0.0, 10.0)
+        imagery_zoom(0.0)
     with pytest.raises(TilingError, match="latitude 90"):
         output_zoom(180.0, 90.0)
 
@@ -245,23 +265,33 @@ def test_chunks_are_the_parents_of_the_cover() -> None:
         chunk_tiles(result, 17)
 
 
-def test_sampler_yields_each_tile_once_per_chunk() -> None:
+def test_in_chunk_marks_exactly_the_chunk_tiles() -> None:
     result = _city_cover()
-    whole = TileGridSampler(result, 180.0)
-    assert len(whole) == len(result)
-    views = list(whole)
-    assert [view.tile for view in views] == list(result.tiles())
-    assert views[0] == footprint(views[0].tile, 180.0)
-    per_chunk = 0
+    total = 0
     for chunk in chunk_tiles(result, 13):
-        sampler = TileGridSampler(result, 180.0, chunk)
-        chunk_views = list(sampler)
-        assert len(chunk_views) == len(sampler) > 0
-        assert all(mercantile.parent(view.tile, zoom=13) == chunk for view in chunk_views)
-        per_chunk += len(sampler)
-    assert per_chunk == len(result)
-    outside = mercantile.Tile(0, 0, 13)
-    assert len(TileGridSampler(result, 180.0, outside)) == 0
+        inside = in_chunk(result, chunk)
+        tiles = [mercantile.Tile(int(x), int(y), 16) for x, y in zip(result.x[inside], result.y[inside], strict=True)]
+        assert tiles and all(mercantile.parent(tile, zoom=13) == chunk for tile in tiles)
+        total += len(tiles)
+    assert total == len(result)
+    assert not in_chunk(result, mercantile.Tile(0, 0, 13)).any()
+
+
+def test_tile_block_holds_the_source_tiles_under_a_read() -> None:
+    tile = mercantile.Tile(38000, 49000, 17)
+    left, bottom, right, top = tile_bounds(tile)
+    exact = TileBlock.covering(tile_bounds(tile), 17)
+    assert exact.tiles() == [tile]
+    inner = (right - left) / 4
+    straddling = TileBlock.covering(Bounds(left + inner, bottom - inner, right + inner, top), 17)
+    assert set(straddling.tiles()) == {
+        tile,
+        mercantile.Tile(38001, 49000, 17),
+        mercantile.Tile(38000, 49001, 17),
+        mercantile.Tile(38001, 49001, 17),
+    }
+    assert straddling.transform(256).c == pytest.approx(left)
+    assert straddling.transform(256).f == pytest.approx(top)
 
 
 def test_raster_grid_spans_the_cover() -> None:
@@ -274,6 +304,10 @@ def test_raster_grid_spans_the_cover() -> None:
     assert tuple(grid.bounds) == pytest.approx(
         (top_left.left, bottom_right.bottom, bottom_right.right, top_left.top), abs=1e-6
     )
+    rows, cols = grid.cells(result.x, result.y)
+    assert rows.min() == cols.min() == 0
+    assert (rows.max(), cols.max()) == (grid.height - 1, grid.width - 1)
+    assert grid.transform @ (0, 0) == pytest.approx((grid.bounds.left, grid.bounds.top))
 
 
 def test_raster_grid_continues_across_the_antimeridian() -> None:
@@ -284,5 +318,7 @@ def test_raster_grid_continues_across_the_antimeridian() -> None:
     assert (grid.width, grid.height) == (3, 2)
     assert grid.bounds.left == pytest.approx(mercantile.xy_bounds(last, 10, zoom).left)
     assert grid.bounds.right == pytest.approx(WORLD_HALF_WIDTH_M + 2 * 2 * WORLD_HALF_WIDTH_M / 2**zoom)
+    _, cols = grid.cells(crossing.x, crossing.y)
+    assert cols.tolist() == [0, 1, 2]
     with pytest.raises(TilingError, match="empty"):
         raster_grid(TileCover(zoom, np.array([], dtype=np.int64), np.array([], dtype=np.int64)))

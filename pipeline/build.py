@@ -1,0 +1,175 @@
+"""Where a build starts: every input checked, the plan made once, and one summary of it for people.
+
+`plan_build` is shared by the workflow and by `python -m pipeline plan`: the same defaults (config/schema.json),
+the same resolution check, the same tiles. `start_build` is what the Snakefile runs when it starts: it refuses
+bad input with one `Sat2SoundError` line before any job, then writes settings.json and plan.npz (each only
+when its content changes, so that Snakefile reruns follow content, not time).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+from pyproj import Geod
+
+from model import MODEL_INPUT_PX
+from pipeline.config import BuildConfig, PlanInputs, write_settings
+from pipeline.errors import OutputDirError
+from pipeline.geometry import (
+    WEB_MERCATOR,
+    ground_resolution_m,
+    imagery_zoom,
+    lnglat_of_mercator,
+    mercator_scale,
+    region_latitude,
+    tile_ground_size_m,
+)
+from pipeline.imagery import FetchEstimate
+from pipeline.model_setup import model_config, untrained_notice
+from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
+from pipeline.queries import check_query_files
+from pipeline.regions import parse_region
+
+BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
+SETTINGS_NAME = "settings.json"
+PLAN_NAME = "plan.npz"
+
+
+class PlannedBuild(NamedTuple):
+    plan: Plan
+    chunks: list[ChunkTiles]
+    downloads: FetchEstimate | None
+    # The share of chunks the download estimate was counted on (1.0: all of them, else extrapolated).
+    counted_share: float
+
+
+def plan_build(inputs: PlanInputs, *, limit_hint: str = BUILD_LIMIT_HINT) -> PlannedBuild:
+    """Parse the region, check the imagery against the model's view, tile the region and count downloads."""
+    view = ModelView.of(model_config(inputs.model).sat_type, inputs.model.zoom_level)
+    region = parse_region(inputs.region)
+    with inputs.imagery.open_reader() as reader:
+        fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
+        plan, chunks = make_plan(region, view, inputs.tiling, fit, limit_hint=limit_hint)
+        downloads, share = estimate_downloads(reader, chunks)
+    return PlannedBuild(plan, chunks, downloads, share)
+
+
+def check_output_dir(folder: Path) -> None:
+    """Create `folder` if needed and make sure files can be written into it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot write into the output folder {folder} ({exc.strerror}); set output_dir to a writable folder"
+        ) from None
+
+
+def start_build(config: BuildConfig) -> PlannedBuild:
+    """Check every input, then write the build's settings.json and plan.npz; raises one Sat2SoundError line."""
+    check_query_files(config.queries)
+    planned = plan_build(config.plan_inputs)
+    check_output_dir(config.build_dir)
+    write_settings(config, config.build_dir / SETTINGS_NAME)
+    write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)
+    return planned
+
+
+def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:
+    """A short summary with units, one fact per line."""
+    plan = planned.plan
+    view, grid, lat = plan.view, plan.grid, plan.latitude
+    area_m2 = abs(Geod(ellps="WGS84").geometry_area_perimeter(plan.region.geometry)[0])
+    left, bottom, right, top = grid.bounds
+    (west, east), (south, north) = lnglat_of_mercator([left, right], [bottom, top])
+    offset = plan.zoom - plan.auto_zoom
+    zoom = f"zoom {plan.zoom}" + (f" ({plan.auto_zoom} + tile_zoom_offset {offset})" if offset else "")
+    lines = [
+        f"Region         {plan.region.name}: {_format_area(area_m2)} around latitude {_format_lat(lat)}",
+        f"Model view     {view.sat_type} zoom level {view.zoom_level}: {_format_length(view.size_m)}"
+        f" squares, {view.gsd_m:.2f} m/px at {MODEL_INPUT_PX} px",
+        f"Output tiles   {plan.tile_count:,} at {zoom}",
+        f"Chunks         {len(plan.chunk_ids):,} at zoom {plan.chunk_zoom}"
+        f" (up to {4 ** (plan.zoom - plan.chunk_zoom):,} tiles each)",
+        f"Output raster  {grid.width:,} x {grid.height:,} px in {WEB_MERCATOR},"
+        f" {_format_length(tile_ground_size_m(plan.zoom, lat))}/px true GSD at {_format_lat(lat)};"
+        f" extent {_format_lon(float(west))} {_format_lat(float(south))} to"
+        f" {_format_lon(float(east))} {_format_lat(float(north))}",
+        *_describe_imagery(planned, offline),
+        f"Attribution    {plan.imagery.attribution or '(none given)'}",
+    ]
+    return lines
+
+
+def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
+    plan, downloads = planned.plan, planned.downloads
+    fit = plan.imagery
+    resolution = f"{fit.native_gsd_m:.3g} m/px"
+    if downloads is None:
+        return [f"Imagery        {fit.source_id} at {resolution}: read on demand, nothing to download up front"]
+    zooms = (
+        f"zoom {downloads.min_zoom}"
+        if downloads.min_zoom == downloads.max_zoom
+        else f"zooms {downloads.min_zoom}-{downloads.max_zoom}"
+    )
+    approx = "~" if planned.counted_share < 1.0 else ""
+    missing = downloads.tiles - downloads.cached
+    fetch = (
+        f"{approx}{missing:,} missing (offline: read as no imagery)"
+        if offline
+        else f"{approx}{missing:,} to fetch, ~{format_bytes(downloads.bytes_to_fetch)}"
+    )
+    gsd_m = ground_resolution_m(downloads.max_zoom, plan.latitude)
+    lines = [
+        f"Imagery        {fit.source_id} at {zooms} ({gsd_m:.2f} m/px true GSD at {_format_lat(plan.latitude)}):"
+        f" {approx}{downloads.tiles:,} tiles, {approx}{downloads.cached:,} cached, {fetch}"
+    ]
+    if approx:
+        lines.append(f"               (counted on {planned.counted_share:.0%} of the chunks and scaled up)")
+    wanted = imagery_zoom(plan.view.gsd_m * mercator_scale(plan.latitude))
+    if wanted > downloads.source_max_zoom:
+        lines.append(
+            f"               (the source stops at zoom {downloads.source_max_zoom}: coarser than the model's"
+            f" {plan.view.gsd_m:.2f} m/px)"
+        )
+    return lines
+
+
+def start_lines(config: BuildConfig, planned: PlannedBuild) -> list[str]:
+    """What the workflow prints when it starts: the build folder, the plan, and plainly when the model is untrained."""
+    lines = [
+        f"build {config.build_dir}: {len(config.queries)} queries",
+        *describe(planned, offline=config.imagery.offline),
+    ]
+    if config.model.untrained:
+        lines.append(untrained_notice(config.model.sat_type, config.model.seed))
+    return lines
+
+
+def _format_lat(lat: float) -> str:
+    return f"{abs(lat):.4f}°{'N' if lat >= 0 else 'S'}"
+
+
+def _format_lon(lon: float) -> str:
+    return f"{abs(lon):.4f}°{'E' if lon >= 0 else 'W'}"
+
+
+def _format_length(metres: float) -> str:
+    return f"{metres / 1000:.1f} km" if metres >= 10_000 else f"{metres:,.0f} m"
+
+
+def _format_area(square_metres: float) -> str:
+    return f"{square_metres / 1e6:,.1f} km²" if square_metres >= 1e5 else f"{square_metres:,.0f} m²"
+
+
+def format_bytes(count: int) -> str:
+    """Decimal units (kB, MB, GB) as disks and downloads are sized."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000.0:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000.0
+    return f"{value:.1f} TB"
