@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyproj import Geod
 
@@ -26,11 +26,13 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
-from pipeline.imagery import FetchEstimate
 from pipeline.model_setup import model_config, untrained_notice
 from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
 from pipeline.queries import check_query_files
 from pipeline.regions import parse_region
+
+if TYPE_CHECKING:
+    from pipeline.imagery import FetchEstimate
 
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"

@@ -43,9 +43,7 @@ def upstream_state_dict(manifest: dict[str, Any]) -> Callable[[str], OrderedDict
 
 
 @pytest.fixture(scope="session")
-def upstream_ckpt_path(
-    manifest: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[str], Path]:
+def upstream_ckpt_path(manifest: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """`fn(config_name)` -> path of the synthetic upstream .ckpt (~600 MB), written on first use only."""
     folder = tmp_path_factory.mktemp("upstream_ckpt")
 

@@ -28,7 +28,7 @@ import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
 from rasterio.transform import from_bounds
 
-from pipeline.build_plan import BuildPlan
+from pipeline.plan import Plan
 from pipeline.geometry import WEB_MERCATOR
 from pipeline.model_setup import ModelRecord
 from pipeline.queries import QueryEmbeddings
@@ -74,13 +74,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 class ChunkFiles:
     """The per-chunk npz files of a build, where their tiles sit in the grid and which blocks they touch."""
 
-    def __init__(self, plan: BuildPlan, chunks_dir: Path, scores_dir: Path, block_px: int) -> None:
+    def __init__(self, plan: Plan, chunks_dir: Path, scores_dir: Path, block_px: int) -> None:
         self.chunks_dir = chunks_dir
         self.scores_dir = scores_dir
         self.block_px = block_px
         self._positions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._by_block: dict[tuple[int, int], list[str]] = {}
-        for chunk in plan.chunks:
+        for chunk in plan.chunk_ids:
             row, col = self.chunk_arrays(chunk, "row", "col")
             self._positions[chunk] = (row, col)
             for block in set(zip((row // block_px).tolist(), (col // block_px).tolist(), strict=True)):
@@ -198,11 +198,11 @@ def grid_variables(
 
 
 def soundscape_dataset(
-    plan: BuildPlan, files: ChunkFiles, queries: QueryEmbeddings, top_k: int, dim: int
+    plan: Plan, files: ChunkFiles, queries: QueryEmbeddings, top_k: int, dim: int
 ) -> xr.Dataset:
     """The lazy region-wide Dataset (chunk files are read only as it is written)."""
     grid = plan.grid
-    sorted_scores = sorted_valid_scores(files, plan.chunks, len(queries.ids))
+    sorted_scores = sorted_valid_scores(files, plan.chunk_ids, len(queries.ids))
     variables = grid_variables(files, queries, sorted_scores, top_k, dim)
     data_vars = {
         name: xr.Variable(variable.dims, _lazy_array(files, variable, grid.height, grid.width), VARIABLE_ATTRS[name])
@@ -224,7 +224,7 @@ def soundscape_dataset(
 
 
 def provenance(
-    record: ModelRecord, plan: BuildPlan, queries: QueryEmbeddings, config: Mapping[str, Any]
+    record: ModelRecord, plan: Plan, queries: QueryEmbeddings, config: Mapping[str, Any]
 ) -> dict[str, Any]:
     query_list = [
         {"id": query_id, "kind": kind, "text": text or None, "audio": audio or None}
@@ -235,9 +235,9 @@ def provenance(
         "checkpoint": record.checkpoint,
         "checkpoint_sha256": record.sha256,
         "untrained": record.untrained,
-        "sat_type": plan.sat_type,
-        "zoom_level": plan.zoom_level,
-        "tile_zoom": plan.tile_zoom,
+        "sat_type": plan.view.sat_type,
+        "zoom_level": plan.view.zoom_level,
+        "tile_zoom": plan.zoom,
         "queries": json.dumps(query_list),
         "config": json.dumps(config, sort_keys=True),
         "imagery_source": plan.imagery.source,

@@ -1,4 +1,4 @@
-"""The plan: tile, chunk and imagery counts for a region, its printout, and the `python -m pipeline` CLI."""
+"""The plan: tiles, chunks, grid and imagery of a region, its file, its printout, and the `python -m pipeline` CLI."""
 
 from __future__ import annotations
 
@@ -9,50 +9,76 @@ import sys
 from pathlib import Path
 
 import mercantile
+import numpy as np
 import pytest
+import yaml
 
 from pipeline import plan as plan_module
-from pipeline.__main__ import main
-from pipeline.errors import TilingError, TooManyTilesError
-from pipeline.geometry import Bounds
+from pipeline.__main__ import main, parse_size
+from pipeline.build import PlannedBuild, describe, format_bytes, plan_build
+from pipeline.config import DEFAULT_CONFIG_PATH, ImagerySettings, TilingSettings, load_build_config
+from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
+from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
-from pipeline.plan import format_bytes, format_plan, make_plan, parse_size
+from pipeline.plan import (
+    ImageryFit,
+    ModelView,
+    Plan,
+    check_imagery,
+    estimate_downloads,
+    fitting_zoom_level,
+    make_plan,
+    read_chunk,
+    read_plan,
+    write_plan,
+)
 from pipeline.regions import Region, parse_region
 
+REPO = Path(__file__).resolve().parents[2]
+LANDSAT = REPO / "examples" / "landsat8_itaipu_30m.tif"
+WORLD_M = 2 * math.pi * 6378137.0
 TYPICAL_TILE_BYTES = 20_000
-# Nothing listens on port 9 (discard); offline runs never connect anyway.
-OFFLINE_TEMPLATE = "xyz:http://127.0.0.1:9/{z}/{x}/{y}.png"
-
-
-class TileServerStandIn:
-    """The XYZ reader's planning surface, answering from mercantile alone (no network, no cache)."""
-
-    source_id = "stand-in-imagery"
-    attribution = "Stand-in imagery for tests"
-    typical_tile_bytes = TYPICAL_TILE_BYTES
-
-    def __init__(self, max_zoom: int = 19, cached: frozenset[mercantile.Tile] = frozenset()) -> None:
-        self.max_zoom = max_zoom
-        self.cached = cached
-
-    def source_tiles(self, bounds: Bounds, zoom: int) -> list[mercantile.Tile]:
-        west, south = mercantile.lnglat(bounds.left, bounds.bottom)
-        east, north = mercantile.lnglat(bounds.right, bounds.top)
-        return list(mercantile.tiles(west, south, east, north, zooms=zoom))
-
-    def is_cached(self, tile: mercantile.Tile) -> bool:
-        return tile in self.cached
-
-
-class RasterStandIn:
-    """A reader without a tile pyramid (like a local GeoTIFF)."""
-
-    source_id = "local-raster"
-    attribution = "Local scene"
+# Nothing listens on port 9 (discard); offline runs and estimates never connect anyway.
+OFFLINE_URL = "http://127.0.0.1:9/{z}/{x}/{y}.png"
+OFFLINE_TEMPLATE = f"xyz:{OFFLINE_URL}"
+FIT = ImageryFit("test", "test-source", "test attribution", 0.5, True)
+LIMIT_HINT = "the way out"
 
 
 def _st_louis() -> Region:
     return parse_region("St. Louis")
+
+
+def plan_of(
+    region: Region,
+    sat_type: str = "bingmap",
+    zoom_level: int = 1,
+    *,
+    offset: int = 0,
+    chunk_zoom: int | None = None,
+    max_tiles: int | None = 250_000,
+) -> tuple[Plan, list[plan_module.ChunkTiles]]:
+    tiling = TilingSettings(offset, chunk_zoom, max_tiles)
+    return make_plan(region, ModelView.of(sat_type, zoom_level), tiling, FIT, limit_hint=LIMIT_HINT)
+
+
+def offline_server(cache_dir: Path, max_zoom: int = 19) -> XYZReader:
+    return XYZReader(
+        OFFLINE_URL,
+        cache=TileCache(cache_dir),
+        offline=True,
+        max_zoom=max_zoom,
+        source_id="stand-in",
+        attribution="Stand-in imagery for tests",
+        typical_tile_bytes=TYPICAL_TILE_BYTES,
+    )
+
+
+def planned_with(reader: XYZReader | LocalRasterReader, region: Region, **options: object) -> PlannedBuild:
+    plan, chunks = plan_of(region, **options)  # type: ignore[arg-type]
+    plan = plan._replace(imagery=plan.imagery._replace(source_id=reader.source_id, attribution=reader.attribution))
+    downloads, share = estimate_downloads(reader, chunks)
+    return PlannedBuild(plan, chunks, downloads, share)
 
 
 def _expected_source_tiles(region: Region, output_zoom: int, imagery_zoom: int) -> set[mercantile.Tile]:
@@ -69,96 +95,202 @@ def _expected_source_tiles(region: Region, output_zoom: int, imagery_zoom: int) 
     return needed
 
 
-def test_plan_counts_tiles_chunks_and_imagery_for_a_city() -> None:
+# --- tiles, chunks, grid ---------------------------------------------------------------------------------
+
+
+def test_plan_tiles_chunks_and_grid_of_a_city() -> None:
     region = _st_louis()
-    result = make_plan(region, TileServerStandIn())
-    # 180 m squares at 38.6°N: z17 tiles are 239 m on the ground, z18 imagery 0.47 m/px <= 0.80 m/px.
-    assert result.tile_cover.zoom == 17
+    plan, chunks = plan_of(region)
+    # 180 m squares at 38.6°N: z17 tiles are 239 m on the ground.
+    assert plan.zoom == plan.auto_zoom == 17
     west, south, east, north = region.geometry.bounds
     bbox_tiles = list(mercantile.tiles(west, south, east, north, zooms=17))
-    assert len(result.tile_cover) == len(bbox_tiles)
-    assert result.chunk_zoom == 11
-    assert set(result.chunks) == {mercantile.parent(tile, zoom=11) for tile in bbox_tiles}
-    imagery = result.imagery
-    assert imagery is not None
-    assert (imagery.min_zoom, imagery.max_zoom) == (18, 18)
-    assert imagery.tiles == len(_expected_source_tiles(region, 17, 18))
-    assert imagery.cached == 0
-    assert imagery.bytes_to_fetch == imagery.tiles * TYPICAL_TILE_BYTES
-    assert not imagery.extrapolated
-    assert (result.grid.width, result.grid.height) == (
+    assert plan.tile_count == len(bbox_tiles) == sum(len(chunk) for chunk in chunks)
+    assert plan.chunk_zoom == 11
+    assert set(plan.chunk_ids) == {plan_module.chunk_id(mercantile.parent(tile, zoom=11)) for tile in bbox_tiles}
+    assert (plan.grid.width, plan.grid.height) == (
         max(tile.x for tile in bbox_tiles) - min(tile.x for tile in bbox_tiles) + 1,
         max(tile.y for tile in bbox_tiles) - min(tile.y for tile in bbox_tiles) + 1,
     )
 
 
-def test_plan_counts_cached_tiles() -> None:
-    region = _st_louis()
-    needed = sorted(_expected_source_tiles(region, 17, 18))
-    cached = frozenset(needed[::3]) | {mercantile.Tile(0, 0, 18)}
-    imagery = make_plan(region, TileServerStandIn(cached=cached)).imagery
-    assert imagery is not None
-    assert imagery.cached == len(needed[::3])
-    assert imagery.bytes_to_fetch == (len(needed) - len(needed[::3])) * TYPICAL_TILE_BYTES
+def test_each_chunk_lists_its_tiles_views_cells_and_centres() -> None:
+    region = parse_region("-72.2245,18.5035,-72.2015,18.5245")
+    plan, chunks = plan_of(region, zoom_level=5, offset=2, chunk_zoom=15)
+    assert len(chunks) >= 2
+    seen = set()
+    for chunk in chunks:
+        z, x, y = (int(part) for part in chunk.id.split("_"))
+        for index in range(len(chunk)):
+            tile = mercantile.Tile(int(chunk.x[index]), int(chunk.y[index]), plan.zoom)
+            assert mercantile.parent(tile, zoom=z) == mercantile.Tile(x, y, z)
+            left, bottom, right, top = mercantile.xy_bounds(tile)
+            centre = mercantile.lnglat((left + right) / 2, (bottom + top) / 2)
+            assert (chunk.lon[index], chunk.lat[index]) == pytest.approx((centre.lng, centre.lat), abs=1e-9)
+            half = 900.0 / 2 / math.cos(math.radians(centre.lat))
+            expected_view = ((left + right) / 2 - half, (bottom + top) / 2 - half, (left + right) / 2 + half)
+            assert tuple(chunk.views[index][:3]) == pytest.approx(expected_view, abs=1e-6)
+            assert (chunk.row[index], chunk.col[index]) == (tile.y - plan.grid.top_row, tile.x - plan.grid.first_column)
+            seen.add(tile)
+    assert len(seen) == plan.tile_count
 
 
-def test_plan_caps_imagery_at_the_source_max_zoom() -> None:
-    result = make_plan(_st_louis(), TileServerStandIn(max_zoom=16))
-    assert result.imagery is not None
-    assert (result.imagery.min_zoom, result.imagery.max_zoom) == (16, 16)
-    assert "source stops at zoom 16: coarser than the model's 0.80 m/px" in format_plan(result)
+def test_tile_zoom_offset_refines_the_automatic_zoom() -> None:
+    region = parse_region("-54.664,-25.489,-54.354,-25.208")
+    auto, _ = plan_of(region, "sentinel", 3)
+    finer, _ = plan_of(region, "sentinel", 3, offset=2)
+    assert finer.zoom == auto.zoom + 2 == auto.auto_zoom + 2
+    assert finer.grid.pixel_m == pytest.approx(WORLD_M / 2**finer.zoom)
+    assert finer.tile_count > 10 * auto.tile_count
+
+
+@pytest.mark.filterwarnings("ignore::pipeline.errors.RegionWarning")  # the second bbox crosses ±180°
+@pytest.mark.parametrize("region_spec", ["-72.2245,18.5035,-72.2015,18.5245", "179.99,-0.01,-179.99,0.01"])
+def test_grid_cells_put_each_tile_on_its_own_pixel(region_spec: str) -> None:
+    plan, chunks = plan_of(parse_region(region_spec), zoom_level=5, offset=2)
+    size = plan.grid.pixel_m
+    cells = set()
+    for chunk in chunks:
+        for x, y, row, col in zip(chunk.x, chunk.y, chunk.row, chunk.col, strict=True):
+            left, _, _, top = mercantile.xy_bounds(mercantile.Tile(int(x), int(y), plan.zoom))
+            # Past the antimeridian the grid continues east of +180°: the pixel is one world east of the tile.
+            worlds = (plan.grid.bounds.left + col * size - left) / WORLD_M
+            assert worlds == pytest.approx(round(worlds), abs=1e-9)
+            assert plan.grid.bounds.top - row * size == pytest.approx(top, abs=1e-3)
+            assert 0 <= row < plan.grid.height and 0 <= col < plan.grid.width
+            cells.add((int(row), int(col)))
+    assert len(cells) == plan.tile_count
 
 
 def test_plan_follows_sat_type_zoom_level_and_chunk_zoom() -> None:
-    result = make_plan(_st_louis(), TileServerStandIn(), sat_type="sentinel", zoom_level=1, chunk_zoom=9)
+    plan, chunks = plan_of(_st_louis(), "sentinel", 1, chunk_zoom=9)
     # 2,560 m squares at 38.6°N: z14 tiles are 1.9 km, z13 3.8 km on the ground.
-    assert result.tile_cover.zoom == 14
-    assert result.chunk_zoom == 9
-    assert all(chunk.z == 9 for chunk in result.chunks)
+    assert (plan.zoom, plan.chunk_zoom) == (14, 9)
+    assert all(chunk.id.startswith("9_") for chunk in chunks)
     with pytest.raises(TilingError, match=r"chunk zoom 18 is outside 0\.\.17"):
-        make_plan(_st_louis(), TileServerStandIn(), chunk_zoom=18)
+        plan_of(_st_louis(), chunk_zoom=18)
 
 
-def test_plan_refuses_large_regions_unless_allowed() -> None:
+def test_plan_refuses_large_regions_with_the_callers_hint() -> None:
     region = _st_louis()
-    with pytest.raises(TooManyTilesError, match=r"more than 100 tiles at zoom 17.*--allow-large"):
-        make_plan(region, TileServerStandIn(), max_tiles=100)
-    assert len(make_plan(region, TileServerStandIn(), max_tiles=None).tile_cover) > 100
+    with pytest.raises(
+        TooManyTilesError, match=r"region 'St. Louis' needs more than 100 tiles at zoom 17; the way out"
+    ):
+        plan_of(region, max_tiles=100)
+    assert plan_of(region, max_tiles=None)[0].tile_count > 100
 
 
-def test_plan_without_tile_pyramid_has_no_download_estimate() -> None:
-    result = make_plan(_st_louis(), RasterStandIn())
-    assert result.imagery is None
-    assert "local-raster: read on demand" in format_plan(result)
+# --- the plan file ---------------------------------------------------------------------------------------
 
 
-def test_large_plans_extrapolate_imagery_from_sampled_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.filterwarnings("ignore::pipeline.errors.RegionWarning")
+def test_the_plan_file_round_trips_and_is_rewritten_only_when_the_plan_changes(tmp_path: Path) -> None:
+    path = tmp_path / "plan.npz"
+    plan, chunks = plan_of(parse_region("179.99,-0.01,-179.99,0.01"), zoom_level=5, offset=2)
+    assert write_plan(path, plan, chunks)
+    stamp = path.stat().st_mtime_ns
+    assert read_plan(path) == plan
+    for chunk in chunks:
+        stored = read_chunk(path, chunk.id)
+        for name in stored._fields[1:]:
+            np.testing.assert_array_equal(getattr(stored, name), getattr(chunk, name))
+    again, again_chunks = plan_of(parse_region("179.99,-0.01,-179.99,0.01"), zoom_level=5, offset=2)
+    assert not write_plan(path, again, again_chunks)
+    assert path.stat().st_mtime_ns == stamp
+    finer, finer_chunks = plan_of(parse_region("179.99,-0.01,-179.99,0.01"), zoom_level=5, offset=3)
+    assert write_plan(path, finer, finer_chunks)
+    assert read_plan(path).zoom == plan.zoom + 1
+
+
+# --- imagery: fit and downloads --------------------------------------------------------------------------
+
+
+def test_fitting_zoom_level_is_the_first_whose_view_is_as_coarse_as_the_imagery() -> None:
+    # sentinel: 256 px x 10 m per zoom level over 224 px = 11.43 m/px per level.
+    assert fitting_zoom_level(30.0, "sentinel") == 3
+    assert fitting_zoom_level(11.0, "sentinel") == 1
+    assert fitting_zoom_level(0.3, "bingmap") == 1
+
+
+def test_imagery_up_to_one_and_a_half_times_coarser_fits(tmp_path: Path) -> None:
+    view = ModelView.of("bingmap", 5)
+    model_m = 5 * 300 * 0.6 / 224
+    assert view.gsd_m == pytest.approx(model_m)
+    with offline_server(tmp_path) as reader:
+        settings = ImagerySettings("xyz", {}, str(tmp_path), True, 1.5 * model_m, 0.5)
+        fit = check_imagery(reader, settings, view, 40.0)
+        assert (fit.native_gsd_m, fit.fetches_ahead, fit.source_id) == (1.5 * model_m, True, "stand-in")
+        with pytest.raises(ImageryMismatchError) as raised:
+            check_imagery(reader, ImagerySettings("xyz", {}, str(tmp_path), True, 1.51 * model_m, 0.5), view, 40.0)
+    message = str(raised.value)
+    assert f"expects {model_m:.3g} m/px" in message and "set model.zoom_level: 8" in message
+
+
+def test_a_local_raster_is_read_on_demand_and_checked_at_its_own_resolution() -> None:
+    with LocalRasterReader(LANDSAT) as landsat:
+        settings = ImagerySettings(str(LANDSAT), {}, "tiles_cache", False, None, 0.5)
+        fit = check_imagery(landsat, settings, ModelView.of("sentinel", 3), -25.3)
+        assert fit.native_gsd_m == pytest.approx(30.0, rel=0.01) and not fit.fetches_ahead
+        with pytest.raises(ImageryMismatchError, match=r"set model\.zoom_level: 3"):
+            check_imagery(landsat, settings, ModelView.of("sentinel", 1), -25.3)
+        planned = planned_with(landsat, _st_louis())
+    assert planned.downloads is None
+    assert f"{landsat.source_id} at 30 m/px: read on demand" in "\n".join(describe(planned))
+
+
+def test_plan_counts_imagery_downloads_and_cached_tiles(tmp_path: Path) -> None:
+    region = _st_louis()
+    needed = sorted(_expected_source_tiles(region, 17, 18))
+    with offline_server(tmp_path) as reader:
+        for tile in needed[::3]:
+            reader.cache.put(reader.cache_key(tile), b"cached")
+        downloads = planned_with(reader, region).downloads
+    # 180 m squares seen at 0.80 m/px: z18 imagery is 0.47 m/px at 38.6°N.
+    assert downloads is not None
+    assert (downloads.min_zoom, downloads.max_zoom) == (18, 18)
+    assert downloads.tiles == len(needed)
+    assert downloads.cached == len(needed[::3])
+    assert downloads.bytes_to_fetch == (len(needed) - len(needed[::3])) * TYPICAL_TILE_BYTES
+
+
+def test_plan_caps_imagery_at_the_source_max_zoom(tmp_path: Path) -> None:
+    with offline_server(tmp_path, max_zoom=16) as reader:
+        planned = planned_with(reader, _st_louis())
+    assert planned.downloads is not None
+    assert (planned.downloads.min_zoom, planned.downloads.max_zoom) == (16, 16)
+    assert "source stops at zoom 16: coarser than the model's 0.80 m/px" in "\n".join(describe(planned))
+
+
+def test_large_plans_extrapolate_downloads_from_sampled_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     region = parse_region("38.627,-90.199,6km")
-    exact = make_plan(region, TileServerStandIn(), chunk_zoom=13).imagery
-    monkeypatch.setattr(plan_module, "EXACT_IMAGERY_FOOTPRINTS", 400)
-    sampled = make_plan(region, TileServerStandIn(), chunk_zoom=13).imagery
-    assert exact is not None and sampled is not None
-    assert sampled.extrapolated and not exact.extrapolated
-    assert sampled.sampled_chunks < sampled.chunks == exact.chunks
-    assert sampled.tiles == pytest.approx(exact.tiles, rel=0.15)
+    with offline_server(tmp_path) as reader:
+        exact = planned_with(reader, region, chunk_zoom=13)
+        monkeypatch.setattr(plan_module, "EXACT_ESTIMATE_TILES", 400)
+        sampled = planned_with(reader, region, chunk_zoom=13)
+    assert exact.downloads is not None and sampled.downloads is not None
+    assert exact.counted_share == 1.0 and 0 < sampled.counted_share < 1
+    assert sampled.downloads.tiles == pytest.approx(exact.downloads.tiles, rel=0.15)
+    assert "(counted on" in "\n".join(describe(sampled))
 
 
-def test_printout_is_short_and_has_units() -> None:
-    result = make_plan(_st_louis(), TileServerStandIn())
-    text = format_plan(result)
-    lines = text.splitlines()
+def test_printout_is_short_and_has_units(tmp_path: Path) -> None:
+    with offline_server(tmp_path) as reader:
+        planned = planned_with(reader, _st_louis())
+    plan = planned.plan
+    lines = describe(planned)
+    text = "\n".join(lines)
     assert len(lines) <= 8
     # The St. Louis square is 0.035° x 0.030°: about 3.05 km x 3.33 km at 38.6°N.
     area = re.match(r"Region         St\. Louis: (\d+\.\d) km² around latitude 38\.6250°N$", lines[0])
     assert area is not None
     assert float(area.group(1)) == pytest.approx(10.15, abs=0.1)
-    assert f"Output tiles   {len(result.tile_cover)} at zoom 17" in text
-    assert f"Output raster  {result.grid.width} x {result.grid.height} px in EPSG:3857, 239 m/px true GSD" in text
+    assert f"Output tiles   {plan.tile_count} at zoom 17" in text
+    assert f"Output raster  {plan.grid.width} x {plan.grid.height} px in EPSG:3857, 239 m/px true GSD" in text
     assert "180 m squares, 0.80 m/px at 224 px" in text
     assert "at zoom 18 (0.47 m/px true GSD at 38.62" in text
-    assert f"{result.imagery.tiles:,} tiles, 0 cached" in text
+    assert planned.downloads is not None and f"{planned.downloads.tiles:,} tiles, 0 cached" in text
     assert "Attribution    Stand-in imagery for tests" in text
-    assert "missing (offline" in format_plan(result, offline=True)
+    assert "missing (offline" in "\n".join(describe(planned, offline=True))
 
 
 @pytest.mark.parametrize(
@@ -211,6 +343,8 @@ def test_cli_plans_a_city_offline(capsys: pytest.CaptureFixture[str], tmp_path: 
         "plan",
         "--region",
         "St. Louis",
+        "--sat-type",
+        "bingmap",
         "--imagery",
         OFFLINE_TEMPLATE,
         "--offline",
@@ -225,11 +359,14 @@ def test_cli_plans_a_city_offline(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_cli_refuses_a_large_region_unless_allowed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     common = ("plan", "--region", "Belgium", "--imagery", OFFLINE_TEMPLATE, "--offline", "--cache-dir", str(tmp_path))
+    common = (*common, "--sat-type", "bingmap")
     status, out, err = _run_cli(capsys, *common)
     assert (status, out) == (2, "")
     assert err.startswith("error: region 'Belgium' needs more than 250,000 tiles at zoom 17;")
     assert "--allow-large" in err
-    status, out, err = _run_cli(capsys, *common, "--sat-type", "sentinel", "--zoom-level", "5", "--max-tiles", "10")
+    status, out, err = _run_cli(
+        capsys, *common[:-2], "--sat-type", "sentinel", "--zoom-level", "5", "--max-tiles", "10"
+    )
     assert (status, out) == (2, "")
     assert "more than 10 tiles at zoom 11" in err
 
@@ -290,19 +427,22 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     assert completed.stderr.count("\n") == 1
 
 
-def test_plan_and_build_tile_a_region_alike() -> None:
-    from pipeline.build_plan import make_build_plan
-    from pipeline.config import TilingSettings
-    from pipeline.gsd import ImageryFit
+def test_cli_refuses_imagery_too_coarse_for_the_model_as_the_build_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, out, err = _run_cli(
+        capsys, "plan", "--region", "-54.6,-25.4,-54.5,-25.3", "--imagery", str(LANDSAT), "--sat-type", "bingmap"
+    )
+    assert (status, out) == (2, "")
+    assert "has 30 m/px but a bingmap model at zoom_level 1 expects 0.804 m/px" in err and err.count("\n") == 1
 
-    region = _st_louis()
-    fit = ImageryFit("stand-in", "stand-in", "", 0.5, 0.8)
-    for offset in (0, 2):
-        planned = make_plan(region, TileServerStandIn(), sat_type="bingmap", zoom_level=1, zoom_offset=offset)
-        built = make_build_plan(region, "bingmap", 1, TilingSettings(offset, None, 250_000), fit)
-        assert (planned.tile_cover.zoom, len(planned.tile_cover), planned.grid) == (
-            built.tile_zoom,
-            built.tile_count,
-            built.grid,
-        )
-        assert len(planned.chunks) == len(built.chunks)
+
+def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, out, err = _run_cli(capsys, "plan", "--config", str(DEFAULT_CONFIG_PATH))
+    assert (status, err) == (0, "")
+    config = load_build_config(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()))
+    planned = plan_build(config.plan_inputs)
+    assert out.splitlines() == describe(planned)
+    status, out, err = _run_cli(capsys, "plan", "--config", str(DEFAULT_CONFIG_PATH), "--tile-zoom-offset", "-3")
+    assert (status, out) == (2, "")
+    assert err.startswith("error: config.tiling.tile_zoom_offset: -3 is less than the minimum of 0")

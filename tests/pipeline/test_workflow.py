@@ -39,6 +39,7 @@ from model.metadata import Metadata
 from model.sat2sound import Sat2Sound
 from pipeline.geometry import Bounds
 from pipeline.imagery import open_reader
+from pipeline.plan import read_plan
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -60,9 +61,7 @@ SCORE_ATOL = 3e-3  # embeddings are stored as float16
 RUN_TIMEOUT_S = 240
 
 
-def snakemake(
-    work: Path, config: Path, *extra: str, profile: str = LOCAL_PROFILE
-) -> subprocess.CompletedProcess[str]:
+def snakemake(work: Path, config: Path, *extra: str, profile: str = LOCAL_PROFILE) -> subprocess.CompletedProcess[str]:
     command = [*SNAKEMAKE, "--profile", profile, "--configfile", str(config), *extra]
     return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
@@ -233,13 +232,8 @@ def test_scores_equal_direct_model_calls(
     sampled = [tile for tile in tiles if in_region(tile) and valid[tile.y - first_y, tile.x - first_x]][::3]
     template = f"xyz:{server.url}/png/{{z}}/{{x}}/{{y}}.png"
     with open_reader(template, cache_dir=tmp_path, max_zoom=IMAGERY_ZOOM) as reader:
-        images = np.stack(
-            [np.ma.filled(reader.part(view_bounds(tile), 224, 224).array, 0) for tile in sampled]
-        )
-    centres = [
-        mercantile.lnglat(*np.mean(np.reshape(mercantile.xy_bounds(tile), (2, 2)), axis=0))
-        for tile in sampled
-    ]
+        images = np.stack([np.ma.filled(reader.part(view_bounds(tile), 224, 224).array, 0) for tile in sampled])
+    centres = [mercantile.lnglat(*np.mean(np.reshape(mercantile.xy_bounds(tile), (2, 2)), axis=0)) for tile in sampled]
     lon, lat = np.array(centres).T
     meta = Metadata.from_values(lat, lon, month=MONTH, hour=HOUR)
     tile_embeddings = reference_encoder.embed_images(images, zoom_level=ZOOM_LEVEL, metadata=meta).embedding
@@ -265,7 +259,7 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
     config = write_config(work, {**base_config, "queries": [*QUERIES, composed]})
     kept = {
         path: path.stat().st_mtime_ns
-        for pattern in ("chunks/*", "imagery/*", "*.json")
+        for pattern in ("chunks/*", "imagery/*", "model.json", "plan.npz")
         for path in (work / "out/tiny").glob(pattern)
     }
 
@@ -286,9 +280,15 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
     np.testing.assert_allclose(store.score.sel(query="rain").values[valid], tiles @ query, atol=SCORE_ATOL)
 
 
-def test_a_killed_run_resumes_without_redoing_finished_chunks(
-    base_config: dict[str, Any], tmp_path: Path
-) -> None:
+def test_how_jobs_run_never_reruns_a_step(built: Path, base_config: dict[str, Any]) -> None:
+    runtime = {**base_config["model"], "batch_size": 3, "loader_workers": 0, "device": "cpu"}
+    config = write_config(built, {**base_config, "model": runtime})
+    dry_run = snakemake(built, config, "-n")
+    check_ran(dry_run, built)
+    assert "Nothing to be done" in dry_run.stdout + dry_run.stderr, dry_run.stdout
+
+
+def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[str, Any], tmp_path: Path) -> None:
     config = {
         **base_config,
         "name": "resume",
@@ -299,9 +299,7 @@ def test_a_killed_run_resumes_without_redoing_finished_chunks(
     }
     config_path = write_config(tmp_path, config)
     chunks = tmp_path / "out/resume/chunks"
-    target = (
-        "out/resume/soundscape.zarr/.zmetadata"  # the store alone: exports are not what this test is about
-    )
+    target = "out/resume/soundscape.zarr/.zmetadata"  # the store alone: exports are not what this test is about
     command = [
         *SNAKEMAKE,
         "--profile",
@@ -323,7 +321,7 @@ def test_a_killed_run_resumes_without_redoing_finished_chunks(
     written = sorted(chunks.glob("*.npz"), key=lambda path: path.stat().st_mtime_ns)
     # One job runs at a time, so every chunk before the newest was finished and recorded by Snakemake.
     finished = {path: path.stat().st_mtime_ns for path in written[:-1]}
-    planned = json.loads((tmp_path / "out/resume/plan.json").read_text())["chunks"]
+    planned = read_plan(tmp_path / "out/resume/plan.npz").chunk_ids
     assert len(finished) >= 1 and len(written) < len(planned)
 
     check_ran(snakemake(tmp_path, config_path, "--unlock"), tmp_path)
@@ -395,9 +393,7 @@ def test_bad_inputs_stop_with_one_line(case: str, base_config: dict[str, Any], t
     assert "Traceback" not in result.stderr
 
 
-def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(
-    base_config: dict[str, Any], tmp_path: Path
-) -> None:
+def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(base_config: dict[str, Any], tmp_path: Path) -> None:
     result = snakemake(tmp_path, write_config(tmp_path, base_config), "-n", profile=SLURM_PROFILE)
     check_ran(result, tmp_path)
     jobs = result.stdout.split("\nrule ")

@@ -1,0 +1,166 @@
+"""The build config: schema, defaults, one-line errors, and what makes each workflow step rerun."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import soundfile
+import yaml
+from rasterio.warp import transform_bounds
+
+from pipeline.build import check_output_dir
+from pipeline.config import (
+    DEFAULT_CONFIG_PATH,
+    STEP_KEYS,
+    TilingSettings,
+    load_build_config,
+    load_plan_inputs,
+    read_settings,
+    recorded_config,
+    settings_digest,
+    write_settings,
+)
+from pipeline.errors import BuildConfigError, OutputDirError, QueryError
+from pipeline.queries import check_query_files
+from pipeline.regions import parse_region
+
+REPO = Path(__file__).resolve().parents[2]
+LANDSAT = REPO / "examples" / "landsat8_itaipu_30m.tif"
+MINIMAL = {"name": "test", "region": "1,1,1.1,1.1", "queries": [{"id": "birds", "text": "birds"}]}
+STEPS = (*STEP_KEYS, "mosaic")
+
+
+def config_with(**changes: Any) -> dict[str, Any]:
+    return {**json.loads(json.dumps(MINIMAL)), **changes}
+
+
+def digests(config: dict[str, Any]) -> dict[str, str]:
+    loaded = load_build_config(config)
+    return {step: settings_digest(loaded, step) for step in STEPS}
+
+
+def test_missing_keys_take_the_schema_defaults() -> None:
+    config = load_build_config(MINIMAL)
+    assert config.model.checkpoint == "untrained" and config.model.untrained
+    assert config.imagery.source == "esri" and config.imagery.min_coverage == 0.5
+    assert config.tiling == TilingSettings(tile_zoom_offset=0, chunk_zoom=None, max_tiles=250_000)
+    assert config.outputs.concepts_top_k == 3 and config.outputs.crs is None
+    assert config.build_dir == Path("outputs/test")
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"model": {"zoom_level": 0}}, "config.model.zoom_level: 0 is less than the minimum of 1"),
+        ({"model": {"precision": "fp8"}}, "config.model.precision: 'fp8' is not one of"),
+        (
+            {"tiling": {"offset": 1}},
+            "config.tiling: Additional properties are not allowed ('offset' was unexpected)",
+        ),
+        ({"queries": [{"id": "a b", "text": "x"}]}, "config.queries[0].id: 'a b' does not match"),
+        (
+            {"queries": [{"id": "concepts", "text": "x"}]},
+            "config.queries[0].id: 'concepts' should not be valid",
+        ),
+        ({"queries": [{"id": "only_id"}]}, "config.queries[0]"),
+        ({"queries": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "id 'a' is used twice"),
+        ({"queries": []}, "config.queries: [] should be non-empty"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_key(changes: dict[str, Any], words: str) -> None:
+    with pytest.raises(BuildConfigError) as raised:
+        load_build_config(config_with(**changes))
+    message = str(raised.value)
+    assert words in message and "\n" not in message
+
+
+def test_an_empty_config_says_which_file_to_pass() -> None:
+    with pytest.raises(BuildConfigError, match=r"--configfile config\.yaml"):
+        load_build_config({})
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "city.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    load_build_config(yaml.safe_load((DEFAULT_CONFIG_PATH.parent / name).read_text()))
+
+
+def test_adding_a_query_changes_only_the_settings_of_query_steps() -> None:
+    before = digests(MINIMAL)
+    after = digests(config_with(queries=[*MINIMAL["queries"], {"id": "b", "text": "x"}]))
+    assert {step for step in before if before[step] != after[step]} == {"queries", "mosaic"}
+
+
+def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
+    tuned = config_with(
+        model={"batch_size": 7, "loader_workers": 5, "device": "cpu"}, imagery={"cache_dir": "/c", "offline": True}
+    )
+    assert digests(tuned) == digests(MINIMAL)
+    assert recorded_config(load_build_config(tuned)) == recorded_config(load_build_config(MINIMAL))
+
+
+@pytest.mark.parametrize(
+    ("changes", "steps"),
+    [
+        ({"imagery": {"min_coverage": 0.9}}, {"embed", "mosaic"}),
+        ({"model": {"month": 3}}, {"embed", "mosaic"}),
+        ({"model": {"text_backbone": "minilm"}}, {"queries", "mosaic"}),
+        ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "mosaic"}),
+        ({"model": {"seed": 3}}, {"model", "mosaic"}),
+    ],
+)
+def test_each_setting_reruns_the_steps_whose_output_it_changes(changes: dict[str, Any], steps: set[str]) -> None:
+    before, after = digests(MINIMAL), digests(config_with(**changes))
+    assert {step for step in before if before[step] != after[step]} == steps
+
+
+def test_the_settings_file_round_trips_and_is_rewritten_only_on_change(tmp_path: Path) -> None:
+    config = load_build_config(MINIMAL)
+    path = tmp_path / "settings.json"
+    write_settings(config, path)
+    assert read_settings(path) == config
+    stamp = path.stat().st_mtime_ns
+    write_settings(load_build_config(MINIMAL), path)
+    assert path.stat().st_mtime_ns == stamp
+    write_settings(load_build_config(config_with(model={"device": "cpu"})), path)
+    assert read_settings(path).model.device == "cpu"
+
+
+def test_plan_inputs_need_no_name_or_queries_and_share_the_defaults() -> None:
+    inputs = load_plan_inputs({"region": "St. Louis"})
+    assert inputs == replace(load_build_config(config_with(region="St. Louis")).plan_inputs)
+    with pytest.raises(BuildConfigError, match=r"config\.tiling\.tile_zoom_offset: -3 is less than the minimum of 0"):
+        load_plan_inputs({"region": "St. Louis", "tiling": {"tile_zoom_offset": -3}})
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputDirError, match="cannot write into the output folder"):
+        check_output_dir(blocker / "build")
+
+
+def test_query_audio_files_are_checked_before_any_job(tmp_path: Path) -> None:
+    clip = tmp_path / "clip.flac"
+    soundfile.write(clip, np.zeros(1600, np.float32), 16000)
+    config = load_build_config(config_with(queries=[{"id": "ok", "audio": str(clip), "text": "rain"}]))
+    check_query_files(config.queries)
+    assert config.queries[0].kind == "composed" and config.queries[0].label == "clip.flac + rain"
+    broken = tmp_path / "broken.ogg"
+    broken.write_bytes(b"OggS" + bytes(100))
+    with pytest.raises(QueryError, match="cannot read"):
+        check_query_files(replace(config, queries=(replace(config.queries[0], audio=str(broken)),)).queries)
+
+
+def test_landsat_scene_bounds_match_the_default_region() -> None:
+    # The default config maps the bundled scene: its region must lie inside the scene's extent.
+    region = parse_region(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())["region"])
+    with rasterio.open(LANDSAT) as scene:
+        west, south, east, north = transform_bounds(scene.crs, "EPSG:4326", *scene.bounds)
+    r_west, r_south, r_east, r_north = region.geometry.bounds
+    assert west <= r_west < r_east <= east and south <= r_south < r_north <= north
