@@ -14,7 +14,6 @@ step works chunk by chunk.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -28,10 +27,12 @@ import mercantile
 import torch
 import yaml
 
-from model.inference import Sat2SoundEncoder
-from model.sat2sound import Sat2Sound
+from model import Sat2Sound, Sat2SoundEncoder
+from pipeline.build import PLAN_NAME
 from pipeline.config import load_build_config
+from pipeline.geometry import output_zoom
 from pipeline.model_setup import untrained_config
+from pipeline.plan import ModelView, read_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"
@@ -128,9 +129,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tile-zoom-offset", type=int, default=5)
     parser.add_argument("--model-tiles", type=int, default=2048, help="tiles timed for the model-only rate")
-    parser.add_argument(
-        "--keep", type=Path, help="build here and keep the outputs (default: a temporary folder)"
-    )
+    parser.add_argument("--keep", type=Path, help="build here and keep the outputs (default: a temporary folder)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
@@ -145,16 +144,12 @@ def main() -> None:
             config_path = root / f"{name}.yaml"
             config_path.write_text(yaml.safe_dump(build_config(name, square_region(tiles, zoom), args, root)))
             seconds, peak_mb = run_build(config_path, root, args.cores)
-            plan = json.loads((root / name / "plan.json").read_text())
-            model_rate = model_only_tiles_per_s(
-                encoder, settings.zoom_level, args.batch_size, args.model_tiles
-            )
-            count = plan["tile_count"]
-            rows.append((count, len(plan["chunks"]), seconds, count / seconds, model_rate, peak_mb))
-            print(f"built {count:,} tiles at zoom {plan['tile_zoom']} in {seconds:.1f} s", flush=True)
-    print(
-        f"\ndevice {encoder.device}, {torch.get_num_threads()} torch threads, snakemake --cores {args.cores}"
-    )
+            plan = read_plan(root / name / PLAN_NAME)
+            model_rate = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
+            count = plan.tile_count
+            rows.append((count, len(plan.chunk_ids), seconds, count / seconds, model_rate, peak_mb))
+            print(f"built {count:,} tiles at zoom {plan.zoom} in {seconds:.1f} s", flush=True)
+    print(f"\ndevice {encoder.device}, {torch.get_num_threads()} torch threads, snakemake --cores {args.cores}")
     print("tiles  chunks  end-to-end s  end-to-end tiles/s  model-only tiles/s  ratio  peak RSS MB")
     for count, chunks, seconds, rate, model_rate, peak_mb in rows:
         print(
@@ -165,16 +160,13 @@ def main() -> None:
 
 def _tile_zoom(args: argparse.Namespace, settings: Any) -> int:
     """The output zoom the build will use at the scene's latitude (automatic zoom + offset)."""
-    from pipeline.geometry import footprint_size_m, output_zoom
-
     sat_type = settings.sat_type
     if args.checkpoint != "untrained":
         from pipeline.model_setup import model_config
 
         sat_type = model_config(settings).sat_type
-    return (
-        output_zoom(footprint_size_m(sat_type, settings.zoom_level), SCENE_CENTRE[1]) + args.tile_zoom_offset
-    )
+    view = ModelView.of(sat_type, settings.zoom_level)
+    return output_zoom(view.size_m, SCENE_CENTRE[1]) + args.tile_zoom_offset
 
 
 if __name__ == "__main__":

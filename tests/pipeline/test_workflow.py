@@ -280,11 +280,13 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
     np.testing.assert_allclose(store.score.sel(query="rain").values[valid], tiles @ query, atol=SCORE_ATOL)
 
 
-def test_how_jobs_run_never_reruns_a_step(built: Path, base_config: dict[str, Any]) -> None:
+def test_how_jobs_run_never_reruns_a_step(built: Path, base_config: dict[str, Any], tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(built, work)
     runtime = {**base_config["model"], "batch_size": 3, "loader_workers": 0, "device": "cpu"}
-    config = write_config(built, {**base_config, "model": runtime})
-    dry_run = snakemake(built, config, "-n")
-    check_ran(dry_run, built)
+    config = write_config(work, {**base_config, "model": runtime})
+    dry_run = snakemake(work, config, "-n")
+    check_ran(dry_run, work)
     assert "Nothing to be done" in dry_run.stdout + dry_run.stderr, dry_run.stdout
 
 
