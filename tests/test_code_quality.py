@@ -1,10 +1,13 @@
-"""The code stays lint-clean and type-checks (ruff and mypy with the settings in pyproject.toml)."""
+"""The code stays lint-clean, type-checks (ruff and mypy with the settings in pyproject.toml) and keeps its layers."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,10 +17,56 @@ def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing() -> None:
-    result = run_tool("ruff", "check", "model", "pipeline", "tests", "benchmarks")
+    result = run_tool("ruff", "check", "common", "model", "pipeline", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_finds_nothing() -> None:
     result = run_tool("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Each layer and the packages of ours it may import; a layer may always import itself.
+LAYERS = {
+    "common": set(),
+    "model": {"common"},
+    "pipeline/errors.py": {"common"},
+    "pipeline/geometry.py": {"pipeline.errors"},
+    "pipeline/regions.py": {"common", "pipeline.errors", "pipeline.geometry"},
+    "pipeline/imagery": {"common", "pipeline.errors", "pipeline.geometry"},
+    "pipeline/store": {
+        "common",
+        "model",
+        "pipeline.config",
+        "pipeline.errors",
+        "pipeline.geometry",
+        "pipeline.model_setup",
+        "pipeline.plan",
+        "pipeline.queries",
+        "pipeline.regions",
+    },
+}
+OURS = ("common", "model", "pipeline")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name.split(".")[0] in OURS}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_low_layers_import_nothing_above_them(layer: str) -> None:
+    root = ROOT / layer
+    files = [root] if root.suffix == ".py" else sorted(root.rglob("*.py"))
+    own = layer.removesuffix(".py").replace("/", ".")
+    allowed = (*LAYERS[layer], own)
+    for path in files:
+        for name in imported_modules(path):
+            assert name == own or name.startswith(tuple(f"{prefix}." for prefix in allowed)) or name in allowed, (
+                f"{path.relative_to(ROOT)} imports {name}"
+            )
