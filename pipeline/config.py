@@ -60,7 +60,7 @@ class TilingSettings:
 
 
 @dataclass(frozen=True)
-class QuerySpec:
+class Query:
     """A text query, an audio query, or both at once (a composed query)."""
 
     id: str
@@ -97,7 +97,7 @@ class BuildConfig:
     imagery: ImagerySettings
     model: ModelSettings
     tiling: TilingSettings
-    queries: tuple[QuerySpec, ...]
+    queries: tuple[Query, ...]
     outputs: OutputSettings
     raw: Mapping[str, Any]
 
@@ -148,7 +148,7 @@ def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
         imagery=ImagerySettings(**filled["imagery"]),
         model=ModelSettings(**filled["model"]),
         tiling=TilingSettings(**filled["tiling"]),
-        queries=tuple(QuerySpec(**query) for query in filled["queries"]),
+        queries=tuple(Query(**query) for query in filled["queries"]),
         outputs=OutputSettings(**filled["outputs"]),
         raw=filled,
     )

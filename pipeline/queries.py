@@ -17,7 +17,7 @@ import soundfile
 
 from common.atomic import atomic_save_npz
 from common.errors import first_line
-from pipeline.config import QuerySpec
+from pipeline.config import Query
 from pipeline.errors import QueryError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ LOGIT_SCALE_BY_KIND = {"text": "logit_scale_it", "audio": "logit_scale_ia", "com
 FALLBACK_COMPOSED_SCALE = "logit_scale_ia"
 
 
-def check_query_files(queries: Sequence[QuerySpec]) -> None:
+def check_query_files(queries: Sequence[Query]) -> None:
     """Raise a QueryError for the first audio file that is missing, of an unknown type or unreadable."""
     for query in queries:
         if query.audio is None:
@@ -56,7 +56,7 @@ class QueryEmbeddings(NamedTuple):
     logit_scale: np.ndarray  # (Q,) float32, log of the multiplier applied to cosines in training
 
 
-def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[QuerySpec]) -> QueryEmbeddings:
+def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[Query]) -> QueryEmbeddings:
     rows: dict[str, np.ndarray] = {}
     by_kind = {kind: [query for query in queries if query.kind == kind] for kind in LOGIT_SCALE_BY_KIND}
     if by_kind["text"]:

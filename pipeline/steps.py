@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import Sat2SoundError
-from pipeline.config import RUNTIME_IMAGERY_KEYS, ImagerySettings, QuerySpec, TilingSettings
+from pipeline.config import RUNTIME_IMAGERY_KEYS, ImagerySettings, Query, TilingSettings
 
 ERROR_STATUS = 2
 
@@ -85,7 +85,7 @@ def _queries(args: argparse.Namespace, settings: dict[str, Any], runtime: dict[s
     from pipeline.model_setup import load_encoder, read_model_record
     from pipeline.queries import embed_queries, write_queries
 
-    specs = [QuerySpec(**query) for query in settings["queries"]]
+    specs = [Query(**query) for query in settings["queries"]]
     record = read_model_record(args.model)
     encoder = load_encoder(record, runtime["device"], settings["precision"], settings["text_backbone"])
     write_queries(args.out, embed_queries(encoder, specs))
