@@ -9,12 +9,18 @@ the store writer alone turns them into nodata.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import mercantile
 import numpy as np
+import pytest
 import shapely
 from pyproj import Transformer
 
@@ -251,3 +257,98 @@ def _concepts(height: int, width: int, ranks: int, rng: np.random.Generator) -> 
     index = np.argsort(rng.random((height, width, CODEBOOK_SIZE)), axis=-1)[..., :ranks].astype(np.int32)
     weight = -np.sort(-rng.dirichlet(np.ones(CODEBOOK_SIZE), (height, width))[..., :ranks], axis=-1)
     return index, weight.astype(np.float32)
+
+
+# --- Debian's GDAL 3.6 and QGIS 3.22, run as a GIS user would (bash run.sh test installs them as root) ----------
+
+DEBIAN_GDALINFO = Path("/usr/bin/gdalinfo")
+DEBIAN_GDALLOCATIONINFO = Path("/usr/bin/gdallocationinfo")
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+DEBIAN_QGIS = Path("/usr/lib/python3/dist-packages/qgis/core/__init__.py")
+needs_debian_gdal = pytest.mark.skipif(
+    not (DEBIAN_GDALINFO.exists() and DEBIAN_GDALLOCATIONINFO.exists()),
+    reason="Debian's gdal-bin is not installed (bash run.sh test installs it as root)",
+)
+needs_debian_qgis = pytest.mark.skipif(
+    not (DEBIAN_PYTHON.exists() and DEBIAN_QGIS.exists()),
+    reason="Debian's python3-qgis is not installed (bash run.sh test installs it as root)",
+)
+_QGIS_SCRIPT = """
+import json, sys
+from qgis.core import QgsApplication, QgsRasterLayer
+
+def facts(uri):
+    layer = QgsRasterLayer(uri, "layer", "gdal")
+    extent = layer.extent()
+    return {
+        "valid": layer.isValid(),
+        "crs": layer.crs().authid(),
+        "extent": [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()],
+        "size": [layer.width(), layer.height()],
+        "bands": layer.bandCount(),
+    }
+
+app = QgsApplication([], False)
+app.initQgis()
+print(json.dumps([facts(uri) for uri in sys.argv[1:]]))
+app.exitQgis()
+"""
+
+
+def _debian_env() -> dict[str, str]:
+    # Debian's tools must not pick up the virtualenv's GDAL or PROJ data.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GDAL_", "PROJ_", "PYTHON"))}
+    return env | {"QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": _runtime_dir()}
+
+
+@cache
+def _runtime_dir() -> str:
+    """A private (0700) runtime folder for Qt, as it asks."""
+    return tempfile.mkdtemp(prefix="sat2sound-qt-runtime-")
+
+
+def gdalinfo(name: str) -> dict[str, Any]:
+    """`gdalinfo -json` of a GDAL dataset name, by Debian's GDAL."""
+    result = subprocess.run(
+        [str(DEBIAN_GDALINFO), "-json", name], capture_output=True, text=True, env=_debian_env(), check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def run_gdalinfo(name: str) -> subprocess.CompletedProcess[str]:
+    """Plain `gdalinfo` of a GDAL dataset name, by Debian's GDAL, as a GIS user runs it."""
+    return subprocess.run([str(DEBIAN_GDALINFO), name], capture_output=True, text=True, env=_debian_env(), check=False)
+
+
+def gdalinfo_text(name: str) -> str:
+    result = run_gdalinfo(name)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def location_value(name: str, x: float, y: float) -> float:
+    """The value at georeferenced point (x, y) in the dataset's CRS, by Debian's `gdallocationinfo -geoloc`."""
+    result = subprocess.run(
+        [str(DEBIAN_GDALLOCATIONINFO), "-valonly", "-geoloc", name, repr(x), repr(y)],
+        capture_output=True,
+        text=True,
+        env=_debian_env(),
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    return float(result.stdout.split()[0])
+
+
+def qgis_layers(*uris: str) -> list[dict[str, Any]]:
+    """Validity, CRS authid, extent, size and band count of each URI loaded as a QgsRasterLayer by Debian's QGIS."""
+    result = subprocess.run(
+        [str(DEBIAN_PYTHON), "-c", _QGIS_SCRIPT, *uris],
+        capture_output=True,
+        text=True,
+        env=_debian_env(),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout.strip().splitlines()[-1]))
