@@ -57,10 +57,10 @@ def test_gdal_3_6_reads_each_layer_with_crs_geotransform_and_values(
     assert info["size"] == [store.width, store.height]
     expected = _expected(store, name, index)
     row, col = (int(value) for value in np.argwhere(store.valid)[7])
-    x, y = store.plan.grid.transform * (col + 0.5, row + 0.5)
+    x, y = store.plan.grid.transform @ (col + 0.5, row + 0.5)
     assert location_value(path, x, y) == pytest.approx(float(expected[row, col]), rel=1e-3)
     # Not transposed: a tile near the top-right corner is where the store has it.
-    x, y = store.plan.grid.transform * (store.width - 0.5, 0.5)
+    x, y = store.plan.grid.transform @ (store.width - 0.5, 0.5)
     corner = float(expected[0, store.width - 1])
     value = location_value(path, x, y)
     assert value == pytest.approx(corner, rel=1e-3) or (np.isnan(corner) and (np.isnan(value) or value == -1))
