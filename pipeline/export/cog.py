@@ -88,9 +88,10 @@ def write_query_cogs(
     target_crs = _target_crs(dst_crs, soundscape.grid.crs)
     provenance = provenance_tags(soundscape)
     kind = SCORE_KINDS[variable]
+    for query in soundscape.queries:
+        _check_file_name(query)
     paths = []
     for index, query in enumerate(soundscape.queries):
-        _check_file_name(query)
         stem = query.id if variable == DEFAULT_VARIABLE else f"{query.id}_{variable}"
         target = out_dir / f"{stem}.tif"
         meaning = {"VARIABLE": variable, "VARIABLE_MEANING": kind.meaning}
