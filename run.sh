@@ -27,14 +27,22 @@ setup() {
     fi
 }
 
-# The HTML-preview tests drive a headless Chromium; install Debian's when we can (root + apt).
+# Debian packages some tests drive, installed when we can (root + apt): headless Chromium for the HTML preview,
+# and Debian's own GDAL (gdalinfo, gdallocationinfo, osgeo) and PyQGIS, which open the Zarr store and the COGs
+# as GIS users' Debian 12 tools (GDAL 3.6, QGIS 3.22) do.
 browser() {
-    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    local missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    [ -x /usr/bin/gdalinfo ] && [ -x /usr/bin/gdallocationinfo ] || missing+=(gdal-bin)
+    /usr/bin/python3 -c 'from osgeo import gdal' 2>/dev/null || missing+=(python3-gdal)
+    /usr/bin/python3 -c 'import qgis.core' 2>/dev/null || missing+=(python3-qgis)
+    if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "installing chromium and chromium-driver for the preview tests ..."
-            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
+            echo "installing ${missing[*]} for the preview and GIS-tool tests ..."
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
         else
-            echo "note: install chromium and chromium-driver (Debian packages) for the HTML preview tests" >&2
+            echo "note: install ${missing[*]} (Debian packages) for the preview and GIS-tool tests" >&2
         fi
     fi
 }

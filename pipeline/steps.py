@@ -81,13 +81,21 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.model_setup import read_model_record
     from pipeline.plan import read_plan
     from pipeline.queries import read_queries
-    from pipeline.store import ChunkFiles, provenance, soundscape_dataset, write_soundscape
+    from pipeline.store import write_store
 
-    plan, record, queries = read_plan(args.plan), read_model_record(args.model), read_queries(args.queries)
-    files = ChunkFiles(plan, args.chunks_dir, args.scores_dir, config.outputs.zarr_chunk_px)
-    top_k = config.outputs.concepts_top_k
-    dataset = soundscape_dataset(plan, files, queries, top_k, queries.embedding.shape[1])
-    write_soundscape(dataset, provenance(record, plan, queries, recorded_config(config)), args.out, args.threads)
+    plan, queries = read_plan(args.plan), read_queries(args.queries)
+    write_store(
+        plan,
+        args.chunks_dir,
+        args.scores_dir,
+        queries,
+        read_model_record(args.model),
+        recorded_config(config),
+        args.out,
+        top_k=config.outputs.concepts_top_k,
+        block_px=config.outputs.zarr_chunk_px,
+        workers=args.threads,
+    )
     return f"{plan.grid.width} x {plan.grid.height} px, {len(queries.ids)} queries"
 
 

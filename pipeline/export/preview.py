@@ -1,7 +1,7 @@
 """`preview.html`: one self-contained page with a basemap, one toggleable score layer per query, legends and the region.
 
-The page works offline: Leaflet (vendored in `pipeline/assets/leaflet`) and every overlay PNG are inlined, so only
-the basemap's tiles come from the network; without it the overlays show on a blank background. The legend is
+The page works offline: Leaflet (vendored in `pipeline/export/assets/leaflet`) and every overlay PNG are inlined, so
+only the basemap's tiles come from the network; without it the overlays show on a blank background. The legend is
 plain HTML/CSS drawn from the same viridis stops as the QGIS styles (branca's d3 legend would need a CDN).
 
 Placement: an overlay is pinned to the EPSG:4326 corners of the store's EPSG:3857 grid. Leaflet stretches an
@@ -29,20 +29,14 @@ from rasterio.crs import CRS
 
 from common.atomic import atomic_path
 from pipeline.errors import ExportError
-from pipeline.export.cog import (
-    SCORE_VARIABLES,
-    StoreGrid,
-    display_range,
-    open_store,
-    provenance_tags,
-    read_scores,
-    store_grid,
-    store_queries,
-)
-from pipeline.export.qgis_style import SCORE_RAMP, DisplayRange, RampStop
+from pipeline.export.qgis_style import SCORE_RAMP, DisplayRange, RampStop, display_range
+from pipeline.store.read import SoundscapeStore, StoreGrid
+from pipeline.store.scores import SCORE_KINDS
 
 # Longest side of an overlay PNG; larger grids are shown by a regular lattice of their tiles.
 PREVIEW_MAX_PX = 1024
+# The colour range is taken from at most this many tiles, sampled on a regular lattice.
+MAX_SAMPLE_PX = 2**20
 OVERLAY_OPACITY = 0.8
 REGION_STYLE = {"color": "#ff3d00", "weight": 2, "fill": False}
 LEAFLET_DIR = Path(__file__).parent / "assets" / "leaflet"
@@ -67,12 +61,11 @@ class Lattice(NamedTuple):
 
 def write_preview(store: Path, region_geojson: Path | dict[str, Any], out_html: Path, variable: str = "score") -> Path:
     """Write the folium preview of `variable` for every query of the store to `out_html`."""
-    if variable not in SCORE_VARIABLES:
-        raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_VARIABLES)}")
+    if variable not in SCORE_KINDS:
+        raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_KINDS)}")
     region = _region(region_geojson)
-    dataset = open_store(store)
-    provenance = provenance_tags(dataset)
-    grid = store_grid(dataset)
+    soundscape = SoundscapeStore(store)
+    grid = soundscape.grid
     if grid.crs != CRS.from_epsg(3857):
         raise ExportError(f"the preview needs an EPSG:3857 store, got {grid.crs}; rebuild the store")
     lattice = preview_lattice(grid)
@@ -81,12 +74,12 @@ def write_preview(store: Path, region_geojson: Path | dict[str, Any], out_html: 
     fmap = folium.Map(tiles=None, control_scale=True)
     _inline_leaflet(fmap)
     folium.TileLayer("OpenStreetMap", name="OpenStreetMap").add_to(fmap)
-    attribution = f"Imagery: {html.escape(provenance['IMAGERY_ATTRIBUTION'])}"
+    attribution = f"Imagery: {html.escape(str(soundscape.provenance['imagery_attribution']))}"
     legends: list[LegendEntry] = []
-    for index, query in enumerate(store_queries(dataset)):
-        display = display_range(dataset, variable, index)
+    for index, query in enumerate(soundscape.queries):
+        display = display_range(soundscape.sample_scores(variable, index, MAX_SAMPLE_PX), f"query {query.id!r}")
         overlay = ImageOverlay(
-            colourise(read_scores(dataset, variable, index, lattice.rows, lattice.cols), display),
+            colourise(soundscape.scores(variable, index, lattice.rows, lattice.cols), display),
             bounds=corners,
             name=query.label,
             opacity=OVERLAY_OPACITY,
@@ -98,8 +91,8 @@ def write_preview(store: Path, region_geojson: Path | dict[str, Any], out_html: 
         legends.append(LegendEntry(overlay.get_name(), element_id, _legend_html(element_id, query.label, display)))
     folium.GeoJson(region, name="region", control=False, style_function=_region_style).add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
-    _Legend(SCORE_VARIABLES[variable], legends).add_to(fmap)
-    _figure(fmap).html.add_child(Element(_banner(provenance, variable)))
+    _Legend(SCORE_KINDS[variable].meaning, legends).add_to(fmap)
+    _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, variable)))
     fmap.fit_bounds(corners)
     with atomic_path(out_html) as tmp:
         tmp.write_text(_figure(fmap).render(), encoding="utf-8")
@@ -195,11 +188,11 @@ def _legend_html(element_id: str, caption: str, display: DisplayRange) -> str:
     )
 
 
-def _banner(provenance: dict[str, str], variable: str) -> str:
-    details = f"{variable}: {SCORE_VARIABLES[variable]} · checkpoint {provenance['CHECKPOINT']}"
+def _banner(provenance: dict[str, Any], variable: str) -> str:
+    details = f"{variable}: {SCORE_KINDS[variable].meaning} · checkpoint {provenance['checkpoint']}"
     warning = (
         '<div class="s2s-warning">Untrained model weights (random, fixed seed): these maps are not predictions.</div>'
-        if provenance["UNTRAINED"] == "true"
+        if provenance["untrained"] is True
         else ""
     )
     return (

@@ -7,20 +7,27 @@ ramp is also the preview's colour map, so a tile has the same colour in QGIS and
 
 from __future__ import annotations
 
-import colorsys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from branca.colormap import LinearColormap, linear
 
 from common.atomic import atomic_path
+from pipeline.errors import ExportError
 
 QGIS_VERSION = "3.28.0"
 DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>"
 LABEL_FORMAT = ".4g"
-GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+DISPLAY_PERCENTILES = (2, 98)
+# Categories get this many mutually distinct colours; further ones reuse them in the same order.
+DISTINCT_COLOURS = 64
+# Candidate colours: every channel in steps of 255 / 15; too dark or too light ones hide on a basemap.
+CANDIDATE_LEVELS = 16
+LIGHTNESS_RANGE = (30.0, 90.0)
 
 
 class Colour(NamedTuple):
@@ -79,11 +86,55 @@ def _viridis() -> tuple[RampStop, ...]:
 SCORE_RAMP = _viridis()
 
 
-def category_colour(value: int) -> Colour:
-    """A colour fixed by the category's value (golden-ratio hue steps), so neighbouring values differ clearly."""
-    hue = (value * GOLDEN_RATIO_CONJUGATE) % 1.0
-    red, green, blue = colorsys.hsv_to_rgb(hue, 0.65, 0.95 if value % 2 == 0 else 0.75)
-    return Colour(round(red * 255), round(green * 255), round(blue * 255))
+def display_range(values: np.ndarray, what: str) -> DisplayRange:
+    """The 2nd and 98th percentiles of the finite `values` (a sample of one layer), for a colour ramp."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ExportError(f"{what} has no valid tile; check that the imagery covers the region")
+    low, high = (float(value) for value in np.percentile(finite, DISPLAY_PERCENTILES))
+    if high <= low:
+        # Every sampled tile has one value: any non-empty range around it shows that value.
+        high = low + max(abs(low), 1.0) * 1e-6
+    return DisplayRange(low, high, *DISPLAY_PERCENTILES)
+
+
+def category_colours(count: int) -> tuple[Colour, ...]:
+    """`count` colours for categories, the first DISTINCT_COLOURS as far apart as possible (then repeating).
+
+    Glasbey-style: each next colour is the candidate farthest in CIELAB (ΔE76) from every colour already taken,
+    and from black and white, so any two categories of a map differ clearly, not only neighbouring values.
+    Give the most common categories the first colours.
+    """
+    palette = _distinct_palette()
+    return tuple(palette[index % len(palette)] for index in range(count))
+
+
+@cache
+def _distinct_palette() -> tuple[Colour, ...]:
+    levels = np.linspace(0, 255, CANDIDATE_LEVELS).round()
+    candidates = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    lab = srgb_to_lab(candidates)
+    low, high = LIGHTNESS_RANGE
+    usable = (lab[:, 0] >= low) & (lab[:, 0] <= high)
+    candidates, lab = candidates[usable], lab[usable]
+    taken = srgb_to_lab(np.array([[0.0, 0.0, 0.0], [255.0, 255.0, 255.0]]))
+    distance = np.min(np.linalg.norm(lab[:, None, :] - taken[None, :, :], axis=-1), axis=1)
+    chosen = []
+    for _ in range(DISTINCT_COLOURS):
+        best = int(np.argmax(distance))
+        chosen.append(Colour(*(int(channel) for channel in candidates[best])))
+        distance = np.minimum(distance, np.linalg.norm(lab - lab[best], axis=-1))
+    return tuple(chosen)
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours (..., 3) in 0..255."""
+    linear_rgb = rgb / 255.0
+    linear_rgb = np.where(linear_rgb <= 0.04045, linear_rgb / 12.92, ((linear_rgb + 0.055) / 1.055) ** 2.4)
+    to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = linear_rgb @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
 def pseudocolor_qml(display: DisplayRange, ramp: Sequence[RampStop] = SCORE_RAMP) -> str:

@@ -1,4 +1,5 @@
-"""Tile scores against the queries: raw cosine similarity plus two normalisations a map reader can interpret.
+"""Every kind of tile score against the queries, in one place: raw cosine plus two normalisations a map reader can
+interpret.
 
 - score: cosine similarity of the tile and query embeddings, -1..1. Comparable across tiles, not across
   models; untrained or not, its absolute level means little on its own.
@@ -7,11 +8,16 @@
 - score_softmax: per tile, a distribution over the query set, softmax_q(exp(s_q) * cosine_q), where s_q
   is the model's logit scale for the query's kind (see pipeline.queries): "which of these queries fits
   this tile best". It depends on which queries are in the set.
+
+The score step writes each chunk's raw cosines (scores/<chunk>.npz: `ids`, `score` (Q, N), every tile, valid or
+not); the store writer turns them into all three kinds with `RegionScores` and masks the invalid tiles.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,11 +25,47 @@ from common.atomic import atomic_save_npz
 from pipeline.queries import read_queries
 
 
-def cosine_scores(embedding: np.ndarray, valid: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """(Q, N) float32 cosines of unit tile embeddings (N, D) with queries (Q, D); NaN where invalid."""
-    scores = queries.astype(np.float32) @ embedding.astype(np.float32).T
-    scores[:, ~valid] = np.nan
-    return scores
+class ScoreKind(NamedTuple):
+    """One score variable: its CF `long_name` and `units` in the store, its unit and meaning on a GeoTIFF band."""
+
+    name: str
+    long_name: str
+    units: str
+    band_unit: str
+    meaning: str
+
+
+SCORE_KINDS: dict[str, ScoreKind] = {
+    kind.name: kind
+    for kind in (
+        ScoreKind(
+            "score",
+            "cosine similarity of tile and query embeddings",
+            "1",
+            "cosine",
+            "cosine similarity of the tile's and the query's embeddings (-1 to 1)",
+        ),
+        ScoreKind(
+            "score_percentile",
+            "percentile of the tile's score among the region's valid tiles for the query",
+            "percent",
+            "%",
+            "percentile of the tile's score among the region's valid tiles (0 to 100)",
+        ),
+        ScoreKind(
+            "score_softmax",
+            "softmax across the query set of exp(logit_scale) x cosine, with the query kind's scale",
+            "1",
+            "probability",
+            "probability of this query among the query set (softmax of logit-scaled cosine, 0 to 1)",
+        ),
+    )
+}
+
+
+def cosine_scores(embedding: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """(Q, N) float32 cosines of unit tile embeddings (N, D) with unit queries (Q, D)."""
+    return queries.astype(np.float32) @ embedding.astype(np.float32).T
 
 
 def percentile_within(scores: np.ndarray, sorted_valid: np.ndarray) -> np.ndarray:
@@ -44,9 +86,35 @@ def softmax_over_queries(scores: np.ndarray, logit_scale: np.ndarray) -> np.ndar
     return (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
+class RegionScores(NamedTuple):
+    """What the normalised scores of a region need: each query's valid scores (ascending) and its logit scale."""
+
+    sorted_valid: list[np.ndarray]
+    logit_scale: np.ndarray
+
+    @classmethod
+    def collect(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray]], logit_scale: np.ndarray) -> RegionScores:
+        """From each chunk's (Q, N) raw cosines and (N,) valid mask, one region-wide pass (4 bytes per tile)."""
+        parts: list[list[np.ndarray]] = [[] for _ in range(len(logit_scale))]
+        for scores, valid in chunks:
+            for query, row in enumerate(scores):
+                parts[query].append(row[valid & np.isfinite(row)])
+        return cls([np.sort(np.concatenate(rows)) for rows in parts], logit_scale)
+
+    def kind(self, name: str, cosines: np.ndarray) -> np.ndarray:
+        """(Q, N) float32 scores of kind `name` from one chunk's raw cosines."""
+        if name == "score":
+            return cosines.astype(np.float32, copy=False)
+        if name == "score_percentile":
+            return np.stack([percentile_within(row, self.sorted_valid[query]) for query, row in enumerate(cosines)])
+        if name == "score_softmax":
+            return softmax_over_queries(cosines, self.logit_scale)
+        raise KeyError(f"unknown score kind {name!r}; use one of {', '.join(SCORE_KINDS)}")
+
+
 def score_chunk(chunk: Path, queries_path: Path, out: Path) -> None:
-    """Write scores/<chunk>.npz: `score` (Q, N) raw cosines of the chunk's tiles, NaN where invalid."""
+    """Write scores/<chunk>.npz: `ids` and `score` (Q, N) raw cosines of every tile of the chunk."""
     queries = read_queries(queries_path)
     with np.load(chunk) as data:
-        scores = cosine_scores(data["embedding"], data["valid"], queries.embedding)
+        scores = cosine_scores(data["embedding"], queries.embedding)
     atomic_save_npz(out, {"ids": np.array(queries.ids), "score": scores})

@@ -1,21 +1,19 @@
 """soundscape.zarr: the region-wide store, assembled block by block with dask from the per-chunk files.
 
-Each dask block (`zarr_chunk_px` square, the store's own chunking) reads only the chunk files that hold
-tiles inside it, so memory stays flat however large the region. The one region-wide pass collects
-each query's valid scores (4 bytes per tile and query) for the percentile normalisation.
+Each dask block (`block_px` square, the store's own spatial chunking) reads only the chunk files that hold tiles
+inside it, so memory stays flat however large the region. The one region-wide pass collects each query's valid
+scores (4 bytes per tile and query) for the percentile normalisation.
 
-The store is Zarr format 2 with consolidated metadata so that GDAL reads it too; x/y are EPSG:3857
-pixel centres and a CF `spatial_ref` grid mapping carries the CRS and GeoTransform. It is written to a
-temporary folder and renamed into place.
+This is the one place where invalid tiles become nodata: whatever the chunk and score files hold for a tile that
+is not `valid`, and for grid cells no chunk covers, the store holds NaN (floats), -1 (concept_index) or False
+(valid). Readers and exports take the store's values as they are. See `pipeline.store.layout` for the layout; it
+is written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -26,88 +24,25 @@ import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401 - registers the .rio accessor
 import xarray as xr
-from rasterio.transform import from_bounds
+from pyproj import CRS
 
-from pipeline.plan import Plan
-from pipeline.geometry import WEB_MERCATOR
+from common.atomic import atomic_directory
+from pipeline.config import Query
+from pipeline.geometry import WEB_MERCATOR, RasterGrid
 from pipeline.model_setup import ModelRecord
+from pipeline.plan import Plan
 from pipeline.queries import QueryEmbeddings
-from pipeline.store.scores import percentile_within, softmax_over_queries
+from pipeline.store.layout import (
+    CONCEPT_NONE,
+    EMBEDDING_DIM_CHUNK,
+    GRID_MAPPING,
+    VARIABLE_ATTRS,
+    ZARR_FORMAT,
+    gdal_crs_attribute,
+)
+from pipeline.store.scores import SCORE_KINDS, RegionScores
 
 PACKAGE_NAME = "sat2sound-maps"
-ZARR_FORMAT = 2
-
-VARIABLE_ATTRS: dict[str, dict[str, str]] = {
-    "score": {"long_name": "cosine similarity of tile and query embeddings", "units": "1"},
-    "score_percentile": {
-        "long_name": "percentile of the tile's score among the region's valid tiles for the query",
-        "units": "percent",
-    },
-    "score_softmax": {
-        "long_name": "softmax across the query set of exp(logit_scale) x cosine, with the query kind's scale",
-        "units": "1",
-    },
-    "embedding": {"long_name": "L2-normalised Sat2Sound tile embedding"},
-    "concept_index": {"long_name": "codebook concepts with the largest weights, -1 for none"},
-    "concept_weight": {"long_name": "sparse codebook weights of concept_index", "units": "1"},
-    "valid": {"long_name": "tile inside the region with enough imagery to be scored"},
-}
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; it replaces `target` only if the block succeeds."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        yield tmp
-        if target.exists():
-            stale = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-            target.rename(stale)
-            tmp.rename(target)
-            shutil.rmtree(stale)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class ChunkFiles:
-    """The per-chunk npz files of a build, where their tiles sit in the grid and which blocks they touch."""
-
-    def __init__(self, plan: Plan, chunks_dir: Path, scores_dir: Path, block_px: int) -> None:
-        self.chunks_dir = chunks_dir
-        self.scores_dir = scores_dir
-        self.block_px = block_px
-        self._positions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._by_block: dict[tuple[int, int], list[str]] = {}
-        for chunk in plan.chunk_ids:
-            row, col = self.chunk_arrays(chunk, "row", "col")
-            self._positions[chunk] = (row, col)
-            for block in set(zip((row // block_px).tolist(), (col // block_px).tolist(), strict=True)):
-                self._by_block.setdefault(block, []).append(chunk)
-
-    def position(self, chunk: str) -> tuple[np.ndarray, np.ndarray]:
-        return self._positions[chunk]
-
-    def chunk_arrays(self, chunk: str, *names: str) -> list[np.ndarray]:
-        with np.load(self.chunks_dir / f"{chunk}.npz") as data:
-            return [data[name] for name in names]
-
-    def scores(self, chunk: str) -> np.ndarray:
-        """(Q, N) raw cosines of the chunk's tiles."""
-        with np.load(self.scores_dir / f"{chunk}.npz") as data:
-            return data["score"]
-
-    def block(self, location: list[tuple[int, int]], variable: GridVariable) -> np.ndarray:
-        """The (rows, cols[, depth]) block of `variable` at `location` ((y0, y1), (x0, x1))."""
-        (row0, row1), (col0, col1) = location
-        depth = () if variable.depth is None else (variable.depth,)
-        out = np.full((row1 - row0, col1 - col0, *depth), variable.fill, variable.dtype)
-        for chunk in self._by_block.get((row0 // self.block_px, col0 // self.block_px), []):
-            row, col = self._positions[chunk]
-            inside = (row >= row0) & (row < row1) & (col >= col0) & (col < col1)
-            out[row[inside] - row0, col[inside] - col0] = variable.values(chunk)[inside]
-        return out
 
 
 class GridVariable(NamedTuple):
@@ -115,22 +50,54 @@ class GridVariable(NamedTuple):
 
     dims: tuple[str, ...]
     dtype: np.dtype
-    fill: float
+    nodata: float | bool
     values: Callable[[str], np.ndarray]
     depth: int | None
-
-    @property
-    def queries_first(self) -> bool:
-        return self.dims[0] == "query"
+    depth_chunk: int | None = None
 
 
-def sorted_valid_scores(files: ChunkFiles, chunks: tuple[str, ...], query_count: int) -> list[np.ndarray]:
-    """Each query's scores over the region's valid tiles, ascending."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(query_count)]
-    for chunk in chunks:
-        for query, row in enumerate(files.scores(chunk)):
-            parts[query].append(row[np.isfinite(row)])
-    return [np.sort(np.concatenate(rows)) if rows else np.empty(0, np.float32) for rows in parts]
+class ChunkFiles:
+    """The per-chunk npz files of a build, where their tiles sit in the grid and which blocks they touch."""
+
+    def __init__(self, chunk_ids: Sequence[str], chunks_dir: Path, scores_dir: Path, block_px: int) -> None:
+        self.chunk_ids = tuple(chunk_ids)
+        self.chunks_dir = chunks_dir
+        self.scores_dir = scores_dir
+        self.block_px = block_px
+        self._positions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._valid: dict[str, np.ndarray] = {}
+        self._by_block: dict[tuple[int, int], list[str]] = {}
+        for chunk in self.chunk_ids:
+            row, col, valid = self.chunk_arrays(chunk, "row", "col", "valid")
+            self._positions[chunk] = (row, col)
+            self._valid[chunk] = valid.astype(bool)
+            for block in set(zip((row // block_px).tolist(), (col // block_px).tolist(), strict=True)):
+                self._by_block.setdefault(block, []).append(chunk)
+
+    def chunk_arrays(self, chunk: str, *names: str) -> list[np.ndarray]:
+        with np.load(self.chunks_dir / f"{chunk}.npz") as data:
+            return [data[name] for name in names]
+
+    def valid(self, chunk: str) -> np.ndarray:
+        """(N,) whether each tile of the chunk is valid: the one mask every variable of the store follows."""
+        return self._valid[chunk]
+
+    def scores(self, chunk: str) -> np.ndarray:
+        """(Q, N) raw cosines of the chunk's tiles."""
+        with np.load(self.scores_dir / f"{chunk}.npz") as data:
+            return data["score"]
+
+    def block(self, location: Sequence[tuple[int, int]], variable: GridVariable) -> np.ndarray:
+        """The ([depth,] rows, cols) block of `variable` at `location` ((y0, y1), (x0, x1)); nodata where invalid."""
+        (row0, row1), (col0, col1) = location
+        depth = () if variable.depth is None else (variable.depth,)
+        out = np.full((row1 - row0, col1 - col0, *depth), variable.nodata, variable.dtype)
+        for chunk in self._by_block.get((row0 // self.block_px, col0 // self.block_px), []):
+            row, col = self._positions[chunk]
+            inside = (row >= row0) & (row < row1) & (col >= col0) & (col < col1)
+            keep = inside & self.valid(chunk)
+            out[row[keep] - row0, col[keep] - col0] = variable.values(chunk)[keep]
+        return out if variable.depth is None else np.moveaxis(out, -1, 0)
 
 
 def _lazy_array(files: ChunkFiles, variable: GridVariable, height: int, width: int) -> da.Array:
@@ -141,104 +108,100 @@ def _lazy_array(files: ChunkFiles, variable: GridVariable, height: int, width: i
     def fill_block(block_info: dict[Any, Any] | None = None) -> np.ndarray:
         assert block_info is not None
         location = block_info[None]["array-location"]
-        if variable.queries_first:
-            return np.moveaxis(files.block(location[1:], variable), 2, 0)
-        return files.block(location[:2], variable)
+        return files.block(location[-2:], variable)
 
-    chunks = (*depth, *spatial) if variable.queries_first else (*spatial, *depth)
+    chunks = (*depth, *spatial)
     meta = np.empty((0,) * len(chunks), variable.dtype)
-    return da.map_blocks(fill_block, dtype=variable.dtype, chunks=chunks, meta=meta)
+    array = da.map_blocks(fill_block, dtype=variable.dtype, chunks=chunks, meta=meta)
+    if variable.depth is not None and variable.depth_chunk is not None:
+        # Each block is read once with its full depth, then split: GDAL reads one band without the others.
+        array = array.rechunk({0: variable.depth_chunk})
+    return array
 
 
 def _splits(length: int, size: int) -> tuple[int, ...]:
     return tuple(min(size, length - start) for start in range(0, length, size))
 
 
-def grid_variables(
-    files: ChunkFiles, queries: QueryEmbeddings, sorted_scores: list[np.ndarray], top_k: int, dim: int
-) -> dict[str, GridVariable]:
-    count = len(queries.ids)
-    by_query = ("query", "y", "x")
+def grid_variables(files: ChunkFiles, region_scores: RegionScores, top_k: int, dim: int) -> dict[str, GridVariable]:
+    count = len(region_scores.logit_scale)
     float32, nan = np.dtype("float32"), float("nan")
 
-    def percentiles(chunk: str) -> np.ndarray:
-        rows = [percentile_within(row, sorted_scores[query]) for query, row in enumerate(files.scores(chunk))]
-        return np.stack(rows, axis=1)
+    def score_kind(name: str) -> Callable[[str], np.ndarray]:
+        return lambda chunk: region_scores.kind(name, files.scores(chunk)).T
 
-    def embedding(chunk: str) -> np.ndarray:
-        valid, values = files.chunk_arrays(chunk, "valid", "embedding")
-        return np.where(valid[:, None], values, np.float16(nan))
+    def array(name: str) -> Callable[[str], np.ndarray]:
+        return lambda chunk: files.chunk_arrays(chunk, name)[0]
 
-    def softmax(chunk: str) -> np.ndarray:
-        return softmax_over_queries(files.scores(chunk), queries.logit_scale).T
-
+    scores = {name: GridVariable(("query", "y", "x"), float32, nan, score_kind(name), count, 1) for name in SCORE_KINDS}
     return {
-        "score": GridVariable(by_query, float32, nan, lambda chunk: files.scores(chunk).T, count),
-        "score_percentile": GridVariable(by_query, float32, nan, percentiles, count),
-        "score_softmax": GridVariable(by_query, float32, nan, softmax, count),
-        "embedding": GridVariable(("y", "x", "dim"), np.dtype("float16"), nan, embedding, dim),
+        **scores,
+        "embedding": GridVariable(
+            ("dim", "y", "x"), np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)
+        ),
         "concept_index": GridVariable(
-            ("y", "x", "rank"),
-            np.dtype("int32"),
-            -1,
-            lambda chunk: files.chunk_arrays(chunk, "concept_index")[0],
-            top_k,
+            ("rank", "y", "x"), np.dtype("int32"), CONCEPT_NONE, array("concept_index"), top_k
         ),
-        "concept_weight": GridVariable(
-            ("y", "x", "rank"),
-            float32,
-            0.0,
-            lambda chunk: files.chunk_arrays(chunk, "concept_weight")[0],
-            top_k,
-        ),
-        "valid": GridVariable(
-            ("y", "x"), np.dtype("bool"), False, lambda chunk: files.chunk_arrays(chunk, "valid")[0], None
-        ),
+        "concept_weight": GridVariable(("rank", "y", "x"), float32, nan, array("concept_weight"), top_k),
+        "valid": GridVariable(("y", "x"), np.dtype("bool"), False, files.valid, None),
     }
+
+
+def store_queries(queries: QueryEmbeddings) -> tuple[Query, ...]:
+    """The queries of a build's queries.npz as `Query` objects."""
+    return tuple(
+        Query(query_id, text or None, audio or None)
+        for query_id, text, audio in zip(queries.ids, queries.texts, queries.audio, strict=True)
+    )
 
 
 def soundscape_dataset(
-    plan: Plan, files: ChunkFiles, queries: QueryEmbeddings, top_k: int, dim: int
+    grid: RasterGrid, files: ChunkFiles, queries: Sequence[Query], logit_scale: np.ndarray, top_k: int, dim: int
 ) -> xr.Dataset:
     """The lazy region-wide Dataset (chunk files are read only as it is written)."""
-    grid = plan.grid
-    sorted_scores = sorted_valid_scores(files, plan.chunk_ids, len(queries.ids))
-    variables = grid_variables(files, queries, sorted_scores, top_k, dim)
+    region_scores = RegionScores.collect(
+        ((files.scores(chunk), files.valid(chunk)) for chunk in files.chunk_ids), logit_scale
+    )
+    crs = CRS.from_user_input(WEB_MERCATOR)
+    gdal_crs = gdal_crs_attribute(crs)
     data_vars = {
-        name: xr.Variable(variable.dims, _lazy_array(files, variable, grid.height, grid.width), VARIABLE_ATTRS[name])
-        for name, variable in variables.items()
+        name: xr.Variable(
+            variable.dims,
+            _lazy_array(files, variable, grid.height, grid.width),
+            {**VARIABLE_ATTRS[name], "_CRS": gdal_crs},
+        )
+        for name, variable in grid_variables(files, region_scores, top_k, dim).items()
     }
-    pixel = (grid.bounds.right - grid.bounds.left) / grid.width
+    left, _, _, top = grid.bounds
     coords = {
-        "query": np.array(queries.ids),
-        "query_label": ("query", np.array(queries.labels)),
-        "query_kind": ("query", np.array(queries.kinds)),
-        "y": grid.bounds.top - (np.arange(grid.height) + 0.5) * pixel,
-        "x": grid.bounds.left + (np.arange(grid.width) + 0.5) * pixel,
+        "query": np.array([query.id for query in queries], dtype=str),
+        "query_kind": ("query", np.array([query.kind for query in queries], dtype=str)),
+        "query_text": ("query", np.array([query.text or "" for query in queries], dtype=str)),
+        "query_audio": ("query", np.array([query.audio or "" for query in queries], dtype=str)),
+        "y": top - (np.arange(grid.height) + 0.5) * grid.pixel_m,
+        "x": left + (np.arange(grid.width) + 0.5) * grid.pixel_m,
         "dim": np.arange(dim),
         "rank": np.arange(top_k),
     }
     dataset = xr.Dataset(data_vars, coords=coords)
-    transform = from_bounds(*grid.bounds, grid.width, grid.height)
-    return dataset.rio.write_crs(WEB_MERCATOR).rio.write_transform(transform).rio.write_coordinate_system()
+    dataset = dataset.rio.write_crs(crs, grid_mapping_name=GRID_MAPPING).rio.write_transform(grid.transform)
+    dataset = dataset.rio.write_coordinate_system()
+    for variable in dataset.data_vars.values():
+        variable.encoding["grid_mapping"] = GRID_MAPPING
+    # CF keeps grid mappings out of `coordinates`; listing it globally lets plain xr.open_zarr find the CRS.
+    return dataset.assign_attrs(coordinates=GRID_MAPPING)
 
 
-def provenance(
-    record: ModelRecord, plan: Plan, queries: QueryEmbeddings, config: Mapping[str, Any]
-) -> dict[str, Any]:
-    query_list = [
-        {"id": query_id, "kind": kind, "text": text or None, "audio": audio or None}
-        for query_id, kind, text, audio in zip(queries.ids, queries.kinds, queries.texts, queries.audio, strict=True)
-    ]
+def provenance(model: ModelRecord, plan: Plan, config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "title": f"Sat2Sound soundscape map of {plan.region.name}",
-        "checkpoint": record.checkpoint,
-        "checkpoint_sha256": record.sha256,
-        "untrained": record.untrained,
+        "Conventions": "CF-1.8",
+        "checkpoint": model.checkpoint,
+        "checkpoint_sha256": model.sha256,
+        "untrained": bool(model.untrained),
         "sat_type": plan.view.sat_type,
         "zoom_level": plan.view.zoom_level,
-        "tile_zoom": plan.zoom,
-        "queries": json.dumps(query_list),
+        "tile_zoom": plan.grid.zoom,
         "config": json.dumps(config, sort_keys=True),
         "imagery_source": plan.imagery.source,
         "imagery_attribution": plan.imagery.attribution,
@@ -251,7 +214,31 @@ def write_soundscape(dataset: xr.Dataset, attrs: Mapping[str, Any], out: Path, w
     """Compute `dataset` block by block into a Zarr store at `out` (replaced atomically)."""
     dataset = dataset.assign_attrs(**attrs)
     encoding: dict[str, dict[str, Any]] = {
-        str(name): {"_FillValue": None} for name, variable in dataset.data_vars.items() if variable.dtype.kind in "ib"
+        # Integers and booleans keep their dtype in xarray (no CF masking to float); -1/False are documented.
+        str(name): {"_FillValue": None}
+        for name, variable in dataset.data_vars.items()
+        if variable.dtype.kind in "ib"
     }
     with atomic_directory(out) as tmp, dask.config.set(scheduler="threads", num_workers=workers):
         dataset.to_zarr(tmp, mode="w", zarr_format=ZARR_FORMAT, consolidated=True, encoding=encoding)
+
+
+def write_store(
+    plan: Plan,
+    chunks_dir: Path,
+    scores_dir: Path,
+    queries: QueryEmbeddings,
+    model: ModelRecord,
+    config: Mapping[str, Any],
+    out: Path,
+    *,
+    top_k: int,
+    block_px: int,
+    workers: int = 2,
+) -> xr.Dataset:
+    """The mosaic step in one call: assemble the plan's chunk and score files into `out`; returns the lazy Dataset."""
+    files = ChunkFiles(plan.chunk_ids, chunks_dir, scores_dir, block_px)
+    dim = int(queries.embedding.shape[1])
+    dataset = soundscape_dataset(plan.grid, files, store_queries(queries), queries.logit_scale, top_k=top_k, dim=dim)
+    write_soundscape(dataset, provenance(model, plan, config), out, workers)
+    return dataset

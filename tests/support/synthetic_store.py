@@ -1,56 +1,66 @@
-"""A small `soundscape.zarr` laid out exactly as the map build's store contract says, from arrays the tests know.
+"""A small `soundscape.zarr` written by the real store writer from chunk and score files whose values tests know.
 
-The layout (the workflow's real store must look the same), Zarr format 2 with consolidated metadata:
-
-- coords: `query` (Q,) str ids, with `query_label` and `query_kind` along it; `y` (H,) float64 EPSG:3857
-  pixel-centre northings, descending; `x` (W,) float64 eastings, ascending; `dim` (D,); `rank` (k,). One pixel
-  is one Web Mercator tile at the output zoom.
-- `score(query, y, x)` float32 raw cosine, NaN where invalid; `score_percentile(query, y, x)` float32 in
-  [0, 100]; `score_softmax(query, y, x)` float32; `embedding(y, x, dim)` float16; `concept_index(y, x, rank)`
-  int32 (-1 invalid), rank 0 the highest weight; `concept_weight(y, x, rank)` float32; `valid(y, x)` bool.
-- `spatial_ref`: CF grid mapping (crs_wkt, spatial_ref, GeoTransform); every data variable has
-  `grid_mapping="spatial_ref"`.
-- attrs: checkpoint, checkpoint_sha256, untrained (bool), queries (JSON list of {"id", "kind", "text",
-  "audio"}, in the order of the `query` coordinate), config (JSON), imagery_source, imagery_attribution,
-  software_version, created (ISO 8601 UTC).
+The plan is a real `pipeline.plan.Plan` of the synthetic grid and chunks. The grid is split into square chunks;
+inside an elliptic region are in a chunk (as in a real build), and a block inside the region has no imagery
+(in its chunk, not valid). The chunk and score files hold finite values even for tiles that are not valid:
+the store writer alone turns them into nodata.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import mercantile
 import numpy as np
-import rioxarray  # noqa: F401  (registers the .rio accessor)
+import pytest
 import shapely
-import xarray as xr
-from affine import Affine
 from pyproj import Transformer
 
-DEFAULT_QUERIES: tuple[dict[str, str | None], ...] = (
-    {"id": "birds", "kind": "text", "text": "birds chirping in a park", "audio": None},
-    {"id": "rain", "kind": "audio", "text": None, "audio": "queries/rain_on_roof.flac"},
-    {"id": "harbour", "kind": "composed", "text": "with seagulls", "audio": "queries/harbour.wav"},
+from pipeline.config import Query
+from pipeline.geometry import RasterGrid, lnglat_of_mercator
+from pipeline.model_setup import ModelRecord
+from pipeline.plan import ImageryFit, ModelView, Plan
+from pipeline.queries import QueryEmbeddings
+from pipeline.regions import Region
+from pipeline.store.write import write_store
+
+DEFAULT_QUERIES: tuple[Query, ...] = (
+    Query("birds", "birds chirping in a park"),
+    Query("rain", audio="queries/rain_on_roof.flac"),
+    Query("harbour", "with seagulls", "queries/harbour.wav"),
 )
 # Paris: the grid's top-left tile at zoom 14 (about 1.6 km tiles), so UTM zone 31N suits reprojection tests.
 DEFAULT_ZOOM = 14
 DEFAULT_TOP_LEFT = mercantile.tile(2.10, 49.00, DEFAULT_ZOOM)
 LOGIT_SCALE = math.log(1 / 0.07)
 CODEBOOK_SIZE = 12
+CHECKPOINT = "synthetic-test-checkpoint.safetensors"
+ATTRIBUTION = "Synthetic test imagery"
 
 
 class SyntheticStore(NamedTuple):
+    """The store and, as (rows, cols[, ...]) grids, what it must hold: the files' values, nodata where not valid."""
+
     path: Path
     zoom: int
     top_left: mercantile.Tile
     region: dict[str, Any]
-    queries: tuple[dict[str, str | None], ...]
+    queries: tuple[Query, ...]
     valid: np.ndarray
-    score: np.ndarray
-    concept_index: np.ndarray
+    score: np.ndarray  # (Q, H, W) raw cosines
+    concept_index: np.ndarray  # (H, W, k)
+    concept_weight: np.ndarray  # (H, W, k)
+    embedding: np.ndarray  # (H, W, D) float16
+    in_chunk: np.ndarray  # (H, W) whether a chunk holds the tile
+    plan: Plan
+    logit_scale: np.ndarray
 
     @property
     def height(self) -> int:
@@ -68,64 +78,128 @@ def write_synthetic_store(
     *,
     zoom: int = DEFAULT_ZOOM,
     top_left: mercantile.Tile = DEFAULT_TOP_LEFT,
-    queries: tuple[dict[str, str | None], ...] = DEFAULT_QUERIES,
+    queries: tuple[Query, ...] = DEFAULT_QUERIES,
     dim: int = 4,
     ranks: int = 3,
     chunk: int = 16,
+    chunk_tiles: int = 20,
     untrained: bool = True,
     seed: int = 0,
 ) -> SyntheticStore:
-    """Write the store; valid tiles lie inside an elliptic region, less a block with no imagery."""
+    """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
+
+    `chunk` is the store's block size (pixels), `chunk_tiles` the side of a build chunk (tiles).
+    """
     rng = np.random.default_rng(seed)
-    tile_size = 2 * math.pi * 6378137.0 / 2**zoom
-    left, _, _, top = mercantile.xy_bounds(top_left)
-    x = left + (np.arange(width) + 0.5) * tile_size
-    y = top - (np.arange(height) + 0.5) * tile_size
-    region = _elliptic_region(left, top, width * tile_size, height * tile_size)
-    valid = _inside(region, x, y)
+    grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
+    left, _, _, top = grid.bounds
+    x = left + (np.arange(width) + 0.5) * grid.pixel_m
+    y = top - (np.arange(height) + 0.5) * grid.pixel_m
+    region = _elliptic_region(left, top, width * grid.pixel_m, height * grid.pixel_m)
+    in_chunk = _inside(region, x, y)
+    if not in_chunk.any():
+        in_chunk[:] = True
+    valid = in_chunk.copy()
     valid[height // 4 : height // 4 + max(1, height // 8), width // 2 : width // 2 + max(1, width // 8)] = False
 
     score = _score_fields(len(queries), x, y, rng)
-    score[:, ~valid] = np.nan
-    concept_index, concept_weight = _concepts(valid, ranks, rng)
+    concept_index, concept_weight = _concepts(height, width, ranks, rng)
     embedding = rng.standard_normal((height, width, dim)).astype(np.float16)
-    embedding[~valid] = np.nan
 
-    dataset = xr.Dataset(
-        data_vars={
-            "score": (("query", "y", "x"), score),
-            "score_percentile": (("query", "y", "x"), _percentiles(score)),
-            "score_softmax": (("query", "y", "x"), _softmax(score)),
-            "embedding": (("y", "x", "dim"), embedding),
-            "concept_index": (("y", "x", "rank"), concept_index),
-            "concept_weight": (("y", "x", "rank"), concept_weight),
-            "valid": (("y", "x"), valid),
-        },
-        coords={
-            "query": np.array([query["id"] for query in queries], dtype=object),
-            "query_label": ("query", np.array([_label(query) for query in queries])),
-            "query_kind": ("query", np.array([query["kind"] for query in queries])),
-            "y": y,
-            "x": x,
-            "dim": np.arange(dim),
-            "rank": np.arange(ranks),
-        },
-        attrs=_provenance(queries, untrained),
+    work = path.parent / f"{path.name}.inputs"
+    chunk_ids = _write_chunks(work, in_chunk, valid, score, concept_index, concept_weight, embedding, chunk_tiles)
+    plan = Plan(
+        region=Region("synthetic ellipse", shapely.geometry.shape(region)),
+        view=ModelView("sentinel", 1),
+        latitude=float(np.mean(lnglat_of_mercator(x, y)[1])),
+        auto_zoom=zoom,
+        grid=grid,
+        chunk_zoom=zoom,
+        chunk_ids=chunk_ids,
+        tile_count=int(in_chunk.sum()),
+        imagery=ImageryFit('{"kind": "synthetic"}', "synthetic", ATTRIBUTION, 10.0, False),
     )
-    transform = Affine(tile_size, 0.0, left, 0.0, -tile_size, top)
-    dataset = dataset.rio.write_crs("EPSG:3857").rio.write_transform(transform).rio.write_coordinate_system()
-    for variable in dataset.data_vars.values():
-        variable.attrs["grid_mapping"] = "spatial_ref"
-        variable.encoding.pop("grid_mapping", None)
-    dataset.chunk({"y": chunk, "x": chunk}).to_zarr(path, mode="w-", zarr_format=2, consolidated=True)
-    return SyntheticStore(path, zoom, top_left, region, queries, valid, score, concept_index)
+    logit_scale = np.full(len(queries), LOGIT_SCALE, np.float32)
+    embeddings = QueryEmbeddings(
+        ids=[query.id for query in queries],
+        kinds=[query.kind for query in queries],
+        labels=[query.label for query in queries],
+        texts=[query.text or "" for query in queries],
+        audio=[query.audio or "" for query in queries],
+        embedding=np.zeros((len(queries), dim), np.float32),
+        logit_scale=logit_scale,
+    )
+    config = {"region": "synthetic ellipse", "sat_type": "sentinel"}
+    write_store(
+        plan,
+        work / "chunks",
+        work / "scores",
+        embeddings,
+        ModelRecord(CHECKPOINT, CHECKPOINT, "0" * 64, untrained, "sentinel", "none"),
+        config,
+        path,
+        top_k=ranks,
+        block_px=chunk,
+    )
+    off = ~valid
+    score[:, off] = np.nan
+    concept_index[off] = -1
+    concept_weight[off] = np.nan
+    embedding[off] = np.nan
+    return SyntheticStore(
+        path,
+        zoom,
+        top_left,
+        region,
+        queries,
+        valid,
+        score,
+        concept_index,
+        concept_weight,
+        embedding,
+        in_chunk,
+        plan,
+        logit_scale,
+    )
 
 
-def _label(query: dict[str, str | None]) -> str:
-    if query["audio"] is None:
-        return str(query["text"])
-    name = Path(query["audio"]).name
-    return name if query["text"] is None else f"{name} + {query['text']}"
+def _write_chunks(
+    work: Path,
+    in_chunk: np.ndarray,
+    valid: np.ndarray,
+    score: np.ndarray,
+    concept_index: np.ndarray,
+    concept_weight: np.ndarray,
+    embedding: np.ndarray,
+    side: int,
+) -> tuple[str, ...]:
+    """Chunk files (chunks/<id>.npz) and score files (scores/<id>.npz) of square blocks of `side` tiles."""
+    (work / "chunks").mkdir(parents=True, exist_ok=True)
+    (work / "scores").mkdir(parents=True, exist_ok=True)
+    height, width = valid.shape
+    ids = []
+    for row0 in range(0, height, side):
+        for col0 in range(0, width, side):
+            rows, cols = np.nonzero(in_chunk[row0 : row0 + side, col0 : col0 + side])
+            if rows.size == 0:
+                continue
+            rows, cols = rows + row0, cols + col0
+            chunk_id = f"synthetic_{row0 // side}_{col0 // side}"
+            np.savez(
+                work / "chunks" / f"{chunk_id}.npz",
+                x=cols,
+                y=rows,
+                row=rows.astype(np.int32),
+                col=cols.astype(np.int32),
+                coverage=valid[rows, cols].astype(np.float32),
+                valid=valid[rows, cols],
+                embedding=embedding[rows, cols],
+                concept_index=concept_index[rows, cols],
+                concept_weight=concept_weight[rows, cols],
+            )
+            np.savez(work / "scores" / f"{chunk_id}.npz", ids=np.arange(score.shape[0]), score=score[:, rows, cols])
+            ids.append(chunk_id)
+    return tuple(ids)
 
 
 def _elliptic_region(left: float, top: float, width_m: float, height_m: float) -> dict[str, Any]:
@@ -156,43 +230,103 @@ def _score_fields(count: int, x: np.ndarray, y: np.ndarray, rng: np.random.Gener
     return np.clip(np.stack(fields) + noise, -1.0, 1.0).astype(np.float32)
 
 
-def _percentiles(score: np.ndarray) -> np.ndarray:
-    """Percent of the query's valid tiles whose score is at most the tile's."""
-    out = np.full(score.shape, np.nan, dtype=np.float32)
-    for index, layer in enumerate(score):
-        values = layer[np.isfinite(layer)]
-        ordered = np.sort(values)
-        ranks = np.searchsorted(ordered, values, side="right")
-        out[index][np.isfinite(layer)] = 100.0 * ranks / len(values)
-    return out
-
-
-def _softmax(score: np.ndarray) -> np.ndarray:
-    logits = math.exp(LOGIT_SCALE) * score.astype(np.float64)
-    logits -= np.max(np.nan_to_num(logits, nan=-np.inf), axis=0, keepdims=True)
-    weights = np.exp(logits)
-    return (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
-
-
-def _concepts(valid: np.ndarray, ranks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k codebook indices and their weights, sorted by falling weight; -1 and NaN where invalid."""
-    height, width = valid.shape
+def _concepts(height: int, width: int, ranks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k codebook indices and their weights, sorted by falling weight, for every tile."""
     index = np.argsort(rng.random((height, width, CODEBOOK_SIZE)), axis=-1)[..., :ranks].astype(np.int32)
     weight = -np.sort(-rng.dirichlet(np.ones(CODEBOOK_SIZE), (height, width))[..., :ranks], axis=-1)
-    index[~valid] = -1
-    weight[~valid] = np.nan
     return index, weight.astype(np.float32)
 
 
-def _provenance(queries: tuple[dict[str, str | None], ...], untrained: bool) -> dict[str, Any]:
+# --- Debian's GDAL 3.6 and QGIS 3.22, run as a GIS user would (bash run.sh test installs them as root) ----------
+
+DEBIAN_GDALINFO = Path("/usr/bin/gdalinfo")
+DEBIAN_GDALLOCATIONINFO = Path("/usr/bin/gdallocationinfo")
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+DEBIAN_QGIS = Path("/usr/lib/python3/dist-packages/qgis/core/__init__.py")
+needs_debian_gdal = pytest.mark.skipif(
+    not (DEBIAN_GDALINFO.exists() and DEBIAN_GDALLOCATIONINFO.exists()),
+    reason="Debian's gdal-bin is not installed (bash run.sh test installs it as root)",
+)
+needs_debian_qgis = pytest.mark.skipif(
+    not (DEBIAN_PYTHON.exists() and DEBIAN_QGIS.exists()),
+    reason="Debian's python3-qgis is not installed (bash run.sh test installs it as root)",
+)
+_QGIS_SCRIPT = """
+import json, sys
+from qgis.core import QgsApplication, QgsRasterLayer
+
+def facts(uri):
+    layer = QgsRasterLayer(uri, "layer", "gdal")
+    extent = layer.extent()
     return {
-        "checkpoint": "synthetic-test-checkpoint.safetensors",
-        "checkpoint_sha256": "0" * 64,
-        "untrained": untrained,
-        "queries": json.dumps(list(queries)),
-        "config": json.dumps({"region": "synthetic ellipse", "sat_type": "sentinel"}),
-        "imagery_source": json.dumps({"kind": "synthetic"}),
-        "imagery_attribution": "Synthetic test imagery",
-        "software_version": "sat2sound-maps 0.1.0",
-        "created": "2026-01-01T00:00:00Z",
+        "valid": layer.isValid(),
+        "crs": layer.crs().authid(),
+        "extent": [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()],
+        "size": [layer.width(), layer.height()],
+        "bands": layer.bandCount(),
     }
+
+app = QgsApplication([], False)
+app.initQgis()
+print(json.dumps([facts(uri) for uri in sys.argv[1:]]))
+app.exitQgis()
+"""
+
+
+def _debian_env() -> dict[str, str]:
+    # Debian's tools must not pick up the virtualenv's GDAL or PROJ data.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GDAL_", "PROJ_", "PYTHON"))}
+    return env | {"QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": _runtime_dir()}
+
+
+@cache
+def _runtime_dir() -> str:
+    """A private (0700) runtime folder for Qt, as it asks."""
+    return tempfile.mkdtemp(prefix="sat2sound-qt-runtime-")
+
+
+def gdalinfo(name: str) -> dict[str, Any]:
+    """`gdalinfo -json` of a GDAL dataset name, by Debian's GDAL."""
+    result = subprocess.run(
+        [str(DEBIAN_GDALINFO), "-json", name], capture_output=True, text=True, env=_debian_env(), check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def run_gdalinfo(name: str) -> subprocess.CompletedProcess[str]:
+    """Plain `gdalinfo` of a GDAL dataset name, by Debian's GDAL, as a GIS user runs it."""
+    return subprocess.run([str(DEBIAN_GDALINFO), name], capture_output=True, text=True, env=_debian_env(), check=False)
+
+
+def gdalinfo_text(name: str) -> str:
+    result = run_gdalinfo(name)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def location_value(name: str, x: float, y: float) -> float:
+    """The value at georeferenced point (x, y) in the dataset's CRS, by Debian's `gdallocationinfo -geoloc`."""
+    result = subprocess.run(
+        [str(DEBIAN_GDALLOCATIONINFO), "-valonly", "-geoloc", name, repr(x), repr(y)],
+        capture_output=True,
+        text=True,
+        env=_debian_env(),
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    return float(result.stdout.split()[0])
+
+
+def qgis_layers(*uris: str) -> list[dict[str, Any]]:
+    """Validity, CRS authid, extent, size and band count of each URI loaded as a QgsRasterLayer by Debian's QGIS."""
+    result = subprocess.run(
+        [str(DEBIAN_PYTHON), "-c", _QGIS_SCRIPT, *uris],
+        capture_output=True,
+        text=True,
+        env=_debian_env(),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout.strip().splitlines()[-1]))

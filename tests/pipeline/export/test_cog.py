@@ -15,11 +15,13 @@ import xarray as xr
 import zarr
 from rasterio.warp import transform_bounds
 from rio_cogeo.cogeo import cog_validate
-from support.synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synthetic_store
+from support.synthetic_store import CODEBOOK_SIZE, DEFAULT_QUERIES, SyntheticStore, write_synthetic_store
 
+from pipeline.config import Query
 from pipeline.errors import ExportError
 from pipeline.export import cog
 from pipeline.export.cog import write_concept_cog, write_query_cogs
+from pipeline.export.qgis_style import category_colours, srgb_to_lab
 
 LABELS = ["birds chirping in a park", "rain_on_roof.flac", "harbour.wav + with seagulls"]
 # First and last colours of matplotlib's published viridis table.
@@ -52,7 +54,7 @@ def _valid_cog(path: Path) -> None:
 
 
 def test_one_valid_cog_per_query_with_internal_overviews(store: SyntheticStore, query_cogs: list[Path]) -> None:
-    assert [path.name for path in query_cogs] == [f"{query['id']}.tif" for query in DEFAULT_QUERIES]
+    assert [path.name for path in query_cogs] == [f"{query.id}.tif" for query in DEFAULT_QUERIES]
     for path in query_cogs:
         _valid_cog(path)
         with rasterio.open(path) as cog_file:
@@ -88,14 +90,16 @@ def test_scores_are_the_stores_and_nodata_where_invalid(store: SyntheticStore, q
             np.testing.assert_array_equal(cog_file.read_masks(1) > 0, store.valid)
 
 
-def test_valid_mask_decides_nodata_even_where_a_score_was_stored(tmp_path: Path) -> None:
+def test_export_writes_the_stores_values_as_they_are(tmp_path: Path) -> None:
+    """The store is the one place invalid tiles become nodata: the export copies what the store holds."""
     store = write_synthetic_store(tmp_path / "soundscape.zarr")
-    zarr.open_array(store.path / "valid", mode="r+")[:, :4] = False
+    assert not store.valid[0].all()
+    zarr.open_array(store.path / "score", mode="r+")[0, 0, :] = 0.25
     (path, *_) = write_query_cogs(store.path, tmp_path / "cog")
     with rasterio.open(path) as cog_file:
         scores = cog_file.read(1)
-    assert np.isnan(scores[:, :4]).all()
-    np.testing.assert_array_equal(scores[:, 4:], store.score[0][:, 4:])
+    assert (scores[0] == 0.25).all(), "a stored value is exported even on a tile that is not valid"
+    np.testing.assert_array_equal(scores[1:], store.score[0][1:])
 
 
 def test_band_description_is_the_query_and_tags_carry_provenance(query_cogs: list[Path]) -> None:
@@ -103,8 +107,8 @@ def test_band_description_is_the_query_and_tags_carry_provenance(query_cogs: lis
         with rasterio.open(path) as cog_file:
             assert cog_file.descriptions == (label,)
             tags = cog_file.tags()
-        assert tags["QUERY_ID"] == query["id"]
-        assert tags["QUERY_KIND"] == query["kind"]
+        assert tags["QUERY_ID"] == query.id
+        assert tags["QUERY_KIND"] == query.kind
         assert tags["QUERY"] == label
         assert tags["VARIABLE"] == "score"
         assert tags["UNTRAINED"] == "true"
@@ -162,7 +166,7 @@ def test_qml_beside_each_cog_has_a_viridis_ramp_over_the_2nd_to_98th_percentile(
 
 def test_other_score_variables_get_their_own_files(store: SyntheticStore, tmp_path: Path) -> None:
     paths = write_query_cogs(store.path, tmp_path, variable="score_percentile")
-    assert [path.name for path in paths] == [f"{query['id']}_score_percentile.tif" for query in DEFAULT_QUERIES]
+    assert [path.name for path in paths] == [f"{query.id}_score_percentile.tif" for query in DEFAULT_QUERIES]
     stored = _stored(store, "score_percentile")
     with rasterio.open(paths[0]) as cog_file:
         np.testing.assert_array_equal(cog_file.read(1), stored[0])
@@ -170,13 +174,17 @@ def test_other_score_variables_get_their_own_files(store: SyntheticStore, tmp_pa
     assert paths[0].with_suffix(".qml").exists()
 
 
-def test_concept_cog_holds_the_dominant_concept_with_a_palette(store: SyntheticStore, concept_cog: Path) -> None:
+def test_concept_cog_holds_the_dominant_concept_with_its_colour_table(store: SyntheticStore, concept_cog: Path) -> None:
     _valid_cog(concept_cog)
-    dominant = np.where(store.valid, store.concept_index[..., 0], -1)
+    dominant = np.where(store.valid, store.concept_index[..., 0], 255)
+    present, counts = np.unique(dominant[store.valid], return_counts=True)
     with rasterio.open(concept_cog) as cog_file:
-        assert (cog_file.dtypes[0], cog_file.nodata) == ("int32", -1)
+        assert (cog_file.dtypes[0], cog_file.nodata) == ("uint8", 255)
         assert cog_file.descriptions == ("dominant codebook concept",)
+        assert cog_file.units == ("codebook concept",)
         np.testing.assert_array_equal(cog_file.read(1), dominant)
+        colormap = cog_file.colormap(1)
+        band_tags = cog_file.tags(1)
     with rasterio.open(concept_cog, overview_level=0) as overview:
         assert set(np.unique(overview.read(1))) <= set(np.unique(dominant)), "overviews pick existing concepts"
     root = ET.parse(concept_cog.with_suffix(".qml")).getroot()
@@ -184,11 +192,49 @@ def test_concept_cog_holds_the_dominant_concept_with_a_palette(store: SyntheticS
     assert renderer is not None
     assert renderer.attrib["type"] == "paletted"
     entries = renderer.findall("colorPalette/paletteEntry")
-    present, counts = np.unique(dominant[store.valid], return_counts=True)
     assert [int(entry.attrib["value"]) for entry in entries] == present.tolist()
     shares = [float(entry.attrib["label"].split("(")[1].split("%")[0]) for entry in entries]
     np.testing.assert_allclose(shares, 100 * counts / counts.sum(), atol=0.05)
     assert len({entry.attrib["color"] for entry in entries}) == len(entries)
+    for entry in entries:
+        value = int(entry.attrib["value"])
+        assert "#{:02x}{:02x}{:02x}".format(*colormap[value][:3]) == entry.attrib["color"], "file and .qml agree"
+        assert colormap[value][3] == 255
+        assert band_tags[f"CATEGORY_{value}"] == entry.attrib["label"], "category names travel inside the file"
+    assert colormap[255][3] == 0, "nodata is transparent"
+    most_common = int(present[np.argmax(counts)])
+    assert entries[present.tolist().index(most_common)].attrib["color"] == category_colours(1)[0].hex
+
+
+def test_concept_colours_differ_clearly_between_any_two_categories() -> None:
+    colours = category_colours(20)
+    lab = srgb_to_lab(np.array(colours, dtype=float))
+    distance = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+    np.fill_diagonal(distance, np.inf)
+    # CIELAB distance 2.3 is just noticeable; neighbouring map categories need far more. Golden-ratio hues: 12.
+    assert distance.min() > 35
+    assert all(30 <= value <= 90 for value in lab[:, 0]), "neither lost on dark nor on light basemaps"
+
+
+def test_score_bands_carry_their_unit_and_meaning(query_cogs: list[Path], tmp_path: Path) -> None:
+    with rasterio.open(query_cogs[0]) as cog_file:
+        assert cog_file.units == ("cosine",)
+        band_tags = cog_file.tags(1)
+    assert band_tags["VARIABLE"] == "score"
+    assert band_tags["VARIABLE_MEANING"].startswith("cosine similarity")
+
+
+def test_wide_codebooks_get_a_uint16_colour_table(tmp_path: Path) -> None:
+    store = write_synthetic_store(tmp_path / "soundscape.zarr", 12, 8)
+    concepts = zarr.open_array(store.path / "concept_index", mode="r+")
+    first = concepts[0]
+    concepts[0] = np.where(first >= 0, first + 300, first)
+    path = write_concept_cog(store.path, tmp_path / "cog")
+    with rasterio.open(path) as cog_file:
+        assert (cog_file.dtypes[0], cog_file.nodata) == ("uint16", 65535)
+        values = cog_file.read(1)
+        assert set(np.unique(values[store.valid])) <= set(range(300, 300 + CODEBOOK_SIZE))
+        assert cog_file.colormap(1)[int(values[store.valid][0])][3] == 255
 
 
 @pytest.mark.parametrize("dst_crs", ["EPSG:4326", "EPSG:32631"])
@@ -218,8 +264,9 @@ def test_reprojection_to_the_stores_own_crs_keeps_the_grid(store: SyntheticStore
         np.testing.assert_array_equal(cog_file.read(1), store.score[0])
 
 
+@pytest.mark.slow
 def test_export_reads_the_store_window_by_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    query = (DEFAULT_QUERIES[0],)
+    query = DEFAULT_QUERIES[:1]
     warm_up = write_synthetic_store(tmp_path / "small.zarr", queries=query, dim=1, ranks=1)
     store = write_synthetic_store(tmp_path / "big.zarr", 1024, 1024, queries=query, dim=1, ranks=1, chunk=128)
     monkeypatch.setattr(cog, "WINDOW_PX", 256)
@@ -251,7 +298,7 @@ def test_missing_store_unknown_variable_and_unknown_crs_are_export_errors(
 
 
 def test_query_ids_that_cannot_name_a_file_are_refused(tmp_path: Path) -> None:
-    queries = ({"id": "../birds", "kind": "text", "text": "birds", "audio": None},)
+    queries = (Query("../birds", "birds"),)
     store = write_synthetic_store(tmp_path / "soundscape.zarr", queries=queries)
     with pytest.raises(ExportError, match="cannot name a file"):
         write_query_cogs(store.path, tmp_path / "cog")

@@ -24,9 +24,9 @@ from support.synthetic_store import SyntheticStore, write_synthetic_store
 
 from pipeline.errors import ExportError
 from pipeline.export import preview as preview_module
-from pipeline.export.cog import StoreGrid
 from pipeline.export.preview import colourise, lnglat_corners, preview_lattice, write_preview
 from pipeline.export.qgis_style import DisplayRange
+from pipeline.store import StoreGrid
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = (

@@ -1,0 +1,61 @@
+"""The layout of `soundscape.zarr`, shared by its writer and its readers.
+
+Zarr format 2, consolidated metadata. One pixel is one Web Mercator tile at the output zoom; x/y are EPSG:3857
+pixel centres (x ascending, y descending). Every gridded variable ends in (y, x), extra dimensions first, so GDAL's
+classic 2-D view (which takes the last two dimensions as y, x) reads each of them the right way round:
+
+    score, score_percentile, score_softmax   (query, y, x) float32, NaN where invalid
+    embedding                                (dim, y, x)   float16, NaN where invalid
+    concept_index                            (rank, y, x)  int32, -1 where invalid or no concept
+    concept_weight                           (rank, y, x)  float32, NaN where invalid
+    valid                                    (y, x)        bool
+
+Coordinates: `query` (str ids) with `query_kind`, `query_text`, `query_audio` along it ("" where a query has no
+text or audio), `y`, `x`, `dim`, `rank`, and `spatial_ref`.
+
+Georeferencing, written so that every reader finds it without options:
+- CF: `spatial_ref` grid mapping (crs_wkt, spatial_ref, GeoTransform), named by each gridded variable's
+  `grid_mapping`; the global `coordinates` attribute lists `spatial_ref`, so plain `xr.open_zarr` makes it a
+  coordinate and rioxarray finds the CRS (GDAL >= 3.9 reads the grid mapping too).
+- GDAL's Zarr driver (3.4 on): a `_CRS` attribute ({"wkt", "url"}) on each gridded variable gives the CRS; the
+  regularly spaced x/y arrays give the geotransform.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyproj import CRS
+
+from pipeline.store.scores import SCORE_KINDS
+
+ZARR_FORMAT = 2
+GRID_MAPPING = "spatial_ref"
+SPATIAL_DIMS = ("y", "x")
+QUERY_FACTS = ("query_kind", "query_text", "query_audio")
+EMBEDDING_DIM_CHUNK = 64
+CONCEPT_NONE = -1
+
+VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    **{name: {"long_name": kind.long_name, "units": kind.units} for name, kind in SCORE_KINDS.items()},
+    "embedding": {"long_name": "L2-normalised Sat2Sound tile embedding"},
+    "concept_index": {"long_name": "codebook concepts with the largest weights, -1 for none"},
+    "concept_weight": {"long_name": "sparse codebook weights of concept_index", "units": "1"},
+    "valid": {"long_name": "tile inside the region with enough imagery to be scored"},
+}
+GRIDDED_VARIABLES = tuple(VARIABLE_ATTRS)
+
+
+def gdal_crs_attribute(crs: CRS) -> dict[str, str]:
+    """The `_CRS` attribute GDAL's Zarr driver reads (https://gdal.org/drivers/raster/zarr.html)."""
+    attribute = {"wkt": crs.to_wkt()}
+    epsg = crs.to_epsg()
+    if epsg is not None:
+        attribute["url"] = f"http://www.opengis.net/def/crs/EPSG/0/{epsg}"
+    return attribute
+
+
+def gdal_path(store: Any, variable: str, index: int | None = None) -> str:
+    """The GDAL name of one 2-D layer of the store, as GDAL 3.4 to 3.8 need it: `ZARR:"<store>":/<variable>[:i]`."""
+    suffix = "" if index is None else f":{index}"
+    return f'ZARR:"{store}":/{variable}{suffix}'

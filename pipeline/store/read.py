@@ -1,0 +1,129 @@
+"""Reading `soundscape.zarr`: its grid, its queries, its provenance and its layers, window by window.
+
+The store already holds nodata wherever a tile is not valid (see pipeline.store.write), so readers take its
+values as they are. Nothing is loaded until a window is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import xarray as xr
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
+
+from pipeline.config import Query
+from pipeline.errors import ExportError
+from pipeline.store.layout import GRID_MAPPING, GRIDDED_VARIABLES, QUERY_FACTS
+from pipeline.store.scores import SCORE_KINDS
+
+PROVENANCE_ATTRS = (
+    "checkpoint",
+    "checkpoint_sha256",
+    "untrained",
+    "imagery_source",
+    "imagery_attribution",
+    "software_version",
+    "created",
+)
+
+Rows = slice | np.ndarray
+
+
+class StoreGrid(NamedTuple):
+    width: int
+    height: int
+    transform: Affine
+    crs: CRS
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the grid's CRS."""
+        left, top = self.transform @ (0, 0)
+        right, bottom = self.transform @ (self.width, self.height)
+        return left, bottom, right, top
+
+
+class SoundscapeStore:
+    """An opened store: `grid`, `queries` and `provenance`, and windows of its layers as numpy arrays."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_dir():
+            raise ExportError(f"no Zarr store at {path}; run the build's mosaic step first")
+        try:
+            self.dataset = xr.open_zarr(path, chunks=None, consolidated=False, mask_and_scale=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ExportError(f"cannot open the Zarr store {path} ({exc}); rebuild it with the map workflow") from exc
+        needed = (*GRIDDED_VARIABLES, GRID_MAPPING, *QUERY_FACTS)
+        missing = [name for name in needed if name not in self.dataset.variables]
+        if missing:
+            raise ExportError(f"the Zarr store {path} lacks {', '.join(missing)}; rebuild it with the map workflow")
+        self.path = path
+        self.grid = _grid(self.dataset)
+        self.queries = _queries(self.dataset)
+        self.provenance = _provenance(self.dataset)
+
+    def scores(self, variable: str, query_index: int, rows: Rows, cols: Rows) -> np.ndarray:
+        """float32 (rows, cols) of one query's `variable` (a score kind), NaN where the tile is not valid."""
+        if variable not in SCORE_KINDS:
+            raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_KINDS)}")
+        values = self.dataset[variable].isel(query=query_index, y=rows, x=cols)
+        return values.to_numpy().astype(np.float32, copy=False)
+
+    def dominant_concepts(self, rows: Rows, cols: Rows) -> np.ndarray:
+        """int32 (rows, cols): each tile's highest-weight codebook concept, -1 where there is none."""
+        return self.dataset["concept_index"].isel(rank=0, y=rows, x=cols).to_numpy().astype(np.int32, copy=False)
+
+    def sample_scores(self, variable: str, query_index: int, max_px: int) -> np.ndarray:
+        """A query's scores on a regular lattice of at most about `max_px` tiles (for colour ranges)."""
+        stride = max(1, math.ceil(math.sqrt(self.grid.width * self.grid.height / max_px)))
+        lattice = slice(None, None, stride)
+        return self.scores(variable, query_index, lattice, lattice)
+
+
+def open_store(path: Path) -> SoundscapeStore:
+    return SoundscapeStore(path)
+
+
+def _grid(dataset: xr.Dataset) -> StoreGrid:
+    """The store's raster grid: size and origin from the pixel-centre x/y coordinates, CRS from spatial_ref."""
+    x = dataset["x"].to_numpy()
+    y = dataset["y"].to_numpy()
+    grid_mapping = dataset[GRID_MAPPING].attrs
+    try:
+        crs = CRS.from_wkt(grid_mapping["crs_wkt"])
+        # A one-pixel-wide axis has no coordinate spacing; only then does the GDAL GeoTransform give the size.
+        geotransform = [float(part) for part in grid_mapping["GeoTransform"].split()]
+    except (KeyError, CRSError, ValueError) as exc:
+        raise ExportError(
+            f"the store's spatial_ref lacks a usable crs_wkt or GeoTransform ({exc}); rebuild it"
+        ) from exc
+    pixel_width = (x[-1] - x[0]) / (len(x) - 1) if len(x) > 1 else geotransform[1]
+    pixel_height = (y[-1] - y[0]) / (len(y) - 1) if len(y) > 1 else geotransform[5]
+    transform = Affine(pixel_width, 0.0, x[0] - pixel_width / 2, 0.0, pixel_height, y[0] - pixel_height / 2)
+    return StoreGrid(len(x), len(y), transform, crs)
+
+
+def _queries(dataset: xr.Dataset) -> tuple[Query, ...]:
+    """The store's queries, in the order of its `query` coordinate, from the coordinates along it."""
+    columns = [[str(value) for value in dataset[name].to_numpy()] for name in ("query", *QUERY_FACTS)]
+    queries = []
+    for query_id, kind, text, audio in zip(*columns, strict=True):
+        query = Query(query_id, text or None, audio or None)
+        if not (text or audio) or query.kind != kind:
+            raise ExportError(
+                f"query {query_id!r} is stored as {kind!r} with text {text!r} and audio {audio!r}; rebuild the store"
+            )
+        queries.append(query)
+    return tuple(queries)
+
+
+def _provenance(dataset: xr.Dataset) -> dict[str, Any]:
+    missing = [name for name in PROVENANCE_ATTRS if name not in dataset.attrs]
+    if missing:
+        raise ExportError(f"the store lacks provenance attributes {', '.join(missing)}; rebuild it")
+    return {name: dataset.attrs[name] for name in PROVENANCE_ATTRS}
