@@ -30,7 +30,7 @@ setup() {
 # Debian packages some tests drive, installed when we can (root + apt): headless Chromium for the HTML preview,
 # and Debian's own GDAL (gdalinfo, gdallocationinfo, osgeo) and PyQGIS, which open the Zarr store and the COGs
 # as GIS users' Debian 12 tools (GDAL 3.6, QGIS 3.22) do.
-browser() {
+debian_test_tools() {
     local missing=()
     command -v chromium >/dev/null || missing+=(chromium)
     command -v chromedriver >/dev/null || missing+=(chromium-driver)
@@ -56,7 +56,7 @@ case "${1:-}" in
     test)
         shift
         setup
-        browser
+        debian_test_tools
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)
