@@ -47,13 +47,13 @@ def check_query_files(queries: Sequence[Query]) -> None:
 
 
 class QueryEmbeddings(NamedTuple):
-    ids: list[str]
-    kinds: list[str]
-    labels: list[str]
-    texts: list[str]  # "" for audio-only queries
-    audio: list[str]  # "" for text queries
+    queries: tuple[Query, ...]
     embedding: np.ndarray  # (Q, D) float32, L2-normalised
     logit_scale: np.ndarray  # (Q,) float32, log of the multiplier applied to cosines in training
+
+    @property
+    def ids(self) -> list[str]:
+        return [query.id for query in self.queries]
 
 
 def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[Query]) -> QueryEmbeddings:
@@ -70,11 +70,7 @@ def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[Query]) -> QueryE
         out = encoder.embed_composed([str(query.audio) for query in composed], [str(query.text) for query in composed])
         rows.update(zip((query.id for query in composed), out.embedding.numpy(), strict=True))
     return QueryEmbeddings(
-        ids=[query.id for query in queries],
-        kinds=[query.kind for query in queries],
-        labels=[query.label for query in queries],
-        texts=[query.text or "" for query in queries],
-        audio=[query.audio or "" for query in queries],
+        queries=tuple(queries),
         embedding=np.stack([rows[query.id] for query in queries]).astype(np.float32),
         logit_scale=np.array([_logit_scale(encoder, query.kind) for query in queries], dtype=np.float32),
     )
@@ -88,14 +84,13 @@ def _logit_scale(encoder: Sat2SoundEncoder, kind: str) -> float:
 
 
 def write_queries(path: Path, queries: QueryEmbeddings) -> None:
+    """queries.npz: each query's id, text and audio ("" where absent), its embedding and logit scale."""
     atomic_save_npz(
         path,
         {
             "ids": np.array(queries.ids),
-            "kinds": np.array(queries.kinds),
-            "labels": np.array(queries.labels),
-            "texts": np.array(queries.texts),
-            "audio": np.array(queries.audio),
+            "texts": np.array([query.text or "" for query in queries.queries]),
+            "audio": np.array([query.audio or "" for query in queries.queries]),
             "embedding": queries.embedding,
             "logit_scale": queries.logit_scale,
         },
@@ -104,12 +99,9 @@ def write_queries(path: Path, queries: QueryEmbeddings) -> None:
 
 def read_queries(path: Path) -> QueryEmbeddings:
     with np.load(path) as data:
+        fields = zip(data["ids"].tolist(), data["texts"].tolist(), data["audio"].tolist(), strict=True)
         return QueryEmbeddings(
-            ids=data["ids"].tolist(),
-            kinds=data["kinds"].tolist(),
-            labels=data["labels"].tolist(),
-            texts=data["texts"].tolist(),
-            audio=data["audio"].tolist(),
+            queries=tuple(Query(query_id, text or None, audio or None) for query_id, text, audio in fields),
             embedding=data["embedding"],
             logit_scale=data["logit_scale"],
         )

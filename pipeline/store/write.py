@@ -147,14 +147,6 @@ def grid_variables(files: ChunkFiles, region_scores: RegionScores, top_k: int, d
     }
 
 
-def store_queries(queries: QueryEmbeddings) -> tuple[Query, ...]:
-    """The queries of a build's queries.npz as `Query` objects."""
-    return tuple(
-        Query(query_id, text or None, audio or None)
-        for query_id, text, audio in zip(queries.ids, queries.texts, queries.audio, strict=True)
-    )
-
-
 def soundscape_dataset(
     grid: RasterGrid, files: ChunkFiles, queries: Sequence[Query], logit_scale: np.ndarray, top_k: int, dim: int
 ) -> xr.Dataset:
@@ -239,6 +231,6 @@ def write_store(
     """The mosaic step in one call: assemble the plan's chunk and score files into `out`; returns the lazy Dataset."""
     files = ChunkFiles(plan.chunk_ids, chunks_dir, scores_dir, block_px)
     dim = int(queries.embedding.shape[1])
-    dataset = soundscape_dataset(plan.grid, files, store_queries(queries), queries.logit_scale, top_k=top_k, dim=dim)
+    dataset = soundscape_dataset(plan.grid, files, queries.queries, queries.logit_scale, top_k=top_k, dim=dim)
     write_soundscape(dataset, provenance(model, plan, config), out, workers)
     return dataset

@@ -121,11 +121,7 @@ def write_synthetic_store(
     )
     logit_scale = np.full(len(queries), LOGIT_SCALE, np.float32)
     embeddings = QueryEmbeddings(
-        ids=[query.id for query in queries],
-        kinds=[query.kind for query in queries],
-        labels=[query.label for query in queries],
-        texts=[query.text or "" for query in queries],
-        audio=[query.audio or "" for query in queries],
+        queries=queries,
         embedding=np.zeros((len(queries), dim), np.float32),
         logit_scale=logit_scale,
     )
