@@ -69,6 +69,7 @@ def test_state_dict_layout_and_fixed_tensors_match_upstream(manifest: dict[str, 
     assert not any(state[key.removeprefix(AUDIO_PREFIX)].requires_grad for key in front_end)
 
 
+@pytest.mark.slow
 def test_audio_tokens_match_upstream(
     upstream_state_dict: Callable[[str], OrderedDict[str, torch.Tensor]], parity: dict[str, np.ndarray]
 ) -> None:

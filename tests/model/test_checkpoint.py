@@ -127,6 +127,7 @@ def test_withmeta_weights_do_not_fit_a_nometa_config(upstream_state_dict) -> Non
     assert "50 unexpected: sat_encoder.meta_fuser" in one_line(exc)
 
 
+@pytest.mark.slow
 def test_safetensors_conversion_round_trip(upstream_ckpt_path, tmp_path: Path) -> None:
     source = upstream_ckpt_path("bingmap_withmeta")
     out = tmp_path / "converted" / "withmeta.safetensors"

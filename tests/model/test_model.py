@@ -104,6 +104,7 @@ def small_batch(cfg: Sat2SoundConfig, size: int = 3) -> Sat2SoundBatch:
     )
 
 
+@pytest.mark.slow
 def test_training_step_reaches_every_used_parameter() -> None:
     torch.manual_seed(0)
     cfg = Sat2SoundConfig.small()

@@ -85,6 +85,7 @@ def test_resolution_pos_embed_matches_reference(parity: Mapping[str, np.ndarray]
     assert_close("pos_embed_sel", selected, parity["inter/pos_embed_sel"], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ["withmeta", "nometa"])
 def test_embed_command_matches_reference(prefix: str, parity, upstream_ckpt_path, tmp_path: Path) -> None:
     inputs = write_inputs(tmp_path / "in.npz", parity)
@@ -93,6 +94,7 @@ def test_embed_command_matches_reference(prefix: str, parity, upstream_ckpt_path
     np.testing.assert_array_equal(out["mel"], parity["in/mel"])
 
 
+@pytest.mark.slow
 def test_embed_command_partial_metadata(parity, upstream_ckpt_path, tmp_path: Path) -> None:
     inputs = write_inputs(tmp_path / "in.npz", parity, partial_metadata=True)
     out = run_cli(tmp_path, upstream_ckpt_path(CONFIGS["withmeta"]), inputs)
@@ -101,6 +103,7 @@ def test_embed_command_partial_metadata(parity, upstream_ckpt_path, tmp_path: Pa
     assert changed.tolist() == [False, True, False, True], "only the samples with missing metadata change"
 
 
+@pytest.mark.slow
 def test_embed_command_audio_from_waveform(parity, upstream_ckpt_path, tmp_path: Path) -> None:
     inputs = write_inputs(tmp_path / "in.npz", parity)
     out = run_cli(tmp_path, upstream_ckpt_path(CONFIGS["nometa"]), inputs, "--audio-from-waveform")
@@ -125,6 +128,7 @@ def reference_metadata(parity: Mapping[str, np.ndarray], source: str = "in") -> 
     )
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_image_tokens_match_reference_intermediates(parity, models) -> None:
     images = torch.from_numpy(parity["in/sat"])

@@ -60,6 +60,8 @@ QUERIES = [{"id": "birds", "text": "birds singing in the trees"}, {"id": "traffi
 SCORE_ATOL = 3e-3  # embeddings are stored as float16
 RUN_TIMEOUT_S = 240
 
+pytestmark = pytest.mark.slow  # every test here runs Snakemake
+
 
 def snakemake(work: Path, config: Path, *extra: str, profile: str = LOCAL_PROFILE) -> subprocess.CompletedProcess[str]:
     command = [*SNAKEMAKE, "--profile", profile, "--configfile", str(config), *extra]
