@@ -38,6 +38,7 @@ from rasterio.warp import reproject, transform_bounds
 SCENE_PATH = Path(__file__).resolve().parents[1] / "data" / "imagery" / "rgb_5m_utm18n.tif"
 TILE_PX = 256
 FAULT_KINDS = frozenset({"status", "slow", "truncate", "short_body", "blank"})
+SERVED_DRIVERS = ("PNG", "JPEG", "WEBP")
 STAC_CONFORMANCE = [
     "https://api.stacspec.org/v1.0.0/core",
     "https://api.stacspec.org/v1.0.0/item-search",
@@ -93,6 +94,12 @@ class Response(NamedTuple):
     headers: Mapping[str, str] = {}
 
 
+class _QuickServer(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: with more parallel clients the kernel drops their SYNs,
+    # and each retransmits only after a second (a connect timeout in tests with short timeouts).
+    request_queue_size = 128
+
+
 class LoopbackServer:
     """Threaded HTTP server on 127.0.0.1 with a request log, injected latency and faults."""
 
@@ -101,7 +108,7 @@ class LoopbackServer:
         self.requests: list[RequestRecord] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = _QuickServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -226,21 +233,30 @@ def encode_image(rgb_or_rgba: np.ndarray, driver: str) -> bytes:
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with MemoryFile() as memfile:
             bands, height, width = rgb_or_rgba.shape
-            with memfile.open(driver=driver, width=width, height=height, count=bands, dtype="uint8") as dataset:
+            # zlib level 1: a quarter of the default level's time per PNG tile, for a few percent more bytes.
+            options = {"zlevel": 1} if driver == "PNG" else {}
+            with memfile.open(
+                driver=driver, width=width, height=height, count=bands, dtype="uint8", **options
+            ) as dataset:
                 dataset.write(rgb_or_rgba)
             return bytes(memfile.read())
 
 
 @dataclass
 class SceneTiles:
-    """Web Mercator tiles (RGBA, alpha 0 outside the scene) cut from a georeferenced RGB raster."""
+    """Web Mercator tiles (RGBA, alpha 0 outside the scene) cut from a georeferenced RGB raster.
+
+    `from_raster` encodes every tile up front in the formats asked for, so that serving a tile costs no CPU:
+    a server that encodes on the request path answers parallel first requests late, and a client with a
+    short read timeout then asks again (one tile, two requests). Other formats are encoded on first use.
+    """
 
     rgba: dict[mercantile.Tile, np.ndarray]
     _encoded: dict[tuple[mercantile.Tile, str], bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def from_raster(cls, path: Path, zooms: Sequence[int]) -> SceneTiles:
+    def from_raster(cls, path: Path, zooms: Sequence[int], formats: Sequence[str] = SERVED_DRIVERS) -> SceneTiles:
         with rasterio.open(path) as scene:
             rgb = scene.read((1, 2, 3))
             src_crs, src_transform = scene.crs, scene.transform
@@ -262,17 +278,26 @@ class SceneTiles:
             )
             if rgba[3].any():
                 tiles[tile] = rgba
-        return cls(tiles)
+        scene_tiles = cls(tiles)
+        for tile in tiles:
+            for driver in formats:
+                scene_tiles.encoded(tile, driver)
+        return scene_tiles
 
     def encoded(self, tile: mercantile.Tile, driver: str) -> bytes | None:
         """The tile as PNG (with alpha) or JPEG/WEBP (RGB); None where the scene has no pixels."""
         if tile not in self.rgba:
             return None
+        key = (tile, driver)
         with self._lock:
-            if (tile, driver) not in self._encoded:
-                bands = self.rgba[tile] if driver == "PNG" else self.rgba[tile][:3]
-                self._encoded[tile, driver] = encode_image(bands, driver)
-            return self._encoded[tile, driver]
+            data = self._encoded.get(key)
+        if data is None:
+            # Encoded outside the lock, so that parallel requests for different tiles do not queue.
+            bands = self.rgba[tile] if driver == "PNG" else self.rgba[tile][:3]
+            encoded = encode_image(bands, driver)
+            with self._lock:
+                data = self._encoded.setdefault(key, encoded)
+        return data
 
 
 _RANGE = re.compile(r"^bytes=(?P<first>\d+)-(?P<last>\d*)$")
