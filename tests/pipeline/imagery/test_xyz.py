@@ -134,7 +134,11 @@ def test_zoom_choice_matches_the_tiling_rule(make_reader: MakeReader) -> None:
         centre_x, centre_y = mercantile.xy(-72.2128, lat)
         size_3857 = footprint_m / np.cos(np.radians(lat))
         bounds = _square((centre_x, centre_y), size_3857)
-        assert reader.zoom_for(bounds, 224) == imagery_zoom(footprint_m, lat)
+        assert reader.zoom_for(bounds, 224) == imagery_zoom(size_3857 / 224, 256)
+        # The chosen zoom's pixels are at most the read's, and the next coarser zoom's are larger.
+        zoom = reader.zoom_for(bounds, 224)
+        assert 2 * np.pi * 6378137.0 / 2**zoom / 256 <= size_3857 / 224 * (1 + 1e-9)
+        assert 2 * np.pi * 6378137.0 / 2 ** (zoom - 1) / 256 > size_3857 / 224
 
 
 def test_reads_finer_than_max_zoom_warn_once_and_upsample(make_reader: MakeReader) -> None:
