@@ -29,11 +29,14 @@ from urllib.parse import parse_qs, urlsplit
 import mercantile
 import numpy as np
 import rasterio
+import shapely
+from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
 from rasterio.warp import reproject, transform_bounds
+from shapely.geometry import Polygon
 
 SCENE_PATH = Path(__file__).resolve().parents[1] / "data" / "imagery" / "rgb_5m_utm18n.tif"
 TILE_PX = 256
@@ -225,6 +228,42 @@ def _handler_for(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
 
     return Handler
+
+
+def footprint(path: Path, crs: str = "EPSG:3857") -> Polygon:
+    """A raster's footprint (its pixel grid's outline, densified) in `crs`, computed without GDAL's warper."""
+    with rasterio.open(path) as dataset:
+        corners = [(0, 0), (dataset.width, 0), (dataset.width, dataset.height), (0, dataset.height)]
+        outline = Polygon([dataset.transform * corner for corner in corners])
+        outline = shapely.segmentize(outline, outline.length / 400)
+        to_crs = Transformer.from_crs(dataset.crs, crs, always_xy=True)
+    return Polygon(zip(*to_crs.transform(*outline.exterior.xy), strict=True))
+
+
+def overlap_fraction(footprint: Polygon, bounds: Sequence[float]) -> float:
+    """Share of the box `bounds` (left, bottom, right, top) that `footprint` covers."""
+    box = shapely.box(*bounds)
+    return float(footprint.intersection(box).area / box.area)
+
+
+def outside_pixels(footprint: Polygon, bounds: Sequence[float], width: int, height: int) -> np.ndarray:
+    """(height, width) bool: pixels of a `width` x `height` grid on `bounds` whose centre lies outside `footprint`."""
+    left, bottom, right, top = bounds
+    columns, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x = left + columns * (right - left) / width
+    y = top - rows * (top - bottom) / height
+    return np.asarray(~shapely.contains_xy(footprint, x, y))
+
+
+def mask_errors(footprint: Polygon, bounds: Sequence[float], mask: np.ndarray) -> np.ndarray:
+    """Distances (CRS units) to the footprint's boundary of the pixels whose mask disagrees with `outside_pixels`."""
+    height, width = mask.shape
+    left, bottom, right, top = bounds
+    wrong = mask != outside_pixels(footprint, bounds, width, height)
+    rows, columns = np.nonzero(wrong)
+    x = left + (columns + 0.5) * (right - left) / width
+    y = top - (rows + 0.5) * (top - bottom) / height
+    return np.asarray(shapely.distance(footprint.exterior, shapely.points(x, y)))
 
 
 def encode_image(rgb_or_rgba: np.ndarray, driver: str) -> bytes:

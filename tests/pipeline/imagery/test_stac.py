@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
-from support.imagery_servers import SCENE_PATH, Fault, StacServer, stac_item
+from support.imagery_servers import SCENE_PATH, Fault, StacServer, footprint, mask_errors, overlap_fraction, stac_item
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds
@@ -183,3 +183,19 @@ def test_stac_spec_and_options(server: StacServer, tmp_path: Path) -> None:
         assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west"]
     with pytest.raises(ImageryError, match="not a percentage"):
         open_reader(f"stac:{server.url}", cache_dir=tmp_path, max_cloud_cover=150)
+
+
+@pytest.mark.parametrize("collection", ["sentinel-2-l2a", BANDS_COLLECTION])
+def test_coverage_at_the_scene_edge_is_the_true_overlap(server: StacServer, tmp_path: Path, collection: str) -> None:
+    outline = footprint(SCENE_PATH)
+    east, middle = SCENE_3857.right, (SCENE_3857.bottom + SCENE_3857.top) / 2
+    view = Bounds(east - 500.0, middle - 300.0, east + 300.0, middle + 500.0)  # across the east edge
+    expected = overlap_fraction(outline, view)
+    assert 0.3 < expected < 0.8
+    with _reader(server, tmp_path, collection=collection) as reader:
+        image = reader.part(view, 160, 160)
+        cached = reader.part(view, 160, 160)
+    for read in (image, cached):
+        assert read.coverage == pytest.approx(expected, abs=0.015)
+        errors = mask_errors(outline, view, np.ma.getmaskarray(read.array)[0])
+        assert (errors <= 1.5 * 800.0 / 160).all()

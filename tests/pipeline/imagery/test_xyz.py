@@ -10,7 +10,7 @@ from pathlib import Path
 import mercantile
 import numpy as np
 import pytest
-from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
+from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer, footprint, mask_errors, overlap_fraction
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds, imagery_zoom
@@ -211,6 +211,20 @@ def test_outside_the_scene_is_no_imagery(make_reader: MakeReader, server: TileSe
     assert reader.part(far_away, 64, 64).coverage == 0.0
     assert len(server.requests) == requests_made  # 404s are remembered in the cache
     assert all(reader.is_cached(tile) for tile in reader.source_tiles(far_away, reader.zoom_for(far_away, 64)))
+
+
+def test_coverage_at_the_scene_edge_is_the_true_overlap(make_reader: MakeReader) -> None:
+    outline = footprint(SCENE_PATH)
+    west, south, _, _ = outline.bounds
+    reader = make_reader()
+    for x, y in (outline.exterior.coords[0], (west, (south + outline.bounds[3]) / 2)):
+        view = _square((x, y), 600.0)
+        image = reader.part(view, 150, 150)
+        expected = overlap_fraction(outline, view)
+        assert 0.1 < expected < 0.9
+        assert image.coverage == pytest.approx(expected, abs=0.015)
+        errors = mask_errors(outline, view, np.ma.getmaskarray(image.array)[0])
+        assert (errors <= 1.5 * 600.0 / 150).all()
 
 
 # --- faults ------------------------------------------------------------------------------------------------
