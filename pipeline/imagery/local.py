@@ -9,6 +9,7 @@ so that neighbouring tiles match.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from pipeline.imagery.base import (
     ImageryReader,
     check_read_size,
     empty_image,
+    ground_distance_m,
     resampling_method,
     true_gsd_m,
 )
@@ -142,6 +144,21 @@ class LocalRasterReader(ImageryReader):
         if self._stretch is None:
             self._stretch = percentile_stretch(self._decimated_sample(), self._percentiles)
         return self._stretch
+
+    def native_gsd_m(self, latitude: float) -> float:
+        """The raster's own pixel size on the ground at its centre (geodesic, projection scale included): the
+        longer of a pixel's two sides, so a rotated or non-square grid is not credited with its finer axis."""
+        dataset = self._dataset
+        transform, crs = dataset.transform, dataset.crs.to_string()
+        column, row = dataset.width / 2.0, dataset.height / 2.0
+        centre = transform * (column, row)
+        sides = (
+            ground_distance_m(centre, transform * (column + 1.0, row), crs),
+            ground_distance_m(centre, transform * (column, row + 1.0), crs),
+        )
+        if not all(math.isfinite(side) for side in sides):
+            raise ImageryError(f"cannot tell the pixel size of {self.path} on the ground; set imagery.native_gsd_m")
+        return max(sides)
 
     def read_values(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> np.ma.MaskedArray:
         """Raw float32 values of the selected bands on the requested grid; masked per pixel where the source

@@ -8,13 +8,14 @@ import mercantile
 import numpy as np
 import pytest
 import rasterio
+from pyproj import Geod
 from rasterio.transform import Affine
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from support.imagery_servers import SCENE_PATH, footprint, mask_errors, overlap_fraction
 
 from pipeline.errors import ImageryError
 from pipeline.geometry import Bounds
-from pipeline.imagery import LocalRasterReader, Stretch, open_reader
+from pipeline.imagery import LocalRasterReader, PrefetchReport, Stretch, open_reader
 from pipeline.imagery.local import percentile_stretch
 
 with rasterio.open(SCENE_PATH) as _scene:
@@ -200,3 +201,36 @@ def test_a_raster_alpha_band_or_mask_masks_its_transparent_pixels(tmp_path: Path
     assert mask[:, :, :160].all() and not mask[:, :, 160:].any()
     assert image.coverage == pytest.approx(0.5)
     assert in_mercator.coverage == pytest.approx(0.5, abs=0.05)
+
+
+# --- the reader API ------------------------------------------------------------------------------------------
+
+
+def test_native_gsd_is_the_raster_pixel_on_the_ground(tmp_path: Path) -> None:
+    utm = SCENE_PROFILE["crs"].to_string()
+    with LocalRasterReader(SCENE_PATH) as reader:
+        own_grid = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=utm)
+        assert reader.native_gsd_m(18.5) == pytest.approx(own_grid.gsd_m, rel=1e-3)
+        assert reader.native_gsd_m(18.5) == pytest.approx(5.0, rel=2e-3)
+    rotated = _write(tmp_path / "rotated.tif", SCENE_RGB, transform=_rotated_transform(30.0))
+    with LocalRasterReader(rotated) as reader:
+        assert reader.native_gsd_m(18.5) == pytest.approx(5.0, rel=2e-3)
+    # A geographic grid's pixels are taller than wide on the ground: the longer side counts.
+    degrees = 5.0 / 111_000
+    lnglat_transform = Affine(degrees, 0.0, -72.22, 0.0, -degrees, 18.52)
+    geographic = _write(tmp_path / "lnglat.tif", SCENE_RGB, crs="EPSG:4326", transform=lnglat_transform)
+    geod = Geod(ellps="WGS84")
+    centre_lon, centre_lat = lnglat_transform * (160, 144)
+    tall = geod.inv(centre_lon, centre_lat, centre_lon, centre_lat - degrees)[2]
+    wide = geod.inv(centre_lon, centre_lat, centre_lon + degrees, centre_lat)[2]
+    assert tall > wide
+    with LocalRasterReader(geographic) as reader:
+        assert reader.native_gsd_m(18.5) == pytest.approx(tall, rel=1e-6)
+
+
+def test_local_rasters_are_read_on_demand() -> None:
+    assert not LocalRasterReader.fetches_ahead
+    with LocalRasterReader(SCENE_PATH) as reader:
+        assert not reader.fetches_ahead
+        assert reader.prefetch([INNER, SCENE_BOUNDS], 224) == PrefetchReport("read on demand", 2, 0, 0)
+        assert reader.estimate([INNER], 224) is None

@@ -14,7 +14,7 @@ from support.imagery_servers import SCENE_PATH, Fault, StacServer, footprint, ma
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds
-from pipeline.imagery import LocalRasterReader, StacReader, TileCache, open_reader
+from pipeline.imagery import LocalRasterReader, PrefetchReport, StacReader, TileCache, open_reader
 from pipeline.imagery.http import RetryPolicy
 
 FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=2.0)
@@ -199,3 +199,22 @@ def test_coverage_at_the_scene_edge_is_the_true_overlap(server: StacServer, tmp_
         assert read.coverage == pytest.approx(expected, abs=0.015)
         errors = mask_errors(outline, view, np.ma.getmaskarray(read.array)[0])
         assert (errors <= 1.5 * 800.0 / 160).all()
+
+
+def test_stac_resolution_fetching_ahead_and_prefetch(server: StacServer, tmp_path: Path) -> None:
+    assert StacReader.fetches_ahead
+    with _reader(server, tmp_path) as reader:
+        assert reader.native_gsd_m(18.5) == 10.0  # Sentinel-2 true colour
+        outside = Bounds(SCENE_3857.right + 5000.0, SCENE_3857.bottom, SCENE_3857.right + 6000.0, SCENE_3857.top)
+        inside = Bounds(
+            SCENE_3857.left + 100.0, SCENE_3857.bottom + 100.0, SCENE_3857.left + 600.0, SCENE_3857.bottom + 600.0
+        )
+        report = reader.prefetch([inside, outside, SCENE_3857], 64)
+        assert report == PrefetchReport("model views into the tile cache", 3, 3, 2)
+        assert reader.estimate([inside], 64) is None
+        online = reader.part(inside, 64, 64)
+    with _reader(server, tmp_path, offline=True) as offline:
+        np.testing.assert_array_equal(offline.part(inside, 64, 64).array, online.array)
+    with _reader(server, tmp_path, collection=BANDS_COLLECTION) as other, pytest.raises(ImageryError) as raised:
+        other.native_gsd_m(18.5)
+    assert "set imagery.native_gsd_m" in str(raised.value)
