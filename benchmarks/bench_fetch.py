@@ -1,4 +1,4 @@
-"""Tile fetch throughput: XYZReader.prefetch against the loopback tile server with injected latency.
+"""Tile fetch throughput: XYZReader.fetch_tiles against the loopback tile server with injected latency.
 
 Each concurrency level runs in a fresh process with a cold cache, so its peak RSS is its own; the
 server runs in this process. Run from the repository root:
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import mercantile
 
 from pipeline.imagery import TileCache, XYZReader
-from tests.imagery_servers import SCENE_PATH, SceneTiles, TileServer
+from tests.support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
 
 KIB_PER_MIB = 1024
 
@@ -51,15 +51,15 @@ def fetch(template: str, tiles: list[mercantile.Tile], concurrency: int) -> Resu
         XYZReader(template, cache=TileCache(Path(cache_dir)), concurrency=concurrency) as reader,
     ):
         start = time.perf_counter()
-        with_imagery = reader.prefetch(tiles)
+        with_imagery = reader.fetch_tiles(tiles)
         seconds = time.perf_counter() - start
     return Result(concurrency, len(tiles), with_imagery, seconds, baseline, _peak_rss_mb())
 
 
-def scene_tiles(count: int) -> SceneTiles:
-    """At least `count` tiles of the test scene, from the coarsest zoom that has that many."""
+def scene_tiles(count: int, driver: str) -> SceneTiles:
+    """At least `count` tiles of the test scene, from the coarsest zoom that has that many, encoded as `driver`."""
     for zoom in range(15, 23):
-        tiles = SceneTiles.from_raster(SCENE_PATH, zooms=(zoom,))
+        tiles = SceneTiles.from_raster(SCENE_PATH, zooms=(zoom,), formats=(driver,))
         if len(tiles.rgba) >= count:
             return tiles
     raise SystemExit(f"the test scene has fewer than {count} tiles up to zoom 22; ask for fewer")
@@ -73,10 +73,10 @@ def main() -> None:
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg", help="tile encoding served")
     args = parser.parse_args()
 
-    tiles = scene_tiles(args.tiles)
-    chosen = sorted(tiles.rgba)[: args.tiles]
     driver = "JPEG" if args.format == "jpg" else "PNG"
-    sizes = [len(tiles.encoded(tile, driver) or b"") for tile in chosen]  # encode before timing
+    tiles = scene_tiles(args.tiles, driver)  # encoded before timing
+    chosen = sorted(tiles.rgba)[: args.tiles]
+    sizes = [len(tiles.encoded(tile, driver) or b"") for tile in chosen]
     print(f"{len(chosen)} tiles at zoom {chosen[0].z}, {args.format}, mean {sum(sizes) / len(sizes) / 1024:.1f} KiB")
     print(f"server latency {args.latency_ms:g} ms per request; cold cache per run; each run in a fresh process")
     print(f"{'concurrency':>11} {'tiles/s':>9} {'seconds':>8} {'base RSS MB':>12} {'peak RSS MB':>12}")

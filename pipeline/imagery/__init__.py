@@ -3,7 +3,10 @@
 `open_reader` turns a source spec into a reader:
 
     with open_reader("esri", cache_dir=Path("tiles_cache")) as src:
-        image = src.part(footprint.bounds, 224, 224)
+        image = src.part(view, 224, 224)
+        src.native_gsd_m(latitude), src.fetches_ahead, src.prefetch(views, 224), src.estimate(views, 224)
+
+`reader_class(spec)` tells which reader a spec opens without opening it (e.g. `.fetches_ahead`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ImageryError
-from pipeline.imagery.base import ImageryReader
+from pipeline.imagery.base import FetchEstimate, ImageData, ImageryReader, PrefetchReport
 from pipeline.imagery.cache import CacheStats, TileCache
 from pipeline.imagery.http import RetryPolicy, redact
 from pipeline.imagery.local import LocalRasterReader, Stretch
@@ -23,38 +26,54 @@ from pipeline.imagery.xyz import XYZReader
 
 __all__ = [
     "CacheStats",
+    "FetchEstimate",
+    "ImageData",
     "ImageryReader",
     "LocalRasterReader",
+    "PrefetchReport",
     "RetryPolicy",
     "StacReader",
     "Stretch",
     "TileCache",
     "XYZReader",
     "open_reader",
+    "reader_class",
 ]
 
 _RASTER_SUFFIXES = frozenset({".tif", ".tiff", ".vrt", ".jp2", ".img"})
+
+
+def reader_class(spec: str) -> type[ImageryReader]:
+    """The reader class `open_reader(spec)` would build, without opening anything."""
+    spec = spec.strip()
+    if spec in ("", "esri") or spec.startswith("xyz:"):
+        return XYZReader
+    if spec.startswith("stac:"):
+        return StacReader
+    path = Path(spec.removeprefix("file:"))
+    if spec.startswith("file:") or path.suffix.lower() in _RASTER_SUFFIXES or path.exists():
+        return LocalRasterReader
+    raise ImageryError(
+        f"unknown imagery source {redact(spec)!r}; use esri, xyz:URL_TEMPLATE, stac:URL or a raster path"
+    )
 
 
 def open_reader(spec: str, *, cache_dir: Path, offline: bool = False, **options: Any) -> ImageryReader:
     """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster
     PATH ('file:PATH' forces a path). `options` go to the reader's constructor."""
     spec = spec.strip()
+    kind = reader_class(spec)
     cache_options = {"cache": TileCache(cache_dir), "offline": offline}
-    if spec in ("", "esri"):
+    if kind is XYZReader:
+        if spec.startswith("xyz:"):
+            return _build(XYZReader, options, spec.removeprefix("xyz:"), **cache_options)
         return _build(XYZReader.esri, options, **cache_options)
-    if spec.startswith("xyz:"):
-        return _build(XYZReader, options, spec.removeprefix("xyz:"), **cache_options)
-    if spec.startswith("stac:"):
+    if kind is StacReader:
         return _build(StacReader, options, spec.removeprefix("stac:"), **cache_options)
     path = Path(spec.removeprefix("file:"))
-    if spec.startswith("file:") or path.suffix.lower() in _RASTER_SUFFIXES or path.exists():
-        if not path.exists():
-            raise ImageryError(f"raster {path} does not exist; check the path")
-        return _build(LocalRasterReader, options, path)
-    raise ImageryError(
-        f"unknown imagery source {redact(spec)!r}; use esri, xyz:URL_TEMPLATE, stac:URL or a raster path"
-    )
+    if not path.exists():
+        raise ImageryError(f"raster {path} does not exist; check the path")
+    return _build(LocalRasterReader, options, path)
 
 
 def _build(factory: Callable[..., ImageryReader], options: dict[str, Any], *args: Any, **fixed: Any) -> ImageryReader:

@@ -1,13 +1,19 @@
-"""The one interface every imagery source offers, plus the georeferencing helpers they share."""
+"""The one interface every imagery source offers, plus the georeferencing helpers they share.
+
+Callers never ask what kind of reader they hold: each reader answers for itself what its imagery's
+resolution is (`native_gsd_m`), whether it is fetched ahead of the model (`fetches_ahead`, `prefetch`)
+and what a run would download (`estimate`).
+"""
 
 from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import TracebackType
-from typing import TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 import mercantile
 import numpy as np
@@ -53,15 +59,55 @@ class ImageData:
         return float(1.0 - mask.all(axis=0).mean())
 
 
+class PrefetchReport(NamedTuple):
+    """What `ImageryReader.prefetch` did: `method` in words, the `views` asked for, the `source_items` fetched
+    or found in the cache (server tiles, or cached view mosaics) and how many of them hold imagery."""
+
+    method: str
+    views: int
+    source_items: int
+    with_imagery: int
+
+
+class FetchEstimate(NamedTuple):
+    """What reading some views would download, from a reader backed by a tile pyramid: the zoom range of the
+    views' source tiles, the source's finest zoom, the distinct source tiles, how many of them the tile cache
+    already holds, and the bytes still to fetch (at the source's typical tile size)."""
+
+    min_zoom: int
+    max_zoom: int
+    source_max_zoom: int
+    tiles: int
+    cached: int
+    bytes_to_fetch: int
+
+
 class ImageryReader(abc.ABC):
     """An imagery source read rio-tiler style: `with Reader(...) as src: src.part(bounds, 224, 224)`.
 
     `source_id` names the source stably (it is the tile-cache namespace); `attribution` is the text a
-    map made from the source must show.
+    map made from the source must show. `fetches_ahead` is True for remote sources whose imagery a build
+    fetches into the tile cache (`prefetch`) before the model reads it.
     """
 
     source_id: str
     attribution: str
+    fetches_ahead: ClassVar[bool] = False
+
+    def native_gsd_m(self, latitude: float) -> float:
+        """Ground metres per pixel of the source's finest imagery around `latitude`."""
+        raise ImageryError(f"cannot tell the resolution of imagery {self.source_id}; set imagery.native_gsd_m (m/px)")
+
+    def prefetch(self, views: Sequence[Bounds], width: int) -> PrefetchReport:
+        """Fetch what reading `views` (EPSG:3857) at `width` px would need into the tile cache.
+
+        Sources read on demand (local rasters) fetch nothing."""
+        return PrefetchReport("read on demand", len(views), 0, 0)
+
+    def estimate(self, views: Sequence[Bounds], width: int) -> FetchEstimate | None:
+        """What reading `views` (EPSG:3857) at `width` px would download, without downloading; None for
+        sources that are not a tile pyramid."""
+        return None
 
     @abc.abstractmethod
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
@@ -121,8 +167,14 @@ def true_gsd_m(bounds: Bounds, width: int, crs: str) -> float:
     pixel = (bounds.right - bounds.left) / width
     centre_x = (bounds.left + bounds.right) / 2.0
     centre_y = (bounds.bottom + bounds.top) / 2.0
-    lons, lats = _to_lnglat(crs).transform([centre_x - pixel / 2.0, centre_x + pixel / 2.0], [centre_y, centre_y])
-    _, _, distance = _WGS84_GEOD.inv(lons[0], lats[0], lons[1], lats[1])
+    distance = ground_distance_m((centre_x - pixel / 2.0, centre_y), (centre_x + pixel / 2.0, centre_y), crs)
     if not math.isfinite(distance):
         raise ImageryError(f"bounds {tuple(bounds)} do not lie on the Earth in {crs}; check the CRS")
-    return float(distance)
+    return distance
+
+
+def ground_distance_m(a: tuple[float, float], b: tuple[float, float], crs: str) -> float:
+    """Geodesic metres between points `a` and `b` given in `crs` (inf where they are not on the Earth)."""
+    lons, lats = _to_lnglat(crs).transform([a[0], b[0]], [a[1], b[1]])
+    _, _, distance = _WGS84_GEOD.inv(lons[0], lats[0], lons[1], lats[1])
+    return float(distance) if math.isfinite(distance) else math.inf

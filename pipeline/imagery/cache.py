@@ -1,24 +1,25 @@
 """A directory of fetched tiles shared by runs and by concurrent jobs.
 
-Keys are relative POSIX paths such as `esri-world-imagery/17/38000/49000.jpg`. Writes go to a
-temporary file in the target directory and are moved into place with os.replace, so a reader in
-another process sees either no file or a whole one. There is no fsync: a file cut short by a crash
-is caught when its bytes fail to decode, and fetched again. Reads refresh a file's modification
-time, so pruning by size drops the least recently used tiles first.
+Keys are relative POSIX paths such as `esri-world-imagery/17/38000/49000.jpg`. Writes go through
+common.atomic (a temporary file beside the target, renamed into place), so a reader in another process
+sees either no file or a whole one, and files get the umask's mode, so a group sharing the cache can read
+them. There is no fsync: a file cut short by a crash is caught when its bytes fail to decode, and fetched
+again. Reads refresh a file's modification time, so pruning by size drops the least recently used tiles
+first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
+from common.atomic import TEMP_PREFIX, atomic_write_bytes
 from pipeline.errors import CacheError
 
-_TEMP_PREFIX = ".tmp-"
 # Temporary files older than this belong to a writer that died; pruning removes them.
 _STALE_TEMP_S = 3600.0
 _SECONDS_PER_DAY = 86400.0
@@ -64,9 +65,9 @@ class TileCache:
         path = self.path_of(key)
         try:
             try:
-                self._write_atomically(path, data)
+                _write(path, data)
             except FileNotFoundError:  # a concurrent prune removed the directory just created
-                self._write_atomically(path, data)
+                _write(path, data)
         except OSError as exc:
             raise CacheError(f"cannot write cached tile {key}: {exc.strerror}; check space and permissions") from exc
 
@@ -123,7 +124,7 @@ class TileCache:
         return entries
 
     def _remove_stale_temp_files(self, now: float) -> None:
-        for path in self.root.rglob(f"{_TEMP_PREFIX}*"):
+        for path in self.root.rglob(f"{TEMP_PREFIX}*"):
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < now - _STALE_TEMP_S:
                     path.unlink()
@@ -135,22 +136,20 @@ class TileCache:
                     os.rmdir(directory)
 
     @staticmethod
-    def _write_atomically(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
-        try:
-            with os.fdopen(handle, "wb") as temp:
-                temp.write(data)
-            os.replace(temp_name, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
-            raise
-
-    @staticmethod
     def _unlink(path: Path) -> bool:
         try:
             path.unlink()
         except FileNotFoundError:
             return False
         return True
+
+
+# common.atomic reads the umask by setting it to 0 and back, which is not atomic: writers in parallel threads
+# (an XYZ reader's fetch pool) could leave each other, or the whole process, with a umask of 0. One lock keeps
+# this module's writes apart; drop it once common.atomic reads the umask without changing it.
+_WRITE_LOCK = threading.Lock()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with _WRITE_LOCK:
+        atomic_write_bytes(path, data)

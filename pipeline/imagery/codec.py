@@ -7,6 +7,7 @@ its RIFF header says) and by libjpeg, whose "premature end of file" warning is m
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -21,6 +22,10 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_START = b"\xff\xd8"
 _RIFF_HEADER_BYTES = 8
+# warnings.catch_warnings swaps process-wide state: XYZ fetch threads decoding at once would restore each
+# other's filters out of order (leaving 'ignore' filters behind, or letting the warning through). Opening
+# an in-memory image, the step that warns, is serialised; reading its pixels is not.
+_WARNINGS_LOCK = threading.Lock()
 
 
 class TileImage(NamedTuple):
@@ -42,9 +47,11 @@ def decode_tile(body: bytes) -> TileImage:
     """Decode a JPEG, PNG or WebP tile; raises TileDecodeError when the bytes are cut short or garbled."""
     _check_complete(body)
     try:
-        with rasterio.Env(GDAL_ERROR_ON_LIBJPEG_WARNING=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile(body) as memfile, memfile.open() as dataset:
+        with rasterio.Env(GDAL_ERROR_ON_LIBJPEG_WARNING=True), MemoryFile(body) as memfile:
+            with _WARNINGS_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                dataset = memfile.open()
+            with dataset:
                 pixels = dataset.read()
                 valid = dataset.dataset_mask() > 0
                 colormap = dataset.colormap(1) if dataset.count == 1 and _has_colormap(dataset) else None
@@ -57,7 +64,7 @@ def encode_png(rgb: np.ndarray, valid: np.ndarray) -> bytes:
     """Lossless RGBA PNG of `rgb` (3, H, W) uint8, transparent where `valid` is False."""
     alpha = np.where(valid, 255, 0).astype(np.uint8)[np.newaxis]
     rgba = np.concatenate([rgb.astype(np.uint8), alpha])
-    with warnings.catch_warnings():
+    with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with MemoryFile() as memfile:
             with memfile.open(

@@ -9,6 +9,7 @@ so that neighbouring tiles match.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from pipeline.imagery.base import (
     ImageryReader,
     check_read_size,
     empty_image,
+    ground_distance_m,
     resampling_method,
     true_gsd_m,
 )
@@ -143,13 +145,35 @@ class LocalRasterReader(ImageryReader):
             self._stretch = percentile_stretch(self._decimated_sample(), self._percentiles)
         return self._stretch
 
+    def native_gsd_m(self, latitude: float) -> float:
+        """The raster's own pixel size on the ground at its centre (geodesic, projection scale included): the
+        longer of a pixel's two sides, so a rotated or non-square grid is not credited with its finer axis."""
+        dataset = self._dataset
+        transform, crs = dataset.transform, dataset.crs.to_string()
+        column, row = dataset.width / 2.0, dataset.height / 2.0
+        centre = transform * (column, row)
+        sides = (
+            ground_distance_m(centre, transform * (column + 1.0, row), crs),
+            ground_distance_m(centre, transform * (column, row + 1.0), crs),
+        )
+        if not all(math.isfinite(side) for side in sides):
+            raise ImageryError(f"cannot tell the pixel size of {self.path} on the ground; set imagery.native_gsd_m")
+        return max(sides)
+
     def read_values(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> np.ma.MaskedArray:
-        """Raw float32 values of the selected bands on the requested grid; masked per pixel."""
+        """Raw float32 values of the selected bands on the requested grid; masked per pixel where the source
+        has no data: outside its footprint, at its nodata value, NaN, or transparent in its alpha or mask."""
         dst_transform = check_read_size(bounds, width, height)
         shape = (len(self.bands), height, width)
         if not self._overlaps(bounds, dst_crs):
             return np.ma.MaskedArray(np.zeros(shape, np.float32), mask=True)
-        options: dict[str, object] = {"add_alpha": True} if self.nodata is None else {"src_nodata": self.nodata}
+        # The warped alpha band is GDAL's per-pixel validity: 0 outside the footprint and where every source
+        # pixel under it is nodata, transparent or masked. A masked read alone does not always consult it
+        # (float rasters without nodata, sources with an alpha or mask band of their own report all-valid).
+        # A source with an alpha band of its own gets it warped into the view; others get one added.
+        options: dict[str, object] = {"add_alpha": ColorInterp.alpha not in self._dataset.colorinterp}
+        if self.nodata is not None:
+            options["src_nodata"] = self.nodata
         try:
             with (
                 rasterio.Env(**self._gdal_env),
@@ -163,11 +187,13 @@ class LocalRasterReader(ImageryReader):
                     **options,
                 ) as vrt,
             ):
-                values = vrt.read(indexes=list(self.bands), masked=True, out_dtype="float32")
+                alpha_band = _alpha_band(vrt)
+                stack = vrt.read(indexes=[*self.bands, alpha_band], out_dtype="float32")
         except RasterioError as exc:
             raise ImageryError(f"cannot read {self.path} ({type(exc).__name__}); check the file or URL") from exc
-        invalid = np.ma.getmaskarray(np.ma.masked_invalid(values)).any(axis=0)
-        return np.ma.MaskedArray(np.ma.getdata(values), mask=np.broadcast_to(invalid, shape).copy())
+        values = stack[:-1]
+        invalid = (stack[-1] == 0) | ~np.isfinite(values).all(axis=0)
+        return np.ma.MaskedArray(values, mask=np.broadcast_to(invalid, shape).copy())
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         values = self.read_values(bounds, width, height, dst_crs)
@@ -194,6 +220,14 @@ class LocalRasterReader(ImageryReader):
         if self.nodata is not None:
             sample = np.ma.masked_where(sample.data == self.nodata, sample)
         return np.ma.masked_invalid(sample)
+
+
+def _alpha_band(vrt: WarpedVRT) -> int:
+    """1-based index of the warped dataset's alpha band (the last one tagged alpha)."""
+    tagged = [index for index, colour in enumerate(vrt.colorinterp, start=1) if colour == ColorInterp.alpha]
+    if not tagged:
+        raise ImageryError("GDAL's warped view of the raster lacks an alpha band; check the GDAL version")
+    return tagged[-1]
 
 
 def _default_bands(dataset: rasterio.io.DatasetReader) -> tuple[int, ...]:

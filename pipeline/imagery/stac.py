@@ -26,13 +26,23 @@ from urllib3.util.retry import Retry
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning, TileDecodeError
 from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds
-from pipeline.imagery.base import RGB_BANDS, ImageData, ImageryReader, check_read_size, empty_image, true_gsd_m
+from pipeline.imagery.base import (
+    RGB_BANDS,
+    ImageData,
+    ImageryReader,
+    PrefetchReport,
+    check_read_size,
+    empty_image,
+    true_gsd_m,
+)
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import decode_tile, encode_png
 from pipeline.imagery.http import DEFAULT_RETRY, RetryPolicy, redact, retry_policy
 from pipeline.imagery.local import LocalRasterReader, Stretch, apply_stretch
 
 SENTINEL2_L2A = "sentinel-2-l2a"
+# Ground sample distance of Sentinel-2's true-colour bands (B04, B03, B02) and of its visual asset.
+SENTINEL2_TRUE_COLOUR_GSD_M = 10.0
 SENTINEL2_ATTRIBUTION = "Contains modified Copernicus Sentinel data"
 VISUAL_ASSET = "visual"
 # Per-band asset names of the main STAC APIs (Element 84 Earth Search, then Planetary Computer).
@@ -74,6 +84,8 @@ class StacReader(ImageryReader):
     LocalRasterReader, whose datasets it keeps open, it is meant for one thread.
     """
 
+    fetches_ahead = True
+
     def __init__(
         self,
         url: str,
@@ -110,6 +122,16 @@ class StacReader(ImageryReader):
         self._cells: dict[mercantile.Tile, list[str]] = {}
         self._items: dict[str, StacItem] = {}
         self._open: OrderedDict[str, list[LocalRasterReader]] = OrderedDict()
+
+    def native_gsd_m(self, latitude: float) -> float:
+        if self.collection == SENTINEL2_L2A:
+            return SENTINEL2_TRUE_COLOUR_GSD_M
+        return super().native_gsd_m(latitude)
+
+    def prefetch(self, views: Sequence[Bounds], width: int) -> PrefetchReport:
+        """Mosaic each view (EPSG:3857, `width` px square) and keep it in the tile cache."""
+        with_imagery = sum(self.part(view, width, width).coverage > 0 for view in views)
+        return PrefetchReport("model views into the tile cache", len(views), len(views), with_imagery)
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         check_read_size(bounds, width, height)

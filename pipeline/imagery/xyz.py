@@ -15,7 +15,7 @@ import re
 import string
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import NamedTuple
@@ -26,11 +26,13 @@ import numpy as np
 from rasterio.warp import reproject, transform_bounds
 
 from pipeline.errors import ImageryError, ImageryWarning, TileDecodeError
-from pipeline.geometry import WEB_MERCATOR, Bounds, TileBlock, imagery_zoom
+from pipeline.geometry import WEB_MERCATOR, Bounds, TileBlock, ground_resolution_m, imagery_zoom
 from pipeline.imagery.base import (
     RGB_BANDS,
+    FetchEstimate,
     ImageData,
     ImageryReader,
+    PrefetchReport,
     check_read_size,
     empty_image,
     resampling_method,
@@ -124,6 +126,8 @@ class XYZReader(ImageryReader):
     uncached ones count as no imagery.
     """
 
+    fetches_ahead = True
+
     def __init__(
         self,
         url_template: str,
@@ -177,7 +181,7 @@ class XYZReader(ImageryReader):
 
     def zoom_for(self, bounds: Bounds, width: int) -> int:
         """Coarsest server zoom at least as fine as `width` pixels across EPSG:3857 `bounds`, within the
-        source's zoom range."""
+        source's zoom range (warns once when the source stops short of it)."""
         wanted = imagery_zoom((bounds.right - bounds.left) / width, self.tile_size)
         if wanted > self.max_zoom and not self._warned_max_zoom:
             self._warned_max_zoom = True
@@ -187,7 +191,36 @@ class XYZReader(ImageryReader):
                 ImageryWarning,
                 stacklevel=3,
             )
-        return min(max(wanted, self.min_zoom), self.max_zoom)
+        return self._clamp_zoom(wanted)
+
+    def native_gsd_m(self, latitude: float) -> float:
+        return ground_resolution_m(self.max_zoom, latitude, self.tile_size)
+
+    def prefetch(self, views: Sequence[Bounds], width: int) -> PrefetchReport:
+        """Fetch the server tiles under `views` into the tile cache, in parallel."""
+        tiles = sorted(self._tiles_under(views, width, zoom_of=self.zoom_for))
+        return PrefetchReport("server tiles into the tile cache", len(views), len(tiles), self.fetch_tiles(tiles))
+
+    def estimate(self, views: Sequence[Bounds], width: int) -> FetchEstimate:
+        """The distinct server tiles under `views` and how many the cache holds; with no views, nothing to
+        fetch and the source's zoom range."""
+        zooms: set[int] = set()
+
+        def zoom_of(bounds: Bounds, read_width: int) -> int:
+            zoom = self._clamp_zoom(imagery_zoom((bounds.right - bounds.left) / read_width, self.tile_size))
+            zooms.add(zoom)
+            return zoom
+
+        tiles = self._tiles_under(views, width, zoom_of)
+        cached = sum(1 for tile in tiles if self.is_cached(tile))
+        return FetchEstimate(
+            min_zoom=min(zooms, default=self.min_zoom),
+            max_zoom=max(zooms, default=self.max_zoom),
+            source_max_zoom=self.max_zoom,
+            tiles=len(tiles),
+            cached=cached,
+            bytes_to_fetch=(len(tiles) - cached) * self.typical_tile_bytes,
+        )
 
     def source_tiles(self, bounds: Bounds, zoom: int) -> list[mercantile.Tile]:
         """Server tiles at `zoom` that a read of EPSG:3857 `bounds` needs."""
@@ -199,7 +232,7 @@ class XYZReader(ImageryReader):
     def is_cached(self, tile: mercantile.Tile) -> bool:
         return self.cache_key(tile) in self.cache or self._missing_key(tile) in self.cache
 
-    def prefetch(self, tiles: Iterable[mercantile.Tile]) -> int:
+    def fetch_tiles(self, tiles: Iterable[mercantile.Tile]) -> int:
         """Fetch `tiles` into the cache in parallel; returns how many hold imagery."""
         return sum(image is not None for image in self._load_all(list(tiles)))
 
@@ -245,6 +278,14 @@ class XYZReader(ImageryReader):
                 self._pool = None
         self._http.close()
 
+    def _clamp_zoom(self, zoom: int) -> int:
+        return min(max(zoom, self.min_zoom), self.max_zoom)
+
+    def _tiles_under(
+        self, views: Sequence[Bounds], width: int, zoom_of: Callable[[Bounds, int], int]
+    ) -> set[mercantile.Tile]:
+        return {tile for view in views for tile in self.source_tiles(view, zoom_of(view, width))}
+
     def _mosaic(self, grid: TileBlock, images: list[TileImage | None]) -> np.ndarray:
         size = self.tile_size
         rgba = np.zeros((RGB_BANDS + 1, grid.rows * size, grid.columns * size), np.uint8)
@@ -263,11 +304,15 @@ class XYZReader(ImageryReader):
         return rgba
 
     def _load_all(self, tiles: list[mercantile.Tile]) -> list[TileImage | None]:
+        """Each of `tiles` (in order, repeats allowed), loading every distinct tile once: a block wider than
+        the world holds a tile twice, and two parallel loads of one tile would fetch it twice."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._http.concurrency, thread_name_prefix=f"fetch-{self.source_id}")
             pool = self._pool
-        return list(pool.map(self._load, tiles))
+        distinct = list(dict.fromkeys(tiles))
+        loaded = dict(zip(distinct, pool.map(self._load, distinct), strict=True))
+        return [loaded[tile] for tile in tiles]
 
     def _load(self, tile: mercantile.Tile) -> TileImage | None:
         """One server tile from the cache or the server; None where there is no imagery."""

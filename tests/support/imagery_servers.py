@@ -29,15 +29,19 @@ from urllib.parse import parse_qs, urlsplit
 import mercantile
 import numpy as np
 import rasterio
+import shapely
+from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
 from rasterio.warp import reproject, transform_bounds
+from shapely.geometry import Polygon
 
 SCENE_PATH = Path(__file__).resolve().parents[1] / "data" / "imagery" / "rgb_5m_utm18n.tif"
 TILE_PX = 256
 FAULT_KINDS = frozenset({"status", "slow", "truncate", "short_body", "blank"})
+SERVED_DRIVERS = ("PNG", "JPEG", "WEBP")
 STAC_CONFORMANCE = [
     "https://api.stacspec.org/v1.0.0/core",
     "https://api.stacspec.org/v1.0.0/item-search",
@@ -93,6 +97,12 @@ class Response(NamedTuple):
     headers: Mapping[str, str] = {}
 
 
+class _QuickServer(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: with more parallel clients the kernel drops their SYNs,
+    # and each retransmits only after a second (a connect timeout in tests with short timeouts).
+    request_queue_size = 128
+
+
 class LoopbackServer:
     """Threaded HTTP server on 127.0.0.1 with a request log, injected latency and faults."""
 
@@ -101,7 +111,7 @@ class LoopbackServer:
         self.requests: list[RequestRecord] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = _QuickServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -220,27 +230,72 @@ def _handler_for(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def footprint(path: Path, crs: str = "EPSG:3857") -> Polygon:
+    """A raster's footprint (its pixel grid's outline, densified) in `crs`, computed without GDAL's warper."""
+    with rasterio.open(path) as dataset:
+        corners = [(0, 0), (dataset.width, 0), (dataset.width, dataset.height), (0, dataset.height)]
+        outline = Polygon([dataset.transform * corner for corner in corners])
+        outline = shapely.segmentize(outline, outline.length / 400)
+        to_crs = Transformer.from_crs(dataset.crs, crs, always_xy=True)
+    return Polygon(zip(*to_crs.transform(*outline.exterior.xy), strict=True))
+
+
+def overlap_fraction(footprint: Polygon, bounds: Sequence[float]) -> float:
+    """Share of the box `bounds` (left, bottom, right, top) that `footprint` covers."""
+    box = shapely.box(*bounds)
+    return float(footprint.intersection(box).area / box.area)
+
+
+def outside_pixels(footprint: Polygon, bounds: Sequence[float], width: int, height: int) -> np.ndarray:
+    """(height, width) bool: pixels of a `width` x `height` grid on `bounds` whose centre lies outside `footprint`."""
+    left, bottom, right, top = bounds
+    columns, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x = left + columns * (right - left) / width
+    y = top - rows * (top - bottom) / height
+    return np.asarray(~shapely.contains_xy(footprint, x, y))
+
+
+def mask_errors(footprint: Polygon, bounds: Sequence[float], mask: np.ndarray) -> np.ndarray:
+    """Distances (CRS units) to the footprint's boundary of the pixels whose mask disagrees with `outside_pixels`."""
+    height, width = mask.shape
+    left, bottom, right, top = bounds
+    wrong = mask != outside_pixels(footprint, bounds, width, height)
+    rows, columns = np.nonzero(wrong)
+    x = left + (columns + 0.5) * (right - left) / width
+    y = top - (rows + 0.5) * (top - bottom) / height
+    return np.asarray(shapely.distance(footprint.exterior, shapely.points(x, y)))
+
+
 def encode_image(rgb_or_rgba: np.ndarray, driver: str) -> bytes:
     """PNG/JPEG/WEBP bytes of a (bands, H, W) uint8 array, written by GDAL."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with MemoryFile() as memfile:
             bands, height, width = rgb_or_rgba.shape
-            with memfile.open(driver=driver, width=width, height=height, count=bands, dtype="uint8") as dataset:
+            # zlib level 1: a quarter of the default level's time per PNG tile, for a few percent more bytes.
+            options = {"zlevel": 1} if driver == "PNG" else {}
+            with memfile.open(
+                driver=driver, width=width, height=height, count=bands, dtype="uint8", **options
+            ) as dataset:
                 dataset.write(rgb_or_rgba)
             return bytes(memfile.read())
 
 
 @dataclass
 class SceneTiles:
-    """Web Mercator tiles (RGBA, alpha 0 outside the scene) cut from a georeferenced RGB raster."""
+    """Web Mercator tiles (RGBA, alpha 0 outside the scene) cut from a georeferenced RGB raster.
+
+    `from_raster` encodes every tile up front in the formats asked for, so that serving a tile costs no CPU:
+    a server that encodes on the request path answers parallel first requests late, and a client with a
+    short read timeout then asks again (one tile, two requests). Other formats are encoded on first use.
+    """
 
     rgba: dict[mercantile.Tile, np.ndarray]
     _encoded: dict[tuple[mercantile.Tile, str], bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def from_raster(cls, path: Path, zooms: Sequence[int]) -> SceneTiles:
+    def from_raster(cls, path: Path, zooms: Sequence[int], formats: Sequence[str] = SERVED_DRIVERS) -> SceneTiles:
         with rasterio.open(path) as scene:
             rgb = scene.read((1, 2, 3))
             src_crs, src_transform = scene.crs, scene.transform
@@ -262,17 +317,26 @@ class SceneTiles:
             )
             if rgba[3].any():
                 tiles[tile] = rgba
-        return cls(tiles)
+        scene_tiles = cls(tiles)
+        for tile in tiles:
+            for driver in formats:
+                scene_tiles.encoded(tile, driver)
+        return scene_tiles
 
     def encoded(self, tile: mercantile.Tile, driver: str) -> bytes | None:
         """The tile as PNG (with alpha) or JPEG/WEBP (RGB); None where the scene has no pixels."""
         if tile not in self.rgba:
             return None
+        key = (tile, driver)
         with self._lock:
-            if (tile, driver) not in self._encoded:
-                bands = self.rgba[tile] if driver == "PNG" else self.rgba[tile][:3]
-                self._encoded[tile, driver] = encode_image(bands, driver)
-            return self._encoded[tile, driver]
+            data = self._encoded.get(key)
+        if data is None:
+            # Encoded outside the lock, so that parallel requests for different tiles do not queue.
+            bands = self.rgba[tile] if driver == "PNG" else self.rgba[tile][:3]
+            encoded = encode_image(bands, driver)
+            with self._lock:
+                data = self._encoded.setdefault(key, encoded)
+        return data
 
 
 _RANGE = re.compile(r"^bytes=(?P<first>\d+)-(?P<last>\d*)$")

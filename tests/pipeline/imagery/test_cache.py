@@ -5,11 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from common.atomic import TEMP_PREFIX
 from pipeline.errors import CacheError
+from pipeline.imagery import cache as cache_module
 from pipeline.imagery.cache import CacheStats, TileCache
 
 DAY_S = 86400.0
@@ -103,3 +106,61 @@ def test_concurrent_writers_never_expose_partial_files(tmp_path: Path) -> None:
         assert writer.exitcode == 0
     assert seen
     assert cache.stats() == CacheStats(1, 200_000)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_and_folders_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        cache = TileCache(tmp_path / "cache")
+        cache.put("s/2/1/1.png", b"tile")
+    finally:
+        os.umask(previous)
+    path = cache.path_of("s/2/1/1.png")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a group sharing the cache
+    assert path.parent.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_parallel_writers_keep_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        cache = TileCache(tmp_path)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda index: cache.put(f"s/9/{index}/0.png", b"x" * 5000), range(3000)))
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(previous)
+    assert {path.stat().st_mode & 0o777 for path in tmp_path.rglob("*.png")} == {0o644}
+    assert {path.stat().st_mode & 0o777 for path in tmp_path.rglob("*") if path.is_dir()} == {0o755}
+
+
+def test_a_write_into_a_folder_pruned_meanwhile_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = cache_module.atomic_write_bytes
+    calls = []
+
+    def pruned_once(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory")
+        real_write(path, data)
+
+    monkeypatch.setattr(cache_module, "atomic_write_bytes", pruned_once)
+    cache = TileCache(tmp_path)
+    cache.put("s/1/1/1.png", b"abc")
+    assert cache.get("s/1/1/1.png") == b"abc"
+    assert len(calls) == 2
+
+
+def test_prune_removes_stale_temp_files_of_atomic_writes(tmp_path: Path) -> None:
+    cache = TileCache(tmp_path)
+    cache.put("s/3/1/1.png", b"x")
+    target = cache.path_of("s/3/1/2.png")
+    stale = target.with_name(f"{TEMP_PREFIX}{target.name}.abc123.part")
+    fresh = target.with_name(f"{TEMP_PREFIX}{target.name}.def456.part")
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    cache.prune(older_than_days=30)
+    assert not stale.exists()
+    assert fresh.exists()  # a live writer's file stays
+    assert cache.stats() == CacheStats(1, 1)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import numpy as np
 import pytest
+from rasterio.errors import NotGeoreferencedWarning
 from support.imagery_servers import encode_image
 
 from pipeline.errors import ImageryError, TileDecodeError
@@ -83,3 +86,17 @@ def test_retry_settings_from_a_config_mapping() -> None:
     assert retry_policy({"attempts": 2, "backoff_s": 0.1}) == RetryPolicy(attempts=2, backoff_s=0.1)
     with pytest.raises(ImageryError, match="unknown retry setting 'tries'"):
         retry_policy({"tries": 2})
+
+
+def test_parallel_decodes_leave_the_warning_filters_alone() -> None:
+    body = encode_png(np.full((3, 64, 64), 90, np.uint8), np.ones((64, 64), bool))
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recorded_filters = list(warnings.filters)
+        with ThreadPoolExecutor(8) as pool:
+            images = list(pool.map(lambda _: decode_tile(body), range(400)))
+        assert list(warnings.filters) == recorded_filters
+    assert not [warning for warning in caught if issubclass(warning.category, NotGeoreferencedWarning)]
+    assert all(image.valid.all() for image in images)
+    assert list(warnings.filters) == filters

@@ -8,12 +8,14 @@ import mercantile
 import numpy as np
 import pytest
 import rasterio
+from pyproj import Geod
+from rasterio.transform import Affine
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
-from support.imagery_servers import SCENE_PATH
+from support.imagery_servers import SCENE_PATH, footprint, mask_errors, overlap_fraction
 
 from pipeline.errors import ImageryError
 from pipeline.geometry import Bounds
-from pipeline.imagery import LocalRasterReader, Stretch, open_reader
+from pipeline.imagery import LocalRasterReader, PrefetchReport, Stretch, open_reader
 from pipeline.imagery.local import percentile_stretch
 
 with rasterio.open(SCENE_PATH) as _scene:
@@ -137,3 +139,98 @@ def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
         LocalRasterReader(no_crs)
     with pytest.raises(ImageryError, match="does not apply"):
         open_reader(str(SCENE_PATH), cache_dir=tmp_path, max_zoom=3)
+
+
+# --- coverage from the real data mask ----------------------------------------------------------------------
+
+
+def _rotated_transform(degrees: float) -> Affine:
+    """The scene's pixel grid turned by `degrees` about its top-left corner (a rotated geotransform)."""
+    return SCENE_PROFILE["transform"] * Affine.rotation(degrees)
+
+
+@pytest.mark.parametrize("dst_crs", ["EPSG:3857", "EPSG:32618", "EPSG:4326"])
+@pytest.mark.parametrize(
+    ("dtype", "degrees"),
+    [("uint8", 0.0), ("float32", 0.0), ("uint16", 0.0), ("uint8", 30.0), ("float32", -20.0)],
+    ids=["utm-uint8", "utm-float32", "utm-uint16", "rotated-uint8", "rotated-float32"],
+)
+def test_coverage_and_mask_follow_the_footprint_of_a_raster_without_nodata(
+    tmp_path: Path, dtype: str, degrees: float, dst_crs: str
+) -> None:
+    data = np.maximum(SCENE_RGB, 1).astype(dtype)  # no pixel is 0 either: nothing but the footprint can mask
+    path = _write(tmp_path / "scene.tif", data, transform=_rotated_transform(degrees), nodata=None)
+    outline = footprint(path, dst_crs)
+    # Views half the footprint's size, centred on a corner and on the middle of an edge: both straddle it.
+    minx, miny, maxx, maxy = outline.bounds
+    half_x, half_y = (maxx - minx) / 4, (maxy - miny) / 4
+    edge = outline.exterior.interpolate(0.375, normalized=True)
+    width, height = 160, 120
+    with LocalRasterReader(path, stretch=(0, 255)) as reader:
+        assert reader.nodata is None
+        for x, y in (outline.exterior.coords[0], (edge.x, edge.y)):
+            view = Bounds(x - half_x, y - half_y, x + half_x, y + half_y)
+            image = reader.part(view, width, height, dst_crs=dst_crs)
+            expected = overlap_fraction(outline, view)
+            assert 0.1 < expected < 0.9
+            assert image.coverage == pytest.approx(expected, abs=0.015)
+            # Masked pixels are exactly those outside the footprint, but for resampled pixels on its edge.
+            mask = np.ma.getmaskarray(image.array)
+            assert (mask == mask[0]).all()
+            errors = mask_errors(outline, view, mask[0])
+            assert (errors <= 1.5 * max(2 * half_x / width, 2 * half_y / height)).all()
+            assert errors.size < 0.01 * width * height
+
+
+@pytest.mark.parametrize("kind", ["alpha-band", "internal-mask"])
+def test_a_raster_alpha_band_or_mask_masks_its_transparent_pixels(tmp_path: Path, kind: str) -> None:
+    valid = np.full(SCENE_RGB.shape[1:], 255, np.uint8)
+    valid[:, : SCENE_RGB.shape[2] // 2] = 0  # the west half is transparent
+    path = tmp_path / f"{kind}.tif"
+    if kind == "alpha-band":
+        _write(path, np.concatenate([SCENE_RGB, valid[np.newaxis]]), photometric="RGB", alpha="YES")
+    else:
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **SCENE_PROFILE) as dataset:
+            dataset.write(SCENE_RGB)
+            dataset.write_mask(valid)
+    with LocalRasterReader(path) as reader:
+        assert reader.bands == (1, 2, 3)
+        image = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=SCENE_PROFILE["crs"].to_string())
+        in_mercator = reader.part(Bounds(*transform_bounds(SCENE_PROFILE["crs"], "EPSG:3857", *SCENE_BOUNDS)), 64, 64)
+    mask = np.ma.getmaskarray(image.array)
+    assert mask[:, :, :160].all() and not mask[:, :, 160:].any()
+    assert image.coverage == pytest.approx(0.5)
+    assert in_mercator.coverage == pytest.approx(0.5, abs=0.05)
+
+
+# --- the reader API ------------------------------------------------------------------------------------------
+
+
+def test_native_gsd_is_the_raster_pixel_on_the_ground(tmp_path: Path) -> None:
+    utm = SCENE_PROFILE["crs"].to_string()
+    with LocalRasterReader(SCENE_PATH) as reader:
+        own_grid = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=utm)
+        assert reader.native_gsd_m(18.5) == pytest.approx(own_grid.gsd_m, rel=1e-3)
+        assert reader.native_gsd_m(18.5) == pytest.approx(5.0, rel=2e-3)
+    rotated = _write(tmp_path / "rotated.tif", SCENE_RGB, transform=_rotated_transform(30.0))
+    with LocalRasterReader(rotated) as reader:
+        assert reader.native_gsd_m(18.5) == pytest.approx(5.0, rel=2e-3)
+    # A geographic grid's pixels are taller than wide on the ground: the longer side counts.
+    degrees = 5.0 / 111_000
+    lnglat_transform = Affine(degrees, 0.0, -72.22, 0.0, -degrees, 18.52)
+    geographic = _write(tmp_path / "lnglat.tif", SCENE_RGB, crs="EPSG:4326", transform=lnglat_transform)
+    geod = Geod(ellps="WGS84")
+    centre_lon, centre_lat = lnglat_transform * (160, 144)
+    tall = geod.inv(centre_lon, centre_lat, centre_lon, centre_lat - degrees)[2]
+    wide = geod.inv(centre_lon, centre_lat, centre_lon + degrees, centre_lat)[2]
+    assert tall > wide
+    with LocalRasterReader(geographic) as reader:
+        assert reader.native_gsd_m(18.5) == pytest.approx(tall, rel=1e-6)
+
+
+def test_local_rasters_are_read_on_demand() -> None:
+    assert not LocalRasterReader.fetches_ahead
+    with LocalRasterReader(SCENE_PATH) as reader:
+        assert not reader.fetches_ahead
+        assert reader.prefetch([INNER, SCENE_BOUNDS], 224) == PrefetchReport("read on demand", 2, 0, 0)
+        assert reader.estimate([INNER], 224) is None

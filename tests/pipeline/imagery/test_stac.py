@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
-from support.imagery_servers import SCENE_PATH, Fault, StacServer, stac_item
+from support.imagery_servers import SCENE_PATH, Fault, StacServer, footprint, mask_errors, overlap_fraction, stac_item
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds
-from pipeline.imagery import LocalRasterReader, StacReader, TileCache, open_reader
+from pipeline.imagery import LocalRasterReader, PrefetchReport, StacReader, TileCache, open_reader
 from pipeline.imagery.http import RetryPolicy
 
 FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=2.0)
@@ -183,3 +183,38 @@ def test_stac_spec_and_options(server: StacServer, tmp_path: Path) -> None:
         assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west"]
     with pytest.raises(ImageryError, match="not a percentage"):
         open_reader(f"stac:{server.url}", cache_dir=tmp_path, max_cloud_cover=150)
+
+
+@pytest.mark.parametrize("collection", ["sentinel-2-l2a", BANDS_COLLECTION])
+def test_coverage_at_the_scene_edge_is_the_true_overlap(server: StacServer, tmp_path: Path, collection: str) -> None:
+    outline = footprint(SCENE_PATH)
+    east, middle = SCENE_3857.right, (SCENE_3857.bottom + SCENE_3857.top) / 2
+    view = Bounds(east - 500.0, middle - 300.0, east + 300.0, middle + 500.0)  # across the east edge
+    expected = overlap_fraction(outline, view)
+    assert 0.3 < expected < 0.8
+    with _reader(server, tmp_path, collection=collection) as reader:
+        image = reader.part(view, 160, 160)
+        cached = reader.part(view, 160, 160)
+    for read in (image, cached):
+        assert read.coverage == pytest.approx(expected, abs=0.015)
+        errors = mask_errors(outline, view, np.ma.getmaskarray(read.array)[0])
+        assert (errors <= 1.5 * 800.0 / 160).all()
+
+
+def test_stac_resolution_fetching_ahead_and_prefetch(server: StacServer, tmp_path: Path) -> None:
+    assert StacReader.fetches_ahead
+    with _reader(server, tmp_path) as reader:
+        assert reader.native_gsd_m(18.5) == 10.0  # Sentinel-2 true colour
+        outside = Bounds(SCENE_3857.right + 5000.0, SCENE_3857.bottom, SCENE_3857.right + 6000.0, SCENE_3857.top)
+        inside = Bounds(
+            SCENE_3857.left + 100.0, SCENE_3857.bottom + 100.0, SCENE_3857.left + 600.0, SCENE_3857.bottom + 600.0
+        )
+        report = reader.prefetch([inside, outside, SCENE_3857], 64)
+        assert report == PrefetchReport("model views into the tile cache", 3, 3, 2)
+        assert reader.estimate([inside], 64) is None
+        online = reader.part(inside, 64, 64)
+    with _reader(server, tmp_path, offline=True) as offline:
+        np.testing.assert_array_equal(offline.part(inside, 64, 64).array, online.array)
+    with _reader(server, tmp_path, collection=BANDS_COLLECTION) as other, pytest.raises(ImageryError) as raised:
+        other.native_gsd_m(18.5)
+    assert "set imagery.native_gsd_m" in str(raised.value)

@@ -10,11 +10,11 @@ from pathlib import Path
 import mercantile
 import numpy as np
 import pytest
-from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
+from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer, footprint, mask_errors, overlap_fraction
 
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds, imagery_zoom
-from pipeline.imagery import LocalRasterReader, TileCache, XYZReader, open_reader
+from pipeline.imagery import LocalRasterReader, PrefetchReport, TileCache, XYZReader, open_reader, reader_class
 from pipeline.imagery.http import RetryPolicy
 from pipeline.imagery.xyz import ESRI_ATTRIBUTION, ESRI_WORLD_IMAGERY_URL, TileTemplate
 
@@ -134,7 +134,11 @@ def test_zoom_choice_matches_the_tiling_rule(make_reader: MakeReader) -> None:
         centre_x, centre_y = mercantile.xy(-72.2128, lat)
         size_3857 = footprint_m / np.cos(np.radians(lat))
         bounds = _square((centre_x, centre_y), size_3857)
-        assert reader.zoom_for(bounds, 224) == imagery_zoom(footprint_m, lat)
+        assert reader.zoom_for(bounds, 224) == imagery_zoom(size_3857 / 224, 256)
+        # The chosen zoom's pixels are at most the read's, and the next coarser zoom's are larger.
+        zoom = reader.zoom_for(bounds, 224)
+        assert 2 * np.pi * 6378137.0 / 2**zoom / 256 <= size_3857 / 224 * (1 + 1e-9)
+        assert 2 * np.pi * 6378137.0 / 2 ** (zoom - 1) / 256 > size_3857 / 224
 
 
 def test_reads_finer_than_max_zoom_warn_once_and_upsample(make_reader: MakeReader) -> None:
@@ -207,6 +211,20 @@ def test_outside_the_scene_is_no_imagery(make_reader: MakeReader, server: TileSe
     assert reader.part(far_away, 64, 64).coverage == 0.0
     assert len(server.requests) == requests_made  # 404s are remembered in the cache
     assert all(reader.is_cached(tile) for tile in reader.source_tiles(far_away, reader.zoom_for(far_away, 64)))
+
+
+def test_coverage_at_the_scene_edge_is_the_true_overlap(make_reader: MakeReader) -> None:
+    outline = footprint(SCENE_PATH)
+    west, south, _, _ = outline.bounds
+    reader = make_reader()
+    for x, y in (outline.exterior.coords[0], (west, (south + outline.bounds[3]) / 2)):
+        view = _square((x, y), 600.0)
+        image = reader.part(view, 150, 150)
+        expected = overlap_fraction(outline, view)
+        assert 0.1 < expected < 0.9
+        assert image.coverage == pytest.approx(expected, abs=0.015)
+        errors = mask_errors(outline, view, np.ma.getmaskarray(image.array)[0])
+        assert (errors <= 1.5 * 600.0 / 150).all()
 
 
 # --- faults ------------------------------------------------------------------------------------------------
@@ -368,6 +386,96 @@ def test_prefetch_fills_the_cache_in_parallel(
 ) -> None:
     tiles = [tile for tile in scene_tiles.rgba if tile.z == 17]
     reader = make_reader(concurrency=8)
-    assert reader.prefetch(tiles) == len(tiles)
+    assert reader.fetch_tiles(tiles) == len(tiles)
     assert all(reader.is_cached(tile) for tile in tiles)
     assert len(server.requests) == len(tiles)
+
+
+# --- the reader API: resolution, fetching ahead, estimates --------------------------------------------------
+
+
+def _views(count: int, seed: int = 7) -> list[Bounds]:
+    """Model views of 100 m to 1.5 km around the scene, some straddling its edge, some outside it."""
+    rng = np.random.default_rng(seed)
+    views = []
+    for _ in range(count):
+        centre = (SCENE_CENTRE[0] + rng.uniform(-1200.0, 1200.0), SCENE_CENTRE[1] + rng.uniform(-1000.0, 1000.0))
+        views.append(_square(centre, float(rng.uniform(100.0, 1500.0))))
+    return views
+
+
+def _brute_force_tiles(views: list[Bounds], width: int, min_zoom: int, max_zoom: int) -> set[mercantile.Tile]:
+    """Source tiles under `views`: the coarsest zoom whose pixels are no larger than the view's, by trying every
+    zoom, and the tiles mercantile says the view's corners span."""
+    tiles: set[mercantile.Tile] = set()
+    for view in views:
+        pixel_m = (view.right - view.left) / width
+        zoom = next(z for z in range(31) if 2 * np.pi * 6378137.0 / 2**z / 256 <= pixel_m)
+        zoom = min(max(zoom, min_zoom), max_zoom)
+        west, south = mercantile.lnglat(view.left, view.bottom)
+        east, north = mercantile.lnglat(view.right, view.top)
+        tiles.update(mercantile.tiles(west, south, east, north, zoom))
+    return tiles
+
+
+def test_xyz_resolution_and_fetching_ahead(make_reader: MakeReader) -> None:
+    reader = make_reader(max_zoom=17, tile_size=512)
+    assert reader.fetches_ahead and XYZReader.fetches_ahead
+    for latitude in (0.0, 18.5, -60.0):
+        expected = 2 * np.pi * 6378137.0 / 2**17 / 512 * np.cos(np.radians(latitude))
+        assert reader.native_gsd_m(latitude) == pytest.approx(expected, rel=1e-9)
+
+
+def test_estimate_counts_the_tiles_a_read_would_fetch(make_reader: MakeReader, server: TileServer) -> None:
+    views = _views(40)
+    reader = make_reader(min_zoom=15, max_zoom=17)
+    expected = _brute_force_tiles(views, 224, 15, 17)
+    estimate = reader.estimate(views, 224)
+    assert estimate is not None
+    assert (estimate.tiles, estimate.cached) == (len(expected), 0)
+    assert estimate.bytes_to_fetch == len(expected) * reader.typical_tile_bytes
+    assert (estimate.min_zoom, estimate.max_zoom, estimate.source_max_zoom) == (
+        min(tile.z for tile in expected),
+        max(tile.z for tile in expected),
+        17,
+    )
+    assert estimate.min_zoom < estimate.max_zoom
+    assert server.requests == []  # estimating downloads nothing
+    half = views[: len(views) // 2]
+    reader.prefetch(half, 224)
+    cached = _brute_force_tiles(half, 224, 15, 17)
+    again = reader.estimate(views, 224)
+    assert again is not None
+    assert (again.tiles, again.cached) == (len(expected), len(cached))
+    assert again.bytes_to_fetch == (len(expected) - len(cached)) * reader.typical_tile_bytes
+    assert reader.estimate([], 224) == (15, 17, 17, 0, 0, 0)
+
+
+def test_prefetch_reports_and_fills_the_cache_for_the_views(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    views = _views(30, seed=11)
+    reader = make_reader(max_zoom=17)
+    expected = _brute_force_tiles(views, 224, 0, 17)
+    report = reader.prefetch(views, 224)
+    assert report == PrefetchReport(
+        "server tiles into the tile cache", 30, len(expected), len(expected & set(scene_tiles.rgba))
+    )
+    assert 0 < report.with_imagery < report.source_items  # some views lie outside the scene
+    assert sorted(record.path for record in server.requests) == sorted(
+        f"/png/{tile.z}/{tile.x}/{tile.y}.png" for tile in expected
+    )
+    offline = make_reader(max_zoom=17, offline=True)
+    for view in views:  # the cache holds everything the model's reads need
+        np.testing.assert_array_equal(offline.part(view, 224, 224).array, reader.part(view, 224, 224).array)
+    assert len(server.requests) == len(expected)
+
+
+def test_specs_tell_their_reader_class_without_opening_it(tmp_path: Path) -> None:
+    assert reader_class("esri") is XYZReader
+    assert reader_class("xyz:https://h/{z}/{x}/{y}.png") is XYZReader
+    assert reader_class("stac:https://earth-search.aws.element84.com/v1").fetches_ahead
+    assert reader_class(str(tmp_path / "missing.tif")) is LocalRasterReader
+    assert not reader_class(f"file:{tmp_path}/scene").fetches_ahead
+    with pytest.raises(ImageryError, match="unknown imagery source"):
+        reader_class("ftp-ish")
