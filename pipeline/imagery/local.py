@@ -151,10 +151,10 @@ class LocalRasterReader(ImageryReader):
         dataset = self._dataset
         transform, crs = dataset.transform, dataset.crs.to_string()
         column, row = dataset.width / 2.0, dataset.height / 2.0
-        centre = transform * (column, row)
+        centre = transform @ (column, row)
         sides = (
-            ground_distance_m(centre, transform * (column + 1.0, row), crs),
-            ground_distance_m(centre, transform * (column, row + 1.0), crs),
+            ground_distance_m(centre, transform @ (column + 1.0, row), crs),
+            ground_distance_m(centre, transform @ (column, row + 1.0), crs),
         )
         if not all(math.isfinite(side) for side in sides):
             raise ImageryError(f"cannot tell the pixel size of {self.path} on the ground; set imagery.native_gsd_m")

@@ -182,7 +182,7 @@ def test_build_writes_a_georeferenced_store_and_cogs_on_the_tile_grid(built: Pat
     size = 2 * math.pi * 6378137.0 / 2**TILE_ZOOM
     expected = rasterio.Affine(size, 0.0, left, 0.0, -size, top)
 
-    store = xr.open_zarr(built / "out/tiny/soundscape.zarr", decode_coords="all")
+    store = xr.open_zarr(built / "out/tiny/soundscape.zarr")
     assert store.rio.crs.to_epsg() == 3857
     assert store.score.rio.transform().almost_equals(expected, precision=1e-6)
     assert (store.sizes["y"], store.sizes["x"]) == (rows, columns)
@@ -278,7 +278,7 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
     # The new query's scores are those of the composed embedding with the stored tile embeddings.
     query = reference_encoder.embed_composed([clip], [composed["text"]]).embedding.numpy()[0]
     valid = store.valid.values
-    tiles = store.embedding.values[valid].astype(np.float32)
+    tiles = store.embedding.transpose("y", "x", "dim").values[valid].astype(np.float32)
     np.testing.assert_allclose(store.score.sel(query="rain").values[valid], tiles @ query, atol=SCORE_ATOL)
 
 
