@@ -7,9 +7,11 @@ umask), so others sharing a cluster's file system can read them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,9 +24,20 @@ DEFAULT_FILE_MODE = 0o666
 TEMP_PREFIX = ".tmp-"
 
 
+_STATUS = Path("/proc/self/status")
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it where Linux tells it (setting it to 0 and back is not
+    thread-safe: a parallel writer could create files in between with mode 0666)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

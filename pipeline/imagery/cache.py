@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -65,9 +64,9 @@ class TileCache:
         path = self.path_of(key)
         try:
             try:
-                _write(path, data)
+                atomic_write_bytes(path, data)
             except FileNotFoundError:  # a concurrent prune removed the directory just created
-                _write(path, data)
+                atomic_write_bytes(path, data)
         except OSError as exc:
             raise CacheError(f"cannot write cached tile {key}: {exc.strerror}; check space and permissions") from exc
 
@@ -142,14 +141,3 @@ class TileCache:
         except FileNotFoundError:
             return False
         return True
-
-
-# common.atomic reads the umask by setting it to 0 and back, which is not atomic: writers in parallel threads
-# (an XYZ reader's fetch pool) could leave each other, or the whole process, with a umask of 0. One lock keeps
-# this module's writes apart; drop it once common.atomic reads the umask without changing it.
-_WRITE_LOCK = threading.Lock()
-
-
-def _write(path: Path, data: bytes) -> None:
-    with _WRITE_LOCK:
-        atomic_write_bytes(path, data)
