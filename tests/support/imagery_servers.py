@@ -234,7 +234,7 @@ def footprint(path: Path, crs: str = "EPSG:3857") -> Polygon:
     """A raster's footprint (its pixel grid's outline, densified) in `crs`, computed without GDAL's warper."""
     with rasterio.open(path) as dataset:
         corners = [(0, 0), (dataset.width, 0), (dataset.width, dataset.height), (0, dataset.height)]
-        outline = Polygon([dataset.transform * corner for corner in corners])
+        outline = Polygon([dataset.transform @ corner for corner in corners])
         outline = shapely.segmentize(outline, outline.length / 400)
         to_crs = Transformer.from_crs(dataset.crs, crs, always_xy=True)
     return Polygon(zip(*to_crs.transform(*outline.exterior.xy), strict=True))

@@ -220,7 +220,7 @@ def test_native_gsd_is_the_raster_pixel_on_the_ground(tmp_path: Path) -> None:
     lnglat_transform = Affine(degrees, 0.0, -72.22, 0.0, -degrees, 18.52)
     geographic = _write(tmp_path / "lnglat.tif", SCENE_RGB, crs="EPSG:4326", transform=lnglat_transform)
     geod = Geod(ellps="WGS84")
-    centre_lon, centre_lat = lnglat_transform * (160, 144)
+    centre_lon, centre_lat = lnglat_transform @ (160, 144)
     tall = geod.inv(centre_lon, centre_lat, centre_lon, centre_lat - degrees)[2]
     wide = geod.inv(centre_lon, centre_lat, centre_lon + degrees, centre_lat)[2]
     assert tall > wide
