@@ -15,10 +15,8 @@ import time
 import numpy as np
 import torch
 
-from model.config import Sat2SoundConfig
-from model.inference import Sat2SoundEncoder, pick_device
-from model.metadata import Metadata
-from model.sat2sound import Sat2Sound
+from model import Metadata, Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
+from model.inference import pick_device
 
 
 def peak_memory_mb(device: torch.device) -> float:

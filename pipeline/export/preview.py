@@ -24,12 +24,12 @@ import numpy as np
 from branca.element import Element, Figure, MacroElement
 from folium.raster_layers import ImageOverlay
 from folium.template import Template
-from pyproj import Transformer
 from rasterio.crs import CRS
 
 from common.atomic import atomic_path
 from pipeline.errors import ExportError
 from pipeline.export.qgis_style import SCORE_RAMP, DisplayRange, RampStop, display_range
+from pipeline.geometry import lnglat_of_mercator
 from pipeline.store.read import SoundscapeStore, StoreGrid
 from pipeline.store.scores import SCORE_KINDS
 
@@ -113,9 +113,7 @@ def preview_lattice(grid: StoreGrid) -> Lattice:
 def lnglat_corners(bounds: tuple[float, float, float, float]) -> list[list[float]]:
     """[[south, west], [north, east]] of EPSG:3857 bounds; east may pass 180 when the grid crosses the antimeridian."""
     left, bottom, right, top = bounds
-    (west, east), (south, north) = Transformer.from_crs(3857, 4326, always_xy=True).transform(
-        [left, right], [bottom, top]
-    )
+    (west, east), (south, north) = (values.tolist() for values in lnglat_of_mercator([left, right], [bottom, top]))
     if east <= west:
         east += 360.0
     return [[south, west], [north, east]]
