@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 
 import yaml
+from support.paths import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # conda-forge names of packages whose PyPI name differs.
 CONDA_TO_PYPI = {
     "pytorch": "torch",

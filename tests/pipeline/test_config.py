@@ -13,6 +13,7 @@ import rasterio
 import soundfile
 import yaml
 from rasterio.warp import transform_bounds
+from support.paths import LANDSAT
 
 from pipeline.build import check_output_dir
 from pipeline.config import (
@@ -30,8 +31,6 @@ from pipeline.errors import BuildConfigError, OutputDirError, QueryError
 from pipeline.queries import check_query_files
 from pipeline.regions import parse_region
 
-REPO = Path(__file__).resolve().parents[2]
-LANDSAT = REPO / "examples" / "landsat8_itaipu_30m.tif"
 MINIMAL = {"name": "test", "region": "1,1,1.1,1.1", "queries": [{"id": "birds", "text": "birds"}]}
 STEPS = (*STEP_KEYS, "mosaic")
 

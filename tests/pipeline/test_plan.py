@@ -12,6 +12,7 @@ import mercantile
 import numpy as np
 import pytest
 import yaml
+from support.paths import LANDSAT
 
 from pipeline import plan as plan_module
 from pipeline.__main__ import main, parse_size
@@ -34,8 +35,6 @@ from pipeline.plan import (
 )
 from pipeline.regions import Region, parse_region
 
-REPO = Path(__file__).resolve().parents[2]
-LANDSAT = REPO / "examples" / "landsat8_itaipu_30m.tif"
 WORLD_M = 2 * math.pi * 6378137.0
 TYPICAL_TILE_BYTES = 20_000
 # Nothing listens on port 9 (discard); offline runs and estimates never connect anyway.

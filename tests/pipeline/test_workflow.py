@@ -32,6 +32,7 @@ from rasterio.warp import transform_bounds
 from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import Polygon, box
 from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
+from support.paths import REPO
 
 from model.config import Sat2SoundConfig
 from model.inference import Sat2SoundEncoder
@@ -41,7 +42,6 @@ from pipeline.geometry import Bounds
 from pipeline.imagery import open_reader
 from pipeline.plan import read_plan
 
-REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 LOCAL_PROFILE = str(REPO / "profiles" / "local")
 SLURM_PROFILE = str(REPO / "profiles" / "slurm")
