@@ -292,6 +292,33 @@ def test_how_jobs_run_never_reruns_a_step(built: Path, base_config: dict[str, An
     assert "Nothing to be done" in dry_run.stdout + dry_run.stderr, dry_run.stdout
 
 
+def test_paths_with_spaces_quotes_and_accents_build_inside_their_folder(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "My Maps" / "Zürich 'quoted' run"
+    config = {
+        **base_config,
+        "name": "spaced",
+        "output_dir": str(output_dir),
+        "region": RESUME_REGION,
+        "imagery": {"source": str(SCENE_PATH)},
+        "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 16},
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    check_ran(snakemake(work, write_config(work, config), "--cores", "2"), work)
+    build = output_dir / "spaced"
+    assert (build / "preview.html").is_file() and (build / "cog" / "birds.tif").is_file()
+    assert int(xr.open_zarr(build / "soundscape.zarr").valid.sum()) > 0
+    outside = {path.relative_to(tmp_path) for path in tmp_path.rglob("*") if build not in (path, *path.parents)}
+    assert {path for path in outside if ".snakemake" not in path.parts} == {
+        Path("My Maps"),
+        Path("My Maps") / "Zürich 'quoted' run",
+        Path("work"),
+        Path("work") / "config.yaml",
+    }
+
+
 def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[str, Any], tmp_path: Path) -> None:
     config = {
         **base_config,
