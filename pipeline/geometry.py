@@ -47,15 +47,6 @@ class Bounds(NamedTuple):
     top: float
 
 
-class LngLatBBox(NamedTuple):
-    """Geographic bounding box in degrees (EPSG:4326)."""
-
-    west: float
-    south: float
-    east: float
-    north: float
-
-
 def mercator_scale(lat: float) -> float:
     """How many EPSG:3857 metres one true ground metre spans at `lat` (1 / cos(lat))."""
     if not -90.0 < lat < 90.0:
@@ -70,19 +61,9 @@ def lnglat_of_mercator(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarr
     return (lon + 180.0) % 360.0 - 180.0, lat
 
 
-def latitude_of_mercator_y(y: float) -> float:
-    """Latitude (degrees) of an EPSG:3857 northing (m)."""
-    return float(lnglat_of_mercator(0.0, y)[1])
-
-
 def tile_bounds(tile: mercantile.Tile) -> Bounds:
     """EPSG:3857 bounds of a tile."""
     return Bounds(*mercantile.xy_bounds(tile))
-
-
-def tile_lnglat_bounds(tile: mercantile.Tile) -> LngLatBBox:
-    """EPSG:4326 bounds of a tile."""
-    return LngLatBBox(*mercantile.bounds(tile))
 
 
 def tile_size_m(zoom: int) -> float:
@@ -235,19 +216,6 @@ def _descendants(x: np.ndarray, y: np.ndarray, depth: int) -> tuple[np.ndarray, 
 
 def default_chunk_zoom(zoom: int) -> int:
     return max(0, zoom - DEFAULT_CHUNK_DEPTH)
-
-
-def chunk_tiles(tile_cover: TileCover, chunk_zoom: int) -> list[mercantile.Tile]:
-    """The parent tiles at `chunk_zoom` that hold at least one tile of the cover, row by row."""
-    depth = chunk_depth(tile_cover.zoom, chunk_zoom)
-    parents = np.unique(np.column_stack((tile_cover.y >> depth, tile_cover.x >> depth)), axis=0)
-    return [mercantile.Tile(int(x), int(y), chunk_zoom) for y, x in parents]
-
-
-def in_chunk(tile_cover: TileCover, chunk: mercantile.Tile) -> np.ndarray:
-    """Boolean mask of the cover's tiles that lie inside `chunk`."""
-    depth = chunk_depth(tile_cover.zoom, chunk.z)
-    return ((tile_cover.x >> depth) == chunk.x) & ((tile_cover.y >> depth) == chunk.y)
 
 
 def chunk_depth(zoom: int, chunk_zoom: int) -> int:

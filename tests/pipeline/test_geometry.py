@@ -16,19 +16,17 @@ from pipeline.geometry import (
     Bounds,
     TileBlock,
     TileCover,
-    chunk_tiles,
+    chunk_depth,
     cover,
     default_chunk_zoom,
     ground_resolution_m,
     imagery_zoom,
-    in_chunk,
     lnglat_of_mercator,
     mercator_scale,
     output_zoom,
     raster_grid,
     tile_bounds,
     tile_centres_lnglat,
-    tile_lnglat_bounds,
     view_bounds,
 )
 from pipeline.plan import ModelView
@@ -59,7 +57,6 @@ def _brute_force_cover(geometry, zoom: int) -> set[mercantile.Tile]:
 @pytest.mark.parametrize("tile", [(0, 0, 0), (1, 0, 1), (38000, 49000, 17), (2**20 - 1, 2**20 - 1, 20), (5, 9, 4)])
 def test_tile_bounds_match_mercantile(tile: tuple[int, int, int]) -> None:
     assert tile_bounds(mercantile.Tile(*tile)) == pytest.approx(tuple(mercantile.xy_bounds(*tile)), abs=1e-6)
-    assert tile_lnglat_bounds(mercantile.Tile(*tile)) == pytest.approx(tuple(mercantile.bounds(*tile)), abs=1e-12)
 
 
 def mercator_pixel_m(view_size_m: float, lat: float) -> float:
@@ -254,27 +251,12 @@ def _city_cover() -> TileCover:
     return cover(parse_region("Paris").geometry, 16)
 
 
-def test_chunks_are_the_parents_of_the_cover() -> None:
-    result = _city_cover()
-    chunks = chunk_tiles(result, 12)
-    assert chunks == sorted(set(chunks), key=lambda tile: (tile.y, tile.x))
-    assert set(chunks) == {mercantile.parent(tile, zoom=12) for tile in result.tiles()}
+def test_chunks_sit_a_fixed_depth_above_the_output_zoom() -> None:
     assert default_chunk_zoom(17) == 11
     assert default_chunk_zoom(3) == 0
+    assert chunk_depth(16, 12) == 4
     with pytest.raises(TilingError, match="chunk zoom 17"):
-        chunk_tiles(result, 17)
-
-
-def test_in_chunk_marks_exactly_the_chunk_tiles() -> None:
-    result = _city_cover()
-    total = 0
-    for chunk in chunk_tiles(result, 13):
-        inside = in_chunk(result, chunk)
-        tiles = [mercantile.Tile(int(x), int(y), 16) for x, y in zip(result.x[inside], result.y[inside], strict=True)]
-        assert tiles and all(mercantile.parent(tile, zoom=13) == chunk for tile in tiles)
-        total += len(tiles)
-    assert total == len(result)
-    assert not in_chunk(result, mercantile.Tile(0, 0, 13)).any()
+        chunk_depth(16, 17)
 
 
 def test_tile_block_holds_the_source_tiles_under_a_read() -> None:
