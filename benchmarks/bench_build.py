@@ -1,6 +1,6 @@
 """End-to-end map builds of about 100, 1,000 and 10,000 tiles against model-only throughput.
 
-    python benchmarks/bench_build.py [--tiles 100 1000 10000] [--cores 2] [--checkpoint untrained]
+    python benchmarks/bench_build.py [--tiles 100 1000 10000] [--cores 2] [--checkpoint untrained] [--write-rates]
 
 Each build runs the whole Snakemake workflow (plan, embed, score, Zarr, COGs, preview) in a fresh folder on
 a square of output tiles in the middle of the bundled Landsat scene (local-raster source, the default
@@ -9,13 +9,19 @@ scene). Printed per build: end-to-end tiles/s, the model's own tiles/s on the sa
 run (random uint8 tiles through `embed_images` at the build's batch size), their ratio, and the peak
 resident memory of the largest process of the build, which stays flat as regions grow because every
 step works chunk by chunk.
+
+`--write-rates` records the end-to-end rate of the largest build in benchmarks/rates.json (the rates
+`python -m pipeline plan` times builds by; schema in `pipeline.build.read_rates`), replacing the entry of the
+same device kind (cpu/gpu) and model size (small: untrained, full: a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +34,7 @@ import torch
 import yaml
 
 from model import Sat2Sound, Sat2SoundEncoder
-from pipeline.build import PLAN_NAME
+from pipeline.build import PLAN_NAME, RATES_PATH, Rate, update_rates
 from pipeline.config import load_build_config
 from pipeline.geometry import output_zoom
 from pipeline.model_setup import untrained_config
@@ -111,6 +117,37 @@ def model_only_tiles_per_s(encoder: Sat2SoundEncoder, zoom_level: int, batch_siz
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def write_rates(
+    path: Path,
+    tiles: int,
+    tiles_per_s: float,
+    model_tiles_per_s: float,
+    *,
+    device: torch.device,
+    checkpoint: str,
+    cores: int,
+) -> Rate:
+    """Record one build's end-to-end rate for this device kind and model size in the rates file."""
+    cuda = device.type == "cuda"
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+    )
+    rate = Rate(
+        device="gpu" if cuda else "cpu",
+        model="small" if checkpoint == "untrained" else "full",
+        tiles_per_s=round(tiles_per_s, 1),
+        measure="end-to-end",
+        cores=None if cuda else os.cpu_count(),
+        hardware=hardware,
+        source=f"benchmarks/bench_build.py --write-rates, {tiles:,}-tile build, snakemake --cores {cores}",
+        date=datetime.date.today().isoformat(),
+    )
+    update_rates(path, rate, model_only_tiles_per_s=round(model_tiles_per_s, 1))
+    return rate
+
+
 def load_encoder(args: argparse.Namespace, settings: Any) -> Sat2SoundEncoder:
     if args.checkpoint == "untrained":
         torch.manual_seed(settings.seed)
@@ -130,6 +167,9 @@ def main() -> None:
     parser.add_argument("--tile-zoom-offset", type=int, default=5)
     parser.add_argument("--model-tiles", type=int, default=2048, help="tiles timed for the model-only rate")
     parser.add_argument("--keep", type=Path, help="build here and keep the outputs (default: a temporary folder)")
+    parser.add_argument(
+        "--write-rates", action="store_true", help=f"record the largest build's rate in {RATES_PATH.name}"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
@@ -156,6 +196,12 @@ def main() -> None:
             f"{count:>5,}  {chunks:>6}  {seconds:>12.1f}  {rate:>18.1f}  {model_rate:>18.1f}"
             f"  {rate / model_rate:>5.2f}  {peak_mb:>11.0f}"
         )
+    if args.write_rates:
+        count, _, _, rate, model_rate, _ = max(rows)
+        written = write_rates(
+            RATES_PATH, count, rate, model_rate, device=encoder.device, checkpoint=args.checkpoint, cores=args.cores
+        )
+        print(f"wrote {written.device}/{written.model}: {written.tiles_per_s} tiles/s to {RATES_PATH}")
 
 
 def _tile_zoom(args: argparse.Namespace, settings: Any) -> int:

@@ -10,7 +10,6 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-PLAN_LIMIT_HINT = "pick a smaller region or a larger --zoom-level, raise --max-tiles, or pass --allow-large"
+PLAN_LIMIT_HINT = "pick a smaller region or a larger --zoom-level, or raise --max-tiles"
 # Flags of `plan` and the config keys they set; unset flags leave the config file's value or the schema default.
 PLAN_FLAGS = {
     "region": ("region",),
@@ -71,9 +70,9 @@ def _run_plan(args: argparse.Namespace) -> None:
     if "region" not in config:
         raise BuildConfigError("plan needs a region; pass --region or --config with a region")
     inputs = load_plan_inputs(config)
-    if args.allow_large:
-        inputs = replace(inputs, tiling=replace(inputs.tiling, max_tiles=None))
-    planned = plan_build(inputs, limit_hint=PLAN_LIMIT_HINT)
+    # Any region is planned; over tiling.max_tiles the summary says the build would refuse it (--allow-large
+    # is accepted for old scripts and changes nothing).
+    planned = plan_build(inputs, limit_hint=PLAN_LIMIT_HINT, survey=True)
     print("\n".join(describe(planned, offline=inputs.imagery.offline)))
 
 
@@ -153,8 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--zoom-level", type=int, help="model.zoom_level (1, 3 or 5 were trained)")
     plan.add_argument("--tile-zoom-offset", type=int, help="tiling.tile_zoom_offset: overlapping views")
     plan.add_argument("--chunk-zoom", type=int, help="tiling.chunk_zoom (default: output zoom - 6)")
-    plan.add_argument("--max-tiles", type=int, help="tiling.max_tiles: refuse larger regions")
-    plan.add_argument("--allow-large", action="store_true", help="plan regions above the tile limit anyway")
+    plan.add_argument("--max-tiles", type=int, help="tiling.max_tiles: the build's limit the plan checks against")
+    plan.add_argument(
+        "--allow-large", action="store_true", help="no longer needed: any region is planned (kept for old scripts)"
+    )
     plan.add_argument("--cache-dir", type=str, help="imagery.cache_dir, the tile cache folder")
     plan.add_argument("--offline", action="store_true", default=None, help="count only cached imagery as available")
     plan.set_defaults(run=_run_plan)

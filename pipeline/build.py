@@ -8,15 +8,19 @@ when its content changes, so that Snakefile reruns follow content, not time).
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyproj import Geod
 
 from model import MODEL_INPUT_PX
 from pipeline.config import BuildConfig, PlanInputs, write_settings
-from pipeline.errors import OutputDirError
+from pipeline.errors import BuildConfigError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
@@ -30,6 +34,7 @@ from pipeline.model_setup import model_config, untrained_notice
 from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
 from pipeline.queries import check_query_files
 from pipeline.regions import parse_region
+from pipeline.store.scores import SCORE_KINDS
 
 if TYPE_CHECKING:
     from pipeline.imagery import FetchEstimate
@@ -37,6 +42,60 @@ if TYPE_CHECKING:
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"
+RATES_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "rates.json"
+RATES_FORMAT = "sat2sound-maps/rates-v1"
+RATE_KEYS = ("device", "model", "tiles_per_s", "measure", "cores", "hardware", "source", "date")
+# Queries assumed by the size estimate when none are given (the default config has 5).
+DEFAULT_QUERY_COUNT = 5
+# COG overviews add at most a third to the full-resolution band.
+OVERVIEW_FACTOR = 4 / 3
+
+
+class Rate(NamedTuple):
+    """One measured build rate: tiles/s on a device kind ("cpu" or "gpu") with a model size ("small" is the
+    untrained model, "full" a checkpoint's); `measure` is "end-to-end" (a whole build) or "model-only"."""
+
+    device: str
+    model: str
+    tiles_per_s: float
+    measure: str
+    cores: int | None
+    hardware: str
+    source: str
+    date: str
+
+
+def read_rates(path: Path = RATES_PATH) -> list[Rate]:
+    """The rates of benchmarks/rates.json (schema: `{"format": RATES_FORMAT, "rates": [{RATE_KEYS...}]}`)."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != RATES_FORMAT:
+            raise ValueError(f"not a {RATES_FORMAT} file")
+        return [Rate(**{key: entry[key] for key in RATE_KEYS}) for entry in data["rates"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BuildConfigError(f"cannot read the rates file {path} ({exc}); rerun benchmarks/bench_build.py") from None
+
+
+def update_rates(path: Path, rate: Rate, **extra: Any) -> None:
+    """Write `rate` into the rates file, replacing the entry of the same device and model (others kept)."""
+    rates = read_rates(path) if path.is_file() else []
+    entries = [r._asdict() for r in rates if (r.device, r.model) != (rate.device, rate.model)]
+    if path.is_file():  # keep what the loader does not read (notes, model-only figures) on the other entries
+        kept = {(e["device"], e["model"]): e for e in json.loads(path.read_text())["rates"]}
+        entries = [kept[(e["device"], e["model"])] for e in entries]
+    entries.append({**rate._asdict(), **extra})
+    entries.sort(key=lambda e: (e["device"], e["model"]))
+    path.write_text(json.dumps({"format": RATES_FORMAT, "rates": entries}, indent=1) + "\n")
+
+
+class Workload(NamedTuple):
+    """What a build computes per tile, and the rates to time it by."""
+
+    model_size: str  # "small" (untrained) or "full" (a checkpoint)
+    embedding_dim: int
+    query_count: int | None
+    concepts_top_k: int
+    rates: Sequence[Rate]
 
 
 class PlannedBuild(NamedTuple):
@@ -45,17 +104,30 @@ class PlannedBuild(NamedTuple):
     downloads: FetchEstimate | None
     # The share of chunks the download estimate was counted on (1.0: all of them, else extrapolated).
     counted_share: float
+    # The build's tile limit (tiling.max_tiles), reported when a survey plans beyond it.
+    max_tiles: int | None = None
+    workload: Workload | None = None
 
 
-def plan_build(inputs: PlanInputs, *, limit_hint: str = BUILD_LIMIT_HINT) -> PlannedBuild:
-    """Parse the region, check the imagery against the model's view, tile the region and count downloads."""
-    view = ModelView.of(model_config(inputs.model).sat_type, inputs.model.zoom_level)
+def plan_build(
+    inputs: PlanInputs, *, limit_hint: str = BUILD_LIMIT_HINT, survey: bool = False, rates_path: Path = RATES_PATH
+) -> PlannedBuild:
+    """Parse the region, check the imagery against the model's view, tile the region and count downloads.
+
+    The build refuses regions over tiling.max_tiles; a `survey` (`python -m pipeline plan`) plans any region,
+    keeps only the chunks the download estimate samples, and its summary says when the build would refuse.
+    """
+    config = model_config(inputs.model)
+    view = ModelView.of(config.sat_type, inputs.model.zoom_level)
     region = parse_region(inputs.region)
+    tiling = replace(inputs.tiling, max_tiles=None) if survey else inputs.tiling
     with inputs.imagery.open_reader() as reader:
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
-        plan, chunks = make_plan(region, view, inputs.tiling, fit, limit_hint=limit_hint)
-        downloads, share = estimate_downloads(reader, chunks)
-    return PlannedBuild(plan, chunks, downloads, share)
+        plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
+        downloads, share = estimate_downloads(reader, chunks, plan=plan if survey else None)
+    size = "small" if inputs.model.untrained else "full"
+    workload = Workload(size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path))
+    return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)
 
 
 def check_output_dir(folder: Path) -> None:
@@ -102,7 +174,79 @@ def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:
         f" {_format_lon(float(east))} {_format_lat(float(north))}",
         *_describe_imagery(planned, offline),
         f"Attribution    {plan.imagery.attribution or '(none given)'}",
+        *_describe_limit(planned),
+        *_describe_workload(planned),
     ]
+    return lines
+
+
+def _describe_limit(planned: PlannedBuild) -> list[str]:
+    limit, count = planned.max_tiles, planned.plan.tile_count
+    if limit is None or count <= limit:
+        return []
+    return [f"Tile limit     {count:,} > tiling.max_tiles {limit:,}: the build refuses it; {BUILD_LIMIT_HINT}"]
+
+
+def pick_rate(rates: Sequence[Rate], device: str, model: str) -> Rate | None:
+    """The rate of `device` and `model`, else (GPU only) the device's full-model rate, else None."""
+    for wanted in (model, "full") if device == "gpu" else (model,):
+        for rate in rates:
+            if (rate.device, rate.model) == (device, wanted):
+                return rate
+    return None
+
+
+def output_bytes_per_tile(workload: Workload) -> tuple[int, int]:
+    """Uncompressed upper bounds per output tile: the Zarr store (float32 scores of every kind and query,
+    float16 embedding, int32 + float32 concepts, bool valid) and the COGs (float32 per query, uint16 concepts,
+    overviews)."""
+    queries = DEFAULT_QUERY_COUNT if workload.query_count is None else workload.query_count
+    zarr = len(SCORE_KINDS) * queries * 4 + workload.embedding_dim * 2 + workload.concepts_top_k * (4 + 4) + 1
+    cogs = round((queries * 4 + 2) * OVERVIEW_FACTOR)
+    return zarr, cogs
+
+
+def _describe_workload(planned: PlannedBuild) -> list[str]:
+    workload, tiles = planned.workload, planned.plan.tile_count
+    if workload is None:
+        return []
+    lines = []
+    cpu = pick_rate(workload.rates, "cpu", workload.model_size)
+    if cpu is not None:
+        cores = os.cpu_count() or 1
+        rate, scaled = cpu.tiles_per_s, ""
+        if cpu.cores and cores != cpu.cores:
+            rate, scaled = rate * cores / cpu.cores, f", scaled from {cpu.cores} cores"
+        lines.append(
+            f"CPU time       ~{_format_duration(tiles / rate)} on this machine's {cores} cores"
+            f" ({workload.model_size} model, {rate:,.1f} tiles/s {cpu.measure}{scaled})"
+        )
+    gpu = pick_rate(workload.rates, "gpu", workload.model_size)
+    if gpu is not None:
+        hours = tiles / gpu.tiles_per_s / 3600
+        lines.append(
+            f"GPU time       ~{_format_duration(tiles / gpu.tiles_per_s)} on one {gpu.hardware}: {hours:,.2f} GPU-hours"
+            f" ({gpu.model} model, {gpu.tiles_per_s:,.0f} tiles/s {gpu.measure})"
+        )
+    zarr, cogs = output_bytes_per_tile(workload)
+    queries = (
+        f"{DEFAULT_QUERY_COUNT} queries assumed" if workload.query_count is None else f"{workload.query_count} queries"
+    )
+    lines.append(
+        f"Outputs        <= {format_bytes(tiles * (zarr + cogs))} on disk: Zarr {format_bytes(tiles * zarr)},"
+        f" COGs {format_bytes(tiles * cogs)} ({queries}, {workload.embedding_dim}-d embedding;"
+        " uncompressed upper bound)"
+    )
+    downloads = planned.downloads
+    if downloads is not None:
+        missing = downloads.tiles - downloads.cached
+        approx = "~" if planned.counted_share < 1.0 else ""
+        if missing > 0:
+            tile_bytes = downloads.bytes_to_fetch / missing
+            lines.append(
+                f"Tile cache     ~{format_bytes(round(downloads.tiles * tile_bytes))} on disk for"
+                f" {approx}{downloads.tiles:,} imagery tiles (~{format_bytes(round(tile_bytes))} each)"
+            )
     return lines
 
 
@@ -149,6 +293,14 @@ def start_lines(config: BuildConfig, planned: PlannedBuild) -> list[str]:
     if config.model.untrained:
         lines.append(untrained_notice(config.model.sat_type, config.model.seed))
     return lines
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:,.1f} h"
 
 
 def _format_lat(lat: float) -> str:

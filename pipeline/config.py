@@ -68,7 +68,7 @@ class ModelSettings:
 class TilingSettings:
     tile_zoom_offset: int
     chunk_zoom: int | None
-    max_tiles: int | None  # None: no limit (the plan command's --allow-large)
+    max_tiles: int | None  # the build's guard; None: no limit
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,15 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """What a plan is made from: the region, its imagery, the model (its view) and the tiling."""
+    """What a plan is made from: the region, its imagery, the model (its view) and the tiling; and, for the
+    plan's size estimates, the number of queries (None: not given) and the concepts kept per tile."""
 
     region: str
     imagery: ImagerySettings
     model: ModelSettings
     tiling: TilingSettings
+    query_count: int | None = None
+    concepts_top_k: int = 3
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,9 @@ class BuildConfig:
 
     @property
     def plan_inputs(self) -> PlanInputs:
-        return PlanInputs(self.region, self.imagery, self.model, self.tiling)
+        return PlanInputs(
+            self.region, self.imagery, self.model, self.tiling, len(self.queries), self.outputs.concepts_top_k
+        )
 
 
 @cache
@@ -193,6 +198,8 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
         imagery=ImagerySettings(**filled["imagery"]),
         model=ModelSettings(**filled["model"]),
         tiling=TilingSettings(**filled["tiling"]),
+        query_count=len(filled["queries"]) if "queries" in filled else None,
+        concepts_top_k=filled["outputs"]["concepts_top_k"],
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -151,9 +151,19 @@ def chunk_id(tile: mercantile.Tile) -> str:
 
 
 def make_plan(
-    region: Region, view: ModelView, tiling: TilingSettings, imagery: ImageryFit, *, limit_hint: str
+    region: Region,
+    view: ModelView,
+    tiling: TilingSettings,
+    imagery: ImageryFit,
+    *,
+    limit_hint: str,
+    sampled_only: bool = False,
 ) -> tuple[Plan, list[ChunkTiles]]:
-    """The plan and its chunks; `limit_hint` says how to lift the tile limit where the caller is (config or CLI)."""
+    """The plan and its chunks; `limit_hint` says how to lift the tile limit where the caller is (config or CLI).
+
+    With `sampled_only` the list holds only the chunks `estimate_downloads` counts on (every `sample_step`-th):
+    what `python -m pipeline plan` needs, in bounded memory for a country. The build writes all of them.
+    """
     latitude = region_latitude(region.geometry)
     auto_zoom = output_zoom(view.size_m, latitude)
     zoom = auto_zoom + tiling.tile_zoom_offset
@@ -163,7 +173,9 @@ def make_plan(
         raise TooManyTilesError(f"region {region.name!r} needs {exc}; {limit_hint}") from None
     grid = raster_grid(tile_cover)
     chunk_zoom = default_chunk_zoom(zoom) if tiling.chunk_zoom is None else tiling.chunk_zoom
-    chunks = list(_split_chunks(tile_cover, chunk_zoom, grid, view))
+    spans = _chunk_spans(tile_cover, chunk_zoom)
+    step = sample_step(len(tile_cover)) if sampled_only else 1
+    chunks = [_chunk_tiles(span, tile_cover.zoom, grid, view) for span in spans[::step]]
     plan = Plan(
         region=region,
         view=view,
@@ -171,41 +183,65 @@ def make_plan(
         auto_zoom=auto_zoom,
         grid=grid,
         chunk_zoom=chunk_zoom,
-        chunk_ids=tuple(chunk.id for chunk in chunks),
+        chunk_ids=tuple(span.id for span in spans),
         tile_count=len(tile_cover),
         imagery=imagery,
     )
     return plan, chunks
 
 
-def _split_chunks(tile_cover: TileCover, chunk_zoom: int, grid: RasterGrid, view: ModelView) -> Iterator[ChunkTiles]:
-    """The cover's tiles grouped by their parent at `chunk_zoom`, chunks and tiles row by row."""
+class _ChunkSpan(NamedTuple):
+    id: str
+    depth: int
+    x: np.ndarray
+    y: np.ndarray
+
+
+def _chunk_spans(tile_cover: TileCover, chunk_zoom: int) -> list[_ChunkSpan]:
+    """The cover's tiles grouped by their parent at `chunk_zoom`, chunks and tiles row by row (views of 2 arrays)."""
     depth = chunk_depth(tile_cover.zoom, chunk_zoom)
     parent_x, parent_y = tile_cover.x >> depth, tile_cover.y >> depth
     order = np.lexsort((tile_cover.x, tile_cover.y, parent_x, parent_y))
+    del parent_x, parent_y
     x, y = tile_cover.x[order], tile_cover.y[order]
-    keys = np.column_stack((parent_y[order], parent_x[order]))
-    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
-    for start, stop in zip(starts, [*starts[1:], len(x)], strict=True):
-        chunk_x, chunk_y = x[start:stop], y[start:stop]
-        row, col = grid.cells(chunk_x, chunk_y)
-        lon, lat = tile_centres_lnglat(chunk_x, chunk_y, tile_cover.zoom)
-        parent = mercantile.Tile(int(chunk_x[0] >> depth), int(chunk_y[0] >> depth), chunk_zoom)
-        views = view_bounds(chunk_x, chunk_y, tile_cover.zoom, view.size_m)
-        yield ChunkTiles(chunk_id(parent), chunk_x, chunk_y, row, col, views, lon, lat)
+    del order
+    px, py = x >> depth, y >> depth
+    starts = np.flatnonzero(np.r_[True, (px[1:] != px[:-1]) | (py[1:] != py[:-1])])
+    spans = []
+    for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(x)], strict=True):
+        parent = mercantile.Tile(int(px[start]), int(py[start]), chunk_zoom)
+        spans.append(_ChunkSpan(chunk_id(parent), depth, x[start:stop], y[start:stop]))
+    return spans
 
 
-def estimate_downloads(reader: ImageryReader, chunks: Sequence[ChunkTiles]) -> tuple[FetchEstimate | None, float]:
+def _chunk_tiles(span: _ChunkSpan, zoom: int, grid: RasterGrid, view: ModelView) -> ChunkTiles:
+    row, col = grid.cells(span.x, span.y)
+    lon, lat = tile_centres_lnglat(span.x, span.y, zoom)
+    views = view_bounds(span.x, span.y, zoom, view.size_m)
+    return ChunkTiles(span.id, span.x, span.y, row, col, views, lon, lat)
+
+
+def sample_step(tile_count: int) -> int:
+    """Every how many chunks the download estimate counts (1: all; above EXACT_ESTIMATE_TILES tiles, fewer)."""
+    return max(1, math.ceil(tile_count / EXACT_ESTIMATE_TILES))
+
+
+def estimate_downloads(
+    reader: ImageryReader, chunks: Sequence[ChunkTiles], *, plan: Plan | None = None
+) -> tuple[FetchEstimate | None, float]:
     """What fetching the plan's imagery downloads, and the share of chunks it was counted on (1.0 = all).
 
-    Beyond EXACT_ESTIMATE_TILES tiles the count runs over evenly spread chunks and is scaled up.
+    Beyond EXACT_ESTIMATE_TILES tiles the count runs over evenly spread chunks and is scaled up. Pass `plan`
+    when `chunks` are already that sample (`make_plan(..., sampled_only=True)`).
     """
-    total = sum(len(chunk) for chunk in chunks)
-    step = max(1, math.ceil(total / EXACT_ESTIMATE_TILES))
-    sampled = chunks[::step]
+    if plan is None:
+        total, chunk_count = sum(len(chunk) for chunk in chunks), len(chunks)
+        sampled = chunks[:: sample_step(total)]
+    else:
+        total, chunk_count, sampled = plan.tile_count, len(plan.chunk_ids), chunks
     views = [view for chunk in sampled for view in chunk.view_bounds()]
     estimate = reader.estimate(views, MODEL_INPUT_PX)
-    if estimate is None or step == 1:
+    if estimate is None or len(sampled) == chunk_count:
         return estimate, 1.0
     scale = total / len(views)
     return (
@@ -214,7 +250,7 @@ def estimate_downloads(reader: ImageryReader, chunks: Sequence[ChunkTiles]) -> t
             cached=round(estimate.cached * scale),
             bytes_to_fetch=round(estimate.bytes_to_fetch * scale),
         ),
-        len(sampled) / len(chunks),
+        len(sampled) / chunk_count,
     )
 
 

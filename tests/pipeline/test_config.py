@@ -132,7 +132,10 @@ def test_the_settings_file_round_trips_and_is_rewritten_only_on_change(tmp_path:
 
 def test_plan_inputs_need_no_name_or_queries_and_share_the_defaults() -> None:
     inputs = load_plan_inputs({"region": "St. Louis"})
-    assert inputs == replace(load_build_config(config_with(region="St. Louis")).plan_inputs)
+    build = load_build_config(config_with(region="St. Louis"))
+    assert inputs == replace(build.plan_inputs, query_count=None)
+    assert build.plan_inputs.query_count == len(build.queries)
+    assert load_plan_inputs({"region": "St. Louis", "queries": [{"id": "a", "text": "a"}] * 2}).query_count == 2
     with pytest.raises(BuildConfigError, match=r"config\.tiling\.tile_zoom_offset: -3 is less than the minimum of 0"):
         load_plan_inputs({"region": "St. Louis", "tiling": {"tile_zoom_offset": -3}})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -11,14 +12,26 @@ from pathlib import Path
 import mercantile
 import numpy as np
 import pytest
+import torch
 import yaml
 from support.paths import LANDSAT
 
+from pipeline import build as build_module
 from pipeline import plan as plan_module
 from pipeline.__main__ import main, parse_size
-from pipeline.build import PlannedBuild, describe, format_bytes, plan_build
+from pipeline.build import (
+    BUILD_LIMIT_HINT,
+    RATES_FORMAT,
+    PlannedBuild,
+    Workload,
+    describe,
+    format_bytes,
+    plan_build,
+    read_rates,
+    start_build,
+)
 from pipeline.config import DEFAULT_CONFIG_PATH, ImagerySettings, TilingSettings, load_build_config
-from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
+from pipeline.errors import BuildConfigError, ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
 from pipeline.plan import (
@@ -278,7 +291,7 @@ def test_printout_is_short_and_has_units(tmp_path: Path) -> None:
     plan = planned.plan
     lines = describe(planned)
     text = "\n".join(lines)
-    assert len(lines) <= 8
+    assert len(lines) <= 12 and all(len(line) <= 160 for line in lines)
     # The St. Louis square is 0.035° x 0.030°: about 3.05 km x 3.33 km at 38.6°N.
     area = re.match(r"Region         St\. Louis: (\d+\.\d) km² around latitude 38\.6250°N$", lines[0])
     assert area is not None
@@ -356,18 +369,130 @@ def test_cli_plans_a_city_offline(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert "0 cached" in out and "missing (offline: read as no imagery)" in out
 
 
-def test_cli_refuses_a_large_region_unless_allowed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_cli_plans_a_country_and_says_the_build_would_refuse_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     common = ("plan", "--region", "Belgium", "--imagery", OFFLINE_TEMPLATE, "--offline", "--cache-dir", str(tmp_path))
-    common = (*common, "--sat-type", "bingmap")
-    status, out, err = _run_cli(capsys, *common)
-    assert (status, out) == (2, "")
-    assert err.startswith("error: region 'Belgium' needs more than 250,000 tiles at zoom 17;")
-    assert "--allow-large" in err
-    status, out, err = _run_cli(
-        capsys, *common[:-2], "--sat-type", "sentinel", "--zoom-level", "5", "--max-tiles", "10"
+    status, out, err = _run_cli(capsys, *common, "--sat-type", "bingmap")
+    assert (status, err) == (0, "")
+    count = int(re.search(r"Output tiles   ([\d,]+) at zoom 17", out).group(1).replace(",", ""))  # type: ignore[union-attr]
+    assert count > 250_000
+    assert f"Tile limit     {count:,} > tiling.max_tiles 250,000: the build refuses it;" in out
+    small = ("--sat-type", "sentinel", "--zoom-level", "5")
+    status, out, err = _run_cli(capsys, *common, *small, "--max-tiles", "10", "--allow-large")  # still accepted
+
+    assert (status, err) == (0, "")
+    assert "> tiling.max_tiles 10: the build refuses it" in out
+    status, out, err = _run_cli(capsys, *common, *small)
+    assert (status, err) == (0, "") and "Tile limit" not in out
+
+
+def test_the_build_still_refuses_a_country_over_its_limit(tmp_path: Path) -> None:
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config["output_dir"] = str(tmp_path)
+    config["region"] = "Belgium"
+    config["imagery"] = {"source": OFFLINE_TEMPLATE, "offline": True, "cache_dir": str(tmp_path / "tiles")}
+    config["model"] = {"checkpoint": "untrained", "sat_type": "bingmap", "zoom_level": 1}
+    config["tiling"] = {}
+    build = load_build_config(config)
+    message = f"region 'Belgium' needs more than 250,000 tiles at zoom 17; {BUILD_LIMIT_HINT}"
+    with pytest.raises(TooManyTilesError, match=f"^{re.escape(message)}$"):
+        plan_build(build.plan_inputs)
+    with pytest.raises(TooManyTilesError, match=f"^{re.escape(message)}$"):
+        start_build(build)
+    assert not (tmp_path / build.name / "plan.npz").exists()
+
+
+def test_a_survey_keeps_only_the_sampled_chunks_and_estimates_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    region = parse_region("38.627,-90.199,6km")
+    monkeypatch.setattr(plan_module, "EXACT_ESTIMATE_TILES", 400)
+    tiling = TilingSettings(0, 13, None)
+    view = ModelView.of("bingmap", 1)
+    full_plan, every_chunk = make_plan(region, view, tiling, FIT, limit_hint=LIMIT_HINT)
+    plan, sampled = make_plan(region, view, tiling, FIT, limit_hint=LIMIT_HINT, sampled_only=True)
+    assert plan == full_plan
+    step = plan_module.sample_step(plan.tile_count)
+    assert step > 1 and [chunk.id for chunk in sampled] == list(plan.chunk_ids[::step])
+    with offline_server(tmp_path) as reader:
+        assert estimate_downloads(reader, sampled, plan=plan) == estimate_downloads(reader, every_chunk)
+
+
+# --- time and size estimates -----------------------------------------------------------------------------
+
+
+def _rates_file(path: Path) -> Path:
+    common = {"measure": "end-to-end", "hardware": "Test GPU", "source": "test", "date": "2026-01-01"}
+    rates = [
+        {**common, "device": "cpu", "model": "small", "tiles_per_s": 10.0, "cores": 2, "hardware": "test CPU"},
+        {**common, "device": "gpu", "model": "full", "tiles_per_s": 100.0, "cores": None},
+    ]
+    path.write_text(json.dumps({"format": RATES_FORMAT, "rates": rates}))
+    return path
+
+
+def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_module.os, "cpu_count", lambda: 4)
+    with offline_server(tmp_path) as reader:
+        planned = planned_with(reader, _st_louis())
+    assert planned.downloads is not None
+    workload = Workload("small", 64, 2, 3, read_rates(_rates_file(tmp_path / "rates.json")))
+    planned = planned._replace(plan=planned.plan._replace(tile_count=36_000), workload=workload)
+    text = "\n".join(describe(planned))
+    # 36,000 tiles at 10 tiles/s on 2 cores, scaled to 4 cores: 20 tiles/s, 1,800 s.
+    assert (
+        "CPU time       ~30 min on this machine's 4 cores (small model, 20.0 tiles/s end-to-end, scaled from 2" in text
     )
-    assert (status, out) == (2, "")
-    assert "more than 10 tiles at zoom 11" in err
+    # No small-model GPU rate: the full model's 100 tiles/s, 360 s = 0.10 GPU-hours.
+    assert "GPU time       ~6 min on one Test GPU: 0.10 GPU-hours (full model, 100 tiles/s end-to-end)" in text
+    # Per tile: Zarr 3 kinds x 2 queries x 4 B + 64 x 2 B + 3 x 8 B + 1 B = 177 B; COGs (2 x 4 + 2) x 4/3 = 13 B.
+    assert "Outputs        <= 6.8 MB on disk: Zarr 6.4 MB, COGs 468.0 kB (2 queries, 64-d embedding;" in text
+    cache_bytes = format_bytes(planned.downloads.tiles * TYPICAL_TILE_BYTES)
+    assert (
+        f"Tile cache     ~{cache_bytes} on disk for {planned.downloads.tiles:,} imagery tiles (~20.0 kB each)" in text
+    )
+    assert "Tile limit" not in text
+    assert "5 queries assumed" in "\n".join(describe(planned._replace(workload=workload._replace(query_count=None))))
+    assert "Tile limit     36,000 > tiling.max_tiles 1,000: the build refuses it" in "\n".join(
+        describe(planned._replace(max_tiles=1000))
+    )
+
+
+def test_plan_build_reads_queries_embedding_dim_and_rates(tmp_path: Path) -> None:
+    config = load_build_config(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()))
+    planned = plan_build(config.plan_inputs, rates_path=_rates_file(tmp_path / "rates.json"))
+    assert planned.workload is not None
+    assert planned.workload[:4] == ("small", 64, len(config.queries), config.outputs.concepts_top_k)
+    assert [rate.tiles_per_s for rate in planned.workload.rates] == [10.0, 100.0]
+    assert planned.max_tiles == 250_000
+
+
+def test_the_committed_rates_file_reads() -> None:
+    rates = read_rates()
+    assert {(rate.device, rate.model) for rate in rates} >= {("cpu", "small"), ("cpu", "full"), ("gpu", "full")}
+    assert all(rate.tiles_per_s > 0 and rate.source and rate.date and rate.hardware for rate in rates)
+
+
+def test_bench_build_writes_a_valid_rates_file(tmp_path: Path) -> None:
+    from benchmarks.bench_build import write_rates
+
+    path = _rates_file(tmp_path / "rates.json")
+    written = write_rates(path, 10_000, 56.84, 630.0, device=torch.device("cpu"), checkpoint="untrained", cores=2)
+    rates = read_rates(path)
+    assert written in rates and len(rates) == 2  # the cpu/small entry replaced, the gpu one kept
+    assert (written.device, written.model, written.tiles_per_s, written.measure) == ("cpu", "small", 56.8, "end-to-end")
+    assert json.loads(path.read_text())["rates"][0]["model_only_tiles_per_s"] == 630.0
+    fresh = tmp_path / "fresh.json"
+    write_rates(fresh, 100, 5.0, 6.0, device=torch.device("cpu"), checkpoint="hf://x", cores=2)
+    assert [(rate.device, rate.model) for rate in read_rates(fresh)] == [("cpu", "full")]
+
+
+def test_a_broken_rates_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "rates.json"
+    path.write_text("{}")
+    with pytest.raises(BuildConfigError, match="cannot read the rates file"):
+        read_rates(path)
 
 
 def test_cli_prints_region_warnings_as_single_lines(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
