@@ -197,9 +197,9 @@ def pick_rate(rates: Sequence[Rate], device: str, model: str) -> Rate | None:
 
 
 def output_bytes_per_tile(workload: Workload) -> tuple[int, int]:
-    """Uncompressed upper bounds per output tile: the Zarr store (float32 scores of every kind and query,
-    float16 embedding, int32 + float32 concepts, bool valid) and the COGs (float32 per query, uint16 concepts,
-    overviews)."""
+    """Uncompressed pixel bytes per output tile: the Zarr store (float32 scores of every kind and query, float16
+    embedding, int32 + float32 concepts, bool valid) and the COGs (float32 per query, uint16 concepts, overviews).
+    Compression shrinks them; metadata adds a fixed ~0.2 MB, which dominates only tiny builds."""
     queries = DEFAULT_QUERY_COUNT if workload.query_count is None else workload.query_count
     zarr = len(SCORE_KINDS) * queries * 4 + workload.embedding_dim * 2 + workload.concepts_top_k * (4 + 4) + 1
     cogs = round((queries * 4 + 2) * OVERVIEW_FACTOR)
@@ -233,9 +233,9 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
         f"{DEFAULT_QUERY_COUNT} queries assumed" if workload.query_count is None else f"{workload.query_count} queries"
     )
     lines.append(
-        f"Outputs        <= {format_bytes(tiles * (zarr + cogs))} on disk: Zarr {format_bytes(tiles * zarr)},"
+        f"Outputs        ~{format_bytes(tiles * (zarr + cogs))} on disk: Zarr {format_bytes(tiles * zarr)},"
         f" COGs {format_bytes(tiles * cogs)} ({queries}, {workload.embedding_dim}-d embedding;"
-        " uncompressed upper bound)"
+        " pixels uncompressed)"
     )
     downloads = planned.downloads
     if downloads is not None:
