@@ -72,7 +72,13 @@ class PrefetchReport(NamedTuple):
 class FetchEstimate(NamedTuple):
     """What reading some views would download, from a reader backed by a tile pyramid: the zoom range of the
     views' source tiles, the source's finest zoom, the distinct source tiles, how many of them the tile cache
-    already holds, and the bytes still to fetch (at the source's typical tile size)."""
+    already holds, and the bytes still to fetch (at the source's typical tile size).
+
+    The last fields say how politely the source is fetched: `max_requests_per_s` is the reader's request cap
+    (None: uncapped); where the provider publishes terms on bulk download, `bulk_tile_limit` is the number of
+    tiles to fetch above which `terms_note` (from `bulk_terms`) applies. These are properties of the source,
+    not of the count, so scaling `tiles`/`cached`/`bytes_to_fetch` with `_replace` keeps the note right.
+    """
 
     min_zoom: int
     max_zoom: int
@@ -80,6 +86,27 @@ class FetchEstimate(NamedTuple):
     tiles: int
     cached: int
     bytes_to_fetch: int
+    max_requests_per_s: float | None = None
+    bulk_tile_limit: int | None = None
+    bulk_terms: str | None = None
+
+    @property
+    def tiles_to_fetch(self) -> int:
+        return max(0, self.tiles - self.cached)
+
+    @property
+    def seconds_at_cap(self) -> float | None:
+        """Shortest time fetching the missing tiles takes at the request cap (no retries); None if uncapped."""
+        if not self.max_requests_per_s:
+            return None
+        return self.tiles_to_fetch / self.max_requests_per_s
+
+    @property
+    def terms_note(self) -> str | None:
+        """The provider's bulk-download terms in words, when the tiles to fetch exceed `bulk_tile_limit`."""
+        if self.bulk_terms is None or self.bulk_tile_limit is None or self.tiles_to_fetch <= self.bulk_tile_limit:
+            return None
+        return self.bulk_terms
 
 
 class ImageryReader(abc.ABC):

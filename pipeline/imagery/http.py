@@ -1,13 +1,15 @@
-"""HTTP GET with bounded retries, exponential backoff with jitter, Retry-After, and redacted URLs.
+"""HTTP GET with bounded retries, exponential backoff with jitter, Retry-After, a request-rate cap, and redacted URLs.
 
 Timeouts, connection errors, bodies cut short, undecodable bodies, 429 and 5xx are retried; 204 and
 404 mean "nothing here" and are returned as None. URLs in messages and logs pass through `redact`,
-so API keys never leave the process.
+so API keys never leave the process. A client's `max_requests_per_s` spaces the starts of its requests
+(first tries and retries alike, from all its threads) at least 1/cap seconds apart.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import threading
@@ -107,8 +109,59 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class RateLimiter:
+    """At most `per_s` starts per second, shared by every thread that calls `wait`: each call is given the
+    next free slot, slots lie at least 1/per_s seconds apart, and the caller sleeps until its slot.
+
+    No bursts: any window of one second holds at most per_s + 1 slots. `clock` and `sleep` are injectable
+    (a fake clock whose sleep advances it makes tests wait for nothing).
+    """
+
+    def __init__(
+        self,
+        per_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not per_s > 0 or not math.isfinite(per_s):
+            raise ImageryError(f"request rate cap {per_s} is not a positive number; use e.g. 10 (requests per second)")
+        self.per_s = float(per_s)
+        self.spacing_s = 1.0 / self.per_s
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_slot: float | None = None
+
+    def wait(self) -> float:
+        """Block until this caller's slot; returns the slot's time on `clock`."""
+        with self._lock:
+            now = self._clock()
+            slot = now if self._next_slot is None else max(now, self._next_slot)
+            self._next_slot = slot + self.spacing_s
+        if slot > now:
+            self._sleep(slot - now)
+        return slot
+
+
+def rate_limiter(
+    max_requests_per_s: float | None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RateLimiter | None:
+    """A RateLimiter for a cap; None (no cap) for None or 0."""
+    if max_requests_per_s is None or max_requests_per_s == 0:
+        return None
+    return RateLimiter(max_requests_per_s, clock=clock, sleep=sleep)
+
+
 class HttpClient:
-    """Retrying GETs from up to `concurrency` threads, each with its own keep-alive requests.Session."""
+    """Retrying GETs from up to `concurrency` threads, each with its own keep-alive requests.Session.
+
+    `max_requests_per_s` caps the rate at which requests start, across all threads and counting every
+    retry (None or 0: no cap). `sleep` and `clock` serve the backoff and the cap; tests inject fakes.
+    """
 
     def __init__(
         self,
@@ -117,6 +170,8 @@ class HttpClient:
         policy: RetryPolicy = DEFAULT_RETRY,
         secrets: Iterable[str] = (),
         sleep: Callable[[float], None] = time.sleep,
+        max_requests_per_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if concurrency < 1:
             raise ImageryError(f"concurrency {concurrency} is below 1; use 1 or more parallel downloads")
@@ -124,6 +179,8 @@ class HttpClient:
             raise ImageryError(f"retry attempts {policy.attempts} is below 1; use 1 or more")
         self.concurrency = concurrency
         self.policy = policy
+        self.max_requests_per_s = None if not max_requests_per_s else float(max_requests_per_s)
+        self._limiter = rate_limiter(max_requests_per_s, clock=clock, sleep=sleep)
         self._secrets = tuple(secret for secret in secrets if secret)
         self._sleep = sleep
         self._rng = random.Random()
@@ -145,6 +202,8 @@ class HttpClient:
         policy = self.policy
         reason = ""
         for attempt in range(policy.attempts):
+            if self._limiter is not None:
+                self._limiter.wait()
             try:
                 response = self._session().get(url, timeout=(policy.connect_timeout_s, policy.read_timeout_s))
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:

@@ -9,6 +9,7 @@ tiles never bleed into their neighbours.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import mercantile
@@ -49,6 +50,22 @@ ESRI_WORLD_IMAGERY_ID = "esri-world-imagery"
 ESRI_ATTRIBUTION = "Tiles © Esri — Source: Esri, Maxar, Earthstar Geographics, and the GIS User Community"
 ESRI_MAX_ZOOM = 19
 ESRI_TYPICAL_TILE_BYTES = 25_000
+# Requests per second a reader starts at most unless told otherwise ("auto"). Neither Esri nor most public
+# tile servers publish a number; 20 req/s is our conservative choice, well below what a browser panning a
+# map asks for, and it holds for generic `xyz:` servers too. Loopback servers (your own, or tests') are not
+# capped by default.
+DEFAULT_MAX_REQUESTS_PER_S = 20.0
+ESRI_MAX_REQUESTS_PER_S = DEFAULT_MAX_REQUESTS_PER_S
+# Tiles to fetch above which a plan shows ESRI_BULK_TERMS. Our conservative reading of Esri's terms for
+# bulk and offline use of World Imagery (tiles are for display, not for harvesting), not a legal statement.
+ESRI_BULK_TILE_LIMIT = 100_000
+ESRI_BULK_TERMS = (
+    "Esri World Imagery's terms do not cover bulk or offline download, and this plan fetches more tiles than "
+    "we consider ordinary use (our conservative reading, not legal advice); for a region this large use "
+    "Sentinel-2 L2A open data with a sentinel checkpoint and `imagery.source: stac:URL`, or your own mosaic "
+    "with `imagery.source: path/to/mosaic.tif`"
+)
+AUTO: Literal["auto"] = "auto"
 
 API_KEY_FIELD = "api_key"
 _TEMPLATE_FIELDS = frozenset({"x", "y", "-y", "z", "q", API_KEY_FIELD})
@@ -124,6 +141,13 @@ class XYZReader(ImageryReader):
     `api_key_env` names an environment variable whose value fills the template's `{api_key}`; the
     value is never logged nor shown in errors. With `offline=True` only cached tiles are read and
     uncached ones count as no imagery.
+
+    `max_requests_per_s` caps how fast requests start, across all `concurrency` threads and retries
+    included: "auto" (the default) means DEFAULT_MAX_REQUESTS_PER_S (20) for any server not on the loopback
+    interface and no cap for a loopback one; a number sets the cap; None or 0 turns it off, which only
+    makes sense for a server you run or one whose terms allow it. Set it in `imagery.options`.
+    `bulk_tile_limit` and `bulk_terms` describe the provider's published limit on bulk download (the
+    estimate shows `bulk_terms` when more than `bulk_tile_limit` tiles are to be fetched); `esri()` sets them.
     """
 
     fetches_ahead = True
@@ -146,6 +170,9 @@ class XYZReader(ImageryReader):
         resampling: str = "bilinear",
         typical_tile_bytes: int = 20_000,
         max_source_tiles: int = 1024,
+        max_requests_per_s: float | Literal["auto"] | None = AUTO,
+        bulk_tile_limit: int | None = None,
+        bulk_terms: str | None = None,
     ) -> None:
         self.template = TileTemplate.parse(url_template)
         if not 0 <= min_zoom <= max_zoom:
@@ -162,20 +189,35 @@ class XYZReader(ImageryReader):
         self.max_source_tiles = max_source_tiles
         self._resampling = resampling_method(resampling)
         self._api_key = _read_api_key(self.template, api_key_env)
-        self._http = HttpClient(concurrency=concurrency, policy=retry_policy(retry), secrets=(self._api_key,))
+        self.bulk_tile_limit = bulk_tile_limit
+        self.bulk_terms = bulk_terms
+        self._http = HttpClient(
+            concurrency=concurrency,
+            policy=retry_policy(retry),
+            secrets=(self._api_key,),
+            max_requests_per_s=_request_cap(max_requests_per_s, self.template),
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._warned_max_zoom = False
 
+    @property
+    def max_requests_per_s(self) -> float | None:
+        """The request cap in force (None: uncapped)."""
+        return self._http.max_requests_per_s
+
     @classmethod
     def esri(cls, *, cache: TileCache, **options: object) -> XYZReader:
-        """Esri World Imagery, with its attribution."""
+        """Esri World Imagery, with its attribution, a 20 req/s cap and its bulk-download terms."""
         defaults: dict[str, object] = {
             "source_id": ESRI_WORLD_IMAGERY_ID,
             "attribution": ESRI_ATTRIBUTION,
             "max_zoom": ESRI_MAX_ZOOM,
             "tile_format": "jpg",
             "typical_tile_bytes": ESRI_TYPICAL_TILE_BYTES,
+            "max_requests_per_s": ESRI_MAX_REQUESTS_PER_S,
+            "bulk_tile_limit": ESRI_BULK_TILE_LIMIT,
+            "bulk_terms": ESRI_BULK_TERMS,
         }
         return cls(ESRI_WORLD_IMAGERY_URL, cache=cache, **{**defaults, **options})  # type: ignore[arg-type]
 
@@ -202,8 +244,8 @@ class XYZReader(ImageryReader):
         return PrefetchReport("server tiles into the tile cache", len(views), len(tiles), self.fetch_tiles(tiles))
 
     def estimate(self, views: Sequence[Bounds], width: int) -> FetchEstimate:
-        """The distinct server tiles under `views` and how many the cache holds; with no views, nothing to
-        fetch and the source's zoom range."""
+        """The distinct server tiles under `views` and how many the cache holds, the request cap and the
+        provider's bulk terms; with no views, nothing to fetch and the source's zoom range."""
         zooms: set[int] = set()
 
         def zoom_of(bounds: Bounds, read_width: int) -> int:
@@ -220,6 +262,9 @@ class XYZReader(ImageryReader):
             tiles=len(tiles),
             cached=cached,
             bytes_to_fetch=(len(tiles) - cached) * self.typical_tile_bytes,
+            max_requests_per_s=self.max_requests_per_s,
+            bulk_tile_limit=self.bulk_tile_limit,
+            bulk_terms=self.bulk_terms,
         )
 
     def source_tiles(self, bounds: Bounds, zoom: int) -> list[mercantile.Tile]:
@@ -338,6 +383,30 @@ class XYZReader(ImageryReader):
     def _missing_key(self, tile: mercantile.Tile) -> str:
         """Empty marker file: the server said there is no tile here (204/404)."""
         return f"{self.source_id}/{tile.z}/{tile.x}/{tile.y}.{_MISSING_SUFFIX}"
+
+
+def _request_cap(value: float | str | None, template: TileTemplate) -> float | None:
+    """The request cap for `value` ("auto", a number, None/0 for none) and a server at `template`."""
+    if value == AUTO:
+        return None if _is_loopback(urlsplit(template.url).hostname or "") else DEFAULT_MAX_REQUESTS_PER_S
+    if value is None:
+        return None
+    try:
+        cap = float(value)
+    except (TypeError, ValueError):
+        raise ImageryError(f"max_requests_per_s {value!r} is not a number; use e.g. 10, auto or 0") from None
+    if cap < 0:
+        raise ImageryError(f"max_requests_per_s {value!r} is negative; use e.g. 10, auto, or 0 for no cap")
+    return cap or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_api_key(template: TileTemplate, env_name: str | None) -> str:

@@ -77,9 +77,13 @@ _Server = TypeVar("_Server", bound="LoopbackServer")
 
 
 class RequestRecord(NamedTuple):
+    """One request as the server saw it: `time` (time.monotonic) when its handler took it, and the client's
+    TCP port, which tells connections apart (requests on one keep-alive connection share it)."""
+
     method: str
     path: str
     time: float
+    client_port: int = 0
 
 
 class Request(NamedTuple):
@@ -152,9 +156,14 @@ class LoopbackServer:
     def blank_body(self) -> bytes:
         return encode_image(np.full((3, TILE_PX, TILE_PX), 200, np.uint8), "PNG")
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def client_ports(self) -> set[int]:
+        """The client ports of the logged requests: one per TCP connection."""
         with self._lock:
-            self.requests.append(RequestRecord("GET", path, time.monotonic()))
+            return {record.client_port for record in self.requests}
+
+    def _take_fault(self, path: str, method: str = "GET", client_port: int = 0) -> Fault | None:
+        with self._lock:
+            self.requests.append(RequestRecord(method, path, time.monotonic(), client_port))
             for fault in self._faults:
                 if (fault.path is None or fault.path in path) and (fault.times is None or fault.times > 0):
                     if fault.times is not None:
@@ -188,7 +197,7 @@ def _handler_for(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length) if length else b""
             if server.latency_s:
                 time.sleep(server.latency_s)
-            fault = server._take_fault(self.path)
+            fault = server._take_fault(self.path, method, self.client_address[1])
             if fault is not None and fault.kind == "status":
                 headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
                 self._send(Response(fault.status, b"injected fault", "text/plain", headers), method)

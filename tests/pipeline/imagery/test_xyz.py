@@ -448,7 +448,7 @@ def test_estimate_counts_the_tiles_a_read_would_fetch(make_reader: MakeReader, s
     assert again is not None
     assert (again.tiles, again.cached) == (len(expected), len(cached))
     assert again.bytes_to_fetch == (len(expected) - len(cached)) * reader.typical_tile_bytes
-    assert reader.estimate([], 224) == (15, 17, 17, 0, 0, 0)
+    assert reader.estimate([], 224)[:6] == (15, 17, 17, 0, 0, 0)
 
 
 def test_prefetch_reports_and_fills_the_cache_for_the_views(
