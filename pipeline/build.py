@@ -239,7 +239,7 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
     )
     downloads = planned.downloads
     if downloads is not None:
-        missing = downloads.tiles - downloads.cached
+        missing = downloads.tiles_to_fetch
         approx = "~" if planned.counted_share < 1.0 else ""
         if missing > 0:
             tile_bytes = downloads.bytes_to_fetch / missing
@@ -262,11 +262,13 @@ def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
         else f"zooms {downloads.min_zoom}-{downloads.max_zoom}"
     )
     approx = "~" if planned.counted_share < 1.0 else ""
-    missing = downloads.tiles - downloads.cached
+    missing = downloads.tiles_to_fetch
+    at_cap = downloads.seconds_at_cap
     fetch = (
         f"{approx}{missing:,} missing (offline: read as no imagery)"
         if offline
         else f"{approx}{missing:,} to fetch, ~{format_bytes(downloads.bytes_to_fetch)}"
+        + ("" if at_cap is None else f", ~{_format_duration(at_cap)} at {downloads.max_requests_per_s:g} req/s")
     )
     gsd_m = ground_resolution_m(downloads.max_zoom, plan.latitude)
     lines = [
@@ -281,6 +283,8 @@ def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
             f"               (the source stops at zoom {downloads.source_max_zoom}: coarser than the model's"
             f" {plan.view.gsd_m:.2f} m/px)"
         )
+    if downloads.terms_note is not None and not offline:
+        lines.append(f"Terms          {downloads.terms_note}")
     return lines
 
 

@@ -570,3 +570,19 @@ def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[s
     status, out, err = _run_cli(capsys, "plan", "--config", str(DEFAULT_CONFIG_PATH), "--tile-zoom-offset", "-3")
     assert (status, out) == (2, "")
     assert err.startswith("error: config.tiling.tile_zoom_offset: -3 is less than the minimum of 0")
+
+
+def test_summary_gives_the_fetch_time_at_the_sources_cap_and_its_terms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.imagery import xyz
+
+    monkeypatch.setattr(xyz, "ESRI_BULK_TILE_LIMIT", 100)
+    with XYZReader.esri(cache=TileCache(tmp_path), offline=True) as reader:
+        planned = planned_with(reader, _st_louis())
+    assert planned.downloads is not None
+    fetch_s = planned.downloads.tiles_to_fetch / 20.0
+    text = "\n".join(describe(planned))
+    assert f"to fetch, ~{format_bytes(planned.downloads.bytes_to_fetch)}, ~{round(fetch_s)} s at 20 req/s" in text
+    assert "Terms          Esri World Imagery's terms" in text and "stac:URL" in text
+    assert "Terms" not in "\n".join(describe(planned, offline=True))
