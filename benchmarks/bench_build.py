@@ -11,7 +11,7 @@ resident memory of the largest process of the build, which stays flat as regions
 step works chunk by chunk.
 
 `--write-rates` records the end-to-end rate of the largest build in benchmarks/rates.json (the rates
-`python -m pipeline plan` times builds by; schema in `pipeline.build.read_rates`), replacing the entry of the
+`python -m pipeline plan` times builds by; schema in `pipeline.rates`), replacing the entry of the
 same device kind (cpu/gpu) and model size (small: untrained, full: a checkpoint).
 """
 
@@ -34,11 +34,12 @@ import torch
 import yaml
 
 from model import Sat2Sound, Sat2SoundEncoder
-from pipeline.build import PLAN_NAME, RATES_PATH, Rate, update_rates
+from pipeline.build import PLAN_NAME
 from pipeline.config import load_build_config
 from pipeline.geometry import output_zoom
 from pipeline.model_setup import untrained_config
 from pipeline.plan import ModelView, read_plan
+from pipeline.rates import RATES_PATH, Rate, update_rates
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"

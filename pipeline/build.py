@@ -8,19 +8,18 @@ when its content changes, so that Snakefile reruns follow content, not time).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyproj import Geod
 
 from model import MODEL_INPUT_PX
 from pipeline.config import BuildConfig, PlanInputs, write_settings
-from pipeline.errors import BuildConfigError, OutputDirError
+from pipeline.errors import OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
@@ -33,6 +32,7 @@ from pipeline.geometry import (
 from pipeline.model_setup import model_config, untrained_notice
 from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
 from pipeline.queries import check_query_files
+from pipeline.rates import RATES_PATH, Rate, pick_rate, read_rates
 from pipeline.regions import parse_region
 from pipeline.store.scores import SCORE_KINDS
 
@@ -42,50 +42,10 @@ if TYPE_CHECKING:
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"
-RATES_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "rates.json"
-RATES_FORMAT = "sat2sound-maps/rates-v1"
-RATE_KEYS = ("device", "model", "tiles_per_s", "measure", "cores", "hardware", "source", "date")
 # Queries assumed by the size estimate when none are given (the default config has 5).
 DEFAULT_QUERY_COUNT = 5
 # COG overviews add at most a third to the full-resolution band.
 OVERVIEW_FACTOR = 4 / 3
-
-
-class Rate(NamedTuple):
-    """One measured build rate: tiles/s on a device kind ("cpu" or "gpu") with a model size ("small" is the
-    untrained model, "full" a checkpoint's); `measure` is "end-to-end" (a whole build) or "model-only"."""
-
-    device: str
-    model: str
-    tiles_per_s: float
-    measure: str
-    cores: int | None
-    hardware: str
-    source: str
-    date: str
-
-
-def read_rates(path: Path = RATES_PATH) -> list[Rate]:
-    """The rates of benchmarks/rates.json (schema: `{"format": RATES_FORMAT, "rates": [{RATE_KEYS...}]}`)."""
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != RATES_FORMAT:
-            raise ValueError(f"not a {RATES_FORMAT} file")
-        return [Rate(**{key: entry[key] for key in RATE_KEYS}) for entry in data["rates"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BuildConfigError(f"cannot read the rates file {path} ({exc}); rerun benchmarks/bench_build.py") from None
-
-
-def update_rates(path: Path, rate: Rate, **extra: Any) -> None:
-    """Write `rate` into the rates file, replacing the entry of the same device and model (others kept)."""
-    rates = read_rates(path) if path.is_file() else []
-    entries = [r._asdict() for r in rates if (r.device, r.model) != (rate.device, rate.model)]
-    if path.is_file():  # keep what the loader does not read (notes, model-only figures) on the other entries
-        kept = {(e["device"], e["model"]): e for e in json.loads(path.read_text())["rates"]}
-        entries = [kept[(e["device"], e["model"])] for e in entries]
-    entries.append({**rate._asdict(), **extra})
-    entries.sort(key=lambda e: (e["device"], e["model"]))
-    path.write_text(json.dumps({"format": RATES_FORMAT, "rates": entries}, indent=1) + "\n")
 
 
 class Workload(NamedTuple):
@@ -187,15 +147,6 @@ def _describe_limit(planned: PlannedBuild) -> list[str]:
     return [f"Tile limit     {count:,} > tiling.max_tiles {limit:,}: the build refuses it; {BUILD_LIMIT_HINT}"]
 
 
-def pick_rate(rates: Sequence[Rate], device: str, model: str) -> Rate | None:
-    """The rate of `device` and `model`, else (GPU only) the device's full-model rate, else None."""
-    for wanted in (model, "full") if device == "gpu" else (model,):
-        for rate in rates:
-            if (rate.device, rate.model) == (device, wanted):
-                return rate
-    return None
-
-
 def output_bytes_per_tile(workload: Workload) -> tuple[int, int]:
     """Uncompressed pixel bytes per output tile: the Zarr store (float32 scores of every kind and query, float16
     embedding, int32 + float32 concepts, bool valid) and the COGs (float32 per query, uint16 concepts, overviews).
@@ -214,18 +165,19 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
     cpu = pick_rate(workload.rates, "cpu", workload.model_size)
     if cpu is not None:
         cores = os.cpu_count() or 1
-        rate, scaled = cpu.tiles_per_s, ""
+        speed_up, scaled = 1.0, ""
         if cpu.cores and cores != cpu.cores:
-            rate, scaled = rate * cores / cpu.cores, f", scaled from {cpu.cores} cores"
+            speed_up, scaled = cores / cpu.cores, f", scaled from {cpu.cores} cores"
+        start = f" + {cpu.start_s:.0f} s start-up" if cpu.start_s else ""
         lines.append(
-            f"CPU time       ~{_format_duration(tiles / rate)} on this machine's {cores} cores"
-            f" ({workload.model_size} model, {rate:,.1f} tiles/s {cpu.measure}{scaled})"
+            f"CPU time       ~{_format_duration(cpu.seconds(tiles, speed_up))} on this machine's {cores} cores"
+            f" ({workload.model_size} model, {cpu.tiles_per_s * speed_up:,.1f} tiles/s {cpu.measure}{scaled}{start})"
         )
     gpu = pick_rate(workload.rates, "gpu", workload.model_size)
     if gpu is not None:
-        hours = tiles / gpu.tiles_per_s / 3600
+        hours = gpu.seconds(tiles) / 3600
         lines.append(
-            f"GPU time       ~{_format_duration(tiles / gpu.tiles_per_s)} on one {gpu.hardware}: {hours:,.2f} GPU-hours"
+            f"GPU time       ~{_format_duration(gpu.seconds(tiles))} on one {gpu.hardware}: {hours:,.2f} GPU-hours"
             f" ({gpu.model} model, {gpu.tiles_per_s:,.0f} tiles/s {gpu.measure})"
         )
     zarr, cogs = output_bytes_per_tile(workload)

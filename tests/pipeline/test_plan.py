@@ -21,13 +21,11 @@ from pipeline import plan as plan_module
 from pipeline.__main__ import main, parse_size
 from pipeline.build import (
     BUILD_LIMIT_HINT,
-    RATES_FORMAT,
     PlannedBuild,
     Workload,
     describe,
     format_bytes,
     plan_build,
-    read_rates,
     start_build,
 )
 from pipeline.config import DEFAULT_CONFIG_PATH, ImagerySettings, TilingSettings, load_build_config
@@ -46,6 +44,7 @@ from pipeline.plan import (
     read_plan,
     write_plan,
 )
+from pipeline.rates import RATES_FORMAT, read_rates
 from pipeline.regions import Region, parse_region
 
 WORLD_M = 2 * math.pi * 6378137.0
@@ -426,7 +425,7 @@ def _rates_file(path: Path) -> Path:
     common = {"measure": "end-to-end", "hardware": "Test GPU", "source": "test", "date": "2026-01-01"}
     rates = [
         {**common, "device": "cpu", "model": "small", "tiles_per_s": 10.0, "cores": 2, "hardware": "test CPU"},
-        {**common, "device": "gpu", "model": "full", "tiles_per_s": 100.0, "cores": None},
+        {**common, "device": "gpu", "model": "full", "tiles_per_s": 100.0, "cores": None, "start_s": 60.0},
     ]
     path.write_text(json.dumps({"format": RATES_FORMAT, "rates": rates}))
     return path
@@ -444,8 +443,8 @@ def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: 
     assert (
         "CPU time       ~30 min on this machine's 4 cores (small model, 20.0 tiles/s end-to-end, scaled from 2" in text
     )
-    # No small-model GPU rate: the full model's 100 tiles/s, 360 s = 0.10 GPU-hours.
-    assert "GPU time       ~6 min on one Test GPU: 0.10 GPU-hours (full model, 100 tiles/s end-to-end)" in text
+    # No small-model GPU rate: the full model's 100 tiles/s, 360 s, plus 60 s start-up = 420 s, 0.12 GPU-hours.
+    assert "GPU time       ~7 min on one Test GPU: 0.12 GPU-hours (full model, 100 tiles/s end-to-end)" in text
     # Per tile: Zarr 3 kinds x 2 queries x 4 B + 64 x 2 B + 3 x 8 B + 1 B = 177 B; COGs (2 x 4 + 2) x 4/3 = 13 B.
     assert "Outputs        ~6.8 MB on disk: Zarr 6.4 MB, COGs 468.0 kB (2 queries, 64-d embedding;" in text
     cache_bytes = format_bytes(planned.downloads.tiles * TYPICAL_TILE_BYTES)
@@ -453,6 +452,11 @@ def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: 
         f"Tile cache     ~{cache_bytes} on disk for {planned.downloads.tiles:,} imagery tiles (~20.0 kB each)" in text
     )
     assert "Tile limit" not in text
+    start_up = Workload("small", 64, 2, 3, [read_rates(tmp_path / "rates.json")[0]._replace(start_s=14.0)])
+    # 1,800 s of tiles + 14 s start-up = 1,814 s, shown in minutes.
+    assert "~30 min on this machine's 4 cores (small model, 20.0 tiles/s end-to-end, scaled from 2 cores + 14 s" in (
+        "\n".join(describe(planned._replace(workload=start_up)))
+    )
     assert "5 queries assumed" in "\n".join(describe(planned._replace(workload=workload._replace(query_count=None))))
     assert "Tile limit     36,000 > tiling.max_tiles 1,000: the build refuses it" in "\n".join(
         describe(planned._replace(max_tiles=1000))
