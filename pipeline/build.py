@@ -84,7 +84,7 @@ def plan_build(
     with inputs.imagery.open_reader() as reader:
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
-        downloads, share = estimate_downloads(reader, chunks, plan=plan if survey else None)
+        downloads, share = estimate_downloads(reader, plan, chunks)
     size = "small" if inputs.model.untrained else "full"
     workload = Workload(size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path))
     return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)

@@ -192,7 +192,6 @@ def make_plan(
 
 class _ChunkSpan(NamedTuple):
     id: str
-    depth: int
     x: np.ndarray
     y: np.ndarray
 
@@ -202,15 +201,13 @@ def _chunk_spans(tile_cover: TileCover, chunk_zoom: int) -> list[_ChunkSpan]:
     depth = chunk_depth(tile_cover.zoom, chunk_zoom)
     parent_x, parent_y = tile_cover.x >> depth, tile_cover.y >> depth
     order = np.lexsort((tile_cover.x, tile_cover.y, parent_x, parent_y))
-    del parent_x, parent_y
     x, y = tile_cover.x[order], tile_cover.y[order]
-    del order
     px, py = x >> depth, y >> depth
     starts = np.flatnonzero(np.r_[True, (px[1:] != px[:-1]) | (py[1:] != py[:-1])])
     spans = []
     for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(x)], strict=True):
         parent = mercantile.Tile(int(px[start]), int(py[start]), chunk_zoom)
-        spans.append(_ChunkSpan(chunk_id(parent), depth, x[start:stop], y[start:stop]))
+        spans.append(_ChunkSpan(chunk_id(parent), x[start:stop], y[start:stop]))
     return spans
 
 
@@ -227,18 +224,15 @@ def sample_step(tile_count: int) -> int:
 
 
 def estimate_downloads(
-    reader: ImageryReader, chunks: Sequence[ChunkTiles], *, plan: Plan | None = None
+    reader: ImageryReader, plan: Plan, chunks: Sequence[ChunkTiles]
 ) -> tuple[FetchEstimate | None, float]:
     """What fetching the plan's imagery downloads, and the share of chunks it was counted on (1.0 = all).
 
-    Beyond EXACT_ESTIMATE_TILES tiles the count runs over evenly spread chunks and is scaled up. Pass `plan`
-    when `chunks` are already that sample (`make_plan(..., sampled_only=True)`).
+    Beyond EXACT_ESTIMATE_TILES tiles the count runs over every `sample_step`-th chunk and is scaled up;
+    `chunks` are all the plan's chunks, or already that sample (`make_plan(..., sampled_only=True)`).
     """
-    if plan is None:
-        total, chunk_count = sum(len(chunk) for chunk in chunks), len(chunks)
-        sampled = chunks[:: sample_step(total)]
-    else:
-        total, chunk_count, sampled = plan.tile_count, len(plan.chunk_ids), chunks
+    total, chunk_count = plan.tile_count, len(plan.chunk_ids)
+    sampled = chunks[:: sample_step(total)] if len(chunks) == chunk_count else chunks
     views = [view for chunk in sampled for view in chunk.view_bounds()]
     estimate = reader.estimate(views, MODEL_INPUT_PX)
     if estimate is None or len(sampled) == chunk_count:

@@ -88,7 +88,7 @@ def offline_server(cache_dir: Path, max_zoom: int = 19) -> XYZReader:
 def planned_with(reader: XYZReader | LocalRasterReader, region: Region, **options: object) -> PlannedBuild:
     plan, chunks = plan_of(region, **options)  # type: ignore[arg-type]
     plan = plan._replace(imagery=plan.imagery._replace(source_id=reader.source_id, attribution=reader.attribution))
-    downloads, share = estimate_downloads(reader, chunks)
+    downloads, share = estimate_downloads(reader, plan, chunks)
     return PlannedBuild(plan, chunks, downloads, share)
 
 
@@ -415,7 +415,7 @@ def test_a_survey_keeps_only_the_sampled_chunks_and_estimates_the_same(
     step = plan_module.sample_step(plan.tile_count)
     assert step > 1 and [chunk.id for chunk in sampled] == list(plan.chunk_ids[::step])
     with offline_server(tmp_path) as reader:
-        assert estimate_downloads(reader, sampled, plan=plan) == estimate_downloads(reader, every_chunk)
+        assert estimate_downloads(reader, plan, sampled) == estimate_downloads(reader, full_plan, every_chunk)
 
 
 # --- time and size estimates -----------------------------------------------------------------------------
