@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
@@ -56,8 +56,9 @@ class ModelSettings:
     text_backbone: str
     device: str
     precision: str
-    batch_size: int
+    batch_size: int | Literal["auto"]
     loader_workers: int
+    tiles_per_job: int
 
     @property
     def untrained(self) -> bool:
@@ -203,7 +204,10 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
     )
 
 
-RUNTIME_KEYS = {"imagery": ("cache_dir", "offline"), "model": ("device", "batch_size", "loader_workers")}
+RUNTIME_KEYS = {
+    "imagery": ("cache_dir", "offline"),
+    "model": ("device", "batch_size", "loader_workers", "tiles_per_job"),
+}
 STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "model": {"model": ("checkpoint", "sat_type", "metadata_type", "seed")},
     "fetch": {"imagery": ("source", "options", "native_gsd_m")},

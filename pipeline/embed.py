@@ -1,8 +1,11 @@
-"""Embed one chunk's tiles: batched inference with imagery read in loader processes while the model runs.
+"""Embed chunks' tiles: one long-lived process per job loops over many chunks, reading the next strips of
+imagery in loader processes while the model runs.
 
-Each output tile is scored by the model's view centred on it (`pipeline.geometry.footprint`). A tile whose
-view holds imagery on less than `min_coverage` of its pixels is invalid: the model does not see it and
-its outputs are empty. chunks/<chunk>.npz holds, per tile of the chunk (row by row):
+Each output tile is scored by the model's view centred on it (`pipeline.geometry.view_bounds`). A chunk's
+views are read in strips (`pipeline.imagery.base.read_strips`): each source pixel once, then every view is
+cut from the strip on the model's device (`pipeline.views.cut_views`). A tile whose view holds imagery on less
+than `min_coverage` of its pixels is invalid: the model does not see it and its outputs are empty.
+chunks/<chunk>.npz holds, per tile of the chunk (row by row):
 
     x, y                     output tile coordinates (int64)
     row, col                 grid position (int32)
@@ -11,72 +14,91 @@ its outputs are empty. chunks/<chunk>.npz holds, per tile of the chunk (row by r
     embedding                (N, D) float16, L2-normalised, zero where invalid
     concept_index            (N, k) int32 top-k codebook concepts, -1 where invalid or weight 0
     concept_weight           (N, k) float32 their sparse codebook weights, 0 where invalid
+    stamp                    what the chunk was made from (settings, weights, tiles): a rerun keeps a chunk
+                             whose stamp matches, so a killed job resumes chunk by chunk
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from common.atomic import atomic_save_npz
 from model import MODEL_INPUT_PX, Metadata, Sat2SoundEncoder
 from pipeline.config import ImagerySettings
-from pipeline.geometry import Bounds
+from pipeline.geometry import ViewStrip
 from pipeline.imagery import ImageryReader
+from pipeline.imagery.base import SourcePixels, read_strips
 from pipeline.plan import ChunkTiles
+from pipeline.views import cut_views
 
-LOADER_BATCH = 8
+# `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling).
+AUTO_BATCH_START = 64
+AUTO_BATCH_LIMIT = 4096
+CPU_BATCH_SIZE = 64
 # Progress lines go to the job log: one every this many seconds at most.
 PROGRESS_SECONDS = 10.0
 
 
-class ViewImages(Dataset):
-    """Model views as uint8 RGB (3, 224, 224) (no-imagery pixels black) plus their imagery coverage.
-
-    The reader opens lazily inside whichever process reads, so each loader worker has its own.
-    """
-
-    def __init__(self, views: list[Bounds], imagery: ImagerySettings) -> None:
-        self._views = views
-        self._imagery = imagery
-        self._reader: ImageryReader | None = None
-
-    def __len__(self) -> int:
-        return len(self._views)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, float]:
-        if self._reader is None:
-            self._reader = self._imagery.open_reader()
-        image = self._reader.part(self._views[index], MODEL_INPUT_PX, MODEL_INPUT_PX)
-        return np.ma.filled(image.array, 0), image.coverage
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-
-
-def top_concepts(weights: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (int32, -1 where the weight is 0) and weights of the k largest codebook weights per row."""
-    values, indices = torch.topk(weights, k, dim=1)
-    values_np = values.numpy().astype(np.float32)
-    return np.where(values_np > 0, indices.numpy(), -1).astype(np.int32), values_np
-
-
 class EmbedOptions(NamedTuple):
-    """How a chunk is embedded: metadata for withmeta models, batching, loader processes, concepts kept."""
+    """How chunks are embedded: metadata for withmeta models, batching, loader processes, concepts kept."""
 
     month: int | None
     hour: int | None
     batch_size: int
     loader_workers: int
     top_k: int
+
+
+class StripRead(NamedTuple):
+    """One strip of one chunk: which chunk (its position in the job), which views, and their source pixels."""
+
+    chunk: int
+    strip: ViewStrip
+    pixels: SourcePixels
+
+
+class StripReads(Dataset[StripRead]):
+    """The strips of a job's chunks in order, each read in whichever process asks (loader workers open their
+    own reader on first use)."""
+
+    def __init__(self, chunks: Sequence[ChunkTiles], imagery: ImagerySettings) -> None:
+        self._chunks = chunks
+        self._imagery = imagery
+        self._items = [(position, strip) for position, chunk in enumerate(chunks) for strip in strips_of(chunk)]
+        self._reader: ImageryReader | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> StripRead:
+        if self._reader is None:
+            self._reader = self._imagery.open_reader()
+        position, strip = self._items[index]
+        views = self._chunks[position].views[strip.start : strip.stop]
+        return StripRead(position, strip, self._reader.source_pixels(views, MODEL_INPUT_PX))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def strips_of(chunk: ChunkTiles) -> list[ViewStrip]:
+    return read_strips(chunk.views, MODEL_INPUT_PX)
+
+
+def top_concepts(weights: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (int32, -1 where the weight is 0) and weights of the k largest codebook weights per row."""
+    values, indices = torch.topk(weights, k, dim=1)
+    values_np = values.float().cpu().numpy()
+    return np.where(values_np > 0, indices.cpu().numpy(), -1).astype(np.int32), values_np
 
 
 def tile_metadata(lat: np.ndarray, lon: np.ndarray, options: EmbedOptions) -> Metadata:
@@ -87,69 +109,176 @@ def tile_metadata(lat: np.ndarray, lon: np.ndarray, options: EmbedOptions) -> Me
     return Metadata.from_values(lat, lon, month=month, hour=hour)
 
 
-def model_batches(loader: Iterable[tuple[Tensor, Tensor]], size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Regroup the loader's small batches into batches of `size` (the last one may be smaller)."""
-    pixels: list[Tensor] = []
-    coverage: list[Tensor] = []
-    held = 0
-    for batch_pixels, batch_coverage in loader:
-        pixels.append(batch_pixels)
-        coverage.append(batch_coverage)
-        held += len(batch_pixels)
-        while held >= size:
-            all_pixels, all_coverage = torch.cat(pixels), torch.cat(coverage)
-            yield all_pixels[:size], all_coverage[:size]
-            pixels, coverage, held = [all_pixels[size:]], [all_coverage[size:]], held - size
-    if held:
-        yield torch.cat(pixels), torch.cat(coverage)
+def chunk_stamp(chunk: ChunkTiles, settings_digest: str, model_sha256: str) -> str:
+    """What a chunk's embeddings depend on: the embed step's settings, the weights and the chunk's tiles."""
+    digest = hashlib.sha256(f"{settings_digest}/{model_sha256}".encode())
+    digest.update(np.ascontiguousarray(chunk.x).tobytes())
+    digest.update(np.ascontiguousarray(chunk.y).tobytes())
+    return digest.hexdigest()[:24]
 
 
-def embed_chunk(
-    chunk: ChunkTiles,
-    zoom_level: int,
-    encoder: Sat2SoundEncoder,
-    imagery: ImagerySettings,
-    options: EmbedOptions,
-    out: Path,
-) -> int:
-    """Write chunks/<chunk>.npz; returns the number of valid tiles."""
-    count, top_k = len(chunk), options.top_k
-    embedding = np.zeros((count, encoder.cfg.codebook_dim), np.float16)
-    concept_index = np.full((count, top_k), -1, np.int32)
-    concept_weight = np.zeros((count, top_k), np.float32)
-    coverage = np.zeros(count, np.float32)
-    images = ViewImages(chunk.view_bounds(), imagery)
-    # Workers hand over a few views at a time, so that all of them stay busy whatever the model batch.
-    loader = DataLoader(images, batch_size=LOADER_BATCH, num_workers=options.loader_workers)
-    start = 0
-    progress = tqdm(total=count, unit="tile", desc=f"embed {chunk.id}", mininterval=PROGRESS_SECONDS)
-    for pixels, batch_coverage in model_batches(loader, options.batch_size):
-        progress.update(len(pixels))
-        stop = start + len(pixels)
-        coverage[start:stop] = batch_coverage.numpy()
-        rows = start + np.flatnonzero(coverage[start:stop] >= imagery.min_coverage)
-        if len(rows):
-            meta = tile_metadata(chunk.lat[rows], chunk.lon[rows], options) if encoder.cfg.metadata else None
-            chosen = torch.from_numpy(rows - start)
-            result = encoder.embed_images(pixels[chosen], zoom_level=zoom_level, metadata=meta)
-            embedding[rows] = result.embedding.numpy().astype(np.float16)
-            concept_index[rows], concept_weight[rows] = top_concepts(result.weights, top_k)
-        start = stop
-    progress.close()
-    images.close()
-    valid = coverage >= imagery.min_coverage
-    atomic_save_npz(
-        out,
-        {
+def is_done(path: Path, stamp: str) -> bool:
+    """Whether `path` holds a finished chunk made from the same inputs."""
+    try:
+        with np.load(path) as archive:
+            return str(archive["stamp"]) == stamp
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class ChunkResult:
+    """A chunk's outputs as they fill in, strip by strip."""
+
+    def __init__(self, chunk: ChunkTiles, codebook_dim: int, top_k: int, strips: int) -> None:
+        count = len(chunk)
+        self.chunk = chunk
+        self.embedding = np.zeros((count, codebook_dim), np.float16)
+        self.concept_index = np.full((count, top_k), -1, np.int32)
+        self.concept_weight = np.zeros((count, top_k), np.float32)
+        self.coverage = np.zeros(count, np.float32)
+        self.strips_left = strips
+
+    def save(self, out: Path, min_coverage: float, stamp: str) -> int:
+        chunk, valid = self.chunk, self.coverage >= min_coverage
+        arrays = {
             "x": chunk.x,
             "y": chunk.y,
             "row": chunk.row,
             "col": chunk.col,
-            "coverage": coverage,
+            "coverage": self.coverage,
             "valid": valid,
-            "embedding": embedding,
-            "concept_index": concept_index,
-            "concept_weight": concept_weight,
-        },
+            "embedding": self.embedding,
+            "concept_index": self.concept_index,
+            "concept_weight": self.concept_weight,
+            "stamp": np.array(stamp),
+        }
+        atomic_save_npz(out, arrays)
+        return int(valid.sum())
+
+
+class ChunkReport(NamedTuple):
+    chunk: str
+    tiles: int
+    valid: int
+    reused: bool
+
+
+def embed_chunks(
+    chunks: Sequence[ChunkTiles],
+    zoom_level: int,
+    encoder: Sat2SoundEncoder,
+    imagery: ImagerySettings,
+    options: EmbedOptions,
+    out_dir: Path,
+    stamp_of: Callable[[ChunkTiles], str],
+) -> list[ChunkReport]:
+    """Write chunks/<chunk>.npz for every chunk whose file is missing or stale; returns what each chunk got."""
+    reports = {}
+    pending = []
+    for chunk in chunks:
+        if is_done(out_dir / f"{chunk.id}.npz", stamp_of(chunk)):
+            reports[chunk.id] = ChunkReport(chunk.id, len(chunk), -1, reused=True)
+        else:
+            pending.append(chunk)
+    reads = StripReads(pending, imagery)
+    loader = DataLoader(
+        reads,
+        batch_size=None,
+        num_workers=options.loader_workers,
+        prefetch_factor=2 if options.loader_workers else None,
+        persistent_workers=False,
     )
-    return int(valid.sum())
+    results: dict[int, ChunkResult] = {}
+    progress = Progress(sum(len(chunk) for chunk in pending))
+    for read in loader:
+        chunk = pending[read.chunk]
+        if read.chunk not in results:
+            results[read.chunk] = ChunkResult(chunk, encoder.cfg.codebook_dim, options.top_k, len(strips_of(chunk)))
+        result = results[read.chunk]
+        _embed_strip(read, result, zoom_level, encoder, imagery, options)
+        progress.advance(read.strip.stop - read.strip.start)
+        result.strips_left -= 1
+        if result.strips_left == 0:
+            valid = result.save(out_dir / f"{chunk.id}.npz", imagery.min_coverage, stamp_of(chunk))
+            reports[chunk.id] = ChunkReport(chunk.id, len(chunk), valid, reused=False)
+            del results[read.chunk]
+    reads.close()
+    progress.close()
+    return [reports[chunk.id] for chunk in chunks]
+
+
+def _embed_strip(
+    read: StripRead,
+    result: ChunkResult,
+    zoom_level: int,
+    encoder: Sat2SoundEncoder,
+    imagery: ImagerySettings,
+    options: EmbedOptions,
+) -> None:
+    chunk, strip = result.chunk, read.strip
+    views = chunk.views[strip.start : strip.stop]
+    resampling = str(imagery.options.get("resampling", "bilinear"))
+    batch = cut_views(read.pixels, views, MODEL_INPUT_PX, resampling=resampling, device=encoder.device)
+    coverage = batch.coverage.cpu().numpy()
+    result.coverage[strip.start : strip.stop] = coverage
+    chosen = np.flatnonzero(coverage >= imagery.min_coverage)
+    for first in range(0, len(chosen), options.batch_size):
+        local = chosen[first : first + options.batch_size]
+        rows = strip.start + local
+        meta = tile_metadata(chunk.lat[rows], chunk.lon[rows], options) if encoder.cfg.metadata else None
+        out = encoder.embed_images(batch.pixels[torch.as_tensor(local, device=batch.pixels.device)], zoom_level, meta)
+        result.embedding[rows] = out.embedding.float().cpu().numpy().astype(np.float16)
+        result.concept_index[rows], result.concept_weight[rows] = top_concepts(out.weights, options.top_k)
+
+
+class Progress:
+    """Tiles done, with rate and time left, in the job log at most every PROGRESS_SECONDS."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def advance(self, tiles: int) -> None:
+        self.done += tiles
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            print(self._line(now), flush=True)
+
+    def close(self) -> None:
+        if self.total:
+            print(self._line(time.perf_counter()), flush=True)
+
+    def _line(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate else float("inf")
+        return f"embed: {self.done:,}/{self.total:,} tiles, {rate:,.1f} tiles/s, {left:,.0f} s left"
+
+
+def largest_batch(fits: Callable[[int], bool], start: int = AUTO_BATCH_START, limit: int = AUTO_BATCH_LIMIT) -> int:
+    """The largest batch size, doubling from `start` up to `limit`, for which `fits` holds (at least `start`)."""
+    size = start
+    while size * 2 <= limit and fits(size * 2):
+        size *= 2
+    return size
+
+
+def auto_batch_size(encoder: Sat2SoundEncoder, zoom_level: int) -> int:
+    """`batch_size: auto`: CPU_BATCH_SIZE on a CPU (larger batches gain nothing there); on a GPU the largest
+    batch whose forward pass fits in its memory."""
+    if encoder.device.type != "cuda":
+        return CPU_BATCH_SIZE
+
+    def fits(size: int) -> bool:
+        images = torch.zeros((size, 3, MODEL_INPUT_PX, MODEL_INPUT_PX), dtype=torch.uint8, device=encoder.device)
+        meta = tile_metadata(np.zeros(size), np.zeros(size), EmbedOptions(None, None, size, 0, 1))
+        try:
+            encoder.embed_images(images, zoom_level, meta if encoder.cfg.metadata else None)
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+        return True
+
+    return largest_batch(fits)

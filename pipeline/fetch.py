@@ -20,7 +20,7 @@ from pipeline.plan import ChunkTiles
 def fetch_chunk(chunk: ChunkTiles, imagery: ImagerySettings, out: Path) -> PrefetchReport:
     start = time.perf_counter()
     with imagery.open_reader() as reader:
-        report = reader.prefetch(chunk.view_bounds(), MODEL_INPUT_PX)
+        report = reader.prefetch(chunk.views, MODEL_INPUT_PX)
     record = {**report._asdict(), "source_id": reader.source_id, "seconds": round(time.perf_counter() - start, 3)}
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=1))

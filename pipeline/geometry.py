@@ -9,6 +9,7 @@ Pure functions over NamedTuples and arrays; imports nothing of ours but the erro
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,6 +128,50 @@ def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float) -> np
     _, lat = lnglat_of_mercator(centre_x, centre_y)
     half = view_size_m / np.cos(np.radians(lat)) / 2.0
     return np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=-1)
+
+
+class ViewStrip(NamedTuple):
+    """Views `start`..`stop` - 1 of a row-by-row sequence, read together: `pixels` is their union's size at
+    the finest view's resolution."""
+
+    start: int
+    stop: int
+    pixels: int
+
+
+def view_strips(views: np.ndarray, width: int, max_pixels: int) -> list[ViewStrip]:
+    """Consecutive rows of (N, 4) views (rows: runs of equal top and bottom) grouped into strips whose union,
+    at the finest view's `width`-px resolution, holds at most `max_pixels` pixels (a row alone may hold more).
+
+    Overlapping views (finer output tiles than views) share the pixels of a strip, so each is read once."""
+    if len(views) == 0:
+        return []
+    rows = view_rows(views)
+    starts, stops = [row.start for row in rows], [row.stop for row in rows]
+    strips: list[ViewStrip] = []
+    first = 0
+    for index, stop in enumerate(stops):
+        pixels = _union_pixels(views[starts[first] : stop], width)
+        if index > first and pixels > max_pixels:
+            previous = stops[index - 1]
+            strips.append(ViewStrip(starts[first], previous, _union_pixels(views[starts[first] : previous], width)))
+            first = index
+    strips.append(ViewStrip(starts[first], len(views), _union_pixels(views[starts[first] :], width)))
+    return strips
+
+
+def view_rows(views: np.ndarray) -> list[slice]:
+    """Runs of consecutive (N, 4) views with the same top and bottom: rows of output tiles."""
+    change = np.flatnonzero(np.any(np.diff(views[:, [1, 3]], axis=0) != 0.0, axis=1)) + 1
+    bounds = [0, *change.tolist(), len(views)]
+    return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
+
+
+def _union_pixels(views: np.ndarray, width: int) -> int:
+    pixel_m = float(np.min(views[:, 2] - views[:, 0])) / width
+    columns = (views[:, 2].max() - views[:, 0].min()) / pixel_m
+    rows = (views[:, 3].max() - views[:, 1].min()) / pixel_m
+    return math.ceil(columns) * math.ceil(rows)
 
 
 def region_latitude(geometry: BaseGeometry) -> float:

@@ -28,7 +28,6 @@ from model import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE
 from pipeline.config import ImagerySettings, TilingSettings
 from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
-    Bounds,
     RasterGrid,
     TileCover,
     chunk_depth,
@@ -45,7 +44,7 @@ from pipeline.regions import Region
 if TYPE_CHECKING:
     from pipeline.imagery import FetchEstimate, ImageryReader
 
-PLAN_FORMAT = "sat2sound-maps/plan-v2"
+PLAN_FORMAT = "sat2sound-maps/plan-v3"
 # Imagery more than this many times coarser than the model's view would feed it blurred views it never saw.
 COARSER_LIMIT = 1.5
 # Above this many output tiles the download estimate is extrapolated from evenly spread chunks.
@@ -125,9 +124,6 @@ class ChunkTiles(NamedTuple):
     def __len__(self) -> int:
         return len(self.x)
 
-    def view_bounds(self) -> list[Bounds]:
-        return [Bounds(*view) for view in self.views.tolist()]
-
 
 class Plan(NamedTuple):
     region: Region
@@ -137,6 +133,7 @@ class Plan(NamedTuple):
     grid: RasterGrid
     chunk_zoom: int
     chunk_ids: tuple[str, ...]
+    chunk_sizes: tuple[int, ...]
     tile_count: int
     imagery: ImageryFit
 
@@ -184,6 +181,7 @@ def make_plan(
         grid=grid,
         chunk_zoom=chunk_zoom,
         chunk_ids=tuple(span.id for span in spans),
+        chunk_sizes=tuple(len(span.x) for span in spans),
         tile_count=len(tile_cover),
         imagery=imagery,
     )
@@ -218,6 +216,23 @@ def _chunk_tiles(span: _ChunkSpan, zoom: int, grid: RasterGrid, view: ModelView)
     return ChunkTiles(span.id, span.x, span.y, row, col, views, lon, lat)
 
 
+def embed_jobs(plan: Plan, tiles_per_job: int) -> tuple[tuple[str, ...], ...]:
+    """The plan's chunks in order, grouped into embed jobs of about `tiles_per_job` tiles (whole chunks; a chunk
+    larger than that is a job of its own)."""
+    jobs: list[tuple[str, ...]] = []
+    current: list[str] = []
+    tiles = 0
+    for chunk, size in zip(plan.chunk_ids, plan.chunk_sizes, strict=True):
+        if current and tiles + size > tiles_per_job:
+            jobs.append(tuple(current))
+            current, tiles = [], 0
+        current.append(chunk)
+        tiles += size
+    if current:
+        jobs.append(tuple(current))
+    return tuple(jobs)
+
+
 def sample_step(tile_count: int) -> int:
     """Every how many chunks the download estimate counts (1: all; above EXACT_ESTIMATE_TILES tiles, fewer)."""
     return max(1, math.ceil(tile_count / EXACT_ESTIMATE_TILES))
@@ -233,7 +248,7 @@ def estimate_downloads(
     """
     total, chunk_count = plan.tile_count, len(plan.chunk_ids)
     sampled = chunks[:: sample_step(total)] if len(chunks) == chunk_count else chunks
-    views = [view for chunk in sampled for view in chunk.view_bounds()]
+    views = np.concatenate([chunk.views for chunk in sampled]) if sampled else np.zeros((0, 4))
     estimate = reader.estimate(views, MODEL_INPUT_PX)
     if estimate is None or len(sampled) == chunk_count:
         return estimate, 1.0
@@ -278,6 +293,7 @@ def _header(plan: Plan) -> dict[str, Any]:
         "grid": plan.grid._asdict(),
         "chunk_zoom": plan.chunk_zoom,
         "chunk_ids": list(plan.chunk_ids),
+        "chunk_sizes": list(plan.chunk_sizes),
         "tile_count": plan.tile_count,
         "imagery": plan.imagery._asdict(),
     }
@@ -302,6 +318,7 @@ def read_plan(path: Path) -> Plan:
         grid=RasterGrid(**header["grid"]),
         chunk_zoom=header["chunk_zoom"],
         chunk_ids=tuple(header["chunk_ids"]),
+        chunk_sizes=tuple(header["chunk_sizes"]),
         tile_count=header["tile_count"],
         imagery=ImageryFit(**header["imagery"]),
     )

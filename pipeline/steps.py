@@ -8,16 +8,20 @@ chunk's job reads only its chunk. Errors of ours print one line and exit with st
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_path
 from common.errors import Sat2SoundError
 from pipeline.config import BuildConfig, read_settings
 
 ERROR_STATUS = 2
+# When the job's process started its Python code (the embed job reports its fixed start-up cost).
+STARTED = time.perf_counter()
 
 
 def _model(args: argparse.Namespace, config: BuildConfig) -> str:
@@ -41,19 +45,52 @@ def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
 def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
     import torch
 
-    from pipeline.embed import EmbedOptions, embed_chunk
+    from pipeline.config import settings_digest
+    from pipeline.embed import EmbedOptions, auto_batch_size, chunk_stamp, embed_chunks
     from pipeline.model_setup import load_encoder, read_model_record
-    from pipeline.plan import read_chunk, read_plan
+    from pipeline.plan import embed_jobs, read_chunk, read_plan
 
     torch.set_num_threads(args.threads)
-    model = config.model
-    encoder = load_encoder(read_model_record(args.model), model.device, model.precision)
-    options = EmbedOptions(
-        model.month, model.hour, model.batch_size, model.loader_workers, config.outputs.concepts_top_k
+    model, plan = config.model, read_plan(args.plan)
+    chunk_ids = embed_jobs(plan, model.tiles_per_job)[args.job]
+    record = read_model_record(args.model)
+    encoder = load_encoder(record, model.device, model.precision)
+    zoom_level = plan.view.zoom_level
+    batch_size = auto_batch_size(encoder, zoom_level) if model.batch_size == "auto" else model.batch_size
+    started = time.perf_counter() - STARTED
+    print(
+        f"embed: {len(chunk_ids)} chunks on {encoder.device}, batch size {batch_size}"
+        f" ({model.batch_size}); start-up (imports, model load) {started:.1f} s",
+        flush=True,
     )
-    zoom_level = read_plan(args.plan).view.zoom_level
-    valid = embed_chunk(read_chunk(args.plan, args.chunk), zoom_level, encoder, config.imagery, options, args.out)
-    return f"{valid} valid tiles on {encoder.device}"
+    options = EmbedOptions(model.month, model.hour, batch_size, model.loader_workers, config.outputs.concepts_top_k)
+    embed_digest = settings_digest(config, "embed")
+    reports = embed_chunks(
+        [read_chunk(args.plan, chunk) for chunk in chunk_ids],
+        zoom_level,
+        encoder,
+        config.imagery,
+        options,
+        args.chunks_dir,
+        lambda chunk: chunk_stamp(chunk, embed_digest, record.sha256),
+    )
+    seconds = time.perf_counter() - STARTED
+    made = [report for report in reports if not report.reused]
+    tiles = sum(report.tiles for report in made)
+    summary = {
+        "chunks": [report._asdict() for report in reports],
+        "device": str(encoder.device),
+        "batch_size": batch_size,
+        "startup_s": round(started, 3),
+        "seconds": round(seconds, 3),
+    }
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    rate = tiles / max(seconds - started, 1e-9)
+    return (
+        f"{tiles:,} tiles in {len(made)} chunks ({len(reports) - len(made)} kept from an earlier run),"
+        f" {sum(report.valid for report in made):,} valid, {rate:,.1f} tiles/s after start-up on {encoder.device}"
+    )
 
 
 def _queries(args: argparse.Namespace, config: BuildConfig) -> str:
@@ -120,7 +157,7 @@ Step = Callable[[argparse.Namespace, BuildConfig], str]
 STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "model": (_model, ("out",), "resolve or build the model weights and record them"),
     "fetch": (_fetch, ("plan", "chunk", "out"), "fetch one chunk's imagery into the tile cache"),
-    "embed": (_embed, ("plan", "model", "chunk", "threads", "out"), "embed one chunk's tiles"),
+    "embed": (_embed, ("plan", "model", "job", "threads", "chunks_dir", "out"), "embed one job's chunks"),
     "queries": (_queries, ("model", "out"), "embed the queries"),
     "score": (_score, ("plan", "chunks_dir", "queries", "out_dir"), "score every chunk's tiles against the queries"),
     "mosaic": (
@@ -131,7 +168,7 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "cogs": (_cogs, ("store", "out_dir"), "write one COG per query and the concept COG"),
     "preview": (_preview, ("store", "plan", "out"), "write the HTML preview"),
 }
-OPTION_TYPES: dict[str, Callable[[str], Any]] = {"chunk": str, "threads": int}
+OPTION_TYPES: dict[str, Callable[[str], Any]] = {"chunk": str, "threads": int, "job": int}
 
 
 def build_parser() -> argparse.ArgumentParser:

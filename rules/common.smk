@@ -8,7 +8,7 @@ from pathlib import Path
 from common.errors import Sat2SoundError
 from pipeline.build import PLAN_NAME, SETTINGS_NAME, start_build, start_lines
 from pipeline.config import load_build_config, settings_digest
-from pipeline.plan import read_plan
+from pipeline.plan import embed_jobs, read_plan
 
 
 def stop(exc):
@@ -42,6 +42,9 @@ else:
     # A job on a cluster node reads the Snakefile again: it only reads the plan the main run wrote.
     PLANNED = read_plan(Path(PLAN))
 CHUNKS = PLANNED.chunk_ids
+# Embed jobs: one process each loads the model once and works through its chunks (chunks/<chunk>.npz).
+JOBS = embed_jobs(PLANNED, CFG.model.tiles_per_job)
+EMBEDDED = [f"{BUILD}/embedded/{job}.json" for job in range(len(JOBS))]
 
 
 def digest(step):
@@ -51,3 +54,4 @@ def digest(step):
 
 wildcard_constraints:
     chunk=r"\d+_\d+_\d+",
+    job=r"\d+",

@@ -1,5 +1,5 @@
-# Per chunk: fetch its imagery into the tile cache (remote sources only), then embed its tiles (the GPU
-# jobs on a cluster).
+# Per chunk: fetch its imagery into the tile cache (remote sources only). Per embed job (a group of chunks,
+# `model.tiles_per_job` tiles): embed their tiles in one process (the GPU jobs on a cluster).
 
 
 rule fetch:
@@ -21,15 +21,21 @@ rule embed:
     input:
         plan=PLAN,
         model=rules.model.output.record,
-        imagery=[rules.fetch.output.report] if PLANNED.imagery.fetches_ahead else [],
+        imagery=lambda wildcards: (
+            [f"{BUILD}/imagery/{chunk}.json" for chunk in JOBS[int(wildcards.job)]]
+            if PLANNED.imagery.fetches_ahead
+            else []
+        ),
     output:
-        chunk=f"{BUILD}/chunks/{{chunk}}.npz",
+        record=f"{BUILD}/embedded/{{job}}.json",
     params:
         settings=SETTINGS,
         digest=digest("embed"),
+        chunks_dir=f"{BUILD}/chunks",
     threads: 2
     log:
-        f"{LOGS}/embed/{{chunk}}.log",
+        f"{LOGS}/embed/{{job}}.log",
     shell:
         "{STEP} embed --settings {params.settings:q} --plan {input.plan:q} --model {input.model:q}"
-        " --chunk {wildcards.chunk} --threads {threads} --out {output.chunk:q} > {log:q} 2>&1"
+        " --job {wildcards.job} --threads {threads} --chunks-dir {params.chunks_dir:q} --out {output.record:q}"
+        " > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule mosaic:
         plan=PLAN,
         model=rules.model.output.record,
         queries=rules.queries.output.queries,
-        chunks=expand(rules.embed.output.chunk, chunk=CHUNKS),
+        embedded=EMBEDDED,
         scores=rules.score.output.scores,
     output:
         store=f"{STORE}/.zmetadata",

@@ -19,7 +19,7 @@ rule queries:
 rule score:
     input:
         plan=PLAN,
-        chunks=expand(rules.embed.output.chunk, chunk=CHUNKS),
+        embedded=EMBEDDED,
         queries=rules.queries.output.queries,
     output:
         scores=expand(f"{BUILD}/scores/{{chunk}}.npz", chunk=CHUNKS),

@@ -23,9 +23,12 @@ from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
 
 from pipeline.errors import ImageryError
-from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, tile_bounds
+from pipeline.geometry import EDGE_EPSILON, WEB_MERCATOR, WGS84, Bounds, ViewStrip, tile_bounds, view_strips
 
 RGB_BANDS = 3
+# Views read together as one strip hold at most about this many pixels at the views' resolution (2048 x 2048);
+# it bounds an embed job's memory whatever the chunk size.
+STRIP_PIXELS = 2048 * 2048
 _Reader = TypeVar("_Reader", bound="ImageryReader")
 _WGS84_GEOD = Geod(ellps="WGS84")
 
@@ -59,9 +62,41 @@ class ImageData:
         return float(1.0 - mask.all(axis=0).mean())
 
 
+class Stretch(NamedTuple):
+    """Linear map of raw values: `low` -> 0 and `high` -> 255, clipped. One range for all bands keeps
+    the colour balance."""
+
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class SourcePixels:
+    """A source's own pixels under a group of model views, before any resampling: what views are cut from.
+
+    `values` (bands, H, W) are display values (uint8) or raw values that `stretch` maps to 0-255 after
+    resampling; one band is grey. `valid` (H, W) is False where there is no imagery. `transform` maps pixel
+    (column, row) to `crs`, the source's own CRS (EPSG:3857 for tile pyramids). `extent` (first column,
+    first row, end column, end row) is the part of the array the source itself spans (None: all of it); as
+    in a GDAL warp, only output pixels whose centres fall on a valid pixel inside it hold imagery.
+    """
+
+    values: np.ndarray
+    valid: np.ndarray
+    transform: Affine
+    crs: str
+    stretch: Stretch | None = None
+    extent: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def empty(cls, bands: int = RGB_BANDS) -> SourcePixels:
+        """'No imagery under these views': one invalid pixel."""
+        return cls(np.zeros((bands, 1, 1), np.uint8), np.zeros((1, 1), bool), Affine.identity(), WEB_MERCATOR)
+
+
 class PrefetchReport(NamedTuple):
     """What `ImageryReader.prefetch` did: `method` in words, the `views` asked for, the `source_items` fetched
-    or found in the cache (server tiles, or cached view mosaics) and how many of them hold imagery."""
+    or found in the cache (server tiles, or mosaics of view strips) and how many of them hold imagery."""
 
     method: str
     views: int
@@ -125,16 +160,32 @@ class ImageryReader(abc.ABC):
         """Ground metres per pixel of the source's finest imagery around `latitude`."""
         raise ImageryError(f"cannot tell the resolution of imagery {self.source_id}; set imagery.native_gsd_m (m/px)")
 
-    def prefetch(self, views: Sequence[Bounds], width: int) -> PrefetchReport:
+    def prefetch(self, views: Sequence[Bounds] | np.ndarray, width: int) -> PrefetchReport:
         """Fetch what reading `views` (EPSG:3857) at `width` px would need into the tile cache.
 
         Sources read on demand (local rasters) fetch nothing."""
         return PrefetchReport("read on demand", len(views), 0, 0)
 
-    def estimate(self, views: Sequence[Bounds], width: int) -> FetchEstimate | None:
+    def estimate(self, views: Sequence[Bounds] | np.ndarray, width: int) -> FetchEstimate | None:
         """What reading `views` (EPSG:3857) at `width` px would download, without downloading; None for
         sources that are not a tile pyramid."""
         return None
+
+    def source_pixels(self, views: np.ndarray, width: int) -> SourcePixels:
+        """The source's pixels under `views` ((N, 4) EPSG:3857 bounds, read at `width` px square), each source
+        pixel read once: model views are then cut from them (`pipeline.views`).
+
+        This default reads the views' union once, in EPSG:3857 at the finest view's resolution; readers with
+        a grid of their own override it to hand over their pixels unresampled."""
+        union = union_bounds(views)
+        pixel_m = finest_pixel_m(views, width)
+        columns = max(1, math.ceil((union.right - union.left) / pixel_m - EDGE_EPSILON))
+        rows = max(1, math.ceil((union.top - union.bottom) / pixel_m - EDGE_EPSILON))
+        bounds = Bounds(union.left, union.top - rows * pixel_m, union.left + columns * pixel_m, union.top)
+        image = self.part(bounds, columns, rows)
+        valid = np.asarray(~np.ma.getmaskarray(image.array).any(axis=0))
+        transform = transform_from_bounds(*bounds, columns, rows)
+        return SourcePixels(np.ma.getdata(image.array), valid, transform, WEB_MERCATOR)
 
     @abc.abstractmethod
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
@@ -158,6 +209,28 @@ class ImageryReader(abc.ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def view_array(views: Sequence[Bounds] | np.ndarray) -> np.ndarray:
+    """Views as an (N, 4) float64 array of EPSG:3857 bounds."""
+    return np.asarray(views, dtype=np.float64).reshape(-1, 4)
+
+
+def finest_pixel_m(views: np.ndarray, width: int) -> float:
+    """EPSG:3857 metres per pixel of the narrowest of (N, 4) views read at `width` px."""
+    return float(np.min(views[:, 2] - views[:, 0])) / width
+
+
+def read_strips(views: np.ndarray, width: int) -> list[ViewStrip]:
+    """How views are read: strips of consecutive rows, STRIP_PIXELS at most (`pipeline.geometry.view_strips`)."""
+    return view_strips(views, width, STRIP_PIXELS)
+
+
+def union_bounds(views: np.ndarray) -> Bounds:
+    """The bounds of (N, 4) bounds (left, bottom, right, top) together."""
+    return Bounds(
+        float(views[:, 0].min()), float(views[:, 1].min()), float(views[:, 2].max()), float(views[:, 3].max())
+    )
 
 
 def check_read_size(bounds: Bounds, width: int, height: int) -> Affine:

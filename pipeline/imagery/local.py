@@ -12,14 +12,15 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError
+from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window, from_bounds
 
 from pipeline.errors import ImageryError
 from pipeline.geometry import WEB_MERCATOR, Bounds
@@ -27,25 +28,24 @@ from pipeline.imagery.base import (
     RGB_BANDS,
     ImageData,
     ImageryReader,
+    SourcePixels,
+    Stretch,
     check_read_size,
     empty_image,
     ground_distance_m,
     resampling_method,
     true_gsd_m,
+    union_bounds,
 )
 
 DEFAULT_PERCENTILES = (2.0, 98.0)
 # The stretch is estimated from a read no larger than this many pixels on its long side.
 STRETCH_SAMPLE_PX = 1024
+# Rasters more than this many times finer than the model's views are read decimated for cutting views.
+DECIMATE_ABOVE = 4.0
+# Source pixels read around a strip of views beyond its footprint: room for the resampling kernel.
+KERNEL_MARGIN_PX = 3
 _UINT8_MAX = 255
-
-
-class Stretch(NamedTuple):
-    """Linear map of raw values: `low` -> 0 and `high` -> 255, clipped. One range for all bands keeps
-    the colour balance."""
-
-    low: float
-    high: float
 
 
 def percentile_stretch(sample: np.ma.MaskedArray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Stretch:
@@ -184,6 +184,7 @@ class LocalRasterReader(ImageryReader):
                     width=width,
                     height=height,
                     resampling=self._resampling,
+                    tolerance=0.001,
                     **options,
                 ) as vrt,
             ):
@@ -194,6 +195,61 @@ class LocalRasterReader(ImageryReader):
         values = stack[:-1]
         invalid = (stack[-1] == 0) | ~np.isfinite(values).all(axis=0)
         return np.ma.MaskedArray(values, mask=np.broadcast_to(invalid, shape).copy())
+
+    def source_pixels(self, views: np.ndarray, width: int) -> SourcePixels:
+        """The raster's own pixels under `views`, read natively (no warp), with a margin for the kernel.
+
+        A raster over DECIMATE_ABOVE times finer than the views is read at an integer fraction of its
+        resolution (GDAL's average, or its overviews), which keeps a strip's memory bounded."""
+        union = union_bounds(views)
+        dataset = self._dataset
+        if not self._overlaps(union, WEB_MERCATOR):
+            return SourcePixels.empty(len(self.bands))
+        source_bounds = transform_bounds(WEB_MERCATOR, dataset.crs, *union, densify_pts=21)
+        window = from_bounds(*source_bounds, transform=dataset.transform)
+        view_px = window.width / ((union.right - union.left) / float(np.min(views[:, 2] - views[:, 0])) * width)
+        factor = max(1, int(view_px // 2)) if view_px >= DECIMATE_ABOVE else 1
+        margin = KERNEL_MARGIN_PX + math.ceil(view_px)
+        left = math.floor(window.col_off) - margin
+        top = math.floor(window.row_off) - margin
+        columns = math.ceil((math.ceil(window.col_off + window.width) + margin - left) / factor)
+        rows = math.ceil((math.ceil(window.row_off + window.height) + margin - top) / factor)
+        values = np.zeros((len(self.bands), rows, columns), np.float32)
+        valid = np.zeros((rows, columns), bool)
+        # The part of the padded window inside the raster, in output (decimated) pixels.
+        first_column, first_row = max(0, -left // factor), max(0, -top // factor)
+        last_column = min(columns, (dataset.width - left) // factor)
+        last_row = min(rows, (dataset.height - top) // factor)
+        if last_column > first_column and last_row > first_row:
+            inside = Window(
+                left + first_column * factor,
+                top + first_row * factor,
+                (last_column - first_column) * factor,
+                (last_row - first_row) * factor,
+            )
+            shape = (len(self.bands), last_row - first_row, last_column - first_column)
+            target = np.s_[first_row:last_row, first_column:last_column]
+            try:
+                with rasterio.Env(**self._gdal_env):
+                    read = dataset.read(
+                        indexes=list(self.bands),
+                        window=inside,
+                        out_shape=shape,
+                        out_dtype="float32",
+                        resampling=Resampling.average,
+                    )
+                    masks = dataset.read_masks(indexes=list(self.bands), window=inside, out_shape=shape)
+            except RasterioError as exc:
+                raise ImageryError(f"cannot read {self.path} ({type(exc).__name__}); check the file or URL") from exc
+            has_data = (masks > 0).all(axis=0) & np.isfinite(read).all(axis=0)
+            if self.nodata is not None:
+                has_data &= ~(read == self.nodata).all(axis=0)
+            values[(slice(None), *target)] = read
+            valid[target] = has_data
+        transform = dataset.transform @ Affine.translation(left, top) @ Affine.scale(factor)
+        pixels = values.astype(np.uint8) if self.stretch is None else values
+        extent = (first_column, first_row, max(first_column, last_column), max(first_row, last_row))
+        return SourcePixels(pixels, valid, transform, self.crs, self.stretch, extent)
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         values = self.read_values(bounds, width, height, dst_crs)

@@ -33,7 +33,9 @@ from pipeline.imagery.base import (
     PrefetchReport,
     check_read_size,
     empty_image,
+    read_strips,
     true_gsd_m,
+    view_array,
 )
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import decode_tile, encode_png
@@ -128,10 +130,12 @@ class StacReader(ImageryReader):
             return SENTINEL2_TRUE_COLOUR_GSD_M
         return super().native_gsd_m(latitude)
 
-    def prefetch(self, views: Sequence[Bounds], width: int) -> PrefetchReport:
-        """Mosaic each view (EPSG:3857, `width` px square) and keep it in the tile cache."""
-        with_imagery = sum(self.part(view, width, width).coverage > 0 for view in views)
-        return PrefetchReport("model views into the tile cache", len(views), len(views), with_imagery)
+    def prefetch(self, views: Sequence[Bounds] | np.ndarray, width: int) -> PrefetchReport:
+        """Mosaic the strips the views are read in (`source_pixels`) and keep them in the tile cache."""
+        views = view_array(views)
+        strips = read_strips(views, width)
+        with_imagery = sum(self.source_pixels(views[strip.start : strip.stop], width).valid.any() for strip in strips)
+        return PrefetchReport("view strips into the tile cache", len(views), len(strips), int(with_imagery))
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         check_read_size(bounds, width, height)

@@ -34,10 +34,15 @@ from pipeline.imagery.base import (
     ImageData,
     ImageryReader,
     PrefetchReport,
+    SourcePixels,
     check_read_size,
     empty_image,
+    finest_pixel_m,
+    read_strips,
     resampling_method,
     true_gsd_m,
+    union_bounds,
+    view_array,
 )
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import TileImage, decode_tile
@@ -224,7 +229,10 @@ class XYZReader(ImageryReader):
     def zoom_for(self, bounds: Bounds, width: int) -> int:
         """Coarsest server zoom at least as fine as `width` pixels across EPSG:3857 `bounds`, within the
         source's zoom range (warns once when the source stops short of it)."""
-        wanted = imagery_zoom((bounds.right - bounds.left) / width, self.tile_size)
+        return self._zoom_for_pixel((bounds.right - bounds.left) / width)
+
+    def _zoom_for_pixel(self, pixel_m: float) -> int:
+        wanted = imagery_zoom(pixel_m, self.tile_size)
         if wanted > self.max_zoom and not self._warned_max_zoom:
             self._warned_max_zoom = True
             warnings.warn(
@@ -238,22 +246,23 @@ class XYZReader(ImageryReader):
     def native_gsd_m(self, latitude: float) -> float:
         return ground_resolution_m(self.max_zoom, latitude, self.tile_size)
 
-    def prefetch(self, views: Sequence[Bounds], width: int) -> PrefetchReport:
+    def prefetch(self, views: Sequence[Bounds] | np.ndarray, width: int) -> PrefetchReport:
         """Fetch the server tiles under `views` into the tile cache, in parallel."""
-        tiles = sorted(self._tiles_under(views, width, zoom_of=self.zoom_for))
+        views = view_array(views)
+        tiles = sorted(self._tiles_under(views, width, zoom_of=self._zoom_for_pixel))
         return PrefetchReport("server tiles into the tile cache", len(views), len(tiles), self.fetch_tiles(tiles))
 
-    def estimate(self, views: Sequence[Bounds], width: int) -> FetchEstimate:
+    def estimate(self, views: Sequence[Bounds] | np.ndarray, width: int) -> FetchEstimate:
         """The distinct server tiles under `views` and how many the cache holds, the request cap and the
         provider's bulk terms; with no views, nothing to fetch and the source's zoom range."""
         zooms: set[int] = set()
 
-        def zoom_of(bounds: Bounds, read_width: int) -> int:
-            zoom = self._clamp_zoom(imagery_zoom((bounds.right - bounds.left) / read_width, self.tile_size))
+        def zoom_of(pixel_m: float) -> int:
+            zoom = self._clamp_zoom(imagery_zoom(pixel_m, self.tile_size))
             zooms.add(zoom)
             return zoom
 
-        tiles = self._tiles_under(views, width, zoom_of)
+        tiles = self._tiles_under(view_array(views), width, zoom_of)
         cached = sum(1 for tile in tiles if self.is_cached(tile))
         return FetchEstimate(
             min_zoom=min(zooms, default=self.min_zoom),
@@ -280,6 +289,18 @@ class XYZReader(ImageryReader):
     def fetch_tiles(self, tiles: Iterable[mercantile.Tile]) -> int:
         """Fetch `tiles` into the cache in parallel; returns how many hold imagery."""
         return sum(image is not None for image in self._load_all(list(tiles)))
+
+    def source_pixels(self, views: np.ndarray, width: int) -> SourcePixels:
+        """The server tiles under `views`, each decoded once, side by side at the zoom of the finest view."""
+        zoom = self._zoom_for_pixel(finest_pixel_m(views, width))
+        grid = TileBlock.covering(union_bounds(views), zoom)
+        if grid.rows == 0:
+            return SourcePixels.empty()
+        wanted = self._strip_tiles(views, zoom)
+        block = grid.tiles()
+        loaded = dict(zip(wanted, self._load_all(list(wanted)), strict=True))
+        rgba = self._mosaic(grid, [loaded.get(tile) for tile in block])
+        return SourcePixels(rgba[:RGB_BANDS], rgba[RGB_BANDS] > 0, grid.transform(self.tile_size), WEB_MERCATOR)
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         dst_transform = check_read_size(bounds, width, height)
@@ -326,10 +347,17 @@ class XYZReader(ImageryReader):
     def _clamp_zoom(self, zoom: int) -> int:
         return min(max(zoom, self.min_zoom), self.max_zoom)
 
-    def _tiles_under(
-        self, views: Sequence[Bounds], width: int, zoom_of: Callable[[Bounds, int], int]
-    ) -> set[mercantile.Tile]:
-        return {tile for view in views for tile in self.source_tiles(view, zoom_of(view, width))}
+    def _tiles_under(self, views: np.ndarray, width: int, zoom_of: Callable[[float], int]) -> set[mercantile.Tile]:
+        """The server tiles `source_pixels` loads for `views`: per read strip, those under each view at the
+        strip's zoom."""
+        tiles: set[mercantile.Tile] = set()
+        for strip in read_strips(views, width):
+            group = views[strip.start : strip.stop]
+            tiles |= self._strip_tiles(group, zoom_of(finest_pixel_m(group, width)))
+        return tiles
+
+    def _strip_tiles(self, views: np.ndarray, zoom: int) -> set[mercantile.Tile]:
+        return {tile for view in views.tolist() for tile in self.source_tiles(Bounds(*view), zoom)}
 
     def _mosaic(self, grid: TileBlock, images: list[TileImage | None]) -> np.ndarray:
         size = self.tile_size

@@ -1,0 +1,201 @@
+"""Views cut from strips of source pixels (pipeline.views) against per-view GDAL warps (ImageryReader.part).
+
+The strip path reads each source pixel once and resamples every view with GDAL's warp kernel, so the views
+must match per-view reads: masks exactly, values to within rounding (1 grey level) on grids that are Web
+Mercator already (tile caches, EPSG:3857 rasters). Rasters in another CRS match as closely as GDAL's own
+coordinate approximation allows, and a model sees the same thing either way (embeddings within 1e-3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.warp import Resampling, calculate_default_transform, reproject, transform_bounds
+from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
+from support.paths import LANDSAT
+
+from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
+from pipeline.errors import ImageryError
+from pipeline.geometry import WEB_MERCATOR, Bounds, cover, lnglat_of_mercator, output_zoom, view_bounds
+from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
+from pipeline.imagery.base import SourcePixels, read_strips
+from pipeline.views import cut_views
+
+SIZE = 224
+
+
+class Comparison(NamedTuple):
+    """Per view: largest grey-level difference, share of values more than 1 apart, coverage both ways; and
+    the views themselves both ways."""
+
+    max_diff: np.ndarray
+    share_over_one: np.ndarray
+    coverage: np.ndarray
+    reference_coverage: np.ndarray
+    strip_views: np.ndarray
+    part_views: np.ndarray
+
+
+def views_over(reader_bounds: Bounds, crs: str, view_m: float, offset: int, inset: float = 0.0) -> np.ndarray:
+    """Views of output tiles `offset` zooms finer than `view_m` views, over a box around a raster's footprint
+    (shrunk by `inset` of its size on each side; negative: grown, so that views run off the raster)."""
+    left, bottom, right, top = transform_bounds(crs, WEB_MERCATOR, *reader_bounds, densify_pts=21)
+    dx, dy = (right - left) * inset, (top - bottom) * inset
+    box = Bounds(left + dx, bottom + dy, right - dx, top - dy)
+    lon, lat = lnglat_of_mercator([box.left, box.right], [box.bottom, box.top])
+    from shapely.geometry import box as shapely_box
+
+    region = shapely_box(lon[0], lat[0], lon[1], lat[1])
+    zoom = output_zoom(view_m, float(np.mean(lat))) + offset
+    tiles = cover(region, zoom)
+    return view_bounds(tiles.x, tiles.y, zoom, view_m)
+
+
+def compare(reader: ImageryReader, views: np.ndarray, resampling: str = "bilinear") -> Comparison:
+    strip_views, part_views, coverage = [], [], []
+    for strip in read_strips(views, SIZE):
+        group = views[strip.start : strip.stop]
+        batch = cut_views(reader.source_pixels(group, SIZE), group, SIZE, resampling=resampling)
+        strip_views.extend(batch.pixels.numpy())
+        coverage.extend(batch.coverage.tolist())
+    for view in views:
+        part_views.append(reader.part(Bounds(*view), SIZE, SIZE).array)
+    strip_array = np.stack(strip_views)
+    max_diff, share, reference = [], [], []
+    for mine, theirs in zip(strip_array, part_views, strict=True):
+        diff = np.abs(mine.astype(int) - np.ma.filled(theirs, 0).astype(int))
+        max_diff.append(int(diff.max()))
+        share.append(float((diff > 1).mean()))
+        reference.append(float((~np.ma.getmaskarray(theirs)[0]).mean()))
+    return Comparison(
+        np.array(max_diff),
+        np.array(share),
+        np.array(coverage),
+        np.array(reference),
+        strip_array,
+        np.stack([np.ma.filled(view, 0) for view in part_views]),
+    )
+
+
+@pytest.fixture(scope="module")
+def mercator_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled Landsat scene warped to EPSG:3857 (a nodata collar where the UTM footprint ends)."""
+    path = tmp_path_factory.mktemp("mercator") / "landsat_3857.tif"
+    with rasterio.open(LANDSAT) as source:
+        transform, width, height = calculate_default_transform(
+            source.crs, WEB_MERCATOR, source.width, source.height, *source.bounds
+        )
+        profile = {**source.profile, "crs": WEB_MERCATOR, "transform": transform, "width": width, "height": height}
+        with rasterio.open(path, "w", **profile) as target:
+            for band in range(1, source.count + 1):
+                reproject(rasterio.band(source, band), rasterio.band(target, band), resampling=Resampling.bilinear)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tile_server() -> Iterator[TileServer]:
+    with TileServer(SceneTiles.from_raster(SCENE_PATH, zooms=(16, 17), formats=("PNG",))) as running:
+        yield running
+
+
+def landsat(path: Path = LANDSAT) -> LocalRasterReader:
+    return LocalRasterReader(path, bands=(3, 2, 1))
+
+
+def test_views_from_a_tile_cache_match_per_view_reads(tile_server: TileServer, tmp_path: Path) -> None:
+    with XYZReader(tile_server.url + "/png/{z}/{x}/{y}.png", cache=TileCache(tmp_path), max_zoom=17) as reader:
+        with rasterio.open(SCENE_PATH) as scene:
+            views = views_over(Bounds(*scene.bounds), scene.crs.to_string(), 600.0, 1, inset=-0.05)
+        reader.prefetch(views, SIZE)
+        result = compare(reader, views)
+    inside = result.reference_coverage == 1.0
+    edge = (result.reference_coverage > 0) & ~inside
+    assert inside.sum() >= 4 and edge.sum() >= 4, "views both inside the scene and across its edge"
+    assert result.max_diff.max() <= 1
+    np.testing.assert_allclose(result.coverage, result.reference_coverage, atol=1e-6)
+
+
+def test_views_from_a_web_mercator_raster_match_per_view_reads(mercator_scene: Path) -> None:
+    with landsat(mercator_scene) as reader:
+        footprint = Bounds(*reader._dataset.bounds)
+        inner = compare(reader, views_over(footprint, WEB_MERCATOR, 7680.0, 2, inset=0.15))
+        edges = compare(reader, views_over(footprint, WEB_MERCATOR, 7680.0, 1, inset=-0.05))
+    assert len(inner.max_diff) >= 16 and inner.max_diff.max() <= 1
+    assert (edges.reference_coverage < 0.5).sum() >= 4
+    np.testing.assert_allclose(edges.coverage, edges.reference_coverage, atol=1e-6)
+    # Where a view's kernel meets the nodata collar, or the raster's edge, GDAL clips its source window and
+    # weighs the pixels left a little differently.
+    assert np.median(edges.share_over_one) < 0.01 and edges.share_over_one.max() < 0.2
+
+
+@pytest.mark.parametrize(
+    ("scene", "view_m", "interior_max"),
+    [("landsat", 7680.0, 5), ("rgb_5m", 600.0, 1)],
+    ids=["bundled Landsat (UTM 21S, shrunk)", "5 m RGB (UTM 18N, enlarged)"],
+)
+def test_views_from_a_projected_raster_match_per_view_reads(scene: str, view_m: float, interior_max: int) -> None:
+    reader = landsat() if scene == "landsat" else LocalRasterReader(SCENE_PATH)
+    with reader:
+        footprint = Bounds(*reader._dataset.bounds)
+        inner = compare(reader, views_over(footprint, reader.crs, view_m, 2, inset=0.3))
+        edges = compare(reader, views_over(footprint, reader.crs, view_m, 1, inset=-0.05))
+    # GDAL maps pixels through the projection approximately (linear pieces, error below 0.001 px here) and
+    # shrinking weighs them by its own estimate of the scale: a few pixels at sharp edges land a few grey
+    # levels off. On the raster's edge one pixel centre in 50,000 may land on the other side.
+    full = inner.reference_coverage == 1.0
+    assert full.sum() >= 16
+    assert inner.max_diff[full].max() <= interior_max and inner.share_over_one[full].max() < 5e-3
+    np.testing.assert_allclose(inner.coverage, inner.reference_coverage, atol=2.0 / SIZE**2)
+    assert (edges.reference_coverage < 0.5).sum() >= 4
+    np.testing.assert_allclose(edges.coverage, edges.reference_coverage, atol=2.0 / SIZE**2)
+    assert np.median(edges.share_over_one) < 0.01 and edges.share_over_one.max() < 0.2
+
+
+def test_a_model_sees_the_same_views_either_way() -> None:
+    torch.manual_seed(0)
+    encoder = Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("none")).eval(), device="cpu")
+    with landsat() as reader:
+        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 2, inset=0.1)
+        result = compare(reader, views)
+    strip = encoder.embed_images(result.strip_views, zoom_level=3).embedding
+    part = encoder.embed_images(result.part_views, zoom_level=3).embedding
+    assert len(views) >= 16
+    # Scores are cosines with unit query vectors: they differ by at most the distance between embeddings.
+    assert float((strip - part).norm(dim=1).max()) < 1e-3
+
+
+def test_cubic_views_match_gdal_on_a_tile_grid(tile_server: TileServer, tmp_path: Path) -> None:
+    options = {"cache": TileCache(tmp_path), "max_zoom": 17, "resampling": "cubic"}
+    with XYZReader(tile_server.url + "/png/{z}/{x}/{y}.png", **options) as reader:  # type: ignore[arg-type]
+        with rasterio.open(SCENE_PATH) as scene:
+            views = views_over(Bounds(*scene.bounds), scene.crs.to_string(), 600.0, 0, inset=0.2)
+        result = compare(reader, views, resampling="cubic")
+    assert len(views) >= 4 and result.max_diff.max() <= 1
+
+
+def test_a_strip_holds_each_source_pixel_once_and_memory_stays_bounded() -> None:
+    with landsat() as reader:
+        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 3)
+        strips = read_strips(views, SIZE)
+        pixels = [reader.source_pixels(views[strip.start : strip.stop], SIZE) for strip in strips]
+    assert sum(strip.stop - strip.start for strip in strips) == len(views)
+    # Overlapping views share one read: far fewer source pixels than the views hold between them.
+    read = sum(source.valid.size for source in pixels)
+    assert read < len(views) * SIZE * SIZE / 8
+    assert max(strip.pixels for strip in strips) <= 2048 * 2048 * 1.05
+
+
+def test_views_off_the_source_are_empty_and_unknown_kernels_are_refused() -> None:
+    empty = SourcePixels.empty()
+    batch = cut_views(empty, np.array([[0.0, 0.0, 1000.0, 1000.0]]), 16)
+    assert batch.pixels.shape == (1, 3, 16, 16) and not batch.pixels.any() and float(batch.coverage[0]) == 0.0
+    with pytest.raises(ImageryError, match="resampling 'lanczos' cannot cut model views"):
+        cut_views(empty, np.zeros((1, 4)), 16, resampling="lanczos")
+    assert math.isclose(float(cut_views(empty, np.zeros((0, 4)), 16).pixels.numel()), 0.0)
