@@ -249,6 +249,16 @@ class RasterGrid(NamedTuple):
         return Bounds(left, top - self.height * self.pixel_m, left + self.width * self.pixel_m, top)
 
     @property
+    def lnglat_bounds(self) -> Bounds:
+        """West, south, east, north in degrees: east < west across the antimeridian, -180 to 180 for the world."""
+        degrees = 360.0 / 2**self.zoom
+        west = self.first_column * degrees - 180.0
+        east = west + self.width * degrees
+        _, bottom, _, top = self.bounds
+        _, (south, north) = lnglat_of_mercator([0.0, 0.0], [bottom, top])
+        return Bounds(west, float(south), east - 360.0 if east > 180.0 else east, float(north))
+
+    @property
     def transform(self) -> Affine:
         left, _, _, top = self.bounds
         return Affine(self.pixel_m, 0.0, left, 0.0, -self.pixel_m, top)

@@ -37,6 +37,7 @@ CATALOG_FILES = ("countries.geojson", "cities.geojson")
 WEB_MERCATOR_MAX_LAT = math.degrees(math.atan(math.sinh(math.pi)))
 MAX_RADIUS_M = 2_000_000.0
 CIRCLE_QUAD_SEGMENTS = 32
+BBOX_EDGE_DEG = 1.0
 VECTOR_SUFFIXES = frozenset({".geojson", ".json", ".gpkg", ".shp", ".parquet", ".geoparquet", ".fgb", ".kml", ".zip"})
 PARQUET_SUFFIXES = frozenset({".parquet", ".geoparquet"})
 _GEOD = Geod(ellps="WGS84")
@@ -59,7 +60,8 @@ class Region(NamedTuple):
 def parse_region(spec: str) -> Region:
     """Read a region from a vector file path, `minlon,minlat,maxlon,maxlat`, `lat,lon,3km` or a catalog name.
 
-    A bbox whose west edge is greater than its east edge crosses the antimeridian (as in RFC 7946).
+    A bbox runs east from its west edge: west > east crosses the antimeridian (as in RFC 7946), and
+    -180,S,180,N is the whole band of latitudes.
     """
     spec = spec.strip()
     if not spec:
@@ -106,8 +108,8 @@ def _bbox_geometry(west: float, south: float, east: float, north: float) -> Base
         _check_longitude(lon, what, BBOX_LAYOUT)
     if south >= north:
         raise RegionError(f"inverted bbox: south {south:g} is not below north {north:g}; write {BBOX_LAYOUT}")
-    if west == east:
-        raise RegionError(f"bbox has zero width (west = east = {west:g}); write {BBOX_LAYOUT}")
+    if west == east or (west, east) == (180.0, -180.0):
+        raise RegionError(f"bbox has zero width (west {west:g}, east {east:g}); write {BBOX_LAYOUT}")
     if west > east:
         warnings.warn(
             f"bbox west {west:g} > east {east:g}: reading it as crossing the antimeridian (RFC 7946)",
@@ -115,7 +117,9 @@ def _bbox_geometry(west: float, south: float, east: float, north: float) -> Base
             stacklevel=2,
         )
         east += 360.0
-    return box(west, south, east, north)
+    # Edges of at most BBOX_EDGE_DEG: a ring edge longer than 180° would read as one across the antimeridian
+    # (`_unwrap_polygon`), and the geodesic area of the plan's summary follows the parallels.
+    return shapely.segmentize(box(west, south, east, north), BBOX_EDGE_DEG)
 
 
 def _circle_geometry(lat: float, lon: float, radius_m: float) -> BaseGeometry:

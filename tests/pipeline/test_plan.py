@@ -28,7 +28,13 @@ from pipeline.build import (
     plan_build,
     start_build,
 )
-from pipeline.config import DEFAULT_CONFIG_PATH, ImagerySettings, TilingSettings, load_build_config
+from pipeline.config import (
+    DEFAULT_CONFIG_PATH,
+    ImagerySettings,
+    TilingSettings,
+    load_build_config,
+    load_plan_inputs,
+)
 from pipeline.errors import BuildConfigError, ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
@@ -189,6 +195,26 @@ def test_plan_refuses_large_regions_with_the_callers_hint() -> None:
     ):
         plan_of(region, max_tiles=100)
     assert plan_of(region, max_tiles=None)[0].tile_count > 100
+
+
+@pytest.mark.parametrize(("spec", "west", "east"), [("-100,0,100,10", -100, 100), ("-180,-60,180,60", -180, 180)])
+def test_a_bbox_wider_than_180_degrees_plans_the_band_it_names(
+    tmp_path: Path, spec: str, west: float, east: float
+) -> None:
+    imagery = {"source": OFFLINE_TEMPLATE, "offline": True, "cache_dir": str(tmp_path)}
+    # zoom level 200: 512 km views, zoom-6 output tiles, a few thousand at most.
+    planned = plan_build(load_plan_inputs({"region": spec, "imagery": imagery, "model": {"zoom_level": 200}}))
+    plan = planned.plan
+    tile_deg = 360 / 2**plan.zoom
+    lons = np.concatenate([chunk.lon for chunk in planned.chunks])
+    assert west < lons.min() < west + tile_deg and east - tile_deg < lons.max() < east
+    columns = set(np.concatenate([chunk.x for chunk in planned.chunks]).tolist())
+    assert columns == {tile.x for tile in mercantile.tiles(west, 0, east, 10, zooms=plan.zoom)}
+    assert plan.grid.width == len(columns) == (2**plan.zoom if east - west == 360 else max(columns) - min(columns) + 1)
+    assert plan.grid.first_column == min(columns)
+    first, last = (mercantile.bounds(mercantile.Tile(x, 0, plan.zoom)) for x in (min(columns), max(columns)))
+    text = "\n".join(describe(planned))
+    assert f"extent {-first.west:.4f}°W" in text and f"to {last.east:.4f}°E" in text
 
 
 # --- the plan file ---------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ def test_bbox_becomes_its_rectangle() -> None:
         ("-90.1,38.7,-90.2,38.6", "inverted bbox"),
         ("10,20,30,20", "inverted bbox"),
         ("10,20,10,30", "zero width"),
+        ("180,20,-180,30", "zero width"),
         ("38.6,-90.2,38.7,-91.2", "latitude -90.2 is out of range"),
         ("-200,10,-190,20", "longitude -200 is out of range"),
         ("0,86,10,89", "empty after clipping"),
@@ -91,6 +92,25 @@ def test_bbox_across_the_antimeridian_is_split_in_two() -> None:
     parts = sorted(region.geometry.geoms, key=lambda part: part.bounds[0])
     assert parts[0].equals(box(-180, -20, -170, -10))
     assert parts[1].equals(box(170, -20, 180, -10))
+
+
+@pytest.mark.parametrize(
+    ("spec", "bounds"), [("-100,0,100,10", (-100, 0, 100, 10)), ("-180,-60,180,60", (-180, -60, 180, 60))]
+)
+def test_bbox_wider_than_180_degrees_runs_east_from_its_west_edge(spec: str, bounds: tuple[float, ...]) -> None:
+    region = _parse_quietly(spec)
+    _assert_clean(region)
+    west, south, east, north = bounds
+    assert region.geometry.bounds == pytest.approx(bounds)
+    assert region.geometry.area == pytest.approx((east - west) * (north - south))
+
+
+def test_bbox_across_the_antimeridian_wider_than_180_degrees_keeps_its_width() -> None:
+    with pytest.warns(RegionWarning, match="antimeridian"):
+        region = parse_region("10,0,-10,10")
+    _assert_clean(region)
+    assert region.geometry.area == pytest.approx(340 * 10)
+    assert not region.geometry.intersects(Point(0, 5)) and region.geometry.contains(Point(180 - 1e-9, 5))
 
 
 def test_bbox_beyond_the_mercator_limit_is_clipped() -> None:
