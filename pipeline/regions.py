@@ -8,6 +8,7 @@ crosses the antimeridian, split into parts on either side of ±180°; each chang
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import unicodedata
@@ -23,6 +24,7 @@ import shapely
 from pyogrio.errors import DataLayerError, DataSourceError
 from pyproj import CRS, Geod, Transformer
 from shapely.affinity import translate
+from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
@@ -40,6 +42,8 @@ CIRCLE_QUAD_SEGMENTS = 32
 BBOX_EDGE_DEG = 1.0
 VECTOR_SUFFIXES = frozenset({".geojson", ".json", ".gpkg", ".shp", ".parquet", ".geoparquet", ".fgb", ".kml", ".zip"})
 PARQUET_SUFFIXES = frozenset({".parquet", ".geoparquet"})
+JSON_SUFFIXES = frozenset({".geojson", ".json"})
+RING_FIX = "close every ring: at least 4 points, the last one repeating the first"
 _GEOD = Geod(ellps="WGS84")
 
 BBOX_LAYOUT = "minlon,minlat,maxlon,maxlat"
@@ -148,22 +152,45 @@ def _read_vector_file(path: Path) -> BaseGeometry:
     if not path.exists():
         raise RegionError(f"region file {path} does not exist; check the path")
     try:
-        frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
+        with warnings.catch_warnings():
+            # GDAL's warning suggests a GDAL option; the GEOSException that follows gets a line saying what to fix.
+            warnings.filterwarnings("ignore", "Non closed ring detected", RuntimeWarning)
+            frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
     except ImportError:
         raise RegionError(f"reading {path.name} needs pyarrow; install it with 'pip install pyarrow'") from None
+    except GEOSException as exc:
+        # Raised while the geometries are decoded: a ring that is not closed or has too few points.
+        raise RegionError(f"region file {path} holds a malformed polygon ({first_line(exc)}); {RING_FIX}") from None
     except (DataSourceError, DataLayerError, ValueError, OSError) as exc:
-        raise RegionError(
-            f"cannot read {path} as vector data ({first_line(exc)});"
-            " give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
-        ) from None
+        raise RegionError(_unreadable_message(path, exc)) from None
     frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
     if frame.empty:
         raise RegionError(f"region file {path} holds no geometries; draw a polygon into it")
+    rings = shapely.get_rings(shapely.get_parts(frame.geometry.to_numpy()))
+    if (shapely.get_num_coordinates(rings) < 4).any():
+        raise RegionError(f"region file {path} holds a polygon ring of fewer than 4 points; {RING_FIX}")
     if frame.crs is None:
         frame = _assume_wgs84(frame, path)
     elif not frame.crs.equals(CRS(WGS84)):
         frame = frame.to_crs(WGS84)
     return shapely.union_all(_repaired_polygons(frame.geometry.to_numpy(), path.name))
+
+
+def _unreadable_message(path: Path, exc: Exception) -> str:
+    if path.suffix.lower() in JSON_SUFFIXES:
+        try:
+            json.loads(path.read_bytes())
+        except json.JSONDecodeError as bad:
+            return (
+                f"region file {path} is not valid JSON ({bad.msg} at line {bad.lineno} column {bad.colno});"
+                " fix it or export the region again as GeoJSON"
+            )
+        except (OSError, UnicodeDecodeError):
+            pass
+    return (
+        f"cannot read {path} as vector data ({first_line(exc)});"
+        " give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
+    )
 
 
 def _assume_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import shapely
 from pyproj import Geod, Transformer
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
+from pipeline.__main__ import main
 from pipeline.errors import RegionError, RegionWarning
 from pipeline.regions import WEB_MERCATOR_MAX_LAT, Region, catalog_names, parse_region
 
@@ -275,7 +278,8 @@ def test_longitudes_past_180_are_wrapped(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("filename", "content", "message"),
     [
-        ("garbage.geojson", "this is not json", "cannot read"),
+        ("garbage.geojson", "this is not json", "is not valid JSON"),
+        ("garbage.gpkg", "this is no GeoPackage", "cannot read"),
         ("empty.geojson", '{"type": "FeatureCollection", "features": []}', "holds no geometries"),
     ],
 )
@@ -295,3 +299,64 @@ def test_points_only_file_is_refused(tmp_path: Path) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(RegionError, match="does not exist"):
         parse_region(str(tmp_path / "nowhere.gpkg"))
+
+
+# --- bad region files, as `python -m pipeline plan` reports them ------------------------------------------
+
+UNCLOSED_RING = {"type": "Polygon", "coordinates": [[[10, 10], [11, 10], [11, 11], [10, 11]]]}
+RING_FIX = "close every ring: at least 4 points, the last one repeating the first"
+
+
+def _feature_collection(*geometries: object) -> str:
+    features = [{"type": "Feature", "properties": {}, "geometry": geometry} for geometry in geometries]
+    return json.dumps({"type": "FeatureCollection", "features": features})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            _feature_collection(UNCLOSED_RING),
+            "holds a malformed polygon (IllegalArgumentException: Points of LinearRing do not form a closed"
+            f" linestring); {RING_FIX}",
+        ),
+        (json.dumps(UNCLOSED_RING), "holds a malformed polygon"),
+        (
+            _feature_collection({"type": "Polygon", "coordinates": [[[10, 10], [11, 10], [10, 10]]]}),
+            f"holds a polygon ring of fewer than 4 points; {RING_FIX}",
+        ),
+        (
+            '{"type": "FeatureCollection", "features": [}',
+            "is not valid JSON (Expecting value at line 1 column 44); fix it or export the region again as GeoJSON",
+        ),
+        ("", "is not valid JSON (Expecting value at line 1 column 1)"),
+        (_feature_collection(), "holds no geometries; draw a polygon into it"),
+        (_feature_collection(None), "holds no geometries; draw a polygon into it"),
+    ],
+    ids=["unclosed ring", "bare unclosed polygon", "3-point ring", "bad JSON", "empty file", "no features", "null"],
+)
+def test_malformed_region_files_are_one_line_naming_the_file_and_the_fix(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "region.geojson"
+    path.write_text(content)
+    status = main(["plan", "--region", str(path), "--cache-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert (status, captured.out) == (2, "")
+    assert captured.err.startswith(f"error: region file {path} {message}")
+    assert captured.err.count("\n") == 1
+
+
+def test_an_unclosed_ring_stops_the_plan_command_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "unclosed.geojson"
+    path.write_text(_feature_collection(UNCLOSED_RING))
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "plan", "--region", str(path), "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (completed.returncode, completed.stdout) == (2, "")
+    assert completed.stderr.startswith(f"error: region file {path} holds a malformed polygon")
+    assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
