@@ -169,11 +169,7 @@ def _read_vector_file(path: Path) -> BaseGeometry:
     rings = shapely.get_rings(shapely.get_parts(frame.geometry.to_numpy()))
     if (shapely.get_num_coordinates(rings) < 4).any():
         raise RegionError(f"region file {path} holds a polygon ring of fewer than 4 points; {RING_FIX}")
-    if frame.crs is None:
-        frame = _assume_wgs84(frame, path)
-    elif not frame.crs.equals(CRS(WGS84)):
-        frame = frame.to_crs(WGS84)
-    return shapely.union_all(_repaired_polygons(frame.geometry.to_numpy(), path.name))
+    return shapely.union_all(_repaired_polygons(_in_wgs84(frame, path).geometry.to_numpy(), path.name))
 
 
 def _unreadable_message(path: Path, exc: Exception) -> str:
@@ -193,17 +189,30 @@ def _unreadable_message(path: Path, exc: Exception) -> str:
     )
 
 
-def _assume_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:
-    # A file without a CRS is most often a lon/lat Shapefile that lost its .prj, so lon/lat coordinates
-    # are taken as EPSG:4326; anything else cannot be guessed and is refused.
+def _in_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:
+    """The file's geometries in EPSG:4326; coordinates without a CRS or in a geographic one must be lon/lat."""
+    if frame.crs is not None and not frame.crs.is_geographic:
+        return frame.to_crs(WGS84)
+    # A file without a CRS is most often a lon/lat Shapefile that lost its .prj, so coordinates within
+    # -180..180 are taken as EPSG:4326 and anything else (x 250..300 may as well be metres) is refused. A
+    # geographic CRS may run to 360 (0..360 longitudes; rings unwrapped across ±180°).
+    max_lon = 180.0 if frame.crs is None else 360.0
     west, south, east, north = frame.total_bounds
-    if west < -180.0 or east > 360.0 or south < -90.0 or north > 90.0:
-        raise RegionError(
-            f"{path.name} has no CRS and its coordinates are not longitudes/latitudes; "
-            "add a .prj or set the CRS (e.g. ogr2ogr -a_srs EPSG:32633)"
+    if west < -max_lon or east > max_lon or south < -90.0 or north > 90.0:
+        ranges = f"x {west:.10g}..{east:.10g}, y {south:.10g}..{north:.10g}"
+        problem = (
+            f"has no CRS and its coordinates ({ranges}) are outside the longitude/latitude range"
+            if frame.crs is None
+            else f"has coordinates that look projected ({ranges}) but no projected CRS (it reads as {frame.crs.name})"
         )
-    warnings.warn(f"{path.name} has no CRS; assuming EPSG:4326 (lon/lat)", RegionWarning, stacklevel=2)
-    return frame.set_crs(WGS84)
+        raise RegionError(
+            f"region file {path} {problem}; set its CRS (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg {path.name})"
+            " or reproject it to EPSG:4326"
+        )
+    if frame.crs is None:
+        warnings.warn(f"{path.name} has no CRS; assuming EPSG:4326 (lon/lat)", RegionWarning, stacklevel=2)
+        return frame.set_crs(WGS84)
+    return frame if frame.crs.equals(CRS(WGS84)) else frame.to_crs(WGS84)
 
 
 def _repaired_polygons(geometries: np.ndarray, source: str) -> list[BaseGeometry]:

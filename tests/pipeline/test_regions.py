@@ -246,7 +246,7 @@ def test_missing_crs_with_lonlat_coordinates_is_assumed_wgs84(tmp_path: Path) ->
 
 def test_missing_crs_with_projected_coordinates_is_refused(tmp_path: Path) -> None:
     path = _shapefile_without_crs(tmp_path, box(500_000, 4_200_000, 510_000, 4_210_000))
-    with pytest.raises(RegionError, match="no CRS and its coordinates are not longitudes"):
+    with pytest.raises(RegionError, match=r"no CRS and its coordinates \(x 500000\.\.510000, y 4200000\.\.4210000\)"):
         parse_region(str(path))
 
 
@@ -360,3 +360,37 @@ def test_an_unclosed_ring_stops_the_plan_command_without_a_traceback(tmp_path: P
     assert (completed.returncode, completed.stdout) == (2, "")
     assert completed.stderr.startswith(f"error: region file {path} holds a malformed polygon")
     assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+CRS_FIX = "or reproject it to EPSG:4326"
+
+
+def _plan_error(capsys: pytest.CaptureFixture[str], path: Path) -> str:
+    status = main(["plan", "--region", str(path), "--cache-dir", str(path.parent)])
+    captured = capsys.readouterr()
+    assert (status, captured.out, captured.err.count("\n")) == (2, "", 1)
+    return captured.err
+
+
+def test_projected_coordinates_in_a_geojson_without_a_crs_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "utm.geojson"
+    path.write_text(_feature_collection(box(500_000, 4_200_000, 510_000, 4_210_000).__geo_interface__))
+    assert _plan_error(capsys, path).startswith(
+        f"error: region file {path} has coordinates that look projected (x 500000..510000, y 4200000..4210000)"
+        f" but no projected CRS (it reads as WGS 84); set its CRS (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg"
+        f" utm.geojson) {CRS_FIX}"
+    )
+
+
+def test_a_shapefile_without_prj_beyond_180_degrees_is_not_taken_as_lonlat(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = _shapefile_without_crs(tmp_path, box(250, 10, 300, 20))
+    err = _plan_error(capsys, path)
+    assert err.startswith(
+        f"error: region file {path} has no CRS and its coordinates (x 250..300, y 10..20) are outside the"
+        " longitude/latitude range; set its CRS"
+    )
+    assert CRS_FIX in err
