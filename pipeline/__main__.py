@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import yaml
 
 from common.errors import Sat2SoundError
-from model import GSD_BY_SAT_TYPE
+from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.build import describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
 from pipeline.errors import BuildConfigError
@@ -149,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--imagery", help="imagery.source: esri, xyz:URL_TEMPLATE, a raster PATH or stac:URL")
     plan.add_argument("--checkpoint", help="model.checkpoint: a path, hf:// URI or 'untrained'")
     plan.add_argument("--sat-type", choices=sorted(GSD_BY_SAT_TYPE), help="model.sat_type of the untrained model")
-    plan.add_argument("--zoom-level", type=int, help="model.zoom_level (1, 3 or 5 were trained)")
+    trained = ", ".join(str(level) for level in TRAINED_ZOOM_LEVELS)
+    plan.add_argument("--zoom-level", type=int, help=f"model.zoom_level (trained: {trained})")
     plan.add_argument("--tile-zoom-offset", type=int, help="tiling.tile_zoom_offset: overlapping views")
     plan.add_argument("--chunk-zoom", type=int, help="tiling.chunk_zoom (default: output zoom - 6)")
     plan.add_argument("--max-tiles", type=int, help="tiling.max_tiles: the build's limit the plan checks against")

@@ -242,10 +242,13 @@ def test_the_plan_file_round_trips_and_is_rewritten_only_when_the_plan_changes(t
 # --- imagery: fit and downloads --------------------------------------------------------------------------
 
 
-def test_fitting_zoom_level_is_the_first_whose_view_is_as_coarse_as_the_imagery() -> None:
-    # sentinel: 256 px x 10 m per zoom level over 224 px = 11.43 m/px per level.
-    assert fitting_zoom_level(30.0, "sentinel") == 3
+def test_fitting_zoom_level_is_the_finest_trained_level_that_takes_the_imagery() -> None:
+    # sentinel: 256 px x 10 m per zoom level over 224 px = 11.43 m/px per level, 1.5x coarser imagery taken:
+    # level 1 takes up to 17.1 m/px, level 3 51.4 m/px, level 5 85.7 m/px.
     assert fitting_zoom_level(11.0, "sentinel") == 1
+    assert fitting_zoom_level(30.0, "sentinel") == fitting_zoom_level(51.0, "sentinel") == 3
+    assert fitting_zoom_level(52.0, "sentinel") == 5
+    assert fitting_zoom_level(86.0, "sentinel") is None
     assert fitting_zoom_level(0.3, "bingmap") == 1
 
 
@@ -259,8 +262,10 @@ def test_imagery_up_to_one_and_a_half_times_coarser_fits(tmp_path: Path) -> None
         assert (fit.native_gsd_m, fit.fetches_ahead, fit.source_id) == (1.5 * model_m, True, "stand-in")
         with pytest.raises(ImageryMismatchError) as raised:
             check_imagery(reader, ImagerySettings("xyz", {}, str(tmp_path), True, 1.51 * model_m, 0.5), view, 40.0)
-    message = str(raised.value)
-    assert f"expects {model_m:.3g} m/px" in message and "set model.zoom_level: 8" in message
+    assert str(raised.value).endswith(
+        f"expects {model_m:.3g} m/px (at most 1.5x coarser); the imagery is too coarse for this model, even at its"
+        f" coarsest trained zoom_level 5 (at most {1.5 * model_m:.3g} m/px); use finer imagery"
+    )
 
 
 def test_a_local_raster_is_read_on_demand_and_checked_at_its_own_resolution() -> None:
@@ -588,7 +593,16 @@ def test_cli_refuses_imagery_too_coarse_for_the_model_as_the_build_does(
         capsys, "plan", "--region=-54.6,-25.4,-54.5,-25.3", "--imagery", str(LANDSAT), "--sat-type", "bingmap"
     )
     assert (status, out) == (2, "")
-    assert "has 30 m/px but a bingmap model at zoom_level 1 expects 0.804 m/px" in err and err.count("\n") == 1
+    assert err.count("\n") == 1
+    assert err.startswith(
+        f"error: imagery {LANDSAT} has 30 m/px but a bingmap model at zoom_level 1 expects 0.804 m/px (at most 1.5x"
+        " coarser); the imagery is too coarse for this model, even at its coarsest trained zoom_level 5 (at most"
+        " 6.03 m/px); use finer imagery"
+    )
+    status, out, err = _run_cli(capsys, "plan", "--region=-54.6,-25.4,-54.5,-25.3", "--imagery", str(LANDSAT))
+    assert (status, out, err.count("\n")) == (2, "", 1)
+    assert "has 30 m/px but a sentinel model at zoom_level 1 expects 11.4 m/px" in err
+    assert err.endswith("; set model.zoom_level: 3 or use finer imagery\n")
 
 
 def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
