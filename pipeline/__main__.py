@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except Sat2SoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_as_written(str(exc), args)}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     return 0
 
@@ -74,6 +74,20 @@ def _run_plan(args: argparse.Namespace) -> None:
     # is accepted for old scripts and changes nothing).
     planned = plan_build(inputs, limit_hint=PLAN_LIMIT_HINT, survey=True)
     print("\n".join(describe(planned, offline=inputs.imagery.offline)))
+
+
+def _as_written(message: str, args: argparse.Namespace) -> str:
+    """`message` with the config keys the user gave as `plan` flags (all of them, without --config) named as
+    those flags: `config.tiling.chunk_zoom: -1` becomes `--chunk-zoom -1`, `set model.zoom_level: 3` `set
+    --zoom-level 3`."""
+    if args.run is not _run_plan:
+        return message
+    for flag, keys in PLAN_FLAGS.items():
+        if args.config is None or getattr(args, flag) is not None:
+            key = re.escape(".".join(keys))
+            pattern = rf"\bconfig\.{key}\b:?" if len(keys) == 1 else rf"\b(?:config\.)?{key}\b:?"
+            message = re.sub(pattern, f"--{flag.replace('_', '-')}", message)
+    return message
 
 
 def _read_config(path: Path) -> dict[str, Any]:

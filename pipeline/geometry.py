@@ -221,7 +221,8 @@ def default_chunk_zoom(zoom: int) -> int:
 def chunk_depth(zoom: int, chunk_zoom: int) -> int:
     if not 0 <= chunk_zoom <= zoom:
         raise TilingError(
-            f"chunk zoom {chunk_zoom} is outside 0..{zoom} (the output zoom); use a chunk zoom in that range"
+            f"chunk zoom {chunk_zoom} is outside 0..{zoom}: tiling.chunk_zoom must be between 0 and the output zoom"
+            f" ({zoom}); set it in that range or leave it out (zoom {default_chunk_zoom(zoom)})"
         )
     return zoom - chunk_zoom
 

@@ -602,7 +602,7 @@ def test_cli_refuses_imagery_too_coarse_for_the_model_as_the_build_does(
     status, out, err = _run_cli(capsys, "plan", "--region=-54.6,-25.4,-54.5,-25.3", "--imagery", str(LANDSAT))
     assert (status, out, err.count("\n")) == (2, "", 1)
     assert "has 30 m/px but a sentinel model at zoom_level 1 expects 11.4 m/px" in err
-    assert err.endswith("; set model.zoom_level: 3 or use finer imagery\n")
+    assert err.endswith("; set --zoom-level 3 or use finer imagery\n")
 
 
 def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -613,7 +613,61 @@ def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[s
     assert out.splitlines() == describe(planned)
     status, out, err = _run_cli(capsys, "plan", "--config", str(DEFAULT_CONFIG_PATH), "--tile-zoom-offset", "-3")
     assert (status, out) == (2, "")
-    assert err.startswith("error: config.tiling.tile_zoom_offset: -3 is less than the minimum of 0")
+    assert err == "error: --tile-zoom-offset -3 is less than the minimum of 0; see config/schema.json\n"
+
+
+CHUNK_ZOOM_RANGE = "a chunk zoom must be between 0 and the output zoom; leave it out for output zoom - 6"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--chunk-zoom", "-1"), f"--chunk-zoom -1 is below 0: {CHUNK_ZOOM_RANGE}"),
+        (
+            ("--chunk-zoom", "18"),
+            "chunk zoom 18 is outside 0..17: --chunk-zoom must be between 0 and the output zoom (17); set it in that"
+            " range or leave it out (zoom 11)",
+        ),
+        (("--tile-zoom-offset", "-3"), "--tile-zoom-offset -3 is less than the minimum of 0; see config/schema.json"),
+        (("--tile-zoom-offset", "7"), "--tile-zoom-offset 7 is greater than the maximum of 6; see config/schema.json"),
+        (("--zoom-level", "0"), "--zoom-level 0 is less than the minimum of 1; see config/schema.json"),
+        (("--max-tiles", "0"), "--max-tiles 0 is less than the minimum of 1; see config/schema.json"),
+    ],
+)
+def test_cli_flags_out_of_range_are_refused_by_their_flag_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: tuple[str, str], message: str
+) -> None:
+    common = ("--region", "St. Louis", "--sat-type", "bingmap", "--imagery", OFFLINE_TEMPLATE, "--offline")
+    status, out, err = _run_cli(capsys, "plan", *common, "--cache-dir", str(tmp_path), *flags)
+    assert (status, out, err) == (2, "", f"error: {message}\n")
+
+
+@pytest.mark.parametrize(
+    ("chunk_zoom", "message"),
+    [
+        (-1, f"config.tiling.chunk_zoom: -1 is below 0: {CHUNK_ZOOM_RANGE}"),
+        (
+            18,
+            "chunk zoom 18 is outside 0..17: tiling.chunk_zoom must be between 0 and the output zoom (17); set it in"
+            " that range or leave it out (zoom 11)",
+        ),
+    ],
+)
+def test_a_chunk_zoom_out_of_range_in_a_config_is_named_by_its_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, chunk_zoom: int, message: str
+) -> None:
+    config = {
+        "region": "St. Louis",
+        "imagery": {"source": OFFLINE_TEMPLATE, "offline": True, "cache_dir": str(tmp_path)},
+        "model": {"sat_type": "bingmap"},
+        "tiling": {"chunk_zoom": chunk_zoom},
+    }
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump(config))
+    status, out, err = _run_cli(capsys, "plan", "--config", str(path))
+    assert (status, out, err) == (2, "", f"error: {message}\n")
+    with pytest.raises(BuildConfigError if chunk_zoom < 0 else TilingError, match=f"^{re.escape(message)}$"):
+        plan_build(load_build_config({**config, "name": "test", "queries": [{"id": "a", "text": "a"}]}).plan_inputs)
 
 
 def test_summary_gives_the_fetch_time_at_the_sources_cap_and_its_terms(
