@@ -96,7 +96,8 @@ class Sat2SoundEncoder:
                 spec = DEFAULT_TEXT_BACKBONE_BY_DIM.get(self.cfg.text_dim, "")
             if not spec:
                 raise TextBackboneError(
-                    f"no default text backbone for width {self.cfg.text_dim}; set model.text_backbone to one of it"
+                    f"no default text backbone for width {self.cfg.text_dim};"
+                    " set model.text_backbone to a backbone of that width"
                 )
             self._text_backbone = load_text_backbone(spec, device=self.device)
         if self._text_backbone.dim != self.cfg.text_dim:

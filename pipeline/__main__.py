@@ -78,7 +78,7 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 def _as_written(message: str, args: argparse.Namespace) -> str:
     """`message` with the config keys the user gave as `plan` flags (all of them, without --config) named as
-    those flags: `config.tiling.chunk_zoom: -1` becomes `--chunk-zoom -1`, `set model.zoom_level: 3` `set
+    those flags: `config.tiling.chunk_zoom: -1` becomes `--chunk-zoom -1`, `set model.zoom_level: 3` becomes `set
     --zoom-level 3`."""
     if args.run is not _run_plan:
         return message
