@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from model.config import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE, Sat2SoundConfig
+from model.config import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS, Sat2SoundConfig
 
 if TYPE_CHECKING:
     from model.checkpoint import read_config, save_safetensors, sha256_file
@@ -34,6 +34,7 @@ __all__ = [
     "GSD_BY_SAT_TYPE",
     "MODEL_INPUT_PX",
     "TILE_PX_BY_SAT_TYPE",
+    "TRAINED_ZOOM_LEVELS",
     "Metadata",
     "Sat2Sound",
     "Sat2SoundConfig",

@@ -19,6 +19,9 @@ TILE_PX_BY_SAT_TYPE: dict[str, int] = {"bingmap": 300, "sentinel": 256, "googleE
 
 # Edge (px) of the square image the model's ViT takes.
 MODEL_INPUT_PX = 224
+# Zoom levels (the model's view in imagery tiles of its type, per side) the official checkpoints were trained at,
+# ascending.
+TRAINED_ZOOM_LEVELS: tuple[int, ...] = (1, 3, 5)
 
 # Metadata tokens in the order upstream appends them after the patch tokens.
 METADATA_ORDER: tuple[str, ...] = ("asource", "tsource", "latlong", "month", "time")

@@ -42,7 +42,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        raise InputError(f"device {device!r} asked for but CUDA is not available; set model.device: cpu (or auto)")
     return torch.device(device)
 
 
@@ -96,7 +96,8 @@ class Sat2SoundEncoder:
                 spec = DEFAULT_TEXT_BACKBONE_BY_DIM.get(self.cfg.text_dim, "")
             if not spec:
                 raise TextBackboneError(
-                    f"no default text backbone for width {self.cfg.text_dim}; pass one with text_backbone=..."
+                    f"no default text backbone for width {self.cfg.text_dim};"
+                    " set model.text_backbone to a backbone of that width"
                 )
             self._text_backbone = load_text_backbone(spec, device=self.device)
         if self._text_backbone.dim != self.cfg.text_dim:

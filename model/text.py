@@ -105,7 +105,7 @@ class FlanT5Backbone(TransformersTextBackbone):
             model_type = AutoConfig.from_pretrained(source).model_type
             if model_type not in T5_MODEL_TYPES:
                 raise TextBackboneError(
-                    f"{source} holds a {model_type!r} model, not T5; give a T5 model or use --text-backbone minilm"
+                    f"{source} holds a {model_type!r} model, not T5; give a T5 model or set model.text_backbone: minilm"
                 )
             tokenizer = AutoTokenizer.from_pretrained(source)
             encoder = T5EncoderModel.from_pretrained(source, dtype=dtype)
@@ -161,13 +161,13 @@ def _load_failure_message(source: str, exc: Exception) -> str:
             " it needs config.json, the weights and the tokenizer files (save_pretrained writes them)"
         )
     if Path(source).is_absolute() or source.startswith("."):
-        return f"no T5 model directory at {source}; check the path given as --text-backbone"
+        return f"no T5 model directory at {source}; check the path given as model.text_backbone"
     if is_offline_mode():
         return (
             f"text backbone {source!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set;"
-            " download it once with network access or set --text-backbone to a local directory"
+            " download it once with network access or set model.text_backbone to a local directory"
         )
     return (
         f"cannot load text backbone {source!r} ({first_line(exc)}); check the Hub model id, download it once"
-        " with network access, or set --text-backbone to a local directory"
+        " with network access, or set model.text_backbone to a local directory"
     )

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import yaml
 
 from common.errors import Sat2SoundError
-from model import GSD_BY_SAT_TYPE
+from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.build import describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
 from pipeline.errors import BuildConfigError
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except Sat2SoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_as_written(str(exc), args)}", file=sys.stderr)
         return USAGE_ERROR_STATUS
     return 0
 
@@ -74,6 +74,20 @@ def _run_plan(args: argparse.Namespace) -> None:
     # is accepted for old scripts and changes nothing).
     planned = plan_build(inputs, limit_hint=PLAN_LIMIT_HINT, survey=True)
     print("\n".join(describe(planned, offline=inputs.imagery.offline)))
+
+
+def _as_written(message: str, args: argparse.Namespace) -> str:
+    """`message` with the config keys the user gave as `plan` flags (all of them, without --config) named as
+    those flags: `config.tiling.chunk_zoom: -1` becomes `--chunk-zoom -1`, `set model.zoom_level: 3` becomes `set
+    --zoom-level 3`."""
+    if args.run is not _run_plan:
+        return message
+    for flag, keys in PLAN_FLAGS.items():
+        if args.config is None or getattr(args, flag) is not None:
+            key = re.escape(".".join(keys))
+            pattern = rf"\bconfig\.{key}\b:?" if len(keys) == 1 else rf"\b(?:config\.)?{key}\b:?"
+            message = re.sub(pattern, f"--{flag.replace('_', '-')}", message)
+    return message
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -149,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--imagery", help="imagery.source: esri, xyz:URL_TEMPLATE, a raster PATH or stac:URL")
     plan.add_argument("--checkpoint", help="model.checkpoint: a path, hf:// URI or 'untrained'")
     plan.add_argument("--sat-type", choices=sorted(GSD_BY_SAT_TYPE), help="model.sat_type of the untrained model")
-    plan.add_argument("--zoom-level", type=int, help="model.zoom_level (1, 3 or 5 were trained)")
+    trained = ", ".join(str(level) for level in TRAINED_ZOOM_LEVELS)
+    plan.add_argument("--zoom-level", type=int, help=f"model.zoom_level (trained: {trained})")
     plan.add_argument("--tile-zoom-offset", type=int, help="tiling.tile_zoom_offset: overlapping views")
     plan.add_argument("--chunk-zoom", type=int, help="tiling.chunk_zoom (default: output zoom - 6)")
     plan.add_argument("--max-tiles", type=int, help="tiling.max_tiles: the build's limit the plan checks against")

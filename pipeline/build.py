@@ -24,7 +24,6 @@ from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
     imagery_zoom,
-    lnglat_of_mercator,
     mercator_scale,
     region_latitude,
     tile_ground_size_m,
@@ -117,8 +116,7 @@ def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:
     plan = planned.plan
     view, grid, lat = plan.view, plan.grid, plan.latitude
     area_m2 = abs(Geod(ellps="WGS84").geometry_area_perimeter(plan.region.geometry)[0])
-    left, bottom, right, top = grid.bounds
-    (west, east), (south, north) = lnglat_of_mercator([left, right], [bottom, top])
+    west, south, east, north = grid.lnglat_bounds
     offset = plan.zoom - plan.auto_zoom
     zoom = f"zoom {plan.zoom}" + (f" ({plan.auto_zoom} + tile_zoom_offset {offset})" if offset else "")
     lines = [
@@ -130,8 +128,7 @@ def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:
         f" (up to {4 ** (plan.zoom - plan.chunk_zoom):,} tiles each)",
         f"Output raster  {grid.width:,} x {grid.height:,} px in {WEB_MERCATOR},"
         f" {_format_length(tile_ground_size_m(plan.zoom, lat))}/px true GSD at {_format_lat(lat)};"
-        f" extent {_format_lon(float(west))} {_format_lat(float(south))} to"
-        f" {_format_lon(float(east))} {_format_lat(float(north))}",
+        f" extent {_format_lon(west)} {_format_lat(south)} to {_format_lon(east)} {_format_lat(north)}",
         *_describe_imagery(planned, offline),
         f"Attribution    {plan.imagery.attribution or '(none given)'}",
         *_describe_limit(planned),

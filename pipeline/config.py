@@ -156,9 +156,15 @@ def with_defaults(config: Mapping[str, Any], schema: Mapping[str, Any] | None = 
 
 
 def _describe(error: ValidationError) -> str:
+    """One line for a schema error: the schema's own words for the failed keyword where it has them (its
+    "errorMessage" templates, formatted with the offending `value`), else jsonschema's sentence."""
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
-    message = " ".join(error.message.split())
-    return f"config{where}: {message}; see {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[1])}"
+    templates = error.schema.get("errorMessage", {}) if isinstance(error.schema, Mapping) else {}
+    try:
+        return f"config{where}: {templates[error.validator].format(value=error.instance)}"
+    except (KeyError, IndexError, TypeError):  # no template, or a value it cannot be formatted with
+        message = " ".join(error.message.split())
+        return f"config{where}: {message}; see {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[1])}"
 
 
 def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:

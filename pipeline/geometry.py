@@ -266,7 +266,8 @@ def default_chunk_zoom(zoom: int) -> int:
 def chunk_depth(zoom: int, chunk_zoom: int) -> int:
     if not 0 <= chunk_zoom <= zoom:
         raise TilingError(
-            f"chunk zoom {chunk_zoom} is outside 0..{zoom} (the output zoom); use a chunk zoom in that range"
+            f"chunk zoom {chunk_zoom} is outside 0..{zoom}: tiling.chunk_zoom must be between 0 and the output zoom"
+            f" ({zoom}); set it in that range or leave it out (zoom {default_chunk_zoom(zoom)})"
         )
     return zoom - chunk_zoom
 
@@ -292,6 +293,16 @@ class RasterGrid(NamedTuple):
     def bounds(self) -> Bounds:
         left, _, _, top = tile_bounds(mercantile.Tile(self.first_column, self.top_row, self.zoom))
         return Bounds(left, top - self.height * self.pixel_m, left + self.width * self.pixel_m, top)
+
+    @property
+    def lnglat_bounds(self) -> Bounds:
+        """West, south, east, north in degrees: east < west across the antimeridian, -180 to 180 for the world."""
+        degrees = 360.0 / 2**self.zoom
+        west = self.first_column * degrees - 180.0
+        east = west + self.width * degrees
+        _, bottom, _, top = self.bounds
+        _, (south, north) = lnglat_of_mercator([0.0, 0.0], [bottom, top])
+        return Bounds(west, float(south), east - 360.0 if east > 180.0 else east, float(north))
 
     @property
     def transform(self) -> Affine:

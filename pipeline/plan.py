@@ -24,7 +24,7 @@ import numpy as np
 from shapely.geometry import mapping, shape
 
 from common.atomic import atomic_save_npz
-from model import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE
+from model import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.config import ImagerySettings, TilingSettings
 from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
@@ -64,7 +64,7 @@ class ModelView(NamedTuple):
         if sat_type not in GSD_BY_SAT_TYPE:
             raise TilingError(f"unknown sat type {sat_type!r}; use one of {', '.join(sorted(GSD_BY_SAT_TYPE))}")
         if zoom_level < 1:
-            raise TilingError(f"zoom level {zoom_level} is below 1; use the checkpoint's zoom level (1, 3 or 5)")
+            raise TilingError(f"zoom level {zoom_level} is below 1; use a trained one {TRAINED_ZOOM_LEVELS}")
         return cls(sat_type, zoom_level)
 
     @property
@@ -76,6 +76,10 @@ class ModelView(NamedTuple):
     def gsd_m(self) -> float:
         """Ground metres per pixel the model sees."""
         return self.size_m / MODEL_INPUT_PX
+
+    def takes(self, native_gsd_m: float) -> bool:
+        """Whether imagery of `native_gsd_m` m/px is fine enough for this view (at most COARSER_LIMIT x coarser)."""
+        return native_gsd_m <= COARSER_LIMIT * self.gsd_m
 
 
 def level_one_size_m(sat_type: str) -> float:
@@ -92,19 +96,27 @@ class ImageryFit(NamedTuple):
     fetches_ahead: bool
 
 
-def fitting_zoom_level(native_gsd_m: float, sat_type: str) -> int:
-    """Smallest zoom level whose model view is at least as coarse as the imagery."""
-    return max(1, math.ceil(native_gsd_m * MODEL_INPUT_PX / level_one_size_m(sat_type) - 1e-9))
+def fitting_zoom_level(native_gsd_m: float, sat_type: str) -> int | None:
+    """The finest trained zoom level whose view takes imagery of `native_gsd_m` m/px; None if even the coarsest
+    is too fine for it."""
+    return next((level for level in TRAINED_ZOOM_LEVELS if ModelView(sat_type, level).takes(native_gsd_m)), None)
 
 
 def check_imagery(reader: ImageryReader, settings: ImagerySettings, view: ModelView, latitude: float) -> ImageryFit:
     """The fit of `reader`'s imagery to the model's view; raises ImageryMismatchError when it is too coarse."""
     native_m = settings.native_gsd_m or reader.native_gsd_m(latitude)
-    if native_m > COARSER_LIMIT * view.gsd_m:
+    if not view.takes(native_m):
+        level = fitting_zoom_level(native_m, view.sat_type)
+        coarsest = ModelView(view.sat_type, TRAINED_ZOOM_LEVELS[-1])
+        hint = (
+            f"set model.zoom_level: {level} or use finer imagery"
+            if level is not None
+            else f"the imagery is too coarse for this model, even at its coarsest trained zoom_level"
+            f" {coarsest.zoom_level} (at most {COARSER_LIMIT * coarsest.gsd_m:.3g} m/px); use finer imagery"
+        )
         raise ImageryMismatchError(
             f"imagery {settings.source} has {native_m:.3g} m/px but a {view.sat_type} model at zoom_level"
-            f" {view.zoom_level} expects {view.gsd_m:.3g} m/px (at most {COARSER_LIMIT:g}x coarser); set"
-            f" model.zoom_level: {fitting_zoom_level(native_m, view.sat_type)} or use finer imagery"
+            f" {view.zoom_level} expects {view.gsd_m:.3g} m/px (at most {COARSER_LIMIT:g}x coarser); {hint}"
         )
     return ImageryFit(settings.source, reader.source_id, reader.attribution, native_m, reader.fetches_ahead)
 

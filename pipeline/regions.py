@@ -8,6 +8,7 @@ crosses the antimeridian, split into parts on either side of ±180°; each chang
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import unicodedata
@@ -23,6 +24,7 @@ import shapely
 from pyogrio.errors import DataLayerError, DataSourceError
 from pyproj import CRS, Geod, Transformer
 from shapely.affinity import translate
+from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
@@ -37,8 +39,11 @@ CATALOG_FILES = ("countries.geojson", "cities.geojson")
 WEB_MERCATOR_MAX_LAT = math.degrees(math.atan(math.sinh(math.pi)))
 MAX_RADIUS_M = 2_000_000.0
 CIRCLE_QUAD_SEGMENTS = 32
+BBOX_EDGE_DEG = 1.0
 VECTOR_SUFFIXES = frozenset({".geojson", ".json", ".gpkg", ".shp", ".parquet", ".geoparquet", ".fgb", ".kml", ".zip"})
 PARQUET_SUFFIXES = frozenset({".parquet", ".geoparquet"})
+JSON_SUFFIXES = frozenset({".geojson", ".json"})
+RING_FIX = "close every ring: at least 4 points, the last one repeating the first"
 _GEOD = Geod(ellps="WGS84")
 
 BBOX_LAYOUT = "minlon,minlat,maxlon,maxlat"
@@ -59,7 +64,8 @@ class Region(NamedTuple):
 def parse_region(spec: str) -> Region:
     """Read a region from a vector file path, `minlon,minlat,maxlon,maxlat`, `lat,lon,3km` or a catalog name.
 
-    A bbox whose west edge is greater than its east edge crosses the antimeridian (as in RFC 7946).
+    A bbox runs east from its west edge: west > east crosses the antimeridian (as in RFC 7946), and
+    -180,S,180,N is the whole band of latitudes.
     """
     spec = spec.strip()
     if not spec:
@@ -106,8 +112,8 @@ def _bbox_geometry(west: float, south: float, east: float, north: float) -> Base
         _check_longitude(lon, what, BBOX_LAYOUT)
     if south >= north:
         raise RegionError(f"inverted bbox: south {south:g} is not below north {north:g}; write {BBOX_LAYOUT}")
-    if west == east:
-        raise RegionError(f"bbox has zero width (west = east = {west:g}); write {BBOX_LAYOUT}")
+    if west == east or (west, east) == (180.0, -180.0):
+        raise RegionError(f"bbox has zero width (west {west:g}, east {east:g}); write {BBOX_LAYOUT}")
     if west > east:
         warnings.warn(
             f"bbox west {west:g} > east {east:g}: reading it as crossing the antimeridian (RFC 7946)",
@@ -115,7 +121,9 @@ def _bbox_geometry(west: float, south: float, east: float, north: float) -> Base
             stacklevel=2,
         )
         east += 360.0
-    return box(west, south, east, north)
+    # Edges of at most BBOX_EDGE_DEG: a ring edge longer than 180° would read as one across the antimeridian
+    # (`_unwrap_polygon`), and the geodesic area of the plan's summary follows the parallels.
+    return shapely.segmentize(box(west, south, east, north), BBOX_EDGE_DEG)
 
 
 def _circle_geometry(lat: float, lon: float, radius_m: float) -> BaseGeometry:
@@ -144,35 +152,67 @@ def _read_vector_file(path: Path) -> BaseGeometry:
     if not path.exists():
         raise RegionError(f"region file {path} does not exist; check the path")
     try:
-        frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
+        with warnings.catch_warnings():
+            # GDAL's warning suggests a GDAL option; the GEOSException that follows gets a line saying what to fix.
+            warnings.filterwarnings("ignore", "Non closed ring detected", RuntimeWarning)
+            frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
     except ImportError:
         raise RegionError(f"reading {path.name} needs pyarrow; install it with 'pip install pyarrow'") from None
+    except GEOSException as exc:
+        # Raised while the geometries are decoded: a ring that is not closed or has too few points.
+        raise RegionError(f"region file {path} holds a malformed polygon ({first_line(exc)}); {RING_FIX}") from None
     except (DataSourceError, DataLayerError, ValueError, OSError) as exc:
-        raise RegionError(
-            f"cannot read {path} as vector data ({first_line(exc)});"
-            " give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
-        ) from None
+        raise RegionError(_unreadable_message(path, exc)) from None
     frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
     if frame.empty:
         raise RegionError(f"region file {path} holds no geometries; draw a polygon into it")
-    if frame.crs is None:
-        frame = _assume_wgs84(frame, path)
-    elif not frame.crs.equals(CRS(WGS84)):
-        frame = frame.to_crs(WGS84)
-    return shapely.union_all(_repaired_polygons(frame.geometry.to_numpy(), path.name))
+    rings = shapely.get_rings(shapely.get_parts(frame.geometry.to_numpy()))
+    if (shapely.get_num_coordinates(rings) < 4).any():
+        raise RegionError(f"region file {path} holds a polygon ring of fewer than 4 points; {RING_FIX}")
+    return shapely.union_all(_repaired_polygons(_in_wgs84(frame, path).geometry.to_numpy(), path.name))
 
 
-def _assume_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:
-    # A file without a CRS is most often a lon/lat Shapefile that lost its .prj, so lon/lat coordinates
-    # are taken as EPSG:4326; anything else cannot be guessed and is refused.
+def _unreadable_message(path: Path, exc: Exception) -> str:
+    if path.suffix.lower() in JSON_SUFFIXES:
+        try:
+            json.loads(path.read_bytes())
+        except json.JSONDecodeError as bad:
+            return (
+                f"region file {path} is not valid JSON ({bad.msg} at line {bad.lineno} column {bad.colno});"
+                " fix it or export the region again as GeoJSON"
+            )
+        except (OSError, UnicodeDecodeError):
+            pass
+    return (
+        f"cannot read {path} as vector data ({first_line(exc)});"
+        " give a GeoJSON, GeoPackage, Shapefile or GeoParquet file"
+    )
+
+
+def _in_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:
+    """The file's geometries in EPSG:4326; coordinates without a CRS or in a geographic one must be lon/lat."""
+    if frame.crs is not None and not frame.crs.is_geographic:
+        return frame.to_crs(WGS84)
+    # A file without a CRS is most often a lon/lat Shapefile that lost its .prj, so coordinates within
+    # -180..180 are taken as EPSG:4326 and anything else (x 250..300 may as well be metres) is refused. A
+    # geographic CRS may run to 360 (0..360 longitudes; rings unwrapped across ±180°).
+    max_lon = 180.0 if frame.crs is None else 360.0
     west, south, east, north = frame.total_bounds
-    if west < -180.0 or east > 360.0 or south < -90.0 or north > 90.0:
-        raise RegionError(
-            f"{path.name} has no CRS and its coordinates are not longitudes/latitudes; "
-            "add a .prj or set the CRS (e.g. ogr2ogr -a_srs EPSG:32633)"
+    if west < -max_lon or east > max_lon or south < -90.0 or north > 90.0:
+        ranges = f"x {west:.10g}..{east:.10g}, y {south:.10g}..{north:.10g}"
+        problem = (
+            f"has no CRS and its coordinates ({ranges}) are outside the longitude/latitude range"
+            if frame.crs is None
+            else f"has coordinates that look projected ({ranges}) but no projected CRS (it reads as {frame.crs.name})"
         )
-    warnings.warn(f"{path.name} has no CRS; assuming EPSG:4326 (lon/lat)", RegionWarning, stacklevel=2)
-    return frame.set_crs(WGS84)
+        raise RegionError(
+            f"region file {path} {problem}; set its CRS (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg {path.name})"
+            " or reproject it to EPSG:4326"
+        )
+    if frame.crs is None:
+        warnings.warn(f"{path.name} has no CRS; assuming EPSG:4326 (lon/lat)", RegionWarning, stacklevel=2)
+        return frame.set_crs(WGS84)
+    return frame if frame.crs.equals(CRS(WGS84)) else frame.to_crs(WGS84)
 
 
 def _repaired_polygons(geometries: np.ndarray, source: str) -> list[BaseGeometry]:

@@ -65,9 +65,18 @@ def test_missing_keys_take_the_schema_defaults() -> None:
         ({"queries": [{"id": "a b", "text": "x"}]}, "config.queries[0].id: 'a b' does not match"),
         (
             {"queries": [{"id": "concepts", "text": "x"}]},
-            "config.queries[0].id: 'concepts' should not be valid",
+            "config.queries[0].id: 'concepts' is reserved for the concept map (cog/concepts.tif); give the query"
+            " another id",
         ),
-        ({"queries": [{"id": "only_id"}]}, "config.queries[0]"),
+        (
+            {"queries": [{"id": "birds", "text": "x"}, {"id": "only_id"}]},
+            """config.queries[1]: query 'only_id' has neither text nor audio; give it text: "..." or audio: PATH""",
+        ),
+        ({"queries": [{"text": "x"}]}, "config.queries[0]: 'id' is a required property"),
+        (
+            {"tiling": {"chunk_zoom": -1}},
+            "config.tiling.chunk_zoom: -1 is below 0: a chunk zoom must be between 0 and the output zoom;",
+        ),
         ({"queries": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "id 'a' is used twice"),
         ({"queries": []}, "config.queries: [] should be non-empty"),
     ],

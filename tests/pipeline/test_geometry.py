@@ -292,6 +292,14 @@ def test_raster_grid_spans_the_cover() -> None:
     assert grid.transform @ (0, 0) == pytest.approx((grid.bounds.left, grid.bounds.top))
 
 
+def test_a_raster_grid_round_the_world_runs_from_180_west_to_180_east() -> None:
+    zoom = 3
+    columns = np.arange(2**zoom)
+    grid = raster_grid(TileCover(zoom, columns, np.full_like(columns, 2)))
+    assert (grid.first_column, grid.width) == (0, 2**zoom)
+    assert grid.lnglat_bounds[0::2] == (-180.0, 180.0)
+
+
 def test_raster_grid_continues_across_the_antimeridian() -> None:
     zoom = 5
     last = 2**zoom - 1
@@ -302,5 +310,8 @@ def test_raster_grid_continues_across_the_antimeridian() -> None:
     assert grid.bounds.right == pytest.approx(WORLD_HALF_WIDTH_M + 2 * 2 * WORLD_HALF_WIDTH_M / 2**zoom)
     _, cols = grid.cells(crossing.x, crossing.y)
     assert cols.tolist() == [0, 1, 2]
+    west, south, east, north = grid.lnglat_bounds
+    assert (west, east) == pytest.approx((mercantile.bounds(last, 10, zoom).west, mercantile.bounds(1, 11, zoom).east))
+    assert (south, north) == pytest.approx((mercantile.bounds(0, 11, zoom).south, mercantile.bounds(0, 10, zoom).north))
     with pytest.raises(TilingError, match="empty"):
         raster_grid(TileCover(zoom, np.array([], dtype=np.int64), np.array([], dtype=np.int64)))

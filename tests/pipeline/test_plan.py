@@ -28,7 +28,13 @@ from pipeline.build import (
     plan_build,
     start_build,
 )
-from pipeline.config import DEFAULT_CONFIG_PATH, ImagerySettings, TilingSettings, load_build_config
+from pipeline.config import (
+    DEFAULT_CONFIG_PATH,
+    ImagerySettings,
+    TilingSettings,
+    load_build_config,
+    load_plan_inputs,
+)
 from pipeline.errors import BuildConfigError, ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
@@ -191,6 +197,26 @@ def test_plan_refuses_large_regions_with_the_callers_hint() -> None:
     assert plan_of(region, max_tiles=None)[0].tile_count > 100
 
 
+@pytest.mark.parametrize(("spec", "west", "east"), [("-100,0,100,10", -100, 100), ("-180,-60,180,60", -180, 180)])
+def test_a_bbox_wider_than_180_degrees_plans_the_band_it_names(
+    tmp_path: Path, spec: str, west: float, east: float
+) -> None:
+    imagery = {"source": OFFLINE_TEMPLATE, "offline": True, "cache_dir": str(tmp_path)}
+    # zoom level 200: 512 km views, zoom-6 output tiles, a few thousand at most.
+    planned = plan_build(load_plan_inputs({"region": spec, "imagery": imagery, "model": {"zoom_level": 200}}))
+    plan = planned.plan
+    tile_deg = 360 / 2**plan.zoom
+    lons = np.concatenate([chunk.lon for chunk in planned.chunks])
+    assert west < lons.min() < west + tile_deg and east - tile_deg < lons.max() < east
+    columns = set(np.concatenate([chunk.x for chunk in planned.chunks]).tolist())
+    assert columns == {tile.x for tile in mercantile.tiles(west, 0, east, 10, zooms=plan.zoom)}
+    assert plan.grid.width == len(columns) == (2**plan.zoom if east - west == 360 else max(columns) - min(columns) + 1)
+    assert plan.grid.first_column == min(columns)
+    first, last = (mercantile.bounds(mercantile.Tile(x, 0, plan.zoom)) for x in (min(columns), max(columns)))
+    text = "\n".join(describe(planned))
+    assert f"extent {-first.west:.4f}°W" in text and f"to {last.east:.4f}°E" in text
+
+
 # --- the plan file ---------------------------------------------------------------------------------------
 
 
@@ -216,10 +242,13 @@ def test_the_plan_file_round_trips_and_is_rewritten_only_when_the_plan_changes(t
 # --- imagery: fit and downloads --------------------------------------------------------------------------
 
 
-def test_fitting_zoom_level_is_the_first_whose_view_is_as_coarse_as_the_imagery() -> None:
-    # sentinel: 256 px x 10 m per zoom level over 224 px = 11.43 m/px per level.
-    assert fitting_zoom_level(30.0, "sentinel") == 3
+def test_fitting_zoom_level_is_the_finest_trained_level_that_takes_the_imagery() -> None:
+    # sentinel: 256 px x 10 m per zoom level over 224 px = 11.43 m/px per level, 1.5x coarser imagery taken:
+    # level 1 takes up to 17.1 m/px, level 3 51.4 m/px, level 5 85.7 m/px.
     assert fitting_zoom_level(11.0, "sentinel") == 1
+    assert fitting_zoom_level(30.0, "sentinel") == fitting_zoom_level(51.0, "sentinel") == 3
+    assert fitting_zoom_level(52.0, "sentinel") == 5
+    assert fitting_zoom_level(86.0, "sentinel") is None
     assert fitting_zoom_level(0.3, "bingmap") == 1
 
 
@@ -233,8 +262,10 @@ def test_imagery_up_to_one_and_a_half_times_coarser_fits(tmp_path: Path) -> None
         assert (fit.native_gsd_m, fit.fetches_ahead, fit.source_id) == (1.5 * model_m, True, "stand-in")
         with pytest.raises(ImageryMismatchError) as raised:
             check_imagery(reader, ImagerySettings("xyz", {}, str(tmp_path), True, 1.51 * model_m, 0.5), view, 40.0)
-    message = str(raised.value)
-    assert f"expects {model_m:.3g} m/px" in message and "set model.zoom_level: 8" in message
+    assert str(raised.value).endswith(
+        f"expects {model_m:.3g} m/px (at most 1.5x coarser); the imagery is too coarse for this model, even at its"
+        f" coarsest trained zoom_level 5 (at most {1.5 * model_m:.3g} m/px); use finer imagery"
+    )
 
 
 def test_a_local_raster_is_read_on_demand_and_checked_at_its_own_resolution() -> None:
@@ -562,7 +593,16 @@ def test_cli_refuses_imagery_too_coarse_for_the_model_as_the_build_does(
         capsys, "plan", "--region=-54.6,-25.4,-54.5,-25.3", "--imagery", str(LANDSAT), "--sat-type", "bingmap"
     )
     assert (status, out) == (2, "")
-    assert "has 30 m/px but a bingmap model at zoom_level 1 expects 0.804 m/px" in err and err.count("\n") == 1
+    assert err.count("\n") == 1
+    assert err.startswith(
+        f"error: imagery {LANDSAT} has 30 m/px but a bingmap model at zoom_level 1 expects 0.804 m/px (at most 1.5x"
+        " coarser); the imagery is too coarse for this model, even at its coarsest trained zoom_level 5 (at most"
+        " 6.03 m/px); use finer imagery"
+    )
+    status, out, err = _run_cli(capsys, "plan", "--region=-54.6,-25.4,-54.5,-25.3", "--imagery", str(LANDSAT))
+    assert (status, out, err.count("\n")) == (2, "", 1)
+    assert "has 30 m/px but a sentinel model at zoom_level 1 expects 11.4 m/px" in err
+    assert err.endswith("; set --zoom-level 3 or use finer imagery\n")
 
 
 def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -573,7 +613,61 @@ def test_cli_plans_exactly_the_build_of_a_config(capsys: pytest.CaptureFixture[s
     assert out.splitlines() == describe(planned)
     status, out, err = _run_cli(capsys, "plan", "--config", str(DEFAULT_CONFIG_PATH), "--tile-zoom-offset", "-3")
     assert (status, out) == (2, "")
-    assert err.startswith("error: config.tiling.tile_zoom_offset: -3 is less than the minimum of 0")
+    assert err == "error: --tile-zoom-offset -3 is less than the minimum of 0; see config/schema.json\n"
+
+
+CHUNK_ZOOM_RANGE = "a chunk zoom must be between 0 and the output zoom; leave it out for output zoom - 6"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--chunk-zoom", "-1"), f"--chunk-zoom -1 is below 0: {CHUNK_ZOOM_RANGE}"),
+        (
+            ("--chunk-zoom", "18"),
+            "chunk zoom 18 is outside 0..17: --chunk-zoom must be between 0 and the output zoom (17); set it in that"
+            " range or leave it out (zoom 11)",
+        ),
+        (("--tile-zoom-offset", "-3"), "--tile-zoom-offset -3 is less than the minimum of 0; see config/schema.json"),
+        (("--tile-zoom-offset", "7"), "--tile-zoom-offset 7 is greater than the maximum of 6; see config/schema.json"),
+        (("--zoom-level", "0"), "--zoom-level 0 is less than the minimum of 1; see config/schema.json"),
+        (("--max-tiles", "0"), "--max-tiles 0 is less than the minimum of 1; see config/schema.json"),
+    ],
+)
+def test_cli_flags_out_of_range_are_refused_by_their_flag_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: tuple[str, str], message: str
+) -> None:
+    common = ("--region", "St. Louis", "--sat-type", "bingmap", "--imagery", OFFLINE_TEMPLATE, "--offline")
+    status, out, err = _run_cli(capsys, "plan", *common, "--cache-dir", str(tmp_path), *flags)
+    assert (status, out, err) == (2, "", f"error: {message}\n")
+
+
+@pytest.mark.parametrize(
+    ("chunk_zoom", "message"),
+    [
+        (-1, f"config.tiling.chunk_zoom: -1 is below 0: {CHUNK_ZOOM_RANGE}"),
+        (
+            18,
+            "chunk zoom 18 is outside 0..17: tiling.chunk_zoom must be between 0 and the output zoom (17); set it in"
+            " that range or leave it out (zoom 11)",
+        ),
+    ],
+)
+def test_a_chunk_zoom_out_of_range_in_a_config_is_named_by_its_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, chunk_zoom: int, message: str
+) -> None:
+    config = {
+        "region": "St. Louis",
+        "imagery": {"source": OFFLINE_TEMPLATE, "offline": True, "cache_dir": str(tmp_path)},
+        "model": {"sat_type": "bingmap"},
+        "tiling": {"chunk_zoom": chunk_zoom},
+    }
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump(config))
+    status, out, err = _run_cli(capsys, "plan", "--config", str(path))
+    assert (status, out, err) == (2, "", f"error: {message}\n")
+    with pytest.raises(BuildConfigError if chunk_zoom < 0 else TilingError, match=f"^{re.escape(message)}$"):
+        plan_build(load_build_config({**config, "name": "test", "queries": [{"id": "a", "text": "a"}]}).plan_inputs)
 
 
 def test_summary_gives_the_fetch_time_at_the_sources_cap_and_its_terms(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import shapely
 from pyproj import Geod, Transformer
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
+from pipeline.__main__ import main
 from pipeline.errors import RegionError, RegionWarning
 from pipeline.regions import WEB_MERCATOR_MAX_LAT, Region, catalog_names, parse_region
 
@@ -63,6 +66,7 @@ def test_bbox_becomes_its_rectangle() -> None:
         ("-90.1,38.7,-90.2,38.6", "inverted bbox"),
         ("10,20,30,20", "inverted bbox"),
         ("10,20,10,30", "zero width"),
+        ("180,20,-180,30", "zero width"),
         ("38.6,-90.2,38.7,-91.2", "latitude -90.2 is out of range"),
         ("-200,10,-190,20", "longitude -200 is out of range"),
         ("0,86,10,89", "empty after clipping"),
@@ -91,6 +95,25 @@ def test_bbox_across_the_antimeridian_is_split_in_two() -> None:
     parts = sorted(region.geometry.geoms, key=lambda part: part.bounds[0])
     assert parts[0].equals(box(-180, -20, -170, -10))
     assert parts[1].equals(box(170, -20, 180, -10))
+
+
+@pytest.mark.parametrize(
+    ("spec", "bounds"), [("-100,0,100,10", (-100, 0, 100, 10)), ("-180,-60,180,60", (-180, -60, 180, 60))]
+)
+def test_bbox_wider_than_180_degrees_runs_east_from_its_west_edge(spec: str, bounds: tuple[float, ...]) -> None:
+    region = _parse_quietly(spec)
+    _assert_clean(region)
+    west, south, east, north = bounds
+    assert region.geometry.bounds == pytest.approx(bounds)
+    assert region.geometry.area == pytest.approx((east - west) * (north - south))
+
+
+def test_bbox_across_the_antimeridian_wider_than_180_degrees_keeps_its_width() -> None:
+    with pytest.warns(RegionWarning, match="antimeridian"):
+        region = parse_region("10,0,-10,10")
+    _assert_clean(region)
+    assert region.geometry.area == pytest.approx(340 * 10)
+    assert not region.geometry.intersects(Point(0, 5)) and region.geometry.contains(Point(180 - 1e-9, 5))
 
 
 def test_bbox_beyond_the_mercator_limit_is_clipped() -> None:
@@ -223,7 +246,7 @@ def test_missing_crs_with_lonlat_coordinates_is_assumed_wgs84(tmp_path: Path) ->
 
 def test_missing_crs_with_projected_coordinates_is_refused(tmp_path: Path) -> None:
     path = _shapefile_without_crs(tmp_path, box(500_000, 4_200_000, 510_000, 4_210_000))
-    with pytest.raises(RegionError, match="no CRS and its coordinates are not longitudes"):
+    with pytest.raises(RegionError, match=r"no CRS and its coordinates \(x 500000\.\.510000, y 4200000\.\.4210000\)"):
         parse_region(str(path))
 
 
@@ -255,7 +278,8 @@ def test_longitudes_past_180_are_wrapped(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("filename", "content", "message"),
     [
-        ("garbage.geojson", "this is not json", "cannot read"),
+        ("garbage.geojson", "this is not json", "is not valid JSON"),
+        ("garbage.gpkg", "this is no GeoPackage", "cannot read"),
         ("empty.geojson", '{"type": "FeatureCollection", "features": []}', "holds no geometries"),
     ],
 )
@@ -275,3 +299,98 @@ def test_points_only_file_is_refused(tmp_path: Path) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(RegionError, match="does not exist"):
         parse_region(str(tmp_path / "nowhere.gpkg"))
+
+
+# --- bad region files, as `python -m pipeline plan` reports them ------------------------------------------
+
+UNCLOSED_RING = {"type": "Polygon", "coordinates": [[[10, 10], [11, 10], [11, 11], [10, 11]]]}
+RING_FIX = "close every ring: at least 4 points, the last one repeating the first"
+
+
+def _feature_collection(*geometries: object) -> str:
+    features = [{"type": "Feature", "properties": {}, "geometry": geometry} for geometry in geometries]
+    return json.dumps({"type": "FeatureCollection", "features": features})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            _feature_collection(UNCLOSED_RING),
+            "holds a malformed polygon (IllegalArgumentException: Points of LinearRing do not form a closed"
+            f" linestring); {RING_FIX}",
+        ),
+        (json.dumps(UNCLOSED_RING), "holds a malformed polygon"),
+        (
+            _feature_collection({"type": "Polygon", "coordinates": [[[10, 10], [11, 10], [10, 10]]]}),
+            f"holds a polygon ring of fewer than 4 points; {RING_FIX}",
+        ),
+        (
+            '{"type": "FeatureCollection", "features": [}',
+            "is not valid JSON (Expecting value at line 1 column 44); fix it or export the region again as GeoJSON",
+        ),
+        ("", "is not valid JSON (Expecting value at line 1 column 1)"),
+        (_feature_collection(), "holds no geometries; draw a polygon into it"),
+        (_feature_collection(None), "holds no geometries; draw a polygon into it"),
+    ],
+    ids=["unclosed ring", "bare unclosed polygon", "3-point ring", "bad JSON", "empty file", "no features", "null"],
+)
+def test_malformed_region_files_are_one_line_naming_the_file_and_the_fix(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "region.geojson"
+    path.write_text(content)
+    status = main(["plan", "--region", str(path), "--cache-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert (status, captured.out) == (2, "")
+    assert captured.err.startswith(f"error: region file {path} {message}")
+    assert captured.err.count("\n") == 1
+
+
+def test_an_unclosed_ring_stops_the_plan_command_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "unclosed.geojson"
+    path.write_text(_feature_collection(UNCLOSED_RING))
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "plan", "--region", str(path), "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (completed.returncode, completed.stdout) == (2, "")
+    assert completed.stderr.startswith(f"error: region file {path} holds a malformed polygon")
+    assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+CRS_FIX = "or reproject it to EPSG:4326"
+
+
+def _plan_error(capsys: pytest.CaptureFixture[str], path: Path) -> str:
+    status = main(["plan", "--region", str(path), "--cache-dir", str(path.parent)])
+    captured = capsys.readouterr()
+    assert (status, captured.out, captured.err.count("\n")) == (2, "", 1)
+    return captured.err
+
+
+def test_projected_coordinates_in_a_geojson_without_a_crs_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "utm.geojson"
+    path.write_text(_feature_collection(box(500_000, 4_200_000, 510_000, 4_210_000).__geo_interface__))
+    assert _plan_error(capsys, path).startswith(
+        f"error: region file {path} has coordinates that look projected (x 500000..510000, y 4200000..4210000)"
+        f" but no projected CRS (it reads as WGS 84); set its CRS (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg"
+        f" utm.geojson) {CRS_FIX}"
+    )
+
+
+def test_a_shapefile_without_prj_beyond_180_degrees_is_not_taken_as_lonlat(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = _shapefile_without_crs(tmp_path, box(250, 10, 300, 20))
+    err = _plan_error(capsys, path)
+    assert err.startswith(
+        f"error: region file {path} has no CRS and its coordinates (x 250..300, y 10..20) are outside the"
+        " longitude/latitude range; set its CRS"
+    )
+    assert CRS_FIX in err

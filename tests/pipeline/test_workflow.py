@@ -386,7 +386,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[dict[str, Any], str]]:
     a_file.write_text("")
     one_level_m = 300 * 0.6 / 224
     with rasterio.open(SCENE_PATH) as scene:
-        fitting_level = math.ceil(scene.res[0] / one_level_m)
+        # The finest trained zoom level (1, 3, 5) whose view the scene is at most 1.5x coarser than.
+        fitting_level = next(level for level in (1, 3, 5) if scene.res[0] <= 1.5 * level * one_level_m)
     return {
         "missing audio": ({"queries": [{"id": "rain", "audio": str(tmp / "missing.wav")}]}, "does not exist"),
         "undecodable audio": ({"queries": [{"id": "rain", "audio": str(garbage)}]}, "cannot read"),
