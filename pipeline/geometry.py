@@ -130,6 +130,10 @@ def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float) -> np
     return np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=-1)
 
 
+# Views of one strip are read at one resolution: rows whose views differ more in size go to separate strips.
+MAX_STRIP_SIZE_RATIO = 1.02
+
+
 class ViewStrip(NamedTuple):
     """Views `start`..`stop` - 1 of a row-by-row sequence, read together: `pixels` is their union's size at
     the finest view's resolution."""
@@ -141,18 +145,21 @@ class ViewStrip(NamedTuple):
 
 def view_strips(views: np.ndarray, width: int, max_pixels: int) -> list[ViewStrip]:
     """Consecutive rows of (N, 4) views (rows: runs of equal top and bottom) grouped into strips whose union,
-    at the finest view's `width`-px resolution, holds at most `max_pixels` pixels (a row alone may hold more).
+    at the finest view's `width`-px resolution, holds at most `max_pixels` pixels (a row alone may hold more),
+    and whose views differ in size by MAX_STRIP_SIZE_RATIO at most (rows of one chunk, not unrelated views).
 
     Overlapping views (finer output tiles than views) share the pixels of a strip, so each is read once."""
     if len(views) == 0:
         return []
     rows = view_rows(views)
     starts, stops = [row.start for row in rows], [row.stop for row in rows]
+    widths = views[:, 2] - views[:, 0]
     strips: list[ViewStrip] = []
     first = 0
     for index, stop in enumerate(stops):
         pixels = _union_pixels(views[starts[first] : stop], width)
-        if index > first and pixels > max_pixels:
+        group = widths[starts[first] : stop]
+        if index > first and (pixels > max_pixels or group.max() > MAX_STRIP_SIZE_RATIO * group.min()):
             previous = stops[index - 1]
             strips.append(ViewStrip(starts[first], previous, _union_pixels(views[starts[first] : previous], width)))
             first = index

@@ -15,6 +15,7 @@ interpolated between them, well under 0.01 px off) and weigh a 2-D neighbourhood
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
@@ -32,8 +33,8 @@ from pipeline.imagery.base import RGB_BANDS, SourcePixels
 
 # GDAL keeps the unstretched kernel while a view shrinks the source by less than this (its 4-sample formula).
 UNSCALED_KERNEL_ABOVE = 0.95
-# Views resampled together: bounds the temporary (views, bands, rows, size, taps) arrays to some 100 MB.
-SEPARABLE_BATCH = 16
+# Views of one row resampled together (their pass down the source is shared): about 50 MB of results.
+SEPARABLE_BATCH = 64
 # Points per view axis mapped exactly through the projection; the rest are interpolated between them.
 PROJECTED_GRID_POINTS = 9
 _UINT8_MAX = 255.0
@@ -97,16 +98,16 @@ def cut_views(
     landing = _landing(source, valid)
     if _on_mercator_grid(source):
         parts = [
-            _resample_separable(values, valid, landing, source.transform, views[rows], size, kernel)
+            _finish(*_resample_separable(values, valid, landing, source.transform, views[rows], size, kernel), source)
             for rows in _same_rows(views)
         ]
     else:
         # Values premultiplied by validity, validity last: one pass resamples both.
         stack = torch.cat([values.float() * valid, valid[None].float()])
-        parts = [_resample_projected(stack, landing, source, view, size, kernel) for view in views]
-    bands = len(values)
-    resampled = torch.cat(parts) if parts else torch.zeros((0, bands + 2, size, size), device=device)
-    return _finish(resampled, source)
+        parts = [_finish(*_resample_projected(stack, landing, source, view, size, kernel), source) for view in views]
+    if not parts:
+        return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
+    return ViewBatch(torch.cat([part.pixels for part in parts]), torch.cat([part.coverage for part in parts]))
 
 
 def _same_rows(views: np.ndarray) -> list[slice]:
@@ -123,18 +124,24 @@ def _on_mercator_grid(source: SourcePixels) -> bool:
     return source.crs == WEB_MERCATOR and transform.b == 0.0 and transform.d == 0.0 and transform.e < 0.0
 
 
-def _finish(resampled: Tensor, source: SourcePixels) -> ViewBatch:
-    """uint8 views and coverage from (N, bands + 2, S, S): premultiplied values, valid weight, and whether
-    the pixel holds imagery."""
-    values, valid_weight, has_imagery = resampled[:, :-2], resampled[:, -2], resampled[:, -1] > 0
-    values = values / valid_weight.clamp(min=1e-12)[:, None]
-    if source.stretch is not None:
-        low, high = source.stretch
-        values = (values - low) * (_UINT8_MAX / (high - low))
-    pixels = torch.where(has_imagery[:, None], values.round().clamp(0.0, _UINT8_MAX), 0.0).to(torch.uint8)
+def _finish(resampled: Tensor, landed: Tensor, source: SourcePixels) -> ViewBatch:
+    """uint8 views and their coverage from (N, bands + 1, S, S) values premultiplied by validity plus the
+    valid weight, and where (N, S, S) the views hold imagery. Few passes over the values: memory, not
+    arithmetic, sets the pace here."""
+    low, gain = (
+        (0.0, 1.0)
+        if source.stretch is None
+        else (source.stretch.low, _UINT8_MAX / (source.stretch.high - source.stretch.low))
+    )
+    # One factor per pixel: the kernel's renormalisation, the stretch's gain, and 0 where there is no imagery.
+    factor = torch.where(landed, gain / resampled[:, -1].clamp(min=1e-12), 0.0)[:, None]
+    # Adding 0.5 before truncating rounds halves up, as GDAL does.
+    offset = 0.5 - low * gain
+    values = resampled[:, :-1].mul_(factor).add_(offset * landed[:, None]).clamp_(0.0, _UINT8_MAX)
+    pixels = values.to(torch.uint8)
     if pixels.shape[1] == 1:
-        pixels = pixels.expand(-1, RGB_BANDS, -1, -1)
-    return ViewBatch(pixels.contiguous(), has_imagery.float().mean(dim=(1, 2)))
+        pixels = pixels.expand(-1, RGB_BANDS, -1, -1).contiguous()
+    return ViewBatch(pixels, landed.float().mean(dim=(1, 2)).cpu())
 
 
 def _taps(coords: Tensor, scale: Tensor, kernel: Kernel, length: int) -> tuple[Tensor, Tensor]:
@@ -175,9 +182,21 @@ def _kernel_scale(shrink: Tensor) -> Tensor:
     return torch.where(shrink >= UNSCALED_KERNEL_ABOVE, torch.ones_like(shrink), shrink)
 
 
+def _tap_matrix(index: Tensor, weight: Tensor, length: int) -> Tensor:
+    """Sparse (outputs, `length`) matrix of (..., K) taps: output i sums weight[i, k] x input index[i, k]."""
+    index, weight = index.reshape(-1, index.shape[-1]), weight.reshape(-1, weight.shape[-1])
+    rows, taps = index.shape
+    pointers = torch.arange(0, rows * taps + 1, taps, device=index.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(
+            pointers, index.reshape(-1), weight.reshape(-1).float(), size=(rows, length), check_invariants=False
+        )
+
+
 def _resample_separable(
     values: Tensor, valid: Tensor, landing: Tensor, transform: Affine, views: np.ndarray, size: int, kernel: Kernel
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Views that share their rows: one pass down the source's columns under all of them, then one across
     per view."""
     device = values.device
@@ -194,18 +213,20 @@ def _resample_separable(
     scale = _kernel_scale(shrink)
     column_index, column_weight = _taps(columns, scale[:, None], kernel, width)
     row_index, row_weight = _taps(rows[:1], scale[:1, None], kernel, height)
-    count, taps = len(views), column_index.shape[-1]
-    first, end = int(column_index.min()), int(column_index.max()) + 1
-    picked_valid = valid[row_index[0], first:end].float()  # (S, K, W)
-    picked = values[:, row_index[0], first:end].float() * picked_valid
-    weights = row_weight[0].float()[..., None]
-    down = torch.cat([(picked * weights).sum(-2), (picked_valid * weights).sum(-2)[None]])  # (bands + 1, S, W)
-    by_column = down.permute(2, 0, 1).reshape(end - first, (bands + 1) * size)
-    chosen = by_column.index_select(0, (column_index - first).reshape(-1))
-    across = (chosen.reshape(count, size, taps, -1) * column_weight.float()[..., None]).sum(2)
-    out = across.reshape(count, size, bands + 1, size).permute(0, 2, 3, 1)  # (N, bands + 1, rows, columns)
-    landed = _landed(landing, rows[:, :, None], columns[:, None, :])
-    return torch.cat([out, landed.float()[:, None]], dim=1)
+    count = len(views)
+    first_row, end_row = int(row_index.min()), int(row_index.max()) + 1
+    first_column, end_column = int(column_index.min()), int(column_index.max()) + 1
+    window = np.s_[first_row:end_row, first_column:end_column]
+    window_valid = valid[window].float()
+    stack = torch.cat([values[(slice(None), *window)].float() * window_valid, window_valid[None]])
+    # Down the columns once for every view of the row, then across per view: each pass one sparse product
+    # (a row of the matrix per output pixel, a weight per kernel tap).
+    down = _tap_matrix(row_index[0] - first_row, row_weight[0], end_row - first_row)
+    down_pass = (down @ stack.permute(1, 0, 2).reshape(end_row - first_row, -1)).reshape(size, bands + 1, -1)
+    across = _tap_matrix(column_index - first_column, column_weight, end_column - first_column)
+    across_pass = across @ down_pass.permute(2, 1, 0).reshape(end_column - first_column, -1)
+    out = across_pass.reshape(count, size, bands + 1, size).permute(0, 2, 3, 1)  # (N, bands + 1, rows, columns)
+    return out, _landed(landing, rows[:, :, None], columns[:, None, :])
 
 
 @lru_cache(maxsize=8)
@@ -215,7 +236,7 @@ def _from_mercator(crs: str) -> Transformer:
 
 def _resample_projected(
     stack: Tensor, landing: Tensor, source: SourcePixels, view: np.ndarray, size: int, kernel: Kernel
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     device = stack.device
     bands, height, width = stack.shape
     left, bottom, right, top = view.tolist()
@@ -244,5 +265,4 @@ def _resample_projected(
             flat = (row_start + column_index[..., column_tap]).reshape(-1)
             out += torch.index_select(flat_stack, 1, flat) * weight
     out = out.reshape(bands, size, size)
-    landed = _landed(landing, row_coords, column_coords)
-    return torch.cat([out, landed.float()[None]])[None]
+    return out[None], _landed(landing, row_coords, column_coords)[None]

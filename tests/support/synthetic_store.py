@@ -116,6 +116,7 @@ def write_synthetic_store(
         grid=grid,
         chunk_zoom=zoom,
         chunk_ids=chunk_ids,
+        chunk_sizes=tuple(chunk_tiles * chunk_tiles for _ in chunk_ids),
         tile_count=int(in_chunk.sum()),
         imagery=ImageryFit('{"kind": "synthetic"}', "synthetic", ATTRIBUTION, 10.0, False),
     )

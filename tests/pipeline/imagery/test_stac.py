@@ -205,16 +205,22 @@ def test_stac_resolution_fetching_ahead_and_prefetch(server: StacServer, tmp_pat
     assert StacReader.fetches_ahead
     with _reader(server, tmp_path) as reader:
         assert reader.native_gsd_m(18.5) == 10.0  # Sentinel-2 true colour
-        outside = Bounds(SCENE_3857.right + 5000.0, SCENE_3857.bottom, SCENE_3857.right + 6000.0, SCENE_3857.top)
+        outside = Bounds(
+            SCENE_3857.right + 5000.0, SCENE_3857.bottom, SCENE_3857.right + 7000.0, SCENE_3857.bottom + 2000.0
+        )
         inside = Bounds(
             SCENE_3857.left + 100.0, SCENE_3857.bottom + 100.0, SCENE_3857.left + 600.0, SCENE_3857.bottom + 600.0
         )
+        # Views of different sizes are read as strips of their own: three strips, two with imagery.
         report = reader.prefetch([inside, outside, SCENE_3857], 64)
-        assert report == PrefetchReport("model views into the tile cache", 3, 3, 2)
+        assert report == PrefetchReport("view strips into the tile cache", 3, 3, 2)
         assert reader.estimate([inside], 64) is None
-        online = reader.part(inside, 64, 64)
-    with _reader(server, tmp_path, offline=True) as offline:
-        np.testing.assert_array_equal(offline.part(inside, 64, 64).array, online.array)
+        online = reader.source_pixels(np.array([inside]), 64)
+    with _reader(server, tmp_path, offline=True) as offline:  # what the embed job reads: the prefetched strip
+        cached = offline.source_pixels(np.array([inside]), 64)
+        np.testing.assert_array_equal(cached.values, online.values)
+        np.testing.assert_array_equal(cached.valid, online.valid)
+        assert cached.valid.any()
     with _reader(server, tmp_path, collection=BANDS_COLLECTION) as other, pytest.raises(ImageryError) as raised:
         other.native_gsd_m(18.5)
     assert "set imagery.native_gsd_m" in str(raised.value)
