@@ -13,10 +13,14 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import rasterio
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
+from common.errors import first_line
 from pipeline.errors import BuildConfigError
 
 if TYPE_CHECKING:
@@ -165,7 +169,26 @@ def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str
     error = best_match(Draft202012Validator(schema).iter_errors(filled))
     if error is not None:
         raise BuildConfigError(_describe(error))
+    if filled["outputs"]["crs"] is not None:
+        _check_output_crs(filled["outputs"]["crs"])
     return filled
+
+
+def _check_output_crs(text: str) -> None:
+    """Refuse an `outputs.crs` that GDAL does not know or that is no map CRS (geocentric, vertical)."""
+    fix = "name one like EPSG:4326 or EPSG:32633 (a UTM zone)"
+    # Inside an Env, GDAL reports a bad CRS through the exception only, not also on stderr.
+    with rasterio.Env():
+        try:
+            crs = CRS.from_user_input(text)
+        except CRSError as exc:
+            raise BuildConfigError(
+                f"config.outputs.crs: {text!r} is not a known CRS ({first_line(exc)}); {fix}"
+            ) from None
+    if not (crs.is_geographic or crs.is_projected):
+        raise BuildConfigError(
+            f"config.outputs.crs: {text!r} is not a map CRS (neither geographic nor projected); {fix}"
+        )
 
 
 def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
