@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from pyproj import Geod
+from shapely.geometry import box
 
 from model import MODEL_INPUT_PX
 from pipeline.config import BuildConfig, PlanInputs, write_settings
-from pipeline.errors import OutputDirError
+from pipeline.errors import ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
@@ -33,11 +34,11 @@ from pipeline.model_setup import model_config, untrained_notice
 from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
 from pipeline.queries import check_query_files
 from pipeline.rates import RATES_PATH, Rate, pick_rate, read_rates
-from pipeline.regions import parse_region
+from pipeline.regions import Region, parse_region
 from pipeline.store.scores import SCORE_KINDS
 
 if TYPE_CHECKING:
-    from pipeline.imagery import FetchEstimate
+    from pipeline.imagery import FetchEstimate, ImageryReader
 
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
@@ -82,12 +83,32 @@ def plan_build(
     region = parse_region(inputs.region)
     tiling = replace(inputs.tiling, max_tiles=None) if survey else inputs.tiling
     with inputs.imagery.open_reader() as reader:
+        check_coverage(region, reader, inputs.imagery.source)
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         downloads, share = estimate_downloads(reader, plan, chunks)
     size = "small" if inputs.model.untrained else "full"
     workload = Workload(size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path))
     return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)
+
+
+def check_coverage(region: Region, reader: ImageryReader, source: str) -> None:
+    """Refuse a region that lies wholly outside the imagery's footprint (sources of the whole world pass)."""
+    footprint = reader.footprint_lnglat()
+    if footprint is None:
+        return
+    west, south, east, north = footprint
+    parts = [box(west, south, east, north)]
+    if west > east:
+        parts = [box(west, south, 180.0, north), box(-180.0, south, east, north)]
+    geometry = region.geometry
+    if any(geometry.intersects(part) and not geometry.touches(part) for part in parts):
+        return
+    raise ImageryCoverageError(
+        f"region {region.name} lies outside the imagery {source}, which covers {_format_lon(west)} to"
+        f" {_format_lon(east)}, {_format_lat(south)} to {_format_lat(north)}; map a region inside it or set"
+        " imagery.source to imagery of the region"
+    )
 
 
 def check_output_dir(folder: Path) -> None:

@@ -1,0 +1,67 @@
+"""The checks a build makes when it starts, one by one: each input that would fail later is refused first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.warp import transform_bounds
+from support.paths import LANDSAT
+
+from pipeline.build import plan_build
+from pipeline.config import load_plan_inputs
+from pipeline.errors import ImageryCoverageError
+from pipeline.imagery import open_reader
+
+SCENE_REGION = "-54.664,-25.489,-54.354,-25.208"
+
+
+def plan_inputs(region: str, source: Path, **imagery: Any) -> Any:
+    return load_plan_inputs(
+        {"region": region, "imagery": {"source": str(source), **imagery}, "model": {"zoom_level": 3}}
+    )
+
+
+@pytest.fixture(scope="module")
+def antimeridian_raster(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30 x 10 km UTM 60S scene over Fiji's 180th meridian: its EPSG:4326 box has west > east."""
+    path = tmp_path_factory.mktemp("antimeridian") / "fiji.tif"
+    profile = {"driver": "GTiff", "width": 300, "height": 100, "count": 3, "dtype": "uint8", "crs": "EPSG:32760"}
+    with rasterio.open(path, "w", transform=from_origin(800_000, 8_125_000, 100, 100), **profile) as dataset:
+        dataset.write(np.full((3, 100, 300), 100, np.uint8))
+    return path
+
+
+def test_a_raster_answers_its_footprint_and_a_world_source_none(tmp_path: Path) -> None:
+    with rasterio.open(LANDSAT) as scene:
+        expected = transform_bounds(scene.crs, "EPSG:4326", *scene.bounds)
+    with open_reader(str(LANDSAT), cache_dir=tmp_path) as reader:
+        np.testing.assert_allclose(reader.footprint_lnglat(), expected, atol=1e-6)
+    with open_reader("esri", cache_dir=tmp_path) as reader:
+        assert reader.footprint_lnglat() is None
+
+
+def test_a_region_outside_a_raster_is_refused_when_the_build_is_planned() -> None:
+    with pytest.raises(ImageryCoverageError) as raised:
+        plan_build(plan_inputs("-60,10,-59,11", LANDSAT))
+    message = str(raised.value)
+    assert "region -60,10,-59,11 lies outside the imagery" in message and str(LANDSAT) in message
+    assert "54.6642°W to 54.3535°W, 25.4894°S to 25.2071°S" in message and "set imagery.source" in message
+    # A region that reaches into the scene is planned (its tiles outside the scene are left empty).
+    assert plan_build(plan_inputs("-54.9,-25.489,-54.6,-25.208", LANDSAT)).plan.tile_count > 0
+
+
+@pytest.mark.parametrize(("region", "inside"), [("-179.95,-17.0,-179.92,-16.96", True), ("170,-17,171,-16", False)])
+def test_the_footprint_of_a_raster_across_the_antimeridian_has_two_sides(
+    antimeridian_raster: Path, region: str, inside: bool
+) -> None:
+    inputs = plan_inputs(region, antimeridian_raster, native_gsd_m=10)
+    if inside:
+        assert plan_build(inputs).plan.tile_count > 0
+    else:
+        with pytest.raises(ImageryCoverageError, match=r"179\.8166°E to 179\.9006°W"):
+            plan_build(inputs)
