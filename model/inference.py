@@ -18,6 +18,7 @@ from torch import Tensor
 from model.audio import load_audio, log_mel
 from model.checkpoint import load_model
 from model.config import Sat2SoundConfig
+from model.devices import pick_device
 from model.errors import InputError, TextBackboneError
 from model.fdt import CodebookOutput
 from model.loss import l2_normalize
@@ -36,14 +37,6 @@ class Embeddings(NamedTuple):
 
     embedding: Tensor
     weights: Tensor
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return torch.device(device)
 
 
 def pick_precision(precision: str, device: torch.device) -> torch.dtype:

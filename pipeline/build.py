@@ -30,7 +30,7 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
-from pipeline.model_setup import model_config, untrained_notice
+from pipeline.model_setup import check_device, model_config, untrained_notice
 from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
 from pipeline.queries import check_query_files
 from pipeline.rates import RATES_PATH, Rate, pick_rate, read_rates
@@ -125,6 +125,7 @@ def check_output_dir(folder: Path) -> None:
 
 def start_build(config: BuildConfig) -> PlannedBuild:
     """Check every input, then write the build's settings.json and plan.npz; raises one Sat2SoundError line."""
+    check_device(config.model.device)
     check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
     check_output_dir(config.build_dir)

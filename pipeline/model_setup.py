@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from common.atomic import atomic_path
 from model import Sat2SoundConfig
 from pipeline.config import ModelSettings
+from pipeline.errors import BuildConfigError
 
 if TYPE_CHECKING:
     from model import Sat2SoundEncoder
@@ -40,6 +41,19 @@ def untrained_notice(sat_type: str, seed: int) -> str:
 
 def untrained_config(sat_type: str, metadata_type: str) -> Sat2SoundConfig:
     return replace(Sat2SoundConfig.small(metadata_type), sat_type=sat_type)
+
+
+def check_device(device: str) -> None:
+    """Refuse a model.device this machine does not have, before any job asks for it."""
+    if device in ("auto", "cpu"):  # always there: spare the workflow's start importing torch
+        return
+    from model.devices import pick_device
+    from model.errors import InputError
+
+    try:
+        pick_device(device)
+    except InputError as exc:
+        raise BuildConfigError(f"config.model.device: {exc}") from None
 
 
 def model_config(settings: ModelSettings) -> Sat2SoundConfig:

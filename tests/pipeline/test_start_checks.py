@@ -14,8 +14,9 @@ from support.paths import LANDSAT
 
 from pipeline.build import plan_build
 from pipeline.config import load_plan_inputs
-from pipeline.errors import ImageryCoverageError
+from pipeline.errors import BuildConfigError, ImageryCoverageError
 from pipeline.imagery import open_reader
+from pipeline.model_setup import check_device
 
 SCENE_REGION = "-54.664,-25.489,-54.354,-25.208"
 
@@ -65,3 +66,19 @@ def test_the_footprint_of_a_raster_across_the_antimeridian_has_two_sides(
     else:
         with pytest.raises(ImageryCoverageError, match=r"179\.8166°E to 179\.9006°W"):
             plan_build(inputs)
+
+
+@pytest.mark.parametrize(
+    ("device", "words"),
+    [("tpu", "config.model.device: unknown device 'tpu'"), ("cuda:99", "config.model.device: device 'cuda:99'")],
+)
+def test_a_device_this_machine_lacks_is_refused(device: str, words: str) -> None:
+    with pytest.raises(BuildConfigError) as raised:
+        check_device(device)
+    assert words in str(raised.value) and "use " in str(raised.value)
+
+
+def test_auto_and_cpu_pass_without_probing_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr("model.devices.pick_device")
+    check_device("auto")
+    check_device("cpu")
