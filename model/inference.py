@@ -25,11 +25,10 @@ from model.loss import l2_normalize
 from model.metadata import Metadata
 from model.preprocess import to_model_input
 from model.sat2sound import Sat2Sound
-from model.text import FLAN_T5_LARGE, TextBackbone, load_text_backbone
+from model.text import TextBackbone, load_text_backbone
+from model.text_specs import backbone_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Text backbone the official checkpoints were trained with, by hidden width.
-DEFAULT_TEXT_BACKBONE_BY_DIM = {1024: FLAN_T5_LARGE, 384: "minilm"}
 
 
 class Embeddings(NamedTuple):
@@ -84,13 +83,7 @@ class Sat2SoundEncoder:
     def text_backbone(self) -> TextBackbone:
         """Loaded on first use: map builds that score only audio queries never need it."""
         if self._text_backbone is None:
-            spec = self._text_backbone_spec
-            if spec == "auto":
-                spec = DEFAULT_TEXT_BACKBONE_BY_DIM.get(self.cfg.text_dim, "")
-            if not spec:
-                raise TextBackboneError(
-                    f"no default text backbone for width {self.cfg.text_dim}; pass one with text_backbone=..."
-                )
+            spec = backbone_spec(self._text_backbone_spec, self.cfg.text_dim)
             self._text_backbone = load_text_backbone(spec, device=self.device)
         if self._text_backbone.dim != self.cfg.text_dim:
             raise TextBackboneError(

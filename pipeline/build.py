@@ -30,7 +30,7 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
-from pipeline.model_setup import check_device, model_config, untrained_notice
+from pipeline.model_setup import check_device, check_model, model_config, untrained_notice
 from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
 from pipeline.queries import check_query_files
 from pipeline.rates import RATES_PATH, Rate, pick_rate, read_rates
@@ -128,6 +128,7 @@ def start_build(config: BuildConfig) -> PlannedBuild:
     check_device(config.model.device)
     check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
+    check_model(config.model, text_queries=any(query.text is not None for query in config.queries))
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)
     write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)

@@ -56,6 +56,19 @@ def check_device(device: str) -> None:
         raise BuildConfigError(f"config.model.device: {exc}") from None
 
 
+def check_model(settings: ModelSettings, text_queries: bool) -> None:
+    """Refuse, before any job, a text backbone that cannot be loaded here (when text queries need one)."""
+    if not text_queries:
+        return
+    from model.errors import TextBackboneError
+    from model.text_specs import check_text_backbone
+
+    try:
+        check_text_backbone(settings.text_backbone, model_config(settings).text_dim)
+    except TextBackboneError as exc:
+        raise BuildConfigError(f"config.model.text_backbone: {exc}") from None
+
+
 def model_config(settings: ModelSettings) -> Sat2SoundConfig:
     """The architecture the build will run (reads the checkpoint's hyper-parameters; downloads hf:// once)."""
     if settings.untrained:

@@ -13,12 +13,17 @@ from rasterio.warp import transform_bounds
 from support.paths import LANDSAT
 
 from pipeline.build import plan_build
-from pipeline.config import load_plan_inputs
+from pipeline.config import ModelSettings, load_build_config, load_plan_inputs
 from pipeline.errors import BuildConfigError, ImageryCoverageError
 from pipeline.imagery import open_reader
-from pipeline.model_setup import check_device
+from pipeline.model_setup import check_device, check_model
 
 SCENE_REGION = "-54.664,-25.489,-54.354,-25.208"
+MINIMAL = {"name": "test", "region": SCENE_REGION, "queries": [{"id": "birds", "text": "birds"}]}
+
+
+def model_settings(**model: Any) -> ModelSettings:
+    return load_build_config({**MINIMAL, "model": model}).model
 
 
 def plan_inputs(region: str, source: Path, **imagery: Any) -> Any:
@@ -82,3 +87,16 @@ def test_auto_and_cpu_pass_without_probing_the_machine(monkeypatch: pytest.Monke
     monkeypatch.delattr("model.devices.pick_device")
     check_device("auto")
     check_device("cpu")
+
+
+def test_a_text_backbone_that_cannot_load_is_refused_when_text_queries_need_it(tmp_path: Path) -> None:
+    settings = model_settings(text_backbone=str(tmp_path / "absent"))
+    with pytest.raises(BuildConfigError, match=r"config\.model\.text_backbone: no T5 model directory at"):
+        check_model(settings, text_queries=True)
+    check_model(settings, text_queries=False)
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text('{"model_type": "t5", "d_model": 32}')
+    with pytest.raises(BuildConfigError, match="gives 32-d states but the model expects 384-d"):
+        check_model(model_settings(text_backbone=str(t5)), text_queries=True)
+    check_model(model_settings(text_backbone="minilm"), text_queries=True)
