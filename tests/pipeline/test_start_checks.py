@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import rasterio
+import soundfile
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from support.paths import LANDSAT
 
 from pipeline.build import plan_build
-from pipeline.config import ModelSettings, load_build_config, load_plan_inputs
-from pipeline.errors import BuildConfigError, ImageryCoverageError
+from pipeline.config import ModelSettings, Query, load_build_config, load_plan_inputs
+from pipeline.errors import BuildConfigError, ImageryCoverageError, QueryError
 from pipeline.imagery import open_reader
 from pipeline.model_setup import check_device, check_model
+from pipeline.queries import check_query_files
 
 SCENE_REGION = "-54.664,-25.489,-54.354,-25.208"
 MINIMAL = {"name": "test", "region": SCENE_REGION, "queries": [{"id": "birds", "text": "birds"}]}
@@ -100,3 +103,17 @@ def test_a_text_backbone_that_cannot_load_is_refused_when_text_queries_need_it(t
     with pytest.raises(BuildConfigError, match="gives 32-d states but the model expects 384-d"):
         check_model(model_settings(text_backbone=str(t5)), text_queries=True)
     check_model(model_settings(text_backbone="minilm"), text_queries=True)
+
+
+def test_an_audio_query_cut_short_or_without_frames_is_refused(tmp_path: Path) -> None:
+    whole = tmp_path / "rain.wav"
+    soundfile.write(whole, np.zeros(32_000, np.float32), 16_000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[:200])
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 16_000)
+    check_query_files([Query("rain", audio=str(whole)), Query("birds", text="birds")])
+    with pytest.raises(QueryError, match=re.escape(f"query 'rain': audio file {cut} is truncated")):
+        check_query_files([Query("ok", audio=str(whole), text="rain"), Query("rain", audio=str(cut))])
+    with pytest.raises(QueryError, match=r"query 'quiet': audio file .* holds no samples"):
+        check_query_files([Query("quiet", audio=str(empty))])
