@@ -192,8 +192,32 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
     return "; ".join(parts)
 
 
+def check_finite(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first floating-point tensor that holds NaN or infinite values: bytes
+    overwritten in a file (0xFF runs are NaNs) load without complaint and break the model later."""
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+        if bad:
+            raise CheckpointError(
+                f"{source} is corrupt: tensor {key} {tuple(tensor.shape)} holds {bad:,} NaN or infinite values;"
+                " download or convert it again"
+            )
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise CheckpointError unless the file's sha256 is `expected` (hex, either case)."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise CheckpointError(
+            f"{path} has sha256 {actual}, not the expected {expected.lower()}: the file is corrupt or another"
+            " checkpoint; download it again or correct the expected sha256"
+        )
+
+
 def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> Sat2Sound:
-    """A Sat2Sound model in eval mode holding exactly the given weights (strict)."""
+    """A Sat2Sound model in eval mode holding exactly the given weights (strict), all of them finite."""
     with torch.device("meta"):
         model = Sat2Sound(cfg)
     problems = describe_mismatch(model.state_dict(), state_dict)
@@ -201,15 +225,20 @@ def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: 
         raise CheckpointMismatchError(
             f"{source} does not fit a {cfg.sat_type}/{cfg.metadata_type} Sat2Sound: {problems}"
         )
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:
-    """Model and provenance (path, sha256, hyper-parameters) from a path or an hf:// URI, on the CPU."""
+def load_model(source: str | Path, sha256: str | None = None) -> tuple[Sat2Sound, dict[str, Any]]:
+    """Model and provenance (path, sha256, hyper-parameters) from a path or an hf:// URI, on the CPU.
+
+    With `sha256`, the file must have that hash."""
     from model.hub import resolve
 
     path = resolve(str(source))
+    if sha256 is not None:
+        verify_sha256(path, sha256)
     cfg, state_dict, hparams = read_checkpoint(path)
     model = build_model(cfg, state_dict, source=str(source))
     return model, {"checkpoint": str(source), "path": str(path), "hyper_parameters": hparams}
