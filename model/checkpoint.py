@@ -230,15 +230,11 @@ def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: 
     return model.eval().requires_grad_(False)
 
 
-def load_model(source: str | Path, sha256: str | None = None) -> tuple[Sat2Sound, dict[str, Any]]:
-    """Model and provenance (path, sha256, hyper-parameters) from a path or an hf:// URI, on the CPU.
-
-    With `sha256`, the file must have that hash."""
+def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:
+    """Model and provenance (path, sha256, hyper-parameters) from a path or an hf:// URI, on the CPU."""
     from model.hub import resolve
 
     path = resolve(str(source))
-    if sha256 is not None:
-        verify_sha256(path, sha256)
     cfg, state_dict, hparams = read_checkpoint(path)
     model = build_model(cfg, state_dict, source=str(source))
     return model, {"checkpoint": str(source), "path": str(path), "hyper_parameters": hparams}

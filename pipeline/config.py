@@ -51,6 +51,7 @@ class ImagerySettings:
 @dataclass(frozen=True)
 class ModelSettings:
     checkpoint: str
+    checkpoint_sha256: str | None
     sat_type: str
     metadata_type: str
     seed: int
@@ -226,7 +227,11 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
     )
 
 
-RUNTIME_KEYS = {"imagery": ("cache_dir", "offline"), "model": ("device", "batch_size", "loader_workers")}
+# Keys that change how jobs run, or only what is checked when a build starts, never what they write.
+RUNTIME_KEYS = {
+    "imagery": ("cache_dir", "offline"),
+    "model": ("checkpoint_sha256", "device", "batch_size", "loader_workers"),
+}
 STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "model": {"model": ("checkpoint", "sat_type", "metadata_type", "seed")},
     "fetch": {"imagery": ("source", "options", "native_gsd_m")},
@@ -244,9 +249,9 @@ def step_values(config: BuildConfig, step: str) -> dict[str, Any]:
     """The config values a workflow step's output depends on (its rerun trigger).
 
     Adding a query changes only `queries` (and, through their inputs, scoring, the store and the exports);
-    the runtime keys (`RUNTIME_KEYS`: device, batch size, loader workers, tile cache) are in no step's values,
-    so changing how jobs run never reruns one. The plan is not a step: its file changes when the region,
-    model view, tiling or imagery change, and every job that reads it reruns then.
+    the runtime keys (`RUNTIME_KEYS`: device, batch size, loader workers, tile cache, the checkpoint's expected
+    sha256) are in no step's values, so changing how jobs run never reruns one. The plan is not a step: its
+    file changes when the region, model view, tiling or imagery change, and every job that reads it reruns then.
     """
     if step == "mosaic":  # the store records the whole config, less how it ran, as provenance
         return recorded_config(config)

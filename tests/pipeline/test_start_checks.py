@@ -14,6 +14,10 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from support.paths import LANDSAT
 
+from model.checkpoint import save_safetensors, sha256_file
+from model.config import Sat2SoundConfig
+from model.errors import CheckpointError
+from model.sat2sound import Sat2Sound
 from pipeline.build import plan_build
 from pipeline.config import ModelSettings, Query, load_build_config, load_plan_inputs
 from pipeline.errors import BuildConfigError, ImageryCoverageError, QueryError
@@ -117,3 +121,37 @@ def test_an_audio_query_cut_short_or_without_frames_is_refused(tmp_path: Path) -
         check_query_files([Query("ok", audio=str(whole), text="rain"), Query("rain", audio=str(cut))])
     with pytest.raises(QueryError, match=r"query 'quiet': audio file .* holds no samples"):
         check_query_files([Query("quiet", audio=str(empty))])
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    weights, _ = save_safetensors(
+        Sat2Sound(Sat2SoundConfig.small("none")), tmp_path_factory.mktemp("ckpt") / "small.safetensors"
+    )
+    return weights
+
+
+def test_a_checkpoint_with_garbage_inside_is_refused_naming_the_tensor(small_checkpoint: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.safetensors"
+    for suffix in (".safetensors", ".json"):
+        corrupt.with_suffix(suffix).write_bytes(small_checkpoint.with_suffix(suffix).read_bytes())
+    with open(corrupt, "r+b") as fh:
+        fh.seek(corrupt.stat().st_size // 2)
+        fh.write(b"\xff" * 4096)
+    check_model(model_settings(checkpoint=str(small_checkpoint)), text_queries=True)
+    with pytest.raises(CheckpointError, match=r"corrupt\.safetensors is corrupt: tensor \S+"):
+        check_model(model_settings(checkpoint=str(corrupt)), text_queries=False)
+
+
+def test_the_expected_sha256_of_a_checkpoint_is_checked(small_checkpoint: Path) -> None:
+    digest = sha256_file(small_checkpoint)
+    check_model(model_settings(checkpoint=str(small_checkpoint), checkpoint_sha256=digest), text_queries=False)
+    other = "ab" * 32
+    with pytest.raises(BuildConfigError) as raised:
+        check_model(model_settings(checkpoint=str(small_checkpoint), checkpoint_sha256=other), text_queries=False)
+    assert str(raised.value).startswith("config.model.checkpoint_sha256: ")
+    assert f"has sha256 {digest}, not the expected {other}" in str(raised.value)
+    with pytest.raises(BuildConfigError, match=r"model\.checkpoint is untrained"):
+        check_model(model_settings(checkpoint_sha256=digest), text_queries=False)
+    with pytest.raises(BuildConfigError, match=r"config\.model\.checkpoint_sha256: 'abc' does not match"):
+        model_settings(checkpoint=str(small_checkpoint), checkpoint_sha256="abc")
