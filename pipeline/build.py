@@ -9,17 +9,21 @@ when its content changes, so that Snakefile reruns follow content, not time).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyproj import Geod
 from shapely.geometry import box
 
+from common.errors import Sat2SoundError
 from model import MODEL_INPUT_PX
-from pipeline.config import BuildConfig, PlanInputs, write_settings
+from pipeline.config import BuildConfig, PlanInputs, load_build_config, write_settings
 from pipeline.errors import ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
@@ -31,7 +35,16 @@ from pipeline.geometry import (
     tile_ground_size_m,
 )
 from pipeline.model_setup import check_device, check_model, model_config, untrained_notice
-from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
+from pipeline.plan import (
+    ChunkTiles,
+    ModelView,
+    Plan,
+    check_imagery,
+    estimate_downloads,
+    make_plan,
+    read_plan,
+    write_plan,
+)
 from pipeline.queries import check_query_files
 from pipeline.rates import RATES_PATH, Rate, pick_rate, read_rates
 from pipeline.regions import Region, parse_region
@@ -40,6 +53,8 @@ from pipeline.store.scores import SCORE_KINDS
 if TYPE_CHECKING:
     from pipeline.imagery import FetchEstimate, ImageryReader
 
+ERROR_STATUS = 2
+STOPPED_LINE = "stopped; rerun the same command to resume"
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"
@@ -133,6 +148,43 @@ def start_build(config: BuildConfig) -> PlannedBuild:
     write_settings(config, config.build_dir / SETTINGS_NAME)
     write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)
     return planned
+
+
+def open_workflow(config: Mapping[str, Any], main_process: bool) -> tuple[BuildConfig, Plan]:
+    """What the Snakefile runs first: the config checked, then, in the main process, the build started and its
+    plan described on stderr; a job on a cluster node only reads the plan the main process wrote.
+
+    Bad input prints one line, `error: ...`, and exits with status 2 before any job."""
+    try:
+        build = load_build_config(config)
+        if not main_process:
+            return build, read_plan(build.build_dir / PLAN_NAME)
+        started = start_build(build)
+    except Sat2SoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(ERROR_STATUS) from None
+    print("\n".join(start_lines(build, started)), file=sys.stderr)
+    return build, started.plan
+
+
+def quiet_interrupts() -> None:
+    """Make Ctrl-C print one line: Snakemake reports every job it cancels as failed, with their tracebacks.
+
+    Its own log (.snakemake/log) keeps the details. The interrupt then runs its course, so Snakemake still
+    stops the jobs and releases its lock, and the same command resumes the build."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if not stopping:
+            stopping.append(signum)
+            print(STOPPED_LINE, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            silent = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(silent, sys.stdout.fileno())
+            os.dup2(silent, sys.stderr.fileno())
+        signal.default_int_handler(signum, frame)
+
+    stopping: list[int] = []
+    signal.signal(signal.SIGINT, stop)
 
 
 def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:
