@@ -136,10 +136,15 @@ def read_torch_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor
     return cfg, filter_state_dict(payload["state_dict"]), hparams
 
 
-def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+def _safetensors_config_path(path: Path) -> Path:
     config_path = path.with_suffix(".json")
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config beside it ({config_path.name}); convert the .ckpt again")
+    return config_path
+
+
+def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    config_path = _safetensors_config_path(path)
     try:
         meta = json.loads(config_path.read_text())
         state_dict = load_file(path)
@@ -166,7 +171,7 @@ def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dic
 def read_config(path: Path) -> Sat2SoundConfig:
     """The architecture of a local checkpoint without reading its weights (.ckpt files are memory-mapped)."""
     if path.suffix == SAFETENSORS_SUFFIX:
-        config_path = path.with_suffix(".json")
+        config_path = _safetensors_config_path(path)
         try:
             meta = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
