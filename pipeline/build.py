@@ -1,9 +1,10 @@
 """Where a build starts: every input checked, the plan made once, and one summary of it for people.
 
 `plan_build` is shared by the workflow and by `python -m pipeline plan`: the same defaults (config/schema.json),
-the same resolution check, the same tiles. `start_build` is what the Snakefile runs when it starts: it refuses
-bad input with one `Sat2SoundError` line before any job, then writes settings.json and plan.npz (each only
-when its content changes, so that Snakefile reruns follow content, not time).
+the same resolution and coverage checks, the same tiles. `start_build` is what the Snakefile runs when it starts
+(through `open_workflow`): it refuses bad input with one `Sat2SoundError` line before any job, then writes
+settings.json and plan.npz (each only when its content changes, so that Snakefile reruns follow content, not
+time). `quiet_interrupts` makes Ctrl-C on a running build one line too.
 """
 
 from __future__ import annotations
@@ -173,9 +174,12 @@ def quiet_interrupts() -> None:
     Its own log (.snakemake/log) keeps the details. The interrupt then runs its course, so Snakemake still
     stops the jobs and releases its lock, and the same command resumes the build."""
 
+    stopped = False
+
     def stop(signum: int, frame: FrameType | None) -> None:
-        if not stopping:
-            stopping.append(signum)
+        nonlocal stopped
+        if not stopped:
+            stopped = True
             print(STOPPED_LINE, file=sys.stderr, flush=True)
             sys.stdout.flush()
             silent = os.open(os.devnull, os.O_WRONLY)
@@ -183,7 +187,6 @@ def quiet_interrupts() -> None:
             os.dup2(silent, sys.stderr.fileno())
         signal.default_int_handler(signum, frame)
 
-    stopping: list[int] = []
     signal.signal(signal.SIGINT, stop)
 
 

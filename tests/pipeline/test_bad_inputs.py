@@ -25,6 +25,8 @@ import rasterio
 import soundfile
 import torch
 import yaml
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
 from support.paths import LANDSAT, REPO
 
 from model.checkpoint import save_safetensors, sha256_file
@@ -62,6 +64,7 @@ class Inputs(NamedTuple):
     t5_narrow: Path
     raster_text: Path
     raster_without_crs: Path
+    raster_not_georeferenced: Path
     a_file: Path
 
 
@@ -96,7 +99,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))
     (folder / "fake.tif").write_text("not a raster")
     profile = {"driver": "GTiff", "width": 8, "height": 8, "count": 3, "dtype": "uint8"}
-    with rasterio.open(folder / "nocrs.tif", "w", **profile) as dataset:
+    with rasterio.open(folder / "nocrs.tif", "w", transform=Affine(10, 0, 100, 0, -10, 200), **profile) as dataset:
+        dataset.write(np.zeros((3, 8, 8), np.uint8))
+    with (
+        warnings.catch_warnings(category=NotGeoreferencedWarning, action="ignore"),
+        rasterio.open(folder / "plain.tif", "w", **profile) as dataset,
+    ):
         dataset.write(np.zeros((3, 8, 8), np.uint8))
     (folder / "a_file").write_text("")
     return Inputs(
@@ -115,6 +123,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         t5,
         folder / "fake.tif",
         folder / "nocrs.tif",
+        folder / "plain.tif",
         folder / "a_file",
     )
 
@@ -279,6 +288,11 @@ CASES = [
         "raster without crs",
         set_key("imagery.source", lambda files: str(files.raster_without_crs)),
         ("nocrs.tif has no CRS; georeference it",),
+    ),
+    Case(
+        "raster not georeferenced",
+        set_key("imagery.source", lambda files: str(files.raster_not_georeferenced)),
+        ("plain.tif has no CRS; georeference it",),
         defect="rasterio warns NotGeoreferencedWarning (two more lines) when LocalRasterReader opens the file; the"
         " reader, being rewritten, should refuse it without the warning",
     ),

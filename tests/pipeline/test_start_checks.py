@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import soundfile
-from rasterio.transform import from_origin
+from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from support.paths import LANDSAT
 
@@ -44,7 +44,7 @@ def antimeridian_raster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 30 x 10 km UTM 60S scene over Fiji's 180th meridian: its EPSG:4326 box has west > east."""
     path = tmp_path_factory.mktemp("antimeridian") / "fiji.tif"
     profile = {"driver": "GTiff", "width": 300, "height": 100, "count": 3, "dtype": "uint8", "crs": "EPSG:32760"}
-    with rasterio.open(path, "w", transform=from_origin(800_000, 8_125_000, 100, 100), **profile) as dataset:
+    with rasterio.open(path, "w", transform=Affine(100, 0, 800_000, 0, -100, 8_125_000), **profile) as dataset:
         dataset.write(np.full((3, 100, 300), 100, np.uint8))
     return path
 
