@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets itself up on a fresh machine (only Python 3.11+ needed):
 #   bash run.sh build  - build the default soundscape map (snakemake, config/config.yaml; see README)
+#   bash run.sh unlock - release the lock a build killed hard (kill -9, power loss) left behind
 #   bash run.sh test   - run the test suite
 # It creates .venv on first use and reinstalls only when pyproject.toml changes.
 set -euo pipefail
@@ -53,6 +54,11 @@ case "${1:-}" in
         setup
         exec "$VENV/bin/snakemake" --profile profiles/local "$@"
         ;;
+    unlock)
+        shift
+        setup
+        exec "$VENV/bin/snakemake" --profile profiles/local --unlock "$@"
+        ;;
     test)
         shift
         setup
@@ -60,7 +66,7 @@ case "${1:-}" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)
-        echo "usage: bash run.sh build|test [args...]" >&2
+        echo "usage: bash run.sh build|unlock|test [args...]" >&2
         exit 2
         ;;
 esac

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model import Metadata, Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
-from model.inference import pick_device
+from model.devices import pick_device
 
 
 def peak_memory_mb(device: torch.device) -> float:

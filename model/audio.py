@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from functools import cache
 from pathlib import Path
 
@@ -31,6 +32,9 @@ N_MELS = 64
 F_MIN_HZ = 50.0
 F_MAX_HZ = 14_000.0
 POWER_FLOOR = 1e-10
+DECODE_BLOCK_FRAMES = 1 << 16
+# WAV writers that stream put one of these in the data chunk's size field: the length is not declared.
+WAV_UNDECLARED_SIZES = (0, 0xFFFFFFFF)
 N_FRAMES = 1 + CLIP_SAMPLES // HOP_LENGTH
 # Extra input decoded past the clip end so the resampler's filter tail does not reach the kept samples.
 RESAMPLER_MARGIN_SECONDS = 0.1
@@ -154,3 +158,53 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
     if samples.shape[0] == 0:
         raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")
     return np.ascontiguousarray(fit_clip(resample(samples.mean(axis=1, dtype=np.float32), rate)), dtype=np.float32)
+
+
+def check_audio_file(path: str | os.PathLike[str]) -> None:
+    """Raise AudioDecodeError unless `path` decodes to at least one frame and holds all the audio its header
+    declares: a WAV cut short by a failed copy opens and decodes without complaint, only shorter."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioDecodeError(f"audio file {path} does not exist; check the path")
+    try:
+        with soundfile.SoundFile(path) as audio_file:
+            declared, kind = audio_file.frames, audio_file.format
+            decoded = sum(len(block) for block in audio_file.blocks(DECODE_BLOCK_FRAMES, dtype="float32"))
+    except (RuntimeError, OSError) as exc:
+        raise AudioDecodeError(
+            f"cannot read {path} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
+        ) from None
+    if decoded == 0:
+        raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")
+    again = "copy or export it again"
+    # Without a Xing header an MP3's frame count is estimated from its bit rate, so it cannot show a cut.
+    if decoded < declared and kind != "MP3":
+        raise AudioDecodeError(
+            f"audio file {path} is truncated: its header declares {declared:,} frames but {decoded:,} decode; {again}"
+        )
+    if kind == "WAV":
+        sizes = _wav_data_sizes(path)
+        if sizes is not None and sizes[1] < sizes[0]:
+            raise AudioDecodeError(
+                f"audio file {path} is truncated: its header declares {sizes[0]:,} bytes of audio but the file"
+                f" holds {sizes[1]:,}; {again}"
+            )
+
+
+def _wav_data_sizes(path: Path) -> tuple[int, int] | None:
+    """The bytes a RIFF/RIFX WAV's data chunk declares and those the file holds; None where it declares none."""
+    size = path.stat().st_size
+    with open(path, "rb") as wav:
+        riff = wav.read(12)
+        if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RIFX") or riff[8:] != b"WAVE":
+            return None
+        chunk_header = struct.Struct("<4sI" if riff[:4] == b"RIFF" else ">4sI")
+        offset = len(riff)
+        while offset + chunk_header.size <= size:
+            wav.seek(offset)
+            chunk_id, chunk_size = chunk_header.unpack(wav.read(chunk_header.size))
+            offset += chunk_header.size
+            if chunk_id == b"data":
+                return None if chunk_size in WAV_UNDECLARED_SIZES else (chunk_size, size - offset)
+            offset += chunk_size + (chunk_size & 1)
+    return None

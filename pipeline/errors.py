@@ -55,6 +55,10 @@ class ImageryMismatchError(ImageryError):
     """The imagery is too coarse for the model's view at the chosen zoom level."""
 
 
+class ImageryCoverageError(ImageryError):
+    """The imagery holds nothing over the region."""
+
+
 class OutputDirError(PipelineError):
     """The build's output folder cannot be created or written."""
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from common.atomic import atomic_path
 from model import Sat2SoundConfig
 from pipeline.config import ModelSettings
+from pipeline.errors import BuildConfigError
 
 if TYPE_CHECKING:
     from model import Sat2SoundEncoder
@@ -40,6 +41,53 @@ def untrained_notice(sat_type: str, seed: int) -> str:
 
 def untrained_config(sat_type: str, metadata_type: str) -> Sat2SoundConfig:
     return replace(Sat2SoundConfig.small(metadata_type), sat_type=sat_type)
+
+
+def check_device(device: str) -> None:
+    """Refuse a model.device this machine does not have, before any job asks for it."""
+    if device in ("auto", "cpu"):  # always there: spare the workflow's start importing torch
+        return
+    from model.devices import pick_device
+    from model.errors import InputError
+
+    try:
+        pick_device(device)
+    except InputError as exc:
+        raise BuildConfigError(f"config.model.device: {exc}") from None
+
+
+def check_model(settings: ModelSettings, text_queries: bool) -> None:
+    """Refuse, before any job: a checkpoint whose weights are corrupt (not finite, or not the shapes its
+    hyper-parameters describe) or whose sha256 is not model.checkpoint_sha256, and a text backbone that
+    cannot be loaded here when text queries need one. Reads every weight of the checkpoint."""
+    from model.errors import CheckpointError, TextBackboneError
+
+    if settings.untrained:
+        if settings.checkpoint_sha256 is not None:
+            raise BuildConfigError(
+                "config.model.checkpoint_sha256 is set but model.checkpoint is untrained (no file to check);"
+                " remove it or set model.checkpoint to the file"
+            )
+        text_dim = untrained_config(settings.sat_type, settings.metadata_type).text_dim
+    else:
+        from model import resolve
+        from model.checkpoint import load_model, verify_sha256
+
+        path = resolve(settings.checkpoint)
+        if settings.checkpoint_sha256 is not None:
+            try:
+                verify_sha256(path, settings.checkpoint_sha256)
+            except CheckpointError as exc:
+                raise BuildConfigError(f"config.model.checkpoint_sha256: {exc}") from None
+        text_dim = load_model(path)[0].cfg.text_dim
+    if not text_queries:
+        return
+    from model.text_specs import check_text_backbone
+
+    try:
+        check_text_backbone(settings.text_backbone, text_dim)
+    except TextBackboneError as exc:
+        raise BuildConfigError(f"config.model.text_backbone: {exc}") from None
 
 
 def model_config(settings: ModelSettings) -> Sat2SoundConfig:

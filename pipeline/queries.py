@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import soundfile
 
 from common.atomic import atomic_save_npz
-from common.errors import first_line
 from pipeline.config import Query
 from pipeline.errors import QueryError
 
@@ -29,21 +27,23 @@ FALLBACK_COMPOSED_SCALE = "logit_scale_ia"
 
 
 def check_query_files(queries: Sequence[Query]) -> None:
-    """Raise a QueryError for the first audio file that is missing, of an unknown type or unreadable."""
-    for query in queries:
-        if query.audio is None:
-            continue
-        path = Path(query.audio)
+    """Raise a QueryError for the first audio file that is missing, of an unknown type, undecodable, empty or
+    truncated."""
+    audio_queries = [query for query in queries if query.audio is not None]
+    if not audio_queries:
+        return
+    # model.audio imports torch: only builds with audio queries pay for it when they start.
+    from model.audio import check_audio_file
+    from model.errors import AudioDecodeError
+
+    for query in audio_queries:
+        path = Path(str(query.audio))
         if path.suffix.lower() not in AUDIO_SUFFIXES:
             raise QueryError(f"query {query.id!r}: {path} is not a wav, flac, ogg or mp3 file; convert it to one")
-        if not path.is_file():
-            raise QueryError(f"query {query.id!r}: audio file {path} does not exist; check the path")
         try:
-            soundfile.info(str(path))
-        except (RuntimeError, OSError) as exc:
-            raise QueryError(
-                f"query {query.id!r}: cannot read {path} as audio ({first_line(exc)}); check the file or convert it"
-            ) from None
+            check_audio_file(path)
+        except AudioDecodeError as exc:
+            raise QueryError(f"query {query.id!r}: {exc}") from None
 
 
 class QueryEmbeddings(NamedTuple):

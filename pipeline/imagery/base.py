@@ -160,6 +160,11 @@ class ImageryReader(abc.ABC):
         """Ground metres per pixel of the source's finest imagery around `latitude`."""
         raise ImageryError(f"cannot tell the resolution of imagery {self.source_id}; set imagery.native_gsd_m (m/px)")
 
+    def footprint_lnglat(self) -> Bounds | None:
+        """The EPSG:4326 box (west, south, east, north; west > east across the antimeridian) outside which the
+        source holds no imagery; None for sources that cover the world."""
+        return None
+
     def prefetch(self, views: Sequence[Bounds] | np.ndarray, width: int) -> PrefetchReport:
         """Fetch what reading `views` (EPSG:3857) at `width` px would need into the tile cache.
 

@@ -23,7 +23,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from pipeline.errors import ImageryError
-from pipeline.geometry import WEB_MERCATOR, Bounds
+from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds
 from pipeline.imagery.base import (
     RGB_BANDS,
     ImageData,
@@ -159,6 +159,9 @@ class LocalRasterReader(ImageryReader):
         if not all(math.isfinite(side) for side in sides):
             raise ImageryError(f"cannot tell the pixel size of {self.path} on the ground; set imagery.native_gsd_m")
         return max(sides)
+
+    def footprint_lnglat(self) -> Bounds:
+        return Bounds(*transform_bounds(self._dataset.crs, WGS84, *self._dataset.bounds, densify_pts=21))
 
     def read_values(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> np.ma.MaskedArray:
         """Raw float32 values of the selected bands on the requested grid; masked per pixel where the source

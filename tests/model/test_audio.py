@@ -14,7 +14,16 @@ import soundfile
 import torch
 from support.upstream_ckpt import tensor_sha256
 
-from model.audio import CLIP_SAMPLES, N_FRAMES, N_MELS, SAMPLE_RATE, fit_clip, load_audio, log_mel
+from model.audio import (
+    CLIP_SAMPLES,
+    N_FRAMES,
+    N_MELS,
+    SAMPLE_RATE,
+    check_audio_file,
+    fit_clip,
+    load_audio,
+    log_mel,
+)
 from model.config import HTSATConfig
 from model.errors import AudioDecodeError, InputError
 from model.htsat import HTSATAudioEncoder
@@ -221,3 +230,65 @@ def test_load_audio_reports_unusable_files(tmp_path: Path, write: Callable[[Path
         load_audio(path)
     message = str(caught.value)
     assert str(path) in message and "\n" not in message
+
+
+# --- whole-file check ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("suffix", "subtype"), [("wav", "PCM_16"), ("wav", "FLOAT"), ("flac", None), ("ogg", None)])
+def test_check_audio_file_passes_whole_files(tmp_path: Path, suffix: str, subtype: str | None) -> None:
+    path = tmp_path / f"tone.{suffix}"
+    soundfile.write(path, tone(16_000, 2.0), 16_000, subtype=subtype)
+    check_audio_file(path)
+
+
+def test_check_audio_file_passes_a_streamed_wav_that_declares_no_length(tmp_path: Path) -> None:
+    path = tmp_path / "stream.wav"
+    soundfile.write(path, tone(16_000, 1.0), 16_000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    size_field = data.index(b"data") + 4
+    data[size_field : size_field + 4] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    check_audio_file(path)
+
+
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_check_audio_file_refuses_a_wav_cut_short(tmp_path: Path, endian: str) -> None:
+    whole = tmp_path / "whole.wav"
+    soundfile.write(whole, tone(16_000, 2.0), 16_000, subtype="PCM_16", endian=endian)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[:200])
+    # What a build used to accept silently: the header opens, and the 78 frames left decode.
+    assert soundfile.info(str(cut)).frames == 78
+    with pytest.raises(AudioDecodeError) as caught:
+        check_audio_file(cut)
+    message = str(caught.value)
+    assert f"audio file {cut} is truncated: its header declares 64,000 bytes of audio but the file holds 156" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("write", "words"),
+    [
+        (lambda path: soundfile.write(path, np.zeros(0, np.float32), 16_000), "holds no samples"),
+        (lambda path: path.write_bytes(b"RIFF not really a wave file" * 10), "cannot read"),
+        (lambda path: None, "does not exist"),
+    ],
+    ids=["no frames", "garbage", "missing"],
+)
+def test_check_audio_file_refuses_empty_undecodable_and_missing_files(
+    tmp_path: Path, write: Callable[[Path], None], words: str
+) -> None:
+    path = tmp_path / "clip.wav"
+    write(path)
+    with pytest.raises(AudioDecodeError, match=words):
+        check_audio_file(path)
+
+
+def test_check_audio_file_refuses_a_flac_cut_short(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.flac"
+    soundfile.write(whole, tone(16_000, 2.0), 16_000)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(AudioDecodeError, match=r"cannot read .* as audio"):
+        check_audio_file(cut)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import types
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from model.checkpoint import (
     read_checkpoint,
     read_config,
     save_safetensors,
+    sha256_file,
+    verify_sha256,
 )
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError, CheckpointMismatchError
@@ -40,6 +43,43 @@ def test_truncated_checkpoint_is_reported(upstream_ckpt_path: Callable[[str], Pa
     with pytest.raises(CheckpointError) as exc:
         read_checkpoint(truncated)
     assert "truncated" in one_line(exc)
+
+
+def overwrite_middle(path: Path, garbage: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        fh.write(garbage)
+
+
+def test_bytes_overwritten_in_the_middle_are_reported_with_the_tensor(
+    upstream_ckpt_path: Callable[[str], Path], tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt.ckpt"
+    shutil.copyfile(upstream_ckpt_path("bingmap_nometa"), corrupt)
+    overwrite_middle(corrupt, b"\xff" * 4096)
+    try:
+        with pytest.raises(CheckpointError) as exc:
+            load_model(corrupt)
+    finally:
+        corrupt.unlink()
+    message = one_line(exc)
+    assert message.startswith(f"{corrupt} is corrupt: tensor ") and "holds 1,024 NaN or infinite values" in message
+
+
+def test_a_converted_checkpoint_with_garbage_inside_is_reported(tmp_path: Path) -> None:
+    weights, _ = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")), tmp_path / "small.safetensors")
+    overwrite_middle(weights, b"\xff" * 4096)
+    with pytest.raises(CheckpointError, match=r"small\.safetensors is corrupt: tensor \S+ \(\d+(, \d+)*\) holds"):
+        load_model(weights)
+
+
+def test_a_checkpoint_whose_sha256_differs_from_the_expected_is_refused(tmp_path: Path) -> None:
+    weights, _ = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")), tmp_path / "small.safetensors")
+    digest = sha256_file(weights)
+    verify_sha256(weights, digest.upper())
+    with pytest.raises(CheckpointError) as exc:
+        verify_sha256(weights, "0" * 64)
+    assert f"has sha256 {digest}, not the expected {'0' * 64}" in one_line(exc)
 
 
 def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:

@@ -101,3 +101,14 @@ def test_reduced_precision_autocast_stays_close_to_fp32(precision: str) -> None:
     assert out.embedding.dtype == torch.float32
     cosine = (out.embedding * full.embedding).sum(dim=1)
     assert (cosine > 0.99).all(), cosine
+
+
+def test_scores_that_overflow_stop_with_one_line_not_an_index_error() -> None:
+    torch.manual_seed(0)
+    model = Sat2Sound(Sat2SoundConfig.small("none"))
+    with torch.no_grad():
+        model.fdt.img_query_model.q_map[-1].weight.fill_(3e38)  # finite, but every score overflows
+    encoder = Sat2SoundEncoder(model, text_backbone="minilm", device="cpu")
+    with pytest.raises(InputError, match="codebook scores are NaN or infinite") as raised:
+        encoder.embed_images(torch.zeros(1, 3, 224, 224, dtype=torch.uint8), zoom_level=1)
+    assert "\n" not in str(raised.value)

@@ -79,6 +79,8 @@ def test_missing_keys_take_the_schema_defaults() -> None:
         ),
         ({"queries": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "id 'a' is used twice"),
         ({"queries": []}, "config.queries: [] should be non-empty"),
+        ({"outputs": {"crs": "EPSG:999999"}}, "config.outputs.crs: 'EPSG:999999' is not a known CRS"),
+        ({"outputs": {"crs": "EPSG:4978"}}, "config.outputs.crs: 'EPSG:4978' is not a map CRS"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key(changes: dict[str, Any], words: str) -> None:
@@ -86,6 +88,13 @@ def test_config_errors_are_one_line_naming_the_key(changes: dict[str, Any], word
         load_build_config(config_with(**changes))
     message = str(raised.value)
     assert words in message and "\n" not in message
+
+
+def test_a_crs_gdal_does_not_know_is_refused_at_load_without_gdal_noise(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(BuildConfigError, match="EPSG:999999"):
+        load_plan_inputs({"region": "St. Louis", "outputs": {"crs": "EPSG:999999"}})
+    assert capfd.readouterr().err == ""
+    assert load_build_config(config_with(outputs={"crs": "EPSG:32633"})).outputs.crs == "EPSG:32633"
 
 
 def test_an_empty_config_says_which_file_to_pass() -> None:

@@ -42,5 +42,5 @@ def test_cuda_without_cuda_names_model_device(capsys: pytest.CaptureFixture[str]
     status, err = _queries_job(capsys, tmp_path, device="cuda")
     assert (status, err) == (
         2,
-        "error: device 'cuda' asked for but CUDA is not available; set model.device: cpu (or auto)\n",
+        "error: device 'cuda': CUDA is not available on this machine; use auto or cpu\n",
     )

@@ -1,0 +1,400 @@
+"""A catalogue of bad inputs: each stops the build when it starts, before any job, with one line.
+
+Every case goes through `pipeline.build.open_workflow`, what the Snakefile runs first, and must exit with
+status 2 after exactly one `error: ...` line on stderr that names the key or file and says what to do,
+having written nothing at all (no build folder, no tile cache, nothing beside the inputs). A few cases also
+go through a real `snakemake --dry-run`, to show the workflow adds nothing to that line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import rasterio
+import soundfile
+import torch
+import yaml
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+from support.paths import LANDSAT, REPO
+
+from model.checkpoint import save_safetensors, sha256_file
+from model.sat2sound import Sat2Sound
+from model.text_specs import minilm_directory
+from pipeline.build import ERROR_STATUS, open_workflow
+from pipeline.model_setup import untrained_config
+
+# The default build's scene, region and model, with few output tiles.
+BASE: dict[str, Any] = {
+    "name": "demo",
+    "output_dir": "out",
+    "region": "-54.60,-25.45,-54.45,-25.30",
+    "imagery": {"source": str(LANDSAT), "options": {"bands": [3, 2, 1]}, "cache_dir": "tiles"},
+    "model": {"checkpoint": "untrained", "sat_type": "sentinel", "zoom_level": 3},
+    "queries": [{"id": "birds", "text": "birds singing in a forest"}],
+}
+
+
+class Inputs(NamedTuple):
+    """Files the cases point at, made once: good ones and broken ones."""
+
+    folder: Path
+    tone_wav: Path
+    wav_cut: Path
+    wav_no_frames: Path
+    flac_cut: Path
+    not_audio_wav: Path
+    notes_txt: Path
+    checkpoint: Path
+    checkpoint_corrupt: Path
+    checkpoint_text: Path
+    checkpoint_foreign: Path
+    checkpoint_without_config: Path
+    t5_narrow: Path
+    raster_text: Path
+    raster_without_crs: Path
+    raster_not_georeferenced: Path
+    a_file: Path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    folder = tmp_path_factory.mktemp("inputs")
+    tone = (0.3 * np.sin(np.linspace(0, 4000, 32_000))).astype(np.float32)
+    soundfile.write(folder / "tone.wav", tone, 16_000, subtype="PCM_16")
+    (folder / "cut.wav").write_bytes((folder / "tone.wav").read_bytes()[:200])
+    soundfile.write(folder / "silent.wav", np.zeros(0, np.float32), 16_000)
+    soundfile.write(folder / "tone.flac", tone, 16_000)
+    flac = (folder / "tone.flac").read_bytes()
+    (folder / "cut.flac").write_bytes(flac[: len(flac) // 2])
+    (folder / "noise.wav").write_bytes(b"this is not audio" * 20)
+    (folder / "notes.txt").write_text("birds")
+
+    checkpoint, _ = save_safetensors(Sat2Sound(untrained_config("sentinel", "none")), folder / "small.safetensors")
+    corrupt = folder / "corrupt.safetensors"
+    for suffix in (".safetensors", ".json"):
+        corrupt.with_suffix(suffix).write_bytes(checkpoint.with_suffix(suffix).read_bytes())
+    with open(corrupt, "r+b") as weights:
+        weights.seek(corrupt.stat().st_size // 2)
+        weights.write(b"\xff" * 4096)
+    (folder / "notes.ckpt").write_text("not a checkpoint")
+    torch.save({"conv1.weight": torch.zeros(2, 2)}, folder / "resnet.pth")
+    lone = folder / "lone" / "small.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes(checkpoint.read_bytes())
+
+    t5 = folder / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))
+    (folder / "fake.tif").write_text("not a raster")
+    profile = {"driver": "GTiff", "width": 8, "height": 8, "count": 3, "dtype": "uint8"}
+    with rasterio.open(folder / "nocrs.tif", "w", transform=Affine(10, 0, 100, 0, -10, 200), **profile) as dataset:
+        dataset.write(np.zeros((3, 8, 8), np.uint8))
+    with (
+        warnings.catch_warnings(category=NotGeoreferencedWarning, action="ignore"),
+        rasterio.open(folder / "plain.tif", "w", **profile) as dataset,
+    ):
+        dataset.write(np.zeros((3, 8, 8), np.uint8))
+    (folder / "a_file").write_text("")
+    return Inputs(
+        folder,
+        folder / "tone.wav",
+        folder / "cut.wav",
+        folder / "silent.wav",
+        folder / "cut.flac",
+        folder / "noise.wav",
+        folder / "notes.txt",
+        checkpoint,
+        corrupt,
+        folder / "notes.ckpt",
+        folder / "resnet.pth",
+        lone,
+        t5,
+        folder / "fake.tif",
+        folder / "nocrs.tif",
+        folder / "plain.tif",
+        folder / "a_file",
+    )
+
+
+Change = Callable[[dict[str, Any], Inputs], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A change to the good config and the words the error line must hold (the key or file, and the fix)."""
+
+    id: str
+    change: Change
+    words: tuple[str, ...]
+    when: bool = True  # False where this machine cannot show the problem (e.g. it has the device)
+    defect: str = ""  # why the case does not pass yet, where a fix belongs to other work
+
+
+def set_key(path: str, value: Any | Callable[[Inputs], Any]) -> Change:
+    """Set `path` ("model.device", "queries") to `value`, or to `value(inputs)` when it is a function."""
+
+    def change(config: dict[str, Any], files: Inputs) -> None:
+        *sections, key = path.split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value(files) if callable(value) else value
+
+    return change
+
+
+def drop_key(key: str) -> Change:
+    return lambda config, files: config.pop(key)
+
+
+def audio_query(pick: Callable[[Inputs], Path], text: str | None = None) -> Change:
+    def query(files: Inputs) -> list[dict[str, str]]:
+        entry = {"id": "rain", "audio": str(pick(files))} | ({"text": text} if text else {})
+        return [*BASE["queries"], entry]
+
+    return set_key("queries", query)
+
+
+def checkpoint(pick: Callable[[Inputs], Path]) -> Change:
+    return set_key("model.checkpoint", lambda files: str(pick(files)))
+
+
+SCHEMA = "see config/schema.json"
+CASES = [
+    # The config itself: keys, types and ranges (config/schema.json).
+    Case("unknown key", set_key("zoom", 3), ("config: Additional properties", "'zoom' was unexpected", SCHEMA)),
+    Case("unknown model key", set_key("model.zoom", 3), ("config.model: Additional properties", "'zoom'", SCHEMA)),
+    Case("name not text", set_key("name", 5), ("config.name: 5 is not of type 'string'", SCHEMA)),
+    Case("name with a slash", set_key("name", "../up"), ("config.name: '../up' does not match", SCHEMA)),
+    Case("no region", drop_key("region"), ("config: 'region' is a required property", SCHEMA)),
+    Case("empty region", set_key("region", ""), ("config.region: '' should be non-empty", SCHEMA)),
+    Case(
+        "batch size as text", set_key("model.batch_size", "64"), ("config.model.batch_size: '64' is not a batch size",)
+    ),
+    Case("batch size 0", set_key("model.batch_size", 0), ("config.model.batch_size: 0 is not a batch size",)),
+    Case("zoom level 0", set_key("model.zoom_level", 0), ("config.model.zoom_level: 0 is less than the minimum",)),
+    Case("unknown precision", set_key("model.precision", "fp8"), ("config.model.precision: 'fp8' is not one of",)),
+    Case("unknown sat type", set_key("model.sat_type", "landsat"), ("config.model.sat_type: 'landsat' is not one",)),
+    Case("month 13", set_key("model.month", 13), ("config.model.month: 13 is greater than the maximum of 12",)),
+    Case("hour -1", set_key("model.hour", -1), ("config.model.hour: -1 is less than the minimum of 0",)),
+    Case("offline as text", set_key("imagery.offline", "yes"), ("config.imagery.offline: 'yes' is not of type",)),
+    Case("no coverage", set_key("imagery.min_coverage", 0), ("config.imagery.min_coverage: 0 is less than or",)),
+    Case("offset 7", set_key("tiling.tile_zoom_offset", 7), ("config.tiling.tile_zoom_offset: 7 is greater",)),
+    Case("top k 33", set_key("outputs.concepts_top_k", 33), ("config.outputs.concepts_top_k: 33 is greater",)),
+    Case("chunk px 8", set_key("outputs.zarr_chunk_px", 8), ("config.outputs.zarr_chunk_px: 8 is less",)),
+    Case("no queries", set_key("queries", []), ("config.queries: [] should be non-empty", SCHEMA)),
+    Case(
+        "query without text or audio",
+        set_key("queries", [{"id": "a"}]),
+        ("config.queries[0]", "neither text nor audio"),
+    ),
+    Case("query id concepts", set_key("queries", [{"id": "concepts", "text": "x"}]), ("config.queries[0].id",)),
+    Case("query id with a space", set_key("queries", [{"id": "a b", "text": "x"}]), ("config.queries[0].id: 'a b'",)),
+    Case(
+        "query id twice",
+        set_key("queries", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]),
+        ("config.queries: id 'a' is used twice; give every query its own id",),
+    ),
+    Case("sha256 not hex", set_key("model.checkpoint_sha256", "abc"), ("config.model.checkpoint_sha256: 'abc'",)),
+    Case("crs unknown", set_key("outputs.crs", "EPSG:999999"), ("config.outputs.crs: 'EPSG:999999' is not a known",)),
+    Case("crs not a map", set_key("outputs.crs", "EPSG:4978"), ("config.outputs.crs: 'EPSG:4978' is not a map CRS",)),
+    # The device the jobs would run on.
+    Case("device tpu", set_key("model.device", "tpu"), ("config.model.device: unknown device 'tpu'; use auto",)),
+    Case(
+        "device cuda without a gpu",
+        set_key("model.device", "cuda"),
+        ("config.model.device: device 'cuda': CUDA is not available", "use auto or cpu"),
+        when=not torch.cuda.is_available(),
+    ),
+    Case("device cuda:99", set_key("model.device", "cuda:99"), ("config.model.device: device 'cuda:99'", "use ")),
+    Case(
+        "device mps unavailable",
+        set_key("model.device", "mps"),
+        ("config.model.device: device 'mps'", "use auto or cpu"),
+        when=not torch.backends.mps.is_available(),
+    ),
+    # Audio queries, decoded whole when the build starts.
+    Case("audio missing", audio_query(lambda files: files.folder / "absent.wav"), ("absent.wav does not exist",)),
+    Case("audio not a sound type", audio_query(lambda files: files.notes_txt), ("notes.txt is not a wav, flac",)),
+    Case("audio undecodable", audio_query(lambda files: files.not_audio_wav), ("cannot read", "noise.wav", "convert")),
+    Case("audio wav cut short", audio_query(lambda files: files.wav_cut), ("cut.wav is truncated", "export it again")),
+    Case("audio flac cut short", audio_query(lambda files: files.flac_cut), ("cannot read", "cut.flac as audio")),
+    Case("audio without frames", audio_query(lambda files: files.wav_no_frames), ("silent.wav holds no samples",)),
+    Case(
+        "composed query cut short",
+        audio_query(lambda files: files.wav_cut, text="rain on a roof"),
+        ("query 'rain': audio file", "cut.wav is truncated"),
+    ),
+    # The checkpoint: there, a checkpoint, whole, and the expected one.
+    Case("checkpoint missing", checkpoint(lambda files: files.folder / "absent.ckpt"), ("absent.ckpt is not a file",)),
+    Case("checkpoint not one", checkpoint(lambda files: files.checkpoint_text), ("notes.ckpt is not a torch",)),
+    Case("checkpoint foreign", checkpoint(lambda files: files.checkpoint_foreign), ("resnet.pth is not a Sat2Sound",)),
+    Case(
+        "checkpoint without its config",
+        checkpoint(lambda files: files.checkpoint_without_config),
+        ("small.safetensors has no config beside it (small.json); convert the .ckpt again",),
+    ),
+    Case(
+        "checkpoint corrupt",
+        checkpoint(lambda files: files.checkpoint_corrupt),
+        ("corrupt.safetensors is corrupt: tensor", "NaN or infinite values; download or convert it again"),
+    ),
+    Case(
+        "checkpoint sha256 mismatch",
+        lambda config, files: config["model"].update(checkpoint=str(files.checkpoint), checkpoint_sha256="ab" * 32),
+        ("config.model.checkpoint_sha256: ", "small.safetensors has sha256", "download it again"),
+    ),
+    Case(
+        "sha256 of the untrained model",
+        lambda config, files: config["model"].update(checkpoint_sha256=sha256_file(files.checkpoint)),
+        ("config.model.checkpoint_sha256 is set but model.checkpoint is untrained", "remove it"),
+    ),
+    # The text backbone of the text queries.
+    Case(
+        "text backbone missing",
+        set_key("model.text_backbone", lambda files: str(files.folder / "flan")),
+        ("config.model.text_backbone: no T5 model directory at", "flan"),
+    ),
+    Case(
+        "text backbone not t5",
+        set_key("model.text_backbone", str(minilm_directory())),
+        ("config.model.text_backbone: ", "holds a 'bert' model, not T5"),
+    ),
+    Case(
+        "text backbone of another width",
+        set_key("model.text_backbone", lambda files: str(files.t5_narrow)),
+        ("config.model.text_backbone: ", "gives 32-d states but the model expects 384-d", "(auto)"),
+    ),
+    Case(
+        "text backbone not an id",
+        set_key("model.text_backbone", "google/flan/t5"),
+        ("config.model.text_backbone: text backbone 'google/flan/t5' is neither a model directory nor a Hub",),
+    ),
+    # The imagery and where it lies.
+    Case("imagery unknown", set_key("imagery.source", "ftp://x"), ("unknown imagery source 'ftp://x'; use esri",)),
+    Case("raster missing", set_key("imagery.source", "/no/such.tif"), ("raster /no/such.tif does not exist",)),
+    Case(
+        "raster not a raster",
+        set_key("imagery.source", lambda files: str(files.raster_text)),
+        ("cannot open raster", "fake.tif", "check the path"),
+    ),
+    Case(
+        "raster without crs",
+        set_key("imagery.source", lambda files: str(files.raster_without_crs)),
+        ("nocrs.tif has no CRS; georeference it",),
+    ),
+    Case(
+        "raster not georeferenced",
+        set_key("imagery.source", lambda files: str(files.raster_not_georeferenced)),
+        ("plain.tif has no CRS; georeference it",),
+        defect="rasterio warns NotGeoreferencedWarning (two more lines) when LocalRasterReader opens the file; the"
+        " reader, being rewritten, should refuse it without the warning",
+    ),
+    Case("imagery option unknown", set_key("imagery.options", {"band": [1]}), ("option 'band' does not apply",)),
+    Case("bands past the last", set_key("imagery.options", {"bands": [4, 3, 2]}), ("bands (4, 3, 2) do not fit",)),
+    Case(
+        "region outside the raster",
+        set_key("region", "-60,10,-59,11"),
+        ("region -60,10,-59,11 lies outside the imagery", "landsat8_itaipu_30m.tif", "set imagery.source"),
+    ),
+    Case(
+        "imagery too coarse", set_key("model.zoom_level", 1), ("m/px but a sentinel model", "set model.zoom_level: 3")
+    ),
+    Case("too many tiles", set_key("tiling.max_tiles", 1), ("tiling.max_tiles",)),
+    # Where the build would write.
+    Case(
+        "output folder is a file",
+        set_key("output_dir", lambda files: str(files.a_file)),
+        ("cannot write into the output folder", "a_file", "set output_dir to a writable folder"),
+    ),
+    Case(
+        "output folder under a file",
+        set_key("output_dir", lambda files: str(files.a_file / "maps")),
+        ("cannot write into the output folder", "a_file/maps/demo"),
+    ),
+]
+CASE_IDS = [case.id for case in CASES]
+# One case per place a check lives, run through Snakemake itself.
+WORKFLOW_CASES = ["unknown key", "device tpu", "audio wav cut short", "checkpoint corrupt", "region outside the raster"]
+
+
+def bad_config(case: Case, files: Inputs) -> dict[str, Any]:
+    config = copy.deepcopy(BASE)
+    case.change(config, files)
+    return config
+
+
+def snapshot(*folders: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for folder in folders for path in folder.rglob("*")}
+
+
+def check_error_line(stderr: str, case: Case) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {stderr!r}"
+    line = lines[0]
+    assert line.startswith("error: ") and "; " in line and "Traceback" not in line, line
+    for words in case.words:
+        assert words in line, f"{words!r} not in {line!r}"
+
+
+def known_defect(case: Case) -> list[pytest.MarkDecorator]:
+    return [pytest.mark.xfail(strict=True, reason=case.defect)] if case.defect else []
+
+
+@pytest.fixture(params=[pytest.param(case, id=case.id, marks=known_defect(case)) for case in CASES])
+def case(request: pytest.FixtureRequest) -> Case:
+    chosen: Case = request.param
+    if not chosen.when:
+        pytest.skip("this machine has what the case takes away")
+    return chosen
+
+
+def test_a_bad_input_stops_the_start_with_one_line_and_writes_nothing(
+    case: Case, inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = bad_config(case, inputs)
+    before = snapshot(tmp_path, inputs.folder)
+    # The workflow prints every warning to stderr (two lines each); pytest would only collect them.
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(SystemExit) as stopped:
+        warnings.simplefilter("always")
+        open_workflow(config, main_process=True)
+    assert stopped.value.code == ERROR_STATUS
+    assert [str(warning.message) for warning in shown] == []
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    check_error_line(captured.err, case)
+    assert snapshot(tmp_path, inputs.folder) == before
+
+
+@pytest.mark.parametrize("case_id", WORKFLOW_CASES)
+def test_the_workflow_stops_with_the_same_one_line(case_id: str, inputs: Inputs, tmp_path: Path) -> None:
+    case = CASES[CASE_IDS.index(case_id)]
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(bad_config(case, inputs)))
+    before = snapshot(tmp_path, inputs.folder)
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(config_path)]
+    result = subprocess.run(
+        [*command, "--dry-run", "--cores", "1"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == ERROR_STATUS, result.stderr
+    assert result.stdout == ""
+    check_error_line(result.stderr, case)
+    assert snapshot(tmp_path, inputs.folder) == before

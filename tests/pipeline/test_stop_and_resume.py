@@ -1,0 +1,106 @@
+"""Stopping a build as users do: Ctrl-C prints one line and the same command resumes; `run.sh unlock` clears the
+lock a build killed hard leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from support.paths import LANDSAT, REPO
+
+from pipeline.build import STOPPED_LINE
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+TIMEOUT_S = 120
+# The jobs import the pipeline: from this checkout, whatever the virtual environment was installed from.
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def wait_for(path: Path, run: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not path.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared (exit status {run.poll()})"
+
+
+def locks(work: Path) -> list[Path]:
+    return sorted((work / ".snakemake" / "locks").glob("*"))
+
+
+def test_ctrl_c_on_a_running_build_prints_one_line_and_the_same_command_resumes(tmp_path: Path) -> None:
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["imagery"] |= {"source": str(LANDSAT), "cache_dir": str(tmp_path / "tiles")}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "profiles" / "local")]
+    command += ["--configfile", str(config_path)]
+    err_path, out_path = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
+    with err_path.open("w") as err, out_path.open("w") as out:
+        # A session of its own, signalled as a whole: what a terminal does on Ctrl-C to its foreground job.
+        run = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=out, stderr=err, start_new_session=True)
+        try:
+            wait_for(tmp_path / "outputs" / config["name"] / "logs" / "embed", run)
+            os.killpg(run.pid, signal.SIGINT)
+            run.wait(TIMEOUT_S)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    stderr, stdout = err_path.read_text(), out_path.read_text()
+    assert run.returncode != 0
+    assert stderr.count(STOPPED_LINE) == 1 and stderr.rstrip().endswith(STOPPED_LINE), stderr[-3000:]
+    for noise in ("Traceback", "Error", "Exception", "KeyboardInterrupt"):
+        assert noise not in stderr + stdout, stderr[-3000:]
+    assert not locks(tmp_path)
+
+    resumed = subprocess.run([*command, "-n"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "\nembed " in resumed.stdout and "\nmodel " not in resumed.stdout, resumed.stdout
+
+
+def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("run.sh", "Snakefile", "pyproject.toml"):
+        shutil.copy(REPO / name, checkout / name)
+    for name in ("rules", "profiles", "config"):
+        shutil.copytree(REPO / name, checkout / name)
+    (checkout / "examples").symlink_to(REPO / "examples")
+    # The environment run.sh would set up, already installed: its python and snakemake are this test's.
+    bin_dir = checkout / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "snakemake").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m snakemake "$@"\n')
+    (bin_dir / "snakemake").chmod(0o755)
+    stamp = hashlib.sha256((checkout / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (checkout / ".venv" / f".installed-{stamp}").touch()
+
+    build = subprocess.Popen(
+        ["bash", "run.sh", "build"],
+        cwd=checkout,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(checkout / "outputs" / "itaipu-demo" / "model.json", build)
+    finally:
+        os.killpg(build.pid, signal.SIGKILL)
+        build.wait()
+    assert locks(checkout), "a build killed with SIGKILL leaves its lock"
+
+    unlock = subprocess.run(
+        ["bash", str(checkout / "run.sh"), "unlock"], env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
+    assert "Unlocked working directory." in unlock.stderr
+    assert not locks(checkout)
