@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -113,7 +114,9 @@ class LocalRasterReader(ImageryReader):
         self._resampling = resampling_method(resampling)
         self._percentiles = percentiles
         try:
-            with rasterio.Env(**self._gdal_env):
+            # A raster without georeferencing is refused below, in one line, not with rasterio's warning.
+            with rasterio.Env(**self._gdal_env), warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self._dataset = rasterio.open(self.path)
         except RasterioError as exc:
             raise ImageryError(f"cannot open raster {self.path} ({type(exc).__name__}); check the path or URL") from exc

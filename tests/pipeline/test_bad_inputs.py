@@ -299,8 +299,6 @@ CASES = [
         "raster not georeferenced",
         set_key("imagery.source", lambda files: str(files.raster_not_georeferenced)),
         ("plain.tif has no CRS; georeference it",),
-        defect="rasterio warns NotGeoreferencedWarning (two more lines) when LocalRasterReader opens the file; the"
-        " reader, being rewritten, should refuse it without the warning",
     ),
     Case("imagery option unknown", set_key("imagery.options", {"band": [1]}), ("option 'band' does not apply",)),
     Case("bands past the last", set_key("imagery.options", {"bands": [4, 3, 2]}), ("bands (4, 3, 2) do not fit",)),
