@@ -6,8 +6,9 @@ Each build runs the whole Snakemake workflow (plan, embed, score, Zarr, COGs, pr
 a square of output tiles in the middle of the bundled Landsat scene (local-raster source, the default
 config's model view; `--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the
 scene). Printed per build: end-to-end tiles/s, the model's own tiles/s on the same device in the same
-run (random uint8 tiles through `embed_images` at the build's batch size), their ratio, and the peak
-resident memory of the largest process of the build, which stays flat as regions grow because every
+run (random uint8 tiles through `embed_images` at the build's batch size), their ratio, the embed jobs'
+fixed cost (process start, imports, model load: embedded/<job>.json) and their tiles/s after it, and the
+peak resident memory of the largest process of the build, which stays flat as regions grow because every
 step works chunk by chunk.
 
 `--write-rates` records the end-to-end rate of the largest build in benchmarks/rates.json (the rates
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -102,6 +104,14 @@ def run_build(config_path: Path, workdir: Path, cores: int) -> tuple[float, floa
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"build {config_path} failed; see {config_path.with_suffix('.log')} and the build's logs/")
     return seconds, usage.ru_maxrss / 1024
+
+
+def embed_jobs_record(build: Path, tiles: int) -> tuple[float, float]:
+    """The embed jobs' summed start-up seconds and their tiles/s after start-up (embedded/<job>.json)."""
+    records = [json.loads(path.read_text()) for path in sorted((build / "embedded").glob("*.json"))]
+    startup = sum(record["startup_s"] for record in records)
+    working = sum(record["seconds"] - record["startup_s"] for record in records)
+    return startup, tiles / working if working else 0.0
 
 
 def model_only_tiles_per_s(encoder: Sat2SoundEncoder, zoom_level: int, batch_size: int, tiles: int) -> float:
@@ -188,17 +198,23 @@ def main() -> None:
             plan = read_plan(root / name / PLAN_NAME)
             model_rate = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
             count = plan.tile_count
-            rows.append((count, len(plan.chunk_ids), seconds, count / seconds, model_rate, peak_mb))
+            startup, embed_rate = embed_jobs_record(root / name, count)
+            rows.append(
+                (count, len(plan.chunk_ids), seconds, count / seconds, model_rate, startup, embed_rate, peak_mb)
+            )
             print(f"built {count:,} tiles at zoom {plan.zoom} in {seconds:.1f} s", flush=True)
     print(f"\ndevice {encoder.device}, {torch.get_num_threads()} torch threads, snakemake --cores {args.cores}")
-    print("tiles  chunks  end-to-end s  end-to-end tiles/s  model-only tiles/s  ratio  peak RSS MB")
-    for count, chunks, seconds, rate, model_rate, peak_mb in rows:
+    print(
+        "tiles  chunks  end-to-end s  end-to-end tiles/s  model-only tiles/s  ratio"
+        "  embed start-up s  embed tiles/s  peak RSS MB"
+    )
+    for count, chunks, seconds, rate, model_rate, startup, embed_rate, peak_mb in rows:
         print(
             f"{count:>5,}  {chunks:>6}  {seconds:>12.1f}  {rate:>18.1f}  {model_rate:>18.1f}"
-            f"  {rate / model_rate:>5.2f}  {peak_mb:>11.0f}"
+            f"  {rate / model_rate:>5.2f}  {startup:>16.1f}  {embed_rate:>13.1f}  {peak_mb:>11.0f}"
         )
     if args.write_rates:
-        count, _, _, rate, model_rate, _ = max(rows)
+        count, _, _, rate, model_rate, *_ = max(rows)
         written = write_rates(
             RATES_PATH, count, rate, model_rate, device=encoder.device, checkpoint=args.checkpoint, cores=args.cores
         )

@@ -104,7 +104,10 @@ def cut_views(
     else:
         # Values premultiplied by validity, validity last: one pass resamples both.
         stack = torch.cat([values.float() * valid, valid[None].float()])
-        parts = [_finish(*_resample_projected(stack, landing, source, view, size, kernel), source) for view in views]
+        by_pixel = stack.reshape(len(stack), -1).T.contiguous()
+        parts = [
+            _finish(*_resample_projected(by_pixel, landing, source, view, size, kernel), source) for view in views
+        ]
     if not parts:
         return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
     return ViewBatch(torch.cat([part.pixels for part in parts]), torch.cat([part.coverage for part in parts]))
@@ -235,10 +238,12 @@ def _from_mercator(crs: str) -> Transformer:
 
 
 def _resample_projected(
-    stack: Tensor, landing: Tensor, source: SourcePixels, view: np.ndarray, size: int, kernel: Kernel
+    by_pixel: Tensor, landing: Tensor, source: SourcePixels, view: np.ndarray, size: int, kernel: Kernel
 ) -> tuple[Tensor, Tensor]:
-    device = stack.device
-    bands, height, width = stack.shape
+    """One view from (H x W, bands + 1) values premultiplied by validity plus the valid weight, a source pixel
+    a row: one sparse product with a row of 2-D kernel taps per output pixel."""
+    device = by_pixel.device
+    (height, width), bands = landing.shape, by_pixel.shape[1]
     left, bottom, right, top = view.tolist()
     # Output pixel centres on a coarse grid, mapped exactly into source pixel coordinates.
     points = np.linspace(0.5, size - 0.5, PROJECTED_GRID_POINTS)
@@ -247,22 +252,18 @@ def _resample_projected(
     columns, rows = ~source.transform @ (np.asarray(source_x), np.asarray(source_y))
     coarse = torch.as_tensor(np.stack([columns, rows]), device=device, dtype=torch.float64)[None]
     fine = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)[0]
-    column_coords, row_coords = fine[0], fine[1]
+    # float32 from here: coordinates of a strip's pixels need no more than 1e-4 px.
+    column_coords, row_coords = fine[0].float(), fine[1].float()
     # The output/source pixel ratio along each source axis, from the view's extent in source pixels.
     centres_to_edges = size / (size - 1.0)
     shrink_x = size / (float(column_coords.max() - column_coords.min()) * centres_to_edges)
     shrink_y = size / (float(row_coords.max() - row_coords.min()) * centres_to_edges)
-    shrink = torch.tensor(min(shrink_x, shrink_y, 1.0), device=device, dtype=torch.float64)
+    shrink = torch.tensor(min(shrink_x, shrink_y, 1.0), device=device)
     scale = _kernel_scale(shrink)
     column_index, column_weight = _taps(column_coords, scale, kernel, width)
     row_index, row_weight = _taps(row_coords, scale, kernel, height)
-    flat_stack = stack.reshape(bands, -1)
-    out = stack.new_zeros((bands, size * size))
-    for row_tap in range(row_index.shape[-1]):
-        row_start = row_index[..., row_tap] * width
-        for column_tap in range(column_index.shape[-1]):
-            weight = (row_weight[..., row_tap] * column_weight[..., column_tap]).float().reshape(-1)
-            flat = (row_start + column_index[..., column_tap]).reshape(-1)
-            out += torch.index_select(flat_stack, 1, flat) * weight
-    out = out.reshape(bands, size, size)
+    flat = row_index[..., :, None] * width + column_index[..., None, :]  # (S, S, K, K)
+    weights = row_weight[..., :, None] * column_weight[..., None, :]
+    taps = _tap_matrix(flat.reshape(size * size, -1), weights.reshape(size * size, -1), height * width)
+    out = (taps @ by_pixel).T.reshape(bands, size, size)
     return out[None], _landed(landing, row_coords, column_coords)[None]

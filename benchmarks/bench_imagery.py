@@ -1,0 +1,147 @@
+"""The imagery stage alone (no model): model views per second per CPU core, strip path against per-view reads.
+
+    python benchmarks/bench_imagery.py [--offsets 0 2 5] [--per-view 96]
+
+For each `tile_zoom_offset` it plans the default build's region (the bundled Landsat scene, sentinel views of
+7.68 km at zoom_level 3) and times, on one thread, what an embed job does before the model: read every strip
+of a chunk once (`ImageryReader.source_pixels`) and cut its views (`pipeline.views.cut_views`); then the old
+path, one GDAL warp per view (`ImageryReader.part`), on the first `--per-view` views. Sources: the scene as it
+is (UTM, a projected raster), the scene warped to EPSG:3857 (a Web Mercator raster), and a warm tile cache of
+256-px PNG tiles made from it (XYZ, read offline). Printed: views/s per core for both paths and their ratio,
+source pixels read per view, and the peak memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import rasterio
+import torch
+from rasterio.enums import Resampling
+from rasterio.warp import calculate_default_transform, reproject, transform_bounds
+
+from model import MODEL_INPUT_PX
+from pipeline.build import plan_build
+from pipeline.config import load_plan_inputs
+from pipeline.geometry import WEB_MERCATOR, Bounds
+from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
+from pipeline.imagery.base import read_strips
+from pipeline.imagery.codec import encode_png
+from pipeline.plan import ChunkTiles
+from pipeline.views import cut_views
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"
+REGION = "-54.664,-25.489,-54.354,-25.208"
+BANDS = (3, 2, 1)
+TILE_ZOOM = 12  # 38 m pixels: the coarsest at least as fine as the views' 34 m
+TILE_PX = 256
+
+
+def largest_chunk(offset: int) -> ChunkTiles:
+    inputs = load_plan_inputs(
+        {
+            "region": REGION,
+            "imagery": {"source": str(SCENE), "options": {"bands": list(BANDS)}},
+            "model": {"checkpoint": "untrained", "sat_type": "sentinel", "zoom_level": 3},
+            "tiling": {"tile_zoom_offset": offset, "max_tiles": 10_000_000},
+        }
+    )
+    return max(plan_build(inputs).chunks, key=len)
+
+
+def mercator_scene(folder: Path) -> Path:
+    path = folder / "landsat_3857.tif"
+    with rasterio.open(SCENE) as source:
+        transform, width, height = calculate_default_transform(
+            source.crs, WEB_MERCATOR, source.width, source.height, *source.bounds
+        )
+        profile = {**source.profile, "crs": WEB_MERCATOR, "transform": transform, "width": width, "height": height}
+        with rasterio.open(path, "w", **profile) as target:
+            for band in range(1, source.count + 1):
+                reproject(rasterio.band(source, band), rasterio.band(target, band), resampling=Resampling.bilinear)
+    return path
+
+
+def tile_cache(folder: Path, source_id: str) -> Path:
+    """PNG tiles of the scene at TILE_ZOOM (and the zoom above), stretched to 8 bits as the local reader does."""
+    cache = TileCache(folder / "tiles")
+    with LocalRasterReader(SCENE, bands=BANDS) as reader:
+        west, south, east, north = transform_bounds(reader.crs, "EPSG:4326", *reader._dataset.bounds)
+        for tile in mercantile.tiles(west, south, east, north, [TILE_ZOOM - 1, TILE_ZOOM]):
+            image = reader.tile(tile.x, tile.y, tile.z, TILE_PX)
+            rgb, valid = np.ma.getdata(image.array), ~np.ma.getmaskarray(image.array).any(axis=0)
+            if valid.any():
+                cache.put(f"{source_id}/{tile.z}/{tile.x}/{tile.y}.png", encode_png(rgb, valid))
+    return cache.root
+
+
+def time_strips(reader: ImageryReader, views: np.ndarray) -> tuple[float, int]:
+    """Seconds to read and cut all `views`, and the source pixels read."""
+    start, read = time.perf_counter(), 0
+    for strip in read_strips(views, MODEL_INPUT_PX):
+        group = views[strip.start : strip.stop]
+        pixels = reader.source_pixels(group, MODEL_INPUT_PX)
+        read += pixels.valid.size
+        cut_views(pixels, group, MODEL_INPUT_PX)
+    return time.perf_counter() - start, read
+
+
+def time_per_view(reader: ImageryReader, views: np.ndarray) -> float:
+    start = time.perf_counter()
+    for view in views:
+        reader.part(Bounds(*view), MODEL_INPUT_PX, MODEL_INPUT_PX)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--offsets", type=int, nargs="+", default=[0, 2, 5])
+    parser.add_argument("--per-view", type=int, default=96, help="views timed through one GDAL warp each")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-imagery-") as scratch:
+        folder = Path(scratch)
+        sources: dict[str, Callable[[], ImageryReader]] = {
+            "projected raster (UTM)": lambda: LocalRasterReader(SCENE, bands=BANDS),
+            "Web Mercator raster": lambda: LocalRasterReader(mercator_scene(folder), bands=BANDS),
+            "XYZ tile cache (PNG)": lambda: XYZReader(
+                "https://tiles.invalid/{z}/{x}/{y}.png",
+                cache=TileCache(tile_cache(folder, "bench")),
+                source_id="bench",
+                offline=True,
+                max_zoom=TILE_ZOOM,
+            ),
+        }
+        print(
+            f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'per-view views/s':>16}"
+            f" {'ratio':>6} {'source px/view':>14}"
+        )
+        for offset in args.offsets:
+            chunk = largest_chunk(offset)
+            for name, make in sources.items():
+                with make() as reader:
+                    time_strips(reader, chunk.views[:8])  # warm-up: stretch, first reads
+                    seconds, read = time_strips(reader, chunk.views)
+                    sample = chunk.views[: args.per_view]
+                    per_view = len(sample) / time_per_view(reader, sample)
+                strip_rate = len(chunk) / seconds
+                print(
+                    f"{name:<24} {offset:>6} {len(chunk):>6} {strip_rate:>13,.0f} {per_view:>16,.0f}"
+                    f" {strip_rate / per_view:>6.1f} {read / len(chunk):>14,.0f}",
+                    flush=True,
+                )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n1 torch thread, {torch.__version__}, peak RSS {peak_mb:,.0f} MB; {sys.platform}")
+
+
+if __name__ == "__main__":
+    main()
