@@ -89,8 +89,7 @@ def cut_views(
     kernel = check_resampling(resampling)
     device = torch.device(device)
     views = np.asarray(views, dtype=np.float64).reshape(-1, 4)
-    values = torch.as_tensor(np.ascontiguousarray(source.values)).to(device)
-    valid = torch.as_tensor(np.ascontiguousarray(source.valid)).to(device)
+    values, valid = _on_device(source.values, device), _on_device(source.valid, device)
     if values.is_floating_point():
         finite = torch.isfinite(values).all(dim=0)
         valid = valid & finite
@@ -111,6 +110,14 @@ def cut_views(
     if not parts:
         return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
     return ViewBatch(torch.cat([part.pixels for part in parts]), torch.cat([part.coverage for part in parts]))
+
+
+def _on_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """`array` on `device`; to a GPU from pinned host memory, without waiting for the copy."""
+    tensor = torch.as_tensor(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _same_rows(views: np.ndarray) -> list[slice]:

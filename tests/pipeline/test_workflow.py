@@ -426,7 +426,9 @@ def test_bad_inputs_stop_with_one_line(case: str, base_config: dict[str, Any], t
 
 
 def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(base_config: dict[str, Any], tmp_path: Path) -> None:
-    result = snakemake(tmp_path, write_config(tmp_path, base_config), "-n", profile=SLURM_PROFILE)
+    # Small jobs, so that this small region makes several of them.
+    config = {**base_config, "model": {**base_config["model"], "tiles_per_job": 20}}
+    result = snakemake(tmp_path, write_config(tmp_path, config), "-n", profile=SLURM_PROFILE)
     check_ran(result, tmp_path)
     jobs = result.stdout.split("\nrule ")
     embed_jobs = [job for job in jobs if job.startswith("embed:")]
