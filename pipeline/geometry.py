@@ -143,27 +143,35 @@ class ViewStrip(NamedTuple):
     pixels: int
 
 
-def view_strips(views: np.ndarray, width: int, max_pixels: int) -> list[ViewStrip]:
-    """Consecutive rows of (N, 4) views (rows: runs of equal top and bottom) grouped into strips whose union,
-    at the finest view's `width`-px resolution, holds at most `max_pixels` pixels (a row alone may hold more),
-    and whose views differ in size by MAX_STRIP_SIZE_RATIO at most (rows of one chunk, not unrelated views).
+def view_strips(views: np.ndarray, width: int, max_pixels: int, max_views: int) -> list[ViewStrip]:
+    """Consecutive rows of (N, 4) views (rows: runs of equal top and bottom; rows longer than `max_views` in
+    pieces) grouped into strips of at most `max_views` views whose union, at the finest view's `width`-px
+    resolution, holds at most `max_pixels` pixels (a piece of a row alone may hold more), and whose views differ
+    in size by MAX_STRIP_SIZE_RATIO at most (rows of one chunk, not unrelated views).
 
     Overlapping views (finer output tiles than views) share the pixels of a strip, so each is read once."""
-    if len(views) == 0:
-        return []
-    rows = view_rows(views)
-    starts, stops = [row.start for row in rows], [row.stop for row in rows]
+    pieces = [
+        (start, min(start + max_views, row.stop))
+        for row in view_rows(views)
+        for start in range(row.start, row.stop, max_views)
+    ]
     widths = views[:, 2] - views[:, 0]
     strips: list[ViewStrip] = []
     first = 0
-    for index, stop in enumerate(stops):
-        pixels = _union_pixels(views[starts[first] : stop], width)
-        group = widths[starts[first] : stop]
-        if index > first and (pixels > max_pixels or group.max() > MAX_STRIP_SIZE_RATIO * group.min()):
-            previous = stops[index - 1]
-            strips.append(ViewStrip(starts[first], previous, _union_pixels(views[starts[first] : previous], width)))
+    for index, (_, stop) in enumerate(pieces):
+        start = pieces[first][0]
+        group = widths[start:stop]
+        if index > first and (
+            stop - start > max_views
+            or group.max() > MAX_STRIP_SIZE_RATIO * group.min()
+            or _union_pixels(views[start:stop], width) > max_pixels
+        ):
+            end = pieces[index - 1][1]
+            strips.append(ViewStrip(start, end, _union_pixels(views[start:end], width)))
             first = index
-    strips.append(ViewStrip(starts[first], len(views), _union_pixels(views[starts[first] :], width)))
+    if pieces:
+        start = pieces[first][0]
+        strips.append(ViewStrip(start, len(views), _union_pixels(views[start:], width)))
     return strips
 
 

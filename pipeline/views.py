@@ -35,6 +35,8 @@ from pipeline.imagery.base import RGB_BANDS, SourcePixels
 UNSCALED_KERNEL_ABOVE = 0.95
 # Views of one row resampled together (their pass down the source is shared): about 50 MB of results.
 SEPARABLE_BATCH = 64
+# Views of a projected source resampled together (more only thrash the cache: ~25 MB of taps each).
+PROJECTED_BATCH = 2
 # Points per view axis mapped exactly through the projection; the rest are interpolated between them.
 PROJECTED_GRID_POINTS = 9
 _UINT8_MAX = 255.0
@@ -105,7 +107,11 @@ def cut_views(
         stack = torch.cat([values.float() * valid, valid[None].float()])
         by_pixel = stack.reshape(len(stack), -1).T.contiguous()
         parts = [
-            _finish(*_resample_projected(by_pixel, landing, source, view, size, kernel), source) for view in views
+            _finish(
+                *_resample_projected(by_pixel, landing, source, views[start : start + PROJECTED_BATCH], size, kernel),
+                source,
+            )
+            for start in range(0, len(views), PROJECTED_BATCH)
         ]
     if not parts:
         return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
@@ -245,32 +251,35 @@ def _from_mercator(crs: str) -> Transformer:
 
 
 def _resample_projected(
-    by_pixel: Tensor, landing: Tensor, source: SourcePixels, view: np.ndarray, size: int, kernel: Kernel
+    by_pixel: Tensor, landing: Tensor, source: SourcePixels, views: np.ndarray, size: int, kernel: Kernel
 ) -> tuple[Tensor, Tensor]:
-    """One view from (H x W, bands + 1) values premultiplied by validity plus the valid weight, a source pixel
-    a row: one sparse product with a row of 2-D kernel taps per output pixel."""
+    """Views from (H x W, bands + 1) values premultiplied by validity plus the valid weight, a source pixel a
+    row: one sparse product with a row of 2-D kernel taps per output pixel."""
     device = by_pixel.device
-    (height, width), bands = landing.shape, by_pixel.shape[1]
-    left, bottom, right, top = view.tolist()
-    # Output pixel centres on a coarse grid, mapped exactly into source pixel coordinates.
-    points = np.linspace(0.5, size - 0.5, PROJECTED_GRID_POINTS)
-    grid_x, grid_y = np.meshgrid(left + points * (right - left) / size, top - points * (top - bottom) / size)
-    source_x, source_y = _from_mercator(source.crs).transform(grid_x, grid_y)
+    (height, width), bands, count = landing.shape, by_pixel.shape[1], len(views)
+    # Output pixel centres on a coarse grid per view, mapped exactly into source pixel coordinates.
+    points = (np.linspace(0.5, size - 0.5, PROJECTED_GRID_POINTS) / size)[None, :]
+    left, bottom, right, top = (views[:, index : index + 1] for index in range(4))
+    x = np.broadcast_to(
+        (left + points * (right - left))[:, None, :], (count, PROJECTED_GRID_POINTS, PROJECTED_GRID_POINTS)
+    )
+    y = np.broadcast_to((top - points * (top - bottom))[:, :, None], x.shape)
+    source_x, source_y = _from_mercator(source.crs).transform(x, y)
     columns, rows = ~source.transform @ (np.asarray(source_x), np.asarray(source_y))
-    coarse = torch.as_tensor(np.stack([columns, rows]), device=device, dtype=torch.float64)[None]
-    fine = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)[0]
+    coarse = torch.as_tensor(np.stack([columns, rows], axis=1), device=device, dtype=torch.float64)
+    fine = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
     # float32 from here: coordinates of a strip's pixels need no more than 1e-4 px.
-    column_coords, row_coords = fine[0].float(), fine[1].float()
-    # The output/source pixel ratio along each source axis, from the view's extent in source pixels.
+    column_coords, row_coords = fine[:, 0].float(), fine[:, 1].float()
+    # The output/source pixel ratio of each view, from its extent in source pixels (GDAL: its source window).
     centres_to_edges = size / (size - 1.0)
-    shrink_x = size / (float(column_coords.max() - column_coords.min()) * centres_to_edges)
-    shrink_y = size / (float(row_coords.max() - row_coords.min()) * centres_to_edges)
-    shrink = torch.tensor(min(shrink_x, shrink_y, 1.0), device=device)
-    scale = _kernel_scale(shrink)
+    extent_x = (column_coords.amax(dim=(1, 2)) - column_coords.amin(dim=(1, 2))) * centres_to_edges
+    extent_y = (row_coords.amax(dim=(1, 2)) - row_coords.amin(dim=(1, 2))) * centres_to_edges
+    scale = _kernel_scale((size / torch.maximum(extent_x, extent_y)).clamp(max=1.0))[:, None, None]
     column_index, column_weight = _taps(column_coords, scale, kernel, width)
     row_index, row_weight = _taps(row_coords, scale, kernel, height)
-    flat = row_index[..., :, None] * width + column_index[..., None, :]  # (S, S, K, K)
+    flat = row_index[..., :, None] * width + column_index[..., None, :]  # (N, S, S, K, K)
     weights = row_weight[..., :, None] * column_weight[..., None, :]
-    taps = _tap_matrix(flat.reshape(size * size, -1), weights.reshape(size * size, -1), height * width)
-    out = (taps @ by_pixel).T.reshape(bands, size, size)
-    return out[None], _landed(landing, row_coords, column_coords)[None]
+    pixels = count * size * size
+    taps = _tap_matrix(flat.reshape(pixels, -1), weights.reshape(pixels, -1), height * width)
+    out = (taps @ by_pixel).reshape(count, size, size, bands).permute(0, 3, 1, 2)
+    return out, _landed(landing, row_coords, column_coords)

@@ -29,6 +29,8 @@ RGB_BANDS = 3
 # Views read together as one strip hold at most about this many pixels at the views' resolution (2048 x 2048);
 # it bounds an embed job's memory whatever the chunk size.
 STRIP_PIXELS = 2048 * 2048
+# ... and at most this many views (150 kB each as uint8 at 224 px: ~40 MB of views per strip).
+STRIP_VIEWS = 256
 _Reader = TypeVar("_Reader", bound="ImageryReader")
 _WGS84_GEOD = Geod(ellps="WGS84")
 
@@ -227,8 +229,9 @@ def finest_pixel_m(views: np.ndarray, width: int) -> float:
 
 
 def read_strips(views: np.ndarray, width: int) -> list[ViewStrip]:
-    """How views are read: strips of consecutive rows, STRIP_PIXELS at most (`pipeline.geometry.view_strips`)."""
-    return view_strips(views, width, STRIP_PIXELS)
+    """How views are read: strips of consecutive rows, STRIP_PIXELS and STRIP_VIEWS at most
+    (`pipeline.geometry.view_strips`)."""
+    return view_strips(views, width, STRIP_PIXELS, STRIP_VIEWS)
 
 
 def union_bounds(views: np.ndarray) -> Bounds:

@@ -27,7 +27,9 @@ from pipeline.geometry import (
     raster_grid,
     tile_bounds,
     tile_centres_lnglat,
+    tile_ground_size_m,
     view_bounds,
+    view_strips,
 )
 from pipeline.plan import ModelView
 from pipeline.regions import parse_region
@@ -315,3 +317,28 @@ def test_raster_grid_continues_across_the_antimeridian() -> None:
     assert (south, north) == pytest.approx((mercantile.bounds(0, 11, zoom).south, mercantile.bounds(0, 10, zoom).north))
     with pytest.raises(TilingError, match="empty"):
         raster_grid(TileCover(zoom, np.array([], dtype=np.int64), np.array([], dtype=np.int64)))
+
+
+def test_view_strips_group_whole_rows_within_their_budgets() -> None:
+    zoom = 14
+    x, y = np.meshgrid(np.arange(5000, 5064), np.arange(7000, 7064))
+    size = tile_ground_size_m(zoom, 20.0)
+    for view_m, budget, most in ((4 * size, 2048**2, 256), (size, 2048**2, 256), (size, 10**12, 100)):
+        views = view_bounds(x.ravel(), y.ravel(), zoom, view_m)
+        strips = view_strips(views, 224, budget, most)
+        assert [strip.start for strip in strips] == [0, *(strip.stop for strip in strips[:-1])]
+        assert strips[-1].stop == len(views)
+        for strip in strips:
+            assert strip.stop - strip.start <= most
+            # A strip holds whole rows of 64 views, or pieces of one row when a row is over the view budget.
+            assert (strip.start % 64 == 0 and strip.stop % 64 == 0) or strip.start // 64 == (strip.stop - 1) // 64
+            assert strip.pixels <= budget or (strip.stop - strip.start) <= 64
+    # Overlapping views (4x the tile) share strips of several rows; views without overlap, strips of one row.
+    wide = view_strips(view_bounds(x.ravel(), y.ravel(), zoom, 4 * size), 224, 2048**2, 256)
+    assert len(wide) == 16 and all(strip.stop - strip.start == 256 for strip in wide)
+
+
+def test_view_strips_never_mix_views_of_different_sizes() -> None:
+    views = np.array([[0.0, 0.0, 100.0, 100.0], [0.0, 100.0, 100.0, 200.0], [0.0, 200.0, 150.0, 350.0]])
+    assert [(strip.start, strip.stop) for strip in view_strips(views, 224, 10**9, 10)] == [(0, 2), (2, 3)]
+    assert view_strips(np.zeros((0, 4)), 224, 10, 10) == []
