@@ -23,20 +23,19 @@ from pathlib import Path
 
 import mercantile
 import numpy as np
-import rasterio
 import torch
-from rasterio.enums import Resampling
-from rasterio.warp import calculate_default_transform, reproject, transform_bounds
+from rasterio.warp import transform_bounds
 
 from model import MODEL_INPUT_PX
 from pipeline.build import plan_build
 from pipeline.config import load_plan_inputs
-from pipeline.geometry import WEB_MERCATOR, Bounds
+from pipeline.geometry import Bounds
 from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
 from pipeline.imagery.base import read_strips
 from pipeline.imagery.codec import encode_png
 from pipeline.plan import ChunkTiles
 from pipeline.views import cut_views
+from tests.support.imagery_servers import warp_to_web_mercator
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"
@@ -56,19 +55,6 @@ def largest_chunk(offset: int) -> ChunkTiles:
         }
     )
     return max(plan_build(inputs).chunks, key=len)
-
-
-def mercator_scene(folder: Path) -> Path:
-    path = folder / "landsat_3857.tif"
-    with rasterio.open(SCENE) as source:
-        transform, width, height = calculate_default_transform(
-            source.crs, WEB_MERCATOR, source.width, source.height, *source.bounds
-        )
-        profile = {**source.profile, "crs": WEB_MERCATOR, "transform": transform, "width": width, "height": height}
-        with rasterio.open(path, "w", **profile) as target:
-            for band in range(1, source.count + 1):
-                reproject(rasterio.band(source, band), rasterio.band(target, band), resampling=Resampling.bilinear)
-    return path
 
 
 def tile_cache(folder: Path, source_id: str) -> Path:
@@ -112,7 +98,9 @@ def main() -> None:
         folder = Path(scratch)
         sources: dict[str, Callable[[], ImageryReader]] = {
             "projected raster (UTM)": lambda: LocalRasterReader(SCENE, bands=BANDS),
-            "Web Mercator raster": lambda: LocalRasterReader(mercator_scene(folder), bands=BANDS),
+            "Web Mercator raster": lambda: LocalRasterReader(
+                warp_to_web_mercator(SCENE, folder / "landsat_3857.tif"), bands=BANDS
+            ),
             "XYZ tile cache (PNG)": lambda: XYZReader(
                 "https://tiles.invalid/{z}/{x}/{y}.png",
                 cache=TileCache(tile_cache(folder, "bench")),

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,29 +37,38 @@ UNSCALED_KERNEL_ABOVE = 0.95
 SEPARABLE_BATCH = 64
 # Views of a projected source resampled together (more only thrash the cache: ~25 MB of taps each).
 PROJECTED_BATCH = 2
+# Readers hand over pixels at most ~4x finer than the views (local rasters decimate, tile pyramids pick their
+# zoom): a smaller output/source ratio only comes from degenerate views, and would make kernels huge.
+MIN_KERNEL_SCALE = 1.0 / 32.0
 # Points per view axis mapped exactly through the projection; the rest are interpolated between them.
 PROJECTED_GRID_POINTS = 9
 _UINT8_MAX = 255.0
 
 
-def _triangle(x: Tensor) -> Tensor:
-    return (1.0 - x.abs()).clamp(min=0.0)
-
-
-def _keys_cubic(x: Tensor) -> Tensor:
-    # Keys' cubic convolution with a = -0.5, GDAL's "cubic".
-    a = x.abs()
-    near = (1.5 * a - 2.5) * a * a + 1.0
-    far = ((-0.5 * a + 2.5) * a - 4.0) * a + 2.0
-    return torch.where(a <= 1.0, near, torch.where(a < 2.0, far, torch.zeros_like(a)))
-
-
 class Kernel(NamedTuple):
-    weight: Callable[[Tensor], Tensor]
-    radius: int
+    """A resampling kernel as GDAL defines it: a cubic polynomial in |x| on each unit interval 0-1, 1-2, ...
+    (coefficients of 1, t, t^2, t^3 per row), zero beyond; its radius is the number of rows. One table serves
+    the sparse products on any device and the compiled CPU kernel."""
+
+    pieces: np.ndarray
+
+    @property
+    def radius(self) -> int:
+        return len(self.pieces)
+
+    def weight(self, x: Tensor) -> Tensor:
+        t = x.abs()
+        piece = t.floor().long().clamp(max=self.radius - 1)
+        c = torch.as_tensor(self.pieces, dtype=x.dtype, device=x.device)[piece]
+        value = c[..., 0] + t * (c[..., 1] + t * (c[..., 2] + t * c[..., 3]))
+        return torch.where(t < self.radius, value, 0.0)
 
 
-KERNELS = {"bilinear": Kernel(_triangle, 1), "cubic": Kernel(_keys_cubic, 2)}
+KERNELS = {
+    "bilinear": Kernel(np.array([[1.0, -1.0, 0.0, 0.0]])),
+    # Keys' cubic convolution with a = -0.5, GDAL's "cubic".
+    "cubic": Kernel(np.array([[1.0, 0.0, -2.5, 1.5], [2.0, -4.0, 2.5, -0.5]])),
+}
 
 
 class ViewBatch(NamedTuple):
@@ -86,10 +95,15 @@ def cut_views(
     *,
     resampling: str = "bilinear",
     device: torch.device | str = "cpu",
+    compiled: bool | None = None,
 ) -> ViewBatch:
-    """Resample each of `views` ((N, 4) EPSG:3857 bounds) from `source` to `size` x `size` pixels."""
+    """Resample each of `views` ((N, 4) EPSG:3857 bounds) from `source` to `size` x `size` pixels.
+
+    Sources in another CRS than EPSG:3857 are resampled by a `compiled` kernel (numba) on a CPU, by sparse
+    products elsewhere (None: whichever fits the device; both give the same views)."""
     kernel = check_resampling(resampling)
     device = torch.device(device)
+    compiled = device.type == "cpu" if compiled is None else compiled
     views = np.asarray(views, dtype=np.float64).reshape(-1, 4)
     values, valid = _on_device(source.values, device), _on_device(source.valid, device)
     if values.is_floating_point():
@@ -106,12 +120,10 @@ def cut_views(
         # Values premultiplied by validity, validity last: one pass resamples both.
         stack = torch.cat([values.float() * valid, valid[None].float()])
         by_pixel = stack.reshape(len(stack), -1).T.contiguous()
+        batches = (views[start : start + PROJECTED_BATCH] for start in range(0, len(views), PROJECTED_BATCH))
         parts = [
-            _finish(
-                *_resample_projected(by_pixel, landing, source, views[start : start + PROJECTED_BATCH], size, kernel),
-                source,
-            )
-            for start in range(0, len(views), PROJECTED_BATCH)
+            _finish(*_resample_projected(by_pixel, landing, source, batch, size, kernel, compiled), source)
+            for batch in batches
         ]
     if not parts:
         return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
@@ -194,7 +206,9 @@ def _landed(landing: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
 
 
 def _kernel_scale(shrink: Tensor) -> Tensor:
-    """Output/source pixel ratios per view, set to 1 (unstretched kernel) where GDAL would not stretch."""
+    """Output/source pixel ratios per view, set to 1 (unstretched kernel) where GDAL would not stretch, and
+    kept above MIN_KERNEL_SCALE (degenerate views)."""
+    shrink = shrink.nan_to_num(nan=1.0).clamp(min=MIN_KERNEL_SCALE)
     return torch.where(shrink >= UNSCALED_KERNEL_ABOVE, torch.ones_like(shrink), shrink)
 
 
@@ -245,16 +259,70 @@ def _resample_separable(
     return out, _landed(landing, rows[:, :, None], columns[:, None, :])
 
 
+@numba.njit(cache=True, nogil=True)
+def _tap_weight(x: float, pieces: np.ndarray) -> float:
+    t = abs(x)
+    piece = int(t)
+    if piece >= pieces.shape[0]:
+        return 0.0
+    c = pieces[piece]
+    return c[0] + t * (c[1] + t * (c[2] + t * c[3]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _resample_points(
+    by_pixel: np.ndarray, width: int, columns: np.ndarray, rows: np.ndarray, scales: np.ndarray, pieces: np.ndarray
+) -> np.ndarray:
+    """The compiled CPU twin of the sparse product: for each output pixel (its source coordinates and kernel
+    scale), the kernel-weighted sum of the source rows of `by_pixel` ((H x W, C) float32) under it."""
+    height, bands = by_pixel.shape[0] // width, by_pixel.shape[1]
+    out = np.zeros((len(columns), bands), np.float32)
+    if len(columns) == 0:
+        return out
+    most = 2 * math.ceil(pieces.shape[0] / scales.min())
+    across = np.empty(most)
+    down = np.empty(most)
+    for point in range(len(columns)):
+        scale = scales[point]
+        reach = math.ceil(pieces.shape[0] / scale)
+        if not (math.isfinite(columns[point]) and math.isfinite(rows[point])):
+            continue
+        column, row = columns[point] - 0.5, rows[point] - 0.5
+        first_column, first_row = math.floor(column), math.floor(row)
+        for tap in range(2 * reach):
+            across[tap] = _tap_weight((1 - reach + tap - (column - first_column)) * scale, pieces)
+            down[tap] = _tap_weight((1 - reach + tap - (row - first_row)) * scale, pieces)
+        for row_tap in range(2 * reach):
+            source_row = first_row + 1 - reach + row_tap
+            if source_row < 0 or source_row >= height or down[row_tap] == 0.0:
+                continue
+            for column_tap in range(2 * reach):
+                source_column = first_column + 1 - reach + column_tap
+                if source_column < 0 or source_column >= width or across[column_tap] == 0.0:
+                    continue
+                weight = down[row_tap] * across[column_tap]
+                source = source_row * width + source_column
+                for band in range(bands):
+                    out[point, band] += weight * by_pixel[source, band]
+    return out
+
+
 @lru_cache(maxsize=8)
 def _from_mercator(crs: str) -> Transformer:
     return Transformer.from_crs(WEB_MERCATOR, crs, always_xy=True)
 
 
 def _resample_projected(
-    by_pixel: Tensor, landing: Tensor, source: SourcePixels, views: np.ndarray, size: int, kernel: Kernel
+    by_pixel: Tensor,
+    landing: Tensor,
+    source: SourcePixels,
+    views: np.ndarray,
+    size: int,
+    kernel: Kernel,
+    compiled: bool,
 ) -> tuple[Tensor, Tensor]:
     """Views from (H x W, bands + 1) values premultiplied by validity plus the valid weight, a source pixel a
-    row: one sparse product with a row of 2-D kernel taps per output pixel."""
+    row: one sparse product with a row of 2-D kernel taps per output pixel, or its `compiled` CPU twin."""
     device = by_pixel.device
     (height, width), bands, count = landing.shape, by_pixel.shape[1], len(views)
     # Output pixel centres on a coarse grid per view, mapped exactly into source pixel coordinates.
@@ -275,11 +343,23 @@ def _resample_projected(
     extent_x = (column_coords.amax(dim=(1, 2)) - column_coords.amin(dim=(1, 2))) * centres_to_edges
     extent_y = (row_coords.amax(dim=(1, 2)) - row_coords.amin(dim=(1, 2))) * centres_to_edges
     scale = _kernel_scale((size / torch.maximum(extent_x, extent_y)).clamp(max=1.0))[:, None, None]
-    column_index, column_weight = _taps(column_coords, scale, kernel, width)
-    row_index, row_weight = _taps(row_coords, scale, kernel, height)
-    flat = row_index[..., :, None] * width + column_index[..., None, :]  # (N, S, S, K, K)
-    weights = row_weight[..., :, None] * column_weight[..., None, :]
-    pixels = count * size * size
-    taps = _tap_matrix(flat.reshape(pixels, -1), weights.reshape(pixels, -1), height * width)
-    out = (taps @ by_pixel).reshape(count, size, size, bands).permute(0, 3, 1, 2)
+    if compiled:
+        scales = scale.expand_as(column_coords).reshape(-1).numpy()
+        points = _resample_points(
+            by_pixel.numpy(),
+            width,
+            column_coords.reshape(-1).numpy(),
+            row_coords.reshape(-1).numpy(),
+            scales,
+            kernel.pieces,
+        )
+        out = torch.from_numpy(points).reshape(count, size, size, bands).permute(0, 3, 1, 2)
+    else:
+        column_index, column_weight = _taps(column_coords, scale, kernel, width)
+        row_index, row_weight = _taps(row_coords, scale, kernel, height)
+        flat = row_index[..., :, None] * width + column_index[..., None, :]  # (N, S, S, K, K)
+        weights = row_weight[..., :, None] * column_weight[..., None, :]
+        pixels = count * size * size
+        taps = _tap_matrix(flat.reshape(pixels, -1), weights.reshape(pixels, -1), height * width)
+        out = (taps @ by_pixel).reshape(count, size, size, bands).permute(0, 3, 1, 2)
     return out, _landed(landing, row_coords, column_coords)

@@ -27,6 +27,7 @@ import torch
 import yaml
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
+from support.damage import overwritten_copy
 from support.paths import LANDSAT, REPO
 
 from model.checkpoint import save_safetensors, sha256_file
@@ -82,12 +83,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     (folder / "notes.txt").write_text("birds")
 
     checkpoint, _ = save_safetensors(Sat2Sound(untrained_config("sentinel", "none")), folder / "small.safetensors")
-    corrupt = folder / "corrupt.safetensors"
-    for suffix in (".safetensors", ".json"):
-        corrupt.with_suffix(suffix).write_bytes(checkpoint.with_suffix(suffix).read_bytes())
-    with open(corrupt, "r+b") as weights:
-        weights.seek(corrupt.stat().st_size // 2)
-        weights.write(b"\xff" * 4096)
+    corrupt = overwritten_copy(checkpoint, folder / "corrupt.safetensors")
     (folder / "notes.ckpt").write_text("not a checkpoint")
     torch.save({"conv1.weight": torch.zeros(2, 2)}, folder / "resnet.pth")
     lone = folder / "lone" / "small.safetensors"

@@ -12,6 +12,7 @@ import rasterio
 import soundfile
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
+from support.damage import overwritten_copy
 from support.paths import LANDSAT
 
 from model.checkpoint import save_safetensors, sha256_file
@@ -132,12 +133,7 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_checkpoint_with_garbage_inside_is_refused_naming_the_tensor(small_checkpoint: Path, tmp_path: Path) -> None:
-    corrupt = tmp_path / "corrupt.safetensors"
-    for suffix in (".safetensors", ".json"):
-        corrupt.with_suffix(suffix).write_bytes(small_checkpoint.with_suffix(suffix).read_bytes())
-    with open(corrupt, "r+b") as fh:
-        fh.seek(corrupt.stat().st_size // 2)
-        fh.write(b"\xff" * 4096)
+    corrupt = overwritten_copy(small_checkpoint, tmp_path / "corrupt.safetensors")
     check_model(model_settings(checkpoint=str(small_checkpoint)), text_queries=True)
     with pytest.raises(CheckpointError, match=r"corrupt\.safetensors is corrupt: tensor \S+"):
         check_model(model_settings(checkpoint=str(corrupt)), text_queries=False)

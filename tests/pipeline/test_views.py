@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.warp import Resampling, calculate_default_transform, reproject, transform_bounds
-from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
+from rasterio.warp import transform_bounds
+from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer, warp_to_web_mercator
 from support.paths import LANDSAT
 
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
@@ -87,16 +87,7 @@ def compare(reader: ImageryReader, views: np.ndarray, resampling: str = "bilinea
 @pytest.fixture(scope="module")
 def mercator_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled Landsat scene warped to EPSG:3857 (a nodata collar where the UTM footprint ends)."""
-    path = tmp_path_factory.mktemp("mercator") / "landsat_3857.tif"
-    with rasterio.open(LANDSAT) as source:
-        transform, width, height = calculate_default_transform(
-            source.crs, WEB_MERCATOR, source.width, source.height, *source.bounds
-        )
-        profile = {**source.profile, "crs": WEB_MERCATOR, "transform": transform, "width": width, "height": height}
-        with rasterio.open(path, "w", **profile) as target:
-            for band in range(1, source.count + 1):
-                reproject(rasterio.band(source, band), rasterio.band(target, band), resampling=Resampling.bilinear)
-    return path
+    return warp_to_web_mercator(LANDSAT, tmp_path_factory.mktemp("mercator") / "landsat_3857.tif")
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +190,16 @@ def test_views_off_the_source_are_empty_and_unknown_kernels_are_refused() -> Non
     with pytest.raises(ImageryError, match="resampling 'lanczos' cannot cut model views"):
         cut_views(empty, np.zeros((1, 4)), 16, resampling="lanczos")
     assert math.isclose(float(cut_views(empty, np.zeros((0, 4)), 16).pixels.numel()), 0.0)
+
+
+@pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
+def test_the_compiled_cpu_kernel_and_the_sparse_products_cut_the_same_views(resampling: str) -> None:
+    with landsat() as reader:
+        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 2, inset=-0.05)[::5]
+        source = reader.source_pixels(views, SIZE)
+    compiled = cut_views(source, views, SIZE, resampling=resampling, compiled=True)
+    sparse = cut_views(source, views, SIZE, resampling=resampling, compiled=False)
+    np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
+    assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
+    difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
+    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3

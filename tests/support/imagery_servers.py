@@ -35,7 +35,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
-from rasterio.warp import reproject, transform_bounds
+from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from shapely.geometry import Polygon
 
 SCENE_PATH = Path(__file__).resolve().parents[1] / "data" / "imagery" / "rgb_5m_utm18n.tif"
@@ -49,6 +49,19 @@ STAC_CONFORMANCE = [
     "http://www.opengis.net/spec/ogcapi-features-1/conf/core",
     "http://www.opengis.net/spec/ogcapi-features-1/conf/geojson",
 ]
+
+
+def warp_to_web_mercator(source: Path, target: Path) -> Path:
+    """`source` warped to EPSG:3857 at about its own resolution (bilinear), all bands, its profile kept."""
+    with rasterio.open(source) as scene:
+        transform, width, height = calculate_default_transform(
+            scene.crs, "EPSG:3857", scene.width, scene.height, *scene.bounds
+        )
+        profile = {**scene.profile, "crs": "EPSG:3857", "transform": transform, "width": width, "height": height}
+        with rasterio.open(target, "w", **profile) as warped:
+            for band in range(1, scene.count + 1):
+                reproject(rasterio.band(scene, band), rasterio.band(warped, band), resampling=Resampling.bilinear)
+    return target
 
 
 @dataclass
