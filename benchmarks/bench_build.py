@@ -11,9 +11,10 @@ fixed cost (process start, imports, model load: embedded/<job>.json) and their t
 peak resident memory of the largest process of the build, which stays flat as regions grow because every
 step works chunk by chunk.
 
-`--write-rates` records the end-to-end rate of the largest build in benchmarks/rates.json (the rates
-`python -m pipeline plan` times builds by; schema in `pipeline.rates`), replacing the entry of the
-same device kind (cpu/gpu) and model size (small: untrained, full: a checkpoint).
+`--write-rates` records in benchmarks/rates.json (the rates `python -m pipeline plan` times builds by; schema
+in `pipeline.rates`) the line through the smallest and the largest build: tiles/s and the fixed seconds every
+build spends (`start_s`), replacing the entry of the same device kind (cpu/gpu) and model size (small:
+untrained, full: a checkpoint).
 """
 
 from __future__ import annotations
@@ -128,23 +129,34 @@ def model_only_tiles_per_s(encoder: Sat2SoundEncoder, zoom_level: int, batch_siz
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def fit_rate(builds: list[tuple[int, float]]) -> tuple[float, float]:
+    """Tiles/s and fixed seconds of `seconds = start_s + tiles / tiles_per_s` through the smallest and the
+    largest of (tiles, seconds) builds (one build: no fixed part)."""
+    (small, small_s), (large, large_s) = min(builds), max(builds)
+    if large == small or large_s <= small_s:
+        return large / large_s, 0.0
+    tiles_per_s = (large - small) / (large_s - small_s)
+    return tiles_per_s, max(0.0, small_s - small / tiles_per_s)
+
+
 def write_rates(
     path: Path,
-    tiles: int,
-    tiles_per_s: float,
+    builds: list[tuple[int, float]],
     model_tiles_per_s: float,
     *,
     device: torch.device,
     checkpoint: str,
     cores: int,
 ) -> Rate:
-    """Record one build's end-to-end rate for this device kind and model size in the rates file."""
+    """Record the builds' rate and fixed start-up for this device kind and model size in the rates file."""
     cuda = device.type == "cuda"
     hardware = (
         torch.cuda.get_device_name(device)
         if cuda
         else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
     )
+    tiles_per_s, start_s = fit_rate(builds)
+    sizes = " and ".join(f"{tiles:,}" for tiles in sorted({min(builds)[0], max(builds)[0]}))
     rate = Rate(
         device="gpu" if cuda else "cpu",
         model="small" if checkpoint == "untrained" else "full",
@@ -152,8 +164,9 @@ def write_rates(
         measure="end-to-end",
         cores=None if cuda else os.cpu_count(),
         hardware=hardware,
-        source=f"benchmarks/bench_build.py --write-rates, {tiles:,}-tile build, snakemake --cores {cores}",
+        source=f"benchmarks/bench_build.py --write-rates: {sizes}-tile builds, snakemake --cores {cores}",
         date=datetime.date.today().isoformat(),
+        start_s=round(start_s, 1),
     )
     update_rates(path, rate, model_only_tiles_per_s=round(model_tiles_per_s, 1))
     return rate
@@ -214,11 +227,15 @@ def main() -> None:
             f"  {rate / model_rate:>5.2f}  {startup:>16.1f}  {embed_rate:>13.1f}  {peak_mb:>11.0f}"
         )
     if args.write_rates:
-        count, _, _, rate, model_rate, *_ = max(rows)
+        builds = [(count, seconds) for count, _, seconds, *_ in rows]
+        model_rate = max(rows)[4]
         written = write_rates(
-            RATES_PATH, count, rate, model_rate, device=encoder.device, checkpoint=args.checkpoint, cores=args.cores
+            RATES_PATH, builds, model_rate, device=encoder.device, checkpoint=args.checkpoint, cores=args.cores
         )
-        print(f"wrote {written.device}/{written.model}: {written.tiles_per_s} tiles/s to {RATES_PATH}")
+        print(
+            f"wrote {written.device}/{written.model}: {written.tiles_per_s} tiles/s after {written.start_s} s"
+            f" of fixed start-up to {RATES_PATH}"
+        )
 
 
 def _tile_zoom(args: argparse.Namespace, settings: Any) -> int:

@@ -1,6 +1,6 @@
 """The imagery stage alone (no model): model views per second per CPU core, strip path against per-view reads.
 
-    python benchmarks/bench_imagery.py [--offsets 0 2 5] [--per-view 96]
+    python -m benchmarks.bench_imagery [--offsets 0 2 5] [--per-view 96]
 
 For each `tile_zoom_offset` it plans the default build's region (the bundled Landsat scene, sentinel views of
 7.68 km at zoom_level 3) and times, on one thread, what an embed job does before the model: read every strip

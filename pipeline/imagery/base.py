@@ -29,8 +29,8 @@ RGB_BANDS = 3
 # Views read together as one strip hold at most about this many pixels at the views' resolution (2048 x 2048);
 # it bounds an embed job's memory whatever the chunk size.
 STRIP_PIXELS = 2048 * 2048
-# ... and at most this many views (150 kB each as uint8 at 224 px: ~40 MB of views per strip).
-STRIP_VIEWS = 256
+# ... and at most this many views (150 kB each as uint8 at 224 px: ~150 MB of views per strip).
+STRIP_VIEWS = 1024
 _Reader = TypeVar("_Reader", bound="ImageryReader")
 _WGS84_GEOD = Geod(ellps="WGS84")
 
