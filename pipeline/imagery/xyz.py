@@ -19,9 +19,9 @@ import re
 import string
 import threading
 import warnings
-from dataclasses import replace
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
