@@ -21,7 +21,7 @@ from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
 from common.errors import first_line
-from pipeline.errors import BuildConfigError
+from pipeline.errors import BuildConfigError, ImageryError
 
 if TYPE_CHECKING:
     from pipeline.imagery import ImageryReader
@@ -46,6 +46,8 @@ class ImagerySettings:
     def open_reader(self) -> ImageryReader:
         from pipeline.imagery import open_reader
 
+        if "on_missing" in self.options:
+            raise ImageryError("imagery.options.on_missing is an imagery key of its own; set imagery.on_missing")
         return open_reader(
             self.source,
             cache_dir=Path(self.cache_dir),

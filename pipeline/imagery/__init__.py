@@ -84,9 +84,6 @@ def _build(factory: Callable[..., ImageryReader], options: dict[str, Any], *args
     """Call `factory`, turning unknown option names into one clear ImageryError."""
     reader_class = XYZReader if factory == XYZReader.esri else factory
     accepted = set(inspect.signature(reader_class).parameters)
-    clash = sorted(set(options) & set(fixed))
-    if clash:
-        raise ImageryError(f"option {clash[0]!r} is an imagery key of its own; set imagery.{clash[0]}, not in options")
     unknown = sorted(set(options) - accepted)
     if unknown:
         valid = ", ".join(sorted(accepted - set(fixed) - {"url_template", "url", "path"}))
