@@ -316,6 +316,26 @@ def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
     return lines
 
 
+def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> int:
+    """Make this run retry imagery an earlier run could not have: drop the records of embed jobs whose chunks
+    left tiles empty for it (embedded/<job>.json) and their chunks' fetch reports, so that Snakemake reruns
+    them (the embed job redoes only those chunks). Returns how many jobs will rerun."""
+    build = Path(build_dir)
+    rerun = 0
+    for job, chunk_ids in enumerate(jobs):
+        record = build / "embedded" / f"{job}.json"
+        try:
+            chunks = json.loads(record.read_text())["chunks"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if any(chunk.get("empty_unavailable") or chunk.get("unavailable_source_tiles") for chunk in chunks):
+            rerun += 1
+            record.unlink(missing_ok=True)
+            for chunk_id in chunk_ids:
+                (build / "imagery" / f"{chunk_id}.json").unlink(missing_ok=True)
+    return rerun
+
+
 def finish_lines(build_dir: Path | str, store: Path | str) -> list[str]:
     """What the workflow prints when it ends well: where the outputs are and, when imagery could not be had
     (`imagery.on_missing: leave_empty`), how many tiles were left empty and why (from the store's attributes)."""

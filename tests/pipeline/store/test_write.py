@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import rasterio
 import xarray as xr
 from support.synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synthetic_store
 
-from pipeline.build import finish_lines
+from pipeline.build import finish_lines, retry_unavailable
 from pipeline.config import Query
 from pipeline.store import SoundscapeStore, gdal_path
 from pipeline.store.layout import GRIDDED_VARIABLES
@@ -157,3 +158,19 @@ def test_a_store_without_missing_imagery_says_so(opened: xr.Dataset, store: Synt
     assert opened.attrs["empty_tiles_unavailable_imagery"] == 0
     assert opened.attrs["empty_tiles_reason"] == ""
     assert finish_lines("build", store.path) == [f"done: build/preview.html, build/cog/*.tif (+ .qml), {store.path}"]
+
+
+def test_a_rerun_retries_the_jobs_whose_chunks_lacked_imagery(tmp_path: Path) -> None:
+    jobs = [["a", "b"], ["c"], ["d"]]
+    (tmp_path / "embedded").mkdir()
+    (tmp_path / "imagery").mkdir()
+    for chunk in "abcd":
+        (tmp_path / "imagery" / f"{chunk}.json").write_text("{}")
+    lacking = {"chunk": "b", "tiles": 4, "valid": 2, "reused": False, "empty_unavailable": 2}
+    complete = {"chunk": "c", "tiles": 4, "valid": 4, "reused": False, "empty_unavailable": 0}
+    (tmp_path / "embedded" / "0.json").write_text(json.dumps({"chunks": [complete, lacking]}))
+    (tmp_path / "embedded" / "1.json").write_text(json.dumps({"chunks": [complete]}))
+    assert retry_unavailable(tmp_path, jobs) == 1
+    assert sorted(path.name for path in (tmp_path / "embedded").iterdir()) == ["1.json"]
+    assert sorted(path.name for path in (tmp_path / "imagery").iterdir()) == ["c.json", "d.json"]
+    assert retry_unavailable(tmp_path, jobs) == 0
