@@ -45,4 +45,6 @@ rule all:
 
 
 onsuccess:
-    print(f"done: {BUILD}/preview.html, {BUILD}/cog/*.tif (+ .qml), {STORE}", file=sys.stderr)
+    from pipeline.build import finish_lines
+
+    print("\n".join(finish_lines(BUILD, STORE)), file=sys.stderr)

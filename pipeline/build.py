@@ -9,6 +9,7 @@ time). `quiet_interrupts` makes Ctrl-C on a running build one line too.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -312,6 +313,40 @@ def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
         )
     if downloads.terms_note is not None and not offline:
         lines.append(f"Terms          {downloads.terms_note}")
+    return lines
+
+
+def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> int:
+    """Make this run retry imagery an earlier run could not have: drop the records of embed jobs whose chunks
+    left tiles empty for it (embedded/<job>.json) and their chunks' fetch reports, so that Snakemake reruns
+    them (the embed job redoes only those chunks). Returns how many jobs will rerun."""
+    build = Path(build_dir)
+    rerun = 0
+    for job, chunk_ids in enumerate(jobs):
+        record = build / "embedded" / f"{job}.json"
+        try:
+            chunks = json.loads(record.read_text())["chunks"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if any(chunk.get("empty_unavailable") or chunk.get("unavailable_source_tiles") for chunk in chunks):
+            rerun += 1
+            record.unlink(missing_ok=True)
+            for chunk_id in chunk_ids:
+                (build / "imagery" / f"{chunk_id}.json").unlink(missing_ok=True)
+    return rerun
+
+
+def finish_lines(build_dir: Path | str, store: Path | str) -> list[str]:
+    """What the workflow prints when it ends well: where the outputs are and, when imagery could not be had
+    (`imagery.on_missing: leave_empty`), how many tiles were left empty and why (from the store's attributes)."""
+    lines = [f"done: {build_dir}/preview.html, {build_dir}/cog/*.tif (+ .qml), {store}"]
+    try:
+        metadata = json.loads((Path(store) / ".zmetadata").read_text())
+        attrs = metadata["metadata"][".zattrs"]
+    except (OSError, ValueError, KeyError):
+        return lines
+    if attrs.get("empty_tiles_reason"):
+        lines.append(f"warning: {attrs['empty_tiles_reason']}")
     return lines
 
 

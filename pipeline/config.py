@@ -21,7 +21,7 @@ from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
 from common.errors import first_line
-from pipeline.errors import BuildConfigError
+from pipeline.errors import BuildConfigError, ImageryError
 
 if TYPE_CHECKING:
     from pipeline.imagery import ImageryReader
@@ -41,11 +41,20 @@ class ImagerySettings:
     offline: bool
     native_gsd_m: float | None
     min_coverage: float
+    on_missing: str = "fail"
 
     def open_reader(self) -> ImageryReader:
         from pipeline.imagery import open_reader
 
-        return open_reader(self.source, cache_dir=Path(self.cache_dir), offline=self.offline, **dict(self.options))
+        if "on_missing" in self.options:
+            raise ImageryError("imagery.options.on_missing is an imagery key of its own; set imagery.on_missing")
+        return open_reader(
+            self.source,
+            cache_dir=Path(self.cache_dir),
+            offline=self.offline,
+            on_missing=self.on_missing,
+            **dict(self.options),
+        )
 
 
 @dataclass(frozen=True)
@@ -241,9 +250,9 @@ RUNTIME_KEYS = {
 }
 STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "model": {"model": ("checkpoint", "sat_type", "metadata_type", "seed")},
-    "fetch": {"imagery": ("source", "options", "native_gsd_m")},
+    "fetch": {"imagery": ("source", "options", "native_gsd_m", "on_missing")},
     "embed": {
-        "imagery": ("source", "options", "native_gsd_m", "min_coverage"),
+        "imagery": ("source", "options", "native_gsd_m", "min_coverage", "on_missing"),
         "model": ("month", "hour", "precision"),
         "outputs": ("concepts_top_k",),
     },

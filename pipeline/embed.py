@@ -4,18 +4,22 @@ imagery in loader processes while the model runs.
 Each output tile is scored by the model's view centred on it (`pipeline.geometry.view_bounds`). A chunk's
 views are read in strips (`pipeline.imagery.base.read_strips`): each source pixel once, then every view is
 cut from the strip on the model's device (`pipeline.views.cut_views`). A tile whose view holds imagery on less
-than `min_coverage` of its pixels is invalid: the model does not see it and its outputs are empty.
+than `min_coverage` of its pixels is invalid: the model does not see it and its outputs are empty. So is a tile
+whose view touches imagery that could not be had (`imagery.on_missing: leave_empty`): its score would change.
 chunks/<chunk>.npz holds, per tile of the chunk (row by row):
 
     x, y                     output tile coordinates (int64)
     row, col                 grid position (int32)
     coverage                 fraction of the view with imagery (float32)
-    valid                    coverage >= min_coverage (bool)
+    valid                    coverage >= min_coverage and not unavailable (bool)
+    unavailable              the view touches source imagery that could not be had, so the tile is empty (bool)
+    unavailable_source_tiles (K, 3) int64 z, x, y of the source tiles that could not be had
     embedding                (N, D) float16, L2-normalised, zero where invalid
     concept_index            (N, k) int32 top-k codebook concepts, -1 where invalid or weight 0
     concept_weight           (N, k) float32 their sparse codebook weights, 0 where invalid
     stamp                    what the chunk was made from (settings, weights, tiles): a rerun keeps a chunk
-                             whose stamp matches, so a killed job resumes chunk by chunk
+                             whose stamp matches and that lacks no imagery, so a killed job resumes chunk by
+                             chunk and a rerun retries the imagery that could not be had
 """
 
 from __future__ import annotations
@@ -28,16 +32,17 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from rasterio.warp import transform_bounds
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic import atomic_save_npz
 from model import MODEL_INPUT_PX, Metadata, Sat2SoundEncoder
 from pipeline.config import ImagerySettings
-from pipeline.geometry import ViewStrip
+from pipeline.geometry import WEB_MERCATOR, ViewStrip
 from pipeline.imagery import ImageryReader
 from pipeline.imagery.base import SourcePixels, read_strips
 from pipeline.plan import ChunkTiles
-from pipeline.views import cut_views
+from pipeline.views import check_resampling, cut_views
 
 # `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling).
 AUTO_BATCH_START = 64
@@ -118,10 +123,11 @@ def chunk_stamp(chunk: ChunkTiles, settings_digest: str, model_sha256: str) -> s
 
 
 def is_done(path: Path, stamp: str) -> bool:
-    """Whether `path` holds a finished chunk made from the same inputs."""
+    """Whether `path` holds a finished chunk made from the same inputs, none of which was unavailable."""
     try:
         with np.load(path) as archive:
-            return str(archive["stamp"]) == stamp
+            lacking = "unavailable_source_tiles" in archive.files and len(archive["unavailable_source_tiles"]) > 0
+            return str(archive["stamp"]) == stamp and not lacking
     except (OSError, ValueError, KeyError):
         return False
 
@@ -136,10 +142,13 @@ class ChunkResult:
         self.concept_index = np.full((count, top_k), -1, np.int32)
         self.concept_weight = np.zeros((count, top_k), np.float32)
         self.coverage = np.zeros(count, np.float32)
+        self.unavailable = np.zeros(count, bool)
+        self.unavailable_tiles: set[tuple[int, int, int]] = set()
         self.strips_left = strips
 
     def save(self, out: Path, min_coverage: float, stamp: str) -> int:
-        chunk, valid = self.chunk, self.coverage >= min_coverage
+        chunk, valid = self.chunk, (self.coverage >= min_coverage) & ~self.unavailable
+        source_tiles = np.array(sorted(self.unavailable_tiles), np.int64).reshape(-1, 3)
         arrays = {
             "x": chunk.x,
             "y": chunk.y,
@@ -147,6 +156,8 @@ class ChunkResult:
             "col": chunk.col,
             "coverage": self.coverage,
             "valid": valid,
+            "unavailable": self.unavailable,
+            "unavailable_source_tiles": source_tiles,
             "embedding": self.embedding,
             "concept_index": self.concept_index,
             "concept_weight": self.concept_weight,
@@ -157,10 +168,15 @@ class ChunkResult:
 
 
 class ChunkReport(NamedTuple):
+    """What a chunk got: its tiles, how many are valid (-1: kept from an earlier run), and how many were left
+    empty because their imagery could not be had, out of how many distinct source tiles."""
+
     chunk: str
     tiles: int
     valid: int
     reused: bool
+    empty_unavailable: int = 0
+    unavailable_source_tiles: int = 0
 
 
 def embed_chunks(
@@ -200,7 +216,14 @@ def embed_chunks(
         result.strips_left -= 1
         if result.strips_left == 0:
             valid = result.save(out_dir / f"{chunk.id}.npz", imagery.min_coverage, stamp_of(chunk))
-            reports[chunk.id] = ChunkReport(chunk.id, len(chunk), valid, reused=False)
+            reports[chunk.id] = ChunkReport(
+                chunk.id,
+                len(chunk),
+                valid,
+                reused=False,
+                empty_unavailable=int(result.unavailable.sum()),
+                unavailable_source_tiles=len(result.unavailable_tiles),
+            )
             del results[read.chunk]
     reads.close()
     progress.close()
@@ -220,8 +243,11 @@ def _embed_strip(
     resampling = str(imagery.options.get("resampling", "bilinear"))
     batch = cut_views(read.pixels, views, MODEL_INPUT_PX, resampling=resampling, device=encoder.device)
     coverage = batch.coverage.cpu().numpy()
+    touched = touches_unavailable(read.pixels, views, MODEL_INPUT_PX, resampling)
     result.coverage[strip.start : strip.stop] = coverage
-    chosen = np.flatnonzero(coverage >= imagery.min_coverage)
+    result.unavailable[strip.start : strip.stop] = touched
+    result.unavailable_tiles.update(read.pixels.unavailable_tiles)
+    chosen = np.flatnonzero((coverage >= imagery.min_coverage) & ~touched)
     for first in range(0, len(chosen), options.batch_size):
         local = chosen[first : first + options.batch_size]
         rows = strip.start + local
@@ -229,6 +255,34 @@ def _embed_strip(
         out = encoder.embed_images(batch.pixels[torch.as_tensor(local, device=batch.pixels.device)], zoom_level, meta)
         result.embedding[rows] = out.embedding.float().cpu().numpy().astype(np.float16)
         result.concept_index[rows], result.concept_weight[rows] = top_concepts(out.weights, options.top_k)
+
+
+def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int, resampling: str = "bilinear") -> np.ndarray:
+    """(N,) whether each of `views` ((N, 4) EPSG:3857 bounds, cut at `size` px) would take any weight from a
+    source pixel marked unavailable: the view's footprint in source pixels, widened by the resampling kernel's
+    reach (scaled when the view shrinks the source) and one pixel for the centre rule."""
+    views = np.asarray(views, dtype=np.float64).reshape(-1, 4)
+    if source.unavailable is None or not source.unavailable.any():
+        return np.zeros(len(views), bool)
+    if source.crs != WEB_MERCATOR:
+        views = np.array([transform_bounds(WEB_MERCATOR, source.crs, *view, densify_pts=21) for view in views])
+    mask = np.asarray(source.unavailable, bool)
+    height, width = mask.shape
+    table = np.zeros((height + 1, width + 1), np.int64)
+    table[1:, 1:] = mask.cumsum(0).cumsum(1)
+    inverse = ~source.transform
+    columns_a, rows_a = inverse * (views[:, 0], views[:, 3])
+    columns_b, rows_b = inverse * (views[:, 2], views[:, 1])
+    first_column, last_column = np.minimum(columns_a, columns_b), np.maximum(columns_a, columns_b)
+    first_row, last_row = np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b)
+    shrink = np.maximum(1.0, np.maximum(last_column - first_column, last_row - first_row) / size)
+    reach = check_resampling(resampling).radius * shrink + 1.0
+    c0 = np.clip(np.floor(first_column - reach), 0, width).astype(np.int64)
+    c1 = np.clip(np.ceil(last_column + reach), 0, width).astype(np.int64)
+    r0 = np.clip(np.floor(first_row - reach), 0, height).astype(np.int64)
+    r1 = np.clip(np.ceil(last_row + reach), 0, height).astype(np.int64)
+    counts = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+    return np.asarray(counts > 0)
 
 
 class Progress:

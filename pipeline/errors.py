@@ -27,6 +27,11 @@ class FetchError(ImageryError):
     """A remote tile or asset could not be fetched after all retries."""
 
 
+class RetriesExhausted(FetchError):
+    """A request failed every retry (timeouts, dropped connections, 429/5xx, garbled bodies): the item may be
+    had later; unlike a refused request (401/403, a bad URL), which no retry mends."""
+
+
 class CacheError(PipelineError):
     """The tile cache cannot be read or written."""
 

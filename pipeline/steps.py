@@ -39,7 +39,10 @@ def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.plan import read_chunk
 
     report = fetch_chunk(read_chunk(args.plan, args.chunk), config.imagery, args.out)
-    return f"{report.views} views, {report.method}: {report.with_imagery}/{report.source_items} with imagery"
+    line = f"{report.views} views, {report.method}: {report.with_imagery}/{report.source_items} with imagery"
+    if report.unavailable:
+        line += f", {len(report.unavailable)} unavailable (failed or corrupt; their tiles are left empty)"
+    return line
 
 
 def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
@@ -90,6 +93,11 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
     return (
         f"{tiles:,} tiles in {len(made)} chunks ({len(reports) - len(made)} kept from an earlier run),"
         f" {sum(report.valid for report in made):,} valid, {rate:,.1f} tiles/s after start-up on {encoder.device}"
+        + "".join(
+            f"; {empty:,} left empty: imagery unavailable"
+            for empty in [sum(report.empty_unavailable for report in made)]
+            if empty
+        )
     )
 
 
@@ -119,6 +127,7 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.plan import read_plan
     from pipeline.queries import read_queries
     from pipeline.store import write_store
+    from pipeline.store.write import imagery_gaps
 
     plan, queries = read_plan(args.plan), read_queries(args.queries)
     write_store(
@@ -133,7 +142,8 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
         block_px=config.outputs.zarr_chunk_px,
         workers=args.threads,
     )
-    return f"{plan.grid.width} x {plan.grid.height} px, {len(queries.ids)} queries"
+    gaps = imagery_gaps(plan.chunk_ids, args.chunks_dir).line
+    return f"{plan.grid.width} x {plan.grid.height} px, {len(queries.ids)} queries" + (f"; {gaps}" if gaps else "")
 
 
 def _cogs(args: argparse.Namespace, config: BuildConfig) -> str:

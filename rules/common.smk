@@ -4,7 +4,7 @@
 import shlex
 import sys
 
-from pipeline.build import PLAN_NAME, SETTINGS_NAME, open_workflow, quiet_interrupts
+from pipeline.build import PLAN_NAME, SETTINGS_NAME, open_workflow, quiet_interrupts, retry_unavailable
 from pipeline.config import settings_digest
 from pipeline.plan import embed_jobs
 
@@ -25,6 +25,8 @@ CHUNKS = PLANNED.chunk_ids
 # Embed jobs: one process each loads the model once and works through its chunks (chunks/<chunk>.npz).
 JOBS = embed_jobs(PLANNED, CFG.model.tiles_per_job)
 EMBEDDED = [f"{BUILD}/embedded/{job}.json" for job in range(len(JOBS))]
+if workflow.is_main_process and retry_unavailable(BUILD, JOBS):
+    print("retrying the imagery an earlier run could not have (imagery.on_missing: leave_empty)", file=sys.stderr)
 
 
 def digest(step):

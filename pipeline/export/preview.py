@@ -92,7 +92,8 @@ def write_preview(store: Path, region_geojson: Path | dict[str, Any], out_html: 
     folium.GeoJson(region, name="region", control=False, style_function=_region_style).add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
     _Legend(SCORE_KINDS[variable].meaning, legends).add_to(fmap)
-    _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, variable)))
+    gaps = str(soundscape.dataset.attrs.get("empty_tiles_reason", ""))
+    _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, variable, gaps)))
     fmap.fit_bounds(corners)
     with atomic_path(out_html) as tmp:
         tmp.write_text(_figure(fmap).render(), encoding="utf-8")
@@ -186,13 +187,17 @@ def _legend_html(element_id: str, caption: str, display: DisplayRange) -> str:
     )
 
 
-def _banner(provenance: dict[str, Any], variable: str) -> str:
+def _banner(provenance: dict[str, Any], variable: str, gaps: str = "") -> str:
+    """The title box: what is shown, the checkpoint, and warnings (untrained weights; tiles left empty because
+    imagery could not be had, `gaps`)."""
     details = f"{variable}: {SCORE_KINDS[variable].meaning} · checkpoint {provenance['checkpoint']}"
     warning = (
         '<div class="s2s-warning">Untrained model weights (random, fixed seed): these maps are not predictions.</div>'
         if provenance["untrained"] is True
         else ""
     )
+    if gaps:
+        warning += f'<div class="s2s-warning">{html.escape(gaps)}</div>'
     return (
         f'<div class="s2s-banner"><div class="s2s-title">Sat2Sound soundscape preview</div>'
         f'<div class="s2s-details">{html.escape(details)}</div>{warning}</div>'

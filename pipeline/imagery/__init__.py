@@ -58,13 +58,17 @@ def reader_class(spec: str) -> type[ImageryReader]:
     )
 
 
-def open_reader(spec: str, *, cache_dir: Path, offline: bool = False, **options: Any) -> ImageryReader:
+def open_reader(
+    spec: str, *, cache_dir: Path, offline: bool = False, on_missing: str = "fail", **options: Any
+) -> ImageryReader:
     """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster
-    PATH ('file:PATH' forces a path). `options` go to the reader's constructor."""
+    PATH ('file:PATH' forces a path). `options` go to the reader's constructor; `on_missing` (what a tile
+    that cannot be had does) to tile-server readers."""
     spec = spec.strip()
     kind = reader_class(spec)
-    cache_options = {"cache": TileCache(cache_dir), "offline": offline}
+    cache_options: dict[str, Any] = {"cache": TileCache(cache_dir), "offline": offline}
     if kind is XYZReader:
+        cache_options["on_missing"] = on_missing
         if spec.startswith("xyz:"):
             return _build(XYZReader, options, spec.removeprefix("xyz:"), **cache_options)
         return _build(XYZReader.esri, options, **cache_options)

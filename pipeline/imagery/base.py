@@ -81,6 +81,11 @@ class SourcePixels:
     (column, row) to `crs`, the source's own CRS (EPSG:3857 for tile pyramids). `extent` (first column,
     first row, end column, end row) is the part of the array the source itself spans (None: all of it); as
     in a GDAL warp, only output pixels whose centres fall on a valid pixel inside it hold imagery.
+
+    `unavailable` (H, W) is True where the source has imagery that could not be had (a tile that failed every
+    retry, or a corrupt cached tile read offline) and the reader was told to leave it empty: such pixels are
+    invalid too, but a view touching them must not be scored at all (its score would change). None: none.
+    `unavailable_tiles` names those source items (z, x, y).
     """
 
     values: np.ndarray
@@ -89,6 +94,8 @@ class SourcePixels:
     crs: str
     stretch: Stretch | None = None
     extent: tuple[int, int, int, int] | None = None
+    unavailable: np.ndarray | None = None
+    unavailable_tiles: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def empty(cls, bands: int = RGB_BANDS) -> SourcePixels:
@@ -98,12 +105,15 @@ class SourcePixels:
 
 class PrefetchReport(NamedTuple):
     """What `ImageryReader.prefetch` did: `method` in words, the `views` asked for, the `source_items` fetched
-    or found in the cache (server tiles, or mosaics of view strips) and how many of them hold imagery."""
+    or found in the cache (server tiles, or mosaics of view strips), how many of them hold imagery, and the
+    ones that could not be had (failed every retry, or corrupt in the cache offline) and were left empty, as
+    (z, x, y)."""
 
     method: str
     views: int
     source_items: int
     with_imagery: int
+    unavailable: tuple[tuple[int, int, int], ...] = ()
 
 
 class FetchEstimate(NamedTuple):

@@ -22,7 +22,7 @@ from typing import NamedTuple, TypeVar
 import requests
 from requests.adapters import HTTPAdapter
 
-from pipeline.errors import FetchError, ImageryError, TileDecodeError
+from pipeline.errors import FetchError, ImageryError, RetriesExhausted, TileDecodeError
 
 LOGGER = logging.getLogger(__name__)
 # urllib3 logs every request line at DEBUG level, query string included.
@@ -237,7 +237,7 @@ class HttpClient:
             if attempt + 1 < policy.attempts:
                 LOGGER.debug("retrying %s in %.2f s after %s", self.redact(url), wait, reason)
                 self._sleep(wait)
-        raise FetchError(
+        raise RetriesExhausted(
             f"gave up on {self.redact(url)} after {policy.attempts} tries (last: {reason}); "
             "check that the server is reachable, or retry later"
         )

@@ -1,7 +1,10 @@
 """XYZ/TMS tile servers: fetch the server tiles under a read, mosaic them, crop and resample.
 
 Server tiles go through the TileCache; a 204/404 or a blank tile (fully transparent or one flat
-colour) means "no imagery here" and is masked, not an error. The mosaic keeps its exact EPSG:3857
+colour) means "no imagery here" and is masked, not an error. A tile that cannot be had (it failed every
+retry, or its cached copy is corrupt while offline) is *unavailable*: with `on_missing="fail"` a read
+raises one FetchError counting them, with "leave_empty" its pixels are left empty and marked unavailable
+(`SourcePixels.unavailable`), so that no model view touching them is scored. The mosaic keeps its exact EPSG:3857
 transform and is warped to the requested grid with GDAL, using the tiles' alpha so that missing
 tiles never bleed into their neighbours.
 """
@@ -18,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
@@ -26,7 +30,7 @@ import mercantile
 import numpy as np
 from rasterio.warp import reproject, transform_bounds
 
-from pipeline.errors import ImageryError, ImageryWarning, TileDecodeError
+from pipeline.errors import FetchError, ImageryError, ImageryWarning, RetriesExhausted, TileDecodeError
 from pipeline.geometry import WEB_MERCATOR, Bounds, TileBlock, ground_resolution_m, imagery_zoom
 from pipeline.imagery.base import (
     RGB_BANDS,
@@ -79,6 +83,14 @@ _KNOWN_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _ZOOM_EPSILON = 1e-9
 _OPAQUE = 255
 _MISSING_SUFFIX = "missing"
+ON_MISSING = ("fail", "leave_empty")
+OnMissing = Literal["fail", "leave_empty"]
+
+
+class Unavailable(NamedTuple):
+    """A server tile that could not be had, and why (one clause)."""
+
+    reason: str
 
 
 class TileTemplate(NamedTuple):
@@ -153,6 +165,10 @@ class XYZReader(ImageryReader):
     makes sense for a server you run or one whose terms allow it. Set it in `imagery.options`.
     `bulk_tile_limit` and `bulk_terms` describe the provider's published limit on bulk download (the
     estimate shows `bulk_terms` when more than `bulk_tile_limit` tiles are to be fetched); `esri()` sets them.
+
+    `on_missing` says what a tile that cannot be had does (one that fails every retry, or a corrupt cached
+    tile read offline): "fail" raises one FetchError counting them, "leave_empty" leaves its pixels empty and
+    marks them unavailable; `unavailable` holds every such tile this reader met.
     """
 
     fetches_ahead = True
@@ -178,6 +194,7 @@ class XYZReader(ImageryReader):
         max_requests_per_s: float | Literal["auto"] | None = AUTO,
         bulk_tile_limit: int | None = None,
         bulk_terms: str | None = None,
+        on_missing: OnMissing = "fail",
     ) -> None:
         self.template = TileTemplate.parse(url_template)
         if not 0 <= min_zoom <= max_zoom:
@@ -190,6 +207,10 @@ class XYZReader(ImageryReader):
         self.tile_size = tile_size
         self.tile_format = tile_format or self.template.tile_format
         self.offline = offline
+        if on_missing not in ON_MISSING:
+            raise ImageryError(f"on_missing {on_missing!r} is unknown; use fail or leave_empty")
+        self.on_missing = on_missing
+        self.unavailable: set[mercantile.Tile] = set()
         self.typical_tile_bytes = typical_tile_bytes
         self.max_source_tiles = max_source_tiles
         self._resampling = resampling_method(resampling)
@@ -250,7 +271,14 @@ class XYZReader(ImageryReader):
         """Fetch the server tiles under `views` into the tile cache, in parallel."""
         views = view_array(views)
         tiles = sorted(self._tiles_under(views, width, zoom_of=self._zoom_for_pixel))
-        return PrefetchReport("server tiles into the tile cache", len(views), len(tiles), self.fetch_tiles(tiles))
+        images, unavailable = self._load_checked(tiles)
+        return PrefetchReport(
+            "server tiles into the tile cache",
+            len(views),
+            len(tiles),
+            sum(image is not None for image in images),
+            tuple(tuple(tile) for tile in sorted(unavailable)),  # type: ignore[misc]
+        )
 
     def estimate(self, views: Sequence[Bounds] | np.ndarray, width: int) -> FetchEstimate:
         """The distinct server tiles under `views` and how many the cache holds, the request cap and the
@@ -287,8 +315,8 @@ class XYZReader(ImageryReader):
         return self.cache_key(tile) in self.cache or self._missing_key(tile) in self.cache
 
     def fetch_tiles(self, tiles: Iterable[mercantile.Tile]) -> int:
-        """Fetch `tiles` into the cache in parallel; returns how many hold imagery."""
-        return sum(image is not None for image in self._load_all(list(tiles)))
+        """Fetch `tiles` into the cache in parallel; returns how many hold imagery (unavailable ones: none)."""
+        return sum(image is not None for image in self._load_checked(list(tiles))[0])
 
     def source_pixels(self, views: np.ndarray, width: int) -> SourcePixels:
         """The server tiles under `views`, each decoded once, side by side at the zoom of the finest view."""
@@ -298,9 +326,18 @@ class XYZReader(ImageryReader):
             return SourcePixels.empty()
         wanted = self._strip_tiles(views, zoom)
         block = grid.tiles()
-        loaded = dict(zip(wanted, self._load_all(list(wanted)), strict=True))
+        images, unavailable = self._load_checked(list(wanted))
+        loaded = dict(zip(wanted, images, strict=True))
         rgba = self._mosaic(grid, [loaded.get(tile) for tile in block])
-        return SourcePixels(rgba[:RGB_BANDS], rgba[RGB_BANDS] > 0, grid.transform(self.tile_size), WEB_MERCATOR)
+        pixels = SourcePixels(rgba[:RGB_BANDS], rgba[RGB_BANDS] > 0, grid.transform(self.tile_size), WEB_MERCATOR)
+        if not unavailable:
+            return pixels
+        mask = self._mosaic_mask(grid, [tile in unavailable for tile in block])
+        return replace(
+            pixels,
+            unavailable=mask,
+            unavailable_tiles=tuple(tuple(tile) for tile in sorted(unavailable)),  # type: ignore[misc]
+        )
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         dst_transform = check_read_size(bounds, width, height)
@@ -317,7 +354,7 @@ class XYZReader(ImageryReader):
                 f"a {width}x{height} px read needs {grid.rows * grid.columns} server tiles "
                 f"(limit {self.max_source_tiles}); read smaller parts"
             )
-        images = self._load_all(grid.tiles())
+        images = self._load_checked(grid.tiles())[0]
         if all(image is None for image in images):
             return empty_image(bounds, width, height, dst_crs)
         rgba = self._mosaic(grid, images)
@@ -376,7 +413,27 @@ class XYZReader(ImageryReader):
             rgba[(RGB_BANDS, *window)] = np.where(image.valid, _OPAQUE, 0)
         return rgba
 
-    def _load_all(self, tiles: list[mercantile.Tile]) -> list[TileImage | None]:
+    def _mosaic_mask(self, grid: TileBlock, flags: list[bool]) -> np.ndarray:
+        """(rows, columns) tile flags of `grid` as a pixel mask."""
+        cells = np.asarray(flags, bool).reshape(grid.rows, grid.columns)
+        return np.kron(cells, np.ones((self.tile_size, self.tile_size), bool))
+
+    def _load_checked(self, tiles: list[mercantile.Tile]) -> tuple[list[TileImage | None], set[mercantile.Tile]]:
+        """`_load_all` with unavailable tiles as None, and the set of them; with on_missing="fail", one
+        FetchError counting them instead."""
+        loaded = self._load_all(tiles)
+        missing = {tile: image for tile, image in zip(tiles, loaded, strict=True) if isinstance(image, Unavailable)}
+        if missing and self.on_missing == "fail":
+            first = next(iter(missing.values())).reason
+            retry = "turn imagery.offline off and rerun to fetch them again" if self.offline else "rerun to retry"
+            raise FetchError(
+                f"{len(missing)} tile(s) of {self.source_id} could not be had (e.g. {first}); "
+                f"{retry}, or set imagery.on_missing: leave_empty to leave their tiles empty"
+            )
+        self.unavailable |= set(missing)
+        return [None if isinstance(image, Unavailable) else image for image in loaded], set(missing)
+
+    def _load_all(self, tiles: list[mercantile.Tile]) -> list[TileImage | Unavailable | None]:
         """Each of `tiles` (in order, repeats allowed), loading every distinct tile once: a block wider than
         the world holds a tile twice, and two parallel loads of one tile would fetch it twice."""
         with self._pool_lock:
@@ -387,20 +444,27 @@ class XYZReader(ImageryReader):
         loaded = dict(zip(distinct, pool.map(self._load, distinct), strict=True))
         return [loaded[tile] for tile in tiles]
 
-    def _load(self, tile: mercantile.Tile) -> TileImage | None:
-        """One server tile from the cache or the server; None where there is no imagery."""
+    def _load(self, tile: mercantile.Tile) -> TileImage | Unavailable | None:
+        """One server tile from the cache or the server; None where there is no imagery, Unavailable where it
+        cannot be had: it failed every retry, or its cached copy is corrupt while offline (kept: a read online
+        fetches it again)."""
         key = self.cache_key(tile)
         cached = self.cache.get(key)
         if cached is not None:
             try:
                 return _imagery_or_none(decode_tile(cached))
             except TileDecodeError:
-                action = "dropping it" if self.offline else "fetching it again"
-                LOGGER.warning("cached tile %s is corrupt; %s", key, action)
+                if self.offline:
+                    LOGGER.warning("cached tile %s is corrupt and imagery is offline; it is unavailable", key)
+                    return Unavailable(f"cached tile {key} is corrupt and imagery.offline is set")
+                LOGGER.warning("cached tile %s is corrupt; fetching it again", key)
                 self.cache.discard(key)
         if self.offline or self._missing_key(tile) in self.cache:
             return None
-        fetched = self._http.fetch(self.template.url_for(tile, self._api_key), _decode_keeping_body)
+        try:
+            fetched = self._http.fetch(self.template.url_for(tile, self._api_key), _decode_keeping_body)
+        except RetriesExhausted as exc:
+            return Unavailable(str(exc).split(";")[0])
         if fetched is None:
             self.cache.put(self._missing_key(tile), b"")
             return None

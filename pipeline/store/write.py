@@ -202,6 +202,47 @@ def provenance(model: ModelRecord, plan: Plan, config: Mapping[str, Any]) -> dic
     }
 
 
+class ImageryGaps(NamedTuple):
+    """Tiles left empty because their imagery could not be had (`imagery.on_missing: leave_empty`), and the
+    distinct source tiles (z, x, y) that could not be had."""
+
+    empty_tiles: int
+    source_tiles: int
+
+    @property
+    def line(self) -> str | None:
+        """The build summary's line (None when nothing is missing)."""
+        if not self.empty_tiles and not self.source_tiles:
+            return None
+        return (
+            f"{self.empty_tiles:,} tiles left empty: imagery unavailable ({self.source_tiles:,} source tiles failed "
+            "or corrupt); rerun to retry"
+        )
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            EMPTY_TILES_ATTR: self.empty_tiles,
+            "unavailable_source_tiles": self.source_tiles,
+            "empty_tiles_reason": self.line or "",
+        }
+
+
+EMPTY_TILES_ATTR = "empty_tiles_unavailable_imagery"
+
+
+def imagery_gaps(chunk_ids: Sequence[str], chunks_dir: Path) -> ImageryGaps:
+    """Count, over the chunk files, the tiles left empty for unavailable imagery and the distinct source tiles."""
+    empty = 0
+    sources: set[tuple[int, int, int]] = set()
+    for chunk in chunk_ids:
+        with np.load(chunks_dir / f"{chunk}.npz") as archive:
+            if "unavailable" not in archive.files:
+                continue
+            empty += int(archive["unavailable"].sum())
+            sources.update((int(z), int(x), int(y)) for z, x, y in archive["unavailable_source_tiles"].tolist())
+    return ImageryGaps(empty, len(sources))
+
+
 def write_soundscape(dataset: xr.Dataset, attrs: Mapping[str, Any], out: Path, workers: int = 2) -> None:
     """Compute `dataset` block by block into a Zarr store at `out` (replaced atomically)."""
     dataset = dataset.assign_attrs(**attrs)
@@ -232,5 +273,6 @@ def write_store(
     files = ChunkFiles(plan.chunk_ids, chunks_dir, scores_dir, block_px)
     dim = int(queries.embedding.shape[1])
     dataset = soundscape_dataset(plan.grid, files, queries.queries, queries.logit_scale, top_k=top_k, dim=dim)
-    write_soundscape(dataset, provenance(model, plan, config), out, workers)
+    attrs = {**provenance(model, plan, config), **imagery_gaps(plan.chunk_ids, chunks_dir).attrs()}
+    write_soundscape(dataset, attrs, out, workers)
     return dataset

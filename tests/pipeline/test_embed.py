@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import mercantile
 import numpy as np
 import pytest
 import torch
+from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
 from support.paths import LANDSAT
 
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from pipeline.build import plan_build
 from pipeline.config import ImagerySettings, load_plan_inputs
 from pipeline.embed import EmbedOptions, chunk_stamp, embed_chunks, is_done, largest_batch, top_concepts
+from pipeline.errors import FetchError
+from pipeline.fetch import fetch_chunk
 from pipeline.geometry import Bounds
-from pipeline.imagery import LocalRasterReader
+from pipeline.imagery import LocalRasterReader, TileCache, XYZReader
+from pipeline.imagery.http import RetryPolicy
 from pipeline.plan import ChunkTiles, embed_jobs
+from pipeline.store.write import ImageryGaps, imagery_gaps
 
 IMAGERY = ImagerySettings(
     source=str(LANDSAT),
@@ -25,6 +34,7 @@ IMAGERY = ImagerySettings(
     native_gsd_m=None,
     min_coverage=0.5,
 )
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.02, connect_timeout_s=1.0, read_timeout_s=0.5)
 OPTIONS = EmbedOptions(month=None, hour=None, batch_size=16, loader_workers=0, top_k=3)
 
 
@@ -124,3 +134,121 @@ def test_stamps_change_with_settings_weights_and_tiles(chunks: list[ChunkTiles])
         chunk_stamp(second, "settings", "weights"),
     }
     assert len(stamps) == 4
+
+
+# --- imagery that cannot be had (imagery.on_missing: leave_empty) ---------------------------------------
+
+SCENE_REGION = "-72.2160,18.5110,-72.2095,18.5175"  # a 700 m square in the loopback scene's centre
+SCENE_ZOOM = 16
+
+
+@pytest.fixture(scope="module")
+def scene_server() -> Iterator[TileServer]:
+    with TileServer(SceneTiles.from_raster(SCENE_PATH, zooms=(SCENE_ZOOM,))) as running:
+        yield running
+
+
+def _scene_imagery(server: TileServer, cache: Path, **changes: object) -> ImagerySettings:
+    options = {"max_zoom": SCENE_ZOOM, "retry": FAST_RETRY._asdict()}
+    settings = ImagerySettings(f"xyz:{server.url}/png/{{z}}/{{x}}/{{y}}.png", options, str(cache), False, None, 0.5)
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def scene_chunks(scene_server: TileServer, tmp_path_factory: pytest.TempPathFactory) -> list[ChunkTiles]:
+    imagery = _scene_imagery(scene_server, tmp_path_factory.mktemp("plan-cache"))
+    inputs = load_plan_inputs(
+        {
+            "region": SCENE_REGION,
+            "imagery": {"source": imagery.source, "options": dict(imagery.options), "cache_dir": imagery.cache_dir},
+            "model": {"checkpoint": "untrained", "sat_type": "bingmap", "zoom_level": 5},
+            "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 15},
+        }
+    )
+    return plan_build(inputs).chunks
+
+
+def _edge_tile(
+    chunks: list[ChunkTiles], keep: Callable[[mercantile.Tile], bool] = lambda tile: True
+) -> tuple[mercantile.Tile, np.ndarray]:
+    """The zoom-16 source tile (of those to `keep`) touched by the fewest model views (but some), and which
+    views reach it."""
+    views = np.concatenate([chunk.views for chunk in chunks])
+    tiles = {
+        tile
+        for view in views
+        for tile in mercantile.tiles(*mercantile.lnglat(view[0], view[1]), *mercantile.lnglat(view[2], view[3]), 16)
+    }
+
+    def reaching(tile: mercantile.Tile) -> np.ndarray:
+        left, bottom, right, top = mercantile.xy_bounds(tile)
+        return (views[:, 0] < right) & (views[:, 2] > left) & (views[:, 1] < top) & (views[:, 3] > bottom)
+
+    tile = min((tile for tile in tiles if keep(tile) and reaching(tile).any()), key=lambda tile: reaching(tile).sum())
+    return tile, reaching(tile)
+
+
+def _stored(out: Path, chunks: list[ChunkTiles], name: str) -> np.ndarray:
+    return np.concatenate([np.load(out / f"{chunk.id}.npz")[name] for chunk in chunks])
+
+
+def test_views_touching_a_tile_that_fails_every_retry_are_empty_and_the_rest_unchanged(
+    scene_chunks: list[ChunkTiles], scene_server: TileServer, encoder: Sat2SoundEncoder, tmp_path: Path
+) -> None:
+    tile, reaching = _edge_tile(scene_chunks)
+    clean = _scene_imagery(scene_server, tmp_path / "clean")
+    embed_chunks(scene_chunks, 5, encoder, clean, OPTIONS, tmp_path / "a", lambda chunk: "s")
+    scene_server.add_fault(Fault("status", path=f"/{tile.z}/{tile.x}/{tile.y}.", status=503))
+    failing = _scene_imagery(scene_server, tmp_path / "failing")
+    with pytest.raises(FetchError, match=r"^1 tile\(s\) .*; rerun to retry, or set imagery\.on_missing: leave_empty"):
+        embed_chunks(scene_chunks, 5, encoder, failing, OPTIONS, tmp_path / "fail", lambda chunk: "s")
+    leave = replace(failing, on_missing="leave_empty")
+    reports = embed_chunks(scene_chunks, 5, encoder, leave, OPTIONS, tmp_path / "b", lambda chunk: "s")
+    scene_server.clear()
+
+    valid_a, valid_b = _stored(tmp_path / "a", scene_chunks, "valid"), _stored(tmp_path / "b", scene_chunks, "valid")
+    unavailable = _stored(tmp_path / "b", scene_chunks, "unavailable")
+    assert valid_a.all() and reaching.any() and not reaching.all()
+    np.testing.assert_array_equal(unavailable, reaching)  # the kernel's reach adds no view here
+    np.testing.assert_array_equal(valid_b, valid_a & ~reaching)
+    for name in ("embedding", "concept_index", "concept_weight"):
+        a, b = _stored(tmp_path / "a", scene_chunks, name), _stored(tmp_path / "b", scene_chunks, name)
+        np.testing.assert_array_equal(b[~reaching], a[~reaching])
+        assert not np.any(b[reaching] > 0)
+    assert sum(report.empty_unavailable for report in reports) == reaching.sum()
+    gaps = imagery_gaps([chunk.id for chunk in scene_chunks], tmp_path / "b")
+    assert gaps == ImageryGaps(int(reaching.sum()), 1)
+    assert (
+        gaps.line
+        == f"{reaching.sum()} tiles left empty: imagery unavailable (1 source tiles failed or corrupt); rerun to retry"
+    )
+    assert imagery_gaps([chunk.id for chunk in scene_chunks], tmp_path / "a").line is None
+
+    # A rerun retries the chunks that lacked imagery and keeps the others.
+    lacking = [bool(np.load(tmp_path / "b" / f"{chunk.id}.npz")["unavailable"].any()) for chunk in scene_chunks]
+    reports = embed_chunks(scene_chunks, 5, encoder, leave, OPTIONS, tmp_path / "b", lambda chunk: "s")
+    assert [not report.reused for report in reports] == lacking
+    np.testing.assert_array_equal(_stored(tmp_path / "b", scene_chunks, "valid"), valid_a)
+
+
+def test_a_corrupt_cached_tile_read_offline_leaves_its_views_empty_and_counted(
+    scene_chunks: list[ChunkTiles], scene_server: TileServer, encoder: Sat2SoundEncoder, tmp_path: Path
+) -> None:
+    online = _scene_imagery(scene_server, tmp_path / "cache")
+    for chunk in scene_chunks:
+        fetch_chunk(chunk, online, tmp_path / "imagery" / f"{chunk.id}.json")
+    with XYZReader(f"{scene_server.url}/png/{{z}}/{{x}}/{{y}}.png", cache=TileCache(tmp_path / "cache")) as reader:
+        tile, reaching = _edge_tile(scene_chunks, lambda tile: reader.cache_key(tile) in reader.cache)
+        cached_file = reader.cache.path_of(reader.cache_key(tile))
+    cached_file.write_bytes(cached_file.read_bytes()[:1000])
+    offline = replace(online, offline=True, on_missing="leave_empty")
+    recorded = [fetch_chunk(chunk, offline, tmp_path / "again" / f"{chunk.id}.json") for chunk in scene_chunks]
+    assert {tuple(tile)} == {item for report in recorded for item in report.unavailable}
+    assert any(json.loads(path.read_text())["unavailable"] == [list(tile)] for path in (tmp_path / "again").iterdir())
+    served = len(scene_server.requests)
+    embed_chunks(scene_chunks, 5, encoder, offline, OPTIONS, tmp_path / "chunks", lambda chunk: "s")
+    assert len(scene_server.requests) == served
+    np.testing.assert_array_equal(_stored(tmp_path / "chunks", scene_chunks, "unavailable"), reaching)
+    assert not (_stored(tmp_path / "chunks", scene_chunks, "valid") & reaching).any()
+    gaps = imagery_gaps([chunk.id for chunk in scene_chunks], tmp_path / "chunks")
+    assert gaps == ImageryGaps(int(reaching.sum()), 1)

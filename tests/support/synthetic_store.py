@@ -85,10 +85,13 @@ def write_synthetic_store(
     chunk_tiles: int = 20,
     untrained: bool = True,
     seed: int = 0,
+    unavailable: bool = False,
 ) -> SyntheticStore:
     """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
 
-    `chunk` is the store's block size (pixels), `chunk_tiles` the side of a build chunk (tiles).
+    `chunk` is the store's block size (pixels), `chunk_tiles` the side of a build chunk (tiles). With
+    `unavailable`, the in-chunk tiles that are not valid were left empty because imagery could not be had (two
+    source tiles named by every chunk: counted once).
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -107,7 +110,9 @@ def write_synthetic_store(
     embedding = rng.standard_normal((height, width, dim)).astype(np.float16)
 
     work = path.parent / f"{path.name}.inputs"
-    chunk_ids = _write_chunks(work, in_chunk, valid, score, concept_index, concept_weight, embedding, chunk_tiles)
+    chunk_ids = _write_chunks(
+        work, in_chunk, valid, score, concept_index, concept_weight, embedding, chunk_tiles, unavailable
+    )
     plan = Plan(
         region=Region("synthetic ellipse", shapely.geometry.shape(region)),
         view=ModelView("sentinel", 1),
@@ -169,6 +174,7 @@ def _write_chunks(
     concept_weight: np.ndarray,
     embedding: np.ndarray,
     side: int,
+    unavailable: bool = False,
 ) -> tuple[str, ...]:
     """Chunk files (chunks/<id>.npz) and score files (scores/<id>.npz) of square blocks of `side` tiles."""
     (work / "chunks").mkdir(parents=True, exist_ok=True)
@@ -182,6 +188,14 @@ def _write_chunks(
                 continue
             rows, cols = rows + row0, cols + col0
             chunk_id = f"synthetic_{row0 // side}_{col0 // side}"
+            lacking = (
+                {
+                    "unavailable": in_chunk[rows, cols] & ~valid[rows, cols],
+                    "unavailable_source_tiles": np.array([[15, 1, 2], [15, 1, 3]], np.int64),
+                }
+                if unavailable
+                else {}
+            )
             np.savez(
                 work / "chunks" / f"{chunk_id}.npz",
                 x=cols,
@@ -193,6 +207,7 @@ def _write_chunks(
                 embedding=embedding[rows, cols],
                 concept_index=concept_index[rows, cols],
                 concept_weight=concept_weight[rows, cols],
+                **lacking,
             )
             np.savez(work / "scores" / f"{chunk_id}.npz", ids=np.arange(score.shape[0]), score=score[:, rows, cols])
             ids.append(chunk_id)

@@ -229,3 +229,13 @@ def test_banner_says_plainly_whether_the_weights_are_untrained(tmp_path: Path, u
     store = write_synthetic_store(tmp_path / "soundscape.zarr", 8, 6, untrained=untrained)
     page = write_preview(store.path, store.region, tmp_path / "preview.html").read_text(encoding="utf-8")
     assert ("Untrained model weights" in page) is untrained
+
+
+def test_banner_says_how_many_tiles_were_left_empty_for_unavailable_imagery(tmp_path: Path) -> None:
+    store = write_synthetic_store(tmp_path / "soundscape.zarr", 8, 6, unavailable=True)
+    empty = int((store.in_chunk & ~store.valid).sum())
+    page = write_preview(store.path, store.region, tmp_path / "preview.html").read_text(encoding="utf-8")
+    assert f"{empty} tiles left empty: imagery unavailable (2 source tiles failed or corrupt); rerun to retry" in page
+    clean = write_synthetic_store(tmp_path / "clean" / "soundscape.zarr", 8, 6)
+    page = write_preview(clean.path, clean.region, tmp_path / "clean.html").read_text(encoding="utf-8")
+    assert "left empty" not in page and empty > 0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer, footprint, mask_errors, overlap_fraction
 
+from pipeline.config import ImagerySettings
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds, imagery_zoom
 from pipeline.imagery import LocalRasterReader, PrefetchReport, TileCache, XYZReader, open_reader, reader_class
@@ -479,3 +480,121 @@ def test_specs_tell_their_reader_class_without_opening_it(tmp_path: Path) -> Non
     assert not reader_class(f"file:{tmp_path}/scene").fetches_ahead
     with pytest.raises(ImageryError, match="unknown imagery source"):
         reader_class("ftp-ish")
+
+
+# --- tiles that cannot be had (imagery.on_missing) -------------------------------------------------------
+
+
+def _views_around(tile: mercantile.Tile) -> np.ndarray:
+    """A 3 x 3 block of model views of the tile's size centred on `tile`: the centre one lies on it."""
+    left, bottom, right, top = mercantile.xy_bounds(tile)
+    size = right - left
+    return np.array(
+        [
+            [left + dx * size, bottom + dy * size, right + dx * size, top + dy * size]
+            for dy in (1, 0, -1)
+            for dx in (-1, 0, 1)
+        ]
+    )
+
+
+def _inner_tile(scene_tiles: SceneTiles) -> tuple[mercantile.Tile, str]:
+    """A full zoom-17 tile whose eight neighbours are full too, and its path on the server."""
+    zoom = ZOOM + 1
+    full = set(_full_tiles(scene_tiles, zoom))
+    tile = next(
+        tile
+        for tile in sorted(full)
+        if all(mercantile.Tile(tile.x + dx, tile.y + dy, zoom) in full for dx in (-1, 0, 1) for dy in (-1, 0, 1))
+    )
+    return tile, f"/{zoom}/{tile.x}/{tile.y}."
+
+
+def _unavailable_mask(reader: XYZReader, views: np.ndarray, tile: mercantile.Tile) -> np.ndarray:
+    pixels = reader.source_pixels(views, 256)
+    assert pixels.unavailable is not None and pixels.unavailable_tiles == (tuple(tile),)
+    column, row = ~pixels.transform * mercantile.xy(*mercantile.ul(tile))
+    expected = np.zeros_like(pixels.unavailable)
+    expected[round(row) : round(row) + 256, round(column) : round(column) + 256] = True
+    np.testing.assert_array_equal(pixels.unavailable, expected)
+    assert not pixels.valid[expected].any()
+    return pixels.unavailable
+
+
+def test_a_tile_failing_every_retry_fails_the_read_with_the_count_and_the_rerun_hint(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    tile, path = _inner_tile(scene_tiles)
+    server.add_fault(Fault("status", path=path, status=503))
+    with pytest.raises(FetchError) as caught:
+        make_reader().source_pixels(_views_around(tile), 256)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("1 tile(s) of xyz-127.0.0.1-") and "after 4 tries (last: HTTP 503)" in message
+    assert "rerun to retry, or set imagery.on_missing: leave_empty" in message
+    assert len(server.requests_to(path)) == FAST_RETRY.attempts
+
+
+def test_with_leave_empty_a_tile_failing_every_retry_is_unavailable_and_nothing_else_changes(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles, tmp_path: Path
+) -> None:
+    tile, path = _inner_tile(scene_tiles)
+    views = _views_around(tile)
+    clean = make_reader(cache=TileCache(tmp_path / "clean")).source_pixels(views, 256)
+    assert clean.unavailable is None and clean.unavailable_tiles == ()
+    server.add_fault(Fault("status", path=path, status=500))
+    reader = make_reader(on_missing="leave_empty")
+    report = reader.prefetch(views, 256)
+    assert report.unavailable == (tuple(tile),) and report.with_imagery == report.source_items - 1
+    assert not reader.is_cached(tile), "a tile that could not be had is not remembered: a rerun retries it"
+    mask = _unavailable_mask(reader, views, tile)
+    np.testing.assert_array_equal(reader.source_pixels(views, 256).values[:, ~mask], clean.values[:, ~mask])
+    np.testing.assert_array_equal(reader.source_pixels(views, 256).valid[~mask], clean.valid[~mask])
+    assert reader.unavailable == {tile}
+    server.clear()
+    assert reader.source_pixels(views, 256).unavailable is None, "once the server answers, the tile is read"
+
+
+def test_a_stall_longer_than_the_read_timeout_is_retried_then_counted(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    tile, path = _inner_tile(scene_tiles)
+    server.add_fault(Fault("slow", path=path, delay_s=FAST_RETRY.read_timeout_s * 2))
+    views = _views_around(tile)
+    with pytest.raises(FetchError, match=r"^1 tile\(s\) .* \(last: (ReadTimeout|ConnectionError)\)\); rerun to retry"):
+        make_reader().source_pixels(views, 256)
+    assert len(server.requests_to(path)) == FAST_RETRY.attempts
+    _unavailable_mask(make_reader(on_missing="leave_empty"), views, tile)
+
+
+def test_a_corrupt_cached_tile_read_offline_is_unavailable_not_no_imagery(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles
+) -> None:
+    tile, _ = _inner_tile(scene_tiles)
+    views = _views_around(tile)
+    make_reader().prefetch(views, 256)
+    cached_file = make_reader().cache.path_of(make_reader().cache_key(tile))
+    cached_file.write_bytes(cached_file.read_bytes()[:1000])
+    served = len(server.requests)
+    with pytest.raises(FetchError, match=r"^1 tile\(s\) .* is corrupt and imagery.offline is set\); turn imagery"):
+        make_reader(offline=True).source_pixels(views, 256)
+    _unavailable_mask(make_reader(offline=True, on_missing="leave_empty"), views, tile)
+    assert len(server.requests) == served
+    assert cached_file.exists(), "kept: a read online fetches it again"
+    assert make_reader().source_pixels(views, 256).unavailable is None
+
+
+def test_on_missing_is_checked_and_reaches_tile_server_readers_only(tmp_path: Path, server: TileServer) -> None:
+    with pytest.raises(ImageryError, match="on_missing 'skip' is unknown; use fail or leave_empty"):
+        XYZReader(server.url + "/png/{z}/{x}/{y}.png", cache=TileCache(tmp_path), on_missing="skip")  # type: ignore[arg-type]
+    spec = f"xyz:{server.url}/png/{{z}}/{{x}}/{{y}}.png"
+    with open_reader(spec, cache_dir=tmp_path, on_missing="leave_empty") as reader:
+        assert isinstance(reader, XYZReader) and reader.on_missing == "leave_empty"
+    in_options = ImagerySettings(spec, {"on_missing": "leave_empty"}, str(tmp_path), False, None, 0.5)
+    with pytest.raises(ImageryError, match=r"imagery\.options\.on_missing is an imagery key of its own"):
+        in_options.open_reader()
+    settings = ImagerySettings(spec, {}, str(tmp_path), False, None, 0.5, on_missing="leave_empty")
+    with settings.open_reader() as reader:
+        assert isinstance(reader, XYZReader) and reader.on_missing == "leave_empty"
+    with open_reader(str(SCENE_PATH), cache_dir=tmp_path, on_missing="leave_empty") as local:
+        assert isinstance(local, LocalRasterReader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import rasterio
 import xarray as xr
 from support.synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synthetic_store
 
+from pipeline.build import finish_lines, retry_unavailable
 from pipeline.config import Query
 from pipeline.store import SoundscapeStore, gdal_path
 from pipeline.store.layout import GRIDDED_VARIABLES
@@ -136,3 +138,39 @@ def test_a_failed_store_write_keeps_the_previous_store(tmp_path: Path, monkeypat
         write_synthetic_store(tmp_path / "soundscape.zarr", 8, 6, seed=1)
     assert sorted(path.relative_to(target) for path in target.rglob("*")) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["soundscape.zarr", "soundscape.zarr.inputs"]
+
+
+def test_tiles_left_empty_for_unavailable_imagery_are_counted_in_the_attributes(tmp_path: Path) -> None:
+    store = write_synthetic_store(tmp_path / "soundscape.zarr", dim=5, chunk=16, unavailable=True)
+    attrs = xr.open_zarr(store.path).attrs
+    with xr.open_zarr(store.path) as opened:
+        in_store_invalid = int((~opened.valid.values).sum())
+    empty = attrs["empty_tiles_unavailable_imagery"]
+    assert 0 < empty <= in_store_invalid
+    assert attrs["unavailable_source_tiles"] == 2  # distinct over the chunks
+    assert attrs["empty_tiles_reason"] == (
+        f"{empty} tiles left empty: imagery unavailable (2 source tiles failed or corrupt); rerun to retry"
+    )
+    assert finish_lines("build", store.path)[-1] == f"warning: {attrs['empty_tiles_reason']}"
+
+
+def test_a_store_without_missing_imagery_says_so(opened: xr.Dataset, store: SyntheticStore) -> None:
+    assert opened.attrs["empty_tiles_unavailable_imagery"] == 0
+    assert opened.attrs["empty_tiles_reason"] == ""
+    assert finish_lines("build", store.path) == [f"done: build/preview.html, build/cog/*.tif (+ .qml), {store.path}"]
+
+
+def test_a_rerun_retries_the_jobs_whose_chunks_lacked_imagery(tmp_path: Path) -> None:
+    jobs = [["a", "b"], ["c"], ["d"]]
+    (tmp_path / "embedded").mkdir()
+    (tmp_path / "imagery").mkdir()
+    for chunk in "abcd":
+        (tmp_path / "imagery" / f"{chunk}.json").write_text("{}")
+    lacking = {"chunk": "b", "tiles": 4, "valid": 2, "reused": False, "empty_unavailable": 2}
+    complete = {"chunk": "c", "tiles": 4, "valid": 4, "reused": False, "empty_unavailable": 0}
+    (tmp_path / "embedded" / "0.json").write_text(json.dumps({"chunks": [complete, lacking]}))
+    (tmp_path / "embedded" / "1.json").write_text(json.dumps({"chunks": [complete]}))
+    assert retry_unavailable(tmp_path, jobs) == 1
+    assert sorted(path.name for path in (tmp_path / "embedded").iterdir()) == ["1.json"]
+    assert sorted(path.name for path in (tmp_path / "imagery").iterdir()) == ["c.json", "d.json"]
+    assert retry_unavailable(tmp_path, jobs) == 0
