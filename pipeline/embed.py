@@ -271,8 +271,8 @@ def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int, resa
     table = np.zeros((height + 1, width + 1), np.int64)
     table[1:, 1:] = mask.cumsum(0).cumsum(1)
     inverse = ~source.transform
-    columns_a, rows_a = inverse * (views[:, 0], views[:, 3])
-    columns_b, rows_b = inverse * (views[:, 2], views[:, 1])
+    columns_a, rows_a = inverse @ (views[:, 0], views[:, 3])
+    columns_b, rows_b = inverse @ (views[:, 2], views[:, 1])
     first_column, last_column = np.minimum(columns_a, columns_b), np.maximum(columns_a, columns_b)
     first_row, last_row = np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b)
     shrink = np.maximum(1.0, np.maximum(last_column - first_column, last_row - first_row) / size)
