@@ -63,7 +63,7 @@ def open_reader(
 ) -> ImageryReader:
     """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster
     PATH ('file:PATH' forces a path). `options` go to the reader's constructor; `on_missing` (what a tile
-    that cannot be had does) to tile-server readers."""
+    that cannot be had does) to the readers that fetch (tile servers, STAC)."""
     spec = spec.strip()
     kind = reader_class(spec)
     cache_options: dict[str, Any] = {"cache": TileCache(cache_dir), "offline": offline}
@@ -73,7 +73,7 @@ def open_reader(
             return _build(XYZReader, options, spec.removeprefix("xyz:"), **cache_options)
         return _build(XYZReader.esri, options, **cache_options)
     if kind is StacReader:
-        return _build(StacReader, options, spec.removeprefix("stac:"), **cache_options)
+        return _build(StacReader, options, spec.removeprefix("stac:"), **cache_options, on_missing=on_missing)
     path = Path(spec.removeprefix("file:"))
     if not path.exists():
         raise ImageryError(f"raster {path} does not exist; check the path")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import TracebackType
-from typing import ClassVar, NamedTuple, TypeVar
+from typing import ClassVar, Literal, NamedTuple, TypeVar
 
 import mercantile
 import numpy as np
@@ -22,7 +22,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
 
-from pipeline.errors import ImageryError
+from pipeline.errors import FetchError, ImageryError
 from pipeline.geometry import EDGE_EPSILON, WEB_MERCATOR, WGS84, Bounds, ViewStrip, tile_bounds, view_strips
 
 RGB_BANDS = 3
@@ -32,6 +32,10 @@ STRIP_PIXELS = 2048 * 2048
 # ... and at most this many views (150 kB each as uint8 at 224 px: ~150 MB of views per strip).
 STRIP_VIEWS = 1024
 _Reader = TypeVar("_Reader", bound="ImageryReader")
+# What imagery that cannot be had (failed every retry, or corrupt in the cache offline) does: stop the build,
+# or leave every tile whose view touches it empty.
+ON_MISSING = ("fail", "leave_empty")
+OnMissing = Literal["fail", "leave_empty"]
 _WGS84_GEOD = Geod(ellps="WGS84")
 
 
@@ -101,6 +105,12 @@ class SourcePixels:
     def empty(cls, bands: int = RGB_BANDS) -> SourcePixels:
         """'No imagery under these views': one invalid pixel."""
         return cls(np.zeros((bands, 1, 1), np.uint8), np.zeros((1, 1), bool), Affine.identity(), WEB_MERCATOR)
+
+
+class Unavailable(NamedTuple):
+    """Source imagery that could not be had, and why (one clause)."""
+
+    reason: str
 
 
 class PrefetchReport(NamedTuple):
@@ -194,15 +204,7 @@ class ImageryReader(abc.ABC):
 
         This default reads the views' union once, in EPSG:3857 at the finest view's resolution; readers with
         a grid of their own override it to hand over their pixels unresampled."""
-        union = union_bounds(views)
-        pixel_m = finest_pixel_m(views, width)
-        columns = max(1, math.ceil((union.right - union.left) / pixel_m - EDGE_EPSILON))
-        rows = max(1, math.ceil((union.top - union.bottom) / pixel_m - EDGE_EPSILON))
-        bounds = Bounds(union.left, union.top - rows * pixel_m, union.left + columns * pixel_m, union.top)
-        image = self.part(bounds, columns, rows)
-        valid = np.asarray(~np.ma.getmaskarray(image.array).any(axis=0))
-        transform = transform_from_bounds(*bounds, columns, rows)
-        return SourcePixels(np.ma.getdata(image.array), valid, transform, WEB_MERCATOR)
+        return mercator_pixels(self.part(*strip_grid(views, width)))
 
     @abc.abstractmethod
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
@@ -242,6 +244,37 @@ def read_strips(views: np.ndarray, width: int) -> list[ViewStrip]:
     """How views are read: strips of consecutive rows, STRIP_PIXELS and STRIP_VIEWS at most
     (`pipeline.geometry.view_strips`)."""
     return view_strips(views, width, STRIP_PIXELS, STRIP_VIEWS)
+
+
+def check_on_missing(value: str) -> None:
+    if value not in ON_MISSING:
+        raise ImageryError(f"on_missing {value!r} is unknown; use fail or leave_empty")
+
+
+def unavailable_error(count: int, items: str, source_id: str, example: str, offline: bool) -> FetchError:
+    """The one line a build stops with when `count` source `items` could not be had (on_missing: fail)."""
+    retry = "turn imagery.offline off and rerun to fetch them again" if offline else "rerun to retry"
+    return FetchError(
+        f"{count} {items} of {source_id} could not be had (e.g. {example}); "
+        f"{retry}, or set imagery.on_missing: leave_empty to leave their tiles empty"
+    )
+
+
+def strip_grid(views: np.ndarray, width: int) -> tuple[Bounds, int, int]:
+    """The EPSG:3857 grid a strip of `views` is mosaicked on by readers without a grid of their own: the views'
+    union at the finest view's resolution, as (bounds, columns, rows)."""
+    union = union_bounds(views)
+    pixel_m = finest_pixel_m(views, width)
+    columns = max(1, math.ceil((union.right - union.left) / pixel_m - EDGE_EPSILON))
+    rows = max(1, math.ceil((union.top - union.bottom) / pixel_m - EDGE_EPSILON))
+    return Bounds(union.left, union.top - rows * pixel_m, union.left + columns * pixel_m, union.top), columns, rows
+
+
+def mercator_pixels(image: ImageData) -> SourcePixels:
+    """An EPSG:3857 read as the source pixels views are cut from."""
+    valid = np.asarray(~np.ma.getmaskarray(image.array).any(axis=0))
+    transform = transform_from_bounds(*image.bounds, image.width, image.height)
+    return SourcePixels(np.ma.getdata(image.array), valid, transform, WEB_MERCATOR)
 
 
 def union_bounds(views: np.ndarray) -> Bounds:

@@ -14,6 +14,7 @@ import json
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import mercantile
@@ -24,17 +25,25 @@ from rasterio.warp import transform_bounds
 from requests import RequestException
 from urllib3.util.retry import Retry
 
+from common.errors import first_line
 from pipeline.errors import FetchError, ImageryError, ImageryWarning, TileDecodeError
 from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds
 from pipeline.imagery.base import (
     RGB_BANDS,
     ImageData,
     ImageryReader,
+    OnMissing,
     PrefetchReport,
+    SourcePixels,
+    Unavailable,
+    check_on_missing,
     check_read_size,
     empty_image,
+    mercator_pixels,
     read_strips,
+    strip_grid,
     true_gsd_m,
+    unavailable_error,
     view_array,
 )
 from pipeline.imagery.cache import TileCache
@@ -63,6 +72,8 @@ COG_HTTP_ENV: dict[str, object] = {
     "VSI_CACHE": "TRUE",
 }
 _OPEN_ITEMS = 8
+# HTTP statuses of an asset that does not exist: no imagery, unlike a server failing every retry.
+ABSENT_STATUSES = (404, 410)
 
 
 class StacItem(NamedTuple):
@@ -104,6 +115,7 @@ class StacReader(ImageryReader):
         retry: RetryPolicy | Mapping[str, float] = DEFAULT_RETRY,
         source_id: str | None = None,
         attribution: str = SENTINEL2_ATTRIBUTION,
+        on_missing: OnMissing = "fail",
     ) -> None:
         if not 0.0 <= max_cloud_cover <= 100.0:
             raise ImageryError(f"max cloud cover {max_cloud_cover:g} is not a percentage; use 0 to 100")
@@ -113,6 +125,8 @@ class StacReader(ImageryReader):
         self.datetime = datetime
         self.max_cloud_cover = max_cloud_cover
         self.offline = offline
+        check_on_missing(on_missing)
+        self.on_missing = on_missing
         self.max_items = max_items
         self.search_zoom = search_zoom
         self.attribution = attribution
@@ -133,30 +147,30 @@ class StacReader(ImageryReader):
     def prefetch(self, views: Sequence[Bounds] | np.ndarray, width: int) -> PrefetchReport:
         """Mosaic the strips the views are read in (`source_pixels`) and keep them in the tile cache."""
         views = view_array(views)
-        strips = read_strips(views, width)
-        with_imagery = sum(self.source_pixels(views[strip.start : strip.stop], width).valid.any() for strip in strips)
-        return PrefetchReport("view strips into the tile cache", len(views), len(strips), int(with_imagery))
+        strips = [self.source_pixels(views[strip.start : strip.stop], width) for strip in read_strips(views, width)]
+        with_imagery = sum(bool(pixels.valid.any()) for pixels in strips)
+        unavailable = tuple(item for pixels in strips for item in pixels.unavailable_tiles)
+        return PrefetchReport("view strips into the tile cache", len(views), len(strips), with_imagery, unavailable)
+
+    def source_pixels(self, views: np.ndarray, width: int) -> SourcePixels:
+        """The strip's least-cloudy mosaic in EPSG:3857 (cached). Imagery that cannot be had stops the read
+        (on_missing: fail) or marks the whole strip unavailable, named by the smallest Web Mercator tile holding it."""
+        bounds, columns, rows = strip_grid(views, width)
+        read = self._read(bounds, columns, rows, WEB_MERCATOR)
+        if not isinstance(read, Unavailable):
+            return mercator_pixels(read)
+        self._check_missing(read)
+        cell = mercantile.bounding_tile(*transform_bounds(WEB_MERCATOR, WGS84, *bounds, densify_pts=21))
+        empty = mercator_pixels(empty_image(bounds, columns, rows, WEB_MERCATOR))
+        return replace(empty, unavailable=np.ones((rows, columns), bool), unavailable_tiles=((cell.z, cell.x, cell.y),))
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         check_read_size(bounds, width, height)
-        key = self._part_key(bounds, width, height, dst_crs)
-        cached = self.cache.get(key)
-        if cached is not None:
-            try:
-                image = decode_tile(cached)
-            except TileDecodeError:
-                self.cache.discard(key)
-            else:
-                mask = np.broadcast_to(~image.valid, image.rgb.shape).copy()
-                return ImageData(
-                    np.ma.MaskedArray(image.rgb, mask=mask), bounds, dst_crs, true_gsd_m(bounds, width, dst_crs)
-                )
-        if self.offline:
+        read = self._read(bounds, width, height, dst_crs)
+        if isinstance(read, Unavailable):
+            self._check_missing(read)
             return empty_image(bounds, width, height, dst_crs)
-        result = self._mosaic(bounds, width, height, dst_crs)
-        valid = np.asarray(~np.ma.getmaskarray(result.array).any(axis=0))
-        self.cache.put(key, encode_png(np.ma.getdata(result.array), valid))
-        return result
+        return read
 
     def search(self, lnglat_bbox: tuple[float, float, float, float]) -> list[StacItem]:
         """Items over `lnglat_bbox` passing the date and cloud filters, least cloudy first."""
@@ -175,13 +189,47 @@ class StacReader(ImageryReader):
                 reader.close()
         self._open.clear()
 
+    def _read(self, bounds: Bounds, width: int, height: int, dst_crs: str) -> ImageData | Unavailable:
+        """The cached mosaic of `bounds`, or a new one (cached); Unavailable when it cannot be had: its cached
+        copy is corrupt while offline (the file is kept), a search or an asset failed every retry."""
+        key = self._part_key(bounds, width, height, dst_crs)
+        cached = self.cache.get(key)
+        if cached is not None:
+            try:
+                image = decode_tile(cached)
+            except TileDecodeError:
+                if self.offline:
+                    return Unavailable(f"its cached mosaic {key} is corrupt")
+                self.cache.discard(key)
+            else:
+                mask = np.broadcast_to(~image.valid, image.rgb.shape).copy()
+                return ImageData(
+                    np.ma.MaskedArray(image.rgb, mask=mask), bounds, dst_crs, true_gsd_m(bounds, width, dst_crs)
+                )
+        if self.offline:
+            return empty_image(bounds, width, height, dst_crs)
+        try:
+            result = self._mosaic(bounds, width, height, dst_crs)
+        except FetchError as exc:
+            return Unavailable(first_line(exc))
+        valid = np.asarray(~np.ma.getmaskarray(result.array).any(axis=0))
+        self.cache.put(key, encode_png(np.ma.getdata(result.array), valid))
+        return result
+
+    def _check_missing(self, missing: Unavailable) -> None:
+        if self.on_missing == "fail":
+            raise unavailable_error(1, "view strip(s)", self.source_id, missing.reason, self.offline)
+
     def _mosaic(self, bounds: Bounds, width: int, height: int, dst_crs: str) -> ImageData:
         lnglat = transform_bounds(dst_crs, WGS84, *bounds, densify_pts=21)
         pixels = np.ma.MaskedArray(np.zeros((RGB_BANDS, height, width), np.uint8), mask=True)
         for item in self.search(lnglat):
             try:
                 layer = self._read_item(item, bounds, width, height, dst_crs)
-            except ImageryError as exc:  # one unreadable asset must not sink the mosaic
+            except ImageryError as exc:
+                if not _is_absent(exc):  # the server failed every retry: this imagery cannot be had
+                    raise FetchError(f"STAC item {item.id} could not be read ({first_line(exc)})") from None
+                # An asset the server does not have is no imagery: the next least cloudy item fills in.
                 warnings.warn(f"skipping STAC item {item.id}: {exc}", ImageryWarning, stacklevel=3)
                 continue
             fill = np.ma.getmaskarray(pixels) & ~np.ma.getmaskarray(layer)
@@ -305,6 +353,12 @@ def _scale_offset(asset: dict[str, Any], properties: dict[str, Any]) -> tuple[fl
         return float(bands[0]["scale"]), float(bands[0].get("offset", 0.0))
     baseline = str(properties.get("s2:processing_baseline", "00.00"))
     return 1.0, -BOA_ADD_OFFSET if baseline >= BOA_OFFSET_BASELINE else 0.0
+
+
+def _is_absent(exc: BaseException) -> bool:
+    """Whether a failed asset read was the server saying the asset does not exist (HTTP 404 or 410)."""
+    cause = str(exc.__cause__ or "")
+    return any(f"HTTP response code: {status}" in cause for status in ABSENT_STATUSES)
 
 
 def _bboxes_overlap(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -30,21 +30,25 @@ import mercantile
 import numpy as np
 from rasterio.warp import reproject, transform_bounds
 
-from pipeline.errors import FetchError, ImageryError, ImageryWarning, RetriesExhausted, TileDecodeError
+from pipeline.errors import ImageryError, ImageryWarning, RetriesExhausted, TileDecodeError
 from pipeline.geometry import WEB_MERCATOR, Bounds, TileBlock, ground_resolution_m, imagery_zoom
 from pipeline.imagery.base import (
     RGB_BANDS,
     FetchEstimate,
     ImageData,
     ImageryReader,
+    OnMissing,
     PrefetchReport,
     SourcePixels,
+    Unavailable,
+    check_on_missing,
     check_read_size,
     empty_image,
     finest_pixel_m,
     read_strips,
     resampling_method,
     true_gsd_m,
+    unavailable_error,
     union_bounds,
     view_array,
 )
@@ -83,14 +87,6 @@ _KNOWN_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _ZOOM_EPSILON = 1e-9
 _OPAQUE = 255
 _MISSING_SUFFIX = "missing"
-ON_MISSING = ("fail", "leave_empty")
-OnMissing = Literal["fail", "leave_empty"]
-
-
-class Unavailable(NamedTuple):
-    """A server tile that could not be had, and why (one clause)."""
-
-    reason: str
 
 
 class TileTemplate(NamedTuple):
@@ -207,8 +203,7 @@ class XYZReader(ImageryReader):
         self.tile_size = tile_size
         self.tile_format = tile_format or self.template.tile_format
         self.offline = offline
-        if on_missing not in ON_MISSING:
-            raise ImageryError(f"on_missing {on_missing!r} is unknown; use fail or leave_empty")
+        check_on_missing(on_missing)
         self.on_missing = on_missing
         self.unavailable: set[mercantile.Tile] = set()
         self.typical_tile_bytes = typical_tile_bytes
@@ -425,11 +420,7 @@ class XYZReader(ImageryReader):
         missing = {tile: image for tile, image in zip(tiles, loaded, strict=True) if isinstance(image, Unavailable)}
         if missing and self.on_missing == "fail":
             first = next(iter(missing.values())).reason
-            retry = "turn imagery.offline off and rerun to fetch them again" if self.offline else "rerun to retry"
-            raise FetchError(
-                f"{len(missing)} tile(s) of {self.source_id} could not be had (e.g. {first}); "
-                f"{retry}, or set imagery.on_missing: leave_empty to leave their tiles empty"
-            )
+            raise unavailable_error(len(missing), "tile(s)", self.source_id, first, self.offline)
         self.unavailable |= set(missing)
         return [None if isinstance(image, Unavailable) else image for image in loaded], set(missing)
 

@@ -16,6 +16,7 @@ from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds
 from pipeline.imagery import LocalRasterReader, PrefetchReport, StacReader, TileCache, open_reader
 from pipeline.imagery.http import RetryPolicy
+from pipeline.imagery.stac import COG_HTTP_ENV
 
 FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=2.0)
 SUMMER_2023 = "2023-01-01/2023-12-31"
@@ -224,3 +225,53 @@ def test_stac_resolution_fetching_ahead_and_prefetch(server: StacServer, tmp_pat
     with _reader(server, tmp_path, collection=BANDS_COLLECTION) as other, pytest.raises(ImageryError) as raised:
         other.native_gsd_m(18.5)
     assert "set imagery.native_gsd_m" in str(raised.value)
+
+
+def _strip_views() -> np.ndarray:
+    """Four overlapping views inside the scene: one strip."""
+    size = (SCENE_3857.right - SCENE_3857.left) / 3
+    left, bottom = SCENE_3857.left + size / 4, SCENE_3857.bottom + size / 4
+    return np.array([[left + dx, bottom, left + dx + size, bottom + size] for dx in (0.0, size / 4, size / 2, size)])
+
+
+def test_a_corrupt_cached_strip_read_offline_stops_the_read_or_is_left_unavailable(
+    server: StacServer, tmp_path: Path
+) -> None:
+    views = _strip_views()
+    with _reader(server, tmp_path) as online:
+        assert online.prefetch(views, 64) == PrefetchReport("view strips into the tile cache", 4, 1, 1)
+    [cached] = [path for path in tmp_path.rglob("*.png")]
+    cached.write_bytes(cached.read_bytes()[:100])
+    with _reader(server, tmp_path, offline=True) as offline, pytest.raises(FetchError) as raised:
+        offline.source_pixels(views, 64)
+    assert str(raised.value).startswith("1 view strip(s) of stac-") and "is corrupt" in str(raised.value)
+    assert "turn imagery.offline off and rerun" in str(raised.value) and "\n" not in str(raised.value)
+    with _reader(server, tmp_path, offline=True, on_missing="leave_empty") as offline:
+        pixels = offline.source_pixels(views, 64)
+        report = offline.prefetch(views, 64)
+    assert pixels.unavailable is not None and pixels.unavailable.all() and not pixels.valid.any()
+    assert len(pixels.unavailable_tiles) == 1 and report.unavailable == pixels.unavailable_tiles
+    assert cached.exists()  # kept: a run online fetches it again
+
+
+def test_an_asset_failing_every_retry_is_unavailable_not_replaced_by_a_cloudier_scene(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(COG_HTTP_ENV, "GDAL_HTTP_MAX_RETRY", 1)
+    monkeypatch.setitem(COG_HTTP_ENV, "GDAL_HTTP_RETRY_DELAY", 0.1)
+    views = _strip_views()
+    with StacServer(_items(), assets) as fresh:
+        fresh.add_fault(Fault("status", path="/assets/west-half.tif", status=503, times=1000))
+        with _reader(fresh, tmp_path) as reader, pytest.raises(FetchError, match=r"STAC item clear-west could not"):
+            reader.source_pixels(views, 64)
+        with _reader(fresh, tmp_path / "again", on_missing="leave_empty") as reader:
+            pixels = reader.source_pixels(views, 64)
+    assert pixels.unavailable is not None and pixels.unavailable.all()
+    assert not list((tmp_path / "again").rglob("*.png"))  # nothing cached: a rerun tries again
+
+
+def test_on_missing_reaches_stac_readers(server: StacServer, tmp_path: Path) -> None:
+    with open_reader(f"stac:{server.url}", cache_dir=tmp_path, on_missing="leave_empty") as reader:
+        assert isinstance(reader, StacReader) and reader.on_missing == "leave_empty"
+    with pytest.raises(ImageryError, match="on_missing 'skip' is unknown"):
+        _reader(server, tmp_path, on_missing="skip")
