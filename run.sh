@@ -52,12 +52,12 @@ case "${1:-}" in
     build)
         shift
         setup
-        exec "$VENV/bin/snakemake" --profile profiles/local "$@"
+        exec "$VENV/bin/python" -m pipeline.launch --profile profiles/local "$@"
         ;;
     unlock)
         shift
         setup
-        exec "$VENV/bin/snakemake" --profile profiles/local --unlock "$@"
+        exec "$VENV/bin/python" -m pipeline.launch --profile profiles/local --unlock "$@"
         ;;
     test)
         shift

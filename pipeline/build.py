@@ -35,6 +35,7 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
+from pipeline.launch import STOPPED_LINE
 from pipeline.model_setup import check_device, check_model, model_config, untrained_notice
 from pipeline.plan import (
     ChunkTiles,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from pipeline.imagery import FetchEstimate, ImageryReader
 
 ERROR_STATUS = 2
-STOPPED_LINE = "stopped; rerun the same command to resume"
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"

@@ -33,6 +33,8 @@ LAYERS = {
     "pipeline/geometry.py": {"pipeline.errors"},
     "pipeline/regions.py": {"common", "pipeline.errors", "pipeline.geometry"},
     "pipeline/imagery": {"common", "pipeline.errors", "pipeline.geometry"},
+    "pipeline/views.py": {"pipeline.errors", "pipeline.geometry", "pipeline.imagery"},
+    "pipeline/launch.py": set(),
     "pipeline/store": {
         "common",
         "model",

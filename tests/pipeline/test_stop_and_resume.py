@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from support.paths import LANDSAT, REPO
 
-from pipeline.build import STOPPED_LINE
+from pipeline.launch import STOPPED_LINE
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
@@ -74,12 +74,12 @@ def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) 
     for name in ("rules", "profiles", "config"):
         shutil.copytree(REPO / name, checkout / name)
     (checkout / "examples").symlink_to(REPO / "examples")
-    # The environment run.sh would set up, already installed: its python and snakemake are this test's.
+    # The environment run.sh would set up, already installed: its python is this test's (a script, as a symlink
+    # to a venv's python would not find the venv's packages).
     bin_dir = checkout / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").symlink_to(sys.executable)
-    (bin_dir / "snakemake").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m snakemake "$@"\n')
-    (bin_dir / "snakemake").chmod(0o755)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     stamp = hashlib.sha256((checkout / "pyproject.toml").read_bytes()).hexdigest()[:16]
     (checkout / ".venv" / f".installed-{stamp}").touch()
 
@@ -104,3 +104,18 @@ def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) 
     assert unlock.returncode == 0, unlock.stderr[-3000:]
     assert "Unlocked working directory." in unlock.stderr
     assert not locks(checkout)
+
+
+def test_ctrl_c_before_the_workflow_is_read_prints_the_same_one_line(tmp_path: Path) -> None:
+    # What `bash run.sh build` runs; interrupted while Python still imports Snakemake.
+    command = [sys.executable, "-m", "pipeline.launch", "-s", str(REPO / "Snakefile"), "-n"]
+    command += ["--profile", str(REPO / "profiles" / "local"), "--configfile", str(DEFAULT_CONFIG)]
+    run = subprocess.Popen(
+        command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    time.sleep(0.3)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=TIMEOUT_S)
+    text = stderr.decode()
+    assert run.returncode != 0 and text.count(STOPPED_LINE) == 1, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]

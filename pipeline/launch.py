@@ -1,0 +1,32 @@
+"""`bash run.sh build`: Snakemake, with Ctrl-C answered in one line from the very first moment.
+
+Until the Snakefile installs its own handler (`pipeline.build.quiet_interrupts`), which lets Snakemake cancel
+its jobs and release its lock, an interrupt can only come while Python imports Snakemake or reads the workflow:
+nothing has started, so this stops at once with the same line. Imports nothing heavy before the handler is in.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+STOPPED_LINE = "stopped; rerun the same command to resume"
+INTERRUPTED_STATUS = 130
+
+
+def _stop_early(signum: int, frame: FrameType | None) -> None:
+    print(STOPPED_LINE, file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_STATUS)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, _stop_early)
+    from snakemake.cli import main as snakemake
+
+    sys.argv[0] = "snakemake"
+    return int(snakemake() or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
