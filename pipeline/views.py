@@ -5,11 +5,12 @@ resampled from them to `size` x `size` px with GDAL's warp kernel, so a view mat
 alone (`ImageryReader.part`) to within rounding: each output pixel centre is mapped into the source grid, the
 kernel (bilinear by default) is stretched by the shrink factor when the view has coarser pixels than the source
 (below GDAL's 0.95 threshold), weights of pixels without imagery are dropped and the rest renormalised, and
-a pixel holds imagery where the weight of valid pixels under it rounds to a non-zero 8-bit alpha.
+a pixel holds imagery only where its centre falls on a valid source pixel.
 
-Sources on the EPSG:3857 grid (tile pyramids, Web Mercator rasters) resample separably (rows, then columns);
-other CRSs map every output pixel through the projection (exact at a 9 x 9 grid of points per view and
-interpolated between them, well under 0.01 px off) and weigh a 2-D neighbourhood.
+Sources on the EPSG:3857 grid (tile pyramids, Web Mercator rasters) resample separably: two sparse products
+per row of views (rows, then columns). Other CRSs map every output pixel through the projection (exact at a
+9 x 9 grid of points per view and interpolated between them, well under 0.01 px off) and weigh a 2-D
+neighbourhood: a compiled (numba) kernel on a CPU, a sparse product on other devices.
 """
 
 from __future__ import annotations
