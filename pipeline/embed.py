@@ -42,7 +42,7 @@ from pipeline.geometry import WEB_MERCATOR, ViewStrip
 from pipeline.imagery import ImageryReader
 from pipeline.imagery.base import SourcePixels, read_strips
 from pipeline.plan import ChunkTiles
-from pipeline.views import check_resampling, cut_views
+from pipeline.views import KERNELS, cut_views
 
 # `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling).
 AUTO_BATCH_START = 64
@@ -240,10 +240,9 @@ def _embed_strip(
 ) -> None:
     chunk, strip = result.chunk, read.strip
     views = chunk.views[strip.start : strip.stop]
-    resampling = str(imagery.options.get("resampling", "bilinear"))
-    batch = cut_views(read.pixels, views, MODEL_INPUT_PX, resampling=resampling, device=encoder.device)
+    batch = cut_views(read.pixels, views, MODEL_INPUT_PX, device=encoder.device)
     coverage = batch.coverage.cpu().numpy()
-    touched = touches_unavailable(read.pixels, views, MODEL_INPUT_PX, resampling)
+    touched = touches_unavailable(read.pixels, views, MODEL_INPUT_PX)
     result.coverage[strip.start : strip.stop] = coverage
     result.unavailable[strip.start : strip.stop] = touched
     result.unavailable_tiles.update(read.pixels.unavailable_tiles)
@@ -257,7 +256,7 @@ def _embed_strip(
         result.concept_index[rows], result.concept_weight[rows] = top_concepts(out.weights, options.top_k)
 
 
-def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int, resampling: str = "bilinear") -> np.ndarray:
+def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int) -> np.ndarray:
     """(N,) whether each of `views` ((N, 4) EPSG:3857 bounds, cut at `size` px) would take any weight from a
     source pixel marked unavailable: the view's footprint in source pixels, widened by the resampling kernel's
     reach (scaled when the view shrinks the source) and one pixel for the centre rule."""
@@ -276,7 +275,7 @@ def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int, resa
     first_column, last_column = np.minimum(columns_a, columns_b), np.maximum(columns_a, columns_b)
     first_row, last_row = np.minimum(rows_a, rows_b), np.maximum(rows_a, rows_b)
     shrink = np.maximum(1.0, np.maximum(last_column - first_column, last_row - first_row) / size)
-    reach = check_resampling(resampling).radius * shrink + 1.0
+    reach = KERNELS[source.resampling].radius * shrink + 1.0
     c0 = np.clip(np.floor(first_column - reach), 0, width).astype(np.int64)
     c1 = np.clip(np.ceil(last_column + reach), 0, width).astype(np.int64)
     r0 = np.clip(np.floor(first_row - reach), 0, height).astype(np.int64)

@@ -28,9 +28,8 @@ from pyproj import Transformer
 from rasterio.transform import Affine
 from torch import Tensor
 
-from pipeline.errors import ImageryError
 from pipeline.geometry import WEB_MERCATOR, view_rows
-from pipeline.imagery.base import RGB_BANDS, SourcePixels
+from pipeline.imagery.base import RGB_BANDS, SourcePixels, view_array
 
 # GDAL keeps the unstretched kernel while a view shrinks the source by less than this (its 4-sample formula).
 UNSCALED_KERNEL_ABOVE = 0.95
@@ -65,6 +64,7 @@ class Kernel(NamedTuple):
         return torch.where(t < self.radius, value, 0.0)
 
 
+# One per reader resampling (`pipeline.imagery.base.RESAMPLINGS`).
 KERNELS = {
     "bilinear": Kernel(np.array([[1.0, -1.0, 0.0, 0.0]])),
     # Keys' cubic convolution with a = -0.5, GDAL's "cubic".
@@ -80,32 +80,23 @@ class ViewBatch(NamedTuple):
     coverage: Tensor
 
 
-def check_resampling(name: str) -> Kernel:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ImageryError(
-            f"resampling {name!r} cannot cut model views; use {' or '.join(KERNELS)} in imagery.options"
-        ) from None
-
-
 def cut_views(
     source: SourcePixels,
     views: np.ndarray,
     size: int,
     *,
-    resampling: str = "bilinear",
     device: torch.device | str = "cpu",
     compiled: bool | None = None,
 ) -> ViewBatch:
-    """Resample each of `views` ((N, 4) EPSG:3857 bounds) from `source` to `size` x `size` pixels.
+    """Resample each of `views` ((N, 4) EPSG:3857 bounds) from `source` to `size` x `size` pixels, with the
+    source's own kernel (`source.resampling`).
 
     Sources in another CRS than EPSG:3857 are resampled by a `compiled` kernel (numba) on a CPU, by sparse
     products elsewhere (None: whichever fits the device; both give the same views)."""
-    kernel = check_resampling(resampling)
+    kernel = KERNELS[source.resampling]
     device = torch.device(device)
     compiled = device.type == "cpu" if compiled is None else compiled
-    views = np.asarray(views, dtype=np.float64).reshape(-1, 4)
+    views = view_array(views)
     values, valid = _on_device(source.values, device), _on_device(source.valid, device)
     if values.is_floating_point():
         finite = torch.isfinite(values).all(dim=0)

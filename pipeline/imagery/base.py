@@ -26,6 +26,9 @@ from pipeline.errors import FetchError, ImageryError
 from pipeline.geometry import EDGE_EPSILON, WEB_MERCATOR, WGS84, Bounds, ViewStrip, tile_bounds, view_strips
 
 RGB_BANDS = 3
+# How readers resample: GDAL's kernels that `pipeline.views` cuts model views with too, so that a view cut from
+# a strip equals the reader's own warp of it.
+RESAMPLINGS = ("bilinear", "cubic")
 # Views read together as one strip hold at most about this many pixels at the views' resolution (2048 x 2048);
 # it bounds an embed job's memory whatever the chunk size.
 STRIP_PIXELS = 2048 * 2048
@@ -84,7 +87,8 @@ class SourcePixels:
     resampling; one band is grey. `valid` (H, W) is False where there is no imagery. `transform` maps pixel
     (column, row) to `crs`, the source's own CRS (EPSG:3857 for tile pyramids). `extent` (first column,
     first row, end column, end row) is the part of the array the source itself spans (None: all of it); as
-    in a GDAL warp, only output pixels whose centres fall on a valid pixel inside it hold imagery.
+    in a GDAL warp, only output pixels whose centres fall on a valid pixel inside it hold imagery. `resampling`
+    is the reader's kernel (one of RESAMPLINGS), which views are cut with.
 
     `unavailable` (H, W) is True where the source has imagery that could not be had (a tile that failed every
     retry, or a corrupt cached tile read offline) and the reader was told to leave it empty: such pixels are
@@ -98,6 +102,7 @@ class SourcePixels:
     crs: str
     stretch: Stretch | None = None
     extent: tuple[int, int, int, int] | None = None
+    resampling: str = "bilinear"
     unavailable: np.ndarray | None = None
     unavailable_tiles: tuple[tuple[int, int, int], ...] = ()
 
@@ -270,11 +275,11 @@ def strip_grid(views: np.ndarray, width: int) -> tuple[Bounds, int, int]:
     return Bounds(union.left, union.top - rows * pixel_m, union.left + columns * pixel_m, union.top), columns, rows
 
 
-def mercator_pixels(image: ImageData) -> SourcePixels:
-    """An EPSG:3857 read as the source pixels views are cut from."""
+def mercator_pixels(image: ImageData, resampling: str = "bilinear") -> SourcePixels:
+    """An EPSG:3857 read as the source pixels views are cut from (with `resampling`)."""
     valid = np.asarray(~np.ma.getmaskarray(image.array).any(axis=0))
     transform = transform_from_bounds(*image.bounds, image.width, image.height)
-    return SourcePixels(np.ma.getdata(image.array), valid, transform, WEB_MERCATOR)
+    return SourcePixels(np.ma.getdata(image.array), valid, transform, WEB_MERCATOR, resampling=resampling)
 
 
 def union_bounds(views: np.ndarray) -> Bounds:
@@ -300,12 +305,11 @@ def empty_image(bounds: Bounds, width: int, height: int, crs: str) -> ImageData:
 
 
 def resampling_method(name: str) -> Resampling:
-    try:
-        return Resampling[name]
-    except KeyError:
+    if name not in RESAMPLINGS:
         raise ImageryError(
-            f"unknown resampling {name!r}; use bilinear, cubic, lanczos or average (they antialias when shrinking)"
-        ) from None
+            f"unknown resampling {name!r}; use {' or '.join(RESAMPLINGS)} (both antialias when shrinking)"
+        )
+    return Resampling[name]
 
 
 @lru_cache(maxsize=32)

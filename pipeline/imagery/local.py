@@ -255,7 +255,7 @@ class LocalRasterReader(ImageryReader):
         transform = dataset.transform @ Affine.translation(left, top) @ Affine.scale(factor)
         pixels = values.astype(np.uint8) if self.stretch is None else values
         extent = (first_column, first_row, max(first_column, last_column), max(first_row, last_row))
-        return SourcePixels(pixels, valid, transform, self.crs, self.stretch, extent)
+        return SourcePixels(pixels, valid, transform, self.crs, self.stretch, extent, self._resampling.name)
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         values = self.read_values(bounds, width, height, dst_crs)

@@ -41,6 +41,7 @@ from pipeline.imagery.base import (
     empty_image,
     mercator_pixels,
     read_strips,
+    resampling_method,
     strip_grid,
     true_gsd_m,
     unavailable_error,
@@ -132,6 +133,7 @@ class StacReader(ImageryReader):
         self.attribution = attribution
         self.source_id = source_id or self._default_source_id()
         self._band_stretch = None if band_stretch is None else Stretch(*(float(value) for value in band_stretch))
+        resampling_method(resampling)  # refused here, not at the first asset read
         self._resampling = resampling
         self._retry = retry_policy(retry)
         self._client: pystac_client.Client | None = None
@@ -158,10 +160,10 @@ class StacReader(ImageryReader):
         bounds, columns, rows = strip_grid(views, width)
         read = self._read(bounds, columns, rows, WEB_MERCATOR)
         if not isinstance(read, Unavailable):
-            return mercator_pixels(read)
+            return mercator_pixels(read, self._resampling)
         self._check_missing(read)
         cell = mercantile.bounding_tile(*transform_bounds(WEB_MERCATOR, WGS84, *bounds, densify_pts=21))
-        empty = mercator_pixels(empty_image(bounds, columns, rows, WEB_MERCATOR))
+        empty = mercator_pixels(empty_image(bounds, columns, rows, WEB_MERCATOR), self._resampling)
         return replace(empty, unavailable=np.ones((rows, columns), bool), unavailable_tiles=((cell.z, cell.x, cell.y),))
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:

@@ -324,7 +324,13 @@ class XYZReader(ImageryReader):
         images, unavailable = self._load_checked(list(wanted))
         loaded = dict(zip(wanted, images, strict=True))
         rgba = self._mosaic(grid, [loaded.get(tile) for tile in block])
-        pixels = SourcePixels(rgba[:RGB_BANDS], rgba[RGB_BANDS] > 0, grid.transform(self.tile_size), WEB_MERCATOR)
+        pixels = SourcePixels(
+            rgba[:RGB_BANDS],
+            rgba[RGB_BANDS] > 0,
+            grid.transform(self.tile_size),
+            WEB_MERCATOR,
+            resampling=self._resampling.name,
+        )
         if not unavailable:
             return pixels
         mask = self._mosaic_mask(grid, [tile in unavailable for tile in block])

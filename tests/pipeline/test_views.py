@@ -8,8 +8,8 @@ coordinate approximation allows, and a model sees the same thing either way (emb
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,8 +25,8 @@ from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from pipeline.errors import ImageryError
 from pipeline.geometry import WEB_MERCATOR, Bounds, cover, lnglat_of_mercator, output_zoom, view_bounds
 from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
-from pipeline.imagery.base import SourcePixels, read_strips
-from pipeline.views import cut_views
+from pipeline.imagery.base import RESAMPLINGS, SourcePixels, read_strips
+from pipeline.views import KERNELS, cut_views
 
 SIZE = 224
 
@@ -58,11 +58,11 @@ def views_over(reader_bounds: Bounds, crs: str, view_m: float, offset: int, inse
     return view_bounds(tiles.x, tiles.y, zoom, view_m)
 
 
-def compare(reader: ImageryReader, views: np.ndarray, resampling: str = "bilinear") -> Comparison:
+def compare(reader: ImageryReader, views: np.ndarray) -> Comparison:
     strip_views, part_views, coverage = [], [], []
     for strip in read_strips(views, SIZE):
         group = views[strip.start : strip.stop]
-        batch = cut_views(reader.source_pixels(group, SIZE), group, SIZE, resampling=resampling)
+        batch = cut_views(reader.source_pixels(group, SIZE), group, SIZE)
         strip_views.extend(batch.pixels.numpy())
         coverage.extend(batch.coverage.tolist())
     for view in views:
@@ -167,7 +167,7 @@ def test_cubic_views_match_gdal_on_a_tile_grid(tile_server: TileServer, tmp_path
     with XYZReader(tile_server.url + "/png/{z}/{x}/{y}.png", **options) as reader:  # type: ignore[arg-type]
         with rasterio.open(SCENE_PATH) as scene:
             views = views_over(Bounds(*scene.bounds), scene.crs.to_string(), 600.0, 0, inset=0.2)
-        result = compare(reader, views, resampling="cubic")
+        result = compare(reader, views)
     assert len(views) >= 4 and result.max_diff.max() <= 1
 
 
@@ -183,13 +183,27 @@ def test_a_strip_holds_each_source_pixel_once_and_memory_stays_bounded() -> None
     assert max(strip.pixels for strip in strips) <= 2048 * 2048 * 1.05
 
 
-def test_views_off_the_source_are_empty_and_unknown_kernels_are_refused() -> None:
+def test_views_off_the_source_are_empty() -> None:
     empty = SourcePixels.empty()
     batch = cut_views(empty, np.array([[0.0, 0.0, 1000.0, 1000.0]]), 16)
     assert batch.pixels.shape == (1, 3, 16, 16) and not batch.pixels.any() and float(batch.coverage[0]) == 0.0
-    with pytest.raises(ImageryError, match="resampling 'lanczos' cannot cut model views"):
-        cut_views(empty, np.zeros((1, 4)), 16, resampling="lanczos")
-    assert math.isclose(float(cut_views(empty, np.zeros((0, 4)), 16).pixels.numel()), 0.0)
+    assert cut_views(empty, np.zeros((0, 4)), 16).pixels.shape == (0, 3, 16, 16)
+
+
+def test_readers_resample_only_with_kernels_views_can_be_cut_with(tmp_path: Path) -> None:
+    assert set(KERNELS) == set(RESAMPLINGS)
+    with pytest.raises(ImageryError, match="unknown resampling 'lanczos'; use bilinear or cubic"):
+        LocalRasterReader(LANDSAT, resampling="lanczos")
+    with pytest.raises(ImageryError, match="unknown resampling 'average'; use bilinear or cubic"):
+        XYZReader("https://tiles.invalid/{z}/{x}/{y}.png", cache=TileCache(tmp_path), resampling="average")
+    with landsat() as reader:
+        assert (
+            reader.source_pixels(views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 0), SIZE).resampling
+            == "bilinear"
+        )
+    with LocalRasterReader(LANDSAT, bands=(3, 2, 1), resampling="cubic") as reader:
+        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 0)
+        assert reader.source_pixels(views, SIZE).resampling == "cubic"
 
 
 @pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
@@ -197,8 +211,9 @@ def test_the_compiled_cpu_kernel_and_the_sparse_products_cut_the_same_views(resa
     with landsat() as reader:
         views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 2, inset=-0.05)[::5]
         source = reader.source_pixels(views, SIZE)
-    compiled = cut_views(source, views, SIZE, resampling=resampling, compiled=True)
-    sparse = cut_views(source, views, SIZE, resampling=resampling, compiled=False)
+    source = replace(source, resampling=resampling)
+    compiled = cut_views(source, views, SIZE, compiled=True)
+    sparse = cut_views(source, views, SIZE, compiled=False)
     np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
     assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
     difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
