@@ -77,7 +77,8 @@ class StripReads(Dataset[StripRead]):
     def __init__(self, chunks: Sequence[ChunkTiles], imagery: ImagerySettings) -> None:
         self._chunks = chunks
         self._imagery = imagery
-        self._items = [(position, strip) for position, chunk in enumerate(chunks) for strip in strips_of(chunk)]
+        self.strips = [strips_of(chunk) for chunk in chunks]
+        self._items = [(position, strip) for position, strips in enumerate(self.strips) for strip in strips]
         self._reader: ImageryReader | None = None
 
     def __len__(self) -> int:
@@ -168,12 +169,12 @@ class ChunkResult:
 
 
 class ChunkReport(NamedTuple):
-    """What a chunk got: its tiles, how many are valid (-1: kept from an earlier run), and how many were left
-    empty because their imagery could not be had, out of how many distinct source tiles."""
+    """What a chunk got: its tiles, how many are valid (None: kept from an earlier run, not read again), and how
+    many were left empty because their imagery could not be had, out of how many distinct source tiles."""
 
     chunk: str
     tiles: int
-    valid: int
+    valid: int | None
     reused: bool
     empty_unavailable: int = 0
     unavailable_source_tiles: int = 0
@@ -189,11 +190,12 @@ def embed_chunks(
     stamp_of: Callable[[ChunkTiles], str],
 ) -> list[ChunkReport]:
     """Write chunks/<chunk>.npz for every chunk whose file is missing or stale; returns what each chunk got."""
+    stamps = {chunk.id: stamp_of(chunk) for chunk in chunks}
     reports = {}
     pending = []
     for chunk in chunks:
-        if is_done(out_dir / f"{chunk.id}.npz", stamp_of(chunk)):
-            reports[chunk.id] = ChunkReport(chunk.id, len(chunk), -1, reused=True)
+        if is_done(out_dir / f"{chunk.id}.npz", stamps[chunk.id]):
+            reports[chunk.id] = ChunkReport(chunk.id, len(chunk), None, reused=True)
         else:
             pending.append(chunk)
     reads = StripReads(pending, imagery)
@@ -202,20 +204,20 @@ def embed_chunks(
         batch_size=None,
         num_workers=options.loader_workers,
         prefetch_factor=2 if options.loader_workers else None,
-        persistent_workers=False,
     )
     results: dict[int, ChunkResult] = {}
     progress = Progress(sum(len(chunk) for chunk in pending))
     for read in loader:
         chunk = pending[read.chunk]
         if read.chunk not in results:
-            results[read.chunk] = ChunkResult(chunk, encoder.cfg.codebook_dim, options.top_k, len(strips_of(chunk)))
+            strips = len(reads.strips[read.chunk])
+            results[read.chunk] = ChunkResult(chunk, encoder.cfg.codebook_dim, options.top_k, strips)
         result = results[read.chunk]
         _embed_strip(read, result, zoom_level, encoder, imagery, options)
         progress.advance(read.strip.stop - read.strip.start)
         result.strips_left -= 1
         if result.strips_left == 0:
-            valid = result.save(out_dir / f"{chunk.id}.npz", imagery.min_coverage, stamp_of(chunk))
+            valid = result.save(out_dir / f"{chunk.id}.npz", imagery.min_coverage, stamps[chunk.id])
             reports[chunk.id] = ChunkReport(
                 chunk.id,
                 len(chunk),

@@ -182,11 +182,31 @@ def view_rows(views: np.ndarray) -> list[slice]:
     return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
+def union_bounds(views: np.ndarray) -> Bounds:
+    """The bounds of (N, 4) bounds (left, bottom, right, top) together."""
+    return Bounds(
+        float(views[:, 0].min()), float(views[:, 1].min()), float(views[:, 2].max()), float(views[:, 3].max())
+    )
+
+
+def finest_pixel_m(views: np.ndarray, width: int) -> float:
+    """EPSG:3857 metres per pixel of the narrowest of (N, 4) views read at `width` px."""
+    return float(np.min(views[:, 2] - views[:, 0])) / width
+
+
+def strip_grid(views: np.ndarray, width: int) -> tuple[Bounds, int, int]:
+    """The EPSG:3857 grid of a strip of views: their union at the finest view's resolution, as (bounds,
+    columns, rows). Readers without a grid of their own mosaic a strip on it; its size is the strip's budget."""
+    union = union_bounds(views)
+    pixel_m = finest_pixel_m(views, width)
+    columns = max(1, math.ceil((union.right - union.left) / pixel_m - EDGE_EPSILON))
+    rows = max(1, math.ceil((union.top - union.bottom) / pixel_m - EDGE_EPSILON))
+    return Bounds(union.left, union.top - rows * pixel_m, union.left + columns * pixel_m, union.top), columns, rows
+
+
 def _union_pixels(views: np.ndarray, width: int) -> int:
-    pixel_m = float(np.min(views[:, 2] - views[:, 0])) / width
-    columns = (views[:, 2].max() - views[:, 0].min()) / pixel_m
-    rows = (views[:, 3].max() - views[:, 1].min()) / pixel_m
-    return math.ceil(columns) * math.ceil(rows)
+    _, columns, rows = strip_grid(views, width)
+    return columns * rows
 
 
 def region_latitude(geometry: BaseGeometry) -> float:

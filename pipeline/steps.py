@@ -92,7 +92,7 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
     rate = tiles / max(seconds - started, 1e-9)
     return (
         f"{tiles:,} tiles in {len(made)} chunks ({len(reports) - len(made)} kept from an earlier run),"
-        f" {sum(report.valid for report in made):,} valid, {rate:,.1f} tiles/s after start-up on {encoder.device}"
+        f" {sum(report.valid or 0 for report in made):,} valid, {rate:,.1f} tiles/s after start-up on {encoder.device}"
         + "".join(
             f"; {empty:,} left empty: imagery unavailable"
             for empty in [sum(report.empty_unavailable for report in made)]

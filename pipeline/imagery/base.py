@@ -23,7 +23,15 @@ from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
 
 from pipeline.errors import FetchError, ImageryError
-from pipeline.geometry import EDGE_EPSILON, WEB_MERCATOR, WGS84, Bounds, ViewStrip, tile_bounds, view_strips
+from pipeline.geometry import (
+    WEB_MERCATOR,
+    WGS84,
+    Bounds,
+    ViewStrip,
+    strip_grid,
+    tile_bounds,
+    view_strips,
+)
 
 RGB_BANDS = 3
 # How readers resample: GDAL's kernels that `pipeline.views` cuts model views with too, so that a view cut from
@@ -240,11 +248,6 @@ def view_array(views: Sequence[Bounds] | np.ndarray) -> np.ndarray:
     return np.asarray(views, dtype=np.float64).reshape(-1, 4)
 
 
-def finest_pixel_m(views: np.ndarray, width: int) -> float:
-    """EPSG:3857 metres per pixel of the narrowest of (N, 4) views read at `width` px."""
-    return float(np.min(views[:, 2] - views[:, 0])) / width
-
-
 def read_strips(views: np.ndarray, width: int) -> list[ViewStrip]:
     """How views are read: strips of consecutive rows, STRIP_PIXELS and STRIP_VIEWS at most
     (`pipeline.geometry.view_strips`)."""
@@ -265,28 +268,11 @@ def unavailable_error(count: int, items: str, source_id: str, example: str, offl
     )
 
 
-def strip_grid(views: np.ndarray, width: int) -> tuple[Bounds, int, int]:
-    """The EPSG:3857 grid a strip of `views` is mosaicked on by readers without a grid of their own: the views'
-    union at the finest view's resolution, as (bounds, columns, rows)."""
-    union = union_bounds(views)
-    pixel_m = finest_pixel_m(views, width)
-    columns = max(1, math.ceil((union.right - union.left) / pixel_m - EDGE_EPSILON))
-    rows = max(1, math.ceil((union.top - union.bottom) / pixel_m - EDGE_EPSILON))
-    return Bounds(union.left, union.top - rows * pixel_m, union.left + columns * pixel_m, union.top), columns, rows
-
-
 def mercator_pixels(image: ImageData, resampling: str = "bilinear") -> SourcePixels:
     """An EPSG:3857 read as the source pixels views are cut from (with `resampling`)."""
     valid = np.asarray(~np.ma.getmaskarray(image.array).any(axis=0))
     transform = transform_from_bounds(*image.bounds, image.width, image.height)
     return SourcePixels(np.ma.getdata(image.array), valid, transform, WEB_MERCATOR, resampling=resampling)
-
-
-def union_bounds(views: np.ndarray) -> Bounds:
-    """The bounds of (N, 4) bounds (left, bottom, right, top) together."""
-    return Bounds(
-        float(views[:, 0].min()), float(views[:, 1].min()), float(views[:, 2].max()), float(views[:, 3].max())
-    )
 
 
 def check_read_size(bounds: Bounds, width: int, height: int) -> Affine:

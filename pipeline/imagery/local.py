@@ -24,7 +24,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from pipeline.errors import ImageryError
-from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds
+from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, union_bounds
 from pipeline.imagery.base import (
     RGB_BANDS,
     ImageData,
@@ -36,7 +36,6 @@ from pipeline.imagery.base import (
     ground_distance_m,
     resampling_method,
     true_gsd_m,
-    union_bounds,
 )
 
 DEFAULT_PERCENTILES = (2.0, 98.0)

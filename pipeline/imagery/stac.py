@@ -27,7 +27,7 @@ from urllib3.util.retry import Retry
 
 from common.errors import first_line
 from pipeline.errors import FetchError, ImageryError, ImageryWarning, TileDecodeError
-from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds
+from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, strip_grid
 from pipeline.imagery.base import (
     RGB_BANDS,
     ImageData,
@@ -42,7 +42,6 @@ from pipeline.imagery.base import (
     mercator_pixels,
     read_strips,
     resampling_method,
-    strip_grid,
     true_gsd_m,
     unavailable_error,
     view_array,

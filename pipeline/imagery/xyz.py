@@ -31,7 +31,15 @@ import numpy as np
 from rasterio.warp import reproject, transform_bounds
 
 from pipeline.errors import ImageryError, ImageryWarning, RetriesExhausted, TileDecodeError
-from pipeline.geometry import WEB_MERCATOR, Bounds, TileBlock, ground_resolution_m, imagery_zoom
+from pipeline.geometry import (
+    WEB_MERCATOR,
+    Bounds,
+    TileBlock,
+    finest_pixel_m,
+    ground_resolution_m,
+    imagery_zoom,
+    union_bounds,
+)
 from pipeline.imagery.base import (
     RGB_BANDS,
     FetchEstimate,
@@ -44,12 +52,10 @@ from pipeline.imagery.base import (
     check_on_missing,
     check_read_size,
     empty_image,
-    finest_pixel_m,
     read_strips,
     resampling_method,
     true_gsd_m,
     unavailable_error,
-    union_bounds,
     view_array,
 )
 from pipeline.imagery.cache import TileCache
