@@ -24,7 +24,6 @@ from pathlib import Path
 import mercantile
 import numpy as np
 import torch
-from rasterio.warp import transform_bounds
 
 from model import MODEL_INPUT_PX
 from pipeline.build import plan_build
@@ -61,7 +60,7 @@ def tile_cache(folder: Path, source_id: str) -> Path:
     """PNG tiles of the scene at TILE_ZOOM (and the zoom above), stretched to 8 bits as the local reader does."""
     cache = TileCache(folder / "tiles")
     with LocalRasterReader(SCENE, bands=BANDS) as reader:
-        west, south, east, north = transform_bounds(reader.crs, "EPSG:4326", *reader._dataset.bounds)
+        west, south, east, north = reader.footprint_lnglat()
         for tile in mercantile.tiles(west, south, east, north, [TILE_ZOOM - 1, TILE_ZOOM]):
             image = reader.tile(tile.x, tile.y, tile.z, TILE_PX)
             rgb, valid = np.ma.getdata(image.array), ~np.ma.getmaskarray(image.array).any(axis=0)

@@ -15,15 +15,15 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from rasterio.warp import transform_bounds
+from shapely.geometry import box
 from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer, warp_to_web_mercator
 from support.paths import LANDSAT
 
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from pipeline.errors import ImageryError
-from pipeline.geometry import WEB_MERCATOR, Bounds, cover, lnglat_of_mercator, output_zoom, view_bounds
+from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, cover, lnglat_of_mercator, output_zoom, view_bounds
 from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
 from pipeline.imagery.base import RESAMPLINGS, SourcePixels, read_strips
 from pipeline.views import KERNELS, cut_views
@@ -43,18 +43,14 @@ class Comparison(NamedTuple):
     part_views: np.ndarray
 
 
-def views_over(reader_bounds: Bounds, crs: str, view_m: float, offset: int, inset: float = 0.0) -> np.ndarray:
-    """Views of output tiles `offset` zooms finer than `view_m` views, over a box around a raster's footprint
-    (shrunk by `inset` of its size on each side; negative: grown, so that views run off the raster)."""
-    left, bottom, right, top = transform_bounds(crs, WEB_MERCATOR, *reader_bounds, densify_pts=21)
+def views_over(footprint: Bounds, view_m: float, offset: int, inset: float = 0.0) -> np.ndarray:
+    """Views of output tiles `offset` zooms finer than `view_m` views, over a raster's EPSG:4326 `footprint`
+    in EPSG:3857, shrunk by `inset` of its size on each side (negative: grown, so that views run off it)."""
+    left, bottom, right, top = transform_bounds(WGS84, WEB_MERCATOR, *footprint)
     dx, dy = (right - left) * inset, (top - bottom) * inset
-    box = Bounds(left + dx, bottom + dy, right - dx, top - dy)
-    lon, lat = lnglat_of_mercator([box.left, box.right], [box.bottom, box.top])
-    from shapely.geometry import box as shapely_box
-
-    region = shapely_box(lon[0], lat[0], lon[1], lat[1])
+    lon, lat = lnglat_of_mercator([left + dx, right - dx], [bottom + dy, top - dy])
     zoom = output_zoom(view_m, float(np.mean(lat))) + offset
-    tiles = cover(region, zoom)
+    tiles = cover(box(lon[0], lat[0], lon[1], lat[1]), zoom)
     return view_bounds(tiles.x, tiles.y, zoom, view_m)
 
 
@@ -96,14 +92,19 @@ def tile_server() -> Iterator[TileServer]:
         yield running
 
 
+def scene_footprint() -> Bounds:
+    """The 5 m RGB scene's EPSG:4326 box (the tile server's tiles are cut from it)."""
+    with LocalRasterReader(SCENE_PATH) as scene:
+        return scene.footprint_lnglat()
+
+
 def landsat(path: Path = LANDSAT) -> LocalRasterReader:
     return LocalRasterReader(path, bands=(3, 2, 1))
 
 
 def test_views_from_a_tile_cache_match_per_view_reads(tile_server: TileServer, tmp_path: Path) -> None:
     with XYZReader(tile_server.url + "/png/{z}/{x}/{y}.png", cache=TileCache(tmp_path), max_zoom=17) as reader:
-        with rasterio.open(SCENE_PATH) as scene:
-            views = views_over(Bounds(*scene.bounds), scene.crs.to_string(), 600.0, 1, inset=-0.05)
+        views = views_over(scene_footprint(), 600.0, 1, inset=-0.05)
         reader.prefetch(views, SIZE)
         result = compare(reader, views)
     inside = result.reference_coverage == 1.0
@@ -115,9 +116,9 @@ def test_views_from_a_tile_cache_match_per_view_reads(tile_server: TileServer, t
 
 def test_views_from_a_web_mercator_raster_match_per_view_reads(mercator_scene: Path) -> None:
     with landsat(mercator_scene) as reader:
-        footprint = Bounds(*reader._dataset.bounds)
-        inner = compare(reader, views_over(footprint, WEB_MERCATOR, 7680.0, 2, inset=0.15))
-        edges = compare(reader, views_over(footprint, WEB_MERCATOR, 7680.0, 1, inset=-0.05))
+        footprint = reader.footprint_lnglat()
+        inner = compare(reader, views_over(footprint, 7680.0, 2, inset=0.15))
+        edges = compare(reader, views_over(footprint, 7680.0, 1, inset=-0.05))
     assert len(inner.max_diff) >= 16 and inner.max_diff.max() <= 1
     assert (edges.reference_coverage < 0.5).sum() >= 4
     np.testing.assert_allclose(edges.coverage, edges.reference_coverage, atol=1e-6)
@@ -134,9 +135,9 @@ def test_views_from_a_web_mercator_raster_match_per_view_reads(mercator_scene: P
 def test_views_from_a_projected_raster_match_per_view_reads(scene: str, view_m: float, interior_max: int) -> None:
     reader = landsat() if scene == "landsat" else LocalRasterReader(SCENE_PATH)
     with reader:
-        footprint = Bounds(*reader._dataset.bounds)
-        inner = compare(reader, views_over(footprint, reader.crs, view_m, 2, inset=0.3))
-        edges = compare(reader, views_over(footprint, reader.crs, view_m, 1, inset=-0.05))
+        footprint = reader.footprint_lnglat()
+        inner = compare(reader, views_over(footprint, view_m, 2, inset=0.3))
+        edges = compare(reader, views_over(footprint, view_m, 1, inset=-0.05))
     # GDAL maps pixels through the projection approximately (linear pieces, error below 0.001 px here) and
     # shrinking weighs them by its own estimate of the scale: a few pixels at sharp edges land a few grey
     # levels off. On the raster's edge one pixel centre in 50,000 may land on the other side.
@@ -153,7 +154,7 @@ def test_a_model_sees_the_same_views_either_way() -> None:
     torch.manual_seed(0)
     encoder = Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("none")).eval(), device="cpu")
     with landsat() as reader:
-        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 2, inset=0.1)
+        views = views_over(reader.footprint_lnglat(), 7680.0, 2, inset=0.1)
         result = compare(reader, views)
     strip = encoder.embed_images(result.strip_views, zoom_level=3).embedding
     part = encoder.embed_images(result.part_views, zoom_level=3).embedding
@@ -165,15 +166,14 @@ def test_a_model_sees_the_same_views_either_way() -> None:
 def test_cubic_views_match_gdal_on_a_tile_grid(tile_server: TileServer, tmp_path: Path) -> None:
     options = {"cache": TileCache(tmp_path), "max_zoom": 17, "resampling": "cubic"}
     with XYZReader(tile_server.url + "/png/{z}/{x}/{y}.png", **options) as reader:  # type: ignore[arg-type]
-        with rasterio.open(SCENE_PATH) as scene:
-            views = views_over(Bounds(*scene.bounds), scene.crs.to_string(), 600.0, 0, inset=0.2)
+        views = views_over(scene_footprint(), 600.0, 0, inset=0.2)
         result = compare(reader, views)
     assert len(views) >= 4 and result.max_diff.max() <= 1
 
 
 def test_a_strip_holds_each_source_pixel_once_and_memory_stays_bounded() -> None:
     with landsat() as reader:
-        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 3)
+        views = views_over(reader.footprint_lnglat(), 7680.0, 3)
         strips = read_strips(views, SIZE)
         pixels = [reader.source_pixels(views[strip.start : strip.stop], SIZE) for strip in strips]
     assert sum(strip.stop - strip.start for strip in strips) == len(views)
@@ -197,19 +197,16 @@ def test_readers_resample_only_with_kernels_views_can_be_cut_with(tmp_path: Path
     with pytest.raises(ImageryError, match="unknown resampling 'average'; use bilinear or cubic"):
         XYZReader("https://tiles.invalid/{z}/{x}/{y}.png", cache=TileCache(tmp_path), resampling="average")
     with landsat() as reader:
-        assert (
-            reader.source_pixels(views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 0), SIZE).resampling
-            == "bilinear"
-        )
+        assert reader.source_pixels(views_over(reader.footprint_lnglat(), 7680.0, 0), SIZE).resampling == "bilinear"
     with LocalRasterReader(LANDSAT, bands=(3, 2, 1), resampling="cubic") as reader:
-        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 0)
+        views = views_over(reader.footprint_lnglat(), 7680.0, 0)
         assert reader.source_pixels(views, SIZE).resampling == "cubic"
 
 
 @pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
 def test_the_compiled_cpu_kernel_and_the_sparse_products_cut_the_same_views(resampling: str) -> None:
     with landsat() as reader:
-        views = views_over(Bounds(*reader._dataset.bounds), reader.crs, 7680.0, 2, inset=-0.05)[::5]
+        views = views_over(reader.footprint_lnglat(), 7680.0, 2, inset=-0.05)[::5]
         source = reader.source_pixels(views, SIZE)
     source = replace(source, resampling=resampling)
     compiled = cut_views(source, views, SIZE, compiled=True)
