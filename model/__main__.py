@@ -1,7 +1,8 @@
-"""Command line of the model package: `python -m model {embed,convert}`.
+"""Command line of the model package: `python -m model {embed,convert,evaluate}`.
 
 python -m model embed --checkpoint CKPT --inputs IN.npz --out OUT.npz [--audio-from-waveform]
 python -m model convert CKPT OUT.safetensors
+python -m model evaluate --embeddings EMB.npz [--out metrics.json]
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {weights} and {config}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from model.evaluate import evaluate_embeddings, format_table, load_embeddings
+
+    arrays = load_embeddings(args.embeddings)
+    metrics = evaluate_embeddings(**arrays, out=args.out)
+    print(format_table(metrics, gallery_size=len(arrays["image"])))
+    if args.out is not None:
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model", description="Sat2Sound model tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path, help="output .safetensors path")
     convert.set_defaults(run=_convert)
+    evaluate = commands.add_parser("evaluate", help="image <-> audio retrieval metrics with the reference protocol")
+    evaluate.add_argument(
+        "--embeddings", required=True, type=Path, help=".npz with row-aligned image, audio, audio_caption arrays"
+    )
+    evaluate.add_argument("--out", type=Path, help="metrics .json (the table is printed either way)")
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
