@@ -1,0 +1,179 @@
+"""The training run's settings (`python -m model train --config train.yaml`), checked before any work starts.
+
+Defaults are the reference's: AdamW (0.9, 0.98), eps 1e-8, weight decay 0.2, lr 5e-5, cosine warm restarts
+every 5,000 steps, gradient clipping 0.5 (norm), batch 128, metadata dropout 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import GSD_BY_SAT_TYPE, Sat2SoundConfig
+from model.errors import ConfigError
+
+ARCHITECTURES = ("small", "full")
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the pairs are and how they are read (`format`: geosound, soundingearth or folder)."""
+
+    format: str = "folder"
+    root: str = ""
+    sat_type: str = "sentinel"
+    zooms: tuple[int, ...] | None = None  # None: the data set's own (GeoSound 1, 3, 5)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model to train: an architecture from scratch, or `init` weights (a checkpoint path) to go on from."""
+
+    architecture: str = "small"
+    init: str | None = None
+    metadata_type: str = "none"
+    text_backbone: str = "auto"
+    meta_droprate: float = 0.5
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 5e-5
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    restart_steps: int = 5000
+    grad_clip: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    out_dir: str
+    data: DataSettings
+    model: ModelSettings = field(default_factory=ModelSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    batch_size: int = 128
+    max_epochs: int = 30
+    max_steps: int = -1
+    val_every_epochs: int = 1
+    keep_best: int = 1
+    precision: str = "auto"
+    devices: int | None = None  # None: every device of the accelerator
+    seed: int = 0
+    text_cache: str | None = None  # default: <out_dir>/text_cache
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir)
+
+    @property
+    def text_cache_path(self) -> Path:
+        return Path(self.text_cache) if self.text_cache else self.out_path / "text_cache"
+
+    def model_config(self) -> Sat2SoundConfig:
+        """The architecture to build when not starting from `model.init` weights."""
+        base = Sat2SoundConfig.small() if self.model.architecture == "small" else Sat2SoundConfig()
+        return replace(base, sat_type=self.data.sat_type, metadata_type=self.model.metadata_type)
+
+
+def _typed(value: Any, default: Any, where: str) -> Any:
+    """`value` as the type of the setting's default (YAML lists become tuples), or a one-line error."""
+    if isinstance(value, list):
+        value = tuple(value)
+    if default is None or default is dataclasses.MISSING or value is None:
+        return value
+    expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
+    if isinstance(value, bool) and not isinstance(default, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where} must be of type {expected[0].__name__}, got {value!r}")
+    return float(value) if isinstance(default, float) else value
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping of settings, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown setting {where}.{unknown[0]}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default
+        kwargs[name] = value if dataclasses.is_dataclass(value) else _typed(value, default, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _check(settings: TrainSettings) -> None:
+    data, model, optim = settings.data, settings.model, settings.optim
+    checks = [
+        (bool(data.root), "data.root is missing; give the data folder or hf://datasets/OWNER/NAME"),
+        (
+            data.format in ("geosound", "soundingearth", "folder"),
+            "data.format must be geosound, soundingearth or folder",
+        ),
+        (data.sat_type in GSD_BY_SAT_TYPE, f"data.sat_type must be one of {', '.join(GSD_BY_SAT_TYPE)}"),
+        (data.zooms is None or (bool(data.zooms) and all(z >= 1 for z in data.zooms)), "data.zooms must be >= 1"),
+        (model.architecture in ARCHITECTURES, f"model.architecture must be one of {', '.join(ARCHITECTURES)}"),
+        (0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
+        (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
+        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)"),
+        (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),
+        (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
+        (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
+        (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),
+        (settings.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_settings(values: Mapping[str, Any], base: Path | None = None) -> TrainSettings:
+    """Settings from a parsed YAML mapping; relative paths are taken from `base` (the YAML file's folder)."""
+    values = dict(values)
+    sections = {"data": DataSettings, "model": ModelSettings, "optim": OptimSettings}
+    parsed = {name: _section(cls, values.pop(name, None), name) for name, cls in sections.items()}
+    if "out_dir" not in values:
+        raise ConfigError("out_dir is missing; name the folder for checkpoints and logs")
+    settings: TrainSettings = _section(TrainSettings, {**values, **parsed}, "train")
+    if base is not None:
+        settings = _relative_to(settings, base)
+    _check(settings)
+    return settings
+
+
+def _relative_to(settings: TrainSettings, base: Path) -> TrainSettings:
+    def resolve(path: str | None) -> str | None:
+        if not path or "://" in path or Path(path).is_absolute():
+            return path
+        return str(base / path)
+
+    return replace(
+        settings,
+        out_dir=resolve(settings.out_dir) or settings.out_dir,
+        text_cache=resolve(settings.text_cache),
+        data=replace(settings.data, root=resolve(settings.data.root) or ""),
+        model=replace(settings.model, init=resolve(settings.model.init)),
+    )
+
+
+def load_settings(path: Path) -> TrainSettings:
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist; write one (see README, Training)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return parse_settings(values, base=path.parent)

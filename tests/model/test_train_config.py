@@ -1,0 +1,75 @@
+"""Training settings: the reference's defaults, relative paths from the YAML's folder, one-line refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.config import Sat2SoundConfig
+from model.errors import ConfigError
+from model.train_config import load_settings, parse_settings
+
+MINIMAL = {"out_dir": "run", "data": {"root": "pairs"}}
+
+
+def test_defaults_are_the_references() -> None:
+    settings = parse_settings(MINIMAL)
+    optim = settings.optim
+    assert (optim.lr, optim.weight_decay, optim.betas, optim.eps) == (5e-5, 0.2, (0.9, 0.98), 1e-8)
+    assert (optim.restart_steps, optim.grad_clip, settings.batch_size) == (5000, 0.5, 128)
+    assert settings.model.meta_droprate == 0.5
+
+
+def test_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        yaml.safe_dump({**MINIMAL, "model": {"init": "w.safetensors"}, "data": {"root": "hf://datasets/a/b"}})
+    )
+    settings = load_settings(path)
+    assert settings.out_path == tmp_path / "run"
+    assert settings.text_cache_path == tmp_path / "run" / "text_cache"
+    assert settings.model.init == str(tmp_path / "w.safetensors")
+    assert settings.data.root == "hf://datasets/a/b"
+
+
+def test_the_architecture_takes_sat_type_and_metadata() -> None:
+    values = {**MINIMAL, "data": {"root": "p", "sat_type": "bingmap"}, "model": {"metadata_type": "latlong"}}
+    cfg = parse_settings(values).model_config()
+    assert cfg.sat_type == "bingmap" and cfg.metadata_type == "latlong"
+    assert cfg.fc_dim == Sat2SoundConfig.small().fc_dim
+    full = parse_settings({**MINIMAL, "model": {"architecture": "full"}}).model_config()
+    assert full.fc_dim == Sat2SoundConfig().fc_dim
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"data": {"root": "p"}}, "out_dir is missing"),
+        ({"out_dir": "r", "data": {}}, "data.root is missing"),
+        ({**MINIMAL, "batch_size": "big"}, "train.batch_size must be of type int"),
+        ({**MINIMAL, "batch_size": 1}, "batch_size must be at least 2"),
+        ({**MINIMAL, "lr": 1}, "unknown setting train.lr"),
+        ({**MINIMAL, "optim": {"betas": [0.9]}}, "optim.betas must be two numbers"),
+        ({**MINIMAL, "optim": {"lr": 0}}, "optim.lr and optim.eps must be > 0"),
+        ({**MINIMAL, "data": {"root": "p", "format": "webdataset"}}, "data.format must be"),
+        ({**MINIMAL, "data": {"root": "p", "zooms": [0]}}, "data.zooms must be >= 1"),
+        ({**MINIMAL, "model": {"architecture": "huge"}}, "model.architecture must be"),
+        ({**MINIMAL, "model": "small"}, "model must be a mapping"),
+        ({**MINIMAL, "precision": "64"}, "precision must be one of"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_settings(values)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_or_broken_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("out_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(broken)
