@@ -143,13 +143,19 @@ def resample(waveform: np.ndarray, rate: int) -> np.ndarray:
 def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode a WAV/FLAC/OGG/MP3 file to a (CLIP_SAMPLES,) float32 mono clip at 32 kHz: its first 10 s,
     zero-padded if shorter. Channels are averaged; other sample rates are resampled with soxr."""
+    return np.ascontiguousarray(fit_clip(decode_audio(path, CLIP_SECONDS)), dtype=np.float32)
+
+
+def decode_audio(path: str | os.PathLike[str], seconds: float) -> np.ndarray:
+    """The first `seconds` of a WAV/FLAC/OGG/MP3 file (all of it if shorter, never padded) as float32 mono
+    samples at 32 kHz; only that much of the file is decoded."""
     path = Path(path)
     if not path.is_file():
         raise AudioDecodeError(f"audio file {path} does not exist or is not a file; check the path")
     try:
         with soundfile.SoundFile(path) as audio_file:
             rate = audio_file.samplerate
-            frames = math.ceil(rate * (CLIP_SECONDS + RESAMPLER_MARGIN_SECONDS))
+            frames = math.ceil(rate * (seconds + RESAMPLER_MARGIN_SECONDS))
             samples = audio_file.read(frames, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as exc:
         raise AudioDecodeError(
@@ -157,7 +163,7 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
         ) from None
     if samples.shape[0] == 0:
         raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")
-    return np.ascontiguousarray(fit_clip(resample(samples.mean(axis=1, dtype=np.float32), rate)), dtype=np.float32)
+    return resample(samples.mean(axis=1, dtype=np.float32), rate)[: round(seconds * SAMPLE_RATE)]
 
 
 def check_audio_file(path: str | os.PathLike[str]) -> None:

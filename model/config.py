@@ -87,12 +87,16 @@ class Sat2SoundConfig:
     combined_modality_loss: bool = True
     fdt_weight: float = 1.0
     pseudo_match_alpha: float = 0.1
+    # Share of each metadata type dropped per training batch (upstream `meta_droprate`); never in evaluation.
+    meta_droprate: float = 0.5
     vit: ViTConfig = field(default_factory=ViTConfig)
     audio: HTSATConfig = field(default_factory=HTSATConfig)
 
     def __post_init__(self) -> None:
         if self.sat_type not in GSD_BY_SAT_TYPE:
             raise ConfigError(f"unknown sat_type {self.sat_type!r}; use one of {sorted(GSD_BY_SAT_TYPE)}")
+        if not 0.0 <= self.meta_droprate <= 1.0:
+            raise ConfigError(f"meta_droprate must be within [0, 1], got {self.meta_droprate}")
         unknown = set(self.metadata) - set(METADATA_ORDER)
         if unknown:
             raise ConfigError(
@@ -124,7 +128,7 @@ class Sat2SoundConfig:
             )
         kwargs: dict[str, Any] = {name: hparams[name] for name in names}
         kwargs["combined_modality_loss"] = bool(hparams.get("combined_modality_loss", 1))
-        for name in ("fdt_weight", "pseudo_match_alpha"):
+        for name in ("fdt_weight", "pseudo_match_alpha", "meta_droprate"):
             if name in hparams:
                 kwargs[name] = float(hparams[name])
         return cls(**kwargs)

@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "ConfigError",
+    "DataError",
     "DownloadError",
     "InputError",
     "Sat2SoundError",
@@ -25,6 +26,10 @@ class CheckpointError(Sat2SoundError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint's tensors do not fit the architecture its hyper-parameters describe."""
+
+
+class DataError(Sat2SoundError):
+    """Training data (a dataset folder, a Parquet shard, a pairs CSV or a file it names) is missing or malformed."""
 
 
 class DownloadError(Sat2SoundError):

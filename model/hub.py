@@ -1,4 +1,5 @@
-"""Turn a checkpoint or data URI into a local file: local paths as given, `hf://` files via the Hugging Face cache.
+"""Turn a checkpoint or data URI into a local file: local paths as given, `hf://` files via the Hugging Face cache;
+fetch the files of a Hub dataset that match a pattern.
 
 An `hf://` URI reads `hf://OWNER/REPO[@REVISION]/PATH/IN/REPO`, with an optional `datasets/` or `spaces/`
 prefix before OWNER for those repo types (the `HfFileSystem` convention). Downloads land in the standard
@@ -7,12 +8,14 @@ cache (`HF_HUB_CACHE` / `HF_HOME`), `HF_ENDPOINT` picks a mirror and `HF_HUB_OFF
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
 
 import httpx2
-from huggingface_hub import constants, hf_hub_download, is_offline_mode
+from huggingface_hub import constants, hf_hub_download, is_offline_mode, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
@@ -82,19 +85,36 @@ def resolve(uri: str | Path) -> Path:
             raise DownloadError(f"{path} is not a file; check the path, or give an {URI_FORM} URI")
         return path
     hub_file = parse_hf_uri(text)
-    try:
+    with _hub_errors(text, hub_file):
         local = hf_hub_download(
             hub_file.repo_id, hub_file.filename, repo_type=hub_file.repo_type, revision=hub_file.revision
         )
+    return Path(local)
+
+
+def download_dataset(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
+    """The snapshot folder of Hub dataset `repo_id` holding its files that match `patterns` (fnmatch), downloaded
+    into the Hugging Face cache on first use; other files are not fetched."""
+    at_revision = f"@{revision}" if revision else ""
+    uri = f"{HF_SCHEME}datasets/{repo_id}{at_revision}"
+    with _hub_errors(uri, HubFile(repo_id, "", revision, "dataset")):
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns))
+
+
+@contextmanager
+def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
+    """Turn huggingface_hub's and httpx's exceptions into one-line DownloadErrors about `uri`."""
+    try:
+        yield
     except LocalEntryNotFoundError:
-        raise DownloadError(_unreachable_message(text)) from None
+        raise DownloadError(_unreachable_message(uri)) from None
     except RemoteEntryNotFoundError:
         raise DownloadError(
-            f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {text}"
+            f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {uri}"
         ) from None
     except RevisionNotFoundError:
         raise DownloadError(
-            f"revision {hub_file.revision!r} does not exist in Hub repo {hub_file.repo_id}; fix it in {text}"
+            f"revision {hub_file.revision!r} does not exist in Hub repo {hub_file.repo_id}; fix it in {uri}"
         ) from None
     except RepositoryNotFoundError:
         raise DownloadError(
@@ -102,19 +122,18 @@ def resolve(uri: str | Path) -> Path:
             " check the name, or log in with 'hf auth login'"
         ) from None
     except HfHubHTTPError as exc:
-        raise DownloadError(f"the Hub answered HTTP {exc.response.status_code} for {text}; retry later") from None
+        raise DownloadError(f"the Hub answered HTTP {exc.response.status_code} for {uri}; retry later") from None
     except HFValidationError:
-        raise DownloadError(f"{hub_file.repo_id!r} is not a valid Hub repo id; fix it in {text}") from None
+        raise DownloadError(f"{hub_file.repo_id!r} is not a valid Hub repo id; fix it in {uri}") from None
     except httpx2.HTTPError as exc:
         raise DownloadError(
-            f"download of {text} failed ({first_line(exc)}); retry once the connection is stable"
+            f"download of {uri} failed ({first_line(exc)}); retry once the connection is stable"
         ) from None
     except OSError as exc:
         raise DownloadError(
-            f"cannot store {text} in the Hugging Face cache {constants.HF_HUB_CACHE} ({first_line(exc)});"
+            f"cannot store {uri} in the Hugging Face cache {constants.HF_HUB_CACHE} ({first_line(exc)});"
             " check free space and write access, or set HF_HUB_CACHE"
         ) from None
-    return Path(local)
 
 
 def _unreachable_message(uri: str) -> str:

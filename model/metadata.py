@@ -3,6 +3,7 @@ transformer that appends one token per metadata type after the image patch token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,10 +67,11 @@ class Metadata:
         lon: np.ndarray,
         month: np.ndarray | None = None,
         hour: np.ndarray | None = None,
-        audio_source: str = "yfcc",
-        caption_source: str = "meta",
+        audio_source: str | Sequence[str] = AUDIO_SOURCES[0],
+        caption_source: str | Sequence[str] = CAPTION_SOURCES[0],
     ) -> Metadata:
-        """Encode raw values; month is 1-12, hour 0-23; None or -1 means unknown."""
+        """Encode raw values; month is 1-12, hour 0-23; None or -1 means unknown. A source is one name for
+        the whole batch or one name per sample."""
         lat = np.atleast_1d(lat)
         count = len(lat)
         if month is not None and np.any((np.asarray(month) > 12) | (np.asarray(month) == 0)):
@@ -88,8 +90,8 @@ class Metadata:
             time=torch.from_numpy(time_enc),
             month_valid=torch.from_numpy(month_valid),
             time_valid=torch.from_numpy(time_valid),
-            audio_source=torch.full((count,), _source_index(audio_source, AUDIO_SOURCES), dtype=torch.int64),
-            caption_source=torch.full((count,), _source_index(caption_source, CAPTION_SOURCES), dtype=torch.int64),
+            audio_source=_source_indices(audio_source, AUDIO_SOURCES, count),
+            caption_source=_source_indices(caption_source, CAPTION_SOURCES, count),
         )
 
     def to(self, device: torch.device | str) -> Metadata:
@@ -99,10 +101,31 @@ class Metadata:
         return int(self.latlong.shape[0])
 
 
-def _source_index(name: str, names: tuple[str, ...]) -> int:
-    if name not in names:
-        raise InputError(f"unknown source {name!r}; use one of {list(names)}")
-    return names.index(name)
+def _source_indices(given: str | Sequence[str], names: tuple[str, ...], count: int) -> Tensor:
+    """(count,) int64 indices into `names` of one name for all samples or one name per sample."""
+    per_sample = [given] * count if isinstance(given, str) else list(given)
+    if len(per_sample) != count:
+        raise InputError(f"got {len(per_sample)} source names for {count} samples; pass one name or one per sample")
+    unknown = sorted(set(per_sample) - set(names))
+    if unknown:
+        raise InputError(f"unknown source {unknown[0]!r}; use one of {list(names)}")
+    return torch.tensor([names.index(name) for name in per_sample], dtype=torch.int64)
+
+
+def drop_metadata(valid: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """(B,) bool validity of one metadata type, with random rows made invalid until int(rate * B) are.
+
+    Upstream's training-time metadata dropout: rows already invalid (an unknown month, say) count towards
+    the quota, so a batch with that many unknowns loses nothing more.
+    """
+    quota = int(rate * len(valid)) - int((~valid).sum())
+    if quota <= 0:
+        return valid
+    open_rows = torch.nonzero(valid).squeeze(1)
+    order = torch.randperm(len(open_rows), generator=generator).to(valid.device)
+    dropped = valid.clone()
+    dropped[open_rows[order[:quota]]] = False
+    return dropped
 
 
 class SourceEmbedding(nn.Module):
@@ -126,11 +149,15 @@ class MetaMLP(nn.Module):
 
 
 class MetadataEmbedder(nn.Module):
-    """One (B, dim) token per configured metadata type, each multiplied by its validity."""
+    """One (B, dim) token per configured metadata type, each multiplied by its validity.
+
+    In training mode each type also loses `cfg.meta_droprate` of the batch to `drop_metadata`, as upstream.
+    """
 
     def __init__(self, cfg: Sat2SoundConfig) -> None:
         super().__init__()
         self.names = cfg.metadata
+        self.droprate = cfg.meta_droprate
         dim, hidden = cfg.fc_dim, cfg.metadata_hidden
         if "asource" in self.names:
             self.audio_source_fc = SourceEmbedding(len(AUDIO_SOURCES), dim)
@@ -157,6 +184,8 @@ class MetadataEmbedder(nn.Module):
             parts["month"] = (self.month_fc(meta.month), meta.month_valid.bool())
         if "time" in self.names:
             parts["time"] = (self.time_fc(meta.time), meta.time_valid.bool())
+        if self.training and self.droprate > 0:
+            parts = {name: (token, drop_metadata(valid, self.droprate)) for name, (token, valid) in parts.items()}
         tokens = torch.stack([parts[name][0] * parts[name][1][:, None] for name in self.names], dim=1)
         valid = torch.stack([parts[name][1] for name in self.names], dim=1)
         return tokens, valid

@@ -28,8 +28,8 @@ def center_crop(images: Tensor, size: int) -> Tensor:
     return images[..., top : top + size, left : left + size]
 
 
-def to_model_input(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> Tensor:
-    """uint8 RGB (B, 3, H, W) -> float32 (B, 3, size, size), resized and ImageNet-normalised."""
+def resize_to_unit(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> Tensor:
+    """uint8 RGB (B, 3, H, W) -> float32 (B, 3, size, size) in [0, 1], resized bicubic with antialiasing."""
     batch = torch.as_tensor(images)
     if batch.ndim == 3:
         batch = batch[None]
@@ -39,6 +39,16 @@ def to_model_input(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> T
     if tuple(pixels.shape[-2:]) != (size, size):
         pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         pixels = pixels.clamp(0.0, 1.0)
+    return pixels
+
+
+def normalize(pixels: Tensor) -> Tensor:
+    """ImageNet normalisation of float (B, 3, H, W) pixels in [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
+
+
+def to_model_input(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> Tensor:
+    """uint8 RGB (B, 3, H, W) -> float32 (B, 3, size, size), resized and ImageNet-normalised."""
+    return normalize(resize_to_unit(images, size))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from model.config import Sat2SoundConfig
 from model.errors import ConfigError, InputError
 from model.fdt import sparsemax
 from model.loss import pseudo_positive_loss
-from model.metadata import Metadata
+from model.metadata import Metadata, MetadataEmbedder, drop_metadata
 from model.sat2sound import Sat2Sound, Sat2SoundBatch
 
 
@@ -161,3 +162,46 @@ def test_withmeta_model_requires_metadata() -> None:
     model = Sat2Sound(Sat2SoundConfig.small()).eval()
     with pytest.raises(InputError, match="fuses metadata"):
         model.image_tokens(torch.zeros(1, 3, 224, 224), [1])
+
+
+def test_metadata_dropout_fills_its_quota_with_rows_still_valid() -> None:
+    valid = torch.ones(10, dtype=torch.bool)
+    dropped = drop_metadata(valid, 0.5, torch.Generator().manual_seed(0))
+    assert int((~dropped).sum()) == 5
+    assert torch.equal(dropped, drop_metadata(valid, 0.5, torch.Generator().manual_seed(0)))
+    assert not torch.equal(dropped, drop_metadata(valid, 0.5, torch.Generator().manual_seed(1)))
+    some_unknown = torch.tensor([False, False] + [True] * 8)
+    topped_up = drop_metadata(some_unknown, 0.5)
+    assert int((~topped_up).sum()) == 5
+    assert not topped_up[:2].any()
+    many_unknown = torch.tensor([False] * 6 + [True] * 4)
+    assert torch.equal(drop_metadata(many_unknown, 0.5), many_unknown)
+    assert torch.equal(drop_metadata(valid, 0.0), valid)
+
+
+def test_metadata_dropout_only_while_training() -> None:
+    cfg = Sat2SoundConfig.small()
+    embedder = MetadataEmbedder(cfg)
+    meta = Metadata.from_values(np.linspace(-60, 60, 400), np.zeros(400), 6, 12, "iNat", "qwen")
+    tokens, valid = embedder.train()(meta)
+    assert valid.shape == (400, len(cfg.metadata))
+    assert valid.float().mean(dim=0).tolist() == [0.5] * len(cfg.metadata)
+    assert torch.all(tokens[~valid] == 0)
+    assert torch.all(embedder.eval()(meta)[1])
+    assert Sat2SoundConfig.small().meta_droprate == 0.5
+    assert MetadataEmbedder(replace(cfg, meta_droprate=0.0)).train()(meta)[1].all()
+    with pytest.raises(ConfigError, match="meta_droprate"):
+        replace(cfg, meta_droprate=1.5)
+
+
+def test_metadata_takes_one_source_per_sample() -> None:
+    meta = Metadata.from_values(np.zeros(3), np.zeros(3), None, None, ["aporee", "yfcc", "freesound"], "pengi")
+    assert meta.audio_source.tolist() == [2, 0, 3]
+    assert meta.caption_source.tolist() == [2, 2, 2]
+    with pytest.raises(InputError, match="2 source names for 3 samples"):
+        Metadata.from_values(np.zeros(3), np.zeros(3), audio_source=["yfcc", "iNat"])
+
+
+def test_config_reads_meta_droprate_from_hparams(manifest: dict) -> None:
+    hparams = dict(manifest["configs"]["bingmap_withmeta"]["hyper_parameters"], meta_droprate=0.25)
+    assert Sat2SoundConfig.from_hparams(hparams).meta_droprate == 0.25

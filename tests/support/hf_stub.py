@@ -1,20 +1,28 @@
 """A loopback stand-in for the Hugging Face Hub's file-resolve API, for tests that must not touch the network.
 
-It answers `HEAD|GET /{owner}/{repo}/resolve/{revision}/{path}` with the headers `hf_hub_download` relies on
-(`X-Repo-Commit`, `ETag`, `Content-Length`) and the Hub's error codes (`X-Error-Code`), and records every
-request so that tests can tell a download from a cache hit.
+It answers `HEAD|GET /[datasets/]{owner}/{repo}/resolve/{revision}/{path}` with the headers `hf_hub_download`
+relies on (`X-Repo-Commit`, `ETag`, `Content-Length`) and the Hub's error codes (`X-Error-Code`), plus the two
+listing calls `snapshot_download` makes first (`/api/{type}s/{repo}/revision/{revision}` and
+`/api/{type}s/{repo}/tree/{revision}`), and records every request so that tests can tell a download from a
+cache hit. Repo types are not told apart: a repo id names the same files as a model or a dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-RESOLVE_PATH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
+RESOLVE_PATH = re.compile(
+    r"^/(?:datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$"
+)
+API_PATH = re.compile(
+    r"^/api/(?:models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<call>revision|tree)/(?P<revision>[^/?]+)"
+)
 
 
 class HubStub:
@@ -63,6 +71,9 @@ class HubStub:
 
             def _answer(self, send_body: bool) -> None:
                 stub.requests.append((self.command, self.path))
+                if self.path.startswith("/api/"):
+                    self._listing()
+                    return
                 match = RESOLVE_PATH.match(self.path)
                 if match is None or not any(repo == match["repo"] for repo, _ in stub.files):
                     # The Hub answers 401 for a repo that does not exist when the client is anonymous.
@@ -83,6 +94,38 @@ class HubStub:
                 self.end_headers()
                 if send_body:
                     self.wfile.write(content[: len(content) // 2] if stub.truncate else content)
+
+            def _listing(self) -> None:
+                match = API_PATH.match(self.path)
+                if match is None or not any(repo == match["repo"] for repo, _ in stub.files):
+                    self._error(401, "RepoNotFound")
+                    return
+                if match["revision"] not in ("main", COMMIT):
+                    self._error(404, "RevisionNotFound")
+                    return
+                names = sorted(path for repo, path in stub.files if repo == match["repo"])
+                if match["call"] == "revision":
+                    answer: object = {
+                        "id": match["repo"],
+                        "sha": COMMIT,
+                        "siblings": [{"rfilename": name} for name in names],
+                    }
+                else:
+                    answer = [
+                        {
+                            "type": "file",
+                            "path": name,
+                            "size": len(stub.files[match["repo"], name]),
+                            "oid": hashlib.sha1(stub.files[match["repo"], name]).hexdigest(),
+                        }
+                        for name in names
+                    ]
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _error(self, status: int, error_code: str) -> None:
                 self.send_response(status)

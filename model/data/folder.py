@@ -1,0 +1,228 @@
+"""A user's own image-recording pairs in a plain folder, described by one CSV.
+
+    DIR/pairs.csv      key,image,audio,audio_caption,image_caption,lat,lon,time,split
+                       (+ optional sat_type, audio_source, caption_source)
+    DIR/<image>        PNG, JPEG or GeoTIFF, 8-bit RGB, centred on the recording; its extent is the largest
+                       zoom level's crop (zoom x the sat_type's tile px: 1500 px for bingmap at zoom 5)
+    DIR/<audio>        WAV, FLAC, OGG or MP3, any rate and channel count (downmixed, resampled to 32 kHz)
+
+`image` and `audio` are paths relative to DIR. `lat`/`lon` are degrees (EPSG:4326). `time` is ISO 8601: a date
+(month known, hour unknown), a date-time, or empty (both unknown). `split` is train, val or test. `image_caption`
+describes the image's soundscape at every zoom level. Empty optional cells take the constructor's defaults.
+The CSV is checked whole when the source is made; each problem is one error naming its line.
+
+The mel segments come from the recording's first 50 s: MEL_SEGMENTS windows of 10 s spread evenly over it
+(back to back for 50 s or more, overlapping when shorter, one zero-padded window repeated under 10 s), each
+turned into a log-mel only when a transform picks it. Upstream drew its 5 windows at random positions.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.audio import CLIP_SAMPLES, CLIP_SECONDS, decode_audio, fit_clip
+from model.config import AUDIO_SOURCES, CAPTION_SOURCES, GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS, Sat2SoundConfig
+from model.data.images import decode_image
+from model.data.sources import (
+    MEL_SEGMENTS,
+    SPLITS,
+    PairRecord,
+    PairSource,
+    RecordingMel,
+    check_split,
+    check_zoom_levels,
+    month_hour_from_iso,
+)
+from model.errors import DataError
+from model.preprocess import crop_px
+
+CSV_NAME = "pairs.csv"
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "key",
+    "image",
+    "audio",
+    "audio_caption",
+    "image_caption",
+    "lat",
+    "lon",
+    "time",
+    "split",
+)
+OPTIONAL_COLUMNS: tuple[str, ...] = ("sat_type", "audio_source", "caption_source")
+
+
+@dataclass(frozen=True)
+class FolderRow:
+    """One checked line of pairs.csv."""
+
+    line: int
+    key: str
+    image: Path
+    audio: Path
+    audio_caption: str
+    image_caption: str
+    lat: float
+    lon: float
+    month: int | None
+    hour: int | None
+    split: str
+    sat_type: str
+    audio_source: str
+    caption_source: str
+
+
+class FolderPairs(PairSource):
+    """The pairs of one split listed in DIR/pairs.csv (layout in the module docstring)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        zoom_levels: tuple[int, ...] = TRAINED_ZOOM_LEVELS,
+        sat_type: str = Sat2SoundConfig.sat_type,
+        audio_source: str = AUDIO_SOURCES[0],
+        caption_source: str = CAPTION_SOURCES[0],
+    ) -> None:
+        check_split(split)
+        check_zoom_levels(zoom_levels)
+        self.root = Path(root)
+        self.split = split
+        self._zoom_levels = tuple(sorted(zoom_levels))
+        defaults = {"sat_type": sat_type, "audio_source": audio_source, "caption_source": caption_source}
+        self.rows = [row for row in read_pairs_csv(self.root, defaults) if row.split == split]
+
+    @property
+    def zoom_levels(self) -> tuple[int, ...]:
+        return self._zoom_levels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def record(self, index: int) -> PairRecord:
+        row = self.rows[index]
+        where = f"{self.root / CSV_NAME} line {row.line}"
+        image = decode_image(row.image, f"{row.image} ({where})")
+        needed = crop_px(self._zoom_levels[-1], row.sat_type)
+        if min(image.shape[:2]) < needed:
+            raise DataError(
+                f"{row.image} ({where}) is {image.shape[1]}x{image.shape[0]} px, smaller than the {needed} px"
+                f" {row.sat_type} crop of zoom {self._zoom_levels[-1]}; export a larger extent or use lower zooms"
+            )
+        return PairRecord(
+            key=row.key,
+            image=image,
+            sat_type=row.sat_type,
+            mel=RecordingMel(recording_clips(decode_audio(row.audio, MEL_SEGMENTS * CLIP_SECONDS))),
+            audio_caption=row.audio_caption,
+            image_captions=dict.fromkeys(self._zoom_levels, row.image_caption),
+            lat=row.lat,
+            lon=row.lon,
+            month=row.month,
+            hour=row.hour,
+            audio_source=row.audio_source,
+            caption_source=row.caption_source,
+            split=row.split,
+        )
+
+
+def recording_clips(waveform: np.ndarray) -> np.ndarray:
+    """(MEL_SEGMENTS, CLIP_SAMPLES) float32 windows spread evenly over `waveform` (zero-padded when shorter)."""
+    span = max(len(waveform) - CLIP_SAMPLES, 0)
+    starts = [round(segment * span / (MEL_SEGMENTS - 1)) for segment in range(MEL_SEGMENTS)]
+    return np.stack([fit_clip(waveform[start : start + CLIP_SAMPLES]) for start in starts]).astype(np.float32)
+
+
+def read_pairs_csv(root: Path, defaults: Mapping[str, str]) -> list[FolderRow]:
+    """Every line of root/pairs.csv, checked; raises DataError naming the first bad line and its fix."""
+    path = root / CSV_NAME
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; write the pairs CSV (columns {','.join(REQUIRED_COLUMNS)})")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        _check_header(path, reader.fieldnames or [])
+        # line_num: the file line a record ends on (a quoted caption may span lines).
+        rows = [_parse_row(root, reader.line_num, cells, defaults) for cells in reader]
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row.key in seen:
+            raise DataError(f"{path} line {row.line}: key {row.key!r} repeats line {seen[row.key]}; make keys unique")
+        seen[row.key] = row.line
+    return rows
+
+
+def _check_header(path: Path, columns: Sequence[str]) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise DataError(f"{path} lacks columns {missing}; its header must hold {','.join(REQUIRED_COLUMNS)}")
+    unknown = [name for name in columns if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise DataError(f"{path} has unknown columns {unknown}; the optional ones are {','.join(OPTIONAL_COLUMNS)}")
+
+
+def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults: Mapping[str, str]) -> FolderRow:
+    where = f"{root / CSV_NAME} line {line}"
+    if None in cells or any(cells[name] is None for name in REQUIRED_COLUMNS):
+        raise DataError(f"{where}: its cells do not match the header's columns; fix the commas or quoting")
+    text = {name: (value or "").strip() for name, value in cells.items() if isinstance(name, str)}
+    if not text["key"]:
+        raise DataError(f"{where}: key is empty; give every pair a unique key")
+    choices = {"sat_type": tuple(GSD_BY_SAT_TYPE), "audio_source": AUDIO_SOURCES, "caption_source": CAPTION_SOURCES}
+    chosen = {name: text.get(name) or defaults[name] for name in choices}
+    for name, allowed in choices.items():
+        if chosen[name] not in allowed:
+            raise DataError(f"{where}: {name} {chosen[name]!r} is unknown; use one of {list(allowed)}")
+    if text["split"] not in SPLITS:
+        raise DataError(f"{where}: split {text['split']!r} is unknown; use one of {list(SPLITS)}")
+    lat, lon = _coordinate(where, text, "lat", 90), _coordinate(where, text, "lon", 180)
+    month, hour = _month_hour(where, text["time"])
+    return FolderRow(
+        line=line,
+        key=text["key"],
+        image=_existing_file(root, where, text, "image"),
+        audio=_existing_file(root, where, text, "audio"),
+        audio_caption=text["audio_caption"],
+        image_caption=text["image_caption"],
+        lat=lat,
+        lon=lon,
+        month=month,
+        hour=hour,
+        split=text["split"],
+        sat_type=chosen["sat_type"],
+        audio_source=chosen["audio_source"],
+        caption_source=chosen["caption_source"],
+    )
+
+
+def _existing_file(root: Path, where: str, text: Mapping[str, str], column: str) -> Path:
+    path = root / text[column]
+    if not text[column] or not path.is_file():
+        raise DataError(f"{where}: {column} file {path} does not exist; give a path relative to {root}")
+    return path
+
+
+def _coordinate(where: str, text: Mapping[str, str], column: str, limit: float) -> float:
+    try:
+        value = float(text[column])
+    except ValueError:
+        value = float("nan")
+    if not -limit <= value <= limit:
+        raise DataError(
+            f"{where}: {column} {text[column]!r} is not a number within ±{limit}; write degrees (EPSG:4326)"
+        )
+    return value
+
+
+def _month_hour(where: str, time: str) -> tuple[int | None, int | None]:
+    if not time:
+        return None, None
+    try:
+        return month_hour_from_iso(time)
+    except ValueError:
+        raise DataError(
+            f"{where}: time {time!r} is not ISO 8601; write e.g. 2021-06-01 or 2021-06-01T14:30, or leave it empty"
+        ) from None

@@ -1,0 +1,121 @@
+"""From a decoded pair to a model-ready sample, as upstream's training and evaluation prepare them.
+
+Training: a zoom level drawn from the source's levels (1, 3, 5 for GeoSound; 1 for SoundingEarth), the centre
+crop of zoom x tile px, a bicubic antialiased resize to 224 px, colour jitter (brightness, contrast and
+saturation 0.3, hue 0.2: torchvision's ColorJitter, here kornia's port of it on float pixels), ImageNet
+normalisation, and one of the 5 mel segments at random. Evaluation: a fixed zoom (the smallest, 1) and mel
+segment (0), no jitter. Every draw comes from the generator passed in, so a sample depends on its seed alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from kornia.augmentation import ColorJitter
+from torch import Tensor
+
+from model.data.sources import MEL_SEGMENTS, PairRecord, PairSource, check_zoom_levels
+from model.errors import DataError
+from model.preprocess import center_crop, crop_px, normalize, resize_to_unit
+
+# brightness, contrast, saturation, hue of upstream's training-only ColorJitter.
+COLOR_JITTER = (0.3, 0.3, 0.3, 0.2)
+SEED_BOUND = 2**62
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One pair ready for collation: tensors in model space, captions and metadata still raw."""
+
+    key: str
+    image: Tensor  # (3, 224, 224) float32, ImageNet-normalised
+    zoom_level: int
+    mel: Tensor  # (1, N_FRAMES, N_MELS) float32 log-mel
+    audio_caption: str
+    image_caption: str
+    lat: float
+    lon: float
+    month: int | None
+    hour: int | None
+    audio_source: str
+    caption_source: str
+
+
+@dataclass(frozen=True)
+class SampleTransform:
+    """Training (random zoom, mel segment and jitter) or evaluation (fixed zoom and segment) preparation."""
+
+    train: bool
+    zoom_levels: tuple[int, ...]
+    eval_zoom: int | None = None  # None: the smallest of zoom_levels
+    eval_mel_segment: int = 0
+
+    def __post_init__(self) -> None:
+        check_zoom_levels(self.zoom_levels)
+        if not 0 <= self.eval_mel_segment < MEL_SEGMENTS:
+            raise DataError(f"eval_mel_segment must be 0-{MEL_SEGMENTS - 1}, got {self.eval_mel_segment}")
+
+    @classmethod
+    def for_source(cls, source: PairSource, train: bool) -> SampleTransform:
+        """The reference's preparation for `source`: its zoom levels, evaluated at the smallest."""
+        return cls(train=train, zoom_levels=source.zoom_levels)
+
+    def __call__(self, record: PairRecord, generator: torch.Generator) -> Sample:
+        if self.train:
+            zoom = self.zoom_levels[_draw(len(self.zoom_levels), generator)]
+            segment = _draw(len(record.mel), generator)
+        else:
+            zoom = min(self.zoom_levels) if self.eval_zoom is None else self.eval_zoom
+            segment = self.eval_mel_segment
+        if zoom not in record.image_captions:
+            raise DataError(
+                f"pair {record.key!r} has no image caption at zoom {zoom};"
+                f" use zoom levels {sorted(record.image_captions)}"
+            )
+        pixels = resize_to_unit(_crop(record, zoom))
+        if self.train:
+            pixels = _jitter(pixels, _draw(SEED_BOUND, generator))
+        return Sample(
+            key=record.key,
+            image=normalize(pixels)[0],
+            zoom_level=zoom,
+            mel=torch.tensor(record.mel.segment(segment))[None],
+            audio_caption=record.audio_caption,
+            image_caption=record.image_captions[zoom],
+            lat=record.lat,
+            lon=record.lon,
+            month=record.month,
+            hour=record.hour,
+            audio_source=record.audio_source,
+            caption_source=record.caption_source,
+        )
+
+
+def _draw(count: int, generator: torch.Generator) -> int:
+    return int(torch.randint(count, (), generator=generator))
+
+
+def _crop(record: PairRecord, zoom: int) -> Tensor:
+    """uint8 (3, size, size) centre crop that zoom level `zoom` sees of the record's image."""
+    size = crop_px(zoom, record.sat_type)
+    height, width = record.image.shape[:2]
+    if size > min(height, width):
+        raise DataError(
+            f"pair {record.key!r}: its {width}x{height} px {record.sat_type} image is smaller than the {size} px"
+            f" crop of zoom {zoom}; use lower zoom levels or a larger image"
+        )
+    return center_crop(torch.from_numpy(record.image).permute(2, 0, 1), size)
+
+
+@cache
+def _color_jitter() -> ColorJitter:
+    return ColorJitter(*COLOR_JITTER, p=1.0)
+
+
+def _jitter(pixels: Tensor, seed: int) -> Tensor:
+    """kornia draws from torch's global generator: run it on a seeded fork of it, leaving the caller's intact."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _color_jitter()(pixels)

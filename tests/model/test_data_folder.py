@@ -1,0 +1,192 @@
+"""A folder of one's own pairs: pairs.csv, images, recordings; every bad input is one line naming its row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from support.pair_data import encode_image, synthetic_image, write_folder
+
+from model.audio import CLIP_SAMPLES, SAMPLE_RATE, fit_clip, log_mel
+from model.data.dataset import PairDataset, collate
+from model.data.folder import REQUIRED_COLUMNS, FolderPairs, recording_clips
+from model.data.transforms import SampleTransform
+from model.errors import DataError
+
+BING_ZOOM5_PX = 1500
+
+
+def pair_line(key: str, **cells: str) -> dict[str, str]:
+    line = {
+        "key": key,
+        "image": f"images/{key}.png",
+        "audio": f"audio/{key}.wav",
+        "audio_caption": f"recording {key}",
+        "image_caption": f"soundscape {key}",
+        "lat": "48.85",
+        "lon": "2.35",
+        "time": "2021-06-01T14:30:00",
+        "split": "train",
+    }
+    return line | cells
+
+
+def add_files(root: Path, key: str, image_px: int = BING_ZOOM5_PX, seconds: float = 12.0, rate: int = 16_000) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    (root / "images" / f"{key}.png").write_bytes(encode_image(synthetic_image(image_px, len(key))))
+    stereo = np.random.default_rng(len(key)).uniform(-0.2, 0.2, (round(seconds * rate), 2)).astype(np.float32)
+    soundfile.write(root / "audio" / f"{key}.wav", stereo, rate)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pairs")
+    for key in ("a", "bb", "ccc"):
+        add_files(root, key)
+    lines = [
+        pair_line("a"),
+        pair_line("bb", time="2020-12-24", audio_source="freesound", sat_type="bingmap"),
+        pair_line("ccc", time="", split="val", caption_source="qwen"),
+    ]
+    return write_folder(root, lines, [*REQUIRED_COLUMNS, "sat_type", "audio_source", "caption_source"])
+
+
+def test_valid_folder_reads_its_split(folder: Path) -> None:
+    train = FolderPairs(folder, "train")
+    assert len(train) == 2
+    assert train.zoom_levels == (1, 3, 5)
+    first, second = train.record(0), train.record(1)
+    assert (first.key, first.sat_type, first.split) == ("a", "bingmap", "train")
+    assert np.array_equal(first.image, synthetic_image(BING_ZOOM5_PX, 1))
+    assert first.image_captions == dict.fromkeys((1, 3, 5), "soundscape a")
+    assert first.audio_caption == "recording a"
+    assert (first.lat, first.lon, first.month, first.hour) == (48.85, 2.35, 6, 14)
+    assert (first.audio_source, first.caption_source) == ("yfcc", "meta")
+    assert (second.month, second.hour, second.audio_source) == (12, None, "freesound")
+    val = FolderPairs(folder, "val").record(0)
+    assert (val.key, val.month, val.hour, val.caption_source) == ("ccc", None, None, "qwen")
+
+
+def test_mel_segments_come_from_the_recording(folder: Path) -> None:
+    pair = FolderPairs(folder, "train").record(0)
+    assert len(pair.mel) == 5
+    last = pair.mel.segment(4)
+    assert last.shape == (1001, 64)
+    assert last.dtype == np.float32
+    # A 12 s recording: its windows start 0, 0.5, ..., 2 s in, so the first and last differ.
+    assert not np.array_equal(pair.mel.segment(0), last)
+
+
+def test_recording_clips_spread_over_the_first_50_seconds() -> None:
+    ramp = np.arange(60 * SAMPLE_RATE, dtype=np.float32)
+    starts = [int(clip[0]) for clip in recording_clips(ramp[: 50 * SAMPLE_RATE])]
+    assert starts == [0, 10 * SAMPLE_RATE, 20 * SAMPLE_RATE, 30 * SAMPLE_RATE, 40 * SAMPLE_RATE]
+    overlapping = recording_clips(ramp[: 14 * SAMPLE_RATE])
+    assert [int(clip[0]) for clip in overlapping] == [0, SAMPLE_RATE, 2 * SAMPLE_RATE, 3 * SAMPLE_RATE, 4 * SAMPLE_RATE]
+    assert overlapping.shape == (5, CLIP_SAMPLES)
+    short = recording_clips(ramp[: 4 * SAMPLE_RATE])
+    assert all(np.array_equal(clip, fit_clip(ramp[: 4 * SAMPLE_RATE])) for clip in short)
+
+
+def test_recording_segment_is_the_log_mel_of_its_window(tmp_path: Path) -> None:
+    add_files(tmp_path, "x", image_px=256, seconds=30.0, rate=SAMPLE_RATE)
+    write_folder(tmp_path, [pair_line("x", sat_type="sentinel")], [*REQUIRED_COLUMNS, "sat_type"])
+    pair = FolderPairs(tmp_path, "train", zoom_levels=(1,)).record(0)
+    mono = soundfile.read(tmp_path / "audio" / "x.wav", dtype="float32")[0].mean(axis=1)
+    window = torch.from_numpy(np.ascontiguousarray(mono[15 * SAMPLE_RATE : 25 * SAMPLE_RATE]))[None]
+    assert np.allclose(pair.mel.segment(3), log_mel(window)[0, 0].numpy(), atol=1e-3)
+
+
+def test_folder_pairs_through_the_dataset(folder: Path) -> None:
+    source = FolderPairs(folder, "train")
+    batch = collate([PairDataset(source, SampleTransform.for_source(source, train=True))[i] for i in range(2)])
+    assert batch.mel.shape == (2, 1, 1001, 64)
+    assert batch.images.shape == (2, 3, 224, 224)
+    assert batch.month.tolist() == [6, 12]
+    assert batch.hour.tolist() == [14, -1]
+
+
+def test_image_smaller_than_the_largest_crop_is_one_line_error(tmp_path: Path) -> None:
+    add_files(tmp_path, "tiny", image_px=900)
+    write_folder(tmp_path, [pair_line("tiny")])
+    with pytest.raises(DataError, match=r"tiny.png .*line 2\) is 900x900 px, smaller than the 1500 px bingmap crop"):
+        FolderPairs(tmp_path, "train").record(0)
+    assert FolderPairs(tmp_path, "train", zoom_levels=(1, 3)).record(0).image.shape == (900, 900, 3)
+
+
+Edit = Callable[[Path], None]
+
+
+def set_cell(column: str, value: str, line: int = 0) -> Edit:
+    def edit(root: Path) -> None:
+        lines = [pair_line("a"), pair_line("bb")]
+        lines[line] = lines[line] | {column: value}
+        write_folder(root, lines, [*REQUIRED_COLUMNS, "sat_type", "audio_source", "caption_source"])
+
+    return edit
+
+
+def header(*columns: str) -> Edit:
+    return lambda root: write_folder(root, [pair_line("a")], columns)
+
+
+def no_csv(root: Path) -> None:
+    (root / "pairs.csv").unlink(missing_ok=True)
+
+
+def ragged(root: Path) -> None:
+    write_folder(root, [pair_line("a")])
+    with open(root / "pairs.csv", "a") as handle:
+        handle.write("bb,images/bb.png,audio/bb.wav,x,y,1,2,,train,extra\n")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (no_csv, "pairs.csv does not exist; write the pairs CSV"),
+        (header(*[c for c in REQUIRED_COLUMNS if c != "time"]), r"lacks columns \['time'\]"),
+        (header(*REQUIRED_COLUMNS, "weather"), r"unknown columns \['weather'\]; the optional ones are sat_type"),
+        (ragged, "line 3: its cells do not match the header's columns"),
+        (set_cell("key", ""), "line 2: key is empty"),
+        (set_cell("key", "a", line=1), "line 3: key 'a' repeats line 2; make keys unique"),
+        (set_cell("image", "images/missing.png"), r"line 2: image file .*images/missing.png does not exist"),
+        (set_cell("audio", "", line=1), r"line 3: audio file .* does not exist; give a path relative to"),
+        (set_cell("lat", "95"), r"line 2: lat '95' is not a number within ±90"),
+        (set_cell("lon", "east"), r"line 2: lon 'east' is not a number within ±180"),
+        (set_cell("lat", "nan"), r"line 2: lat 'nan' is not a number"),
+        (set_cell("time", "01/06/2021"), r"line 2: time '01/06/2021' is not ISO 8601"),
+        (set_cell("split", "validation"), r"line 2: split 'validation' is unknown; use one of \['train', 'val'"),
+        (set_cell("sat_type", "landsat"), r"line 2: sat_type 'landsat' is unknown; use one of \['bingmap'"),
+        (set_cell("audio_source", "youtube"), r"line 2: audio_source 'youtube' is unknown"),
+        (set_cell("caption_source", "gpt"), r"line 2: caption_source 'gpt' is unknown"),
+    ],
+)
+def test_bad_folder_is_one_line_error_naming_the_line(tmp_path: Path, edit: Edit, message: str) -> None:
+    for key in ("a", "bb"):
+        add_files(tmp_path, key, image_px=8, seconds=0.1)
+    edit(tmp_path)
+    with pytest.raises(DataError, match=message) as raised:
+        FolderPairs(tmp_path, "train")
+    assert "\n" not in str(raised.value)
+
+
+def test_bad_constructor_arguments(folder: Path) -> None:
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        FolderPairs(folder, "dev")
+    with pytest.raises(DataError, match="zoom levels must be positive"):
+        FolderPairs(folder, "train", zoom_levels=(0, 1))
+    with pytest.raises(DataError, match="line 2: sat_type 'aerial' is unknown"):
+        FolderPairs(folder, "train", sat_type="aerial")
+
+
+def test_lines_are_counted_in_the_file_when_a_caption_spans_lines(tmp_path: Path) -> None:
+    for key in ("a", "bb"):
+        add_files(tmp_path, key, image_px=8, seconds=0.1)
+    write_folder(tmp_path, [pair_line("a", image_caption="birds,\nthen rain"), pair_line("bb", lat="-91")])
+    with pytest.raises(DataError, match="line 4: lat '-91'"):
+        FolderPairs(tmp_path, "train")
