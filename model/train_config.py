@@ -92,7 +92,7 @@ def _typed(value: Any, default: Any, where: str) -> Any:
     if default is None or default is dataclasses.MISSING or value is None:
         return value
     expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
-    if isinstance(value, bool) and not isinstance(default, bool) or not isinstance(value, expected):
+    if (isinstance(value, bool) and not isinstance(default, bool)) or not isinstance(value, expected):
         raise ConfigError(f"{where} must be of type {expected[0].__name__}, got {value!r}")
     return float(value) if isinstance(default, float) else value
 

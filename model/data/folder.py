@@ -3,7 +3,8 @@
     DIR/pairs.csv      key,image,audio,audio_caption,image_caption,lat,lon,time,split
                        (+ optional sat_type, audio_source, caption_source)
     DIR/<image>        PNG, JPEG or GeoTIFF, 8-bit RGB, centred on the recording; its extent is the largest
-                       zoom level's crop (zoom x the sat_type's tile px: 1500 px for bingmap at zoom 5)
+                       zoom level's footprint (zoom x the sat_type's tile: 5 x 300 px x 0.6 m for bingmap at
+                       zoom 5), at any pixel size: zoom z sees its centre z / largest zoom
     DIR/<audio>        WAV, FLAC, OGG or MP3, any rate and channel count (downmixed, resampled to 32 kHz)
 
 `image` and `audio` are paths relative to DIR. `lat`/`lon` are degrees (EPSG:4326). `time` is ISO 8601: a date
@@ -26,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from model.audio import CLIP_SAMPLES, CLIP_SECONDS, decode_audio, fit_clip
-from model.config import AUDIO_SOURCES, CAPTION_SOURCES, GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS, Sat2SoundConfig
+from model.config import (
+    AUDIO_SOURCES,
+    CAPTION_SOURCES,
+    GSD_BY_SAT_TYPE,
+    MODEL_INPUT_PX,
+    TRAINED_ZOOM_LEVELS,
+    Sat2SoundConfig,
+)
 from model.data.images import decode_image
 from model.data.sources import (
     MEL_SEGMENTS,
@@ -39,7 +47,6 @@ from model.data.sources import (
     month_hour_from_iso,
 )
 from model.errors import DataError
-from model.preprocess import crop_px
 
 CSV_NAME = "pairs.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -107,16 +114,17 @@ class FolderPairs(PairSource):
         row = self.rows[index]
         where = f"{self.root / CSV_NAME} line {row.line}"
         image = decode_image(row.image, f"{row.image} ({where})")
-        needed = crop_px(self._zoom_levels[-1], row.sat_type)
-        if min(image.shape[:2]) < needed:
+        largest = self._zoom_levels[-1]
+        if min(image.shape[:2]) < largest:
             raise DataError(
-                f"{row.image} ({where}) is {image.shape[1]}x{image.shape[0]} px, smaller than the {needed} px"
-                f" {row.sat_type} crop of zoom {self._zoom_levels[-1]}; export a larger extent or use lower zooms"
+                f"{row.image} ({where}) is {image.shape[1]}x{image.shape[0]} px, too small to crop zoom levels"
+                f" 1 to {largest} from; export it at {MODEL_INPUT_PX} px or more"
             )
         return PairRecord(
             key=row.key,
             image=image,
             sat_type=row.sat_type,
+            tile_px=min(image.shape[:2]) / largest,
             mel=RecordingMel(recording_clips(decode_audio(row.audio, MEL_SEGMENTS * CLIP_SECONDS))),
             audio_caption=row.audio_caption,
             image_captions=dict.fromkeys(self._zoom_levels, row.image_caption),

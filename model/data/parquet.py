@@ -41,6 +41,7 @@ from model.data.sources import (
 )
 from model.errors import DataError
 from model.hub import download_dataset
+from model.preprocess import crop_px
 
 # Names a split's shards may carry: `datasets` calls the validation split either way.
 SHARD_NAMES: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -217,6 +218,7 @@ class GeoSoundParquet(ParquetPairs):
             key=row["sample_id"],
             image=image,
             sat_type=self.sat_type,
+            tile_px=crop_px(1, self.sat_type),
             mel=PrecomputedMel(mel),
             audio_caption=row["audio_caption"] or "",
             image_captions={zoom: row[self.caption_column(zoom)] or "" for zoom in self.zoom_levels},
@@ -253,6 +255,7 @@ class SoundingEarthParquet(ParquetPairs):
             key=row["sample_id"],
             image=image,
             sat_type=self.sat_type,
+            tile_px=crop_px(1, self.sat_type),
             mel=PrecomputedMel(mel),
             audio_caption=row["audio_caption"] or "",
             image_captions={1: row[self.caption_column(1)] or ""},

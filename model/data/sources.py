@@ -69,6 +69,7 @@ class PairRecord:
     key: str
     image: np.ndarray  # (H, W, 3) uint8 RGB, centred on the recording
     sat_type: str
+    tile_px: float  # image pixels across the zoom-level-1 crop; zoom z sees the centre z x tile_px
     mel: MelSegments
     audio_caption: str
     image_captions: Mapping[int, str]  # soundscape caption of the image, by zoom level
@@ -89,6 +90,7 @@ class PairRecord:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
             return f"image must be uint8 (H, W, 3), got {self.image.dtype} {self.image.shape}; store 8-bit RGB"
         checks = (
+            (self.tile_px > 0, f"tile_px must be positive, got {self.tile_px}"),
             (self.sat_type in GSD_BY_SAT_TYPE, f"sat_type {self.sat_type!r} is not one of {list(GSD_BY_SAT_TYPE)}"),
             (self.audio_source in AUDIO_SOURCES, f"audio source {self.audio_source!r} is not one of {AUDIO_SOURCES}"),
             (

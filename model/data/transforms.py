@@ -1,7 +1,7 @@
 """From a decoded pair to a model-ready sample, as upstream's training and evaluation prepare them.
 
 Training: a zoom level drawn from the source's levels (1, 3, 5 for GeoSound; 1 for SoundingEarth), the centre
-crop of zoom x tile px, a bicubic antialiased resize to 224 px, colour jitter (brightness, contrast and
+crop of zoom x the record's tile px, a bicubic antialiased resize to 224 px, colour jitter (brightness, contrast and
 saturation 0.3, hue 0.2: torchvision's ColorJitter, here kornia's port of it on float pixels), ImageNet
 normalisation, and one of the 5 mel segments at random. Evaluation: a fixed zoom (the smallest, 1) and mel
 segment (0), no jitter. Every draw comes from the generator passed in, so a sample depends on its seed alone.
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from model.data.sources import MEL_SEGMENTS, PairRecord, PairSource, check_zoom_levels
 from model.errors import DataError
-from model.preprocess import center_crop, crop_px, normalize, resize_to_unit
+from model.preprocess import center_crop, normalize, resize_to_unit
 
 # brightness, contrast, saturation, hue of upstream's training-only ColorJitter.
 COLOR_JITTER = (0.3, 0.3, 0.3, 0.2)
@@ -99,11 +99,11 @@ def _draw(count: int, generator: torch.Generator) -> int:
 
 def _crop(record: PairRecord, zoom: int) -> Tensor:
     """uint8 (3, size, size) centre crop that zoom level `zoom` sees of the record's image."""
-    size = crop_px(zoom, record.sat_type)
+    size = round(zoom * record.tile_px)
     height, width = record.image.shape[:2]
     if size > min(height, width):
         raise DataError(
-            f"pair {record.key!r}: its {width}x{height} px {record.sat_type} image is smaller than the {size} px"
+            f"pair {record.key!r}: its {width}x{height} px image is smaller than the {size} px"
             f" crop of zoom {zoom}; use lower zoom levels or a larger image"
         )
     return center_crop(torch.from_numpy(record.image).permute(2, 0, 1), size)

@@ -111,12 +111,20 @@ def test_folder_pairs_through_the_dataset(folder: Path) -> None:
     assert batch.hour.tolist() == [14, -1]
 
 
-def test_image_smaller_than_the_largest_crop_is_one_line_error(tmp_path: Path) -> None:
-    add_files(tmp_path, "tiny", image_px=900)
+def test_the_image_spans_the_largest_zoom_at_any_pixel_size(tmp_path: Path) -> None:
+    add_files(tmp_path, "small", image_px=900)
+    write_folder(tmp_path, [pair_line("small")])
+    record = FolderPairs(tmp_path, "train").record(0)
+    assert record.image.shape == (900, 900, 3)
+    assert record.tile_px == 900 / 5
+    assert FolderPairs(tmp_path, "train", zoom_levels=(1, 3)).record(0).tile_px == 900 / 3
+
+
+def test_an_image_too_small_to_crop_is_one_line_error(tmp_path: Path) -> None:
+    add_files(tmp_path, "tiny", image_px=4)
     write_folder(tmp_path, [pair_line("tiny")])
-    with pytest.raises(DataError, match=r"tiny.png .*line 2\) is 900x900 px, smaller than the 1500 px bingmap crop"):
+    with pytest.raises(DataError, match=r"tiny.png .*line 2\) is 4x4 px, too small to crop zoom levels 1 to 5"):
         FolderPairs(tmp_path, "train").record(0)
-    assert FolderPairs(tmp_path, "train", zoom_levels=(1, 3)).record(0).image.shape == (900, 900, 3)
 
 
 Edit = Callable[[Path], None]

@@ -17,7 +17,7 @@ from model.data.parquet import GeoSoundParquet
 from model.data.sources import PairRecord, PairSource, PrecomputedMel
 from model.data.transforms import SampleTransform
 from model.errors import DataError
-from model.preprocess import normalize, resize_to_unit
+from model.preprocess import crop_px, normalize, resize_to_unit
 
 
 def record(
@@ -27,6 +27,7 @@ def record(
         "key": f"pair-{seed}",
         "image": synthetic_image(IMAGE_PX[sat_type], seed),
         "sat_type": sat_type,
+        "tile_px": crop_px(1, sat_type),
         "mel": PrecomputedMel(mel_stack(seed)[:, 0]),
         "audio_caption": f"sound {seed}",
         "image_captions": {zoom: f"zoom {zoom}" for zoom in zooms},
@@ -123,7 +124,7 @@ def test_zoom_without_caption_or_room_is_one_line_error() -> None:
     with pytest.raises(DataError, match="no image caption at zoom 3"):
         SampleTransform(train=False, zoom_levels=(3,))(record(zooms=(1,)), seeded(0))
     small = record(sat_type="googleEarth")
-    with pytest.raises(DataError, match="1024x1024 px googleEarth image is smaller than the 1280 px crop of zoom 5"):
+    with pytest.raises(DataError, match="1024x1024 px image is smaller than the 1280 px crop of zoom 5"):
         SampleTransform(train=False, zoom_levels=(5,))(small, seeded(0))
     with pytest.raises(DataError, match="zoom levels"):
         SampleTransform(train=True, zoom_levels=())
