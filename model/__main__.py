@@ -1,20 +1,24 @@
-"""Command line of the model package: `python -m model {embed,convert,evaluate}`.
+"""Command line of the model package: `python -m model {embed,convert,train,evaluate}`.
 
 python -m model embed --checkpoint CKPT --inputs IN.npz --out OUT.npz [--audio-from-waveform]
 python -m model convert CKPT OUT.safetensors
+python -m model train --config train.yaml
 python -m model evaluate --embeddings EMB.npz [--out metrics.json]
+python -m model evaluate --checkpoint CKPT --data DIR [--format folder] [--split test] [--out metrics.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from common.atomic import atomic_save_npz
-from model.errors import Sat2SoundError
+from model.errors import InputError, Sat2SoundError
+from model.train_config import DATA_FORMATS
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -38,10 +42,42 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {weights} and {config}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from model.train_config import load_settings
+    from model.training import train
+
+    settings = load_settings(args.config)
+    result = train(settings)
+    recall = "n/a" if result.best_recall is None else f"{result.best_recall:.3f}"
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; best validation recall {recall}")
+    for path in result.exported:
+        print(f"wrote {path}")
+
+
+def _split_embeddings(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    from model.checkpoint import load_model
+    from model.train_config import parse_settings
+    from model.training import split_embeddings, text_cache
+
+    model, _ = load_model(args.checkpoint)
+    data = {"format": args.format, "root": args.data, "sat_type": model.cfg.sat_type, "num_workers": 0}
+    settings = parse_settings({"out_dir": ".", "data": data, "text_cache": args.text_cache or str(user_cache())})
+    embeddings = split_embeddings(model, text_cache(settings, model.cfg.text_dim), settings.data, args.split)
+    return {name: getattr(embeddings, name).numpy() for name in embeddings._fields}
+
+
+def user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sat2sound-maps" / "text"
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from model.evaluate import evaluate_embeddings, format_table, load_embeddings
 
-    arrays = load_embeddings(args.embeddings)
+    if (args.embeddings is None) == (args.checkpoint is None):
+        raise InputError("give either --embeddings EMB.npz or --checkpoint CKPT with --data DIR")
+    if args.checkpoint is not None and args.data is None:
+        raise InputError("--checkpoint needs --data: the folder (or hf://datasets/OWNER/NAME) of the split")
+    arrays = load_embeddings(args.embeddings) if args.embeddings is not None else _split_embeddings(args)
     metrics = evaluate_embeddings(**arrays, out=args.out)
     print(format_table(metrics, gallery_size=len(arrays["image"])))
     if args.out is not None:
@@ -61,10 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path, help="output .safetensors path")
     convert.set_defaults(run=_convert)
+    train = commands.add_parser("train", help="train (or go on training) a model; resumes from the last checkpoint")
+    train.add_argument("--config", required=True, type=Path, help="training settings (.yaml; see README, Training)")
+    train.set_defaults(run=_train)
     evaluate = commands.add_parser("evaluate", help="image <-> audio retrieval metrics with the reference protocol")
-    evaluate.add_argument(
-        "--embeddings", required=True, type=Path, help=".npz with row-aligned image, audio, audio_caption arrays"
-    )
+    evaluate.add_argument("--embeddings", type=Path, help=".npz with row-aligned image, audio, audio_caption arrays")
+    evaluate.add_argument("--checkpoint", help="or: a checkpoint to embed a data split with (path or hf://...)")
+    evaluate.add_argument("--data", help="the split's data: a folder, or hf://datasets/OWNER/NAME")
+    evaluate.add_argument("--format", default="folder", choices=DATA_FORMATS)
+    evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    evaluate.add_argument("--text-cache", help="cached caption states (default: ~/.cache/sat2sound-maps/text)")
     evaluate.add_argument("--out", type=Path, help="metrics .json (the table is printed either way)")
     evaluate.set_defaults(run=_evaluate)
     return parser

@@ -18,6 +18,7 @@ from model.config import GSD_BY_SAT_TYPE, Sat2SoundConfig
 from model.errors import ConfigError
 
 ARCHITECTURES = ("small", "full")
+DATA_FORMATS = ("folder", "geosound", "soundingearth")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 
 
@@ -42,7 +43,7 @@ class ModelSettings:
     init: str | None = None
     metadata_type: str = "none"
     text_backbone: str = "auto"
-    meta_droprate: float = 0.5
+    meta_droprate: float | None = None  # None: the architecture's (0.5) or the init checkpoint's
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,14 @@ class TrainSettings:
     def model_config(self) -> Sat2SoundConfig:
         """The architecture to build when not starting from `model.init` weights."""
         base = Sat2SoundConfig.small() if self.model.architecture == "small" else Sat2SoundConfig()
-        return replace(base, sat_type=self.data.sat_type, metadata_type=self.model.metadata_type)
+        return self.with_droprate(replace(base, sat_type=self.data.sat_type, metadata_type=self.model.metadata_type))
+
+    def with_droprate(self, cfg: Sat2SoundConfig) -> Sat2SoundConfig:
+        droprate = self.model.meta_droprate
+        return cfg if droprate is None else replace(cfg, meta_droprate=droprate)
 
 
-def _typed(value: Any, default: Any, where: str) -> Any:
+def _typed(value: Any, default: object, where: str) -> Any:
     """`value` as the type of the setting's default (YAML lists become tuples), or a one-line error."""
     if isinstance(value, list):
         value = tuple(value)
@@ -94,7 +99,7 @@ def _typed(value: Any, default: Any, where: str) -> Any:
     expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
     if (isinstance(value, bool) and not isinstance(default, bool)) or not isinstance(value, expected):
         raise ConfigError(f"{where} must be of type {expected[0].__name__}, got {value!r}")
-    return float(value) if isinstance(default, float) else value
+    return float(value) if isinstance(default, float) and isinstance(value, (int, float)) else value
 
 
 def _section(cls: type, values: Any, where: str) -> Any:
@@ -117,14 +122,11 @@ def _check(settings: TrainSettings) -> None:
     data, model, optim = settings.data, settings.model, settings.optim
     checks = [
         (bool(data.root), "data.root is missing; give the data folder or hf://datasets/OWNER/NAME"),
-        (
-            data.format in ("geosound", "soundingearth", "folder"),
-            "data.format must be geosound, soundingearth or folder",
-        ),
+        (data.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}"),
         (data.sat_type in GSD_BY_SAT_TYPE, f"data.sat_type must be one of {', '.join(GSD_BY_SAT_TYPE)}"),
         (data.zooms is None or (bool(data.zooms) and all(z >= 1 for z in data.zooms)), "data.zooms must be >= 1"),
         (model.architecture in ARCHITECTURES, f"model.architecture must be one of {', '.join(ARCHITECTURES)}"),
-        (0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
+        (model.meta_droprate is None or 0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
         (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
         (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)"),
         (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,20 +23,30 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
+from torch.utils.data import DataLoader
 
+from common.atomic import atomic_path
 from model.checkpoint import build_model, read_checkpoint, save_safetensors
+from model.config import Sat2SoundConfig
+from model.data.dataset import BlockShuffleSampler, PairDataset, TrainBatch, collate
+from model.data.folder import FolderPairs
+from model.data.parquet import GeoSoundParquet, SoundingEarthParquet
+from model.data.sources import PairSource
+from model.data.transforms import SampleTransform
+from model.errors import ConfigError
 from model.evaluate import retrieval_metrics
 from model.loss import l2_normalize
-from model.sat2sound import Sat2Sound, Sat2SoundBatch
+from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
 from model.text import TextBackbone, load_text_backbone
 from model.text_cache import TextCache
 from model.text_specs import backbone_spec
-from model.train_config import TrainSettings
+from model.train_config import DataSettings, TrainSettings
 
 MONITOR = "val/recall"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 EXPORT_NAME = "model"
+HUB_DATASETS = "hf://datasets/"
 
 
 class PairEmbeddings(NamedTuple):
@@ -45,6 +55,24 @@ class PairEmbeddings(NamedTuple):
     image: Tensor
     audio: Tensor
     audio_caption: Tensor
+
+
+def open_pairs(data: DataSettings, split: str) -> PairSource:
+    """The pairs of `split` in the layout `data.format` names, from a folder or `hf://datasets/OWNER/NAME[@REV]`."""
+    if data.format == "folder":
+        if data.root.startswith(HUB_DATASETS):
+            raise ConfigError("data.format folder reads a local folder; Hub datasets are geosound or soundingearth")
+        return FolderPairs(data.root, split, zoom_levels=data.zooms or (1, 3, 5), sat_type=data.sat_type)
+    reader = GeoSoundParquet if data.format == "geosound" else SoundingEarthParquet
+    sat_type = data.sat_type if data.format == "geosound" else None
+    if data.root.startswith(HUB_DATASETS):
+        repo, _, revision = data.root.removeprefix(HUB_DATASETS).partition("@")
+        return reader.from_hub(split, sat_type=sat_type, repo_id=repo, revision=revision or None)
+    return reader(data.root, split, sat_type)
+
+
+def transform_for(source: PairSource, data: DataSettings, train: bool) -> SampleTransform:
+    return SampleTransform(train=train, zoom_levels=data.zooms or source.zoom_levels)
 
 
 def text_cache(settings: TrainSettings, text_dim: int, device: str = "cpu") -> TextCache:
@@ -56,83 +84,111 @@ def text_cache(settings: TrainSettings, text_dim: int, device: str = "cpu") -> T
     return TextCache(spec, text_dim, load, settings.text_cache_path)
 
 
-def model_batch(batch: Any, texts: TextCache, device: torch.device) -> Sat2SoundBatch:
-    """A collated batch of pairs, with its captions turned into token states, on `device`."""
+def model_batch(batch: TrainBatch, texts: TextCache, cfg: Sat2SoundConfig, device: torch.device) -> Sat2SoundBatch:
+    """A collated batch with its captions turned into token states, on `device`."""
     audio_caption = texts.encode(batch.audio_captions)
     image_caption = texts.encode(batch.image_captions)
-    metadata = batch.metadata()
+    plain = batch.to_model_batch(
+        (audio_caption.hidden, audio_caption.mask), (image_caption.hidden, image_caption.mask), bool(cfg.metadata)
+    )
     return Sat2SoundBatch(
-        images=batch.images.to(device, non_blocking=True),
-        zoom_level=batch.zoom_level.to(device),
-        mel=batch.mel.to(device, non_blocking=True),
-        audio_caption=(audio_caption.hidden.to(device), audio_caption.mask.to(device)),
-        image_caption=(image_caption.hidden.to(device), image_caption.mask.to(device)),
-        metadata=None if metadata is None else metadata.to(device),
+        images=plain.images.to(device, non_blocking=True),
+        zoom_level=plain.zoom_level.to(device),
+        mel=plain.mel.to(device, non_blocking=True),
+        audio_caption=(plain.audio_caption[0].to(device), plain.audio_caption[1].to(device)),
+        image_caption=(plain.image_caption[0].to(device), plain.image_caption[1].to(device)),
+        metadata=None if plain.metadata is None else plain.metadata.to(device),
     )
 
 
-def pair_embeddings(model: Sat2Sound, batches: Sequence[Sat2SoundBatch] | Iterator[Sat2SoundBatch]) -> PairEmbeddings:
-    """The image, audio and audio-caption embeddings of every batch, normalised, on the CPU."""
-    parts: dict[str, list[Tensor]] = {"image": [], "audio": [], "audio_caption": []}
-    for batch in batches:
-        out = model(batch)
-        for name in parts:
-            parts[name].append(l2_normalize(getattr(out, name).embedding.float()).cpu())
-    return PairEmbeddings(*(torch.cat(parts[name]) for name in PairEmbeddings._fields))
+def pair_embeddings(out: Sat2SoundOutput) -> PairEmbeddings:
+    return PairEmbeddings(
+        *(l2_normalize(getattr(out, name).embedding.float()).cpu() for name in PairEmbeddings._fields)
+    )
+
+
+def concat(parts: Iterable[PairEmbeddings]) -> PairEmbeddings:
+    return PairEmbeddings(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 
 class Sat2SoundTraining(pl.LightningModule):
-    """The model under training; submodule `model` is a plain `Sat2Sound`."""
+    """The model under training (submodule `model`, a plain `Sat2Sound`) and its data."""
 
     def __init__(self, model: Sat2Sound, settings: TrainSettings, texts: TextCache) -> None:
         super().__init__()
         self.model = model
         self.settings = settings
         self.texts = texts
+        self.train_pairs = PairDataset(
+            train := open_pairs(settings.data, settings.data.train_split),
+            transform_for(train, settings.data, train=True),
+            seed=settings.seed,
+        )
+        self.val_pairs = PairDataset(
+            val := open_pairs(settings.data, settings.data.val_split),
+            transform_for(val, settings.data, train=False),
+            seed=settings.seed,
+        )
         self._val_outputs: list[PairEmbeddings] = []
-        self._tick: tuple[float, int] | None = None
+        self._tick: float | None = None
 
-    def _batch(self, batch: Any) -> Sat2SoundBatch:
-        return model_batch(batch, self.texts, self.device)
+    def train_dataloader(self) -> DataLoader:
+        sampler = BlockShuffleSampler(self.train_pairs.source, seed=self.settings.seed)
+        return self._loader(self.train_pairs, sampler=sampler, drop_last=True)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        out = self.model(self._batch(batch))
-        losses = self.model.loss(out)
-        size = len(batch.images)
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_pairs, shuffle=False)
+
+    def _loader(self, pairs: PairDataset, **options: Any) -> DataLoader:
+        workers = self.settings.data.num_workers
+        return DataLoader(
+            pairs,
+            batch_size=self.settings.batch_size,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            **options,
+        )
+
+    def on_train_epoch_start(self) -> None:
+        # Before the epoch's workers start: each draws its samples from (seed, epoch, index).
+        self.train_pairs.set_epoch(self.current_epoch)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # moved in `_batch`, once the captions are encoded
+
+    def _batch(self, batch: TrainBatch) -> Sat2SoundBatch:
+        return model_batch(batch, self.texts, self.model.cfg, self.device)
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
+        losses = self.model.loss(self.model(self._batch(batch)))
+        size = len(batch)
         self.log("train/loss", losses.loss, prog_bar=True, batch_size=size)
         self.log_dict(
             {"train/multimodal_loss": losses.multimodal_loss, "train/fdt_loss": losses.fdt_loss}, batch_size=size
         )
-        self._log_rate(size)
-        return losses.loss
-
-    def _log_rate(self, size: int) -> None:
         now = time.perf_counter()
         if self._tick is not None:
-            start, count = self._tick
-            self.log("samples_per_s", count / max(now - start, 1e-9), prog_bar=True, batch_size=size)
-        self._tick = (now, size)
+            self.log("samples_per_s", size / max(now - self._tick, 1e-9), prog_bar=True, batch_size=size)
+        self._tick = now
+        return losses.loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: TrainBatch, batch_idx: int) -> None:
         model_input = self._batch(batch)
         out = self.model(model_input)
-        self.log("val/loss", self.model.loss(out).loss, batch_size=len(batch.images), sync_dist=True)
-        self._val_outputs.append(pair_embeddings(self.model, [model_input]))
+        self.log("val/loss", self.model.loss(out).loss, batch_size=len(batch), sync_dist=True)
+        self._val_outputs.append(pair_embeddings(out))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
+        if len(self._val_outputs) == 0:
             return
-        embeddings = PairEmbeddings(*(torch.cat(parts) for parts in zip(*self._val_outputs, strict=True)))
+        embeddings = concat(self._val_outputs)
         self._val_outputs.clear()
-        metrics = retrieval_metrics(
-            embeddings.image.numpy(),
-            embeddings.audio.numpy(),
-            embeddings.audio_caption.numpy(),
-            recall_at_percent=self.settings.recall_at_percent,
-        )
+        if len(embeddings.image) < 2:
+            return
+        metrics = retrieval_metrics(embeddings.image, embeddings.audio, embeddings.audio_caption)
         plain = metrics["none"]
-        recall = (plain["I2S"]["recall"] + plain["S2I"]["recall"]) / 2
-        self.log(MONITOR, recall, prog_bar=True, sync_dist=True)
+        self.log(MONITOR, (plain["I2S"]["recall"] + plain["S2I"]["recall"]) / 2, prog_bar=True, sync_dist=True)
         for setting, directions in metrics.items():
             for direction, values in directions.items():
                 for name, value in values.items():
@@ -147,9 +203,11 @@ class Sat2SoundTraining(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain types and tensors only, so the checkpoint loads with weights_only=True.
+        kind, keys, position, has_gauss, cached = np.random.get_state()
         checkpoint["rng"] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(np.asarray(keys).copy()), position, has_gauss, cached],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -160,7 +218,8 @@ class Sat2SoundTraining(pl.LightningModule):
         if not states:
             return
         random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
+        kind, keys, position, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
@@ -169,12 +228,12 @@ class Sat2SoundTraining(pl.LightningModule):
 def initial_model(settings: TrainSettings) -> Sat2Sound:
     """The architecture of the settings, fresh, or the weights of `model.init` to go on from."""
     if settings.model.init is None:
-        return Sat2Sound(settings.model_config(), meta_droprate=settings.model.meta_droprate)
+        return Sat2Sound(settings.model_config())
     cfg, state_dict, _ = read_checkpoint(Path(settings.model.init))
-    return build_model(cfg, state_dict, source=settings.model.init)
+    return build_model(settings.with_droprate(cfg), state_dict, source=settings.model.init)
 
 
-def trainer(settings: TrainSettings, callbacks: Sequence[pl.Callback], **overrides: Any) -> pl.Trainer:
+def trainer(settings: TrainSettings, checkpoints: ModelCheckpoint, **overrides: Any) -> pl.Trainer:
     logs = settings.out_path / "logs"
     precision = settings.precision
     if precision == "auto":
@@ -189,7 +248,7 @@ def trainer(settings: TrainSettings, callbacks: Sequence[pl.Callback], **overrid
         "precision": precision,
         "devices": "auto" if settings.devices is None else settings.devices,
         "logger": [TensorBoardLogger(logs, name="tensorboard"), CSVLogger(logs, name="csv")],
-        "callbacks": list(callbacks),
+        "callbacks": [checkpoints],
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
     }
@@ -207,16 +266,41 @@ def best_checkpoints(settings: TrainSettings) -> ModelCheckpoint:
     )
 
 
+class TrainResult(NamedTuple):
+    best: Path
+    best_recall: float | None
+    exported: list[Path]
+    steps: int
+    seconds: float
+
+
+def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
+    """Train (resuming from `<out_dir>/checkpoints/last.ckpt` when there is one) and export the best weights."""
+    pl.seed_everything(settings.seed, workers=True, verbose=False)
+    model = initial_model(settings)
+    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
+    checkpoints = best_checkpoints(settings)
+    last = settings.out_path / CHECKPOINTS / LAST
+    started = time.perf_counter()
+    fit = trainer(settings, checkpoints, **trainer_overrides)
+    fit.fit(module, ckpt_path=str(last) if last.is_file() else None)
+    best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    exported = export(state, model, settings, best)
+    score = checkpoints.best_model_score
+    return TrainResult(
+        best, None if score is None else float(score), exported, fit.global_step, time.perf_counter() - started
+    )
+
+
 def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSettings, source: Path) -> list[Path]:
-    """Write the trained weights as `<out_dir>/model.safetensors` (+ `.json`), and upstream's `.ckpt` when full."""
-    weights = {key.removeprefix("model."): value for key, value in module_state.items() if key.startswith("model.")}
-    model.load_state_dict(weights)
-    hparams = upstream_hparams(settings, model)
+    """`<out_dir>/model.safetensors` (+ `.json`), and upstream's `.ckpt` layout when its hyper-parameters
+    describe the model whole (the full architecture)."""
+    model.load_state_dict({key.removeprefix("model."): value for key, value in module_state.items()})
+    hparams = upstream_hparams(settings, model.cfg)
     provenance = {"trained_by": "python -m model train", "from_checkpoint": source.name}
     written = list(save_safetensors(model, settings.out_path / f"{EXPORT_NAME}.safetensors", hparams, provenance))
-    if (settings.model.architecture == "full" and settings.model.init is None) or model.cfg == type(model.cfg)():
-        from common.atomic import atomic_path
-
+    if Sat2SoundConfig.from_hparams(hparams) == model.cfg:
         target = settings.out_path / f"{EXPORT_NAME}.ckpt"
         with atomic_path(target) as tmp:
             torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, tmp)
@@ -224,9 +308,9 @@ def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSet
     return written
 
 
-def upstream_hparams(settings: TrainSettings, model: Sat2Sound) -> dict[str, Any]:
-    """The hyper-parameters under upstream's names (those that shape the model, and the training ones)."""
-    cfg, optim = model.cfg, settings.optim
+def upstream_hparams(settings: TrainSettings, cfg: Sat2SoundConfig) -> dict[str, Any]:
+    """The hyper-parameters under upstream's names: those that shape the model, and the training ones."""
+    optim = settings.optim
     return {
         "fc_dim": cfg.fc_dim,
         "codebook_dim": cfg.codebook_dim,
@@ -236,17 +320,22 @@ def upstream_hparams(settings: TrainSettings, model: Sat2Sound) -> dict[str, Any
         "combined_modality_loss": int(cfg.combined_modality_loss),
         "fdt_weight": cfg.fdt_weight,
         "pseudo_match_alpha": cfg.pseudo_match_alpha,
-        "meta_droprate": settings.model.meta_droprate,
+        "meta_droprate": cfg.meta_droprate,
         "learning_rate": optim.lr,
         "weight_decay": optim.weight_decay,
         "warm_up_iterations": optim.restart_steps,
         "batch_size": settings.batch_size,
-        "recall_at": settings.recall_at_percent,
     }
 
 
-def seed_everything(seed: int) -> None:
-    pl.seed_everything(seed, workers=True, verbose=False)
-
-
-ProgressFn = Callable[[str], None]
+@torch.inference_mode()
+def split_embeddings(
+    model: Sat2Sound, texts: TextCache, data: DataSettings, split: str, batch_size: int = 64
+) -> PairEmbeddings:
+    """Every pair of `split` through the evaluation transform and the model (in eval mode), normalised."""
+    source = open_pairs(data, split)
+    pairs = PairDataset(source, transform_for(source, data, train=False))
+    loader = DataLoader(pairs, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers)
+    model.eval()
+    device = next(model.parameters()).device
+    return concat(pair_embeddings(model(model_batch(batch, texts, model.cfg, device))) for batch in loader)

@@ -19,7 +19,7 @@ def test_defaults_are_the_references() -> None:
     optim = settings.optim
     assert (optim.lr, optim.weight_decay, optim.betas, optim.eps) == (5e-5, 0.2, (0.9, 0.98), 1e-8)
     assert (optim.restart_steps, optim.grad_clip, settings.batch_size) == (5000, 0.5, 128)
-    assert settings.model.meta_droprate == 0.5
+    assert settings.model_config().meta_droprate == 0.5
 
 
 def test_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:

@@ -1,0 +1,165 @@
+"""Training end to end on a tiny folder of pairs: logs, best checkpoints, export the pipeline loads, an exact
+resume, cached captions, and `python -m model evaluate --checkpoint` on a split."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+from support.pair_data import encode_image, write_folder
+
+from model.__main__ import main
+from model.checkpoint import load_model, read_checkpoint
+from model.config import Sat2SoundConfig
+from model.train_config import load_settings, parse_settings
+from model.training import CHECKPOINTS, LAST, train, upstream_hparams
+
+COLOURS = {"water": (20, 40, 90), "forest": (30, 90, 30), "city": (170, 160, 150)}
+RATE = 16_000
+
+
+def make_pairs(root: Path) -> Path:
+    """Three classes of plain-coloured 64 px images, each with its own tone as the recording."""
+    lines = []
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        name = list(COLOURS)[index % 3]
+        key = f"{name}{index}"
+        image = np.clip(np.array(COLOURS[name]) + rng.integers(-10, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "images" / f"{key}.png").write_bytes(encode_image(image))
+        tone = np.sin(2 * np.pi * (200 + 300 * (index % 3)) * np.arange(RATE * 2) / RATE).astype(np.float32)
+        (root / "audio").mkdir(exist_ok=True)
+        soundfile.write(root / "audio" / f"{key}.wav", 0.3 * tone, RATE)
+        split = "val" if index >= 9 else "train"
+        lines.append(
+            {
+                "key": key,
+                "image": f"images/{key}.png",
+                "audio": f"audio/{key}.wav",
+                "audio_caption": f"the sound of {name}",
+                "image_caption": f"a satellite image of {name}",
+                "lat": "-25.3",
+                "lon": "-54.5",
+                "time": "2020-05-18",
+                "split": "test" if index == 11 else split,
+            }
+        )
+    lines.append({**lines[-1], "key": "extra", "split": "test"})
+    return write_folder(root, lines)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def config(tmp_path: Path, pairs: Path, **values: object) -> Path:
+    settings = {
+        "out_dir": "run",
+        "data": {"format": "folder", "root": str(pairs), "zooms": [1], "num_workers": 0},
+        "optim": {"lr": 1e-3},
+        "batch_size": 4,
+        "max_epochs": 2,
+        "seed": 7,
+        **values,
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(out / "model.safetensors")[1]
+
+
+@pytest.mark.slow
+def test_training_logs_keeps_the_best_and_exports_what_the_pipeline_loads(tmp_path: Path, pairs: Path) -> None:
+    settings = load_settings(config(tmp_path, pairs))
+    result = train(settings, enable_progress_bar=False)
+    out = settings.out_path
+    assert result.steps == 2 * 2  # 8 training pairs, batches of 4 (the last partial batch is dropped)
+    assert (out / CHECKPOINTS / LAST).is_file() and result.best.name.startswith("best-")
+    assert result.best_recall is not None and 0 <= result.best_recall <= 1
+    rows = list(csv.DictReader((out / "logs" / "csv" / "version_0" / "metrics.csv").open()))
+    assert any(row.get("train/loss") for row in rows) and any(row.get("val/recall") for row in rows)
+    assert list((out / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+    model, _ = load_model(out / "model.safetensors")
+    assert model.cfg.sat_type == "sentinel" and model.cfg.text_dim == 384
+    fresh = Sat2SoundConfig.small("none")
+    assert all(torch.isfinite(value).all() for value in final_weights(out).values())
+    assert model.cfg.fc_dim == fresh.fc_dim
+    assert json.loads((out / "model.json").read_text())["trained_by"] == "python -m model train"
+    assert not (out / "model.ckpt").exists()  # upstream's layout cannot describe the small architecture
+    assert list(settings.text_cache_path.rglob("*.npy"))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, pairs: Path) -> None:
+    straight = load_settings(config(tmp_path / "straight", pairs, max_epochs=2))
+    train(straight, enable_progress_bar=False)
+    halves = tmp_path / "halves"
+    train(load_settings(config(halves, pairs, max_epochs=1)), enable_progress_bar=False)
+    resumed = load_settings(config(halves, pairs, max_epochs=2))
+    result = train(resumed, enable_progress_bar=False)
+    assert result.steps == 4
+    expected, found = final_weights(straight.out_path), final_weights(resumed.out_path)
+    assert expected.keys() == found.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], found[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_evaluate_a_checkpoint_on_a_split(tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = load_settings(config(tmp_path, pairs, max_epochs=1))
+    train(settings, enable_progress_bar=False)
+    out = tmp_path / "metrics.json"
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(settings.out_path / "model.safetensors"),
+            "--data",
+            str(pairs),
+            "--split",
+            "test",
+            "--text-cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"none", "audio", "query"}
+    assert "I2S" in capsys.readouterr().out
+
+
+def test_evaluate_needs_one_source_of_embeddings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate"]) == 2
+    assert "give either --embeddings" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", "x.safetensors"]) == 2
+    assert "--checkpoint needs --data" in capsys.readouterr().err
+
+
+def test_upstream_layout_only_for_what_its_hyper_parameters_describe() -> None:
+    settings = parse_settings({"out_dir": "r", "data": {"root": "p"}, "model": {"architecture": "full"}})
+    full = settings.model_config()
+    assert Sat2SoundConfig.from_hparams(upstream_hparams(settings, full)) == full
+    small = parse_settings({"out_dir": "r", "data": {"root": "p"}}).model_config()
+    assert Sat2SoundConfig.from_hparams(upstream_hparams(settings, small)) != small
+
+
+def test_train_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": "r", "data": {"root": str(tmp_path / "missing")}}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
