@@ -33,6 +33,8 @@ from model.sat2sound import Sat2Sound
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_FORMAT = "sat2sound-maps/config-v1"
+# The sentence a converted or trained checkpoint's config may carry about what the weights are.
+DESCRIPTION_KEY = "description"
 # Key prefixes of weights that no part of Sat2Sound reads (older revisions kept a text projector).
 IGNORED_PREFIXES = ("text_encoder.",)
 # Prefixes added by wrappers (DDP, torch.compile) around the whole model.
@@ -157,6 +159,14 @@ def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, 
         filter_state_dict(state_dict),
         meta.get("hyper_parameters", {}),
     )
+
+
+def checkpoint_description(path: Path) -> str:
+    """What a .safetensors checkpoint says it is (its config's description; empty for other files)."""
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return ""
+    meta = json.loads(_safetensors_config_path(path).read_text())
+    return str(meta.get(DESCRIPTION_KEY, ""))
 
 
 def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:

@@ -71,6 +71,7 @@ class TrainSettings:
     devices: int | None = None  # None: every device of the accelerator
     seed: int = 0
     text_cache: str | None = None  # default: <out_dir>/text_cache
+    description: str = ""  # what the exported weights are, in a sentence; maps built with them show it
 
     @property
     def out_path(self) -> Path:

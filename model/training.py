@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from common.atomic import atomic_path
-from model.checkpoint import build_model, read_checkpoint, save_safetensors
+from model.checkpoint import DESCRIPTION_KEY, build_model, read_checkpoint, save_safetensors
 from model.config import Sat2SoundConfig
 from model.data.dataset import BlockShuffleSampler, PairDataset, TrainBatch, collate
 from model.data.folder import FolderPairs
@@ -298,7 +298,11 @@ def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSet
     describe the model whole (the full architecture)."""
     model.load_state_dict({key.removeprefix("model."): value for key, value in module_state.items()})
     hparams = upstream_hparams(settings, model.cfg)
-    provenance = {"trained_by": "python -m model train", "from_checkpoint": source.name}
+    provenance = {
+        "trained_by": "python -m model train",
+        "from_checkpoint": source.name,
+        DESCRIPTION_KEY: settings.description,
+    }
     written = list(save_safetensors(model, settings.out_path / f"{EXPORT_NAME}.safetensors", hparams, provenance))
     if Sat2SoundConfig.from_hparams(hparams) == model.cfg:
         target = settings.out_path / f"{EXPORT_NAME}.ckpt"
