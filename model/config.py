@@ -113,6 +113,11 @@ class Sat2SoundConfig:
         return tuple(name for name in METADATA_ORDER if name in parts) + tuple(sorted(parts - set(METADATA_ORDER)))
 
     @property
+    def size(self) -> str:
+        """ "full" for the reference's ViT image tower, "small" otherwise: what sets a map build's speed."""
+        return "full" if self.vit == ViTConfig() else "small"
+
+    @property
     def gsd(self) -> float:
         return GSD_BY_SAT_TYPE[self.sat_type]
 

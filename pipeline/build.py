@@ -36,7 +36,7 @@ from pipeline.geometry import (
     tile_ground_size_m,
 )
 from pipeline.launch import STOPPED_LINE
-from pipeline.model_setup import check_device, check_model, model_config, untrained_notice
+from pipeline.model_setup import check_device, check_model, model_config, model_description, untrained_notice
 from pipeline.plan import (
     ChunkTiles,
     ModelView,
@@ -103,8 +103,9 @@ def plan_build(
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         downloads, share = estimate_downloads(reader, plan, chunks)
-    size = "small" if inputs.model.untrained else "full"
-    workload = Workload(size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path))
+    workload = Workload(
+        config.size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path)
+    )
     return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)
 
 
@@ -358,6 +359,8 @@ def start_lines(config: BuildConfig, planned: PlannedBuild) -> list[str]:
     ]
     if config.model.untrained:
         lines.append(untrained_notice(config.model.sat_type, config.model.seed))
+    elif description := model_description(config.model):
+        lines.append(f"model: {description}")
     return lines
 
 

@@ -30,6 +30,7 @@ class ModelRecord(NamedTuple):
     untrained: bool
     sat_type: str
     metadata_type: str
+    description: str = ""  # what the weights are, from their config (trained demo weights say so)
 
 
 def untrained_notice(sat_type: str, seed: int) -> str:
@@ -99,6 +100,16 @@ def model_config(settings: ModelSettings) -> Sat2SoundConfig:
     return read_config(resolve(settings.checkpoint))
 
 
+def model_description(settings: ModelSettings) -> str:
+    """The checkpoint's own sentence about what its weights are ("" when it has none, or is untrained)."""
+    if settings.untrained:
+        return ""
+    from model import resolve
+    from model.checkpoint import checkpoint_description
+
+    return checkpoint_description(resolve(settings.checkpoint))
+
+
 def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> ModelRecord:
     """Resolve the weights (or, for 'untrained', build them from the seed and save them); write model.json.
 
@@ -124,6 +135,7 @@ def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> Mode
         untrained=untrained,
         sat_type=cfg.sat_type,
         metadata_type=cfg.metadata_type,
+        description=model_description(settings),
     )
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record._asdict(), indent=1))

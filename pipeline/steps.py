@@ -31,6 +31,8 @@ def _model(args: argparse.Namespace, config: BuildConfig) -> str:
     record = prepare_model(settings, args.out.parent / "model", args.out)
     if record.untrained:
         print(untrained_notice(record.sat_type, settings.seed))
+    elif record.description:
+        print(f"model: {record.description}")
     return f"{record.checkpoint} ({record.sat_type}, {record.metadata_type}) sha256 {record.sha256[:12]}"
 
 

@@ -196,6 +196,8 @@ def _banner(provenance: dict[str, Any], variable: str, gaps: str = "") -> str:
         if provenance["untrained"] is True
         else ""
     )
+    if provenance.get("model_description"):
+        warning += f'<div class="s2s-note">{html.escape(str(provenance["model_description"]))}</div>'
     if gaps:
         warning += f'<div class="s2s-warning">{html.escape(gaps)}</div>'
     return (
@@ -247,6 +249,7 @@ _PAGE_CSS = """
   box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); }
 .s2s-title { font-weight: bold; }
 .s2s-warning { color: #b00020; font-weight: bold; }
+.s2s-note { color: #444; font-style: italic; }
 .s2s-legend { background: rgba(255, 255, 255, 0.92); padding: 6px 10px; border-radius: 4px;
   font: 12px/1.4 sans-serif; box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); width: 260px; }
 .s2s-meaning { font-style: italic; margin-bottom: 4px; }

@@ -25,6 +25,7 @@ PROVENANCE_ATTRS = (
     "checkpoint",
     "checkpoint_sha256",
     "untrained",
+    "model_description",
     "imagery_source",
     "imagery_attribution",
     "software_version",

@@ -191,6 +191,7 @@ def provenance(model: ModelRecord, plan: Plan, config: Mapping[str, Any]) -> dic
         "checkpoint": model.checkpoint,
         "checkpoint_sha256": model.sha256,
         "untrained": bool(model.untrained),
+        "model_description": model.description,
         "sat_type": plan.view.sat_type,
         "zoom_level": plan.view.zoom_level,
         "tile_zoom": plan.grid.zoom,
