@@ -41,6 +41,9 @@ rule all:
     input:
         rules.mosaic.output.store,
         rules.cogs.output,
+        rules.percentiles.output,
+        rules.dominant.output,
+        rules.top_places.output,
         rules.preview.output.html,
 
 

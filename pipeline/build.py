@@ -226,11 +226,12 @@ def _describe_limit(planned: PlannedBuild) -> list[str]:
 
 def output_bytes_per_tile(workload: Workload) -> tuple[int, int]:
     """Uncompressed pixel bytes per output tile: the Zarr store (float32 scores of every kind and query, float16
-    embedding, int32 + float32 concepts, bool valid) and the COGs (float32 per query, uint16 concepts, overviews).
-    Compression shrinks them; metadata adds a fixed ~0.2 MB, which dominates only tiny builds."""
+    embedding, int32 + float32 concepts, bool valid) and the COGs (float32 raw and percentile per query, uint16
+    concepts, two uint8 bands of the dominant query, overviews). Compression shrinks them; metadata adds a fixed
+    ~0.2 MB (and the top places a few kB), which dominates only tiny builds."""
     queries = DEFAULT_QUERY_COUNT if workload.query_count is None else workload.query_count
     zarr = len(SCORE_KINDS) * queries * 4 + workload.embedding_dim * 2 + workload.concepts_top_k * (4 + 4) + 1
-    cogs = round((queries * 4 + 2) * OVERVIEW_FACTOR)
+    cogs = round((2 * queries * 4 + 2 + 2) * OVERVIEW_FACTOR)
     return zarr, cogs
 
 
@@ -340,7 +341,9 @@ def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> i
 def finish_lines(build_dir: Path | str, store: Path | str) -> list[str]:
     """What the workflow prints when it ends well: where the outputs are and, when imagery could not be had
     (`imagery.on_missing: leave_empty`), how many tiles were left empty and why (from the store's attributes)."""
-    lines = [f"done: {build_dir}/preview.html, {build_dir}/cog/*.tif (+ .qml), {store}"]
+    lines = [
+        f"done: {build_dir}/preview.html, {build_dir}/cog/*.tif (+ .qml), {build_dir}/top_places.gpkg (+ .csv), {store}"
+    ]
     try:
         metadata = json.loads((Path(store) / ".zmetadata").read_text())
         attrs = metadata["metadata"][".zattrs"]

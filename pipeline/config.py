@@ -113,6 +113,7 @@ class Query:
 class OutputSettings:
     concepts_top_k: int
     crs: str | None
+    top_k: int
     zarr_chunk_px: int
 
 
@@ -258,6 +259,9 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "queries": {"queries": (), "model": ("text_backbone", "precision")},
     "cogs": {"outputs": ("crs",)},
+    "percentiles": {"outputs": ("crs",)},
+    "dominant": {"outputs": ("crs",)},
+    "places": {"outputs": ("top_k",)},
 }
 
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from model import Sat2SoundEncoder
 
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3"})
+# Each kind of query keeps the scale its pair was trained with. The reference makes no zero-shot map itself; its
+# image-text term (image vs audio caption, src/engine.py `get_loss`) is trained with logit_scale_it, so a softmax of
+# text queries with it is the image->text zero-shot classification the model learnt (as CLIP's, with its one scale).
 LOGIT_SCALE_BY_KIND = {"text": "logit_scale_it", "audio": "logit_scale_ia", "composed": "logit_scale_i_at"}
 FALLBACK_COMPOSED_SCALE = "logit_scale_ia"
 

@@ -157,6 +157,26 @@ def _cogs(args: argparse.Namespace, config: BuildConfig) -> str:
     return f"{len(paths)} COGs in {args.out_dir}"
 
 
+def _percentiles(args: argparse.Namespace, config: BuildConfig) -> str:
+    from pipeline.export import write_query_cogs
+
+    paths = write_query_cogs(args.store, args.out_dir, variable="score_percentile", dst_crs=config.outputs.crs)
+    return f"{len(paths)} percentile COGs in {args.out_dir}"
+
+
+def _dominant(args: argparse.Namespace, config: BuildConfig) -> str:
+    from pipeline.export import write_dominant_cog
+
+    return f"wrote {write_dominant_cog(args.store, args.out_dir, dst_crs=config.outputs.crs)}"
+
+
+def _places(args: argparse.Namespace, config: BuildConfig) -> str:
+    from pipeline.export.places import write_top_places
+
+    count = write_top_places(args.store, config.outputs.top_k, args.gpkg, args.csv)
+    return f"{count} places (outputs.top_k {config.outputs.top_k} per query) in {args.gpkg} and {args.csv}"
+
+
 def _preview(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.export import write_preview
     from pipeline.plan import read_plan, region_feature
@@ -178,6 +198,9 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
         "write the Zarr store",
     ),
     "cogs": (_cogs, ("store", "out_dir"), "write one COG per query and the concept COG"),
+    "percentiles": (_percentiles, ("store", "out_dir"), "write one percentile COG per query"),
+    "dominant": (_dominant, ("store", "out_dir"), "write the COG of each tile's best-fitting query"),
+    "places": (_places, ("store", "gpkg", "csv"), "write each query's top places as GeoPackage and CSV"),
     "preview": (_preview, ("store", "plan", "out"), "write the HTML preview"),
 }
 OPTION_TYPES: dict[str, Callable[[str], Any]] = {"chunk": str, "threads": int, "job": int}

@@ -1,4 +1,5 @@
-# What GIS users open: one COG per query plus the concept map (each with a QGIS style), and an HTML preview.
+# What GIS users open: one COG per query plus the concept map (each with a QGIS style), the answers a planner acts
+# on (percentile COGs, the dominant-query COG, the top places as GeoPackage and CSV), and an HTML preview.
 
 
 rule cogs:
@@ -16,6 +17,57 @@ rule cogs:
         f"{LOGS}/cogs.log",
     shell:
         "{STEP} cogs --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q} > {log:q} 2>&1"
+
+
+rule percentiles:
+    input:
+        store=rules.mosaic.output.store,
+    output:
+        percentiles=expand(f"{BUILD}/cog/{{query}}_percentile.tif", query=QUERY_IDS),
+    params:
+        settings=SETTINGS,
+        digest=digest("percentiles"),
+        store=STORE,
+        cog_dir=f"{BUILD}/cog",
+    log:
+        f"{LOGS}/percentiles.log",
+    shell:
+        "{STEP} percentiles --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q}"
+        " > {log:q} 2>&1"
+
+
+rule dominant:
+    input:
+        store=rules.mosaic.output.store,
+    output:
+        dominant=f"{BUILD}/cog/dominant.tif",
+    params:
+        settings=SETTINGS,
+        digest=digest("dominant"),
+        store=STORE,
+        cog_dir=f"{BUILD}/cog",
+    log:
+        f"{LOGS}/dominant.log",
+    shell:
+        "{STEP} dominant --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q}"
+        " > {log:q} 2>&1"
+
+
+rule top_places:
+    input:
+        store=rules.mosaic.output.store,
+    output:
+        gpkg=f"{BUILD}/top_places.gpkg",
+        csv=f"{BUILD}/top_places.csv",
+    params:
+        settings=SETTINGS,
+        digest=digest("places"),
+        store=STORE,
+    log:
+        f"{LOGS}/top_places.log",
+    shell:
+        "{STEP} places --settings {params.settings:q} --store {params.store:q} --gpkg {output.gpkg:q}"
+        " --csv {output.csv:q} > {log:q} 2>&1"
 
 
 rule preview:

@@ -1,8 +1,9 @@
-"""QGIS layer styles (.qml) for the exported rasters: a perceptual colour ramp for scores, a palette for concepts.
+"""QGIS layer styles (.qml) for the exported rasters: a perceptual colour ramp for scores, classes in plain words
+for percentiles, a palette for categories (concepts, dominant queries).
 
 QGIS loads `<name>.qml` beside `<name>.tif` as the layer's default style. The XML follows what QGIS 3.x writes
-for a `singlebandpseudocolor` renderer (interpolated colour ramp shader) and a `paletted` renderer. The score
-ramp is also the preview's colour map, so a tile has the same colour in QGIS and in the browser.
+for a `singlebandpseudocolor` renderer (interpolated or discrete colour ramp shader) and a `paletted` renderer.
+The score ramp is also the preview's colour map, so a tile has the same colour in QGIS and in the browser.
 """
 
 from __future__ import annotations
@@ -73,6 +74,26 @@ class PaletteEntry(NamedTuple):
     colour: Colour
 
 
+class ValueClass(NamedTuple):
+    """A class of a discrete legend: the values above the previous class's `upper` up to and including its own."""
+
+    upper: float
+    label: str
+    colour: Colour
+
+
+# Percentile classes of a query's percentile map, lowest first, each with words true of every tile in it (a tile
+# at the 93rd percentile is in the top 10 %). The upper bounds are those of QGIS's discrete shader (inclusive).
+PERCENTILE_CLASSES = (
+    (50.0, "bottom half of this region for {query}"),
+    (75.0, "above this region's median for {query}"),
+    (90.0, "top 25 % of this region for {query}"),
+    (95.0, "top 10 % of this region for {query}"),
+    (99.0, "top 5 % of this region for {query}"),
+    (100.0, "top 1 % of this region for {query}"),
+)
+
+
 def _viridis() -> tuple[RampStop, ...]:
     # branca sets its named ramps as attributes at import, out of sight of type checkers.
     ramp: LinearColormap = linear.viridis  # type: ignore[attr-defined]
@@ -96,6 +117,22 @@ def display_range(values: np.ndarray, what: str) -> DisplayRange:
         # Every sampled tile has one value: any non-empty range around it shows that value.
         high = low + max(abs(low), 1.0) * 1e-6
     return DisplayRange(low, high, *DISPLAY_PERCENTILES)
+
+
+def percentile_classes(query_label: str) -> tuple[ValueClass, ...]:
+    """The plain-words legend of a percentile map, coloured along the score ramp from its first to last stop."""
+    last = len(PERCENTILE_CLASSES) - 1
+    return tuple(
+        ValueClass(upper, words.format(query=f"'{query_label}'"), ramp_colour(index / last))
+        for index, (upper, words) in enumerate(PERCENTILE_CLASSES)
+    )
+
+
+def ramp_colour(position: float, ramp: Sequence[RampStop] = SCORE_RAMP) -> Colour:
+    """The colour at `position` (0..1) along `ramp`, interpolated linearly in sRGB between its stops."""
+    positions = [stop.position for stop in ramp]
+    channels = np.array([stop.colour for stop in ramp], dtype=float)
+    return Colour(*(round(float(np.interp(position, positions, channels[:, index]))) for index in range(3)))
 
 
 def category_colours(count: int) -> tuple[Colour, ...]:
@@ -171,6 +208,29 @@ def pseudocolor_qml(display: DisplayRange, ramp: Sequence[RampStop] = SCORE_RAMP
         useContinuousLegend="1",
     )
     _numeric_format(legend)
+    return _document(renderer)
+
+
+def classed_qml(classes: Sequence[ValueClass], minimum: float) -> str:
+    """A singleband pseudocolor style with discrete classes: a pixel takes the colour and legend line of the first
+    class whose `upper` it does not exceed; `minimum` is the lowest value the first class holds."""
+    low, high = minimum, classes[-1].upper
+    renderer = _renderer("singlebandpseudocolor", classificationMin=_number(low), classificationMax=_number(high))
+    # Limits "None": the classes are fixed, QGIS must not stretch them to the data it sees.
+    _min_max_origin(renderer, "None", 0.02, 0.98)
+    shader = ET.SubElement(
+        ET.SubElement(renderer, "rastershader"),
+        "colorrampshader",
+        colorRampType="DISCRETE",
+        classificationMode="1",
+        clip="0",
+        minimumValue=_number(low),
+        maximumValue=_number(high),
+        labelPrecision="0",
+    )
+    _gradient(shader, [RampStop(index / (len(classes) - 1), item.colour) for index, item in enumerate(classes)])
+    for item in classes:
+        ET.SubElement(shader, "item", value=_number(item.upper), color=item.colour.hex, alpha="255", label=item.label)
     return _document(renderer)
 
 

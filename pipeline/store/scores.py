@@ -86,6 +86,28 @@ def softmax_over_queries(scores: np.ndarray, logit_scale: np.ndarray) -> np.ndar
     return (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
+def dominant_query(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """From each query's `score_softmax` values in turn (query order, same shape), each tile's most probable query
+    (its index; ties go to the earlier query) and its margin: its probability minus the runner-up's (1 with a
+    single query). -1 / NaN where any query's value is NaN. One layer is read at a time, so memory does not grow
+    with the number of queries."""
+    layer_iter = iter(layers)
+    first = np.asarray(next(layer_iter), np.float32)
+    second = np.zeros_like(first)
+    best = np.zeros(first.shape, np.int32)
+    missing = np.isnan(first)
+    for index, layer in enumerate(layer_iter, start=1):
+        better = layer > first
+        second = np.where(better, first, np.maximum(second, layer))
+        first = np.where(better, layer, first)
+        best[better] = index
+        missing |= np.isnan(layer)
+    best[missing] = -1
+    margin = first - second
+    margin[missing] = np.nan
+    return best, margin
+
+
 class RegionScores(NamedTuple):
     """What the normalised scores of a region need: each query's valid scores (ascending) and its logit scale."""
 

@@ -49,7 +49,7 @@ def test_missing_keys_take_the_schema_defaults() -> None:
     assert config.model.checkpoint == "untrained" and config.model.untrained
     assert config.imagery.source == "esri" and config.imagery.min_coverage == 0.5
     assert config.tiling == TilingSettings(tile_zoom_offset=0, chunk_zoom=None, max_tiles=250_000)
-    assert config.outputs.concepts_top_k == 3 and config.outputs.crs is None
+    assert config.outputs.concepts_top_k == 3 and config.outputs.crs is None and config.outputs.top_k == 20
     assert config.build_dir == Path("outputs/test")
 
 
@@ -65,9 +65,11 @@ def test_missing_keys_take_the_schema_defaults() -> None:
         ({"queries": [{"id": "a b", "text": "x"}]}, "config.queries[0].id: 'a b' does not match"),
         (
             {"queries": [{"id": "concepts", "text": "x"}]},
-            "config.queries[0].id: 'concepts' is reserved for the concept map (cog/concepts.tif); give the query"
-            " another id",
+            "config.queries[0].id: 'concepts' would name one of the build's own maps (cog/concepts.tif,"
+            " cog/dominant.tif, cog/<id>_percentile.tif); give the query another id",
         ),
+        ({"queries": [{"id": "dominant", "text": "x"}]}, "config.queries[0].id: 'dominant' would name one of"),
+        ({"queries": [{"id": "birds_percentile", "text": "x"}]}, "'birds_percentile' would name one of the build's"),
         (
             {"queries": [{"id": "birds", "text": "x"}, {"id": "only_id"}]},
             """config.queries[1]: query 'only_id' has neither text nor audio; give it text: "..." or audio: PATH""",
@@ -127,7 +129,8 @@ def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
         ({"imagery": {"min_coverage": 0.9}}, {"embed", "mosaic"}),
         ({"model": {"month": 3}}, {"embed", "mosaic"}),
         ({"model": {"text_backbone": "minilm"}}, {"queries", "mosaic"}),
-        ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "mosaic"}),
+        ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "percentiles", "dominant", "mosaic"}),
+        ({"outputs": {"top_k": 5}}, {"places", "mosaic"}),
         ({"model": {"seed": 3}}, {"model", "mosaic"}),
     ],
 )

@@ -476,8 +476,9 @@ def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: 
     )
     # No small-model GPU rate: the full model's 100 tiles/s, 360 s, plus 60 s start-up = 420 s, 0.12 GPU-hours.
     assert "GPU time       ~7 min on one Test GPU: 0.12 GPU-hours (full model, 100 tiles/s end-to-end)" in text
-    # Per tile: Zarr 3 kinds x 2 queries x 4 B + 64 x 2 B + 3 x 8 B + 1 B = 177 B; COGs (2 x 4 + 2) x 4/3 = 13 B.
-    assert "Outputs        ~6.8 MB on disk: Zarr 6.4 MB, COGs 468.0 kB (2 queries, 64-d embedding;" in text
+    # Per tile: Zarr 3 kinds x 2 queries x 4 B + 64 x 2 B + 3 x 8 B + 1 B = 177 B;
+    # COGs (raw and percentile: 2 x 2 x 4 B, concepts 2 B, dominant 2 x 1 B) x 4/3 = 27 B.
+    assert "Outputs        ~7.3 MB on disk: Zarr 6.4 MB, COGs 972.0 kB (2 queries, 64-d embedding;" in text
     cache_bytes = format_bytes(planned.downloads.tiles * TYPICAL_TILE_BYTES)
     assert (
         f"Tile cache     ~{cache_bytes} on disk for {planned.downloads.tiles:,} imagery tiles (~20.0 kB each)" in text

@@ -6,6 +6,7 @@ outputs from a model built here from the same seed and fed with imagery read str
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import mercantile
 import numpy as np
 import pytest
@@ -59,6 +61,7 @@ RESUME_REGION = "-72.2160,18.5110,-72.2095,18.5175"
 QUERIES = [{"id": "birds", "text": "birds singing in the trees"}, {"id": "traffic", "text": "cars and horns"}]
 SCORE_ATOL = 3e-3  # embeddings are stored as float16
 RUN_TIMEOUT_S = 240
+TOP_K_DEFAULT = 20  # outputs.top_k when the config leaves it out
 
 pytestmark = pytest.mark.slow  # every test here runs Snakemake
 
@@ -204,6 +207,36 @@ def test_build_writes_a_georeferenced_store_and_cogs_on_the_tile_grid(built: Pat
         assert gdal_view.crs.to_epsg() == 3857 and gdal_view.transform.almost_equals(expected, precision=1e-6)
 
 
+def test_build_writes_the_answers_a_planner_acts_on(built: Path) -> None:
+    build = built / "out/tiny"
+    store = xr.open_zarr(build / "soundscape.zarr")
+    valid = store.valid.values
+    for query in QUERIES:
+        with rasterio.open(build / f"cog/{query['id']}_percentile.tif") as percentile:
+            values = percentile.read(1)
+        np.testing.assert_array_equal(values, store.score_percentile.sel(query=query["id"]).values)
+        assert (build / f"cog/{query['id']}_percentile.qml").is_file()
+    with rasterio.open(build / "cog/dominant.tif") as dominant:
+        index, margin = dominant.read()
+    probabilities = np.sort(store.score_softmax.values[:, valid], axis=0)
+    np.testing.assert_array_equal(index[valid], store.score_softmax.values[:, valid].argmax(axis=0))
+    np.testing.assert_allclose(margin[valid], 100 * (probabilities[-1] - probabilities[-2]), atol=0.5 + 1e-3)
+    assert (index[~valid] == 255).all()
+    assert (build / "cog/dominant.qml").is_file()
+    places_per_query = min(TOP_K_DEFAULT, int(valid.sum()))
+    for query in QUERIES:
+        places = gpd.read_file(build / "top_places.gpkg", layer=f"{query['id']}_places")
+        assert places.crs.to_epsg() == 4326 and places["rank"].tolist() == list(range(1, places_per_query + 1))
+        scores = store.score.sel(query=query["id"]).values[valid]
+        np.testing.assert_allclose(places["score"], np.sort(scores)[::-1][:places_per_query], rtol=1e-6)
+        areas = gpd.read_file(build / "top_places.gpkg", layer=f"{query['id']}_areas")
+        assert areas["tiles"].sum() == places_per_query
+    with (build / "top_places.csv").open(encoding="utf-8-sig", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == places_per_query * len(QUERIES)
+    for log in ("percentiles", "dominant", "top_places"):
+        assert (build / f"logs/{log}.log").is_file()
+
+
 def test_tiles_outside_the_region_or_without_imagery_are_nodata(built: Path) -> None:
     tiles, first_x, first_y = grid_tiles()
     store = xr.open_zarr(built / "out/tiny/soundscape.zarr")
@@ -268,7 +301,17 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
     dry_run = snakemake(work, config, "-n")
     check_ran(dry_run, work)
     counts = job_counts(dry_run.stdout)
-    assert set(counts) == {"queries", "score", "mosaic", "cogs", "preview", "all"}
+    assert set(counts) == {
+        "queries",
+        "score",
+        "mosaic",
+        "cogs",
+        "percentiles",
+        "dominant",
+        "top_places",
+        "preview",
+        "all",
+    }
 
     check_ran(snakemake(work, config, "--cores", "2"), work)
     assert {path: path.stat().st_mtime_ns for path in kept} == kept

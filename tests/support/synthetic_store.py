@@ -86,12 +86,15 @@ def write_synthetic_store(
     untrained: bool = True,
     seed: int = 0,
     unavailable: bool = False,
+    score: np.ndarray | None = None,
+    logit_scale: np.ndarray | None = None,
 ) -> SyntheticStore:
     """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
 
     `chunk` is the store's block size (pixels), `chunk_tiles` the side of a build chunk (tiles). With
     `unavailable`, the in-chunk tiles that are not valid were left empty because imagery could not be had (two
-    source tiles named by every chunk: counted once).
+    source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
+    replace the generated fields and the common LOGIT_SCALE.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -105,7 +108,7 @@ def write_synthetic_store(
     valid = in_chunk.copy()
     valid[height // 4 : height // 4 + max(1, height // 8), width // 2 : width // 2 + max(1, width // 8)] = False
 
-    score = _score_fields(len(queries), x, y, rng)
+    score = _score_fields(len(queries), x, y, rng) if score is None else np.array(score, np.float32)
     concept_index, concept_weight = _concepts(height, width, ranks, rng)
     embedding = rng.standard_normal((height, width, dim)).astype(np.float16)
 
@@ -125,7 +128,7 @@ def write_synthetic_store(
         tile_count=int(in_chunk.sum()),
         imagery=ImageryFit('{"kind": "synthetic"}', "synthetic", ATTRIBUTION, 10.0, False),
     )
-    logit_scale = np.full(len(queries), LOGIT_SCALE, np.float32)
+    logit_scale = np.full(len(queries), LOGIT_SCALE, np.float32) if logit_scale is None else np.array(logit_scale)
     embeddings = QueryEmbeddings(
         queries=queries,
         embedding=np.zeros((len(queries), dim), np.float32),
@@ -283,6 +286,49 @@ app.initQgis()
 print(json.dumps([facts(uri) for uri in sys.argv[1:]]))
 app.exitQgis()
 """
+
+_QGIS_STYLE_SCRIPT = """
+import json, sys
+from qgis.core import QgsApplication, QgsRaster, QgsRasterLayer
+
+def styled(uri, values):
+    layer = QgsRasterLayer(uri, "layer", "gdal")
+    _, loaded = layer.loadDefaultStyle()
+    renderer = layer.renderer()
+    provider = layer.dataProvider()
+    shader = renderer.shader().rasterShaderFunction() if renderer.type() == "singlebandpseudocolor" else None
+    return {
+        "valid": layer.isValid(),
+        "style_loaded": loaded,
+        "renderer": renderer.type(),
+        "alpha_band": renderer.alphaBand(),
+        "alpha_bands": [band for band in range(1, layer.bandCount() + 1)
+                        if provider.colorInterpretation(band) == QgsRaster.AlphaBand],
+        "legend": [[label, colour.name()] for label, colour in renderer.legendSymbologyItems()],
+        "shades": ["#%02x%02x%02x" % tuple(shader.shade(value)[1:4]) for value in values] if shader else [],
+    }
+
+app = QgsApplication([], False)
+app.initQgis()
+values = json.loads(sys.argv[1])
+print(json.dumps([styled(uri, values) for uri in sys.argv[2:]]))
+app.exitQgis()
+"""
+
+
+def qgis_styles(*uris: str, shade: tuple[float, ...] = ()) -> list[dict[str, Any]]:
+    """Each raster as QGIS shows it with its `.qml`: renderer, legend (label, colour), its alpha bands, and the
+    colour its shader gives each of `shade` (pseudocolor renderers)."""
+    result = subprocess.run(
+        [str(DEBIAN_PYTHON), "-c", _QGIS_STYLE_SCRIPT, json.dumps(list(shade)), *uris],
+        capture_output=True,
+        text=True,
+        env=_debian_env(),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def _debian_env() -> dict[str, str]:

@@ -20,7 +20,8 @@ from support.synthetic_store import CODEBOOK_SIZE, DEFAULT_QUERIES, SyntheticSto
 from pipeline.config import Query
 from pipeline.errors import ExportError
 from pipeline.export import cog
-from pipeline.export.cog import write_concept_cog, write_query_cogs
+from pipeline.export.cog import write_concept_cog, write_dominant_cog, write_query_cogs
+from pipeline.export.places import write_top_places
 from pipeline.export.qgis_style import category_colours, srgb_to_lab
 
 LABELS = ["birds chirping in a park", "rain_on_roof.flac", "harbour.wav + with seagulls"]
@@ -166,7 +167,7 @@ def test_qml_beside_each_cog_has_a_viridis_ramp_over_the_2nd_to_98th_percentile(
 
 def test_other_score_variables_get_their_own_files(store: SyntheticStore, tmp_path: Path) -> None:
     paths = write_query_cogs(store.path, tmp_path, variable="score_percentile")
-    assert [path.name for path in paths] == [f"{query.id}_score_percentile.tif" for query in DEFAULT_QUERIES]
+    assert [path.name for path in paths] == [f"{query.id}_percentile.tif" for query in DEFAULT_QUERIES]
     stored = _stored(store, "score_percentile")
     with rasterio.open(paths[0]) as cog_file:
         np.testing.assert_array_equal(cog_file.read(1), stored[0])
@@ -274,11 +275,15 @@ def test_export_reads_the_store_window_by_window(tmp_path: Path, monkeypatch: py
     # First use loads GDAL drivers and codecs; only the second export's allocations are the export's own.
     write_query_cogs(warm_up.path, tmp_path / "warm-up")
     write_concept_cog(warm_up.path, tmp_path / "warm-up")
+    write_dominant_cog(warm_up.path, tmp_path / "warm-up")
+    write_top_places(warm_up.path, 20, tmp_path / "warm-up.gpkg", tmp_path / "warm-up.csv")
     layer_bytes = store.score[0].nbytes
     tracemalloc.start()
     try:
         write_query_cogs(store.path, tmp_path / "cog")
         write_concept_cog(store.path, tmp_path / "cog")
+        write_dominant_cog(store.path, tmp_path / "cog")
+        write_top_places(store.path, 20, tmp_path / "top.gpkg", tmp_path / "top.csv")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

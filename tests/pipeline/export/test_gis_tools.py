@@ -1,4 +1,5 @@
-"""Debian 12's GDAL 3.6 and QGIS 3.22 read the COGs: georeferencing, values, band units, colour table, categories."""
+"""Debian 12's GDAL 3.6 and QGIS 3.22 read the COGs: georeferencing, values, band units, colour table, categories,
+and QGIS shows the percentile and dominant-query maps with their styles."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from support.synthetic_store import (
     needs_debian_gdal,
     needs_debian_qgis,
     qgis_layers,
+    qgis_styles,
     write_synthetic_store,
 )
 
-from pipeline.export.cog import write_concept_cog, write_query_cogs
+from pipeline.export.cog import write_concept_cog, write_dominant_cog, write_query_cogs
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStore:
 def cogs(store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     out = tmp_path_factory.mktemp("cog")
     return [*write_query_cogs(store.path, out), write_concept_cog(store.path, out)]
+
+
+@pytest.fixture(scope="module")
+def answers(store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    """The percentile COGs and the dominant-query COG."""
+    out = tmp_path_factory.mktemp("answers")
+    return write_query_cogs(store.path, out, variable="score_percentile"), write_dominant_cog(store.path, out)
 
 
 @needs_debian_gdal
@@ -76,3 +85,62 @@ def test_qgis_3_22_loads_the_cogs_with_crs_and_extent(store: SyntheticStore, cog
         assert layer["valid"] and layer["crs"] == "EPSG:3857"
         np.testing.assert_allclose(layer["extent"], [left, bottom, right, top], rtol=0, atol=1e-3)
         assert layer["size"] == [store.width, store.height]
+
+
+@needs_debian_gdal
+def test_gdal_3_6_reads_the_percentile_cog(store: SyntheticStore, answers: tuple[list[Path], Path]) -> None:
+    percentile = str(answers[0][0])
+    (band,) = gdalinfo(percentile)["bands"]
+    assert (band["unit"], band["description"]) == ("%", "birds chirping in a park")
+    assert band["metadata"][""]["VARIABLE"] == "score_percentile"
+    row, col = (int(value) for value in np.argwhere(store.valid)[17])
+    x, y = store.plan.grid.transform @ (col + 0.5, row + 0.5)
+    valid_scores = store.score[0][store.valid]
+    score = store.score[0, row, col]
+    expected = 100 * ((valid_scores < score).sum() + (valid_scores == score).sum() / 2) / len(valid_scores)
+    assert location_value(percentile, x, y) == pytest.approx(expected, abs=1e-4)
+
+
+@needs_debian_gdal
+def test_gdal_3_6_reads_the_dominant_cog_with_palette_names_and_a_plain_margin_band(
+    store: SyntheticStore, answers: tuple[list[Path], Path]
+) -> None:
+    dominant = str(answers[1])
+    category, margin = gdalinfo(dominant)["bands"]
+    assert (category["type"], category["colorInterpretation"], category["noDataValue"]) == ("Byte", "Palette", 255)
+    assert (margin["type"], margin["colorInterpretation"], margin["noDataValue"]) == ("Byte", "Undefined", 255)
+    assert (category["unit"], margin["unit"]) == ("query", "percentage points")
+    entries = category["colorTable"]["entries"]
+    assert all(entries[value][3] == 255 for value in range(3)) and entries[255][3] == 0
+    text = gdalinfo_text(dominant)
+    assert "CATEGORY_0=birds: birds chirping in a park (" in text
+    assert "CATEGORY_2=harbour: harbour.wav + with seagulls (" in text
+    assert "ColorInterp=Alpha" not in text
+    row, col = (int(value) for value in np.argwhere(store.valid)[5])
+    x, y = store.plan.grid.transform @ (col + 0.5, row + 0.5)
+    # Every query has the same logit scale here: the best cosine wins.
+    assert location_value(dominant, x, y) == np.argmax(store.score[:, row, col])
+
+
+@needs_debian_qgis
+def test_qgis_3_22_shows_percentile_classes_and_dominant_queries_with_their_styles(
+    answers: tuple[list[Path], Path],
+) -> None:
+    percentiles, dominant = answers
+    classed, paletted = qgis_styles(str(percentiles[0]), str(dominant), shade=(10.0, 92.0, 99.5))
+    assert classed["style_loaded"] and classed["renderer"] == "singlebandpseudocolor"
+    labels = [label for label, _ in classed["legend"]]
+    assert "top 10 % of this region for 'birds chirping in a park'" in labels
+    colours = dict(classed["legend"])
+    assert classed["shades"] == [
+        colours["bottom half of this region for 'birds chirping in a park'"],
+        colours["top 10 % of this region for 'birds chirping in a park'"],
+        colours["top 1 % of this region for 'birds chirping in a park'"],
+    ]
+    assert paletted["style_loaded"] and paletted["renderer"] == "paletted"
+    assert [label.split(" (")[0] for label, _ in paletted["legend"]] == [
+        "birds: birds chirping in a park",
+        "rain: rain_on_roof.flac",
+        "harbour: harbour.wav + with seagulls",
+    ]
+    assert (paletted["alpha_band"], paletted["alpha_bands"]) == (-1, []), "the margin band is data, not alpha"

@@ -157,7 +157,9 @@ def test_tiles_left_empty_for_unavailable_imagery_are_counted_in_the_attributes(
 def test_a_store_without_missing_imagery_says_so(opened: xr.Dataset, store: SyntheticStore) -> None:
     assert opened.attrs["empty_tiles_unavailable_imagery"] == 0
     assert opened.attrs["empty_tiles_reason"] == ""
-    assert finish_lines("build", store.path) == [f"done: build/preview.html, build/cog/*.tif (+ .qml), {store.path}"]
+    assert finish_lines("build", store.path) == [
+        f"done: build/preview.html, build/cog/*.tif (+ .qml), build/top_places.gpkg (+ .csv), {store.path}"
+    ]
 
 
 def test_a_rerun_retries_the_jobs_whose_chunks_lacked_imagery(tmp_path: Path) -> None:
