@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline plan ...` and `python -m pipeline cache info|prune ...`.
+"""Command line: `python -m pipeline plan ...`, `python -m pipeline query BUILD ...` and
+`python -m pipeline cache info|prune ...`.
 
 Errors of ours print one line on stderr and exit with status 2; warnings print one line each.
 """
@@ -19,10 +20,11 @@ from common.errors import Sat2SoundError
 from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.build import describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
-from pipeline.errors import BuildConfigError
+from pipeline.errors import BuildConfigError, QueryError
 from pipeline.imagery.cache import TileCache
 
 USAGE_ERROR_STATUS = 2
+DEFAULT_QUERY_TOP_K = 50
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY_SIZE_UNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -102,6 +104,25 @@ def _read_config(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _run_query(args: argparse.Namespace) -> None:
+    from pipeline.export.places import write_places
+    from pipeline.new_query import answer, answer_lines, new_query, open_built_map, write_map
+
+    if args.text is not None and args.with_text is not None:
+        raise QueryError("the query text is given twice (as TEXT and --text); give it once")
+    built = open_built_map(args.build)
+    text = args.text if args.with_text is None else args.with_text
+    query = new_query(built, text, args.audio, args.id, args.top_k)
+    result = answer(built, query, args.top_k)
+    print("\n".join(answer_lines(built, result)))
+    if args.gpkg or args.csv:
+        write_places({query.id: (result.places, result.areas)}, args.gpkg, args.csv)
+        print(f"places: {', '.join(str(path) for path in (args.gpkg, args.csv) if path)}")
+    if args.map:
+        paths = write_map(built, result)
+        print(f"map: {', '.join(str(path) for path in paths)} (+ .qml)")
+
+
 def _run_cache_info(args: argparse.Namespace) -> None:
     stats = TileCache(args.cache_dir).stats()
     print(f"{args.cache_dir}: {stats.files:,} tiles, {format_bytes(stats.bytes)}")
@@ -175,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--offline", action="store_true", default=None, help="count only cached imagery as available")
     plan.set_defaults(run=_run_plan)
 
+    _add_query_parser(commands)
+
     cache = commands.add_parser("cache", help="report or prune the imagery tile cache")
     actions = cache.add_subparsers(required=True, metavar="ACTION")
     info = actions.add_parser("info", help="number and size of cached tiles")
@@ -186,6 +209,24 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than-days", type=_non_negative_float, help="delete tiles older than this")
     prune.set_defaults(run=_run_cache_prune)
     return parser
+
+
+def _add_query_parser(commands: Any) -> None:
+    query = commands.add_parser(
+        "query", help="ask a built map a new query: its best places in seconds, from the kept tile embeddings"
+    )
+    query.add_argument("build", type=Path, metavar="BUILD", help="the build's folder, e.g. outputs/itaipu-demo")
+    query.add_argument("text", nargs="?", metavar="TEXT", help='what to listen for, e.g. "birds singing"')
+    query.add_argument("--audio", metavar="FILE", help="an audio query (wav, flac, ogg or mp3); with text: composed")
+    query.add_argument("--text", dest="with_text", metavar="TEXT", help="the text of an audio + text query")
+    query.add_argument("--top-k", type=int, default=DEFAULT_QUERY_TOP_K, help="how many places (default: %(default)s)")
+    query.add_argument(
+        "--map", action="store_true", help="also write BUILD/cog/<id>.tif and <id>_percentile.tif (+ .qml)"
+    )
+    query.add_argument("--id", help="the query's id in file names and tables (default: made from the text)")
+    query.add_argument("--csv", type=Path, help="write the places to this CSV file (as top_places.csv)")
+    query.add_argument("--gpkg", type=Path, help="write the places and areas to this GeoPackage (as top_places.gpkg)")
+    query.set_defaults(run=_run_query)
 
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:

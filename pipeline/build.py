@@ -59,6 +59,9 @@ ERROR_STATUS = 2
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"
+MODEL_NAME = "model.json"
+STORE_NAME = "soundscape.zarr"
+COG_DIR = "cog"
 # Queries assumed by the size estimate when none are given (the default config has 5).
 DEFAULT_QUERY_COUNT = 5
 # COG overviews add at most a third to the full-resolution band.

@@ -158,6 +158,12 @@ def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+def schema_bounds(section: str, key: str) -> tuple[int, int]:
+    """The minimum and maximum config/schema.json allows for the number `section.key`."""
+    spec = _schema()["properties"][section]["properties"][key]
+    return int(spec["minimum"]), int(spec["maximum"])
+
+
 def with_defaults(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A copy of `config` with every missing key that has a schema default filled in, recursively."""
     schema = _schema() if schema is None else schema

@@ -44,6 +44,10 @@ class ImageryWarning(UserWarning):
     """Imagery was usable but degraded (missing tiles, coarser than asked)."""
 
 
+class SearchWarning(UserWarning):
+    """A new query was answered, but the tile index could not be kept for the next one."""
+
+
 class TileDecodeError(ImageryError):
     """Tile bytes are truncated or not a decodable JPEG, PNG or WebP image."""
 
@@ -53,7 +57,12 @@ class BuildConfigError(PipelineError):
 
 
 class QueryError(PipelineError):
-    """A query names an audio file that is missing, of an unknown type or undecodable."""
+    """A query names an audio file that is missing, of an unknown type or undecodable, or a new query on a built
+    map is empty, asks for no places or takes an id it cannot have."""
+
+
+class BuildFolderError(PipelineError):
+    """A folder given as a finished build is missing, is no build, or lacks what a command needs from it."""
 
 
 class ImageryMismatchError(ImageryError):

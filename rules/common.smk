@@ -4,7 +4,16 @@
 import shlex
 import sys
 
-from pipeline.build import PLAN_NAME, SETTINGS_NAME, open_workflow, quiet_interrupts, retry_unavailable
+from pipeline.build import (
+    COG_DIR,
+    MODEL_NAME,
+    PLAN_NAME,
+    SETTINGS_NAME,
+    STORE_NAME,
+    open_workflow,
+    quiet_interrupts,
+    retry_unavailable,
+)
 from pipeline.config import settings_digest
 from pipeline.plan import embed_jobs
 
@@ -15,9 +24,10 @@ CFG, PLANNED = open_workflow(config, workflow.is_main_process)
 BUILD = str(CFG.build_dir)
 SETTINGS = f"{BUILD}/{SETTINGS_NAME}"
 PLAN = f"{BUILD}/{PLAN_NAME}"
-MODEL = f"{BUILD}/model.json"
+MODEL = f"{BUILD}/{MODEL_NAME}"
 QUERIES = f"{BUILD}/queries.npz"
-STORE = f"{BUILD}/soundscape.zarr"
+STORE = f"{BUILD}/{STORE_NAME}"
+COGS = f"{BUILD}/{COG_DIR}"
 LOGS = f"{BUILD}/logs"
 QUERY_IDS = [query.id for query in CFG.queries]
 STEP = f"{shlex.quote(sys.executable)} -m pipeline.steps"

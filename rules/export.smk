@@ -6,13 +6,13 @@ rule cogs:
     input:
         store=rules.mosaic.output.store,
     output:
-        queries=expand(f"{BUILD}/cog/{{query}}.tif", query=QUERY_IDS),
-        concepts=f"{BUILD}/cog/concepts.tif",
+        queries=expand(f"{COGS}/{{query}}.tif", query=QUERY_IDS),
+        concepts=f"{COGS}/concepts.tif",
     params:
         settings=SETTINGS,
         digest=digest("cogs"),
         store=STORE,
-        cog_dir=f"{BUILD}/cog",
+        cog_dir=COGS,
     log:
         f"{LOGS}/cogs.log",
     shell:
@@ -23,12 +23,12 @@ rule percentiles:
     input:
         store=rules.mosaic.output.store,
     output:
-        percentiles=expand(f"{BUILD}/cog/{{query}}_percentile.tif", query=QUERY_IDS),
+        percentiles=expand(f"{COGS}/{{query}}_percentile.tif", query=QUERY_IDS),
     params:
         settings=SETTINGS,
         digest=digest("percentiles"),
         store=STORE,
-        cog_dir=f"{BUILD}/cog",
+        cog_dir=COGS,
     log:
         f"{LOGS}/percentiles.log",
     shell:
@@ -40,12 +40,12 @@ rule dominant:
     input:
         store=rules.mosaic.output.store,
     output:
-        dominant=f"{BUILD}/cog/dominant.tif",
+        dominant=f"{COGS}/dominant.tif",
     params:
         settings=SETTINGS,
         digest=digest("dominant"),
         store=STORE,
-        cog_dir=f"{BUILD}/cog",
+        cog_dir=COGS,
     log:
         f"{LOGS}/dominant.log",
     shell:

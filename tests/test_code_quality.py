@@ -35,6 +35,7 @@ LAYERS = {
     "pipeline/imagery": {"common", "pipeline.errors", "pipeline.geometry"},
     "pipeline/views.py": {"pipeline.errors", "pipeline.geometry", "pipeline.imagery"},
     "pipeline/launch.py": set(),
+    "pipeline/search.py": {"common", "pipeline.errors", "pipeline.store"},
     "pipeline/store": {
         "common",
         "model",

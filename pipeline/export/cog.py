@@ -61,7 +61,7 @@ from pipeline.export.qgis_style import (
     pseudocolor_qml,
     write_style,
 )
-from pipeline.store.read import SoundscapeStore, StoreGrid
+from pipeline.store.read import SoundscapeStore, StoreGrid, sample_lattice
 from pipeline.store.scores import SCORE_KINDS, dominant_query
 
 DEFAULT_VARIABLE = "score"
@@ -120,38 +120,58 @@ def write_query_cogs(
     if variable not in SCORE_KINDS:
         raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_KINDS)}")
     soundscape = SoundscapeStore(store)
-    target_crs = _target_crs(dst_crs, soundscape.grid.crs)
-    provenance = provenance_tags(soundscape)
-    kind = SCORE_KINDS[variable]
     for query in soundscape.queries:
         check_file_name(query)
-    paths = []
-    for index, query in enumerate(soundscape.queries):
-        target = out_dir / f"{query.id}{FILE_SUFFIXES[variable]}.tif"
-        meaning = {"VARIABLE": variable, "VARIABLE_MEANING": kind.meaning}
-        tags = {**provenance, "QUERY_ID": query.id, "QUERY_KIND": query.kind, "QUERY": query.label, **meaning}
-        style = _score_style(soundscape, variable, index)
-        raster = Raster("float32", float("nan"), (Band(query.label, kind.band_unit, meaning),))
-        _write_cog(
-            target,
-            soundscape.grid,
-            partial(soundscape.scores, variable, index),
-            raster,
-            tags=tags,
-            overview_resampling=Resampling.average,
-            dst_crs=target_crs,
-        )
-        write_style(target.with_suffix(".qml"), style)
-        paths.append(target)
-    return paths
+    return [
+        write_score_cog(soundscape, query, variable, partial(soundscape.scores, variable, index), out_dir, dst_crs)
+        for index, query in enumerate(soundscape.queries)
+    ]
 
 
-def _score_style(soundscape: SoundscapeStore, variable: str, index: int) -> str:
-    query = soundscape.queries[index]
+def write_score_cog(
+    soundscape: SoundscapeStore,
+    query: Query,
+    variable: str,
+    read_window: Callable[[slice, slice], np.ndarray],
+    out_dir: Path,
+    dst_crs: str | None = None,
+) -> Path:
+    """`<id><FILE_SUFFIXES[variable]>.tif` of one query on the store's grid and its `.qml`, from
+    `read_window(rows, cols)`: the query's `variable` scores, NaN where the tile is not valid. A build's queries
+    read them from the store; a new query on a built map (`pipeline.new_query`) passes its own."""
+    target_crs = _target_crs(dst_crs, soundscape.grid.crs)
+    target = out_dir / f"{query.id}{FILE_SUFFIXES[variable]}.tif"
+    kind = SCORE_KINDS[variable]
+    meaning = {"VARIABLE": variable, "VARIABLE_MEANING": kind.meaning}
+    tags = {
+        **provenance_tags(soundscape),
+        "QUERY_ID": query.id,
+        "QUERY_KIND": query.kind,
+        "QUERY": query.label,
+        **meaning,
+    }
+    style = _score_style(soundscape.grid, query, variable, read_window)
+    raster = Raster("float32", float("nan"), (Band(query.label, kind.band_unit, meaning),))
+    _write_cog(
+        target,
+        soundscape.grid,
+        read_window,
+        raster,
+        tags=tags,
+        overview_resampling=Resampling.average,
+        dst_crs=target_crs,
+    )
+    write_style(target.with_suffix(".qml"), style)
+    return target
+
+
+def _score_style(
+    grid: StoreGrid, query: Query, variable: str, read_window: Callable[[slice, slice], np.ndarray]
+) -> str:
     if variable == "score_percentile":
         return classed_qml(percentile_classes(query.label), minimum=0.0)
-    sample = soundscape.sample_scores(variable, index, MAX_SAMPLE_PX)
-    return pseudocolor_qml(display_range(sample, f"query {query.id!r}"))
+    lattice = sample_lattice(grid, MAX_SAMPLE_PX)
+    return pseudocolor_qml(display_range(read_window(lattice, lattice), f"query {query.id!r}"))
 
 
 def write_concept_cog(store: Path, out_dir: Path, dst_crs: str | None = None) -> Path:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +32,7 @@ from pyogrio.errors import DataSourceError
 from pyproj import Geod, Transformer
 
 from common.atomic import atomic_path
+from pipeline.config import Query
 from pipeline.errors import ExportError
 from pipeline.export.cog import windows
 from pipeline.store.read import SoundscapeStore, StoreGrid
@@ -72,32 +73,36 @@ class Candidates(NamedTuple):
 def top_places(store: Path, top_k: int) -> dict[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]]:
     """For each query id, its places and its areas (GeoDataFrames in EPSG:4326), best first."""
     soundscape = SoundscapeStore(store)
-    grid = soundscape.grid
+    return {
+        query.id: place_layers(soundscape.grid, query, best)
+        for query, best in zip(soundscape.queries, best_tiles(soundscape, top_k), strict=True)
+    }
+
+
+def place_layers(grid: StoreGrid, query: Query, best: Candidates) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """A query's places and areas (EPSG:4326) from its best tiles in rank order (`Candidates.best`)."""
+    if len(best.score) == 0:
+        raise ExportError("the store has no valid tile; check that the imagery covers the region")
     to_lnglat = Transformer.from_crs(grid.crs, PLACES_CRS, always_xy=True)
-    layers = {}
-    for query, best in zip(soundscape.queries, best_tiles(soundscape, top_k), strict=True):
-        if len(best.score) == 0:
-            raise ExportError("the store has no valid tile; check that the imagery covers the region")
-        areas = contiguous_areas(best.row, best.col)
-        tiles = tile_boxes(grid, best.row, best.col)
-        centre_x, centre_y = grid_xy(grid, best.row + 0.5, best.col + 0.5)
-        lon, lat = to_lnglat.transform(centre_x, centre_y)
-        places = gpd.GeoDataFrame(
-            {
-                "query": query.id,
-                "query_text": query.label,
-                "rank": np.arange(1, len(best.score) + 1),
-                "score": best.score.astype(np.float64),
-                "percentile": best.percentile.astype(np.float64),
-                "lon": lon,
-                "lat": lat,
-                "area": areas,
-            },
-            geometry=_to_lnglat(tiles, to_lnglat),
-            crs=PLACES_CRS,
-        )
-        layers[query.id] = (places, _dissolve(places, tiles, to_lnglat))
-    return layers
+    areas = contiguous_areas(best.row, best.col)
+    tiles = tile_boxes(grid, best.row, best.col)
+    centre_x, centre_y = grid_xy(grid, best.row + 0.5, best.col + 0.5)
+    lon, lat = to_lnglat.transform(centre_x, centre_y)
+    places = gpd.GeoDataFrame(
+        {
+            "query": query.id,
+            "query_text": query.label,
+            "rank": np.arange(1, len(best.score) + 1),
+            "score": best.score.astype(np.float64),
+            "percentile": best.percentile.astype(np.float64),
+            "lon": lon,
+            "lat": lat,
+            "area": areas,
+        },
+        geometry=_to_lnglat(tiles, to_lnglat),
+        crs=PLACES_CRS,
+    )
+    return places, _dissolve(places, tiles, to_lnglat)
 
 
 def best_tiles(soundscape: SoundscapeStore, k: int) -> list[Candidates]:
@@ -192,20 +197,33 @@ def _dissolve(places: gpd.GeoDataFrame, tiles: np.ndarray, to_lnglat: Transforme
 def write_top_places(store: Path, top_k: int, gpkg: Path, csv_path: Path) -> int:
     """Write `gpkg` (layers `<id>_places` and `<id>_areas` per query) and `csv_path`; returns the places written."""
     layers = top_places(store, top_k)
+    write_places(layers, gpkg, csv_path)
+    return sum(len(places) for places, _ in layers.values())
+
+
+def write_places(
+    layers: Mapping[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]], gpkg: Path | None, csv_path: Path | None
+) -> None:
+    """Write each query's places and areas (`place_layers`) into a GeoPackage and/or its places into a CSV."""
     try:
-        gpkg.parent.mkdir(parents=True, exist_ok=True)
-        # GDAL wants a GeoPackage named *.gpkg: it is made in a scratch folder, then renamed into place.
-        with tempfile.TemporaryDirectory(dir=gpkg.parent, prefix=f".{gpkg.stem}-") as scratch:
-            staged = Path(scratch) / gpkg.name
-            for query_id, (places, areas) in layers.items():
-                places.to_file(staged, layer=PLACES_LAYER.format(query=query_id), driver="GPKG")
-                areas.to_file(staged, layer=AREAS_LAYER.format(query=query_id), driver="GPKG")
-            with atomic_path(gpkg) as tmp:
-                staged.replace(tmp)
-        _write_csv(csv_path, [places for places, _ in layers.values()])
+        if gpkg is not None:
+            _write_gpkg(gpkg, layers)
+        if csv_path is not None:
+            _write_csv(csv_path, [places for places, _ in layers.values()])
     except (OSError, DataSourceError) as exc:
         raise ExportError(f"cannot write the top places ({exc}); check that the build folder is writable") from exc
-    return sum(len(places) for places, _ in layers.values())
+
+
+def _write_gpkg(gpkg: Path, layers: Mapping[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]]) -> None:
+    gpkg.parent.mkdir(parents=True, exist_ok=True)
+    # GDAL wants a GeoPackage named *.gpkg: it is made in a scratch folder, then renamed into place.
+    with tempfile.TemporaryDirectory(dir=gpkg.parent, prefix=f".{gpkg.stem}-") as scratch:
+        staged = Path(scratch) / gpkg.name
+        for query_id, (places, areas) in layers.items():
+            places.to_file(staged, layer=PLACES_LAYER.format(query=query_id), driver="GPKG")
+            areas.to_file(staged, layer=AREAS_LAYER.format(query=query_id), driver="GPKG")
+        with atomic_path(gpkg) as tmp:
+            staged.replace(tmp)
 
 
 def _write_csv(path: Path, tables: Sequence[gpd.GeoDataFrame]) -> None:

@@ -23,6 +23,8 @@ Georeferencing, written so that every reader finds it without options:
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from pyproj import CRS
@@ -59,3 +61,21 @@ def gdal_path(store: Any, variable: str, index: int | None = None) -> str:
     """The GDAL name of one 2-D layer of the store, as GDAL 3.4 to 3.8 need it: `ZARR:"<store>":/<variable>[:i]`."""
     suffix = "" if index is None else f":{index}"
     return f'ZARR:"{store}":/{variable}{suffix}'
+
+
+def has_array(store: Path, name: str) -> bool:
+    """Whether the store holds the array `name` (Zarr format 2 keeps each array in a folder of its own)."""
+    return (store / name / ".zarray").is_file()
+
+
+def arrays_stamp(store: Path, names: tuple[str, ...]) -> str:
+    """A digest of the arrays `names` as files: every chunk's name, size and modification time. The store is
+    written into a new folder and renamed into place, so a rebuilt store gets a new stamp, and reading the
+    stamp costs one `stat` per chunk, not a read of the data."""
+    digest = hashlib.sha256()
+    for name in names:
+        for path in sorted((store / name).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(store)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

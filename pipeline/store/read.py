@@ -7,6 +7,7 @@ values as they are. Nothing is loaded until a window is asked for.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -81,13 +82,34 @@ class SoundscapeStore:
 
     def sample_scores(self, variable: str, query_index: int, max_px: int) -> np.ndarray:
         """A query's scores on a regular lattice of at most about `max_px` tiles (for colour ranges)."""
-        stride = max(1, math.ceil(math.sqrt(self.grid.width * self.grid.height / max_px)))
-        lattice = slice(None, None, stride)
+        lattice = sample_lattice(self.grid, max_px)
         return self.scores(variable, query_index, lattice, lattice)
+
+    def valid(self, rows: Rows, cols: Rows) -> np.ndarray:
+        """bool (rows, cols): whether each tile has a prediction."""
+        return self.dataset["valid"].isel(y=rows, x=cols).to_numpy().astype(bool, copy=False)
+
+    def embeddings(self, rows: Rows, cols: Rows) -> np.ndarray:
+        """float16 (dim, rows, cols) tile embeddings as stored, NaN where the tile is not valid."""
+        return self.dataset["embedding"].isel(y=rows, x=cols).to_numpy()
+
+    def embedding_blocks(self) -> Iterator[tuple[slice, slice]]:
+        """The (rows, cols) windows of the store's own spatial chunks of `embedding`, row by row: each reads its
+        chunk files once, and memory stays that of one chunk however large the region."""
+        block_rows, block_cols = self.dataset["embedding"].encoding["chunks"][-2:]
+        height, width = self.grid.height, self.grid.width
+        for row in range(0, height, block_rows):
+            for col in range(0, width, block_cols):
+                yield slice(row, min(row + block_rows, height)), slice(col, min(col + block_cols, width))
 
 
 def open_store(path: Path) -> SoundscapeStore:
     return SoundscapeStore(path)
+
+
+def sample_lattice(grid: StoreGrid, max_px: int) -> slice:
+    """Every n-th row (and column) of the grid, n such that the lattice holds at most about `max_px` tiles."""
+    return slice(None, None, max(1, math.ceil(math.sqrt(grid.width * grid.height / max_px))))
 
 
 def _grid(dataset: xr.Dataset) -> StoreGrid:

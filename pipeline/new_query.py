@@ -1,0 +1,218 @@
+"""New questions on a built map: `python -m pipeline query BUILD "text" | --audio FILE [--text TEXT]`.
+
+A new query is checked as a build checks its queries (its audio files: `pipeline.queries.check_query_files`; its
+id: `pipeline.export.cog.check_file_name`), embedded exactly as the build embedded its own (the weights model.json
+names, checked against their sha256, with settings.json's text backbone, device and precision, through
+`pipeline.queries.embed_queries`) and answered from the build's tile index (`pipeline.search`): the index finds
+its best tiles, which become places as a build's top places do (`pipeline.export.places`), each with its
+percentile among the region's valid tiles (`pipeline.store.scores.percentile_within`, over every tile's score:
+one matrix product). `write_map` writes its COG and percentile COG into the build's cog/ with the build's writer
+and output CRS. Every bad input is refused in one line before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import geopandas as gpd
+import numpy as np
+
+from pipeline.build import COG_DIR, MODEL_NAME, SETTINGS_NAME, STORE_NAME
+from pipeline.config import BuildConfig, Query, read_settings, schema_bounds
+from pipeline.errors import BuildFolderError, QueryError
+from pipeline.export.cog import check_file_name, write_score_cog
+from pipeline.export.places import CSV_FORMATS, Candidates, place_layers
+from pipeline.model_setup import ModelRecord, load_encoder, read_model_record, untrained_notice
+from pipeline.queries import check_query_files, embed_queries
+from pipeline.search import INDEX_DIR, OpenedIndex, open_tile_index
+from pipeline.store.layout import has_array
+from pipeline.store.read import SoundscapeStore
+from pipeline.store.scores import percentile_within
+
+if TYPE_CHECKING:
+    from model import Sat2SoundEncoder
+
+# A query id made from the text or audio file name keeps at most this many characters.
+DEFAULT_ID_CHARS = 40
+FALLBACK_ID = "query"
+
+
+class BuiltMap(NamedTuple):
+    """A finished build: its folder, store, settings and model record."""
+
+    folder: Path
+    store: SoundscapeStore
+    settings: BuildConfig
+    model: ModelRecord
+
+
+class Answer(NamedTuple):
+    query: Query
+    places: gpd.GeoDataFrame
+    areas: gpd.GeoDataFrame
+    scores: np.ndarray  # (height, width) every tile's cosine with the query, NaN where not valid
+    sorted_valid: np.ndarray  # the valid tiles' scores, ascending (the percentiles' reference)
+    opened: OpenedIndex
+    seconds: dict[str, float]  # model load, embedding, search, scoring every tile
+
+
+def open_built_map(folder: Path) -> BuiltMap:
+    """The build in `folder`, refused in one line if it is not a finished build whose store keeps embeddings."""
+    if not folder.is_dir():
+        raise BuildFolderError(f"no build folder {folder}; pass the folder a build wrote (<output_dir>/<name>)")
+    missing = [name for name in (STORE_NAME, MODEL_NAME, SETTINGS_NAME) if not (folder / name).exists()]
+    if missing:
+        raise BuildFolderError(
+            f"{folder} is no finished map build (no {', '.join(missing)}); pass the folder a build wrote"
+            " (<output_dir>/<name>), or finish its build"
+        )
+    if not has_array(folder / STORE_NAME, "embedding"):
+        raise BuildFolderError(
+            f"{folder / STORE_NAME} keeps no tile embeddings, so new queries cannot be scored; rebuild the map"
+        )
+    store = SoundscapeStore(folder / STORE_NAME)
+    try:
+        record = read_model_record(folder / MODEL_NAME)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BuildFolderError(f"cannot read {folder / MODEL_NAME} ({exc}); rebuild the map") from None
+    if store.provenance["checkpoint_sha256"] != record.sha256:
+        raise BuildFolderError(
+            f"{folder / STORE_NAME} was made with weights of sha256 {store.provenance['checkpoint_sha256'][:12]}"
+            f" but {MODEL_NAME} names {record.sha256[:12]}; rebuild the map"
+        )
+    try:
+        settings = read_settings(folder / SETTINGS_NAME)
+    except (OSError, ValueError) as exc:
+        raise BuildFolderError(f"cannot read {folder / SETTINGS_NAME} ({exc}); rebuild the map") from None
+    return BuiltMap(folder, store, settings, record)
+
+
+def new_query(built: BuiltMap, text: str | None, audio: str | None, query_id: str | None, top_k: int) -> Query:
+    """The query asked, checked: text not blank, audio files as a build checks them, an id that names files of
+    its own (not a configured query's), and a number of places a build could ask for."""
+    low, high = schema_bounds("outputs", "top_k")
+    if not low <= top_k <= high:
+        raise QueryError(f"--top-k {top_k} is outside {low} to {high} (the range of outputs.top_k); ask for fewer")
+    if text is None and audio is None:
+        raise QueryError("give a query: its text, or --audio FILE (with --text TEXT for audio and text together)")
+    if text is not None and not text.strip():
+        raise QueryError('the query text is empty; write what to listen for, e.g. "birds singing in the trees"')
+    query = Query(default_query_id(text, audio) if query_id is None else query_id, text, audio)
+    check_file_name(query)
+    if query.id in {configured.id for configured in built.store.queries}:
+        raise QueryError(
+            f"query id {query.id!r} is a query of the build {built.folder} (its maps are cog/{query.id}.tif);"
+            " pass --id with another name"
+        )
+    check_query_files([query])
+    return query
+
+
+def default_query_id(text: str | None, audio: str | None) -> str:
+    """An id from the audio file's name and the text: ASCII letters and digits joined by '_', e.g.
+    'birds_singing_in_the_trees'; 'query' when none remain."""
+    words = " ".join(part for part in (audio and Path(audio).stem, text) if part)
+    ascii_words = unicodedata.normalize("NFKD", words).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_words).strip("_")[:DEFAULT_ID_CHARS].rstrip("_")
+    return slug or FALLBACK_ID
+
+
+def answer(built: BuiltMap, query: Query, top_k: int) -> Answer:
+    """The query's best `top_k` places and every tile's score, with how long each part took."""
+    opened = open_tile_index(built.store, built.folder / INDEX_DIR)
+    index = opened.tiles
+    start = time.perf_counter()
+    encoder = _load_encoder(built)
+    loaded = time.perf_counter()
+    embedding = embed_queries(encoder, [query]).embedding[0]
+    embedded = time.perf_counter()
+    if len(embedding) != index.record.dim:
+        raise BuildFolderError(
+            f"the model gives {len(embedding)}-d embeddings but the store holds {index.record.dim}-d ones;"
+            " rebuild the map"
+        )
+    positions, _ = index.search(embedding, top_k)
+    searched = time.perf_counter()
+    scores = index.score_grid(embedding)
+    sorted_valid = np.sort(scores[np.isfinite(scores)])
+    scored = time.perf_counter()
+    rows, cols = np.divmod(positions, built.store.grid.width)
+    found = scores[rows, cols]
+    best = Candidates(found, rows, cols, percentile_within(found, sorted_valid)).best(top_k)
+    places, areas = place_layers(built.store.grid, query, best)
+    seconds = {
+        "model": loaded - start,
+        "embed": embedded - loaded,
+        "search": searched - embedded,
+        "score every tile": scored - searched,
+    }
+    return Answer(query, places, areas, scores, sorted_valid, opened, seconds)
+
+
+def _load_encoder(built: BuiltMap) -> Sat2SoundEncoder:
+    """The build's own weights (refused if they changed since), as its queries step loaded them."""
+    from model import sha256_file
+
+    path = Path(built.model.path)
+    if not path.is_file():
+        raise BuildFolderError(f"the build's weights {path} ({MODEL_NAME}) are gone; restore them or rebuild the map")
+    if sha256_file(path) != built.model.sha256:
+        raise BuildFolderError(
+            f"the build's weights {path} changed since the build (sha256 is not {built.model.sha256[:12]}, as"
+            f" {MODEL_NAME} says); restore them or rebuild the map"
+        )
+    model = built.settings.model
+    return load_encoder(built.model, model.device, model.precision, model.text_backbone)
+
+
+def write_map(built: BuiltMap, result: Answer) -> list[Path]:
+    """cog/<id>.tif (raw cosine) and cog/<id>_percentile.tif of the query, each with its .qml, exactly as a build
+    writes them for its queries (same writer, the build's outputs.crs)."""
+    percentile = percentile_within(result.scores, result.sorted_valid)
+    layers = {"score": result.scores, "score_percentile": percentile}
+    return [
+        write_score_cog(
+            built.store,
+            result.query,
+            variable,
+            partial(_window, values),
+            built.folder / COG_DIR,
+            built.settings.outputs.crs,
+        )
+        for variable, values in layers.items()
+    ]
+
+
+def _window(values: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    return values[rows, cols]
+
+
+def answer_lines(built: BuiltMap, result: Answer) -> list[str]:
+    """What `python -m pipeline query` prints: the query, its places as a table, and the timings."""
+    query, record = result.query, result.opened.tiles.record
+    lines = [
+        f"query {query.label!r} ({query.kind}, id {query.id}): the {len(result.places)} best of"
+        f" {record.count:,} tiles of {built.folder}",
+        f"{'rank':>4}  {'score':>9}  {'percentile':>10}  {'lon':>11}  {'lat':>10}",
+    ]
+    for place in result.places.itertuples():
+        text = {column: CSV_FORMATS[column].format(getattr(place, column)) for column in CSV_FORMATS}
+        lines.append(
+            f"{place.rank:>4}  {text['score']:>9}  {text['percentile']:>10}  {text['lon']:>11}  {text['lat']:>10}"
+        )
+    how = "made" if result.opened.built else "read"
+    timings = [f"index {_ms(result.opened.seconds)} ({how}: {record.kind}, {record.count:,} tiles)"]
+    timings += [f"{part} {_ms(seconds)}" for part, seconds in result.seconds.items()]
+    lines.append("time: " + ", ".join(timings))
+    if built.model.untrained:
+        lines.append(untrained_notice(built.model.sat_type, built.settings.model.seed))
+    return lines
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f} ms"
