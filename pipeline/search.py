@@ -37,9 +37,10 @@ POSITIONS_NAME = "tiles_positions.npy"
 RECORD_NAME = "tiles.json"
 INDEXED_ARRAYS = ("embedding", "valid")
 FLAT, HNSW = "flat", "hnsw"
-# A flat query scans tiles x width float32 values; up to 2**27 (131,072 tiles of width 1,024, 2 M of width 64) one
-# query takes under ~50 ms on 2 CPU cores (benchmarks/bench_query.py).
-EXACT_MAX_VALUES = 2**27
+# A flat query scans tiles x width float32 values: 2**28 (262,144 tiles of width 1,024, 4.2 M of width 64) take
+# ~38 ms on one core of a busy 2-core machine, 1 M tiles of width 1,024 ~170 ms (benchmarks/bench_query.py). Every
+# build within the default tiling.max_tiles (250,000) is searched exactly, even with the full model.
+EXACT_MAX_VALUES = 2**28
 # HNSW: neighbours per node, and the candidate lists when building and searching (searching: at least k).
 HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 64
@@ -73,11 +74,21 @@ class TileIndex:
         if self._exact_on_gpus is not None:
             scores, found = self._exact_on_gpus.search(vector, k)
         else:
-            if self.record.kind == HNSW:
-                self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
-            scores, found = self.index.search(vector, k)
+            scores, found = self._search_on_one_thread(vector, k)
         kept = found[0] >= 0
         return self.positions[found[0][kept]], scores[0][kept]
+
+    def _search_on_one_thread(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One query's scan is bound by memory: more OpenMP threads only wait for each other (3x slower on a busy
+        2-core machine, and no faster on an idle one: benchmarks/bench_query.py)."""
+        if self.record.kind == HNSW:
+            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self.index.search(vector, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def score_grid(self, query: np.ndarray) -> np.ndarray:
         """float32 (height, width): every tile's inner product with `query`, NaN where no tile is indexed."""

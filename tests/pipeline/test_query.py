@@ -306,7 +306,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "config.yaml").write_text(yaml.safe_dump(BUILD_CONFIG))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]
     command += ["--profile", str(REPO / "profiles" / "local"), "--configfile", str(work / "config.yaml")]
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=SNAKEMAKE_TIMEOUT_S)
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}  # the jobs import this checkout's pipeline
+    result = subprocess.run(
+        command, cwd=work, capture_output=True, text=True, env=environment, timeout=SNAKEMAKE_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return work / "out" / "demo"
 
