@@ -48,6 +48,16 @@ def test_png_alpha_becomes_the_validity_mask_and_round_trips() -> None:
     assert not image.is_blank
 
 
+def test_png_without_a_mask_is_rgb_at_any_compression_level() -> None:
+    smooth = np.broadcast_to(np.arange(64, dtype=np.uint8), (3, 64, 64))
+    bodies = [encode_png(smooth, zlevel=level) for level in (1, 9)]
+    for body in bodies:
+        image = decode_tile(body)
+        np.testing.assert_array_equal(image.rgb, smooth)
+        assert image.valid.all()
+    assert len(bodies[0]) > len(bodies[1])
+
+
 def test_blank_tiles_are_transparent_or_one_flat_colour() -> None:
     flat = np.full((3, 64, 64), 17, np.uint8)
     assert decode_tile(encode_image(flat, "PNG")).is_blank
