@@ -19,7 +19,8 @@ recordings.csv), drawn at random. Written atomically (a run stopped half-way lea
                             audio_source,caption_source (the plain folder layout of model.data.folder)
     OUT_DIR/labels.csv      key,split,scene,water,tree,crop,developed,dominant,paired
     OUT_DIR/dataset.json    how it was made: seed, views per split, class shares, counts per split and class
-    OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square
+    OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square: the footprint of the model's zoom
+                                    level, so model.data.folder reads them with that one zoom level
     OUT_DIR/recordings/<file>       the shipped recordings, copied once
 """
 
@@ -145,6 +146,7 @@ class Settings:
     options: dict[str, Any]
     test_scene: Path
     sat_type: str
+    zoom_level: int
     view_size_m: float
 
 
@@ -155,6 +157,7 @@ def default_settings() -> Settings:
         options=dict(config.imagery.options),
         test_scene=source if source.is_absolute() else REPO / source,
         sat_type=config.model.sat_type,
+        zoom_level=config.model.zoom_level,
         view_size_m=ModelView.of(config.model.sat_type, config.model.zoom_level).size_m,
     )
 
@@ -433,6 +436,7 @@ def _summary(
         "scenes": {split: sorted({view.scene for view in drawn[split]}) for split in SPLITS},
         "image_px": MODEL_INPUT_PX,
         "sat_type": settings.sat_type,
+        "zoom_level": settings.zoom_level,
         "view_size_m": settings.view_size_m,
         "min_coverage": MIN_COVERAGE,
         "val_west_of_lon": VAL_WEST_OF_LON,

@@ -21,6 +21,7 @@ from shapely.geometry import box
 from support.paths import LANDSAT, REPO
 
 from model.audio import load_audio
+from model.data.folder import FolderPairs
 from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.demo_data import (
     FORMAT,
@@ -178,6 +179,16 @@ def test_generator_writes_the_plain_folder_layout(dataset: Path) -> None:
             "meta",
         )
     assert json.loads((dataset / "dataset.json").read_text())["format"] == FORMAT
+
+
+def test_the_folder_reader_takes_every_split_at_the_maps_zoom_level(dataset: Path) -> None:
+    summary = json.loads((dataset / "dataset.json").read_text())
+    for split, count in summary["views"].items():
+        pairs = FolderPairs(dataset, split, zoom_levels=(summary["zoom_level"],))
+        assert len(pairs) == count
+        record = pairs.record(0)
+        assert record.image.shape == (224, 224, 3) and record.sat_type == "sentinel"
+        assert (record.month, record.hour) == (5, None)
 
 
 def test_labels_are_class_shares_and_recordings_follow_the_pairing_class(dataset: Path) -> None:
