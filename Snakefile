@@ -28,13 +28,14 @@ include: "rules/mosaic.smk"
 include: "rules/export.smk"
 
 
-# Jobs that download (checkpoint, imagery, text backbone) or are tiny run where snakemake runs, not as
-# cluster jobs: compute nodes often have no internet, and the tile and model caches are shared.
+# Jobs that download (checkpoint, imagery and its preview underlay, text backbone) or are tiny run where snakemake
+# runs, not as cluster jobs: compute nodes often have no internet, and the tile and model caches are shared.
 localrules:
     all,
     model,
     fetch,
     queries,
+    underlay,
 
 
 rule all:
@@ -45,6 +46,7 @@ rule all:
         rules.dominant.output,
         rules.top_places.output,
         rules.preview.output.html,
+        rules.project.output.qgz,
 
 
 onsuccess:
