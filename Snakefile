@@ -29,13 +29,14 @@ include: "rules/export.smk"
 include: "rules/demo_model.smk"
 
 
-# Jobs that download (checkpoint, imagery, text backbone) or are tiny run where snakemake runs, not as
-# cluster jobs: compute nodes often have no internet, and the tile and model caches are shared.
+# Jobs that download (checkpoint, imagery and its preview underlay, text backbone) or are tiny run where snakemake
+# runs, not as cluster jobs: compute nodes often have no internet, and the tile and model caches are shared.
 localrules:
     all,
     model,
     fetch,
     queries,
+    underlay,
 
 
 rule all:
@@ -46,6 +47,7 @@ rule all:
         rules.dominant.output,
         rules.top_places.output,
         rules.preview.output.html,
+        rules.project.output.qgz,
 
 
 onsuccess:
