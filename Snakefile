@@ -26,15 +26,17 @@ include: "rules/embed.smk"
 include: "rules/score.smk"
 include: "rules/mosaic.smk"
 include: "rules/export.smk"
+include: "rules/demo_model.smk"
 
 
-# Jobs that download (checkpoint, imagery, text backbone) or are tiny run where snakemake runs, not as
-# cluster jobs: compute nodes often have no internet, and the tile and model caches are shared.
+# Jobs that download (checkpoint, imagery and its preview underlay, text backbone) or are tiny run where snakemake
+# runs, not as cluster jobs: compute nodes often have no internet, and the tile and model caches are shared.
 localrules:
     all,
     model,
     fetch,
     queries,
+    underlay,
 
 
 rule all:
@@ -45,9 +47,13 @@ rule all:
         rules.dominant.output,
         rules.top_places.output,
         rules.preview.output.html,
+        rules.project.output.qgz,
 
 
 onsuccess:
     from pipeline.build import finish_lines
 
-    print("\n".join(finish_lines(BUILD, STORE)), file=sys.stderr)
+    # A run asked only for the demo model's targets made no map.
+    targets = set(workflow.dag_settings.targets)
+    if not targets or targets - DEMO_TARGETS:
+        print("\n".join(finish_lines(BUILD, STORE)), file=sys.stderr)

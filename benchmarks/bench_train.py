@@ -22,7 +22,7 @@ import soundfile
 import torch
 
 from model.train_config import parse_settings
-from model.training import Sat2SoundTraining, best_checkpoints, initial_model, text_cache, trainer
+from model.training import Sat2SoundTraining, initial_model, text_cache, trainer
 from tests.support.pair_data import encode_image, write_folder
 
 RATE = 32_000
@@ -89,7 +89,7 @@ def main() -> None:
         model = initial_model(settings)
         module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
         options = {"callbacks": [clock], "limit_val_batches": 0, "enable_checkpointing": False, "logger": False}
-        trainer(settings, best_checkpoints(settings), enable_progress_bar=False, **options).fit(module)
+        trainer(settings, [], enable_progress_bar=False, **options).fit(module)
         parameters = sum(p.numel() for p in model.parameters())
     steps = np.diff(clock.ends)
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"

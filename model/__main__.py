@@ -2,7 +2,7 @@
 
 python -m model embed --checkpoint CKPT --inputs IN.npz --out OUT.npz [--audio-from-waveform]
 python -m model convert CKPT OUT.safetensors
-python -m model train --config train.yaml
+python -m model train --config train.yaml [--out-dir DIR] [--data-root DIR]
 python -m model evaluate --embeddings EMB.npz [--out metrics.json]
 python -m model evaluate --checkpoint CKPT --data DIR [--format folder] [--split test] [--out metrics.json]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,10 @@ def _train(args: argparse.Namespace) -> None:
     from model.training import train
 
     settings = load_settings(args.config)
+    if args.out_dir is not None:
+        settings = replace(settings, out_dir=str(args.out_dir))
+    if args.data_root is not None:
+        settings = replace(settings, data=replace(settings.data, root=str(args.data_root)))
     result = train(settings)
     recall = "n/a" if result.best_recall is None else f"{result.best_recall:.3f}"
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; best validation recall {recall}")
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
     train = commands.add_parser("train", help="train (or go on training) a model; resumes from the last checkpoint")
     train.add_argument("--config", required=True, type=Path, help="training settings (.yaml; see README, Training)")
+    train.add_argument("--out-dir", type=Path, help="instead of the config's out_dir")
+    train.add_argument("--data-root", type=Path, help="instead of the config's data.root")
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("evaluate", help="image <-> audio retrieval metrics with the reference protocol")
     evaluate.add_argument("--embeddings", type=Path, help=".npz with row-aligned image, audio, audio_caption arrays")

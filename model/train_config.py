@@ -72,6 +72,7 @@ class TrainSettings:
     seed: int = 0
     text_cache: str | None = None  # default: <out_dir>/text_cache
     description: str = ""  # what the exported weights are, in a sentence; maps built with them show it
+    export: str = "best"  # the checkpoint exported: best (by validation recall) or last
 
     @property
     def out_path(self) -> Path:
@@ -135,6 +136,7 @@ def _check(settings: TrainSettings) -> None:
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
         (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),
         (settings.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+        (settings.export in ("best", "last"), "export must be best or last"),
     ]
     for ok, message in checks:
         if not ok:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -233,7 +233,7 @@ def initial_model(settings: TrainSettings) -> Sat2Sound:
     return build_model(settings.with_droprate(cfg), state_dict, source=settings.model.init)
 
 
-def trainer(settings: TrainSettings, checkpoints: ModelCheckpoint, **overrides: Any) -> pl.Trainer:
+def trainer(settings: TrainSettings, checkpoints: Sequence[ModelCheckpoint], **overrides: Any) -> pl.Trainer:
     logs = settings.out_path / "logs"
     precision = settings.precision
     if precision == "auto":
@@ -248,7 +248,7 @@ def trainer(settings: TrainSettings, checkpoints: ModelCheckpoint, **overrides: 
         "precision": precision,
         "devices": "auto" if settings.devices is None else settings.devices,
         "logger": [TensorBoardLogger(logs, name="tensorboard"), CSVLogger(logs, name="csv")],
-        "callbacks": [checkpoints],
+        "callbacks": list(checkpoints),
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
     }
@@ -262,7 +262,13 @@ def best_checkpoints(settings: TrainSettings) -> ModelCheckpoint:
         monitor=MONITOR,
         mode="max",
         save_top_k=settings.keep_best,
-        save_last=True,
+    )
+
+
+def last_checkpoint(settings: TrainSettings) -> ModelCheckpoint:
+    """`last.ckpt` after every epoch (a monitored callback's `save_last` writes it only when a best one is saved)."""
+    return ModelCheckpoint(
+        dirpath=settings.out_path / CHECKPOINTS, filename=LAST.removesuffix(".ckpt"), enable_version_counter=False
     )
 
 
@@ -282,11 +288,12 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     checkpoints = best_checkpoints(settings)
     last = settings.out_path / CHECKPOINTS / LAST
     started = time.perf_counter()
-    fit = trainer(settings, checkpoints, **trainer_overrides)
+    fit = trainer(settings, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=str(last) if last.is_file() else None)
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    exported = export(state, model, settings, best)
+    chosen = best if settings.export == "best" else last
+    state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
+    exported = export(state, model, settings, chosen)
     score = checkpoints.best_model_score
     return TrainResult(
         best, None if score is None else float(score), exported, fit.global_step, time.perf_counter() - started

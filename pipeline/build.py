@@ -345,7 +345,8 @@ def finish_lines(build_dir: Path | str, store: Path | str) -> list[str]:
     """What the workflow prints when it ends well: where the outputs are and, when imagery could not be had
     (`imagery.on_missing: leave_empty`), how many tiles were left empty and why (from the store's attributes)."""
     lines = [
-        f"done: {build_dir}/preview.html, {build_dir}/cog/*.tif (+ .qml), {build_dir}/top_places.gpkg (+ .csv), {store}"
+        f"done: {build_dir}/preview.html, {build_dir}/project.qgz (QGIS), {build_dir}/cog/*.tif (+ .qml),"
+        f" {build_dir}/top_places.gpkg (+ .csv), {store}"
     ]
     try:
         metadata = json.loads((Path(store) / ".zmetadata").read_text())

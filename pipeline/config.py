@@ -268,6 +268,8 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "percentiles": {"outputs": ("crs",)},
     "dominant": {"outputs": ("crs",)},
     "places": {"outputs": ("top_k",)},
+    "underlay": {"imagery": ("source", "options", "native_gsd_m")},
+    "project": {"imagery": ("source", "options")},
 }
 
 

@@ -79,3 +79,7 @@ class OutputDirError(PipelineError):
 
 class ExportError(PipelineError):
     """A build's Zarr store cannot be exported to COG, QGIS style or HTML preview."""
+
+
+class DatasetError(PipelineError):
+    """The demo training set cannot be made: a bad output folder or option, or shipped inputs that do not fit."""

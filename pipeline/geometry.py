@@ -123,8 +123,14 @@ def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float) -> np
     """(N, 4) EPSG:3857 bounds (left, bottom, right, top) of the model's square views of `view_size_m` true
     ground metres, centred on tiles x/y at `zoom`. Views of tiles at the world's edge may reach past the
     antimeridian (x beyond ±20037508.34 m)."""
+    return views_centred_at(*tile_centres(x, y, zoom), view_size_m)
+
+
+def views_centred_at(centre_x: ArrayLike, centre_y: ArrayLike, view_size_m: float) -> np.ndarray:
+    """(N, 4) EPSG:3857 bounds (left, bottom, right, top) of the model's square views of `view_size_m` true
+    ground metres centred on EPSG:3857 points."""
     _check_view_size(view_size_m)
-    centre_x, centre_y = tile_centres(x, y, zoom)
+    centre_x, centre_y = np.asarray(centre_x, dtype=np.float64), np.asarray(centre_y, dtype=np.float64)
     _, lat = lnglat_of_mercator(centre_x, centre_y)
     half = view_size_m / np.cos(np.radians(lat)) / 2.0
     return np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=-1)

@@ -177,12 +177,29 @@ def _places(args: argparse.Namespace, config: BuildConfig) -> str:
     return f"{count} places (outputs.top_k {config.outputs.top_k} per query) in {args.gpkg} and {args.csv}"
 
 
+def _underlay(args: argparse.Namespace, config: BuildConfig) -> str:
+    from pipeline.export.underlay import write_underlay
+    from pipeline.plan import read_plan
+
+    plan = read_plan(args.plan)
+    written = write_underlay(config.imagery, plan.grid.bounds, plan.imagery.native_gsd_m, plan.latitude, args.out)
+    return f"{written.width} x {written.height} px, {written.coverage:.0%} with imagery, in {args.out}"
+
+
 def _preview(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.export import write_preview
     from pipeline.plan import read_plan, region_feature
 
-    write_preview(args.store, region_feature(read_plan(args.plan)), args.out)
+    write_preview(args.store, region_feature(read_plan(args.plan)), args.out, args.underlay, args.places)
     return f"wrote {args.out}"
+
+
+def _project(args: argparse.Namespace, config: BuildConfig) -> str:
+    from pipeline.export.qgis_project import BuildFiles, write_qgis_project
+
+    files = BuildFiles(args.cog_dir, args.places, args.underlay)
+    report = write_qgis_project(args.store, files, config.imagery, args.out)
+    return f"{report.layers} layers over {report.imagery}, in {args.out}"
 
 
 Step = Callable[[argparse.Namespace, BuildConfig], str]
@@ -201,7 +218,9 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "percentiles": (_percentiles, ("store", "out_dir"), "write one percentile COG per query"),
     "dominant": (_dominant, ("store", "out_dir"), "write the COG of each tile's best-fitting query"),
     "places": (_places, ("store", "gpkg", "csv"), "write each query's top places as GeoPackage and CSV"),
-    "preview": (_preview, ("store", "plan", "out"), "write the HTML preview"),
+    "underlay": (_underlay, ("plan", "out"), "write the build's imagery at preview resolution"),
+    "preview": (_preview, ("store", "plan", "underlay", "places", "out"), "write the HTML preview"),
+    "project": (_project, ("store", "cog_dir", "places", "underlay", "out"), "write the QGIS project"),
 }
 OPTION_TYPES: dict[str, Callable[[str], Any]] = {"chunk": str, "threads": int, "job": int}
 

@@ -3,6 +3,7 @@
 
 import shlex
 import sys
+from pathlib import Path
 
 from pipeline.build import (
     COG_DIR,
@@ -37,6 +38,15 @@ JOBS = embed_jobs(PLANNED, CFG.model.tiles_per_job)
 EMBEDDED = [f"{BUILD}/embedded/{job}.json" for job in range(len(JOBS))]
 if workflow.is_main_process and retry_unavailable(BUILD, JOBS):
     print("retrying the imagery an earlier run could not have (imagery.on_missing: leave_empty)", file=sys.stderr)
+
+
+def local_checkpoint(settings):
+    """The checkpoint file and its config when model.checkpoint names local files; nothing otherwise."""
+    if settings.untrained or "://" in settings.checkpoint:
+        return []
+    weights = Path(settings.checkpoint)
+    config = weights.with_suffix(".json")
+    return [str(weights), *([str(config)] if weights.suffix == ".safetensors" else [])]
 
 
 def digest(step):

@@ -1,5 +1,6 @@
 # What GIS users open: one COG per query plus the concept map (each with a QGIS style), the answers a planner acts
-# on (percentile COGs, the dominant-query COG, the top places as GeoPackage and CSV), and an HTML preview.
+# on (percentile COGs, the dominant-query COG, the top places as GeoPackage and CSV), the build's imagery at preview
+# resolution, an HTML preview and a QGIS project of them all.
 
 
 rule cogs:
@@ -70,10 +71,26 @@ rule top_places:
         " --csv {output.csv:q} > {log:q} 2>&1"
 
 
+rule underlay:
+    input:
+        plan=PLAN,
+    output:
+        imagery=f"{BUILD}/imagery.tif",
+    params:
+        settings=SETTINGS,
+        digest=digest("underlay"),
+    log:
+        f"{LOGS}/underlay.log",
+    shell:
+        "{STEP} underlay --settings {params.settings:q} --plan {input.plan:q} --out {output.imagery:q} > {log:q} 2>&1"
+
+
 rule preview:
     input:
         store=rules.mosaic.output.store,
         plan=PLAN,
+        underlay=rules.underlay.output.imagery,
+        places=rules.top_places.output.gpkg,
     output:
         html=f"{BUILD}/preview.html",
     params:
@@ -83,4 +100,26 @@ rule preview:
         f"{LOGS}/preview.log",
     shell:
         "{STEP} preview --settings {params.settings:q} --store {params.store:q} --plan {input.plan:q}"
-        " --out {output.html:q} > {log:q} 2>&1"
+        " --underlay {input.underlay:q} --places {input.places:q} --out {output.html:q} > {log:q} 2>&1"
+
+
+rule project:
+    input:
+        rules.cogs.output,
+        rules.percentiles.output,
+        rules.dominant.output,
+        store=rules.mosaic.output.store,
+        places=rules.top_places.output.gpkg,
+        underlay=rules.underlay.output.imagery,
+    output:
+        qgz=f"{BUILD}/project.qgz",
+    params:
+        settings=SETTINGS,
+        digest=digest("project"),
+        store=STORE,
+        cog_dir=COGS,
+    log:
+        f"{LOGS}/project.log",
+    shell:
+        "{STEP} project --settings {params.settings:q} --store {params.store:q} --cog-dir {params.cog_dir:q}"
+        " --places {input.places:q} --underlay {input.underlay:q} --out {output.qgz:q} > {log:q} 2>&1"

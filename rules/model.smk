@@ -3,6 +3,8 @@
 
 rule model:
     input:
+        # A local checkpoint is an input, so weights retrained in place (the demo_model target) rebuild the maps.
+        local_checkpoint(CFG.model),
     output:
         record=MODEL,
     params:

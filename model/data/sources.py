@@ -57,9 +57,12 @@ class RecordingMel(MelSegments):
 
     def __init__(self, clips: np.ndarray) -> None:
         self.clips = clips
+        self._segments: dict[int, np.ndarray] = {}
 
     def segment(self, index: int) -> np.ndarray:
-        return log_mel(torch.from_numpy(self.clips[index : index + 1]))[0, 0].numpy()
+        if index not in self._segments:
+            self._segments[index] = log_mel(torch.from_numpy(self.clips[index : index + 1]))[0, 0].numpy()
+        return self._segments[index]
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from pipeline.export.qgis_style import (
     paletted_qml,
     percentile_classes,
     pseudocolor_qml,
+    query_colours,
     write_style,
 )
 from pipeline.store.read import SoundscapeStore, StoreGrid, sample_lattice
@@ -216,7 +217,7 @@ def write_dominant_cog(store: Path, out_dir: Path, dst_crs: str | None = None) -
     total = counts.sum()
     entries = [
         PaletteEntry(index, f"{query.id}: {query.label} ({counts[index] / total:.1%} of tiles)", colour)
-        for (index, query), colour in zip(enumerate(queries), category_colours(len(queries)), strict=True)
+        for (index, query), colour in zip(enumerate(queries), query_colours(len(queries)), strict=True)
     ]
     dtype, nodata = _category_type(len(queries) - 1, "query")
     meaning = {"VARIABLE": "score_softmax", "VARIABLE_MEANING": DOMINANT_MEANING}

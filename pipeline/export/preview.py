@@ -1,12 +1,26 @@
-"""`preview.html`: one self-contained page with a basemap, one toggleable score layer per query, legends and the region.
+"""`preview.html`: one self-contained page to read a build's answers in a browser.
 
-The page works offline: Leaflet (vendored in `pipeline/export/assets/leaflet`) and every overlay PNG are inlined, so
-only the basemap's tiles come from the network; without it the overlays show on a blank background. The legend is
-plain HTML/CSS drawn from the same viridis stops as the QGIS styles (branca's d3 legend would need a CDN).
+Layers (toggled in the top-right panel): the build's own imagery as an underlay (`imagery.tif`, shown; the
+OpenStreetMap basemap stays a click away when online), per query its percentile map (the first one shown, with a
+legend in plain words: "top 10 % of this region for '...'") and its raw cosine map, the dominant sound (which query
+fits each tile best, in the colours of `cog/dominant.tif`), and per query its top places as numbered markers (from
+`top_places.gpkg`, the first query's shown). Clicking a tile opens a popup with every query's raw cosine and
+percentile and the tile's dominant sound. Each legend shows while its layer is on the map.
 
-Placement: an overlay is pinned to the EPSG:4326 corners of the store's EPSG:3857 grid. Leaflet stretches an
-ImageOverlay linearly in Web Mercator between its corners, which is exact here because the PNG rows are the grid's
-rows, evenly spaced in Mercator northing (not in latitude), so no `mercator_project` resampling is wanted.
+The page works offline: Leaflet (vendored in `pipeline/export/assets/leaflet`), every overlay image and the values
+the popups read are inlined; only the basemap's tiles come from the network. Colours come from the same place as
+the QGIS styles (pipeline.export.qgis_style), so a tile has the same colour in QGIS and in the browser.
+
+Size: maps and popup values are read on a lattice of the grid (`preview_lattice`) of at most PREVIEW_MAX_PX a
+side and PREVIEW_MAX_VALUES tiles x queries in all, so a page holds at most about 2 x PREVIEW_MAX_VALUES overlay
+pixels (PNG) and 4 bytes of popup values per tile and query (int16 cosine x 10^4, uint16 percentile x 100), plus
+the underlay (UNDERLAY_MAX_PX a side at most, as lossy WebP) and the top places: near 10 MB at most whatever the
+region's size (8.3 MB measured for three queries at the bound, underlay aside). Where the lattice skips tiles, a
+popup says so.
+
+Placement: an overlay is pinned to the EPSG:4326 corners of its EPSG:3857 bounds. Leaflet stretches an
+ImageOverlay linearly in Web Mercator between its corners, which is exact here because the image rows are evenly
+spaced in Mercator northing (not in latitude), so no `mercator_project` resampling is wanted.
 """
 
 from __future__ import annotations
@@ -16,29 +30,56 @@ import html
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import folium
+import geopandas as gpd
 import numpy as np
 from branca.element import Element, Figure, MacroElement
 from folium.raster_layers import ImageOverlay
 from folium.template import Template
+from pyogrio.errors import DataSourceError
 from rasterio.crs import CRS
 
 from common.atomic import atomic_path
+from pipeline.config import Query
 from pipeline.errors import ExportError
-from pipeline.export.qgis_style import SCORE_RAMP, DisplayRange, RampStop, display_range
+from pipeline.export.places import PLACES_LAYER
+from pipeline.export.qgis_style import (
+    OVERLAY_OPACITY,
+    PERCENTILE_CLASSES,
+    SCORE_RAMP,
+    Colour,
+    DisplayRange,
+    RampStop,
+    ValueClass,
+    display_range,
+    percentile_class,
+    percentile_classes,
+    query_colours,
+)
+from pipeline.export.underlay import read_underlay
 from pipeline.geometry import lnglat_of_mercator
+from pipeline.imagery.codec import encode_webp
 from pipeline.store.read import SoundscapeStore, StoreGrid
-from pipeline.store.scores import SCORE_KINDS
+from pipeline.store.scores import SCORE_KINDS, dominant_query
 
-# Longest side of an overlay PNG; larger grids are shown by a regular lattice of their tiles.
+# Longest side of an overlay image, and the most tiles x queries a page holds values of.
 PREVIEW_MAX_PX = 1024
+PREVIEW_MAX_VALUES = 2**20
 # The colour range is taken from at most this many tiles, sampled on a regular lattice.
 MAX_SAMPLE_PX = 2**20
-OVERLAY_OPACITY = 0.8
+UNDERLAY_QUALITY = 80
+# Popup values: cosine x SCORE_SCALE as int16, percentile x PERCENTILE_SCALE as uint16, NODATA where not valid.
+SCORE_SCALE = 10_000
+PERCENTILE_SCALE = 100
+SCORE_NODATA = -(2**15)
+PERCENTILE_NODATA = 2**16 - 1
 REGION_STYLE = {"color": "#ff3d00", "weight": 2, "fill": False}
+DOMINANT_CAPTION = "Dominant sound: which query fits each tile best"
+DOMINANT_MEANING = "the query with the highest softmax across the queries, in the colours of cog/dominant.tif"
 LEAFLET_DIR = Path(__file__).parent / "assets" / "leaflet"
 _CSS_IMAGE_URL = re.compile(r"url\((images/[\w.-]+\.png)\)")
 
@@ -52,63 +93,143 @@ class LegendEntry(NamedTuple):
 
 
 class Lattice(NamedTuple):
-    """The grid rows and columns a preview shows, and the EPSG:3857 bounds (left, bottom, right, top) they cover."""
+    """The grid rows and columns a preview shows (one tile per `stride` x `stride` block), and the EPSG:3857
+    bounds (left, bottom, right, top) the blocks cover."""
 
     rows: np.ndarray
     cols: np.ndarray
     bounds: tuple[float, float, float, float]
+    stride: int
 
 
-def write_preview(store: Path, region_geojson: Path | dict[str, Any], out_html: Path, variable: str = "score") -> Path:
-    """Write the folium preview of `variable` for every query of the store to `out_html`."""
-    if variable not in SCORE_KINDS:
-        raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_KINDS)}")
+class Place(NamedTuple):
+    rank: int
+    score: float
+    percentile: float
+    lon: float
+    lat: float
+    area: int
+
+
+class LatticeValues(NamedTuple):
+    """The store's values on a lattice: per query its raw cosine and percentile, and the dominant query (-1 where
+    not valid) with its margin (0-1)."""
+
+    score: list[np.ndarray]
+    percentile: list[np.ndarray]
+    dominant: np.ndarray
+    margin: np.ndarray
+
+    @classmethod
+    def read(cls, soundscape: SoundscapeStore, lattice: Lattice) -> LatticeValues:
+        def layer(variable: str, index: int) -> np.ndarray:
+            return soundscape.scores(variable, index, lattice.rows, lattice.cols)
+
+        indices = range(len(soundscape.queries))
+        dominant, margin = dominant_query(layer("score_softmax", index) for index in indices)
+        return cls(
+            [layer("score", index) for index in indices],
+            [layer("score_percentile", index) for index in indices],
+            dominant,
+            margin,
+        )
+
+
+def write_preview(
+    store: Path,
+    region_geojson: Path | dict[str, Any],
+    out_html: Path,
+    underlay: Path | None = None,
+    places: Path | None = None,
+) -> Path:
+    """Write the preview of the store to `out_html`, with the imagery `underlay` (`imagery.tif`) and the top
+    `places` (`top_places.gpkg`) where given."""
     region = _region(region_geojson)
     soundscape = SoundscapeStore(store)
     grid = soundscape.grid
     if grid.crs != CRS.from_epsg(3857):
         raise ExportError(f"the preview needs an EPSG:3857 store, got {grid.crs}; rebuild the store")
-    lattice = preview_lattice(grid)
+    queries = soundscape.queries
+    colours = query_colours(len(queries))
+    lattice = preview_lattice(grid, len(queries))
+    values = LatticeValues.read(soundscape, lattice)
     corners = lnglat_corners(lattice.bounds)
+    attribution = f"Imagery: {html.escape(str(soundscape.provenance['imagery_attribution']))}"
 
     fmap = folium.Map(tiles=None, control_scale=True)
     _inline_leaflet(fmap)
-    folium.TileLayer("OpenStreetMap", name="OpenStreetMap").add_to(fmap)
-    attribution = f"Imagery: {html.escape(str(soundscape.provenance['imagery_attribution']))}"
-    legends: list[LegendEntry] = []
-    for index, query in enumerate(soundscape.queries):
-        display = display_range(soundscape.sample_scores(variable, index, MAX_SAMPLE_PX), f"query {query.id!r}")
-        overlay = ImageOverlay(
-            colourise(soundscape.scores(variable, index, lattice.rows, lattice.cols), display),
-            bounds=corners,
-            name=query.label,
-            opacity=OVERLAY_OPACITY,
-            show=index == 0,
-            attribution=attribution,
-        )
-        overlay.add_to(fmap)
-        element_id = f"legend-{query.id}"
-        legends.append(LegendEntry(overlay.get_name(), element_id, _legend_html(element_id, query.label, display)))
+    folium.TileLayer("OpenStreetMap", name="OpenStreetMap (online)").add_to(fmap)
+    if underlay is not None:
+        _underlay_overlay(underlay, attribution).add_to(fmap)
+    overlays = _Overlays(fmap, corners, attribution)
+    _add_maps(overlays, soundscape, values, colours)
+    if places is not None:
+        for index, (query, colour) in enumerate(zip(queries, colours, strict=True)):
+            group = folium.FeatureGroup(name=f"{query.label} — top places", show=index == 0)
+            _PlaceMarkers(query, colour, read_places(places, query)).add_to(group)
+            group.add_to(fmap)
     folium.GeoJson(region, name="region", control=False, style_function=_region_style).add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
-    _Legend(SCORE_KINDS[variable].meaning, legends).add_to(fmap)
+    _Legend(overlays.legends).add_to(fmap)
+    _TileValues(grid, lattice, queries, colours, values).add_to(fmap)
     gaps = str(soundscape.dataset.attrs.get("empty_tiles_reason", ""))
-    _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, variable, gaps)))
+    _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, gaps)))
     fmap.fit_bounds(corners)
     with atomic_path(out_html) as tmp:
         tmp.write_text(_figure(fmap).render(), encoding="utf-8")
     return out_html
 
 
-def preview_lattice(grid: StoreGrid) -> Lattice:
-    """Every `stride`-th row and column (centred in its block), with stride keeping both sides <= PREVIEW_MAX_PX."""
-    stride = max(1, math.ceil(max(grid.width, grid.height) / PREVIEW_MAX_PX))
+class _Overlays:
+    """Adds the map's overlays (RGBA images over the lattice's corners) in order, each with its legend."""
+
+    def __init__(self, fmap: folium.Map, corners: list[list[float]], attribution: str) -> None:
+        self.fmap, self.corners, self.attribution = fmap, corners, attribution
+        self.legends: list[LegendEntry] = []
+
+    def add(self, image: np.ndarray, name: str, show: bool, legend: tuple[str, str]) -> None:
+        """Add `image` as overlay `name`, with `legend` as (element id, html)."""
+        overlay = ImageOverlay(
+            image, bounds=self.corners, name=name, opacity=OVERLAY_OPACITY, show=show, attribution=self.attribution
+        )
+        overlay.add_to(self.fmap)
+        self.legends.append(LegendEntry(overlay.get_name(), *legend))
+
+
+def _add_maps(
+    overlays: _Overlays, soundscape: SoundscapeStore, values: LatticeValues, colours: Sequence[Colour]
+) -> None:
+    """Per query its percentile map (the first shown) and raw cosine map, then the dominant sound."""
+    queries = soundscape.queries
+    meaning = SCORE_KINDS["score_percentile"].meaning
+    for index, (query, percentile) in enumerate(zip(queries, values.percentile, strict=True)):
+        classes = percentile_classes(query.label)
+        image = paint(percentile_class(percentile), [item.colour for item in classes])
+        legend = _class_legend(f"percentile-{query.id}", query.label, meaning, classes[::-1])
+        overlays.add(image, f"{query.label} — percentile", index == 0, legend)
+    for index, (query, score) in enumerate(zip(queries, values.score, strict=True)):
+        display = display_range(soundscape.sample_scores("score", index, MAX_SAMPLE_PX), f"query {query.id!r}")
+        legend = _ramp_legend(f"score-{query.id}", query.label, display)
+        overlays.add(colourise(score, display), f"{query.label} — raw cosine", False, legend)
+    named = [
+        ValueClass(index, query.label, colour)
+        for index, (query, colour) in enumerate(zip(queries, colours, strict=True))
+    ]
+    legend = _class_legend("dominant", DOMINANT_CAPTION, DOMINANT_MEANING, named)
+    overlays.add(paint(values.dominant, colours), "Dominant sound", False, legend)
+
+
+def preview_lattice(grid: StoreGrid, query_count: int = 1) -> Lattice:
+    """Every `stride`-th row and column (centred in its block), with stride keeping both sides <= PREVIEW_MAX_PX
+    and the lattice's tiles x `query_count` <= PREVIEW_MAX_VALUES."""
+    side = min(PREVIEW_MAX_PX, math.isqrt(PREVIEW_MAX_VALUES // max(1, query_count)))
+    stride = max(1, math.ceil(max(grid.width, grid.height) / side))
     rows = np.minimum(np.arange(math.ceil(grid.height / stride)) * stride + stride // 2, grid.height - 1)
     cols = np.minimum(np.arange(math.ceil(grid.width / stride)) * stride + stride // 2, grid.width - 1)
     # The last block may reach past the grid's edge; the image covers whole blocks so its pixels stay square.
     left, top = grid.transform @ (0, 0)
     right, bottom = grid.transform @ (len(cols) * stride, len(rows) * stride)
-    return Lattice(rows, cols, (left, bottom, right, top))
+    return Lattice(rows, cols, (left, bottom, right, top), stride)
 
 
 def lnglat_corners(bounds: tuple[float, float, float, float]) -> list[list[float]]:
@@ -129,6 +250,36 @@ def colourise(values: np.ndarray, display: DisplayRange, ramp: tuple[RampStop, .
     rgba[..., :3] = lookup[np.round(position * (len(lookup) - 1)).astype(np.intp)]
     rgba[..., 3] = np.where(np.isfinite(values), 255, 0)
     return rgba
+
+
+def paint(categories: np.ndarray, colours: Sequence[Colour]) -> np.ndarray:
+    """RGBA uint8 (rows, cols, 4): each category (an index into `colours`) in its colour; negative transparent."""
+    lookup = np.array([[*colour, 255] for colour in colours] + [[0, 0, 0, 0]], dtype=np.uint8)
+    return lookup[np.where(categories < 0, len(colours), categories)]
+
+
+def read_places(gpkg: Path, query: Query) -> list[Place]:
+    """A query's top places, best first, from the build's `top_places.gpkg`."""
+    layer = PLACES_LAYER.format(query=query.id)
+    try:
+        table = gpd.read_file(gpkg, layer=layer, ignore_geometry=True)
+    except (OSError, DataSourceError, ValueError) as exc:
+        raise ExportError(f"cannot read layer {layer} of {gpkg} ({exc}); rerun the build's places step") from exc
+    return [Place(*row) for row in table[list(Place._fields)].itertuples(index=False)]
+
+
+def _underlay_overlay(underlay: Path, attribution: str) -> ImageOverlay:
+    """The build's imagery, smoothly resampled (the maps' tiles stay sharp squares)."""
+    rgb, valid, bounds = read_underlay(underlay)
+    url = f"data:image/webp;base64,{base64.b64encode(encode_webp(rgb, valid, UNDERLAY_QUALITY)).decode()}"
+    return ImageOverlay(
+        url,
+        bounds=lnglat_corners(bounds),
+        name="Imagery (this build's, offline)",
+        show=True,
+        attribution=attribution,
+        className="s2s-imagery",
+    )
 
 
 def _lookup_table(ramp: tuple[RampStop, ...], size: int = 256) -> np.ndarray:
@@ -176,21 +327,33 @@ def _inline_leaflet(fmap: folium.Map) -> None:
     header.add_child(Element(f"<style>{_PAGE_CSS}</style>"), name="sat2sound_css")
 
 
-def _legend_html(element_id: str, caption: str, display: DisplayRange) -> str:
+def _class_legend(element_id: str, caption: str, meaning: str, classes: Sequence[ValueClass]) -> tuple[str, str]:
+    """A legend of coloured classes in the order given, under its caption and what the map means."""
+    rows = "".join(
+        f'<div class="s2s-class"><span class="s2s-swatch" style="background: {item.colour.hex}"></span>'
+        f"{html.escape(item.label)}</div>"
+        for item in classes
+    )
+    body = f'<div class="s2s-caption">{html.escape(caption)}</div><div class="s2s-meaning">{html.escape(meaning)}</div>'
+    return element_id, f'<div class="s2s-legend-entry" id="{html.escape(element_id)}">{body}{rows}</div>'
+
+
+def _ramp_legend(element_id: str, caption: str, display: DisplayRange) -> tuple[str, str]:
     gradient = ", ".join(f"{stop.colour.hex} {stop.position:.2%}" for stop in SCORE_RAMP)
-    return (
+    return element_id, (
         f'<div class="s2s-legend-entry" id="{html.escape(element_id)}">'
         f'<div class="s2s-caption">{html.escape(caption)}</div>'
+        f'<div class="s2s-meaning">{html.escape(SCORE_KINDS["score"].meaning)}</div>'
         f'<div class="s2s-bar" style="background: linear-gradient(to right, {gradient})"></div>'
         f'<div class="s2s-ticks"><span>{html.escape(display.label(display.minimum))}</span>'
         f"<span>{html.escape(display.label(display.maximum))}</span></div></div>"
     )
 
 
-def _banner(provenance: dict[str, Any], variable: str, gaps: str = "") -> str:
-    """The title box: what is shown, the checkpoint, and warnings (untrained weights; tiles left empty because
-    imagery could not be had, `gaps`)."""
-    details = f"{variable}: {SCORE_KINDS[variable].meaning} · checkpoint {provenance['checkpoint']}"
+def _banner(provenance: dict[str, Any], gaps: str = "") -> str:
+    """The title box: how to read the page, the checkpoint, and warnings (untrained weights; tiles left empty
+    because imagery could not be had, `gaps`)."""
+    details = f"Click a tile for every query's score and percentile · checkpoint {provenance['checkpoint']}"
     warning = (
         '<div class="s2s-warning">Untrained model weights (random, fixed seed): these maps are not predictions.</div>'
         if provenance["untrained"] is True
@@ -206,15 +369,20 @@ def _banner(provenance: dict[str, Any], variable: str, gaps: str = "") -> str:
     )
 
 
+def _base64(values: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
+
+
 class _Legend(MacroElement):
-    """A bottom-right control holding one legend per overlay; each shows only while its overlay is on the map."""
+    """A bottom-left control holding one legend per overlay (the layer list takes the right side); each shows only
+    while its overlay is on the map."""
 
     _template = Template(
         """
         {% macro script(this, kwargs) %}
         (function () {
             var map = {{ this._parent.get_name() }};
-            var legend = L.control({position: "bottomright"});
+            var legend = L.control({position: "bottomleft"});
             legend.onAdd = function () {
                 var div = L.DomUtil.create("div", "s2s-legend");
                 div.innerHTML = {{ this.html|tojson }};
@@ -236,11 +404,162 @@ class _Legend(MacroElement):
         """
     )
 
-    def __init__(self, meaning: str, entries: list[LegendEntry]) -> None:
+    def __init__(self, entries: list[LegendEntry]) -> None:
         super().__init__()
         self._name = "Sat2SoundLegend"
-        self.html = f'<div class="s2s-meaning">{html.escape(meaning)}</div>' + "".join(entry.html for entry in entries)
+        self.html = "".join(entry.html for entry in entries)
         self.entries = entries
+
+
+class _PlaceMarkers(MacroElement):
+    """A query's top places as numbered markers in its colour, each with a popup, added to the parent group."""
+
+    _template = Template(
+        """
+        {% macro script(this, kwargs) %}
+        (function () {
+            var group = {{ this._parent.get_name() }};
+            {{ this.places|tojson }}.forEach(function (place) {
+                var icon = L.divIcon({
+                    className: "s2s-place",
+                    html: '<div style="background: {{ this.colour }}">' + place[0] + "</div>",
+                    iconSize: [22, 22],
+                    iconAnchor: [11, 11],
+                });
+                L.marker([place[1], place[2]], {icon: icon, title: place[3]}).bindPopup(place[4]).addTo(group);
+            });
+        })();
+        {% endmacro %}
+        """
+    )
+
+    def __init__(self, query: Query, colour: Colour, places: list[Place]) -> None:
+        super().__init__()
+        self._name = "Sat2SoundPlaces"
+        self.colour = colour.hex
+        self.places = [
+            [place.rank, place.lat, place.lon, f"#{place.rank} for {query.label}", _place_popup(query, place)]
+            for place in places
+        ]
+
+
+def _place_popup(query: Query, place: Place) -> str:
+    words = PERCENTILE_CLASSES[int(percentile_class(np.array(place.percentile)))][1]
+    return (
+        f'<div class="s2s-popup"><b>#{place.rank} for {html.escape(query.label)}</b><br>'
+        f"cosine {place.score:.4f} · percentile {place.percentile:.2f} ({words})<br>"
+        f"area {place.area} · {place.lat:.5f}, {place.lon:.5f}</div>"
+    )
+
+
+class _TileValues(MacroElement):
+    """Clicking the map opens a popup with the clicked tile's values for every query (read from the lattice)."""
+
+    _template = Template(
+        """
+        {% macro script(this, kwargs) %}
+        (function () {
+            var map = {{ this._parent.get_name() }};
+            var data = {{ this.data|tojson }};
+            function decode(text, Type) {
+                var bytes = Uint8Array.from(atob(text), function (c) { return c.charCodeAt(0); });
+                return new Type(bytes.buffer);
+            }
+            var score = decode(data.score, Int16Array);
+            var percentile = decode(data.percentile, Uint16Array);
+            var dominant = decode(data.dominant, Int16Array);
+            var margin = decode(data.margin, Uint8Array);
+            function escape(text) {
+                var div = document.createElement("div");
+                div.textContent = text;
+                return div.innerHTML;
+            }
+            function words(value) {
+                for (var i = 0; i < data.classes.length; i++) {
+                    if (value <= data.classes[i][0]) { return data.classes[i][1]; }
+                }
+                return data.classes[data.classes.length - 1][1];
+            }
+            function swatch(colour) {
+                return '<span class="s2s-swatch" style="background: ' + colour + '"></span>';
+            }
+            map.on("click", function (event) {
+                var point = L.CRS.EPSG3857.project(event.latlng);
+                var b = data.bounds;
+                var col = Math.floor((point.x - b[0]) / (b[2] - b[0]) * data.cols);
+                var row = Math.floor((b[3] - point.y) / (b[3] - b[1]) * data.rows);
+                if (col < 0 || row < 0 || col >= data.cols || row >= data.rows) { return; }
+                var tile = row * data.cols + col;
+                var centre = L.CRS.EPSG3857.unproject(L.point(data.x[col], data.y[row]));
+                var where = "Tile at " + centre.lat.toFixed(5) + ", " + centre.lng.toFixed(5);
+                if (data.stride > 1) {
+                    where += " (the preview holds one tile in " + data.stride + " x " + data.stride
+                        + "; the COGs hold them all)";
+                }
+                var body;
+                if (dominant[tile] < 0) {
+                    body = "<div>No prediction here: outside the region or without imagery.</div>";
+                } else {
+                    var best = data.queries[dominant[tile]];
+                    body = '<div class="s2s-dominant">Dominant sound: ' + swatch(best.colour) + "<b>"
+                        + escape(best.label) + "</b> (margin " + margin[tile] + " points)</div>"
+                        + "<table><tr><th>query</th><th>cosine</th><th>percentile</th></tr>";
+                    data.queries.forEach(function (query, index) {
+                        var at = index * data.rows * data.cols + tile;
+                        var value = percentile[at] / data.percentileScale;
+                        body += '<tr class="s2s-query" data-query="' + escape(query.id) + '"><td>'
+                            + swatch(query.colour) + escape(query.label) + "</td><td>"
+                            + (score[at] / data.scoreScale).toFixed(4) + "</td><td>" + value.toFixed(2)
+                            + " (" + escape(words(value)) + ")</td></tr>";
+                    });
+                    body += "</table>";
+                }
+                L.popup({maxWidth: 520})
+                    .setLatLng(event.latlng)
+                    .setContent('<div class="s2s-popup"><div class="s2s-where">' + where + "</div>" + body + "</div>")
+                    .openOn(map);
+            });
+        })();
+        {% endmacro %}
+        """
+    )
+
+    def __init__(
+        self,
+        grid: StoreGrid,
+        lattice: Lattice,
+        queries: Sequence[Query],
+        colours: Sequence[Colour],
+        values: LatticeValues,
+    ) -> None:
+        super().__init__()
+        self._name = "Sat2SoundTileValues"
+        score = np.stack(values.score)
+        percentile = np.stack(values.percentile)
+        # Tile centres in EPSG:3857 (the grid is north-up: columns give x, rows give y).
+        x = grid.transform.c + grid.transform.a * (lattice.cols + 0.5)
+        y = grid.transform.f + grid.transform.e * (lattice.rows + 0.5)
+        self.data = {
+            "bounds": lattice.bounds,
+            "rows": len(lattice.rows),
+            "cols": len(lattice.cols),
+            "stride": lattice.stride,
+            "x": np.asarray(x).tolist(),
+            "y": np.asarray(y).tolist(),
+            "queries": [
+                {"id": query.id, "label": query.label, "colour": colour.hex}
+                for query, colour in zip(queries, colours, strict=True)
+            ],
+            "classes": [[upper, words] for upper, words in PERCENTILE_CLASSES],
+            "scoreScale": SCORE_SCALE,
+            "percentileScale": PERCENTILE_SCALE,
+            "score": _base64(np.where(np.isnan(score), SCORE_NODATA, np.round(score * SCORE_SCALE)), "<i2"),
+            "percentile": _base64(
+                np.where(np.isnan(percentile), PERCENTILE_NODATA, np.round(percentile * PERCENTILE_SCALE)), "<u2"
+            ),
+            "dominant": _base64(values.dominant, "<i2"),
+            "margin": _base64(np.round(np.nan_to_num(values.margin) * 100), "u1"),
+        }
 
 
 _PAGE_CSS = """
@@ -248,13 +567,23 @@ _PAGE_CSS = """
   background: rgba(255, 255, 255, 0.92); border-radius: 4px; font: 13px/1.4 sans-serif;
   box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); }
 .s2s-title { font-weight: bold; }
+.leaflet-control-layers-expanded { font: 12px/1.4 sans-serif; }
 .s2s-warning { color: #b00020; font-weight: bold; }
 .s2s-note { color: #444; font-style: italic; }
 .s2s-legend { background: rgba(255, 255, 255, 0.92); padding: 6px 10px; border-radius: 4px;
-  font: 12px/1.4 sans-serif; box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); width: 260px; }
-.s2s-meaning { font-style: italic; margin-bottom: 4px; }
+  font: 12px/1.4 sans-serif; box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); width: 300px; }
+.s2s-meaning { font-style: italic; }
 .s2s-legend-entry { margin-top: 4px; }
 .s2s-caption { font-weight: bold; }
 .s2s-bar { height: 12px; border: 1px solid #555; }
 .s2s-ticks { display: flex; justify-content: space-between; }
+.s2s-swatch { display: inline-block; width: 12px; height: 12px; margin-right: 5px; border: 1px solid #555;
+  vertical-align: middle; }
+.leaflet-image-layer.s2s-imagery { image-rendering: auto; }
+.s2s-place div { width: 20px; height: 20px; border: 1px solid #fff; border-radius: 50%; color: #fff;
+  font: bold 11px/20px sans-serif; text-align: center; box-shadow: 0 0 3px rgba(0, 0, 0, 0.8); }
+.s2s-popup { font: 12px/1.4 sans-serif; }
+.s2s-popup table { border-collapse: collapse; margin-top: 4px; }
+.s2s-popup th, .s2s-popup td { padding: 1px 6px; text-align: left; }
+.s2s-where { color: #444; }
 """

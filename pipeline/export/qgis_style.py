@@ -31,6 +31,15 @@ CANDIDATE_LEVELS = 16
 LIGHTNESS_RANGE = (30.0, 90.0)
 
 
+# Score layers are drawn this opaque over imagery, in QGIS and in the preview, so that the ground shows through.
+OVERLAY_OPACITY = 0.75
+# Top places: fill opacity (0-255) and outline widths (mm), and the size of their rank labels (points).
+PLACE_FILL_ALPHA = 70
+PLACE_OUTLINE_MM = "0.6"
+AREA_OUTLINE_MM = "0.9"
+LABEL_SIZE_PT = "9"
+
+
 class Colour(NamedTuple):
     red: int
     green: int
@@ -84,13 +93,14 @@ class ValueClass(NamedTuple):
 
 # Percentile classes of a query's percentile map, lowest first, each with words true of every tile in it (a tile
 # at the 93rd percentile is in the top 10 %). The upper bounds are those of QGIS's discrete shader (inclusive).
+# Legends add the query: "top 10 % of this region for 'birds singing'".
 PERCENTILE_CLASSES = (
-    (50.0, "bottom half of this region for {query}"),
-    (75.0, "above this region's median for {query}"),
-    (90.0, "top 25 % of this region for {query}"),
-    (95.0, "top 10 % of this region for {query}"),
-    (99.0, "top 5 % of this region for {query}"),
-    (100.0, "top 1 % of this region for {query}"),
+    (50.0, "bottom half of this region"),
+    (75.0, "above this region's median"),
+    (90.0, "top 25 % of this region"),
+    (95.0, "top 10 % of this region"),
+    (99.0, "top 5 % of this region"),
+    (100.0, "top 1 % of this region"),
 )
 
 
@@ -123,9 +133,17 @@ def percentile_classes(query_label: str) -> tuple[ValueClass, ...]:
     """The plain-words legend of a percentile map, coloured along the score ramp from its first to last stop."""
     last = len(PERCENTILE_CLASSES) - 1
     return tuple(
-        ValueClass(upper, words.format(query=f"'{query_label}'"), ramp_colour(index / last))
+        ValueClass(upper, f"{words} for '{query_label}'", ramp_colour(index / last))
         for index, (upper, words) in enumerate(PERCENTILE_CLASSES)
     )
+
+
+def percentile_class(percentile: np.ndarray) -> np.ndarray:
+    """The index in PERCENTILE_CLASSES of each percentile's class (the first whose upper bound it does not
+    exceed), as QGIS's discrete shader picks it; -1 for NaN."""
+    uppers = [upper for upper, _ in PERCENTILE_CLASSES]
+    index = np.minimum(np.searchsorted(uppers, np.nan_to_num(percentile), side="left"), len(uppers) - 1)
+    return np.where(np.isnan(percentile), -1, index)
 
 
 def ramp_colour(position: float, ramp: Sequence[RampStop] = SCORE_RAMP) -> Colour:
@@ -247,6 +265,94 @@ def paletted_qml(entries: Sequence[PaletteEntry]) -> str:
     return _document(renderer)
 
 
+def query_colours(count: int) -> tuple[Colour, ...]:
+    """The colour of each of `count` queries, in the store's order, on every map of a build: the dominant-sound
+    palette (COG, QGIS, preview) and the top places."""
+    return category_colours(count)
+
+
+def rgb_renderer(bands: Sequence[int], low: float, high: float) -> ET.Element:
+    """Imagery drawn as the build reads it: `bands` in RGB order (or one grey band), each stretched linearly from
+    `low` to `high`."""
+    limits = {"minValue": _number(low), "maxValue": _number(high)}
+    if len(bands) == 1:
+        renderer = _renderer("singlebandgray", grayBand=str(bands[0]), gradient="BlackToWhite")
+        _min_max_origin(renderer, "None", 0.02, 0.98)
+        _contrast(renderer, "contrastEnhancement", limits)
+        return renderer
+    red, green, blue = (str(band) for band in bands)
+    renderer = _renderer("multibandcolor", redBand=red, greenBand=green, blueBand=blue)
+    del renderer.attrib["band"]
+    _min_max_origin(renderer, "None", 0.02, 0.98)
+    for colour in ("red", "green", "blue"):
+        _contrast(renderer, f"{colour}ContrastEnhancement", limits)
+    return renderer
+
+
+def colour_data_renderer() -> ET.Element:
+    """Tiles that are already RGB(A) pictures (an XYZ tile server), drawn as they are."""
+    renderer = _renderer("singlebandcolordata")
+    _min_max_origin(renderer, "None", 0.02, 0.98)
+    return renderer
+
+
+def places_renderer(colour: Colour) -> ET.Element:
+    """Top places (tile squares): a see-through fill and a solid outline in the query's colour."""
+    return _single_fill(
+        {
+            "color": _rgba(colour, PLACE_FILL_ALPHA),
+            "outline_color": _rgba(colour, 255),
+            "outline_style": "solid",
+            "outline_width": PLACE_OUTLINE_MM,
+            "style": "solid",
+        }
+    )
+
+
+def areas_renderer(colour: Colour) -> ET.Element:
+    """Merged areas: a dashed outline in the query's colour, no fill (the places inside stay readable)."""
+    return _single_fill(
+        {
+            "color": _rgba(colour, 0),
+            "outline_color": _rgba(colour, 255),
+            "outline_style": "dash",
+            "outline_width": AREA_OUTLINE_MM,
+            "style": "no",
+        }
+    )
+
+
+def rank_labels(field: str) -> ET.Element:
+    """Labels showing `field` (a place's rank) in dark bold text with a white halo, over each feature."""
+    labeling = ET.Element("labeling", type="simple")
+    settings = ET.SubElement(labeling, "settings", calloutType="simple")
+    style = ET.SubElement(
+        settings,
+        "text-style",
+        fieldName=field,
+        isExpression="0",
+        fontSize=LABEL_SIZE_PT,
+        fontSizeUnit="Point",
+        fontWeight="75",
+        namedStyle="Bold",
+        textColor="20,20,20,255",
+        textOpacity="1",
+    )
+    ET.SubElement(
+        style,
+        "text-buffer",
+        bufferDraw="1",
+        bufferSize="0.8",
+        bufferSizeUnits="MM",
+        bufferColor="255,255,255,255",
+        bufferOpacity="1",
+    )
+    # Placement 1 is "over point": the label sits on the feature's centre.
+    ET.SubElement(settings, "placement", placement="1", dist="0")
+    ET.SubElement(settings, "rendering", obstacle="0", displayAll="1", labelPerPart="0")
+    return labeling
+
+
 def write_style(path: Path, qml: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(qml, encoding="utf-8")
@@ -289,6 +395,36 @@ def _gradient(shader: ET.Element, ramp: Sequence[RampStop]) -> None:
         ET.SubElement(colour_ramp, "prop", k=key, v=value)
 
 
+def _contrast(renderer: ET.Element, tag: str, limits: dict[str, str]) -> None:
+    enhancement = ET.SubElement(renderer, tag)
+    for name, value in limits.items():
+        ET.SubElement(enhancement, name).text = value
+    ET.SubElement(enhancement, "algorithm").text = "StretchToMinimumMaximum"
+
+
+def _single_fill(properties: dict[str, str]) -> ET.Element:
+    """A single-symbol vector renderer whose symbol is one simple fill with `properties` (QGIS's names)."""
+    renderer = ET.Element("renderer-v2", type="singleSymbol", symbollevels="0", enableorderby="0", forceraster="0")
+    symbol = ET.SubElement(
+        ET.SubElement(renderer, "symbols"), "symbol", type="fill", name="0", alpha="1", clip_to_extent="1"
+    )
+    layer = ET.SubElement(symbol, "layer", {"class": "SimpleFill", "enabled": "1", "locked": "0", "pass": "0"})
+    values = properties | {"outline_width_unit": "MM", "joinstyle": "miter"}
+    # Written as QGIS >= 3.26 reads it (Option map) and as older 3.x reads it (prop), like the colour ramps.
+    options = ET.SubElement(layer, "Option", type="Map")
+    for key, value in values.items():
+        ET.SubElement(options, "Option", type="QString", name=key, value=value)
+    for key, value in values.items():
+        ET.SubElement(layer, "prop", k=key, v=value)
+    ET.SubElement(renderer, "rotation")
+    ET.SubElement(renderer, "sizescale")
+    return renderer
+
+
+def _rgba(colour: Colour, alpha: int) -> str:
+    return f"{colour.red},{colour.green},{colour.blue},{alpha}"
+
+
 def _numeric_format(legend: ET.Element) -> None:
     options = ET.SubElement(ET.SubElement(legend, "numericFormat", id="basic"), "Option", type="Map")
     for name, kind, value in (
@@ -305,9 +441,18 @@ def _numeric_format(legend: ET.Element) -> None:
 
 def _document(renderer: ET.Element) -> str:
     root = ET.Element("qgis", version=QGIS_VERSION, styleCategories="Symbology")
-    pipe = ET.SubElement(root, "pipe")
+    root.append(raster_pipe(renderer))
+    ET.SubElement(root, "blendMode").text = "0"
+    ET.indent(root)
+    return f"{DOCTYPE}\n{ET.tostring(root, encoding='unicode')}\n"
+
+
+def raster_pipe(renderer: ET.Element, smooth: bool = False) -> ET.Element:
+    """A raster layer's `<pipe>`: `renderer` between QGIS's default provider, colour and resampling stages;
+    `smooth` (imagery) resamples bilinearly when zoomed, else pixels stay sharp squares."""
+    pipe = ET.Element("pipe")
     provider = ET.SubElement(pipe, "provider")
-    # Each pixel is one map tile: resample with nearest neighbour so tile edges stay sharp.
+    # Each pixel of a map is one tile: resample with nearest neighbour so tile edges stay sharp.
     ET.SubElement(
         provider,
         "resampling",
@@ -330,11 +475,10 @@ def _document(renderer: ET.Element) -> str:
         colorizeBlue="128",
         colorizeStrength="100",
     )
-    ET.SubElement(pipe, "rasterresampler", maxOversampling="2")
+    resampler = {"zoomedInResampler": "bilinear", "zoomedOutResampler": "bilinear"} if smooth else {}
+    ET.SubElement(pipe, "rasterresampler", {"maxOversampling": "2", **resampler})
     ET.SubElement(pipe, "resamplingStage").text = "resamplingFilter"
-    ET.SubElement(root, "blendMode").text = "0"
-    ET.indent(root)
-    return f"{DOCTYPE}\n{ET.tostring(root, encoding='unicode')}\n"
+    return pipe
 
 
 def _number(value: float) -> str:

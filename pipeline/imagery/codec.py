@@ -22,6 +22,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_START = b"\xff\xd8"
 _RIFF_HEADER_BYTES = 8
+PNG_ZLEVEL = 6  # GDAL's default
 # warnings.catch_warnings swaps process-wide state: XYZ fetch threads decoding at once would restore each
 # other's filters out of order (leaving 'ignore' filters behind, or letting the warning through). Opening
 # an in-memory image, the step that warns, is serialised; reading its pixels is not.
@@ -60,17 +61,38 @@ def decode_tile(body: bytes) -> TileImage:
     return TileImage(_to_rgb(pixels, colormap), valid)
 
 
-def encode_png(rgb: np.ndarray, valid: np.ndarray) -> bytes:
-    """Lossless RGBA PNG of `rgb` (3, H, W) uint8, transparent where `valid` is False."""
-    alpha = np.where(valid, 255, 0).astype(np.uint8)[np.newaxis]
-    rgba = np.concatenate([rgb.astype(np.uint8), alpha])
+def encode_png(rgb: np.ndarray, valid: np.ndarray | None = None, *, zlevel: int = PNG_ZLEVEL) -> bytes:
+    """Lossless PNG of `rgb` (3, H, W) uint8: RGBA, transparent where `valid` is False; RGB without `valid`.
+    `zlevel` is zlib's compression level, 1 (fastest) to 9."""
+    return _encode(_bands(rgb, valid), "PNG", zlevel=zlevel)
+
+
+def encode_webp(rgb: np.ndarray, valid: np.ndarray, quality: int) -> bytes:
+    """Lossy RGBA WebP (`quality` 1-100) of `rgb` (3, H, W) uint8, transparent where `valid` is False: photos
+    at a fraction of a PNG's size."""
+    return _encode(_bands(rgb, valid), "WEBP", QUALITY=quality)
+
+
+def _bands(rgb: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    bands = rgb.astype(np.uint8)
+    if valid is None:
+        return bands
+    return np.concatenate([bands, np.where(valid, 255, 0).astype(np.uint8)[np.newaxis]])
+
+
+def _encode(bands: np.ndarray, driver: str, **options: int) -> bytes:
     with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with MemoryFile() as memfile:
             with memfile.open(
-                driver="PNG", width=rgba.shape[2], height=rgba.shape[1], count=4, dtype="uint8"
+                driver=driver,
+                width=bands.shape[2],
+                height=bands.shape[1],
+                count=len(bands),
+                dtype="uint8",
+                **options,
             ) as dataset:
-                dataset.write(rgba)
+                dataset.write(bands)
             return bytes(memfile.read())
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -233,8 +234,13 @@ def test_build_writes_the_answers_a_planner_acts_on(built: Path) -> None:
         assert areas["tiles"].sum() == places_per_query
     with (build / "top_places.csv").open(encoding="utf-8-sig", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == places_per_query * len(QUERIES)
-    for log in ("percentiles", "dominant", "top_places"):
+    for log in ("percentiles", "dominant", "top_places", "underlay", "project"):
         assert (build / f"logs/{log}.log").is_file()
+    with rasterio.open(build / "imagery.tif") as underlay:
+        assert underlay.crs.to_epsg() == 3857 and underlay.count == 3
+    with zipfile.ZipFile(build / "project.qgz") as project:
+        assert project.namelist() == ["project.qgs"]
+        assert "type=xyz&amp;url=http://127.0.0.1:" in project.read("project.qgs").decode()
 
 
 def test_tiles_outside_the_region_or_without_imagery_are_nodata(built: Path) -> None:
@@ -310,6 +316,7 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
         "dominant",
         "top_places",
         "preview",
+        "project",
         "all",
     }
 

@@ -20,8 +20,10 @@ from typing import Any, NamedTuple
 import mercantile
 import numpy as np
 import pytest
+import rasterio
 import shapely
 from pyproj import Transformer
+from rasterio.transform import from_origin
 
 from pipeline.config import Query
 from pipeline.geometry import RasterGrid, lnglat_of_mercator
@@ -252,6 +254,56 @@ def _concepts(height: int, width: int, ranks: int, rng: np.random.Generator) -> 
     return index, weight.astype(np.float32)
 
 
+# --- Imagery over a store's grid ---------------------------------------------------------------------------------
+
+# A checkerboard of two colours in blocks of CHECKER_TILES x CHECKER_TILES tiles, IMAGERY_TILE_PX pixels per tile.
+CHECKER_COLOURS = ((230, 120, 30), (30, 160, 170))
+CHECKER_TILES = 8
+IMAGERY_TILE_PX = 4
+
+
+def checker_colour(row: float, col: float) -> tuple[int, int, int]:
+    """The colour of the synthetic imagery at (fractional) grid row and column."""
+    return CHECKER_COLOURS[(int(row // CHECKER_TILES) + int(col // CHECKER_TILES)) % 2]
+
+
+def write_synthetic_imagery(
+    store: SyntheticStore,
+    path: Path,
+    *,
+    dtype: str = "uint8",
+    scale: int = 1,
+    offset: int = 0,
+    cover: float = 1.0,
+    bgr: bool = True,
+) -> Path:
+    """A north-up EPSG:3857 GeoTIFF over the western `cover` share of the store's grid, IMAGERY_TILE_PX pixels a
+    tile: the checkerboard, as colour * `scale` + `offset` in `dtype`, nodata 0. With `bgr` its bands are in blue,
+    green, red order (read it with bands [3, 2, 1]), else in red, green, blue order."""
+    grid = store.plan.grid
+    left, _, _, top = grid.bounds
+    width, height = round(grid.width * cover) * IMAGERY_TILE_PX, grid.height * IMAGERY_TILE_PX
+    rows, cols = np.mgrid[0:height, 0:width] / IMAGERY_TILE_PX
+    blocks = ((rows // CHECKER_TILES).astype(int) + (cols // CHECKER_TILES).astype(int)) % 2
+    rgb = np.array(CHECKER_COLOURS)[blocks]
+    bands = np.moveaxis(rgb[..., ::-1] if bgr else rgb, -1, 0) * scale + offset
+    pixel = grid.pixel_m / IMAGERY_TILE_PX
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype=dtype,
+        crs="EPSG:3857",
+        transform=from_origin(left, top, pixel, pixel),
+        nodata=0,
+    ) as dataset:
+        dataset.write(bands.astype(dtype))
+    return path
+
+
 # --- Debian's GDAL 3.6 and QGIS 3.22, run as a GIS user would (bash run.sh test installs them as root) ----------
 
 DEBIAN_GDALINFO = Path("/usr/bin/gdalinfo")
@@ -319,16 +371,21 @@ app.exitQgis()
 def qgis_styles(*uris: str, shade: tuple[float, ...] = ()) -> list[dict[str, Any]]:
     """Each raster as QGIS shows it with its `.qml`: renderer, legend (label, colour), its alpha bands, and the
     colour its shader gives each of `shade` (pseudocolor renderers)."""
+    return list(run_debian_qgis(_QGIS_STYLE_SCRIPT, json.dumps(list(shade)), *uris))
+
+
+def run_debian_qgis(script: str, *args: str, timeout: float = 120) -> Any:
+    """Run a PyQGIS `script` with Debian's Python, headless; the JSON its last line of output prints."""
     result = subprocess.run(
-        [str(DEBIAN_PYTHON), "-c", _QGIS_STYLE_SCRIPT, json.dumps(list(shade)), *uris],
+        [str(DEBIAN_PYTHON), "-c", script, *args],
         capture_output=True,
         text=True,
         env=_debian_env(),
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    return list(json.loads(result.stdout.strip().splitlines()[-1]))
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _debian_env() -> dict[str, str]:
@@ -378,13 +435,4 @@ def location_value(name: str, x: float, y: float) -> float:
 
 def qgis_layers(*uris: str) -> list[dict[str, Any]]:
     """Validity, CRS authid, extent, size and band count of each URI loaded as a QgsRasterLayer by Debian's QGIS."""
-    result = subprocess.run(
-        [str(DEBIAN_PYTHON), "-c", _QGIS_SCRIPT, *uris],
-        capture_output=True,
-        text=True,
-        env=_debian_env(),
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return list(json.loads(result.stdout.strip().splitlines()[-1]))
+    return list(run_debian_qgis(_QGIS_SCRIPT, *uris))

@@ -1,16 +1,21 @@
-"""The HTML preview, opened in headless Chromium with no network: it loads cleanly and its layers render."""
+"""The HTML preview, opened in headless Chromium with no network: it loads cleanly, its layers render over the
+build's imagery, a click on a tile shows every query's score and percentile, and the top places are markers."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import mercantile
+import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
+import xarray as xr
 from affine import Affine
 from pyproj import Transformer
 from rasterio.crs import CRS
@@ -18,14 +23,33 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
-from support.synthetic_store import SyntheticStore, write_synthetic_store
+from support.synthetic_store import (
+    IMAGERY_TILE_PX,
+    SyntheticStore,
+    checker_colour,
+    write_synthetic_imagery,
+    write_synthetic_store,
+)
 
+from pipeline.config import ImagerySettings
 from pipeline.errors import ExportError
 from pipeline.export import preview as preview_module
-from pipeline.export.preview import colourise, lnglat_corners, preview_lattice, write_preview
-from pipeline.export.qgis_style import DisplayRange
+from pipeline.export.places import write_top_places
+from pipeline.export.preview import colourise, lnglat_corners, paint, preview_lattice, write_preview
+from pipeline.export.qgis_style import (
+    OVERLAY_OPACITY,
+    PERCENTILE_CLASSES,
+    Colour,
+    DisplayRange,
+    percentile_class,
+    percentile_classes,
+    query_colours,
+)
+from pipeline.export.underlay import write_underlay
 from pipeline.store import StoreGrid
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -42,8 +66,12 @@ CHROMIUM_FLAGS = (
     "--force-device-scale-factor=1",
 )
 LABELS = ["birds chirping in a park", "rain_on_roof.flac", "harbour.wav + with seagulls"]
+UNDERLAY_NAME = "Imagery (this build's, offline)"
 BASEMAP_HOST = "tile.openstreetmap.org"
 PAGE_LOAD_S = 20
+TOP_K = 6
+# Pixels around a point that must be free of controls (and their shadows) for the point to count as on the map.
+CLEARANCE_PX = 8
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +80,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStore:
 
 
 @pytest.fixture(scope="module")
-def preview(store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_preview(store.path, store.region, tmp_path_factory.mktemp("preview") / "preview.html")
+def build(store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build folder with the imagery underlay (a checkerboard read with bands [3, 2, 1]) and the top places."""
+    folder = tmp_path_factory.mktemp("build")
+    scene = write_synthetic_imagery(store, folder / "scene.tif")
+    imagery = ImagerySettings(str(scene), {"bands": [3, 2, 1]}, str(folder / "tiles"), False, None, 0.5)
+    latitude = store.plan.latitude
+    native_gsd_m = store.plan.grid.pixel_m / IMAGERY_TILE_PX * math.cos(math.radians(latitude))
+    write_underlay(imagery, store.plan.grid.bounds, native_gsd_m, latitude, folder / "imagery.tif")
+    write_top_places(store.path, TOP_K, folder / "top_places.gpkg", folder / "top_places.csv")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def preview(store: SyntheticStore, build: Path) -> Path:
+    return write_preview(
+        store.path, store.region, build / "preview.html", build / "imagery.tif", build / "top_places.gpkg"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +117,22 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         driver.quit()
 
 
-@pytest.fixture
-def page(browser: webdriver.Chrome, preview: Path) -> webdriver.Chrome:
-    """The preview freshly loaded with its first overlay's image decoded; the console log holds this load only."""
+def load(browser: webdriver.Chrome, page: Path) -> webdriver.Chrome:
+    """`page` freshly loaded with every shown image decoded; the console log holds this load only."""
     browser.get_log("browser")
-    browser.get(preview.as_uri())
+    browser.get(page.as_uri())
     WebDriverWait(browser, PAGE_LOAD_S).until(
         lambda driver: driver.execute_script(
-            "const img = document.querySelector('img.leaflet-image-layer');"
-            "return img !== null && img.complete && img.naturalWidth > 0;"
+            "const images = Array.from(document.querySelectorAll('img.leaflet-image-layer'));"
+            "return images.length > 0 && images.every(img => img.complete && img.naturalWidth > 0);"
         )
     )
     return browser
+
+
+@pytest.fixture
+def page(browser: webdriver.Chrome, preview: Path) -> webdriver.Chrome:
+    return load(browser, preview)
 
 
 def _map_variable(driver: webdriver.Chrome) -> str:
@@ -105,10 +152,53 @@ def _screen_point(driver: webdriver.Chrome, lat: float, lon: float) -> tuple[int
     return round(x), round(y)
 
 
-def _tile_centre_lnglat(store: SyntheticStore, row: int, col: int) -> tuple[float, float]:
-    left, bottom, right, top = mercantile.xy_bounds(store.top_left.x + col, store.top_left.y + row, store.zoom)
-    lon, lat = Transformer.from_crs(3857, 4326, always_xy=True).transform((left + right) / 2, (bottom + top) / 2)
-    return lon, lat
+def _tile_centre_lnglat(store: SyntheticStore, row: Any, col: Any) -> tuple[Any, Any]:
+    """Longitude and latitude of (fractional) grid positions."""
+    left, _, _, top = store.plan.grid.bounds
+    pixel = store.plan.grid.pixel_m
+    return Transformer.from_crs(3857, 4326, always_xy=True).transform(left + col * pixel, top - row * pixel)
+
+
+def _tile_point(driver: webdriver.Chrome, store: SyntheticStore, row: int, col: int) -> tuple[int, int]:
+    lon, lat = _tile_centre_lnglat(store, row + 0.5, col + 0.5)
+    return _screen_point(driver, lat, lon)
+
+
+def _reachable(driver: webdriver.Chrome, points: list[tuple[int, int]]) -> list[bool]:
+    """Whether a click at each page pixel (x, y), and at CLEARANCE_PX around it, reaches the map: not a control
+    (nor its shadow), marker or popup over it."""
+    return list(
+        driver.execute_script(
+            "const container = document.querySelector('.folium-map');"
+            "function onMap(x, y) {"
+            "  const element = document.elementFromPoint(x, y);"
+            "  return element !== null && (element === container || element.closest('.leaflet-map-pane') !== null"
+            "    && element.closest('.leaflet-marker-pane, .leaflet-popup-pane') === null);"
+            "}"
+            "const d = arguments[1];"
+            "return arguments[0].map(([x, y]) =>"
+            "  [[0, 0], [-d, 0], [d, 0], [0, -d], [0, d]].every(([dx, dy]) => onMap(x + dx, y + dy)));",
+            [list(point) for point in points],
+            CLEARANCE_PX,
+        )
+    )
+
+
+def _click(driver: webdriver.Chrome, x: int, y: int) -> None:
+    container = driver.find_element(By.CSS_SELECTOR, ".folium-map")
+    box = container.rect
+    offset_x, offset_y = x - box["x"] - box["width"] // 2, y - box["y"] - box["height"] // 2
+    ActionChains(driver).move_to_element_with_offset(container, int(offset_x), int(offset_y)).click().perform()
+
+
+def _popup(driver: webdriver.Chrome) -> WebElement:
+    """The open popup's content, once it has faded in."""
+
+    def shown(found: webdriver.Chrome) -> WebElement | bool:
+        popups = found.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content .s2s-popup")
+        return popups[0] if popups and popups[0].text else False
+
+    return WebDriverWait(driver, PAGE_LOAD_S).until(shown)
 
 
 def _screenshot(driver: webdriver.Chrome) -> np.ndarray:
@@ -119,14 +209,50 @@ def _screenshot(driver: webdriver.Chrome) -> np.ndarray:
             return np.moveaxis(image.read()[:3], 0, -1).astype(int)
 
 
-def _overlay_checkboxes(driver: webdriver.Chrome) -> list:
+def _css_colour(driver: webdriver.Chrome, element: WebElement) -> str:
+    return str(driver.execute_script("return getComputedStyle(arguments[0]).backgroundColor;", element))
+
+
+def _overlay_boxes(driver: webdriver.Chrome) -> list[WebElement]:
     return driver.find_elements(By.CSS_SELECTOR, ".leaflet-control-layers-overlays input[type=checkbox]")
+
+
+def _overlay_names(driver: webdriver.Chrome) -> list[str]:
+    labels = driver.find_elements(By.CSS_SELECTOR, ".leaflet-control-layers-overlays label")
+    return [label.text.strip() for label in labels]
+
+
+def _toggle(driver: webdriver.Chrome, name: str) -> None:
+    _overlay_boxes(driver)[_overlay_names(driver).index(name)].click()
+
+
+def _stored(store: SyntheticStore, variable: str) -> np.ndarray:
+    return xr.open_zarr(store.path)[variable].to_numpy()
+
+
+def _clickable_tiles(
+    driver: webdriver.Chrome, store: SyntheticStore, wanted: np.ndarray
+) -> list[tuple[int, int, int, int]]:
+    """(row, col, x, y) of the tiles where `wanted` holds (row-major) whose centre (x, y) a click reaches."""
+    tiles = [(int(row), int(col)) for row, col in np.argwhere(wanted)]
+    lon, lat = _tile_centre_lnglat(store, np.array(tiles)[:, 0] + 0.5, np.array(tiles)[:, 1] + 0.5)
+    points = driver.execute_script(
+        f"const map = window[{_map_variable(driver)!r}];"
+        "const box = map.getContainer().getBoundingClientRect();"
+        "return arguments[0].map(([lat, lon]) => {"
+        "  const point = map.latLngToContainerPoint(L.latLng(lat, lon));"
+        "  return [Math.round(box.left + point.x), Math.round(box.top + point.y)];"
+        "});",
+        np.column_stack([lat, lon]).tolist(),
+    )
+    reached = _reachable(driver, points)
+    return [(*tile, *point) for tile, point, ok in zip(tiles, points, reached, strict=True) if ok]
 
 
 def test_page_needs_nothing_but_basemap_tiles_from_the_network(preview: Path) -> None:
     page = preview.read_text(encoding="utf-8")
     assert not re.findall(r"<(?:script|link)[^>]+(?:src|href)=\"https?:", page)
-    assert "data:image/png;base64," in page
+    assert "data:image/png;base64," in page and "data:image/webp;base64," in page
 
 
 def test_page_loads_without_errors_offline(page: webdriver.Chrome) -> None:
@@ -139,63 +265,202 @@ def test_page_loads_without_errors_offline(page: webdriver.Chrome) -> None:
     assert errors == []
 
 
-def test_layer_control_lists_one_layer_per_query(page: webdriver.Chrome) -> None:
-    names = page.find_elements(By.CSS_SELECTOR, ".leaflet-control-layers-overlays label")
-    assert [name.text.strip() for name in names] == LABELS
-    assert [box.is_selected() for box in _overlay_checkboxes(page)] == [True, False, False]
+def test_layer_control_lists_imagery_percentiles_scores_dominant_and_places(page: webdriver.Chrome) -> None:
+    expected = [
+        UNDERLAY_NAME,
+        *(f"{label} — percentile" for label in LABELS),
+        *(f"{label} — raw cosine" for label in LABELS),
+        "Dominant sound",
+        *(f"{label} — top places" for label in LABELS),
+    ]
+    assert _overlay_names(page) == expected
+    shown = [box.is_selected() for box in _overlay_boxes(page)]
+    assert [name for name, on in zip(expected, shown, strict=True) if on] == [
+        UNDERLAY_NAME,
+        f"{LABELS[0]} — percentile",
+        f"{LABELS[0]} — top places",
+    ]
+    bases = page.find_elements(By.CSS_SELECTOR, ".leaflet-control-layers-base label")
+    assert [base.text.strip() for base in bases] == ["OpenStreetMap (online)"]
 
 
-def test_every_overlay_renders_the_whole_grid(page: webdriver.Chrome, store: SyntheticStore) -> None:
-    for box in _overlay_checkboxes(page)[1:]:
-        box.click()
+def test_every_overlay_renders_the_whole_grid_over_the_underlay(
+    page: webdriver.Chrome, store: SyntheticStore, build: Path
+) -> None:
+    for name, box in zip(_overlay_names(page), _overlay_boxes(page), strict=True):
+        if not box.is_selected() and "top places" not in name:
+            box.click()
     sizes = page.execute_script(
         "return Array.from(document.querySelectorAll('img.leaflet-image-layer'))"
-        ".map(img => [img.complete, img.naturalWidth, img.naturalHeight]);"
+        ".map(img => [img.complete, img.naturalWidth, img.naturalHeight, getComputedStyle(img).zIndex]);"
     )
-    assert sizes == [[True, store.width, store.height]] * len(LABELS)
+    with rasterio.open(build / "imagery.tif") as underlay:
+        assert sizes[0][:3] == [True, underlay.width, underlay.height]
+    assert [size[:3] for size in sizes[1:]] == [[True, store.width, store.height]] * (2 * len(LABELS) + 1)
+    z_order = [int(size[3]) for size in sizes]
+    assert z_order == sorted(z_order) and z_order[0] < z_order[1], "the underlay stays under every map"
 
 
 def test_legend_shows_only_the_layers_on_the_map(page: webdriver.Chrome) -> None:
-    def shown() -> list[bool]:
+    def shown() -> list[str]:
         legends = page.find_elements(By.CSS_SELECTOR, ".s2s-legend-entry")
-        return [legend.is_displayed() for legend in legends]
+        return [str(legend.get_attribute("id")) for legend in legends if legend.is_displayed()]
 
-    assert shown() == [True, False, False]
-    _overlay_checkboxes(page)[1].click()
-    assert shown() == [True, True, False]
-    _overlay_checkboxes(page)[0].click()
-    assert shown() == [False, True, False]
+    assert shown() == ["percentile-birds"]
+    _toggle(page, f"{LABELS[1]} — raw cosine")
+    assert shown() == ["percentile-birds", "score-rain"]
+    _toggle(page, f"{LABELS[0]} — percentile")
+    _toggle(page, "Dominant sound")
+    assert shown() == ["score-rain", "dominant"]
 
 
-def test_overlay_colours_scores_and_leaves_nodata_transparent(page: webdriver.Chrome, store: SyntheticStore) -> None:
-    scores = np.where(store.valid, store.score[0], np.nan)
-    high = tuple(int(index) for index in np.unravel_index(np.nanargmax(scores), scores.shape))
-    low = tuple(int(index) for index in np.unravel_index(np.nanargmin(scores), scores.shape))
-    # The block without imagery lies inside the region, a quarter down the grid and right of its middle.
-    hole = (store.height // 4 + store.height // 16, store.width // 2 + store.width // 16)
-    assert not store.valid[hole]
-    middle_lon, middle_lat = _tile_centre_lnglat(store, store.height // 2, 0)
-    outside = _screen_point(page, middle_lat, middle_lon)
-    outside = (outside[0] - 30, outside[1])
+def test_legends_say_the_classes_in_plain_words_and_the_dominant_colours(page: webdriver.Chrome) -> None:
+    _toggle(page, "Dominant sound")
+    legend = page.find_element(By.ID, "percentile-birds").text
+    assert "top 10 % of this region for 'birds chirping in a park'" in legend
+    assert legend.index("top 1 %") < legend.index("bottom half"), "best class first"
+    swatches = page.find_elements(By.CSS_SELECTOR, "#dominant .s2s-swatch")
+    colours = [
+        page.execute_script("return getComputedStyle(arguments[0]).backgroundColor;", swatch) for swatch in swatches
+    ]
+    assert colours == [f"rgb({colour.red}, {colour.green}, {colour.blue})" for colour in query_colours(len(LABELS))]
+    assert page.find_element(By.ID, "dominant").text.splitlines()[2:] == LABELS
 
+
+def test_screenshot_shows_the_percentile_map_over_the_builds_imagery(
+    page: webdriver.Chrome, store: SyntheticStore
+) -> None:
+    _toggle(page, f"{LABELS[0]} — top places")
+    percentile = _stored(store, "score_percentile")[0]
+    classes = percentile_classes(LABELS[0])
     pixels = _screenshot(page)
+    # Tiles away from the region's outline (drawn over the maps) and from the controls.
+    inner = store.valid.copy()
+    for step in ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)):
+        inner &= np.roll(store.in_chunk, step, axis=(0, 1))
+    tiles = _clickable_tiles(page, store, inner)
+    _toggle(page, f"{LABELS[0]} — percentile")
+    imagery = _screenshot(page)
+    # The block without imagery lies inside the region: the map is transparent there and the imagery shows.
+    hole = (store.height // 4 + 2, store.width // 2 + 3)
+    assert not store.valid[hole]
+    x, y = _tile_point(page, store, *hole)
+    assert np.abs(pixels[y, x] - checker_colour(*hole)).max() <= 12
+    assert np.abs(pixels[y, x] - imagery[y, x]).max() <= 1
+    # Elsewhere each tile has its class's colour, see-through over the imagery.
+    checked, under = 0, 0
+    for row, col, x, y in tiles:
+        colour = np.array(classes[int(percentile_class(percentile[row, col]))].colour)
+        expected = OVERLAY_OPACITY * colour + (1 - OVERLAY_OPACITY) * imagery[y, x]
+        assert np.abs(pixels[y, x] - expected).max() <= 2, (row, col)
+        checked += 1
+        under += np.abs(imagery[y, x] - checker_colour(row + 0.5, col + 0.5)).max() <= 16
+    assert checked > inner.sum() / 2
+    assert under > 0.9 * checked, "the imagery under the map is the build's"
 
-    def colour(row: int, col: int) -> np.ndarray:
-        lon, lat = _tile_centre_lnglat(store, row, col)
-        x, y = _screen_point(page, lat, lon)
-        return pixels[y, x]
 
-    background = pixels[outside[1], outside[0]]
-    assert np.abs(colour(*hole) - background).max() <= 2, "nodata tiles are transparent"
-    assert np.abs(colour(*high) - background).max() > 40
-    assert np.abs(colour(*low) - background).max() > 40
-    assert colour(*high).sum() > colour(*low).sum() + 150, "viridis: the highest score is the lightest"
+def test_the_dominant_sound_layer_has_the_colours_of_the_dominant_cog(
+    page: webdriver.Chrome, store: SyntheticStore
+) -> None:
+    for name in (UNDERLAY_NAME, f"{LABELS[0]} — percentile", f"{LABELS[0]} — top places", "Dominant sound"):
+        _toggle(page, name)
+    dominant = np.argmax(_stored(store, "score_softmax"), axis=0)
+    colours = np.array(query_colours(len(LABELS)))
+    inner = store.valid.copy()
+    for step in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        inner &= np.roll(store.in_chunk, step, axis=(0, 1))
+    tiles = _clickable_tiles(page, store, inner)
+    pixels = _screenshot(page)
+    hole = (store.height // 4 + 2, store.width // 2 + 3)
+    x, y = _tile_point(page, store, *hole)
+    background = pixels[y, x]
+    for row, col, x, y in tiles:
+        expected = OVERLAY_OPACITY * colours[dominant[row, col]] + (1 - OVERLAY_OPACITY) * background
+        assert np.abs(pixels[y, x] - expected).max() <= 2, (row, col)
+    assert len({int(dominant[row, col]) for row, col, _, _ in tiles}) == len(LABELS), "every query wins somewhere"
+
+
+def test_clicking_a_tile_shows_every_querys_score_and_percentile(page: webdriver.Chrome, store: SyntheticStore) -> None:
+    score, percentile, softmax = (_stored(store, name) for name in ("score", "score_percentile", "score_softmax"))
+    row, col, x, y = _clickable_tiles(page, store, store.valid)[0]
+    _click(page, x, y)
+    popup = _popup(page)
+    dominant = LABELS[int(np.argmax(softmax[:, row, col]))]
+    assert f"Dominant sound: {dominant}" in popup.text
+    lon, lat = _tile_centre_lnglat(store, row + 0.5, col + 0.5)
+    assert f"Tile at {lat:.5f}, {lon:.5f}" in popup.text
+    rows = popup.find_elements(By.CSS_SELECTOR, "tr.s2s-query")
+    assert [item.get_attribute("data-query") for item in rows] == [query.id for query in store.queries]
+    for index, (label, item) in enumerate(zip(LABELS, rows, strict=True)):
+        value = float(percentile[index, row, col])
+        words = PERCENTILE_CLASSES[int(percentile_class(np.array(value)))][1]
+        assert item.text == f"{label} {score[index, row, col]:.4f} {value:.2f} ({words})"
+
+
+def test_clicking_where_there_is_no_prediction_says_so(page: webdriver.Chrome, store: SyntheticStore) -> None:
+    hole = (store.height // 4 + 2, store.width // 2 + 3)
+    _click(page, *_tile_point(page, store, *hole))
+    assert "No prediction here" in _popup(page).text
+
+
+def test_top_places_are_numbered_markers_with_their_numbers(
+    page: webdriver.Chrome, store: SyntheticStore, build: Path
+) -> None:
+    places = gpd.read_file(build / "top_places.gpkg", layer="birds_places")
+    markers = page.find_elements(By.CSS_SELECTOR, ".leaflet-marker-pane .s2s-place")
+    assert [marker.text for marker in markers] == [str(rank) for rank in places["rank"]]
+    colour = query_colours(len(LABELS))[0]
+    first = markers[0].find_element(By.TAG_NAME, "div")
+    assert _css_colour(page, first) == f"rgb({colour.red}, {colour.green}, {colour.blue})"
+    best = places.iloc[0]
+    box = markers[0].rect
+    centre = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert np.allclose(centre, _screen_point(page, best["lat"], best["lon"]), atol=1.5)
+    markers[0].click()
+    text = _popup(page).text
+    assert f"#1 for {LABELS[0]}" in text
+    assert f"cosine {best['score']:.4f} · percentile {best['percentile']:.2f} (top 1 % of this region)" in text
+    _toggle(page, f"{LABELS[1]} — top places")
+    assert len(page.find_elements(By.CSS_SELECTOR, ".leaflet-marker-pane .s2s-place")) == 2 * TOP_K
+
+
+def test_a_coarse_lattice_says_which_tile_a_popup_reads(
+    browser: webdriver.Chrome, store: SyntheticStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preview_module, "PREVIEW_MAX_PX", 16)
+    page = load(browser, write_preview(store.path, store.region, tmp_path / "preview.html"))
+    score = _stored(store, "score")
+    # Stride 3: a click anywhere in a 3 x 3 block reads the block's centre tile.
+    centres = np.zeros_like(store.valid)
+    centres[1::3, 1::3] = store.valid[1::3, 1::3]
+    row, col, _, _ = _clickable_tiles(page, store, centres)[0]
+    _click(page, *_tile_point(page, store, row - 1, col + 1))
+    text = _popup(page).text
+    assert "one tile in 3 x 3" in text
+    lon, lat = _tile_centre_lnglat(store, row + 0.5, col + 0.5)
+    assert f"Tile at {lat:.5f}, {lon:.5f}" in text
+    assert f"{LABELS[0]} {score[0, row, col]:.4f}" in text
+
+
+def test_the_page_size_is_bounded_by_tiles_times_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preview_module, "PREVIEW_MAX_VALUES", 3 * 8 * 8)
+    grid = StoreGrid(96, 48, Affine(10.0, 0.0, 0.0, 0.0, -10.0, 0.0), CRS.from_epsg(3857))
+    lattice = preview_lattice(grid, 3)
+    assert (lattice.stride, len(lattice.cols), len(lattice.rows)) == (12, 8, 4)
+    assert preview_lattice(grid, 1).stride == 8, "13 x 13 tiles at most: 8 x 8 blocks"
+    monkeypatch.setattr(preview_module, "PREVIEW_MAX_VALUES", 2**30)
+    assert preview_lattice(grid, 3).stride == 1
 
 
 def test_unreadable_region_is_an_export_error(store: SyntheticStore, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="cannot read the region GeoJSON"):
         write_preview(store.path, tmp_path / "absent.geojson", tmp_path / "preview.html")
     assert not (tmp_path / "preview.html").exists()
+
+
+def test_missing_places_layer_is_an_export_error(store: SyntheticStore, build: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="cannot read layer birds_places of"):
+        write_preview(store.path, store.region, tmp_path / "preview.html", places=tmp_path / "absent.gpkg")
 
 
 def test_large_grids_are_shown_by_the_centres_of_whole_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,6 +478,17 @@ def test_colours_clamp_to_the_ramp_ends_and_nan_is_transparent() -> None:
     assert rgba[0, :, 3].tolist() == [0, 255, 255, 255, 255]
     assert rgba[0, 1, :3].tolist() == rgba[0, 2, :3].tolist() == [0x44, 0x01, 0x54]
     assert rgba[0, 3, :3].tolist() == rgba[0, 4, :3].tolist() == [0xFD, 0xE7, 0x25]
+
+
+def test_categories_take_their_colours_and_none_is_transparent() -> None:
+    colours = [Colour(1, 2, 3), Colour(40, 50, 60)]
+    rgba = paint(np.array([[1, -1, 0]]), colours)
+    assert rgba[0].tolist() == [[40, 50, 60, 255], [0, 0, 0, 0], [1, 2, 3, 255]]
+
+
+def test_percentiles_fall_in_the_classes_qgis_draws() -> None:
+    values = np.array([0.0, 50.0, 50.01, 75.0, 90.0, 94.9, 95.0, 99.5, 100.0, np.nan])
+    assert percentile_class(values).tolist() == [0, 0, 1, 1, 2, 3, 3, 5, 5, -1]
 
 
 def test_a_grid_across_the_antimeridian_keeps_east_beyond_180() -> None:

@@ -14,7 +14,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from support.imagery_servers import encode_image
 
 from pipeline.errors import ImageryError, TileDecodeError
-from pipeline.imagery.codec import decode_tile, encode_png
+from pipeline.imagery.codec import decode_tile, encode_png, encode_webp
 from pipeline.imagery.http import RetryPolicy, backoff_delay, redact, retry_after_s, retry_policy
 
 RNG = np.random.default_rng(7)
@@ -46,6 +46,25 @@ def test_png_alpha_becomes_the_validity_mask_and_round_trips() -> None:
     np.testing.assert_array_equal(image.valid, valid)
     np.testing.assert_array_equal(image.rgb[:, valid], NOISE[:, valid])
     assert not image.is_blank
+
+
+def test_png_without_a_mask_is_rgb_at_any_compression_level() -> None:
+    smooth = np.broadcast_to(np.arange(64, dtype=np.uint8), (3, 64, 64))
+    bodies = [encode_png(smooth, zlevel=level) for level in (1, 9)]
+    for body in bodies:
+        image = decode_tile(body)
+        np.testing.assert_array_equal(image.rgb, smooth)
+        assert image.valid.all()
+    assert len(bodies[0]) > len(bodies[1])
+
+
+def test_lossy_webp_keeps_the_transparency_and_about_the_colours() -> None:
+    smooth = np.broadcast_to(np.linspace(20, 230, 64).astype(np.uint8), (3, 64, 64))
+    valid = np.ones((64, 64), bool)
+    valid[:, :16] = False
+    image = decode_tile(encode_webp(smooth, valid, 80))
+    np.testing.assert_array_equal(image.valid, valid)
+    assert np.abs(image.rgb[:, valid].astype(int) - smooth[:, valid]).max() <= 8
 
 
 def test_blank_tiles_are_transparent_or_one_flat_colour() -> None:

@@ -158,7 +158,8 @@ def test_a_store_without_missing_imagery_says_so(opened: xr.Dataset, store: Synt
     assert opened.attrs["empty_tiles_unavailable_imagery"] == 0
     assert opened.attrs["empty_tiles_reason"] == ""
     assert finish_lines("build", store.path) == [
-        f"done: build/preview.html, build/cog/*.tif (+ .qml), build/top_places.gpkg (+ .csv), {store.path}"
+        f"done: build/preview.html, build/project.qgz (QGIS), build/cog/*.tif (+ .qml), build/top_places.gpkg"
+        f" (+ .csv), {store.path}"
     ]
 
 

@@ -1,0 +1,480 @@
+"""The demo model's data set: real Landsat 8 scenes and real CC0 recordings, paired by the scenes' land cover.
+
+    python -m pipeline.demo_data OUT_DIR [--views N] [--seed S]
+
+Views are cut as the default map build cuts them (config/config.yaml: its imagery options, sat_type and zoom
+level; `LocalRasterReader.source_pixels`, then `pipeline.views.cut_views`): squares of the model's view size
+centred on random points (seeded), kept where at least MIN_COVERAGE of their pixels hold imagery.
+
+    train  N views of the training scenes (examples/training/) lying wholly east of VAL_WEST_OF_LON
+    val    views of the training scenes wholly west of it (a spatial block; views across the line are dropped)
+    test   views of the default map's scene, held out: no training scene comes within one view of it
+
+A view's label is the share of each land-cover class (`pipeline.landcover`) among its pixels, cut from the
+per-pixel classes exactly like its image. Its pairing class is the class it holds most of relative to that
+class's share over all train views; its recording is one of that class's recordings (examples/sounds/
+recordings.csv), drawn at random. Written atomically (a run stopped half-way leaves no OUT_DIR):
+
+    OUT_DIR/pairs.csv       key,image,audio,audio_caption,image_caption,lat,lon,time,split,sat_type,
+                            audio_source,caption_source (the plain folder layout of model.data.folder)
+    OUT_DIR/labels.csv      key,split,scene,water,tree,crop,developed,dominant,paired
+    OUT_DIR/dataset.json    how it was made: seed, views per split, class shares, counts per split and class
+    OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square: the footprint of the model's zoom
+                                    level, so model.data.folder reads them with that one zoom level
+    OUT_DIR/recordings/<file>       the shipped recordings, copied once
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import yaml
+from rasterio.warp import transform_bounds
+
+from common.atomic import atomic_directory
+from common.errors import Sat2SoundError, first_line
+from model import MODEL_INPUT_PX
+from pipeline.config import DEFAULT_CONFIG_PATH, load_build_config
+from pipeline.errors import DatasetError
+from pipeline.geometry import WEB_MERCATOR, WGS84, lnglat_of_mercator, mercator_scale, views_centred_at
+from pipeline.imagery import ImageryReader, Stretch, open_reader
+from pipeline.imagery.base import SourcePixels
+from pipeline.imagery.codec import encode_png
+from pipeline.landcover import CLASSES, class_planes, classify
+from pipeline.plan import ModelView
+from pipeline.views import cut_views
+
+REPO = DEFAULT_CONFIG_PATH.parents[1]
+TRAINING_DIR = REPO / "examples" / "training"
+TRAINING_SCENES = (
+    "landsat8_224077_north_30m.tif",
+    "landsat8_224077_west_30m.tif",
+    "landsat8_224078_southwest_30m.tif",
+)
+RECORDINGS_CSV = REPO / "examples" / "sounds" / "recordings.csv"
+# Every shipped scene, the default map's included, is of the Landsat 8 pass of this day.
+ACQUIRED = "2020-05-18"
+# The validation block: the training scenes west of this meridian (their western 16 km).
+VAL_WEST_OF_LON = -54.92
+MIN_COVERAGE = 0.9
+# Views of the val and of the test split, each, per train view.
+HELD_OUT_SHARE = 0.2
+# Floor of a class's share over the train views, so that a class train views lack cannot pair every view.
+MIN_CLASS_SHARE = 0.01
+# The metadata of model.config closest to these recordings: a curated CC0 sound-effect library, described by
+# its own titles.
+AUDIO_SOURCE = "freesound"
+CAPTION_SOURCE = "meta"
+CAPTION_NOUNS = {"water": "water", "tree": "forest", "crop": "farmland", "developed": "city blocks"}
+MOSTLY_AT_LEAST = 0.5
+PLAIN_AT_LEAST = 0.2
+MENTIONED_AT_LEAST = 0.05
+FORMAT = "sat2sound-maps/demo-dataset-v1"
+SUMMARY_NAME = "dataset.json"
+DEFAULT_VIEWS = 3000
+# zlib level of the images: 4x faster than GDAL's default (6), files 13 % larger.
+IMAGE_ZLEVEL = 1
+# Views cut at once (memory: about 200 kB each), and candidate views drawn per round at least.
+CUT_BATCH = 256
+MIN_ROUND = 16
+# Candidates drawn per view still missing: most candidates are kept (some lack imagery or cross the val block).
+ROUND_OVERSAMPLING = 1.25
+MAX_ROUNDS = 20
+# Label planes hold indicators 0/1: this stretch maps them to 0/255, as cut_views writes uint8.
+INDICATOR_STRETCH = Stretch(0.0, 1.0)
+SPLITS = ("train", "val", "test")
+PAIRS_COLUMNS = (
+    "key",
+    "image",
+    "audio",
+    "audio_caption",
+    "image_caption",
+    "lat",
+    "lon",
+    "time",
+    "split",
+    "sat_type",
+    "audio_source",
+    "caption_source",
+)
+
+
+class Recording(NamedTuple):
+    file: str
+    land_cover: str
+    caption: str
+
+
+class Scene(NamedTuple):
+    """A raster views are cut from, the EPSG:3857 box their centres are drawn in (its footprint less half a view
+    on every side), and its land cover: the classes of all its pixels as 0/1 planes, to cut like its images."""
+
+    name: str
+    reader: ImageryReader
+    centres: tuple[float, float, float, float]
+    land_cover: SourcePixels
+
+    @property
+    def centre_area(self) -> float:
+        left, bottom, right, top = self.centres
+        return max(right - left, 0.0) * max(top - bottom, 0.0)
+
+
+class View(NamedTuple):
+    split: str
+    scene: str
+    bounds: np.ndarray  # (4,) EPSG:3857
+    fractions: np.ndarray  # (len(CLASSES),)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How views are cut: the default map build's imagery options and model view."""
+
+    options: dict[str, Any]
+    test_scene: Path
+    sat_type: str
+    zoom_level: int
+    view_size_m: float
+
+
+def default_settings() -> Settings:
+    config = load_build_config(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()))
+    source = Path(config.imagery.source)
+    return Settings(
+        options=dict(config.imagery.options),
+        test_scene=source if source.is_absolute() else REPO / source,
+        sat_type=config.model.sat_type,
+        zoom_level=config.model.zoom_level,
+        view_size_m=ModelView.of(config.model.sat_type, config.model.zoom_level).size_m,
+    )
+
+
+def read_recordings(path: Path = RECORDINGS_CSV) -> list[Recording]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        recordings = [Recording(row["file"], row["land_cover"], row["caption"]) for row in csv.DictReader(handle)]
+    lacking = [name for name in CLASSES if name not in {recording.land_cover for recording in recordings}]
+    unknown = sorted({recording.land_cover for recording in recordings} - set(CLASSES))
+    if lacking or unknown:
+        raise DatasetError(f"{path} pairs classes {lacking} with no recording or names unknown ones {unknown}")
+    return recordings
+
+
+def shipped_inputs() -> list[Path]:
+    """The files a data set is made from: the scenes (training and test), the recordings and their table."""
+    recordings = [RECORDINGS_CSV.parent / recording.file for recording in read_recordings()]
+    return [
+        *(TRAINING_DIR / name for name in TRAINING_SCENES),
+        default_settings().test_scene,
+        RECORDINGS_CSV,
+        *recordings,
+    ]
+
+
+def image_caption(fractions: Sequence[float]) -> str:
+    """'a satellite image of mostly farmland, with forest and some water' from a view's class shares."""
+    ranked = sorted(
+        ((share, name) for share, name in zip(fractions, CLASSES, strict=True) if share >= MENTIONED_AT_LEAST),
+        reverse=True,
+    )
+    (top_share, top), *others = ranked
+    head = f"mostly {CAPTION_NOUNS[top]}" if top_share >= MOSTLY_AT_LEAST else CAPTION_NOUNS[top]
+    rest = [CAPTION_NOUNS[name] if share >= PLAIN_AT_LEAST else f"some {CAPTION_NOUNS[name]}" for share, name in others]
+    if not rest:
+        return f"a satellite image of {head}"
+    listed = rest[0] if len(rest) == 1 else f"{', '.join(rest[:-1])} and {rest[-1]}"
+    return f"a satellite image of {head}, with {listed}"
+
+
+def pairing_classes(fractions: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Per view, the class it holds most of relative to the class's share (at least MIN_CLASS_SHARE)."""
+    return np.argmax(fractions / np.maximum(shares, MIN_CLASS_SHARE), axis=1)
+
+
+def split_by_block(views: np.ndarray) -> list[str | None]:
+    """'val' for views wholly west of VAL_WEST_OF_LON, 'train' for those wholly east, None across it."""
+    west, _ = lnglat_of_mercator(views[:, 0], views[:, 1])
+    east, _ = lnglat_of_mercator(views[:, 2], views[:, 1])
+    return [
+        "val" if right <= VAL_WEST_OF_LON else "train" if left >= VAL_WEST_OF_LON else None
+        for left, right in zip(west, east, strict=True)
+    ]
+
+
+def open_scene(path: Path, settings: Settings, stack: ExitStack) -> Scene:
+    """The scene at `path`, its reader closed with `stack`; its pixels are classified whole, once."""
+    reader = stack.enter_context(open_reader(str(path), cache_dir=REPO / "tiles_cache", **settings.options))
+    footprint = reader.footprint_lnglat()
+    if footprint is None:
+        raise DatasetError(f"scene {path} has no footprint; use a georeferenced raster")
+    left, bottom, right, top = transform_bounds(WGS84, WEB_MERCATOR, *footprint)
+    half = settings.view_size_m * mercator_scale((footprint.bottom + footprint.top) / 2.0) / 2.0
+    centres = (left + half, bottom + half, right - half, top - half)
+    # Views centred on opposite corners of the centres' box span the whole footprint.
+    corners = views_centred_at(centres[::2], centres[1::2], settings.view_size_m)
+    source = reader.source_pixels(corners, MODEL_INPUT_PX)
+    if source.stretch is None:
+        raise DatasetError(f"scene {path} is 8-bit; the land-cover rules need Landsat 8 digital numbers")
+    red, green, blue = source.values
+    classes = classify(red, green, blue, source.valid)
+    planes = replace(source, values=class_planes(classes), valid=classes >= 0, stretch=INDICATOR_STRETCH)
+    return Scene(path.name, reader, centres, planes)
+
+
+def random_views(scene: Scene, count: int, view_size_m: float, rng: np.random.Generator) -> np.ndarray:
+    left, bottom, right, top = scene.centres
+    return views_centred_at(rng.uniform(left, right, count), rng.uniform(bottom, top, count), view_size_m)
+
+
+def land_cover(scene: Scene, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each view's coverage (N,) and class shares (N, len(CLASSES)): the scene's class planes cut exactly like the
+    views' images, averaged over the pixels that hold imagery."""
+    coverage, fractions = [], []
+    for batch in _batches(views):
+        cut = cut_views(scene.land_cover, batch, MODEL_INPUT_PX)
+        sums = cut.pixels.double().sum(dim=(2, 3)).numpy()
+        coverage.append(cut.coverage.numpy())
+        fractions.append(sums / np.maximum(sums.sum(axis=1, keepdims=True), 1.0))
+    return np.concatenate(coverage), np.concatenate(fractions)
+
+
+def draw_views(
+    scenes: Sequence[Scene],
+    quotas: dict[str, int],
+    split_of: Callable[[np.ndarray], list[str | None]],
+    view_size_m: float,
+    rng: np.random.Generator,
+) -> dict[str, list[View]]:
+    """`quotas[split]` views per split, drawn at random over `scenes` (in proportion to their area), a random
+    choice among those kept when a round kept more."""
+    weights = np.array([scene.centre_area for scene in scenes])
+    if not weights.sum() > 0:
+        raise DatasetError(f"scenes {[scene.name for scene in scenes]} are smaller than one view; use larger ones")
+    kept: dict[str, list[View]] = {split: [] for split in quotas}
+    for _ in range(MAX_ROUNDS):
+        missing = sum(max(quota - len(kept[split]), 0) for split, quota in quotas.items())
+        if missing == 0:
+            return {split: _choose(kept[split], quotas[split], rng) for split in quotas}
+        for scene, count in zip(
+            scenes,
+            rng.multinomial(max(math.ceil(ROUND_OVERSAMPLING * missing), MIN_ROUND), weights / weights.sum()),
+            strict=True,
+        ):
+            if count == 0:
+                continue
+            views = random_views(scene, int(count), view_size_m, rng)
+            coverage, fractions = land_cover(scene, views)
+            for index, split in enumerate(split_of(views)):
+                if split in kept and coverage[index] >= MIN_COVERAGE:
+                    kept[split].append(View(split, scene.name, views[index], fractions[index]))
+        print(
+            "demo_data: drew " + ", ".join(f"{len(kept[split])}/{quota} {split}" for split, quota in quotas.items()),
+            flush=True,
+        )
+    raise DatasetError(
+        f"could not draw {quotas} views with {MIN_COVERAGE:.0%} imagery from {[scene.name for scene in scenes]}"
+        f" in {MAX_ROUNDS} rounds; check the scenes"
+    )
+
+
+def _choose(views: list[View], count: int, rng: np.random.Generator) -> list[View]:
+    return [views[index] for index in sorted(rng.choice(len(views), count, replace=False))]
+
+
+def _batches(views: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, len(views), CUT_BATCH):
+        yield views[start : start + CUT_BATCH]
+
+
+def make_dataset(out_dir: Path, views: int, seed: int) -> dict[str, Any]:
+    """Write the data set into `out_dir` (replacing a data set there) and return its summary."""
+    if views < 1:
+        raise DatasetError(f"--views {views} is below 1; ask for at least one train view")
+    if seed < 0:
+        raise DatasetError(f"--seed {seed} is negative; pass a seed of 0 or more")
+    _check_out_dir(out_dir)
+    settings, recordings = default_settings(), read_recordings()
+    rng = np.random.default_rng(seed)
+    held_out = max(1, round(views * HELD_OUT_SHARE))
+    with ExitStack() as stack:
+        training = [open_scene(TRAINING_DIR / name, settings, stack) for name in TRAINING_SCENES]
+        test = open_scene(settings.test_scene, settings, stack)
+        size = settings.view_size_m
+        drawn = draw_views(training, {"train": views, "val": held_out}, split_by_block, size, rng)
+        drawn |= draw_views([test], {"test": held_out}, lambda batch: ["test"] * len(batch), size, rng)
+        ordered = [view for split in SPLITS for view in drawn[split]]
+        keys = [f"{view.split}-{index:05d}" for split in SPLITS for index, view in enumerate(drawn[split])]
+        fractions = np.stack([view.fractions for view in ordered])
+        shares = fractions[: len(drawn["train"])].mean(axis=0)
+        paired = pairing_classes(fractions, shares)
+        chosen = [_pick_recording(recordings, CLASSES[index], rng) for index in paired]
+        scenes = {scene.name: scene for scene in [*training, test]}
+        try:
+            with atomic_directory(out_dir) as folder:
+                folder.mkdir()
+                _write_images(folder, scenes, ordered, keys)
+                _copy_recordings(folder, recordings)
+                _write_pairs(folder, ordered, keys, chosen, settings.sat_type)
+                _write_labels(folder, ordered, keys, paired)
+                summary = _summary(seed, settings, drawn, shares, paired)
+                (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+        except OSError as exc:
+            raise DatasetError(f"cannot write {out_dir} ({first_line(exc)}); pass a folder you can write") from None
+    return summary
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"{out_dir} is a file; pass a folder for the data set")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _holds_dataset(out_dir):
+        raise DatasetError(f"{out_dir} holds other files than a demo data set; pass a new folder or empty it")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create {out_dir.parent} ({first_line(exc)}); pass a folder you can write") from None
+
+
+def _holds_dataset(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / SUMMARY_NAME).read_text()).get("format") == FORMAT)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _pick_recording(recordings: Sequence[Recording], land_cover: str, rng: np.random.Generator) -> Recording:
+    options = [recording for recording in recordings if recording.land_cover == land_cover]
+    return options[int(rng.integers(len(options)))]
+
+
+def _write_images(folder: Path, scenes: dict[str, Scene], views: Sequence[View], keys: Sequence[str]) -> None:
+    """Each view's image, cut scene by scene in batches."""
+    images = folder / "images"
+    images.mkdir()
+    started, done = time.perf_counter(), 0
+    for name, scene in scenes.items():
+        indices = [index for index, view in enumerate(views) if view.scene == name]
+        for start in range(0, len(indices), CUT_BATCH):
+            batch = indices[start : start + CUT_BATCH]
+            bounds = np.stack([views[index].bounds for index in batch])
+            cut = cut_views(scene.reader.source_pixels(bounds, MODEL_INPUT_PX), bounds, MODEL_INPUT_PX)
+            for index, pixels in zip(batch, cut.pixels.numpy(), strict=True):
+                (images / f"{keys[index]}.png").write_bytes(encode_png(pixels, zlevel=IMAGE_ZLEVEL))
+            done += len(batch)
+            print(f"demo_data: {done}/{len(views)} images, {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _copy_recordings(folder: Path, recordings: Sequence[Recording]) -> None:
+    (folder / "recordings").mkdir()
+    for recording in recordings:
+        shutil.copyfile(RECORDINGS_CSV.parent / recording.file, folder / "recordings" / recording.file)
+
+
+def _write_pairs(
+    folder: Path, views: Sequence[View], keys: Sequence[str], recordings: Sequence[Recording], sat_type: str
+) -> None:
+    with open(folder / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PAIRS_COLUMNS)
+        for view, key, recording in zip(views, keys, recordings, strict=True):
+            left, bottom, right, top = view.bounds
+            lon, lat = lnglat_of_mercator((left + right) / 2.0, (bottom + top) / 2.0)
+            writer.writerow(
+                [
+                    key,
+                    f"images/{key}.png",
+                    f"recordings/{recording.file}",
+                    recording.caption,
+                    image_caption(view.fractions.tolist()),
+                    f"{float(lat):.6f}",
+                    f"{float(lon):.6f}",
+                    ACQUIRED,
+                    view.split,
+                    sat_type,
+                    AUDIO_SOURCE,
+                    CAPTION_SOURCE,
+                ]
+            )
+
+
+def _write_labels(folder: Path, views: Sequence[View], keys: Sequence[str], paired: np.ndarray) -> None:
+    with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "split", "scene", *CLASSES, "dominant", "paired"])
+        for view, key, pair in zip(views, keys, paired, strict=True):
+            shares = [f"{share:.4f}" for share in view.fractions]
+            dominant = CLASSES[int(np.argmax(view.fractions))]
+            writer.writerow([key, view.split, view.scene, *shares, dominant, CLASSES[int(pair)]])
+
+
+def _summary(
+    seed: int, settings: Settings, drawn: dict[str, list[View]], shares: np.ndarray, paired: np.ndarray
+) -> dict[str, Any]:
+    dominant: dict[str, dict[str, int]] = {}
+    pairs: dict[str, dict[str, int]] = {}
+    first = 0
+    for split in SPLITS:
+        fractions = np.stack([view.fractions for view in drawn[split]])
+        dominant[split] = _class_counts(np.argmax(fractions, axis=1))
+        pairs[split] = _class_counts(paired[first : first + len(fractions)])
+        first += len(fractions)
+    return {
+        "format": FORMAT,
+        "seed": seed,
+        "views": {split: len(drawn[split]) for split in SPLITS},
+        "scenes": {split: sorted({view.scene for view in drawn[split]}) for split in SPLITS},
+        "image_px": MODEL_INPUT_PX,
+        "sat_type": settings.sat_type,
+        "zoom_level": settings.zoom_level,
+        "view_size_m": settings.view_size_m,
+        "min_coverage": MIN_COVERAGE,
+        "val_west_of_lon": VAL_WEST_OF_LON,
+        "acquired": ACQUIRED,
+        "train_class_shares": {name: round(float(share), 4) for name, share in zip(CLASSES, shares, strict=True)},
+        "dominant": dominant,
+        "paired": pairs,
+    }
+
+
+def _class_counts(indexes: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(indexes, minlength=len(CLASSES))
+    return {name: int(count) for name, count in zip(CLASSES, counts, strict=True)}
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DatasetError(f"{flag} {text!r} is not a whole number; pass one such as {flag} 1") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write (replaced if it holds an earlier data set)")
+    parser.add_argument("--views", default=str(DEFAULT_VIEWS), help=f"train views (default {DEFAULT_VIEWS})")
+    parser.add_argument("--seed", default="0", help="seed of every random draw (default 0)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        summary = make_dataset(args.out_dir, _count(args.views, "--views"), _count(args.seed, "--seed"))
+    except Sat2SoundError as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{count} {split}" for split, count in summary["views"].items())
+    print(f"demo_data: wrote {args.out_dir}: {counts} views in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+# The demo model, built from data shipped in examples/ (see examples/training/README.md):
+#     snakemake --profile profiles/local demo_model     (the data set, then the model; demo_dataset alone)
+# Not part of a map build: `all` does not ask for it.
+
+import os
+import shlex
+import sys
+
+from pipeline.demo_data import shipped_inputs
+
+DEMO = f"{CFG.output_dir}/demo-model"
+DEMO_DATA = f"{shlex.quote(sys.executable)} -m pipeline.demo_data"
+MODEL_CLI = f"{shlex.quote(sys.executable)} -m model"
+DEMO_TARGETS = {"demo_dataset", "demo_model"}
+
+
+# Views of real Landsat 8 scenes paired with real CC0 recordings by land cover, in the plain folder layout.
+rule demo_dataset:
+    input:
+        shipped_inputs(),
+    output:
+        folder=directory(f"{DEMO}/dataset"),
+    log:
+        f"{DEMO}/logs/dataset.log",
+    shell:
+        "{DEMO_DATA} {output.folder:q} > {log:q} 2>&1"
+
+
+# The demo model trained from scratch on that data set (config/demo_train.yaml), published as the default
+# build's weights with their config; the run folder keeps checkpoints and TensorBoard/CSV logs.
+rule demo_model:
+    input:
+        folder=rules.demo_dataset.output.folder,
+        settings=os.path.join(workflow.basedir, "config", "demo_train.yaml"),
+    output:
+        run=directory(f"{DEMO}/run"),
+        weights=os.path.join(workflow.basedir, "model", "weights", "demo.safetensors"),
+        config=os.path.join(workflow.basedir, "model", "weights", "demo.json"),
+    log:
+        f"{DEMO}/logs/train.log",
+    shell:
+        "({MODEL_CLI} train --config {input.settings:q} --out-dir {output.run:q} --data-root {input.folder:q}"
+        " && cp {output.run:q}/model.safetensors {output.weights:q} && cp {output.run:q}/model.json {output.config:q})"
+        " > {log:q} 2>&1"

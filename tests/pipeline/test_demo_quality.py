@@ -1,0 +1,55 @@
+"""The demo model's quality measure: ROC AUC with ties, the classes' positive and negative tiles, the verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.demo_quality import GOOD_AUC, QualityReport, class_sides, main, roc_auc
+from pipeline.landcover import CLASSES
+
+
+def test_auc_counts_pairs_ties_half() -> None:
+    assert roc_auc(np.array([1.0, 2.0, 3.0, 4.0]), np.array([False, False, True, True])) == 1.0
+    assert roc_auc(np.array([4.0, 3.0, 2.0, 1.0]), np.array([False, False, True, True])) == 0.0
+    assert roc_auc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5
+    # positives 2, 3 against negatives 1, 3: pairs (2>1) (2<3) (3>1) (3=3) -> 2.5 of 4
+    assert roc_auc(np.array([2.0, 3.0, 1.0, 3.0]), np.array([True, True, False, False])) == 2.5 / 4
+    assert np.isnan(roc_auc(np.array([1.0, 2.0]), np.array([True, True])))
+
+
+def test_positives_are_the_richest_quarter_negatives_the_poorer_half() -> None:
+    shares = np.zeros((8, len(CLASSES)))
+    shares[:, 0] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    shares[:, 1] = 0.01 * np.arange(8)  # never 10 %: no positives
+    positive, negative = class_sides(shares)
+    assert positive[:, 0].tolist() == [False] * 6 + [True, True]
+    assert negative[:, 0].tolist() == [True] * 4 + [False] * 4
+    assert not positive[:, 1].any()
+
+
+def report(auc_water: list[float]) -> QualityReport:
+    auc = np.full((len(auc_water), len(CLASSES)), 0.5)
+    auc[:, 0] = auc_water
+    ids = tuple(f"q{index}" for index in range(len(auc_water)))
+    counts = np.ones(len(CLASSES))
+    return QualityReport(ids, auc, counts, counts, 10, {"q0": "water"})
+
+
+@pytest.mark.parametrize(
+    ("auc_water", "separates"),
+    [([0.9, 0.6], True), ([GOOD_AUC - 0.01, 0.5], False), ([0.9, 0.95], False), ([0.9, 0.9], False)],
+)
+def test_a_query_separates_its_class_well_and_best(auc_water: list[float], separates: bool) -> None:
+    assert report(auc_water).separates("q0") is separates
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path), "water=sky"]) == 2
+    assert "unknown land cover 'sky'" in capsys.readouterr().err
+    assert main([str(tmp_path), "water"]) == 2
+    assert "'water' is not QUERY=CLASS" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere"), "water=water"]) == 2
+    assert "no Zarr store" in capsys.readouterr().err
