@@ -9,7 +9,8 @@ region's top quartile, and at least `MIN_POSITIVE_SHARE`) and the tiles poorest 
 most the region's median); tiles in between are left out, so that a class spread thinly everywhere is judged by
 where it is plentiful against where it is scarce. Each query's raw score is then read as a classifier of each
 class: the ROC AUC (the chance that a random positive tile outscores a random negative one, ties counting half).
-A query separates its class when its AUC is at least `GOOD_AUC` and higher than any other query's AUC for it.
+A query separates its class when its AUC is at least `GOOD_AUC` and higher than that of every query meant
+for another class.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ class QualityReport(NamedTuple):
     expected: Mapping[str, str]  # query id -> class
 
     def separates(self, query: str) -> bool:
-        row, column = self.queries.index(query), CLASSES.index(self.expected[query])
-        others = np.delete(self.auc[:, column], row)
-        return bool(self.auc[row, column] >= GOOD_AUC and np.all(self.auc[row, column] > others))
+        """AUC at least GOOD_AUC for its class, above every query not meant for that class."""
+        meant = self.expected[query]
+        row, column = self.queries.index(query), CLASSES.index(meant)
+        others = [
+            self.auc[index, column] for index, other in enumerate(self.queries) if self.expected.get(other) != meant
+        ]
+        return bool(self.auc[row, column] >= GOOD_AUC and all(self.auc[row, column] > auc for auc in others))
 
     def table(self) -> str:
         header = f"{'query':>12} " + " ".join(f"{name:>10}" for name in CLASSES)

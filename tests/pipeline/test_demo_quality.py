@@ -46,6 +46,12 @@ def test_a_query_separates_its_class_well_and_best(auc_water: list[float], separ
     assert report(auc_water).separates("q0") is separates
 
 
+def test_queries_meant_for_the_same_class_do_not_compete() -> None:
+    both = report([0.9, 0.95])
+    both = both._replace(expected={"q0": "water", "q1": "water"})
+    assert both.separates("q0") and both.separates("q1")
+
+
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path), "water=sky"]) == 2
     assert "unknown land cover 'sky'" in capsys.readouterr().err
