@@ -46,6 +46,8 @@ from rasterio.warp import transform_bounds
 from common.atomic import atomic_directory
 from common.errors import Sat2SoundError, first_line
 from model import MODEL_INPUT_PX
+from model.data.folder import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from model.data.sources import SPLITS
 from pipeline.config import DEFAULT_CONFIG_PATH, load_build_config
 from pipeline.errors import DatasetError
 from pipeline.geometry import WEB_MERCATOR, WGS84, lnglat_of_mercator, mercator_scale, views_centred_at
@@ -94,21 +96,7 @@ ROUND_OVERSAMPLING = 1.25
 MAX_ROUNDS = 20
 # Label planes hold indicators 0/1: this stretch maps them to 0/255, as cut_views writes uint8.
 INDICATOR_STRETCH = Stretch(0.0, 1.0)
-SPLITS = ("train", "val", "test")
-PAIRS_COLUMNS = (
-    "key",
-    "image",
-    "audio",
-    "audio_caption",
-    "image_caption",
-    "lat",
-    "lon",
-    "time",
-    "split",
-    "sat_type",
-    "audio_source",
-    "caption_source",
-)
+PAIRS_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
 
 
 class Recording(NamedTuple):
