@@ -26,19 +26,21 @@ rule demo_dataset:
         "{DEMO_DATA} {output.folder:q} > {log:q} 2>&1"
 
 
-# The demo model trained from scratch on that data set (config/demo_train.yaml), published as the default
-# build's weights with their config; the run folder keeps checkpoints and TensorBoard/CSV logs.
+# The demo model trained from scratch on that data set (config/demo_train.yaml); the run folder keeps its
+# checkpoints and TensorBoard/CSV logs. The weights are then copied over the default build's model
+# (model/weights/demo.*), which maps rebuild from. Those files are not declared outputs: as outputs they would
+# make every map build depend on this rule, and retrain a missing data set before mapping.
 rule demo_model:
     input:
         folder=rules.demo_dataset.output.folder,
         settings=os.path.join(workflow.basedir, "config", "demo_train.yaml"),
     output:
         run=directory(f"{DEMO}/run"),
-        weights=os.path.join(workflow.basedir, "model", "weights", "demo.safetensors"),
-        config=os.path.join(workflow.basedir, "model", "weights", "demo.json"),
+    params:
+        weights=os.path.join(workflow.basedir, "model", "weights", "demo"),
     log:
         f"{DEMO}/logs/train.log",
     shell:
         "({MODEL_CLI} train --config {input.settings:q} --out-dir {output.run:q} --data-root {input.folder:q}"
-        " && cp {output.run:q}/model.safetensors {output.weights:q} && cp {output.run:q}/model.json {output.config:q})"
-        " > {log:q} 2>&1"
+        " && cp {output.run:q}/model.safetensors {params.weights:q}.safetensors"
+        " && cp {output.run:q}/model.json {params.weights:q}.json) > {log:q} 2>&1"

@@ -285,6 +285,11 @@ def test_snakemake_target_makes_the_data_set_apart_from_the_map(tmp_path: Path) 
     config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     config["imagery"]["source"] = str(LANDSAT)
     config["output_dir"] = str(tmp_path / "outputs")
+    # The default config's paths are relative to the repository, where `bash run.sh build` runs.
+    config["model"]["checkpoint"] = str(REPO / config["model"]["checkpoint"])
+    for query in config["queries"]:
+        if "audio" in query:
+            query["audio"] = str(REPO / query["audio"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n"]
     configured = ["--configfile", "config.yaml"]  # last: it takes every argument after it
