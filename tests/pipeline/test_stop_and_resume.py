@@ -39,6 +39,11 @@ def locks(work: Path) -> list[Path]:
 def test_ctrl_c_on_a_running_build_prints_one_line_and_the_same_command_resumes(tmp_path: Path) -> None:
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config["imagery"] |= {"source": str(LANDSAT), "cache_dir": str(tmp_path / "tiles")}
+    # The default config's paths are relative to the repository, where `bash run.sh build` runs.
+    config["model"]["checkpoint"] = str(REPO / config["model"]["checkpoint"])
+    for query in config["queries"]:
+        if "audio" in query:
+            query["audio"] = str(REPO / query["audio"])
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "profiles" / "local")]
@@ -74,6 +79,8 @@ def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) 
     for name in ("rules", "profiles", "config"):
         shutil.copytree(REPO / name, checkout / name)
     (checkout / "examples").symlink_to(REPO / "examples")
+    (checkout / "model").mkdir()
+    (checkout / "model" / "weights").symlink_to(REPO / "model" / "weights")
     # The environment run.sh would set up, already installed: its python is this test's (a script, as a symlink
     # to a venv's python would not find the venv's packages).
     bin_dir = checkout / ".venv" / "bin"
