@@ -25,18 +25,18 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
+from pipeline.build import STORE_NAME
 from pipeline.demo_data import default_settings, land_cover, open_scene
 from pipeline.errors import PipelineError
 from pipeline.geometry import views_centred_at
 from pipeline.landcover import CLASSES
 from pipeline.plan import ModelView
-from pipeline.store.read import open_store
+from pipeline.store.read import SoundscapeStore, open_store
 
 MIN_POSITIVE_SHARE = 0.1
 POSITIVE_QUANTILE = 0.75
 NEGATIVE_QUANTILE = 0.5
 GOOD_AUC = 0.85
-STORE_NAME = "soundscape.zarr"
 
 
 class QualityReport(NamedTuple):
@@ -90,9 +90,8 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - count_pos * (count_pos + 1) / 2) / (count_pos * count_neg))
 
 
-def tile_class_shares(build: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(valid tiles' flat indexes, their (N, CLASSES) land-cover shares) for the build over the held-out scene."""
-    store = open_store(build / STORE_NAME)
+def tile_class_shares(store: SoundscapeStore) -> tuple[np.ndarray, np.ndarray]:
+    """(valid tiles' flat indexes, their (N, CLASSES) land-cover shares) for a store over the held-out scene."""
     valid = store.dataset["valid"].to_numpy().reshape(-1)
     x, y = np.meshgrid(store.dataset["x"].to_numpy(), store.dataset["y"].to_numpy())
     attrs = store.dataset.attrs
@@ -110,22 +109,17 @@ def map_quality(build: Path, expected: Mapping[str, str]) -> QualityReport:
     unknown = sorted(set(expected.values()) - set(CLASSES))
     if unknown:
         raise PipelineError(f"unknown land cover {unknown[0]!r}; use one of {', '.join(CLASSES)}")
-    indexes, shares = tile_class_shares(build)
     store = open_store(build / STORE_NAME)
     ids = tuple(query.id for query in store.queries)
     missing = sorted(set(expected) - set(ids))
     if missing:
         raise PipelineError(f"the build has no query {missing[0]!r}; its queries are {', '.join(ids)}")
+    indexes, shares = tile_class_shares(store)
     positive, negative = class_sides(shares)
     scores = store.dataset["score"].to_numpy().reshape(len(ids), -1)[:, indexes]
+    judged = positive | negative
     auc = np.array(
-        [
-            [
-                roc_auc(row[positive[:, c] | negative[:, c]], positive[positive[:, c] | negative[:, c], c])
-                for c in range(len(CLASSES))
-            ]
-            for row in scores
-        ]
+        [[roc_auc(row[judged[:, c]], positive[judged[:, c], c]) for c in range(len(CLASSES))] for row in scores]
     )
     return QualityReport(ids, auc, positive.sum(axis=0), negative.sum(axis=0), len(indexes), dict(expected))
 
