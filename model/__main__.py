@@ -53,6 +53,8 @@ def _train(args: argparse.Namespace) -> None:
     if args.data_root is not None:
         settings = replace(settings, data=replace(settings.data, root=str(args.data_root)))
     result = train(settings)
+    if not result.global_zero:
+        return
     recall = "n/a" if result.best_recall is None else f"{result.best_recall:.3f}"
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; best validation recall {recall}")
     for path in result.exported:

@@ -3,8 +3,9 @@
 Lightning runs the loop: mixed precision on GPUs, several GPUs through DDP, gradient clipping, resume from
 `<out_dir>/checkpoints/last.ckpt` (weights, optimiser, scheduler, step and the RNG states), TensorBoard and
 CSV logs under `<out_dir>/logs`, and a progress bar with the loss and samples/s. After each validation the
-retrieval metrics of the whole validation split are computed (`model.evaluate`, R@k and median rank), and
-the best checkpoints by mean image<->audio recall are kept. At the end the best one is exported in the
+retrieval metrics of the whole validation split are computed (`model.evaluate`, R@k and median rank; under DDP
+the ranks' embeddings are gathered first, so the gallery is still the whole split), and
+the best checkpoints by mean image<->audio recall are kept. At the end the best one is exported (by rank 0) in the
 project's format (`<out_dir>/model.safetensors` + `.json`), which the map pipeline loads, and, for the full
 architecture, in upstream's Lightning layout too (`<out_dir>/model.ckpt`).
 """
@@ -182,7 +183,7 @@ class Sat2SoundTraining(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if len(self._val_outputs) == 0:
             return
-        embeddings = concat(self._val_outputs)
+        embeddings = self._whole_split(concat(self._val_outputs))
         self._val_outputs.clear()
         if len(embeddings.image) < 2:
             return
@@ -193,6 +194,16 @@ class Sat2SoundTraining(pl.LightningModule):
             for direction, values in directions.items():
                 for name, value in values.items():
                     self.log(f"val/{setting}/{direction}/{name}", float(value), sync_dist=True)
+
+    def _whole_split(self, local: PairEmbeddings) -> PairEmbeddings:
+        """Every rank's embeddings in split order: the gallery is the whole split, as the reference evaluates.
+        Under DDP, rank r held samples r, r + W, r + 2W, ... with the last ones repeated to even the ranks."""
+        if self.trainer.world_size == 1:
+            return local
+        gathered = (self.all_gather(column.to(self.device)).cpu() for column in local)
+        return PairEmbeddings(
+            *(column.transpose(0, 1).reshape(-1, column.shape[-1])[: len(self.val_pairs)] for column in gathered)
+        )
 
     def configure_optimizers(self) -> Any:
         optim = self.settings.optim
@@ -278,6 +289,7 @@ class TrainResult(NamedTuple):
     exported: list[Path]
     steps: int
     seconds: float
+    global_zero: bool  # the process that exports and reports (the only one but under DDP)
 
 
 def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
@@ -292,12 +304,14 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     fit.fit(module, ckpt_path=str(last) if last.is_file() else None)
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
     chosen = best if settings.export == "best" else last
-    state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
-    exported = export(state, model, settings, chosen)
+    exported = []
+    if fit.is_global_zero:
+        state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
+        exported = export(state, model, settings, chosen)
     score = checkpoints.best_model_score
-    return TrainResult(
-        best, None if score is None else float(score), exported, fit.global_step, time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    recall = None if score is None else float(score)
+    return TrainResult(best, recall, exported, fit.global_step, seconds, fit.is_global_zero)
 
 
 def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSettings, source: Path) -> list[Path]:

@@ -11,17 +11,20 @@ centred on random points (seeded), kept where at least MIN_COVERAGE of their pix
     test   views of the default map's scene, held out: no training scene comes within one view of it
 
 A view's label is the share of each land-cover class (`pipeline.landcover`) among its pixels, cut from the
-per-pixel classes exactly like its image. Its pairing class is the class it holds most of relative to that
-class's share over all train views; its recording is one of that class's recordings (examples/sounds/
-recordings.csv), drawn at random. Written atomically (a run stopped half-way leaves no OUT_DIR):
+per-pixel classes exactly like its image. Its recording is its own 10 s mix of the classes' sounds: each class
+weighs its share relative to that class's share over all train views (its location quotient, so that rare
+towns are heard among fields), classes under MIN_MIX_WEIGHT of the mix are left out, and each class left sounds
+one of its recordings (examples/sounds/recordings.csv, drawn at random), looped from a random start at equal
+loudness (RMS) and scaled by its weight. The audio caption names the mixed recordings, loudest first. Written
+atomically (a run stopped half-way leaves no OUT_DIR):
 
     OUT_DIR/pairs.csv       key,image,audio,audio_caption,image_caption,lat,lon,time,split,sat_type,
                             audio_source,caption_source (the plain folder layout of model.data.folder)
-    OUT_DIR/labels.csv      key,split,scene,water,tree,crop,developed,dominant,paired
+    OUT_DIR/labels.csv      key,split,scene,water,tree,crop,developed,dominant,mix (class:file:weight;...)
     OUT_DIR/dataset.json    how it was made: seed, views per split, class shares, counts per split and class
     OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square: the footprint of the model's zoom
                                     level, so model.data.folder reads them with that one zoom level
-    OUT_DIR/recordings/<file>       the shipped recordings, copied once
+    OUT_DIR/recordings/<key>.flac   the view's mix, 10 s mono 32 kHz 16-bit
 """
 
 from __future__ import annotations
@@ -30,22 +33,23 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import soundfile
 import yaml
 from rasterio.warp import transform_bounds
 
 from common.atomic import atomic_directory
 from common.errors import Sat2SoundError, first_line
 from model import MODEL_INPUT_PX
+from model.audio import CLIP_SAMPLES, CLIP_SECONDS, SAMPLE_RATE, decode_audio
 from model.data.folder import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from model.data.sources import SPLITS
 from pipeline.config import DEFAULT_CONFIG_PATH, load_build_config
@@ -73,8 +77,13 @@ VAL_WEST_OF_LON = -54.92
 MIN_COVERAGE = 0.9
 # Views of the val and of the test split, each, per train view.
 HELD_OUT_SHARE = 0.2
-# Floor of a class's share over the train views, so that a class train views lack cannot pair every view.
+# Floor of a class's share over the train views, so that a class train views lack cannot fill every mix.
 MIN_CLASS_SHARE = 0.01
+# A class under this share of a view's mix is left out of it (and of its caption).
+MIN_MIX_WEIGHT = 0.05
+# The mix's RMS level (dBFS), unless its peak would then pass MIX_PEAK (full scale 1).
+MIX_RMS_DBFS = -20.0
+MIX_PEAK = 0.99
 # The metadata of model.config closest to these recordings: a curated CC0 sound-effect library, described by
 # its own titles.
 AUDIO_SOURCE = "freesound"
@@ -118,6 +127,14 @@ class Scene(NamedTuple):
     def centre_area(self) -> float:
         left, bottom, right, top = self.centres
         return max(right - left, 0.0) * max(top - bottom, 0.0)
+
+
+class Component(NamedTuple):
+    """One recording in a view's mix: its weight, and the sample of it the 10 s loop starts at."""
+
+    recording: Recording
+    weight: float
+    start: int
 
 
 class View(NamedTuple):
@@ -186,9 +203,44 @@ def image_caption(fractions: Sequence[float]) -> str:
     return f"a satellite image of {head}, with {listed}"
 
 
-def pairing_classes(fractions: np.ndarray, shares: np.ndarray) -> np.ndarray:
-    """Per view, the class it holds most of relative to the class's share (at least MIN_CLASS_SHARE)."""
-    return np.argmax(fractions / np.maximum(shares, MIN_CLASS_SHARE), axis=1)
+def mix_weights(fractions: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """(N, CLASSES) weights summing to 1 per view: each class's share relative to its train share (at least
+    MIN_CLASS_SHARE), normalised, those under MIN_MIX_WEIGHT dropped and the rest normalised again."""
+    quotients = fractions / np.maximum(shares, MIN_CLASS_SHARE)
+    weights = quotients / quotients.sum(axis=1, keepdims=True)
+    weights = np.where(weights >= MIN_MIX_WEIGHT, weights, 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def choose_components(
+    weights: np.ndarray, recordings: Sequence[Recording], clips: Mapping[str, np.ndarray], rng: np.random.Generator
+) -> list[Component]:
+    """A view's mix, loudest first: per class it weighs, one of the class's recordings and a random loop start."""
+    components = []
+    for index in np.argsort(-weights, kind="stable"):
+        if weights[index] > 0:
+            recording = _pick_recording(recordings, CLASSES[index], rng)
+            start = int(rng.integers(len(clips[recording.file])))
+            components.append(Component(recording, float(weights[index]), start))
+    return components
+
+
+def mix_audio(components: Sequence[Component], clips: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(CLIP_SAMPLES,) float32: the components' recordings at equal RMS, each looped to 10 s from its start and
+    scaled by its weight, summed; the sum at MIX_RMS_DBFS, or lower where its peak would pass MIX_PEAK."""
+    mix = np.zeros(CLIP_SAMPLES, np.float64)
+    for component in components:
+        clip = clips[component.recording.file]
+        looped = np.resize(np.roll(clip, -component.start), CLIP_SAMPLES)
+        mix += component.weight * looped / np.sqrt(np.mean(np.square(clip, dtype=np.float64)))
+    gain = min(10 ** (MIX_RMS_DBFS / 20) / np.sqrt(np.mean(mix**2)), MIX_PEAK / np.abs(mix).max())
+    return (mix * gain).astype(np.float32)
+
+
+def mix_caption(components: Sequence[Component]) -> str:
+    """'ducks quacking and a cow mooing': the mixed recordings' captions, loudest first."""
+    captions = [component.recording.caption for component in components]
+    return captions[0] if len(captions) == 1 else f"{', '.join(captions[:-1])} and {captions[-1]}"
 
 
 def split_by_block(views: np.ndarray) -> list[str | None]:
@@ -306,17 +358,18 @@ def make_dataset(out_dir: Path, views: int, seed: int) -> dict[str, Any]:
         keys = [f"{view.split}-{index:05d}" for split in SPLITS for index, view in enumerate(drawn[split])]
         fractions = np.stack([view.fractions for view in ordered])
         shares = fractions[: len(drawn["train"])].mean(axis=0)
-        paired = pairing_classes(fractions, shares)
-        chosen = [_pick_recording(recordings, CLASSES[index], rng) for index in paired]
+        weights = mix_weights(fractions, shares)
+        clips = _decoded(recordings)
+        mixes = [choose_components(row, recordings, clips, rng) for row in weights]
         scenes = {scene.name: scene for scene in [*training, test]}
         try:
             with atomic_directory(out_dir) as folder:
                 folder.mkdir()
                 _write_images(folder, scenes, ordered, keys)
-                _copy_recordings(folder, recordings)
-                _write_pairs(folder, ordered, keys, chosen, settings.sat_type)
-                _write_labels(folder, ordered, keys, paired)
-                summary = _summary(seed, settings, drawn, shares, paired)
+                _write_mixes(folder, keys, mixes, clips)
+                _write_pairs(folder, ordered, keys, mixes, settings.sat_type)
+                _write_labels(folder, ordered, keys, mixes)
+                summary = _summary(seed, settings, drawn, shares, weights)
                 (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
         except OSError as exc:
             raise DatasetError(f"cannot write {out_dir} ({first_line(exc)}); pass a folder you can write") from None
@@ -363,27 +416,39 @@ def _write_images(folder: Path, scenes: dict[str, Scene], views: Sequence[View],
             print(f"demo_data: {done}/{len(views)} images, {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def _copy_recordings(folder: Path, recordings: Sequence[Recording]) -> None:
+def _decoded(recordings: Sequence[Recording]) -> dict[str, np.ndarray]:
+    """Each shipped recording's samples (32 kHz mono, its first 10 s), decoded once."""
+    return {
+        recording.file: decode_audio(RECORDINGS_CSV.parent / recording.file, CLIP_SECONDS) for recording in recordings
+    }
+
+
+def _write_mixes(
+    folder: Path, keys: Sequence[str], mixes: Sequence[Sequence[Component]], clips: Mapping[str, np.ndarray]
+) -> None:
     (folder / "recordings").mkdir()
-    for recording in recordings:
-        shutil.copyfile(RECORDINGS_CSV.parent / recording.file, folder / "recordings" / recording.file)
+    started = time.perf_counter()
+    for done, (key, components) in enumerate(zip(keys, mixes, strict=True), start=1):
+        soundfile.write(folder / "recordings" / f"{key}.flac", mix_audio(components, clips), SAMPLE_RATE, "PCM_16")
+        if done % 1000 == 0 or done == len(keys):
+            print(f"demo_data: {done}/{len(keys)} mixes, {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def _write_pairs(
-    folder: Path, views: Sequence[View], keys: Sequence[str], recordings: Sequence[Recording], sat_type: str
+    folder: Path, views: Sequence[View], keys: Sequence[str], mixes: Sequence[Sequence[Component]], sat_type: str
 ) -> None:
     with open(folder / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(PAIRS_COLUMNS)
-        for view, key, recording in zip(views, keys, recordings, strict=True):
+        for view, key, components in zip(views, keys, mixes, strict=True):
             left, bottom, right, top = view.bounds
             lon, lat = lnglat_of_mercator((left + right) / 2.0, (bottom + top) / 2.0)
             writer.writerow(
                 [
                     key,
                     f"images/{key}.png",
-                    f"recordings/{recording.file}",
-                    recording.caption,
+                    f"recordings/{key}.flac",
+                    mix_caption(components),
                     image_caption(view.fractions.tolist()),
                     f"{float(lat):.6f}",
                     f"{float(lon):.6f}",
@@ -396,26 +461,32 @@ def _write_pairs(
             )
 
 
-def _write_labels(folder: Path, views: Sequence[View], keys: Sequence[str], paired: np.ndarray) -> None:
+def _write_labels(
+    folder: Path, views: Sequence[View], keys: Sequence[str], mixes: Sequence[Sequence[Component]]
+) -> None:
     with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["key", "split", "scene", *CLASSES, "dominant", "paired"])
-        for view, key, pair in zip(views, keys, paired, strict=True):
+        writer.writerow(["key", "split", "scene", *CLASSES, "dominant", "mix"])
+        for view, key, components in zip(views, keys, mixes, strict=True):
             shares = [f"{share:.4f}" for share in view.fractions]
             dominant = CLASSES[int(np.argmax(view.fractions))]
-            writer.writerow([key, view.split, view.scene, *shares, dominant, CLASSES[int(pair)]])
+            mix = ";".join(
+                f"{part.recording.land_cover}:{part.recording.file}:{part.weight:.4f}" for part in components
+            )
+            writer.writerow([key, view.split, view.scene, *shares, dominant, mix])
 
 
 def _summary(
-    seed: int, settings: Settings, drawn: dict[str, list[View]], shares: np.ndarray, paired: np.ndarray
+    seed: int, settings: Settings, drawn: dict[str, list[View]], shares: np.ndarray, weights: np.ndarray
 ) -> dict[str, Any]:
     dominant: dict[str, dict[str, int]] = {}
-    pairs: dict[str, dict[str, int]] = {}
+    heard: dict[str, dict[str, int]] = {}
     first = 0
     for split in SPLITS:
         fractions = np.stack([view.fractions for view in drawn[split]])
         dominant[split] = _class_counts(np.argmax(fractions, axis=1))
-        pairs[split] = _class_counts(paired[first : first + len(fractions)])
+        in_mix = weights[first : first + len(fractions)] > 0
+        heard[split] = {name: int(count) for name, count in zip(CLASSES, in_mix.sum(axis=0), strict=True)}
         first += len(fractions)
     return {
         "format": FORMAT,
@@ -431,7 +502,8 @@ def _summary(
         "acquired": ACQUIRED,
         "train_class_shares": {name: round(float(share), 4) for name, share in zip(CLASSES, shares, strict=True)},
         "dominant": dominant,
-        "paired": pairs,
+        "min_mix_weight": MIN_MIX_WEIGHT,
+        "in_mix": heard,
     }
 
 

