@@ -200,10 +200,12 @@ class Sat2SoundTraining(pl.LightningModule):
         Under DDP, rank r held samples r, r + W, r + 2W, ... with the last ones repeated to even the ranks."""
         if self.trainer.world_size == 1:
             return local
-        gathered = (self.all_gather(column.to(self.device)).cpu() for column in local)
-        return PairEmbeddings(
-            *(column.transpose(0, 1).reshape(-1, column.shape[-1])[: len(self.val_pairs)] for column in gathered)
-        )
+        return PairEmbeddings(*(self._interleaved(column) for column in local))
+
+    def _interleaved(self, column: Tensor) -> Tensor:
+        gathered = self.all_gather(column.to(self.device))
+        assert isinstance(gathered, Tensor)
+        return gathered.cpu().transpose(0, 1).reshape(-1, column.shape[-1])[: len(self.val_pairs)]
 
     def configure_optimizers(self) -> Any:
         optim = self.settings.optim
