@@ -199,8 +199,12 @@ def image_caption(fractions: Sequence[float]) -> str:
     rest = [CAPTION_NOUNS[name] if share >= PLAIN_AT_LEAST else f"some {CAPTION_NOUNS[name]}" for share, name in others]
     if not rest:
         return f"a satellite image of {head}"
-    listed = rest[0] if len(rest) == 1 else f"{', '.join(rest[:-1])} and {rest[-1]}"
-    return f"a satellite image of {head}, with {listed}"
+    return f"a satellite image of {head}, with {listed(rest)}"
+
+
+def listed(words: Sequence[str]) -> str:
+    """'a, b and c'."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def mix_weights(fractions: np.ndarray, shares: np.ndarray) -> np.ndarray:
@@ -239,8 +243,7 @@ def mix_audio(components: Sequence[Component], clips: Mapping[str, np.ndarray]) 
 
 def mix_caption(components: Sequence[Component]) -> str:
     """'ducks quacking and a cow mooing': the mixed recordings' captions, loudest first."""
-    captions = [component.recording.caption for component in components]
-    return captions[0] if len(captions) == 1 else f"{', '.join(captions[:-1])} and {captions[-1]}"
+    return listed([component.recording.caption for component in components])
 
 
 def split_by_block(views: np.ndarray) -> list[str | None]:
