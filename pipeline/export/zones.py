@@ -5,7 +5,8 @@ How a tile counts: by the ground area of the part of it inside the zone. Tiles a
 (EPSG:3857), so the share of a tile inside the zone is computed exactly with shapely on the tile squares against
 the zone reprojected there; that share of the tile's geodesic area (WGS84) is its weight. A tile wholly inside
 weighs its whole area, one half inside half of it, and a zone smaller than one tile takes the values of the
-tiles it lies on. Tiles without a prediction (no imagery, outside the region) never count.
+tiles it lies on (slivers under a millionth of a tile, rounding along shared edges, do not count). Tiles without
+a prediction (no imagery, outside the region) never count.
 
 Per zone: `zone` (its name), `tiles` (valid tiles with a part inside), `area_km2` (the ground area of those
 parts: what the statistics rest on) and `zone_km2` (the zone's own geodesic area); per query `<id>_mean` (mean
@@ -14,6 +15,9 @@ store's percentile within the region) and `<id>_top_decile_pct` (the share, in %
 region's top decile). Means and shares are weighted by area. A zone without a valid tile has null statistics.
 
 Only zones that overlap the build's grid are written, in the file's order, with their whole outline in EPSG:4326.
+A zone file is read whole (its first layer, in any CRS it declares); features without area (points, lines) are
+left out, invalid polygons repaired. Zones are named by `outputs.zone_field`, else by a `name` column (any case),
+else by their number in the file (1, 2, ...).
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ CSV_FORMATS = {
 }
 # A tile is in the region's top decile when its percentile is above 90: the percentile maps' "top 10 %" classes.
 TOP_DECILE_ABOVE = 90.0
+# A tile counts when at least this share of it lies inside a zone: a zone drawn along tile edges meets its
+# neighbours in slivers of rounding error once reprojected.
+MIN_SHARE = 1e-6
 # The zone file's bounds around the grid are widened by this share on each side, so that no edge of a projected
 # zone file's CRS, curved against the grid's, cuts a zone short.
 CLIP_MARGIN = 0.05
@@ -220,8 +227,8 @@ def _zone_windows(grid: StoreGrid, zone: BaseGeometry) -> Iterator[Window]:
     """The store's read windows (`cog.windows`) cut to the rows and columns of the zone's bounds."""
     left, bottom, right, top = zone.bounds
     inverse = ~grid.transform
-    first_col, first_row = inverse * (left, top)
-    last_col, last_row = inverse * (right, bottom)
+    first_col, first_row = inverse @ (left, top)
+    last_col, last_row = inverse @ (right, bottom)
     rows = (max(0, math.floor(first_row)), min(grid.height, math.ceil(last_row)))
     cols = (max(0, math.floor(first_col)), min(grid.width, math.ceil(last_col)))
     span = Window(cols[0], rows[0], cols[1] - cols[0], rows[1] - rows[0])
@@ -268,6 +275,7 @@ def _area_inside(grid: StoreGrid, zone: BaseGeometry, rows: np.ndarray, cols: np
     share = shapely.covers(zone, boxes).astype(np.float64)
     edge = (share == 0) & shapely.intersects(zone, boxes)
     share[edge] = shapely.area(shapely.intersection(boxes[edge], zone)) / shapely.area(boxes[edge])
+    share[share < MIN_SHARE] = 0.0
     grid_rows, position = np.unique(rows, return_inverse=True)
     return share * np.array([_tile_ground_m2(grid, row) for row in grid_rows])[position]
 
