@@ -205,12 +205,8 @@ def projects(
     }
     # A STAC source is not read for the project: its underlay comes from the local raster here.
     shutil.copytree(root / "local", root / "stac")
-    files = BuildFiles(
-        root / "stac" / "cog",
-        root / "stac" / "top_places.gpkg",
-        root / "stac" / "imagery.tif",
-        root / "stac" / "zones.gpkg",
-    )
+    # This build has no zones: the project has no zones layer.
+    files = BuildFiles(root / "stac" / "cog", root / "stac" / "top_places.gpkg", root / "stac" / "imagery.tif")
     write_qgis_project(store.path, files, stac, root / "stac" / "project.qgz")
     built["stac"] = root / "stac" / "project.qgz"
     shutil.copytree(root / "local", root / "moved" / "elsewhere")
@@ -416,6 +412,7 @@ def test_a_stac_source_shows_the_builds_underlay(
     qgis: dict[str, dict[str, Any]], store: SyntheticStore, stretch: Stretch
 ) -> None:
     imagery = _layers(qgis["stac"])["sat2sound_imagery"]
+    assert "sat2sound_zones" not in _layers(qgis["stac"])
     assert imagery["valid"] and imagery["source"].endswith("/stac/imagery.tif")
     assert (imagery["renderer"], imagery["bands"], imagery["rights"]) == ("multibandcolor", [1, 2, 3], [ATTRIBUTION])
     rendered = _png(qgis["stac"]["renders"] / "imagery.png")

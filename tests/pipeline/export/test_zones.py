@@ -29,6 +29,7 @@ from pipeline.errors import BuildConfigError
 from pipeline.export.qgis_style import percentile_class
 from pipeline.export.zones import TOP_DECILE_ABOVE, ZONES_LAYER, check_zones, write_zones, zone_statistics
 from pipeline.regions import Region
+from pipeline.steps import build_parser
 
 HEIGHT, WIDTH = 32, 48
 # Zones as (top row, left column, bottom row, right column) of the grid, fractions cutting tiles.
@@ -221,3 +222,12 @@ def test_zone_files_that_cannot_serve_are_refused_in_one_line(store: SyntheticSt
             check_zones(outputs, region)
         message = str(refused.value)
         assert words in message and "; " in message and "\n" not in message, message
+
+
+def test_the_project_step_takes_the_zones_only_where_the_build_has_them() -> None:
+    common = ["--settings", "s.json", "--store", "z", "--cog-dir", "cog", "--places", "p.gpkg", "--underlay", "i.tif"]
+    without = build_parser().parse_args(["project", *common, "--out", "project.qgz"])
+    with_zones = build_parser().parse_args(["project", *common, "--zones", "zones.gpkg", "--out", "project.qgz"])
+    assert (without.zones, with_zones.zones) == (None, Path("zones.gpkg"))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["zones", "--settings", "s.json", "--store", "z", "--gpkg", "zones.gpkg"])
