@@ -46,6 +46,7 @@ rule all:
         rules.percentiles.output,
         rules.dominant.output,
         rules.top_places.output,
+        list(ZONE_TABLES.values()),
         rules.preview.output.html,
         rules.project.output.qgz,
 
@@ -56,4 +57,4 @@ onsuccess:
     # A run asked only for the demo model's targets made no map.
     targets = set(workflow.dag_settings.targets)
     if not targets or targets - DEMO_TARGETS:
-        print("\n".join(finish_lines(BUILD, STORE)), file=sys.stderr)
+        print("\n".join(finish_lines(BUILD, STORE, zones=bool(ZONES))), file=sys.stderr)

@@ -62,6 +62,8 @@ PLAN_NAME = "plan.npz"
 MODEL_NAME = "model.json"
 STORE_NAME = "soundscape.zarr"
 COG_DIR = "cog"
+# The zone statistics: <build>/zones.gpkg and zones.csv.
+ZONES_NAME = "zones"
 # Queries assumed by the size estimate when none are given (the default config has 5).
 DEFAULT_QUERY_COUNT = 5
 # COG overviews add at most a third to the full-resolution band.
@@ -148,6 +150,11 @@ def start_build(config: BuildConfig) -> PlannedBuild:
     check_device(config.model.device)
     check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
+    if config.outputs.zones is not None:
+        # Imported here: the exports pull in xarray and the store reader, which a build without zones need not load.
+        from pipeline.export.zones import check_zones
+
+        check_zones(config.outputs, planned.plan.region)
     check_model(config.model, text_queries=any(query.text is not None for query in config.queries))
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)
@@ -341,12 +348,14 @@ def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> i
     return rerun
 
 
-def finish_lines(build_dir: Path | str, store: Path | str) -> list[str]:
-    """What the workflow prints when it ends well: where the outputs are and, when imagery could not be had
-    (`imagery.on_missing: leave_empty`), how many tiles were left empty and why (from the store's attributes)."""
+def finish_lines(build_dir: Path | str, store: Path | str, zones: bool = False) -> list[str]:
+    """What the workflow prints when it ends well: where the outputs are (`zones`: with the zone statistics) and,
+    when imagery could not be had (`imagery.on_missing: leave_empty`), how many tiles were left empty and why
+    (from the store's attributes)."""
     lines = [
         f"done: {build_dir}/preview.html, {build_dir}/project.qgz (QGIS), {build_dir}/cog/*.tif (+ .qml),"
-        f" {build_dir}/top_places.gpkg (+ .csv), {store}"
+        f" {build_dir}/top_places.gpkg (+ .csv),{f' {build_dir}/{ZONES_NAME}.gpkg (+ .csv),' if zones else ''}"
+        f" {store}"
     ]
     try:
         metadata = json.loads((Path(store) / ".zmetadata").read_text())

@@ -115,6 +115,8 @@ class OutputSettings:
     crs: str | None
     top_k: int
     zarr_chunk_px: int
+    zones: str | None = None
+    zone_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -268,8 +270,9 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "percentiles": {"outputs": ("crs",)},
     "dominant": {"outputs": ("crs",)},
     "places": {"outputs": ("top_k",)},
+    "zones": {"outputs": ("zones", "zone_field")},
     "underlay": {"imagery": ("source", "options", "native_gsd_m")},
-    "project": {"imagery": ("source", "options")},
+    "project": {"imagery": ("source", "options"), "outputs": ("zones",)},
 }
 
 

@@ -177,6 +177,13 @@ def _places(args: argparse.Namespace, config: BuildConfig) -> str:
     return f"{count} places (outputs.top_k {config.outputs.top_k} per query) in {args.gpkg} and {args.csv}"
 
 
+def _zones(args: argparse.Namespace, config: BuildConfig) -> str:
+    from pipeline.export.zones import write_zones
+
+    count = write_zones(args.store, config.outputs, args.gpkg, args.csv)
+    return f"{count} zones of {config.outputs.zones} in {args.gpkg} and {args.csv}"
+
+
 def _underlay(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.export.underlay import write_underlay
     from pipeline.plan import read_plan
@@ -197,7 +204,7 @@ def _preview(args: argparse.Namespace, config: BuildConfig) -> str:
 def _project(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.export.qgis_project import BuildFiles, write_qgis_project
 
-    files = BuildFiles(args.cog_dir, args.places, args.underlay)
+    files = BuildFiles(args.cog_dir, args.places, args.underlay, args.zones)
     report = write_qgis_project(args.store, files, config.imagery, args.out)
     return f"{report.layers} layers over {report.imagery}, in {args.out}"
 
@@ -218,11 +225,14 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "percentiles": (_percentiles, ("store", "out_dir"), "write one percentile COG per query"),
     "dominant": (_dominant, ("store", "out_dir"), "write the COG of each tile's best-fitting query"),
     "places": (_places, ("store", "gpkg", "csv"), "write each query's top places as GeoPackage and CSV"),
+    "zones": (_zones, ("store", "gpkg", "csv"), "write every query's statistics per zone as GeoPackage and CSV"),
     "underlay": (_underlay, ("plan", "out"), "write the build's imagery at preview resolution"),
     "preview": (_preview, ("store", "plan", "underlay", "places", "out"), "write the HTML preview"),
-    "project": (_project, ("store", "cog_dir", "places", "underlay", "out"), "write the QGIS project"),
+    "project": (_project, ("store", "cog_dir", "places", "underlay", "zones?", "out"), "write the QGIS project"),
 }
 OPTION_TYPES: dict[str, Callable[[str], Any]] = {"chunk": str, "threads": int, "job": int}
+# An option named with this suffix may be left out (None): a file only some builds have.
+OPTIONAL = "?"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=summary)
         command.add_argument("--settings", required=True, type=Path, help="the build's settings.json")
         for option in options:
-            command.add_argument(f"--{option.replace('_', '-')}", required=True, type=OPTION_TYPES.get(option, Path))
+            name = option.removesuffix(OPTIONAL)
+            command.add_argument(
+                f"--{name.replace('_', '-')}", required=name == option, type=OPTION_TYPES.get(name, Path)
+            )
     return parser
 
 

@@ -11,6 +11,7 @@ from pipeline.build import (
     PLAN_NAME,
     SETTINGS_NAME,
     STORE_NAME,
+    ZONES_NAME,
     open_workflow,
     quiet_interrupts,
     retry_unavailable,
@@ -30,6 +31,9 @@ QUERIES = f"{BUILD}/queries.npz"
 STORE = f"{BUILD}/{STORE_NAME}"
 COGS = f"{BUILD}/{COG_DIR}"
 LOGS = f"{BUILD}/logs"
+# The zone statistics, made only when outputs.zones names a polygon file.
+ZONES = CFG.outputs.zones
+ZONE_TABLES = {"gpkg": f"{BUILD}/{ZONES_NAME}.gpkg", "csv": f"{BUILD}/{ZONES_NAME}.csv"} if ZONES else {}
 QUERY_IDS = [query.id for query in CFG.queries]
 STEP = f"{shlex.quote(sys.executable)} -m pipeline.steps"
 CHUNKS = PLANNED.chunk_ids

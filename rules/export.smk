@@ -1,6 +1,6 @@
 # What GIS users open: one COG per query plus the concept map (each with a QGIS style), the answers a planner acts
 # on (percentile COGs, the dominant-query COG, the top places as GeoPackage and CSV), the build's imagery at preview
-# resolution, an HTML preview and a QGIS project of them all.
+# resolution, an HTML preview and a QGIS project of them all; with outputs.zones, every query's statistics per zone.
 
 
 rule cogs:
@@ -71,6 +71,26 @@ rule top_places:
         " --csv {output.csv:q} > {log:q} 2>&1"
 
 
+if ZONES:
+
+    rule zones:
+        input:
+            store=rules.mosaic.output.store,
+            zones=ZONES,
+        output:
+            gpkg=ZONE_TABLES["gpkg"],
+            csv=ZONE_TABLES["csv"],
+        params:
+            settings=SETTINGS,
+            digest=digest("zones"),
+            store=STORE,
+        log:
+            f"{LOGS}/zones.log",
+        shell:
+            "{STEP} zones --settings {params.settings:q} --store {params.store:q} --gpkg {output.gpkg:q}"
+            " --csv {output.csv:q} > {log:q} 2>&1"
+
+
 rule underlay:
     input:
         plan=PLAN,
@@ -111,6 +131,7 @@ rule project:
         store=rules.mosaic.output.store,
         places=rules.top_places.output.gpkg,
         underlay=rules.underlay.output.imagery,
+        zones=ZONE_TABLES.get("gpkg", []),
     output:
         qgz=f"{BUILD}/project.qgz",
     params:
@@ -118,8 +139,9 @@ rule project:
         digest=digest("project"),
         store=STORE,
         cog_dir=COGS,
+        zones=f"--zones {shlex.quote(ZONE_TABLES['gpkg'])}" if ZONES else "",
     log:
         f"{LOGS}/project.log",
     shell:
         "{STEP} project --settings {params.settings:q} --store {params.store:q} --cog-dir {params.cog_dir:q}"
-        " --places {input.places:q} --underlay {input.underlay:q} --out {output.qgz:q} > {log:q} 2>&1"
+        " --places {input.places:q} --underlay {input.underlay:q} {params.zones} --out {output.qgz:q} > {log:q} 2>&1"

@@ -207,21 +207,26 @@ def write_places(
     """Write each query's places and areas (`place_layers`) into a GeoPackage and/or its places into a CSV."""
     try:
         if gpkg is not None:
-            _write_gpkg(gpkg, layers)
+            tables = {
+                template.format(query=query_id): table
+                for query_id, pair in layers.items()
+                for template, table in zip((PLACES_LAYER, AREAS_LAYER), pair, strict=True)
+            }
+            write_layers(gpkg, tables)
         if csv_path is not None:
             _write_csv(csv_path, [places for places, _ in layers.values()])
     except (OSError, DataSourceError) as exc:
         raise ExportError(f"cannot write the top places ({exc}); check that the build folder is writable") from exc
 
 
-def _write_gpkg(gpkg: Path, layers: Mapping[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]]) -> None:
+def write_layers(gpkg: Path, layers: Mapping[str, gpd.GeoDataFrame]) -> None:
+    """A GeoPackage of the named layers, in their order, written atomically."""
     gpkg.parent.mkdir(parents=True, exist_ok=True)
     # GDAL wants a GeoPackage named *.gpkg: it is made in a scratch folder, then renamed into place.
     with tempfile.TemporaryDirectory(dir=gpkg.parent, prefix=f".{gpkg.stem}-") as scratch:
         staged = Path(scratch) / gpkg.name
-        for query_id, (places, areas) in layers.items():
-            places.to_file(staged, layer=PLACES_LAYER.format(query=query_id), driver="GPKG")
-            areas.to_file(staged, layer=AREAS_LAYER.format(query=query_id), driver="GPKG")
+        for name, table in layers.items():
+            table.to_file(staged, layer=name, driver="GPKG")
         with atomic_path(gpkg) as tmp:
             staged.replace(tmp)
 

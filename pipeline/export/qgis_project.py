@@ -6,6 +6,8 @@ zipped into a `.qgz`. Layers, top to bottom (QGIS draws the layer tree's order):
 
 - Top places: per query its top places (tile squares in the query's colour, labelled with their rank) and its
   merged areas (dashed outlines), from `top_places.gpkg`; the first query's places are shown.
+- Zones, when the build has `zones.gpkg`: filled in classes of the first query's mean raw cosine and labelled with
+  their names (hidden at first: they would cover the maps; zones without a valid tile are not drawn).
 - Dominant sound: `cog/dominant.tif` (hidden at first: it would cover the percentile map).
 - Percentile within this region: one `cog/<id>_percentile.tif` per query, the first shown.
 - Raw cosine: one `cog/<id>.tif` per query (hidden), and the codebook concepts (hidden).
@@ -30,7 +32,10 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, urlencode
 
+import geopandas as gpd
+import numpy as np
 import rasterio
+from pyogrio.errors import DataLayerError, DataSourceError
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 
@@ -44,12 +49,14 @@ from pipeline.export.qgis_style import (
     OVERLAY_OPACITY,
     areas_renderer,
     colour_data_renderer,
+    graduated_renderer,
     places_renderer,
     query_colours,
     rank_labels,
     raster_pipe,
     rgb_renderer,
 )
+from pipeline.export.zones import ZONES_CRS, ZONES_LAYER
 from pipeline.imagery import LocalRasterReader, StacReader, XYZReader, reader_class
 from pipeline.store.read import SoundscapeStore
 
@@ -62,11 +69,13 @@ IMAGERY_ID = "sat2sound_imagery"
 
 
 class BuildFiles(NamedTuple):
-    """The build's files a project shows: the COG folder, the top places, and the imagery underlay."""
+    """The build's files a project shows: the COG folder, the top places, the imagery underlay and, when the build
+    has them, the zone statistics."""
 
     cog_dir: Path
     places: Path
     underlay: Path
+    zones: Path | None = None
 
 
 class Layer(NamedTuple):
@@ -108,8 +117,10 @@ def write_qgis_project(store: Path, files: BuildFiles, imagery: ImagerySettings,
     home = out.parent.resolve()
     crs, extent = _raster_frame(files.cog_dir / f"{DOMINANT_NAME}.tif")
     imagery_layer, imagery_words = _imagery_layer(imagery, files.underlay, home)
+    zones = [] if files.zones is None else [_zones_layer(files.zones, queries[0], home)]
     tree: list[Node] = [
         Group("Top places", _places_layers(queries, files.places, home)),
+        *zones,
         _cog_layer(files.cog_dir / f"{DOMINANT_NAME}.tif", "Dominant sound (which query fits best)", home, False),
         Group(
             "Percentile within this region",
@@ -190,6 +201,27 @@ def _places_layers(queries: Sequence[Query], places: Path, home: Path) -> list[L
             ET.SubElement(element, "featureBlendMode").text = "0"
             layers.append(Layer(element, index == 0 and template == PLACES_LAYER))
     return layers
+
+
+def _zones_layer(zones: Path, query: Query, home: Path) -> Layer:
+    """The zones, hidden at first (they would cover the maps), coloured by the first query's mean raw cosine in
+    classes and labelled with their names."""
+    field = f"{query.id}_mean"
+    try:
+        values = gpd.read_file(zones, layer=ZONES_LAYER, columns=[field], ignore_geometry=True)[field]
+    except (DataSourceError, DataLayerError, KeyError) as exc:
+        raise ExportError(f"cannot read {field} of {zones} ({exc}); run the build's zones step again") from exc
+    source = f"{project_path(zones, home)}|layername={ZONES_LAYER}"
+    name = f"Zones: mean raw cosine for '{query.label}'"
+    element = _map_layer("vector", "sat2sound_zones", name, source, "ogr", CRS.from_user_input(ZONES_CRS))
+    element.set("geometry", "Polygon")
+    element.set("labelsEnabled", "1")
+    element.append(graduated_renderer(field, values.to_numpy(dtype=np.float64, na_value=np.nan)))
+    element.append(rank_labels("zone"))
+    ET.SubElement(element, "layerOpacity").text = str(OVERLAY_OPACITY)
+    ET.SubElement(element, "blendMode").text = "0"
+    ET.SubElement(element, "featureBlendMode").text = "0"
+    return Layer(element, False)
 
 
 def _imagery_layer(imagery: ImagerySettings, underlay: Path, home: Path) -> tuple[Layer, str]:

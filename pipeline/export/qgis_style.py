@@ -1,5 +1,6 @@
 """QGIS layer styles (.qml) for the exported rasters: a perceptual colour ramp for scores, classes in plain words
-for percentiles, a palette for categories (concepts, dominant queries).
+for percentiles, a palette for categories (concepts, dominant queries), and the vector styles of the top places and
+the zones (graduated classes of a statistic).
 
 QGIS loads `<name>.qml` beside `<name>.tif` as the layer's default style. The XML follows what QGIS 3.x writes
 for a `singlebandpseudocolor` renderer (interpolated or discrete colour ramp shader) and a `paletted` renderer.
@@ -38,6 +39,10 @@ PLACE_FILL_ALPHA = 70
 PLACE_OUTLINE_MM = "0.6"
 AREA_OUTLINE_MM = "0.9"
 LABEL_SIZE_PT = "9"
+# Zones: at most this many classes of equal width, and the width (mm) of their dark outline.
+ZONE_CLASSES = 5
+ZONE_OUTLINE_MM = "0.4"
+ZONE_OUTLINE_RGBA = "40,40,40,255"
 
 
 class Colour(NamedTuple):
@@ -322,8 +327,73 @@ def areas_renderer(colour: Colour) -> ET.Element:
     )
 
 
+def value_classes(values: np.ndarray) -> tuple[ValueClass, ...]:
+    """Up to ZONE_CLASSES classes of equal width from the lowest to the highest finite value, coloured along the
+    score ramp and labelled by their bounds; none when no value is finite."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return ()
+    low, high = float(finite.min()), float(finite.max())
+    count = min(ZONE_CLASSES, len(np.unique(finite)))
+    uppers = np.linspace(low, high, count + 1)[1:] if count > 1 else np.array([high])
+    lowers = [low, *uppers[:-1]]
+    return tuple(
+        ValueClass(
+            float(upper), f"{lower:{LABEL_FORMAT}} – {upper:{LABEL_FORMAT}}", ramp_colour(_position(index, count))
+        )
+        for index, (lower, upper) in enumerate(zip(lowers, uppers, strict=True))
+    )
+
+
+def _position(index: int, count: int) -> float:
+    return index / (count - 1) if count > 1 else 1.0
+
+
+def graduated_renderer(field: str, values: np.ndarray) -> ET.Element:
+    """Polygons filled by the class (`value_classes`) their `field` falls in, among its `values`, with a dark
+    outline; a feature without a value (null) is not drawn."""
+    classes = value_classes(values)
+    renderer = ET.Element(
+        "renderer-v2",
+        type="graduatedSymbol",
+        attr=field,
+        graduatedMethod="GraduatedColor",
+        symbollevels="0",
+        enableorderby="0",
+        forceraster="0",
+    )
+    ranges = ET.SubElement(renderer, "ranges")
+    symbols = ET.SubElement(renderer, "symbols")
+    lowers = [float(np.nanmin(values)), *(item.upper for item in classes[:-1])] if classes else []
+    for index, (lower, item) in enumerate(zip(lowers, classes, strict=True)):
+        ET.SubElement(
+            ranges,
+            "range",
+            lower=_number(lower),
+            upper=_number(item.upper),
+            symbol=str(index),
+            label=item.label,
+            render="true",
+        )
+        symbols.append(_fill_symbol(str(index), _zone_fill(item.colour)))
+    ET.SubElement(renderer, "rotation")
+    ET.SubElement(renderer, "sizescale")
+    return renderer
+
+
+def _zone_fill(colour: Colour) -> dict[str, str]:
+    return {
+        "color": _rgba(colour, 255),
+        "outline_color": ZONE_OUTLINE_RGBA,
+        "outline_style": "solid",
+        "outline_width": ZONE_OUTLINE_MM,
+        "style": "solid",
+    }
+
+
 def rank_labels(field: str) -> ET.Element:
-    """Labels showing `field` (a place's rank) in dark bold text with a white halo, over each feature."""
+    """Labels showing `field` (a place's rank, a zone's name) in dark bold text with a white halo, over each
+    feature."""
     labeling = ET.Element("labeling", type="simple")
     settings = ET.SubElement(labeling, "settings", calloutType="simple")
     style = ET.SubElement(
@@ -405,9 +475,15 @@ def _contrast(renderer: ET.Element, tag: str, limits: dict[str, str]) -> None:
 def _single_fill(properties: dict[str, str]) -> ET.Element:
     """A single-symbol vector renderer whose symbol is one simple fill with `properties` (QGIS's names)."""
     renderer = ET.Element("renderer-v2", type="singleSymbol", symbollevels="0", enableorderby="0", forceraster="0")
-    symbol = ET.SubElement(
-        ET.SubElement(renderer, "symbols"), "symbol", type="fill", name="0", alpha="1", clip_to_extent="1"
-    )
+    ET.SubElement(renderer, "symbols").append(_fill_symbol("0", properties))
+    ET.SubElement(renderer, "rotation")
+    ET.SubElement(renderer, "sizescale")
+    return renderer
+
+
+def _fill_symbol(name: str, properties: dict[str, str]) -> ET.Element:
+    """A fill symbol of one simple fill with `properties` (QGIS's names)."""
+    symbol = ET.Element("symbol", type="fill", name=name, alpha="1", clip_to_extent="1")
     layer = ET.SubElement(symbol, "layer", {"class": "SimpleFill", "enabled": "1", "locked": "0", "pass": "0"})
     values = properties | {"outline_width_unit": "MM", "joinstyle": "miter"}
     # Written as QGIS >= 3.26 reads it (Option map) and as older 3.x reads it (prop), like the colour ramps.
@@ -416,9 +492,7 @@ def _single_fill(properties: dict[str, str]) -> ET.Element:
         ET.SubElement(options, "Option", type="QString", name=key, value=value)
     for key, value in values.items():
         ET.SubElement(layer, "prop", k=key, v=value)
-    ET.SubElement(renderer, "rotation")
-    ET.SubElement(renderer, "sizescale")
-    return renderer
+    return symbol
 
 
 def _rgba(colour: Colour, alpha: int) -> str:

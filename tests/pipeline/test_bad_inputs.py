@@ -27,6 +27,7 @@ import torch
 import yaml
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
+from shapely.geometry import box
 from support.damage import overwritten_copy
 from support.paths import LANDSAT, REPO
 
@@ -36,6 +37,7 @@ from model.text_specs import minilm_directory
 from pipeline.build import ERROR_STATUS, open_workflow
 from pipeline.model_setup import untrained_config
 
+COUNTRIES = REPO / "regions" / "countries.geojson"
 # The default build's scene, region and model, with few output tiles.
 BASE: dict[str, Any] = {
     "name": "demo",
@@ -67,6 +69,9 @@ class Inputs(NamedTuple):
     raster_without_crs: Path
     raster_not_georeferenced: Path
     a_file: Path
+    zones_points: Path
+    zones_far: Path
+    zones_broken: Path
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +108,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     ):
         dataset.write(np.zeros((3, 8, 8), np.uint8))
     (folder / "a_file").write_text("")
+    write_features(folder / "points.geojson", {"type": "Point", "coordinates": [-54.5, -25.4]})
+    write_features(folder / "far.geojson", box(2.0, 48.0, 3.0, 49.0).__geo_interface__)
+    (folder / "broken.gpkg").write_text("not a GeoPackage")
     return Inputs(
         folder,
         folder / "tone.wav",
@@ -121,7 +129,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         folder / "nocrs.tif",
         folder / "plain.tif",
         folder / "a_file",
+        folder / "points.geojson",
+        folder / "far.geojson",
+        folder / "broken.gpkg",
     )
+
+
+def write_features(path: Path, geometry: dict[str, Any]) -> None:
+    """A GeoJSON file of one named feature."""
+    feature = {"type": "Feature", "properties": {"name": "zone"}, "geometry": geometry}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
 
 
 Change = Callable[[dict[str, Any], Inputs], None]
@@ -307,6 +324,35 @@ CASES = [
         "imagery too coarse", set_key("model.zoom_level", 1), ("m/px but a sentinel model", "set model.zoom_level: 3")
     ),
     Case("too many tiles", set_key("tiling.max_tiles", 1), ("tiling.max_tiles",)),
+    # The zones of the zone statistics.
+    Case(
+        "zones missing",
+        set_key("outputs.zones", lambda files: str(files.folder / "absent.gpkg")),
+        ("config.outputs.zones:", "absent.gpkg does not exist", "set outputs.zones: null"),
+    ),
+    Case(
+        "zones unreadable",
+        set_key("outputs.zones", lambda files: str(files.zones_broken)),
+        ("config.outputs.zones:", "broken.gpkg cannot be read as vector data", "give a GeoPackage"),
+    ),
+    Case(
+        "zones without polygons",
+        set_key("outputs.zones", lambda files: str(files.zones_points)),
+        (
+            "config.outputs.zones:",
+            "points.geojson holds no polygons; give areas",
+        ),
+    ),
+    Case(
+        "zone field missing",
+        lambda config, files: config.setdefault("outputs", {}).update(zones=str(COUNTRIES), zone_field="district"),
+        ("config.outputs.zone_field: 'district' is not a column of", "name, iso_a3, continent", "zone_field: null"),
+    ),
+    Case(
+        "zones off the region",
+        set_key("outputs.zones", lambda files: str(files.zones_far)),
+        ("config.outputs.zones: no zone of", "far.geojson overlaps region", "set outputs.zones: null"),
+    ),
     # Where the build would write.
     Case(
         "output folder is a file",
@@ -321,7 +367,14 @@ CASES = [
 ]
 CASE_IDS = [case.id for case in CASES]
 # One case per place a check lives, run through Snakemake itself.
-WORKFLOW_CASES = ["unknown key", "device tpu", "audio wav cut short", "checkpoint corrupt", "region outside the raster"]
+WORKFLOW_CASES = [
+    "unknown key",
+    "device tpu",
+    "audio wav cut short",
+    "checkpoint corrupt",
+    "region outside the raster",
+    "zones off the region",
+]
 
 
 def bad_config(case: Case, files: Inputs) -> dict[str, Any]:

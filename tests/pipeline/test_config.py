@@ -50,6 +50,7 @@ def test_missing_keys_take_the_schema_defaults() -> None:
     assert config.imagery.source == "esri" and config.imagery.min_coverage == 0.5
     assert config.tiling == TilingSettings(tile_zoom_offset=0, chunk_zoom=None, max_tiles=250_000)
     assert config.outputs.concepts_top_k == 3 and config.outputs.crs is None and config.outputs.top_k == 20
+    assert config.outputs.zones is None and config.outputs.zone_field is None
     assert config.build_dir == Path("outputs/test")
 
 
@@ -131,6 +132,8 @@ def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
         ({"model": {"text_backbone": "minilm"}}, {"queries", "mosaic"}),
         ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "percentiles", "dominant", "mosaic"}),
         ({"outputs": {"top_k": 5}}, {"places", "mosaic"}),
+        ({"outputs": {"zones": "districts.gpkg"}}, {"zones", "project", "mosaic"}),
+        ({"outputs": {"zone_field": "code"}}, {"zones", "mosaic"}),
         ({"model": {"seed": 3}}, {"model", "mosaic"}),
     ],
 )

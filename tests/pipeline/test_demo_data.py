@@ -329,6 +329,7 @@ def test_snakemake_target_makes_the_data_set_apart_from_the_map(tmp_path: Path) 
     for query in config["queries"]:
         if "audio" in query:
             query["audio"] = str(REPO / query["audio"])
+    config["outputs"]["zones"] = str(REPO / config["outputs"]["zones"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n"]
     configured = ["--configfile", "config.yaml"]  # last: it takes every argument after it

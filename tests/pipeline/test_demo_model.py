@@ -12,11 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import geopandas as gpd
+import mercantile
+import numpy as np
 import pytest
+import xarray as xr
 import yaml
+from pyproj import Geod
+from shapely.geometry import box
 from support.paths import REPO
 
 from pipeline.demo_quality import map_quality
+from pipeline.plan import read_plan
 
 pytestmark = pytest.mark.slow
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
@@ -30,6 +37,7 @@ MEANT_FOR = {
     "farm": "crop",
 }
 WATER_AUC = 0.7
+GEOD = Geod(ellps="WGS84")
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +68,27 @@ def test_land_cover_queries_find_their_land_cover(default_build: Path) -> None:
     assert report.separates("dogs_in_town"), report.table()
     water = report.auc[report.queries.index("water"), 0]
     assert water >= WATER_AUC and water == report.auc[:, 0].max(), report.table()
+
+
+def test_the_default_build_gives_every_querys_statistics_per_country(default_build: Path) -> None:
+    zones = gpd.read_file(default_build / "zones.gpkg", layer="zones")
+    assert zones.crs.to_epsg() == 4326 and zones["zone"].tolist() == ["Brazil", "Paraguay"]
+    store = xr.open_zarr(default_build / "soundscape.zarr")
+    valid = store.valid.to_numpy()
+    assert (zones["tiles"] > 0).all() and zones["tiles"].sum() >= valid.sum(), "tiles on the border count twice"
+    # The two countries share the region between them: their areas add up to the valid tiles' ground area.
+    grid = read_plan(default_build / "plan.npz").grid
+    rows, cols = np.nonzero(valid)
+    tiles = [
+        mercantile.bounds(grid.first_column + col, grid.top_row + row, grid.zoom)
+        for row, col in zip(rows, cols, strict=True)
+    ]
+    ground_km2 = sum(abs(GEOD.geometry_area_perimeter(box(*tile))[0]) for tile in tiles) / 1e6
+    assert zones["area_km2"].sum() == pytest.approx(ground_km2, rel=1e-6)
+    for query in store["query"].to_numpy():
+        scores = store.score.sel(query=query).to_numpy()[valid]
+        means, maxima = zones[f"{query}_mean"], zones[f"{query}_max"]
+        assert (scores.min() < means).all() and (means < maxima).all() and (maxima <= scores.max()).all()
+        assert maxima.max() == pytest.approx(scores.max())
+        assert zones[f"{query}_mean_percentile"].between(25, 75).all()
+        assert zones[f"{query}_top_decile_pct"].between(0, 100).all()

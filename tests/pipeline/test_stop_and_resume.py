@@ -44,6 +44,7 @@ def test_ctrl_c_on_a_running_build_prints_one_line_and_the_same_command_resumes(
     for query in config["queries"]:
         if "audio" in query:
             query["audio"] = str(REPO / query["audio"])
+    config["outputs"]["zones"] = str(REPO / config["outputs"]["zones"])
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "profiles" / "local")]
@@ -79,6 +80,7 @@ def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) 
     for name in ("rules", "profiles", "config"):
         shutil.copytree(REPO / name, checkout / name)
     (checkout / "examples").symlink_to(REPO / "examples")
+    (checkout / "regions").symlink_to(REPO / "regions")
     (checkout / "model").mkdir()
     (checkout / "model" / "weights").symlink_to(REPO / "model" / "weights")
     # The environment run.sh would set up, already installed: its python is this test's (a script, as a symlink

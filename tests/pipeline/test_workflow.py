@@ -58,6 +58,8 @@ SEED = 0
 # and its bounding box holds tiles outside it.
 TRIANGLE = Polygon([(-72.2245, 18.5035), (-72.2015, 18.5035), (-72.2130, 18.5245)])
 # A 700 m square in the scene's centre: 12 tiles in 4 chunks of zoom 16.
+# Zones: the triangle's western and eastern halves, split at its apex.
+HALVES = {"west": box(-72.23, 18.50, -72.2130, 18.53), "east": box(-72.2130, 18.50, -72.19, 18.53)}
 RESUME_REGION = "-72.2160,18.5110,-72.2095,18.5175"
 QUERIES = [{"id": "birds", "text": "birds singing in the trees"}, {"id": "traffic", "text": "cars and horns"}]
 SCORE_ATOL = 3e-3  # embeddings are stored as float16
@@ -108,6 +110,8 @@ def base_config(server: TileServer, tmp_path_factory: pytest.TempPathFactory) ->
     region = shared / "triangle.geojson"
     feature = {"type": "Feature", "properties": {}, "geometry": TRIANGLE.__geo_interface__}
     region.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    halves = gpd.GeoDataFrame({"name": list(HALVES)}, geometry=list(HALVES.values()), crs=4326)
+    halves.to_file(shared / "halves.gpkg")
     return {
         "name": "tiny",
         "output_dir": "out",
@@ -130,7 +134,7 @@ def base_config(server: TileServer, tmp_path_factory: pytest.TempPathFactory) ->
         },
         "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 13},
         "queries": QUERIES,
-        "outputs": {"concepts_top_k": 2},
+        "outputs": {"concepts_top_k": 2, "zones": str(shared / "halves.gpkg")},
     }
 
 
@@ -234,13 +238,22 @@ def test_build_writes_the_answers_a_planner_acts_on(built: Path) -> None:
         assert areas["tiles"].sum() == places_per_query
     with (build / "top_places.csv").open(encoding="utf-8-sig", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == places_per_query * len(QUERIES)
-    for log in ("percentiles", "dominant", "top_places", "underlay", "project"):
+    zones = gpd.read_file(build / "zones.gpkg", layer="zones")
+    assert zones.crs.to_epsg() == 4326 and zones["zone"].tolist() == list(HALVES)
+    assert (zones["tiles"] > 0).all() and zones["tiles"].sum() >= valid.sum(), "tiles on the split count twice"
+    for query in QUERIES:
+        scores = store.score.sel(query=query["id"]).values[valid]
+        assert zones[f"{query['id']}_max"].max() == pytest.approx(scores.max())
+    with (build / "zones.csv").open(encoding="utf-8-sig", newline="") as handle:
+        assert [row["zone"] for row in csv.DictReader(handle)] == list(HALVES)
+    for log in ("percentiles", "dominant", "top_places", "zones", "underlay", "project"):
         assert (build / f"logs/{log}.log").is_file()
     with rasterio.open(build / "imagery.tif") as underlay:
         assert underlay.crs.to_epsg() == 3857 and underlay.count == 3
     with zipfile.ZipFile(build / "project.qgz") as project:
         assert project.namelist() == ["project.qgs"]
-        assert "type=xyz&amp;url=http://127.0.0.1:" in project.read("project.qgs").decode()
+        document = project.read("project.qgs").decode()
+    assert "type=xyz&amp;url=http://127.0.0.1:" in document and "./zones.gpkg|layername=zones" in document
 
 
 def test_tiles_outside_the_region_or_without_imagery_are_nodata(built: Path) -> None:
@@ -315,6 +328,7 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
         "percentiles",
         "dominant",
         "top_places",
+        "zones",
         "preview",
         "project",
         "all",
@@ -473,6 +487,14 @@ def test_bad_inputs_stop_with_one_line(case: str, base_config: dict[str, Any], t
     assert result.returncode == 2, result.stderr
     assert len(errors) == 1 and words in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_outputs_zones_there_is_no_zones_job(base_config: dict[str, Any], tmp_path: Path) -> None:
+    config = {**base_config, "outputs": {"concepts_top_k": 2}}
+    result = snakemake(tmp_path, write_config(tmp_path, config), "-n")
+    check_ran(result, tmp_path)
+    planned = job_counts(result.stdout)
+    assert "zones" not in planned and planned["project"] == 1
 
 
 def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(base_config: dict[str, Any], tmp_path: Path) -> None:

@@ -219,6 +219,16 @@ def _write_chunks(
     return tuple(ids)
 
 
+def grid_rectangle(store: SyntheticStore, top: float, left: float, bottom: float, right: float) -> shapely.Polygon:
+    """The rectangle between (fractional) grid rows `top`..`bottom` and columns `left`..`right`, in EPSG:4326: its
+    edges are a meridian and a parallel, so its corners give it exactly."""
+    grid_left, _, _, grid_top = store.plan.grid.bounds
+    pixel = store.plan.grid.pixel_m
+    x = grid_left + np.array([left, right, right, left]) * pixel
+    y = grid_top - np.array([top, top, bottom, bottom]) * pixel
+    return shapely.Polygon(np.column_stack(lnglat_of_mercator(x, y)))
+
+
 def _elliptic_region(left: float, top: float, width_m: float, height_m: float) -> dict[str, Any]:
     """An ellipse filling 90% of the grid, as a GeoJSON polygon in EPSG:4326."""
     angles = np.linspace(0.0, 2 * math.pi, 73)

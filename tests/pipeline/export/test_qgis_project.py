@@ -22,18 +22,20 @@ from support.synthetic_store import (
     IMAGERY_TILE_PX,
     SyntheticStore,
     checker_colour,
+    grid_rectangle,
     needs_debian_qgis,
     run_debian_qgis,
     write_synthetic_imagery,
     write_synthetic_store,
 )
 
-from pipeline.config import ImagerySettings
+from pipeline.config import ImagerySettings, OutputSettings
 from pipeline.export.cog import write_concept_cog, write_dominant_cog, write_query_cogs
 from pipeline.export.places import write_top_places
 from pipeline.export.qgis_project import REPOSITORY, BuildFiles, project_path, write_qgis_project
-from pipeline.export.qgis_style import OVERLAY_OPACITY, percentile_classes, query_colours
+from pipeline.export.qgis_style import OVERLAY_OPACITY, percentile_classes, query_colours, value_classes
 from pipeline.export.underlay import write_underlay
+from pipeline.export.zones import write_zones
 from pipeline.imagery import LocalRasterReader, Stretch
 
 TOP_K = 6
@@ -42,6 +44,9 @@ ATTRIBUTION = "Synthetic test imagery"
 RENDER_WIDTH = 480  # 10 px per tile of the 48-tile-wide grid
 # Zooms of the loopback tile server: coarse enough that a few tiles cover the 117 km wide grid.
 SERVER_ZOOMS = (8, 9, 10)
+# Zones as (top row, left column, bottom row, right column) of the grid: the grid's west and east halves.
+ZONES = {"west": (0, 0, 32, 24), "east": (0, 24, 32, 48)}
+ZONES_NAME = "Zones: mean raw cosine for 'birds chirping in a park'"
 # Layers shown when the project opens, top first.
 SHOWN = ["sat2sound_birds_places", "sat2sound_birds_percentile", "sat2sound_imagery"]
 
@@ -70,9 +75,15 @@ def layer_facts(node):
             uri = QgsProviderRegistry.instance().decodeUri("wms", layer.source())
             facts["uri"] = {key: str(uri.get(key)) for key in ("type", "url", "zmin", "zmax")}
     else:
-        symbol = renderer.symbol().symbolLayer(0)
-        facts["fill"] = symbol.color().name(QColor.HexArgb)
-        facts["outline"] = symbol.strokeColor().name()
+        if renderer.type() == "graduatedSymbol":
+            facts["field"] = renderer.classAttribute()
+            facts["ranges"] = [[item.lowerValue(), item.upperValue(), item.label(), item.symbol().color().name()]
+                               for item in renderer.ranges()]
+            facts["opacity"] = layer.opacity()
+        else:
+            symbol = renderer.symbol().symbolLayer(0)
+            facts["fill"] = symbol.color().name(QColor.HexArgb)
+            facts["outline"] = symbol.strokeColor().name()
         facts["features"] = layer.featureCount()
         facts["labels"] = layer.labeling().settings().fieldName if layer.labelsEnabled() else None
     return facts
@@ -100,6 +111,7 @@ def facts(path, render_dir, width):
         render(project, shown, view, render_dir + "/full.png", width)
         render(project, imagery, view, render_dir + "/imagery.png", width)
         render(project, [layer for layer in shown if layer not in imagery], view, render_dir + "/maps.png", width)
+        render(project, project.mapLayersByName(ZONES_NAME), view, render_dir + "/zones.png", width)
     result = {"read": read, "title": project.title(), "crs": project.crs().authid(),
               "order": [layer.id() for layer in root.layerOrder()],
               "view": [view.xMinimum(), view.yMinimum(), view.xMaximum(), view.yMaximum()],
@@ -110,6 +122,7 @@ def facts(path, render_dir, width):
 app = QgsApplication([], False)
 app.initQgis()
 width = int(sys.argv[1])
+ZONES_NAME = sys.argv[3]
 print(json.dumps([facts(path, render_dir, width) for path, render_dir in json.loads(sys.argv[2])]))
 app.exitQgis()
 """
@@ -127,10 +140,16 @@ def make_build(store: SyntheticStore, imagery: ImagerySettings, folder: Path, ds
     write_concept_cog(store.path, cog, dst_crs=dst_crs)
     write_dominant_cog(store.path, cog, dst_crs=dst_crs)
     write_top_places(store.path, TOP_K, folder / "top_places.gpkg", folder / "top_places.csv")
+    zones = gpd.GeoDataFrame(
+        {"name": list(ZONES)}, geometry=[grid_rectangle(store, *bounds) for bounds in ZONES.values()], crs=4326
+    )
+    zones.to_file(folder / "districts.geojson")
+    outputs = OutputSettings(3, None, TOP_K, 128, str(folder / "districts.geojson"), None)
+    write_zones(store.path, outputs, folder / "zones.gpkg", folder / "zones.csv")
     latitude = store.plan.latitude
     native_gsd_m = store.plan.grid.pixel_m / IMAGERY_TILE_PX * math.cos(math.radians(latitude))
     write_underlay(imagery, store.plan.grid.bounds, native_gsd_m, latitude, folder / "imagery.tif")
-    files = BuildFiles(cog, folder / "top_places.gpkg", folder / "imagery.tif")
+    files = BuildFiles(cog, folder / "top_places.gpkg", folder / "imagery.tif", folder / "zones.gpkg")
     write_qgis_project(store.path, files, imagery, folder / "project.qgz")
     return folder / "project.qgz"
 
@@ -186,6 +205,7 @@ def projects(
     }
     # A STAC source is not read for the project: its underlay comes from the local raster here.
     shutil.copytree(root / "local", root / "stac")
+    # This build has no zones: the project has no zones layer.
     files = BuildFiles(root / "stac" / "cog", root / "stac" / "top_places.gpkg", root / "stac" / "imagery.tif")
     write_qgis_project(store.path, files, stac, root / "stac" / "project.qgz")
     built["stac"] = root / "stac" / "project.qgz"
@@ -204,7 +224,7 @@ def qgis(projects: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         folder = renders / name
         folder.mkdir()
         jobs.append([str(project), str(folder) if name in ("local", "xyz", "stac") else ""])
-    results = run_debian_qgis(_LOAD_SCRIPT, str(RENDER_WIDTH), json.dumps(jobs), timeout=240)
+    results = run_debian_qgis(_LOAD_SCRIPT, str(RENDER_WIDTH), json.dumps(jobs), ZONES_NAME, timeout=240)
     return {name: {**result, "renders": renders / name} for name, result in zip(projects, results, strict=True)}
 
 
@@ -251,7 +271,7 @@ def test_qgis_opens_every_layer_valid_in_the_order_planners_read_it(
     assert result["read"] and result["crs"] == "EPSG:3857"
     assert "untrained model weights" in result["title"]
     ids = [f"sat2sound_{query.id}_{kind}" for query in store.queries for kind in ("places", "areas")]
-    ids.append("sat2sound_dominant")
+    ids += ["sat2sound_zones", "sat2sound_dominant"]
     ids += [f"sat2sound_{query.id}_percentile" for query in store.queries]
     ids += [f"sat2sound_{query.id}" for query in store.queries]
     ids += ["sat2sound_concepts", "sat2sound_imagery"]
@@ -341,6 +361,32 @@ def test_the_top_places_are_drawn_on_top_in_the_querys_colour(
 
 
 @needs_debian_qgis
+def test_the_zones_are_drawn_in_classes_of_the_first_querys_mean(
+    qgis: dict[str, dict[str, Any]], store: SyntheticStore, projects: dict[str, Path]
+) -> None:
+    zones = _layers(qgis["local"])["sat2sound_zones"]
+    assert zones["valid"] and not zones["shown"] and zones["name"] == ZONES_NAME
+    assert (zones["crs"], zones["features"], zones["labels"]) == ("EPSG:4326", len(ZONES), "zone")
+    assert (zones["renderer"], zones["field"], zones["opacity"]) == ("graduatedSymbol", "birds_mean", OVERLAY_OPACITY)
+    table = gpd.read_file(projects["local"].parent / "zones.gpkg").set_index("zone")
+    classes = value_classes(table["birds_mean"].to_numpy())
+    assert [[label, colour] for _, _, label, colour in zones["ranges"]] == [
+        [item.label, item.colour.hex] for item in classes
+    ]
+    # Each half of the grid in the colour of its class, see-through over white, away from its name in its centre.
+    rendered = _png(qgis["local"]["renders"] / "zones.png")
+    white = np.array([255, 255, 255])
+    for name, (top, left, bottom, right) in ZONES.items():
+        value = table.loc[name, "birds_mean"]
+        colour = next(hex_colour for low, high, _, hex_colour in zones["ranges"] if low <= value <= high)
+        drawn = _pixel(rendered, store, (top + bottom) / 4, left + (right - left) / 4)
+        expected = (
+            OVERLAY_OPACITY * np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)]) + (1 - OVERLAY_OPACITY) * white
+        )
+        np.testing.assert_allclose(drawn, expected, atol=3)
+
+
+@needs_debian_qgis
 def test_a_moved_build_folder_opens_with_every_layer(qgis: dict[str, dict[str, Any]]) -> None:
     moved = qgis["moved"]
     assert moved["read"] and all(layer["valid"] for layer in moved["layers"])
@@ -366,6 +412,7 @@ def test_a_stac_source_shows_the_builds_underlay(
     qgis: dict[str, dict[str, Any]], store: SyntheticStore, stretch: Stretch
 ) -> None:
     imagery = _layers(qgis["stac"])["sat2sound_imagery"]
+    assert "sat2sound_zones" not in _layers(qgis["stac"])
     assert imagery["valid"] and imagery["source"].endswith("/stac/imagery.tif")
     assert (imagery["renderer"], imagery["bands"], imagery["rights"]) == ("multibandcolor", [1, 2, 3], [ATTRIBUTION])
     rendered = _png(qgis["stac"]["renders"] / "imagery.png")
