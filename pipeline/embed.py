@@ -179,7 +179,7 @@ class TimeCosts:
         return costs
 
     def line(self) -> str | None:
-        """"first time step X ms/tile, each extra Y ms/tile (ratio)", or None without tiles or extra steps."""
+        """ "first time step X ms/tile, each extra Y ms/tile (ratio)", or None without tiles or extra steps."""
         if not self.tiles or not self.extra_steps:
             return None
         first = self.first_s / self.tiles

@@ -172,9 +172,7 @@ def grid_variables(
     scores = {name: per_time("query", float32, nan, score_kind(name), count, 1) for name in SCORE_KINDS}
     return {
         **scores,
-        "embedding": per_time(
-            "dim", np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)
-        ),
+        "embedding": per_time("dim", np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)),
         "concept_index": per_time("rank", np.dtype("int32"), CONCEPT_NONE, array("concept_index"), top_k, top_k),
         "concept_weight": per_time("rank", float32, nan, array("concept_weight"), top_k, top_k),
         "valid": GridVariable(("y", "x"), np.dtype("bool"), False, files.valid, ()),

@@ -229,9 +229,7 @@ def _write_chunks(
                 concept_weight=np.stack([concept_weight[rows, cols]] * len(embedding)),
                 **lacking,
             )
-            np.savez(
-                work / "scores" / f"{chunk_id}.npz", ids=np.arange(score.shape[1]), score=score[:, :, rows, cols]
-            )
+            np.savez(work / "scores" / f"{chunk_id}.npz", ids=np.arange(score.shape[1]), score=score[:, :, rows, cols])
             ids.append(chunk_id)
     return tuple(ids)
 
