@@ -101,7 +101,7 @@ def write_synthetic_store(
     `unavailable`, the in-chunk tiles that are not valid were left empty because imagery could not be had (two
     source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
     replace the generated fields and the common LOGIT_SCALE. With several `times`, each time after the first has
-    its own scores (the first's, shifted and scaled) and embeddings; concepts are the same at every time.
+    its own scores (the first's, queries rotated by the time's index, scaled and shifted) and embeddings; concepts are the same at every time.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -118,7 +118,9 @@ def write_synthetic_store(
     score = _score_fields(len(queries), x, y, rng) if score is None else np.array(score, np.float32)
     concept_index, concept_weight = _concepts(height, width, ranks, rng)
     count = len(times.all)
-    score_by_time = np.stack([np.clip(score * (1 - 0.2 * t) + 0.1 * t, -1, 1) for t in range(count)])
+    score_by_time = np.stack(
+        [np.clip(np.roll(score, t, axis=0) * (1 - 0.1 * t) + 0.05 * t, -1, 1) for t in range(count)]
+    )
     score_by_time = score_by_time.astype(np.float32)
     embedding_by_time = rng.standard_normal((count, height, width, dim)).astype(np.float16)
     embedding = embedding_by_time[0]
