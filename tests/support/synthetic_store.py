@@ -101,7 +101,8 @@ def write_synthetic_store(
     `unavailable`, the in-chunk tiles that are not valid were left empty because imagery could not be had (two
     source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
     replace the generated fields and the common LOGIT_SCALE. With several `times`, each time after the first has
-    its own scores (the first's, queries rotated by the time's index, scaled and shifted) and embeddings; concepts are the same at every time.
+    its own scores (the first's, queries rotated by the time's index, scaled and shifted) and embeddings; concepts
+    are the same at every time.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)

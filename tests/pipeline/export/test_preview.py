@@ -593,7 +593,7 @@ def test_the_time_slider_switches_every_query_layer_the_dominant_sound_and_the_p
     browser: webdriver.Chrome, timed_store: SyntheticStore, timed_preview: Path
 ) -> None:
     page = load(browser, timed_preview)
-    for name, box in zip(_overlay_names(page), _overlay_boxes(page), strict=True):
+    for box in _overlay_boxes(page):
         if not box.is_selected():
             box.click()
     first = _overlay_sources(page)
@@ -603,7 +603,7 @@ def test_the_time_slider_switches_every_query_layer_the_dominant_sound_and_the_p
     assert all(a != b for a, b in zip(first, second, strict=True)), "every map shows the slider's time"
     _slide_to(page, 0)
     assert _overlay_sources(page) == first
-    for name, box in zip(_overlay_names(page), _overlay_boxes(page), strict=True):
+    for box in _overlay_boxes(page):
         if box.is_selected():
             box.click()
     score = _per_time(timed_store, "score")
