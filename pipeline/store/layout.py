@@ -18,7 +18,8 @@ and `hour` (int coordinates, UNKNOWN_TIME = -1 where the config left one unknown
 variable: score, score_percentile and score_softmax (month, hour, query, y, x), embedding (month, hour, dim, y,
 x), concept_index and concept_weight (month, hour, rank, y, x). `valid` does not change with the time. The
 percentile is within the region for each time and query; the softmax over the queries of each time. A build of
-one time has no time dimensions (the layout above). Readers go through `pipeline.store.read.SoundscapeStore`,
+one time has no time dimensions (the layout above). GDAL names one 2-D layer by an index per dimension before
+(y, x): `ZARR:"soundscape.zarr":/score:<month>:<hour>:<query>` (`gdal_path`). Readers go through `pipeline.store.read.SoundscapeStore`,
 whose methods take a time index into `times` (month-major, one entry for a store of one time), so both kinds
 of store are read by one code path.
 
@@ -69,9 +70,10 @@ def gdal_crs_attribute(crs: CRS) -> dict[str, str]:
     return attribute
 
 
-def gdal_path(store: Any, variable: str, index: int | None = None) -> str:
-    """The GDAL name of one 2-D layer of the store, as GDAL 3.4 to 3.8 need it: `ZARR:"<store>":/<variable>[:i]`."""
-    suffix = "" if index is None else f":{index}"
+def gdal_path(store: Any, variable: str, *indices: int) -> str:
+    """The GDAL name of one 2-D layer of the store, as GDAL 3.4 to 3.8 need it: `ZARR:"<store>":/<variable>[:i...]`,
+    one index per dimension before (y, x) (a swept store's score: month, hour, query)."""
+    suffix = "".join(f":{index}" for index in indices)
     return f'ZARR:"{store}":/{variable}{suffix}'
 
 

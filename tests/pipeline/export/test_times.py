@@ -17,6 +17,7 @@ from support.synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synth
 from pipeline.config import Times
 from pipeline.export.cog import write_concept_cog, write_dominant_cog, write_query_cogs
 from pipeline.export.places import best_tiles
+from pipeline.store.layout import gdal_path
 from pipeline.store.read import SoundscapeStore
 from pipeline.store.scores import dominant_query
 
@@ -58,6 +59,13 @@ def test_the_store_has_month_and_hour_dimensions_before_the_grid(store: Syntheti
     np.testing.assert_array_equal(by_time, store.score_by_time)
     embedding = opened["embedding"].sel(month=12, hour=8).values
     np.testing.assert_array_equal(embedding, np.moveaxis(store.embedding_by_time[2], -1, 0))
+
+
+def test_gdal_reads_one_time_and_query_of_the_store_as_a_georeferenced_layer(store: SyntheticStore) -> None:
+    # month 12 (index 1), hour 8 (index 0), query 2: the third time.
+    with rasterio.open(gdal_path(store.path, "score", 1, 0, 2)) as layer:
+        assert layer.crs.to_epsg() == 3857 and layer.transform.almost_equals(store.plan.grid.transform, 1e-6)
+        np.testing.assert_array_equal(layer.read(1), store.score_by_time[2, 2])
 
 
 def test_percentiles_are_within_the_region_per_time_and_softmax_per_time(store: SyntheticStore) -> None:
