@@ -19,9 +19,9 @@ variable: score, score_percentile and score_softmax (month, hour, query, y, x), 
 x), concept_index and concept_weight (month, hour, rank, y, x). `valid` does not change with the time. The
 percentile is within the region for each time and query; the softmax over the queries of each time. A build of
 one time has no time dimensions (the layout above). GDAL names one 2-D layer by an index per dimension before
-(y, x): `ZARR:"soundscape.zarr":/score:<month>:<hour>:<query>` (`gdal_path`). Readers go through `pipeline.store.read.SoundscapeStore`,
-whose methods take a time index into `times` (month-major, one entry for a store of one time), so both kinds
-of store are read by one code path.
+(y, x): `ZARR:"soundscape.zarr":/score:<month>:<hour>:<query>` (`gdal_path`). Readers go through
+`pipeline.store.read.SoundscapeStore`, whose methods take a time index into `times` (month-major, one entry for
+a store of one time), so both kinds of store are read by one code path.
 
 Georeferencing, written so that every reader finds it without options:
 - CF: `spatial_ref` grid mapping (crs_wkt, spatial_ref, GeoTransform), named by each gridded variable's
