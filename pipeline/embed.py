@@ -48,7 +48,7 @@ from pipeline.geometry import WEB_MERCATOR, ViewStrip
 from pipeline.imagery import ImageryReader
 from pipeline.imagery.base import SourcePixels, read_strips
 from pipeline.plan import ChunkTiles
-from pipeline.store.layout import UNKNOWN_TIME
+from pipeline.store.layout import time_coordinate
 from pipeline.views import KERNELS, cut_views
 
 # `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling).
@@ -121,13 +121,6 @@ def tile_metadata(lat: np.ndarray, lon: np.ndarray, time: Time) -> Metadata:
     return Metadata.from_values(lat, lon, month=month, hour=hour)
 
 
-def time_values(times: Sequence[Time]) -> tuple[np.ndarray, np.ndarray]:
-    """(T,) int64 months and hours of `times`, UNKNOWN_TIME where unknown: as chunk files and the store hold them."""
-    months = [UNKNOWN_TIME if time.month is None else time.month for time in times]
-    hours = [UNKNOWN_TIME if time.hour is None else time.hour for time in times]
-    return np.array(months, np.int64), np.array(hours, np.int64)
-
-
 def chunk_stamp(chunk: ChunkTiles, settings_digest: str, model_sha256: str, times: Sequence[Time]) -> str:
     """What a chunk's embeddings depend on: the embed step's settings, the times, the weights and the chunk's
     tiles."""
@@ -179,7 +172,8 @@ class TimeCosts:
         return costs
 
     def line(self) -> str | None:
-        """ "first time step X ms/tile, each extra Y ms/tile (ratio)", or None without tiles or extra steps."""
+        """The log line "first time step X ms/tile, each extra time step Y ms/tile (ratio ...)", or None without
+        tiles or extra steps."""
         if not self.tiles or not self.extra_steps:
             return None
         first = self.first_s / self.tiles
@@ -209,7 +203,6 @@ class ChunkResult:
     def save(self, out: Path, min_coverage: float, stamp: str) -> int:
         chunk, valid = self.chunk, (self.coverage >= min_coverage) & ~self.unavailable
         source_tiles = np.array(sorted(self.unavailable_tiles), np.int64).reshape(-1, 3)
-        month, hour = time_values(self.times)
         arrays = {
             "x": chunk.x,
             "y": chunk.y,
@@ -219,8 +212,8 @@ class ChunkResult:
             "valid": valid,
             "unavailable": self.unavailable,
             "unavailable_source_tiles": source_tiles,
-            "month": month,
-            "hour": hour,
+            "month": time_coordinate([moment.month for moment in self.times]),
+            "hour": time_coordinate([moment.hour for moment in self.times]),
             "embedding": self.embedding,
             "concept_index": self.concept_index,
             "concept_weight": self.concept_weight,

@@ -34,9 +34,11 @@ Georeferencing, written so that every reader finds it without options:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pyproj import CRS
 
 from pipeline.store.scores import SCORE_KINDS
@@ -59,6 +61,11 @@ VARIABLE_ATTRS: dict[str, dict[str, str]] = {
     "valid": {"long_name": "tile inside the region with enough imagery to be scored"},
 }
 GRIDDED_VARIABLES = tuple(VARIABLE_ATTRS)
+
+
+def time_coordinate(values: Sequence[int | None]) -> np.ndarray:
+    """(T,) int64 months or hours as chunk files and the store hold them: UNKNOWN_TIME where unknown (None)."""
+    return np.array([UNKNOWN_TIME if value is None else value for value in values], np.int64)
 
 
 def gdal_crs_attribute(crs: CRS) -> dict[str, str]:

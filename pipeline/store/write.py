@@ -37,10 +37,10 @@ from pipeline.store.layout import (
     EMBEDDING_DIM_CHUNK,
     GRID_MAPPING,
     TIME_DIMS,
-    UNKNOWN_TIME,
     VARIABLE_ATTRS,
     ZARR_FORMAT,
     gdal_crs_attribute,
+    time_coordinate,
 )
 from pipeline.store.scores import SCORE_KINDS, RegionScores
 
@@ -77,10 +77,8 @@ class TimeAxes(NamedTuple):
     def coords(self, times: Times) -> dict[str, np.ndarray]:
         if not self.dims:
             return {}
-        values = (times.months, times.hours)
         return {
-            dim: np.array([UNKNOWN_TIME if value is None else value for value in dim_values], np.int64)
-            for dim, dim_values in zip(self.dims, values, strict=True)
+            dim: time_coordinate(values) for dim, values in zip(self.dims, (times.months, times.hours), strict=True)
         }
 
 
