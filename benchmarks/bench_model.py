@@ -1,9 +1,13 @@
 """Image-branch throughput of the full-size (1024-d, 16000-code) Sat2Sound model.
 
-    python benchmarks/bench_model.py [--device auto] [--batches 1 8 32] [--metadata] [--repeats 3]
+    python benchmarks/bench_model.py [--device auto] [--batches 1 8 32] [--metadata] [--repeats 3] [--times N]
 
 Prints images/s per batch size (after a warm-up batch) and peak memory: CUDA allocator peak on GPU,
 process peak RSS on CPU. Weights are random: speed does not depend on their values.
+
+`--times N` (withmeta) embeds each batch at N months as a build of N times does (`embed_image_times`: the ViT
+once, the fusion and the codebook pooling per time) and prints, per batch size, "first time step X ms/tile,
+each extra time step Y ms/tile": what each extra month or hour of `model.month`/`model.hour` costs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import numpy as np
 import torch
 
 from model import Metadata, Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
+from model.config import MONTHS
 from model.devices import pick_device
+from pipeline.embed import TimeCosts
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -32,7 +38,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--metadata", action="store_true", help="benchmark the withmeta (fusion) variant")
+    parser.add_argument(
+        "--times", type=int, choices=range(2, len(MONTHS) + 1), metavar="N", help="cost of N months (withmeta)"
+    )
     args = parser.parse_args()
+    if args.times:
+        args.metadata = True
 
     device = pick_device(args.device)
     torch.manual_seed(0)
@@ -57,7 +68,27 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.repeats
         print(f"batch {batch:3d}: {batch / seconds:8.1f} images/s  ({seconds * 1000:7.1f} ms/batch)")
+        if args.times:
+            print(f"batch {batch:3d}: {time_steps(encoder, images, args.times, args.repeats)}")
     print(f"peak memory {peak_memory_mb(device):.0f} MB")
+
+
+def time_steps(encoder: Sat2SoundEncoder, images: torch.Tensor, times: int, repeats: int) -> str | None:
+    """The first time step's and each extra one's cost per tile, over `repeats` sweeps of `times` months."""
+    count = len(images)
+    metas = [
+        Metadata.from_values(np.full(count, 38.6), np.full(count, -90.2), month=month, hour=12)
+        for month in MONTHS[:times]
+    ]
+    costs = TimeCosts()
+    for _ in range(repeats):
+        steps = encoder.embed_image_times(images, 1, metas)
+        for step in range(times):
+            start = time.perf_counter()
+            next(steps)  # its embeddings are on the CPU: the device has finished the step
+            costs.record(step, time.perf_counter() - start)
+        costs.count(count, times)
+    return costs.line()
 
 
 if __name__ == "__main__":

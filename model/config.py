@@ -27,6 +27,9 @@ TRAINED_ZOOM_LEVELS: tuple[int, ...] = (1, 3, 5)
 METADATA_ORDER: tuple[str, ...] = ("asource", "tsource", "latlong", "month", "time")
 AUDIO_SOURCES: tuple[str, ...] = ("yfcc", "iNat", "aporee", "freesound")
 CAPTION_SOURCES: tuple[str, ...] = ("meta", "qwen", "pengi")
+# The months and hours the metadata tokens take (upstream's dates: month 1-12, hour 0-23).
+MONTHS: tuple[int, ...] = tuple(range(1, 13))
+HOURS: tuple[int, ...] = tuple(range(24))
 
 
 @dataclass(frozen=True)

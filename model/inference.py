@@ -8,7 +8,7 @@ Everything runs under `torch.inference_mode`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -100,13 +100,27 @@ class Sat2SoundEncoder:
         self, images: Tensor | np.ndarray, zoom_level: int | Sequence[float], metadata: Metadata | None = None
     ) -> Embeddings:
         """Tiles as uint8 RGB (B, 3, H, W) (resized to 224) or normalised float (B, 3, 224, 224)."""
+        return next(self.embed_image_times(images, zoom_level, [metadata]))
+
+    @torch.inference_mode()
+    def embed_image_times(
+        self,
+        images: Tensor | np.ndarray,
+        zoom_level: int | Sequence[float],
+        metadata: Sequence[Metadata | None],
+    ) -> Iterator[Embeddings]:
+        """`embed_images` of the same tiles under each of `metadata` in turn (e.g. one per month and hour), yielded
+        one at a time: the ViT runs once, with the first, then only the fusion and the codebook pooling."""
         batch = torch.as_tensor(images).to(self.device)
         if batch.dtype == torch.uint8:
             batch = to_model_input(batch)
         zoom = [zoom_level] * len(batch) if isinstance(zoom_level, (int, float)) else list(zoom_level)
         with self._autocast():
-            out = self.model.encode_image(batch, zoom, metadata)
-        return _normalized(out)
+            tokens = self.model.patch_tokens(batch, zoom)
+        for meta in metadata:
+            with self._autocast():
+                out = self.model.encode_patch_tokens(tokens, meta)
+            yield _normalized(out)
 
     def _encode_text(self, text: str) -> CodebookOutput:
         # One text per forward: upstream zeroes pad-token scores before the max-pool, so in a padded

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.config import AUDIO_SOURCES, CAPTION_SOURCES, Sat2SoundConfig
+from model.config import AUDIO_SOURCES, CAPTION_SOURCES, HOURS, MONTHS, Sat2SoundConfig
 from model.errors import InputError
 
 FUSION_LAYERNORM_EPS = 1e-5
@@ -74,10 +74,10 @@ class Metadata:
         the whole batch or one name per sample."""
         lat = np.atleast_1d(lat)
         count = len(lat)
-        if month is not None and np.any((np.asarray(month) > 12) | (np.asarray(month) == 0)):
-            raise InputError("month must be 1-12 (or -1 for unknown)")
-        if hour is not None and np.any(np.asarray(hour) > 23):
-            raise InputError("hour must be 0-23 (or -1 for unknown)")
+        if month is not None and np.any((np.asarray(month) > MONTHS[-1]) | (np.asarray(month) == 0)):
+            raise InputError(f"month must be {MONTHS[0]}-{MONTHS[-1]} (or -1 for unknown)")
+        if hour is not None and np.any(np.asarray(hour) > HOURS[-1]):
+            raise InputError(f"hour must be {HOURS[0]}-{HOURS[-1]} (or -1 for unknown)")
         month_enc, month_valid = _encode_cyclic(
             None if month is None else np.broadcast_to(month, count), MONTH_PERIOD, count
         )

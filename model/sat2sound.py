@@ -72,31 +72,43 @@ class Sat2Sound(nn.Module):
             raise InputError("zoom_level must be positive (1 = the imagery's native resolution)")
         return (zoom * self.cfg.gsd).to(torch.float32)
 
-    def image_tokens(
-        self, images: Tensor, zoom_level: Tensor | Sequence[float], meta: Metadata | None = None
-    ) -> Tensor:
-        """Tokens the codebook pools: (B, 196, D), plus one per metadata type when fused."""
+    def patch_tokens(self, images: Tensor, zoom_level: Tensor | Sequence[float]) -> Tensor:
+        """The ViT's patch tokens (B, 196, D): the part of `image_tokens` that metadata does not change."""
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.cfg.vit.img_size, self.cfg.vit.img_size):
             size = self.cfg.vit.img_size
             raise InputError(f"images must be (B, 3, {size}, {size}), got {tuple(images.shape)}")
         gsd = self.ground_sample_distance(zoom_level)
         if len(gsd) != len(images):
             raise InputError(f"got {len(gsd)} zoom levels for {len(images)} images; pass one per image")
-        tokens = self.satmae_backbone(images, gsd)
+        return self.satmae_backbone(images, gsd)
+
+    def fuse(self, tokens: Tensor, meta: Metadata | None = None) -> Tensor:
+        """Patch tokens (B, 196, D) with the metadata fused in: plus one token per metadata type when fused."""
         if not self.cfg.metadata:
             return tokens
         if meta is None:
             raise InputError(
                 "this checkpoint fuses metadata: pass lat/lon (month and hour optional) or use a nometa checkpoint"
             )
-        if len(meta) != len(images):
-            raise InputError(f"got metadata for {len(meta)} samples and {len(images)} images")
-        return self.sat_encoder(tokens, meta.to(images.device))
+        if len(meta) != len(tokens):
+            raise InputError(f"got metadata for {len(meta)} samples and {len(tokens)} images")
+        return self.sat_encoder(tokens, meta.to(tokens.device))
+
+    def image_tokens(
+        self, images: Tensor, zoom_level: Tensor | Sequence[float], meta: Metadata | None = None
+    ) -> Tensor:
+        """Tokens the codebook pools: (B, 196, D), plus one per metadata type when fused."""
+        return self.fuse(self.patch_tokens(images, zoom_level), meta)
 
     def encode_image(
         self, images: Tensor, zoom_level: Tensor | Sequence[float], meta: Metadata | None = None
     ) -> CodebookOutput:
-        return self.fdt.encode_image(self.image_tokens(images, zoom_level, meta))
+        return self.encode_patch_tokens(self.patch_tokens(images, zoom_level), meta)
+
+    def encode_patch_tokens(self, tokens: Tensor, meta: Metadata | None = None) -> CodebookOutput:
+        """`encode_image` from the images' `patch_tokens`: a sweep over metadata (months, hours) runs the ViT once
+        and only this, the fusion transformer and the codebook pooling, per metadata."""
+        return self.fdt.encode_image(self.fuse(tokens, meta))
 
     def encode_audio(self, mel: Tensor) -> CodebookOutput:
         return self.fdt.encode_audio(self.audio_encoder(mel))

@@ -78,6 +78,7 @@ class Workload(NamedTuple):
     query_count: int | None
     concepts_top_k: int
     rates: Sequence[Rate]
+    times: int = 1  # model.month x model.hour
 
 
 class PlannedBuild(NamedTuple):
@@ -109,7 +110,12 @@ def plan_build(
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         downloads, share = estimate_downloads(reader, plan, chunks)
     workload = Workload(
-        config.size, config.codebook_dim, inputs.query_count, inputs.concepts_top_k, read_rates(rates_path)
+        config.size,
+        config.codebook_dim,
+        inputs.query_count,
+        inputs.concepts_top_k,
+        read_rates(rates_path),
+        len(inputs.model.times.all),
     )
     return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)
 
@@ -235,13 +241,14 @@ def _describe_limit(planned: PlannedBuild) -> list[str]:
 
 
 def output_bytes_per_tile(workload: Workload) -> tuple[int, int]:
-    """Uncompressed pixel bytes per output tile: the Zarr store (float32 scores of every kind and query, float16
-    embedding, int32 + float32 concepts, bool valid) and the COGs (float32 raw and percentile per query, uint16
-    concepts, two uint8 bands of the dominant query, overviews). Compression shrinks them; metadata adds a fixed
-    ~0.2 MB (and the top places a few kB), which dominates only tiny builds."""
+    """Uncompressed pixel bytes per output tile: the Zarr store (per time: float32 scores of every kind and query,
+    float16 embedding, int32 + float32 concepts; bool valid) and the COGs (float32 raw and percentile per query and
+    time, uint16 concepts, two uint8 bands of the dominant query, overviews). Compression shrinks them; metadata
+    adds a fixed ~0.2 MB (and the top places a few kB), which dominates only tiny builds."""
     queries = DEFAULT_QUERY_COUNT if workload.query_count is None else workload.query_count
-    zarr = len(SCORE_KINDS) * queries * 4 + workload.embedding_dim * 2 + workload.concepts_top_k * (4 + 4) + 1
-    cogs = round((2 * queries * 4 + 2 + 2) * OVERVIEW_FACTOR)
+    per_time = len(SCORE_KINDS) * queries * 4 + workload.embedding_dim * 2 + workload.concepts_top_k * (4 + 4)
+    zarr = workload.times * per_time + 1
+    cogs = round((workload.times * 2 * queries * 4 + 2 + 2) * OVERVIEW_FACTOR)
     return zarr, cogs
 
 
@@ -268,10 +275,17 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
             f"GPU time       ~{_format_duration(gpu.seconds(tiles))} on one {gpu.hardware}: {hours:,.2f} GPU-hours"
             f" ({gpu.model} model, {gpu.tiles_per_s:,.0f} tiles/s {gpu.measure})"
         )
+    if workload.times > 1:
+        lines.append(
+            f"Times          {workload.times} (model.month x model.hour): the times above are of one; each extra"
+            " time runs only the metadata fusion and pooling (the embed log says what it costs)"
+        )
     zarr, cogs = output_bytes_per_tile(workload)
     queries = (
         f"{DEFAULT_QUERY_COUNT} queries assumed" if workload.query_count is None else f"{workload.query_count} queries"
     )
+    if workload.times > 1:
+        queries += f" at {workload.times} times"
     lines.append(
         f"Outputs        ~{format_bytes(tiles * (zarr + cogs))} on disk: Zarr {format_bytes(tiles * zarr)},"
         f" COGs {format_bytes(tiles * cogs)} ({queries}, {workload.embedding_dim}-d embedding;"

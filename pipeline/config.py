@@ -10,8 +10,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import rasterio
 from jsonschema import Draft202012Validator
@@ -21,6 +22,7 @@ from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
 from common.errors import first_line
+from model.config import HOURS, MONTHS
 from pipeline.errors import BuildConfigError, ImageryError
 
 if TYPE_CHECKING:
@@ -29,6 +31,47 @@ if TYPE_CHECKING:
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.json"
 DEFAULT_CONFIG_PATH = SCHEMA_PATH.with_name("config.yaml")
 UNTRAINED = "untrained"
+# `model.month: all` / `model.hour: all`: every month, every hour.
+ALL_TIMES = "all"
+
+
+class Time(NamedTuple):
+    """One month and hour the metadata tokens are given (None: unknown)."""
+
+    month: int | None
+    hour: int | None
+
+    @property
+    def label(self) -> str:
+        """How a map reader sees the time: "month 6, hour 14", the known part alone, or "time unknown"."""
+        parts = [f"{name} {value}" for name, value in (("month", self.month), ("hour", self.hour)) if value is not None]
+        return ", ".join(parts) or "time unknown"
+
+
+@dataclass(frozen=True)
+class Times:
+    """The times a build maps: every month with every hour (month-major), each None where unknown."""
+
+    months: tuple[int | None, ...]
+    hours: tuple[int | None, ...]
+
+    @property
+    def all(self) -> tuple[Time, ...]:
+        return tuple(Time(month, hour) for month, hour in product(self.months, self.hours))
+
+    @property
+    def sweeps(self) -> bool:
+        """Whether there is more than one time: the build's per-time outputs then have a time axis."""
+        return len(self.all) > 1
+
+
+ONE_UNKNOWN_TIME = Times((None,), (None,))
+
+
+def _time_values(value: int | list[int] | str | None, every: tuple[int, ...]) -> tuple[int | None, ...]:
+    if isinstance(value, str):
+        return every
+    return tuple(value) if isinstance(value, list) else (value,)
 
 
 @dataclass(frozen=True)
@@ -65,8 +108,8 @@ class ModelSettings:
     metadata_type: str
     seed: int
     zoom_level: int
-    month: int | None
-    hour: int | None
+    month: int | list[int] | Literal["all"] | None
+    hour: int | list[int] | Literal["all"] | None
     text_backbone: str
     device: str
     precision: str
@@ -77,6 +120,16 @@ class ModelSettings:
     @property
     def untrained(self) -> bool:
         return self.checkpoint == UNTRAINED
+
+    @property
+    def times(self) -> Times:
+        """`month` x `hour`: a list or `all` maps each of its values."""
+        return Times(_time_values(self.month, MONTHS), _time_values(self.hour, HOURS))
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        """The keys (month, hour) given as a list or `all`."""
+        return tuple(key for key in ("month", "hour") if isinstance(getattr(self, key), list | str))
 
 
 @dataclass(frozen=True)

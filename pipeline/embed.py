@@ -14,12 +14,18 @@ chunks/<chunk>.npz holds, per tile of the chunk (row by row):
     valid                    coverage >= min_coverage and not unavailable (bool)
     unavailable              the view touches source imagery that could not be had, so the tile is empty (bool)
     unavailable_source_tiles (K, 3) int64 z, x, y of the source tiles that could not be had
-    embedding                (N, D) float16, L2-normalised, zero where invalid
-    concept_index            (N, k) int32 top-k codebook concepts, -1 where invalid or weight 0
-    concept_weight           (N, k) float32 their sparse codebook weights, 0 where invalid
-    stamp                    what the chunk was made from (settings, weights, tiles): a rerun keeps a chunk
-                             whose stamp matches and that lacks no imagery, so a killed job resumes chunk by
-                             chunk and a rerun retries the imagery that could not be had
+    month, hour              (T,) int64 the build's times (`model.month` x `model.hour`, month-major), -1 unknown
+    embedding                (T, N, D) float16, L2-normalised, zero where invalid
+    concept_index            (T, N, k) int32 top-k codebook concepts, -1 where invalid or weight 0
+    concept_weight           (T, N, k) float32 their sparse codebook weights, 0 where invalid
+    stamp                    what the chunk was made from (settings, times, weights, tiles): a rerun keeps a
+                             chunk whose stamp matches and that lacks no imagery, so a killed job resumes chunk
+                             by chunk and a rerun retries the imagery that could not be had
+
+Times: only the metadata tokens change from one time to the next, so a strip is read and cut once, and per batch
+the ViT runs once; each time then runs only the fusion transformer and the codebook pooling
+(`Sat2SoundEncoder.embed_image_times`). `TimeCosts` measures the first time step (ViT included) against the
+extra ones.
 """
 
 from __future__ import annotations
@@ -37,11 +43,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.atomic import atomic_save_npz
 from model import MODEL_INPUT_PX, Metadata, Sat2SoundEncoder
-from pipeline.config import ImagerySettings
+from pipeline.config import ImagerySettings, Time
 from pipeline.geometry import WEB_MERCATOR, ViewStrip
 from pipeline.imagery import ImageryReader
 from pipeline.imagery.base import SourcePixels, read_strips
 from pipeline.plan import ChunkTiles
+from pipeline.store.layout import time_coordinate
 from pipeline.views import KERNELS, cut_views
 
 # `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling).
@@ -53,10 +60,9 @@ PROGRESS_SECONDS = 10.0
 
 
 class EmbedOptions(NamedTuple):
-    """How chunks are embedded: metadata for withmeta models, batching, loader processes, concepts kept."""
+    """How chunks are embedded: the times for withmeta models, batching, loader processes, concepts kept."""
 
-    month: int | None
-    hour: int | None
+    times: tuple[Time, ...]
     batch_size: int
     loader_workers: int
     top_k: int
@@ -107,17 +113,18 @@ def top_concepts(weights: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]
     return np.where(values_np > 0, indices.cpu().numpy(), -1).astype(np.int32), values_np
 
 
-def tile_metadata(lat: np.ndarray, lon: np.ndarray, options: EmbedOptions) -> Metadata:
-    """Each tile's own centre, with the build's month and hour (unknown where None)."""
+def tile_metadata(lat: np.ndarray, lon: np.ndarray, time: Time) -> Metadata:
+    """Each tile's own centre, with one month and hour (unknown where None)."""
     count = len(lat)
-    month = None if options.month is None else np.full(count, options.month)
-    hour = None if options.hour is None else np.full(count, options.hour)
+    month = None if time.month is None else np.full(count, time.month)
+    hour = None if time.hour is None else np.full(count, time.hour)
     return Metadata.from_values(lat, lon, month=month, hour=hour)
 
 
-def chunk_stamp(chunk: ChunkTiles, settings_digest: str, model_sha256: str) -> str:
-    """What a chunk's embeddings depend on: the embed step's settings, the weights and the chunk's tiles."""
-    digest = hashlib.sha256(f"{settings_digest}/{model_sha256}".encode())
+def chunk_stamp(chunk: ChunkTiles, settings_digest: str, model_sha256: str, times: Sequence[Time]) -> str:
+    """What a chunk's embeddings depend on: the embed step's settings, the times, the weights and the chunk's
+    tiles."""
+    digest = hashlib.sha256(f"{settings_digest}/{model_sha256}/{[tuple(time) for time in times]}".encode())
     digest.update(np.ascontiguousarray(chunk.x).tobytes())
     digest.update(np.ascontiguousarray(chunk.y).tobytes())
     return digest.hexdigest()[:24]
@@ -133,15 +140,61 @@ def is_done(path: Path, stamp: str) -> bool:
         return False
 
 
+class TimeCosts:
+    """Model seconds of the first time step of each batch (the ViT included) and of the extra ones, and the tiles
+    they embedded."""
+
+    def __init__(self) -> None:
+        self.first_s = 0.0
+        self.extra_s = 0.0
+        self.tiles = 0
+        self.extra_steps = 0
+
+    def record(self, step: int, seconds: float) -> None:
+        if step == 0:
+            self.first_s += seconds
+        else:
+            self.extra_s += seconds
+
+    def count(self, tiles: int, steps: int) -> None:
+        self.tiles += tiles
+        self.extra_steps = steps - 1
+
+    @classmethod
+    def of_job(cls, reports: Sequence[ChunkReport], steps: int) -> TimeCosts:
+        """The costs of the chunks a job made (not those kept from an earlier run), each with `steps` times."""
+        costs = cls()
+        for report in reports:
+            if not report.reused:
+                costs.first_s += report.first_time_s
+                costs.extra_s += report.extra_times_s
+                costs.count(report.valid or 0, steps)
+        return costs
+
+    def line(self) -> str | None:
+        """The log line "first time step X ms/tile, each extra time step Y ms/tile (ratio ...)", or None without
+        tiles or extra steps."""
+        if not self.tiles or not self.extra_steps:
+            return None
+        first = self.first_s / self.tiles
+        extra = self.extra_s / (self.tiles * self.extra_steps)
+        return (
+            f"first time step {first * 1000:,.2f} ms/tile, each extra time step {extra * 1000:,.2f} ms/tile"
+            f" ({extra / max(first, 1e-12):.2f} of the first; {self.extra_steps + 1} times)"
+        )
+
+
 class ChunkResult:
     """A chunk's outputs as they fill in, strip by strip."""
 
-    def __init__(self, chunk: ChunkTiles, codebook_dim: int, top_k: int, strips: int) -> None:
-        count = len(chunk)
+    def __init__(self, chunk: ChunkTiles, codebook_dim: int, options: EmbedOptions, strips: int) -> None:
+        count, times, top_k = len(chunk), len(options.times), options.top_k
         self.chunk = chunk
-        self.embedding = np.zeros((count, codebook_dim), np.float16)
-        self.concept_index = np.full((count, top_k), -1, np.int32)
-        self.concept_weight = np.zeros((count, top_k), np.float32)
+        self.times = options.times
+        self.embedding = np.zeros((times, count, codebook_dim), np.float16)
+        self.concept_index = np.full((times, count, top_k), -1, np.int32)
+        self.concept_weight = np.zeros((times, count, top_k), np.float32)
+        self.costs = TimeCosts()
         self.coverage = np.zeros(count, np.float32)
         self.unavailable = np.zeros(count, bool)
         self.unavailable_tiles: set[tuple[int, int, int]] = set()
@@ -159,6 +212,8 @@ class ChunkResult:
             "valid": valid,
             "unavailable": self.unavailable,
             "unavailable_source_tiles": source_tiles,
+            "month": time_coordinate([moment.month for moment in self.times]),
+            "hour": time_coordinate([moment.hour for moment in self.times]),
             "embedding": self.embedding,
             "concept_index": self.concept_index,
             "concept_weight": self.concept_weight,
@@ -169,8 +224,9 @@ class ChunkResult:
 
 
 class ChunkReport(NamedTuple):
-    """What a chunk got: its tiles, how many are valid (None: kept from an earlier run, not read again), and how
-    many were left empty because their imagery could not be had, out of how many distinct source tiles."""
+    """What a chunk got: its tiles, how many are valid (None: kept from an earlier run, not read again), how
+    many were left empty because their imagery could not be had, out of how many distinct source tiles, and the
+    model seconds of its first and of its extra time steps (`TimeCosts`)."""
 
     chunk: str
     tiles: int
@@ -178,6 +234,8 @@ class ChunkReport(NamedTuple):
     reused: bool
     empty_unavailable: int = 0
     unavailable_source_tiles: int = 0
+    first_time_s: float = 0.0
+    extra_times_s: float = 0.0
 
 
 def embed_chunks(
@@ -211,7 +269,7 @@ def embed_chunks(
         chunk = pending[read.chunk]
         if read.chunk not in results:
             strips = len(reads.strips[read.chunk])
-            results[read.chunk] = ChunkResult(chunk, encoder.cfg.codebook_dim, options.top_k, strips)
+            results[read.chunk] = ChunkResult(chunk, encoder.cfg.codebook_dim, options, strips)
         result = results[read.chunk]
         _embed_strip(read, result, zoom_level, encoder, imagery, options)
         progress.advance(read.strip.stop - read.strip.start)
@@ -225,6 +283,8 @@ def embed_chunks(
                 reused=False,
                 empty_unavailable=int(result.unavailable.sum()),
                 unavailable_source_tiles=len(result.unavailable_tiles),
+                first_time_s=round(result.costs.first_s, 6),
+                extra_times_s=round(result.costs.extra_s, 6),
             )
             del results[read.chunk]
     reads.close()
@@ -252,10 +312,21 @@ def _embed_strip(
     for first in range(0, len(chosen), options.batch_size):
         local = chosen[first : first + options.batch_size]
         rows = strip.start + local
-        meta = tile_metadata(chunk.lat[rows], chunk.lon[rows], options) if encoder.cfg.metadata else None
-        out = encoder.embed_images(batch.pixels[torch.as_tensor(local, device=batch.pixels.device)], zoom_level, meta)
-        result.embedding[rows] = out.embedding.float().cpu().numpy().astype(np.float16)
-        result.concept_index[rows], result.concept_weight[rows] = top_concepts(out.weights, options.top_k)
+        metas = [
+            tile_metadata(chunk.lat[rows], chunk.lon[rows], moment) if encoder.cfg.metadata else None
+            for moment in options.times
+        ]
+        images = batch.pixels[torch.as_tensor(local, device=batch.pixels.device)]
+        outputs = encoder.embed_image_times(images, zoom_level, metas)
+        for step in range(len(metas)):
+            start = time.perf_counter()
+            out = next(outputs)  # on the CPU already: the step's work is done when it comes
+            result.costs.record(step, time.perf_counter() - start)
+            result.embedding[step, rows] = out.embedding.numpy().astype(np.float16)
+            result.concept_index[step, rows], result.concept_weight[step, rows] = top_concepts(
+                out.weights, options.top_k
+            )
+        result.costs.count(len(rows), len(metas))
 
 
 def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int) -> np.ndarray:
@@ -327,7 +398,7 @@ def auto_batch_size(encoder: Sat2SoundEncoder, zoom_level: int) -> int:
 
     def fits(size: int) -> bool:
         images = torch.zeros((size, 3, MODEL_INPUT_PX, MODEL_INPUT_PX), dtype=torch.uint8, device=encoder.device)
-        meta = tile_metadata(np.zeros(size), np.zeros(size), EmbedOptions(None, None, size, 0, 1))
+        meta = tile_metadata(np.zeros(size), np.zeros(size), Time(None, None))
         try:
             encoder.embed_images(images, zoom_level, meta if encoder.cfg.metadata else None)
         except torch.OutOfMemoryError:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from model import Sat2SoundEncoder
 
 UNTRAINED_WEIGHTS_NAME = "untrained.safetensors"
+# The metadata token each time key of the config feeds.
+TIME_TOKENS = {"month": "month", "hour": "time"}
 
 
 class ModelRecord(NamedTuple):
@@ -59,8 +61,9 @@ def check_device(device: str) -> None:
 
 def check_model(settings: ModelSettings, text_queries: bool) -> None:
     """Refuse, before any job: a checkpoint whose weights are corrupt (not finite, or not the shapes its
-    hyper-parameters describe) or whose sha256 is not model.checkpoint_sha256, and a text backbone that
-    cannot be loaded here when text queries need one. Reads every weight of the checkpoint."""
+    hyper-parameters describe) or whose sha256 is not model.checkpoint_sha256, months or hours listed for a model
+    that does not fuse them (`check_times`), and a text backbone that cannot be loaded here when text queries need
+    one. Reads every weight of the checkpoint."""
     from model.errors import CheckpointError, TextBackboneError
 
     if settings.untrained:
@@ -69,7 +72,7 @@ def check_model(settings: ModelSettings, text_queries: bool) -> None:
                 "config.model.checkpoint_sha256 is set but model.checkpoint is untrained (no file to check);"
                 " remove it or set model.checkpoint to the file"
             )
-        text_dim = untrained_config(settings.sat_type, settings.metadata_type).text_dim
+        cfg = untrained_config(settings.sat_type, settings.metadata_type)
     else:
         from model import resolve
         from model.checkpoint import load_model, verify_sha256
@@ -80,15 +83,28 @@ def check_model(settings: ModelSettings, text_queries: bool) -> None:
                 verify_sha256(path, settings.checkpoint_sha256)
             except CheckpointError as exc:
                 raise BuildConfigError(f"config.model.checkpoint_sha256: {exc}") from None
-        text_dim = load_model(path)[0].cfg.text_dim
+        cfg = load_model(path)[0].cfg
+    check_times(settings, cfg)
     if not text_queries:
         return
     from model.text_specs import check_text_backbone
 
     try:
-        check_text_backbone(settings.text_backbone, text_dim)
+        check_text_backbone(settings.text_backbone, cfg.text_dim)
     except TextBackboneError as exc:
         raise BuildConfigError(f"config.model.text_backbone: {exc}") from None
+
+
+def check_times(settings: ModelSettings, cfg: Sat2SoundConfig) -> None:
+    """Refuse a list (or `all`) of months or hours for a model that does not fuse that token: its maps would all
+    be the same."""
+    for key in settings.swept:
+        if TIME_TOKENS[key] not in cfg.metadata:
+            raise BuildConfigError(
+                f"config.model.{key}: a list of {key}s (or all) needs a model that fuses the {key}, but this one fuses"
+                f" {'_'.join(cfg.metadata) or 'no metadata'} (every {key} would give the same map); give one {key}"
+                f" or null, or use a withmeta checkpoint (untrained: model.metadata_type with {TIME_TOKENS[key]})"
+            )
 
 
 def model_config(settings: ModelSettings) -> Sat2SoundConfig:

@@ -8,6 +8,10 @@ its best tiles, which become places as a build's top places do (`pipeline.export
 percentile among the region's valid tiles (`pipeline.store.scores.percentile_within`, over every tile's score:
 one matrix product). `write_map` writes its COG and percentile COG into the build's cog/ with the build's writer
 and output CRS. Every bad input is refused in one line before the model is loaded.
+
+A build of several times (`model.month`/`model.hour` lists or `all`) is asked at its first time: the tile index
+holds that time's embeddings (`pipeline.search`), as the build's top places and dominant map show that time; the
+printed answer and the COGs' band say which time it is.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ def write_map(built: BuiltMap, result: Answer) -> list[Path]:
     writes them for its queries (same writer, the build's outputs.crs)."""
     percentile = percentile_within(result.scores, result.sorted_valid)
     layers = {"score": result.scores, "score_percentile": percentile}
+    times = built.store.times
     return [
         write_score_cog(
             built.store,
@@ -183,6 +188,7 @@ def write_map(built: BuiltMap, result: Answer) -> list[Path]:
             partial(_window, values),
             built.folder / COG_DIR,
             built.settings.outputs.crs,
+            times.all[:1] if times.sweeps else (),
         )
         for variable, values in layers.items()
     ]
@@ -195,9 +201,11 @@ def _window(values: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
 def answer_lines(built: BuiltMap, result: Answer) -> list[str]:
     """What `python -m pipeline query` prints: the query, its places as a table, and the timings."""
     query, record = result.query, result.opened.tiles.record
+    times = built.store.times
+    at_time = f" at {times.all[0].label} (the build's first time)" if times.sweeps else ""
     lines = [
         f"query {query.label!r} ({query.kind}, id {query.id}): the {len(result.places)} best of"
-        f" {record.count:,} tiles of {built.folder}",
+        f" {record.count:,} tiles of {built.folder}{at_time}",
         f"{'rank':>4}  {'score':>9}  {'percentile':>10}  {'lon':>11}  {'lat':>10}",
     ]
     for place in result.places.itertuples():

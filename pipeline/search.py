@@ -3,7 +3,7 @@ its best tiles without a rebuild (`python -m pipeline query`).
 
 - What it holds: every valid tile's embedding from `soundscape.zarr`, as float32 (the store's float16 values
   exactly), read one store chunk at a time: the index is the only thing as large as the region. `positions`
-  says where each vector's tile is (row * width + col).
+  says where each vector's tile is (row * width + col). A store of several times is indexed at its first time.
 - Which index: exact inner product (`IndexFlatIP`) while a query scans at most EXACT_MAX_VALUES values (tiles x
   width); beyond, HNSW, whose recall against exact search the tests and benchmarks/bench_query.py measure. Where
   faiss sees GPUs, always the exact index, searched on all of them (a GPU scans millions of tiles in

@@ -51,7 +51,7 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
     import torch
 
     from pipeline.config import settings_digest
-    from pipeline.embed import EmbedOptions, auto_batch_size, chunk_stamp, embed_chunks
+    from pipeline.embed import EmbedOptions, TimeCosts, auto_batch_size, chunk_stamp, embed_chunks
     from pipeline.model_setup import load_encoder, read_model_record
     from pipeline.plan import embed_jobs, read_chunk, read_plan
 
@@ -68,7 +68,8 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
         f" ({model.batch_size}); start-up (imports, model load) {started:.1f} s",
         flush=True,
     )
-    options = EmbedOptions(model.month, model.hour, batch_size, model.loader_workers, config.outputs.concepts_top_k)
+    times = model.times.all
+    options = EmbedOptions(times, batch_size, model.loader_workers, config.outputs.concepts_top_k)
     embed_digest = settings_digest(config, "embed")
     reports = embed_chunks(
         [read_chunk(args.plan, chunk) for chunk in chunk_ids],
@@ -77,8 +78,11 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
         config.imagery,
         options,
         args.chunks_dir,
-        lambda chunk: chunk_stamp(chunk, embed_digest, record.sha256),
+        lambda chunk: chunk_stamp(chunk, embed_digest, record.sha256, times),
     )
+    costs = TimeCosts.of_job(reports, len(times)).line()
+    if costs is not None:
+        print(f"embed: {costs}", flush=True)
     seconds = time.perf_counter() - STARTED
     made = [report for report in reports if not report.reused]
     tiles = sum(report.tiles for report in made)
@@ -87,6 +91,8 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
         "device": str(encoder.device),
         "batch_size": batch_size,
         "startup_s": round(started, 3),
+        "times": [moment.label for moment in times],
+        "time_costs": costs,
         "seconds": round(seconds, 3),
     }
     with atomic_path(args.out) as tmp:
@@ -143,6 +149,7 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
         top_k=config.outputs.concepts_top_k,
         block_px=config.outputs.zarr_chunk_px,
         workers=args.threads,
+        times=config.model.times,
     )
     gaps = imagery_gaps(plan.chunk_ids, args.chunks_dir).line
     return f"{plan.grid.width} x {plan.grid.height} px, {len(queries.ids)} queries" + (f"; {gaps}" if gaps else "")

@@ -25,6 +25,11 @@ valid; the export writes its values as they are (scores, percentiles, softmax: n
   common category (and margin).
 - Reprojection is nearest neighbour: a pixel is one prediction for one tile, so every output value stays a
   real model output and the region's edge stays sharp; bilinear would blend neighbouring tiles and nodata.
+- Times: a build of several times (`model.month`/`model.hour` lists or `all`) gives each query COG and percentile
+  COG one band per time, in the store's month-major order, each described by its time ("month 6, hour 14") with
+  band metadata MONTH and HOUR ("unknown" where the config left it so); the percentile is within the region at
+  that time. Its colour range spans every time. `concepts.tif` and `dominant.tif` are one map each: of the
+  build's first time (their TIME tag says which), as are the top places and new queries on the built map.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from common.atomic import atomic_path
-from pipeline.config import Query
+from pipeline.config import Query, Time
 from pipeline.errors import ExportError
 from pipeline.export.qgis_style import (
     Colour,
@@ -123,10 +128,20 @@ def write_query_cogs(
     soundscape = SoundscapeStore(store)
     for query in soundscape.queries:
         check_file_name(query)
+    times = soundscape.times.all if soundscape.times.sweeps else ()
     return [
-        write_score_cog(soundscape, query, variable, partial(soundscape.scores, variable, index), out_dir, dst_crs)
+        write_score_cog(
+            soundscape, query, variable, partial(_every_time, soundscape, variable, index), out_dir, dst_crs, times
+        )
         for index, query in enumerate(soundscape.queries)
     ]
+
+
+def _every_time(soundscape: SoundscapeStore, variable: str, query_index: int, rows: slice, cols: slice) -> np.ndarray:
+    """(T, rows, cols): a query's `variable` at each of the store's times."""
+    return np.stack(
+        [soundscape.scores(variable, query_index, rows, cols, time) for time in range(len(soundscape.times.all))]
+    )
 
 
 def write_score_cog(
@@ -136,10 +151,12 @@ def write_score_cog(
     read_window: Callable[[slice, slice], np.ndarray],
     out_dir: Path,
     dst_crs: str | None = None,
+    times: tuple[Time, ...] = (),
 ) -> Path:
     """`<id><FILE_SUFFIXES[variable]>.tif` of one query on the store's grid and its `.qml`, from
-    `read_window(rows, cols)`: the query's `variable` scores, NaN where the tile is not valid. A build's queries
-    read them from the store; a new query on a built map (`pipeline.new_query`) passes its own."""
+    `read_window(rows, cols)`: the query's `variable` scores, NaN where the tile is not valid, one band per time of
+    `times` ((T, rows, cols), each band named by its time), or one band named by the query without them. A build's
+    queries read them from the store; a new query on a built map (`pipeline.new_query`) passes its own."""
     target_crs = _target_crs(dst_crs, soundscape.grid.crs)
     target = out_dir / f"{query.id}{FILE_SUFFIXES[variable]}.tif"
     kind = SCORE_KINDS[variable]
@@ -152,7 +169,8 @@ def write_score_cog(
         **meaning,
     }
     style = _score_style(soundscape.grid, query, variable, read_window)
-    raster = Raster("float32", float("nan"), (Band(query.label, kind.band_unit, meaning),))
+    bands = tuple(Band(time.label, kind.band_unit, meaning | time_tags(time)) for time in times)
+    raster = Raster("float32", float("nan"), bands or (Band(query.label, kind.band_unit, meaning),))
     _write_cog(
         target,
         soundscape.grid,
@@ -198,7 +216,7 @@ def write_concept_cog(store: Path, out_dir: Path, dst_crs: str | None = None) ->
         soundscape.grid,
         partial(_read_categories, soundscape.dominant_concepts, dtype, nodata),
         Raster(dtype, nodata, (band,)),
-        tags={**provenance_tags(soundscape), **meaning},
+        tags={**provenance_tags(soundscape), **first_time_tags(soundscape), **meaning},
         overview_resampling=Resampling.mode,
         dst_crs=target_crs,
     )
@@ -230,7 +248,7 @@ def write_dominant_cog(store: Path, out_dir: Path, dst_crs: str | None = None) -
         soundscape.grid,
         partial(_read_dominant, soundscape, dtype, nodata),
         Raster(dtype, nodata, bands),
-        tags={**provenance_tags(soundscape), **meaning},
+        tags={**provenance_tags(soundscape), **first_time_tags(soundscape), **meaning},
         overview_resampling=Resampling.mode,
         dst_crs=target_crs,
     )
@@ -241,6 +259,19 @@ def write_dominant_cog(store: Path, out_dir: Path, dst_crs: str | None = None) -
 def provenance_tags(soundscape: SoundscapeStore) -> dict[str, str]:
     """The store's provenance attributes as GeoTIFF tags (upper-case keys, `untrained` as true/false)."""
     return {name.upper(): _tag_text(value) for name, value in soundscape.provenance.items()}
+
+
+def first_time_tags(soundscape: SoundscapeStore) -> dict[str, str]:
+    """TIME: which time a one-map export of a store of several times shows (the first); none for one time."""
+    return {"TIME": soundscape.times.all[0].label} if soundscape.times.sweeps else {}
+
+
+def time_tags(time: Time) -> dict[str, str]:
+    """A band's MONTH and HOUR metadata ("unknown" where the config left it so)."""
+    return {
+        name.upper(): "unknown" if value is None else str(value)
+        for name, value in (("month", time.month), ("hour", time.hour))
+    }
 
 
 def check_file_name(query: Query) -> None:

@@ -3,7 +3,8 @@
 
 For each query, its `top_k` valid tiles with the highest raw cosine (ties: the northern, then the western tile
 first), each with its rank (1 = best), score, percentile (the store's `score_percentile`, not recomputed), the
-lon/lat of its centre and the area it belongs to. Tiles of one query's top k that share an edge make one area
+lon/lat of its centre and the area it belongs to. A store of several times gives the places of its first time
+(as `dominant.tif` shows that time). Tiles of one query's top k that share an edge make one area
 (tiles touching at a corner only do not): its dissolved outline, its tile count, its size in km² (geodesic), and
 the rank, score, percentile and centre of its best tile. Areas are numbered by their best tile's rank.
 

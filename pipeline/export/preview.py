@@ -18,6 +18,12 @@ the underlay (UNDERLAY_MAX_PX a side at most, as lossy WebP) and the top places:
 region's size (8.3 MB measured for three queries at the bound, underlay aside). Where the lattice skips tiles, a
 popup says so.
 
+Times: a build of several times (`model.month`/`model.hour` lists or `all`) gets a time slider (bottom right,
+labelled with the time, e.g. "month 6, hour 14"): moving it switches every query layer (percentile and raw
+cosine), the dominant sound and the popups' values to that time; each layer holds one image per time, and its
+raw cosine colours span every time so that times compare. The lattice shrinks so that tiles x queries x times
+stays within PREVIEW_MAX_VALUES. The top places are those of the first time (as top_places.gpkg holds them).
+
 Placement: an overlay is pinned to the EPSG:4326 corners of its EPSG:3857 bounds. Leaflet stretches an
 ImageOverlay linearly in Web Mercator between its corners, which is exact here because the image rows are evenly
 spaced in Mercator northing (not in latitude), so no `mercator_project` resampling is wanted.
@@ -40,11 +46,12 @@ import numpy as np
 from branca.element import Element, Figure, MacroElement
 from folium.raster_layers import ImageOverlay
 from folium.template import Template
+from folium.utilities import image_to_url
 from pyogrio.errors import DataSourceError
 from rasterio.crs import CRS
 
 from common.atomic import atomic_path
-from pipeline.config import Query
+from pipeline.config import Query, Time
 from pipeline.errors import ExportError
 from pipeline.export.places import PLACES_LAYER
 from pipeline.export.qgis_style import (
@@ -121,9 +128,11 @@ class LatticeValues(NamedTuple):
     margin: np.ndarray
 
     @classmethod
-    def read(cls, soundscape: SoundscapeStore, lattice: Lattice) -> LatticeValues:
+    def read(cls, soundscape: SoundscapeStore, lattice: Lattice, time: int = 0) -> LatticeValues:
+        """The values at `time` (an index into the store's times)."""
+
         def layer(variable: str, index: int) -> np.ndarray:
-            return soundscape.scores(variable, index, lattice.rows, lattice.cols)
+            return soundscape.scores(variable, index, lattice.rows, lattice.cols, time)
 
         indices = range(len(soundscape.queries))
         dominant, margin = dominant_query(layer("score_softmax", index) for index in indices)
@@ -151,8 +160,9 @@ def write_preview(
         raise ExportError(f"the preview needs an EPSG:3857 store, got {grid.crs}; rebuild the store")
     queries = soundscape.queries
     colours = query_colours(len(queries))
-    lattice = preview_lattice(grid, len(queries))
-    values = LatticeValues.read(soundscape, lattice)
+    times = soundscape.times.all
+    lattice = preview_lattice(grid, len(queries) * len(times))
+    values = [LatticeValues.read(soundscape, lattice, time) for time in range(len(times))]
     corners = lnglat_corners(lattice.bounds)
     attribution = f"Imagery: {html.escape(str(soundscape.provenance['imagery_attribution']))}"
 
@@ -171,7 +181,9 @@ def write_preview(
     folium.GeoJson(region, name="region", control=False, style_function=_region_style).add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
     _Legend(overlays.legends).add_to(fmap)
-    _TileValues(grid, lattice, queries, colours, values).add_to(fmap)
+    if len(times) > 1:
+        _TimeSlider(times, overlays.per_time).add_to(fmap)
+    _TileValues(grid, lattice, queries, colours, values, times).add_to(fmap)
     gaps = str(soundscape.dataset.attrs.get("empty_tiles_reason", ""))
     _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, gaps)))
     fmap.fit_bounds(corners)
@@ -181,42 +193,51 @@ def write_preview(
 
 
 class _Overlays:
-    """Adds the map's overlays (RGBA images over the lattice's corners) in order, each with its legend."""
+    """Adds the map's overlays (RGBA images over the lattice's corners, one per time) in order, each with its
+    legend; `per_time` keeps, per overlay, the image of every time (for the time slider)."""
 
     def __init__(self, fmap: folium.Map, corners: list[list[float]], attribution: str) -> None:
         self.fmap, self.corners, self.attribution = fmap, corners, attribution
         self.legends: list[LegendEntry] = []
+        self.per_time: list[tuple[str, list[str]]] = []
 
-    def add(self, image: np.ndarray, name: str, show: bool, legend: tuple[str, str]) -> None:
-        """Add `image` as overlay `name`, with `legend` as (element id, html)."""
+    def add(self, images: Sequence[np.ndarray], name: str, show: bool, legend: tuple[str, str]) -> None:
+        """Add `images` (one per time; the first shown) as overlay `name`, with `legend` as (element id, html)."""
+        urls = [image_to_url(image) for image in images]
         overlay = ImageOverlay(
-            image, bounds=self.corners, name=name, opacity=OVERLAY_OPACITY, show=show, attribution=self.attribution
+            urls[0], bounds=self.corners, name=name, opacity=OVERLAY_OPACITY, show=show, attribution=self.attribution
         )
         overlay.add_to(self.fmap)
         self.legends.append(LegendEntry(overlay.get_name(), *legend))
+        if len(urls) > 1:
+            self.per_time.append((overlay.get_name(), urls))
 
 
 def _add_maps(
-    overlays: _Overlays, soundscape: SoundscapeStore, values: LatticeValues, colours: Sequence[Colour]
+    overlays: _Overlays, soundscape: SoundscapeStore, values: Sequence[LatticeValues], colours: Sequence[Colour]
 ) -> None:
-    """Per query its percentile map (the first shown) and raw cosine map, then the dominant sound."""
+    """Per query its percentile map (the first shown) and raw cosine map, then the dominant sound; each with one
+    image per time of `values`."""
     queries = soundscape.queries
     meaning = SCORE_KINDS["score_percentile"].meaning
-    for index, (query, percentile) in enumerate(zip(queries, values.percentile, strict=True)):
+    for index, query in enumerate(queries):
         classes = percentile_classes(query.label)
-        image = paint(percentile_class(percentile), [item.colour for item in classes])
+        images = [paint(percentile_class(at.percentile[index]), [item.colour for item in classes]) for at in values]
         legend = _class_legend(f"percentile-{query.id}", query.label, meaning, classes[::-1])
-        overlays.add(image, f"{query.label} — percentile", index == 0, legend)
-    for index, (query, score) in enumerate(zip(queries, values.score, strict=True)):
-        display = display_range(soundscape.sample_scores("score", index, MAX_SAMPLE_PX), f"query {query.id!r}")
+        overlays.add(images, f"{query.label} — percentile", index == 0, legend)
+    for index, query in enumerate(queries):
+        samples = [soundscape.sample_scores("score", index, MAX_SAMPLE_PX, time) for time in range(len(values))]
+        display = display_range(np.stack(samples), f"query {query.id!r}")
         legend = _ramp_legend(f"score-{query.id}", query.label, display)
-        overlays.add(colourise(score, display), f"{query.label} — raw cosine", False, legend)
+        overlays.add(
+            [colourise(at.score[index], display) for at in values], f"{query.label} — raw cosine", False, legend
+        )
     named = [
         ValueClass(index, query.label, colour)
         for index, (query, colour) in enumerate(zip(queries, colours, strict=True))
     ]
     legend = _class_legend("dominant", DOMINANT_CAPTION, DOMINANT_MEANING, named)
-    overlays.add(paint(values.dominant, colours), "Dominant sound", False, legend)
+    overlays.add([paint(at.dominant, colours) for at in values], "Dominant sound", False, legend)
 
 
 def preview_lattice(grid: StoreGrid, query_count: int = 1) -> Lattice:
@@ -484,12 +505,14 @@ class _TileValues(MacroElement):
                 return '<span class="s2s-swatch" style="background: ' + colour + '"></span>';
             }
             map.on("click", function (event) {
+                var cells = data.rows * data.cols;
+                var time = map.s2sTime || 0;
                 var point = L.CRS.EPSG3857.project(event.latlng);
                 var b = data.bounds;
                 var col = Math.floor((point.x - b[0]) / (b[2] - b[0]) * data.cols);
                 var row = Math.floor((b[3] - point.y) / (b[3] - b[1]) * data.rows);
                 if (col < 0 || row < 0 || col >= data.cols || row >= data.rows) { return; }
-                var tile = row * data.cols + col;
+                var tile = time * cells + row * data.cols + col;
                 var centre = L.CRS.EPSG3857.unproject(L.point(data.x[col], data.y[row]));
                 var where = "Tile at " + centre.lat.toFixed(5) + ", " + centre.lng.toFixed(5);
                 if (data.stride > 1) {
@@ -502,10 +525,10 @@ class _TileValues(MacroElement):
                 } else {
                     var best = data.queries[dominant[tile]];
                     body = '<div class="s2s-dominant">Dominant sound: ' + swatch(best.colour) + "<b>"
-                        + escape(best.label) + "</b> (margin " + margin[tile] + " points)</div>"
+                        + escape(best.label) + "</b> (margin " + margin[tile] + " points)</div>" + data.times[time]
                         + "<table><tr><th>query</th><th>cosine</th><th>percentile</th></tr>";
                     data.queries.forEach(function (query, index) {
-                        var at = index * data.rows * data.cols + tile;
+                        var at = (time * data.queries.length + index) * cells + row * data.cols + col;
                         var value = percentile[at] / data.percentileScale;
                         body += '<tr class="s2s-query" data-query="' + escape(query.id) + '"><td>'
                             + swatch(query.colour) + escape(query.label) + "</td><td>"
@@ -530,12 +553,15 @@ class _TileValues(MacroElement):
         lattice: Lattice,
         queries: Sequence[Query],
         colours: Sequence[Colour],
-        values: LatticeValues,
+        values: Sequence[LatticeValues],
+        times: Sequence[Time],
     ) -> None:
         super().__init__()
         self._name = "Sat2SoundTileValues"
-        score = np.stack(values.score)
-        percentile = np.stack(values.percentile)
+        score = np.stack([np.stack(at.score) for at in values])
+        percentile = np.stack([np.stack(at.percentile) for at in values])
+        dominant = np.stack([at.dominant for at in values])
+        margin = np.stack([at.margin for at in values])
         # Tile centres in EPSG:3857 (the grid is north-up: columns give x, rows give y).
         x = grid.transform.c + grid.transform.a * (lattice.cols + 0.5)
         y = grid.transform.f + grid.transform.e * (lattice.rows + 0.5)
@@ -551,15 +577,62 @@ class _TileValues(MacroElement):
                 for query, colour in zip(queries, colours, strict=True)
             ],
             "classes": [[upper, words] for upper, words in PERCENTILE_CLASSES],
+            "times": [
+                f'<div class="s2s-time">{html.escape(time.label)}</div>' if len(times) > 1 else "" for time in times
+            ],
             "scoreScale": SCORE_SCALE,
             "percentileScale": PERCENTILE_SCALE,
             "score": _base64(np.where(np.isnan(score), SCORE_NODATA, np.round(score * SCORE_SCALE)), "<i2"),
             "percentile": _base64(
                 np.where(np.isnan(percentile), PERCENTILE_NODATA, np.round(percentile * PERCENTILE_SCALE)), "<u2"
             ),
-            "dominant": _base64(values.dominant, "<i2"),
-            "margin": _base64(np.round(np.nan_to_num(values.margin) * 100), "u1"),
+            "dominant": _base64(dominant, "<i2"),
+            "margin": _base64(np.round(np.nan_to_num(margin) * 100), "u1"),
         }
+
+
+class _TimeSlider(MacroElement):
+    """A bottom-right slider over the store's times: moving it shows every per-time overlay's image of that time and
+    makes the popups read that time's values (`map.s2sTime`)."""
+
+    _template = Template(
+        """
+        {% macro script(this, kwargs) %}
+        (function () {
+            var map = {{ this._parent.get_name() }};
+            var labels = {{ this.labels|tojson }};
+            var layers = [
+                {% for name, urls in this.layers %}[{{ name }}, {{ urls|tojson }}],{% endfor %}
+            ];
+            var control = L.control({position: "bottomright"});
+            control.onAdd = function () {
+                var div = L.DomUtil.create("div", "s2s-time-slider");
+                div.innerHTML = '<label for="s2s-time">Time: <b id="s2s-time-label"></b></label>'
+                    + '<input type="range" id="s2s-time" min="0" step="1" value="0" max="' + (labels.length - 1) + '">';
+                L.DomEvent.disableClickPropagation(div);
+                L.DomEvent.disableScrollPropagation(div);
+                return div;
+            };
+            control.addTo(map);
+            var input = document.getElementById("s2s-time");
+            function show(time) {
+                map.s2sTime = time;
+                document.getElementById("s2s-time-label").textContent = labels[time];
+                layers.forEach(function (layer) { layer[0].setUrl(layer[1][time]); });
+                map.closePopup();
+            }
+            input.addEventListener("input", function () { show(parseInt(input.value, 10)); });
+            show(0);
+        })();
+        {% endmacro %}
+        """
+    )
+
+    def __init__(self, times: Sequence[Time], layers: list[tuple[str, list[str]]]) -> None:
+        super().__init__()
+        self._name = "Sat2SoundTimeSlider"
+        self.labels = [time.label for time in times]
+        self.layers = layers
 
 
 _PAGE_CSS = """
@@ -586,4 +659,8 @@ _PAGE_CSS = """
 .s2s-popup table { border-collapse: collapse; margin-top: 4px; }
 .s2s-popup th, .s2s-popup td { padding: 1px 6px; text-align: left; }
 .s2s-where { color: #444; }
+.s2s-time { color: #444; font-style: italic; }
+.s2s-time-slider { background: rgba(255, 255, 255, 0.92); padding: 6px 10px; border-radius: 4px;
+  font: 12px/1.4 sans-serif; box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); width: 220px; }
+.s2s-time-slider input { width: 100%; }
 """

@@ -11,6 +11,8 @@ zipped into a `.qgz`. Layers, top to bottom (QGIS draws the layer tree's order):
 - Dominant sound: `cog/dominant.tif` (hidden at first: it would cover the percentile map).
 - Percentile within this region: one `cog/<id>_percentile.tif` per query, the first shown.
 - Raw cosine: one `cog/<id>.tif` per query (hidden), and the codebook concepts (hidden).
+- A build of several times: each query layer is drawn from its COG's first band, the build's first time (the
+  other times are the COG's other bands, named by their time, in the layer's properties).
 - Imagery: a local raster source is the raster itself, with the bands and stretch the build reads it with; an
   XYZ source (or Esri) is an XYZ tile layer of its URL template; a STAC source, or a tile server whose template
   needs an API key (a project file must not hold the key), is the build's `imagery.tif` (the imagery at a

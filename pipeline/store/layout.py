@@ -13,6 +13,16 @@ classic 2-D view (which takes the last two dimensions as y, x) reads each of the
 Coordinates: `query` (str ids) with `query_kind`, `query_text`, `query_audio` along it ("" where a query has no
 text or audio), `y`, `x`, `dim`, `rank`, and `spatial_ref`.
 
+Times: a build of several times (`model.month` and/or `model.hour` a list or `all`) adds the dimensions `month`
+and `hour` (int coordinates, UNKNOWN_TIME = -1 where the config left one unknown) in front of every per-time
+variable: score, score_percentile and score_softmax (month, hour, query, y, x), embedding (month, hour, dim, y,
+x), concept_index and concept_weight (month, hour, rank, y, x). `valid` does not change with the time. The
+percentile is within the region for each time and query; the softmax over the queries of each time. A build of
+one time has no time dimensions (the layout above). GDAL names one 2-D layer by an index per dimension before
+(y, x): `ZARR:"soundscape.zarr":/score:<month>:<hour>:<query>` (`gdal_path`). Readers go through
+`pipeline.store.read.SoundscapeStore`, whose methods take a time index into `times` (month-major, one entry for
+a store of one time), so both kinds of store are read by one code path.
+
 Georeferencing, written so that every reader finds it without options:
 - CF: `spatial_ref` grid mapping (crs_wkt, spatial_ref, GeoTransform), named by each gridded variable's
   `grid_mapping`; the global `coordinates` attribute lists `spatial_ref`, so plain `xr.open_zarr` makes it a
@@ -24,9 +34,11 @@ Georeferencing, written so that every reader finds it without options:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pyproj import CRS
 
 from pipeline.store.scores import SCORE_KINDS
@@ -37,6 +49,9 @@ SPATIAL_DIMS = ("y", "x")
 QUERY_FACTS = ("query_kind", "query_text", "query_audio")
 EMBEDDING_DIM_CHUNK = 64
 CONCEPT_NONE = -1
+# A month or hour the config left unknown (null), in chunk files and the store's time coordinates.
+UNKNOWN_TIME = -1
+TIME_DIMS = ("month", "hour")
 
 VARIABLE_ATTRS: dict[str, dict[str, str]] = {
     **{name: {"long_name": kind.long_name, "units": kind.units} for name, kind in SCORE_KINDS.items()},
@@ -48,6 +63,11 @@ VARIABLE_ATTRS: dict[str, dict[str, str]] = {
 GRIDDED_VARIABLES = tuple(VARIABLE_ATTRS)
 
 
+def time_coordinate(values: Sequence[int | None]) -> np.ndarray:
+    """(T,) int64 months or hours as chunk files and the store hold them: UNKNOWN_TIME where unknown (None)."""
+    return np.array([UNKNOWN_TIME if value is None else value for value in values], np.int64)
+
+
 def gdal_crs_attribute(crs: CRS) -> dict[str, str]:
     """The `_CRS` attribute GDAL's Zarr driver reads (https://gdal.org/drivers/raster/zarr.html)."""
     attribute = {"wkt": crs.to_wkt()}
@@ -57,9 +77,10 @@ def gdal_crs_attribute(crs: CRS) -> dict[str, str]:
     return attribute
 
 
-def gdal_path(store: Any, variable: str, index: int | None = None) -> str:
-    """The GDAL name of one 2-D layer of the store, as GDAL 3.4 to 3.8 need it: `ZARR:"<store>":/<variable>[:i]`."""
-    suffix = "" if index is None else f":{index}"
+def gdal_path(store: Any, variable: str, *indices: int) -> str:
+    """The GDAL name of one 2-D layer of the store, as GDAL 3.4 to 3.8 need it: `ZARR:"<store>":/<variable>[:i...]`,
+    one index per dimension before (y, x) (a swept store's score: month, hour, query)."""
+    suffix = "".join(f":{index}" for index in indices)
     return f'ZARR:"{store}":/{variable}{suffix}'
 
 

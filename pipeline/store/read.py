@@ -2,6 +2,10 @@
 
 The store already holds nodata wherever a tile is not valid (see pipeline.store.write), so readers take its
 values as they are. Nothing is loaded until a window is asked for.
+
+Times: every per-time read takes `time`, an index into `times` (month-major; 0, the build's first time, by
+default). A store of one time has no time dimensions and one entry in `times`; a store of several has `month`
+and `hour` dimensions (pipeline.store.layout) and `times` lists their product.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 
-from pipeline.config import Query
+from pipeline.config import ONE_UNKNOWN_TIME, Query, Times
 from pipeline.errors import ExportError
-from pipeline.store.layout import GRID_MAPPING, GRIDDED_VARIABLES, QUERY_FACTS
+from pipeline.store.layout import GRID_MAPPING, GRIDDED_VARIABLES, QUERY_FACTS, TIME_DIMS, UNKNOWN_TIME
 from pipeline.store.scores import SCORE_KINDS
 
 PROVENANCE_ATTRS = (
@@ -51,7 +55,8 @@ class StoreGrid(NamedTuple):
 
 
 class SoundscapeStore:
-    """An opened store: `grid`, `queries` and `provenance`, and windows of its layers as numpy arrays."""
+    """An opened store: `grid`, `queries`, `provenance` and `times` (`times.all` is what a `time` index picks),
+    and windows of its layers as numpy arrays."""
 
     def __init__(self, path: Path) -> None:
         if not path.is_dir():
@@ -68,30 +73,39 @@ class SoundscapeStore:
         self.grid = _grid(self.dataset)
         self.queries = _queries(self.dataset)
         self.provenance = _provenance(self.dataset)
+        self.times = _times(self.dataset)
 
-    def scores(self, variable: str, query_index: int, rows: Rows, cols: Rows) -> np.ndarray:
-        """float32 (rows, cols) of one query's `variable` (a score kind), NaN where the tile is not valid."""
+    def _at_time(self, time: int) -> dict[str, int]:
+        """The isel() of one time: none for a store of one time."""
+        if not self.times.sweeps:
+            return {}
+        month, hour = divmod(time, len(self.times.hours))
+        return {"month": month, "hour": hour}
+
+    def scores(self, variable: str, query_index: int, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
+        """float32 (rows, cols) of one query's `variable` (a score kind) at `time`, NaN where the tile is not valid."""
         if variable not in SCORE_KINDS:
             raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_KINDS)}")
-        values = self.dataset[variable].isel(query=query_index, y=rows, x=cols)
+        values = self.dataset[variable].isel(query=query_index, y=rows, x=cols, **self._at_time(time))
         return values.to_numpy().astype(np.float32, copy=False)
 
-    def dominant_concepts(self, rows: Rows, cols: Rows) -> np.ndarray:
-        """int32 (rows, cols): each tile's highest-weight codebook concept, -1 where there is none."""
-        return self.dataset["concept_index"].isel(rank=0, y=rows, x=cols).to_numpy().astype(np.int32, copy=False)
+    def dominant_concepts(self, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
+        """int32 (rows, cols): each tile's highest-weight codebook concept at `time`, -1 where there is none."""
+        concepts = self.dataset["concept_index"].isel(rank=0, y=rows, x=cols, **self._at_time(time))
+        return concepts.to_numpy().astype(np.int32, copy=False)
 
-    def sample_scores(self, variable: str, query_index: int, max_px: int) -> np.ndarray:
-        """A query's scores on a regular lattice of at most about `max_px` tiles (for colour ranges)."""
+    def sample_scores(self, variable: str, query_index: int, max_px: int, time: int = 0) -> np.ndarray:
+        """A query's scores at `time` on a regular lattice of at most about `max_px` tiles (for colour ranges)."""
         lattice = sample_lattice(self.grid, max_px)
-        return self.scores(variable, query_index, lattice, lattice)
+        return self.scores(variable, query_index, lattice, lattice, time)
 
     def valid(self, rows: Rows, cols: Rows) -> np.ndarray:
         """bool (rows, cols): whether each tile has a prediction."""
         return self.dataset["valid"].isel(y=rows, x=cols).to_numpy().astype(bool, copy=False)
 
-    def embeddings(self, rows: Rows, cols: Rows) -> np.ndarray:
-        """float16 (dim, rows, cols) tile embeddings as stored, NaN where the tile is not valid."""
-        return self.dataset["embedding"].isel(y=rows, x=cols).to_numpy()
+    def embeddings(self, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
+        """float16 (dim, rows, cols) tile embeddings at `time` as stored, NaN where the tile is not valid."""
+        return self.dataset["embedding"].isel(y=rows, x=cols, **self._at_time(time)).to_numpy()
 
     def embedding_blocks(self) -> Iterator[tuple[slice, slice]]:
         """The (rows, cols) windows of the store's own spatial chunks of `embedding`, row by row: each reads its
@@ -129,6 +143,16 @@ def _grid(dataset: xr.Dataset) -> StoreGrid:
     pixel_height = (y[-1] - y[0]) / (len(y) - 1) if len(y) > 1 else geotransform[5]
     transform = Affine(pixel_width, 0.0, x[0] - pixel_width / 2, 0.0, pixel_height, y[0] - pixel_height / 2)
     return StoreGrid(len(x), len(y), transform, crs)
+
+
+def _times(dataset: xr.Dataset) -> Times:
+    """The store's months and hours from its time coordinates; one unknown time for a store without them."""
+    if not all(dim in dataset.dims for dim in TIME_DIMS):
+        return ONE_UNKNOWN_TIME
+    months, hours = (
+        tuple(None if value == UNKNOWN_TIME else int(value) for value in dataset[dim].to_numpy()) for dim in TIME_DIMS
+    )
+    return Times(months, hours)
 
 
 def _queries(dataset: xr.Dataset) -> tuple[Query, ...]:

@@ -9,8 +9,10 @@ interpret.
   is the model's logit scale for the query's kind (see pipeline.queries): "which of these queries fits
   this tile best". It depends on which queries are in the set.
 
-The score step writes each chunk's raw cosines (scores/<chunk>.npz: `ids`, `score` (Q, N), every tile, valid or
-not); the store writer turns them into all three kinds with `RegionScores` and masks the invalid tiles.
+The score step writes each chunk's raw cosines (scores/<chunk>.npz: `ids`, `score` (T, Q, N) per time of the
+build, every tile, valid or not); the store writer turns them into all three kinds with `RegionScores` and masks
+the invalid tiles. Each time is normalised on its own: percentiles among that time's scores, softmax over that
+time's queries.
 """
 
 from __future__ import annotations
@@ -109,34 +111,38 @@ def dominant_query(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray
 
 
 class RegionScores(NamedTuple):
-    """What the normalised scores of a region need: each query's valid scores (ascending) and its logit scale."""
+    """What the normalised scores of a region need: each time's and query's valid scores (ascending, time-major)
+    and each query's logit scale."""
 
     sorted_valid: list[np.ndarray]
     logit_scale: np.ndarray
 
     @classmethod
     def collect(cls, chunks: Iterable[tuple[np.ndarray, np.ndarray]], logit_scale: np.ndarray) -> RegionScores:
-        """From each chunk's (Q, N) raw cosines and (N,) valid mask, one region-wide pass (4 bytes per tile)."""
-        parts: list[list[np.ndarray]] = [[] for _ in range(len(logit_scale))]
+        """From each chunk's (T, Q, N) raw cosines and (N,) valid mask, one region-wide pass (4 bytes per tile,
+        time and query)."""
+        parts: dict[int, list[np.ndarray]] = {}
         for scores, valid in chunks:
-            for query, row in enumerate(scores):
-                parts[query].append(row[valid & np.isfinite(row)])
-        return cls([np.sort(np.concatenate(rows)) for rows in parts], logit_scale)
+            for row_index, row in enumerate(scores.reshape(-1, scores.shape[-1])):
+                parts.setdefault(row_index, []).append(row[valid & np.isfinite(row)])
+        return cls([np.sort(np.concatenate(parts[index])) for index in sorted(parts)], logit_scale)
 
     def kind(self, name: str, cosines: np.ndarray) -> np.ndarray:
-        """(Q, N) float32 scores of kind `name` from one chunk's raw cosines."""
+        """(T, Q, N) float32 scores of kind `name` from one chunk's raw cosines."""
         if name == "score":
             return cosines.astype(np.float32, copy=False)
         if name == "score_percentile":
-            return np.stack([percentile_within(row, self.sorted_valid[query]) for query, row in enumerate(cosines)])
+            rows = cosines.reshape(-1, cosines.shape[-1])
+            percentiles = [percentile_within(row, self.sorted_valid[index]) for index, row in enumerate(rows)]
+            return np.stack(percentiles).reshape(cosines.shape)
         if name == "score_softmax":
-            return softmax_over_queries(cosines, self.logit_scale)
+            return np.stack([softmax_over_queries(per_time, self.logit_scale) for per_time in cosines])
         raise KeyError(f"unknown score kind {name!r}; use one of {', '.join(SCORE_KINDS)}")
 
 
 def score_chunk(chunk: Path, queries_path: Path, out: Path) -> None:
-    """Write scores/<chunk>.npz: `ids` and `score` (Q, N) raw cosines of every tile of the chunk."""
+    """Write scores/<chunk>.npz: `ids` and `score` (T, Q, N) raw cosines of every tile of the chunk, per time."""
     queries = read_queries(queries_path)
     with np.load(chunk) as data:
-        scores = cosine_scores(data["embedding"], queries.embedding)
+        scores = np.stack([cosine_scores(per_time, queries.embedding) for per_time in data["embedding"]])
     atomic_save_npz(out, {"ids": np.array(queries.ids), "score": scores})

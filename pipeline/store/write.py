@@ -27,7 +27,7 @@ import xarray as xr
 from pyproj import CRS
 
 from common.atomic import atomic_directory
-from pipeline.config import Query
+from pipeline.config import ONE_UNKNOWN_TIME, Query, Times
 from pipeline.geometry import WEB_MERCATOR, RasterGrid
 from pipeline.model_setup import ModelRecord
 from pipeline.plan import Plan
@@ -36,9 +36,11 @@ from pipeline.store.layout import (
     CONCEPT_NONE,
     EMBEDDING_DIM_CHUNK,
     GRID_MAPPING,
+    TIME_DIMS,
     VARIABLE_ATTRS,
     ZARR_FORMAT,
     gdal_crs_attribute,
+    time_coordinate,
 )
 from pipeline.store.scores import SCORE_KINDS, RegionScores
 
@@ -46,14 +48,38 @@ PACKAGE_NAME = "sat2sound-maps"
 
 
 class GridVariable(NamedTuple):
-    """How to build one store variable: `values(chunk)` gives (N[, depth]) values of the chunk's tiles."""
+    """How to build one store variable: `values(chunk)` gives (N, *depth) values of the chunk's tiles, `depth`
+    being the sizes of the dimensions before (y, x), stored in chunks of `depth_chunks` along them (None: whole)."""
 
     dims: tuple[str, ...]
     dtype: np.dtype
     nodata: float | bool
     values: Callable[[str], np.ndarray]
-    depth: int | None
-    depth_chunk: int | None = None
+    depth: tuple[int, ...]
+    depth_chunks: tuple[int, ...] | None = None
+
+
+class TimeAxes(NamedTuple):
+    """The store's time dimensions: `month` and `hour` for a build of several times, none for one."""
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, times: Times) -> TimeAxes:
+        return cls(TIME_DIMS, (len(times.months), len(times.hours))) if times.sweeps else cls((), ())
+
+    def by_tile(self, values: np.ndarray) -> np.ndarray:
+        """A chunk's per-time values (T, N, ...) as (N, *shape, ...): months x hours, or no time axis for one."""
+        tiles = np.moveaxis(values, 1, 0)
+        return tiles.reshape(tiles.shape[0], *self.shape, *tiles.shape[2:])
+
+    def coords(self, times: Times) -> dict[str, np.ndarray]:
+        if not self.dims:
+            return {}
+        return {
+            dim: time_coordinate(values) for dim, values in zip(self.dims, (times.months, times.hours), strict=True)
+        }
 
 
 class ChunkFiles:
@@ -83,27 +109,26 @@ class ChunkFiles:
         return self._valid[chunk]
 
     def scores(self, chunk: str) -> np.ndarray:
-        """(Q, N) raw cosines of the chunk's tiles."""
+        """(T, Q, N) raw cosines of the chunk's tiles, per time."""
         with np.load(self.scores_dir / f"{chunk}.npz") as data:
             return data["score"]
 
     def block(self, location: Sequence[tuple[int, int]], variable: GridVariable) -> np.ndarray:
-        """The ([depth,] rows, cols) block of `variable` at `location` ((y0, y1), (x0, x1)); nodata where invalid."""
+        """The (*depth, rows, cols) block of `variable` at `location` ((y0, y1), (x0, x1)); nodata where invalid."""
         (row0, row1), (col0, col1) = location
-        depth = () if variable.depth is None else (variable.depth,)
-        out = np.full((row1 - row0, col1 - col0, *depth), variable.nodata, variable.dtype)
+        out = np.full((row1 - row0, col1 - col0, *variable.depth), variable.nodata, variable.dtype)
         for chunk in self._by_block.get((row0 // self.block_px, col0 // self.block_px), []):
             row, col = self._positions[chunk]
             inside = (row >= row0) & (row < row1) & (col >= col0) & (col < col1)
             keep = inside & self.valid(chunk)
             out[row[keep] - row0, col[keep] - col0] = variable.values(chunk)[keep]
-        return out if variable.depth is None else np.moveaxis(out, -1, 0)
+        return np.moveaxis(out, (0, 1), (-2, -1))
 
 
 def _lazy_array(files: ChunkFiles, variable: GridVariable, height: int, width: int) -> da.Array:
     """A dask array of `variable` over the grid whose blocks `files.block` fills when computed."""
     spatial = (_splits(height, files.block_px), _splits(width, files.block_px))
-    depth = () if variable.depth is None else ((variable.depth,),)
+    depth = tuple((size,) for size in variable.depth)
 
     def fill_block(block_info: dict[Any, Any] | None = None) -> np.ndarray:
         assert block_info is not None
@@ -113,9 +138,9 @@ def _lazy_array(files: ChunkFiles, variable: GridVariable, height: int, width: i
     chunks = (*depth, *spatial)
     meta = np.empty((0,) * len(chunks), variable.dtype)
     array = da.map_blocks(fill_block, dtype=variable.dtype, chunks=chunks, meta=meta)
-    if variable.depth is not None and variable.depth_chunk is not None:
+    if variable.depth_chunks is not None:
         # Each block is read once with its full depth, then split: GDAL reads one band without the others.
-        array = array.rechunk({0: variable.depth_chunk})
+        array = array.rechunk(dict(enumerate(variable.depth_chunks)))
     return array
 
 
@@ -123,32 +148,43 @@ def _splits(length: int, size: int) -> tuple[int, ...]:
     return tuple(min(size, length - start) for start in range(0, length, size))
 
 
-def grid_variables(files: ChunkFiles, region_scores: RegionScores, top_k: int, dim: int) -> dict[str, GridVariable]:
+def grid_variables(
+    files: ChunkFiles, region_scores: RegionScores, top_k: int, dim: int, axes: TimeAxes
+) -> dict[str, GridVariable]:
     count = len(region_scores.logit_scale)
     float32, nan = np.dtype("float32"), float("nan")
+    one_time = (1,) * len(axes.shape)
 
     def score_kind(name: str) -> Callable[[str], np.ndarray]:
-        return lambda chunk: region_scores.kind(name, files.scores(chunk)).T
+        return lambda chunk: axes.by_tile(np.moveaxis(region_scores.kind(name, files.scores(chunk)), -1, 1))
 
     def array(name: str) -> Callable[[str], np.ndarray]:
-        return lambda chunk: files.chunk_arrays(chunk, name)[0]
+        return lambda chunk: axes.by_tile(files.chunk_arrays(chunk, name)[0])
 
-    scores = {name: GridVariable(("query", "y", "x"), float32, nan, score_kind(name), count, 1) for name in SCORE_KINDS}
+    def per_time(
+        extra: str, dtype: np.dtype, nodata: float, values: Callable[[str], np.ndarray], size: int, chunk: int
+    ) -> GridVariable:
+        dims = (*axes.dims, extra, "y", "x")
+        return GridVariable(dims, dtype, nodata, values, (*axes.shape, size), (*one_time, chunk))
+
+    scores = {name: per_time("query", float32, nan, score_kind(name), count, 1) for name in SCORE_KINDS}
     return {
         **scores,
-        "embedding": GridVariable(
-            ("dim", "y", "x"), np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)
-        ),
-        "concept_index": GridVariable(
-            ("rank", "y", "x"), np.dtype("int32"), CONCEPT_NONE, array("concept_index"), top_k
-        ),
-        "concept_weight": GridVariable(("rank", "y", "x"), float32, nan, array("concept_weight"), top_k),
-        "valid": GridVariable(("y", "x"), np.dtype("bool"), False, files.valid, None),
+        "embedding": per_time("dim", np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)),
+        "concept_index": per_time("rank", np.dtype("int32"), CONCEPT_NONE, array("concept_index"), top_k, top_k),
+        "concept_weight": per_time("rank", float32, nan, array("concept_weight"), top_k, top_k),
+        "valid": GridVariable(("y", "x"), np.dtype("bool"), False, files.valid, ()),
     }
 
 
 def soundscape_dataset(
-    grid: RasterGrid, files: ChunkFiles, queries: Sequence[Query], logit_scale: np.ndarray, top_k: int, dim: int
+    grid: RasterGrid,
+    files: ChunkFiles,
+    queries: Sequence[Query],
+    logit_scale: np.ndarray,
+    top_k: int,
+    dim: int,
+    times: Times = ONE_UNKNOWN_TIME,
 ) -> xr.Dataset:
     """The lazy region-wide Dataset (chunk files are read only as it is written)."""
     region_scores = RegionScores.collect(
@@ -156,16 +192,18 @@ def soundscape_dataset(
     )
     crs = CRS.from_user_input(WEB_MERCATOR)
     gdal_crs = gdal_crs_attribute(crs)
+    axes = TimeAxes.of(times)
     data_vars = {
         name: xr.Variable(
             variable.dims,
             _lazy_array(files, variable, grid.height, grid.width),
             {**VARIABLE_ATTRS[name], "_CRS": gdal_crs},
         )
-        for name, variable in grid_variables(files, region_scores, top_k, dim).items()
+        for name, variable in grid_variables(files, region_scores, top_k, dim, axes).items()
     }
     left, _, _, top = grid.bounds
     coords = {
+        **axes.coords(times),
         "query": np.array([query.id for query in queries], dtype=str),
         "query_kind": ("query", np.array([query.kind for query in queries], dtype=str)),
         "query_text": ("query", np.array([query.text or "" for query in queries], dtype=str)),
@@ -269,11 +307,15 @@ def write_store(
     top_k: int,
     block_px: int,
     workers: int = 2,
+    times: Times = ONE_UNKNOWN_TIME,
 ) -> xr.Dataset:
-    """The mosaic step in one call: assemble the plan's chunk and score files into `out`; returns the lazy Dataset."""
+    """The mosaic step in one call: assemble the plan's chunk and score files (made for `times`) into `out`;
+    returns the lazy Dataset."""
     files = ChunkFiles(plan.chunk_ids, chunks_dir, scores_dir, block_px)
     dim = int(queries.embedding.shape[1])
-    dataset = soundscape_dataset(plan.grid, files, queries.queries, queries.logit_scale, top_k=top_k, dim=dim)
+    dataset = soundscape_dataset(
+        plan.grid, files, queries.queries, queries.logit_scale, top_k=top_k, dim=dim, times=times
+    )
     attrs = {**provenance(model, plan, config), **imagery_gaps(plan.chunk_ids, chunks_dir).attrs()}
     write_soundscape(dataset, attrs, out, workers)
     return dataset

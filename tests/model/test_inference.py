@@ -112,3 +112,20 @@ def test_scores_that_overflow_stop_with_one_line_not_an_index_error() -> None:
     with pytest.raises(InputError, match="codebook scores are NaN or infinite") as raised:
         encoder.embed_images(torch.zeros(1, 3, 224, 224, dtype=torch.uint8), zoom_level=1)
     assert "\n" not in str(raised.value)
+
+
+def test_a_time_sweep_runs_the_vit_once_and_equals_one_forward_per_time() -> None:
+    torch.manual_seed(0)
+    encoder = Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("latlong_month_time")), device="cpu")
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    lat, lon = np.array([10.0, -20.0, 45.0, 0.0]), np.array([5.0, 100.0, -60.0, 0.0])
+    metas = [Metadata.from_values(lat, lon, month=month, hour=hour) for month, hour in ((6, 14), (12, None), (1, 3))]
+    calls = []
+    encoder.model.satmae_backbone.register_forward_hook(lambda *args: calls.append(1))
+    swept = list(encoder.embed_image_times(images, 1, metas))
+    assert len(calls) == 1
+    for meta, out in zip(metas, swept, strict=True):
+        alone = encoder.embed_images(images, 1, meta)
+        torch.testing.assert_close(out.embedding, alone.embedding, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.weights, alone.weights, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(swept[0].embedding, swept[1].embedding, atol=1e-3)

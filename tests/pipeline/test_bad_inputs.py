@@ -202,6 +202,30 @@ CASES = [
     Case("unknown sat type", set_key("model.sat_type", "landsat"), ("config.model.sat_type: 'landsat' is not one",)),
     Case("month 13", set_key("model.month", 13), ("config.model.month: 13 is greater than the maximum of 12",)),
     Case("hour -1", set_key("model.hour", -1), ("config.model.hour: -1 is less than the minimum of 0",)),
+    # Times: lists or all of months and hours, for models that fuse them.
+    Case("months with 13", set_key("model.month", [6, 13]), ("config.model.month[1]: 13 is greater than the maximum",)),
+    Case("hours with 24", set_key("model.hour", [0, 24]), ("config.model.hour[1]: 24 is greater than the maximum",)),
+    Case("month twice", set_key("model.month", [6, 7, 6]), ("config.model.month: [6, 7, 6] names a month twice",)),
+    Case("hour twice", set_key("model.hour", [8, 8]), ("config.model.hour: [8, 8] names an hour twice",)),
+    Case("no months", set_key("model.month", []), ("config.model.month: [] should be non-empty",)),
+    Case(
+        "month as a word", set_key("model.month", "june"), ("config.model.month: 'june' is not a month", "all or null")
+    ),
+    Case(
+        "months for a model without metadata",
+        set_key("model.month", [6, 12]),
+        ("config.model.month: a list of months (or all) needs a model that fuses the month", "no metadata"),
+    ),
+    Case(
+        "all hours for a model without the hour",
+        lambda config, files: config["model"].update(hour="all", metadata_type="latlong_month"),
+        ("config.model.hour: a list of hours (or all) needs a model that fuses the hour", "latlong_month"),
+    ),
+    Case(
+        "months for a checkpoint without metadata",
+        lambda config, files: config["model"].update(checkpoint=str(files.checkpoint), month="all"),
+        ("config.model.month: a list of months", "use a withmeta checkpoint"),
+    ),
     Case("offline as text", set_key("imagery.offline", "yes"), ("config.imagery.offline: 'yes' is not of type",)),
     Case("no coverage", set_key("imagery.min_coverage", 0), ("config.imagery.min_coverage: 0 is less than or",)),
     Case("offset 7", set_key("tiling.tile_zoom_offset", 7), ("config.tiling.tile_zoom_offset: 7 is greater",)),

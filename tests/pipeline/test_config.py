@@ -20,6 +20,7 @@ from pipeline.config import (
     DEFAULT_CONFIG_PATH,
     STEP_KEYS,
     TilingSettings,
+    Time,
     load_build_config,
     load_plan_inputs,
     read_settings,
@@ -129,6 +130,7 @@ def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
     [
         ({"imagery": {"min_coverage": 0.9}}, {"embed", "mosaic"}),
         ({"model": {"month": 3}}, {"embed", "mosaic"}),
+        ({"model": {"hour": [6, 18]}}, {"embed", "mosaic"}),
         ({"model": {"text_backbone": "minilm"}}, {"queries", "mosaic"}),
         ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "percentiles", "dominant", "mosaic"}),
         ({"outputs": {"top_k": 5}}, {"places", "mosaic"}),
@@ -190,3 +192,18 @@ def test_landsat_scene_bounds_match_the_default_region() -> None:
         west, south, east, north = transform_bounds(scene.crs, "EPSG:4326", *scene.bounds)
     r_west, r_south, r_east, r_north = region.geometry.bounds
     assert west <= r_west < r_east <= east and south <= r_south < r_north <= north
+
+
+def test_lists_or_all_of_months_and_hours_give_the_builds_times_month_major() -> None:
+    model = load_build_config(config_with(model={"month": [6, 12], "hour": "all"})).model
+    times = model.times.all
+    assert len(times) == 48 and times[:2] == (Time(6, 0), Time(6, 1)) and times[24] == Time(12, 0)
+    assert model.times.sweeps and model.swept == ("month", "hour")
+    one = load_build_config(config_with(model={"month": 6})).model
+    assert one.times.all == (Time(6, None),) and not one.times.sweeps and one.swept == ()
+    assert load_build_config(config_with(model={"month": "all"})).model.times.months == tuple(range(1, 13))
+    assert [time.label for time in (Time(6, 14), Time(None, 3), Time(None, None))] == [
+        "month 6, hour 14",
+        "hour 3",
+        "time unknown",
+    ]

@@ -16,7 +16,7 @@ from support.paths import LANDSAT
 
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from pipeline.build import plan_build
-from pipeline.config import ImagerySettings, load_plan_inputs
+from pipeline.config import ImagerySettings, Time, load_plan_inputs
 from pipeline.embed import EmbedOptions, chunk_stamp, embed_chunks, is_done, largest_batch, top_concepts
 from pipeline.errors import FetchError
 from pipeline.fetch import fetch_chunk
@@ -35,7 +35,9 @@ IMAGERY = ImagerySettings(
     min_coverage=0.5,
 )
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.02, connect_timeout_s=1.0, read_timeout_s=0.5)
-OPTIONS = EmbedOptions(month=None, hour=None, batch_size=16, loader_workers=0, top_k=3)
+OPTIONS = EmbedOptions(times=(Time(None, None),), batch_size=16, loader_workers=0, top_k=3)
+# Chunk-file arrays with a leading time axis.
+PER_TIME = ("embedding", "concept_index", "concept_weight")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_embedded_tiles_are_those_of_per_view_reads(
     chunk = chunks[0]
     [report] = embed_chunks([chunk], 3, encoder, IMAGERY, OPTIONS, tmp_path, lambda chunk: "stamp")
     with np.load(tmp_path / f"{chunk.id}.npz") as stored:
-        coverage, valid, embedding = stored["coverage"], stored["valid"], stored["embedding"].astype(np.float32)
+        coverage, valid, embedding = stored["coverage"], stored["valid"], stored["embedding"][0].astype(np.float32)
     assert report.valid == int(valid.sum()) > 0 and not report.reused
     with LocalRasterReader(LANDSAT, bands=(3, 2, 1)) as reader:
         reads = [reader.part(Bounds(*view), 224, 224) for view in chunk.views]
@@ -128,12 +130,14 @@ def test_loader_processes_give_the_same_chunk(
 def test_stamps_change_with_settings_weights_and_tiles(chunks: list[ChunkTiles]) -> None:
     first, second = chunks[:2]
     stamps = {
-        chunk_stamp(first, "settings", "weights"),
-        chunk_stamp(first, "settings2", "weights"),
-        chunk_stamp(first, "settings", "weights2"),
-        chunk_stamp(second, "settings", "weights"),
+        chunk_stamp(first, "settings", "weights", OPTIONS.times),
+        chunk_stamp(first, "settings2", "weights", OPTIONS.times),
+        chunk_stamp(first, "settings", "weights2", OPTIONS.times),
+        chunk_stamp(second, "settings", "weights", OPTIONS.times),
+        chunk_stamp(first, "settings", "weights", (Time(6, None), Time(7, None))),
+        chunk_stamp(first, "settings", "weights", (Time(6, None), Time(8, None))),
     }
-    assert len(stamps) == 4
+    assert len(stamps) == 6
 
 
 # --- imagery that cannot be had (imagery.on_missing: leave_empty) ---------------------------------------
@@ -189,7 +193,9 @@ def _edge_tile(
 
 
 def _stored(out: Path, chunks: list[ChunkTiles], name: str) -> np.ndarray:
-    return np.concatenate([np.load(out / f"{chunk.id}.npz")[name] for chunk in chunks])
+    """`name` of every tile of `chunks`, at the first time for per-time arrays."""
+    arrays = [np.load(out / f"{chunk.id}.npz")[name] for chunk in chunks]
+    return np.concatenate(arrays, axis=1)[0] if name in PER_TIME else np.concatenate(arrays)
 
 
 def test_views_touching_a_tile_that_fails_every_retry_are_empty_and_the_rest_unchanged(
@@ -252,3 +258,69 @@ def test_a_corrupt_cached_tile_read_offline_leaves_its_views_empty_and_counted(
     assert not (_stored(tmp_path / "chunks", scene_chunks, "valid") & reaching).any()
     gaps = imagery_gaps([chunk.id for chunk in scene_chunks], tmp_path / "chunks")
     assert gaps == ImageryGaps(int(reaching.sum()), 1)
+
+
+# --- several times (model.month / model.hour lists) -------------------------------------------------------------
+
+SWEEP = (Time(6, 14), Time(12, None), Time(None, 3))
+
+
+@pytest.fixture(scope="module")
+def withmeta_encoder() -> Sat2SoundEncoder:
+    torch.manual_seed(0)
+    return Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("latlong_month_time")).eval(), device="cpu")
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Patch `owner.name` to count its calls (in this process: run with loader_workers 0)."""
+    calls = [0]
+    original = getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_a_time_sweep_equals_separate_runs_of_each_time_and_reads_and_runs_the_vit_once(
+    chunks: list[ChunkTiles], withmeta_encoder: Sat2SoundEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.embed as embed_module
+
+    chunk = chunks[0]
+    cuts = _count_calls(monkeypatch, embed_module, "cut_views")
+    vit = _count_calls(monkeypatch, withmeta_encoder.model, "patch_tokens")
+    swept = OPTIONS._replace(times=SWEEP)
+    [report] = embed_chunks([chunk], 3, withmeta_encoder, IMAGERY, swept, tmp_path / "sweep", lambda c: "s")
+    sweep_counts = (cuts[0], vit[0])
+    with np.load(tmp_path / "sweep" / f"{chunk.id}.npz") as stored:
+        sweep = {name: stored[name] for name in (*PER_TIME, "valid", "month", "hour")}
+    assert sweep["embedding"].shape[0] == len(SWEEP)
+    assert sweep["month"].tolist() == [6, 12, -1] and sweep["hour"].tolist() == [14, -1, 3]
+    for index, moment in enumerate(SWEEP):
+        cuts[0] = vit[0] = 0
+        alone = OPTIONS._replace(times=(moment,))
+        embed_chunks([chunk], 3, withmeta_encoder, IMAGERY, alone, tmp_path / str(index), lambda c: "s")
+        assert (cuts[0], vit[0]) == sweep_counts, "a sweep reads, cuts and runs the ViT as often as one time"
+        with np.load(tmp_path / str(index) / f"{chunk.id}.npz") as single:
+            for name in PER_TIME:
+                np.testing.assert_allclose(sweep[name][index], single[name][0], atol=2e-3, err_msg=name)
+    valid = sweep["valid"]
+    embeddings = sweep["embedding"][:, valid].astype(np.float32)
+    assert np.abs(embeddings[0] - embeddings[1]).max() > 1e-2, "the times give different embeddings"
+    assert report.first_time_s > 0 and report.extra_times_s > 0
+
+
+def test_time_costs_give_the_first_step_and_each_extra_step_per_tile() -> None:
+    from pipeline.embed import ChunkReport, TimeCosts
+
+    reports = [
+        ChunkReport("a", 10, 8, False, first_time_s=0.8, extra_times_s=0.16),
+        ChunkReport("b", 10, None, True, first_time_s=5.0, extra_times_s=5.0),
+        ChunkReport("c", 4, 2, False, first_time_s=0.2, extra_times_s=0.04),
+    ]
+    line = TimeCosts.of_job(reports, 3).line()
+    assert line == "first time step 100.00 ms/tile, each extra time step 10.00 ms/tile (0.10 of the first; 3 times)"
+    assert TimeCosts.of_job(reports, 1).line() is None

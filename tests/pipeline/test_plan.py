@@ -490,6 +490,10 @@ def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: 
         "\n".join(describe(planned._replace(workload=start_up)))
     )
     assert "5 queries assumed" in "\n".join(describe(planned._replace(workload=workload._replace(query_count=None))))
+    # Four times: Zarr 4 x 176 B + 1 B = 705 B, COGs (4 x 16 B + 4 B) x 4/3 = 91 B per tile.
+    timed = "\n".join(describe(planned._replace(workload=workload._replace(times=4))))
+    assert "Outputs        ~28.7 MB on disk: Zarr 25.4 MB, COGs 3.3 MB (2 queries at 4 times, 64-d" in timed
+    assert "Times          4 (model.month x model.hour): the times above are of one" in timed
     assert "Tile limit     36,000 > tiling.max_tiles 1,000: the build refuses it" in "\n".join(
         describe(planned._replace(max_tiles=1000))
     )

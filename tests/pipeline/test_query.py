@@ -36,6 +36,7 @@ from model.inference import Sat2SoundEncoder
 from pipeline import new_query, search
 from pipeline.__main__ import main
 from pipeline.build import ERROR_STATUS
+from pipeline.config import ONE_UNKNOWN_TIME, Times
 from pipeline.errors import SearchWarning
 from pipeline.model_setup import ModelRecord
 from pipeline.store.read import SoundscapeStore
@@ -90,10 +91,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[s
 # --- the tile index, on synthetic stores ------------------------------------------------------------------------
 
 
-def synthetic_build(folder: Path, seed: int = 0, dim: int = 16) -> Path:
+def synthetic_build(folder: Path, seed: int = 0, dim: int = 16, times: Times = ONE_UNKNOWN_TIME) -> Path:
     """A folder laid out as a finished build around a synthetic store (its queries: DEFAULT_QUERIES)."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_synthetic_store(folder / "soundscape.zarr", dim=dim, seed=seed)
+    write_synthetic_store(folder / "soundscape.zarr", dim=dim, seed=seed, times=times)
     record = ModelRecord("untrained", str(folder / "weights.safetensors"), SYNTHETIC_SHA256, True, "sentinel", "none")
     (folder / "model.json").write_text(json.dumps(record._asdict()))
     queries = [{key: value for key, value in vars(query).items() if value is not None} for query in DEFAULT_QUERIES]
@@ -128,6 +129,16 @@ def test_the_index_finds_what_numpy_scoring_finds(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.isnan(grid), ~xr.open_zarr(build / "soundscape.zarr")["valid"].values)
     np.testing.assert_allclose(grid, expected, rtol=1e-5, atol=1e-6)
     assert opened.tiles.record.kind == search.FLAT and opened.tiles.record.count == int(np.isfinite(expected).sum())
+
+
+def test_a_store_of_several_times_is_indexed_at_its_first_time(tmp_path: Path) -> None:
+    build = synthetic_build(tmp_path / "build", times=Times((6, 12), (None,)))
+    store = SoundscapeStore(build / "soundscape.zarr")
+    embeddings = xr.open_zarr(build / "soundscape.zarr")["embedding"].values.astype(np.float32)
+    query = unit_vectors(1, embeddings.shape[2], seed=5)[0]
+    grid = search.open_tile_index(store, build / "index").tiles.score_grid(query)
+    np.testing.assert_allclose(grid, np.einsum("d,dyx->yx", query, embeddings[0, 0]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(grid, np.einsum("d,dyx->yx", query, embeddings[1, 0]), equal_nan=True)
 
 
 def test_the_index_is_kept_and_read_back_by_the_next_query(tmp_path: Path) -> None:

@@ -212,6 +212,30 @@ def test_build_writes_a_georeferenced_store_and_cogs_on_the_tile_grid(built: Pat
         assert gdal_view.crs.to_epsg() == 3857 and gdal_view.transform.almost_equals(expected, precision=1e-6)
 
 
+def test_a_build_of_several_months_has_a_band_per_time_and_each_equals_its_one_time_build(
+    built: Path, base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    config = {**base_config, "name": "months", "model": {**base_config["model"], "month": [12, MONTH]}}
+    check_ran(snakemake(tmp_path, write_config(tmp_path, config), "--cores", "2"), tmp_path)
+    build = tmp_path / "out/months"
+    swept, single = xr.open_zarr(build / "soundscape.zarr"), xr.open_zarr(built / "out/tiny/soundscape.zarr")
+    assert swept.score.dims == ("month", "hour", "query", "y", "x")
+    assert swept["month"].values.tolist() == [12, MONTH] and swept["hour"].values.tolist() == [HOUR]
+    same_time = swept.embedding.sel(month=MONTH, hour=HOUR).values.astype(np.float32)
+    np.testing.assert_allclose(same_time, single.embedding.values.astype(np.float32), atol=2e-3)
+    other_time = swept.embedding.sel(month=12, hour=HOUR).values.astype(np.float32)
+    assert np.nanmax(np.abs(other_time - same_time)) > 1e-2
+    labels = [f"month 12, hour {HOUR}", f"month {MONTH}, hour {HOUR}"]
+    for name in ("birds.tif", "birds_percentile.tif"):
+        with rasterio.open(build / "cog" / name) as dataset:
+            assert list(dataset.descriptions) == labels
+    with rasterio.open(build / "cog/birds.tif") as dataset:
+        np.testing.assert_allclose(dataset.read(2), single.score.sel(query="birds").values, atol=SCORE_ATOL)
+    logs = "".join(log.read_text() for log in build.rglob("logs/embed/*.log"))
+    assert "first time step" in logs and "each extra time step" in logs
+    assert 'id="s2s-time"' in (build / "preview.html").read_text(encoding="utf-8")
+
+
 def test_build_writes_the_answers_a_planner_acts_on(built: Path) -> None:
     build = built / "out/tiny"
     store = xr.open_zarr(build / "soundscape.zarr")

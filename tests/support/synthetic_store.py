@@ -25,7 +25,7 @@ import shapely
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
-from pipeline.config import Query
+from pipeline.config import ONE_UNKNOWN_TIME, Query, Times
 from pipeline.geometry import RasterGrid, lnglat_of_mercator
 from pipeline.model_setup import ModelRecord
 from pipeline.plan import ImageryFit, ModelView, Plan
@@ -63,6 +63,9 @@ class SyntheticStore(NamedTuple):
     in_chunk: np.ndarray  # (H, W) whether a chunk holds the tile
     plan: Plan
     logit_scale: np.ndarray
+    times: Times
+    score_by_time: np.ndarray  # (T, Q, H, W) raw cosines per time (score is the first)
+    embedding_by_time: np.ndarray  # (T, H, W, D) float16 per time (embedding is the first)
 
     @property
     def height(self) -> int:
@@ -90,13 +93,16 @@ def write_synthetic_store(
     unavailable: bool = False,
     score: np.ndarray | None = None,
     logit_scale: np.ndarray | None = None,
+    times: Times = ONE_UNKNOWN_TIME,
 ) -> SyntheticStore:
     """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
 
     `chunk` is the store's block size (pixels), `chunk_tiles` the side of a build chunk (tiles). With
     `unavailable`, the in-chunk tiles that are not valid were left empty because imagery could not be had (two
     source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
-    replace the generated fields and the common LOGIT_SCALE.
+    replace the generated fields and the common LOGIT_SCALE. With several `times`, each time after the first has
+    its own scores (the first's, queries rotated by the time's index, scaled and shifted) and embeddings; concepts
+    are the same at every time.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -112,11 +118,17 @@ def write_synthetic_store(
 
     score = _score_fields(len(queries), x, y, rng) if score is None else np.array(score, np.float32)
     concept_index, concept_weight = _concepts(height, width, ranks, rng)
-    embedding = rng.standard_normal((height, width, dim)).astype(np.float16)
+    count = len(times.all)
+    score_by_time = np.stack(
+        [np.clip(np.roll(score, t, axis=0) * (1 - 0.1 * t) + 0.05 * t, -1, 1) for t in range(count)]
+    )
+    score_by_time = score_by_time.astype(np.float32)
+    embedding_by_time = rng.standard_normal((count, height, width, dim)).astype(np.float16)
+    embedding = embedding_by_time[0]
 
     work = path.parent / f"{path.name}.inputs"
     chunk_ids = _write_chunks(
-        work, in_chunk, valid, score, concept_index, concept_weight, embedding, chunk_tiles, unavailable
+        work, in_chunk, valid, score_by_time, concept_index, concept_weight, embedding_by_time, chunk_tiles, unavailable
     )
     plan = Plan(
         region=Region("synthetic ellipse", shapely.geometry.shape(region)),
@@ -147,12 +159,14 @@ def write_synthetic_store(
         path,
         top_k=ranks,
         block_px=chunk,
+        times=times,
     )
     off = ~valid
-    score[:, off] = np.nan
+    score_by_time[:, :, off] = np.nan
     concept_index[off] = -1
     concept_weight[off] = np.nan
-    embedding[off] = np.nan
+    embedding_by_time[:, off] = np.nan
+    score, embedding = score_by_time[0], embedding_by_time[0]
     return SyntheticStore(
         path,
         zoom,
@@ -167,6 +181,9 @@ def write_synthetic_store(
         in_chunk,
         plan,
         logit_scale,
+        times,
+        score_by_time,
+        embedding_by_time,
     )
 
 
@@ -181,7 +198,8 @@ def _write_chunks(
     side: int,
     unavailable: bool = False,
 ) -> tuple[str, ...]:
-    """Chunk files (chunks/<id>.npz) and score files (scores/<id>.npz) of square blocks of `side` tiles."""
+    """Chunk files (chunks/<id>.npz) and score files (scores/<id>.npz) of square blocks of `side` tiles, from
+    per-time `score` (T, Q, H, W) and `embedding` (T, H, W, D); concepts are the same at every time."""
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     (work / "scores").mkdir(parents=True, exist_ok=True)
     height, width = valid.shape
@@ -209,12 +227,12 @@ def _write_chunks(
                 col=cols.astype(np.int32),
                 coverage=valid[rows, cols].astype(np.float32),
                 valid=valid[rows, cols],
-                embedding=embedding[rows, cols],
-                concept_index=concept_index[rows, cols],
-                concept_weight=concept_weight[rows, cols],
+                embedding=embedding[:, rows, cols],
+                concept_index=np.stack([concept_index[rows, cols]] * len(embedding)),
+                concept_weight=np.stack([concept_weight[rows, cols]] * len(embedding)),
                 **lacking,
             )
-            np.savez(work / "scores" / f"{chunk_id}.npz", ids=np.arange(score.shape[0]), score=score[:, rows, cols])
+            np.savez(work / "scores" / f"{chunk_id}.npz", ids=np.arange(score.shape[1]), score=score[:, :, rows, cols])
             ids.append(chunk_id)
     return tuple(ids)
 

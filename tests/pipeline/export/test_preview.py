@@ -25,6 +25,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 from support.synthetic_store import (
@@ -35,7 +36,7 @@ from support.synthetic_store import (
     write_synthetic_store,
 )
 
-from pipeline.config import ImagerySettings
+from pipeline.config import ImagerySettings, Times
 from pipeline.errors import ExportError
 from pipeline.export import preview as preview_module
 from pipeline.export.places import write_top_places
@@ -515,3 +516,104 @@ def test_banner_says_how_many_tiles_were_left_empty_for_unavailable_imagery(tmp_
     clean = write_synthetic_store(tmp_path / "clean" / "soundscape.zarr", 8, 6)
     page = write_preview(clean.path, clean.region, tmp_path / "clean.html").read_text(encoding="utf-8")
     assert "left empty" not in page and empty > 0
+
+
+# --- several times: a slider switches every query layer, the dominant sound and the popups ------------------------
+
+TIMES = Times((6, 12), (8,))
+TIME_LABELS = ["month 6, hour 8", "month 12, hour 8"]
+
+
+@pytest.fixture(scope="module")
+def timed_store(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStore:
+    return write_synthetic_store(tmp_path_factory.mktemp("timed") / "soundscape.zarr", times=TIMES)
+
+
+@pytest.fixture(scope="module")
+def timed_preview(timed_store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("timed-build")
+    return write_preview(timed_store.path, timed_store.region, folder / "preview.html")
+
+
+def _slide_to(driver: webdriver.Chrome, time: int) -> None:
+    """Move the time slider as a keyboard user does: to its start, then `time` steps right."""
+    slider = driver.find_element(By.ID, "s2s-time")
+    slider.send_keys(Keys.HOME, *([Keys.ARROW_RIGHT] * time))
+
+
+def _per_time(store: SyntheticStore, variable: str) -> np.ndarray:
+    """(T, Q, H, W) of a store with month and hour dimensions."""
+    values = xr.open_zarr(store.path)[variable].to_numpy()
+    return values.reshape(-1, *values.shape[2:])
+
+
+def _overlay_sources(driver: webdriver.Chrome) -> list[str]:
+    return list(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll('img.leaflet-image-layer')).map(img => img.src);"
+        )
+    )
+
+
+def test_a_preview_of_one_time_has_no_time_slider(page: webdriver.Chrome) -> None:
+    assert page.find_elements(By.ID, "s2s-time") == []
+
+
+def test_the_time_slider_switches_the_maps_to_each_time(
+    browser: webdriver.Chrome, timed_store: SyntheticStore, timed_preview: Path
+) -> None:
+    page = load(browser, timed_preview)
+    slider = page.find_element(By.ID, "s2s-time")
+    assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("0", str(len(TIME_LABELS) - 1))
+    percentile = _per_time(timed_store, "score_percentile")[:, 0]
+    classes = percentile_classes(LABELS[0])
+    inner = timed_store.valid.copy()
+    for step in ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)):
+        inner &= np.roll(timed_store.in_chunk, step, axis=(0, 1))
+    tiles = _clickable_tiles(page, timed_store, inner)
+    _toggle(page, f"{LABELS[0]} — percentile")
+    background = _screenshot(page)
+    _toggle(page, f"{LABELS[0]} — percentile")
+    changed = 0
+    for time, label in enumerate(TIME_LABELS):
+        _slide_to(page, time)
+        assert page.find_element(By.ID, "s2s-time-label").text == label
+        pixels = _screenshot(page)
+        for row, col, x, y in tiles:
+            colour = np.array(classes[int(percentile_class(percentile[time, row, col]))].colour)
+            expected = OVERLAY_OPACITY * colour + (1 - OVERLAY_OPACITY) * background[y, x]
+            assert np.abs(pixels[y, x] - expected).max() <= 2, (time, row, col)
+        changed += time > 0 and bool(
+            (percentile_class(percentile[time][inner]) != percentile_class(percentile[0][inner])).any()
+        )
+    assert changed, "the fixture's times differ in the tiles checked"
+
+
+def test_the_time_slider_switches_every_query_layer_the_dominant_sound_and_the_popups(
+    browser: webdriver.Chrome, timed_store: SyntheticStore, timed_preview: Path
+) -> None:
+    page = load(browser, timed_preview)
+    for box in _overlay_boxes(page):
+        if not box.is_selected():
+            box.click()
+    first = _overlay_sources(page)
+    _slide_to(page, 1)
+    second = _overlay_sources(page)
+    assert len(first) == 2 * len(LABELS) + 1
+    assert all(a != b for a, b in zip(first, second, strict=True)), "every map shows the slider's time"
+    _slide_to(page, 0)
+    assert _overlay_sources(page) == first
+    for box in _overlay_boxes(page):
+        if box.is_selected():
+            box.click()
+    score = _per_time(timed_store, "score")
+    tiles = _clickable_tiles(page, timed_store, timed_store.valid)
+    row, col, _, _ = tiles[len(tiles) // 2]  # near the middle: where the map is after a popup pans it
+    for time, label in enumerate(TIME_LABELS):
+        _slide_to(page, time)
+        _click(page, *_tile_point(page, timed_store, row, col))
+        popup = _popup(page)
+        assert label in popup.text
+        rows = popup.find_elements(By.CSS_SELECTOR, "tr.s2s-query")
+        for label_of_query, item, value in zip(LABELS, rows, score[time, :, row, col], strict=True):
+            assert item.text.startswith(f"{label_of_query} {value:.4f} "), (time, item.text)

@@ -50,7 +50,7 @@ def _expected(store: SyntheticStore, name: str, index: int | None) -> np.ndarray
 def test_gdal_3_6_reads_each_layer_with_crs_geotransform_and_values(
     store: SyntheticStore, name: str, index: int | None
 ) -> None:
-    path = gdal_path(store.path, name, index)
+    path = gdal_path(store.path, name, *(() if index is None else (index,)))
     info = gdalinfo(path)
     assert 'ID["EPSG",3857]]' in info["coordinateSystem"]["wkt"].replace("\n", "").replace(" ", "")
     np.testing.assert_allclose(info["geoTransform"], store.plan.grid.transform.to_gdal(), rtol=0, atol=1e-6)
