@@ -115,6 +115,7 @@ class OutputSettings:
     crs: str | None
     top_k: int
     zarr_chunk_px: int
+    gallery: str | None = None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import numpy as np
 from common.atomic import atomic_path, atomic_write_bytes
 from model.audio import CLIP_SECONDS, fit_clip
 from model.errors import AudioDecodeError, first_line
-from pipeline.errors import GalleryError, GalleryWarning
+from pipeline.config import ModelSettings
+from pipeline.errors import BuildConfigError, GalleryError, GalleryWarning
 from pipeline.gallery_sources import AudioReader, GalleryItem
 from pipeline.vectors import VectorSearch, index_of, kind_of, read_index, write_index
 
@@ -48,7 +49,6 @@ EMBEDDED = (AUDIO, CAPTION)
 # The query kind (`pipeline.queries.LOGIT_SCALE_BY_KIND`) whose logit scale weighs each embedded direction.
 SCALE_KIND = {AUDIO: "audio", CAPTION: "text"}
 EMBED_BATCH = 16
-BUILD_HINT = "python -m pipeline gallery build SOURCE --checkpoint CKPT --out"
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class GalleryRecord:
     logit_scale: dict[str, float]  # by embedded direction (audio, caption)
     index_kind: str
     faiss_version: str
+
+
+def build_command(folder: Path | str, checkpoint: str = "CKPT") -> str:
+    return f"python -m pipeline gallery build SOURCE --checkpoint {checkpoint} --out {folder}"
 
 
 class Gallery:
@@ -102,7 +106,7 @@ def open_gallery(folder: Path) -> Gallery:
     """The gallery in `folder`, refused in one line if there is none or it is damaged (it may be empty)."""
     if not (folder / RECORD_NAME).is_file():
         what = "no folder" if not folder.is_dir() else f"no gallery ({RECORD_NAME})"
-        raise GalleryError(f"{folder}: {what}; build a gallery there with {BUILD_HINT} {folder}")
+        raise GalleryError(f"{folder}: {what}; build a gallery there with {build_command(folder)}")
     try:
         record = GalleryRecord(**json.loads((folder / RECORD_NAME).read_text()))
         items = [GalleryItem(**item) for item in json.loads((folder / ITEMS_NAME).read_text())]
@@ -121,7 +125,7 @@ def open_gallery(folder: Path) -> Gallery:
 def open_filled_gallery(folder: Path) -> Gallery:
     gallery = open_gallery(folder)
     if gallery.record.count == 0:
-        raise GalleryError(f"the gallery {folder} is empty; add recordings with {BUILD_HINT} {folder}")
+        raise GalleryError(f"the gallery {folder} is empty; add recordings with {build_command(folder)}")
     return gallery
 
 
@@ -259,3 +263,23 @@ def item_facts(item: GalleryItem) -> dict[str, Any]:
         "licence": item.licence,
         "attribution": item.attribution,
     }
+
+
+def check_build_gallery(folder: str | None, model: ModelSettings) -> None:
+    """Refuse, when a build starts, an `outputs.gallery` that is no gallery or that other weights than the
+    build's embedded (untrained weights are made by the build: their gallery is checked by `listen`)."""
+    if folder is None:
+        return
+    try:
+        gallery = open_gallery(Path(folder))
+    except GalleryError as exc:
+        raise BuildConfigError(f"config.outputs.gallery: {exc}") from None
+    if model.untrained:
+        return
+    from model import resolve, sha256_file
+
+    if sha256_file(resolve(model.checkpoint)) != gallery.record.sha256:
+        raise BuildConfigError(
+            f"config.outputs.gallery: {folder} was embedded with other weights ({gallery.record.checkpoint}) than"
+            f" model.checkpoint; build one with {build_command(Path('NEW_GALLERY'), model.checkpoint)}"
+        )

@@ -3,7 +3,8 @@
 - A folder of audio files: with a CSV (`recordings.csv` in the folder, or `--csv`), the files its `file` column
   names, with the optional columns `caption`, `lat`, `lon`, `licence` and the attribution (`source_title`,
   `attribution`, `source_url`, joined); without one, every wav, flac, ogg and mp3 file directly in the folder.
-  A missing caption is the file's name in words, a missing licence `unknown`. An item's id is its file name; its audio, the file's absolute path.
+  A missing caption is the file's name in words, a missing licence `unknown`. An item's id is its file name,
+  its audio the file's absolute path.
 - A GeoSound or SoundingEarth split in its Hugging Face Parquet layout (`model.data.parquet`): each row's
   `sample_id` (the id), `audio_caption`, `latitude`, `longitude` and encoded `audio`; an item's audio is its
   shard's path and its row in that shard. The datasets record no licence per recording: the item says so and
@@ -113,6 +114,8 @@ def dataset_items(root: Path, dataset: str, split: str) -> list[GalleryItem]:
     """The items of a GeoSound or SoundingEarth split (their `seconds` still 0)."""
     if split not in SPLITS:
         raise GalleryError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if dataset not in DATASETS:
+        raise GalleryError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
     kind = DATASETS[dataset]
     shards = find_shards(root, split)
     if not shards:

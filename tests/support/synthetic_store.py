@@ -90,13 +90,14 @@ def write_synthetic_store(
     unavailable: bool = False,
     score: np.ndarray | None = None,
     logit_scale: np.ndarray | None = None,
+    model: ModelRecord | None = None,
 ) -> SyntheticStore:
     """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
 
     `chunk` is the store's block size (pixels), `chunk_tiles` the side of a build chunk (tiles). With
     `unavailable`, the in-chunk tiles that are not valid were left empty because imagery could not be had (two
     source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
-    replace the generated fields and the common LOGIT_SCALE.
+    replace the generated fields and the common LOGIT_SCALE; `model` the synthetic checkpoint's record.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -142,7 +143,7 @@ def write_synthetic_store(
         work / "chunks",
         work / "scores",
         embeddings,
-        ModelRecord(CHECKPOINT, CHECKPOINT, "0" * 64, untrained, "sentinel", "none"),
+        model or ModelRecord(CHECKPOINT, CHECKPOINT, "0" * 64, untrained, "sentinel", "none"),
         config,
         path,
         top_k=ranks,
