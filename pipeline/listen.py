@@ -138,7 +138,7 @@ def tile_at(built: BuiltMap, lat: float, lon: float) -> tuple[int, int]:
     """The grid row and column of the build's tile under lat, lon (refused outside the build)."""
     grid = built.store.grid
     x, y = mercantile.xy(lon, lat)
-    col, row = (int(np.floor(value)) for value in ~grid.transform * (x, y))
+    col, row = (int(np.floor(value)) for value in ~grid.transform @ (x, y))
     if not (0 <= row < grid.height and 0 <= col < grid.width):
         west, south, east, north = mercantile_bounds(built)
         raise ListenError(
@@ -263,13 +263,11 @@ def render_track(built: BuiltMap, places: list[Place], render: Renderer, target_
 
 def clips_used(places: list[dict[str, Any]], total_seconds: float) -> list[dict[str, Any]]:
     """Every recording mixed, once, with its weight in the whole track (its weights, by time spent)."""
-    used: dict[tuple[str, int | None], dict[str, Any]] = {}
+    used: dict[str, dict[str, Any]] = {}
     for place in places:
         share = place["seconds"] / total_seconds
         for clip in place.get("clips", []):
-            entry = used.setdefault(
-                (clip["file"], clip["row"]), {key: clip[key] for key in clip if key not in ("weight", "logit")}
-            )
+            entry = used.setdefault(clip["id"], {key: clip[key] for key in clip if key not in ("weight", "logit")})
             entry["weight"] = entry.get("weight", 0.0) + clip["weight"] * share
     return list(used.values())
 
