@@ -15,7 +15,6 @@ product and `torch.topk` per block on that device (e.g. a GPU when faiss has non
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import tempfile
@@ -26,7 +25,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from pipeline.gallery import AUDIO, CAPTION, COMPOSED, DIRECTIONS, Gallery, open_gallery, write_gallery
+from pipeline.gallery import (
+    AUDIO,
+    CAPTION,
+    COMPOSED,
+    DIRECTIONS,
+    Gallery,
+    composed_vectors,
+    open_gallery,
+    write_gallery,
+)
 from pipeline.gallery_sources import GalleryItem
 
 SEED = 0
@@ -59,7 +67,7 @@ def written_gallery(folder: Path, items: int, dim: int, rng: np.random.Generator
 
 def brute_force(gallery: Gallery, tiles: np.ndarray, direction: str, k: int) -> np.ndarray:
     if direction == COMPOSED:
-        matrix = sum(math.exp(LOGIT_SCALES[name]) * gallery.embeddings[name] for name in (AUDIO, CAPTION))
+        matrix = composed_vectors(gallery.embeddings, LOGIT_SCALES)
     else:
         matrix = gallery.embeddings[direction]
     return np.argsort(-(tiles @ matrix.T), axis=1, kind="stable")[:, :k]
@@ -89,12 +97,12 @@ def torch_run(gallery: Gallery, tiles: np.ndarray, args: argparse.Namespace) -> 
     import torch
 
     device = torch.device(args.torch_device)
-    matrix = sum(math.exp(LOGIT_SCALES[name]) * gallery.embeddings[name] for name in (AUDIO, CAPTION))
+    matrix = composed_vectors(gallery.embeddings, LOGIT_SCALES)
     items = torch.from_numpy(np.ascontiguousarray(matrix)).to(device)
     on_device = torch.from_numpy(tiles).to(device)
     start = time.perf_counter()
-    for block in blocks(on_device, args.block):  # type: ignore[arg-type]
-        torch.topk(block @ items.T, args.top_k, dim=1).indices.cpu()
+    for first in range(0, len(tiles), args.block):
+        torch.topk(on_device[first : first + args.block] @ items.T, args.top_k, dim=1).indices.cpu()
     seconds = time.perf_counter() - start
     found = torch.topk(on_device[:SAMPLED] @ items.T, args.top_k, dim=1).indices.cpu().numpy()
     same = agreement(found, brute_force(gallery, tiles[:SAMPLED], COMPOSED, args.top_k))

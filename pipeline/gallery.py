@@ -99,7 +99,9 @@ class BuildSummary(NamedTuple):
 
 
 def composed_vectors(embeddings: dict[str, np.ndarray], logit_scale: dict[str, float]) -> np.ndarray:
-    return sum(math.exp(logit_scale[name]) * embeddings[name] for name in EMBEDDED).astype(np.float32)
+    """Each item's exp(logit_scale_ia) audio + exp(logit_scale_it) caption embedding."""
+    audio, caption = (math.exp(logit_scale[name]) * embeddings[name] for name in EMBEDDED)
+    return (audio + caption).astype(np.float32)
 
 
 def open_gallery(folder: Path) -> Gallery:

@@ -23,7 +23,7 @@ Every bad input is refused in one line before any audio is decoded.
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +101,10 @@ def check_output(out: Path) -> None:
         raise ListenError(f"--out {out} is not a .flac file; name one, e.g. --out place.flac")
     if out.is_dir():
         raise ListenError(f"--out {out} is a folder; name a .flac file in it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as exc:
-        raise ListenError(f"cannot write {out} ({exc.strerror}); pass --out a path in a writable folder") from None
+    # The nearest folder that exists must take new entries (the rest is made when the sound is written).
+    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ListenError(f"cannot write {out} ({existing} is no writable folder); pass --out a writable path")
 
 
 def check_seconds(seconds: float, top_k: int) -> None:
