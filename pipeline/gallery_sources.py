@@ -17,7 +17,6 @@ import csv
 import io
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +160,7 @@ class AudioReader:
         """The recording's length in seconds; AudioDecodeError if it cannot be decoded (whole) or holds nothing."""
         if item.row is None:
             check_audio_file(item.audio)
-        source = Path(item.audio) if item.row is None else io.BytesIO(self._bytes(item))
+        source = Path(item.audio) if item.row is None else io.BytesIO(self._bytes(item.audio, item.row, _name(item)))
         try:
             with soundfile.SoundFile(source) as audio_file:
                 return audio_file.frames / audio_file.samplerate
@@ -172,14 +171,13 @@ class AudioReader:
         """The first `seconds` of the recording (all of it if shorter) as float32 mono samples at 32 kHz."""
         if item.row is None:
             return decode_audio(item.audio, seconds)
-        return decode_audio_from(io.BytesIO(self._bytes(item)), _name(item), seconds)
+        return decode_audio_from(io.BytesIO(self._bytes(item.audio, item.row, _name(item))), _name(item), seconds)
 
-    def _bytes(self, item: GalleryItem) -> bytes:
-        assert item.row is not None
-        audio, first = self._group_audio(item.audio, item.row)
-        value = audio[item.row - first].as_py()
+    def _bytes(self, shard: str, row: int, name: str) -> bytes:
+        audio, first = self._group_audio(shard, row)
+        value = audio[row - first].as_py()
         if not value or not value.get("bytes"):
-            raise AudioDecodeError(f"{_name(item)} has no embedded audio bytes; download the shard again")
+            raise AudioDecodeError(f"{name} has no embedded audio bytes; download the shard again")
         return bytes(value["bytes"])
 
     def _group_audio(self, shard: str, row: int) -> tuple[pa.ChunkedArray, int]:
@@ -203,8 +201,3 @@ class AudioReader:
 
 def _name(item: GalleryItem) -> str:
     return f"audio file {item.audio}" if item.row is None else f"the audio of {item.audio} row {item.row}"
-
-
-def batches(items: list[GalleryItem], size: int) -> Iterator[list[GalleryItem]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,12 +72,11 @@ class Place(NamedTuple):
     seconds: float
 
 
-@dataclass
-class Rendered:
+class Rendered(NamedTuple):
     """One place's sound and what made it."""
 
     samples: np.ndarray
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any]
 
 
 Renderer = Callable[[np.ndarray, float], Rendered]
@@ -138,7 +136,7 @@ def tile_at(built: BuiltMap, lat: float, lon: float) -> tuple[int, int]:
     x, y = mercantile.xy(lon, lat)
     col, row = (int(np.floor(value)) for value in ~grid.transform @ (x, y))
     if not (0 <= row < grid.height and 0 <= col < grid.width):
-        west, south, east, north = mercantile_bounds(built)
+        west, south, east, north = _lnglat_bounds(built)
         raise ListenError(
             f"{lat:.5f},{lon:.5f} lies outside the build {built.folder} (lat {south:.4f} to {north:.4f}, lon"
             f" {west:.4f} to {east:.4f}); pick a place inside it"
@@ -146,7 +144,7 @@ def tile_at(built: BuiltMap, lat: float, lon: float) -> tuple[int, int]:
     return row, col
 
 
-def mercantile_bounds(built: BuiltMap) -> tuple[float, float, float, float]:
+def _lnglat_bounds(built: BuiltMap) -> tuple[float, float, float, float]:
     left, bottom, right, top = built.store.grid.bounds
     west, south = mercantile.lnglat(left, bottom)
     east, north = mercantile.lnglat(right, top)
@@ -242,20 +240,22 @@ def generator_renderer(gallery: Gallery, generator: TextToAudio, spec: str, top_
     return render
 
 
-def render_track(built: BuiltMap, places: list[Place], render: Renderer, target_lufs: float) -> tuple[np.ndarray, list]:
+def render_track(
+    built: BuiltMap, places: list[Place], render: Renderer, target_lufs: float
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The places' sounds one after the other, crossfaded, each at the target loudness, and their facts."""
-    track: np.ndarray | None = None
-    facts = []
-    start = 0.0
     crossfade = round(CROSSFADE_SECONDS * SAMPLE_RATE)
+    sounds, facts = [], []
+    start = 0.0
     for index, place in enumerate(places):
         overlap = CROSSFADE_SECONDS if index < len(places) - 1 else 0.0
         rendered = render(tile_embedding(built, place.row, place.col), place.seconds + overlap)
-        sound = to_loudness(rendered.samples, target_lufs)
-        track = sound if track is None else crossfade_join(track, sound, crossfade)
+        sounds.append(to_loudness(rendered.samples, target_lufs))
         facts.append({**place._asdict(), "start_s": start, **rendered.facts})
         start += place.seconds
-    assert track is not None
+    track = sounds[0]
+    for sound in sounds[1:]:
+        track = crossfade_join(track, sound, crossfade)
     return mastered(track, target_lufs), facts
 
 
