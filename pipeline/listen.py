@@ -260,14 +260,15 @@ def render_track(
 
 
 def clips_used(places: list[dict[str, Any]], total_seconds: float) -> list[dict[str, Any]]:
-    """Every recording mixed, once, with its weight in the whole track (its weights, by time spent)."""
+    """Every recording mixed, once, with its weight in the whole track (its weights by the time spent at each
+    place), heaviest first."""
     used: dict[str, dict[str, Any]] = {}
     for place in places:
         share = place["seconds"] / total_seconds
         for clip in place.get("clips", []):
             entry = used.setdefault(clip["id"], {key: clip[key] for key in clip if key not in ("weight", "logit")})
             entry["weight"] = entry.get("weight", 0.0) + clip["weight"] * share
-    return list(used.values())
+    return sorted(used.values(), key=lambda entry: -entry["weight"])
 
 
 def write_listening(out: Path, track: np.ndarray, sidecar: dict[str, Any]) -> Path:
