@@ -27,6 +27,10 @@ from pipeline.imagery.cache import TileCache
 USAGE_ERROR_STATUS = 2
 DEFAULT_QUERY_TOP_K = 50
 DEFAULT_PLACE_OUT, DEFAULT_WALK_OUT = "place.flac", "soundwalk.flac"
+DEFAULT_LISTEN_SECONDS = 30.0
+DEFAULT_LISTEN_TOP_K = 5
+WALKING_SPEED_M_S = 1.4
+TARGET_LUFS = -23.0  # EBU R128's programme loudness
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY_SIZE_UNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -291,9 +295,6 @@ def _add_gallery_parser(commands: Any) -> None:
 
 
 def _add_listen_parser(commands: Any) -> None:
-    from pipeline.listen import DEFAULT_SECONDS, DEFAULT_TOP_K, WALKING_SPEED_M_S
-    from pipeline.mix import TARGET_LUFS
-
     listen = commands.add_parser(
         "listen", help="what a place probably sounds like: its best gallery recordings, mixed, as FLAC + JSON"
     )
@@ -303,11 +304,17 @@ def _add_listen_parser(commands: Any) -> None:
     where.add_argument("--along", type=Path, metavar="ROUTE", help="a soundwalk along the line in this GeoJSON file")
     listen.add_argument("--gallery", type=Path, help="the gallery (default: the build's outputs.gallery)")
     listen.add_argument(
-        "--seconds", type=float, default=DEFAULT_SECONDS, help="length with --at (default: %(default)s)"
+        "--seconds", type=float, default=DEFAULT_LISTEN_SECONDS, help="length with --at (default: %(default)s)"
     )
-    listen.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="recordings mixed (default: %(default)s)")
-    listen.add_argument("--speed", type=_positive_float, default=WALKING_SPEED_M_S, help="walking speed, m/s")
-    listen.add_argument("--target-lufs", type=float, default=TARGET_LUFS, help="loudness (default: %(default)s)")
+    listen.add_argument(
+        "--top-k", type=int, default=DEFAULT_LISTEN_TOP_K, help="recordings or captions used (default: %(default)s)"
+    )
+    listen.add_argument(
+        "--speed", type=_positive_float, default=WALKING_SPEED_M_S, help="walking speed, m/s (default: %(default)s)"
+    )
+    listen.add_argument(
+        "--target-lufs", type=float, default=TARGET_LUFS, help="integrated loudness (default: %(default)s LUFS)"
+    )
     listen.add_argument("--generator", metavar="MODULE:FACTORY", help="a text-to-audio model prompted with captions")
     listen.add_argument("--out", type=Path, help=f"the FLAC (default: {DEFAULT_PLACE_OUT}, {DEFAULT_WALK_OUT})")
     listen.set_defaults(run=_run_listen)

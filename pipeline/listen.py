@@ -39,7 +39,6 @@ from pipeline.gallery import CAPTION, COMPOSED, Gallery, build_command, item_fac
 from pipeline.gallery_sources import AudioReader
 from pipeline.mix import (
     CROSSFADE_SECONDS,
-    TARGET_LUFS,
     crossfade_join,
     fit_length,
     mastered,
@@ -52,12 +51,9 @@ from pipeline.new_query import BuiltMap
 from pipeline.synthesis import TextToAudio, generated, load_generator, prompt_of
 from pipeline.walk import route_points
 
-DEFAULT_SECONDS = 30.0
 MIN_SECONDS = 2 * CROSSFADE_SECONDS
 MAX_SECONDS = 3 * 3600.0
-DEFAULT_TOP_K = 5
 MAX_TOP_K = 50
-WALKING_SPEED_M_S = 1.4
 WALK_STEP_SECONDS = 1.0
 MIN_PLACE_SECONDS = 2 * CROSSFADE_SECONDS
 OUTPUT_SUFFIX = ".flac"
@@ -310,10 +306,10 @@ def listen(
     at: str | None = None,
     along: Path | None = None,
     gallery: Path | None = None,
-    seconds: float = DEFAULT_SECONDS,
-    top_k: int = DEFAULT_TOP_K,
-    speed: float = WALKING_SPEED_M_S,
-    target_lufs: float = TARGET_LUFS,
+    seconds: float,
+    top_k: int,
+    speed: float,
+    target_lufs: float,
     generator: str | None = None,
 ) -> Listening:
     """The sound of the place at `at` (LAT,LON) or of a walk `along` a route, written to `out` and its sidecar."""

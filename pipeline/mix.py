@@ -18,8 +18,6 @@ import pyloudnorm
 
 from model.audio import SAMPLE_RATE
 
-# EBU R128's programme loudness target.
-TARGET_LUFS = -23.0
 # The highest sample a track may hold: -1 dBFS, the headroom EBU R128 asks of true peaks.
 PEAK_CEILING = 10 ** (-1 / 20)
 CROSSFADE_SECONDS = 1.0

@@ -20,7 +20,9 @@ from model.inference import Sat2SoundEncoder
 from pipeline import vectors
 from pipeline.__main__ import main
 from pipeline.build import ERROR_STATUS
-from pipeline.gallery import AUDIO, CAPTION, COMPOSED, open_gallery
+from pipeline.config import load_build_config
+from pipeline.errors import BuildConfigError
+from pipeline.gallery import AUDIO, CAPTION, COMPOSED, check_build_gallery, open_gallery
 from pipeline.gallery_sources import AudioReader, dataset_items
 
 K = 5
@@ -63,7 +65,7 @@ def test_an_exact_gallery_index_finds_what_brute_force_finds(tmp_path: Path) -> 
 
 def test_an_approximate_gallery_index_has_its_recall_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vectors, "EXACT_MAX_VALUES", 1000)
-    embeddings = vector_gallery(tmp_path / "gallery", 3000, seed=4)
+    embeddings = vector_gallery(tmp_path / "gallery", 2000, seed=4)
     gallery = open_gallery(tmp_path / "gallery")
     queries = unit_rows(50, DEMO_DIM, seed=5)
     assert gallery.record.index_kind == vectors.HNSW
@@ -260,3 +262,19 @@ def test_the_record_names_what_embedded_the_gallery(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "gallery" / "gallery.json").read_text())
     assert record["sha256"] == demo_record().sha256 and record["count"] == 4 and record["dim"] == DEMO_DIM
     assert set(record["logit_scale"]) == {AUDIO, CAPTION}
+
+
+def test_a_build_refuses_a_gallery_of_other_weights_when_it_starts(tmp_path: Path) -> None:
+    vector_gallery(tmp_path / "foreign", 2, sha256="1" * 64)
+    vector_gallery(tmp_path / "own", 2)
+    model = load_build_config(
+        {
+            "name": "x",
+            "region": "0,0,1,1",
+            "queries": [{"id": "a", "text": "a"}],
+            "model": {"checkpoint": str(DEMO_WEIGHTS)},
+        }
+    ).model
+    check_build_gallery(str(tmp_path / "own"), model)
+    with pytest.raises(BuildConfigError, match=r"config.outputs.gallery: .*foreign was embedded with other weights"):
+        check_build_gallery(str(tmp_path / "foreign"), model)

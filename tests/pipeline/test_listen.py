@@ -19,7 +19,7 @@ from support.gallery import DEMO_DIM, LOGIT_SCALES, ToneGenerator, listen_build,
 
 from model.audio import SAMPLE_RATE
 from pipeline import mix
-from pipeline.__main__ import main
+from pipeline.__main__ import TARGET_LUFS, main
 from pipeline.build import ERROR_STATUS
 from pipeline.gallery import AUDIO, CAPTION, write_gallery
 from pipeline.gallery_sources import AudioReader
@@ -105,7 +105,7 @@ def test_a_place_is_its_best_recordings_mixed_at_the_target_loudness(
     )
     assert status == 0, err
 
-    samples = check_loudness(out, mix.TARGET_LUFS)
+    samples = check_loudness(out, TARGET_LUFS)
     assert len(samples) == 12 * SAMPLE_RATE
     sidecar = json.loads(out.with_suffix(".json").read_text())
     order, logits = setup.expected(row, col, TOP_K)
@@ -117,7 +117,7 @@ def test_a_place_is_its_best_recordings_mixed_at_the_target_loudness(
         clip["licence"] == "CC0-1.0" and clip["attribution"] and Path(clip["file"]).is_file()
         for clip in sidecar["clips"]
     )
-    assert sidecar["target_lufs"] == mix.TARGET_LUFS and sidecar["places"][0]["row"] == row
+    assert sidecar["target_lufs"] == TARGET_LUFS and sidecar["places"][0]["row"] == row
     assert str(out) in printed
 
 
@@ -156,7 +156,7 @@ def test_a_soundwalk_crossfades_between_the_places_it_passes(
     status, _, err = run(capsys, str(setup.build), "--along", str(route), "--speed", "400", "--out", str(out))
     assert status == 0, err
 
-    samples = check_loudness(out, mix.TARGET_LUFS)
+    samples = check_loudness(out, TARGET_LUFS)
     sidecar = json.loads(out.with_suffix(".json").read_text())
     places = sidecar["places"]
     assert len(places) > 1
@@ -196,7 +196,7 @@ def test_the_second_strategy_prompts_a_text_to_audio_model_with_the_best_caption
     assert status == 0, err
 
     assert ToneGenerator.prompts == ["; ".join(captions)]
-    check_loudness(out, mix.TARGET_LUFS)
+    check_loudness(out, TARGET_LUFS)
     place = json.loads(out.with_suffix(".json").read_text())["places"][0]
     assert place["prompt"] == ToneGenerator.prompts[0] and place["generator"] == "support.gallery:ToneGenerator"
     assert [caption["id"] for caption in place["captions"]] == [items[i]["id"] for i in best]
