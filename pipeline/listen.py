@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,7 +35,8 @@ import soundfile
 
 from common.atomic import atomic_path, atomic_write_bytes
 from model.audio import SAMPLE_RATE
-from pipeline.errors import ListenError
+from model.errors import AudioDecodeError
+from pipeline.errors import GalleryWarning, ListenError
 from pipeline.gallery import CAPTION, COMPOSED, Gallery, build_command, item_facts, open_filled_gallery
 from pipeline.gallery_sources import AudioReader
 from pipeline.mix import (
@@ -195,25 +197,37 @@ def _merged(runs: list[list[int]], lats: np.ndarray, lons: np.ndarray) -> list[P
 
 
 def mix_renderer(gallery: Gallery, top_k: int, target_lufs: float, longest: float) -> Renderer:
-    """A place's sound from its best recordings, each decoded once for the whole track."""
+    """A place's sound from its best recordings, each decoded once for the whole track; a recording that can no
+    longer be decoded is left out with a warning (the others' weights are a softmax among themselves)."""
     reader = AudioReader()
-    clips: dict[int, np.ndarray] = {}
+    clips: dict[int, np.ndarray | None] = {}
+
+    def clip(position: int) -> np.ndarray | None:
+        if position not in clips:
+            try:
+                clips[position] = reader.clip(gallery.items[position], longest)
+            except AudioDecodeError as exc:
+                warnings.warn(GalleryWarning(f"left out {gallery.items[position].id}: {exc}"), stacklevel=2)
+                clips[position] = None
+        return clips[position]
 
     def render(embedding: np.ndarray, seconds: float) -> Rendered:
         logits, found = gallery.search(embedding, top_k, COMPOSED)
-        kept = found[0] >= 0
-        positions, logits_kept = found[0][kept], logits[0][kept]
-        weights = softmax(logits_kept.astype(np.float64))
-        for position in positions:
-            if position not in clips:
-                clips[position] = reader.clip(gallery.items[position], longest)
+        usable = []  # position, logit and samples of each recording mixed
+        for position, logit in zip(found[0].tolist(), logits[0].tolist(), strict=True):
+            samples = clip(position) if position >= 0 else None
+            if samples is not None:
+                usable.append((position, logit, samples))
+        if not usable:
+            raise ListenError(f"none of the {top_k} best recordings of {gallery.folder} decodes; build it again")
+        weights = softmax(np.array([logit for _, logit, _ in usable]))
         length = round(seconds * SAMPLE_RATE)
-        samples = mix([clips[position] for position in positions], weights.tolist(), length, target_lufs)
+        mixed = mix([samples for *_, samples in usable], weights.tolist(), length, target_lufs)
         used = [
-            {**item_facts(gallery.items[position]), "weight": float(weight), "logit": float(logit)}
-            for position, weight, logit in zip(positions, weights, logits_kept, strict=True)
+            {**item_facts(gallery.items[position]), "weight": float(weight), "logit": logit}
+            for (position, logit, _), weight in zip(usable, weights, strict=True)
         ]
-        return Rendered(samples, {"clips": used})
+        return Rendered(mixed, {"clips": used})
 
     return render
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
+import mercantile
 import numpy as np
 import pytest
 import soundfile
@@ -43,9 +45,7 @@ class Setup:
         self.valid = list(zip(rows.tolist(), cols.tolist(), strict=True))
 
     def point(self, row: int, col: int) -> str:
-        x, y = self.store.grid.transform @ (col + 0.5, row + 0.5)
-        lon, lat = _lnglat(x, y)
-        return f"{lat:.7f},{lon:.7f}"
+        return point_of(self.store, row, col)
 
     def expected(self, row: int, col: int, k: int) -> tuple[list[int], np.ndarray]:
         """Brute force: the k best items by the composed logit and those logits."""
@@ -56,10 +56,10 @@ class Setup:
         return order.tolist(), logits[order]
 
 
-def _lnglat(x: float, y: float) -> tuple[float, float]:
-    import mercantile
-
-    return mercantile.lnglat(x, y)
+def point_of(store: SoundscapeStore, row: int, col: int) -> str:
+    """--at for the centre of a tile."""
+    lon, lat = mercantile.lnglat(*(store.grid.transform @ (col + 0.5, row + 0.5)))
+    return f"{lat:.7f},{lon:.7f}"
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,33 @@ def test_the_second_strategy_prompts_a_text_to_audio_model_with_the_best_caption
     assert place["prompt"] == ToneGenerator.prompts[0] and place["generator"] == "support.gallery:ToneGenerator"
     assert [caption["id"] for caption in place["captions"]] == [items[i]["id"] for i in best]
     assert "prompt at" in printed
+
+
+def test_a_recording_gone_since_the_gallery_was_built_is_left_out_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gallery = tmp_path / "gallery"
+    vector_gallery(gallery, 3)
+    items = json.loads((gallery / "items.json").read_text())
+    gone = tmp_path / "gone.flac"
+    shutil.copy(items[0]["audio"], gone)
+    items[0]["audio"] = str(gone)
+    (gallery / "items.json").write_text(json.dumps(items))
+    gone.unlink()
+    build = listen_build(tmp_path / "build", gallery=gallery)
+    store = SoundscapeStore(build / "soundscape.zarr")
+    row, col = (int(values[0]) for values in np.nonzero(store.valid(slice(None), slice(None))))
+    out = tmp_path / "place.flac"
+    argv = [str(build), "--at", point_of(store, row, col), "--top-k", "3", "--seconds", "4", "--out", str(out)]
+    status, _, err = run(capsys, *argv)
+
+    assert status == 0
+    assert err.startswith(f"warning: left out {items[0]['id']}: audio file {gone} does not exist"), err
+    assert len(err.splitlines()) == 1
+    clips = json.loads(out.with_suffix(".json").read_text())["clips"]
+    assert {clip["id"] for clip in clips} == {item["id"] for item in items[1:]}
+    assert sum(clip["weight"] for clip in clips) == pytest.approx(1.0)
+    check_loudness(out, TARGET_LUFS)
 
 
 def test_a_short_clip_is_looped_with_crossfades_to_any_length() -> None:
