@@ -201,7 +201,11 @@ def _with_new(
 
 
 def _unique(items: list[GalleryItem]) -> list[GalleryItem]:
-    return list({item.id: item for item in reversed(items)}.values())[::-1]
+    """The first item of each id, in order."""
+    first: dict[str, GalleryItem] = {}
+    for item in items:
+        first.setdefault(item.id, item)
+    return list(first.values())
 
 
 def _decoded(reader: AudioReader, item: GalleryItem) -> tuple[GalleryItem, np.ndarray] | None:

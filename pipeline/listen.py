@@ -7,7 +7,8 @@
   other weights than the build's embedded it (`pipeline.gallery`).
 - First strategy, a mix: the place's `--top-k` recordings by the composed image->audio + image->caption logit
   (`pipeline.gallery`), weighted by a softmax over those logits, mixed as `pipeline.mix` says (each clip looped or
-  trimmed with crossfades and loudness-normalised, the mix brought to `--target-lufs` and never clipped).
+  trimmed with crossfades and loudness-normalised, the mix brought to `--target-lufs` and never clipped). A
+  recording that no longer decodes is left out with a warning line.
 - Second strategy, `--generator module:factory`: the place's `--top-k` best captions (image->caption) as one
   prompt for a text-to-audio model (`pipeline.synthesis`), its audio fitted and normalised the same way.
 - A soundwalk, `--along ROUTE.geojson` (a line in lon/lat): a track as long as walking the line at `--speed`
