@@ -10,7 +10,7 @@ untrained model's width (64) and the full model's (1,024), indexed with `pipelin
 HNSW: the one-off build seconds, the seconds to read the kept index back (warm page cache), the p50 and p95 of
 one query's search over `--queries` random queries, HNSW's recall@k against exact search on the same queries,
 and the p50 of scoring every tile (one matrix product over the index's vectors: what percentiles and `--map`
-need). `rule` names the kind `pipeline.search.index_kind` picks. HNSW builds with more than `--hnsw-max-values`
+need). `rule` names the kind `pipeline.vectors.index_kind` picks. HNSW builds with more than `--hnsw-max-values`
 values (tiles x width) are skipped (1 M tiles of width 1,024 take ~20 min on 2 cores). With `--keep DIR` the
 indexes and their build seconds are kept in DIR and read back by the next run (to measure queries again without
 building again: the 1 M-tile indexes take 4 GB each).
@@ -31,7 +31,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.search import FLAT, HNSW, IndexRecord, TileIndex, index_kind, new_index
+from pipeline.search import IndexRecord, TileIndex
+from pipeline.vectors import FLAT, HNSW, index_kind, new_index
 
 BLOCK = 50_000
 SEED = 0

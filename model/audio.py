@@ -12,6 +12,7 @@ import os
 import struct
 from functools import cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -152,17 +153,23 @@ def decode_audio(path: str | os.PathLike[str], seconds: float) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise AudioDecodeError(f"audio file {path} does not exist or is not a file; check the path")
+    return decode_audio_from(path, f"audio file {path}", seconds)
+
+
+def decode_audio_from(source: Path | BinaryIO, name: str, seconds: float) -> np.ndarray:
+    """`decode_audio` of a file or of encoded bytes in memory (e.g. a Parquet row's audio), which errors call
+    `name`."""
     try:
-        with soundfile.SoundFile(path) as audio_file:
+        with soundfile.SoundFile(source) as audio_file:
             rate = audio_file.samplerate
             frames = math.ceil(rate * (seconds + RESAMPLER_MARGIN_SECONDS))
             samples = audio_file.read(frames, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as exc:
         raise AudioDecodeError(
-            f"cannot decode audio file {path} ({first_line(exc)}); convert it to WAV, FLAC, OGG or MP3"
+            f"cannot decode {name} ({first_line(exc)}); convert it to WAV, FLAC, OGG or MP3"
         ) from None
     if samples.shape[0] == 0:
-        raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")
+        raise AudioDecodeError(f"{name} holds no samples; use a file with at least some audio")
     return resample(samples.mean(axis=1, dtype=np.float32), rate)[: round(seconds * SAMPLE_RATE)]
 
 

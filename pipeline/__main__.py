@@ -1,5 +1,5 @@
-"""Command line: `python -m pipeline plan ...`, `python -m pipeline query BUILD ...` and
-`python -m pipeline cache info|prune ...`.
+"""Command line: `python -m pipeline plan ...`, `python -m pipeline query BUILD ...`, `python -m pipeline gallery
+build SOURCE ...`, `python -m pipeline listen BUILD ...` and `python -m pipeline cache info|prune ...`.
 
 Errors of ours print one line on stderr and exit with status 2; warnings print one line each.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +21,16 @@ from common.errors import Sat2SoundError
 from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.build import describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
-from pipeline.errors import BuildConfigError, QueryError
+from pipeline.errors import BuildConfigError, GalleryError, QueryError
 from pipeline.imagery.cache import TileCache
 
 USAGE_ERROR_STATUS = 2
 DEFAULT_QUERY_TOP_K = 50
+DEFAULT_PLACE_OUT, DEFAULT_WALK_OUT = "place.flac", "soundwalk.flac"
+DEFAULT_LISTEN_SECONDS = 30.0
+DEFAULT_LISTEN_TOP_K = 5
+WALKING_SPEED_M_S = 1.4
+TARGET_LUFS = -23.0  # EBU R128's programme loudness
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY_SIZE_UNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -123,6 +129,44 @@ def _run_query(args: argparse.Namespace) -> None:
         print(f"map: {', '.join(str(path) for path in paths)} (+ .qml)")
 
 
+def _run_gallery_build(args: argparse.Namespace) -> None:
+    from pipeline.gallery import build_gallery
+    from pipeline.gallery_sources import dataset_items, folder_items
+
+    start = time.perf_counter()
+    if args.dataset is not None:
+        items = dataset_items(args.source, args.dataset, args.split)
+    else:
+        items = folder_items(args.source, args.csv)
+    if not items:
+        raise GalleryError(f"{args.source} holds no wav, flac, ogg or mp3 recordings; add some, or pass --csv")
+    summary = build_gallery(items, args.checkpoint, args.out, args.device, args.text_backbone)
+    print(
+        f"gallery {args.out}: {summary.added:,} recordings added, {summary.kept:,} kept, {summary.skipped:,} skipped"
+        f" (could not be decoded or had no caption); {summary.record.count:,} in all, {summary.record.dim}-d,"
+        f" {summary.record.index_kind} index; {time.perf_counter() - start:.1f} s"
+    )
+
+
+def _run_listen(args: argparse.Namespace) -> None:
+    from pipeline.listen import listen, listening_lines
+
+    out = args.out if args.out is not None else Path(DEFAULT_WALK_OUT if args.along else DEFAULT_PLACE_OUT)
+    result = listen(
+        args.build,
+        out,
+        at=args.at,
+        along=args.along,
+        gallery=args.gallery,
+        seconds=args.seconds,
+        top_k=args.top_k,
+        speed=args.speed,
+        target_lufs=args.target_lufs,
+        generator=args.generator,
+    )
+    print("\n".join(listening_lines(result)))
+
+
 def _run_cache_info(args: argparse.Namespace) -> None:
     stats = TileCache(args.cache_dir).stats()
     print(f"{args.cache_dir}: {stats.files:,} tiles, {format_bytes(stats.bytes)}")
@@ -197,6 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_run_plan)
 
     _add_query_parser(commands)
+    _add_gallery_parser(commands)
+    _add_listen_parser(commands)
 
     cache = commands.add_parser("cache", help="report or prune the imagery tile cache")
     actions = cache.add_subparsers(required=True, metavar="ACTION")
@@ -227,6 +273,58 @@ def _add_query_parser(commands: Any) -> None:
     query.add_argument("--csv", type=Path, help="write the places to this CSV file (as top_places.csv)")
     query.add_argument("--gpkg", type=Path, help="write the places and areas to this GeoPackage (as top_places.gpkg)")
     query.set_defaults(run=_run_query)
+
+
+def _add_gallery_parser(commands: Any) -> None:
+    gallery = commands.add_parser("gallery", help="a gallery of recordings and captions, embedded once")
+    actions = gallery.add_subparsers(required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build", help="embed the recordings of SOURCE the gallery lacks (all of them for a new one)"
+    )
+    build.add_argument("source", type=Path, metavar="SOURCE", help="a folder of audio files, or of Parquet shards")
+    build.add_argument("--checkpoint", required=True, help="the weights to embed with: those of the builds to use it")
+    build.add_argument("--out", type=Path, required=True, metavar="GALLERY", help="the gallery folder")
+    build.add_argument("--csv", type=Path, help="the folder's table (default: SOURCE/recordings.csv if present)")
+    build.add_argument(
+        "--dataset", help="geosound or soundingearth: SOURCE is a copy of the dataset in its Parquet layout"
+    )
+    build.add_argument("--split", default="test", help="the split of --dataset (default: %(default)s)")
+    build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    build.add_argument("--text-backbone", default="auto", help="the text backbone of the checkpoint (default: auto)")
+    build.set_defaults(run=_run_gallery_build)
+
+
+def _add_listen_parser(commands: Any) -> None:
+    listen = commands.add_parser(
+        "listen", help="what a place probably sounds like: its best gallery recordings, mixed, as FLAC + JSON"
+    )
+    listen.add_argument("build", type=Path, metavar="BUILD", help="the build's folder, e.g. outputs/itaipu-demo")
+    where = listen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--at", metavar="LAT,LON", help="the place; write --at=-25.35,-54.52 for a negative latitude")
+    where.add_argument("--along", type=Path, metavar="ROUTE", help="a soundwalk along the line in this GeoJSON file")
+    listen.add_argument("--gallery", type=Path, help="the gallery (default: the build's outputs.gallery)")
+    listen.add_argument(
+        "--seconds", type=float, default=DEFAULT_LISTEN_SECONDS, help="length with --at (default: %(default)s)"
+    )
+    listen.add_argument(
+        "--top-k", type=int, default=DEFAULT_LISTEN_TOP_K, help="recordings or captions used (default: %(default)s)"
+    )
+    listen.add_argument(
+        "--speed", type=_positive_float, default=WALKING_SPEED_M_S, help="walking speed, m/s (default: %(default)s)"
+    )
+    listen.add_argument(
+        "--target-lufs", type=float, default=TARGET_LUFS, help="integrated loudness (default: %(default)s LUFS)"
+    )
+    listen.add_argument("--generator", metavar="MODULE:FACTORY", help="a text-to-audio model prompted with captions")
+    listen.add_argument("--out", type=Path, help=f"the FLAC (default: {DEFAULT_PLACE_OUT}, {DEFAULT_WALK_OUT})")
+    listen.set_defaults(run=_run_listen)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not positive")
+    return value
 
 
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:

@@ -162,10 +162,18 @@ def start_build(config: BuildConfig) -> PlannedBuild:
 
         check_zones(config.outputs, planned.plan.region)
     check_model(config.model, text_queries=any(query.text is not None for query in config.queries))
+    _check_gallery(config)
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)
     write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)
     return planned
+
+
+def _check_gallery(config: BuildConfig) -> None:
+    if config.outputs.gallery is not None:  # faiss loads only for builds that name a gallery
+        from pipeline.gallery import check_build_gallery
+
+        check_build_gallery(config.outputs.gallery, config.model)
 
 
 def open_workflow(config: Mapping[str, Any], main_process: bool) -> tuple[BuildConfig, Plan]:

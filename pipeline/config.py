@@ -170,6 +170,7 @@ class OutputSettings:
     zarr_chunk_px: int
     zones: str | None = None
     zone_field: str | None = None
+    gallery: str | None = None
 
 
 @dataclass(frozen=True)

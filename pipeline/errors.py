@@ -83,3 +83,17 @@ class ExportError(PipelineError):
 
 class DatasetError(PipelineError):
     """The demo training set cannot be made: a bad output folder or option, or shipped inputs that do not fit."""
+
+
+class GalleryError(PipelineError):
+    """A sound gallery cannot be built where asked (a bad source, CSV, output folder or model), or a folder given
+    as a gallery is none, is empty or was embedded with other weights."""
+
+
+class GalleryWarning(UserWarning):
+    """A recording of a gallery source could not be decoded: it was skipped."""
+
+
+class ListenError(PipelineError):
+    """A place to listen to lies outside the build or has no prediction, a route or generator is unusable, or the
+    sound cannot be written where asked."""

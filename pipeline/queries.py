@@ -75,11 +75,12 @@ def embed_queries(encoder: Sat2SoundEncoder, queries: Sequence[Query]) -> QueryE
     return QueryEmbeddings(
         queries=tuple(queries),
         embedding=np.stack([rows[query.id] for query in queries]).astype(np.float32),
-        logit_scale=np.array([_logit_scale(encoder, query.kind) for query in queries], dtype=np.float32),
+        logit_scale=np.array([logit_scale(encoder, query.kind) for query in queries], dtype=np.float32),
     )
 
 
-def _logit_scale(encoder: Sat2SoundEncoder, kind: str) -> float:
+def logit_scale(encoder: Sat2SoundEncoder, kind: str) -> float:
+    """The log of the multiplier the model applies to cosines of image embeddings and a query of `kind`."""
     name = LOGIT_SCALE_BY_KIND[kind]
     if not hasattr(encoder.model, name):
         name = FALLBACK_COMPOSED_SCALE

@@ -35,7 +35,8 @@ LAYERS = {
     "pipeline/imagery": {"common", "pipeline.errors", "pipeline.geometry"},
     "pipeline/views.py": {"pipeline.errors", "pipeline.geometry", "pipeline.imagery"},
     "pipeline/launch.py": set(),
-    "pipeline/search.py": {"common", "pipeline.errors", "pipeline.store"},
+    "pipeline/vectors.py": {"common"},
+    "pipeline/search.py": {"common", "pipeline.errors", "pipeline.store", "pipeline.vectors"},
     "pipeline/store": {
         "common",
         "model",

@@ -231,6 +231,16 @@ CASES = [
     Case("offset 7", set_key("tiling.tile_zoom_offset", 7), ("config.tiling.tile_zoom_offset: 7 is greater",)),
     Case("top k 33", set_key("outputs.concepts_top_k", 33), ("config.outputs.concepts_top_k: 33 is greater",)),
     Case("chunk px 8", set_key("outputs.zarr_chunk_px", 8), ("config.outputs.zarr_chunk_px: 8 is less",)),
+    Case(
+        "gallery missing",
+        set_key("outputs.gallery", lambda files: str(files.folder / "no_gallery")),
+        ("config.outputs.gallery:", "no_gallery: no folder", "python -m pipeline gallery build"),
+    ),
+    Case(
+        "gallery not a gallery",
+        set_key("outputs.gallery", lambda files: str(files.folder)),
+        ("config.outputs.gallery:", "no gallery (gallery.json)"),
+    ),
     Case("no queries", set_key("queries", []), ("config.queries: [] should be non-empty", SCHEMA)),
     Case(
         "query without text or audio",

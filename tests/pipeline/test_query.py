@@ -33,7 +33,7 @@ from support.synthetic_store import DEFAULT_QUERIES, write_synthetic_store
 
 from model.config import Sat2SoundConfig
 from model.inference import Sat2SoundEncoder
-from pipeline import new_query, search
+from pipeline import new_query, search, vectors
 from pipeline.__main__ import main
 from pipeline.build import ERROR_STATUS
 from pipeline.config import ONE_UNKNOWN_TIME, Times
@@ -128,7 +128,7 @@ def test_the_index_finds_what_numpy_scoring_finds(tmp_path: Path) -> None:
     grid = opened.tiles.score_grid(query)
     np.testing.assert_array_equal(np.isnan(grid), ~xr.open_zarr(build / "soundscape.zarr")["valid"].values)
     np.testing.assert_allclose(grid, expected, rtol=1e-5, atol=1e-6)
-    assert opened.tiles.record.kind == search.FLAT and opened.tiles.record.count == int(np.isfinite(expected).sum())
+    assert opened.tiles.record.kind == vectors.FLAT and opened.tiles.record.count == int(np.isfinite(expected).sum())
 
 
 def test_a_store_of_several_times_is_indexed_at_its_first_time(tmp_path: Path) -> None:
@@ -181,13 +181,13 @@ def test_a_damaged_kept_index_is_made_again(tmp_path: Path) -> None:
 
 def test_a_large_store_gets_an_hnsw_index_read_back_as_hnsw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     build = synthetic_build(tmp_path / "build")
-    monkeypatch.setattr(search, "EXACT_MAX_VALUES", 100)
+    monkeypatch.setattr(vectors, "EXACT_MAX_VALUES", 100)
     made = search.open_tile_index(SoundscapeStore(build / "soundscape.zarr"), build / "index")
     read = search.open_tile_index(SoundscapeStore(build / "soundscape.zarr"), build / "index")
     query = unit_vectors(1, 16, seed=4)[0]
     expected = np.einsum("d,dyx->yx", query, store_embeddings(build))
 
-    assert made.tiles.record.kind == read.tiles.record.kind == search.HNSW and not read.built
+    assert made.tiles.record.kind == read.tiles.record.kind == vectors.HNSW and not read.built
     assert isinstance(read.tiles.index, faiss.IndexHNSWFlat)
     np.testing.assert_allclose(read.tiles.score_grid(query), expected, rtol=1e-5, atol=1e-6)
     positions, _ = read.tiles.search(query, 10)
@@ -197,9 +197,9 @@ def test_a_large_store_gets_an_hnsw_index_read_back_as_hnsw(tmp_path: Path, monk
 
 def test_the_index_kind_follows_the_size_of_a_query_scan() -> None:
     assert faiss.get_num_gpus() == 0  # faiss-cpu: the CPU rule applies
-    assert search.index_kind(search.EXACT_MAX_VALUES // 1024, 1024) == search.FLAT
-    assert search.index_kind(search.EXACT_MAX_VALUES // 1024 + 1, 1024) == search.HNSW
-    assert search.index_kind(1_000_000, SMALL_WIDTH) == search.FLAT
+    assert vectors.index_kind(vectors.EXACT_MAX_VALUES // 1024, 1024) == vectors.FLAT
+    assert vectors.index_kind(vectors.EXACT_MAX_VALUES // 1024 + 1, 1024) == vectors.HNSW
+    assert vectors.index_kind(1_000_000, SMALL_WIDTH) == vectors.FLAT
 
 
 def test_a_build_folder_that_cannot_be_written_still_answers(tmp_path: Path) -> None:
@@ -212,18 +212,18 @@ def test_a_build_folder_that_cannot_be_written_still_answers(tmp_path: Path) -> 
 
 def test_hnsw_recall_against_exact_search_on_random_unit_vectors() -> None:
     """20,000 random unit vectors of the small model's width: no structure for HNSW to use (its worst case)."""
-    vectors, queries, k = unit_vectors(20_000, SMALL_WIDTH, seed=0), unit_vectors(50, SMALL_WIDTH, seed=1), 50
-    positions = np.arange(len(vectors), dtype=np.int64)
+    points, queries, k = unit_vectors(20_000, SMALL_WIDTH, seed=0), unit_vectors(50, SMALL_WIDTH, seed=1), 50
+    positions = np.arange(len(points), dtype=np.int64)
     found = {}
-    for kind in (search.FLAT, search.HNSW):
-        index = search.new_index(kind, SMALL_WIDTH)
-        index.add(vectors)
-        record = search.IndexRecord(kind, len(vectors), SMALL_WIDTH, "", faiss.__version__)
-        tile_index = search.TileIndex(index, positions, (1, len(vectors)), record)
+    for kind in (vectors.FLAT, vectors.HNSW):
+        index = vectors.new_index(kind, SMALL_WIDTH)
+        index.add(points)
+        record = search.IndexRecord(kind, len(points), SMALL_WIDTH, "", faiss.__version__)
+        tile_index = search.TileIndex(index, positions, (1, len(points)), record)
         found[kind] = [tile_index.search(query, k)[0] for query in queries]
-    exact = [np.argsort(-(vectors @ query), kind="stable")[:k] for query in queries]
-    assert all(set(a) == set(b) for a, b in zip(found[search.FLAT], exact, strict=True))
-    recall = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found[search.HNSW], exact, strict=True)])
+    exact = [np.argsort(-(points @ query), kind="stable")[:k] for query in queries]
+    assert all(set(a) == set(b) for a, b in zip(found[vectors.FLAT], exact, strict=True))
+    recall = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found[vectors.HNSW], exact, strict=True)])
     assert recall >= 0.95, recall
 
 

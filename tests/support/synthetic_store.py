@@ -94,6 +94,7 @@ def write_synthetic_store(
     score: np.ndarray | None = None,
     logit_scale: np.ndarray | None = None,
     times: Times = ONE_UNKNOWN_TIME,
+    model: ModelRecord | None = None,
 ) -> SyntheticStore:
     """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
 
@@ -102,7 +103,7 @@ def write_synthetic_store(
     source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
     replace the generated fields and the common LOGIT_SCALE. With several `times`, each time after the first has
     its own scores (the first's, queries rotated by the time's index, scaled and shifted) and embeddings; concepts
-    are the same at every time.
+    are the same at every time. `model` the synthetic checkpoint's record.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -154,7 +155,7 @@ def write_synthetic_store(
         work / "chunks",
         work / "scores",
         embeddings,
-        ModelRecord(CHECKPOINT, CHECKPOINT, "0" * 64, untrained, "sentinel", "none"),
+        model or ModelRecord(CHECKPOINT, CHECKPOINT, "0" * 64, untrained, "sentinel", "none"),
         config,
         path,
         top_k=ranks,
