@@ -139,7 +139,7 @@ def _run_gallery_build(args: argparse.Namespace) -> None:
     else:
         items = folder_items(args.source, args.csv)
     if not items:
-        raise GalleryError(f"{args.source} holds no wav, flac, ogg or mp3 recordings; add some, or pass --csv")
+        raise GalleryError(f"{args.source} holds no recordings; add some")
     summary = build_gallery(items, args.checkpoint, args.out, args.device, args.text_backbone)
     print(
         f"gallery {args.out}: {summary.added:,} recordings added, {summary.kept:,} kept, {summary.skipped:,} skipped"

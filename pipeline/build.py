@@ -173,7 +173,7 @@ def _check_gallery(config: BuildConfig) -> None:
     if config.outputs.gallery is not None:  # faiss loads only for builds that name a gallery
         from pipeline.gallery import check_build_gallery
 
-        check_build_gallery(config.outputs.gallery, config.model)
+        check_build_gallery(config.outputs.gallery, config.model, config.build_dir)
 
 
 def open_workflow(config: Mapping[str, Any], main_process: bool) -> tuple[BuildConfig, Plan]:

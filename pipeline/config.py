@@ -171,6 +171,7 @@ class OutputSettings:
     zones: str | None = None
     zone_field: str | None = None
     gallery: str | None = None
+    gallery_top_k: int = 5
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,8 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
         "outputs": ("concepts_top_k",),
     },
     "queries": {"queries": (), "model": ("text_backbone", "precision")},
+    "gallery": {"outputs": ("gallery",), "model": ("text_backbone", "precision")},
+    "score": {"outputs": ("gallery", "gallery_top_k")},
     "cogs": {"outputs": ("crs",)},
     "percentiles": {"outputs": ("crs",)},
     "dominant": {"outputs": ("crs",)},

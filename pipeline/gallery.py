@@ -15,6 +15,10 @@ GALLERY/ holds, each file written atomically and the record last:
 - `audio.faiss`, `caption.faiss`, `composed.faiss`: inner-product indexes (`pipeline.vectors`) of the audio, the
   caption and the composed vectors exp(logit_scale_ia) audio + exp(logit_scale_it) caption, whose inner product
   with a tile embedding is the sum of the image->audio and image->caption logits the model was trained with.
+
+A build with `outputs.gallery` (`gallery_of_build`) searches a gallery made beforehand, or its own, embedded by its
+`gallery` job from a folder of recordings into `<build>/gallery`; its score job keeps each tile's best items
+(`Gallery.tile_matches`) for the store.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from model.audio import CLIP_SECONDS, fit_clip
 from model.errors import AudioDecodeError, first_line
 from pipeline.config import ModelSettings
 from pipeline.errors import BuildConfigError, GalleryError, GalleryWarning
-from pipeline.gallery_sources import AudioReader, GalleryItem
+from pipeline.gallery_sources import RECORDINGS_CSV, AudioReader, GalleryItem, folder_items
+from pipeline.store.layout import GALLERY_ATTRS, GALLERY_NONE
 from pipeline.vectors import VectorSearch, index_of, kind_of, read_index, write_index
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ EMBEDDED = (AUDIO, CAPTION)
 # The query kind (`pipeline.queries.LOGIT_SCALE_BY_KIND`) whose logit scale weighs each embedded direction.
 SCALE_KIND = {AUDIO: "audio", CAPTION: "text"}
 EMBED_BATCH = 16
+BUILD_GALLERY_DIR = "gallery"
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,67 @@ class Gallery:
                     f"cannot read the {direction} index of {self.folder} ({first_line(exc)}); build it again"
                 ) from None
         return self._searches[direction].search(queries, min(k, self.record.count))
+
+    def tile_matches(self, embeddings: np.ndarray, valid: np.ndarray, k: int) -> TileMatches:
+        """The k best items of each valid tile by composed logit, from a chunk's per-time tile embeddings
+        (T, N, dim) and (N,) valid mask: (T, k, N) arrays, -1 / NaN where a tile is not valid or the gallery has
+        fewer than k items."""
+        times, count = embeddings.shape[:2]
+        item = np.full((times, k, count), GALLERY_NONE, np.int32)
+        logit, audio, caption = (np.full((times, k, count), np.nan, np.float32) for _ in range(3))
+        for time, per_time in enumerate(embeddings):
+            vectors = per_time[valid].astype(np.float32)
+            if not len(vectors) or not self.record.count:
+                continue
+            logits, found = self.search(vectors, k)
+            kept = found.shape[1]
+            item[time, :kept][:, valid] = found.T
+            logit[time, :kept][:, valid] = logits.T
+            for out, name in ((audio, AUDIO), (caption, CAPTION)):
+                out[time, :kept][:, valid] = np.einsum("nd,nkd->kn", vectors, self.embeddings[name][found])
+        return TileMatches(item, logit, audio, caption)
+
+
+class TileMatches(NamedTuple):
+    """Each tile's best gallery items, (T, k, N) per time: their positions in `items`, composed logits and the
+    cosines of the tile with their recordings and captions (the store's gallery_* variables, in order)."""
+
+    item: np.ndarray
+    logit: np.ndarray
+    audio_cosine: np.ndarray
+    caption_cosine: np.ndarray
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """By the name of the store variable that holds them."""
+        return dict(zip(GALLERY_ATTRS, self, strict=True))
+
+
+class BuildGallery(NamedTuple):
+    """The gallery a build searches, and the folder of recordings the build embeds into it (None: the gallery
+    was made beforehand, with `python -m pipeline gallery build`)."""
+
+    folder: Path
+    recordings: Path | None
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / RECORD_NAME
+
+    def recording_files(self) -> list[str]:
+        """The files the build embeds (its rerun triggers): the recordings and their CSV."""
+        if self.recordings is None:
+            return []
+        table = self.recordings / RECORDINGS_CSV
+        return [item.audio for item in folder_items(self.recordings, None)] + ([str(table)] if table.is_file() else [])
+
+
+def gallery_of_build(setting: str, build_dir: Path) -> BuildGallery:
+    """`outputs.gallery` of a build in `build_dir`: a gallery is used as it is; any other folder holds recordings
+    that the build embeds with its own weights into `<build>/gallery`."""
+    given = Path(setting)
+    if (given / RECORD_NAME).is_file():
+        return BuildGallery(given, None)
+    return BuildGallery(build_dir / BUILD_GALLERY_DIR, given)
 
 
 class BuildSummary(NamedTuple):
@@ -271,21 +338,33 @@ def item_facts(item: GalleryItem) -> dict[str, Any]:
     }
 
 
-def check_build_gallery(folder: str | None, model: ModelSettings) -> None:
-    """Refuse, when a build starts, an `outputs.gallery` that is no gallery or that other weights than the
-    build's embedded (untrained weights are made by the build: their gallery is checked by `listen`)."""
-    if folder is None:
-        return
+def check_build_gallery(setting: str, model: ModelSettings, build_dir: Path) -> BuildGallery:
+    """Refuse, when a build starts, an `outputs.gallery` that is neither a gallery nor a folder of recordings, or a
+    gallery that other weights than the build's embedded (untrained weights are made by the build: their gallery
+    is checked by `listen`)."""
+    chosen = gallery_of_build(setting, build_dir)
     try:
-        gallery = open_gallery(Path(folder))
+        if chosen.recordings is not None:
+            _check_recordings(chosen.recordings)
+            return chosen
+        gallery = open_gallery(chosen.folder)
     except GalleryError as exc:
         raise BuildConfigError(f"config.outputs.gallery: {exc}") from None
     if model.untrained:
-        return
+        return chosen
     from model import resolve, sha256_file
 
     if sha256_file(resolve(model.checkpoint)) != gallery.record.sha256:
         raise BuildConfigError(
-            f"config.outputs.gallery: {folder} was embedded with other weights ({gallery.record.checkpoint}) than"
-            f" model.checkpoint; build one with {build_command(Path('NEW_GALLERY'), model.checkpoint)}"
+            f"config.outputs.gallery: {setting} was embedded with other weights ({gallery.record.checkpoint}) than"
+            f" model.checkpoint; build one with {build_command(Path('NEW_GALLERY'), model.checkpoint)}, or name its"
+            " recordings' folder"
         )
+    return chosen
+
+
+def _check_recordings(folder: Path) -> None:
+    """A folder of recordings the build can embed: refused in one line if it is missing or has none."""
+    if not folder.is_dir():
+        raise GalleryError(f"{folder} is neither a gallery nor a folder of recordings; name one of them")
+    folder_items(folder, None)

@@ -60,13 +60,15 @@ class GalleryItem:
 
 
 def folder_items(folder: Path, csv_path: Path | None) -> list[GalleryItem]:
-    """The items of a folder of recordings (their `seconds` still 0: known once decoded)."""
+    """The items of a folder of recordings (their `seconds` still 0: known once decoded); refused if it has none."""
     if not folder.is_dir():
         raise GalleryError(f"no folder {folder}; pass a folder of audio files, or --dataset for a Parquet split")
     table = csv_path if csv_path is not None else folder / RECORDINGS_CSV
     if csv_path is not None or table.is_file():
         return _csv_items(folder, table)
     files = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise GalleryError(f"{folder} holds no wav, flac, ogg or mp3 recordings; add some, or give a {RECORDINGS_CSV}")
     return [_item(folder, {"file": path.name}) for path in files]
 
 

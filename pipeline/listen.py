@@ -115,12 +115,12 @@ def check_seconds(seconds: float, top_k: int) -> None:
 
 def gallery_of(built: BuiltMap, given: Path | None) -> Gallery:
     """The gallery asked for, else the build's own, refused if there is none, it is empty or of other weights."""
-    folder = given if given is not None else built.settings.outputs.gallery
+    folder = given if given is not None else built.store.gallery
     if folder is None:
         raise ListenError(
             f"the build {built.folder} has no gallery (outputs.gallery is not set); pass --gallery GALLERY"
         )
-    gallery = open_filled_gallery(Path(folder))
+    gallery = open_filled_gallery(folder)
     if gallery.record.sha256 != built.model.sha256:
         raise ListenError(
             f"the gallery {folder} was embedded with other weights ({gallery.record.checkpoint}) than the build's"

@@ -119,14 +119,39 @@ def _queries(args: argparse.Namespace, config: BuildConfig) -> str:
     return f"{len(config.queries)} queries"
 
 
+def _gallery(args: argparse.Namespace, config: BuildConfig) -> str:
+    from common.atomic import atomic_directory
+    from pipeline.gallery import build_gallery
+    from pipeline.gallery_sources import folder_items
+    from pipeline.model_setup import read_model_record
+
+    model, items = config.model, folder_items(args.recordings, None)
+    with atomic_directory(args.out) as tmp:
+        summary = build_gallery(items, read_model_record(args.model).path, tmp, model.device, model.text_backbone)
+    return (
+        f"{summary.added:,} of {len(items):,} recordings of {args.recordings} embedded, {summary.skipped:,} skipped"
+        " (could not be decoded or had no caption)"
+    )
+
+
 def _score(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.plan import read_plan
     from pipeline.store import score_chunk
 
     chunks = read_plan(args.plan).chunk_ids
+    matches = None
+    if args.gallery is not None:
+        from pipeline.gallery import open_gallery
+
+        gallery, top_k = open_gallery(args.gallery), config.outputs.gallery_top_k
+
+        def matches(embeddings: Any, valid: Any) -> dict[str, Any]:
+            return gallery.tile_matches(embeddings, valid, top_k).arrays()
+
     for chunk in chunks:
-        score_chunk(args.chunks_dir / f"{chunk}.npz", args.queries, args.out_dir / f"{chunk}.npz")
-    return f"{len(chunks)} chunks"
+        score_chunk(args.chunks_dir / f"{chunk}.npz", args.queries, args.out_dir / f"{chunk}.npz", matches)
+    found = f", each tile's {config.outputs.gallery_top_k} best recordings of {args.gallery}" if args.gallery else ""
+    return f"{len(chunks)} chunks{found}"
 
 
 def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
@@ -138,6 +163,13 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.store.write import imagery_gaps
 
     plan, queries = read_plan(args.plan), read_queries(args.queries)
+    matches = None
+    if args.gallery is not None:
+        from pipeline.gallery import open_gallery
+        from pipeline.store.write import GalleryMatches
+
+        count = open_gallery(args.gallery).record.count
+        matches = GalleryMatches(args.gallery, count, config.outputs.gallery_top_k)
     write_store(
         plan,
         args.chunks_dir,
@@ -150,6 +182,7 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
         block_px=config.outputs.zarr_chunk_px,
         workers=args.threads,
         times=config.model.times,
+        gallery=matches,
     )
     gaps = imagery_gaps(plan.chunk_ids, args.chunks_dir).line
     return f"{plan.grid.width} x {plan.grid.height} px, {len(queries.ids)} queries" + (f"; {gaps}" if gaps else "")
@@ -222,10 +255,15 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "fetch": (_fetch, ("plan", "chunk", "out"), "fetch one chunk's imagery into the tile cache"),
     "embed": (_embed, ("plan", "model", "job", "threads", "chunks_dir", "out"), "embed one job's chunks"),
     "queries": (_queries, ("model", "out"), "embed the queries"),
-    "score": (_score, ("plan", "chunks_dir", "queries", "out_dir"), "score every chunk's tiles against the queries"),
+    "gallery": (_gallery, ("model", "recordings", "out"), "embed outputs.gallery's recordings into a gallery"),
+    "score": (
+        _score,
+        ("plan", "chunks_dir", "queries", "gallery?", "out_dir"),
+        "score every chunk's tiles against the queries (and find their best gallery recordings)",
+    ),
     "mosaic": (
         _mosaic,
-        ("plan", "model", "queries", "chunks_dir", "scores_dir", "threads", "out"),
+        ("plan", "model", "queries", "chunks_dir", "scores_dir", "gallery?", "threads", "out"),
         "write the Zarr store",
     ),
     "cogs": (_cogs, ("store", "out_dir"), "write one COG per query and the concept COG"),

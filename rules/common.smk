@@ -34,6 +34,14 @@ LOGS = f"{BUILD}/logs"
 # The zone statistics, made only when outputs.zones names a polygon file.
 ZONES = CFG.outputs.zones
 ZONE_TABLES = {"gpkg": f"{BUILD}/{ZONES_NAME}.gpkg", "csv": f"{BUILD}/{ZONES_NAME}.csv"} if ZONES else {}
+# The sound gallery (outputs.gallery): one made beforehand, or the build's own, embedded from a folder of recordings.
+GALLERY = None
+if CFG.outputs.gallery is not None:
+    from pipeline.gallery import gallery_of_build
+
+    GALLERY = gallery_of_build(CFG.outputs.gallery, CFG.build_dir)
+GALLERY_RECORD = [str(GALLERY.record_path)] if GALLERY else []
+GALLERY_OPTION = f" --gallery {shlex.quote(str(GALLERY.folder))}" if GALLERY else ""
 QUERY_IDS = [query.id for query in CFG.queries]
 STEP = f"{shlex.quote(sys.executable)} -m pipeline.steps"
 CHUNKS = PLANNED.chunk_ids

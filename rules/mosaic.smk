@@ -10,6 +10,7 @@ rule mosaic:
         queries=rules.queries.output.queries,
         embedded=EMBEDDED,
         scores=rules.score.output.scores,
+        gallery=GALLERY_RECORD,
     output:
         store=f"{STORE}/.zmetadata",
     params:
@@ -18,10 +19,11 @@ rule mosaic:
         chunks_dir=f"{BUILD}/chunks",
         scores_dir=f"{BUILD}/scores",
         store=STORE,
+        gallery=GALLERY_OPTION,
     threads: 2
     log:
         f"{LOGS}/mosaic.log",
     shell:
         "{STEP} mosaic --settings {params.settings:q} --plan {input.plan:q} --model {input.model:q}"
         " --queries {input.queries:q} --chunks-dir {params.chunks_dir:q} --scores-dir {params.scores_dir:q}"
-        " --threads {threads} --out {params.store:q} > {log:q} 2>&1"
+        "{params.gallery} --threads {threads} --out {params.store:q} > {log:q} 2>&1"

@@ -5,7 +5,9 @@ OpenStreetMap basemap stays a click away when online), per query its percentile 
 legend in plain words: "top 10 % of this region for '...'") and its raw cosine map, the dominant sound (which query
 fits each tile best, in the colours of `cog/dominant.tif`), and per query its top places as numbered markers (from
 `top_places.gpkg`, the first query's shown). Clicking a tile opens a popup with every query's raw cosine and
-percentile and the tile's dominant sound. Each legend shows while its layer is on the map.
+percentile and the tile's dominant sound; with a sound gallery (`outputs.gallery`), also the captions of the
+tile's best recordings, with players (`pipeline.export.preview_sounds`). Each legend shows while its layer is on
+the map.
 
 The page works offline: Leaflet (vendored in `pipeline/export/assets/leaflet`), every overlay image and the values
 the popups read are inlined; only the basemap's tiles come from the network. Colours come from the same place as
@@ -14,8 +16,9 @@ the QGIS styles (pipeline.export.qgis_style), so a tile has the same colour in Q
 Size: maps and popup values are read on a lattice of the grid (`preview_lattice`) of at most PREVIEW_MAX_PX a
 side and PREVIEW_MAX_VALUES tiles x queries in all, so a page holds at most about 2 x PREVIEW_MAX_VALUES overlay
 pixels (PNG) and 4 bytes of popup values per tile and query (int16 cosine x 10^4, uint16 percentile x 100), plus
-the underlay (UNDERLAY_MAX_PX a side at most, as lossy WebP) and the top places: near 10 MB at most whatever the
-region's size (8.3 MB measured for three queries at the bound, underlay aside). Where the lattice skips tiles, a
+the underlay (UNDERLAY_MAX_PX a side at most, as lossy WebP), the top places and the gallery's clips (each sound
+rank counts as a query): near 10 MB at most whatever the region's size (8.3 MB measured for three queries at the
+bound, underlay and clips aside). Where the lattice skips tiles, a
 popup says so.
 
 Times: a build of several times (`model.month`/`model.hour` lists or `all`) gets a time slider (bottom right,
@@ -54,6 +57,7 @@ from common.atomic import atomic_path
 from pipeline.config import Query, Time
 from pipeline.errors import ExportError
 from pipeline.export.places import PLACES_LAYER
+from pipeline.export.preview_sounds import PREVIEW_SOUND_RANKS, PreviewSounds, preview_sounds
 from pipeline.export.qgis_style import (
     OVERLAY_OPACITY,
     PERCENTILE_CLASSES,
@@ -161,8 +165,10 @@ def write_preview(
     queries = soundscape.queries
     colours = query_colours(len(queries))
     times = soundscape.times.all
-    lattice = preview_lattice(grid, len(queries) * len(times))
+    sound_ranks = PREVIEW_SOUND_RANKS if soundscape.gallery is not None else 0
+    lattice = preview_lattice(grid, (len(queries) + sound_ranks) * len(times))
     values = [LatticeValues.read(soundscape, lattice, time) for time in range(len(times))]
+    sounds = preview_sounds(soundscape, lattice.rows, lattice.cols)
     corners = lnglat_corners(lattice.bounds)
     attribution = f"Imagery: {html.escape(str(soundscape.provenance['imagery_attribution']))}"
 
@@ -183,7 +189,7 @@ def write_preview(
     _Legend(overlays.legends).add_to(fmap)
     if len(times) > 1:
         _TimeSlider(times, overlays.per_time).add_to(fmap)
-    _TileValues(grid, lattice, queries, colours, values, times).add_to(fmap)
+    _TileValues(grid, lattice, queries, colours, values, times, sounds).add_to(fmap)
     gaps = str(soundscape.dataset.attrs.get("empty_tiles_reason", ""))
     _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, gaps)))
     fmap.fit_bounds(corners)
@@ -490,6 +496,7 @@ class _TileValues(MacroElement):
             var percentile = decode(data.percentile, Uint16Array);
             var dominant = decode(data.dominant, Int16Array);
             var margin = decode(data.margin, Uint8Array);
+            var soundBest = decode(data.soundBest, Int32Array);
             function escape(text) {
                 var div = document.createElement("div");
                 div.textContent = text;
@@ -503,6 +510,20 @@ class _TileValues(MacroElement):
             }
             function swatch(colour) {
                 return '<span class="s2s-swatch" style="background: ' + colour + '"></span>';
+            }
+            function sounds(time, cells, cell) {
+                var items = "";
+                for (var rank = 0; rank < data.soundRanks; rank++) {
+                    var index = soundBest[(time * data.soundRanks + rank) * cells + cell];
+                    if (index < 0) { continue; }
+                    var sound = data.sounds[index];
+                    var credit = sound.licence + (sound.attribution ? " · " + sound.attribution : "");
+                    items += '<li class="s2s-sound">' + escape(sound.caption)
+                        + (sound.src ? '<br><audio controls preload="none" src="' + sound.src + '"></audio>' : "")
+                        + '<div class="s2s-credit">' + escape(credit) + "</div></li>";
+                }
+                return items ? '<div class="s2s-sounds"><b>Probably sounds like</b> (its best gallery'
+                    + " recordings)<ol>" + items + "</ol></div>" : "";
             }
             map.on("click", function (event) {
                 var cells = data.rows * data.cols;
@@ -535,9 +556,9 @@ class _TileValues(MacroElement):
                             + (score[at] / data.scoreScale).toFixed(4) + "</td><td>" + value.toFixed(2)
                             + " (" + escape(words(value)) + ")</td></tr>";
                     });
-                    body += "</table>";
+                    body += "</table>" + sounds(time, cells, row * data.cols + col);
                 }
-                L.popup({maxWidth: 520})
+                L.popup({maxWidth: 520, maxHeight: 440, autoPanPaddingTopLeft: [20, 100]})
                     .setLatLng(event.latlng)
                     .setContent('<div class="s2s-popup"><div class="s2s-where">' + where + "</div>" + body + "</div>")
                     .openOn(map);
@@ -555,6 +576,7 @@ class _TileValues(MacroElement):
         colours: Sequence[Colour],
         values: Sequence[LatticeValues],
         times: Sequence[Time],
+        sounds: PreviewSounds | None = None,
     ) -> None:
         super().__init__()
         self._name = "Sat2SoundTileValues"
@@ -588,6 +610,9 @@ class _TileValues(MacroElement):
             ),
             "dominant": _base64(dominant, "<i2"),
             "margin": _base64(np.round(np.nan_to_num(margin) * 100), "u1"),
+            "sounds": [] if sounds is None else sounds.sounds,
+            "soundRanks": 0 if sounds is None else sounds.best.shape[1],
+            "soundBest": "" if sounds is None else _base64(sounds.best, "<i4"),
         }
 
 
@@ -659,6 +684,10 @@ _PAGE_CSS = """
 .s2s-popup table { border-collapse: collapse; margin-top: 4px; }
 .s2s-popup th, .s2s-popup td { padding: 1px 6px; text-align: left; }
 .s2s-where { color: #444; }
+.s2s-sounds { margin-top: 6px; }
+.s2s-sounds ol { margin: 2px 0 0 18px; padding: 0; }
+.s2s-sound audio { width: 280px; height: 28px; margin-top: 2px; }
+.s2s-credit { color: #666; font-size: 11px; }
 .s2s-time { color: #444; font-style: italic; }
 .s2s-time-slider { background: rgba(255, 255, 255, 0.92); padding: 6px 10px; border-radius: 4px;
   font: 12px/1.4 sans-serif; box-shadow: 0 1px 5px rgba(0, 0, 0, 0.4); width: 220px; }

@@ -10,18 +10,29 @@ classic 2-D view (which takes the last two dimensions as y, x) reads each of the
     concept_weight                           (rank, y, x)  float32, NaN where invalid
     valid                                    (y, x)        bool
 
+With a sound gallery (`outputs.gallery`), each tile's best gallery recordings, best first, ranked by the summed
+image->audio and image->caption logits the model was trained with (`pipeline.gallery`):
+
+    gallery_item                             (gallery_rank, y, x) int32, the item's position in the gallery's
+                                             items.json; -1 where invalid or the gallery has fewer items
+    gallery_logit                            (gallery_rank, y, x) float32, that sum; NaN where no item
+    gallery_audio_cosine                     (gallery_rank, y, x) float32, cosine of tile and recording
+    gallery_caption_cosine                   (gallery_rank, y, x) float32, cosine of tile and caption
+
+and the attributes `gallery` (the gallery's folder) and `gallery_count` (its items).
+
 Coordinates: `query` (str ids) with `query_kind`, `query_text`, `query_audio` along it ("" where a query has no
-text or audio), `y`, `x`, `dim`, `rank`, and `spatial_ref`.
+text or audio), `y`, `x`, `dim`, `rank`, `gallery_rank` (with a gallery) and `spatial_ref`.
 
 Times: a build of several times (`model.month` and/or `model.hour` a list or `all`) adds the dimensions `month`
 and `hour` (int coordinates, UNKNOWN_TIME = -1 where the config left one unknown) in front of every per-time
 variable: score, score_percentile and score_softmax (month, hour, query, y, x), embedding (month, hour, dim, y,
-x), concept_index and concept_weight (month, hour, rank, y, x). `valid` does not change with the time. The
-percentile is within the region for each time and query; the softmax over the queries of each time. A build of
-one time has no time dimensions (the layout above). GDAL names one 2-D layer by an index per dimension before
-(y, x): `ZARR:"soundscape.zarr":/score:<month>:<hour>:<query>` (`gdal_path`). Readers go through
-`pipeline.store.read.SoundscapeStore`, whose methods take a time index into `times` (month-major, one entry for
-a store of one time), so both kinds of store are read by one code path.
+x), concept_index and concept_weight (month, hour, rank, y, x), the gallery's (month, hour, gallery_rank, y, x).
+`valid` does not change with the time. The percentile is within the region for each time and query; the softmax
+over the queries of each time. A build of one time has no time dimensions (the layout above). GDAL names one 2-D
+layer by an index per dimension before (y, x): `ZARR:"soundscape.zarr":/score:<month>:<hour>:<query>`
+(`gdal_path`). Readers go through `pipeline.store.read.SoundscapeStore`, whose methods take a time index into
+`times` (month-major, one entry for a store of one time), so both kinds of store are read by one code path.
 
 Georeferencing, written so that every reader finds it without options:
 - CF: `spatial_ref` grid mapping (crs_wkt, spatial_ref, GeoTransform), named by each gridded variable's
@@ -61,6 +72,16 @@ VARIABLE_ATTRS: dict[str, dict[str, str]] = {
     "valid": {"long_name": "tile inside the region with enough imagery to be scored"},
 }
 GRIDDED_VARIABLES = tuple(VARIABLE_ATTRS)
+GALLERY_NONE = -1
+GALLERY_RANK = "gallery_rank"
+GALLERY_ITEM = "gallery_item"
+# In the order of pipeline.gallery.TileMatches' fields.
+GALLERY_ATTRS: dict[str, dict[str, str]] = {
+    GALLERY_ITEM: {"long_name": "gallery items that fit the tile best (positions in items.json), -1 for none"},
+    "gallery_logit": {"long_name": "image-audio plus image-caption logit of tile and gallery item", "units": "1"},
+    "gallery_audio_cosine": {"long_name": "cosine similarity of tile and gallery recording", "units": "1"},
+    "gallery_caption_cosine": {"long_name": "cosine similarity of tile and gallery caption", "units": "1"},
+}
 
 
 def time_coordinate(values: Sequence[int | None]) -> np.ndarray:

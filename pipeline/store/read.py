@@ -23,7 +23,15 @@ from rasterio.errors import CRSError
 
 from pipeline.config import ONE_UNKNOWN_TIME, Query, Times
 from pipeline.errors import ExportError
-from pipeline.store.layout import GRID_MAPPING, GRIDDED_VARIABLES, QUERY_FACTS, TIME_DIMS, UNKNOWN_TIME
+from pipeline.store.layout import (
+    GALLERY_ATTRS,
+    GALLERY_ITEM,
+    GRID_MAPPING,
+    GRIDDED_VARIABLES,
+    QUERY_FACTS,
+    TIME_DIMS,
+    UNKNOWN_TIME,
+)
 from pipeline.store.scores import SCORE_KINDS
 
 PROVENANCE_ATTRS = (
@@ -98,6 +106,21 @@ class SoundscapeStore:
         """A query's scores at `time` on a regular lattice of at most about `max_px` tiles (for colour ranges)."""
         lattice = sample_lattice(self.grid, max_px)
         return self.scores(variable, query_index, lattice, lattice, time)
+
+    @property
+    def gallery(self) -> Path | None:
+        """The folder of the gallery whose best items per tile the store holds (None: it holds none)."""
+        if not GALLERY_ATTRS.keys() <= self.dataset.data_vars.keys():
+            return None
+        return self.path.parent / str(self.dataset.attrs["gallery"])
+
+    def gallery_items(self, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
+        """int32 (gallery_rank, rows, cols): each tile's best gallery items at `time` (positions in the gallery's
+        items), best first, -1 for none."""
+        if self.gallery is None:
+            raise ExportError(f"the store {self.path} holds no gallery matches; build it with outputs.gallery set")
+        items = self.dataset[GALLERY_ITEM].isel(y=rows, x=cols, **self._at_time(time))
+        return items.to_numpy().astype(np.int32, copy=False)
 
     def valid(self, rows: Rows, cols: Rows) -> np.ndarray:
         """bool (rows, cols): whether each tile has a prediction."""

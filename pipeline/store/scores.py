@@ -17,7 +17,7 @@ time's queries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +25,9 @@ import numpy as np
 
 from common.atomic import atomic_save_npz
 from pipeline.queries import read_queries
+
+# A chunk's (T, N, dim) tile embeddings and (N,) valid mask -> its gallery matches by store variable, (T, k, N) each.
+TileMatcher = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
 
 
 class ScoreKind(NamedTuple):
@@ -140,9 +143,14 @@ class RegionScores(NamedTuple):
         raise KeyError(f"unknown score kind {name!r}; use one of {', '.join(SCORE_KINDS)}")
 
 
-def score_chunk(chunk: Path, queries_path: Path, out: Path) -> None:
-    """Write scores/<chunk>.npz: `ids` and `score` (T, Q, N) raw cosines of every tile of the chunk, per time."""
+def score_chunk(chunk: Path, queries_path: Path, out: Path, matches: TileMatcher | None = None) -> None:
+    """Write scores/<chunk>.npz: `ids` and `score` (T, Q, N) raw cosines of every tile of the chunk, per time; with
+    `matches`, the arrays it gives for the chunk's (T, N, dim) embeddings and (N,) valid mask."""
     queries = read_queries(queries_path)
     with np.load(chunk) as data:
-        scores = np.stack([cosine_scores(per_time, queries.embedding) for per_time in data["embedding"]])
-    atomic_save_npz(out, {"ids": np.array(queries.ids), "score": scores})
+        embedding, valid = data["embedding"], data["valid"].astype(bool)
+    scores = np.stack([cosine_scores(per_time, queries.embedding) for per_time in embedding])
+    arrays = {"ids": np.array(queries.ids), "score": scores}
+    if matches is not None:
+        arrays.update(matches(embedding, valid))
+    atomic_save_npz(out, arrays)

@@ -35,6 +35,9 @@ from pipeline.queries import QueryEmbeddings
 from pipeline.store.layout import (
     CONCEPT_NONE,
     EMBEDDING_DIM_CHUNK,
+    GALLERY_ATTRS,
+    GALLERY_NONE,
+    GALLERY_RANK,
     GRID_MAPPING,
     TIME_DIMS,
     VARIABLE_ATTRS,
@@ -82,6 +85,21 @@ class TimeAxes(NamedTuple):
         }
 
 
+class GalleryMatches(NamedTuple):
+    """The gallery whose best items per tile the score files hold: its folder, item count and items per tile."""
+
+    folder: Path
+    items: int
+    top_k: int
+
+    def attrs(self, store: Path) -> dict[str, Any]:
+        """The store's record of the gallery: its folder relative to the store's folder when inside it (the build's
+        own moves with the build), else absolute."""
+        folder, build = self.folder.resolve(), store.resolve().parent
+        recorded = folder.relative_to(build) if folder.is_relative_to(build) else folder
+        return {"gallery": str(recorded), "gallery_count": self.items}
+
+
 class ChunkFiles:
     """The per-chunk npz files of a build, where their tiles sit in the grid and which blocks they touch."""
 
@@ -108,10 +126,10 @@ class ChunkFiles:
         """(N,) whether each tile of the chunk is valid: the one mask every variable of the store follows."""
         return self._valid[chunk]
 
-    def scores(self, chunk: str) -> np.ndarray:
-        """(T, Q, N) raw cosines of the chunk's tiles, per time."""
+    def scores(self, chunk: str, name: str = "score") -> np.ndarray:
+        """(T, Q, N) raw cosines of the chunk's tiles, per time; or another array of its score file."""
         with np.load(self.scores_dir / f"{chunk}.npz") as data:
-            return data["score"]
+            return data[name]
 
     def block(self, location: Sequence[tuple[int, int]], variable: GridVariable) -> np.ndarray:
         """The (*depth, rows, cols) block of `variable` at `location` ((y0, y1), (x0, x1)); nodata where invalid."""
@@ -149,7 +167,12 @@ def _splits(length: int, size: int) -> tuple[int, ...]:
 
 
 def grid_variables(
-    files: ChunkFiles, region_scores: RegionScores, top_k: int, dim: int, axes: TimeAxes
+    files: ChunkFiles,
+    region_scores: RegionScores,
+    top_k: int,
+    dim: int,
+    axes: TimeAxes,
+    gallery: GalleryMatches | None = None,
 ) -> dict[str, GridVariable]:
     count = len(region_scores.logit_scale)
     float32, nan = np.dtype("float32"), float("nan")
@@ -167,9 +190,19 @@ def grid_variables(
         dims = (*axes.dims, extra, "y", "x")
         return GridVariable(dims, dtype, nodata, values, (*axes.shape, size), (*one_time, chunk))
 
+    def scored(name: str) -> Callable[[str], np.ndarray]:
+        return lambda chunk: axes.by_tile(np.moveaxis(files.scores(chunk, name), -1, 1))
+
     scores = {name: per_time("query", float32, nan, score_kind(name), count, 1) for name in SCORE_KINDS}
+    matches: dict[str, GridVariable] = {}
+    if gallery is not None:
+        item, *similarities = GALLERY_ATTRS
+        k = gallery.top_k
+        matches[item] = per_time(GALLERY_RANK, np.dtype("int32"), GALLERY_NONE, scored(item), k, k)
+        matches.update({name: per_time(GALLERY_RANK, float32, nan, scored(name), k, k) for name in similarities})
     return {
         **scores,
+        **matches,
         "embedding": per_time("dim", np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)),
         "concept_index": per_time("rank", np.dtype("int32"), CONCEPT_NONE, array("concept_index"), top_k, top_k),
         "concept_weight": per_time("rank", float32, nan, array("concept_weight"), top_k, top_k),
@@ -185,6 +218,7 @@ def soundscape_dataset(
     top_k: int,
     dim: int,
     times: Times = ONE_UNKNOWN_TIME,
+    gallery: GalleryMatches | None = None,
 ) -> xr.Dataset:
     """The lazy region-wide Dataset (chunk files are read only as it is written)."""
     region_scores = RegionScores.collect(
@@ -197,9 +231,9 @@ def soundscape_dataset(
         name: xr.Variable(
             variable.dims,
             _lazy_array(files, variable, grid.height, grid.width),
-            {**VARIABLE_ATTRS[name], "_CRS": gdal_crs},
+            {**VARIABLE_ATTRS, **GALLERY_ATTRS}[name] | {"_CRS": gdal_crs},
         )
-        for name, variable in grid_variables(files, region_scores, top_k, dim, axes).items()
+        for name, variable in grid_variables(files, region_scores, top_k, dim, axes, gallery).items()
     }
     left, _, _, top = grid.bounds
     coords = {
@@ -212,6 +246,7 @@ def soundscape_dataset(
         "x": left + (np.arange(grid.width) + 0.5) * grid.pixel_m,
         "dim": np.arange(dim),
         "rank": np.arange(top_k),
+        **({GALLERY_RANK: np.arange(gallery.top_k)} if gallery is not None else {}),
     }
     dataset = xr.Dataset(data_vars, coords=coords)
     dataset = dataset.rio.write_crs(crs, grid_mapping_name=GRID_MAPPING).rio.write_transform(grid.transform)
@@ -308,14 +343,17 @@ def write_store(
     block_px: int,
     workers: int = 2,
     times: Times = ONE_UNKNOWN_TIME,
+    gallery: GalleryMatches | None = None,
 ) -> xr.Dataset:
-    """The mosaic step in one call: assemble the plan's chunk and score files (made for `times`) into `out`;
-    returns the lazy Dataset."""
+    """The mosaic step in one call: assemble the plan's chunk and score files (made for `times`, with the best
+    items of `gallery` where given) into `out`; returns the lazy Dataset."""
     files = ChunkFiles(plan.chunk_ids, chunks_dir, scores_dir, block_px)
     dim = int(queries.embedding.shape[1])
     dataset = soundscape_dataset(
-        plan.grid, files, queries.queries, queries.logit_scale, top_k=top_k, dim=dim, times=times
+        plan.grid, files, queries.queries, queries.logit_scale, top_k=top_k, dim=dim, times=times, gallery=gallery
     )
     attrs = {**provenance(model, plan, config), **imagery_gaps(plan.chunk_ids, chunks_dir).attrs()}
+    if gallery is not None:
+        attrs.update(gallery.attrs(out))
     write_soundscape(dataset, attrs, out, workers)
     return dataset

@@ -234,13 +234,14 @@ CASES = [
     Case(
         "gallery missing",
         set_key("outputs.gallery", lambda files: str(files.folder / "no_gallery")),
-        ("config.outputs.gallery:", "no_gallery: no folder", "python -m pipeline gallery build"),
+        ("config.outputs.gallery:", "no_gallery is neither a gallery nor a folder of recordings"),
     ),
     Case(
-        "gallery not a gallery",
-        set_key("outputs.gallery", lambda files: str(files.folder)),
-        ("config.outputs.gallery:", "no gallery (gallery.json)"),
+        "gallery folder without recordings",
+        set_key("outputs.gallery", lambda files: str(files.folder / "lone")),
+        ("config.outputs.gallery:", "lone holds no wav, flac, ogg or mp3 recordings", "recordings.csv"),
     ),
+    Case("gallery top k 0", set_key("outputs.gallery_top_k", 0), ("config.outputs.gallery_top_k: 0 is less",)),
     Case("no queries", set_key("queries", []), ("config.queries: [] should be non-empty", SCHEMA)),
     Case(
         "query without text or audio",

@@ -8,6 +8,7 @@ above every query meant for another class), and the water query finds water bett
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from shapely.geometry import box
 from support.paths import REPO
 
 from pipeline.demo_quality import map_quality
+from pipeline.gallery import open_gallery
+from pipeline.geometry import lnglat_of_mercator
 from pipeline.plan import read_plan
 
 pytestmark = pytest.mark.slow
@@ -37,6 +40,7 @@ MEANT_FOR = {
     "farm": "crop",
 }
 WATER_AUC = 0.7
+WATER_RECORDINGS = {"duck.flac", "frog.flac"}
 GEOD = Geod(ellps="WGS84")
 
 
@@ -92,3 +96,25 @@ def test_the_default_build_gives_every_querys_statistics_per_country(default_bui
         assert maxima.max() == pytest.approx(scores.max())
         assert zones[f"{query}_mean_percentile"].between(25, 75).all()
         assert zones[f"{query}_top_decile_pct"].between(0, 100).all()
+
+
+def test_the_default_build_hears_water_where_it_maps_water(default_build: Path, tmp_path: Path) -> None:
+    """Tiles whose dominant sound is the water query have a water recording (ducks or frogs) as their best
+    gallery item, and `listen` mixes a water tile's recordings from the build's own gallery."""
+    store = xr.open_zarr(default_build / "soundscape.zarr")
+    items = [item.id for item in open_gallery(default_build / "gallery").items]
+    queries = list(store["query"].values)
+    valid = store.valid.values
+    water = valid & (store.score_softmax.values.argmax(axis=0) == queries.index("water"))
+    assert water.sum() >= 10
+    best = store.gallery_item.values[0][water]
+    assert {items[index] for index in best} <= WATER_RECORDINGS
+    row, col = np.argwhere(water)[0]
+    lon, lat = (float(value) for value in lnglat_of_mercator(store.x.values[col], store.y.values[row]))
+    out = tmp_path / "water.flac"
+    command = [sys.executable, "-m", "pipeline", "listen", str(default_build), f"--at={lat},{lon}", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    mixed = json.loads(out.with_suffix(".json").read_text())
+    assert mixed["gallery"] == str(default_build / "gallery")
+    assert items[best[0]] in {Path(clip["file"]).name for clip in mixed["places"][0]["clips"]}

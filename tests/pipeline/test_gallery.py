@@ -48,6 +48,42 @@ def same_ranking(found: np.ndarray, expected: np.ndarray, scores: np.ndarray) ->
 # --- retrieval, on galleries of known vectors ----------------------------------------------------------------------
 
 
+def test_tile_matches_are_the_brute_force_best_items_of_each_valid_tile_at_each_time(tmp_path: Path) -> None:
+    embeddings = vector_gallery(tmp_path / "gallery", 40, seed=4)
+    gallery = open_gallery(tmp_path / "gallery")
+    tiles = unit_rows(2 * 30, DEMO_DIM, seed=8).reshape(2, 30, DEMO_DIM)
+    valid = np.arange(30) % 4 != 0
+    matches = gallery.tile_matches(tiles, valid, K)
+    assert matches.item.shape == (2, K, 30) and matches.item.dtype == np.int32
+    for time, per_time in enumerate(tiles):
+        for tile in np.flatnonzero(valid):
+            expected = brute_force(embeddings, gallery.record.logit_scale, per_time[tile], K)
+            found = matches.item[time, :, tile]
+            assert same_ranking(found, expected, matches.logit[time, :, tile])
+            np.testing.assert_allclose(
+                matches.audio_cosine[time, :, tile], embeddings[AUDIO][found] @ per_time[tile], atol=1e-5
+            )
+            np.testing.assert_allclose(
+                matches.caption_cosine[time, :, tile], embeddings[CAPTION][found] @ per_time[tile], atol=1e-5
+            )
+            scales = {name: math.exp(gallery.record.logit_scale[name]) for name in (AUDIO, CAPTION)}
+            logits = (
+                scales[AUDIO] * matches.audio_cosine[time, :, tile]
+                + scales[CAPTION] * matches.caption_cosine[time, :, tile]
+            )
+            np.testing.assert_allclose(matches.logit[time, :, tile], logits, rtol=1e-4)
+    assert (matches.item[:, :, ~valid] == -1).all() and np.isnan(matches.logit[:, :, ~valid]).all()
+    assert set(matches.arrays()) == {"gallery_item", "gallery_logit", "gallery_audio_cosine", "gallery_caption_cosine"}
+
+
+def test_ranks_beyond_a_small_gallery_stay_empty(tmp_path: Path) -> None:
+    vector_gallery(tmp_path / "gallery", 3)
+    tiles = unit_rows(6, DEMO_DIM, seed=2)[None]
+    matches = open_gallery(tmp_path / "gallery").tile_matches(tiles, np.ones(6, bool), K)
+    assert (np.sort(matches.item[0, :3], axis=0) == np.arange(3)[:, None]).all()
+    assert (matches.item[0, 3:] == -1).all() and np.isnan(matches.audio_cosine[0, 3:]).all()
+
+
 def test_an_exact_gallery_index_finds_what_brute_force_finds(tmp_path: Path) -> None:
     embeddings = vector_gallery(tmp_path / "gallery", 300, seed=3)
     gallery = open_gallery(tmp_path / "gallery")
@@ -275,6 +311,6 @@ def test_a_build_refuses_a_gallery_of_other_weights_when_it_starts(tmp_path: Pat
             "model": {"checkpoint": str(DEMO_WEIGHTS)},
         }
     ).model
-    check_build_gallery(str(tmp_path / "own"), model)
+    assert check_build_gallery(str(tmp_path / "own"), model, tmp_path / "build") == (tmp_path / "own", None)
     with pytest.raises(BuildConfigError, match=r"config.outputs.gallery: .*foreign was embedded with other weights"):
-        check_build_gallery(str(tmp_path / "foreign"), model)
+        check_build_gallery(str(tmp_path / "foreign"), model, tmp_path / "build")

@@ -41,6 +41,8 @@ from model.config import Sat2SoundConfig
 from model.inference import Sat2SoundEncoder
 from model.metadata import Metadata
 from model.sat2sound import Sat2Sound
+from pipeline.gallery import composed_vectors, open_gallery
+from pipeline.gallery_sources import folder_items
 from pipeline.geometry import Bounds
 from pipeline.imagery import open_reader
 from pipeline.plan import read_plan
@@ -65,6 +67,8 @@ QUERIES = [{"id": "birds", "text": "birds singing in the trees"}, {"id": "traffi
 SCORE_ATOL = 3e-3  # embeddings are stored as float16
 RUN_TIMEOUT_S = 240
 TOP_K_DEFAULT = 20  # outputs.top_k when the config leaves it out
+GALLERY_TOP_K_DEFAULT = 5  # outputs.gallery_top_k when the config leaves it out
+SOUNDS = REPO / "examples" / "sounds"
 
 pytestmark = pytest.mark.slow  # every test here runs Snakemake
 
@@ -134,7 +138,7 @@ def base_config(server: TileServer, tmp_path_factory: pytest.TempPathFactory) ->
         },
         "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 13},
         "queries": QUERIES,
-        "outputs": {"concepts_top_k": 2, "zones": str(shared / "halves.gpkg")},
+        "outputs": {"concepts_top_k": 2, "zones": str(shared / "halves.gpkg"), "gallery": str(SOUNDS)},
     }
 
 
@@ -278,6 +282,39 @@ def test_build_writes_the_answers_a_planner_acts_on(built: Path) -> None:
         assert project.namelist() == ["project.qgs"]
         document = project.read("project.qgs").decode()
     assert "type=xyz&amp;url=http://127.0.0.1:" in document and "./zones.gpkg|layername=zones" in document
+
+
+def test_the_build_embeds_its_gallery_and_stores_each_tiles_best_recordings(built: Path) -> None:
+    build = built / "out/tiny"
+    gallery = open_gallery(build / "gallery")
+    assert [item.id for item in gallery.items] == [item.id for item in folder_items(SOUNDS, None)]
+    assert gallery.record.sha256 == json.loads((build / "model.json").read_text())["sha256"]
+    store = xr.open_zarr(build / "soundscape.zarr")
+    assert store.attrs["gallery"] == "gallery" and store.attrs["gallery_count"] == len(gallery.items)
+    valid = store.valid.values
+    tiles = store.embedding.transpose("y", "x", "dim").values[valid].astype(np.float32)
+    items = store.gallery_item.transpose("y", "x", "gallery_rank").values
+    assert items.shape[-1] == GALLERY_TOP_K_DEFAULT and (items[~valid] == -1).all()
+    composed = composed_vectors(gallery.embeddings, gallery.record.logit_scale)
+    expected = np.argsort(-(tiles @ composed.T), axis=1, kind="stable")[:, :GALLERY_TOP_K_DEFAULT]
+    np.testing.assert_array_equal(items[valid], expected)
+    logits = store.gallery_logit.transpose("y", "x", "gallery_rank").values[valid]
+    np.testing.assert_allclose(logits, np.take_along_axis(tiles @ composed.T, expected, axis=1), rtol=1e-5)
+    assert "10 of 10 recordings" in (build / "logs/gallery.log").read_text()
+
+
+def test_a_new_gallery_top_k_reruns_scoring_and_exports_not_the_gallery_or_embedding(
+    built: Path, base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(built, work)
+    config = write_config(work, {**base_config, "outputs": {**base_config["outputs"], "gallery_top_k": 2}})
+    dry_run = snakemake(work, config, "-n")
+    check_ran(dry_run, work)
+    assert {"score", "mosaic", "preview"} <= set(job_counts(dry_run.stdout))
+    assert not {"gallery", "embed", "fetch", "queries"} & set(job_counts(dry_run.stdout))
+    check_ran(snakemake(work, config, "--cores", "2"), work)
+    assert xr.open_zarr(work / "out/tiny/soundscape.zarr").sizes["gallery_rank"] == 2
 
 
 def test_tiles_outside_the_region_or_without_imagery_are_nodata(built: Path) -> None:

@@ -33,7 +33,7 @@ def demo_record() -> ModelRecord:
 def listen_build(folder: Path, gallery: Path | None = None, seed: int = 0) -> Path:
     """A folder laid out as a finished build of the demo model around a synthetic store, `gallery` its own."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_synthetic_store(folder / "soundscape.zarr", dim=DEMO_DIM, seed=seed, model=demo_record())
+    write_synthetic_store(folder / "soundscape.zarr", dim=DEMO_DIM, seed=seed, model=demo_record(), gallery=gallery)
     (folder / "model.json").write_text(json.dumps(demo_record()._asdict()))
     queries = [{key: value for key, value in vars(query).items() if value is not None} for query in DEFAULT_QUERIES]
     settings: dict[str, Any] = {"name": "synthetic", "region": "2.1,48.9,2.6,49.0", "queries": queries}

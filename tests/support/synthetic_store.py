@@ -26,12 +26,13 @@ from pyproj import Transformer
 from rasterio.transform import from_origin
 
 from pipeline.config import ONE_UNKNOWN_TIME, Query, Times
+from pipeline.gallery import open_gallery
 from pipeline.geometry import RasterGrid, lnglat_of_mercator
 from pipeline.model_setup import ModelRecord
 from pipeline.plan import ImageryFit, ModelView, Plan
 from pipeline.queries import QueryEmbeddings
 from pipeline.regions import Region
-from pipeline.store.write import write_store
+from pipeline.store.write import GalleryMatches, write_store
 
 DEFAULT_QUERIES: tuple[Query, ...] = (
     Query("birds", "birds chirping in a park"),
@@ -95,6 +96,8 @@ def write_synthetic_store(
     logit_scale: np.ndarray | None = None,
     times: Times = ONE_UNKNOWN_TIME,
     model: ModelRecord | None = None,
+    gallery: Path | None = None,
+    gallery_top_k: int = 5,
 ) -> SyntheticStore:
     """Write chunk, score and query files beside `path`, then the store at `path` with the real writer.
 
@@ -103,7 +106,8 @@ def write_synthetic_store(
     source tiles named by every chunk: counted once). `score` ((Q, H, W) raw cosines) and `logit_scale` ((Q,))
     replace the generated fields and the common LOGIT_SCALE. With several `times`, each time after the first has
     its own scores (the first's, queries rotated by the time's index, scaled and shifted) and embeddings; concepts
-    are the same at every time. `model` the synthetic checkpoint's record.
+    are the same at every time. `model` the synthetic checkpoint's record. With a `gallery`, the score files and the
+    store hold each tile's `gallery_top_k` best items of it, as the score step finds them.
     """
     rng = np.random.default_rng(seed)
     grid = RasterGrid(zoom, top_left.x, top_left.y, width, height)
@@ -143,6 +147,7 @@ def write_synthetic_store(
         tile_count=int(in_chunk.sum()),
         imagery=ImageryFit('{"kind": "synthetic"}', "synthetic", ATTRIBUTION, 10.0, False),
     )
+    matches = None if gallery is None else _add_gallery_matches(work, chunk_ids, gallery, gallery_top_k)
     logit_scale = np.full(len(queries), LOGIT_SCALE, np.float32) if logit_scale is None else np.array(logit_scale)
     embeddings = QueryEmbeddings(
         queries=queries,
@@ -161,6 +166,7 @@ def write_synthetic_store(
         top_k=ranks,
         block_px=chunk,
         times=times,
+        gallery=matches,
     )
     off = ~valid
     score_by_time[:, :, off] = np.nan
@@ -186,6 +192,16 @@ def write_synthetic_store(
         score_by_time,
         embedding_by_time,
     )
+
+
+def _add_gallery_matches(work: Path, chunk_ids: tuple[str, ...], folder: Path, top_k: int) -> GalleryMatches:
+    gallery = open_gallery(folder)
+    for chunk_id in chunk_ids:
+        with np.load(work / "chunks" / f"{chunk_id}.npz") as chunk, np.load(work / "scores" / f"{chunk_id}.npz") as old:
+            matches = gallery.tile_matches(chunk["embedding"], chunk["valid"].astype(bool), top_k)
+            arrays = {**old, **matches.arrays()}
+        np.savez(work / "scores" / f"{chunk_id}.npz", **arrays)
+    return GalleryMatches(folder, gallery.record.count, top_k)
 
 
 def _write_chunks(

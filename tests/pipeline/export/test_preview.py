@@ -3,6 +3,7 @@ build's imagery, a click on a tile shows every query's score and percentile, and
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -15,6 +16,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import soundfile
 import xarray as xr
 from affine import Affine
 from pyproj import Transformer
@@ -28,6 +30,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
+from support.gallery import DEMO_DIM, vector_gallery
 from support.synthetic_store import (
     IMAGERY_TILE_PX,
     SyntheticStore,
@@ -39,8 +42,10 @@ from support.synthetic_store import (
 from pipeline.config import ImagerySettings, Times
 from pipeline.errors import ExportError
 from pipeline.export import preview as preview_module
+from pipeline.export import preview_sounds as preview_sounds_module
 from pipeline.export.places import write_top_places
 from pipeline.export.preview import colourise, lnglat_corners, paint, preview_lattice, write_preview
+from pipeline.export.preview_sounds import PREVIEW_CLIP_SECONDS, PREVIEW_SOUND_RANKS, preview_sounds
 from pipeline.export.qgis_style import (
     OVERLAY_OPACITY,
     PERCENTILE_CLASSES,
@@ -51,7 +56,7 @@ from pipeline.export.qgis_style import (
     query_colours,
 )
 from pipeline.export.underlay import write_underlay
-from pipeline.store import StoreGrid
+from pipeline.store import SoundscapeStore, StoreGrid
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = (
@@ -396,6 +401,56 @@ def test_clicking_a_tile_shows_every_querys_score_and_percentile(page: webdriver
         value = float(percentile[index, row, col])
         words = PERCENTILE_CLASSES[int(percentile_class(np.array(value)))][1]
         assert item.text == f"{label} {score[index, row, col]:.4f} {value:.2f} ({words})"
+    assert not popup.find_elements(By.CSS_SELECTOR, ".s2s-sounds"), "a build without a gallery lists no recordings"
+
+
+@pytest.fixture(scope="module")
+def gallery_store(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStore:
+    """A store of the demo model's width holding each tile's best items of a 12-item gallery of the shipped
+    recordings."""
+    root = tmp_path_factory.mktemp("gallery-store")
+    vector_gallery(root / "gallery", 12)
+    return write_synthetic_store(root / "soundscape.zarr", dim=DEMO_DIM, gallery=root / "gallery")
+
+
+def test_clicking_a_tile_lists_its_best_recordings_with_players(
+    browser: webdriver.Chrome, gallery_store: SyntheticStore, tmp_path: Path
+) -> None:
+    page = load(browser, write_preview(gallery_store.path, gallery_store.region, tmp_path / "preview.html"))
+    items = json.loads((gallery_store.path.parent / "gallery" / "items.json").read_text())
+    best = xr.open_zarr(gallery_store.path).gallery_item.values
+    row, col, x, y = _clickable_tiles(page, gallery_store, gallery_store.valid)[0]
+    _click(page, x, y)
+    sounds = _popup(page).find_elements(By.CSS_SELECTOR, ".s2s-sounds li.s2s-sound")
+    shown = best[:PREVIEW_SOUND_RANKS, row, col]
+    assert [sound.text.splitlines()[0] for sound in sounds] == [items[index]["caption"] for index in shown]
+    first = items[shown[0]]
+    assert sounds[0].find_element(By.CSS_SELECTOR, ".s2s-credit").text == f"{first['licence']} · {first['attribution']}"
+    audio = sounds[0].find_element(By.TAG_NAME, "audio")
+    assert str(audio.get_attribute("src")).startswith("data:audio/mpeg;base64,")
+    page.execute_script("arguments[0].preload = 'auto'; arguments[0].load();", audio)
+    loaded = "return arguments[0].readyState > 0;"
+    WebDriverWait(page, PAGE_LOAD_S).until(lambda driver: driver.execute_script(loaded, audio))
+    expected = min(PREVIEW_CLIP_SECONDS, soundfile.info(first["audio"]).duration)
+    assert page.execute_script("return arguments[0].duration;", audio) == pytest.approx(expected, abs=0.1)
+
+
+def test_the_page_holds_clips_of_the_recordings_best_for_the_most_tiles(
+    gallery_store: SyntheticStore, store: SyntheticStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preview_sounds_module, "PREVIEW_MAX_CLIPS", 2)
+    rows, cols = np.arange(gallery_store.height), np.arange(gallery_store.width)
+    sounds = preview_sounds(SoundscapeStore(gallery_store.path), rows, cols)
+    assert sounds is not None
+    best = xr.open_zarr(gallery_store.path).gallery_item.values[:PREVIEW_SOUND_RANKS]
+    found = best >= 0
+    used, counts = np.unique(best[found], return_counts=True)
+    assert len(sounds.sounds) == len(used)
+    np.testing.assert_array_equal(used[sounds.best[0][found]], best[found])
+    assert (sounds.best[0][~found] == -1).all()
+    playable = np.array([sound["src"] is not None for sound in sounds.sounds])
+    assert playable.sum() == 2 and counts[playable].min() >= counts[~playable].max()
+    assert preview_sounds(SoundscapeStore(store.path), rows, cols) is None
 
 
 def test_clicking_where_there_is_no_prediction_says_so(page: webdriver.Chrome, store: SyntheticStore) -> None:
