@@ -26,7 +26,7 @@ from shapely.geometry import box
 from common.errors import Sat2SoundError
 from model import MODEL_INPUT_PX
 from pipeline.config import BuildConfig, PlanInputs, load_build_config, write_settings
-from pipeline.errors import ImageryCoverageError, OutputDirError
+from pipeline.errors import BuildFolderError, ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
@@ -62,6 +62,8 @@ PLAN_NAME = "plan.npz"
 MODEL_NAME = "model.json"
 STORE_NAME = "soundscape.zarr"
 COG_DIR = "cog"
+PREVIEW_NAME = "preview.html"
+PROJECT_NAME = "project.qgz"
 # The zone statistics: <build>/zones.gpkg and zones.csv.
 ZONES_NAME = "zones"
 # Queries assumed by the size estimate when none are given (the default config has 5).
@@ -350,6 +352,18 @@ def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
     return lines
 
 
+def check_build_folder(folder: Path, names: Sequence[str]) -> None:
+    """Refuse, in one line, a folder that is not a finished build holding `names` (files a build writes)."""
+    if not folder.is_dir():
+        raise BuildFolderError(f"no build folder {folder}; pass the folder a build wrote (<output_dir>/<name>)")
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing:
+        raise BuildFolderError(
+            f"{folder} is no finished map build (no {', '.join(missing)}); pass the folder a build wrote"
+            " (<output_dir>/<name>), or finish its build"
+        )
+
+
 def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> int:
     """Make this run retry imagery an earlier run could not have: drop the records of embed jobs whose chunks
     left tiles empty for it (embedded/<job>.json) and their chunks' fetch reports, so that Snakemake reruns
@@ -375,7 +389,7 @@ def finish_lines(build_dir: Path | str, store: Path | str, zones: bool = False) 
     when imagery could not be had (`imagery.on_missing: leave_empty`), how many tiles were left empty and why
     (from the store's attributes)."""
     lines = [
-        f"done: {build_dir}/preview.html, {build_dir}/project.qgz (QGIS), {build_dir}/cog/*.tif (+ .qml),"
+        f"done: {build_dir}/{PREVIEW_NAME}, {build_dir}/{PROJECT_NAME} (QGIS), {build_dir}/{COG_DIR}/*.tif (+ .qml),"
         f" {build_dir}/top_places.gpkg (+ .csv),{f' {build_dir}/{ZONES_NAME}.gpkg (+ .csv),' if zones else ''}"
         f" {store}"
     ]

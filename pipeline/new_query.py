@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import geopandas as gpd
 import numpy as np
 
-from pipeline.build import COG_DIR, MODEL_NAME, SETTINGS_NAME, STORE_NAME
+from pipeline.build import COG_DIR, MODEL_NAME, SETTINGS_NAME, STORE_NAME, check_build_folder
 from pipeline.config import BuildConfig, Query, read_settings, schema_bounds
 from pipeline.errors import BuildFolderError, QueryError
 from pipeline.export.cog import check_file_name, write_score_cog
@@ -67,14 +67,7 @@ class Answer(NamedTuple):
 
 def open_built_map(folder: Path) -> BuiltMap:
     """The build in `folder`, refused in one line if it is not a finished build whose store keeps embeddings."""
-    if not folder.is_dir():
-        raise BuildFolderError(f"no build folder {folder}; pass the folder a build wrote (<output_dir>/<name>)")
-    missing = [name for name in (STORE_NAME, MODEL_NAME, SETTINGS_NAME) if not (folder / name).exists()]
-    if missing:
-        raise BuildFolderError(
-            f"{folder} is no finished map build (no {', '.join(missing)}); pass the folder a build wrote"
-            " (<output_dir>/<name>), or finish its build"
-        )
+    check_build_folder(folder, (STORE_NAME, MODEL_NAME, SETTINGS_NAME))
     if not has_array(folder / STORE_NAME, "embedding"):
         raise BuildFolderError(
             f"{folder / STORE_NAME} keeps no tile embeddings, so new queries cannot be scored; rebuild the map"

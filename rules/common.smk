@@ -9,6 +9,8 @@ from pipeline.build import (
     COG_DIR,
     MODEL_NAME,
     PLAN_NAME,
+    PREVIEW_NAME,
+    PROJECT_NAME,
     SETTINGS_NAME,
     STORE_NAME,
     ZONES_NAME,

@@ -112,7 +112,7 @@ rule preview:
         underlay=rules.underlay.output.imagery,
         places=rules.top_places.output.gpkg,
     output:
-        html=f"{BUILD}/preview.html",
+        html=f"{BUILD}/{PREVIEW_NAME}",
     params:
         settings=SETTINGS,
         store=STORE,
@@ -133,7 +133,7 @@ rule project:
         underlay=rules.underlay.output.imagery,
         zones=ZONE_TABLES.get("gpkg", []),
     output:
-        qgz=f"{BUILD}/project.qgz",
+        qgz=f"{BUILD}/{PROJECT_NAME}",
     params:
         settings=SETTINGS,
         digest=digest("project"),
