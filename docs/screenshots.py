@@ -38,7 +38,7 @@ PROJECT_PNG = "qgis_project.png"
 DEBIAN_PYTHON = "/usr/bin/python3"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 DEBIAN_PACKAGES = "chromium chromium-driver python3-qgis"
-VIEWPORT = (1200, 760)
+VIEWPORT = (1400, 900)
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",

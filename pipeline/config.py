@@ -321,7 +321,7 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
         "outputs": ("concepts_top_k",),
     },
     "queries": {"queries": (), "model": ("text_backbone", "precision")},
-    "gallery": {"outputs": ("gallery",), "model": ("text_backbone", "precision")},
+    "gallery": {"outputs": ("gallery",), "model": ("text_backbone",)},
     "score": {"outputs": ("gallery", "gallery_top_k")},
     "cogs": {"outputs": ("crs",)},
     "percentiles": {"outputs": ("crs",)},

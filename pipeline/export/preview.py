@@ -519,7 +519,7 @@ class _TileValues(MacroElement):
                     var sound = data.sounds[index];
                     var credit = sound.licence + (sound.attribution ? " · " + sound.attribution : "");
                     items += '<li class="s2s-sound">' + escape(sound.caption)
-                        + (sound.src ? '<br><audio controls preload="none" src="' + sound.src + '"></audio>' : "")
+                        + (sound.src ? '<br><audio controls preload="metadata" src="' + sound.src + '"></audio>' : "")
                         + '<div class="s2s-credit">' + escape(credit) + "</div></li>";
                 }
                 return items ? '<div class="s2s-sounds"><b>Probably sounds like</b> (its best gallery'
