@@ -18,11 +18,10 @@ import yaml
 from pyproj import Transformer
 from rasterio.features import geometry_mask
 from shapely.geometry import box
-from support.paths import LANDSAT, REPO
+from support.paths import LANDSAT, REPO, default_config_from_anywhere
 
 from model.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
 from model.data.folder import FolderPairs
-from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.demo_data import (
     FORMAT,
     MIN_MIX_WEIGHT,
@@ -321,15 +320,9 @@ def test_command_line_exit_status() -> None:
 
 @pytest.mark.slow
 def test_snakemake_target_makes_the_data_set_apart_from_the_map(tmp_path: Path) -> None:
-    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config = default_config_from_anywhere()
     config["imagery"]["source"] = str(LANDSAT)
     config["output_dir"] = str(tmp_path / "outputs")
-    # The default config's paths are relative to the repository, where `bash run.sh build` runs.
-    config["model"]["checkpoint"] = str(REPO / config["model"]["checkpoint"])
-    for query in config["queries"]:
-        if "audio" in query:
-            query["audio"] = str(REPO / query["audio"])
-    config["outputs"]["zones"] = str(REPO / config["outputs"]["zones"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n"]
     configured = ["--configfile", "config.yaml"]  # last: it takes every argument after it

@@ -21,7 +21,7 @@ import xarray as xr
 import yaml
 from pyproj import Geod
 from shapely.geometry import box
-from support.paths import REPO
+from support.paths import DEFAULT_CONFIG, REPO
 
 from pipeline.demo_quality import map_quality
 from pipeline.gallery import open_gallery
@@ -29,7 +29,6 @@ from pipeline.geometry import lnglat_of_mercator
 from pipeline.plan import read_plan
 
 pytestmark = pytest.mark.slow
-DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 DEMO_WEIGHTS = REPO / "model" / "weights" / "demo.safetensors"
 MEANT_FOR = {
     "water": "water",

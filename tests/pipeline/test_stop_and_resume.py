@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from support.paths import LANDSAT, REPO
+from support.paths import DEFAULT_CONFIG, LANDSAT, REPO, default_config_from_anywhere
 
 from pipeline.launch import STOPPED_LINE
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 TIMEOUT_S = 120
 # The jobs import the pipeline: from this checkout, whatever the virtual environment was installed from.
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -37,14 +36,8 @@ def locks(work: Path) -> list[Path]:
 
 
 def test_ctrl_c_on_a_running_build_prints_one_line_and_the_same_command_resumes(tmp_path: Path) -> None:
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config = default_config_from_anywhere()
     config["imagery"] |= {"source": str(LANDSAT), "cache_dir": str(tmp_path / "tiles")}
-    # The default config's paths are relative to the repository, where `bash run.sh build` runs.
-    config["model"]["checkpoint"] = str(REPO / config["model"]["checkpoint"])
-    for query in config["queries"]:
-        if "audio" in query:
-            query["audio"] = str(REPO / query["audio"])
-    config["outputs"]["zones"] = str(REPO / config["outputs"]["zones"])
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--profile", str(REPO / "profiles" / "local")]
