@@ -239,11 +239,19 @@ class Sat2SoundTraining(pl.LightningModule):
 
 
 def initial_model(settings: TrainSettings) -> Sat2Sound:
-    """The architecture of the settings, fresh, or the weights of `model.init` to go on from."""
+    """The architecture of the settings, fresh, or the weights of `model.init` to go on from, trainable where a
+    fresh model is (the STFT and mel matrices official checkpoints carry stay frozen)."""
     if settings.model.init is None:
         return Sat2Sound(settings.model_config())
     cfg, state_dict, _ = read_checkpoint(Path(settings.model.init))
-    return build_model(settings.with_droprate(cfg), state_dict, source=settings.model.init)
+    cfg = settings.with_droprate(cfg)
+    # build_model checks the weights and hands them over frozen, for inference.
+    model = build_model(cfg, state_dict, source=settings.model.init).train()
+    with torch.device("meta"):
+        trainable = {name for name, param in Sat2Sound(cfg).named_parameters() if param.requires_grad}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return model
 
 
 def trainer(settings: TrainSettings, checkpoints: Sequence[ModelCheckpoint], **overrides: Any) -> pl.Trainer:

@@ -21,8 +21,9 @@ from support.paths import REPO
 from model.__main__ import main
 from model.checkpoint import load_model, read_checkpoint
 from model.config import Sat2SoundConfig
+from model.sat2sound import Sat2Sound
 from model.train_config import load_settings, parse_settings
-from model.training import CHECKPOINTS, LAST, train, upstream_hparams
+from model.training import CHECKPOINTS, LAST, initial_model, train, upstream_hparams
 
 COLOURS = {"water": (20, 40, 90), "forest": (30, 90, 30), "city": (170, 160, 150)}
 RATE = 16_000
@@ -120,6 +121,26 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, pair
     assert expected.keys() == found.keys()
     for key in expected:
         assert torch.allclose(expected[key], found[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_run_from_init_weights_trains_them_and_leaves_frozen_what_a_fresh_model_freezes(
+    tmp_path: Path, pairs: Path
+) -> None:
+    first = load_settings(config(tmp_path / "first", pairs, max_epochs=1))
+    train(first, enable_progress_bar=False)
+    settings = load_settings(
+        config(tmp_path / "next", pairs, max_epochs=1, model={"init": str(first.out_path / "model.safetensors")})
+    )
+    model = initial_model(settings)
+    frozen = {name for name, param in Sat2Sound(model.cfg).named_parameters() if not param.requires_grad}
+    assert frozen and {name for name, param in model.named_parameters() if not param.requires_grad} == frozen
+    assert model.training
+
+    assert train(settings, enable_progress_bar=False).steps == 2
+    before, after = final_weights(first.out_path), final_weights(settings.out_path)
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+    assert len(moved) > len(before) // 2 and not moved & frozen
 
 
 @pytest.mark.slow
