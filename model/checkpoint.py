@@ -231,8 +231,12 @@ def verify_sha256(path: Path, expected: str) -> None:
         )
 
 
-def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> Sat2Sound:
-    """A Sat2Sound model in eval mode holding exactly the given weights (strict), all of them finite."""
+def build_model(
+    cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: str = "checkpoint", trainable: bool = False
+) -> Sat2Sound:
+    """A Sat2Sound model holding exactly the given weights (strict), all of them finite: for inference, in eval
+    mode and frozen; `trainable`, in train mode with gradients where a fresh model has them (the STFT and mel
+    matrices official checkpoints carry stay frozen)."""
     with torch.device("meta"):
         model = Sat2Sound(cfg)
     problems = describe_mismatch(model.state_dict(), state_dict)
@@ -241,8 +245,9 @@ def build_model(cfg: Sat2SoundConfig, state_dict: Mapping[str, Tensor], source: 
             f"{source} does not fit a {cfg.sat_type}/{cfg.metadata_type} Sat2Sound: {problems}"
         )
     check_finite(state_dict, source)
+    # assign=True takes the tensors but keeps each parameter's requires_grad of the fresh model.
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return model.train() if trainable else model.eval().requires_grad_(False)
 
 
 def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:

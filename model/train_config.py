@@ -71,6 +71,7 @@ class TrainSettings:
     devices: int | None = None  # None: every device of the accelerator
     seed: int = 0
     text_cache: str | None = None  # default: <out_dir>/text_cache
+    mel_cache: str | None = None  # folder sources' log-mels; default: <out_dir>/mel_cache
     description: str = ""  # what the exported weights are, in a sentence; maps built with them show it
     export: str = "best"  # the checkpoint exported: best (by validation recall) or last
 
@@ -81,6 +82,10 @@ class TrainSettings:
     @property
     def text_cache_path(self) -> Path:
         return Path(self.text_cache) if self.text_cache else self.out_path / "text_cache"
+
+    @property
+    def mel_cache_path(self) -> Path:
+        return Path(self.mel_cache) if self.mel_cache else self.out_path / "mel_cache"
 
     def model_config(self) -> Sat2SoundConfig:
         """The architecture to build when not starting from `model.init` weights."""
@@ -167,6 +172,7 @@ def _relative_to(settings: TrainSettings, base: Path) -> TrainSettings:
         settings,
         out_dir=resolve(settings.out_dir) or settings.out_dir,
         text_cache=resolve(settings.text_cache),
+        mel_cache=resolve(settings.mel_cache),
         data=replace(settings.data, root=resolve(settings.data.root) or ""),
         model=replace(settings.model, init=resolve(settings.model.init)),
     )

@@ -58,12 +58,14 @@ class PairEmbeddings(NamedTuple):
     audio_caption: Tensor
 
 
-def open_pairs(data: DataSettings, split: str) -> PairSource:
-    """The pairs of `split` in the layout `data.format` names, from a folder or `hf://datasets/OWNER/NAME[@REV]`."""
+def open_pairs(data: DataSettings, split: str, mel_cache: Path | None = None) -> PairSource:
+    """The pairs of `split` in the layout `data.format` names, from a folder or `hf://datasets/OWNER/NAME[@REV]`;
+    a folder's log-mels are kept in `mel_cache` (the Hub layouts store theirs)."""
     if data.format == "folder":
         if data.root.startswith(HUB_DATASETS):
             raise ConfigError("data.format folder reads a local folder; Hub datasets are geosound or soundingearth")
-        return FolderPairs(data.root, split, zoom_levels=data.zooms or (1, 3, 5), sat_type=data.sat_type)
+        zooms = data.zooms or (1, 3, 5)
+        return FolderPairs(data.root, split, zoom_levels=zooms, sat_type=data.sat_type, mel_cache=mel_cache)
     reader = GeoSoundParquet if data.format == "geosound" else SoundingEarthParquet
     sat_type = data.sat_type if data.format == "geosound" else None
     if data.root.startswith(HUB_DATASETS):
@@ -121,12 +123,12 @@ class Sat2SoundTraining(pl.LightningModule):
         self.settings = settings
         self.texts = texts
         self.train_pairs = PairDataset(
-            train := open_pairs(settings.data, settings.data.train_split),
+            train := open_pairs(settings.data, settings.data.train_split, settings.mel_cache_path),
             transform_for(train, settings.data, train=True),
             seed=settings.seed,
         )
         self.val_pairs = PairDataset(
-            val := open_pairs(settings.data, settings.data.val_split),
+            val := open_pairs(settings.data, settings.data.val_split, settings.mel_cache_path),
             transform_for(val, settings.data, train=False),
             seed=settings.seed,
         )
@@ -244,14 +246,7 @@ def initial_model(settings: TrainSettings) -> Sat2Sound:
     if settings.model.init is None:
         return Sat2Sound(settings.model_config())
     cfg, state_dict, _ = read_checkpoint(Path(settings.model.init))
-    cfg = settings.with_droprate(cfg)
-    # build_model checks the weights and hands them over frozen, for inference.
-    model = build_model(cfg, state_dict, source=settings.model.init).train()
-    with torch.device("meta"):
-        trainable = {name for name, param in Sat2Sound(cfg).named_parameters() if param.requires_grad}
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    return model
+    return build_model(settings.with_droprate(cfg), state_dict, source=settings.model.init, trainable=True)
 
 
 def trainer(settings: TrainSettings, checkpoints: Sequence[ModelCheckpoint], **overrides: Any) -> pl.Trainer:

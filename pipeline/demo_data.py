@@ -14,8 +14,8 @@ A view's label is the share of each land-cover class (`pipeline.landcover`) amon
 per-pixel classes exactly like its image. Its recording is its own 10 s mix of the classes' sounds: each class
 weighs its share relative to that class's share over all train views (its location quotient, so that rare
 towns are heard among fields), classes under MIN_MIX_WEIGHT of the mix are left out, and each class left sounds
-one of its recordings (examples/sounds/recordings.csv, drawn at random), looped from a random start at equal
-loudness (RMS) and scaled by its weight. The audio caption names the mixed recordings, loudest first. Written
+all its recordings (examples/sounds/recordings.csv), each looped from a random start, together as loud (RMS) as
+the class's weight. The audio caption names the mixed recordings, loudest first. Written
 atomically (a run stopped half-way leaves no OUT_DIR):
 
     OUT_DIR/pairs.csv       key,image,audio,audio_caption,image_caption,lat,lon,time,split,sat_type,
@@ -219,18 +219,22 @@ def mix_weights(fractions: np.ndarray, shares: np.ndarray) -> np.ndarray:
 def choose_components(
     weights: np.ndarray, recordings: Sequence[Recording], clips: Mapping[str, np.ndarray], rng: np.random.Generator
 ) -> list[Component]:
-    """A view's mix, loudest first: per class it weighs, one of the class's recordings and a random loop start."""
+    """A view's mix, loudest class first: per class it weighs, every recording of the class from a random loop
+    start. A class's n recordings each weigh its weight / sqrt(n): independent sounds add up in power, so the
+    class is as loud as its weight whatever its number of recordings, and what a view sounds like depends on its
+    land cover alone, not on a draw of recordings."""
     components = []
     for index in np.argsort(-weights, kind="stable"):
         if weights[index] > 0:
-            recording = _pick_recording(recordings, CLASSES[index], rng)
-            start = int(rng.integers(len(clips[recording.file])))
-            components.append(Component(recording, float(weights[index]), start))
+            members = [recording for recording in recordings if recording.land_cover == CLASSES[index]]
+            weight = float(weights[index]) / math.sqrt(len(members))
+            for recording in members:
+                components.append(Component(recording, weight, int(rng.integers(len(clips[recording.file])))))
     return components
 
 
 def mix_audio(components: Sequence[Component], clips: Mapping[str, np.ndarray]) -> np.ndarray:
-    """(CLIP_SAMPLES,) float32: the components' recordings at equal RMS, each looped to 10 s from its start and
+    """(CLIP_SAMPLES,) float32: the components' recordings brought to equal RMS, each looped to 10 s from its start and
     scaled by its weight, summed; the sum at MIX_RMS_DBFS, or lower where its peak would pass MIX_PEAK."""
     mix = np.zeros(CLIP_SAMPLES, np.float64)
     for component in components:
@@ -395,11 +399,6 @@ def _holds_dataset(folder: Path) -> bool:
         return bool(json.loads((folder / SUMMARY_NAME).read_text()).get("format") == FORMAT)
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _pick_recording(recordings: Sequence[Recording], land_cover: str, rng: np.random.Generator) -> Recording:
-    options = [recording for recording in recordings if recording.land_cover == land_cover]
-    return options[int(rng.integers(len(options)))]
 
 
 def _write_images(folder: Path, scenes: dict[str, Scene], views: Sequence[View], keys: Sequence[str]) -> None:

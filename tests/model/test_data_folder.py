@@ -12,6 +12,7 @@ import torch
 from support.pair_data import encode_image, synthetic_image, write_folder
 
 from model.audio import CLIP_SAMPLES, SAMPLE_RATE, fit_clip, log_mel
+from model.data import folder as folder_module
 from model.data.dataset import PairDataset, collate
 from model.data.folder import REQUIRED_COLUMNS, FolderPairs, recording_clips
 from model.data.transforms import SampleTransform
@@ -100,6 +101,44 @@ def test_recording_segment_is_the_log_mel_of_its_window(tmp_path: Path) -> None:
     mono = soundfile.read(tmp_path / "audio" / "x.wav", dtype="float32")[0].mean(axis=1)
     window = torch.from_numpy(np.ascontiguousarray(mono[15 * SAMPLE_RATE : 25 * SAMPLE_RATE]))[None]
     assert np.allclose(pair.mel.segment(3), log_mel(window)[0, 0].numpy(), atol=1e-3)
+
+
+def test_the_mel_cache_serves_what_the_recording_gives_and_decodes_each_recording_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, seconds in (("long", 30.0), ("short", 7.0)):
+        add_files(tmp_path, key, image_px=256, seconds=seconds, rate=SAMPLE_RATE)
+    write_folder(
+        tmp_path,
+        [pair_line("long", sat_type="sentinel"), pair_line("short", sat_type="sentinel")],
+        [*REQUIRED_COLUMNS, "sat_type"],
+    )
+    plain = FolderPairs(tmp_path, "train", zoom_levels=(1,))
+    expected = [[plain.record(row).mel.segment(index) for index in range(5)] for row in range(2)]
+    cache = tmp_path / "mel_cache"
+    decoded: list[Path] = []
+    decode = folder_module.decode_audio
+
+    def counting(path: Path, seconds: float) -> np.ndarray:
+        decoded.append(Path(path))
+        return decode(path, seconds)
+
+    monkeypatch.setattr(folder_module, "decode_audio", counting)
+    for _ in range(2):  # the second source (another epoch, another worker) reads what the first wrote
+        cached = FolderPairs(tmp_path, "train", zoom_levels=(1,), mel_cache=cache)
+        for row in range(2):
+            mel = cached.record(row).mel
+            assert all(np.array_equal(mel.segment(index), expected[row][index]) for index in range(5))
+    assert sorted(path.name for path in decoded) == ["long.wav", "short.wav"]
+    stored = sorted(cache.glob("*/*.npz"))
+    assert len(stored) == 2 and not list(cache.glob("**/*.part"))
+    # The short recording's five segments are one zero-padded window, kept once.
+    with np.load(next(path for path in stored if np.load(path)["mels"].shape[0] == 1)) as short:
+        assert short["windows"].tolist() == [0] * 5
+    # Other bytes, another entry: an edited recording is never served stale.
+    add_files(tmp_path, "long", image_px=256, seconds=29.0, rate=SAMPLE_RATE)
+    FolderPairs(tmp_path, "train", zoom_levels=(1,), mel_cache=cache).record(0).mel.segment(0)
+    assert len(list(cache.glob("*/*.npz"))) == 3
 
 
 def test_folder_pairs_through_the_dataset(folder: Path) -> None:

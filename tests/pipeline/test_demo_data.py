@@ -35,6 +35,7 @@ from pipeline.demo_data import (
     choose_components,
     default_settings,
     image_caption,
+    listed,
     main,
     mix_audio,
     mix_caption,
@@ -136,13 +137,23 @@ def test_mix_weights_follow_each_class_relative_to_its_share() -> None:
     assert mix_weights(np.array([[0.002, 0.15, 0.848, 0.0]]), np.array([0.0, 0.2, 0.8, 0.0]))[0, 0] < 0.2
 
 
-def test_a_mix_sounds_each_class_at_its_weight_loudest_first() -> None:
+def test_a_mix_sounds_every_recording_of_each_class_at_its_weight_loudest_first() -> None:
     recordings = read_recordings()
     clips = {recording.file: load_audio(TRAINING_DIR.parent / "sounds" / recording.file) for recording in recordings}
     components = choose_components(np.array([0.25, 0.0, 0.0, 0.75]), recordings, clips, np.random.default_rng(3))
-    assert [part.recording.land_cover for part in components] == ["developed", "water"]
-    assert [part.weight for part in components] == [0.75, 0.25]
-    assert mix_caption(components) == f"{components[0].recording.caption} and {components[1].recording.caption}"
+    town = [recording for recording in recordings if recording.land_cover == "developed"]
+    water = [recording for recording in recordings if recording.land_cover == "water"]
+    assert [part.recording for part in components] == [*town, *water]
+    # Each class is as loud as its weight: its n independent recordings each weigh weight / sqrt(n).
+    assert [part.weight for part in components] == pytest.approx(
+        [0.75 / np.sqrt(len(town))] * len(town) + [0.25 / np.sqrt(len(water))] * len(water)
+    )
+    assert all(0 <= part.start < len(clips[part.recording.file]) for part in components)
+    assert len({part.start for part in components}) == len(components)
+    assert mix_caption(components) == listed([part.recording.caption for part in components])
+    # Another draw moves only the loop starts: a view's sound follows from its land cover.
+    again = choose_components(np.array([0.25, 0.0, 0.0, 0.75]), recordings, clips, np.random.default_rng(4))
+    assert [(part.recording, part.weight) for part in again] == [(part.recording, part.weight) for part in components]
     mixed = mix_audio(components, clips)
     assert mixed.shape == (CLIP_SAMPLES,) and mixed.dtype == np.float32
     rms_dbfs = 20 * np.log10(np.sqrt(np.mean(mixed.astype(np.float64) ** 2)))
@@ -232,7 +243,13 @@ def test_labels_are_class_shares_and_each_view_has_its_own_mix(dataset: Path) ->
         assert label["dominant"] == CLASSES[int(np.argmax(shares))]
         parts = [part.split(":") for part in label["mix"].split(";")]
         assert all(classes[file] == land_cover for land_cover, file, _ in parts)
-        assert sum(float(weight) for *_, weight in parts) == pytest.approx(1.0, abs=1e-3)
+        sounding = {land_cover for land_cover, *_ in parts}
+        assert sorted(file for _, file, _ in parts) == sorted(file for file in classes if classes[file] in sounding)
+        # A class's recordings add up in power to its weight; the class weights sum to 1.
+        power = dict.fromkeys(sounding, 0.0)
+        for land_cover, _, weight in parts:
+            power[land_cover] += float(weight) ** 2
+        assert sum(np.sqrt(list(power.values()))) == pytest.approx(1.0, abs=1e-3)
         assert pair["audio_caption"].startswith(captions[parts[0][1]])
         assert pair["audio"] == f"recordings/{pair['key']}.flac"
         assert (label["scene"] == LANDSAT.name) == (label["split"] == "test")

@@ -21,8 +21,9 @@ import xarray as xr
 import yaml
 from pyproj import Geod
 from shapely.geometry import box
-from support.paths import DEFAULT_CONFIG, REPO
+from support.paths import REPO
 
+from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.demo_quality import map_quality
 from pipeline.gallery import open_gallery
 from pipeline.geometry import lnglat_of_mercator
@@ -46,7 +47,7 @@ GEOD = Geod(ellps="WGS84")
 @pytest.fixture(scope="module")
 def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("default-build")
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text()) | {"output_dir": str(folder)}
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()) | {"output_dir": str(folder)}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "pipeline.launch", "--profile", "profiles/local", "--configfile", str(path)]
@@ -57,7 +58,7 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_default_build_maps_with_the_demo_model(default_build: Path) -> None:
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     assert (REPO / config["model"]["checkpoint"]).resolve() == DEMO_WEIGHTS.resolve()
     assert set(MEANT_FOR) <= {query["id"] for query in config["queries"]}
     kinds = {("audio" in query) + 2 * ("text" in query) for query in config["queries"]}

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from support.paths import DEFAULT_CONFIG, LANDSAT, REPO, default_config_from_anywhere
+from support.paths import LANDSAT, REPO, default_config_from_anywhere
 
+from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.launch import STOPPED_LINE
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -111,7 +112,7 @@ def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) 
 def test_ctrl_c_before_the_workflow_is_read_prints_the_same_one_line(tmp_path: Path) -> None:
     # What `bash run.sh build` runs; interrupted while Python still imports Snakemake.
     command = [sys.executable, "-m", "pipeline.launch", "-s", str(REPO / "Snakefile"), "-n"]
-    command += ["--profile", str(REPO / "profiles" / "local"), "--configfile", str(DEFAULT_CONFIG)]
+    command += ["--profile", str(REPO / "profiles" / "local"), "--configfile", str(DEFAULT_CONFIG_PATH)]
     run = subprocess.Popen(
         command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
