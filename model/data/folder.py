@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.atomic import atomic_path
-from model.audio import CLIP_SAMPLES, CLIP_SECONDS, HOP_LENGTH, N_FFT, N_MELS, decode_audio, fit_clip, log_mel
+from model.audio import CLIP_SAMPLES, CLIP_SECONDS, HOP_LENGTH, N_FFT, N_MELS, decode_audio, fit_clip
 from model.config import (
     AUDIO_SOURCES,
     CAPTION_SOURCES,
@@ -188,15 +187,13 @@ class CachedMel(MelSegments):
         if cached.is_file():
             with np.load(cached) as stored:
                 return stored["mels"], stored["windows"]
-        clips = recording_clips(decode_audio(self.path, MEL_SEGMENTS * CLIP_SECONDS))
-        distinct: list[np.ndarray] = []
-        windows = np.zeros(len(clips), np.int64)
-        for index, clip in enumerate(clips):
-            same = [number for number, kept in enumerate(distinct) if np.array_equal(kept, clip)]
-            windows[index] = same[0] if same else len(distinct)
-            if not same:
-                distinct.append(clip)
-        mels = np.stack([log_mel(torch.from_numpy(clip[None]))[0, 0].numpy() for clip in distinct])
+        recording = RecordingMel(recording_clips(decode_audio(self.path, MEL_SEGMENTS * CLIP_SECONDS)))
+        # The first segment of each distinct window, by the window's samples.
+        firsts: dict[bytes, int] = {}
+        for index, clip in enumerate(recording.clips):
+            firsts.setdefault(clip.tobytes(), index)
+        windows = np.array([list(firsts).index(clip.tobytes()) for clip in recording.clips], np.int64)
+        mels = np.stack([recording.segment(index) for index in firsts.values()])
         with atomic_path(cached) as tmp, tmp.open("wb") as handle:
             np.savez(handle, mels=mels, windows=windows)
         return mels, windows
