@@ -38,7 +38,7 @@ import yaml
 
 from model import Sat2Sound, Sat2SoundEncoder
 from pipeline.build import PLAN_NAME
-from pipeline.config import load_build_config
+from pipeline.config import default_config_from_anywhere, load_build_config
 from pipeline.geometry import output_zoom
 from pipeline.model_setup import untrained_config
 from pipeline.plan import ModelView, read_plan
@@ -64,7 +64,10 @@ def square_region(tiles: int, zoom: int) -> str:
 
 
 def build_config(name: str, region: str, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    defaults = default_config_from_anywhere()
+    if args.audio_queries_only:
+        defaults["queries"] = [query for query in defaults["queries"] if "text" not in query]
+        defaults["outputs"]["gallery"] = None
     return {
         **defaults,
         "name": name,
@@ -190,6 +193,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tile-zoom-offset", type=int, default=5)
     parser.add_argument("--model-tiles", type=int, default=2048, help="tiles timed for the model-only rate")
+    parser.add_argument(
+        "--audio-queries-only",
+        action="store_true",
+        help="only the default config's plain audio queries and no gallery: no text backbone is loaded (for a"
+        " checkpoint whose backbone, flan-t5-large, is not at hand offline)",
+    )
     parser.add_argument("--keep", type=Path, help="build here and keep the outputs (default: a temporary folder)")
     parser.add_argument(
         "--write-rates", action="store_true", help=f"record the largest build's rate in {RATES_PATH.name}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import rasterio
+import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from rasterio.crs import CRS
@@ -33,6 +34,20 @@ DEFAULT_CONFIG_PATH = SCHEMA_PATH.with_name("config.yaml")
 UNTRAINED = "untrained"
 # `model.month: all` / `model.hour: all`: every month, every hour.
 ALL_TIMES = "all"
+
+
+def default_config_from_anywhere() -> dict[str, Any]:
+    """The default config with its repository-relative files (checkpoint, audio queries, zones, gallery) made
+    absolute, for builds run from another folder (tests, benchmarks)."""
+    repo = DEFAULT_CONFIG_PATH.parents[1]
+    config: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config["model"]["checkpoint"] = str(repo / config["model"]["checkpoint"])
+    for query in config["queries"]:
+        if "audio" in query:
+            query["audio"] = str(repo / query["audio"])
+    for key in ("zones", "gallery"):
+        config["outputs"][key] = str(repo / config["outputs"][key])
+    return config
 
 
 class Time(NamedTuple):

@@ -6,9 +6,15 @@ Views are cut as the default map build cuts them (config/config.yaml: its imager
 level; `LocalRasterReader.source_pixels`, then `pipeline.views.cut_views`): squares of the model's view size
 centred on random points (seeded), kept where at least MIN_COVERAGE of their pixels hold imagery.
 
-    train  N views of the training scenes (examples/training/) lying wholly east of VAL_WEST_OF_LON
-    val    views of the training scenes wholly west of it (a spatial block; views across the line are dropped)
-    test   views of the default map's scene, held out: no training scene comes within one view of it
+    train  N views of the training scenes (examples/training/) lying wholly east of VAL_WEST_OF_LON, half at
+           the map's zoom level and half at zoom level 1 (a third of the size at 3; upstream too trains at
+           several zoom levels), chosen among BALANCED_POOL x N candidates to spread over dominant classes as
+           far as they go: at the map's zoom the training scenes hold hardly a view of open water or of forest
+           away from shores, which the held-out scene is full of
+    val    views of the training scenes wholly west of it (a spatial block; views across the line are dropped),
+           at the map's zoom level
+    test   views of the default map's scene at the map's zoom level, held out: no training scene comes within
+           one view of it
 
 A view's label is the share of each land-cover class (`pipeline.landcover`) among its pixels, cut from the
 per-pixel classes exactly like its image. Its recording is its own 10 s mix of the classes' sounds: each class
@@ -19,11 +25,13 @@ the class's weight. The audio caption names the mixed recordings, loudest first.
 atomically (a run stopped half-way leaves no OUT_DIR):
 
     OUT_DIR/pairs.csv       key,image,audio,audio_caption,image_caption,lat,lon,time,split,sat_type,
-                            audio_source,caption_source (the plain folder layout of model.data.folder)
-    OUT_DIR/labels.csv      key,split,scene,water,tree,crop,developed,dominant,mix (class:file:weight;...)
-    OUT_DIR/dataset.json    how it was made: seed, views per split, class shares, counts per split and class
-    OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square: the footprint of the model's zoom
-                                    level, so model.data.folder reads them with that one zoom level
+                            audio_source,caption_source,zoom_level (the plain folder layout of model.data.folder)
+    OUT_DIR/labels.csv      key,split,scene,zoom_level,water,tree,crop,developed,dominant,mix
+                            (mix: class:file:weight;...)
+    OUT_DIR/dataset.json    how it was made: seed, views per split and zoom level, class shares, counts per split
+                            and class
+    OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square: the footprint of its zoom level
+                                    (pairs.csv's zoom_level, the one level model.data.folder reads it at)
     OUT_DIR/recordings/<key>.flac   the view's mix, 10 s mono 32 kHz 16-bit
 """
 
@@ -35,6 +43,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -50,6 +59,7 @@ from common.atomic import atomic_directory
 from common.errors import Sat2SoundError, first_line
 from model import MODEL_INPUT_PX
 from model.audio import CLIP_SAMPLES, CLIP_SECONDS, SAMPLE_RATE, decode_audio
+from model.config import TRAINED_ZOOM_LEVELS
 from model.data.folder import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from model.data.sources import SPLITS
 from pipeline.config import DEFAULT_CONFIG_PATH, load_build_config
@@ -92,17 +102,22 @@ CAPTION_NOUNS = {"water": "water", "tree": "forest", "crop": "farmland", "develo
 MOSTLY_AT_LEAST = 0.5
 PLAIN_AT_LEAST = 0.2
 MENTIONED_AT_LEAST = 0.05
-FORMAT = "sat2sound-maps/demo-dataset-v1"
+FORMAT = "sat2sound-maps/demo-dataset-v2"
+# Earlier formats a run may replace.
+FORMAT_FAMILY = "sat2sound-maps/demo-dataset-"
 SUMMARY_NAME = "dataset.json"
 DEFAULT_VIEWS = 3000
 # zlib level of the images: 4x faster than GDAL's default (6), files 13 % larger.
 IMAGE_ZLEVEL = 1
+# Balanced train views are chosen among this many times as many candidates.
+BALANCED_POOL = 4
 # Views cut at once (memory: about 200 kB each), and candidate views drawn per round at least.
 CUT_BATCH = 256
 MIN_ROUND = 16
-# Candidates drawn per view still missing: most candidates are kept (some lack imagery or cross the val block).
+# Candidates drawn per view still missing: most train candidates are kept (some lack imagery or cross the val
+# block); val views, from the narrow val block alone, take ~15 rounds.
 ROUND_OVERSAMPLING = 1.25
-MAX_ROUNDS = 20
+MAX_ROUNDS = 40
 # Label planes hold indicators 0/1: this stretch maps them to 0/255, as cut_views writes uint8.
 INDICATOR_STRETCH = Stretch(0.0, 1.0)
 PAIRS_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
@@ -140,6 +155,7 @@ class Component(NamedTuple):
 class View(NamedTuple):
     split: str
     scene: str
+    zoom_level: int
     bounds: np.ndarray  # (4,) EPSG:3857
     fractions: np.ndarray  # (len(CLASSES),)
 
@@ -152,7 +168,18 @@ class Settings:
     test_scene: Path
     sat_type: str
     zoom_level: int
-    view_size_m: float
+
+    @property
+    def view_size_m(self) -> float:
+        return self.view_size_at(self.zoom_level)
+
+    def view_size_at(self, zoom_level: int) -> float:
+        return ModelView.of(self.sat_type, zoom_level).size_m
+
+    @property
+    def train_zoom_levels(self) -> tuple[int, ...]:
+        """The map's zoom level and the finest one."""
+        return tuple(sorted({TRAINED_ZOOM_LEVELS[0], self.zoom_level}))
 
 
 def default_settings() -> Settings:
@@ -163,7 +190,6 @@ def default_settings() -> Settings:
         test_scene=source if source.is_absolute() else REPO / source,
         sat_type=config.model.sat_type,
         zoom_level=config.model.zoom_level,
-        view_size_m=ModelView.of(config.model.sat_type, config.model.zoom_level).size_m,
     )
 
 
@@ -301,33 +327,42 @@ def draw_views(
     scenes: Sequence[Scene],
     quotas: dict[str, int],
     split_of: Callable[[np.ndarray], list[str | None]],
-    view_size_m: float,
+    view_sizes: Mapping[int, float],
     rng: np.random.Generator,
+    balanced: bool = False,
 ) -> dict[str, list[View]]:
-    """`quotas[split]` views per split, drawn at random over `scenes` (in proportion to their area), a random
-    choice among those kept when a round kept more."""
+    """`quotas[split]` views per split, drawn at random over `scenes` (in proportion to their area) and zoom
+    levels (`view_sizes`: each one's view size in m, equally often), a random choice among those kept when a
+    round kept more. `balanced`: a choice among BALANCED_POOL times as many, spread over dominant classes
+    (`choose_balanced`)."""
     weights = np.array([scene.centre_area for scene in scenes])
     if not weights.sum() > 0:
         raise DatasetError(f"scenes {[scene.name for scene in scenes]} are smaller than one view; use larger ones")
+    pool = BALANCED_POOL if balanced else 1
     kept: dict[str, list[View]] = {split: [] for split in quotas}
     for _ in range(MAX_ROUNDS):
-        missing = sum(max(quota - len(kept[split]), 0) for split, quota in quotas.items())
+        missing = sum(max(quota * pool - len(kept[split]), 0) for split, quota in quotas.items())
         if missing == 0:
-            return {split: _choose(kept[split], quotas[split], rng) for split in quotas}
+            choose = choose_balanced if balanced else _choose
+            return {split: choose(kept[split], quotas[split], rng) for split in quotas}
         for scene, count in zip(
             scenes,
             rng.multinomial(max(math.ceil(ROUND_OVERSAMPLING * missing), MIN_ROUND), weights / weights.sum()),
             strict=True,
         ):
-            if count == 0:
-                continue
-            views = random_views(scene, int(count), view_size_m, rng)
-            coverage, fractions = land_cover(scene, views)
-            for index, split in enumerate(split_of(views)):
-                if split in kept and coverage[index] >= MIN_COVERAGE:
-                    kept[split].append(View(split, scene.name, views[index], fractions[index]))
+            for zoom_level, zoom_count in zip(
+                view_sizes, rng.multinomial(count, [1 / len(view_sizes)] * len(view_sizes)), strict=True
+            ):
+                if zoom_count == 0:
+                    continue
+                views = random_views(scene, int(zoom_count), view_sizes[zoom_level], rng)
+                coverage, fractions = land_cover(scene, views)
+                for index, split in enumerate(split_of(views)):
+                    if split in kept and coverage[index] >= MIN_COVERAGE:
+                        kept[split].append(View(split, scene.name, zoom_level, views[index], fractions[index]))
         print(
-            "demo_data: drew " + ", ".join(f"{len(kept[split])}/{quota} {split}" for split, quota in quotas.items()),
+            "demo_data: drew "
+            + ", ".join(f"{len(kept[split])}/{quota * pool} {split}" for split, quota in quotas.items()),
             flush=True,
         )
     raise DatasetError(
@@ -338,6 +373,18 @@ def draw_views(
 
 def _choose(views: list[View], count: int, rng: np.random.Generator) -> list[View]:
     return [views[index] for index in sorted(rng.choice(len(views), count, replace=False))]
+
+
+def choose_balanced(views: list[View], count: int, rng: np.random.Generator) -> list[View]:
+    """`count` of `views` (in their order), as evenly spread over dominant classes as they allow: classes in
+    order of fewest candidates, each takes its even part of what is left, or all it has if that is fewer."""
+    dominant = np.array([int(np.argmax(view.fractions)) for view in views])
+    groups = sorted((np.flatnonzero(dominant == index) for index in range(len(CLASSES))), key=len)
+    chosen: list[int] = []
+    for position, group in enumerate(groups):
+        take = min(len(group), (count - len(chosen)) // (len(groups) - position))
+        chosen.extend(int(index) for index in rng.choice(group, take, replace=False))
+    return [views[index] for index in sorted(chosen)]
 
 
 def _batches(views: np.ndarray) -> Iterator[np.ndarray]:
@@ -358,9 +405,11 @@ def make_dataset(out_dir: Path, views: int, seed: int) -> dict[str, Any]:
     with ExitStack() as stack:
         training = [open_scene(TRAINING_DIR / name, settings, stack) for name in TRAINING_SCENES]
         test = open_scene(settings.test_scene, settings, stack)
-        size = settings.view_size_m
-        drawn = draw_views(training, {"train": views, "val": held_out}, split_by_block, size, rng)
-        drawn |= draw_views([test], {"test": held_out}, lambda batch: ["test"] * len(batch), size, rng)
+        train_sizes = {zoom: settings.view_size_at(zoom) for zoom in settings.train_zoom_levels}
+        map_size = {settings.zoom_level: settings.view_size_m}
+        drawn = draw_views(training, {"train": views}, split_by_block, train_sizes, rng, balanced=True)
+        drawn |= draw_views(training, {"val": held_out}, split_by_block, map_size, rng)
+        drawn |= draw_views([test], {"test": held_out}, lambda batch: ["test"] * len(batch), map_size, rng)
         ordered = [view for split in SPLITS for view in drawn[split]]
         keys = [f"{view.split}-{index:05d}" for split in SPLITS for index, view in enumerate(drawn[split])]
         fractions = np.stack([view.fractions for view in ordered])
@@ -396,7 +445,7 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def _holds_dataset(folder: Path) -> bool:
     try:
-        return bool(json.loads((folder / SUMMARY_NAME).read_text()).get("format") == FORMAT)
+        return str(json.loads((folder / SUMMARY_NAME).read_text()).get("format")).startswith(FORMAT_FAMILY)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -459,6 +508,7 @@ def _write_pairs(
                     sat_type,
                     AUDIO_SOURCE,
                     CAPTION_SOURCE,
+                    view.zoom_level,
                 ]
             )
 
@@ -468,14 +518,14 @@ def _write_labels(
 ) -> None:
     with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["key", "split", "scene", *CLASSES, "dominant", "mix"])
+        writer.writerow(["key", "split", "scene", "zoom_level", *CLASSES, "dominant", "mix"])
         for view, key, components in zip(views, keys, mixes, strict=True):
             shares = [f"{share:.4f}" for share in view.fractions]
             dominant = CLASSES[int(np.argmax(view.fractions))]
             mix = ";".join(
                 f"{part.recording.land_cover}:{part.recording.file}:{part.weight:.4f}" for part in components
             )
-            writer.writerow([key, view.split, view.scene, *shares, dominant, mix])
+            writer.writerow([key, view.split, view.scene, view.zoom_level, *shares, dominant, mix])
 
 
 def _summary(
@@ -494,11 +544,18 @@ def _summary(
         "format": FORMAT,
         "seed": seed,
         "views": {split: len(drawn[split]) for split in SPLITS},
+        "views_by_zoom_level": {
+            split: {
+                str(zoom): count for zoom, count in sorted(Counter(view.zoom_level for view in drawn[split]).items())
+            }
+            for split in SPLITS
+        },
         "scenes": {split: sorted({view.scene for view in drawn[split]}) for split in SPLITS},
         "image_px": MODEL_INPUT_PX,
         "sat_type": settings.sat_type,
         "zoom_level": settings.zoom_level,
         "view_size_m": settings.view_size_m,
+        "train_zoom_levels": list(settings.train_zoom_levels),
         "min_coverage": MIN_COVERAGE,
         "val_west_of_lon": VAL_WEST_OF_LON,
         "acquired": ACQUIRED,

@@ -1,15 +1,17 @@
 """A user's own image-recording pairs in a plain folder, described by one CSV.
 
     DIR/pairs.csv      key,image,audio,audio_caption,image_caption,lat,lon,time,split
-                       (+ optional sat_type, audio_source, caption_source)
+                       (+ optional sat_type, audio_source, caption_source, zoom_level)
     DIR/<image>        PNG, JPEG or GeoTIFF, 8-bit RGB, centred on the recording; its extent is the largest
                        zoom level's footprint (zoom x the sat_type's tile: 5 x 300 px x 0.6 m for bingmap at
-                       zoom 5), at any pixel size: zoom z sees its centre z / largest zoom
+                       zoom 5), at any pixel size: zoom z sees its centre z / largest zoom. With a zoom_level,
+                       the image is that one level's footprint, and the pair is seen at that level only
     DIR/<audio>        WAV, FLAC, OGG or MP3, any rate and channel count (downmixed, resampled to 32 kHz)
 
 `image` and `audio` are paths relative to DIR. `lat`/`lon` are degrees (EPSG:4326). `time` is ISO 8601: a date
 (month known, hour unknown), a date-time, or empty (both unknown). `split` is train, val or test. `image_caption`
-describes the image's soundscape at every zoom level. Empty optional cells take the constructor's defaults.
+describes the image's soundscape at every zoom level. `zoom_level` must be one of the source's zoom levels.
+Empty optional cells take the constructor's defaults.
 The CSV is checked whole when the source is made; each problem is one error naming its line.
 
 The mel segments come from the recording's first 50 s: MEL_SEGMENTS windows of 10 s spread evenly over it
@@ -68,7 +70,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "time",
     "split",
 )
-OPTIONAL_COLUMNS: tuple[str, ...] = ("sat_type", "audio_source", "caption_source")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("sat_type", "audio_source", "caption_source", "zoom_level")
 # Decoded recordings a source keeps (about 1.3 MB of mel each once all 5 segments are asked for).
 RECORDINGS_KEPT = 64
 # What a cached log-mel depends on besides the recording; a change of the front end misses every older entry.
@@ -93,6 +95,7 @@ class FolderRow:
     sat_type: str
     audio_source: str
     caption_source: str
+    zoom_level: int | None
 
 
 class FolderPairs(PairSource):
@@ -114,7 +117,9 @@ class FolderPairs(PairSource):
         self.split = split
         self._zoom_levels = tuple(sorted(zoom_levels))
         defaults = {"sat_type": sat_type, "audio_source": audio_source, "caption_source": caption_source}
-        self.rows = [row for row in read_pairs_csv(self.root, defaults) if row.split == split]
+        rows = read_pairs_csv(self.root, defaults)
+        _check_row_zooms(self.root, rows, self._zoom_levels)
+        self.rows = [row for row in rows if row.split == split]
         self.mel_cache = None if mel_cache is None else Path(mel_cache)
         self._recordings: dict[Path, MelSegments] = {}
 
@@ -142,7 +147,8 @@ class FolderPairs(PairSource):
         row = self.rows[index]
         where = f"{self.root / CSV_NAME} line {row.line}"
         image = decode_image(row.image, f"{row.image} ({where})")
-        largest = self._zoom_levels[-1]
+        levels = self._zoom_levels if row.zoom_level is None else (row.zoom_level,)
+        largest = levels[-1]
         if min(image.shape[:2]) < largest:
             raise DataError(
                 f"{row.image} ({where}) is {image.shape[1]}x{image.shape[0]} px, too small to crop zoom levels"
@@ -155,7 +161,7 @@ class FolderPairs(PairSource):
             tile_px=min(image.shape[:2]) / largest,
             mel=self._recording(row.audio),
             audio_caption=row.audio_caption,
-            image_captions=dict.fromkeys(self._zoom_levels, row.image_caption),
+            image_captions=dict.fromkeys(levels, row.image_caption),
             lat=row.lat,
             lon=row.lon,
             month=row.month,
@@ -264,7 +270,27 @@ def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults:
         sat_type=chosen["sat_type"],
         audio_source=chosen["audio_source"],
         caption_source=chosen["caption_source"],
+        zoom_level=_zoom_level(where, text.get("zoom_level", "")),
     )
+
+
+def _zoom_level(where: str, text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise DataError(
+            f"{where}: zoom_level {text!r} is not a whole number of 1 or more; write e.g. 3, or leave it empty"
+        )
+    return int(text)
+
+
+def _check_row_zooms(root: Path, rows: Sequence[FolderRow], zoom_levels: tuple[int, ...]) -> None:
+    for row in rows:
+        if row.zoom_level is not None and row.zoom_level not in zoom_levels:
+            raise DataError(
+                f"{root / CSV_NAME} line {row.line}: zoom_level {row.zoom_level} is not among the data's zoom"
+                f" levels {list(zoom_levels)}; add it to them (data.zooms) or change the row"
+            )
 
 
 def _existing_file(root: Path, where: str, text: Mapping[str, str], column: str) -> Path:

@@ -112,7 +112,8 @@ class PairSource(ABC):
     @property
     @abstractmethod
     def zoom_levels(self) -> tuple[int, ...]:
-        """The zoom levels (ascending) every record has an image caption for and an image large enough for."""
+        """The zoom levels (ascending) records are seen at: each record offers them all (an image caption and an
+        image large enough for each), or, where a source pins a record to one level, that level."""
 
     @abstractmethod
     def __len__(self) -> int: ...

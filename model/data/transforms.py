@@ -1,9 +1,10 @@
 """From a decoded pair to a model-ready sample, as upstream's training and evaluation prepare them.
 
-Training: a zoom level drawn from the source's levels (1, 3, 5 for GeoSound; 1 for SoundingEarth), the centre
-crop of zoom x the record's tile px, a bicubic antialiased resize to 224 px, colour jitter (brightness, contrast and
-saturation 0.3, hue 0.2: torchvision's ColorJitter, here kornia's port of it on float pixels), ImageNet
-normalisation, and one of the 5 mel segments at random. Evaluation: a fixed zoom (the smallest, 1) and mel
+Training: a zoom level drawn from the source's levels (1, 3, 5 for GeoSound; 1 for SoundingEarth) that the
+record offers (a record pinned to one level is seen at that one), the centre crop of zoom x the record's tile px,
+a bicubic antialiased resize to 224 px, colour jitter (brightness, contrast and saturation 0.3, hue 0.2:
+torchvision's ColorJitter, here kornia's port of it on float pixels), ImageNet normalisation, and one of the 5 mel
+segments at random. Evaluation: a fixed zoom (the smallest the record offers: 1 for the reference's data) and mel
 segment (0), no jitter. Every draw comes from the generator passed in, so a sample depends on its seed alone.
 """
 
@@ -49,7 +50,7 @@ class SampleTransform:
 
     train: bool
     zoom_levels: tuple[int, ...]
-    eval_zoom: int | None = None  # None: the smallest of zoom_levels
+    eval_zoom: int | None = None  # None: the smallest of zoom_levels the record offers
     eval_mel_segment: int = 0
 
     def __post_init__(self) -> None:
@@ -63,11 +64,17 @@ class SampleTransform:
         return cls(train=train, zoom_levels=source.zoom_levels)
 
     def __call__(self, record: PairRecord, generator: torch.Generator) -> Sample:
+        offered = [zoom for zoom in self.zoom_levels if zoom in record.image_captions]
+        if not offered:
+            raise DataError(
+                f"pair {record.key!r} has no image caption at zoom {', '.join(map(str, self.zoom_levels))};"
+                f" use zoom levels {sorted(record.image_captions)}"
+            )
         if self.train:
-            zoom = self.zoom_levels[_draw(len(self.zoom_levels), generator)]
+            zoom = offered[_draw(len(offered), generator)]
             segment = _draw(len(record.mel), generator)
         else:
-            zoom = min(self.zoom_levels) if self.eval_zoom is None else self.eval_zoom
+            zoom = min(offered) if self.eval_zoom is None else self.eval_zoom
             segment = self.eval_mel_segment
         if zoom not in record.image_captions:
             raise DataError(

@@ -14,7 +14,7 @@ from support.pair_data import encode_image, synthetic_image, write_folder
 from model.audio import CLIP_SAMPLES, SAMPLE_RATE, fit_clip, log_mel
 from model.data import folder as folder_module
 from model.data.dataset import PairDataset, collate
-from model.data.folder import REQUIRED_COLUMNS, FolderPairs, recording_clips
+from model.data.folder import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, FolderPairs, recording_clips
 from model.data.transforms import SampleTransform
 from model.errors import DataError
 
@@ -159,6 +159,17 @@ def test_the_image_spans_the_largest_zoom_at_any_pixel_size(tmp_path: Path) -> N
     assert FolderPairs(tmp_path, "train", zoom_levels=(1, 3)).record(0).tile_px == 900 / 3
 
 
+def test_a_zoom_level_cell_makes_the_image_that_levels_footprint_and_the_pair_seen_at_it(tmp_path: Path) -> None:
+    add_files(tmp_path, "near", image_px=300)
+    add_files(tmp_path, "far", image_px=900)
+    write_folder(tmp_path, [pair_line("near", zoom_level="3"), pair_line("far")], [*REQUIRED_COLUMNS, "zoom_level"])
+    near, far = (FolderPairs(tmp_path, "train", zoom_levels=(1, 3)).record(index) for index in range(2))
+    assert (near.image_captions, near.tile_px) == ({3: "soundscape near"}, 100)
+    assert (far.image_captions, far.tile_px) == (dict.fromkeys((1, 3), "soundscape far"), 300)
+    sample = SampleTransform(train=False, zoom_levels=(1, 3))(near, torch.Generator().manual_seed(0))
+    assert sample.zoom_level == 3 and sample.image.shape == (3, 224, 224)
+
+
 def test_an_image_too_small_to_crop_is_one_line_error(tmp_path: Path) -> None:
     add_files(tmp_path, "tiny", image_px=4)
     write_folder(tmp_path, [pair_line("tiny")])
@@ -173,7 +184,7 @@ def set_cell(column: str, value: str, line: int = 0) -> Edit:
     def edit(root: Path) -> None:
         lines = [pair_line("a"), pair_line("bb")]
         lines[line] = lines[line] | {column: value}
-        write_folder(root, lines, [*REQUIRED_COLUMNS, "sat_type", "audio_source", "caption_source"])
+        write_folder(root, lines, [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS])
 
     return edit
 
@@ -211,6 +222,9 @@ def ragged(root: Path) -> None:
         (set_cell("sat_type", "landsat"), r"line 2: sat_type 'landsat' is unknown; use one of \['bingmap'"),
         (set_cell("audio_source", "youtube"), r"line 2: audio_source 'youtube' is unknown"),
         (set_cell("caption_source", "gpt"), r"line 2: caption_source 'gpt' is unknown"),
+        (set_cell("zoom_level", "two"), r"line 2: zoom_level 'two' is not a whole number of 1 or more"),
+        (set_cell("zoom_level", "0", line=1), r"line 3: zoom_level '0' is not a whole number of 1 or more"),
+        (set_cell("zoom_level", "4"), r"line 2: zoom_level 4 is not among the data's zoom levels \[1, 3, 5\]"),
     ],
 )
 def test_bad_folder_is_one_line_error_naming_the_line(tmp_path: Path, edit: Edit, message: str) -> None:

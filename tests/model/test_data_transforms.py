@@ -120,6 +120,17 @@ def test_colour_jitter_only_in_training_and_global_rng_untouched() -> None:
     assert not torch.equal(trained[0], trained[1])
 
 
+def test_a_record_offering_one_zoom_level_is_seen_at_it() -> None:
+    pinned, full = record(zooms=(3,)), record()
+    train = SampleTransform(train=True, zoom_levels=(1, 3, 5))
+    assert {train(pinned, seeded(seed)).zoom_level for seed in range(12)} == {3}
+    assert {train(full, seeded(seed)).zoom_level for seed in range(12)} == {1, 3, 5}
+    evaluate = SampleTransform(train=False, zoom_levels=(1, 3, 5))
+    assert (evaluate(pinned, seeded(0)).zoom_level, evaluate(full, seeded(0)).zoom_level) == (3, 1)
+    with pytest.raises(DataError, match="no image caption at zoom 1; use zoom levels \\[3\\]"):
+        SampleTransform(train=False, zoom_levels=(1, 3), eval_zoom=1)(pinned, seeded(0))
+
+
 def test_zoom_without_caption_or_room_is_one_line_error() -> None:
     with pytest.raises(DataError, match="no image caption at zoom 3"):
         SampleTransform(train=False, zoom_levels=(3,))(record(zooms=(1,)), seeded(0))

@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ import yaml
 from pyproj import Transformer
 from rasterio.features import geometry_mask
 from shapely.geometry import box
-from support.paths import LANDSAT, REPO, default_config_from_anywhere
+from support.paths import LANDSAT, REPO
 
 from model.audio import CLIP_SAMPLES, SAMPLE_RATE, load_audio
 from model.data.folder import FolderPairs
+from pipeline.config import default_config_from_anywhere
 from pipeline.demo_data import (
     FORMAT,
     MIN_MIX_WEIGHT,
@@ -32,6 +34,8 @@ from pipeline.demo_data import (
     TRAINING_SCENES,
     VAL_WEST_OF_LON,
     Component,
+    View,
+    choose_balanced,
     choose_components,
     default_settings,
     image_caption,
@@ -115,6 +119,23 @@ def test_every_class_has_a_recording_that_decodes() -> None:
     for recording in recordings:
         assert recording.caption
         assert np.abs(load_audio(TRAINING_DIR.parent / "sounds" / recording.file)).max() > 0.1
+
+
+def test_balanced_choice_spreads_views_over_dominant_classes_as_far_as_they_go() -> None:
+    def view(dominant: int, index: int) -> View:
+        fractions = np.full(len(CLASSES), 0.1)
+        fractions[dominant] = 0.7
+        return View("train", f"scene-{index}", 1, np.zeros(4), fractions)
+
+    # No water, 1 developed, 3 tree and 20 crop views, in a shuffled order.
+    dominants = [CROP] * 20 + [TREE] * 3 + [DEVELOPED]
+    views = [view(dominant, index) for index, dominant in enumerate(np.random.default_rng(1).permutation(dominants))]
+    for count, expected in ((8, {DEVELOPED: 1, TREE: 3, CROP: 4}), (4, {DEVELOPED: 1, TREE: 1, CROP: 2})):
+        chosen = choose_balanced(views, count, np.random.default_rng(0))
+        assert len(chosen) == count and len({view.scene for view in chosen}) == count
+        assert Counter(int(np.argmax(view.fractions)) for view in chosen) == expected
+        names = {view.scene for view in chosen}
+        assert [view.scene for view in chosen] == [view.scene for view in views if view.scene in names]
 
 
 def test_mix_weights_follow_each_class_relative_to_its_share() -> None:
@@ -223,12 +244,19 @@ def test_generator_writes_the_plain_folder_layout(dataset: Path) -> None:
     assert json.loads((dataset / "dataset.json").read_text())["format"] == FORMAT
 
 
-def test_the_folder_reader_takes_every_split_at_the_maps_zoom_level(dataset: Path) -> None:
+def test_the_folder_reader_takes_each_view_at_its_zoom_level_held_out_ones_at_the_maps(dataset: Path) -> None:
     summary = json.loads((dataset / "dataset.json").read_text())
+    assert summary["train_zoom_levels"] == [1, summary["zoom_level"]] == [1, 3]
+    zooms = {row["key"]: int(row["zoom_level"]) for row in read_csv(dataset / "pairs.csv")}
     for split, count in summary["views"].items():
-        pairs = FolderPairs(dataset, split, zoom_levels=(summary["zoom_level"],))
+        pairs = FolderPairs(dataset, split, zoom_levels=tuple(summary["train_zoom_levels"]))
         assert len(pairs) == count
-        record = pairs.record(0)
+        records = [pairs.record(index) for index in range(count)]
+        assert all(list(record.image_captions) == [zooms[record.key]] for record in records)
+        levels = Counter(zooms[record.key] for record in records)
+        assert summary["views_by_zoom_level"][split] == {str(zoom): n for zoom, n in sorted(levels.items())}
+        assert set(levels) <= set(summary["train_zoom_levels"] if split == "train" else [summary["zoom_level"]])
+        record = records[0]
         assert record.image.shape == (224, 224, 3) and record.sat_type == "sentinel"
         assert (record.month, record.hour) == (5, None)
 
@@ -263,7 +291,8 @@ def view_boxes_utm(pairs: list[dict[str, str]], crs: str) -> list[Any]:
     boxes = []
     for row in pairs:
         x, y = to_mercator.transform(float(row["lon"]), float(row["lat"]))
-        left, bottom, right, top = views_centred_at([x], [y], default_settings().view_size_m)[0]
+        size = default_settings().view_size_at(int(row["zoom_level"]))
+        left, bottom, right, top = views_centred_at([x], [y], size)[0]
         boxes.append(box(*to_scene.transform_bounds(left, bottom, right, top)))
     return boxes
 

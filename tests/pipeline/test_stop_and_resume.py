@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from support.paths import LANDSAT, REPO, default_config_from_anywhere
+from support.paths import LANDSAT, REPO
 
-from pipeline.config import DEFAULT_CONFIG_PATH
+from pipeline.config import DEFAULT_CONFIG_PATH, default_config_from_anywhere
 from pipeline.launch import STOPPED_LINE
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
