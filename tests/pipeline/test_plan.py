@@ -532,6 +532,24 @@ def test_bench_build_writes_a_valid_rates_file(tmp_path: Path) -> None:
     assert [(rate.device, rate.model) for rate in read_rates(fresh)] == [("cpu", "full")]
 
 
+@pytest.mark.parametrize("audio_queries_only", [False, True])
+def test_bench_build_configs_name_files_that_exist_from_any_folder(tmp_path: Path, audio_queries_only: bool) -> None:
+    from argparse import Namespace
+
+    from benchmarks.bench_build import build_config
+
+    args = Namespace(
+        checkpoint="untrained", device="cpu", batch_size=64, tile_zoom_offset=5, audio_queries_only=audio_queries_only
+    )
+    config = load_build_config(build_config("bench", "-54.52,-25.36,-54.5,-25.34", args, tmp_path))
+    files = [Path(query.audio) for query in config.queries if query.audio is not None]
+    files += [Path(config.imagery.source), Path(config.outputs.zones)]
+    assert files and all(path.is_absolute() and path.is_file() for path in files)
+    assert all(query.text is None for query in config.queries) == audio_queries_only
+    assert (config.outputs.gallery is None) == audio_queries_only
+    assert audio_queries_only or Path(config.outputs.gallery).is_dir()
+
+
 def test_a_broken_rates_file_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "rates.json"
     path.write_text("{}")
