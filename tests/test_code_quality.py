@@ -73,3 +73,24 @@ def test_low_layers_import_nothing_above_them(layer: str) -> None:
             assert name == own or name.startswith(tuple(f"{prefix}." for prefix in allowed)) or name in allowed, (
                 f"{path.relative_to(ROOT)} imports {name}"
             )
+
+
+# Modules that build jobs import, and a heavy library each must not pull in: every job is a fresh process, and
+# each of these imports costs seconds of its start-up (a map's export jobs, an image-only embed job).
+NOT_IMPORTED = {
+    "pipeline.export.cog": "torch",
+    "pipeline.export.places": "torch",
+    "pipeline.export.zones": "torch",
+    "pipeline.export.underlay": "torch",
+    "pipeline.export.qgis_project": "torch",
+    "pipeline.store": "torch",
+    "model.inference": "transformers",
+}
+
+
+@pytest.mark.parametrize("module", sorted(NOT_IMPORTED))
+def test_a_job_module_does_not_import_a_heavy_library_it_does_not_use(module: str) -> None:
+    heavy = NOT_IMPORTED[module]
+    check = f"import sys, {module}; print({heavy!r} in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", f"importing {module} imports {heavy}"

@@ -5,7 +5,9 @@ record offers (a record pinned to one level is seen at that one), the centre cro
 a bicubic antialiased resize to 224 px, colour jitter (brightness, contrast and saturation 0.3, hue 0.2:
 torchvision's ColorJitter, here kornia's port of it on float pixels), ImageNet normalisation, and one of the 5 mel
 segments at random. Evaluation: a fixed zoom (the smallest the record offers: 1 for the reference's data) and mel
-segment (0), no jitter. Every draw comes from the generator passed in, so a sample depends on its seed alone.
+segment (0), no jitter. Optionally (`dihedral`; upstream does not) training also gives each image a random
+quarter turn and mirror, as an overhead view has no up. Every draw comes from the generator passed in, so a
+sample depends on its seed alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from model.preprocess import center_crop, normalize, resize_to_unit
 # brightness, contrast, saturation, hue of upstream's training-only ColorJitter.
 COLOR_JITTER = (0.3, 0.3, 0.3, 0.2)
 SEED_BOUND = 2**62
+DIHEDRAL_ORDER = 8  # quarter turns 0-3, each with or without a mirror
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class SampleTransform:
     zoom_levels: tuple[int, ...]
     eval_zoom: int | None = None  # None: the smallest of zoom_levels the record offers
     eval_mel_segment: int = 0
+    dihedral: bool = False  # training: one of the 8 quarter turns and mirrors of each image
 
     def __post_init__(self) -> None:
         check_zoom_levels(self.zoom_levels)
@@ -84,6 +88,8 @@ class SampleTransform:
         pixels = resize_to_unit(_crop(record, zoom))
         if self.train:
             pixels = _jitter(pixels, _draw(SEED_BOUND, generator))
+            if self.dihedral:
+                pixels = _turn(pixels, _draw(DIHEDRAL_ORDER, generator))
         return Sample(
             key=record.key,
             image=normalize(pixels)[0],
@@ -114,6 +120,12 @@ def _crop(record: PairRecord, zoom: int) -> Tensor:
             f" crop of zoom {zoom}; use lower zoom levels or a larger image"
         )
     return center_crop(torch.from_numpy(record.image).permute(2, 0, 1), size)
+
+
+def _turn(pixels: Tensor, which: int) -> Tensor:
+    """Element `which` (0-7) of the square's symmetry group: `which % 4` quarter turns, mirrored if `which >= 4`."""
+    turned = torch.rot90(pixels, which % 4, dims=(-2, -1))
+    return turned.flip(-1) if which >= 4 else turned
 
 
 @cache

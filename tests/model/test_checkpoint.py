@@ -16,6 +16,7 @@ import torch
 from model.__main__ import main
 from model.checkpoint import (
     build_model,
+    check_finite,
     convert_to_safetensors,
     load_model,
     read_checkpoint,
@@ -64,6 +65,14 @@ def test_bytes_overwritten_in_the_middle_are_reported_with_the_tensor(
         corrupt.unlink()
     message = one_line(exc)
     assert message.startswith(f"{corrupt} is corrupt: tensor ") and "holds 1,024 NaN or infinite values" in message
+
+
+def test_finite_weights_whose_sum_overflows_pass_and_one_nan_among_them_is_counted() -> None:
+    large = torch.full((4,), 60_000.0, dtype=torch.float16)  # each finite, their float16 sum is not
+    check_finite({"large": large, "steps": torch.arange(3)})
+    large[2] = float("nan")
+    with pytest.raises(CheckpointError, match=r"^weights is corrupt: tensor large \(4,\) holds 1 NaN or infinite"):
+        check_finite({"large": large}, "weights")
 
 
 def test_a_converted_checkpoint_with_garbage_inside_is_reported(tmp_path: Path) -> None:

@@ -120,6 +120,21 @@ def test_colour_jitter_only_in_training_and_global_rng_untouched() -> None:
     assert not torch.equal(trained[0], trained[1])
 
 
+def test_dihedral_training_turns_or_mirrors_the_same_sample_and_evaluation_never() -> None:
+    pair = record()
+    plain, turned = (SampleTransform(train=True, zoom_levels=(1,), dihedral=on) for on in (False, True))
+    seen = set()
+    for seed in range(16):
+        upright, image = plain(pair, seeded(seed)).image, turned(pair, seeded(seed)).image
+        turns = [torch.rot90(upright, k, dims=(-2, -1)) for k in range(4)]
+        matches = [i for i, view in enumerate(turns + [view.flip(-1) for view in turns]) if torch.equal(view, image)]
+        assert len(matches) == 1, f"seed {seed}: not one of the 8 turns and mirrors of the upright sample"
+        seen.add(matches[0])
+    assert len(seen) >= 6
+    evaluate = SampleTransform(train=False, zoom_levels=(1,), dihedral=True)(pair, seeded(0)).image
+    assert torch.equal(evaluate, SampleTransform(train=False, zoom_levels=(1,))(pair, seeded(0)).image)
+
+
 def test_a_record_offering_one_zoom_level_is_seen_at_it() -> None:
     pinned, full = record(zooms=(3,)), record()
     train = SampleTransform(train=True, zoom_levels=(1, 3, 5))
