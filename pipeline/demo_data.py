@@ -159,6 +159,11 @@ class View(NamedTuple):
     bounds: np.ndarray  # (4,) EPSG:3857
     fractions: np.ndarray  # (len(CLASSES),)
 
+    @property
+    def dominant(self) -> int:
+        """Index in CLASSES of the class covering most of the view."""
+        return int(np.argmax(self.fractions))
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -378,7 +383,7 @@ def _choose(views: list[View], count: int, rng: np.random.Generator) -> list[Vie
 def choose_balanced(views: list[View], count: int, rng: np.random.Generator) -> list[View]:
     """`count` of `views` (in their order), as evenly spread over dominant classes as they allow: classes in
     order of fewest candidates, each takes its even part of what is left, or all it has if that is fewer."""
-    dominant = np.array([int(np.argmax(view.fractions)) for view in views])
+    dominant = np.array([view.dominant for view in views])
     groups = sorted((np.flatnonzero(dominant == index) for index in range(len(CLASSES))), key=len)
     chosen: list[int] = []
     for position, group in enumerate(groups):
@@ -521,11 +526,10 @@ def _write_labels(
         writer.writerow(["key", "split", "scene", "zoom_level", *CLASSES, "dominant", "mix"])
         for view, key, components in zip(views, keys, mixes, strict=True):
             shares = [f"{share:.4f}" for share in view.fractions]
-            dominant = CLASSES[int(np.argmax(view.fractions))]
             mix = ";".join(
                 f"{part.recording.land_cover}:{part.recording.file}:{part.weight:.4f}" for part in components
             )
-            writer.writerow([key, view.split, view.scene, view.zoom_level, *shares, dominant, mix])
+            writer.writerow([key, view.split, view.scene, view.zoom_level, *shares, CLASSES[view.dominant], mix])
 
 
 def _summary(
@@ -536,7 +540,7 @@ def _summary(
     first = 0
     for split in SPLITS:
         fractions = np.stack([view.fractions for view in drawn[split]])
-        dominant[split] = _class_counts(np.argmax(fractions, axis=1))
+        dominant[split] = _class_counts(np.array([view.dominant for view in drawn[split]]))
         in_mix = weights[first : first + len(fractions)] > 0
         heard[split] = {name: int(count) for name, count in zip(CLASSES, in_mix.sum(axis=0), strict=True)}
         first += len(fractions)
