@@ -1,6 +1,6 @@
 """HTS-AT Swin audio encoder as MGA-CLAP uses it inside Sat2Sound.
 
-Input: log-mel features (B, 1, T <= 1024, mel_bins) from `model.audio.log_mel`. Output: (B, 32, out_dim)
+Input: log-mel features (B, 1, T <= 1024, mel_bins) from `model.mel.log_mel`. Output: (B, 32, out_dim)
 token hidden states taken from the locality-aware "value path" of the last Swin block: that block passes
 the value projection of each token through `attn.proj` without attention mixing, adds its input, then
 adds norm2 of the result (no MLP). Module names follow upstream, so the keys of
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.audio import dft_kernels, slaney_mel_filterbank
 from model.config import HTSATConfig
 from model.errors import InputError
+from model.mel import dft_kernels, slaney_mel_filterbank
 from model.vit import Mlp
 
 # Additive attention mask between tokens that the cyclic shift made neighbours but that are not.
@@ -70,7 +70,7 @@ def _frozen_weight(tensor: Tensor) -> nn.ParameterDict:
 class FrozenMelMatrices(nn.Module):
     """torchlibrosa's STFT kernels and mel filterbank, frozen, under upstream's key names.
 
-    Sat2Sound computes log-mels outside the model (`model.audio.log_mel`, same values), so nothing reads
+    Sat2Sound computes log-mels outside the model (`model.mel.log_mel`, same values), so nothing reads
     these; they exist because official checkpoints store them and load with strict=True.
     """
 
@@ -288,7 +288,7 @@ class HTSATSwin(nn.Module):
         if mel.ndim != 4 or mel.shape[1] != 1 or mel.shape[3] != self.config.mel_bins:
             raise InputError(
                 f"audio features must be (batch, 1, frames, {self.config.mel_bins}), got {tuple(mel.shape)};"
-                " compute them with model.audio.log_mel"
+                " compute them with model.mel.log_mel"
             )
         if mel.shape[2] > self.max_frames:
             raise InputError(

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.audio import load_audio, log_mel
+from model.audio import load_audio
 from model.checkpoint import load_model
 from model.config import Sat2SoundConfig
 from model.devices import pick_device
 from model.errors import InputError, TextBackboneError
 from model.fdt import CodebookOutput
 from model.loss import l2_normalize
+from model.mel import log_mel
 from model.metadata import Metadata
 from model.preprocess import to_model_input
 from model.sat2sound import Sat2Sound

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.audio import fit_clip, log_mel, resample
+from model.audio import fit_clip, resample
 from model.errors import InputError
+from model.mel import log_mel
 from model.metadata import Metadata
 from model.sat2sound import Sat2Sound, Sat2SoundBatch
 

@@ -83,6 +83,8 @@ NOT_IMPORTED = {
     "pipeline.export.zones": "torch",
     "pipeline.export.underlay": "torch",
     "pipeline.export.qgis_project": "torch",
+    "pipeline.export.preview": "torch",
+    "model.audio": "torch",
     "pipeline.store": "torch",
     "model.inference": "transformers",
 }

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from dateutil import parser as date_parser
 
-from model.audio import N_FRAMES, N_MELS, log_mel
+from model.audio import N_FRAMES, N_MELS
 from model.config import AUDIO_SOURCES, CAPTION_SOURCES, GSD_BY_SAT_TYPE
 from model.errors import DataError
+from model.mel import log_mel
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # 10 s mel segments per recording: the first axis of GeoSound's and SoundingEarth's `mel_features`.

@@ -22,11 +22,11 @@ from model.audio import (
     check_audio_file,
     fit_clip,
     load_audio,
-    log_mel,
 )
 from model.config import HTSATConfig
 from model.errors import AudioDecodeError, InputError
 from model.htsat import HTSATAudioEncoder
+from model.mel import log_mel
 
 PARITY_CONFIG = "bingmap_nometa"
 AUDIO_PREFIX = "audio_encoder."

@@ -11,12 +11,13 @@ import soundfile
 import torch
 from support.pair_data import encode_image, synthetic_image, write_folder
 
-from model.audio import CLIP_SAMPLES, SAMPLE_RATE, fit_clip, log_mel
+from model.audio import CLIP_SAMPLES, SAMPLE_RATE, fit_clip
 from model.data import folder as folder_module
 from model.data.dataset import PairDataset, collate
 from model.data.folder import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, FolderPairs, recording_clips
 from model.data.transforms import SampleTransform
 from model.errors import DataError
+from model.mel import log_mel
 
 BING_ZOOM5_PX = 1500
 

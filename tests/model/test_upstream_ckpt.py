@@ -13,9 +13,9 @@ import pytest
 import torch
 from support.upstream_ckpt import tensor_sha256, write_checkpoint
 
-from model.audio import dft_kernels, slaney_mel_filterbank
 from model.errors import ConfigError
 from model.htsat import relative_position_index, shifted_window_mask
+from model.mel import dft_kernels, slaney_mel_filterbank
 
 CONFIGS = ("bingmap_withmeta", "bingmap_nometa")
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from model.audio import dft_kernels, slaney_mel_filterbank
 from model.errors import CheckpointError, ConfigError
 from model.htsat import relative_position_index, shifted_window_mask
+from model.mel import dft_kernels, slaney_mel_filterbank
 from model.sat2sound import LOGIT_SCALE_INIT
 
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data" / "upstream_manifest.json"
