@@ -1,6 +1,6 @@
 """Audio as Sat2Sound hears it: file decoding, resampling to 32 kHz, 10 s clipping, and the shapes of the
-log-mel spectrogram that `model.mel` computes. Nothing here needs torch: jobs that only read or play
-recordings (a map's gallery lookups and preview) do not pay its import.
+log-mel spectrogram that `model.mel` computes. Nothing here needs torch, so a job that only reads or plays
+recordings (a map's preview) does not pay its import.
 """
 
 from __future__ import annotations

@@ -539,11 +539,11 @@ def _summary(
     heard: dict[str, dict[str, int]] = {}
     first = 0
     for split in SPLITS:
-        fractions = np.stack([view.fractions for view in drawn[split]])
-        dominant[split] = _class_counts(np.array([view.dominant for view in drawn[split]]))
-        in_mix = weights[first : first + len(fractions)] > 0
+        views = drawn[split]
+        dominant[split] = _class_counts(np.array([view.dominant for view in views]))
+        in_mix = weights[first : first + len(views)] > 0
         heard[split] = {name: int(count) for name, count in zip(CLASSES, in_mix.sum(axis=0), strict=True)}
-        first += len(fractions)
+        first += len(views)
     return {
         "format": FORMAT,
         "seed": seed,
