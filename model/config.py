@@ -23,6 +23,12 @@ MODEL_INPUT_PX = 224
 # ascending.
 TRAINED_ZOOM_LEVELS: tuple[int, ...] = (1, 3, 5)
 
+
+def crop_px(zoom_level: int, sat_type: str) -> int:
+    """Edge of the centre crop (source pixels) that one sample at `zoom_level` covers."""
+    return zoom_level * TILE_PX_BY_SAT_TYPE[sat_type]
+
+
 # Metadata tokens in the order upstream appends them after the patch tokens.
 METADATA_ORDER: tuple[str, ...] = ("asource", "tsource", "latlong", "month", "time")
 AUDIO_SOURCES: tuple[str, ...] = ("yfcc", "iNat", "aporee", "freesound")

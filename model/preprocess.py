@@ -8,16 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.config import MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE
+from model.config import MODEL_INPUT_PX
 from model.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def crop_px(zoom_level: int, sat_type: str) -> int:
-    """Edge of the centre crop (source pixels) that one sample at `zoom_level` covers."""
-    return zoom_level * TILE_PX_BY_SAT_TYPE[sat_type]
 
 
 def center_crop(images: Tensor, size: int) -> Tensor:
@@ -35,20 +30,25 @@ def resize_to_unit(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> T
         batch = batch[None]
     if batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8:
         raise InputError(f"images must be uint8 RGB shaped (B, 3, H, W), got {tuple(batch.shape)} {batch.dtype}")
-    pixels = batch.float() / 255.0
+    # Each step works in place on the one fresh copy: a batch is tens of MB, and memory sets the pace here.
+    pixels = batch.float().div_(255.0)
     if tuple(pixels.shape[-2:]) != (size, size):
         pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        pixels = pixels.clamp(0.0, 1.0)
+        pixels = pixels.clamp_(0.0, 1.0)
     return pixels
 
 
 def normalize(pixels: Tensor) -> Tensor:
     """ImageNet normalisation of float (B, 3, H, W) pixels in [0, 1]."""
+    return _normalize_in_place(pixels.clone())
+
+
+def _normalize_in_place(pixels: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return pixels.sub_(mean).div_(std)
 
 
 def to_model_input(images: Tensor | np.ndarray, size: int = MODEL_INPUT_PX) -> Tensor:
     """uint8 RGB (B, 3, H, W) -> float32 (B, 3, size, size), resized and ImageNet-normalised."""
-    return normalize(resize_to_unit(images, size))
+    return _normalize_in_place(resize_to_unit(images, size))

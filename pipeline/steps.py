@@ -136,7 +136,7 @@ def _gallery(args: argparse.Namespace, config: BuildConfig) -> str:
 
 def _score(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.plan import read_plan
-    from pipeline.store import score_chunk
+    from pipeline.store.scores import score_chunk
 
     chunks = read_plan(args.plan).chunk_ids
     matches = None
@@ -159,8 +159,7 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.model_setup import read_model_record
     from pipeline.plan import read_plan
     from pipeline.queries import read_queries
-    from pipeline.store import write_store
-    from pipeline.store.write import imagery_gaps
+    from pipeline.store.write import imagery_gaps, write_store
 
     plan, queries = read_plan(args.plan), read_queries(args.queries)
     matches = None

@@ -10,7 +10,9 @@ a pixel holds imagery only where its centre falls on a valid source pixel.
 Sources on the EPSG:3857 grid (tile pyramids, Web Mercator rasters) resample separably: two sparse products
 per row of views (rows, then columns). Other CRSs map every output pixel through the projection (exact at a
 9 x 9 grid of points per view and interpolated between them, well under 0.01 px off) and weigh a 2-D
-neighbourhood: a compiled (numba) kernel on a CPU, a sparse product on other devices.
+neighbourhood: on a CPU, a compiled (numba) kernel that goes through each view's pixels once (coordinates,
+kernel, renormalisation and stretch together; views spread over torch's threads), a sparse product on other
+devices.
 """
 
 from __future__ import annotations
@@ -31,18 +33,27 @@ from torch import Tensor
 from pipeline.geometry import WEB_MERCATOR, view_rows
 from pipeline.imagery.base import RGB_BANDS, SourcePixels, view_array
 
+# Embed jobs fork loader processes after views were cut in parallel: GNU OpenMP's thread pool does not survive
+# a fork, numba's own (workqueue) does, and views are cut from one thread at a time.
+numba.config.THREADING_LAYER = "forksafe"  # type: ignore[attr-defined]  # set from the environment at import
+
 # GDAL keeps the unstretched kernel while a view shrinks the source by less than this (its 4-sample formula).
 UNSCALED_KERNEL_ABOVE = 0.95
 # Views of one row resampled together (their pass down the source is shared): about 50 MB of results.
 SEPARABLE_BATCH = 64
-# Views of a projected source resampled together (more only thrash the cache: ~25 MB of taps each).
+# Views of a projected source resampled together by sparse products (more only thrash the cache: ~25 MB of taps
+# each).
 PROJECTED_BATCH = 2
+# Values the compiled CPU kernels resample in one pass (with the valid weight): RGB.
+COMPILED_BANDS = 3
 # Readers hand over pixels at most ~4x finer than the views (local rasters decimate, tile pyramids pick their
 # zoom): a smaller output/source ratio only comes from degenerate views, and would make kernels huge.
 MIN_KERNEL_SCALE = 1.0 / 32.0
 # Points per view axis mapped exactly through the projection; the rest are interpolated between them.
 PROJECTED_GRID_POINTS = 9
 _UINT8_MAX = 255.0
+# A kernel weight sum below this holds no imagery (renormalising by it would blow up rounding noise).
+_MIN_WEIGHT = 1e-12
 
 
 class Kernel(NamedTuple):
@@ -91,8 +102,8 @@ def cut_views(
     """Resample each of `views` ((N, 4) EPSG:3857 bounds) from `source` to `size` x `size` pixels, with the
     source's own kernel (`source.resampling`).
 
-    Sources in another CRS than EPSG:3857 are resampled by a `compiled` kernel (numba) on a CPU, by sparse
-    products elsewhere (None: whichever fits the device; both give the same views)."""
+    Views are resampled by `compiled` kernels (numba) on a CPU, by sparse products elsewhere (None: whichever
+    fits the device; both give the same views)."""
     kernel = KERNELS[source.resampling]
     device = torch.device(device)
     compiled = device.type == "cpu" if compiled is None else compiled
@@ -104,19 +115,26 @@ def cut_views(
         values = torch.where(finite, values, 0.0)
     landing = _landing(source, valid)
     if _on_mercator_grid(source):
+        shape = (valid.shape[0], valid.shape[1])
+        runs = (_separable_taps(source.transform, views[rows], size, kernel, shape) for rows in _same_rows(views))
         parts = [
-            _finish(*_resample_separable(values, valid, landing, source.transform, views[rows], size, kernel), source)
-            for rows in _same_rows(views)
+            _cut_rows_compiled(values, valid, landing, taps, source)
+            if compiled
+            else _finish(*_resample_separable(values, valid, landing, taps), source)
+            for taps in runs
         ]
     else:
         # Values premultiplied by validity, validity last: one pass resamples both.
         stack = torch.cat([values.float() * valid, valid[None].float()])
         by_pixel = stack.reshape(len(stack), -1).T.contiguous()
-        batches = (views[start : start + PROJECTED_BATCH] for start in range(0, len(views), PROJECTED_BATCH))
-        parts = [
-            _finish(*_resample_projected(by_pixel, landing, source, batch, size, kernel, compiled), source)
-            for batch in batches
-        ]
+        grid = _projected_grid(source, views, size)
+        if compiled:
+            parts = [_cut_compiled(by_pixel, landing, grid, size, kernel, source)]
+        else:
+            parts = [
+                _finish(*_resample_projected(by_pixel, landing, grid.of(rows), size, kernel), source)
+                for rows in _batches(len(views), PROJECTED_BATCH)
+            ]
     if not parts:
         return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
     return ViewBatch(torch.cat([part.pixels for part in parts]), torch.cat([part.coverage for part in parts]))
@@ -148,20 +166,28 @@ def _finish(resampled: Tensor, landed: Tensor, source: SourcePixels) -> ViewBatc
     """uint8 views and their coverage from (N, bands + 1, S, S) values premultiplied by validity plus the
     valid weight, and where (N, S, S) the views hold imagery. Few passes over the values: memory, not
     arithmetic, sets the pace here."""
-    low, gain = (
-        (0.0, 1.0)
-        if source.stretch is None
-        else (source.stretch.low, _UINT8_MAX / (source.stretch.high - source.stretch.low))
-    )
+    low, gain = _stretch_gain(source)
     # One factor per pixel: the kernel's renormalisation, the stretch's gain, and 0 where there is no imagery.
-    factor = torch.where(landed, gain / resampled[:, -1].clamp(min=1e-12), 0.0)[:, None]
+    factor = torch.where(landed, gain / resampled[:, -1].clamp(min=_MIN_WEIGHT), 0.0)[:, None]
     # Adding 0.5 before truncating rounds halves up, as GDAL does.
     offset = 0.5 - low * gain
     values = resampled[:, :-1].mul_(factor).add_(offset * landed[:, None]).clamp_(0.0, _UINT8_MAX)
-    pixels = values.to(torch.uint8)
+    return _view_batch(values.to(torch.uint8), landed.sum(dim=(1, 2)))
+
+
+def _stretch_gain(source: SourcePixels) -> tuple[float, float]:
+    """The source's stretch as (low, gain): a display value is (value - low) x gain."""
+    if source.stretch is None:
+        return 0.0, 1.0
+    return source.stretch.low, _UINT8_MAX / (source.stretch.high - source.stretch.low)
+
+
+def _view_batch(pixels: Tensor, landed: Tensor) -> ViewBatch:
+    """A ViewBatch of (N, bands, S, S) uint8 views (grey ones made RGB) whose (N,) counts of pixels holding
+    imagery are `landed`."""
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, RGB_BANDS, -1, -1).contiguous()
-    return ViewBatch(pixels, landed.float().mean(dim=(1, 2)).cpu())
+    return ViewBatch(pixels, landed.cpu().float() / float(pixels.shape[-1] * pixels.shape[-2]))
 
 
 def _taps(coords: Tensor, scale: Tensor, kernel: Kernel, length: int) -> tuple[Tensor, Tensor]:
@@ -216,16 +242,31 @@ def _tap_matrix(index: Tensor, weight: Tensor, length: int) -> Tensor:
         )
 
 
-def _resample_separable(
-    values: Tensor, valid: Tensor, landing: Tensor, transform: Affine, views: np.ndarray, size: int, kernel: Kernel
-) -> tuple[Tensor, Tensor]:
-    """Views that share their rows: one pass down the source's columns under all of them, then one across
-    per view."""
-    device = values.device
-    bands, height, width = values.shape
+class SeparableTaps(NamedTuple):
+    """Kernel taps of views that share their rows, on a source on the EPSG:3857 grid: down the source (S, K),
+    the same for every view, and across it (N, S, K) per view, as source indexes and weights (zero off the
+    source); and the source coordinates of output pixel centres, `rows` (S,) and `columns` (N, S)."""
+
+    row_index: Tensor
+    row_weight: Tensor
+    column_index: Tensor
+    column_weight: Tensor
+    rows: Tensor
+    columns: Tensor
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """The part of the source under every tap."""
+        rows = slice(int(self.row_index.min()), int(self.row_index.max()) + 1)
+        return rows, slice(int(self.column_index.min()), int(self.column_index.max()) + 1)
+
+
+def _separable_taps(
+    transform: Affine, views: np.ndarray, size: int, kernel: Kernel, shape: tuple[int, int]
+) -> SeparableTaps:
+    bounds = torch.as_tensor(views)
     pixel_x, pixel_y = transform.a, -transform.e
-    steps = torch.arange(size, device=device, dtype=torch.float64) + 0.5
-    bounds = torch.as_tensor(views, device=device)
+    steps = torch.arange(size, device=bounds.device, dtype=torch.float64) + 0.5
     step_x = (bounds[:, 2] - bounds[:, 0]) / size
     step_y = (bounds[:, 3] - bounds[:, 1]) / size
     columns = (bounds[:, :1] + steps * step_x[:, None] - transform.c) / pixel_x
@@ -233,70 +274,73 @@ def _resample_separable(
     # GDAL takes one kernel for both axes: unstretched only when neither shrinks past the threshold.
     shrink = torch.minimum(pixel_x / step_x, pixel_y / step_y).clamp(max=1.0)
     scale = _kernel_scale(shrink)
-    column_index, column_weight = _taps(columns, scale[:, None], kernel, width)
-    row_index, row_weight = _taps(rows[:1], scale[:1, None], kernel, height)
-    count = len(views)
-    first_row, end_row = int(row_index.min()), int(row_index.max()) + 1
-    first_column, end_column = int(column_index.min()), int(column_index.max()) + 1
-    window = np.s_[first_row:end_row, first_column:end_column]
-    window_valid = valid[window].float()
-    stack = torch.cat([values[(slice(None), *window)].float() * window_valid, window_valid[None]])
+    column_index, column_weight = _taps(columns, scale[:, None], kernel, shape[1])
+    row_index, row_weight = _taps(rows[:1], scale[:1, None], kernel, shape[0])
+    return SeparableTaps(row_index[0], row_weight[0], column_index, column_weight, rows[0], columns)
+
+
+def _resample_separable(values: Tensor, valid: Tensor, landing: Tensor, taps: SeparableTaps) -> tuple[Tensor, Tensor]:
+    """Views that share their rows: one pass down the source's columns under all of them, then one across
+    per view."""
+    device = values.device
+    bands = values.shape[0]
+    count, size = taps.columns.shape
+    rows, columns = taps.window
+    window_valid = valid[rows, columns].float()
+    stack = torch.cat([values[:, rows, columns].float() * window_valid, window_valid[None]])
     # Down the columns once for every view of the row, then across per view: each pass one sparse product
     # (a row of the matrix per output pixel, a weight per kernel tap).
-    down = _tap_matrix(row_index[0] - first_row, row_weight[0], end_row - first_row)
-    down_pass = (down @ stack.permute(1, 0, 2).reshape(end_row - first_row, -1)).reshape(size, bands + 1, -1)
-    across = _tap_matrix(column_index - first_column, column_weight, end_column - first_column)
-    across_pass = across @ down_pass.permute(2, 1, 0).reshape(end_column - first_column, -1)
+    down = _tap_matrix(taps.row_index.to(device) - rows.start, taps.row_weight.to(device), rows.stop - rows.start)
+    down_pass = (down @ stack.permute(1, 0, 2).reshape(rows.stop - rows.start, -1)).reshape(size, bands + 1, -1)
+    column_index = taps.column_index.to(device) - columns.start
+    across = _tap_matrix(column_index, taps.column_weight.to(device), columns.stop - columns.start)
+    across_pass = across @ down_pass.permute(2, 1, 0).reshape(columns.stop - columns.start, -1)
     out = across_pass.reshape(count, size, bands + 1, size).permute(0, 2, 3, 1)  # (N, bands + 1, rows, columns)
-    return out, _landed(landing, rows[:, :, None], columns[:, None, :])
+    return out, _landed(landing, taps.rows.to(device)[None, :, None], taps.columns.to(device)[:, None, :])
 
 
-@numba.njit(cache=True, nogil=True)
-def _tap_weight(x: float, pieces: np.ndarray) -> float:
-    t = abs(x)
-    piece = int(t)
-    if piece >= pieces.shape[0]:
-        return 0.0
-    c = pieces[piece]
-    return c[0] + t * (c[1] + t * (c[2] + t * c[3]))
+def _cut_rows_compiled(
+    values: Tensor, valid: Tensor, landing: Tensor, taps: SeparableTaps, source: SourcePixels
+) -> ViewBatch:
+    """The compiled CPU twin of `_resample_separable` and `_finish`: the pass down shared as there, then one
+    pass over each view's pixels (across, renormalisation and stretch together), views spread over torch's
+    threads."""
+    _use_torch_threads()
+    low, gain = _stretch_gain(source)
+    rows, columns = taps.window
+    window_valid = valid[rows, columns].float()
+    # Channels last, each pixel's values (premultiplied by validity) then its valid weight.
+    stack = torch.cat([values[:, rows, columns].float() * window_valid, window_valid[None]]).permute(1, 2, 0)
+    landing_array = landing.numpy()
+    parts, landed = [], None
+    for group in _compiled_groups(stack):
+        pixels, landed = _cut_rows(
+            group.numpy(),
+            landing_array,
+            (taps.row_index - rows.start).numpy(),
+            taps.row_weight.float().numpy(),
+            (taps.column_index - columns.start).numpy(),
+            taps.column_weight.float().numpy(),
+            taps.rows.numpy(),
+            taps.columns.numpy(),
+            low,
+            gain,
+        )
+        parts.append(pixels)
+    return _join_groups(parts, landed, values.shape[0])
 
 
-@numba.njit(cache=True, nogil=True)
-def _resample_points(
-    by_pixel: np.ndarray, width: int, columns: np.ndarray, rows: np.ndarray, scales: np.ndarray, pieces: np.ndarray
-) -> np.ndarray:
-    """The compiled CPU twin of the sparse product: for each output pixel (its source coordinates and kernel
-    scale), the kernel-weighted sum of the source rows of `by_pixel` ((H x W, C) float32) under it."""
-    height, bands = by_pixel.shape[0] // width, by_pixel.shape[1]
-    out = np.zeros((len(columns), bands), np.float32)
-    if len(columns) == 0:
-        return out
-    most = 2 * math.ceil(pieces.shape[0] / scales.min())
-    across = np.empty(most)
-    down = np.empty(most)
-    for point in range(len(columns)):
-        scale = scales[point]
-        reach = math.ceil(pieces.shape[0] / scale)
-        if not (math.isfinite(columns[point]) and math.isfinite(rows[point])):
-            continue
-        column, row = columns[point] - 0.5, rows[point] - 0.5
-        first_column, first_row = math.floor(column), math.floor(row)
-        for tap in range(2 * reach):
-            across[tap] = _tap_weight((1 - reach + tap - (column - first_column)) * scale, pieces)
-            down[tap] = _tap_weight((1 - reach + tap - (row - first_row)) * scale, pieces)
-        for row_tap in range(2 * reach):
-            source_row = first_row + 1 - reach + row_tap
-            if source_row < 0 or source_row >= height or down[row_tap] == 0.0:
-                continue
-            for column_tap in range(2 * reach):
-                source_column = first_column + 1 - reach + column_tap
-                if source_column < 0 or source_column >= width or across[column_tap] == 0.0:
-                    continue
-                weight = down[row_tap] * across[column_tap]
-                source = source_row * width + source_column
-                for band in range(bands):
-                    out[point, band] += weight * by_pixel[source, band]
-    return out
+class ProjectedGrid(NamedTuple):
+    """Where views' output pixel centres fall in a source in another CRS: source pixel coordinates (column,
+    row) at PROJECTED_GRID_POINTS x PROJECTED_GRID_POINTS points per view, (N, G, G) each, mapped exactly
+    (the pixels between are interpolated bilinearly); and each view's kernel scale (N,)."""
+
+    columns: np.ndarray
+    rows: np.ndarray
+    scale: np.ndarray
+
+    def of(self, views: slice) -> ProjectedGrid:
+        return ProjectedGrid(self.columns[views], self.rows[views], self.scale[views])
 
 
 @lru_cache(maxsize=8)
@@ -304,20 +348,8 @@ def _from_mercator(crs: str) -> Transformer:
     return Transformer.from_crs(WEB_MERCATOR, crs, always_xy=True)
 
 
-def _resample_projected(
-    by_pixel: Tensor,
-    landing: Tensor,
-    source: SourcePixels,
-    views: np.ndarray,
-    size: int,
-    kernel: Kernel,
-    compiled: bool,
-) -> tuple[Tensor, Tensor]:
-    """Views from (H x W, bands + 1) values premultiplied by validity plus the valid weight, a source pixel a
-    row: one sparse product with a row of 2-D kernel taps per output pixel, or its `compiled` CPU twin."""
-    device = by_pixel.device
-    (height, width), bands, count = landing.shape, by_pixel.shape[1], len(views)
-    # Output pixel centres on a coarse grid per view, mapped exactly into source pixel coordinates.
+def _projected_grid(source: SourcePixels, views: np.ndarray, size: int) -> ProjectedGrid:
+    count = len(views)
     points = (np.linspace(0.5, size - 0.5, PROJECTED_GRID_POINTS) / size)[None, :]
     left, bottom, right, top = (views[:, index : index + 1] for index in range(4))
     x = np.broadcast_to(
@@ -326,32 +358,248 @@ def _resample_projected(
     y = np.broadcast_to((top - points * (top - bottom))[:, :, None], x.shape)
     source_x, source_y = _from_mercator(source.crs).transform(x, y)
     columns, rows = ~source.transform @ (np.asarray(source_x), np.asarray(source_y))
-    coarse = torch.as_tensor(np.stack([columns, rows], axis=1), device=device, dtype=torch.float64)
+    # The output/source pixel ratio of each view, from its extent in source pixels (GDAL: its source window).
+    # Bilinear interpolation between the points keeps the extremes at the points.
+    centres_to_edges = size / (size - 1.0)
+    extent_x = (columns.max(axis=(1, 2)) - columns.min(axis=(1, 2))) * centres_to_edges
+    extent_y = (rows.max(axis=(1, 2)) - rows.min(axis=(1, 2))) * centres_to_edges
+    shrink = torch.from_numpy(size / np.maximum(extent_x, extent_y)).clamp(max=1.0)
+    return ProjectedGrid(columns, rows, _kernel_scale(shrink).numpy())
+
+
+def _batches(count: int, most: int) -> list[slice]:
+    return [slice(start, min(start + most, count)) for start in range(0, count, most)]
+
+
+def _resample_projected(
+    by_pixel: Tensor, landing: Tensor, grid: ProjectedGrid, size: int, kernel: Kernel
+) -> tuple[Tensor, Tensor]:
+    """Views from (H x W, bands + 1) values premultiplied by validity plus the valid weight, a source pixel a
+    row: one sparse product with a row of 2-D kernel taps per output pixel."""
+    device = by_pixel.device
+    (height, width), bands, count = landing.shape, by_pixel.shape[1], len(grid.scale)
+    coarse = torch.as_tensor(np.stack([grid.columns, grid.rows], axis=1), device=device, dtype=torch.float64)
     fine = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
     # float32 from here: coordinates of a strip's pixels need no more than 1e-4 px.
     column_coords, row_coords = fine[:, 0].float(), fine[:, 1].float()
-    # The output/source pixel ratio of each view, from its extent in source pixels (GDAL: its source window).
-    centres_to_edges = size / (size - 1.0)
-    extent_x = (column_coords.amax(dim=(1, 2)) - column_coords.amin(dim=(1, 2))) * centres_to_edges
-    extent_y = (row_coords.amax(dim=(1, 2)) - row_coords.amin(dim=(1, 2))) * centres_to_edges
-    scale = _kernel_scale((size / torch.maximum(extent_x, extent_y)).clamp(max=1.0))[:, None, None]
-    if compiled:
-        scales = scale.expand_as(column_coords).reshape(-1).numpy()
-        points = _resample_points(
-            by_pixel.numpy(),
-            width,
-            column_coords.reshape(-1).numpy(),
-            row_coords.reshape(-1).numpy(),
-            scales,
-            kernel.pieces,
-        )
-        out = torch.from_numpy(points).reshape(count, size, size, bands).permute(0, 3, 1, 2)
-    else:
-        column_index, column_weight = _taps(column_coords, scale, kernel, width)
-        row_index, row_weight = _taps(row_coords, scale, kernel, height)
-        flat = row_index[..., :, None] * width + column_index[..., None, :]  # (N, S, S, K, K)
-        weights = row_weight[..., :, None] * column_weight[..., None, :]
-        pixels = count * size * size
-        taps = _tap_matrix(flat.reshape(pixels, -1), weights.reshape(pixels, -1), height * width)
-        out = (taps @ by_pixel).reshape(count, size, size, bands).permute(0, 3, 1, 2)
+    scale = torch.as_tensor(grid.scale, device=device, dtype=torch.float32)[:, None, None]
+    column_index, column_weight = _taps(column_coords, scale, kernel, width)
+    row_index, row_weight = _taps(row_coords, scale, kernel, height)
+    flat = row_index[..., :, None] * width + column_index[..., None, :]  # (N, S, S, K, K)
+    weights = row_weight[..., :, None] * column_weight[..., None, :]
+    pixels = count * size * size
+    taps = _tap_matrix(flat.reshape(pixels, -1), weights.reshape(pixels, -1), height * width)
+    out = (taps @ by_pixel).reshape(count, size, size, bands).permute(0, 3, 1, 2)
     return out, _landed(landing, row_coords, column_coords)
+
+
+def _cut_compiled(
+    by_pixel: Tensor, landing: Tensor, grid: ProjectedGrid, size: int, kernel: Kernel, source: SourcePixels
+) -> ViewBatch:
+    """The compiled CPU twin of `_resample_projected` and `_finish`, in one pass over each view's pixels, views
+    spread over torch's threads."""
+    _use_torch_threads()
+    low, gain = _stretch_gain(source)
+    landing_array = landing.numpy()
+    parts, landed = [], None
+    for group in _compiled_groups(by_pixel):
+        pixels, landed = _cut_points(
+            group.numpy(), landing_array, grid.columns, grid.rows, grid.scale, size, kernel.pieces, low, gain
+        )
+        parts.append(pixels)
+    return _join_groups(parts, landed, by_pixel.shape[-1] - 1)
+
+
+def _use_torch_threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+
+def _compiled_groups(stack: Tensor) -> list[Tensor]:
+    """The compiled kernels take COMPILED_BANDS values and the valid weight at a time: (..., bands + 1)
+    channels-last values, cut into such groups (the last one padded with zeros), each contiguous."""
+    bands = stack.shape[-1] - 1
+    groups = []
+    for first in range(0, bands, COMPILED_BANDS):
+        group = stack[..., first : min(first + COMPILED_BANDS, bands)]
+        padding = group.new_zeros((*group.shape[:-1], COMPILED_BANDS - group.shape[-1]))
+        groups.append(torch.cat([group, padding, stack[..., -1:]], dim=-1).contiguous())
+    return groups
+
+
+def _join_groups(parts: list[np.ndarray], landed: np.ndarray | None, bands: int) -> ViewBatch:
+    """A ViewBatch of the compiled kernels' (N, COMPILED_BANDS, S, S) groups, the padding dropped."""
+    pixels = np.concatenate(parts, axis=1)[:, :bands]
+    assert landed is not None
+    return _view_batch(torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(landed))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tap_weight(x: float, pieces: np.ndarray) -> float:
+    t = abs(x)
+    piece = int(t)
+    if piece >= pieces.shape[0]:
+        return 0.0
+    return pieces[piece, 0] + t * (pieces[piece, 1] + t * (pieces[piece, 2] + t * pieces[piece, 3]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolation_taps(size: int, points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of `size` outputs spread over `points` inputs (align_corners, as torch's bilinear): the first
+    input, the next one and the weight of the next."""
+    first = np.empty(size, np.int64)
+    second = np.empty(size, np.int64)
+    weight = np.empty(size)
+    step = (points - 1.0) / (size - 1.0)
+    for index in range(size):
+        position = step * index
+        first[index] = int(position)
+        second[index] = first[index] + 1 if first[index] < points - 1 else first[index]
+        weight[index] = position - first[index]
+    return first, second, weight
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _cut_points(
+    by_pixel: np.ndarray,
+    landing: np.ndarray,
+    coarse_columns: np.ndarray,
+    coarse_rows: np.ndarray,
+    scales: np.ndarray,
+    size: int,
+    pieces: np.ndarray,
+    low: float,
+    gain: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 views (N, 3, size, size) and their counts of pixels holding imagery (N,): for each output pixel,
+    its source coordinates interpolated from the view's grid, whether its centre lands on `landing`, and the
+    kernel-weighted sum of the source rows of `by_pixel` ((H x W, 4) float32: three values premultiplied by
+    validity, then the validity) under it, renormalised and stretched. The channels are spelled out: loops
+    over them run at half the speed."""
+    height, width = landing.shape
+    count, points = coarse_columns.shape[0], coarse_columns.shape[1]
+    pixels = np.zeros((count, 3, size, size), np.uint8)
+    landed = np.zeros(count, np.int64)
+    first, second, weight = _interpolation_taps(size, points)
+    flat = by_pixel.reshape(-1)
+    offset = 0.5 - low * gain
+    radius = pieces.shape[0]
+    for view in numba.prange(count):
+        scale = scales[view]
+        # Source pixels further than this from an output pixel centre have no weight.
+        span = radius / scale
+        across = np.empty(2 * math.ceil(span) + 1)
+        line_columns = np.empty(points)
+        line_rows = np.empty(points)
+        hits = 0
+        for out_row in range(size):
+            top, bottom, lower = first[out_row], second[out_row], weight[out_row]
+            for point in range(points):
+                line_columns[point] = (1.0 - lower) * coarse_columns[view, top, point] + lower * coarse_columns[
+                    view, bottom, point
+                ]
+                line_rows[point] = (1.0 - lower) * coarse_rows[view, top, point] + lower * coarse_rows[
+                    view, bottom, point
+                ]
+            for out_column in range(size):
+                left, right, share = first[out_column], second[out_column], weight[out_column]
+                # float32, as the sparse products on other devices take them.
+                column = np.float32((1.0 - share) * line_columns[left] + share * line_columns[right])
+                row = np.float32((1.0 - share) * line_rows[left] + share * line_rows[right])
+                if not (math.isfinite(column) and math.isfinite(row)):
+                    continue
+                land_row, land_column = math.floor(row), math.floor(column)
+                if not (0 <= land_row < height and 0 <= land_column < width and landing[land_row, land_column]):
+                    continue
+                hits += 1
+                # Pixel j spans j..j+1: kernel positions are measured from centres.
+                at_column, at_row = column - 0.5, row - 0.5
+                first_column = max(math.floor(at_column - span) + 1, 0)
+                last_column = min(math.ceil(at_column + span) - 1, width - 1)
+                first_row = max(math.floor(at_row - span) + 1, 0)
+                last_row = min(math.ceil(at_row + span) - 1, height - 1)
+                for tap in range(last_column - first_column + 1):
+                    across[tap] = _tap_weight((first_column + tap - at_column) * scale, pieces)
+                red = green = blue = valid = 0.0
+                for source_row in range(first_row, last_row + 1):
+                    down = _tap_weight((source_row - at_row) * scale, pieces)
+                    row_red = row_green = row_blue = row_valid = 0.0
+                    at = (source_row * width + first_column) * 4
+                    for tap in range(last_column - first_column + 1):
+                        tap_weight = across[tap]
+                        row_red += tap_weight * flat[at]
+                        row_green += tap_weight * flat[at + 1]
+                        row_blue += tap_weight * flat[at + 2]
+                        row_valid += tap_weight * flat[at + 3]
+                        at += 4
+                    red += down * row_red
+                    green += down * row_green
+                    blue += down * row_blue
+                    valid += down * row_valid
+                factor = gain / max(valid, _MIN_WEIGHT)
+                pixels[view, 0, out_row, out_column] = np.uint8(min(max(red * factor + offset, 0.0), _UINT8_MAX))
+                pixels[view, 1, out_row, out_column] = np.uint8(min(max(green * factor + offset, 0.0), _UINT8_MAX))
+                pixels[view, 2, out_row, out_column] = np.uint8(min(max(blue * factor + offset, 0.0), _UINT8_MAX))
+        landed[view] = hits
+    return pixels, landed
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _cut_rows(
+    stack: np.ndarray,
+    landing: np.ndarray,
+    row_index: np.ndarray,
+    row_weight: np.ndarray,
+    column_index: np.ndarray,
+    column_weight: np.ndarray,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    low: float,
+    gain: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 views (N, 3, S, S) and their counts of pixels holding imagery (N,) from a window of the source,
+    `stack` ((h, w, 4) float32: three values premultiplied by validity, then the validity), for views that
+    share their rows: taps down (S, K) and across (N, S, K) as window indexes and weights; `rows` (S,) and
+    `columns` (N, S) are output pixel centres in source coordinates, which decide where a view holds imagery
+    on `landing` (the whole source's)."""
+    height, width = landing.shape
+    size, count, window_width = rows.shape[0], columns.shape[0], stack.shape[1]
+    down = np.zeros((size, window_width, 4), np.float32)
+    for out_row in numba.prange(size):
+        for tap in range(row_index.shape[1]):
+            weight = row_weight[out_row, tap]
+            if weight == 0.0:
+                continue
+            source_row = row_index[out_row, tap]
+            for column in range(window_width):
+                down[out_row, column, 0] += weight * stack[source_row, column, 0]
+                down[out_row, column, 1] += weight * stack[source_row, column, 1]
+                down[out_row, column, 2] += weight * stack[source_row, column, 2]
+                down[out_row, column, 3] += weight * stack[source_row, column, 3]
+    pixels = np.zeros((count, 3, size, size), np.uint8)
+    landed = np.zeros(count, np.int64)
+    offset = 0.5 - low * gain
+    for view in numba.prange(count):
+        hits = 0
+        for out_row in range(size):
+            land_row = math.floor(rows[out_row])
+            if not 0 <= land_row < height:
+                continue
+            for out_column in range(size):
+                land_column = math.floor(columns[view, out_column])
+                if not (0 <= land_column < width and landing[land_row, land_column]):
+                    continue
+                hits += 1
+                red = green = blue = valid = 0.0
+                for tap in range(column_index.shape[2]):
+                    weight = column_weight[view, out_column, tap]
+                    column = column_index[view, out_column, tap]
+                    red += weight * down[out_row, column, 0]
+                    green += weight * down[out_row, column, 1]
+                    blue += weight * down[out_row, column, 2]
+                    valid += weight * down[out_row, column, 3]
+                factor = gain / max(valid, _MIN_WEIGHT)
+                pixels[view, 0, out_row, out_column] = np.uint8(min(max(red * factor + offset, 0.0), _UINT8_MAX))
+                pixels[view, 1, out_row, out_column] = np.uint8(min(max(green * factor + offset, 0.0), _UINT8_MAX))
+                pixels[view, 2, out_row, out_column] = np.uint8(min(max(blue * factor + offset, 0.0), _UINT8_MAX))
+        landed[view] = hits
+    return pixels, landed

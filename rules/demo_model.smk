@@ -6,18 +6,23 @@ import os
 import shlex
 import sys
 
-from pipeline.demo_data import shipped_inputs
-
 DEMO = f"{CFG.output_dir}/demo-model"
 DEMO_DATA = f"{shlex.quote(sys.executable)} -m pipeline.demo_data"
 MODEL_CLI = f"{shlex.quote(sys.executable)} -m model"
 DEMO_TARGETS = {"demo_dataset", "demo_model"}
 
 
+def shipped_demo_inputs(wildcards):
+    """The files the demo data set is made from; imported only when a run asks for it (it loads torch)."""
+    from pipeline.demo_data import shipped_inputs
+
+    return shipped_inputs()
+
+
 # Views of real Landsat 8 scenes paired with real CC0 recordings by land cover, in the plain folder layout.
 rule demo_dataset:
     input:
-        shipped_inputs(),
+        shipped_demo_inputs,
     output:
         folder=directory(f"{DEMO}/dataset"),
     log:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.audio import N_FRAMES, N_MELS
-from model.config import TRAINED_ZOOM_LEVELS
+from model.config import TRAINED_ZOOM_LEVELS, crop_px
 from model.data.images import decode_image
 from model.data.sources import (
     MEL_SEGMENTS,
@@ -40,8 +40,6 @@ from model.data.sources import (
     month_hour_from_text,
 )
 from model.errors import DataError
-from model.hub import download_dataset
-from model.preprocess import crop_px
 
 # Names a split's shards may carry: `datasets` calls the validation split either way.
 SHARD_NAMES: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -106,6 +104,9 @@ class ParquetPairs(PairSource):
     ) -> Self:
         """The split from a Hub dataset repo (default: the official one), downloading only that split's shards
         into the Hugging Face cache on first use (`HF_ENDPOINT`, `HF_HUB_OFFLINE` apply)."""
+        # Here, not at the top: a map's jobs read galleries through this module without loading huggingface_hub.
+        from model.hub import download_dataset
+
         check_split(split)
         repo = repo_id or cls.HUB_REPO
         root = download_dataset(repo, shard_patterns(split), revision)

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 import numpy as np
-import torch
 from dateutil import parser as date_parser
 
 from model.audio import N_FRAMES, N_MELS
 from model.config import AUDIO_SOURCES, CAPTION_SOURCES, GSD_BY_SAT_TYPE
 from model.errors import DataError
-from model.mel import log_mel
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # 10 s mel segments per recording: the first axis of GeoSound's and SoundingEarth's `mel_features`.
@@ -62,6 +60,11 @@ class RecordingMel(MelSegments):
 
     def segment(self, index: int) -> np.ndarray:
         if index not in self._segments:
+            # Here, not at the top: reading a gallery's recordings (a map's score job) does not load torch.
+            import torch
+
+            from model.mel import log_mel
+
             self._segments[index] = log_mel(torch.from_numpy(self.clips[index : index + 1]))[0, 0].numpy()
         return self._segments[index]
 

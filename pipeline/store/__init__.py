@@ -1,20 +1,5 @@
-"""The region-wide `soundscape.zarr`: scores of every kind, the writer (the one place invalid tiles become nodata),
-and the reader the exports use. The layout is described in `pipeline.store.layout`."""
+"""The region-wide `soundscape.zarr`: its layout (`pipeline.store.layout`), scores of every kind (`.scores`), the
+writer, the one place invalid tiles become nodata (`.write`), and the reader the exports use (`.read`).
 
-from pipeline.store.layout import gdal_path
-from pipeline.store.read import SoundscapeStore, StoreGrid, open_store
-from pipeline.store.scores import SCORE_KINDS, RegionScores, ScoreKind, score_chunk
-from pipeline.store.write import ChunkFiles, write_store
-
-__all__ = [
-    "SCORE_KINDS",
-    "ChunkFiles",
-    "RegionScores",
-    "ScoreKind",
-    "SoundscapeStore",
-    "StoreGrid",
-    "gdal_path",
-    "open_store",
-    "score_chunk",
-    "write_store",
-]
+Nothing is imported here: a job imports the module it uses, so that reading a store does not load dask.
+"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import types
 from collections.abc import Callable
@@ -73,6 +74,26 @@ def test_finite_weights_whose_sum_overflows_pass_and_one_nan_among_them_is_count
     large[2] = float("nan")
     with pytest.raises(CheckpointError, match=r"^weights is corrupt: tensor large \(4,\) holds 1 NaN or infinite"):
         check_finite({"large": large}, "weights")
+
+
+def test_building_a_model_from_weights_draws_no_randomness_and_skips_torch_dynamo() -> None:
+    cfg = Sat2SoundConfig.small("none")
+    weights = Sat2Sound(cfg).state_dict()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    model = build_model(cfg, weights)
+    assert torch.equal(torch.rand(3), expected), "building a model moved the caller's random numbers"
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in weights.items())
+    # Every job that loads a model pays for what the load imports: torch._dynamo alone is ~2.4 s.
+    check = (
+        "import sys; from model import Sat2Sound, Sat2SoundConfig; from model.checkpoint import build_model;"
+        " cfg = Sat2SoundConfig.small('none'); build_model(cfg, Sat2Sound(cfg).state_dict());"
+        " print('torch._dynamo' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", "loading weights imports torch._dynamo"
 
 
 def test_a_converted_checkpoint_with_garbage_inside_is_reported(tmp_path: Path) -> None:

@@ -11,13 +11,13 @@ from support.pair_data import IMAGE_PX, geosound_row, geosound_schema, mel_stack
 from torch.utils.data import DataLoader
 
 from model.audio import N_FRAMES, N_MELS
-from model.config import TILE_PX_BY_SAT_TYPE
+from model.config import TILE_PX_BY_SAT_TYPE, crop_px
 from model.data.dataset import BlockShuffleSampler, PairDataset, collate
 from model.data.parquet import GeoSoundParquet
 from model.data.sources import PairRecord, PairSource, PrecomputedMel
 from model.data.transforms import SampleTransform
 from model.errors import DataError
-from model.preprocess import crop_px, normalize, resize_to_unit
+from model.preprocess import normalize, resize_to_unit
 
 
 def record(

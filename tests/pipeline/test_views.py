@@ -204,14 +204,20 @@ def test_readers_resample_only_with_kernels_views_can_be_cut_with(tmp_path: Path
 
 
 @pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
-def test_the_compiled_cpu_kernel_and_the_sparse_products_cut_the_same_views(resampling: str) -> None:
-    with landsat() as reader:
+@pytest.mark.parametrize("grid", ["projected", "web mercator"])
+def test_the_compiled_cpu_kernels_and_the_sparse_products_cut_the_same_views(
+    resampling: str, grid: str, mercator_scene: Path
+) -> None:
+    with landsat(mercator_scene if grid == "web mercator" else LANDSAT) as reader:
         views = views_over(reader.footprint_lnglat(), 7680.0, 2, inset=-0.05)[::5]
         source = reader.source_pixels(views, SIZE)
     source = replace(source, resampling=resampling)
-    compiled = cut_views(source, views, SIZE, compiled=True)
-    sparse = cut_views(source, views, SIZE, compiled=False)
-    np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
-    assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
-    difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
-    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
+    grey = replace(source, values=source.values[1:2])
+    for pixels in (source, grey):
+        compiled = cut_views(pixels, views, SIZE, compiled=True)
+        sparse = cut_views(pixels, views, SIZE, compiled=False)
+        np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
+        assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
+        difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
+        assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
+    assert torch.equal(compiled.pixels[:, 0], compiled.pixels[:, 2]), "a grey source's views are grey"

@@ -558,6 +558,18 @@ def test_without_outputs_zones_there_is_no_zones_job(base_config: dict[str, Any]
     assert "zones" not in planned and planned["project"] == 1
 
 
+def test_loading_the_workflow_imports_no_model_library(base_config: dict[str, Any], tmp_path: Path) -> None:
+    # Every run starts by loading the Snakefile in one process: torch there would add seconds to each of them.
+    heavy = ("torch", "transformers", "numba")
+    report = f"import atexit, sys; atexit.register(lambda: print('LOADED', [n for n in {heavy!r} if n in sys.modules]))"
+    run = f"{report}; from snakemake.cli import main; sys.argv[0] = 'snakemake'; main()"
+    config = write_config(tmp_path, base_config)
+    command = [sys.executable, "-c", run, *SNAKEMAKE[3:], "--profile", LOCAL_PROFILE, "--configfile", str(config), "-n"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    check_ran(result, tmp_path)
+    assert "LOADED []" in result.stdout, result.stdout[-500:]
+
+
 def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(base_config: dict[str, Any], tmp_path: Path) -> None:
     # Small jobs, so that this small region makes several of them.
     config = {**base_config, "model": {**base_config["model"], "tiles_per_job": 20}}

@@ -56,7 +56,7 @@ from pipeline.export.qgis_style import (
     query_colours,
 )
 from pipeline.export.underlay import write_underlay
-from pipeline.store import SoundscapeStore, StoreGrid
+from pipeline.store.read import SoundscapeStore, StoreGrid
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = (

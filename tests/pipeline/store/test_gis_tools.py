@@ -20,7 +20,7 @@ from support.synthetic_store import (
     write_synthetic_store,
 )
 
-from pipeline.store import gdal_path
+from pipeline.store.layout import gdal_path
 
 LAYERS = [
     ("score", 0),

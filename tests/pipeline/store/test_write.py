@@ -13,8 +13,8 @@ from support.synthetic_store import DEFAULT_QUERIES, SyntheticStore, write_synth
 
 from pipeline.build import finish_lines, retry_unavailable
 from pipeline.config import Query
-from pipeline.store import SoundscapeStore, gdal_path
-from pipeline.store.layout import GRIDDED_VARIABLES
+from pipeline.store.layout import GRIDDED_VARIABLES, gdal_path
+from pipeline.store.read import SoundscapeStore
 from pipeline.store.scores import percentile_within
 
 EXTRA_DIMS = {
