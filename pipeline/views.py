@@ -7,12 +7,12 @@ kernel (bilinear by default) is stretched by the shrink factor when the view has
 (below GDAL's 0.95 threshold), weights of pixels without imagery are dropped and the rest renormalised, and
 a pixel holds imagery only where its centre falls on a valid source pixel.
 
-Sources on the EPSG:3857 grid (tile pyramids, Web Mercator rasters) resample separably: two sparse products
-per row of views (rows, then columns). Other CRSs map every output pixel through the projection (exact at a
-9 x 9 grid of points per view and interpolated between them, well under 0.01 px off) and weigh a 2-D
-neighbourhood: on a CPU, a compiled (numba) kernel that goes through each view's pixels once (coordinates,
-kernel, renormalisation and stretch together; views spread over torch's threads), a sparse product on other
-devices.
+Sources on the EPSG:3857 grid (tile pyramids, Web Mercator rasters) resample separably: one pass down the
+source shared by a row of views, then one across per view. Other CRSs map every output pixel through the
+projection (exact at a 9 x 9 grid of points per view and interpolated between them, well under 0.01 px off) and
+weigh a 2-D neighbourhood. On a CPU, compiled (numba) kernels go through each view's pixels once (kernel,
+renormalisation and stretch together), views spread over torch's threads; on other devices, sparse products
+do, then a pass that renormalises and stretches.
 """
 
 from __future__ import annotations
@@ -124,8 +124,7 @@ def cut_views(
             for taps in runs
         ]
     else:
-        # Values premultiplied by validity, validity last: one pass resamples both.
-        stack = torch.cat([values.float() * valid, valid[None].float()])
+        stack = _premultiplied(values, valid)
         by_pixel = stack.reshape(len(stack), -1).T.contiguous()
         grid = _projected_grid(source, views, size)
         if compiled:
@@ -138,6 +137,13 @@ def cut_views(
     if not parts:
         return ViewBatch(torch.zeros((0, RGB_BANDS, size, size), dtype=torch.uint8, device=device), torch.zeros(0))
     return ViewBatch(torch.cat([part.pixels for part in parts]), torch.cat([part.coverage for part in parts]))
+
+
+def _premultiplied(values: Tensor, valid: Tensor) -> Tensor:
+    """(bands + 1, H, W) float32: the values premultiplied by validity, then the validity, so that one pass of a
+    kernel resamples both (the second sum renormalises the first)."""
+    weight = valid.float()
+    return torch.cat([values.float() * weight, weight[None]])
 
 
 def _on_device(array: np.ndarray, device: torch.device) -> Tensor:
@@ -286,8 +292,7 @@ def _resample_separable(values: Tensor, valid: Tensor, landing: Tensor, taps: Se
     bands = values.shape[0]
     count, size = taps.columns.shape
     rows, columns = taps.window
-    window_valid = valid[rows, columns].float()
-    stack = torch.cat([values[:, rows, columns].float() * window_valid, window_valid[None]])
+    stack = _premultiplied(values[:, rows, columns], valid[rows, columns])
     # Down the columns once for every view of the row, then across per view: each pass one sparse product
     # (a row of the matrix per output pixel, a weight per kernel tap).
     down = _tap_matrix(taps.row_index.to(device) - rows.start, taps.row_weight.to(device), rows.stop - rows.start)
@@ -308,9 +313,8 @@ def _cut_rows_compiled(
     _use_torch_threads()
     low, gain = _stretch_gain(source)
     rows, columns = taps.window
-    window_valid = valid[rows, columns].float()
-    # Channels last, each pixel's values (premultiplied by validity) then its valid weight.
-    stack = torch.cat([values[:, rows, columns].float() * window_valid, window_valid[None]]).permute(1, 2, 0)
+    # Channels last: each pixel's values then its valid weight.
+    stack = _premultiplied(values[:, rows, columns], valid[rows, columns]).permute(1, 2, 0)
     landing_array = landing.numpy()
     parts, landed = [], None
     for group in _compiled_groups(stack):
