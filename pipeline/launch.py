@@ -7,6 +7,7 @@ nothing has started, so this stops at once with the same line. Imports nothing h
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -17,7 +18,11 @@ INTERRUPTED_STATUS = 130
 
 def _stop_early(signum: int, frame: FrameType | None) -> None:
     print(STOPPED_LINE, file=sys.stderr, flush=True)
-    sys.exit(INTERRUPTED_STATUS)
+    sys.stdout.flush()
+    # Not sys.exit: its SystemExit would be raised wherever the import happens to be, and some places turn it
+    # into another error with a traceback (a class body's __set_name__ wraps it in a RuntimeError). Nothing is
+    # open or written yet that needs closing.
+    os._exit(INTERRUPTED_STATUS)
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from support.paths import LANDSAT, REPO
 
@@ -109,14 +110,15 @@ def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) 
     assert not locks(checkout)
 
 
-def test_ctrl_c_before_the_workflow_is_read_prints_the_same_one_line(tmp_path: Path) -> None:
-    # What `bash run.sh build` runs; interrupted while Python still imports Snakemake.
+@pytest.mark.parametrize("delay_s", [0.1, 0.3, 0.6])
+def test_ctrl_c_before_the_workflow_is_read_prints_the_same_one_line(tmp_path: Path, delay_s: float) -> None:
+    # What `bash run.sh build` runs; interrupted while Python still imports Snakemake, at different points.
     command = [sys.executable, "-m", "pipeline.launch", "-s", str(REPO / "Snakefile"), "-n"]
     command += ["--profile", str(REPO / "profiles" / "local"), "--configfile", str(DEFAULT_CONFIG_PATH)]
     run = subprocess.Popen(
         command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
-    time.sleep(0.3)
+    time.sleep(delay_s)
     os.killpg(run.pid, signal.SIGINT)
     _, stderr = run.communicate(timeout=TIMEOUT_S)
     text = stderr.decode()
