@@ -1,9 +1,10 @@
 """Embed chunks' tiles: one long-lived process per job loops over many chunks, reading the next strips of
 imagery in loader processes while the model runs.
 
-Each output tile is scored by the model's view centred on it (`pipeline.geometry.view_bounds`). A chunk's
-views are read in strips (`pipeline.imagery.base.read_strips`): each source pixel once, then every view is
-cut from the strip on the model's device (`pipeline.views.cut_views`). A tile whose view holds imagery on less
+Each output tile is scored by the model's view centred on it, to within half a pixel
+(`pipeline.geometry.view_bounds`). A chunk's views are read in strips (`pipeline.imagery.base.read_strips`):
+each source pixel once, then every view is cut from the strip on the model's device (`pipeline.views.cut_views`;
+overlapping views share their resampled pixels too). A tile whose view holds imagery on less
 than `min_coverage` of its pixels is invalid: the model does not see it and its outputs are empty. So is a tile
 whose view touches imagery that could not be had (`imagery.on_missing: leave_empty`): its score would change.
 chunks/<chunk>.npz holds, per tile of the chunk (row by row):

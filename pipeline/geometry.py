@@ -119,11 +119,22 @@ def tile_centres_lnglat(x: ArrayLike, y: ArrayLike, zoom: int) -> tuple[np.ndarr
     return lnglat_of_mercator(*tile_centres(x, y, zoom))
 
 
-def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float) -> np.ndarray:
+def view_bounds(x: ArrayLike, y: ArrayLike, zoom: int, view_size_m: float, pixels: int) -> np.ndarray:
     """(N, 4) EPSG:3857 bounds (left, bottom, right, top) of the model's square views of `view_size_m` true
-    ground metres, centred on tiles x/y at `zoom`. Views of tiles at the world's edge may reach past the
-    antimeridian (x beyond ±20037508.34 m)."""
-    return views_centred_at(*tile_centres(x, y, zoom), view_size_m)
+    ground metres and `pixels` px, centred on tiles x/y at `zoom` to within half a pixel
+    (`on_pixel_lattice`). Views of tiles at the world's edge may reach past the antimeridian (x beyond
+    ±20037508.34 m)."""
+    return on_pixel_lattice(views_centred_at(*tile_centres(x, y, zoom), view_size_m), pixels)
+
+
+def on_pixel_lattice(views: np.ndarray, pixels: int) -> np.ndarray:
+    """(N, 4) views moved east or west by half a pixel at most (of `pixels` across) so that each starts a whole
+    number of its pixels from the world's west edge: overlapping views of one row then share their pixels
+    (`lattice_blocks`), and are cut once."""
+    width = views[:, 2] - views[:, 0]
+    step = width / pixels
+    left = np.rint((views[:, 0] + WORLD_HALF_M) / step) * step - WORLD_HALF_M
+    return np.stack([left, views[:, 1], left + width, views[:, 3]], axis=-1)
 
 
 def views_centred_at(centre_x: ArrayLike, centre_y: ArrayLike, view_size_m: float) -> np.ndarray:
@@ -186,6 +197,58 @@ def view_rows(views: np.ndarray) -> list[slice]:
     change = np.flatnonzero(np.any(np.diff(views[:, [1, 3]], axis=0) != 0.0, axis=1)) + 1
     bounds = [0, *change.tolist(), len(views)]
     return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
+
+
+# Views whose offsets differ from whole pixels by less than this (px) share a pixel lattice.
+LATTICE_TOLERANCE_PX = 1e-6
+
+
+class BlockRun(NamedTuple):
+    """Views `views` of one row, on one pixel lattice, whose pixels all lie in consecutive `blocks` placed side
+    by side: view i starts `columns[i]` pixels into that strip."""
+
+    views: slice
+    blocks: slice
+    columns: np.ndarray
+
+
+class LatticeBlocks(NamedTuple):
+    """Square blocks (M, 4) that hold the pixels of (N, 4) views, and where each view lies in them."""
+
+    bounds: np.ndarray
+    runs: list[BlockRun]
+
+
+def lattice_blocks(views: np.ndarray, pixels: int) -> LatticeBlocks:
+    """Blocks as large as the views (`pixels` across) on their pixel lattice, side by side along each row of
+    views on one lattice (`on_pixel_lattice`) whose blocks hold fewer pixels than its views; any other view is
+    a block of its own. Cutting the blocks and slicing them gives each view's pixels."""
+    blocks: list[np.ndarray] = []
+    runs: list[BlockRun] = []
+    for row in view_rows(views) if len(views) else []:
+        group = views[row]
+        width = group[:, 2] - group[:, 0]
+        offsets = (group[:, 0] - group[:, 0].min()) / (width[0] / pixels)
+        columns = np.rint(offsets)
+        count = math.ceil((float(columns.max()) + pixels) / pixels)
+        shared = (
+            np.all(np.abs(width - width[0]) <= LATTICE_TOLERANCE_PX * width[0] / pixels)
+            and np.all(np.abs(offsets - columns) <= LATTICE_TOLERANCE_PX)
+            and count < len(group)
+        )
+        if shared:
+            lefts = group[:, 0].min() + np.arange(count) * width[0]
+            row_bounds = np.broadcast_to(group[0], (count, 4)).copy()
+            row_bounds[:, 0], row_bounds[:, 2] = lefts, lefts + width[0]
+            runs.append(BlockRun(row, slice(len(blocks), len(blocks) + count), columns.astype(np.int64)))
+            blocks.extend(row_bounds)
+        else:
+            for index in range(row.start, row.stop):
+                runs.append(
+                    BlockRun(slice(index, index + 1), slice(len(blocks), len(blocks) + 1), np.zeros(1, np.int64))
+                )
+                blocks.append(views[index])
+    return LatticeBlocks(np.array(blocks, dtype=np.float64).reshape(-1, 4), runs)
 
 
 def union_bounds(views: np.ndarray) -> Bounds:

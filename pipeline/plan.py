@@ -224,7 +224,7 @@ def _chunk_spans(tile_cover: TileCover, chunk_zoom: int) -> list[_ChunkSpan]:
 def _chunk_tiles(span: _ChunkSpan, zoom: int, grid: RasterGrid, view: ModelView) -> ChunkTiles:
     row, col = grid.cells(span.x, span.y)
     lon, lat = tile_centres_lnglat(span.x, span.y, zoom)
-    views = view_bounds(span.x, span.y, zoom, view.size_m)
+    views = view_bounds(span.x, span.y, zoom, view.size_m, MODEL_INPUT_PX)
     return ChunkTiles(span.id, span.x, span.y, row, col, views, lon, lat)
 
 

@@ -13,6 +13,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from model import MODEL_INPUT_PX
 from pipeline.errors import TilingError, TooManyTilesError
 from pipeline.geometry import (
+    WORLD_HALF_M,
     Bounds,
     TileBlock,
     TileCover,
@@ -26,10 +27,12 @@ from pipeline.geometry import (
     output_zoom,
     raster_grid,
     tile_bounds,
+    tile_centres,
     tile_centres_lnglat,
     tile_ground_size_m,
     view_bounds,
     view_strips,
+    views_centred_at,
 )
 from pipeline.plan import ModelView
 from pipeline.regions import parse_region
@@ -85,7 +88,7 @@ def test_model_view_size_follows_sat_type_and_zoom_level() -> None:
 @pytest.mark.parametrize("lat", [0.0, 38.627, 60.0, -71.5])
 def test_footprint_is_square_of_true_ground_size_centred_on_the_tile(lat: float) -> None:
     tile = mercantile.tile(-90.2, lat, 17)
-    view_left, view_bottom, view_right, view_top = view_bounds([tile.x], [tile.y], 17, 180.0)[0]
+    view_left, view_bottom, view_right, view_top = view_bounds([tile.x], [tile.y], 17, 180.0, 224)[0]
     left, bottom, right, top = mercantile.xy_bounds(tile)
     centre = mercantile.lnglat((left + right) / 2, (bottom + top) / 2)
     assert (view_left + view_right) / 2 == pytest.approx((left + right) / 2)
@@ -97,9 +100,22 @@ def test_footprint_is_square_of_true_ground_size_centred_on_the_tile(lat: float)
     assert (lon[0], lat_centre[0]) == pytest.approx((centre.lng, centre.lat), abs=1e-9)
 
 
+def test_views_move_less_than_half_a_pixel_onto_their_pixel_lattice() -> None:
+    x, y = np.meshgrid(np.arange(8000, 8040), np.arange(5000, 5003))
+    centred = views_centred_at(*tile_centres(x.ravel(), y.ravel(), 14), 4000.0)
+    views = view_bounds(x.ravel(), y.ravel(), 14, 4000.0, 224)
+    step = (centred[:, 2] - centred[:, 0]) / 224
+    assert np.all(np.abs(views[:, 0] - centred[:, 0]) <= step / 2)
+    np.testing.assert_array_equal(views[:, [1, 3]], centred[:, [1, 3]])
+    np.testing.assert_allclose(views[:, 2] - views[:, 0], centred[:, 2] - centred[:, 0], rtol=1e-12)
+    lattice = (views[:, 0] + WORLD_HALF_M) / step
+    np.testing.assert_allclose(lattice, np.rint(lattice), atol=1e-6)
+    assert np.abs(views[:, 0] - centred[:, 0]).max() > step[0] / 10, "views do move"
+
+
 def test_footprint_is_twice_as_wide_in_mercator_at_sixty_degrees() -> None:
     tile = mercantile.tile(10.0, 60.0, 22)
-    left, _, right, _ = view_bounds([tile.x], [tile.y], 22, 1000.0)[0]
+    left, _, right, _ = view_bounds([tile.x], [tile.y], 22, 1000.0, 224)[0]
     assert right - left == pytest.approx(2000.0, rel=1e-4)
 
 
@@ -324,7 +340,7 @@ def test_view_strips_group_whole_rows_within_their_budgets() -> None:
     x, y = np.meshgrid(np.arange(5000, 5064), np.arange(7000, 7064))
     size = tile_ground_size_m(zoom, 20.0)
     for view_m, budget, most in ((4 * size, 2048**2, 256), (size, 2048**2, 256), (size, 10**12, 100)):
-        views = view_bounds(x.ravel(), y.ravel(), zoom, view_m)
+        views = view_bounds(x.ravel(), y.ravel(), zoom, view_m, 224)
         strips = view_strips(views, 224, budget, most)
         assert [strip.start for strip in strips] == [0, *(strip.stop for strip in strips[:-1])]
         assert strips[-1].stop == len(views)
@@ -334,7 +350,7 @@ def test_view_strips_group_whole_rows_within_their_budgets() -> None:
             assert (strip.start % 64 == 0 and strip.stop % 64 == 0) or strip.start // 64 == (strip.stop - 1) // 64
             assert strip.pixels <= budget or (strip.stop - strip.start) <= 64
     # Overlapping views (4x the tile) share strips of several rows; views without overlap, strips of one row.
-    wide = view_strips(view_bounds(x.ravel(), y.ravel(), zoom, 4 * size), 224, 2048**2, 256)
+    wide = view_strips(view_bounds(x.ravel(), y.ravel(), zoom, 4 * size, 224), 224, 2048**2, 256)
     assert len(wide) == 16 and all(strip.stop - strip.start == 256 for strip in wide)
 
 

@@ -171,12 +171,15 @@ def in_region(tile: mercantile.Tile) -> bool:
 
 
 def view_bounds(tile: mercantile.Tile) -> Bounds:
-    """The model's 900 m ground square centred on the tile, in EPSG:3857."""
+    """The model's 900 m ground square centred on the tile, in EPSG:3857, moved east or west by half of one of
+    its 224 pixels at most so that it starts a whole number of them from the world's west edge."""
     left, bottom, right, top = mercantile.xy_bounds(tile)
     centre_x, centre_y = (left + right) / 2, (bottom + top) / 2
     lat = math.degrees(math.atan(math.sinh(centre_y / 6378137.0)))
     half = FOOTPRINT_M / 2 / math.cos(math.radians(lat))
-    return Bounds(centre_x - half, centre_y - half, centre_x + half, centre_y + half)
+    step, world_half = 2 * half / 224, math.pi * 6378137.0
+    west = round((centre_x - half + world_half) / step) * step - world_half
+    return Bounds(west, centre_y - half, west + 2 * half, centre_y + half)
 
 
 def scene_box_3857() -> Polygon:
