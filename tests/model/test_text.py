@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
 from support.hf_tiny_t5 import D_MODEL, PAD_ID, build_tiny_t5, token_ids
-from transformers import T5EncoderModel
+from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from model.errors import InputError, TextBackboneError
 from model.text import (
@@ -71,6 +73,26 @@ def test_minilm_states_do_not_depend_on_batch_padding(minilm: MiniLMBackbone) ->
     torch.testing.assert_close(padded.hidden[1, :valid], alone.hidden[0, :valid], atol=1e-5, rtol=0)
     again = minilm.encode(["a very long caption about traffic, sirens, wind and people talking", short])
     assert torch.equal(again.hidden, padded.hidden)
+
+
+def test_minilm_equals_its_hugging_face_model_and_tokenizer(minilm: MiniLMBackbone) -> None:
+    texts = ["a dog barks near the busy road at night", "rain", "Café crème, naïve façade! 東京", "word " * 600]
+    directory = minilm_directory()
+    batch = AutoTokenizer.from_pretrained(directory)(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = AutoModel.from_pretrained(directory).eval()(**batch).last_hidden_state
+    tokens = minilm.encode(texts)
+    assert tokens.hidden.shape == expected.shape == (4, 512, 384), "the long text is cut at 512 tokens"
+    assert torch.equal(tokens.mask, batch["attention_mask"].bool())
+    torch.testing.assert_close(tokens.hidden[tokens.mask], expected[tokens.mask], atol=2e-5, rtol=0)
+
+
+def test_minilm_loads_without_importing_transformers() -> None:
+    script = (
+        "import sys; from model.text import load_text_backbone; load_text_backbone('minilm').encode(['rain']);"
+        " assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[2])
 
 
 @pytest.mark.parametrize("texts", [[], "a single string"])
