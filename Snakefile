@@ -43,8 +43,6 @@ rule all:
     input:
         rules.mosaic.output.store,
         rules.cogs.output,
-        rules.percentiles.output,
-        rules.dominant.output,
         rules.top_places.output,
         list(ZONE_TABLES.values()),
         rules.preview.output.html,

@@ -339,8 +339,6 @@ STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "gallery": {"outputs": ("gallery",), "model": ("text_backbone",)},
     "score": {"outputs": ("gallery", "gallery_top_k")},
     "cogs": {"outputs": ("crs",)},
-    "percentiles": {"outputs": ("crs",)},
-    "dominant": {"outputs": ("crs",)},
     "places": {"outputs": ("top_k",)},
     "zones": {"outputs": ("zones", "zone_field")},
     "underlay": {"imagery": ("source", "options", "native_gsd_m")},

@@ -188,25 +188,14 @@ def _mosaic(args: argparse.Namespace, config: BuildConfig) -> str:
 
 
 def _cogs(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export.cog import write_concept_cog, write_query_cogs
+    from pipeline.export.cog import write_concept_cog, write_dominant_cog, write_query_cogs
 
     crs = config.outputs.crs
     paths = write_query_cogs(args.store, args.out_dir, dst_crs=crs)
     paths.append(write_concept_cog(args.store, args.out_dir, dst_crs=crs))
-    return f"{len(paths)} COGs in {args.out_dir}"
-
-
-def _percentiles(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export.cog import write_query_cogs
-
-    paths = write_query_cogs(args.store, args.out_dir, variable="score_percentile", dst_crs=config.outputs.crs)
-    return f"{len(paths)} percentile COGs in {args.out_dir}"
-
-
-def _dominant(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.export.cog import write_dominant_cog
-
-    return f"wrote {write_dominant_cog(args.store, args.out_dir, dst_crs=config.outputs.crs)}"
+    paths += write_query_cogs(args.store, args.out_dir, variable="score_percentile", dst_crs=crs)
+    paths.append(write_dominant_cog(args.store, args.out_dir, dst_crs=crs))
+    return f"{len(paths)} COGs in {args.out_dir}: scores and percentiles per query, concepts, dominant query"
 
 
 def _places(args: argparse.Namespace, config: BuildConfig) -> str:
@@ -265,9 +254,11 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
         ("plan", "model", "queries", "chunks_dir", "scores_dir", "gallery?", "threads", "out"),
         "write the Zarr store",
     ),
-    "cogs": (_cogs, ("store", "out_dir"), "write one COG per query and the concept COG"),
-    "percentiles": (_percentiles, ("store", "out_dir"), "write one percentile COG per query"),
-    "dominant": (_dominant, ("store", "out_dir"), "write the COG of each tile's best-fitting query"),
+    "cogs": (
+        _cogs,
+        ("store", "out_dir"),
+        "write per query a score and a percentile COG, the concept COG and the dominant-query COG",
+    ),
     "places": (_places, ("store", "gpkg", "csv"), "write each query's top places as GeoPackage and CSV"),
     "zones": (_zones, ("store", "gpkg", "csv"), "write every query's statistics per zone as GeoPackage and CSV"),
     "underlay": (_underlay, ("plan", "out"), "write the build's imagery at preview resolution"),

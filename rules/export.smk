@@ -9,6 +9,8 @@ rule cogs:
     output:
         queries=expand(f"{COGS}/{{query}}.tif", query=QUERY_IDS),
         concepts=f"{COGS}/concepts.tif",
+        percentiles=expand(f"{COGS}/{{query}}_percentile.tif", query=QUERY_IDS),
+        dominant=f"{COGS}/dominant.tif",
     params:
         settings=SETTINGS,
         digest=digest("cogs"),
@@ -18,40 +20,6 @@ rule cogs:
         f"{LOGS}/cogs.log",
     shell:
         "{STEP} cogs --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q} > {log:q} 2>&1"
-
-
-rule percentiles:
-    input:
-        store=rules.mosaic.output.store,
-    output:
-        percentiles=expand(f"{COGS}/{{query}}_percentile.tif", query=QUERY_IDS),
-    params:
-        settings=SETTINGS,
-        digest=digest("percentiles"),
-        store=STORE,
-        cog_dir=COGS,
-    log:
-        f"{LOGS}/percentiles.log",
-    shell:
-        "{STEP} percentiles --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q}"
-        " > {log:q} 2>&1"
-
-
-rule dominant:
-    input:
-        store=rules.mosaic.output.store,
-    output:
-        dominant=f"{COGS}/dominant.tif",
-    params:
-        settings=SETTINGS,
-        digest=digest("dominant"),
-        store=STORE,
-        cog_dir=COGS,
-    log:
-        f"{LOGS}/dominant.log",
-    shell:
-        "{STEP} dominant --settings {params.settings:q} --store {params.store:q} --out-dir {params.cog_dir:q}"
-        " > {log:q} 2>&1"
 
 
 rule top_places:
@@ -126,8 +94,6 @@ rule preview:
 rule project:
     input:
         rules.cogs.output,
-        rules.percentiles.output,
-        rules.dominant.output,
         store=rules.mosaic.output.store,
         places=rules.top_places.output.gpkg,
         underlay=rules.underlay.output.imagery,

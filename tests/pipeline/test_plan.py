@@ -16,6 +16,7 @@ import torch
 import yaml
 from support.paths import LANDSAT
 
+from model import MODEL_INPUT_PX
 from pipeline import build as build_module
 from pipeline import plan as plan_module
 from pipeline.__main__ import main, parse_size
@@ -145,8 +146,11 @@ def test_each_chunk_lists_its_tiles_views_cells_and_centres() -> None:
             centre = mercantile.lnglat((left + right) / 2, (bottom + top) / 2)
             assert (chunk.lon[index], chunk.lat[index]) == pytest.approx((centre.lng, centre.lat), abs=1e-9)
             half = 900.0 / 2 / math.cos(math.radians(centre.lat))
-            expected_view = ((left + right) / 2 - half, (bottom + top) / 2 - half, (left + right) / 2 + half)
-            assert tuple(chunk.views[index][:3]) == pytest.approx(expected_view, abs=1e-6)
+            view_left, view_bottom, view_right, view_top = chunk.views[index]
+            # Centred on the tile to within half of one of the view's pixels (its row's pixel lattice).
+            assert abs(view_left - ((left + right) / 2 - half)) <= half / MODEL_INPUT_PX
+            assert view_right - view_left == pytest.approx(2 * half, abs=1e-6)
+            assert (view_bottom, view_top) == pytest.approx(((bottom + top) / 2 - half, (bottom + top) / 2 + half))
             assert (chunk.row[index], chunk.col[index]) == (tile.y - plan.grid.top_row, tile.x - plan.grid.first_column)
             seen.add(tile)
     assert len(seen) == plan.tile_count

@@ -277,7 +277,7 @@ def test_build_writes_the_answers_a_planner_acts_on(built: Path) -> None:
         assert zones[f"{query['id']}_max"].max() == pytest.approx(scores.max())
     with (build / "zones.csv").open(encoding="utf-8-sig", newline="") as handle:
         assert [row["zone"] for row in csv.DictReader(handle)] == list(HALVES)
-    for log in ("percentiles", "dominant", "top_places", "zones", "underlay", "project"):
+    for log in ("cogs", "top_places", "zones", "underlay", "project"):
         assert (build / f"logs/{log}.log").is_file()
     with rasterio.open(build / "imagery.tif") as underlay:
         assert underlay.crs.to_epsg() == 3857 and underlay.count == 3
@@ -389,8 +389,6 @@ def test_adding_a_query_reruns_only_query_scoring_and_exports(
         "score",
         "mosaic",
         "cogs",
-        "percentiles",
-        "dominant",
         "top_places",
         "zones",
         "preview",
