@@ -134,7 +134,7 @@ def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
         ({"model": {"text_backbone": "minilm"}}, {"queries", "gallery", "mosaic"}),
         ({"outputs": {"gallery": "recordings"}}, {"gallery", "score", "mosaic"}),
         ({"outputs": {"gallery_top_k": 3}}, {"score", "mosaic"}),
-        ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "percentiles", "dominant", "mosaic"}),
+        ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "mosaic"}),
         ({"outputs": {"top_k": 5}}, {"places", "mosaic"}),
         ({"outputs": {"zones": "districts.gpkg"}}, {"zones", "project", "mosaic"}),
         ({"outputs": {"zone_field": "code"}}, {"zones", "mosaic"}),
