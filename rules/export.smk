@@ -28,6 +28,8 @@ rule top_places:
     output:
         gpkg=f"{BUILD}/top_places.gpkg",
         csv=f"{BUILD}/top_places.csv",
+    # The preview waits for the places: they go first among the exports.
+    priority: 1
     params:
         settings=SETTINGS,
         digest=digest("places"),
