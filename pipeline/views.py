@@ -35,7 +35,7 @@ from pyproj import Transformer
 from rasterio.transform import Affine
 from torch import Tensor
 
-from pipeline.geometry import WEB_MERCATOR, lattice_blocks, view_rows
+from pipeline.geometry import WEB_MERCATOR, BlockRun, lattice_blocks, view_rows
 from pipeline.imagery.base import RGB_BANDS, SourcePixels, view_array
 
 # Embed jobs fork loader processes after views were cut in parallel: GNU OpenMP's thread pool does not survive
@@ -114,14 +114,7 @@ def cut_views(
     compiled = device.type == "cpu" if compiled is None else compiled
     lattice = lattice_blocks(view_array(views), size)
     blocks = _cut_blocks(source, lattice.bounds, size, device, compiled)
-    pixels = blocks.pixels.new_empty((len(views), *blocks.pixels.shape[1:]))
-    landed = blocks.landed.new_empty((len(views), size, size))
-    for run in lattice.runs:
-        columns = torch.as_tensor(run.columns, device=device)
-        strip = blocks.pixels[run.blocks].permute(1, 2, 0, 3).flatten(2)  # (bands, size, blocks x size)
-        pixels[run.views] = strip.unfold(2, size, 1)[:, :, columns].permute(2, 0, 1, 3)
-        strip_landed = blocks.landed[run.blocks].permute(1, 0, 2).flatten(1)
-        landed[run.views] = strip_landed.unfold(1, size, 1)[:, columns].permute(1, 0, 2)
+    pixels, landed = _sliced(blocks, lattice.runs, size) if len(lattice.bounds) < len(views) else blocks
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, RGB_BANDS, -1, -1).contiguous()
     return ViewBatch(pixels, landed.float().mean(dim=(1, 2)).cpu())
@@ -167,6 +160,21 @@ def _cut_blocks(source: SourcePixels, views: np.ndarray, size: int, device: torc
                 for rows in _batches(len(views), PROJECTED_BATCH)
             ]
     return _Cut(torch.cat([part.pixels for part in parts]), torch.cat([part.landed for part in parts]))
+
+
+def _sliced(blocks: _Cut, runs: list[BlockRun], size: int) -> _Cut:
+    """Views sliced from the blocks that hold them, run by run."""
+    count = runs[-1].views.stop
+    pixels = blocks.pixels.new_empty((count, *blocks.pixels.shape[1:]))
+    landed = blocks.landed.new_empty((count, size, size))
+    device = pixels.device
+    for run in runs:
+        columns = torch.as_tensor(run.columns, device=device)
+        strip = blocks.pixels[run.blocks].permute(1, 2, 0, 3).flatten(2)  # (bands, size, blocks x size)
+        pixels[run.views] = strip.unfold(2, size, 1)[:, :, columns].permute(2, 0, 1, 3)
+        strip_landed = blocks.landed[run.blocks].permute(1, 0, 2).flatten(1)
+        landed[run.views] = strip_landed.unfold(1, size, 1)[:, columns].permute(1, 0, 2)
+    return _Cut(pixels, landed)
 
 
 def _premultiplied(values: Tensor, valid: Tensor) -> Tensor:
