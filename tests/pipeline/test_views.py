@@ -176,8 +176,11 @@ def test_a_model_sees_the_same_views_either_way() -> None:
     assert float((strip - part).norm(dim=1).max()) < 1.5e-3
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled kernels", "sparse products"])
 @pytest.mark.parametrize("grid", ["projected", "web mercator"])
-def test_overlapping_views_sliced_from_shared_blocks_match_views_cut_alone(grid: str, mercator_scene: Path) -> None:
+def test_overlapping_views_sliced_from_shared_blocks_match_views_cut_alone(
+    grid: str, compiled: bool, mercator_scene: Path
+) -> None:
     with landsat(mercator_scene if grid == "web mercator" else LANDSAT) as reader:
         views = views_over(reader.footprint_lnglat(), 7680.0, 3, inset=0.1)
         row = view_rows(views)[len(view_rows(views)) // 2]
@@ -185,8 +188,8 @@ def test_overlapping_views_sliced_from_shared_blocks_match_views_cut_alone(grid:
         source = reader.source_pixels(views, SIZE)
     blocks = lattice_blocks(views, SIZE)
     assert len(blocks.bounds) <= len(views) / 4, "a row of views 8 tiles wide is cut from ~1/8 of the pixels"
-    shared = cut_views(source, views, SIZE)
-    alone = [cut_views(source, view[None], SIZE) for view in views]
+    shared = cut_views(source, views, SIZE, compiled=compiled)
+    alone = [cut_views(source, view[None], SIZE, compiled=compiled) for view in views]
     difference = (shared.pixels.int() - torch.cat([view.pixels for view in alone]).int()).abs()
     assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
     np.testing.assert_allclose(shared.coverage, torch.cat([view.coverage for view in alone]), atol=2.0 / SIZE**2)
