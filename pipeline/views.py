@@ -129,6 +129,7 @@ class _Cut(NamedTuple):
 
 
 def _cut_blocks(source: SourcePixels, views: np.ndarray, size: int, device: torch.device, compiled: bool) -> _Cut:
+    """Each of `views` resampled on its own: by the compiled kernels or the sparse products, as `compiled` says."""
     kernel = KERNELS[source.resampling]
     values, valid = _on_device(source.values, device), _on_device(source.valid, device)
     if values.is_floating_point():
