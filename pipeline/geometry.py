@@ -194,6 +194,8 @@ def view_strips(views: np.ndarray, width: int, max_pixels: int, max_views: int) 
 
 def view_rows(views: np.ndarray) -> list[slice]:
     """Runs of consecutive (N, 4) views with the same top and bottom: rows of output tiles."""
+    if not len(views):
+        return []
     change = np.flatnonzero(np.any(np.diff(views[:, [1, 3]], axis=0) != 0.0, axis=1)) + 1
     bounds = [0, *change.tolist(), len(views)]
     return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
@@ -225,7 +227,7 @@ def lattice_blocks(views: np.ndarray, pixels: int) -> LatticeBlocks:
     a block of its own. Cutting the blocks and slicing them gives each view's pixels."""
     blocks: list[np.ndarray] = []
     runs: list[BlockRun] = []
-    for row in view_rows(views) if len(views) else []:
+    for row in view_rows(views):
         group = views[row]
         width = group[:, 2] - group[:, 0]
         offsets = (group[:, 0] - group[:, 0].min()) / (width[0] / pixels)

@@ -22,6 +22,7 @@ from pipeline.geometry import (
     default_chunk_zoom,
     ground_resolution_m,
     imagery_zoom,
+    lattice_blocks,
     lnglat_of_mercator,
     mercator_scale,
     output_zoom,
@@ -31,6 +32,7 @@ from pipeline.geometry import (
     tile_centres_lnglat,
     tile_ground_size_m,
     view_bounds,
+    view_rows,
     view_strips,
     views_centred_at,
 )
@@ -358,3 +360,4 @@ def test_view_strips_never_mix_views_of_different_sizes() -> None:
     views = np.array([[0.0, 0.0, 100.0, 100.0], [0.0, 100.0, 100.0, 200.0], [0.0, 200.0, 150.0, 350.0]])
     assert [(strip.start, strip.stop) for strip in view_strips(views, 224, 10**9, 10)] == [(0, 2), (2, 3)]
     assert view_strips(np.zeros((0, 4)), 224, 10, 10) == []
+    assert view_rows(np.zeros((0, 4))) == [] and lattice_blocks(np.zeros((0, 4)), 224).runs == []
