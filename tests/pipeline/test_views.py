@@ -171,8 +171,8 @@ def test_a_model_sees_the_same_views_either_way() -> None:
     part = encoder.embed_images(result.part_views, zoom_level=3).embedding
     assert len(views) >= 16
     # Scores are cosines with unit query vectors: they differ by at most the distance between embeddings. On
-    # this UTM scene GDAL takes the shrink from its whole-pixel source window, so views differ by a few grey
-    # levels at sharp edges (above), which moves this random model's embeddings by ~1e-3 at most.
+    # this UTM scene GDAL estimates the shrink its own way (a scale per axis from the warped window's extent),
+    # so views differ by a few grey levels at sharp edges (above): this random model's embeddings by ~1e-3.
     assert float((strip - part).norm(dim=1).max()) < 1.5e-3
 
 
