@@ -205,20 +205,18 @@ def view_rows(views: np.ndarray) -> list[slice]:
 LATTICE_TOLERANCE_PX = 1e-6
 
 
-class BlockRun(NamedTuple):
-    """Views `views` of one row, on one pixel lattice, whose pixels all lie in consecutive `blocks` placed side
-    by side: view i starts `columns[i]` pixels into that strip."""
-
-    views: slice
-    blocks: slice
-    columns: np.ndarray
-
-
 class LatticeBlocks(NamedTuple):
-    """Square blocks (M, 4) that hold the pixels of (N, 4) views, and where each view lies in them."""
+    """Square blocks (M, 4) that hold the pixels of (N, 4) views: view i starts `shift[i]` pixels into block
+    `block[i]` and runs on into the next one (the blocks of a row lie side by side)."""
 
     bounds: np.ndarray
-    runs: list[BlockRun]
+    block: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def shared(self) -> bool:
+        """Whether blocks are fewer than the views (some views are slices of them)."""
+        return len(self.bounds) < len(self.block)
 
 
 def lattice_blocks(views: np.ndarray, pixels: int) -> LatticeBlocks:
@@ -226,13 +224,14 @@ def lattice_blocks(views: np.ndarray, pixels: int) -> LatticeBlocks:
     views on one lattice (`on_pixel_lattice`) whose blocks hold fewer pixels than its views; any other view is
     a block of its own. Cutting the blocks and slicing them gives each view's pixels."""
     blocks: list[np.ndarray] = []
-    runs: list[BlockRun] = []
+    block = np.zeros(len(views), np.int64)
+    shift = np.zeros(len(views), np.int64)
     for row in view_rows(views):
         group = views[row]
         width = group[:, 2] - group[:, 0]
         offsets = (group[:, 0] - group[:, 0].min()) / (width[0] / pixels)
-        columns = np.rint(offsets)
-        count = math.ceil((float(columns.max()) + pixels) / pixels)
+        columns = np.rint(offsets).astype(np.int64)
+        count = math.ceil((int(columns.max()) + pixels) / pixels)
         shared = (
             np.all(np.abs(width - width[0]) <= LATTICE_TOLERANCE_PX * width[0] / pixels)
             and np.all(np.abs(offsets - columns) <= LATTICE_TOLERANCE_PX)
@@ -242,15 +241,12 @@ def lattice_blocks(views: np.ndarray, pixels: int) -> LatticeBlocks:
             lefts = group[:, 0].min() + np.arange(count) * width[0]
             row_bounds = np.broadcast_to(group[0], (count, 4)).copy()
             row_bounds[:, 0], row_bounds[:, 2] = lefts, lefts + width[0]
-            runs.append(BlockRun(row, slice(len(blocks), len(blocks) + count), columns.astype(np.int64)))
+            block[row], shift[row] = len(blocks) + columns // pixels, columns % pixels
             blocks.extend(row_bounds)
         else:
-            for index in range(row.start, row.stop):
-                runs.append(
-                    BlockRun(slice(index, index + 1), slice(len(blocks), len(blocks) + 1), np.zeros(1, np.int64))
-                )
-                blocks.append(views[index])
-    return LatticeBlocks(np.array(blocks, dtype=np.float64).reshape(-1, 4), runs)
+            block[row] = len(blocks) + np.arange(len(group))
+            blocks.extend(group)
+    return LatticeBlocks(np.array(blocks, dtype=np.float64).reshape(-1, 4), block, shift)
 
 
 def union_bounds(views: np.ndarray) -> Bounds:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -35,7 +34,7 @@ from pyproj import Transformer
 from rasterio.transform import Affine
 from torch import Tensor
 
-from pipeline.geometry import WEB_MERCATOR, BlockRun, lattice_blocks, view_rows
+from pipeline.geometry import WEB_MERCATOR, LatticeBlocks, lattice_blocks, view_rows
 from pipeline.imagery.base import RGB_BANDS, SourcePixels, view_array
 
 # Embed jobs fork loader processes after views were cut in parallel: GNU OpenMP's thread pool does not survive
@@ -49,8 +48,6 @@ SEPARABLE_BATCH = 64
 # Views of a projected source resampled together by sparse products (more only thrash the cache: ~25 MB of taps
 # each).
 PROJECTED_BATCH = 2
-# Values the compiled CPU kernels resample in one pass (with the valid weight): RGB.
-COMPILED_BANDS = 3
 # Readers hand over pixels at most ~4x finer than the views (local rasters decimate, tile pyramids pick their
 # zoom): a smaller output/source ratio only comes from degenerate views, and would make kernels huge.
 MIN_KERNEL_SCALE = 1.0 / 32.0
@@ -108,13 +105,16 @@ def cut_views(
     source's own kernel (`source.resampling`).
 
     Overlapping views of a row on one pixel lattice (`pipeline.geometry.lattice_blocks`) are sliced from blocks
-    resampled once. Blocks are resampled by `compiled` kernels (numba) on a CPU, by sparse products elsewhere
-    (None: whichever fits the device; both give the same views)."""
+    resampled once. Blocks are resampled and sliced by `compiled` kernels (numba) on a CPU, by sparse products
+    and a gather elsewhere (None: whichever fits the device; both give the same views)."""
     device = torch.device(device)
     compiled = device.type == "cpu" if compiled is None else compiled
     lattice = lattice_blocks(view_array(views), size)
-    blocks = _cut_blocks(source, lattice.bounds, size, device, compiled)
-    pixels, landed = _sliced(blocks, lattice.runs, size) if len(lattice.bounds) < len(views) else blocks
+    if compiled:
+        pixels, landed = _cut_compiled(source, lattice, size)
+    else:
+        blocks = _cut_sparse(source, lattice.bounds, size, device)
+        pixels, landed = _sliced(blocks, lattice, size) if lattice.shared else blocks
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, RGB_BANDS, -1, -1).contiguous()
     return ViewBatch(pixels, landed.float().mean(dim=(1, 2)).cpu())
@@ -128,8 +128,8 @@ class _Cut(NamedTuple):
     landed: Tensor
 
 
-def _cut_blocks(source: SourcePixels, views: np.ndarray, size: int, device: torch.device, compiled: bool) -> _Cut:
-    """Each of `views` resampled on its own: by the compiled kernels or the sparse products, as `compiled` says."""
+def _cut_sparse(source: SourcePixels, views: np.ndarray, size: int, device: torch.device) -> _Cut:
+    """Each of `views` resampled on its own on `device`: sparse products, then `_finish`."""
     kernel = KERNELS[source.resampling]
     values, valid = _on_device(source.values, device), _on_device(source.valid, device)
     if values.is_floating_point():
@@ -142,40 +142,71 @@ def _cut_blocks(source: SourcePixels, views: np.ndarray, size: int, device: torc
     landing = _landing(source, valid)
     if _on_mercator_grid(source):
         shape = (valid.shape[0], valid.shape[1])
-        runs = (_separable_taps(source.transform, views[rows], size, kernel, shape) for rows in _same_rows(views))
-        parts = [
-            _cut_rows_compiled(values, valid, landing, taps, source)
-            if compiled
-            else _finish(*_resample_separable(values, valid, landing, taps), source)
-            for taps in runs
-        ]
+        parts = []
+        for rows in _same_rows(views):
+            taps = _separable_taps(source.transform, views[rows], size, kernel, shape)
+            parts.append(_finish(*_resample_separable(values, valid, landing, taps), source))
     else:
-        stack = _premultiplied(values, valid)
-        by_pixel = stack.reshape(len(stack), -1).T.contiguous()
+        by_pixel = _premultiplied(values, valid).reshape(values.shape[0] + 1, -1).T.contiguous()
         grid = _projected_grid(source, views, size)
-        if compiled:
-            parts = [_cut_compiled(by_pixel, landing, grid, size, kernel, source)]
-        else:
-            parts = [
-                _finish(*_resample_projected(by_pixel, landing, grid.of(rows), size, kernel), source)
-                for rows in _batches(len(views), PROJECTED_BATCH)
-            ]
+        parts = [
+            _finish(*_resample_projected(by_pixel, landing, grid.of(rows), size, kernel), source)
+            for rows in _batches(len(views), PROJECTED_BATCH)
+        ]
     return _Cut(torch.cat([part.pixels for part in parts]), torch.cat([part.landed for part in parts]))
 
 
-def _sliced(blocks: _Cut, runs: list[BlockRun], size: int) -> _Cut:
-    """Views sliced from the blocks that hold them, run by run."""
-    count = runs[-1].views.stop
-    pixels = blocks.pixels.new_empty((count, *blocks.pixels.shape[1:]))
-    landed = blocks.landed.new_empty((count, size, size))
-    device = pixels.device
-    for run in runs:
-        columns = torch.as_tensor(run.columns, device=device)
-        strip = blocks.pixels[run.blocks].permute(1, 2, 0, 3).flatten(2)  # (bands, size, blocks x size)
-        pixels[run.views] = strip.unfold(2, size, 1)[:, :, columns].permute(2, 0, 1, 3)
-        strip_landed = blocks.landed[run.blocks].permute(1, 0, 2).flatten(1)
-        landed[run.views] = strip_landed.unfold(1, size, 1)[:, columns].permute(1, 0, 2)
-    return _Cut(pixels, landed)
+def _sliced(blocks: _Cut, lattice: LatticeBlocks, size: int) -> _Cut:
+    """Views gathered from the blocks that hold them (`lattice`), on the blocks' device."""
+    device = blocks.pixels.device
+    along = torch.as_tensor(lattice.shift, device=device)[:, None] + torch.arange(size, device=device)
+    block = (torch.as_tensor(lattice.block, device=device)[:, None] + along // size)[:, None, :]  # (N, 1, S)
+    column = (along % size)[:, None, :]
+    rows = torch.arange(size, device=device)[:, None]
+    bands = torch.arange(blocks.pixels.shape[1], device=device)[:, None, None]
+    return _Cut(blocks.pixels[block[:, None], bands, rows, column[:, None]], blocks.landed[block, rows, column])
+
+
+def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _Cut:
+    """The compiled CPU twin of `_cut_sparse` and `_sliced`: one pass over the source to lay it out as the
+    kernels read it, one over each block's pixels (kernel, renormalisation and stretch together), one copy
+    per sliced view; views spread over torch's threads."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    views = lattice.bounds
+    pixels = np.zeros((len(views), RGB_BANDS, size, size), np.uint8)
+    landed = np.zeros((len(views), size, size), np.bool_)
+    if len(views):
+        kernel = KERNELS[source.resampling]
+        low, gain = _stretch_gain(source)
+        stack = _channels_last(source.values, source.valid)
+        landing = _landing(source, torch.from_numpy(stack[..., RGB_BANDS] > 0.0)).numpy()
+        if _on_mercator_grid(source):
+            for rows in _same_rows(views):
+                taps = _separable_taps(source.transform, views[rows], size, kernel, landing.shape)
+                window_rows, window_columns = taps.window
+                _cut_rows(
+                    stack[window_rows, window_columns],
+                    landing,
+                    (taps.row_index - window_rows.start).numpy(),
+                    taps.row_weight.float().numpy(),
+                    (taps.column_index - window_columns.start).numpy(),
+                    taps.column_weight.float().numpy(),
+                    taps.rows.numpy(),
+                    taps.columns.numpy(),
+                    low,
+                    gain,
+                    pixels[rows],
+                    landed[rows],
+                )
+        else:
+            grid = _projected_grid(source, views, size)
+            _cut_points(stack, landing, grid.columns, grid.rows, grid.scale, kernel.pieces, low, gain, pixels, landed)
+    if lattice.shared:
+        block_pixels, block_landed = pixels, landed
+        pixels = np.empty((len(lattice.block), RGB_BANDS, size, size), np.uint8)
+        landed = np.empty((len(lattice.block), size, size), np.bool_)
+        _slice_blocks(block_pixels, block_landed, lattice.block, lattice.shift, pixels, landed)
+    return _Cut(torch.from_numpy(pixels), torch.from_numpy(landed))
 
 
 def _premultiplied(values: Tensor, valid: Tensor) -> Tensor:
@@ -334,36 +365,6 @@ def _resample_separable(values: Tensor, valid: Tensor, landing: Tensor, taps: Se
     return out, _landed(landing, taps.rows.to(device)[None, :, None], taps.columns.to(device)[:, None, :])
 
 
-def _cut_rows_compiled(
-    values: Tensor, valid: Tensor, landing: Tensor, taps: SeparableTaps, source: SourcePixels
-) -> _Cut:
-    """The compiled CPU twin of `_resample_separable` and `_finish`: the pass down shared as there, then one
-    pass over each view's pixels (across, renormalisation and stretch together), views spread over torch's
-    threads."""
-    low, gain = _stretch_gain(source)
-    rows, columns = taps.window
-    landing_array = landing.numpy()
-    row_index, row_weight = (taps.row_index - rows.start).numpy(), taps.row_weight.float().numpy()
-    column_index, column_weight = (taps.column_index - columns.start).numpy(), taps.column_weight.float().numpy()
-    # Channels last: each pixel's values then its valid weight.
-    stack = _premultiplied(values[:, rows, columns], valid[rows, columns]).permute(1, 2, 0)
-    return _in_band_groups(
-        stack,
-        lambda group: _cut_rows(
-            group,
-            landing_array,
-            row_index,
-            row_weight,
-            column_index,
-            column_weight,
-            taps.rows.numpy(),
-            taps.columns.numpy(),
-            low,
-            gain,
-        ),
-    )
-
-
 class ProjectedGrid(NamedTuple):
     """Where views' output pixel centres fall in a source in another CRS: source pixel coordinates (column,
     row) at PROJECTED_GRID_POINTS x PROJECTED_GRID_POINTS points per view, (N, G, G) each, mapped exactly
@@ -427,36 +428,6 @@ def _resample_projected(
     return out, _landed(landing, row_coords, column_coords)
 
 
-def _cut_compiled(
-    by_pixel: Tensor, landing: Tensor, grid: ProjectedGrid, size: int, kernel: Kernel, source: SourcePixels
-) -> _Cut:
-    """The compiled CPU twin of `_resample_projected` and `_finish`, in one pass over each view's pixels, views
-    spread over torch's threads."""
-    low, gain = _stretch_gain(source)
-    landing_array = landing.numpy()
-    return _in_band_groups(
-        by_pixel,
-        lambda group: _cut_points(
-            group, landing_array, grid.columns, grid.rows, grid.scale, size, kernel.pieces, low, gain
-        ),
-    )
-
-
-def _in_band_groups(stack: Tensor, cut: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> _Cut:
-    """Squares from a compiled kernel `cut`, which takes (..., COMPILED_BANDS + 1) channels-last values and
-    the valid weight and gives (N, COMPILED_BANDS, S, S) uint8 and (N, S, S) landed: `stack` (..., bands + 1)
-    goes in as such groups (the last one padded with zeros), on as many of torch's threads."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-    bands = stack.shape[-1] - 1
-    results = []
-    for first in range(0, bands, COMPILED_BANDS):
-        group = stack[..., first : min(first + COMPILED_BANDS, bands)]
-        padding = group.new_zeros((*group.shape[:-1], COMPILED_BANDS - group.shape[-1]))
-        results.append(cut(torch.cat([group, padding, stack[..., -1:]], dim=-1).contiguous().numpy()))
-    pixels = np.concatenate([pixels for pixels, _ in results], axis=1)[:, :bands]
-    return _Cut(torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(results[0][1]))
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _tap_weight(x: float, pieces: np.ndarray) -> float:
     t = abs(x)
@@ -503,27 +474,26 @@ def _interpolation_taps(size: int, points: int) -> tuple[np.ndarray, np.ndarray,
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _cut_points(
-    by_pixel: np.ndarray,
+    stack: np.ndarray,
     landing: np.ndarray,
     coarse_columns: np.ndarray,
     coarse_rows: np.ndarray,
     scales: np.ndarray,
-    size: int,
     pieces: np.ndarray,
     low: float,
     gain: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 views (N, 3, size, size) and where they hold imagery (N, size, size): for each output pixel,
-    its source coordinates interpolated from the view's grid, whether its centre lands on `landing`, and the
-    kernel-weighted sum of the source rows of `by_pixel` ((H x W, 4) float32: three values premultiplied by
-    validity, then the validity) under it, renormalised and stretched. The channels are spelled out: loops
-    over them run at half the speed."""
+    pixels: np.ndarray,
+    landed: np.ndarray,
+) -> None:
+    """Views into `pixels` (N, 3, S, S) uint8 and where they hold imagery into `landed` (N, S, S): for each
+    output pixel, its source coordinates interpolated from the view's grid, whether its centre lands on
+    `landing`, and the kernel-weighted sum of the pixels of `stack` ((H, W, 4) float32: three values
+    premultiplied by validity, then the validity) under it, renormalised and stretched. The channels are
+    spelled out: loops over them run at half the speed."""
     height, width = landing.shape
-    count, points = coarse_columns.shape[0], coarse_columns.shape[1]
-    pixels = np.zeros((count, 3, size, size), np.uint8)
-    landed = np.zeros((count, size, size), np.bool_)
+    count, points, size = coarse_columns.shape[0], coarse_columns.shape[1], pixels.shape[-1]
     first, second, weight = _interpolation_taps(size, points)
-    flat = by_pixel.reshape(-1)
+    flat = stack.reshape(-1)
     offset = 0.5 - low * gain
     radius = pieces.shape[0]
     for view in numba.prange(count):
@@ -578,7 +548,6 @@ def _cut_points(
                     blue += down * row_blue
                     valid += down * row_valid
                 _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain, offset)
-    return pixels, landed
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -593,8 +562,11 @@ def _cut_rows(
     columns: np.ndarray,
     low: float,
     gain: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 views (N, 3, S, S) and where they hold imagery (N, S, S) from a window of the source,
+    pixels: np.ndarray,
+    landed: np.ndarray,
+) -> None:
+    """Views into `pixels` (N, 3, S, S) uint8 and where they hold imagery into `landed` (N, S, S), from a
+    window of the source,
     `stack` ((h, w, 4) float32: three values premultiplied by validity, then the validity), for views that
     share their rows: taps down (S, K) and across (N, S, K) as window indexes and weights; `rows` (S,) and
     `columns` (N, S) are output pixel centres in source coordinates, which decide where a view holds imagery
@@ -613,8 +585,6 @@ def _cut_rows(
                 down[out_row, column, 1] += weight * stack[source_row, column, 1]
                 down[out_row, column, 2] += weight * stack[source_row, column, 2]
                 down[out_row, column, 3] += weight * stack[source_row, column, 3]
-    pixels = np.zeros((count, 3, size, size), np.uint8)
-    landed = np.zeros((count, size, size), np.bool_)
     offset = 0.5 - low * gain
     for view in numba.prange(count):
         for out_row in range(size):
@@ -635,4 +605,48 @@ def _cut_rows(
                     blue += weight * down[out_row, column, 2]
                     valid += weight * down[out_row, column, 3]
                 _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain, offset)
-    return pixels, landed
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _channels_last(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(H, W, 4) float32 from `values` (3 or 1 bands: grey is repeated) (bands, H, W) and `valid` (H, W): each
+    pixel's RGB premultiplied by its validity, then its validity, which is 0 also where a value is not finite."""
+    bands, height, width = values.shape
+    stack = np.zeros((height, width, RGB_BANDS + 1), np.float32)
+    for row in numba.prange(height):
+        for column in range(width):
+            if not valid[row, column]:
+                continue
+            finite = True
+            for band in range(bands):
+                finite = finite and math.isfinite(values[band, row, column])
+            if finite:
+                for channel in range(RGB_BANDS):
+                    stack[row, column, channel] = values[min(channel, bands - 1), row, column]
+                stack[row, column, RGB_BANDS] = 1.0
+    return stack
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _slice_blocks(
+    block_pixels: np.ndarray,
+    block_landed: np.ndarray,
+    block: np.ndarray,
+    shift: np.ndarray,
+    pixels: np.ndarray,
+    landed: np.ndarray,
+) -> None:
+    """Views into `pixels` (N, bands, S, S) and `landed` (N, S, S), copied from blocks side by side: view i
+    starts `shift[i]` columns into block `block[i]` and runs on into the next."""
+    size = pixels.shape[-1]
+    for view in numba.prange(pixels.shape[0]):
+        first, at = block[view], shift[view]
+        rest = size - at
+        for row in range(size):
+            for band in range(pixels.shape[1]):
+                pixels[view, band, row, :rest] = block_pixels[first, band, row, at:]
+            landed[view, row, :rest] = block_landed[first, row, at:]
+            if at:
+                for band in range(pixels.shape[1]):
+                    pixels[view, band, row, rest:] = block_pixels[first + 1, band, row, :at]
+                landed[view, row, rest:] = block_landed[first + 1, row, :at]

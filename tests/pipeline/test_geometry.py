@@ -360,4 +360,4 @@ def test_view_strips_never_mix_views_of_different_sizes() -> None:
     views = np.array([[0.0, 0.0, 100.0, 100.0], [0.0, 100.0, 100.0, 200.0], [0.0, 200.0, 150.0, 350.0]])
     assert [(strip.start, strip.stop) for strip in view_strips(views, 224, 10**9, 10)] == [(0, 2), (2, 3)]
     assert view_strips(np.zeros((0, 4)), 224, 10, 10) == []
-    assert view_rows(np.zeros((0, 4))) == [] and lattice_blocks(np.zeros((0, 4)), 224).runs == []
+    assert view_rows(np.zeros((0, 4))) == [] and len(lattice_blocks(np.zeros((0, 4)), 224).block) == 0
