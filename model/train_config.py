@@ -34,6 +34,9 @@ class DataSettings:
     val_split: str = "val"
     num_workers: int = 2
     dihedral: bool = False  # train on random quarter turns and mirrors of each image (upstream does not)
+    # Brightness, contrast, saturation and hue of the training images' colour jitter; None: upstream's
+    # (model.data.transforms.COLOR_JITTER). Where colour is the signal (land cover), a hue jitter hides it.
+    color_jitter: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,16 @@ def _check(settings: TrainSettings) -> None:
         (data.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}"),
         (data.sat_type in GSD_BY_SAT_TYPE, f"data.sat_type must be one of {', '.join(GSD_BY_SAT_TYPE)}"),
         (data.zooms is None or (bool(data.zooms) and all(z >= 1 for z in data.zooms)), "data.zooms must be >= 1"),
+        (
+            data.color_jitter is None
+            or (
+                isinstance(data.color_jitter, tuple)
+                and len(data.color_jitter) == 4
+                and all(type(v) in (int, float) and v >= 0 for v in data.color_jitter)
+                and data.color_jitter[3] <= 0.5
+            ),
+            "data.color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5",
+        ),
         (model.architecture in ARCHITECTURES, f"model.architecture must be one of {', '.join(ARCHITECTURES)}"),
         (model.meta_droprate is None or 0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
         (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),

@@ -33,7 +33,7 @@ from model.data.dataset import BlockShuffleSampler, PairDataset, TrainBatch, col
 from model.data.folder import FolderPairs
 from model.data.parquet import GeoSoundParquet, SoundingEarthParquet
 from model.data.sources import PairSource
-from model.data.transforms import SampleTransform
+from model.data.transforms import COLOR_JITTER, SampleTransform
 from model.errors import ConfigError
 from model.evaluate import retrieval_metrics
 from model.loss import l2_normalize
@@ -75,7 +75,12 @@ def open_pairs(data: DataSettings, split: str, mel_cache: Path | None = None) ->
 
 
 def transform_for(source: PairSource, data: DataSettings, train: bool) -> SampleTransform:
-    return SampleTransform(train=train, zoom_levels=data.zooms or source.zoom_levels, dihedral=data.dihedral)
+    return SampleTransform(
+        train=train,
+        zoom_levels=data.zooms or source.zoom_levels,
+        dihedral=data.dihedral,
+        color_jitter=COLOR_JITTER if data.color_jitter is None else data.color_jitter,
+    )
 
 
 def text_cache(settings: TrainSettings, text_dim: int, device: str = "cpu") -> TextCache:

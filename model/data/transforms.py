@@ -56,6 +56,7 @@ class SampleTransform:
     eval_zoom: int | None = None  # None: the smallest of zoom_levels the record offers
     eval_mel_segment: int = 0
     dihedral: bool = False  # training: one of the 8 quarter turns and mirrors of each image
+    color_jitter: tuple[float, ...] = COLOR_JITTER  # training; all 0: none
 
     def __post_init__(self) -> None:
         check_zoom_levels(self.zoom_levels)
@@ -87,7 +88,8 @@ class SampleTransform:
             )
         pixels = resize_to_unit(_crop(record, zoom))
         if self.train:
-            pixels = _jitter(pixels, _draw(SEED_BOUND, generator))
+            if any(self.color_jitter):
+                pixels = _jitter(pixels, self.color_jitter, _draw(SEED_BOUND, generator))
             if self.dihedral:
                 pixels = _turn(pixels, _draw(DIHEDRAL_ORDER, generator))
         return Sample(
@@ -129,12 +131,13 @@ def _turn(pixels: Tensor, which: int) -> Tensor:
 
 
 @cache
-def _color_jitter() -> ColorJitter:
-    return ColorJitter(*COLOR_JITTER, p=1.0)
+def _color_jitter(strengths: tuple[float, ...]) -> ColorJitter:
+    brightness, contrast, saturation, hue = strengths
+    return ColorJitter(brightness, contrast, saturation, hue, p=1.0)
 
 
-def _jitter(pixels: Tensor, seed: int) -> Tensor:
+def _jitter(pixels: Tensor, strengths: tuple[float, ...], seed: int) -> Tensor:
     """kornia draws from torch's global generator: run it on a seeded fork of it, leaving the caller's intact."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _color_jitter()(pixels)
+        return _color_jitter(strengths)(pixels)

@@ -120,6 +120,20 @@ def test_colour_jitter_only_in_training_and_global_rng_untouched() -> None:
     assert not torch.equal(trained[0], trained[1])
 
 
+def test_colour_jitter_strengths_are_a_setting_and_zero_is_none() -> None:
+    pair = record()
+    evaluated = SampleTransform(train=False, zoom_levels=(1,))(pair, seeded(0)).image
+    still = SampleTransform(train=True, zoom_levels=(1,), color_jitter=(0.0, 0.0, 0.0, 0.0))
+    assert all(torch.equal(still(pair, seeded(seed)).image, evaluated) for seed in range(3))
+    mild = SampleTransform(train=True, zoom_levels=(1,), color_jitter=(0.1, 0.1, 0.1, 0.0))
+    upstream = SampleTransform(train=True, zoom_levels=(1,))
+    mild_change, upstream_change = (
+        sum(float((transform(pair, seeded(seed)).image - evaluated).abs().mean()) for seed in range(8))
+        for transform in (mild, upstream)
+    )
+    assert 0.0 < mild_change < upstream_change / 2
+
+
 def test_dihedral_training_turns_or_mirrors_the_same_sample_and_evaluation_never() -> None:
     pair = record()
     plain, turned = (SampleTransform(train=True, zoom_levels=(1,), dihedral=on) for on in (False, True))

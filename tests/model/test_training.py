@@ -21,9 +21,10 @@ from support.paths import REPO
 from model.__main__ import main
 from model.checkpoint import load_model, read_checkpoint
 from model.config import Sat2SoundConfig
+from model.data.transforms import COLOR_JITTER
 from model.sat2sound import Sat2Sound
 from model.train_config import load_settings, parse_settings
-from model.training import CHECKPOINTS, LAST, initial_model, train, upstream_hparams
+from model.training import CHECKPOINTS, LAST, initial_model, open_pairs, train, transform_for, upstream_hparams
 
 COLOURS = {"water": (20, 40, 90), "forest": (30, 90, 30), "city": (170, 160, 150)}
 RATE = 16_000
@@ -83,6 +84,14 @@ def config(tmp_path: Path, pairs: Path, **values: object) -> Path:
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(out / "model.safetensors")[1]
+
+
+def test_the_configs_colour_jitter_reaches_the_training_images(tmp_path: Path, pairs: Path) -> None:
+    for jitter, expected in ((None, COLOR_JITTER), ([0.1, 0.1, 0.1, 0], (0.1, 0.1, 0.1, 0))):
+        data = {"format": "folder", "root": str(pairs), "zooms": [1], "num_workers": 0, "color_jitter": jitter}
+        settings = load_settings(config(tmp_path, pairs, data=data))
+        source = open_pairs(settings.data, "train")
+        assert transform_for(source, settings.data, train=True).color_jitter == expected
 
 
 @pytest.mark.slow
