@@ -172,17 +172,17 @@ def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _C
     kernels read it, one over each block's pixels (kernel, renormalisation and stretch together), one copy
     per sliced view; views spread over torch's threads."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-    views = lattice.bounds
-    pixels = np.zeros((len(views), RGB_BANDS, size, size), np.uint8)
-    landed = np.zeros((len(views), size, size), np.bool_)
-    if len(views):
+    blocks = lattice.bounds
+    pixels = np.zeros((len(blocks), RGB_BANDS, size, size), np.uint8)
+    landed = np.zeros((len(blocks), size, size), np.bool_)
+    if len(blocks):
         kernel = KERNELS[source.resampling]
         low, gain = _stretch_gain(source)
         stack = _channels_last(source.values, source.valid)
         landing = _landing(source, torch.from_numpy(stack[..., RGB_BANDS] > 0.0)).numpy()
         if _on_mercator_grid(source):
-            for rows in _same_rows(views):
-                taps = _separable_taps(source.transform, views[rows], size, kernel, landing.shape)
+            for rows in _same_rows(blocks):
+                taps = _separable_taps(source.transform, blocks[rows], size, kernel, landing.shape)
                 window_rows, window_columns = taps.window
                 _cut_rows(
                     stack[window_rows, window_columns],
@@ -199,7 +199,7 @@ def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _C
                     landed[rows],
                 )
         else:
-            grid = _projected_grid(source, views, size)
+            grid = _projected_grid(source, blocks, size)
             _cut_points(stack, landing, grid.columns, grid.rows, grid.scale, kernel.pieces, low, gain, pixels, landed)
     if lattice.shared:
         block_pixels, block_landed = pixels, landed
