@@ -168,17 +168,32 @@ def _sliced(blocks: _Cut, lattice: LatticeBlocks, size: int) -> _Cut:
 
 
 def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _Cut:
-    """The compiled CPU twin of `_cut_sparse` and `_sliced`: one pass over the source to lay it out as the
-    kernels read it, one over each block's pixels (kernel, renormalisation and stretch together), one copy
-    per sliced view; views spread over torch's threads."""
+    """The compiled CPU twin of `_cut_sparse` and `_sliced`: per group of three bands, one pass over the source
+    to lay it out as the kernels read it and one over each block's pixels (kernel, renormalisation and stretch
+    together); then one copy per sliced view. Views are spread over torch's threads."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     blocks = lattice.bounds
-    pixels = np.zeros((len(blocks), RGB_BANDS, size, size), np.uint8)
     landed = np.zeros((len(blocks), size, size), np.bool_)
+    groups = [
+        _cut_band_group(source, blocks, size, first, landed) for first in range(0, source.values.shape[0], RGB_BANDS)
+    ]
+    pixels = groups[0] if len(groups) == 1 else np.concatenate(groups, axis=1)
+    if lattice.shared:
+        block_pixels, block_landed = pixels, landed
+        pixels = np.empty((len(lattice.block), block_pixels.shape[1], size, size), np.uint8)
+        landed = np.empty((len(lattice.block), size, size), np.bool_)
+        _slice_blocks(block_pixels, block_landed, lattice.block, lattice.shift, pixels, landed)
+    return _Cut(torch.from_numpy(pixels), torch.from_numpy(landed))
+
+
+def _cut_band_group(source: SourcePixels, blocks: np.ndarray, size: int, first: int, landed: np.ndarray) -> np.ndarray:
+    """Bands `first` to `first + 2` (fewer if the source has fewer) of each of `blocks`, uint8 (M, bands, S, S),
+    by the compiled kernels, which also mark where the blocks hold imagery in `landed` (M, S, S)."""
+    pixels = np.zeros((len(blocks), RGB_BANDS, size, size), np.uint8)
     if len(blocks):
         kernel = KERNELS[source.resampling]
         low, gain = _stretch_gain(source)
-        stack = _channels_last(source.values, source.valid)
+        stack = _channels_last(source.values, source.valid, first)
         landing = _landing(source, torch.from_numpy(stack[..., RGB_BANDS] > 0.0)).numpy()
         if _on_mercator_grid(source):
             for rows in _same_rows(blocks):
@@ -201,12 +216,7 @@ def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _C
         else:
             grid = _projected_grid(source, blocks, size)
             _cut_points(stack, landing, grid.columns, grid.rows, grid.scale, kernel.pieces, low, gain, pixels, landed)
-    if lattice.shared:
-        block_pixels, block_landed = pixels, landed
-        pixels = np.empty((len(lattice.block), RGB_BANDS, size, size), np.uint8)
-        landed = np.empty((len(lattice.block), size, size), np.bool_)
-        _slice_blocks(block_pixels, block_landed, lattice.block, lattice.shift, pixels, landed)
-    return _Cut(torch.from_numpy(pixels), torch.from_numpy(landed))
+    return pixels[:, : min(RGB_BANDS, source.values.shape[0] - first)]
 
 
 def _premultiplied(values: Tensor, valid: Tensor) -> Tensor:
@@ -608,9 +618,10 @@ def _cut_rows(
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _channels_last(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(H, W, 4) float32 from `values` (3 or 1 bands: grey is repeated) (bands, H, W) and `valid` (H, W): each
-    pixel's RGB premultiplied by its validity, then its validity, which is 0 also where a value is not finite."""
+def _channels_last(values: np.ndarray, valid: np.ndarray, first: int) -> np.ndarray:
+    """(H, W, 4) float32 from `values` (bands, H, W) and `valid` (H, W): bands `first` to `first + 2` of each
+    pixel (the last band repeated past the end: grey becomes RGB) premultiplied by its validity, then its
+    validity, which is 0 also where any band is not finite."""
     bands, height, width = values.shape
     stack = np.zeros((height, width, RGB_BANDS + 1), np.float32)
     for row in numba.prange(height):
@@ -622,7 +633,7 @@ def _channels_last(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
                 finite = finite and math.isfinite(values[band, row, column])
             if finite:
                 for channel in range(RGB_BANDS):
-                    stack[row, column, channel] = values[min(channel, bands - 1), row, column]
+                    stack[row, column, channel] = values[min(first + channel, bands - 1), row, column]
                 stack[row, column, RGB_BANDS] = 1.0
     return stack
 

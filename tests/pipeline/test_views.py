@@ -36,7 +36,7 @@ from pipeline.geometry import (
     view_rows,
 )
 from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
-from pipeline.imagery.base import RESAMPLINGS, SourcePixels, read_strips
+from pipeline.imagery.base import RESAMPLINGS, RGB_BANDS, SourcePixels, read_strips
 from pipeline.views import KERNELS, cut_views
 
 SIZE = 224
@@ -193,6 +193,13 @@ def test_overlapping_views_sliced_from_shared_blocks_match_views_cut_alone(
     difference = (shared.pixels.int() - torch.cat([view.pixels for view in alone]).int()).abs()
     assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
     np.testing.assert_allclose(shared.coverage, torch.cat([view.coverage for view in alone]), atol=2.0 / SIZE**2)
+    # More bands than RGB (land-cover planes: `pipeline.demo_data`) are cut and sliced band for band alike.
+    planes = cut_views(
+        replace(source, values=np.concatenate([source.values, source.values[:1]])), views, SIZE, compiled=compiled
+    )
+    assert torch.equal(planes.pixels[:, :RGB_BANDS], shared.pixels) and torch.equal(
+        planes.pixels[:, 3], shared.pixels[:, 0]
+    )
 
 
 def test_views_off_one_pixel_lattice_are_cut_alone() -> None:
@@ -253,11 +260,14 @@ def test_the_compiled_cpu_kernels_and_the_sparse_products_cut_the_same_views(
         source = reader.source_pixels(views, SIZE)
     source = replace(source, resampling=resampling)
     grey = replace(source, values=source.values[1:2])
-    for pixels in (source, grey):
+    # Sources of more bands than RGB (land-cover planes: `pipeline.demo_data`) go through in groups of three.
+    planes = replace(source, values=np.concatenate([source.values, source.values[::-1]]))
+    for pixels in (source, planes, grey):
         compiled = cut_views(pixels, views, SIZE, compiled=True)
         sparse = cut_views(pixels, views, SIZE, compiled=False)
         np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
         assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
         difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
         assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
+        assert compiled.pixels.shape[1] == max(RGB_BANDS, len(pixels.values))
     assert torch.equal(compiled.pixels[:, 0], compiled.pixels[:, 2]), "a grey source's views are grey"
