@@ -172,51 +172,52 @@ def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _C
     to lay it out as the kernels read it and one over each block's pixels (kernel, renormalisation and stretch
     together); then one copy per sliced view. Views are spread over torch's threads."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-    blocks = lattice.bounds
+    blocks, bands = lattice.bounds, source.values.shape[0]
+    firsts = range(0, bands, RGB_BANDS)
+    groups = np.zeros((len(firsts), len(blocks), RGB_BANDS, size, size), np.uint8)
     landed = np.zeros((len(blocks), size, size), np.bool_)
-    groups = [
-        _cut_band_group(source, blocks, size, first, landed) for first in range(0, source.values.shape[0], RGB_BANDS)
-    ]
-    pixels = groups[0] if len(groups) == 1 else np.concatenate(groups, axis=1)
-    if lattice.shared:
-        block_pixels, block_landed = pixels, landed
-        pixels = np.empty((len(lattice.block), block_pixels.shape[1], size, size), np.uint8)
-        landed = np.empty((len(lattice.block), size, size), np.bool_)
-        _slice_blocks(block_pixels, block_landed, lattice.block, lattice.shift, pixels, landed)
-    return _Cut(torch.from_numpy(pixels), torch.from_numpy(landed))
-
-
-def _cut_band_group(source: SourcePixels, blocks: np.ndarray, size: int, first: int, landed: np.ndarray) -> np.ndarray:
-    """Bands `first` to `first + 2` (fewer if the source has fewer) of each of `blocks`, uint8 (M, bands, S, S),
-    by the compiled kernels, which also mark where the blocks hold imagery in `landed` (M, S, S)."""
-    pixels = np.zeros((len(blocks), RGB_BANDS, size, size), np.uint8)
     if len(blocks):
+        stacks = [_channels_last(source.values, source.valid, first) for first in firsts]
         kernel = KERNELS[source.resampling]
         low, gain = _stretch_gain(source)
-        stack = _channels_last(source.values, source.valid, first)
-        landing = _landing(source, torch.from_numpy(stack[..., RGB_BANDS] > 0.0)).numpy()
+        landing = _landing(source, torch.from_numpy(stacks[0][..., RGB_BANDS] > 0.0)).numpy()
         if _on_mercator_grid(source):
             for rows in _same_rows(blocks):
                 taps = _separable_taps(source.transform, blocks[rows], size, kernel, landing.shape)
                 window_rows, window_columns = taps.window
-                _cut_rows(
-                    stack[window_rows, window_columns],
-                    landing,
-                    (taps.row_index - window_rows.start).numpy(),
-                    taps.row_weight.float().numpy(),
-                    (taps.column_index - window_columns.start).numpy(),
-                    taps.column_weight.float().numpy(),
-                    taps.rows.numpy(),
-                    taps.columns.numpy(),
-                    low,
-                    gain,
-                    pixels[rows],
-                    landed[rows],
-                )
+                row_index, row_weight = (taps.row_index - window_rows.start).numpy(), taps.row_weight.float().numpy()
+                column_index = (taps.column_index - window_columns.start).numpy()
+                column_weight = taps.column_weight.float().numpy()
+                for stack, pixels in zip(stacks, groups, strict=True):
+                    _cut_rows(
+                        stack[window_rows, window_columns],
+                        landing,
+                        row_index,
+                        row_weight,
+                        column_index,
+                        column_weight,
+                        taps.rows.numpy(),
+                        taps.columns.numpy(),
+                        low,
+                        gain,
+                        pixels[rows],
+                        landed[rows],
+                    )
         else:
             grid = _projected_grid(source, blocks, size)
-            _cut_points(stack, landing, grid.columns, grid.rows, grid.scale, kernel.pieces, low, gain, pixels, landed)
-    return pixels[:, : min(RGB_BANDS, source.values.shape[0] - first)]
+            for stack, pixels in zip(stacks, groups, strict=True):
+                _cut_points(
+                    stack, landing, grid.columns, grid.rows, grid.scale, kernel.pieces, low, gain, pixels, landed
+                )
+    # A grey source's one group is already RGB (`_channels_last`); else the last group's repeats are dropped.
+    channels = RGB_BANDS if bands == 1 else bands
+    block_pixels = (groups[0] if len(firsts) == 1 else np.concatenate(list(groups), axis=1))[:, :channels]
+    if not lattice.shared:
+        return _Cut(torch.from_numpy(block_pixels), torch.from_numpy(landed))
+    pixels = np.empty((len(lattice.block), channels, size, size), np.uint8)
+    views_landed = np.empty((len(lattice.block), size, size), np.bool_)
+    _slice_blocks(block_pixels, landed, lattice.block, lattice.shift, pixels, views_landed)
+    return _Cut(torch.from_numpy(pixels), torch.from_numpy(views_landed))
 
 
 def _premultiplied(values: Tensor, valid: Tensor) -> Tensor:

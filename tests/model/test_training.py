@@ -86,7 +86,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(out / "model.safetensors")[1]
 
 
-def test_the_configs_colour_jitter_reaches_the_training_images(tmp_path: Path, pairs: Path) -> None:
+def test_the_configs_colour_jitter_reaches_the_training_transform(tmp_path: Path, pairs: Path) -> None:
     for jitter, expected in ((None, COLOR_JITTER), ([0.1, 0.1, 0.1, 0], (0.1, 0.1, 0.1, 0))):
         data = {"format": "folder", "root": str(pairs), "zooms": [1], "num_workers": 0, "color_jitter": jitter}
         settings = load_settings(config(tmp_path, pairs, data=data))
