@@ -36,6 +36,7 @@ import mercantile
 import torch
 import yaml
 
+from common.memory import keep_freed_memory
 from model import Sat2Sound, Sat2SoundEncoder
 from pipeline.build import PLAN_NAME
 from pipeline.config import default_config_from_anywhere, load_build_config
@@ -204,6 +205,8 @@ def main() -> None:
         "--write-rates", action="store_true", help=f"record the largest build's rate in {RATES_PATH.name}"
     )
     args = parser.parse_args()
+    # As every job of a build and `python -m model` do: the model-only rates are what those get.
+    keep_freed_memory()
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
         root = args.keep or Path(scratch)

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import soundfile
 import torch
 
+from common.memory import keep_freed_memory
 from model.train_config import parse_settings
 from model.training import Sat2SoundTraining, initial_model, text_cache, trainer
 from tests.support.pair_data import encode_image, write_folder
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    # As every job of a build and `python -m model` do: the model-only rates are what those get.
+    keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

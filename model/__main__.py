@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_save_npz
+from common.memory import keep_freed_memory
 from model.errors import InputError, Sat2SoundError
 from model.train_config import DATA_FORMATS
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.run(args)
     except (Sat2SoundError, FileNotFoundError, PermissionError) as exc:

@@ -17,6 +17,7 @@ from typing import Any
 
 from common.atomic import atomic_path
 from common.errors import Sat2SoundError
+from common.memory import keep_freed_memory
 from pipeline.config import BuildConfig, read_settings
 
 ERROR_STATUS = 2
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     step = STEPS[args.step][0]
+    keep_freed_memory()
     start = time.perf_counter()
     try:
         summary = step(args, read_settings(args.settings))
