@@ -1,20 +1,20 @@
 """End-to-end map builds of about 100, 1,000 and 10,000 tiles against model-only throughput.
 
-    python benchmarks/bench_build.py [--tiles 100 1000 10000] [--cores 2] [--checkpoint untrained] [--write-rates]
+    python benchmarks/bench_build.py [--tiles 100 1000 10000] [--cores 2] [--checkpoint CKPT] [--write-rates]
 
 Each build runs the whole Snakemake workflow (plan, embed, score, Zarr, COGs, preview) in a fresh folder on
-a square of output tiles in the middle of the bundled Landsat scene (local-raster source, the default
-config's model view; `--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the
-scene). Printed per build: end-to-end tiles/s, the model's own tiles/s on the same device in the same
-run (random uint8 tiles through `embed_images` at the build's batch size), their ratio, the embed jobs'
-fixed cost (process start, imports, model load: embedded/<job>.json) and their tiles/s after it, and the
-peak resident memory of the largest process of the build, which stays flat as regions grow because every
-step works chunk by chunk.
+a square of output tiles in the middle of the bundled Landsat scene (local-raster source; the default
+config's model, or `--checkpoint`: `untrained`, a file, an hf:// URI; the default config's view;
+`--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the scene). Printed per build:
+end-to-end tiles/s, the model's own tiles/s on the same device in the same run (random uint8 tiles through
+`embed_images` at the build's batch size), their ratio, the embed jobs' fixed cost (process start, imports,
+model load: embedded/<job>.json) and their tiles/s after it, and the peak resident memory of the largest
+process of the build, which stays flat as regions grow because every step works chunk by chunk.
 
 `--write-rates` records in benchmarks/rates.json (the rates `python -m pipeline plan` times builds by; schema
 in `pipeline.rates`) the line through the smallest and the largest build: tiles/s and the fixed seconds every
-build spends (`start_s`), replacing the entry of the same device kind (cpu/gpu) and model size (small:
-untrained, full: a checkpoint).
+build spends (`start_s`), replacing the entry of the same device kind (cpu/gpu) and model size (small or
+full, `Sat2SoundConfig.size`).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def write_rates(
     model_tiles_per_s: float,
     *,
     device: torch.device,
-    checkpoint: str,
+    model_size: str,
     cores: int,
 ) -> Rate:
     """Record the builds' rate and fixed start-up for this device kind and model size in the rates file."""
@@ -163,7 +163,7 @@ def write_rates(
     sizes = " and ".join(f"{tiles:,}" for tiles in sorted({min(builds)[0], max(builds)[0]}))
     rate = Rate(
         device="gpu" if cuda else "cpu",
-        model="small" if checkpoint == "untrained" else "full",
+        model=model_size,
         tiles_per_s=round(tiles_per_s, 1),
         measure="end-to-end",
         cores=None if cuda else os.cpu_count(),
@@ -189,7 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--checkpoint", default="untrained")
+    parser.add_argument("--checkpoint", default=default_config_from_anywhere()["model"]["checkpoint"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tile-zoom-offset", type=int, default=5)
@@ -242,7 +242,7 @@ def main() -> None:
         builds = [(count, seconds) for count, _, seconds, *_ in rows]
         model_rate = max(rows)[4]
         written = write_rates(
-            RATES_PATH, builds, model_rate, device=encoder.device, checkpoint=args.checkpoint, cores=args.cores
+            RATES_PATH, builds, model_rate, device=encoder.device, model_size=encoder.cfg.size, cores=args.cores
         )
         print(
             f"wrote {written.device}/{written.model}: {written.tiles_per_s} tiles/s after {written.start_s} s"

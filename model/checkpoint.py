@@ -3,7 +3,8 @@
 Two formats: the official Lightning `.ckpt` (a torch zip holding `state_dict` and `hyper_parameters`),
 read with `torch.load(weights_only=True)` and an explicit allow-list of the few harmless classes
 Lightning checkpoints pickle; and a converted `.safetensors` file with a `.json` config beside it.
-All key handling lives in `filter_state_dict`.
+All key handling lives in `filter_state_dict`. A checkpoint's config, sha256 and description are read without
+importing torch (a build's model job reads only those of a converted checkpoint); what touches weights imports it.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from common.atomic import atomic_path
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
-from model.sat2sound import Sat2Sound
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from model.sat2sound import Sat2Sound
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -82,6 +84,8 @@ def sha256_file(path: Path) -> str:
 
 def filter_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     """Bring a checkpoint's state dict to this package's key names (which equal upstream's)."""
+    from torch import Tensor
+
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         for prefix in WRAPPER_PREFIXES:
@@ -100,6 +104,8 @@ def _unpickling_culprit(exc: pickle.UnpicklingError) -> str:
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
+    import torch
+
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a torch checkpoint (not a zip archive: truncated or another format); "
@@ -146,6 +152,8 @@ def _safetensors_config_path(path: Path) -> Path:
 
 
 def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
     config_path = _safetensors_config_path(path)
     try:
         meta = json.loads(config_path.read_text())
@@ -210,6 +218,8 @@ def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor
 def check_finite(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Raise CheckpointError naming the first floating-point tensor that holds NaN or infinite values: bytes
     overwritten in a file (0xFF runs are NaNs) load without complaint and break the model later."""
+    import torch
+
     for key, tensor in state_dict.items():
         # A finite sum proves every value finite in one cheap pass; count only when it is not (or overflowed).
         if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
@@ -238,6 +248,10 @@ def build_model(
     """A Sat2Sound model holding exactly the given weights (strict), all of them finite: for inference, in eval
     mode and frozen; `trainable`, in train mode with gradients where a fresh model has them (the STFT and mel
     matrices official checkpoints carry stay frozen)."""
+    import torch
+
+    from model.sat2sound import Sat2Sound
+
     # Built on the CPU, not the meta device, whose first operation imports torch._dynamo (~2.4 s of every job's
     # start, more than initialising the weights that are then replaced); without drawing on the caller's RNG.
     with torch.random.fork_rng(devices=[]):
@@ -267,6 +281,8 @@ def save_safetensors(
     model: Sat2Sound, out: Path, hparams: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None
 ) -> tuple[Path, Path]:
     """Write `out` (.safetensors weights) and its `.json` config beside it, each atomically."""
+    from safetensors.torch import save_file
+
     if out.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"output {out} must end in {SAFETENSORS_SUFFIX}")
     config_path = out.with_suffix(".json")

@@ -75,7 +75,7 @@ OVERVIEW_FACTOR = 4 / 3
 class Workload(NamedTuple):
     """What a build computes per tile, and the rates to time it by."""
 
-    model_size: str  # "small" (untrained) or "full" (a checkpoint)
+    model_size: str  # Sat2SoundConfig.size
     embedding_dim: int
     query_count: int | None
     concepts_top_k: int

@@ -131,12 +131,14 @@ def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> Mode
 
     `sat_type` and `metadata_type` shape the untrained model only: checkpoints carry their own.
     """
-    import torch
-
-    from model import Sat2Sound, read_config, resolve, save_safetensors, sha256_file
+    from model import read_config, resolve, sha256_file
 
     checkpoint, untrained = settings.checkpoint, settings.untrained
     if untrained:
+        import torch
+
+        from model import Sat2Sound, save_safetensors
+
         torch.manual_seed(settings.seed)
         cfg = untrained_config(settings.sat_type, settings.metadata_type)
         provenance = {"untrained": True, "seed": settings.seed}

@@ -20,8 +20,9 @@ RATE_KEYS = ("device", "model", "tiles_per_s", "measure", "cores", "hardware", "
 
 
 class Rate(NamedTuple):
-    """One measured build rate: tiles/s on a device kind ("cpu" or "gpu") with a model size ("small" is the
-    untrained model, "full" a checkpoint's); `measure` is "end-to-end" (a whole build) or "model-only"."""
+    """One measured build rate: tiles/s on a device kind ("cpu" or "gpu") with a model size
+    (`Sat2SoundConfig.size`: "small", the demo and untrained models, or "full", the reference's); `measure`
+    is "end-to-end" (a whole build) or "model-only"."""
 
     device: str
     model: str

@@ -21,6 +21,7 @@ import xarray as xr
 import yaml
 from pyproj import Geod
 from shapely.geometry import box
+from support.gallery import DEMO_WEIGHTS
 from support.paths import REPO
 
 from pipeline.config import DEFAULT_CONFIG_PATH
@@ -30,7 +31,6 @@ from pipeline.geometry import lnglat_of_mercator
 from pipeline.plan import read_plan
 
 pytestmark = pytest.mark.slow
-DEMO_WEIGHTS = REPO / "model" / "weights" / "demo.safetensors"
 MEANT_FOR = {
     "water": "water",
     "duck_call": "water",

@@ -524,7 +524,7 @@ def test_bench_build_writes_a_valid_rates_file(tmp_path: Path) -> None:
     path = _rates_file(tmp_path / "rates.json")
     # Builds of 100 and 10,000 tiles taking 17 s and 60.1 s: 230 tiles/s after 16.6 s of fixed start-up.
     builds = [(100, 17.0), (1_000, 20.0), (10_000, 60.1)]
-    written = write_rates(path, builds, 630.0, device=torch.device("cpu"), checkpoint="untrained", cores=2)
+    written = write_rates(path, builds, 630.0, device=torch.device("cpu"), model_size="small", cores=2)
     rates = read_rates(path)
     assert written in rates and len(rates) == 2  # the cpu/small entry replaced, the gpu one kept
     assert (written.device, written.model, written.measure) == ("cpu", "small", "end-to-end")
@@ -532,7 +532,7 @@ def test_bench_build_writes_a_valid_rates_file(tmp_path: Path) -> None:
     assert written.seconds(10_000) == pytest.approx(60.1, abs=0.1)
     assert json.loads(path.read_text())["rates"][0]["model_only_tiles_per_s"] == 630.0
     fresh = tmp_path / "fresh.json"
-    write_rates(fresh, [(100, 20.0)], 6.0, device=torch.device("cpu"), checkpoint="hf://x", cores=2)
+    write_rates(fresh, [(100, 20.0)], 6.0, device=torch.device("cpu"), model_size="full", cores=2)
     assert [(rate.device, rate.model) for rate in read_rates(fresh)] == [("cpu", "full")]
 
 
