@@ -92,9 +92,10 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def tile_class_shares(store: SoundscapeStore) -> tuple[np.ndarray, np.ndarray]:
     """(valid tiles' flat indexes, their (N, CLASSES) land-cover shares) for a store over the held-out scene."""
-    valid = store.dataset["valid"].to_numpy().reshape(-1)
-    x, y = np.meshgrid(store.dataset["x"].to_numpy(), store.dataset["y"].to_numpy())
-    attrs = store.dataset.attrs
+    whole = slice(None)
+    valid = store.valid(whole, whole).reshape(-1)
+    x, y = np.meshgrid(*store.tile_centres())
+    attrs = store.attrs
     view = ModelView.of(str(attrs["sat_type"]), int(attrs["zoom_level"]))
     indexes = np.flatnonzero(valid)
     views = views_centred_at(x.reshape(-1)[indexes], y.reshape(-1)[indexes], view.size_m)
@@ -116,7 +117,8 @@ def map_quality(build: Path, expected: Mapping[str, str]) -> QualityReport:
         raise PipelineError(f"the build has no query {missing[0]!r}; its queries are {', '.join(ids)}")
     indexes, shares = tile_class_shares(store)
     positive, negative = class_sides(shares)
-    scores = store.dataset["score"].to_numpy().reshape(len(ids), -1)[:, indexes]
+    whole = slice(None)
+    scores = np.stack([store.scores("score", query, whole, whole).reshape(-1)[indexes] for query in range(len(ids))])
     judged = positive | negative
     auc = np.array(
         [[roc_auc(row[judged[:, c]], positive[judged[:, c], c]) for c in range(len(CLASSES))] for row in scores]

@@ -103,7 +103,7 @@ def build_index(store: SoundscapeStore) -> tuple[Any, np.ndarray]:
     count = sum(int(store.valid(rows, cols).sum()) for rows, cols in store.embedding_blocks())
     if count == 0:
         raise ExportError("the store has no valid tile; check that the imagery covers the region")
-    dim = int(store.dataset.sizes["dim"])
+    dim = store.embedding_dim
     index = new_index(index_kind(count, dim), dim)
     positions = []
     for rows, cols in store.embedding_blocks():

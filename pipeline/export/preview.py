@@ -190,7 +190,7 @@ def write_preview(
     if len(times) > 1:
         _TimeSlider(times, overlays.per_time).add_to(fmap)
     _TileValues(grid, lattice, queries, colours, values, times, sounds).add_to(fmap)
-    gaps = str(soundscape.dataset.attrs.get("empty_tiles_reason", ""))
+    gaps = str(soundscape.attrs.get("empty_tiles_reason", ""))
     _figure(fmap).html.add_child(Element(_banner(soundscape.provenance, gaps)))
     fmap.fit_bounds(corners)
     with atomic_path(out_html) as tmp:

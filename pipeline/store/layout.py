@@ -55,6 +55,8 @@ from pyproj import CRS
 from pipeline.store.scores import SCORE_KINDS
 
 ZARR_FORMAT = 2
+# The attribute in which Zarr format 2 stores (as xarray writes them) name each array's dimensions.
+STORE_DIMS_ATTR = "_ARRAY_DIMENSIONS"
 GRID_MAPPING = "spatial_ref"
 SPATIAL_DIMS = ("y", "x")
 QUERY_FACTS = ("query_kind", "query_text", "query_audio")

@@ -1,7 +1,8 @@
 """Reading `soundscape.zarr`: its grid, its queries, its provenance and its layers, window by window.
 
 The store already holds nodata wherever a tile is not valid (see pipeline.store.write), so readers take its
-values as they are. Nothing is loaded until a window is asked for.
+values as they are. Nothing is loaded until a window is asked for. It is read with zarr itself, not xarray: the
+export jobs would otherwise pay ~1 s each to import xarray, pandas and (through xarray's indexing) dask.array.
 
 Times: every per-time read takes `time`, an index into `times` (month-major; 0, the build's first time, by
 default). A store of one time has no time dimensions and one entry in `times`; a store of several has `month`
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import xarray as xr
+import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
@@ -29,6 +30,7 @@ from pipeline.store.layout import (
     GRID_MAPPING,
     GRIDDED_VARIABLES,
     QUERY_FACTS,
+    STORE_DIMS_ATTR,
     TIME_DIMS,
     UNKNOWN_TIME,
 )
@@ -46,6 +48,7 @@ PROVENANCE_ATTRS = (
 )
 
 Rows = slice | np.ndarray
+Index = int | slice | np.ndarray
 
 
 class StoreGrid(NamedTuple):
@@ -63,25 +66,36 @@ class StoreGrid(NamedTuple):
 
 
 class SoundscapeStore:
-    """An opened store: `grid`, `queries`, `provenance` and `times` (`times.all` is what a `time` index picks),
-    and windows of its layers as numpy arrays."""
+    """An opened store: `grid`, `queries`, `provenance`, `times` (`times.all` is what a `time` index picks) and
+    `attrs` (all its attributes), and windows of its layers as numpy arrays."""
 
     def __init__(self, path: Path) -> None:
         if not path.is_dir():
             raise ExportError(f"no Zarr store at {path}; run the build's mosaic step first")
         try:
-            self.dataset = xr.open_zarr(path, chunks=None, consolidated=False, mask_and_scale=False)
-        except (OSError, ValueError, KeyError) as exc:
+            group = zarr.open_group(path, mode="r", use_consolidated=False)
+            self.arrays: dict[str, zarr.Array] = dict(group.arrays())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExportError(f"cannot open the Zarr store {path} ({exc}); rebuild it with the map workflow") from exc
         needed = (*GRIDDED_VARIABLES, GRID_MAPPING, *QUERY_FACTS)
-        missing = [name for name in needed if name not in self.dataset.variables]
+        missing = [name for name in needed if name not in self.arrays]
         if missing:
             raise ExportError(f"the Zarr store {path} lacks {', '.join(missing)}; rebuild it with the map workflow")
         self.path = path
-        self.grid = _grid(self.dataset)
-        self.queries = _queries(self.dataset)
-        self.provenance = _provenance(self.dataset)
-        self.times = _times(self.dataset)
+        self.attrs = _attrs(group)
+        self.grid = _grid(self.arrays)
+        self.queries = _queries(self.arrays)
+        self.provenance = _provenance(self.attrs)
+        self.times = _times(self.arrays)
+
+    def _read(self, name: str, **window: Index) -> np.ndarray:
+        """Variable `name` at `window` (dimension name -> index, as xarray's isel; every other dimension whole)."""
+        array = self.arrays[name]
+        dims = _dims(array)
+        unknown = window.keys() - set(dims)
+        if unknown:
+            raise ValueError(f"{name} has no dimension {', '.join(sorted(unknown))} (it has {', '.join(dims)})")
+        return np.asarray(array.oindex[tuple(window.get(dim, slice(None)) for dim in dims)])
 
     def _at_time(self, time: int) -> dict[str, int]:
         """The isel() of one time: none for a store of one time."""
@@ -94,13 +108,13 @@ class SoundscapeStore:
         """float32 (rows, cols) of one query's `variable` (a score kind) at `time`, NaN where the tile is not valid."""
         if variable not in SCORE_KINDS:
             raise ExportError(f"unknown score variable {variable!r}; use one of {', '.join(SCORE_KINDS)}")
-        values = self.dataset[variable].isel(query=query_index, y=rows, x=cols, **self._at_time(time))
-        return values.to_numpy().astype(np.float32, copy=False)
+        values = self._read(variable, query=query_index, y=rows, x=cols, **self._at_time(time))
+        return values.astype(np.float32, copy=False)
 
     def dominant_concepts(self, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
         """int32 (rows, cols): each tile's highest-weight codebook concept at `time`, -1 where there is none."""
-        concepts = self.dataset["concept_index"].isel(rank=0, y=rows, x=cols, **self._at_time(time))
-        return concepts.to_numpy().astype(np.int32, copy=False)
+        concepts = self._read("concept_index", rank=0, y=rows, x=cols, **self._at_time(time))
+        return concepts.astype(np.int32, copy=False)
 
     def sample_scores(self, variable: str, query_index: int, max_px: int, time: int = 0) -> np.ndarray:
         """A query's scores at `time` on a regular lattice of at most about `max_px` tiles (for colour ranges)."""
@@ -110,30 +124,39 @@ class SoundscapeStore:
     @property
     def gallery(self) -> Path | None:
         """The folder of the gallery whose best items per tile the store holds (None: it holds none)."""
-        if not GALLERY_ATTRS.keys() <= self.dataset.data_vars.keys():
+        if not GALLERY_ATTRS.keys() <= self.arrays.keys():
             return None
-        return self.path.parent / str(self.dataset.attrs["gallery"])
+        return self.path.parent / str(self.attrs["gallery"])
 
     def gallery_items(self, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
         """int32 (gallery_rank, rows, cols): each tile's best gallery items at `time` (positions in the gallery's
         items), best first, -1 for none."""
         if self.gallery is None:
             raise ExportError(f"the store {self.path} holds no gallery matches; build it with outputs.gallery set")
-        items = self.dataset[GALLERY_ITEM].isel(y=rows, x=cols, **self._at_time(time))
-        return items.to_numpy().astype(np.int32, copy=False)
+        items = self._read(GALLERY_ITEM, y=rows, x=cols, **self._at_time(time))
+        return items.astype(np.int32, copy=False)
 
     def valid(self, rows: Rows, cols: Rows) -> np.ndarray:
         """bool (rows, cols): whether each tile has a prediction."""
-        return self.dataset["valid"].isel(y=rows, x=cols).to_numpy().astype(bool, copy=False)
+        return self._read("valid", y=rows, x=cols).astype(bool, copy=False)
 
     def embeddings(self, rows: Rows, cols: Rows, time: int = 0) -> np.ndarray:
         """float16 (dim, rows, cols) tile embeddings at `time` as stored, NaN where the tile is not valid."""
-        return self.dataset["embedding"].isel(y=rows, x=cols, **self._at_time(time)).to_numpy()
+        return self._read("embedding", y=rows, x=cols, **self._at_time(time))
+
+    @property
+    def embedding_dim(self) -> int:
+        embedding = self.arrays["embedding"]
+        return int(embedding.shape[_dims(embedding).index("dim")])
+
+    def tile_centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y): the EPSG:3857 centres of the grid's columns and rows, as the store holds them."""
+        return self._read("x"), self._read("y")
 
     def embedding_blocks(self) -> Iterator[tuple[slice, slice]]:
         """The (rows, cols) windows of the store's own spatial chunks of `embedding`, row by row: each reads its
         chunk files once, and memory stays that of one chunk however large the region."""
-        block_rows, block_cols = self.dataset["embedding"].encoding["chunks"][-2:]
+        block_rows, block_cols = self.arrays["embedding"].chunks[-2:]
         height, width = self.grid.height, self.grid.width
         for row in range(0, height, block_rows):
             for col in range(0, width, block_cols):
@@ -149,11 +172,11 @@ def sample_lattice(grid: StoreGrid, max_px: int) -> slice:
     return slice(None, None, max(1, math.ceil(math.sqrt(grid.width * grid.height / max_px))))
 
 
-def _grid(dataset: xr.Dataset) -> StoreGrid:
+def _grid(arrays: dict[str, zarr.Array]) -> StoreGrid:
     """The store's raster grid: size and origin from the pixel-centre x/y coordinates, CRS from spatial_ref."""
-    x = dataset["x"].to_numpy()
-    y = dataset["y"].to_numpy()
-    grid_mapping = dataset[GRID_MAPPING].attrs
+    x = _values(arrays["x"])
+    y = _values(arrays["y"])
+    grid_mapping = _attrs(arrays[GRID_MAPPING])
     try:
         crs = CRS.from_wkt(grid_mapping["crs_wkt"])
         # A one-pixel-wide axis has no coordinate spacing; only then does the GDAL GeoTransform give the size.
@@ -168,19 +191,19 @@ def _grid(dataset: xr.Dataset) -> StoreGrid:
     return StoreGrid(len(x), len(y), transform, crs)
 
 
-def _times(dataset: xr.Dataset) -> Times:
+def _times(arrays: dict[str, zarr.Array]) -> Times:
     """The store's months and hours from its time coordinates; one unknown time for a store without them."""
-    if not all(dim in dataset.dims for dim in TIME_DIMS):
+    if not all(dim in arrays for dim in TIME_DIMS):
         return ONE_UNKNOWN_TIME
     months, hours = (
-        tuple(None if value == UNKNOWN_TIME else int(value) for value in dataset[dim].to_numpy()) for dim in TIME_DIMS
+        tuple(None if value == UNKNOWN_TIME else int(value) for value in _values(arrays[dim])) for dim in TIME_DIMS
     )
     return Times(months, hours)
 
 
-def _queries(dataset: xr.Dataset) -> tuple[Query, ...]:
+def _queries(arrays: dict[str, zarr.Array]) -> tuple[Query, ...]:
     """The store's queries, in the order of its `query` coordinate, from the coordinates along it."""
-    columns = [[str(value) for value in dataset[name].to_numpy()] for name in ("query", *QUERY_FACTS)]
+    columns = [[str(value) for value in _values(arrays[name])] for name in ("query", *QUERY_FACTS)]
     queries = []
     for query_id, kind, text, audio in zip(*columns, strict=True):
         query = Query(query_id, text or None, audio or None)
@@ -192,8 +215,20 @@ def _queries(dataset: xr.Dataset) -> tuple[Query, ...]:
     return tuple(queries)
 
 
-def _provenance(dataset: xr.Dataset) -> dict[str, Any]:
-    missing = [name for name in PROVENANCE_ATTRS if name not in dataset.attrs]
+def _provenance(attrs: dict[str, Any]) -> dict[str, Any]:
+    missing = [name for name in PROVENANCE_ATTRS if name not in attrs]
     if missing:
         raise ExportError(f"the store lacks provenance attributes {', '.join(missing)}; rebuild it")
-    return {name: dataset.attrs[name] for name in PROVENANCE_ATTRS}
+    return {name: attrs[name] for name in PROVENANCE_ATTRS}
+
+
+def _values(array: zarr.Array) -> np.ndarray:
+    return np.asarray(array[...])
+
+
+def _attrs(node: zarr.Array | zarr.Group) -> dict[str, Any]:
+    return dict(node.attrs)
+
+
+def _dims(array: zarr.Array) -> list[str]:
+    return [str(dim) for dim in _attrs(array)[STORE_DIMS_ATTR]]
