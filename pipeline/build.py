@@ -36,7 +36,14 @@ from pipeline.geometry import (
     tile_ground_size_m,
 )
 from pipeline.launch import STOPPED_LINE
-from pipeline.model_setup import check_device, check_model, model_config, model_description, untrained_notice
+from pipeline.model_setup import (
+    check_device,
+    check_model,
+    earlier_model_record,
+    model_config,
+    model_description,
+    untrained_notice,
+)
 from pipeline.plan import (
     ChunkTiles,
     ModelView,
@@ -159,11 +166,15 @@ def start_build(config: BuildConfig) -> PlannedBuild:
     check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
     if config.outputs.zones is not None:
-        # Imported here: the exports pull in xarray and the store reader, which a build without zones need not load.
+        # Imported here: the exports pull in geopandas and the store reader, which a build without zones need not load.
         from pipeline.export.zones import check_zones
 
         check_zones(config.outputs, planned.plan.region)
-    check_model(config.model, text_queries=any(query.text is not None for query in config.queries))
+    check_model(
+        config.model,
+        text_queries=any(query.text is not None for query in config.queries),
+        recorded=earlier_model_record(config.build_dir / MODEL_NAME),
+    )
     _check_gallery(config)
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)

@@ -59,11 +59,12 @@ def check_device(device: str) -> None:
         raise BuildConfigError(f"config.model.device: {exc}") from None
 
 
-def check_model(settings: ModelSettings, text_queries: bool) -> None:
+def check_model(settings: ModelSettings, text_queries: bool, recorded: ModelRecord | None = None) -> None:
     """Refuse, before any job: a checkpoint whose weights are corrupt (not finite, or not the shapes its
     hyper-parameters describe) or whose sha256 is not model.checkpoint_sha256, months or hours listed for a model
     that does not fuse them (`check_times`), and a text backbone that cannot be loaded here when text queries need
-    one. Reads every weight of the checkpoint."""
+    one. Reads every weight of the checkpoint, unless `recorded` (the build's model record, made after an earlier
+    start checked them) names the same file with the same sha256: loading the weights imports torch (~3 s)."""
     from model.errors import CheckpointError, TextBackboneError
 
     if settings.untrained:
@@ -75,7 +76,7 @@ def check_model(settings: ModelSettings, text_queries: bool) -> None:
         cfg = untrained_config(settings.sat_type, settings.metadata_type)
     else:
         from model import resolve
-        from model.checkpoint import load_model, verify_sha256
+        from model.checkpoint import load_model, read_config, sha256_file, verify_sha256
 
         path = resolve(settings.checkpoint)
         if settings.checkpoint_sha256 is not None:
@@ -83,7 +84,8 @@ def check_model(settings: ModelSettings, text_queries: bool) -> None:
                 verify_sha256(path, settings.checkpoint_sha256)
             except CheckpointError as exc:
                 raise BuildConfigError(f"config.model.checkpoint_sha256: {exc}") from None
-        cfg = load_model(path)[0].cfg
+        checked = recorded is not None and recorded.path == str(path.resolve()) and recorded.sha256 == sha256_file(path)
+        cfg = read_config(path) if checked else load_model(path)[0].cfg
     check_times(settings, cfg)
     if not text_queries:
         return
@@ -162,6 +164,14 @@ def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> Mode
 
 def read_model_record(path: Path) -> ModelRecord:
     return ModelRecord(**json.loads(path.read_text()))
+
+
+def earlier_model_record(path: Path) -> ModelRecord | None:
+    """The build's model record if an earlier run wrote one (None if it is missing or unreadable)."""
+    try:
+        return read_model_record(path)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def load_encoder(record: ModelRecord, device: str, precision: str, text_backbone: str = "auto") -> Sat2SoundEncoder:

@@ -15,6 +15,7 @@ from rasterio.warp import transform_bounds
 from support.damage import overwritten_copy
 from support.paths import LANDSAT
 
+from model import checkpoint
 from model.checkpoint import save_safetensors, sha256_file
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError
@@ -23,7 +24,7 @@ from pipeline.build import plan_build
 from pipeline.config import ModelSettings, Query, load_build_config, load_plan_inputs
 from pipeline.errors import BuildConfigError, ImageryCoverageError, QueryError
 from pipeline.imagery import open_reader
-from pipeline.model_setup import check_device, check_model
+from pipeline.model_setup import check_device, check_model, prepare_model
 from pipeline.queries import check_query_files
 
 SCENE_REGION = "-54.664,-25.489,-54.354,-25.208"
@@ -137,6 +138,28 @@ def test_a_checkpoint_with_garbage_inside_is_refused_naming_the_tensor(small_che
     check_model(model_settings(checkpoint=str(small_checkpoint)), text_queries=True)
     with pytest.raises(CheckpointError, match=r"corrupt\.safetensors is corrupt: tensor \S+"):
         check_model(model_settings(checkpoint=str(corrupt)), text_queries=False)
+
+
+def test_weights_an_earlier_start_checked_are_not_loaded_again_unless_the_file_changed(
+    small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "mine.safetensors"
+    for suffix in (".safetensors", ".json"):
+        weights.with_suffix(suffix).write_bytes(small_checkpoint.with_suffix(suffix).read_bytes())
+    settings = model_settings(checkpoint=str(weights))
+    recorded = prepare_model(settings, tmp_path, tmp_path / "model.json")
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint, "load_model", _loading_refused)
+        check_model(settings, text_queries=False, recorded=recorded)
+        with pytest.raises(AssertionError, match="loaded the weights"):
+            check_model(settings, text_queries=False, recorded=recorded._replace(sha256="0" * 64))
+    overwritten_copy(small_checkpoint, weights)  # corrupted in place, after the record was made
+    with pytest.raises(CheckpointError, match=r"mine\.safetensors is corrupt: tensor \S+"):
+        check_model(settings, text_queries=False, recorded=recorded)
+
+
+def _loading_refused(*_: object) -> None:
+    raise AssertionError("the check loaded the weights")
 
 
 def test_the_expected_sha256_of_a_checkpoint_is_checked(small_checkpoint: Path) -> None:
