@@ -55,7 +55,7 @@ from pyproj import CRS
 from pipeline.store.scores import SCORE_KINDS
 
 ZARR_FORMAT = 2
-# The attribute in which Zarr format 2 stores (as xarray writes them) name each array's dimensions.
+# The attribute that names each array's dimensions in a Zarr format 2 store (xarray's convention).
 STORE_DIMS_ATTR = "_ARRAY_DIMENSIONS"
 GRID_MAPPING = "spatial_ref"
 SPATIAL_DIMS = ("y", "x")
