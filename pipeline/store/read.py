@@ -74,23 +74,23 @@ class SoundscapeStore:
             raise ExportError(f"no Zarr store at {path}; run the build's mosaic step first")
         try:
             group = zarr.open_group(path, mode="r", use_consolidated=False)
-            self.arrays: dict[str, zarr.Array] = dict(group.arrays())
+            self._arrays: dict[str, zarr.Array] = dict(group.arrays())
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExportError(f"cannot open the Zarr store {path} ({exc}); rebuild it with the map workflow") from exc
         needed = (*GRIDDED_VARIABLES, GRID_MAPPING, *QUERY_FACTS)
-        missing = [name for name in needed if name not in self.arrays]
+        missing = [name for name in needed if name not in self._arrays]
         if missing:
             raise ExportError(f"the Zarr store {path} lacks {', '.join(missing)}; rebuild it with the map workflow")
         self.path = path
         self.attrs = _attrs(group)
-        self.grid = _grid(self.arrays)
-        self.queries = _queries(self.arrays)
+        self.grid = _grid(self._arrays)
+        self.queries = _queries(self._arrays)
         self.provenance = _provenance(self.attrs)
-        self.times = _times(self.arrays)
+        self.times = _times(self._arrays)
 
     def _read(self, name: str, **window: Index) -> np.ndarray:
         """Variable `name` at `window` (dimension name -> index, as xarray's isel; every other dimension whole)."""
-        array = self.arrays[name]
+        array = self._arrays[name]
         dims = _dims(array)
         unknown = window.keys() - set(dims)
         if unknown:
@@ -98,7 +98,7 @@ class SoundscapeStore:
         return np.asarray(array.oindex[tuple(window.get(dim, slice(None)) for dim in dims)])
 
     def _at_time(self, time: int) -> dict[str, int]:
-        """The isel() of one time: none for a store of one time."""
+        """The window of one time: none for a store of one time."""
         if not self.times.sweeps:
             return {}
         month, hour = divmod(time, len(self.times.hours))
@@ -124,7 +124,7 @@ class SoundscapeStore:
     @property
     def gallery(self) -> Path | None:
         """The folder of the gallery whose best items per tile the store holds (None: it holds none)."""
-        if not GALLERY_ATTRS.keys() <= self.arrays.keys():
+        if not GALLERY_ATTRS.keys() <= self._arrays.keys():
             return None
         return self.path.parent / str(self.attrs["gallery"])
 
@@ -146,7 +146,7 @@ class SoundscapeStore:
 
     @property
     def embedding_dim(self) -> int:
-        embedding = self.arrays["embedding"]
+        embedding = self._arrays["embedding"]
         return int(embedding.shape[_dims(embedding).index("dim")])
 
     def tile_centres(self) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +156,7 @@ class SoundscapeStore:
     def embedding_blocks(self) -> Iterator[tuple[slice, slice]]:
         """The (rows, cols) windows of the store's own spatial chunks of `embedding`, row by row: each reads its
         chunk files once, and memory stays that of one chunk however large the region."""
-        block_rows, block_cols = self.arrays["embedding"].chunks[-2:]
+        block_rows, block_cols = self._arrays["embedding"].chunks[-2:]
         height, width = self.grid.height, self.grid.width
         for row in range(0, height, block_rows):
             for col in range(0, width, block_cols):
