@@ -205,7 +205,6 @@ def main() -> None:
         "--write-rates", action="store_true", help=f"record the largest build's rate in {RATES_PATH.name}"
     )
     args = parser.parse_args()
-    # As every job of a build and `python -m model` do: the model-only rates are what those get.
     keep_freed_memory()
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:

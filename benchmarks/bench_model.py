@@ -43,7 +43,6 @@ def main() -> None:
         "--times", type=int, choices=range(2, len(MONTHS) + 1), metavar="N", help="cost of N months (withmeta)"
     )
     args = parser.parse_args()
-    # As every job of a build and `python -m model` do: the model-only rates are what those get.
     keep_freed_memory()
     if args.times:
         args.metadata = True

@@ -81,7 +81,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    # As every job of a build and `python -m model` do: the model-only rates are what those get.
     keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
