@@ -232,14 +232,15 @@ def check_finite(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -
             )
 
 
-def verify_sha256(path: Path, expected: str) -> None:
-    """Raise CheckpointError unless the file's sha256 is `expected` (hex, either case)."""
+def verify_sha256(path: Path, expected: str) -> str:
+    """The file's sha256; raises CheckpointError unless it is `expected` (hex, either case)."""
     actual = sha256_file(path)
     if actual != expected.lower():
         raise CheckpointError(
             f"{path} has sha256 {actual}, not the expected {expected.lower()}: the file is corrupt or another"
             " checkpoint; download it again or correct the expected sha256"
         )
+    return actual
 
 
 def build_model(

@@ -37,6 +37,8 @@ MIN_POSITIVE_SHARE = 0.1
 POSITIVE_QUANTILE = 0.75
 NEGATIVE_QUANTILE = 0.5
 GOOD_AUC = 0.85
+# Every row or every column of the store.
+WHOLE = slice(None)
 
 
 class QualityReport(NamedTuple):
@@ -92,8 +94,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def tile_class_shares(store: SoundscapeStore) -> tuple[np.ndarray, np.ndarray]:
     """(valid tiles' flat indexes, their (N, CLASSES) land-cover shares) for a store over the held-out scene."""
-    whole = slice(None)
-    valid = store.valid(whole, whole).reshape(-1)
+    valid = store.valid(WHOLE, WHOLE).reshape(-1)
     x, y = np.meshgrid(*store.tile_centres())
     attrs = store.attrs
     view = ModelView.of(str(attrs["sat_type"]), int(attrs["zoom_level"]))
@@ -117,8 +118,7 @@ def map_quality(build: Path, expected: Mapping[str, str]) -> QualityReport:
         raise PipelineError(f"the build has no query {missing[0]!r}; its queries are {', '.join(ids)}")
     indexes, shares = tile_class_shares(store)
     positive, negative = class_sides(shares)
-    whole = slice(None)
-    scores = np.stack([store.scores("score", query, whole, whole).reshape(-1)[indexes] for query in range(len(ids))])
+    scores = np.stack([store.scores("score", query, WHOLE, WHOLE).reshape(-1)[indexes] for query in range(len(ids))])
     judged = positive | negative
     auc = np.array(
         [[roc_auc(row[judged[:, c]], positive[judged[:, c], c]) for c in range(len(CLASSES))] for row in scores]

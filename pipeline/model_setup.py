@@ -79,12 +79,17 @@ def check_model(settings: ModelSettings, text_queries: bool, recorded: ModelReco
         from model.checkpoint import load_model, read_config, sha256_file, verify_sha256
 
         path = resolve(settings.checkpoint)
+        digest = None
         if settings.checkpoint_sha256 is not None:
             try:
-                verify_sha256(path, settings.checkpoint_sha256)
+                digest = verify_sha256(path, settings.checkpoint_sha256)
             except CheckpointError as exc:
                 raise BuildConfigError(f"config.model.checkpoint_sha256: {exc}") from None
-        checked = recorded is not None and recorded.path == str(path.resolve()) and recorded.sha256 == sha256_file(path)
+        checked = (
+            recorded is not None
+            and recorded.path == str(path.resolve())
+            and recorded.sha256 == (digest or sha256_file(path))
+        )
         cfg = read_config(path) if checked else load_model(path)[0].cfg
     check_times(settings, cfg)
     if not text_queries:

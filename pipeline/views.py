@@ -188,6 +188,7 @@ def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _C
                 row_index, row_weight = (taps.row_index - window_rows.start).numpy(), taps.row_weight.float().numpy()
                 column_index = (taps.column_index - window_columns.start).numpy()
                 column_weight = taps.column_weight.float().numpy()
+                tap_rows, tap_columns = taps.rows.numpy(), taps.columns.numpy()
                 for stack, pixels in zip(stacks, groups, strict=True):
                     _cut_rows(
                         stack[window_rows, window_columns],
@@ -196,8 +197,8 @@ def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _C
                         row_weight,
                         column_index,
                         column_weight,
-                        taps.rows.numpy(),
-                        taps.columns.numpy(),
+                        tap_rows,
+                        tap_columns,
                         low,
                         gain,
                         pixels[rows],

@@ -106,7 +106,7 @@ def test_a_converted_checkpoint_with_garbage_inside_is_reported(tmp_path: Path) 
 def test_a_checkpoint_whose_sha256_differs_from_the_expected_is_refused(tmp_path: Path) -> None:
     weights, _ = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")), tmp_path / "small.safetensors")
     digest = sha256_file(weights)
-    verify_sha256(weights, digest.upper())
+    assert verify_sha256(weights, digest.upper()) == digest
     with pytest.raises(CheckpointError) as exc:
         verify_sha256(weights, "0" * 64)
     assert f"has sha256 {digest}, not the expected {'0' * 64}" in one_line(exc)
