@@ -153,6 +153,11 @@ def test_weights_an_earlier_start_checked_are_not_loaded_again_unless_the_file_c
         check_model(settings, text_queries=False, recorded=recorded)
         with pytest.raises(AssertionError, match="loaded the weights"):
             check_model(settings, text_queries=False, recorded=recorded._replace(sha256="0" * 64))
+        hashed: list[Path] = []
+        patched.setattr(checkpoint, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+        expected = model_settings(checkpoint=str(weights), checkpoint_sha256=recorded.sha256)
+        check_model(expected, text_queries=False, recorded=recorded)
+        assert hashed == [weights]  # the expected sha256 and the record are checked against one hash
     overwritten_copy(small_checkpoint, weights)  # corrupted in place, after the record was made
     with pytest.raises(CheckpointError, match=r"mine\.safetensors is corrupt: tensor \S+"):
         check_model(settings, text_queries=False, recorded=recorded)
