@@ -7,9 +7,10 @@ a square of output tiles in the middle of the bundled Landsat scene (local-raste
 config's model, or `--checkpoint`: `untrained`, a file, an hf:// URI; the default config's view;
 `--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the scene). Printed per build:
 end-to-end tiles/s, the model's own tiles/s on the same device in the same run (random uint8 tiles through
-`embed_images` at the build's batch size), their ratio, the embed jobs' fixed cost (process start, imports,
-model load: embedded/<job>.json) and their tiles/s after it, and the peak resident memory of the largest
-process of the build, which stays flat as regions grow because every step works chunk by chunk.
+`embed_images` at the build's batch size; the mean of a timing just before and one just after the build, as a
+shared host's speed can drift by 30 % within minutes), their ratio, the embed jobs' fixed cost (process start,
+imports, model load: embedded/<job>.json) and their tiles/s after it, and the peak resident memory of the
+largest process of the build, which stays flat as regions grow because every step works chunk by chunk.
 
 `--write-rates` records in benchmarks/rates.json (the rates `python -m pipeline plan` times builds by; schema
 in `pipeline.rates`) the line through the smallest and the largest build: tiles/s and the fixed seconds every
@@ -218,15 +219,21 @@ def main() -> None:
             name = f"bench-{tiles}"
             config_path = root / f"{name}.yaml"
             config_path.write_text(yaml.safe_dump(build_config(name, square_region(tiles, zoom), args, root)))
+            before = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
             seconds, peak_mb = run_build(config_path, root, args.cores)
+            after = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
+            model_rate = (before + after) / 2
             plan = read_plan(root / name / PLAN_NAME)
-            model_rate = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
             count = plan.tile_count
             startup, embed_rate = embed_jobs_record(root / name, count)
             rows.append(
                 (count, len(plan.chunk_ids), seconds, count / seconds, model_rate, startup, embed_rate, peak_mb)
             )
-            print(f"built {count:,} tiles at zoom {plan.zoom} in {seconds:.1f} s", flush=True)
+            print(
+                f"built {count:,} tiles at zoom {plan.zoom} in {seconds:.1f} s; model alone {before:.1f} tiles/s"
+                f" before the build, {after:.1f} after",
+                flush=True,
+            )
     print(f"\ndevice {encoder.device}, {torch.get_num_threads()} torch threads, snakemake --cores {args.cores}")
     print(
         "tiles  chunks  end-to-end s  end-to-end tiles/s  model-only tiles/s  ratio"

@@ -83,7 +83,9 @@ class SoundscapeStore:
             raise ExportError(f"the Zarr store {path} lacks {', '.join(missing)}; rebuild it with the map workflow")
         self.path = path
         self.attrs = _attrs(group)
-        self.grid = _grid(self._arrays)
+        self._x, self._y = _values(self._arrays["x"]), _values(self._arrays["y"])
+        self._x.flags.writeable = self._y.flags.writeable = False
+        self.grid = _grid(self._x, self._y, self._arrays[GRID_MAPPING])
         self.queries = _queries(self._arrays)
         self.provenance = _provenance(self.attrs)
         self.times = _times(self._arrays)
@@ -151,7 +153,7 @@ class SoundscapeStore:
 
     def tile_centres(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y): the EPSG:3857 centres of the grid's columns and rows, as the store holds them."""
-        return self._read("x"), self._read("y")
+        return self._x, self._y
 
     def embedding_blocks(self) -> Iterator[tuple[slice, slice]]:
         """The (rows, cols) windows of the store's own spatial chunks of `embedding`, row by row: each reads its
@@ -172,11 +174,9 @@ def sample_lattice(grid: StoreGrid, max_px: int) -> slice:
     return slice(None, None, max(1, math.ceil(math.sqrt(grid.width * grid.height / max_px))))
 
 
-def _grid(arrays: dict[str, zarr.Array]) -> StoreGrid:
+def _grid(x: np.ndarray, y: np.ndarray, spatial_ref: zarr.Array) -> StoreGrid:
     """The store's raster grid: size and origin from the pixel-centre x/y coordinates, CRS from spatial_ref."""
-    x = _values(arrays["x"])
-    y = _values(arrays["y"])
-    grid_mapping = _attrs(arrays[GRID_MAPPING])
+    grid_mapping = _attrs(spatial_ref)
     try:
         crs = CRS.from_wkt(grid_mapping["crs_wkt"])
         # A one-pixel-wide axis has no coordinate spacing; only then does the GDAL GeoTransform give the size.
