@@ -359,26 +359,31 @@ def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int) -> n
 
 
 class Progress:
-    """Tiles done, with rate and time left, in the job log at most every PROGRESS_SECONDS."""
+    """Tiles done, with rate and time left, in the job log at most every PROGRESS_SECONDS. Each line's rate is that
+    since the line before (the first strip also pays for the first reads and, after an install, for compiling
+    the view kernels: a rate since the start would overstate the time left all job long); the last line's is
+    the whole job's."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter) -> None:
         self.total = total
         self.done = 0
-        self.start = self.last = time.perf_counter()
+        self._clock = clock
+        self._start = self._last = clock()
+        self._done_at_last = 0
 
     def advance(self, tiles: int) -> None:
         self.done += tiles
-        now = time.perf_counter()
-        if now - self.last >= PROGRESS_SECONDS:
-            self.last = now
-            print(self._line(now), flush=True)
+        now = self._clock()
+        if now - self._last >= PROGRESS_SECONDS:
+            print(self._line(self.done - self._done_at_last, now - self._last), flush=True)
+            self._last, self._done_at_last = now, self.done
 
     def close(self) -> None:
         if self.total:
-            print(self._line(time.perf_counter()), flush=True)
+            print(self._line(self.done, self._clock() - self._start), flush=True)
 
-    def _line(self, now: float) -> str:
-        rate = self.done / max(now - self.start, 1e-9)
+    def _line(self, tiles: int, seconds: float) -> str:
+        rate = tiles / max(seconds, 1e-9)
         left = (self.total - self.done) / rate if rate else float("inf")
         return f"embed: {self.done:,}/{self.total:,} tiles, {rate:,.1f} tiles/s, {left:,.0f} s left"
 

@@ -17,7 +17,16 @@ from support.paths import LANDSAT
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from pipeline.build import plan_build
 from pipeline.config import ImagerySettings, Time, load_plan_inputs
-from pipeline.embed import EmbedOptions, chunk_stamp, embed_chunks, is_done, largest_batch, top_concepts
+from pipeline.embed import (
+    PROGRESS_SECONDS,
+    EmbedOptions,
+    Progress,
+    chunk_stamp,
+    embed_chunks,
+    is_done,
+    largest_batch,
+    top_concepts,
+)
 from pipeline.errors import FetchError
 from pipeline.fetch import fetch_chunk
 from pipeline.geometry import Bounds
@@ -324,3 +333,23 @@ def test_time_costs_give_the_first_step_and_each_extra_step_per_tile() -> None:
     line = TimeCosts.of_job(reports, 3).line()
     assert line == "first time step 100.00 ms/tile, each extra time step 10.00 ms/tile (0.10 of the first; 3 times)"
     assert TimeCosts.of_job(reports, 1).line() is None
+
+
+def test_progress_lines_give_the_rate_since_the_line_before_and_the_last_the_whole_jobs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    now = [0.0]
+    progress = Progress(10_000, clock=lambda: now[0])
+    # A slow first strip (first reads, kernels compiled), then 400 tiles/s.
+    for seconds, tiles in ((PROGRESS_SECONDS, 1_000), (PROGRESS_SECONDS, 4_000), (PROGRESS_SECONDS / 2, 2_000)):
+        now[0] += seconds
+        progress.advance(tiles)
+    now[0] += 7.5
+    progress.advance(3_000)
+    progress.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "embed: 1,000/10,000 tiles, 100.0 tiles/s, 90 s left",
+        "embed: 5,000/10,000 tiles, 400.0 tiles/s, 12 s left",
+        "embed: 10,000/10,000 tiles, 400.0 tiles/s, 0 s left",
+        "embed: 10,000/10,000 tiles, 307.7 tiles/s, 0 s left",
+    ]
