@@ -8,7 +8,7 @@ config's model, or `--checkpoint`: `untrained`, a file, an hf:// URI; the defaul
 `--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the scene). Printed per build:
 end-to-end tiles/s, the model's own tiles/s on the same device in the same run (random uint8 tiles through
 `embed_images` at the build's batch size; the mean of a timing just before and one just after the build, as a
-shared host's speed can drift by 30 % within minutes), their ratio, the embed jobs' fixed cost (process start,
+shared host's speed drifts within minutes), their ratio, the embed jobs' fixed cost (process start,
 imports, model load: embedded/<job>.json) and their tiles/s after it, and the peak resident memory of the
 largest process of the build, which stays flat as regions grow because every step works chunk by chunk.
 
