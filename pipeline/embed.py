@@ -359,28 +359,31 @@ def touches_unavailable(source: SourcePixels, views: np.ndarray, size: int) -> n
 
 
 class Progress:
-    """Tiles done, with rate and time left, in the job log at most every PROGRESS_SECONDS. Each line's rate is that
-    since the line before (the first strip also pays for the first reads and, after an install, for compiling
-    the view kernels: a rate since the start would overstate the time left all job long); the last line's is
-    the whole job's."""
+    """Tiles done, with rate and time left, in the job log at most every PROGRESS_SECONDS, and once more at the end
+    for tiles done since the last line. Each line's rate is that since the line before: the first strip also
+    pays for the first reads and, after an install, for compiling the view kernels, and a rate since the start
+    would overstate the time left all job long (the job's summary line gives its whole rate)."""
 
     def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter) -> None:
         self.total = total
         self.done = 0
         self._clock = clock
-        self._start = self._last = clock()
+        self._last = clock()
         self._done_at_last = 0
 
     def advance(self, tiles: int) -> None:
         self.done += tiles
-        now = self._clock()
-        if now - self._last >= PROGRESS_SECONDS:
-            print(self._line(self.done - self._done_at_last, now - self._last), flush=True)
-            self._last, self._done_at_last = now, self.done
+        if self._clock() - self._last >= PROGRESS_SECONDS:
+            self._report()
 
     def close(self) -> None:
-        if self.total:
-            print(self._line(self.done, self._clock() - self._start), flush=True)
+        if self.done > self._done_at_last:
+            self._report()
+
+    def _report(self) -> None:
+        now = self._clock()
+        print(self._line(self.done - self._done_at_last, now - self._last), flush=True)
+        self._last, self._done_at_last = now, self.done
 
     def _line(self, tiles: int, seconds: float) -> str:
         rate = tiles / max(seconds, 1e-9)

@@ -335,21 +335,21 @@ def test_time_costs_give_the_first_step_and_each_extra_step_per_tile() -> None:
     assert TimeCosts.of_job(reports, 1).line() is None
 
 
-def test_progress_lines_give_the_rate_since_the_line_before_and_the_last_the_whole_jobs(
+def test_progress_lines_give_the_rate_since_the_line_before_and_the_last_the_tiles_left_unreported(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     now = [0.0]
-    progress = Progress(10_000, clock=lambda: now[0])
-    # A slow first strip (first reads, kernels compiled), then 400 tiles/s.
-    for seconds, tiles in ((PROGRESS_SECONDS, 1_000), (PROGRESS_SECONDS, 4_000), (PROGRESS_SECONDS / 2, 2_000)):
+    progress = Progress(12_000, clock=lambda: now[0])
+    # A slow first strip (first reads, kernels compiled), then 400 tiles/s, then a short last stretch.
+    steps = ((PROGRESS_SECONDS, 1_000), (PROGRESS_SECONDS, 4_000), (PROGRESS_SECONDS / 2, 2_000), (7.5, 3_000))
+    for seconds, tiles in (*steps, (4.0, 2_000)):
         now[0] += seconds
         progress.advance(tiles)
-    now[0] += 7.5
-    progress.advance(3_000)
+    progress.close()
     progress.close()
     assert capsys.readouterr().out.splitlines() == [
-        "embed: 1,000/10,000 tiles, 100.0 tiles/s, 90 s left",
-        "embed: 5,000/10,000 tiles, 400.0 tiles/s, 12 s left",
-        "embed: 10,000/10,000 tiles, 400.0 tiles/s, 0 s left",
-        "embed: 10,000/10,000 tiles, 307.7 tiles/s, 0 s left",
+        "embed: 1,000/12,000 tiles, 100.0 tiles/s, 110 s left",
+        "embed: 5,000/12,000 tiles, 400.0 tiles/s, 18 s left",
+        "embed: 10,000/12,000 tiles, 400.0 tiles/s, 5 s left",
+        "embed: 12,000/12,000 tiles, 500.0 tiles/s, 0 s left",
     ]
