@@ -61,11 +61,25 @@ class OptimSettings:
 
 
 @dataclass(frozen=True)
+class TowerSettings:
+    """Teach the image tower land cover before the rest trains, then keep it frozen: every patch token learns its
+    view's class shares from `shares`, a CSV of `key` and one column per class, in the data folder (or an absolute
+    path). Off while `shares` is unset."""
+
+    shares: str | None = None
+    classes: tuple[str, ...] = ()  # columns of `shares`
+    epochs: int = 10
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     out_dir: str
     data: DataSettings
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    image_pretraining: TowerSettings = field(default_factory=TowerSettings)
     batch_size: int = 128
     max_epochs: int = 30
     max_steps: int = -1
@@ -90,6 +104,12 @@ class TrainSettings:
     @property
     def mel_cache_path(self) -> Path:
         return Path(self.mel_cache) if self.mel_cache else self.out_path / "mel_cache"
+
+    @property
+    def shares_path(self) -> Path | None:
+        """The image pretraining's class shares: a path in the data folder, wherever that is, or an absolute one."""
+        shares = self.image_pretraining.shares
+        return None if shares is None else Path(self.data.root) / shares
 
     def model_config(self) -> Sat2SoundConfig:
         """The architecture to build when not starting from `model.init` weights."""
@@ -130,7 +150,7 @@ def _section(cls: type, values: Any, where: str) -> Any:
 
 
 def _check(settings: TrainSettings) -> None:
-    data, model, optim = settings.data, settings.model, settings.optim
+    data, model, optim, tower = settings.data, settings.model, settings.optim, settings.image_pretraining
     checks = [
         (bool(data.root), "data.root is missing; give the data folder or hf://datasets/OWNER/NAME"),
         (data.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}"),
@@ -151,6 +171,10 @@ def _check(settings: TrainSettings) -> None:
         (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
         (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)"),
         (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),
+        (
+            tower.shares is None or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
+            "image_pretraining needs classes (columns of its shares file), epochs >= 1 and lr > 0",
+        ),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
         (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),
@@ -165,7 +189,12 @@ def _check(settings: TrainSettings) -> None:
 def parse_settings(values: Mapping[str, Any], base: Path | None = None) -> TrainSettings:
     """Settings from a parsed YAML mapping; relative paths are taken from `base` (the YAML file's folder)."""
     values = dict(values)
-    sections = {"data": DataSettings, "model": ModelSettings, "optim": OptimSettings}
+    sections = {
+        "data": DataSettings,
+        "model": ModelSettings,
+        "optim": OptimSettings,
+        "image_pretraining": TowerSettings,
+    }
     parsed = {name: _section(cls, values.pop(name, None), name) for name, cls in sections.items()}
     if "out_dir" not in values:
         raise ConfigError("out_dir is missing; name the folder for checkpoints and logs")

@@ -7,23 +7,26 @@ retrieval metrics of the whole validation split are computed (`model.evaluate`, 
 the ranks' embeddings are gathered first, so the gallery is still the whole split), and
 the best checkpoints by mean image<->audio recall are kept. At the end the best one is exported (by rank 0) in the
 project's format (`<out_dir>/model.safetensors` + `.json`), which the map pipeline loads, and, for the full
-architecture, in upstream's Lightning layout too (`<out_dir>/model.ckpt`).
+architecture, in upstream's Lightning layout too (`<out_dir>/model.ckpt`). With `image_pretraining` set, the image
+tower first learns its views' class shares alone (`ImageTowerPretraining`) and then stays frozen.
 """
 
 from __future__ import annotations
 
+import csv
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from common.atomic import atomic_path
@@ -34,7 +37,7 @@ from model.data.folder import FolderPairs
 from model.data.parquet import GeoSoundParquet, SoundingEarthParquet
 from model.data.sources import PairSource
 from model.data.transforms import COLOR_JITTER, SampleTransform
-from model.errors import ConfigError
+from model.errors import ConfigError, DataError
 from model.evaluate import retrieval_metrics
 from model.loss import l2_normalize
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
@@ -119,6 +122,27 @@ def concat(parts: Iterable[PairEmbeddings]) -> PairEmbeddings:
     return PairEmbeddings(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 
+def loader(pairs: PairDataset, settings: TrainSettings, **options: Any) -> DataLoader:
+    return DataLoader(
+        pairs,
+        batch_size=settings.batch_size,
+        collate_fn=collate,
+        num_workers=settings.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        **options,
+    )
+
+
+def train_loader(pairs: PairDataset, settings: TrainSettings) -> DataLoader:
+    sampler = BlockShuffleSampler(pairs.source, seed=settings.seed)
+    return loader(pairs, settings, sampler=sampler, drop_last=True)
+
+
+def train_pairs(settings: TrainSettings) -> PairDataset:
+    source = open_pairs(settings.data, settings.data.train_split, settings.mel_cache_path)
+    return PairDataset(source, transform_for(source, settings.data, train=True), seed=settings.seed)
+
+
 class Sat2SoundTraining(pl.LightningModule):
     """The model under training (submodule `model`, a plain `Sat2Sound`) and its data."""
 
@@ -127,11 +151,7 @@ class Sat2SoundTraining(pl.LightningModule):
         self.model = model
         self.settings = settings
         self.texts = texts
-        self.train_pairs = PairDataset(
-            train := open_pairs(settings.data, settings.data.train_split, settings.mel_cache_path),
-            transform_for(train, settings.data, train=True),
-            seed=settings.seed,
-        )
+        self.train_pairs = train_pairs(settings)
         self.val_pairs = PairDataset(
             val := open_pairs(settings.data, settings.data.val_split, settings.mel_cache_path),
             transform_for(val, settings.data, train=False),
@@ -141,22 +161,10 @@ class Sat2SoundTraining(pl.LightningModule):
         self._tick: float | None = None
 
     def train_dataloader(self) -> DataLoader:
-        sampler = BlockShuffleSampler(self.train_pairs.source, seed=self.settings.seed)
-        return self._loader(self.train_pairs, sampler=sampler, drop_last=True)
+        return train_loader(self.train_pairs, self.settings)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_pairs, shuffle=False)
-
-    def _loader(self, pairs: PairDataset, **options: Any) -> DataLoader:
-        workers = self.settings.data.num_workers
-        return DataLoader(
-            pairs,
-            batch_size=self.settings.batch_size,
-            collate_fn=collate,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            **options,
-        )
+        return loader(self.val_pairs, self.settings, shuffle=False)
 
     def on_train_epoch_start(self) -> None:
         # Before the epoch's workers start: each draws its samples from (seed, epoch, index).
@@ -217,7 +225,11 @@ class Sat2SoundTraining(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optim = self.settings.optim
         optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=optim.restart_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
@@ -243,6 +255,80 @@ class Sat2SoundTraining(pl.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ImageTowerPretraining(pl.LightningModule):
+    """The image tower (ViT and projector) alone, every patch token taught its view's class shares through a linear
+    head that is dropped afterwards (soft cross-entropy). The codebook pools tokens by their maximum, so each token
+    must tell how much of each class the whole view holds, not only whether its own patch shows one."""
+
+    def __init__(self, model: Sat2Sound, settings: TrainSettings, shares: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.tower = model.satmae_backbone
+        self.gsd = model.ground_sample_distance
+        self.settings = settings
+        self.shares = shares
+        self.head = nn.Linear(model.cfg.fc_dim, len(settings.image_pretraining.classes))
+        self.pairs = train_pairs(settings)
+        missing = [key for key in self.pairs.source.pair_keys() if key not in shares]
+        if missing:
+            path = settings.shares_path
+            raise DataError(f"{path} has no row for pair {missing[0]!r} ({len(missing)} missing); add the train pairs")
+
+    def train_dataloader(self) -> DataLoader:
+        return train_loader(self.pairs, self.settings)
+
+    def on_train_epoch_start(self) -> None:
+        self.pairs.set_epoch(self.current_epoch)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # a frozen dataclass: its tensors are moved in `training_step`
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
+        tokens = self.tower(batch.images.to(self.device), self.gsd(batch.zoom_level).to(self.device))
+        target = torch.stack([self.shares[key] for key in batch.keys]).to(self.device)
+        loss = -(target[:, None, :] * F.log_softmax(self.head(tokens).float(), dim=-1)).sum(-1).mean()
+        self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        tower = self.settings.image_pretraining
+        optim = self.settings.optim
+        return torch.optim.AdamW(
+            self.parameters(), lr=tower.lr, betas=optim.betas, eps=optim.eps, weight_decay=tower.weight_decay
+        )
+
+
+def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
+    """Each key's class shares, in the order of `classes`, from the CSV at `path`."""
+    if not path.is_file():
+        raise ConfigError(f"image_pretraining.shares {path} does not exist; give a CSV of key and class shares")
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        absent = [name for name in ("key", *classes) if name not in (reader.fieldnames or ())]
+        if absent:
+            raise DataError(f"{path} has no column {absent[0]!r}; give key and one column per class")
+        rows = list(reader)
+    shares = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            values = [float(row[name]) for name in classes]
+        except (TypeError, ValueError):
+            raise DataError(f"{path} line {line}: class shares must be numbers") from None
+        if not all(0.0 <= value <= 1.0 for value in values):
+            raise DataError(f"{path} line {line}: class shares must lie in [0, 1]")
+        shares[row["key"]] = torch.tensor(values)
+    return shares
+
+
+def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, shares: Path, **trainer_overrides: Any) -> None:
+    """`ImageTowerPretraining` on the class shares at `shares` for `image_pretraining.epochs`, logged beside the main
+    run's logs."""
+    tower = settings.image_pretraining
+    module = ImageTowerPretraining(model, settings, read_class_shares(shares, tower.classes))
+    logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
+    options = {"max_epochs": tower.epochs, "max_steps": -1, "logger": logger, "enable_checkpointing": False}
+    trainer(settings, [], **{**trainer_overrides, **options}).fit(module)
 
 
 def initial_model(settings: TrainSettings) -> Sat2Sound:
@@ -306,10 +392,16 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     """Train (resuming from `<out_dir>/checkpoints/last.ckpt` when there is one) and export the best weights."""
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     model = initial_model(settings)
-    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
-    checkpoints = best_checkpoints(settings)
     last = settings.out_path / CHECKPOINTS / LAST
     started = time.perf_counter()
+    shares = settings.shares_path
+    if shares is not None:
+        # A resumed run's checkpoint holds the taught tower already.
+        if not last.is_file():
+            pretrain_image_tower(model, settings, shares, **trainer_overrides)
+        model.satmae_backbone.requires_grad_(False)
+    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
+    checkpoints = best_checkpoints(settings)
     fit = trainer(settings, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=str(last) if last.is_file() else None)
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last

@@ -143,6 +143,9 @@ class FolderPairs(PairSource):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def pair_keys(self) -> list[str]:
+        return [row.key for row in self.rows]
+
     def record(self, index: int) -> PairRecord:
         row = self.rows[index]
         where = f"{self.root / CSV_NAME} line {row.line}"

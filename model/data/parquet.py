@@ -45,6 +45,7 @@ from model.errors import DataError
 SHARD_NAMES: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 SHARD_FOLDER = "data"
 MEL_COLUMN = "mel_features"
+KEY_COLUMN = "sample_id"
 # Upstream encodes no hour for these recordings (their upload times are not recording times).
 UNTIMED_AUDIO_SOURCES: tuple[str, ...] = ("freesound",)
 
@@ -137,6 +138,9 @@ class ParquetPairs(PairSource):
     def blocks(self) -> list[range]:
         return [range(start, stop) for start, stop in zip(self._starts, [*self._starts[1:], self._rows], strict=True)]
 
+    def pair_keys(self) -> list[str]:
+        return [str(key) for path in self.shards for key in pq.read_table(path, columns=[KEY_COLUMN])[KEY_COLUMN]]
+
     def record(self, index: int) -> PairRecord:
         if not 0 <= index < self._rows:
             raise IndexError(f"row {index} of a {self._rows}-row {self.DATASET} {self.split} split")
@@ -210,13 +214,13 @@ class GeoSoundParquet(ParquetPairs):
     @property
     def columns(self) -> tuple[str, ...]:
         captions = tuple(self.caption_column(zoom) for zoom in self.zoom_levels)
-        common = ("sample_id", "source", self.image_column, "audio_caption", "audio_caption_source")
+        common = (KEY_COLUMN, "source", self.image_column, "audio_caption", "audio_caption_source")
         return (*common, MEL_COLUMN, *captions, "latitude", "longitude", "date")
 
     def _record(self, row: Mapping[str, Any], mel: np.ndarray, image: np.ndarray) -> PairRecord:
         month, hour = month_hour_from_text(row["date"])
         return PairRecord(
-            key=row["sample_id"],
+            key=row[KEY_COLUMN],
             image=image,
             sat_type=self.sat_type,
             tile_px=crop_px(1, self.sat_type),
@@ -247,13 +251,13 @@ class SoundingEarthParquet(ParquetPairs):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        common = ("sample_id", self.image_column, "audio_caption", "audio_caption_source", MEL_COLUMN)
+        common = (KEY_COLUMN, self.image_column, "audio_caption", "audio_caption_source", MEL_COLUMN)
         return (*common, self.caption_column(1), "latitude", "longitude", "date_recorded")
 
     def _record(self, row: Mapping[str, Any], mel: np.ndarray, image: np.ndarray) -> PairRecord:
         month, hour = month_hour_from_text(row["date_recorded"])
         return PairRecord(
-            key=row["sample_id"],
+            key=row[KEY_COLUMN],
             image=image,
             sat_type=self.sat_type,
             tile_px=crop_px(1, self.sat_type),

@@ -125,6 +125,10 @@ class PairSource(ABC):
     @abstractmethod
     def record(self, index: int) -> PairRecord: ...
 
+    @abstractmethod
+    def pair_keys(self) -> list[str]:
+        """Every record's key, in index order, without decoding the records."""
+
     def blocks(self) -> list[range]:
         """Index ranges cheaper to read together than apart (one Parquet row group each); here every row alone."""
         return [range(index, index + 1) for index in range(len(self))]

@@ -64,6 +64,7 @@ def test_valid_folder_reads_its_split(folder: Path) -> None:
     assert train.zoom_levels == (1, 3, 5)
     first, second = train.record(0), train.record(1)
     assert (first.key, first.sat_type, first.split) == ("a", "bingmap", "train")
+    assert train.pair_keys() == [first.key, second.key]
     assert np.array_equal(first.image, synthetic_image(BING_ZOOM5_PX, 1))
     assert first.image_captions == dict.fromkeys((1, 3, 5), "soundscape a")
     assert first.audio_caption == "recording a"

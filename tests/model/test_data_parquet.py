@@ -62,6 +62,7 @@ def test_geosound_rows_decode_in_shard_order(geosound: Path) -> None:
     assert source.blocks() == [range(0, 2), range(2, 3), range(3, 5)]
     records = [source.record(index) for index in range(len(source))]
     assert [record.key for record in records] == [f"yfcc-{i}" for i in range(3)] + ["yfcc-3", "yfcc-4"]
+    assert source.pair_keys() == [record.key for record in records]
     first = records[0]
     assert first.image.shape == (IMAGE_PX["bingmap"], IMAGE_PX["bingmap"], 3)
     assert first.image.dtype == np.uint8

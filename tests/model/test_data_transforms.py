@@ -57,6 +57,9 @@ class ListSource(PairSource):
     def record(self, index: int) -> PairRecord:
         return self.records[index]
 
+    def pair_keys(self) -> list[str]:
+        return [record.key for record in self.records]
+
     def blocks(self) -> list[range]:
         return self._blocks or super().blocks()
 

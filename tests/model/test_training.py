@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import soundfile
 import torch
 import yaml
 from support.pair_data import encode_image, write_folder
 from support.paths import REPO
 
+from model import training
 from model.__main__ import main
 from model.checkpoint import load_model, read_checkpoint
 from model.config import Sat2SoundConfig
@@ -79,6 +81,15 @@ def config(tmp_path: Path, pairs: Path, **values: object) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def write_shares(path: Path, pairs: Path, skip: str | None = None) -> Path:
+    """Each pair's class shares: all of its own colour's class."""
+    keys = [row["key"] for row in csv.DictReader((pairs / "pairs.csv").open())]
+    lines = ["key," + ",".join(COLOURS)]
+    lines += [f"{key}," + ",".join(str(int(key.startswith(name))) for name in COLOURS) for key in keys if key != skip]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -153,6 +164,56 @@ def test_a_run_from_init_weights_trains_them_and_leaves_frozen_what_a_fresh_mode
 
 
 @pytest.mark.slow
+def test_image_pretraining_teaches_the_tower_which_then_stays_frozen(
+    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pretrain = training.pretrain_image_tower
+    states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def watched(model: Sat2Sound, settings: object, shares: Path, **overrides: object) -> None:
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        pretrain(model, settings, shares, **overrides)  # type: ignore[arg-type]
+        states.append((before, {key: value.clone() for key, value in model.state_dict().items()}))
+
+    monkeypatch.setattr(training, "pretrain_image_tower", watched)
+    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs)), "classes": list(COLOURS), "epochs": 2}
+    settings = load_settings(config(tmp_path, pairs, max_epochs=1, image_pretraining=tower))
+    train(settings, enable_progress_bar=False)
+    [(fresh, taught)] = states
+    changed = {key for key in fresh if not torch.equal(fresh[key], taught[key])}
+    assert changed and all(key.startswith("satmae_backbone.") for key in changed)
+    metrics = settings.out_path / "logs" / "image_pretraining" / "version_0" / "metrics.csv"
+    logged = list(csv.DictReader(metrics.open()))
+    assert {row["epoch"] for row in logged if row.get("image_pretraining/loss")} == {"0", "1"}
+
+    exported = final_weights(settings.out_path)
+    moved = {key for key in taught if not torch.equal(taught[key], exported[key])}
+    assert moved and not any(key.startswith("satmae_backbone.") for key in moved)
+    # A resumed run does not teach the tower again: its checkpoint holds it.
+    train(load_settings(config(tmp_path, pairs, max_epochs=2, image_pretraining=tower)), enable_progress_bar=False)
+    assert len(states) == 1
+    resumed = final_weights(settings.out_path)
+    assert all(torch.equal(resumed[key], taught[key]) for key in taught if key.startswith("satmae_backbone."))
+
+
+@pytest.mark.parametrize(
+    ("skip", "classes", "message"),
+    [
+        ("water0", list(COLOURS), "has no row for pair 'water0'"),
+        (None, ["water", "tree"], "has no column 'tree'"),
+    ],
+)
+def test_image_pretraining_refuses_shares_that_do_not_fit_the_pairs(
+    tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str], skip: str | None, classes: list[str], message: str
+) -> None:
+    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs, skip)), "classes": classes}
+    assert main(["train", "--config", str(config(tmp_path, pairs, image_pretraining=tower))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "run" / CHECKPOINTS).exists()
+
+
+@pytest.mark.slow
 def test_evaluate_a_checkpoint_on_a_split(tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = load_settings(config(tmp_path, pairs, max_epochs=1))
     train(settings, enable_progress_bar=False)
@@ -199,6 +260,28 @@ def test_train_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_teaches_the_image_tower_once_for_both_ranks(tmp_path: Path, pairs: Path) -> None:
+    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs)), "classes": list(COLOURS), "epochs": 2}
+    path = config(tmp_path, pairs, max_epochs=1, devices=2, image_pretraining=tower)
+    done = subprocess.run(
+        [sys.executable, "-m", "model", "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained 1 steps") == 1
+    settings = load_settings(path)
+    pl.seed_everything(settings.seed, verbose=False)
+    fresh = initial_model(settings).state_dict()
+    exported = final_weights(settings.out_path)
+    taught = {key for key in fresh if key.startswith("satmae_backbone.") and not torch.equal(fresh[key], exported[key])}
+    assert taught and list((settings.out_path / "logs" / "image_pretraining").rglob("metrics.csv"))
 
 
 @pytest.mark.slow
