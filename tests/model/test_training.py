@@ -262,19 +262,25 @@ def test_train_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.C
     assert err.startswith("error: ") and "\n" not in err
 
 
-@pytest.mark.slow
-def test_two_process_ddp_teaches_the_image_tower_once_for_both_ranks(tmp_path: Path, pairs: Path) -> None:
-    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs)), "classes": list(COLOURS), "epochs": 2}
-    path = config(tmp_path, pairs, max_epochs=1, devices=2, image_pretraining=tower)
+def train_in_a_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m model train` in its own process (DDP launches its ranks from the command line), checked."""
     done = subprocess.run(
         [sys.executable, "-m", "model", "train", "--config", str(path)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=tmp_path,
+        cwd=path.parent,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_process_ddp_teaches_the_image_tower_once_for_both_ranks(tmp_path: Path, pairs: Path) -> None:
+    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs)), "classes": list(COLOURS), "epochs": 2}
+    path = config(tmp_path, pairs, max_epochs=1, devices=2, image_pretraining=tower)
+    done = train_in_a_child(path)
     assert done.stdout.count("trained 1 steps") == 1
     settings = load_settings(path)
     pl.seed_everything(settings.seed, verbose=False)
@@ -288,15 +294,7 @@ def test_two_process_ddp_teaches_the_image_tower_once_for_both_ranks(tmp_path: P
 def test_two_process_ddp_validates_on_the_whole_split_and_exports_once(tmp_path: Path, pairs: Path) -> None:
     """DDP on CPU (gloo), as on several GPUs: each rank validates half the split, the recall is the whole split's."""
     path = config(tmp_path, pairs, max_epochs=1, devices=2, text_cache=str(tmp_path / "text"))
-    done = subprocess.run(
-        [sys.executable, "-m", "model", "train", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = train_in_a_child(path)
     # 9 train pairs, 5 a rank, batches of 4 with the last partial one dropped: one step; one rank reports.
     assert done.stdout.count("trained 1 steps") == 1 and done.stdout.count("trained ") == 1
     out = tmp_path / "run"
