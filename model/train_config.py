@@ -62,15 +62,17 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class TowerSettings:
-    """Teach the image tower land cover before the rest trains, then keep it frozen: every patch token learns its
+    """Teach the image side land cover before the rest trains, then keep it frozen: every patch token learns its
     view's class shares from `shares`, a CSV of `key` and one column per class, in the data folder (or an absolute
-    path). Off while `shares` is unset."""
+    path); with `codebook`, the pooled image embedding learns them too and the codebook and its image queries stay
+    frozen with the tower. Off while `shares` is unset."""
 
     shares: str | None = None
     classes: tuple[str, ...] = ()  # columns of `shares`
     epochs: int = 10
     lr: float = 5e-4
     weight_decay: float = 0.05
+    codebook: bool = False  # teach and freeze the image's codebook path too
 
 
 @dataclass(frozen=True)

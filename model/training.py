@@ -8,7 +8,7 @@ the ranks' embeddings are gathered first, so the gallery is still the whole spli
 the best checkpoints by mean image<->audio recall are kept. At the end the best one is exported (by rank 0) in the
 project's format (`<out_dir>/model.safetensors` + `.json`), which the map pipeline loads, and, for the full
 architecture, in upstream's Lightning layout too (`<out_dir>/model.ckpt`). With `image_pretraining` set, the image
-tower first learns its views' class shares alone (`ImageTowerPretraining`) and then stays frozen.
+side first learns its views' class shares alone (`ImageTowerPretraining`) and then stays frozen.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
 from model.text import TextBackbone, load_text_backbone
 from model.text_cache import TextCache
 from model.text_specs import backbone_spec
-from model.train_config import DataSettings, TrainSettings
+from model.train_config import DataSettings, TowerSettings, TrainSettings
 
 MONITOR = "val/recall"
 CHECKPOINTS = "checkpoints"
@@ -257,18 +257,39 @@ class Sat2SoundTraining(pl.LightningModule):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def image_side(model: Sat2Sound, tower: TowerSettings) -> list[nn.Parameter]:
+    """What image pretraining teaches and then freezes: the image tower (ViT and projector), and with `codebook` the
+    image's codebook queries and the codebook itself."""
+    taught = list(model.satmae_backbone.parameters())
+    if tower.codebook:
+        taught += [*model.fdt.img_query_model.parameters(), model.fdt.space_dict]
+    return taught
+
+
 class ImageTowerPretraining(pl.LightningModule):
-    """The image tower (ViT and projector) alone, every patch token taught its view's class shares through a linear
-    head that is dropped afterwards (soft cross-entropy). The codebook pools tokens by their maximum, so each token
-    must tell how much of each class the whole view holds, not only whether its own patch shows one."""
+    """The image side alone, every patch token taught its view's class shares through a linear head that is dropped
+    afterwards (soft cross-entropy). The codebook pools tokens by their maximum, so each token must tell how much of
+    each class the whole view holds, not only whether its own patch shows one. With `codebook`, the pooled embedding
+    is taught the shares too (a second head), and the main run aligns audio and text with image embeddings fixed by
+    them."""
 
     def __init__(self, model: Sat2Sound, settings: TrainSettings, shares: Mapping[str, Tensor]) -> None:
         super().__init__()
+        tower = settings.image_pretraining
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
         self.shares = shares
-        self.head = nn.Linear(model.cfg.fc_dim, len(settings.image_pretraining.classes))
+        self.head = nn.Linear(model.cfg.fc_dim, len(tower.classes))
+        self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
+        # Registered here (the same tensors as the model's) so that the optimiser and DDP see them.
+        self.image_queries = model.fdt.img_query_model if tower.codebook else None
+        self.codebook = model.fdt.space_dict if tower.codebook else None
+        self.encode_image = model.fdt.encode_image
         self.pairs = train_pairs(settings)
         missing = [key for key in self.pairs.source.pair_keys() if key not in shares]
         if missing:
@@ -287,7 +308,10 @@ class ImageTowerPretraining(pl.LightningModule):
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         tokens = self.tower(batch.images.to(self.device), self.gsd(batch.zoom_level).to(self.device))
         target = torch.stack([self.shares[key] for key in batch.keys]).to(self.device)
-        loss = -(target[:, None, :] * F.log_softmax(self.head(tokens).float(), dim=-1)).sum(-1).mean()
+        loss = soft_cross_entropy(self.head(tokens), target[:, None, :])
+        if self.embedding_head is not None:
+            embedding = l2_normalize(self.encode_image(tokens).embedding)
+            loss = loss + soft_cross_entropy(self.embedding_head(embedding), target)
         self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -399,7 +423,8 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
         # A resumed run's checkpoint holds the taught tower already.
         if not last.is_file():
             pretrain_image_tower(model, settings, shares, **trainer_overrides)
-        model.satmae_backbone.requires_grad_(False)
+        for param in image_side(model, settings.image_pretraining):
+            param.requires_grad_(False)
     module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, [checkpoints, last_checkpoint(settings)], **trainer_overrides)

@@ -30,6 +30,8 @@ from model.training import CHECKPOINTS, LAST, initial_model, open_pairs, train, 
 
 COLOURS = {"water": (20, 40, 90), "forest": (30, 90, 30), "city": (170, 160, 150)}
 RATE = 16_000
+# What image pretraining with `codebook` teaches, by state-dict prefix; without it, the first alone.
+IMAGE_SIDE = ("satmae_backbone.", "fdt.img_query_model.", "fdt.space_dict")
 
 
 def make_pairs(root: Path) -> Path:
@@ -164,8 +166,12 @@ def test_a_run_from_init_weights_trains_them_and_leaves_frozen_what_a_fresh_mode
 
 
 @pytest.mark.slow
-def test_image_pretraining_teaches_the_tower_which_then_stays_frozen(
-    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("codebook", "taught_prefixes"),
+    [(False, IMAGE_SIDE[:1]), (True, IMAGE_SIDE)],
+)
+def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
+    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch, codebook: bool, taught_prefixes: tuple[str, ...]
 ) -> None:
     pretrain = training.pretrain_image_tower
     states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
@@ -176,24 +182,26 @@ def test_image_pretraining_teaches_the_tower_which_then_stays_frozen(
         states.append((before, {key: value.clone() for key, value in model.state_dict().items()}))
 
     monkeypatch.setattr(training, "pretrain_image_tower", watched)
-    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs)), "classes": list(COLOURS), "epochs": 2}
+    shares = str(write_shares(tmp_path / "shares.csv", pairs))
+    tower = {"shares": shares, "classes": list(COLOURS), "epochs": 2, "codebook": codebook}
     settings = load_settings(config(tmp_path, pairs, max_epochs=1, image_pretraining=tower))
     train(settings, enable_progress_bar=False)
     [(fresh, taught)] = states
     changed = {key for key in fresh if not torch.equal(fresh[key], taught[key])}
-    assert changed and all(key.startswith("satmae_backbone.") for key in changed)
+    assert {prefix for prefix in taught_prefixes for key in changed if key.startswith(prefix)} == set(taught_prefixes)
+    assert all(key.startswith(taught_prefixes) for key in changed)
     metrics = settings.out_path / "logs" / "image_pretraining" / "version_0" / "metrics.csv"
     logged = list(csv.DictReader(metrics.open()))
     assert {row["epoch"] for row in logged if row.get("image_pretraining/loss")} == {"0", "1"}
 
     exported = final_weights(settings.out_path)
     moved = {key for key in taught if not torch.equal(taught[key], exported[key])}
-    assert moved and not any(key.startswith("satmae_backbone.") for key in moved)
+    assert moved and not any(key.startswith(taught_prefixes) for key in moved)
     # A resumed run does not teach the tower again: its checkpoint holds it.
     train(load_settings(config(tmp_path, pairs, max_epochs=2, image_pretraining=tower)), enable_progress_bar=False)
     assert len(states) == 1
     resumed = final_weights(settings.out_path)
-    assert all(torch.equal(resumed[key], taught[key]) for key in taught if key.startswith("satmae_backbone."))
+    assert all(torch.equal(resumed[key], taught[key]) for key in taught if key.startswith(taught_prefixes))
 
 
 @pytest.mark.parametrize(
@@ -277,8 +285,9 @@ def train_in_a_child(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_teaches_the_image_tower_once_for_both_ranks(tmp_path: Path, pairs: Path) -> None:
-    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs)), "classes": list(COLOURS), "epochs": 2}
+def test_two_process_ddp_teaches_the_image_side_once_for_both_ranks(tmp_path: Path, pairs: Path) -> None:
+    shares = str(write_shares(tmp_path / "shares.csv", pairs))
+    tower = {"shares": shares, "classes": list(COLOURS), "epochs": 2, "codebook": True}
     path = config(tmp_path, pairs, max_epochs=1, devices=2, image_pretraining=tower)
     done = train_in_a_child(path)
     assert done.stdout.count("trained 1 steps") == 1
@@ -286,8 +295,9 @@ def test_two_process_ddp_teaches_the_image_tower_once_for_both_ranks(tmp_path: P
     pl.seed_everything(settings.seed, verbose=False)
     fresh = initial_model(settings).state_dict()
     exported = final_weights(settings.out_path)
-    taught = {key for key in fresh if key.startswith("satmae_backbone.") and not torch.equal(fresh[key], exported[key])}
-    assert taught and list((settings.out_path / "logs" / "image_pretraining").rglob("metrics.csv"))
+    moved = [key for key in fresh if not torch.equal(fresh[key], exported[key])]
+    taught = [prefix for prefix in IMAGE_SIDE if any(key.startswith(prefix) for key in moved)]
+    assert taught == list(IMAGE_SIDE) and list((settings.out_path / "logs" / "image_pretraining").rglob("metrics.csv"))
 
 
 @pytest.mark.slow
