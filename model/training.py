@@ -280,16 +280,20 @@ class ImageTowerPretraining(pl.LightningModule):
     def __init__(self, model: Sat2Sound, settings: TrainSettings, shares: Mapping[str, Tensor]) -> None:
         super().__init__()
         tower = settings.image_pretraining
+        if tower.codebook and model.cfg.metadata:
+            raise ConfigError(
+                "image_pretraining.codebook teaches the codebook tokens without metadata fused in;"
+                " use it with metadata_type none, or leave codebook off"
+            )
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
         self.shares = shares
         self.head = nn.Linear(model.cfg.fc_dim, len(tower.classes))
         self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
-        # Registered here (the same tensors as the model's) so that the optimiser and DDP see them.
-        self.image_queries = model.fdt.img_query_model if tower.codebook else None
-        self.codebook = model.fdt.space_dict if tower.codebook else None
         self.encode_image = model.fdt.encode_image
+        # The model's own tensors, registered here so that the optimiser and DDP see them.
+        self.taught = nn.ParameterList(image_side(model, tower))
         self.pairs = train_pairs(settings)
         missing = [key for key in self.pairs.source.pair_keys() if key not in shares]
         if missing:

@@ -205,17 +205,26 @@ def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
 
 
 @pytest.mark.parametrize(
-    ("skip", "classes", "message"),
+    ("skip", "classes", "extra", "message"),
     [
-        ("water0", list(COLOURS), "has no row for pair 'water0'"),
-        (None, ["water", "tree"], "has no column 'tree'"),
+        ("water0", list(COLOURS), {}, "has no row for pair 'water0'"),
+        (None, ["water", "tree"], {}, "has no column 'tree'"),
+        (None, list(COLOURS), {"codebook": True, "metadata": "latlong"}, "use it with metadata_type none"),
     ],
 )
-def test_image_pretraining_refuses_shares_that_do_not_fit_the_pairs(
-    tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str], skip: str | None, classes: list[str], message: str
+def test_image_pretraining_refuses_what_it_cannot_teach(
+    tmp_path: Path,
+    pairs: Path,
+    capsys: pytest.CaptureFixture[str],
+    skip: str | None,
+    classes: list[str],
+    extra: dict[str, object],
+    message: str,
 ) -> None:
-    tower = {"shares": str(write_shares(tmp_path / "shares.csv", pairs, skip)), "classes": classes}
-    assert main(["train", "--config", str(config(tmp_path, pairs, image_pretraining=tower))]) == 2
+    shares = str(write_shares(tmp_path / "shares.csv", pairs, skip))
+    tower = {"shares": shares, "classes": classes, "codebook": extra.get("codebook", False)}
+    model = {"metadata_type": extra.get("metadata", "none")}
+    assert main(["train", "--config", str(config(tmp_path, pairs, image_pretraining=tower, model=model))]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "run" / CHECKPOINTS).exists()
