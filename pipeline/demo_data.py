@@ -20,8 +20,8 @@ A view's label is the share of each land-cover class (`pipeline.landcover`) amon
 per-pixel classes exactly like its image. Its recording is its own 10 s mix of the classes' sounds: each class
 weighs its share relative to that class's share over all train views (its location quotient, so that rare
 towns are heard among fields), classes under MIN_MIX_WEIGHT of the mix are left out, and each class left sounds
-all its recordings (examples/sounds/recordings.csv), each looped from a random start, together as loud (RMS) as
-the class's weight. The audio caption names the mixed recordings, loudest first. Written
+a random non-empty subset of its recordings (examples/sounds/recordings.csv), each looped from a random start,
+together as loud (RMS) as the class's weight. The audio caption names the mixed recordings, loudest first. Written
 atomically (a run stopped half-way leaves no OUT_DIR):
 
     OUT_DIR/pairs.csv       key,image,audio,audio_caption,image_caption,lat,lon,time,split,sat_type,
@@ -102,7 +102,7 @@ CAPTION_NOUNS = {"water": "water", "tree": "forest", "crop": "farmland", "develo
 MOSTLY_AT_LEAST = 0.5
 PLAIN_AT_LEAST = 0.2
 MENTIONED_AT_LEAST = 0.05
-FORMAT = "sat2sound-maps/demo-dataset-v2"
+FORMAT = "sat2sound-maps/demo-dataset-v3"
 # Earlier formats a run may replace.
 FORMAT_FAMILY = "sat2sound-maps/demo-dataset-"
 SUMMARY_NAME = "dataset.json"
@@ -250,14 +250,17 @@ def mix_weights(fractions: np.ndarray, shares: np.ndarray) -> np.ndarray:
 def choose_components(
     weights: np.ndarray, recordings: Sequence[Recording], clips: Mapping[str, np.ndarray], rng: np.random.Generator
 ) -> list[Component]:
-    """A view's mix, loudest class first: per class it weighs, every recording of the class from a random loop
-    start. A class's n recordings each weigh its weight / sqrt(n): independent sounds add up in power, so the
-    class is as loud as its weight whatever its number of recordings, and what a view sounds like depends on its
-    land cover alone, not on a draw of recordings."""
+    """A view's mix, loudest class first: per class it weighs, a random non-empty subset of the class's recordings
+    (of a random size), each from a random loop start. A class's n recordings heard each weigh its weight /
+    sqrt(n): independent sounds add up in power, so the class is as loud as its weight whatever its number of
+    recordings. Hearing sometimes one recording of a class alone is what lets a query of one recording (a duck)
+    find its land cover; hearing several of them most of the time keeps a view's sound close to its land cover."""
     components = []
     for index in np.argsort(-weights, kind="stable"):
         if weights[index] > 0:
             members = [recording for recording in recordings if recording.land_cover == CLASSES[index]]
+            chosen = rng.choice(len(members), size=int(rng.integers(1, len(members) + 1)), replace=False)
+            members = [members[i] for i in sorted(chosen)]
             weight = float(weights[index]) / math.sqrt(len(members))
             for recording in members:
                 components.append(Component(recording, weight, int(rng.integers(len(clips[recording.file])))))

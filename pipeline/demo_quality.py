@@ -51,14 +51,22 @@ class QualityReport(NamedTuple):
     tiles: int
     expected: Mapping[str, str]  # query id -> class
 
-    def separates(self, query: str) -> bool:
-        """AUC at least GOOD_AUC for its class, above every query not meant for that class."""
+    def auc_of(self, query: str) -> float:
+        """The query's AUC for the class it is meant for."""
+        return float(self.auc[self.queries.index(query), CLASSES.index(self.expected[query])])
+
+    def outscores_other_classes(self, query: str) -> bool:
+        """Its class's AUC above that of every query not meant for that class."""
         meant = self.expected[query]
-        row, column = self.queries.index(query), CLASSES.index(meant)
+        column = CLASSES.index(meant)
         others = [
             self.auc[index, column] for index, other in enumerate(self.queries) if self.expected.get(other) != meant
         ]
-        return bool(self.auc[row, column] >= GOOD_AUC and all(self.auc[row, column] > auc for auc in others))
+        return all(self.auc_of(query) > auc for auc in others)
+
+    def separates(self, query: str) -> bool:
+        """AUC at least GOOD_AUC for its class, above every query not meant for that class."""
+        return self.auc_of(query) >= GOOD_AUC and self.outscores_other_classes(query)
 
     def table(self) -> str:
         header = f"{'query':>12} " + " ".join(f"{name:>10}" for name in CLASSES)

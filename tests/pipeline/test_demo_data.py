@@ -158,23 +158,31 @@ def test_mix_weights_follow_each_class_relative_to_its_share() -> None:
     assert mix_weights(np.array([[0.002, 0.15, 0.848, 0.0]]), np.array([0.0, 0.2, 0.8, 0.0]))[0, 0] < 0.2
 
 
-def test_a_mix_sounds_every_recording_of_each_class_at_its_weight_loudest_first() -> None:
+def test_a_mix_sounds_some_recordings_of_each_class_at_its_weight_loudest_first() -> None:
     recordings = read_recordings()
     clips = {recording.file: load_audio(TRAINING_DIR.parent / "sounds" / recording.file) for recording in recordings}
-    components = choose_components(np.array([0.25, 0.0, 0.0, 0.75]), recordings, clips, np.random.default_rng(3))
+    weights = np.array([0.25, 0.0, 0.0, 0.75])
+    draws = [choose_components(weights, recordings, clips, np.random.default_rng(seed)) for seed in range(40)]
     town = [recording for recording in recordings if recording.land_cover == "developed"]
     water = [recording for recording in recordings if recording.land_cover == "water"]
-    assert [part.recording for part in components] == [*town, *water]
-    # Each class is as loud as its weight: its n independent recordings each weigh weight / sqrt(n).
-    assert [part.weight for part in components] == pytest.approx(
-        [0.75 / np.sqrt(len(town))] * len(town) + [0.25 / np.sqrt(len(water))] * len(water)
-    )
-    assert all(0 <= part.start < len(clips[part.recording.file]) for part in components)
-    assert len({part.start for part in components}) == len(components)
-    assert mix_caption(components) == listed([part.recording.caption for part in components])
-    # Another draw moves only the loop starts: a view's sound follows from its land cover.
-    again = choose_components(np.array([0.25, 0.0, 0.0, 0.75]), recordings, clips, np.random.default_rng(4))
-    assert [(part.recording, part.weight) for part in again] == [(part.recording, part.weight) for part in components]
+    heard = set()
+    for components in draws:
+        parts = [part.recording for part in components]
+        town_heard = [recording for recording in parts if recording in town]
+        water_heard = [recording for recording in parts if recording in water]
+        # Loudest class first, each class's recordings in the table's order, at least one of each.
+        assert parts == [*town_heard, *water_heard] and town_heard and water_heard
+        assert town_heard == [r for r in town if r in parts] and water_heard == [r for r in water if r in parts]
+        # Each class is as loud as its weight: its n independent recordings heard each weigh weight / sqrt(n).
+        assert [part.weight for part in components] == pytest.approx(
+            [0.75 / np.sqrt(len(town_heard))] * len(town_heard) + [0.25 / np.sqrt(len(water_heard))] * len(water_heard)
+        )
+        assert all(0 <= part.start < len(clips[part.recording.file]) for part in components)
+        assert mix_caption(components) == listed([part.recording.caption for part in components])
+        heard.add((len(town_heard), len(water_heard)))
+    # Every class is heard now alone, now with all its recordings.
+    assert {1, len(town)} <= {count for count, _ in heard} and {1, len(water)} <= {count for _, count in heard}
+    components = draws[0]
     mixed = mix_audio(components, clips)
     assert mixed.shape == (CLIP_SAMPLES,) and mixed.dtype == np.float32
     rms_dbfs = 20 * np.log10(np.sqrt(np.mean(mixed.astype(np.float64) ** 2)))
@@ -272,7 +280,7 @@ def test_labels_are_class_shares_and_each_view_has_its_own_mix(dataset: Path) ->
         parts = [part.split(":") for part in label["mix"].split(";")]
         assert all(classes[file] == land_cover for land_cover, file, _ in parts)
         sounding = {land_cover for land_cover, *_ in parts}
-        assert sorted(file for _, file, _ in parts) == sorted(file for file in classes if classes[file] in sounding)
+        assert len({file for _, file, _ in parts}) == len(parts)
         # A class's recordings add up in power to its weight; the class weights sum to 1.
         power = dict.fromkeys(sounding, 0.0)
         for land_cover, _, weight in parts:

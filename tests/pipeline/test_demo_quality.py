@@ -39,11 +39,18 @@ def report(auc_water: list[float]) -> QualityReport:
 
 
 @pytest.mark.parametrize(
-    ("auc_water", "separates"),
-    [([0.9, 0.6], True), ([GOOD_AUC - 0.01, 0.5], False), ([0.9, 0.95], False), ([0.9, 0.9], False)],
+    ("auc_water", "outscores", "separates"),
+    [
+        ([0.9, 0.6], True, True),
+        ([GOOD_AUC - 0.01, 0.5], True, False),
+        ([0.9, 0.95], False, False),
+        ([0.9, 0.9], False, False),
+    ],
 )
-def test_a_query_separates_its_class_well_and_best(auc_water: list[float], separates: bool) -> None:
-    assert report(auc_water).separates("q0") is separates
+def test_a_query_separates_its_class_well_and_best(auc_water: list[float], outscores: bool, separates: bool) -> None:
+    quality = report(auc_water)
+    assert quality.auc_of("q0") == auc_water[0]
+    assert quality.outscores_other_classes("q0") is outscores and quality.separates("q0") is separates
 
 
 def test_queries_meant_for_the_same_class_do_not_compete() -> None:
