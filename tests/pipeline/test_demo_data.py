@@ -178,6 +178,7 @@ def test_a_mix_sounds_some_recordings_of_each_class_at_its_weight_loudest_first(
             [0.75 / np.sqrt(len(town_heard))] * len(town_heard) + [0.25 / np.sqrt(len(water_heard))] * len(water_heard)
         )
         assert all(0 <= part.start < len(clips[part.recording.file]) for part in components)
+        assert len({part.start for part in components}) == len(components)
         assert mix_caption(components) == listed([part.recording.caption for part in components])
         heard.add((len(town_heard), len(water_heard)))
     # Every class is heard now alone, now with all its recordings.
