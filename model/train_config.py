@@ -62,17 +62,28 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class TowerSettings:
-    """Teach the image side land cover before the rest trains, then keep it frozen: every patch token learns its
-    view's class shares from `shares`, a CSV of `key` and one column per class, in the data folder (or an absolute
-    path); with `codebook`, the pooled image embedding learns them too and the codebook and its image queries stay
-    frozen with the tower. Off while `shares` is unset."""
+    """Teach the image side land cover before the rest trains, then keep it frozen. Its targets, in the data folder
+    (or absolute paths), one of:
+
+    shares     a CSV of `key` and one column per class: every patch token learns its view's class shares
+    landcover  a folder of one raster per pair (`<key>.tif`, one uint8 band per class, 0-255 = the class's share of
+               the pixel, over exactly the pair's image): every patch token learns its own patch's shares
+
+    With `codebook`, the pooled image embedding is taught too (with `shares`, the view's shares; with `landcover`,
+    each class's largest patch share, as the codebook pools tokens by their largest score) and the codebook and
+    its image queries stay frozen with the tower. Off while both are unset."""
 
     shares: str | None = None
-    classes: tuple[str, ...] = ()  # columns of `shares`
+    landcover: str | None = None
+    classes: tuple[str, ...] = ()  # columns of `shares`, bands of the `landcover` rasters
     epochs: int = 10
     lr: float = 5e-4
     weight_decay: float = 0.05
     codebook: bool = False  # teach and freeze the image's codebook path too
+
+    @property
+    def enabled(self) -> bool:
+        return self.shares is not None or self.landcover is not None
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,9 @@ class TrainSettings:
     def mel_cache_path(self) -> Path:
         return Path(self.mel_cache) if self.mel_cache else self.out_path / "mel_cache"
 
-    @property
-    def shares_path(self) -> Path | None:
-        """The image pretraining's class shares: a path in the data folder, wherever that is, or an absolute one."""
-        shares = self.image_pretraining.shares
-        return None if shares is None else Path(self.data.root) / shares
+    def in_data(self, path: str) -> Path:
+        """A path in the data folder, wherever that is, or an absolute one."""
+        return Path(self.data.root) / path
 
     def model_config(self) -> Sat2SoundConfig:
         """The architecture to build when not starting from `model.init` weights."""
@@ -174,8 +183,12 @@ def _check(settings: TrainSettings) -> None:
         (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)"),
         (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),
         (
-            tower.shares is None or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
-            "image_pretraining needs classes (columns of its shares file), epochs >= 1 and lr > 0",
+            tower.shares is None or tower.landcover is None,
+            "image_pretraining takes shares (per view) or landcover (per pixel), not both; drop one",
+        ),
+        (
+            not tower.enabled or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
+            "image_pretraining needs classes (its targets' columns or bands), epochs >= 1 and lr > 0",
         ),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),

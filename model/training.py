@@ -8,7 +8,7 @@ the ranks' embeddings are gathered first, so the gallery is still the whole spli
 the best checkpoints by mean image<->audio recall are kept. At the end the best one is exported (by rank 0) in the
 project's format (`<out_dir>/model.safetensors` + `.json`), which the map pipeline loads, and, for the full
 architecture, in upstream's Lightning layout too (`<out_dir>/model.ckpt`). With `image_pretraining` set, the image
-side first learns its views' class shares alone (`ImageTowerPretraining`) and then stays frozen.
+side first learns land cover alone (`ImageTowerPretraining`) and then stays frozen.
 """
 
 from __future__ import annotations
@@ -16,27 +16,31 @@ from __future__ import annotations
 import csv
 import random
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
+import rasterio
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from common.atomic import atomic_path
+from common.errors import first_line
 from model.checkpoint import DESCRIPTION_KEY, build_model, read_checkpoint, save_safetensors
 from model.config import Sat2SoundConfig
 from model.data.dataset import BlockShuffleSampler, PairDataset, TrainBatch, collate
 from model.data.folder import FolderPairs
 from model.data.parquet import GeoSoundParquet, SoundingEarthParquet
 from model.data.sources import PairSource
-from model.data.transforms import COLOR_JITTER, SampleTransform
+from model.data.transforms import COLOR_JITTER, SampleTransform, dihedral_turn
 from model.errors import ConfigError, DataError
 from model.evaluate import retrieval_metrics
 from model.loss import l2_normalize
@@ -270,14 +274,91 @@ def image_side(model: Sat2Sound, tower: TowerSettings) -> list[nn.Parameter]:
     return taught
 
 
-class ImageTowerPretraining(pl.LightningModule):
-    """The image side alone, every patch token taught its view's class shares through a linear head that is dropped
-    afterwards (soft cross-entropy). The codebook pools tokens by their maximum, so each token must tell how much of
-    each class the whole view holds, not only whether its own patch shows one. With `codebook`, the pooled embedding
-    is taught the shares too (a second head), and the main run aligns audio and text with image embeddings fixed by
-    them."""
+class ViewShares:
+    """Each pair's class shares (`image_pretraining.shares`): every patch token, and the pooled embedding, learn
+    the whole view's shares. The codebook pools tokens by their maximum, so each token must tell how much of each
+    class the view holds, not only whether its own patch shows one."""
 
-    def __init__(self, model: Sat2Sound, settings: TrainSettings, shares: Mapping[str, Tensor]) -> None:
+    def __init__(self, shares: Mapping[str, Tensor]) -> None:
+        self.shares = shares
+
+    @classmethod
+    def read(cls, path: Path, keys: Sequence[str], classes: Sequence[str]) -> ViewShares:
+        shares = read_class_shares(path, classes)
+        missing = [key for key in keys if key not in shares]
+        if missing:
+            raise DataError(f"{path} has no row for pair {missing[0]!r} ({len(missing)} missing); add the train pairs")
+        return cls(shares)
+
+    def token_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
+        return soft_cross_entropy(logits, self._of(batch, logits.device)[:, None, :])
+
+    def embedding_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
+        return soft_cross_entropy(logits, self._of(batch, logits.device))
+
+    def _of(self, batch: TrainBatch, device: torch.device) -> Tensor:
+        return torch.stack([self.shares[key] for key in batch.keys]).to(device)
+
+
+class PatchShares:
+    """Each pair's class raster (`image_pretraining.landcover`) averaged over the token grid's patches: every patch
+    token learns its own patch's class shares (patches without imagery left out), the pooled embedding each class's
+    largest patch share (is there a patch of it, and how pure), which is what pooling by the maximum can carry.
+    Taught per patch, a town's tokens are a town's wherever it lies, not tokens that learnt their view's context."""
+
+    def __init__(self, means: Mapping[str, Tensor]) -> None:
+        self.means = means  # key -> (C, grid, grid) float: each class's raster averaged over each patch
+
+    @classmethod
+    def read(cls, folder: Path, keys: Sequence[str], classes: Sequence[str], grid: int) -> PatchShares:
+        if not folder.is_dir():
+            raise ConfigError(f"image_pretraining.landcover {folder} is not a folder; give the folder of class rasters")
+        return cls({key: read_patch_means(folder / f"{key}.tif", classes, grid) for key in keys})
+
+    def token_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
+        shares, valid = self._patches(batch, logits.device)
+        return soft_cross_entropy(logits[valid], shares[valid])
+
+    def embedding_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
+        shares, valid = self._patches(batch, logits.device)
+        largest = shares.masked_fill(~valid[..., None], 0.0).amax(dim=1)
+        return F.binary_cross_entropy_with_logits(logits.float(), largest)
+
+    def _patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(B, T, C) shares of each token's patch, row by row as the tower orders its tokens, and (B, T) validity;
+        each raster turned as its image was."""
+        means = torch.stack(
+            [dihedral_turn(self.means[key], int(turn)) for key, turn in zip(batch.keys, batch.turns, strict=True)]
+        )
+        means = means.flatten(2).transpose(1, 2).to(device)
+        total = means.sum(dim=-1, keepdim=True)
+        return means / total.clamp_min(1e-6), total[..., 0] > 0
+
+
+def read_patch_means(path: Path, classes: Sequence[str], grid: int) -> Tensor:
+    """(C, grid, grid): the raster at `path` (one band per class, over the pair's image) averaged over grid x grid
+    patches, as the tower cuts its input into tokens."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; give every train pair a class raster <key>.tif")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as raster:
+                names, bands = raster.descriptions, raster.read()
+    except RasterioError as exc:
+        raise DataError(f"{path} is not a readable raster ({first_line(exc)}); rewrite it as a GeoTIFF") from None
+    if len(bands) != len(classes) or (all(names) and tuple(names) != tuple(classes)):
+        named = f" ({', '.join(names)})" if all(names) else ""
+        raise DataError(f"{path} has {len(bands)} bands{named}; image_pretraining.classes must name them in order")
+    return F.adaptive_avg_pool2d(torch.from_numpy(bands.astype(np.float32)), grid)
+
+
+class ImageTowerPretraining(pl.LightningModule):
+    """The image side alone, every patch token taught land cover (`ViewShares`, `PatchShares`) through a linear
+    head that is dropped afterwards (soft cross-entropy). With `codebook`, the pooled embedding is taught too (a
+    second head), and the main run aligns audio and text with image embeddings fixed by it."""
+
+    def __init__(self, model: Sat2Sound, settings: TrainSettings) -> None:
         super().__init__()
         tower = settings.image_pretraining
         if tower.codebook and model.cfg.metadata:
@@ -288,17 +369,20 @@ class ImageTowerPretraining(pl.LightningModule):
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
-        self.shares = shares
         self.head = nn.Linear(model.cfg.fc_dim, len(tower.classes))
         self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
         self.encode_image = model.fdt.encode_image
         # The model's own tensors, registered here so that the optimiser and DDP see them.
         self.taught = nn.ParameterList(image_side(model, tower))
         self.pairs = train_pairs(settings)
-        missing = [key for key in self.pairs.source.pair_keys() if key not in shares]
-        if missing:
-            path = settings.shares_path
-            raise DataError(f"{path} has no row for pair {missing[0]!r} ({len(missing)} missing); add the train pairs")
+        keys = self.pairs.source.pair_keys()
+        if tower.landcover is not None:
+            grid = model.cfg.vit.grid_size
+            self.targets: ViewShares | PatchShares = PatchShares.read(
+                settings.in_data(tower.landcover), keys, tower.classes, grid
+            )
+        else:
+            self.targets = ViewShares.read(settings.in_data(str(tower.shares)), keys, tower.classes)
 
     def train_dataloader(self) -> DataLoader:
         return train_loader(self.pairs, self.settings)
@@ -311,11 +395,10 @@ class ImageTowerPretraining(pl.LightningModule):
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         tokens = self.tower(batch.images.to(self.device), self.gsd(batch.zoom_level).to(self.device))
-        target = torch.stack([self.shares[key] for key in batch.keys]).to(self.device)
-        loss = soft_cross_entropy(self.head(tokens), target[:, None, :])
+        loss = self.targets.token_loss(self.head(tokens), batch)
         if self.embedding_head is not None:
             embedding = l2_normalize(self.encode_image(tokens).embedding)
-            loss = loss + soft_cross_entropy(self.embedding_head(embedding), target)
+            loss = loss + self.targets.embedding_loss(self.embedding_head(embedding), batch)
         self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -349,14 +432,12 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
     return shares
 
 
-def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, shares: Path, **trainer_overrides: Any) -> None:
-    """`ImageTowerPretraining` on the class shares at `shares` for `image_pretraining.epochs`, logged beside the main
-    run's logs."""
-    tower = settings.image_pretraining
-    module = ImageTowerPretraining(model, settings, read_class_shares(shares, tower.classes))
+def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, **trainer_overrides: Any) -> None:
+    """`ImageTowerPretraining` for `image_pretraining.epochs`, logged beside the main run's logs."""
+    module = ImageTowerPretraining(model, settings)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
-    options = {"max_epochs": tower.epochs, "max_steps": -1, "logger": logger, "enable_checkpointing": False}
-    trainer(settings, [], **{**trainer_overrides, **options}).fit(module)
+    options = {"max_epochs": settings.image_pretraining.epochs, "max_steps": -1, "logger": logger}
+    trainer(settings, [], **{**trainer_overrides, **options, "enable_checkpointing": False}).fit(module)
 
 
 def initial_model(settings: TrainSettings) -> Sat2Sound:
@@ -422,11 +503,10 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     model = initial_model(settings)
     last = settings.out_path / CHECKPOINTS / LAST
     started = time.perf_counter()
-    shares = settings.shares_path
-    if shares is not None:
+    if settings.image_pretraining.enabled:
         # A resumed run's checkpoint holds the taught tower already.
         if not last.is_file():
-            pretrain_image_tower(model, settings, shares, **trainer_overrides)
+            pretrain_image_tower(model, settings, **trainer_overrides)
         for param in image_side(model, settings.image_pretraining):
             param.requires_grad_(False)
     module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))

@@ -33,6 +33,8 @@ atomically (a run stopped half-way leaves no OUT_DIR):
     OUT_DIR/images/<key>.png        the view, RGB, MODEL_INPUT_PX px square: the footprint of its zoom level
                                     (pairs.csv's zoom_level, the one level model.data.folder reads it at)
     OUT_DIR/recordings/<key>.flac   the view's mix, 10 s mono 32 kHz 16-bit
+    OUT_DIR/landcover/<key>.tif     the view's land cover: a uint8 band per class (CLASSES, named), 0-255 its share
+                                    of each pixel, cut like the image; EPSG:3857, over the view's bounds
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import rasterio
 import soundfile
 import yaml
+from rasterio.transform import from_bounds
 from rasterio.warp import transform_bounds
 
 from common.atomic import atomic_directory
@@ -102,10 +106,11 @@ CAPTION_NOUNS = {"water": "water", "tree": "forest", "crop": "farmland", "develo
 MOSTLY_AT_LEAST = 0.5
 PLAIN_AT_LEAST = 0.2
 MENTIONED_AT_LEAST = 0.05
-FORMAT = "sat2sound-maps/demo-dataset-v3"
+FORMAT = "sat2sound-maps/demo-dataset-v4"
 # Earlier formats a run may replace.
 FORMAT_FAMILY = "sat2sound-maps/demo-dataset-"
 SUMMARY_NAME = "dataset.json"
+LANDCOVER_DIR = "landcover"
 DEFAULT_VIEWS = 3000
 # zlib level of the images: 4x faster than GDAL's default (6), files 13 % larger.
 IMAGE_ZLEVEL = 1
@@ -429,7 +434,7 @@ def make_dataset(out_dir: Path, views: int, seed: int) -> dict[str, Any]:
         try:
             with atomic_directory(out_dir) as folder:
                 folder.mkdir()
-                _write_images(folder, scenes, ordered, keys)
+                _write_views(folder, scenes, ordered, keys)
                 _write_mixes(folder, keys, mixes, clips)
                 _write_pairs(folder, ordered, keys, mixes, settings.sat_type)
                 _write_labels(folder, ordered, keys, mixes)
@@ -458,10 +463,10 @@ def _holds_dataset(folder: Path) -> bool:
         return False
 
 
-def _write_images(folder: Path, scenes: dict[str, Scene], views: Sequence[View], keys: Sequence[str]) -> None:
-    """Each view's image, cut scene by scene in batches."""
-    images = folder / "images"
-    images.mkdir()
+def _write_views(folder: Path, scenes: dict[str, Scene], views: Sequence[View], keys: Sequence[str]) -> None:
+    """Each view's image and land-cover raster, cut scene by scene in batches."""
+    for name in ("images", LANDCOVER_DIR):
+        (folder / name).mkdir()
     started, done = time.perf_counter(), 0
     for name, scene in scenes.items():
         indices = [index for index, view in enumerate(views) if view.scene == name]
@@ -469,10 +474,30 @@ def _write_images(folder: Path, scenes: dict[str, Scene], views: Sequence[View],
             batch = indices[start : start + CUT_BATCH]
             bounds = np.stack([views[index].bounds for index in batch])
             cut = cut_views(scene.reader.source_pixels(bounds, MODEL_INPUT_PX), bounds, MODEL_INPUT_PX)
-            for index, pixels in zip(batch, cut.pixels.numpy(), strict=True):
-                (images / f"{keys[index]}.png").write_bytes(encode_png(pixels, zlevel=IMAGE_ZLEVEL))
+            planes = cut_views(scene.land_cover, bounds, MODEL_INPUT_PX)
+            for index, pixels, classes in zip(batch, cut.pixels.numpy(), planes.pixels.numpy(), strict=True):
+                (folder / "images" / f"{keys[index]}.png").write_bytes(encode_png(pixels, zlevel=IMAGE_ZLEVEL))
+                _write_landcover(folder / LANDCOVER_DIR / f"{keys[index]}.tif", classes, views[index].bounds)
             done += len(batch)
-            print(f"demo_data: {done}/{len(views)} images, {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"demo_data: {done}/{len(views)} views, {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _write_landcover(path: Path, classes: np.ndarray, bounds: np.ndarray) -> None:
+    """(len(CLASSES), px, px) uint8 class planes as a GeoTIFF over the view's EPSG:3857 bounds, a band per class."""
+    height, width = classes.shape[1:]
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": len(classes),
+        "dtype": "uint8",
+        "crs": WEB_MERCATOR,
+        "transform": from_bounds(*bounds, width, height),
+        "compress": "deflate",
+    }
+    with rasterio.open(path, "w", **profile) as raster:
+        raster.write(classes)
+        raster.descriptions = CLASSES
 
 
 def _decoded(recordings: Sequence[Recording]) -> dict[str, np.ndarray]:

@@ -69,6 +69,7 @@ class TrainBatch:
     hour: Tensor  # (B,) int64, 0-23 or UNKNOWN
     audio_sources: tuple[str, ...]
     caption_sources: tuple[str, ...]
+    turns: Tensor  # (B,) int64: each image's `dihedral_turn`, 0 where it was not turned
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -112,6 +113,7 @@ def collate(samples: Sequence[Sample]) -> TrainBatch:
         hour=torch.tensor([_known(sample.hour) for sample in samples], dtype=torch.int64),
         audio_sources=tuple(sample.audio_source for sample in samples),
         caption_sources=tuple(sample.caption_source for sample in samples),
+        turns=torch.tensor([sample.turn for sample in samples], dtype=torch.int64),
     )
 
 

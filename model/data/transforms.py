@@ -45,6 +45,7 @@ class Sample:
     hour: int | None
     audio_source: str
     caption_source: str
+    turn: int  # the element of the square's symmetry group the image was given (`dihedral_turn`); 0: none
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,13 @@ class SampleTransform:
                 f" use zoom levels {sorted(record.image_captions)}"
             )
         pixels = resize_to_unit(_crop(record, zoom))
+        turn = 0
         if self.train:
             if any(self.color_jitter):
                 pixels = _jitter(pixels, self.color_jitter, _draw(SEED_BOUND, generator))
             if self.dihedral:
-                pixels = _turn(pixels, _draw(DIHEDRAL_ORDER, generator))
+                turn = _draw(DIHEDRAL_ORDER, generator)
+                pixels = dihedral_turn(pixels, turn)
         return Sample(
             key=record.key,
             image=normalize(pixels)[0],
@@ -105,6 +108,7 @@ class SampleTransform:
             hour=record.hour,
             audio_source=record.audio_source,
             caption_source=record.caption_source,
+            turn=turn,
         )
 
 
@@ -124,7 +128,7 @@ def _crop(record: PairRecord, zoom: int) -> Tensor:
     return center_crop(torch.from_numpy(record.image).permute(2, 0, 1), size)
 
 
-def _turn(pixels: Tensor, which: int) -> Tensor:
+def dihedral_turn(pixels: Tensor, which: int) -> Tensor:
     """Element `which` (0-7) of the square's symmetry group: `which % 4` quarter turns, mirrored if `which >= 4`."""
     turned = torch.rot90(pixels, which % 4, dims=(-2, -1))
     return turned.flip(-1) if which >= 4 else turned

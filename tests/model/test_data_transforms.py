@@ -15,7 +15,7 @@ from model.config import TILE_PX_BY_SAT_TYPE, crop_px
 from model.data.dataset import BlockShuffleSampler, PairDataset, collate
 from model.data.parquet import GeoSoundParquet
 from model.data.sources import PairRecord, PairSource, PrecomputedMel
-from model.data.transforms import SampleTransform
+from model.data.transforms import SampleTransform, dihedral_turn
 from model.errors import DataError
 from model.preprocess import normalize, resize_to_unit
 
@@ -142,14 +142,18 @@ def test_dihedral_training_turns_or_mirrors_the_same_sample_and_evaluation_never
     plain, turned = (SampleTransform(train=True, zoom_levels=(1,), dihedral=on) for on in (False, True))
     seen = set()
     for seed in range(16):
-        upright, image = plain(pair, seeded(seed)).image, turned(pair, seeded(seed)).image
-        turns = [torch.rot90(upright, k, dims=(-2, -1)) for k in range(4)]
-        matches = [i for i, view in enumerate(turns + [view.flip(-1) for view in turns]) if torch.equal(view, image)]
+        upright, sample = plain(pair, seeded(seed)), turned(pair, seeded(seed))
+        turns = [torch.rot90(upright.image, k, dims=(-2, -1)) for k in range(4)]
+        views = turns + [view.flip(-1) for view in turns]
+        matches = [i for i, view in enumerate(views) if torch.equal(view, sample.image)]
         assert len(matches) == 1, f"seed {seed}: not one of the 8 turns and mirrors of the upright sample"
+        assert (sample.turn, upright.turn) == (matches[0], 0), "the sample records the turn it was given"
+        assert torch.equal(dihedral_turn(upright.image, sample.turn), sample.image)
         seen.add(matches[0])
     assert len(seen) >= 6
-    evaluate = SampleTransform(train=False, zoom_levels=(1,), dihedral=True)(pair, seeded(0)).image
-    assert torch.equal(evaluate, SampleTransform(train=False, zoom_levels=(1,))(pair, seeded(0)).image)
+    evaluate = SampleTransform(train=False, zoom_levels=(1,), dihedral=True)(pair, seeded(0))
+    assert torch.equal(evaluate.image, SampleTransform(train=False, zoom_levels=(1,))(pair, seeded(0)).image)
+    assert evaluate.turn == 0
 
 
 def test_a_record_offering_one_zoom_level_is_seen_at_it() -> None:

@@ -34,16 +34,18 @@ def test_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
     assert settings.data.root == "hf://datasets/a/b"
 
 
-def test_image_pretraining_shares_are_the_data_sets(tmp_path: Path) -> None:
+def test_image_pretraining_targets_are_the_data_sets(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     tower = {"shares": "labels.csv", "classes": ["water", "tree"]}
     path.write_text(yaml.safe_dump({**MINIMAL, "image_pretraining": tower}))
     settings = load_settings(path)
-    assert settings.shares_path == tmp_path / "pairs" / "labels.csv"  # in the data folder, wherever it is
+    assert settings.in_data("labels.csv") == tmp_path / "pairs" / "labels.csv"  # in the data folder, wherever it is
+    assert settings.in_data("/data/shares.csv") == Path("/data/shares.csv")
     assert settings.image_pretraining.classes == ("water", "tree")
-    elsewhere = parse_settings({**MINIMAL, "image_pretraining": {**tower, "shares": "/data/shares.csv"}})
-    assert elsewhere.shares_path == Path("/data/shares.csv")
-    assert parse_settings(MINIMAL).shares_path is None
+    assert settings.image_pretraining.enabled
+    per_pixel = parse_settings({**MINIMAL, "image_pretraining": {"landcover": "landcover", "classes": ["water"]}})
+    assert per_pixel.image_pretraining.enabled
+    assert not parse_settings(MINIMAL).image_pretraining.enabled
 
 
 def test_the_architecture_takes_sat_type_and_metadata() -> None:
@@ -76,6 +78,11 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
         ({**MINIMAL, "precision": "64"}, "precision must be one of"),
         ({**MINIMAL, "image_pretraining": {"shares": "l.csv"}}, "image_pretraining needs classes"),
         ({**MINIMAL, "image_pretraining": {"shares": "l.csv", "classes": ["a"], "epochs": 0}}, "epochs >= 1"),
+        ({**MINIMAL, "image_pretraining": {"landcover": "lc"}}, "image_pretraining needs classes"),
+        (
+            {**MINIMAL, "image_pretraining": {"shares": "l.csv", "landcover": "lc", "classes": ["a"]}},
+            "shares \\(per view\\) or landcover \\(per pixel\\), not both",
+        ),
         ({**MINIMAL, "image_pretraining": {"classes": "water"}}, "image_pretraining.classes must be of type tuple"),
     ],
 )

@@ -8,14 +8,18 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import rasterio
 import soundfile
 import torch
 import yaml
+from rasterio.transform import from_bounds
 from support.pair_data import encode_image, write_folder
 from support.paths import REPO
 
@@ -23,10 +27,21 @@ from model import training
 from model.__main__ import main
 from model.checkpoint import load_model, read_checkpoint
 from model.config import Sat2SoundConfig
-from model.data.transforms import COLOR_JITTER
+from model.data.transforms import COLOR_JITTER, dihedral_turn
+from model.errors import ConfigError, DataError
 from model.sat2sound import Sat2Sound
 from model.train_config import load_settings, parse_settings
-from model.training import CHECKPOINTS, LAST, initial_model, open_pairs, train, transform_for, upstream_hparams
+from model.training import (
+    CHECKPOINTS,
+    LAST,
+    PatchShares,
+    initial_model,
+    open_pairs,
+    read_patch_means,
+    train,
+    transform_for,
+    upstream_hparams,
+)
 
 COLOURS = {"water": (20, 40, 90), "forest": (30, 90, 30), "city": (170, 160, 150)}
 RATE = 16_000
@@ -93,6 +108,33 @@ def write_shares(path: Path, pairs: Path, skip: str | None = None) -> Path:
     lines += [f"{key}," + ",".join(str(int(key.startswith(name))) for name in COLOURS) for key in keys if key != skip]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_landcover(
+    folder: Path, pairs: Path, skip: str | None = None, names: tuple[str, ...] = tuple(COLOURS)
+) -> Path:
+    """Each pair's class raster: its own colour's class over the whole image, `names` the bands."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in csv.DictReader((pairs / "pairs.csv").open()):
+        if row["key"] != skip:
+            bands = np.stack([np.full((64, 64), 255 * row["key"].startswith(name), np.uint8) for name in names])
+            write_raster(folder / f"{row['key']}.tif", bands, names)
+    return folder
+
+
+def write_raster(path: Path, bands: np.ndarray, names: Sequence[str]) -> None:
+    height, width = bands.shape[1:]
+    place = {"crs": "EPSG:3857", "transform": from_bounds(0, 0, 30 * width, 30 * height, width, height)}
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": len(bands), **place}
+    with rasterio.open(path, "w", dtype="uint8", **profile) as raster:
+        raster.write(bands)
+        raster.descriptions = tuple(names)
+
+
+def tower_targets(tmp_path: Path, pairs: Path, targets: str, skip: str | None = None) -> dict[str, str]:
+    if targets == "landcover":
+        return {"landcover": str(write_landcover(tmp_path / "landcover", pairs, skip))}
+    return {"shares": str(write_shares(tmp_path / "shares.csv", pairs, skip))}
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -167,23 +209,27 @@ def test_a_run_from_init_weights_trains_them_and_leaves_frozen_what_a_fresh_mode
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("codebook", "taught_prefixes"),
-    [(False, IMAGE_SIDE[:1]), (True, IMAGE_SIDE)],
+    ("targets", "codebook", "taught_prefixes"),
+    [("shares", False, IMAGE_SIDE[:1]), ("shares", True, IMAGE_SIDE), ("landcover", True, IMAGE_SIDE)],
 )
 def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
-    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch, codebook: bool, taught_prefixes: tuple[str, ...]
+    tmp_path: Path,
+    pairs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    targets: str,
+    codebook: bool,
+    taught_prefixes: tuple[str, ...],
 ) -> None:
     pretrain = training.pretrain_image_tower
     states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
-    def watched(model: Sat2Sound, settings: object, shares: Path, **overrides: object) -> None:
+    def watched(model: Sat2Sound, settings: object, **overrides: object) -> None:
         before = {key: value.clone() for key, value in model.state_dict().items()}
-        pretrain(model, settings, shares, **overrides)  # type: ignore[arg-type]
+        pretrain(model, settings, **overrides)  # type: ignore[arg-type]
         states.append((before, {key: value.clone() for key, value in model.state_dict().items()}))
 
     monkeypatch.setattr(training, "pretrain_image_tower", watched)
-    shares = str(write_shares(tmp_path / "shares.csv", pairs))
-    tower = {"shares": shares, "classes": list(COLOURS), "epochs": 2, "codebook": codebook}
+    tower = {**tower_targets(tmp_path, pairs, targets), "classes": list(COLOURS), "epochs": 2, "codebook": codebook}
     settings = load_settings(config(tmp_path, pairs, max_epochs=1, image_pretraining=tower))
     train(settings, enable_progress_bar=False)
     [(fresh, taught)] = states
@@ -205,29 +251,71 @@ def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
 
 
 @pytest.mark.parametrize(
-    ("skip", "classes", "extra", "message"),
+    ("targets", "skip", "classes", "extra", "message"),
     [
-        ("water0", list(COLOURS), {}, "has no row for pair 'water0'"),
-        (None, ["water", "tree"], {}, "has no column 'tree'"),
-        (None, list(COLOURS), {"codebook": True, "metadata": "latlong"}, "use it with metadata_type none"),
+        ("shares", "water0", list(COLOURS), {}, "has no row for pair 'water0'"),
+        ("shares", None, ["water", "tree"], {}, "has no column 'tree'"),
+        ("shares", None, list(COLOURS), {"codebook": True, "metadata": "latlong"}, "use it with metadata_type none"),
+        ("landcover", "water0", list(COLOURS), {}, "water0.tif does not exist; give every train pair a class raster"),
+        ("landcover", None, ["water", "city", "forest"], {}, "3 bands (water, forest, city); image_pretraining"),
+        ("landcover", None, ["water", "forest"], {}, "classes must name them in order"),
     ],
 )
 def test_image_pretraining_refuses_what_it_cannot_teach(
     tmp_path: Path,
     pairs: Path,
     capsys: pytest.CaptureFixture[str],
+    targets: str,
     skip: str | None,
     classes: list[str],
     extra: dict[str, object],
     message: str,
 ) -> None:
-    shares = str(write_shares(tmp_path / "shares.csv", pairs, skip))
-    tower = {"shares": shares, "classes": classes, "codebook": extra.get("codebook", False)}
+    tower = {
+        **tower_targets(tmp_path, pairs, targets, skip),
+        "classes": classes,
+        "codebook": extra.get("codebook", False),
+    }
     model = {"metadata_type": extra.get("metadata", "none")}
     assert main(["train", "--config", str(config(tmp_path, pairs, image_pretraining=tower, model=model))]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "run" / CHECKPOINTS).exists()
+
+
+def test_a_class_raster_that_does_not_decode_or_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    broken = tmp_path / "k.tif"
+    broken.write_bytes(b"II*\x00 not a tiff")
+    with pytest.raises(DataError, match=r"k\.tif is not a readable raster") as info:
+        read_patch_means(broken, ("water",), 4)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="is not a folder; give the folder of class rasters"):
+        PatchShares.read(tmp_path / "absent", ["k"], ("water",), 4)
+
+
+@pytest.mark.parametrize("turn", range(8))
+def test_each_token_learns_its_own_patch_turned_as_its_image_was(tmp_path: Path, turn: int) -> None:
+    """A 4 x 4 token grid over an 8 x 8 raster: class 0 fills the patch of row 0, column 1, class 1 the rest but
+    the bottom-right patch, which holds no imagery (every band 0)."""
+    bands = np.zeros((2, 8, 8), np.uint8)
+    bands[0, 0:2, 2:4] = 255
+    bands[1] = 255 - bands[0]
+    bands[1, 6:8, 6:8] = 0
+    write_raster(tmp_path / "k.tif", bands, ("a", "b"))
+    write_raster(tmp_path / "turned.tif", dihedral_turn(torch.from_numpy(bands), turn).numpy(), ("a", "b"))
+    targets = PatchShares({"k": read_patch_means(tmp_path / "k.tif", ("a", "b"), 4)})
+    batch = SimpleNamespace(keys=("k",), turns=torch.tensor([turn]))
+    shares, valid = targets._patches(batch, torch.device("cpu"))  # type: ignore[arg-type]
+    # The tower's tokens run row by row over the image as it was given: turned.
+    expected = read_patch_means(tmp_path / "turned.tif", ("a", "b"), 4).flatten(1).T
+    assert torch.equal(valid[0], expected.sum(dim=1) > 0) and int(valid.sum()) == 15
+    assert torch.allclose(shares[0][valid[0]], expected[valid[0]] / 255)
+    assert int(shares[0, :, 0].argmax()) == int(expected[:, 0].argmax())
+    logits = torch.zeros(1, 16, 2)
+    logits[0, :, 0] = torch.where(shares[0, :, 0] > 0.5, 20.0, -20.0)
+    assert float(targets.token_loss(logits, batch)) < 1e-6  # type: ignore[arg-type]
+    # The pooled embedding learns whether, and how purely, a patch holds each class.
+    assert float(targets.embedding_loss(torch.tensor([[20.0, 20.0]]), batch)) < 1e-6  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

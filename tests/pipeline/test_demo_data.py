@@ -26,6 +26,7 @@ from model.data.folder import FolderPairs
 from pipeline.config import default_config_from_anywhere
 from pipeline.demo_data import (
     FORMAT,
+    LANDCOVER_DIR,
     MIN_MIX_WEIGHT,
     MIX_PEAK,
     MIX_RMS_DBFS,
@@ -47,7 +48,7 @@ from pipeline.demo_data import (
     read_recordings,
     split_by_block,
 )
-from pipeline.geometry import WORLD_HALF_M, views_centred_at
+from pipeline.geometry import WORLD_HALF_M, lnglat_of_mercator, views_centred_at
 from pipeline.landcover import CLASSES, CROP, DEVELOPED, NO_DATA, TREE, WATER, classify
 
 LABELLED = TRAINING_DIR / "LC08_L1TP_224078_20200518_20200518_01_RT_{kind}.gpkg"
@@ -294,6 +295,25 @@ def test_labels_are_class_shares_and_each_view_has_its_own_mix(dataset: Path) ->
     assert len({clip.tobytes() for clip in heard}) == len(heard)
 
 
+def test_each_view_has_its_land_cover_cut_like_its_image_over_its_bounds(dataset: Path) -> None:
+    pairs, labels = read_csv(dataset / "pairs.csv"), read_csv(dataset / "labels.csv")
+    for pair, label in zip(pairs, labels, strict=True):
+        with rasterio.open(dataset / LANDCOVER_DIR / f"{pair['key']}.tif") as raster:
+            assert (raster.count, raster.width, raster.height, raster.dtypes[0]) == (len(CLASSES), 224, 224, "uint8")
+            assert raster.descriptions == CLASSES and raster.crs.to_string() == "EPSG:3857"
+            bands, bounds = raster.read().astype(np.float64), raster.bounds
+        # Every pixel with imagery is shared out among the classes; its shares over the view are the labels'.
+        total = bands.sum(axis=0)
+        assert np.all((total == 0) | (np.abs(total - 255) <= len(CLASSES)))
+        shares = bands.sum(axis=(1, 2)) / total.sum()
+        assert shares == pytest.approx([float(label[name]) for name in CLASSES], abs=2e-3)
+        x, y = (bounds.left + bounds.right) / 2, (bounds.bottom + bounds.top) / 2
+        expected = views_centred_at([x], [y], default_settings().view_size_at(int(pair["zoom_level"])))[0]
+        assert np.allclose(tuple(bounds), expected, atol=0.01)
+        lon, lat = lnglat_of_mercator(x, y)
+        assert (float(lon), float(lat)) == pytest.approx((float(pair["lon"]), float(pair["lat"])), abs=1e-6)
+
+
 def view_boxes_utm(pairs: list[dict[str, str]], crs: str) -> list[Any]:
     to_mercator = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
     to_scene = Transformer.from_crs("EPSG:3857", crs, always_xy=True)
@@ -327,9 +347,10 @@ def test_same_seed_same_data_set_and_a_rerun_replaces_it(dataset: Path, tmp_path
         assert main([str(again), "--views", str(VIEWS), "--seed", "7"]) == 0
     for name in ("pairs.csv", "labels.csv", "dataset.json"):
         assert (again / name).read_bytes() == (dataset / name).read_bytes()
-    images = sorted(path.name for path in (dataset / "images").iterdir())
-    assert images == sorted(path.name for path in (again / "images").iterdir())
-    assert all((again / "images" / name).read_bytes() == (dataset / "images" / name).read_bytes() for name in images)
+    for folder in ("images", LANDCOVER_DIR):
+        files = sorted(path.name for path in (dataset / folder).iterdir())
+        assert files == sorted(path.name for path in (again / folder).iterdir())
+        assert all((again / folder / name).read_bytes() == (dataset / folder / name).read_bytes() for name in files)
     assert main([str(tmp_path / "other"), "--views", str(VIEWS), "--seed", "8"]) == 0
     assert (tmp_path / "other" / "labels.csv").read_bytes() != (dataset / "labels.csv").read_bytes()
 

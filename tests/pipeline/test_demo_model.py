@@ -2,9 +2,9 @@
 
 `pipeline.demo_quality` reads each query's map as a classifier of the land cover it is meant for (ROC AUC of the
 tiles richest in the class against the poorest). model/weights/README.md gives the whole table; this test holds
-the model to what it reaches: the water query and the dog recording + "in a town" query separate their classes
-(AUC >= 0.85, above every query meant for another class); the town and farm queries reach AUC 0.85 for theirs;
-the duck recording and the birds query score theirs above every query meant for another class.
+the model to what it reaches: the water and town queries, the duck recording and the dog recording + "in a town"
+separate their classes (AUC >= 0.85, above every query meant for another class); the farm query scores farmland
+above every query meant for another class. The birds query does not find forest, and nothing here pretends so.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from support.gallery import DEMO_WEIGHTS
 from support.paths import REPO
 
 from pipeline.config import DEFAULT_CONFIG_PATH
-from pipeline.demo_quality import GOOD_AUC, map_quality
+from pipeline.demo_quality import map_quality
 from pipeline.gallery import open_gallery
 from pipeline.geometry import lnglat_of_mercator
 from pipeline.plan import read_plan
@@ -69,9 +69,8 @@ def test_the_default_build_maps_with_the_demo_model(default_build: Path) -> None
 def test_land_cover_queries_find_their_land_cover(default_build: Path) -> None:
     report = map_quality(default_build, MEANT_FOR)
     print(report.table())
-    assert report.separates("water") and report.separates("dogs_in_town"), report.table()
-    assert all(report.auc_of(query) >= GOOD_AUC for query in ("town", "farm")), report.table()
-    assert all(report.outscores_other_classes(query) for query in ("duck_call", "birds")), report.table()
+    assert all(report.separates(query) for query in ("water", "town", "duck_call", "dogs_in_town")), report.table()
+    assert report.outscores_other_classes("farm"), report.table()
 
 
 def test_the_default_build_gives_every_querys_statistics_per_country(default_build: Path) -> None:
@@ -100,7 +99,7 @@ def test_the_default_build_gives_every_querys_statistics_per_country(default_bui
 
 def test_the_default_build_hears_water_where_it_maps_water(default_build: Path, tmp_path: Path) -> None:
     """Nine in ten tiles whose dominant sound is the water query have a water recording (ducks or frogs) as their
-    best gallery item (115 of 127 with the shipped weights, the rest a horse), and `listen` mixes a water tile's
+    best gallery item (all 137, the frog, with the shipped weights), and `listen` mixes a water tile's
     recordings from the build's own gallery."""
     store = xr.open_zarr(default_build / "soundscape.zarr")
     items = [item.id for item in open_gallery(default_build / "gallery").items]
