@@ -131,6 +131,18 @@ class TrainSettings:
         droprate = self.model.meta_droprate
         return cfg if droprate is None else replace(cfg, meta_droprate=droprate)
 
+    def recipe(self) -> dict[str, Any]:
+        """How the run's weights were made, for their exported config: every setting but where its files lie on
+        this machine (the files it was taught from keep only their names) and how many workers read them."""
+        values = dataclasses.asdict(self)
+        for key in ("out_dir", "text_cache", "mel_cache", "description"):
+            del values[key]
+        del values["data"]["root"], values["data"]["num_workers"]
+        for section, key in (("model", "init"), ("image_pretraining", "shares"), ("image_pretraining", "landcover")):
+            if values[section][key]:
+                values[section][key] = Path(values[section][key]).name
+        return values
+
 
 def _typed(value: Any, default: object, where: str) -> Any:
     """`value` as the type of the setting's default (YAML lists become tuples), or a one-line error."""
@@ -189,6 +201,10 @@ def _check(settings: TrainSettings) -> None:
         (
             not tower.enabled or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
             "image_pretraining needs classes (its targets' columns or bands), epochs >= 1 and lr > 0",
+        ),
+        (
+            "://" not in data.root or all(Path(path).is_absolute() for path in (tower.shares, tower.landcover) if path),
+            "image_pretraining's targets lie in the data folder, on the hub here: give them as an absolute local path",
         ),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),

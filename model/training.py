@@ -290,14 +290,11 @@ class ViewShares:
             raise DataError(f"{path} has no row for pair {missing[0]!r} ({len(missing)} missing); add the train pairs")
         return cls(shares)
 
-    def token_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
-        return soft_cross_entropy(logits, self._of(batch, logits.device)[:, None, :])
-
-    def embedding_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
-        return soft_cross_entropy(logits, self._of(batch, logits.device))
-
-    def _of(self, batch: TrainBatch, device: torch.device) -> Tensor:
-        return torch.stack([self.shares[key] for key in batch.keys]).to(device)
+    def loss(self, token_logits: Tensor, embedding_logits: Tensor | None, batch: TrainBatch) -> Tensor:
+        """Of (B, T, C) token logits and, when the pooled embedding is taught, its (B, C) logits."""
+        shares = torch.stack([self.shares[key] for key in batch.keys]).to(token_logits.device)
+        loss = soft_cross_entropy(token_logits, shares[:, None, :])
+        return loss if embedding_logits is None else loss + soft_cross_entropy(embedding_logits, shares)
 
 
 class PatchShares:
@@ -315,16 +312,16 @@ class PatchShares:
             raise ConfigError(f"image_pretraining.landcover {folder} is not a folder; give the folder of class rasters")
         return cls({key: read_patch_means(folder / f"{key}.tif", classes, grid) for key in keys})
 
-    def token_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
-        shares, valid = self._patches(batch, logits.device)
-        return soft_cross_entropy(logits[valid], shares[valid])
-
-    def embedding_loss(self, logits: Tensor, batch: TrainBatch) -> Tensor:
-        shares, valid = self._patches(batch, logits.device)
+    def loss(self, token_logits: Tensor, embedding_logits: Tensor | None, batch: TrainBatch) -> Tensor:
+        """Of (B, T, C) token logits and, when the pooled embedding is taught, its (B, C) logits."""
+        shares, valid = self.patches(batch, token_logits.device)
+        loss = soft_cross_entropy(token_logits[valid], shares[valid])
+        if embedding_logits is None:
+            return loss
         largest = shares.masked_fill(~valid[..., None], 0.0).amax(dim=1)
-        return F.binary_cross_entropy_with_logits(logits.float(), largest)
+        return loss + F.binary_cross_entropy_with_logits(embedding_logits.float(), largest)
 
-    def _patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
+    def patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B, T, C) shares of each token's patch, row by row as the tower orders its tokens, and (B, T) validity;
         each raster turned as its image was."""
         means = torch.stack(
@@ -395,10 +392,10 @@ class ImageTowerPretraining(pl.LightningModule):
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         tokens = self.tower(batch.images.to(self.device), self.gsd(batch.zoom_level).to(self.device))
-        loss = self.targets.token_loss(self.head(tokens), batch)
+        embedding_logits = None
         if self.embedding_head is not None:
-            embedding = l2_normalize(self.encode_image(tokens).embedding)
-            loss = loss + self.targets.embedding_loss(self.embedding_head(embedding), batch)
+            embedding_logits = self.embedding_head(l2_normalize(self.encode_image(tokens).embedding))
+        loss = self.targets.loss(self.head(tokens), embedding_logits, batch)
         self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -534,6 +531,7 @@ def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSet
         "trained_by": "python -m model train",
         "from_checkpoint": source.name,
         DESCRIPTION_KEY: settings.description,
+        "training": settings.recipe(),
     }
     written = list(save_safetensors(model, settings.out_path / f"{EXPORT_NAME}.safetensors", hparams, provenance))
     if Sat2SoundConfig.from_hparams(hparams) == model.cfg:

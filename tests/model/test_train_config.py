@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,20 @@ def test_image_pretraining_targets_are_the_data_sets(tmp_path: Path) -> None:
     assert not parse_settings(MINIMAL).image_pretraining.enabled
 
 
+def test_a_recipe_says_how_weights_were_made_not_where_files_lay(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    tower = {"landcover": str(tmp_path / "pairs" / "landcover"), "classes": ["water"], "epochs": 3}
+    values = {**MINIMAL, "model": {"init": "w.safetensors"}, "image_pretraining": tower, "seed": 7}
+    path.write_text(yaml.safe_dump({**values, "text_cache": "texts", "description": "a model"}))
+    recipe = load_settings(path).recipe()
+    assert str(tmp_path) not in json.dumps(recipe)
+    assert {"out_dir", "text_cache", "mel_cache", "description"}.isdisjoint(recipe)
+    assert {"root", "num_workers"}.isdisjoint(recipe["data"]) and recipe["data"]["format"] == "folder"
+    assert recipe["model"]["init"] == "w.safetensors" and recipe["seed"] == 7
+    assert recipe["image_pretraining"] | {"landcover": "landcover"} == recipe["image_pretraining"]
+    assert recipe["image_pretraining"]["epochs"] == 3 and recipe["optim"]["betas"] == (0.9, 0.98)
+
+
 def test_the_architecture_takes_sat_type_and_metadata() -> None:
     values = {**MINIMAL, "data": {"root": "p", "sat_type": "bingmap"}, "model": {"metadata_type": "latlong"}}
     cfg = parse_settings(values).model_config()
@@ -79,6 +94,10 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
         ({**MINIMAL, "image_pretraining": {"shares": "l.csv"}}, "image_pretraining needs classes"),
         ({**MINIMAL, "image_pretraining": {"shares": "l.csv", "classes": ["a"], "epochs": 0}}, "epochs >= 1"),
         ({**MINIMAL, "image_pretraining": {"landcover": "lc"}}, "image_pretraining needs classes"),
+        (
+            {**MINIMAL, "data": {"root": "hf://d/a"}, "image_pretraining": {"landcover": "lc", "classes": ["a"]}},
+            "data folder, on the hub here: give them as an absolute local path",
+        ),
         (
             {**MINIMAL, "image_pretraining": {"shares": "l.csv", "landcover": "lc", "classes": ["a"]}},
             "shares \\(per view\\) or landcover \\(per pixel\\), not both",

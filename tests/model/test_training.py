@@ -167,7 +167,9 @@ def test_training_logs_keeps_the_best_and_exports_what_the_pipeline_loads(tmp_pa
     fresh = Sat2SoundConfig.small("none")
     assert all(torch.isfinite(value).all() for value in final_weights(out).values())
     assert model.cfg.fc_dim == fresh.fc_dim
-    assert json.loads((out / "model.json").read_text())["trained_by"] == "python -m model train"
+    exported = json.loads((out / "model.json").read_text())
+    assert exported["trained_by"] == "python -m model train"
+    assert exported["training"] == json.loads(json.dumps(settings.recipe()))
     assert not (out / "model.ckpt").exists()  # upstream's layout cannot describe the small architecture
     assert list(settings.text_cache_path.rglob("*.npy"))
 
@@ -305,7 +307,7 @@ def test_each_token_learns_its_own_patch_turned_as_its_image_was(tmp_path: Path,
     write_raster(tmp_path / "turned.tif", dihedral_turn(torch.from_numpy(bands), turn).numpy(), ("a", "b"))
     targets = PatchShares({"k": read_patch_means(tmp_path / "k.tif", ("a", "b"), 4)})
     batch = SimpleNamespace(keys=("k",), turns=torch.tensor([turn]))
-    shares, valid = targets._patches(batch, torch.device("cpu"))  # type: ignore[arg-type]
+    shares, valid = targets.patches(batch, torch.device("cpu"))  # type: ignore[arg-type]
     # The tower's tokens run row by row over the image as it was given: turned.
     expected = read_patch_means(tmp_path / "turned.tif", ("a", "b"), 4).flatten(1).T
     assert torch.equal(valid[0], expected.sum(dim=1) > 0) and int(valid.sum()) == 15
@@ -313,9 +315,10 @@ def test_each_token_learns_its_own_patch_turned_as_its_image_was(tmp_path: Path,
     assert int(shares[0, :, 0].argmax()) == int(expected[:, 0].argmax())
     logits = torch.zeros(1, 16, 2)
     logits[0, :, 0] = torch.where(shares[0, :, 0] > 0.5, 20.0, -20.0)
-    assert float(targets.token_loss(logits, batch)) < 1e-6  # type: ignore[arg-type]
+    assert float(targets.loss(logits, None, batch)) < 1e-6  # type: ignore[arg-type]
     # The pooled embedding learns whether, and how purely, a patch holds each class.
-    assert float(targets.embedding_loss(torch.tensor([[20.0, 20.0]]), batch)) < 1e-6  # type: ignore[arg-type]
+    assert float(targets.loss(logits, torch.tensor([[20.0, 20.0]]), batch)) < 1e-6  # type: ignore[arg-type]
+    assert float(targets.loss(logits, torch.tensor([[20.0, -20.0]]), batch)) > 1  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from shapely.geometry import box
 from support.gallery import DEMO_WEIGHTS
 from support.paths import REPO
 
+from model.train_config import load_settings
 from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.demo_quality import map_quality
 from pipeline.gallery import open_gallery
@@ -64,6 +65,11 @@ def test_the_default_build_maps_with_the_demo_model(default_build: Path) -> None
     assert set(MEANT_FOR) <= {query["id"] for query in config["queries"]}
     kinds = {("audio" in query) + 2 * ("text" in query) for query in config["queries"]}
     assert kinds == {1, 2, 3}  # audio, text and composed queries
+
+
+def test_the_shipped_weights_were_made_by_the_shipped_training_config() -> None:
+    shipped = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["training"]
+    assert shipped == json.loads(json.dumps(load_settings(REPO / "config" / "demo_train.yaml").recipe()))
 
 
 def test_land_cover_queries_find_their_land_cover(default_build: Path) -> None:
