@@ -11,19 +11,25 @@ where it is plentiful against where it is scarce. Each query's raw score is then
 class: the ROC AUC (the chance that a random positive tile outscores a random negative one, ties counting half).
 A query separates its class when its AUC is at least `GOOD_AUC` and higher than that of every query meant
 for another class.
+
+On a scene around a reservoir, the tiles poorest in a land class are mostly the ones that hold water, so a land
+class's AUC also measures land against water. Beside it the report gives, over the tiles with less than
+`LAND_AT_MOST_WATER` water, each query's Spearman rank correlation with each land class's share: whether it tells
+town from farmland from forest where there is no water to tell.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import ConstantInputWarning, rankdata, spearmanr
 
 from pipeline.build import STORE_NAME
 from pipeline.demo_data import default_settings, land_cover, open_scene
@@ -37,6 +43,7 @@ MIN_POSITIVE_SHARE = 0.1
 POSITIVE_QUANTILE = 0.75
 NEGATIVE_QUANTILE = 0.5
 GOOD_AUC = 0.85
+LAND_AT_MOST_WATER = 0.1
 # Every row or every column of the store.
 WHOLE = slice(None)
 
@@ -50,6 +57,8 @@ class QualityReport(NamedTuple):
     negatives: np.ndarray  # (CLASSES,)
     tiles: int
     expected: Mapping[str, str]  # query id -> class
+    land_rho: np.ndarray  # (queries, CLASSES) Spearman over the land tiles; NaN for water
+    land_tiles: int
 
     def auc_of(self, query: str) -> float:
         """The query's AUC for the class it is meant for."""
@@ -80,6 +89,11 @@ class QualityReport(NamedTuple):
         for name, counts in (("positives", self.positives), ("negatives", self.negatives)):
             lines.append(f"{name:>12} " + " ".join(f"{int(count):>10}" for count in counts))
         lines.append(f"{self.tiles} tiles; * marks the query meant for the class")
+        under = f"{self.land_tiles} tiles under {LAND_AT_MOST_WATER:.0%} water"
+        lines.append(f"Spearman with each class's share over the {under}:")
+        for row, query in enumerate(self.queries):
+            cells = [f"{'':>10}" if np.isnan(rho) else f"{rho:>+10.2f}" for rho in self.land_rho[row]]
+            lines.append(f"{query:>12} " + " ".join(cells))
         return "\n".join(lines)
 
 
@@ -98,6 +112,21 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - count_pos * (count_pos + 1) / 2) / (count_pos * count_neg))
+
+
+def land_correlations(scores: np.ndarray, shares: np.ndarray) -> tuple[np.ndarray, int]:
+    """(queries, CLASSES) Spearman correlations of (queries, N) scores with the (N, CLASSES) shares over the tiles
+    under LAND_AT_MOST_WATER water (NaN for water, where fewer than three such tiles, and where either side is
+    constant), and their count."""
+    land = shares[:, CLASSES.index("water")] < LAND_AT_MOST_WATER
+    rho = np.full((len(scores), len(CLASSES)), np.nan)
+    if land.sum() >= 3:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            for column, name in enumerate(CLASSES):
+                if name != "water":
+                    rho[:, column] = [spearmanr(row[land], shares[land, column]).statistic for row in scores]
+    return rho, int(land.sum())
 
 
 def tile_class_shares(store: SoundscapeStore) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +160,8 @@ def map_quality(build: Path, expected: Mapping[str, str]) -> QualityReport:
     auc = np.array(
         [[roc_auc(row[judged[:, c]], positive[judged[:, c], c]) for c in range(len(CLASSES))] for row in scores]
     )
-    return QualityReport(ids, auc, positive.sum(axis=0), negative.sum(axis=0), len(indexes), dict(expected))
+    counts = (positive.sum(axis=0), negative.sum(axis=0))
+    return QualityReport(ids, auc, *counts, len(indexes), dict(expected), *land_correlations(scores, shares))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo_quality import GOOD_AUC, QualityReport, class_sides, main, roc_auc
+from pipeline.demo_quality import (
+    GOOD_AUC,
+    LAND_AT_MOST_WATER,
+    QualityReport,
+    class_sides,
+    land_correlations,
+    main,
+    roc_auc,
+)
 from pipeline.landcover import CLASSES
 
 
@@ -35,7 +43,7 @@ def report(auc_water: list[float]) -> QualityReport:
     auc[:, 0] = auc_water
     ids = tuple(f"q{index}" for index in range(len(auc_water)))
     counts = np.ones(len(CLASSES))
-    return QualityReport(ids, auc, counts, counts, 10, {"q0": "water"})
+    return QualityReport(ids, auc, counts, counts, 10, {"q0": "water"}, np.zeros_like(auc), 5)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +65,21 @@ def test_queries_meant_for_the_same_class_do_not_compete() -> None:
     both = report([0.9, 0.95])
     both = both._replace(expected={"q0": "water", "q1": "water"})
     assert both.separates("q0") and both.separates("q1")
+
+
+def test_land_correlations_rank_land_tiles_only() -> None:
+    shares = np.zeros((8, len(CLASSES)))
+    water, tree, crop, developed = (CLASSES.index(name) for name in ("water", "tree", "crop", "developed"))
+    shares[:5, developed] = [0.0, 0.1, 0.2, 0.3, 0.4]
+    shares[:5, crop] = 1.0 - shares[:5, developed]
+    shares[5:, water] = LAND_AT_MOST_WATER  # not land: left out, though they would break both orders
+    shares[5:, crop] = 1.0 - LAND_AT_MOST_WATER
+    town = np.array([1.0, 2.0, 3.0, 4.0, 5.0, -9.0, 9.0, 0.0])
+    rho, land = land_correlations(np.stack([town, -town]), shares)
+    assert land == 5
+    np.testing.assert_allclose(rho[:, [developed, crop]], [[1.0, -1.0], [-1.0, 1.0]])
+    assert np.isnan(rho[:, water]).all() and np.isnan(rho[:, tree]).all()  # no water column; tree is constant
+    assert np.isnan(land_correlations(np.stack([town[5:]]), shares[5:])[0]).all()
 
 
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
