@@ -35,7 +35,7 @@ from pipeline.build import STORE_NAME
 from pipeline.demo_data import default_settings, land_cover, open_scene
 from pipeline.errors import PipelineError
 from pipeline.geometry import views_centred_at
-from pipeline.landcover import CLASSES
+from pipeline.landcover import CLASSES, WATER
 from pipeline.plan import ModelView
 from pipeline.store.read import SoundscapeStore, open_store
 
@@ -118,13 +118,13 @@ def land_correlations(scores: np.ndarray, shares: np.ndarray) -> tuple[np.ndarra
     """(queries, CLASSES) Spearman correlations of (queries, N) scores with the (N, CLASSES) shares over the tiles
     under LAND_AT_MOST_WATER water (NaN for water, where fewer than three such tiles, and where either side is
     constant), and their count."""
-    land = shares[:, CLASSES.index("water")] < LAND_AT_MOST_WATER
+    land = shares[:, WATER] < LAND_AT_MOST_WATER
     rho = np.full((len(scores), len(CLASSES)), np.nan)
     if land.sum() >= 3:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConstantInputWarning)
-            for column, name in enumerate(CLASSES):
-                if name != "water":
+            for column in range(len(CLASSES)):
+                if column != WATER:
                     rho[:, column] = [spearmanr(row[land], shares[land, column]).statistic for row in scores]
     return rho, int(land.sum())
 
@@ -160,8 +160,10 @@ def map_quality(build: Path, expected: Mapping[str, str]) -> QualityReport:
     auc = np.array(
         [[roc_auc(row[judged[:, c]], positive[judged[:, c], c]) for c in range(len(CLASSES))] for row in scores]
     )
-    counts = (positive.sum(axis=0), negative.sum(axis=0))
-    return QualityReport(ids, auc, *counts, len(indexes), dict(expected), *land_correlations(scores, shares))
+    rho, land_tiles = land_correlations(scores, shares)
+    return QualityReport(
+        ids, auc, positive.sum(axis=0), negative.sum(axis=0), len(indexes), dict(expected), rho, land_tiles
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pipeline.demo_quality import (
     main,
     roc_auc,
 )
-from pipeline.landcover import CLASSES
+from pipeline.landcover import CLASSES, CROP, DEVELOPED, TREE, WATER
 
 
 def test_auc_counts_pairs_ties_half() -> None:
@@ -69,16 +69,15 @@ def test_queries_meant_for_the_same_class_do_not_compete() -> None:
 
 def test_land_correlations_rank_land_tiles_only() -> None:
     shares = np.zeros((8, len(CLASSES)))
-    water, tree, crop, developed = (CLASSES.index(name) for name in ("water", "tree", "crop", "developed"))
-    shares[:5, developed] = [0.0, 0.1, 0.2, 0.3, 0.4]
-    shares[:5, crop] = 1.0 - shares[:5, developed]
-    shares[5:, water] = LAND_AT_MOST_WATER  # not land: left out, though they would break both orders
-    shares[5:, crop] = 1.0 - LAND_AT_MOST_WATER
+    shares[:5, DEVELOPED] = [0.0, 0.1, 0.2, 0.3, 0.4]
+    shares[:5, CROP] = 1.0 - shares[:5, DEVELOPED]
+    shares[5:, WATER] = LAND_AT_MOST_WATER  # not land: left out, though they would break both orders
+    shares[5:, CROP] = 1.0 - LAND_AT_MOST_WATER
     town = np.array([1.0, 2.0, 3.0, 4.0, 5.0, -9.0, 9.0, 0.0])
     rho, land = land_correlations(np.stack([town, -town]), shares)
     assert land == 5
-    np.testing.assert_allclose(rho[:, [developed, crop]], [[1.0, -1.0], [-1.0, 1.0]])
-    assert np.isnan(rho[:, water]).all() and np.isnan(rho[:, tree]).all()  # no water column; tree is constant
+    np.testing.assert_allclose(rho[:, [DEVELOPED, CROP]], [[1.0, -1.0], [-1.0, 1.0]])
+    assert np.isnan(rho[:, WATER]).all() and np.isnan(rho[:, TREE]).all()  # no water column; tree is constant
     assert np.isnan(land_correlations(np.stack([town[5:]]), shares[5:])[0]).all()
 
 
