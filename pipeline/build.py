@@ -9,6 +9,7 @@ time). `quiet_interrupts` makes Ctrl-C on a running build one line too.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
-from pipeline.launch import STOPPED_LINE
+from pipeline.launch import STOP_MARK_ENV, STOPPED_LINE
 from pipeline.model_setup import (
     check_device,
     check_model,
@@ -210,14 +211,22 @@ def quiet_interrupts() -> None:
     """Make Ctrl-C print one line: Snakemake reports every job it cancels as failed, with their tracebacks.
 
     Its own log (.snakemake/log) keeps the details. The interrupt then runs its course, so Snakemake still
-    stops the jobs and releases its lock, and the same command resumes the build."""
+    stops the jobs and releases its lock, and the same command resumes the build. The interrupt also creates the
+    file `STOP_MARK_ENV` names: a job launched as it came finds it and does not start (`stop_marked`)."""
 
+    # In Snakemake's own folder of the working directory, where its locks are.
+    mark = Path.cwd() / ".snakemake" / f"stopped-{os.getpid()}"
+    mark.unlink(missing_ok=True)
+    atexit.register(mark.unlink, missing_ok=True)
+    os.environ[STOP_MARK_ENV] = str(mark)
     stopped = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopped
         if not stopped:
             stopped = True
+            mark.parent.mkdir(exist_ok=True)
+            mark.touch()
             print(STOPPED_LINE, file=sys.stderr, flush=True)
             sys.stdout.flush()
             silent = os.open(os.devnull, os.O_WRONLY)

@@ -14,6 +14,15 @@ from types import FrameType
 
 STOPPED_LINE = "stopped; rerun the same command to resume"
 INTERRUPTED_STATUS = 130
+# Names the file that Ctrl-C creates (`pipeline.build.quiet_interrupts`). A job launched just as the interrupt came
+# misses the signal, and Snakemake would wait for it to the end: the job finds the file and does not start.
+STOP_MARK_ENV = "SAT2SOUND_STOP_MARK"
+
+
+def stop_marked() -> bool:
+    """Whether the build that launched this job was stopped (Ctrl-C)."""
+    mark = os.environ.get(STOP_MARK_ENV)
+    return mark is not None and os.path.exists(mark)
 
 
 def _stop_early(signum: int, frame: FrameType | None) -> None:

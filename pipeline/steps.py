@@ -19,6 +19,7 @@ from common.atomic import atomic_path
 from common.errors import Sat2SoundError
 from common.memory import keep_freed_memory
 from pipeline.config import BuildConfig, read_settings
+from pipeline.launch import INTERRUPTED_STATUS, stop_marked
 
 ERROR_STATUS = 2
 # When the job's process started its Python code (the embed job reports its fixed start-up cost).
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if stop_marked():
+        print(f"{args.step}: not started, the build was stopped (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_STATUS
     step = STEPS[args.step][0]
     keep_freed_memory()
     start = time.perf_counter()

@@ -18,7 +18,7 @@ import yaml
 from support.paths import LANDSAT, REPO
 
 from pipeline.config import DEFAULT_CONFIG_PATH, default_config_from_anywhere
-from pipeline.launch import STOPPED_LINE
+from pipeline.launch import INTERRUPTED_STATUS, STOPPED_LINE
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TIMEOUT_S = 120
@@ -26,11 +26,16 @@ TIMEOUT_S = 120
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def wait_for(path: Path, run: subprocess.Popen[Any]) -> None:
+def wait_for(path: Path, run: subprocess.Popen[Any], text: str = "") -> None:
+    """Until the file at `path` exists and holds `text`."""
+
+    def there() -> bool:
+        return path.is_file() and text in path.read_text()
+
     deadline = time.monotonic() + TIMEOUT_S
-    while not path.exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), f"{path} never appeared (exit status {run.poll()})"
+    while not there() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert there(), f"{path} never appeared or never held {text!r} (exit status {run.poll()})"
 
 
 def locks(work: Path) -> list[Path]:
@@ -49,7 +54,9 @@ def test_ctrl_c_on_a_running_build_prints_one_line_and_the_same_command_resumes(
         # A session of its own, signalled as a whole: what a terminal does on Ctrl-C to its foreground job.
         run = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=out, stderr=err, start_new_session=True)
         try:
-            wait_for(tmp_path / "outputs" / config["name"] / "logs" / "embed", run)
+            # Once the embed job says it has started: a job launched at the very moment of Ctrl-C may miss the
+            # signal (see test_a_job_launched_after_ctrl_c_does_not_start).
+            wait_for(tmp_path / "outputs" / config["name"] / "logs" / "embed" / "0.log", run, "embed: ")
             os.killpg(run.pid, signal.SIGINT)
             run.wait(TIMEOUT_S)
         finally:
@@ -65,6 +72,41 @@ def test_ctrl_c_on_a_running_build_prints_one_line_and_the_same_command_resumes(
     resumed = subprocess.run([*command, "-n"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "\nembed " in resumed.stdout and "\nmodel " not in resumed.stdout, resumed.stdout
+
+
+# Snakemake after Ctrl-C, launching one more job (the signal came as it was starting it, so the job missed it).
+LATE_JOB = """
+import os, signal, subprocess, sys, time
+from pipeline.build import quiet_interrupts
+
+quiet_interrupts()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(10)
+except KeyboardInterrupt:
+    pass
+with open(sys.argv[1], "w") as log:
+    job = [sys.executable, "-m", "pipeline.steps", "model", "--settings", sys.argv[2], "--out", sys.argv[3]]
+    sys.exit(subprocess.run(job, stdout=log, stderr=log).returncode)
+"""
+
+
+def test_a_job_launched_after_ctrl_c_does_not_start(tmp_path: Path) -> None:
+    # Snakemake waits for the jobs it cancels; one that missed the signal would otherwise run to its end.
+    log, out = tmp_path / "job.log", tmp_path / "model.json"
+    late = subprocess.run(
+        [sys.executable, "-c", LATE_JOB, str(log), str(tmp_path / "settings.json"), str(out)],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert late.returncode == INTERRUPTED_STATUS, log.read_text() if log.exists() else late.stderr
+    assert log.read_text() == "model: not started, the build was stopped (Ctrl-C)\n"
+    assert not out.exists()
+    # The mark lay in Snakemake's folder while it ran, and went with it.
+    assert (tmp_path / ".snakemake").is_dir() and not list((tmp_path / ".snakemake").iterdir())
 
 
 def test_run_sh_unlock_releases_the_lock_of_a_build_killed_hard(tmp_path: Path) -> None:
