@@ -63,15 +63,16 @@ class OptimSettings:
 @dataclass(frozen=True)
 class TowerSettings:
     """Teach the image side land cover before the rest trains, then keep it frozen. Its targets, in the data folder
-    (or absolute paths), one of:
+    (or absolute paths), one or both of:
 
     shares     a CSV of `key` and one column per class: every patch token learns its view's class shares
     landcover  a folder of one raster per pair (`<key>.tif`, one uint8 band per class, 0-255 = the class's share of
                the pixel, over exactly the pair's image): every patch token learns its own patch's shares
 
-    With `codebook`, the pooled image embedding is taught too (with `shares`, the view's shares; with `landcover`,
-    each class's largest patch share, as the codebook pools tokens by their largest score) and the codebook and
-    its image queries stay frozen with the tower. Off while both are unset."""
+    With both, every token learns each through a head of its own. With `codebook`, the pooled image embedding is
+    taught too (with `landcover`, each class's largest patch share, as the codebook pools tokens by their largest
+    score; with `shares` alone, the view's shares) and the codebook and its image queries stay frozen with the
+    tower. Off while both are unset."""
 
     shares: str | None = None
     landcover: str | None = None
@@ -194,10 +195,6 @@ def _check(settings: TrainSettings) -> None:
         (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
         (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)"),
         (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),
-        (
-            tower.shares is None or tower.landcover is None,
-            "image_pretraining takes shares (per view) or landcover (per pixel), not both; drop one",
-        ),
         (
             not tower.enabled or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
             "image_pretraining needs classes (its targets' columns or bands), epochs >= 1 and lr > 0",

@@ -351,9 +351,10 @@ def read_patch_means(path: Path, classes: Sequence[str], grid: int) -> Tensor:
 
 
 class ImageTowerPretraining(pl.LightningModule):
-    """The image side alone, every patch token taught land cover (`ViewShares`, `PatchShares`) through a linear
-    head that is dropped afterwards (soft cross-entropy). With `codebook`, the pooled embedding is taught too (a
-    second head), and the main run aligns audio and text with image embeddings fixed by it."""
+    """The image side alone, every patch token taught land cover (`PatchShares`, `ViewShares`, or both) through a
+    linear head per target that is dropped afterwards (soft cross-entropy). With `codebook`, the pooled embedding
+    is taught the first target's rule too (one more head), and the main run aligns audio and text with image
+    embeddings fixed by it."""
 
     def __init__(self, model: Sat2Sound, settings: TrainSettings) -> None:
         super().__init__()
@@ -366,20 +367,19 @@ class ImageTowerPretraining(pl.LightningModule):
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
-        self.head = nn.Linear(model.cfg.fc_dim, len(tower.classes))
         self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
         self.encode_image = model.fdt.encode_image
         # The model's own tensors, registered here so that the optimiser and DDP see them.
         self.taught = nn.ParameterList(image_side(model, tower))
         self.pairs = train_pairs(settings)
         keys = self.pairs.source.pair_keys()
+        self.targets: list[PatchShares | ViewShares] = []
         if tower.landcover is not None:
             grid = model.cfg.vit.grid_size
-            self.targets: ViewShares | PatchShares = PatchShares.read(
-                settings.in_data(tower.landcover), keys, tower.classes, grid
-            )
-        else:
-            self.targets = ViewShares.read(settings.in_data(str(tower.shares)), keys, tower.classes)
+            self.targets.append(PatchShares.read(settings.in_data(tower.landcover), keys, tower.classes, grid))
+        if tower.shares is not None:
+            self.targets.append(ViewShares.read(settings.in_data(tower.shares), keys, tower.classes))
+        self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in self.targets)
 
     def train_dataloader(self) -> DataLoader:
         return train_loader(self.pairs, self.settings)
@@ -395,7 +395,11 @@ class ImageTowerPretraining(pl.LightningModule):
         embedding_logits = None
         if self.embedding_head is not None:
             embedding_logits = self.embedding_head(l2_normalize(self.encode_image(tokens).embedding))
-        loss = self.targets.loss(self.head(tokens), embedding_logits, batch)
+        losses = [
+            targets.loss(head(tokens), embedding_logits if index == 0 else None, batch)
+            for index, (targets, head) in enumerate(zip(self.targets, self.heads, strict=True))
+        ]
+        loss = torch.stack(losses).sum()
         self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 

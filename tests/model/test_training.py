@@ -34,7 +34,9 @@ from model.train_config import load_settings, parse_settings
 from model.training import (
     CHECKPOINTS,
     LAST,
+    ImageTowerPretraining,
     PatchShares,
+    ViewShares,
     initial_model,
     open_pairs,
     read_patch_means,
@@ -132,9 +134,11 @@ def write_raster(path: Path, bands: np.ndarray, names: Sequence[str]) -> None:
 
 
 def tower_targets(tmp_path: Path, pairs: Path, targets: str, skip: str | None = None) -> dict[str, str]:
+    """`landcover`, `shares`, or `both` (then only the shares skip `skip`)."""
     if targets == "landcover":
         return {"landcover": str(write_landcover(tmp_path / "landcover", pairs, skip))}
-    return {"shares": str(write_shares(tmp_path / "shares.csv", pairs, skip))}
+    shares = {"shares": str(write_shares(tmp_path / "shares.csv", pairs, skip))}
+    return shares if targets == "shares" else {**tower_targets(tmp_path, pairs, "landcover"), **shares}
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -212,7 +216,12 @@ def test_a_run_from_init_weights_trains_them_and_leaves_frozen_what_a_fresh_mode
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("targets", "codebook", "taught_prefixes"),
-    [("shares", False, IMAGE_SIDE[:1]), ("shares", True, IMAGE_SIDE), ("landcover", True, IMAGE_SIDE)],
+    [
+        ("shares", False, IMAGE_SIDE[:1]),
+        ("shares", True, IMAGE_SIDE),
+        ("landcover", True, IMAGE_SIDE),
+        ("both", True, IMAGE_SIDE),
+    ],
 )
 def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
     tmp_path: Path,
@@ -261,6 +270,7 @@ def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
         ("landcover", "water0", list(COLOURS), {}, "water0.tif does not exist; give every train pair a class raster"),
         ("landcover", None, ["water", "city", "forest"], {}, "3 bands (water, forest, city); image_pretraining"),
         ("landcover", None, ["water", "forest"], {}, "classes must name them in order"),
+        ("both", "water0", list(COLOURS), {}, "has no row for pair 'water0'"),
     ],
 )
 def test_image_pretraining_refuses_what_it_cannot_teach(
@@ -293,6 +303,28 @@ def test_a_class_raster_that_does_not_decode_or_a_missing_folder_is_refused(tmp_
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="is not a folder; give the folder of class rasters"):
         PatchShares.read(tmp_path / "absent", ["k"], ("water",), 4)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_with_both_targets_each_token_learns_its_patch_and_its_view_through_a_head_each(
+    tmp_path: Path, pairs: Path
+) -> None:
+    tower = {**tower_targets(tmp_path, pairs, "both"), "classes": list(COLOURS), "codebook": True}
+    settings = load_settings(config(tmp_path, pairs, image_pretraining=tower))
+    module = ImageTowerPretraining(initial_model(settings), settings)
+    patch, view = module.targets
+    assert isinstance(patch, PatchShares) and isinstance(view, ViewShares) and len(module.heads) == 2
+    batch = next(iter(module.train_dataloader()))
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        tokens = module.tower(batch.images, module.gsd(batch.zoom_level))
+        embedding_logits = module.embedding_head(training.l2_normalize(module.encode_image(tokens).embedding))
+        parts = (
+            patch.loss(module.heads[0](tokens), embedding_logits, batch),
+            view.loss(module.heads[1](tokens), None, batch),
+        )
+    assert all(part > 0 for part in parts)
+    torch.testing.assert_close(loss, parts[0] + parts[1])
 
 
 @pytest.mark.parametrize("turn", range(8))
