@@ -1,10 +1,13 @@
 """The demo model's data set: real Landsat 8 scenes and real CC0 recordings, paired by the scenes' land cover.
 
-    python -m pipeline.demo_data OUT_DIR [--views N] [--seed S]
+    python -m pipeline.demo_data OUT_DIR [--views N] [--seed S] [--past-edge]
 
 Views are cut as the default map build cuts them (config/config.yaml: its imagery options, sat_type and zoom
 level; `LocalRasterReader.source_pixels`, then `pipeline.views.cut_views`): squares of the model's view size
-centred on random points (seeded), kept where at least MIN_COVERAGE of their pixels hold imagery.
+centred on random points (seeded) at least half a view inside a scene's footprint, kept where at least
+MIN_COVERAGE of their pixels hold imagery. With --past-edge, centres lie anywhere over the footprint and views
+are kept from the map's own imagery.min_coverage, so that views, like the map's tiles, may reach past a scene's
+edge.
 
     train  N views of the training scenes (examples/training/) lying wholly east of VAL_WEST_OF_LON, half at
            the map's zoom level and half at zoom level 1 (a third of the size at 3; upstream too trains at
@@ -136,7 +139,8 @@ class Recording(NamedTuple):
 
 class Scene(NamedTuple):
     """A raster views are cut from, the EPSG:3857 box their centres are drawn in (its footprint less half a view
-    on every side), and its land cover: the classes of all its pixels as 0/1 planes, to cut like its images."""
+    on every side; the whole footprint with `Settings.past_edge`), and its land cover: the classes of all its
+    pixels as 0/1 planes, to cut like its images."""
 
     name: str
     reader: ImageryReader
@@ -178,6 +182,13 @@ class Settings:
     test_scene: Path
     sat_type: str
     zoom_level: int
+    map_min_coverage: float  # imagery.min_coverage: the least imagery a map keeps a tile from
+    past_edge: bool = False
+
+    @property
+    def min_coverage(self) -> float:
+        """The share of a view's pixels that must hold imagery for the view to be kept."""
+        return self.map_min_coverage if self.past_edge else MIN_COVERAGE
 
     @property
     def view_size_m(self) -> float:
@@ -200,6 +211,7 @@ def default_settings() -> Settings:
         test_scene=source if source.is_absolute() else REPO / source,
         sat_type=config.model.sat_type,
         zoom_level=config.model.zoom_level,
+        map_min_coverage=config.imagery.min_coverage,
     )
 
 
@@ -306,9 +318,13 @@ def open_scene(path: Path, settings: Settings, stack: ExitStack) -> Scene:
     if footprint is None:
         raise DatasetError(f"scene {path} has no footprint; use a georeferenced raster")
     left, bottom, right, top = transform_bounds(WGS84, WEB_MERCATOR, *footprint)
-    half = settings.view_size_m * mercator_scale((footprint.bottom + footprint.top) / 2.0) / 2.0
+    half = (
+        0.0
+        if settings.past_edge
+        else settings.view_size_m * mercator_scale((footprint.bottom + footprint.top) / 2.0) / 2.0
+    )
     centres = (left + half, bottom + half, right - half, top - half)
-    # Views centred on opposite corners of the centres' box span the whole footprint.
+    # Views centred on opposite corners of the centres' box span the whole footprint (and past it with past_edge).
     corners = views_centred_at(centres[::2], centres[1::2], settings.view_size_m)
     source = reader.source_pixels(corners, MODEL_INPUT_PX)
     if source.stretch is None:
@@ -341,13 +357,14 @@ def draw_views(
     quotas: dict[str, int],
     split_of: Callable[[np.ndarray], list[str | None]],
     view_sizes: Mapping[int, float],
+    min_coverage: float,
     rng: np.random.Generator,
     balanced: bool = False,
 ) -> dict[str, list[View]]:
-    """`quotas[split]` views per split, drawn at random over `scenes` (in proportion to their area) and zoom
-    levels (`view_sizes`: each one's view size in m, equally often), a random choice among those kept when a
-    round kept more. `balanced`: a choice among BALANCED_POOL times as many, spread over dominant classes
-    (`choose_balanced`)."""
+    """`quotas[split]` views per split with at least `min_coverage` imagery, drawn at random over `scenes` (in
+    proportion to their area) and zoom levels (`view_sizes`: each one's view size in m, equally often), a random
+    choice among those kept when a round kept more. `balanced`: a choice among BALANCED_POOL times as many, spread
+    over dominant classes (`choose_balanced`)."""
     weights = np.array([scene.centre_area for scene in scenes])
     if not weights.sum() > 0:
         raise DatasetError(f"scenes {[scene.name for scene in scenes]} are smaller than one view; use larger ones")
@@ -371,7 +388,7 @@ def draw_views(
                 views = random_views(scene, int(zoom_count), view_sizes[zoom_level], rng)
                 coverage, fractions = land_cover(scene, views)
                 for index, split in enumerate(split_of(views)):
-                    if split in kept and coverage[index] >= MIN_COVERAGE:
+                    if split in kept and coverage[index] >= min_coverage:
                         kept[split].append(View(split, scene.name, zoom_level, views[index], fractions[index]))
         print(
             "demo_data: drew "
@@ -379,7 +396,7 @@ def draw_views(
             flush=True,
         )
     raise DatasetError(
-        f"could not draw {quotas} views with {MIN_COVERAGE:.0%} imagery from {[scene.name for scene in scenes]}"
+        f"could not draw {quotas} views with {min_coverage:.0%} imagery from {[scene.name for scene in scenes]}"
         f" in {MAX_ROUNDS} rounds; check the scenes"
     )
 
@@ -405,14 +422,15 @@ def _batches(views: np.ndarray) -> Iterator[np.ndarray]:
         yield views[start : start + CUT_BATCH]
 
 
-def make_dataset(out_dir: Path, views: int, seed: int) -> dict[str, Any]:
-    """Write the data set into `out_dir` (replacing a data set there) and return its summary."""
+def make_dataset(out_dir: Path, views: int, seed: int, past_edge: bool = False) -> dict[str, Any]:
+    """Write the data set into `out_dir` (replacing a data set there) and return its summary; `past_edge`: see
+    `Settings`."""
     if views < 1:
         raise DatasetError(f"--views {views} is below 1; ask for at least one train view")
     if seed < 0:
         raise DatasetError(f"--seed {seed} is negative; pass a seed of 0 or more")
     _check_out_dir(out_dir)
-    settings, recordings = default_settings(), read_recordings()
+    settings, recordings = replace(default_settings(), past_edge=past_edge), read_recordings()
     rng = np.random.default_rng(seed)
     held_out = max(1, round(views * HELD_OUT_SHARE))
     with ExitStack() as stack:
@@ -420,9 +438,10 @@ def make_dataset(out_dir: Path, views: int, seed: int) -> dict[str, Any]:
         test = open_scene(settings.test_scene, settings, stack)
         train_sizes = {zoom: settings.view_size_at(zoom) for zoom in settings.train_zoom_levels}
         map_size = {settings.zoom_level: settings.view_size_m}
-        drawn = draw_views(training, {"train": views}, split_by_block, train_sizes, rng, balanced=True)
-        drawn |= draw_views(training, {"val": held_out}, split_by_block, map_size, rng)
-        drawn |= draw_views([test], {"test": held_out}, lambda batch: ["test"] * len(batch), map_size, rng)
+        coverage = settings.min_coverage
+        drawn = draw_views(training, {"train": views}, split_by_block, train_sizes, coverage, rng, balanced=True)
+        drawn |= draw_views(training, {"val": held_out}, split_by_block, map_size, coverage, rng)
+        drawn |= draw_views([test], {"test": held_out}, lambda batch: ["test"] * len(batch), map_size, coverage, rng)
         ordered = [view for split in SPLITS for view in drawn[split]]
         keys = [f"{view.split}-{index:05d}" for split in SPLITS for index, view in enumerate(drawn[split])]
         fractions = np.stack([view.fractions for view in ordered])
@@ -588,7 +607,8 @@ def _summary(
         "zoom_level": settings.zoom_level,
         "view_size_m": settings.view_size_m,
         "train_zoom_levels": list(settings.train_zoom_levels),
-        "min_coverage": MIN_COVERAGE,
+        "min_coverage": settings.min_coverage,
+        "past_edge": settings.past_edge,
         "val_west_of_lon": VAL_WEST_OF_LON,
         "acquired": ACQUIRED,
         "train_class_shares": {name: round(float(share), 4) for name, share in zip(CLASSES, shares, strict=True)},
@@ -615,10 +635,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write (replaced if it holds an earlier data set)")
     parser.add_argument("--views", default=str(DEFAULT_VIEWS), help=f"train views (default {DEFAULT_VIEWS})")
     parser.add_argument("--seed", default="0", help="seed of every random draw (default 0)")
+    parser.add_argument(
+        "--past-edge",
+        action="store_true",
+        help="views centred anywhere over a scene, kept from the map's imagery.min_coverage (default: views inside)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        summary = make_dataset(args.out_dir, _count(args.views, "--views"), _count(args.seed, "--seed"))
+        count, seed = _count(args.views, "--views"), _count(args.seed, "--seed")
+        summary = make_dataset(args.out_dir, count, seed, past_edge=args.past_edge)
     except Sat2SoundError as exc:
         print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from pipeline.config import default_config_from_anywhere
 from pipeline.demo_data import (
     FORMAT,
     LANDCOVER_DIR,
+    MIN_COVERAGE,
     MIN_MIX_WEIGHT,
     MIX_PEAK,
     MIX_RMS_DBFS,
@@ -326,7 +327,8 @@ def view_boxes_utm(pairs: list[dict[str, str]], crs: str) -> list[Any]:
     return boxes
 
 
-def test_views_lie_in_their_scenes_and_test_views_in_no_training_scene(dataset: Path) -> None:
+def in_scene_shares(dataset: Path) -> list[float]:
+    """Each view's share of area inside its scene's bounds; asserts that no test view touches a training scene."""
     pairs, labels = read_csv(dataset / "pairs.csv"), read_csv(dataset / "labels.csv")
     with rasterio.open(LANDSAT) as held_out:
         crs, test_scene = held_out.crs.to_string(), box(*held_out.bounds)
@@ -334,11 +336,29 @@ def test_views_lie_in_their_scenes_and_test_views_in_no_training_scene(dataset: 
     for name in TRAINING_SCENES:
         with rasterio.open(TRAINING_DIR / name) as scene:
             training[name] = box(*scene.bounds)
+    shares = []
     for label, view in zip(labels, view_boxes_utm(pairs, crs), strict=True):
         scene = test_scene if label["split"] == "test" else training[label["scene"]]
-        assert view.intersection(scene).area >= 0.9 * view.area
+        shares.append(view.intersection(scene).area / view.area)
         if label["split"] == "test":
             assert not any(view.intersects(other) for other in training.values())
+    return shares
+
+
+def test_views_lie_in_their_scenes_and_test_views_in_no_training_scene(dataset: Path) -> None:
+    assert min(in_scene_shares(dataset)) >= MIN_COVERAGE
+    assert json.loads((dataset / "dataset.json").read_text())["min_coverage"] == MIN_COVERAGE
+
+
+def test_past_edge_views_reach_past_their_scenes_as_the_maps_tiles_do(tmp_path: Path) -> None:
+    edge = tmp_path / "edge"
+    assert main([str(edge), "--views", "12", "--seed", "7", "--past-edge"]) == 0
+    summary = json.loads((edge / "dataset.json").read_text())
+    map_coverage = default_config_from_anywhere()["imagery"]["min_coverage"]
+    assert summary["past_edge"] and summary["min_coverage"] == map_coverage < MIN_COVERAGE
+    shares = in_scene_shares(edge)
+    # Coverage counts pixels, the shares areas: they differ by part of a pixel row.
+    assert map_coverage - 0.01 <= min(shares) < MIN_COVERAGE
 
 
 def test_same_seed_same_data_set_and_a_rerun_replaces_it(dataset: Path, tmp_path: Path) -> None:
