@@ -367,14 +367,6 @@ class ImageTowerPretraining(pl.LightningModule):
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
-        # A head per target, made before the embedding's so that a run with one target draws its initial weights
-        # in the order it always has (the shipped weights' recipe rebuilds to the same model).
-        targets = [path for path in (tower.landcover, tower.shares) if path is not None]
-        self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in targets)
-        self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
-        self.encode_image = model.fdt.encode_image
-        # The model's own tensors, registered here so that the optimiser and DDP see them.
-        self.taught = nn.ParameterList(image_side(model, tower))
         self.pairs = train_pairs(settings)
         keys = self.pairs.source.pair_keys()
         self.targets: list[PatchShares | ViewShares] = []
@@ -383,6 +375,13 @@ class ImageTowerPretraining(pl.LightningModule):
             self.targets.append(PatchShares.read(settings.in_data(tower.landcover), keys, tower.classes, grid))
         if tower.shares is not None:
             self.targets.append(ViewShares.read(settings.in_data(tower.shares), keys, tower.classes))
+        # A head per target, made before the embedding's so that a run with one target draws its initial weights
+        # in the order it always has (the shipped weights' recipe rebuilds to the same model).
+        self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in self.targets)
+        self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
+        self.encode_image = model.fdt.encode_image
+        # The model's own tensors, registered here so that the optimiser and DDP see them.
+        self.taught = nn.ParameterList(image_side(model, tower))
 
     def train_dataloader(self) -> DataLoader:
         return train_loader(self.pairs, self.settings)
