@@ -6,8 +6,8 @@ activations of several to tens of MB per batch, so every batch maps, zero-fills 
 on the small model (2 cores, batch 64), a quarter of its CPU time went to the kernel, 1.9 M page faults for
 4,096 tiles, and keeping the blocks made it 30-40 % faster. The cost: a process keeps its peak heap until it
 ends, which suits jobs whose peak is bounded (one chunk, one batch at a time). Every workflow job and
-`python -m model` keep freed memory, and so do the benchmarks that time the model, so that they time what
-the jobs get.
+`python -m model` keep freed memory, and so do the benchmarks that time the model or the imagery, so that they
+time what the jobs get.
 """
 
 from __future__ import annotations
