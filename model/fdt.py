@@ -71,9 +71,12 @@ class FDT(nn.Module):
             scores = scores * valid[..., None].to(scores.dtype)
         return scores
 
-    def pool(self, scores: Tensor) -> CodebookOutput:
-        """Max over tokens, sparsemax over codes, weighted sum of codes (in float32 for stability)."""
-        pooled = (scores.float() / self.temperature).max(dim=1).values
+    def max_scores(self, scores: Tensor) -> Tensor:
+        """Max over tokens of the temperature-scaled scores: (B, K), in float32 for stability."""
+        return (scores.float() / self.temperature).max(dim=1).values
+
+    def weigh(self, pooled: Tensor) -> CodebookOutput:
+        """Sparsemax over codes of max-pooled scores (B, K), and the weighted sum of codes (in float32)."""
         # Sparsemax of a row without a finite score has an empty support and fails on an index of -1.
         if not bool(torch.isfinite(pooled).all()):
             raise InputError(
@@ -83,8 +86,16 @@ class FDT(nn.Module):
         weights = sparsemax(pooled, dim=-1)
         return CodebookOutput(weights, weights @ self.space_dict.float())
 
+    def pool(self, scores: Tensor) -> CodebookOutput:
+        """Max over tokens, sparsemax over codes, weighted sum of codes."""
+        return self.weigh(self.max_scores(scores))
+
+    def image_scores(self, tokens: Tensor) -> Tensor:
+        """The max-pooled scores (B, K) that `encode_image` weighs."""
+        return self.max_scores(self.token_scores(self.img_query_model, tokens))
+
     def encode_image(self, tokens: Tensor) -> CodebookOutput:
-        return self.pool(self.token_scores(self.img_query_model, tokens))
+        return self.weigh(self.image_scores(tokens))
 
     def encode_text(self, tokens: Tensor, valid: Tensor) -> CodebookOutput:
         return self.pool(self.token_scores(self.txt_query_model, tokens, valid))

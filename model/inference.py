@@ -39,6 +39,22 @@ class Embeddings(NamedTuple):
     weights: Tensor
 
 
+class Concepts(NamedTuple):
+    """L2-normalised embeddings (B, D) and each row's k largest codebook weights (B, k) with their codes (B, k,
+    int32, -1 where the weight is 0), on the CPU."""
+
+    embedding: Tensor
+    concept_index: Tensor
+    concept_weight: Tensor
+
+
+def top_concepts(weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The codes (int32, -1 where the weight is 0) and weights of the k largest codebook weights per row, on the
+    weights' device."""
+    values, indices = torch.topk(weights, k, dim=1)
+    return torch.where(values > 0, indices, -1).int(), values
+
+
 def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -61,20 +77,33 @@ class Sat2SoundEncoder:
         device: str = "auto",
         precision: str = "auto",
         provenance: dict[str, Any] | None = None,
+        compiled: bool = False,
     ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_precision(precision, self.device)
         self.model = model.to(self.device).eval()
+        self._image_scores = self.model.image_scores
+        if compiled:
+            # The image path through torch.compile: the ViT in place (parameter names unchanged), then the
+            # fusion and the codebook scores. Compiled once, on first use, for any batch size: a strip's last
+            # batch is smaller, and a static compile would compile again for it.
+            self.model.satmae_backbone.compile(dynamic=True)
+            self._image_scores = torch.compile(self.model.image_scores, dynamic=True)
         self.provenance = provenance or {}
         self._text_backbone = None if isinstance(text_backbone, str) else text_backbone
         self._text_backbone_spec = text_backbone if isinstance(text_backbone, str) else text_backbone.name
 
     @classmethod
     def from_checkpoint(
-        cls, source: str | os.PathLike[str], device: str = "auto", precision: str = "auto", text_backbone: str = "auto"
+        cls,
+        source: str | os.PathLike[str],
+        device: str = "auto",
+        precision: str = "auto",
+        text_backbone: str = "auto",
+        compiled: bool = False,
     ) -> Sat2SoundEncoder:
         model, provenance = load_model(str(source))
-        return cls(model, text_backbone, device=device, precision=precision, provenance=provenance)
+        return cls(model, text_backbone, device=device, precision=precision, provenance=provenance, compiled=compiled)
 
     @property
     def cfg(self) -> Sat2SoundConfig:
@@ -112,6 +141,29 @@ class Sat2SoundEncoder:
     ) -> Iterator[Embeddings]:
         """`embed_images` of the same tiles under each of `metadata` in turn (e.g. one per month and hour), yielded
         one at a time: the ViT runs once, with the first, then only the fusion and the codebook pooling."""
+        for out in self._image_outputs(images, zoom_level, metadata):
+            yield _normalized(out)
+
+    @torch.inference_mode()
+    def image_concepts(
+        self,
+        images: Tensor | np.ndarray,
+        zoom_level: int | Sequence[float],
+        metadata: Sequence[Metadata | None],
+        top_k: int,
+    ) -> Iterator[Concepts]:
+        """`embed_image_times` with only each tile's `top_k` codebook weights, chosen on the model's device: what
+        a map keeps, without carrying all K weights of every tile to the host."""
+        for out in self._image_outputs(images, zoom_level, metadata):
+            index, weight = top_concepts(out.weights, top_k)
+            yield Concepts(l2_normalize(out.embedding.float()).cpu(), index.cpu(), weight.float().cpu())
+
+    def _image_outputs(
+        self,
+        images: Tensor | np.ndarray,
+        zoom_level: int | Sequence[float],
+        metadata: Sequence[Metadata | None],
+    ) -> Iterator[CodebookOutput]:
         batch = torch.as_tensor(images).to(self.device)
         if batch.dtype == torch.uint8:
             batch = to_model_input(batch)
@@ -119,9 +171,9 @@ class Sat2SoundEncoder:
         with self._autocast():
             tokens = self.model.patch_tokens(batch, zoom)
         for meta in metadata:
-            with self._autocast():
-                out = self.model.encode_patch_tokens(tokens, meta)
-            yield _normalized(out)
+            with self._autocast():  # `Sat2Sound.encode_patch_tokens`, the scores maybe compiled
+                out = self.model.fdt.weigh(self._image_scores(tokens, meta))
+            yield out
 
     def _encode_text(self, text: str) -> CodebookOutput:
         # One text per forward: upstream zeroes pad-token scores before the max-pool, so in a padded

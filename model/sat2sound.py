@@ -108,7 +108,12 @@ class Sat2Sound(nn.Module):
     def encode_patch_tokens(self, tokens: Tensor, meta: Metadata | None = None) -> CodebookOutput:
         """`encode_image` from the images' `patch_tokens`: a sweep over metadata (months, hours) runs the ViT once
         and only this, the fusion transformer and the codebook pooling, per metadata."""
-        return self.fdt.encode_image(self.fuse(tokens, meta))
+        return self.fdt.weigh(self.image_scores(tokens, meta))
+
+    def image_scores(self, tokens: Tensor, meta: Metadata | None = None) -> Tensor:
+        """The max-pooled codebook scores (B, K) of patch tokens, metadata fused in: `encode_patch_tokens` up to
+        the sparsemax, which needs a host-side check (what `Sat2SoundEncoder(compiled=True)` compiles)."""
+        return self.fdt.image_scores(self.fuse(tokens, meta))
 
     def encode_audio(self, mel: Tensor) -> CodebookOutput:
         return self.fdt.encode_audio(self.audio_encoder(mel))

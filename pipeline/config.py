@@ -128,6 +128,7 @@ class ModelSettings:
     text_backbone: str
     device: str
     precision: str
+    compile: bool
     batch_size: int | Literal["auto"]
     loader_workers: int
     tiles_per_job: int
@@ -325,7 +326,7 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
 # Keys that change how jobs run, or only what is checked when a build starts, never what they write.
 RUNTIME_KEYS = {
     "imagery": ("cache_dir", "offline"),
-    "model": ("checkpoint_sha256", "device", "batch_size", "loader_workers", "tiles_per_job"),
+    "model": ("checkpoint_sha256", "device", "compile", "batch_size", "loader_workers", "tiles_per_job"),
 }
 STEP_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "model": {"model": ("checkpoint", "sat_type", "metadata_type", "seed")},

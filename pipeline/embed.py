@@ -25,7 +25,7 @@ chunks/<chunk>.npz holds, per tile of the chunk (row by row):
 
 Times: only the metadata tokens change from one time to the next, so a strip is read and cut once, and per batch
 the ViT runs once; each time then runs only the fusion transformer and the codebook pooling
-(`Sat2SoundEncoder.embed_image_times`). `TimeCosts` measures the first time step (ViT included) against the
+(`Sat2SoundEncoder.image_concepts`). `TimeCosts` measures the first time step (ViT included) against the
 extra ones.
 """
 
@@ -52,9 +52,12 @@ from pipeline.plan import ChunkTiles
 from pipeline.store.layout import time_coordinate
 from pipeline.views import KERNELS, cut_views
 
-# `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling).
+# `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling), and keeps
+# the largest whose forward pass peaks within AUTO_BATCH_MEMORY_SHARE of the device's memory: the rest holds the
+# views cut on the device and the allocator's fragments (an H200 ran out of memory at a batch that had fit).
 AUTO_BATCH_START = 64
 AUTO_BATCH_LIMIT = 4096
+AUTO_BATCH_MEMORY_SHARE = 0.5
 CPU_BATCH_SIZE = 64
 # Progress lines go to the job log: one every this many seconds at most.
 PROGRESS_SECONDS = 10.0
@@ -105,13 +108,6 @@ class StripReads(Dataset[StripRead]):
 
 def strips_of(chunk: ChunkTiles) -> list[ViewStrip]:
     return read_strips(chunk.views, MODEL_INPUT_PX)
-
-
-def top_concepts(weights: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (int32, -1 where the weight is 0) and weights of the k largest codebook weights per row."""
-    values, indices = torch.topk(weights, k, dim=1)
-    values_np = values.float().cpu().numpy()
-    return np.where(values_np > 0, indices.cpu().numpy(), -1).astype(np.int32), values_np
 
 
 def tile_metadata(lat: np.ndarray, lon: np.ndarray, time: Time) -> Metadata:
@@ -185,6 +181,17 @@ class TimeCosts:
         )
 
 
+def stage_line(reports: Sequence[ChunkReport]) -> str | None:
+    """Where the chunks a job made spent their time: "waited X s for imagery, cut views Y s, model Z s"
+    (None when it made none)."""
+    made = [report for report in reports if not report.reused]
+    if not made:
+        return None
+    wait, cut = sum(r.imagery_wait_s for r in made), sum(r.cut_s for r in made)
+    model = sum(r.first_time_s + r.extra_times_s for r in made)
+    return f"waited {wait:,.1f} s for imagery, cut views {cut:,.1f} s, model {model:,.1f} s"
+
+
 class ChunkResult:
     """A chunk's outputs as they fill in, strip by strip."""
 
@@ -196,6 +203,8 @@ class ChunkResult:
         self.concept_index = np.full((times, count, top_k), -1, np.int32)
         self.concept_weight = np.zeros((times, count, top_k), np.float32)
         self.costs = TimeCosts()
+        self.imagery_wait_s = 0.0
+        self.cut_s = 0.0
         self.coverage = np.zeros(count, np.float32)
         self.unavailable = np.zeros(count, bool)
         self.unavailable_tiles: set[tuple[int, int, int]] = set()
@@ -226,8 +235,9 @@ class ChunkResult:
 
 class ChunkReport(NamedTuple):
     """What a chunk got: its tiles, how many are valid (None: kept from an earlier run, not read again), how
-    many were left empty because their imagery could not be had, out of how many distinct source tiles, and the
-    model seconds of its first and of its extra time steps (`TimeCosts`)."""
+    many were left empty because their imagery could not be had, out of how many distinct source tiles, the
+    model seconds of its first and of its extra time steps (`TimeCosts`), the seconds the job waited for its
+    strips from the loader processes and those it spent cutting their views."""
 
     chunk: str
     tiles: int
@@ -237,6 +247,8 @@ class ChunkReport(NamedTuple):
     unavailable_source_tiles: int = 0
     first_time_s: float = 0.0
     extra_times_s: float = 0.0
+    imagery_wait_s: float = 0.0
+    cut_s: float = 0.0
 
 
 def embed_chunks(
@@ -266,12 +278,15 @@ def embed_chunks(
     )
     results: dict[int, ChunkResult] = {}
     progress = Progress(sum(len(chunk) for chunk in pending))
+    asked = time.perf_counter()
     for read in loader:
+        waited = time.perf_counter() - asked
         chunk = pending[read.chunk]
         if read.chunk not in results:
             strips = len(reads.strips[read.chunk])
             results[read.chunk] = ChunkResult(chunk, encoder.cfg.codebook_dim, options, strips)
         result = results[read.chunk]
+        result.imagery_wait_s += waited
         _embed_strip(read, result, zoom_level, encoder, imagery, options)
         progress.advance(read.strip.stop - read.strip.start)
         result.strips_left -= 1
@@ -286,8 +301,11 @@ def embed_chunks(
                 unavailable_source_tiles=len(result.unavailable_tiles),
                 first_time_s=round(result.costs.first_s, 6),
                 extra_times_s=round(result.costs.extra_s, 6),
+                imagery_wait_s=round(result.imagery_wait_s, 6),
+                cut_s=round(result.cut_s, 6),
             )
             del results[read.chunk]
+        asked = time.perf_counter()
     reads.close()
     progress.close()
     return [reports[chunk.id] for chunk in chunks]
@@ -303,8 +321,10 @@ def _embed_strip(
 ) -> None:
     chunk, strip = result.chunk, read.strip
     views = chunk.views[strip.start : strip.stop]
+    start = time.perf_counter()
     batch = cut_views(read.pixels, views, MODEL_INPUT_PX, device=encoder.device)
-    coverage = batch.coverage.cpu().numpy()
+    coverage = batch.coverage.cpu().numpy()  # on the host: the cut is done
+    result.cut_s += time.perf_counter() - start
     touched = touches_unavailable(read.pixels, views, MODEL_INPUT_PX)
     result.coverage[strip.start : strip.stop] = coverage
     result.unavailable[strip.start : strip.stop] = touched
@@ -318,15 +338,14 @@ def _embed_strip(
             for moment in options.times
         ]
         images = batch.pixels[torch.as_tensor(local, device=batch.pixels.device)]
-        outputs = encoder.embed_image_times(images, zoom_level, metas)
+        outputs = encoder.image_concepts(images, zoom_level, metas, options.top_k)
         for step in range(len(metas)):
             start = time.perf_counter()
             out = next(outputs)  # on the CPU already: the step's work is done when it comes
             result.costs.record(step, time.perf_counter() - start)
             result.embedding[step, rows] = out.embedding.numpy().astype(np.float16)
-            result.concept_index[step, rows], result.concept_weight[step, rows] = top_concepts(
-                out.weights, options.top_k
-            )
+            result.concept_index[step, rows] = out.concept_index.numpy()
+            result.concept_weight[step, rows] = out.concept_weight.numpy()
         result.costs.count(len(rows), len(metas))
 
 
@@ -401,19 +420,22 @@ def largest_batch(fits: Callable[[int], bool], start: int = AUTO_BATCH_START, li
 
 def auto_batch_size(encoder: Sat2SoundEncoder, zoom_level: int) -> int:
     """`batch_size: auto`: CPU_BATCH_SIZE on a CPU (larger batches gain nothing there); on a GPU the largest
-    batch whose forward pass fits in its memory."""
+    batch whose forward pass peaks within AUTO_BATCH_MEMORY_SHARE of its memory."""
     if encoder.device.type != "cuda":
         return CPU_BATCH_SIZE
+    budget = AUTO_BATCH_MEMORY_SHARE * torch.cuda.get_device_properties(encoder.device).total_memory
 
     def fits(size: int) -> bool:
         images = torch.zeros((size, 3, MODEL_INPUT_PX, MODEL_INPUT_PX), dtype=torch.uint8, device=encoder.device)
         meta = tile_metadata(np.zeros(size), np.zeros(size), Time(None, None))
+        torch.cuda.reset_peak_memory_stats(encoder.device)
         try:
             encoder.embed_images(images, zoom_level, meta if encoder.cfg.metadata else None)
         except torch.OutOfMemoryError:
             return False
         finally:
+            del images
             torch.cuda.empty_cache()
-        return True
+        return torch.cuda.max_memory_allocated(encoder.device) <= budget
 
     return largest_batch(fits)

@@ -179,9 +179,11 @@ def earlier_model_record(path: Path) -> ModelRecord | None:
         return None
 
 
-def load_encoder(record: ModelRecord, device: str, precision: str, text_backbone: str = "auto") -> Sat2SoundEncoder:
+def load_encoder(
+    record: ModelRecord, device: str, precision: str, text_backbone: str = "auto", compiled: bool = False
+) -> Sat2SoundEncoder:
     from model import Sat2SoundEncoder
 
     return Sat2SoundEncoder.from_checkpoint(
-        record.path, device=device, precision=precision, text_backbone=text_backbone
+        record.path, device=device, precision=precision, text_backbone=text_backbone, compiled=compiled
     )

@@ -53,7 +53,7 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
     import torch
 
     from pipeline.config import settings_digest
-    from pipeline.embed import EmbedOptions, TimeCosts, auto_batch_size, chunk_stamp, embed_chunks
+    from pipeline.embed import EmbedOptions, TimeCosts, auto_batch_size, chunk_stamp, embed_chunks, stage_line
     from pipeline.model_setup import load_encoder, read_model_record
     from pipeline.plan import embed_jobs, read_chunk, read_plan
 
@@ -61,13 +61,13 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
     model, plan = config.model, read_plan(args.plan)
     chunk_ids = embed_jobs(plan, model.tiles_per_job)[args.job]
     record = read_model_record(args.model)
-    encoder = load_encoder(record, model.device, model.precision)
+    encoder = load_encoder(record, model.device, model.precision, compiled=model.compile)
     zoom_level = plan.view.zoom_level
     batch_size = auto_batch_size(encoder, zoom_level) if model.batch_size == "auto" else model.batch_size
     started = time.perf_counter() - STARTED
     print(
-        f"embed: {len(chunk_ids)} chunks on {encoder.device}, batch size {batch_size}"
-        f" ({model.batch_size}); start-up (imports, model load) {started:.1f} s",
+        f"embed: {len(chunk_ids)} chunks on {encoder.device}{', compiled' if model.compile else ''},"
+        f" batch size {batch_size} ({model.batch_size}); start-up (imports, model load) {started:.1f} s",
         flush=True,
     )
     times = model.times.all
@@ -83,8 +83,10 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
         lambda chunk: chunk_stamp(chunk, embed_digest, record.sha256, times),
     )
     costs = TimeCosts.of_job(reports, len(times)).line()
-    if costs is not None:
-        print(f"embed: {costs}", flush=True)
+    stages = stage_line(reports)
+    for line in (costs, stages):
+        if line is not None:
+            print(f"embed: {line}", flush=True)
     seconds = time.perf_counter() - STARTED
     made = [report for report in reports if not report.reused]
     tiles = sum(report.tiles for report in made)
@@ -95,6 +97,7 @@ def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
         "startup_s": round(started, 3),
         "times": [moment.label for moment in times],
         "time_costs": costs,
+        "stages": stages,
         "seconds": round(seconds, 3),
     }
     with atomic_path(args.out) as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from model.config import Sat2SoundConfig
 from model.errors import InputError, TextBackboneError
-from model.inference import Sat2SoundEncoder
+from model.inference import Sat2SoundEncoder, top_concepts
 from model.metadata import Metadata
 from model.sat2sound import Sat2Sound
 
@@ -35,6 +36,25 @@ def test_images_give_normalised_embeddings_and_codebook_weights(encoder: Sat2Sou
     torch.testing.assert_close(out.weights.sum(dim=1), torch.ones(3))
     alone = encoder.embed_images(images[1:2], zoom_level=1)
     torch.testing.assert_close(alone.embedding[0], out.embedding[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_compiled_encoder_gives_the_eager_embeddings_at_every_batch_size() -> None:
+    torch.manual_seed(0)
+    model = Sat2Sound(Sat2SoundConfig.small("latlong_month_time_asource_tsource"))
+    names = list(model.state_dict())
+    eager = Sat2SoundEncoder(copy.deepcopy(model), device="cpu")
+    compiled = Sat2SoundEncoder(model, device="cpu", compiled=True)
+    assert list(model.state_dict()) == names, "compiling keeps the checkpoint's names"
+    images = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    lat, lon = np.linspace(-60, 60, 5), np.linspace(-170, 170, 5)
+    for count in (5, 3, 2):
+        part = Metadata.from_values(lat[:count], lon[:count], month=4, hour=None)
+        want, got = eager.embed_images(images[:count], 2, part), compiled.embed_images(images[:count], 2, part)
+        torch.testing.assert_close(got.embedding, want.embedding, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.weights, want.weights, atol=1e-5, rtol=1e-4)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        compiled.embed_images(torch.full((2, 3, 224, 224), float("nan")), 2, part)
 
 
 def test_texts_are_embedded_independently_of_padding(encoder: Sat2SoundEncoder) -> None:
@@ -114,6 +134,14 @@ def test_scores_that_overflow_stop_with_one_line_not_an_index_error() -> None:
     assert "\n" not in str(raised.value)
 
 
+def test_top_concepts_mark_empty_ranks_with_minus_one() -> None:
+    weights = torch.tensor([[0.0, 0.7, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    indices, values = top_concepts(weights, 3)
+    assert indices.dtype == torch.int32
+    assert indices[0].tolist() == [1, 2, -1] and values[0].tolist() == pytest.approx([0.7, 0.3, 0.0])
+    assert len(set(indices[1].tolist())) == 3 and values[1].tolist() == pytest.approx([0.25] * 3)
+
+
 def test_a_time_sweep_runs_the_vit_once_and_equals_one_forward_per_time() -> None:
     torch.manual_seed(0)
     encoder = Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("latlong_month_time")), device="cpu")
@@ -129,3 +157,7 @@ def test_a_time_sweep_runs_the_vit_once_and_equals_one_forward_per_time() -> Non
         torch.testing.assert_close(out.embedding, alone.embedding, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(out.weights, alone.weights, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(swept[0].embedding, swept[1].embedding, atol=1e-3)
+    for out, concepts in zip(swept, encoder.image_concepts(images, 1, metas, top_k=3), strict=True):
+        torch.testing.assert_close(concepts.embedding, out.embedding)
+        index, weight = top_concepts(out.weights, 3)
+        assert torch.equal(concepts.concept_index, index) and torch.equal(concepts.concept_weight, weight)

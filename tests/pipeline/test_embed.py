@@ -25,7 +25,6 @@ from pipeline.embed import (
     embed_chunks,
     is_done,
     largest_batch,
-    top_concepts,
 )
 from pipeline.errors import FetchError
 from pipeline.fetch import fetch_chunk
@@ -68,13 +67,6 @@ def chunks() -> list[ChunkTiles]:
 def encoder() -> Sat2SoundEncoder:
     torch.manual_seed(0)
     return Sat2SoundEncoder(Sat2Sound(Sat2SoundConfig.small("none")).eval(), device="cpu")
-
-
-def test_top_concepts_mark_empty_ranks_with_minus_one() -> None:
-    weights = torch.tensor([[0.0, 0.7, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
-    indices, values = top_concepts(weights, 3)
-    assert indices[0].tolist() == [1, 2, -1] and values[0].tolist() == pytest.approx([0.7, 0.3, 0.0])
-    assert len(set(indices[1].tolist())) == 3 and values[1].tolist() == pytest.approx([0.25] * 3)
 
 
 def test_auto_batch_size_is_the_largest_that_fits() -> None:
@@ -333,6 +325,18 @@ def test_time_costs_give_the_first_step_and_each_extra_step_per_tile() -> None:
     line = TimeCosts.of_job(reports, 3).line()
     assert line == "first time step 100.00 ms/tile, each extra time step 10.00 ms/tile (0.10 of the first; 3 times)"
     assert TimeCosts.of_job(reports, 1).line() is None
+
+
+def test_the_stage_line_sums_the_made_chunks_only() -> None:
+    from pipeline.embed import ChunkReport, stage_line
+
+    reports = [
+        ChunkReport("a", 10, 8, False, first_time_s=0.8, extra_times_s=0.2, imagery_wait_s=1.5, cut_s=0.25),
+        ChunkReport("b", 10, None, True, first_time_s=5.0, imagery_wait_s=5.0, cut_s=5.0),
+        ChunkReport("c", 4, 2, False, first_time_s=1.0, imagery_wait_s=0.5, cut_s=0.25),
+    ]
+    assert stage_line(reports) == "waited 2.0 s for imagery, cut views 0.5 s, model 2.0 s"
+    assert stage_line(reports[1:2]) is None
 
 
 def test_progress_lines_give_the_rate_since_the_line_before_and_the_last_the_tiles_left_unreported(

@@ -250,10 +250,14 @@ def test_readers_resample_only_with_kernels_views_can_be_cut_with(tmp_path: Path
         assert reader.source_pixels(views, SIZE).resampling == "cubic"
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("resampling", ["bilinear", "cubic"])
 @pytest.mark.parametrize("grid", ["projected", "web mercator"])
 def test_the_compiled_cpu_kernels_and_the_sparse_products_cut_the_same_views(
-    resampling: str, grid: str, mercator_scene: Path
+    resampling: str, grid: str, device: str, mercator_scene: Path
 ) -> None:
     with landsat(mercator_scene if grid == "web mercator" else LANDSAT) as reader:
         views = views_over(reader.footprint_lnglat(), 7680.0, 2, inset=-0.05)[::5]
@@ -264,7 +268,8 @@ def test_the_compiled_cpu_kernels_and_the_sparse_products_cut_the_same_views(
     planes = replace(source, values=np.concatenate([source.values, source.values[::-1]]))
     for pixels in (source, planes, grey):
         compiled = cut_views(pixels, views, SIZE, compiled=True)
-        sparse = cut_views(pixels, views, SIZE, compiled=False)
+        sparse = cut_views(pixels, views, SIZE, device=device, compiled=False)
+        sparse = sparse._replace(pixels=sparse.pixels.cpu())
         np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
         assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
         difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
