@@ -85,10 +85,11 @@ class Sat2SoundEncoder:
         self._image_scores = self.model.image_scores
         if compiled:
             # The image path through torch.compile: the ViT in place (parameter names unchanged), then the
-            # fusion and the codebook scores. Compiled once, on first use, for any batch size: a strip's last
-            # batch is smaller, and a static compile would compile again for it.
-            self.model.satmae_backbone.compile(dynamic=True)
-            self._image_scores = torch.compile(self.model.image_scores, dynamic=True)
+            # fusion and the codebook scores. Compiled for the first batch size, and once more with the batch
+            # dimension dynamic at the second (a strip's last batch). On an H200 this beat compiling every
+            # dimension dynamic from the start (7,781 against 7,160 images/s at batch 1,024).
+            self.model.satmae_backbone.compile()
+            self._image_scores = torch.compile(self.model.image_scores)
         self.provenance = provenance or {}
         self._text_backbone = None if isinstance(text_backbone, str) else text_backbone
         self._text_backbone_spec = text_backbone if isinstance(text_backbone, str) else text_backbone.name
