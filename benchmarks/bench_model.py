@@ -8,7 +8,7 @@ peak memory: CUDA allocator peak on GPU, process peak RSS on CPU. Weights are ra
 their values. Below fp32, or compiled, it also prints how close the first batch's embeddings come to eager fp32
 ones (the least cosine similarity).
 
-`--times N` (withmeta) embeds each batch at N months as a build of N times does (`embed_image_times`: the ViT
+`--times N` (withmeta) embeds each batch at N months as a build of N times does (`image_concepts`: the ViT
 once, the fusion and the codebook pooling per time) and prints, per batch size, "first time step X ms/tile,
 each extra time step Y ms/tile": what each extra month or hour of `model.month`/`model.hour` costs.
 """
@@ -28,6 +28,7 @@ from model import Metadata, Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from model.config import MONTHS
 from model.devices import pick_device
 from model.inference import pick_precision
+from pipeline.config import load_plan_inputs
 from pipeline.embed import TimeCosts
 
 
@@ -108,9 +109,10 @@ def time_steps(encoder: Sat2SoundEncoder, images: torch.Tensor, times: int, repe
         Metadata.from_values(np.full(count, 38.6), np.full(count, -90.2), month=month, hour=12)
         for month in MONTHS[:times]
     ]
+    top_k = load_plan_inputs({"region": "0,0,1,1"}).concepts_top_k  # what a default build keeps
     costs = TimeCosts()
     for _ in range(repeats):
-        steps = encoder.embed_image_times(images, 1, metas)
+        steps = encoder.image_concepts(images, 1, metas, top_k)
         for step in range(times):
             start = time.perf_counter()
             next(steps)  # its embeddings are on the CPU: the device has finished the step

@@ -131,19 +131,7 @@ class Sat2SoundEncoder:
         self, images: Tensor | np.ndarray, zoom_level: int | Sequence[float], metadata: Metadata | None = None
     ) -> Embeddings:
         """Tiles as uint8 RGB (B, 3, H, W) (resized to 224) or normalised float (B, 3, 224, 224)."""
-        return next(self.embed_image_times(images, zoom_level, [metadata]))
-
-    @torch.inference_mode()
-    def embed_image_times(
-        self,
-        images: Tensor | np.ndarray,
-        zoom_level: int | Sequence[float],
-        metadata: Sequence[Metadata | None],
-    ) -> Iterator[Embeddings]:
-        """`embed_images` of the same tiles under each of `metadata` in turn (e.g. one per month and hour), yielded
-        one at a time: the ViT runs once, with the first, then only the fusion and the codebook pooling."""
-        for out in self._image_outputs(images, zoom_level, metadata):
-            yield _normalized(out)
+        return _normalized(next(self._image_outputs(images, zoom_level, [metadata])))
 
     @torch.inference_mode()
     def image_concepts(
@@ -153,8 +141,10 @@ class Sat2SoundEncoder:
         metadata: Sequence[Metadata | None],
         top_k: int,
     ) -> Iterator[Concepts]:
-        """`embed_image_times` with only each tile's `top_k` codebook weights, chosen on the model's device: what
-        a map keeps, without carrying all K weights of every tile to the host."""
+        """`embed_images` of the same tiles under each of `metadata` in turn (e.g. one per month and hour), yielded
+        one at a time, with only each tile's `top_k` codebook weights, chosen on the model's device: what a map
+        keeps, without carrying all K weights of every tile to the host. The ViT runs once, with the first; then
+        only the fusion and the codebook pooling."""
         for out in self._image_outputs(images, zoom_level, metadata):
             index, weight = top_concepts(out.weights, top_k)
             yield Concepts(l2_normalize(out.embedding.float()).cpu(), index.cpu(), weight.float().cpu())
