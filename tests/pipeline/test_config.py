@@ -60,6 +60,7 @@ def test_missing_keys_take_the_schema_defaults() -> None:
     [
         ({"model": {"zoom_level": 0}}, "config.model.zoom_level: 0 is less than the minimum of 1"),
         ({"model": {"precision": "fp8"}}, "config.model.precision: 'fp8' is not one of"),
+        ({"model": {"compile": "auto"}}, "config.model.compile: 'auto' is not true or false; use true to compile"),
         (
             {"tiling": {"offset": 1}},
             "config.tiling: Additional properties are not allowed ('offset' was unexpected)",
