@@ -169,14 +169,18 @@ def _cut_sparse(source: SourcePixels, views: np.ndarray, size: int, device: torc
 
 
 def _sliced(blocks: _Cut, lattice: LatticeBlocks, size: int) -> _Cut:
-    """Views gathered from the blocks that hold them (`lattice`), on the blocks' device."""
-    device = blocks.pixels.device
-    along = torch.as_tensor(lattice.shift, device=device)[:, None] + torch.arange(size, device=device)
-    block = (torch.as_tensor(lattice.block, device=device)[:, None] + along // size)[:, None, :]  # (N, 1, S)
-    column = (along % size)[:, None, :]
-    rows = torch.arange(size, device=device)[:, None]
-    bands = torch.arange(blocks.pixels.shape[1], device=device)[:, None, None]
-    return _Cut(blocks.pixels[block[:, None], bands, rows, column[:, None]], blocks.landed[block, rows, column])
+    """Views taken from the blocks that hold them (`lattice`), on the blocks' device: the blocks laid side by
+    side, every `size`-wide window over them a strided view, the views' windows copied out once (a tenth of the
+    time an index on four axes takes on a CPU)."""
+    count = len(blocks.pixels)
+    starts = torch.as_tensor(lattice.block * size + lattice.shift, device=blocks.pixels.device)
+
+    def windows(squares: Tensor) -> Tensor:
+        """(M, ..., S, S) squares -> (M*S - S + 1, ..., S, S): the window starting at each column of the row."""
+        row = squares.movedim(0, -2).reshape(*squares.shape[1:-1], count * size)
+        return row.unfold(-1, size, 1).movedim(-2, 0)
+
+    return _Cut(windows(blocks.pixels).index_select(0, starts), windows(blocks.landed).index_select(0, starts))
 
 
 def _cut_compiled(source: SourcePixels, lattice: LatticeBlocks, size: int) -> _Cut:
