@@ -51,7 +51,8 @@ SAMPLE_SECONDS = 0.2
 XYZ_SOURCE_ID = "bench"
 
 
-def plan_chunks(args: argparse.Namespace) -> list[ChunkTiles]:
+def plan(args: argparse.Namespace) -> tuple[list[ChunkTiles], int]:
+    """The chunks of the square region, and the concepts a build keeps per tile (the config's default)."""
     view = ModelView.of(args.sat_type, args.zoom_level)
     zoom = output_zoom(view.size_m, SCENE_CENTRE[1]) + args.tile_zoom_offset
     inputs = load_plan_inputs(
@@ -62,7 +63,7 @@ def plan_chunks(args: argparse.Namespace) -> list[ChunkTiles]:
             "tiling": {"tile_zoom_offset": args.tile_zoom_offset, "max_tiles": 10_000_000},
         }
     )
-    return list(plan_build(inputs).chunks)
+    return list(plan_build(inputs).chunks), inputs.concepts_top_k
 
 
 def imagery_sources(folder: Path, names: list[str]) -> dict[str, ImagerySettings]:
@@ -158,8 +159,8 @@ def main() -> None:
     encoder = make_encoder(args)
     zoom_level = args.zoom_level
     batch_size = auto_batch_size(encoder, zoom_level) if args.batch_size == "auto" else int(args.batch_size)
-    options = EmbedOptions((Time(None, None),), batch_size, args.loader_workers, top_k=8)
-    chunks = plan_chunks(args)
+    chunks, top_k = plan(args)
+    options = EmbedOptions((Time(None, None),), batch_size, args.loader_workers, top_k)
     tiles = sum(len(chunk) for chunk in chunks)
     print(
         f"{tiles:,} tiles in {len(chunks)} chunks; {encoder.cfg.size} model on {encoder.device}, {encoder.dtype}"

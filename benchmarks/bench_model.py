@@ -59,11 +59,12 @@ def main() -> None:
     cfg = Sat2SoundConfig(metadata_type="latlong_month_time_asource_tsource" if args.metadata else "none")
     model = Sat2Sound(cfg)
     check = torch.randint(0, 256, (min(args.batches), 3, 224, 224), dtype=torch.uint8)
+    check_meta = metadata(len(check)) if args.metadata else None
     exact = None
     if args.compile or pick_precision(args.precision, device) != torch.float32:
         # An eager fp32 twin (compiling works in place), dropped before the timed encoder is made.
         twin = Sat2SoundEncoder(copy.deepcopy(model), device=str(device), precision="fp32")
-        exact = twin.embed_images(check, 1, metadata(len(check), args.metadata)).embedding
+        exact = twin.embed_images(check, 1, check_meta).embedding
         del twin
     encoder = Sat2SoundEncoder(model, device=str(device), precision=args.precision, compiled=args.compile)
     variant = "withmeta" if args.metadata else "nometa"
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"device {device} ({torch.get_num_threads()} threads), precision {encoder.dtype}{compiled}, {variant}")
     if exact is not None:
         start = time.perf_counter()
-        embedding = encoder.embed_images(check, 1, metadata(len(check), args.metadata)).embedding
+        embedding = encoder.embed_images(check, 1, check_meta).embedding
         cosine = float((embedding * exact).sum(dim=1).min())
         print(f"least cosine similarity to eager fp32: {cosine:.6f} (first call {time.perf_counter() - start:.1f} s)")
     if device.type == "cuda":
@@ -79,7 +80,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     for batch in args.batches:
         images = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-        meta = metadata(batch, args.metadata)
+        meta = metadata(batch) if args.metadata else None
         start = time.perf_counter()
         encoder.embed_images(images, 1, meta)
         if args.compile:
@@ -98,17 +99,15 @@ def main() -> None:
     print(f"peak memory {peak_memory_mb(device):.0f} MB")
 
 
-def metadata(count: int, fused: bool) -> Metadata | None:
-    return Metadata.from_values(np.full(count, 38.6), np.full(count, -90.2), month=6, hour=12) if fused else None
+def metadata(count: int, month: int = 6) -> Metadata:
+    """`count` tiles at one place (St. Louis), in `month` at noon."""
+    return Metadata.from_values(np.full(count, 38.6), np.full(count, -90.2), month=month, hour=12)
 
 
 def time_steps(encoder: Sat2SoundEncoder, images: torch.Tensor, times: int, repeats: int) -> str | None:
     """The first time step's and each extra one's cost per tile, over `repeats` sweeps of `times` months."""
     count = len(images)
-    metas = [
-        Metadata.from_values(np.full(count, 38.6), np.full(count, -90.2), month=month, hour=12)
-        for month in MONTHS[:times]
-    ]
+    metas = [metadata(count, month) for month in MONTHS[:times]]
     top_k = load_plan_inputs({"region": "0,0,1,1"}).concepts_top_k  # what a default build keeps
     costs = TimeCosts()
     for _ in range(repeats):

@@ -63,8 +63,13 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def _unit_rows(embedding: Tensor) -> Tensor:
+    """L2-normalised float32 rows, on the host."""
+    return l2_normalize(embedding.float()).cpu()
+
+
 def _normalized(out: CodebookOutput) -> Embeddings:
-    return Embeddings(l2_normalize(out.embedding.float()).cpu(), out.weights.float().cpu())
+    return Embeddings(_unit_rows(out.embedding), out.weights.float().cpu())
 
 
 class Sat2SoundEncoder:
@@ -147,7 +152,7 @@ class Sat2SoundEncoder:
         only the fusion and the codebook pooling."""
         for out in self._image_outputs(images, zoom_level, metadata):
             index, weight = top_concepts(out.weights, top_k)
-            yield Concepts(l2_normalize(out.embedding.float()).cpu(), index.cpu(), weight.float().cpu())
+            yield Concepts(_unit_rows(out.embedding), index.cpu(), weight.float().cpu())
 
     def _image_outputs(
         self,
@@ -205,4 +210,4 @@ class Sat2SoundEncoder:
         captions = [self._encode_text(text) for text in texts]
         combined = audio.embedding.float() + torch.cat([c.embedding for c in captions]).float()
         weights = (audio.weights + torch.cat([c.weights for c in captions])) / 2
-        return Embeddings(l2_normalize(combined).cpu(), weights.float().cpu())
+        return Embeddings(_unit_rows(combined), weights.float().cpu())
