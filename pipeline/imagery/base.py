@@ -114,6 +114,12 @@ class SourcePixels:
     unavailable: np.ndarray | None = None
     unavailable_tiles: tuple[tuple[int, int, int], ...] = ()
 
+    @property
+    def spanned(self) -> tuple[int, int, int, int]:
+        """`extent`, or the whole array where it is None."""
+        height, width = self.valid.shape
+        return self.extent or (0, 0, width, height)
+
     @classmethod
     def empty(cls, bands: int = RGB_BANDS) -> SourcePixels:
         """'No imagery under these views': one invalid pixel."""
