@@ -1,7 +1,8 @@
 """The embed stage end to end against the model alone, on one device: what an embed job delivers.
 
     python -m benchmarks.bench_embed [--tiles 25000] [--model full] [--device auto] [--loader-workers N]
-                                     [--sources mosaic xyz] [--tile-zoom-offset 6] [--compile]
+                                     [--sources mosaic xyz] [--cut-in device loaders] [--tile-zoom-offset 6]
+                                     [--compile]
 
 Plans a square of about `--tiles` output tiles in the middle of the bundled Landsat scene (30 m pixels) for
 Sentinel views of 7.68 km (`--sat-type sentinel --zoom-level 3`, as `bench_imagery`; the scene is too coarse for
@@ -9,7 +10,9 @@ the reference's bingmap views) at `--tile-zoom-offset 6` (the offset at which 25
 runs what an embed job runs after its start-up (`pipeline.embed.embed_chunks`:
 loader processes read strips, views are cut on the model's device, batches embedded, chunk files written) from
 two sources: the scene warped to a Web Mercator mosaic (a local raster) and a warm cache of 256-px PNG tiles
-made from it (XYZ, offline). Model-only is the same encoder on random uint8 batches of the same size, timed
+made from it (XYZ, offline). Each source runs twice (`--cut-in`): views cut on the model's device, as embed jobs
+cut them, and views cut on the loader processes' CPUs (`EmbedOptions.cut_in_loaders`), which takes the cutting
+off the job's own process. Model-only is the same encoder on random uint8 batches of the same size, timed
 just before and just after each run (their mean).
 
 Printed per source: tiles, end-to-end tiles/s, model-only tiles/s, their ratio, the device's utilisation while
@@ -48,6 +51,7 @@ from pipeline.plan import ChunkTiles, ModelView
 from tests.support.imagery_servers import warp_to_web_mercator
 
 SAMPLE_SECONDS = 0.2
+CUT_PLACES = ("device", "loaders")
 XYZ_SOURCE_ID = "bench"
 
 
@@ -153,6 +157,13 @@ def main() -> None:
     parser.add_argument("--batch-size", default="auto", help="auto (the largest that fits on a GPU) or a number")
     parser.add_argument("--loader-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--sources", nargs="+", choices=("mosaic", "xyz"), default=["mosaic", "xyz"])
+    parser.add_argument(
+        "--cut-in",
+        nargs="+",
+        choices=CUT_PLACES,
+        default=list(CUT_PLACES),
+        help="where views are cut: on the model's device (as embed jobs do) or on the loader processes' CPUs",
+    )
     args = parser.parse_args()
     keep_freed_memory()  # as every embed job does
 
@@ -171,16 +182,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as scratch:
         folder = Path(scratch)
-        for name, imagery in imagery_sources(folder, args.sources).items():
+        runs = [
+            (f"{name}, cut in {place}", imagery, options._replace(cut_in_loaders=place == "loaders"))
+            for name, imagery in imagery_sources(folder, args.sources).items()
+            for place in args.cut_in
+        ]
+        for name, imagery, run_options in runs:
             before = model_only_tiles_per_s(encoder, zoom_level, batch_size, tiles)
             out = folder / f"chunks-{len(rows)}"
             out.mkdir()
-            result = run(chunks, zoom_level, encoder, imagery, options, out)
+            result = run(chunks, zoom_level, encoder, imagery, run_options, out)
             after = model_only_tiles_per_s(encoder, zoom_level, batch_size, tiles)
             rows.append((name, result, (before + after) / 2))
             print(f"{name}: {result['tiles']:,} tiles in {result['seconds']:.1f} s", flush=True)
     print(
-        f"\n{'source':<20} {'tiles':>7} {'valid':>7} {'end-to-end tiles/s':>18} {'model-only tiles/s':>18}"
+        f"\n{'source':<36} {'tiles':>7} {'valid':>7} {'end-to-end tiles/s':>18} {'model-only tiles/s':>18}"
         f" {'ratio':>5} {'device busy %':>13} {'device peak MB':>14}"
     )
     for name, result, model_rate in rows:
@@ -188,7 +204,7 @@ def main() -> None:
         busy = "—" if result["busy"] is None else f"{result['busy']:.0f}"
         device_mb = "—" if result["device_mb"] is None else f"{result['device_mb']:,.0f}"
         print(
-            f"{name:<20} {result['tiles']:>7,} {result['valid']:>7,} {rate:>18,.1f} {model_rate:>18,.1f}"
+            f"{name:<36} {result['tiles']:>7,} {result['valid']:>7,} {rate:>18,.1f} {model_rate:>18,.1f}"
             f" {rate / model_rate:>5.2f} {busy:>13} {device_mb:>14}"
         )
     for name, result, _ in rows:

@@ -4,9 +4,11 @@ imagery in loader processes while the model runs.
 Each output tile is scored by the model's view centred on it, to within half a pixel
 (`pipeline.geometry.view_bounds`). A chunk's views are read in strips (`pipeline.imagery.base.read_strips`):
 each source pixel once, then every view is cut from the strip on the model's device (`pipeline.views.cut_views`;
-overlapping views share their resampled pixels too). A tile whose view holds imagery on less
-than `min_coverage` of its pixels is invalid: the model does not see it and its outputs are empty. So is a tile
-whose view touches imagery that could not be had (`imagery.on_missing: leave_empty`): its score would change.
+overlapping views share their resampled pixels too), or by the loader processes on their CPUs
+(`EmbedOptions.cut_in_loaders`: `benchmarks/bench_embed.py` measures both; jobs cut on the device). A tile whose
+view holds imagery on less than `min_coverage` of its pixels is invalid: the model does not see it and its
+outputs are empty. So is a tile whose view touches imagery that could not be had (`imagery.on_missing:
+leave_empty`): its score would change.
 chunks/<chunk>.npz holds, per tile of the chunk (row by row):
 
     x, y                     output tile coordinates (int64)
@@ -50,7 +52,7 @@ from pipeline.imagery import ImageryReader
 from pipeline.imagery.base import SourcePixels, read_strips
 from pipeline.plan import ChunkTiles
 from pipeline.store.layout import time_coordinate
-from pipeline.views import KERNELS, cut_views
+from pipeline.views import KERNELS, ViewBatch, cut_views, to_device
 
 # `batch_size: auto` on a GPU tries batches from AUTO_BATCH_START up to AUTO_BATCH_LIMIT (doubling), and keeps
 # the largest whose forward pass peaks within AUTO_BATCH_MEMORY_SHARE of the device's memory: the rest holds the
@@ -64,12 +66,29 @@ PROGRESS_SECONDS = 10.0
 
 
 class EmbedOptions(NamedTuple):
-    """How chunks are embedded: the times for withmeta models, batching, loader processes, concepts kept."""
+    """How chunks are embedded: the times for withmeta models, batching, loader processes, concepts kept, and
+    whether views are cut in the loader processes (on their CPUs) rather than where the model runs."""
 
     times: tuple[Time, ...]
     batch_size: int
     loader_workers: int
     top_k: int
+    cut_in_loaders: bool = False
+
+
+class CutStrip(NamedTuple):
+    """A strip's views, cut: which chunk (its position in the job), which views, the views (`ViewBatch`),
+    whether each touches source imagery that could not be had, and those source items (z, x, y)."""
+
+    chunk: int
+    strip: ViewStrip
+    batch: ViewBatch
+    touched: np.ndarray
+    unavailable_tiles: tuple[tuple[int, int, int], ...]
+
+    def cut(self, device: torch.device) -> CutStrip:
+        """The views on `device` (from pinned memory on a GPU, without waiting for the copy)."""
+        return self._replace(batch=self.batch._replace(pixels=to_device(self.batch.pixels, device)))
 
 
 class StripRead(NamedTuple):
@@ -77,16 +96,29 @@ class StripRead(NamedTuple):
 
     chunk: int
     strip: ViewStrip
+    views: np.ndarray
     pixels: SourcePixels
 
+    def cut(self, device: torch.device) -> CutStrip:
+        """The strip's views cut on `device` (`pipeline.views.cut_views`)."""
+        pixels = self.pixels
+        return CutStrip(
+            self.chunk,
+            self.strip,
+            cut_views(pixels, self.views, MODEL_INPUT_PX, device=device),
+            touches_unavailable(pixels, self.views, MODEL_INPUT_PX),
+            pixels.unavailable_tiles,
+        )
 
-class StripReads(Dataset[StripRead]):
+
+class StripReads(Dataset[StripRead | CutStrip]):
     """The strips of a job's chunks in order, each read in whichever process asks (loader workers open their
-    own reader on first use)."""
+    own reader on first use), and cut there too when `cut_here` (on that process's CPU)."""
 
-    def __init__(self, chunks: Sequence[ChunkTiles], imagery: ImagerySettings) -> None:
+    def __init__(self, chunks: Sequence[ChunkTiles], imagery: ImagerySettings, *, cut_here: bool = False) -> None:
         self._chunks = chunks
         self._imagery = imagery
+        self.cut_here = cut_here
         self.strips = [strips_of(chunk) for chunk in chunks]
         self._items = [(position, strip) for position, strips in enumerate(self.strips) for strip in strips]
         self._reader: ImageryReader | None = None
@@ -94,16 +126,22 @@ class StripReads(Dataset[StripRead]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index: int) -> StripRead:
+    def __getitem__(self, index: int) -> StripRead | CutStrip:
         if self._reader is None:
             self._reader = self._imagery.open_reader()
         position, strip = self._items[index]
         views = self._chunks[position].views[strip.start : strip.stop]
-        return StripRead(position, strip, self._reader.source_pixels(views, MODEL_INPUT_PX))
+        read = StripRead(position, strip, views, self._reader.source_pixels(views, MODEL_INPUT_PX))
+        return read.cut(torch.device("cpu")) if self.cut_here else read
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+
+def as_read(read: StripRead | CutStrip) -> StripRead | CutStrip:
+    """The loader's collate function: reads pass as they are (its default would make their arrays tensors)."""
+    return read
 
 
 def strips_of(chunk: ChunkTiles) -> list[ViewStrip]:
@@ -269,12 +307,14 @@ def embed_chunks(
             reports[chunk.id] = ChunkReport(chunk.id, len(chunk), None, reused=True)
         else:
             pending.append(chunk)
-    reads = StripReads(pending, imagery)
+    reads = StripReads(pending, imagery, cut_here=options.cut_in_loaders and options.loader_workers > 0)
     loader = DataLoader(
         reads,
         batch_size=None,
         num_workers=options.loader_workers,
         prefetch_factor=2 if options.loader_workers else None,
+        collate_fn=as_read,  # type: ignore[arg-type]  # torch's stub types the batching collate, not batch_size=None's
+        pin_memory=reads.cut_here and encoder.device.type == "cuda",
     )
     results: dict[int, ChunkResult] = {}
     progress = Progress(sum(len(chunk) for chunk in pending))
@@ -312,7 +352,7 @@ def embed_chunks(
 
 
 def _embed_strip(
-    read: StripRead,
+    read: StripRead | CutStrip,
     result: ChunkResult,
     zoom_level: int,
     encoder: Sat2SoundEncoder,
@@ -320,15 +360,14 @@ def _embed_strip(
     options: EmbedOptions,
 ) -> None:
     chunk, strip = result.chunk, read.strip
-    views = chunk.views[strip.start : strip.stop]
     start = time.perf_counter()
-    batch = cut_views(read.pixels, views, MODEL_INPUT_PX, device=encoder.device)
+    cut = read.cut(encoder.device)
+    batch, touched = cut.batch, cut.touched
     coverage = batch.coverage.cpu().numpy()  # on the host: the cut is done
     result.cut_s += time.perf_counter() - start
-    touched = touches_unavailable(read.pixels, views, MODEL_INPUT_PX)
     result.coverage[strip.start : strip.stop] = coverage
     result.unavailable[strip.start : strip.stop] = touched
-    result.unavailable_tiles.update(read.pixels.unavailable_tiles)
+    result.unavailable_tiles.update(cut.unavailable_tiles)
     chosen = np.flatnonzero((coverage >= imagery.min_coverage) & ~touched)
     for first in range(0, len(chosen), options.batch_size):
         local = chosen[first : first + options.batch_size]

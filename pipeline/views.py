@@ -143,7 +143,9 @@ class _Cut(NamedTuple):
 def _cut_sparse(source: SourcePixels, views: np.ndarray, size: int, device: torch.device) -> _Cut:
     """Each of `views` resampled on its own on `device`: sparse products, then `_finish`."""
     kernel = KERNELS[source.resampling]
-    values, valid = _on_device(source.values, device), _on_device(source.valid, device)
+    values, valid = (
+        to_device(torch.from_numpy(np.ascontiguousarray(a)), device) for a in (source.values, source.valid)
+    )
     if values.is_floating_point():
         finite = torch.isfinite(values).all(dim=0)
         valid = valid & finite
@@ -245,11 +247,10 @@ def _premultiplied(values: Tensor, valid: Tensor) -> Tensor:
     return torch.cat([values.float() * weight, weight[None]])
 
 
-def _on_device(array: np.ndarray, device: torch.device) -> Tensor:
-    """`array` on `device`; to a GPU from pinned host memory, without waiting for the copy."""
-    tensor = torch.as_tensor(np.ascontiguousarray(array))
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`; to a GPU from pinned host memory, without waiting for the copy."""
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
     return tensor.to(device)
 
 

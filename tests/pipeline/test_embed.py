@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import mercantile
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
 from support.paths import LANDSAT
 
+import pipeline.embed
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
 from pipeline.build import plan_build
 from pipeline.config import ImagerySettings, Time, load_plan_inputs
@@ -33,6 +36,7 @@ from pipeline.imagery import LocalRasterReader, TileCache, XYZReader
 from pipeline.imagery.http import RetryPolicy
 from pipeline.plan import ChunkTiles, embed_jobs
 from pipeline.store.write import ImageryGaps, imagery_gaps
+from pipeline.views import ViewBatch, cut_views
 
 IMAGERY = ImagerySettings(
     source=str(LANDSAT),
@@ -117,12 +121,28 @@ def test_a_rerun_keeps_finished_chunks_and_redoes_stale_ones(
     assert [report.reused for report in reports] == [False, False]
 
 
+@pytest.mark.parametrize("cut_in_loaders", [False, True], ids=["read in loaders", "read and cut in loaders"])
 def test_loader_processes_give_the_same_chunk(
-    chunks: list[ChunkTiles], encoder: Sat2SoundEncoder, tmp_path: Path
+    chunks: list[ChunkTiles],
+    encoder: Sat2SoundEncoder,
+    tmp_path: Path,
+    cut_in_loaders: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     chunk = chunks[1]
     embed_chunks([chunk], 3, encoder, IMAGERY, OPTIONS, tmp_path / "inline", lambda chunk: "s")
-    embed_chunks([chunk], 3, encoder, IMAGERY, OPTIONS._replace(loader_workers=2), tmp_path / "workers", lambda c: "s")
+    cutters = tmp_path / "cutters"
+    cutters.mkdir()
+
+    def cut_views_noting_the_process(*args: Any, **kwargs: Any) -> ViewBatch:
+        (cutters / str(os.getpid())).touch()
+        return cut_views(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.embed, "cut_views", cut_views_noting_the_process)  # loader processes fork it
+    workers = OPTIONS._replace(loader_workers=2, cut_in_loaders=cut_in_loaders)
+    embed_chunks([chunk], 3, encoder, IMAGERY, workers, tmp_path / "workers", lambda c: "s")
+    processes = {int(path.name) for path in cutters.iterdir()}
+    assert processes and (os.getpid() not in processes) == cut_in_loaders
     with np.load(tmp_path / "inline" / f"{chunk.id}.npz") as a, np.load(tmp_path / "workers" / f"{chunk.id}.npz") as b:
         for name in ("coverage", "valid", "embedding", "concept_index"):
             np.testing.assert_array_equal(a[name], b[name])
@@ -254,8 +274,16 @@ def test_a_corrupt_cached_tile_read_offline_leaves_its_views_empty_and_counted(
     assert any(json.loads(path.read_text())["unavailable"] == [list(tile)] for path in (tmp_path / "again").iterdir())
     served = len(scene_server.requests)
     embed_chunks(scene_chunks, 5, encoder, offline, OPTIONS, tmp_path / "chunks", lambda chunk: "s")
+    # Views cut in a loader process carry what they touched, and the source tiles that could not be had.
+    in_loader = OPTIONS._replace(loader_workers=1, cut_in_loaders=True)
+    reports = embed_chunks(scene_chunks, 5, encoder, offline, in_loader, tmp_path / "in-loader", lambda chunk: "s")
     assert len(scene_server.requests) == served
     np.testing.assert_array_equal(_stored(tmp_path / "chunks", scene_chunks, "unavailable"), reaching)
+    for name in ("unavailable", "valid", "embedding"):
+        np.testing.assert_array_equal(
+            _stored(tmp_path / "in-loader", scene_chunks, name), _stored(tmp_path / "chunks", scene_chunks, name)
+        )
+    assert sum(report.unavailable_source_tiles for report in reports) == 1
     assert not (_stored(tmp_path / "chunks", scene_chunks, "valid") & reaching).any()
     gaps = imagery_gaps([chunk.id for chunk in scene_chunks], tmp_path / "chunks")
     assert gaps == ImageryGaps(int(reaching.sum()), 1)
