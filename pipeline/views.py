@@ -604,7 +604,9 @@ def _cut_rows(
     size, count = rows.shape[0], columns.shape[0]
     channels = stack.shape[2]
     first_value, end_value = window[0] * channels, window[1] * channels
-    # Down the window with each line's channels flattened: one contiguous loop per tap, which vectorises.
+    # Down the window with each line's channels flattened: one contiguous loop per tap, which vectorises. Lines
+    # are sliced before the loops: indexes that start at 0 spare numba's check for negative ones, which would
+    # keep LLVM from vectorising (2-3x slower).
     source_lines = stack.reshape(height, width * channels)
     down_lines = np.zeros((size, end_value - first_value), np.float32)
     for out_row in numba.prange(size):
@@ -613,29 +615,30 @@ def _cut_rows(
             weight = row_weight[out_row, tap]
             if weight == 0.0:
                 continue
-            source_row = row_index[out_row, tap]
+            source = source_lines[row_index[out_row, tap], first_value:end_value]
             for at in range(end_value - first_value):
-                line[at] += weight * source_lines[source_row, first_value + at]
-    down = down_lines.reshape(size, -1, channels)
+                line[at] += weight * source[at]
     offset = 0.5 - low * gain
     for view in numba.prange(count):
+        view_columns, view_index, view_weight = columns[view], column_index[view], column_weight[view]
         for out_row in range(size):
             land_row = math.floor(rows[out_row])
             if not 0 <= land_row < height:
                 continue
+            line, landing_line = down_lines[out_row], landing[land_row]
             for out_column in range(size):
-                land_column = math.floor(columns[view, out_column])
-                if not (0 <= land_column < width and landing[land_row, land_column]):
+                land_column = math.floor(view_columns[out_column])
+                if not (0 <= land_column < width and landing_line[land_column]):
                     continue
                 landed[view, out_row, out_column] = True
                 red = green = blue = valid = 0.0
-                for tap in range(column_index.shape[2]):
-                    weight = column_weight[view, out_column, tap]
-                    column = column_index[view, out_column, tap]
-                    red += weight * down[out_row, column, 0]
-                    green += weight * down[out_row, column, 1]
-                    blue += weight * down[out_row, column, 2]
-                    valid += weight * down[out_row, column, 3]
+                index, weights = view_index[out_column], view_weight[out_column]
+                for tap in range(index.shape[0]):
+                    weight, at = weights[tap], index[tap] * channels
+                    red += weight * line[at]
+                    green += weight * line[at + 1]
+                    blue += weight * line[at + 2]
+                    valid += weight * line[at + 3]
                 _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain, offset)
 
 
