@@ -1,19 +1,19 @@
 """The embed stage end to end against the model alone, on one device: what an embed job delivers.
 
     python -m benchmarks.bench_embed [--tiles 25000] [--model full] [--device auto] [--loader-workers N]
-                                     [--sources mosaic xyz] [--cut-in device loaders] [--tile-zoom-offset 6]
+                                     [--sources mosaic xyz xyz-jpeg] [--cut-in device loaders] [--tile-zoom-offset 6]
                                      [--compile]
 
 Plans a square of about `--tiles` output tiles in the middle of the bundled Landsat scene (30 m pixels) for
 Sentinel views of 7.68 km (`--sat-type sentinel --zoom-level 3`, as `bench_imagery`; the scene is too coarse for
 the reference's bingmap views) at `--tile-zoom-offset 6` (the offset at which 25,000 tiles fit the scene), then
-runs what an embed job runs after its start-up (`pipeline.embed.embed_chunks`:
-loader processes read strips, views are cut on the model's device, batches embedded, chunk files written) from
-two sources: the scene warped to a Web Mercator mosaic (a local raster) and a warm cache of 256-px PNG tiles
-made from it (XYZ, offline). Each source runs twice (`--cut-in`): views cut on the model's device, as embed jobs
-cut them, and views cut on the loader processes' CPUs (`EmbedOptions.cut_in_loaders`), which takes the cutting
-off the job's own process. Model-only is the same encoder on random uint8 batches of the same size, timed
-just before and just after each run (their mean).
+runs what an embed job runs after its start-up (`pipeline.embed.embed_chunks`: loader processes read strips, views
+are cut on the model's device, batches embedded, chunk files written) from three sources: the scene warped to a Web
+Mercator mosaic (a local raster) and warm caches of 256-px PNG and JPEG tiles made from it (XYZ, offline;
+`--sources mosaic xyz xyz-jpeg`). Each source runs twice (`--cut-in`): views cut on the model's device, as embed
+jobs cut them, and views cut on the loader processes' CPUs (`EmbedOptions.cut_in_loaders`), which takes the cutting
+off the job's own process. Model-only is the same encoder on random uint8 batches of the same size, timed just
+before and just after each run (their mean).
 
 Printed per source: tiles, end-to-end tiles/s, model-only tiles/s, their ratio, the device's utilisation while
 embedding (mean of NVML samples every 0.2 s, CUDA only), peak device memory (CUDA allocator), where the time went
@@ -53,6 +53,7 @@ from tests.support.imagery_servers import warp_to_web_mercator
 SAMPLE_SECONDS = 0.2
 CUT_PLACES = ("device", "loaders")
 XYZ_SOURCE_ID = "bench"
+XYZ_FORMATS = {"xyz": "png", "xyz-jpeg": "jpg"}
 
 
 def plan(args: argparse.Namespace) -> tuple[list[ChunkTiles], int]:
@@ -78,10 +79,11 @@ def imagery_sources(folder: Path, names: list[str]) -> dict[str, ImagerySettings
             mosaic = warp_to_web_mercator(SCENE, folder / "landsat_3857.tif")
             specs["Web Mercator mosaic"] = {"source": str(mosaic), "options": {"bands": list(BANDS)}}
         else:
-            specs["XYZ cache (PNG)"] = {
-                "source": "xyz:https://tiles.invalid/{z}/{x}/{y}.png",
+            tile_format = XYZ_FORMATS[name]
+            specs[f"XYZ cache ({'PNG' if tile_format == 'png' else 'JPEG'})"] = {
+                "source": f"xyz:https://tiles.invalid/{{z}}/{{x}}/{{y}}.{tile_format}",
                 "options": {"source_id": XYZ_SOURCE_ID, "max_zoom": TILE_ZOOM},
-                "cache_dir": str(tile_cache(folder, XYZ_SOURCE_ID)),
+                "cache_dir": str(tile_cache(folder, XYZ_SOURCE_ID, tile_format)),
             }
     return {
         name: load_plan_inputs({"region": SCENE_REGION, "imagery": {**spec, "offline": True}}).imagery
@@ -156,7 +158,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the image path (`compiled=True`)")
     parser.add_argument("--batch-size", default="auto", help="auto (the largest that fits on a GPU) or a number")
     parser.add_argument("--loader-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--sources", nargs="+", choices=("mosaic", "xyz"), default=["mosaic", "xyz"])
+    parser.add_argument("--sources", nargs="+", choices=("mosaic", *XYZ_FORMATS), default=["mosaic", *XYZ_FORMATS])
     parser.add_argument(
         "--cut-in",
         nargs="+",

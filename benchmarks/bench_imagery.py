@@ -2,16 +2,17 @@
 
     python -m benchmarks.bench_imagery [--offsets 0 2 5] [--per-view 96]
 
-For each `tile_zoom_offset` it plans the default build's region (the bundled Landsat scene, sentinel views of
-7.68 km at zoom_level 3) and times, on one thread, what an embed job does before the model: read every strip
-of a chunk once (`ImageryReader.source_pixels`) and cut its views (`pipeline.views.cut_views`); then the old
-path, one GDAL warp per view (`ImageryReader.part`), on the first `--per-view` views. Sources: the scene as it
-is (UTM, a projected raster), the scene warped to EPSG:3857 (a Web Mercator raster), and a warm tile cache of
-256-px PNG tiles made from it (XYZ, read offline). Printed: views/s per core for both paths and their ratio,
-source pixels read per view, and the peak memory of the process. Like the embed jobs, it keeps freed memory
-(`common.memory`). Strips are timed in a job's steady state: after one untimed pass over the chunk (the
-first chunk of a job also pays the stretch, page faults and loading the compiled kernels), the best of three
-passes or more.
+For each `tile_zoom_offset` it plans the default build's region (the bundled Landsat scene, sentinel views of 7.68
+km at zoom_level 3) and times, in CPU seconds of the process (one torch thread; the XYZ reader's decoding threads
+counted too), what an embed job does before the model: read every strip of a chunk once
+(`ImageryReader.source_pixels`) and cut its views (`pipeline.views.cut_views`); then the old path, one GDAL warp
+per view (`ImageryReader.part`), on the first `--per-view` views. Sources: the scene as it is (UTM, a projected
+raster), the scene warped to EPSG:3857 (a Web Mercator raster), and warm tile caches of 256-px PNG and JPEG tiles
+made from it (XYZ, read offline; imagery servers send photos as JPEG). Printed: views/s per core for both paths and
+their ratio, source pixels read per view, and the peak memory of the process. Like the embed jobs, it keeps freed
+memory (`common.memory`). Strips are timed in a job's steady state: after one untimed pass over the chunk (the
+first chunk of a job also pays the stretch, page faults and loading the compiled kernels), the best of three passes
+or more.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pipeline.imagery.base import read_strips
 from pipeline.imagery.codec import encode_png
 from pipeline.plan import ChunkTiles
 from pipeline.views import cut_views
-from tests.support.imagery_servers import warp_to_web_mercator
+from tests.support.imagery_servers import encode_image, warp_to_web_mercator
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"
@@ -64,35 +65,48 @@ def largest_chunk(offset: int) -> ChunkTiles:
     return max(plan_build(inputs).chunks, key=len)
 
 
-def tile_cache(folder: Path, source_id: str) -> Path:
-    """PNG tiles of the scene at TILE_ZOOM (and the zoom above), stretched to 8 bits as the local reader does."""
-    cache = TileCache(folder / "tiles")
+def tile_cache(folder: Path, source_id: str, tile_format: str = "png") -> Path:
+    """Tiles of the scene at TILE_ZOOM (and the zoom above), stretched to 8 bits as the local reader does: PNG
+    with transparency, or JPEG (`tile_format` "jpg", as imagery servers send photos: black off the scene)."""
+    cache = TileCache(folder / f"tiles-{tile_format}")
     with LocalRasterReader(SCENE, bands=BANDS) as reader:
         west, south, east, north = reader.footprint_lnglat()
         for tile in mercantile.tiles(west, south, east, north, [TILE_ZOOM - 1, TILE_ZOOM]):
             image = reader.tile(tile.x, tile.y, tile.z, TILE_PX)
             rgb, valid = np.ma.getdata(image.array), ~np.ma.getmaskarray(image.array).any(axis=0)
             if valid.any():
-                cache.put(f"{source_id}/{tile.z}/{tile.x}/{tile.y}.png", encode_png(rgb, valid))
+                body = encode_png(rgb, valid) if tile_format == "png" else encode_image(rgb, "JPEG")
+                cache.put(f"{source_id}/{tile.z}/{tile.x}/{tile.y}.{tile_format}", body)
     return cache.root
 
 
+def xyz_reader(folder: Path, tile_format: str) -> XYZReader:
+    """A reader of `tile_cache`'s tiles, offline."""
+    return XYZReader(
+        f"https://tiles.invalid/{{z}}/{{x}}/{{y}}.{tile_format}",
+        cache=TileCache(tile_cache(folder, "bench", tile_format)),
+        source_id="bench",
+        offline=True,
+        max_zoom=TILE_ZOOM,
+    )
+
+
 def time_strips(reader: ImageryReader, views: np.ndarray) -> tuple[float, int]:
-    """Seconds to read and cut all `views`, and the source pixels read."""
-    start, read = time.perf_counter(), 0
+    """CPU seconds to read and cut all `views`, and the source pixels read."""
+    start, read = time.process_time(), 0
     for strip in read_strips(views, MODEL_INPUT_PX):
         group = views[strip.start : strip.stop]
         pixels = reader.source_pixels(group, MODEL_INPUT_PX)
         read += pixels.valid.size
         cut_views(pixels, group, MODEL_INPUT_PX)
-    return time.perf_counter() - start, read
+    return time.process_time() - start, read
 
 
 def time_per_view(reader: ImageryReader, views: np.ndarray) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     for view in views:
         reader.part(Bounds(*view), MODEL_INPUT_PX, MODEL_INPUT_PX)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
@@ -109,13 +123,8 @@ def main() -> None:
             "Web Mercator raster": lambda: LocalRasterReader(
                 warp_to_web_mercator(SCENE, folder / "landsat_3857.tif"), bands=BANDS
             ),
-            "XYZ tile cache (PNG)": lambda: XYZReader(
-                "https://tiles.invalid/{z}/{x}/{y}.png",
-                cache=TileCache(tile_cache(folder, "bench")),
-                source_id="bench",
-                offline=True,
-                max_zoom=TILE_ZOOM,
-            ),
+            "XYZ tile cache (PNG)": lambda: xyz_reader(folder, "png"),
+            "XYZ tile cache (JPEG)": lambda: xyz_reader(folder, "jpg"),
         }
         print(
             f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'per-view views/s':>16}"

@@ -10,8 +10,12 @@ from email.utils import format_datetime
 
 import numpy as np
 import pytest
+import rasterio
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+from rasterio.windows import Window
 from support.imagery_servers import encode_image
+from support.paths import LANDSAT
 
 from pipeline.errors import ImageryError, TileDecodeError
 from pipeline.imagery.codec import decode_tile, encode_png, encode_webp
@@ -32,6 +36,22 @@ def test_each_format_decodes_and_truncation_is_detected(driver: str) -> None:
     for cut in (len(body) // 2, len(body) - 2):
         with pytest.raises(TileDecodeError):
             decode_tile(body[:cut])
+
+
+def test_jpeg_tiles_decode_as_faithfully_as_gdal_reads_them() -> None:
+    with rasterio.open(LANDSAT) as scene:
+        raw = scene.read([3, 2, 1], window=Window(300, 300, 256, 256)).astype(np.float32)
+    low, high = np.percentile(raw, [2, 98])
+    photo = np.clip((raw - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+    body = encode_image(photo, "JPEG")
+    with warnings.catch_warnings(), MemoryFile(body) as memfile:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with memfile.open() as dataset:
+            by_gdal = dataset.read()
+    decoded = decode_tile(body)
+    assert decoded.valid.all()
+    error = np.abs(decoded.rgb.astype(int) - photo).mean()
+    assert error < 4.0 and error <= np.abs(by_gdal.astype(int) - photo).mean()
 
 
 def test_garbage_is_not_an_image() -> None:
