@@ -1,6 +1,6 @@
 """The imagery stage alone (no model): model views per second per CPU core, strip path against per-view reads.
 
-    python -m benchmarks.bench_imagery [--offsets 0 2 5] [--per-view 96]
+    python -m benchmarks.bench_imagery [--offsets 0 2 5] [--per-view 96] [--cuda]
 
 For each `tile_zoom_offset` it plans the default build's region (the bundled Landsat scene, sentinel views of 7.68
 km at zoom_level 3) and times, in CPU seconds of the process (one torch thread; the XYZ reader's decoding threads
@@ -12,7 +12,8 @@ made from it (XYZ, read offline; imagery servers send photos as JPEG). Printed: 
 their ratio, source pixels read per view, and the peak memory of the process. Like the embed jobs, it keeps freed
 memory (`common.memory`). Strips are timed in a job's steady state: after one untimed pass over the chunk (the
 first chunk of a job also pays the stretch, page faults and loading the compiled kernels), the best of three passes
-or more.
+or more. With `--cuda` it also times cutting the same views on the GPU (wall seconds, strips read beforehand), the
+path embed jobs on GPUs take, against the CPU kernels loader processes could run (`EmbedOptions.cut_in_loaders`).
 """
 
 from __future__ import annotations
@@ -102,6 +103,24 @@ def time_strips(reader: ImageryReader, views: np.ndarray) -> tuple[float, int]:
     return time.process_time() - start, read
 
 
+def time_device_cuts(reader: ImageryReader, views: np.ndarray, device: torch.device) -> float:
+    """Wall seconds to cut all `views` on `device` from strips read beforehand (the best of MIN_PASSES passes after
+    one untimed pass), waiting for the device to finish."""
+    strips = [views[strip.start : strip.stop] for strip in read_strips(views, MODEL_INPUT_PX)]
+    pixels = [reader.source_pixels(group, MODEL_INPUT_PX) for group in strips]
+
+    def one_pass() -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for source, group in zip(pixels, strips, strict=True):
+            cut_views(source, group, MODEL_INPUT_PX, device=device)
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    one_pass()
+    return min(one_pass() for _ in range(MIN_PASSES))
+
+
 def time_per_view(reader: ImageryReader, views: np.ndarray) -> float:
     start = time.process_time()
     for view in views:
@@ -113,7 +132,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--offsets", type=int, nargs="+", default=[0, 2, 5])
     parser.add_argument("--per-view", type=int, default=96, help="views timed through one GDAL warp each")
+    parser.add_argument("--cuda", action="store_true", help="also time cutting the views on the GPU (sparse products)")
     args = parser.parse_args()
+    device = torch.device("cuda") if args.cuda else None
     torch.set_num_threads(1)
     keep_freed_memory()  # as every embed job does
     with tempfile.TemporaryDirectory(prefix="bench-imagery-") as scratch:
@@ -128,7 +149,7 @@ def main() -> None:
         }
         print(
             f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'per-view views/s':>16}"
-            f" {'ratio':>6} {'source px/view':>14}"
+            f" {'ratio':>6} {'source px/view':>14}" + ("  cut on GPU views/s" if device else "")
         )
         for offset in args.offsets:
             chunk = largest_chunk(offset)
@@ -141,10 +162,13 @@ def main() -> None:
                     )
                     sample = chunk.views[: args.per_view]
                     per_view = len(sample) / time_per_view(reader, sample)
+                    on_device = (
+                        f"  {len(chunk) / time_device_cuts(reader, chunk.views, device):>19,.0f}" if device else ""
+                    )
                 strip_rate = len(chunk) / seconds
                 print(
                     f"{name:<24} {offset:>6} {len(chunk):>6} {strip_rate:>13,.0f} {per_view:>16,.0f}"
-                    f" {strip_rate / per_view:>6.1f} {read / len(chunk):>14,.0f}",
+                    f" {strip_rate / per_view:>6.1f} {read / len(chunk):>14,.0f}{on_device}",
                     flush=True,
                 )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
