@@ -144,7 +144,7 @@ def _cut_sparse(source: SourcePixels, views: np.ndarray, size: int, device: torc
     """Each of `views` resampled on its own on `device`: sparse products, then `_finish`."""
     kernel = KERNELS[source.resampling]
     values, valid = (
-        to_device(torch.from_numpy(np.ascontiguousarray(a)), device) for a in (source.values, source.valid)
+        to_device(torch.from_numpy(np.ascontiguousarray(array)), device) for array in (source.values, source.valid)
     )
     if values.is_floating_point():
         finite = torch.isfinite(values).all(dim=0)
