@@ -81,11 +81,11 @@ def tile_cache(folder: Path, source_id: str, tile_format: str = "png") -> Path:
     return cache.root
 
 
-def xyz_reader(folder: Path, tile_format: str) -> XYZReader:
-    """A reader of `tile_cache`'s tiles, offline."""
+def xyz_reader(cache_root: Path, tile_format: str) -> XYZReader:
+    """A reader of the tiles `tile_cache` wrote under `cache_root`, offline."""
     return XYZReader(
         f"https://tiles.invalid/{{z}}/{{x}}/{{y}}.{tile_format}",
-        cache=TileCache(tile_cache(folder, "bench", tile_format)),
+        cache=TileCache(cache_root),
         source_id="bench",
         offline=True,
         max_zoom=TILE_ZOOM,
@@ -139,13 +139,14 @@ def main() -> None:
     keep_freed_memory()  # as every embed job does
     with tempfile.TemporaryDirectory(prefix="bench-imagery-") as scratch:
         folder = Path(scratch)
+        # Made once, read at every offset.
+        mosaic = warp_to_web_mercator(SCENE, folder / "landsat_3857.tif")
+        png, jpeg = (tile_cache(folder, "bench", tile_format) for tile_format in ("png", "jpg"))
         sources: dict[str, Callable[[], ImageryReader]] = {
             "projected raster (UTM)": lambda: LocalRasterReader(SCENE, bands=BANDS),
-            "Web Mercator raster": lambda: LocalRasterReader(
-                warp_to_web_mercator(SCENE, folder / "landsat_3857.tif"), bands=BANDS
-            ),
-            "XYZ tile cache (PNG)": lambda: xyz_reader(folder, "png"),
-            "XYZ tile cache (JPEG)": lambda: xyz_reader(folder, "jpg"),
+            "Web Mercator raster": lambda: LocalRasterReader(mosaic, bands=BANDS),
+            "XYZ tile cache (PNG)": lambda: xyz_reader(png, "png"),
+            "XYZ tile cache (JPEG)": lambda: xyz_reader(jpeg, "jpg"),
         }
         print(
             f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'per-view views/s':>16}"

@@ -22,12 +22,14 @@ from pipeline.build import plan_build
 from pipeline.config import ImagerySettings, Time, load_plan_inputs
 from pipeline.embed import (
     PROGRESS_SECONDS,
+    ChunkReport,
     EmbedOptions,
     Progress,
     chunk_stamp,
     embed_chunks,
     is_done,
     largest_batch,
+    stage_line,
 )
 from pipeline.errors import FetchError
 from pipeline.fetch import fetch_chunk
@@ -356,8 +358,6 @@ def test_time_costs_give_the_first_step_and_each_extra_step_per_tile() -> None:
 
 
 def test_the_stage_line_sums_the_made_chunks_only() -> None:
-    from pipeline.embed import ChunkReport, stage_line
-
     reports = [
         ChunkReport("a", 10, 8, False, first_time_s=0.8, extra_times_s=0.2, imagery_wait_s=1.5, cut_s=0.25),
         ChunkReport("b", 10, None, True, first_time_s=5.0, imagery_wait_s=5.0, cut_s=5.0),
