@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_build import SCENE_CENTRE, model_only_tiles_per_s, square_region
-from benchmarks.bench_imagery import BANDS, SCENE, TILE_ZOOM, tile_cache
+from benchmarks.bench_imagery import BANDS, SCENE, TILE_FORMATS, TILE_ZOOM, XYZ_SOURCE_ID, tile_cache, xyz_url
 from benchmarks.bench_imagery import REGION as SCENE_REGION
 from common.memory import keep_freed_memory
 from model import Sat2Sound, Sat2SoundConfig, Sat2SoundEncoder
@@ -52,7 +52,6 @@ from tests.support.imagery_servers import warp_to_web_mercator
 
 SAMPLE_SECONDS = 0.2
 CUT_PLACES = ("device", "loaders")
-XYZ_SOURCE_ID = "bench"
 XYZ_FORMATS = {"xyz": "png", "xyz-jpeg": "jpg"}
 
 
@@ -80,10 +79,10 @@ def imagery_sources(folder: Path, names: list[str]) -> dict[str, ImagerySettings
             specs["Web Mercator mosaic"] = {"source": str(mosaic), "options": {"bands": list(BANDS)}}
         else:
             tile_format = XYZ_FORMATS[name]
-            specs[f"XYZ cache ({'PNG' if tile_format == 'png' else 'JPEG'})"] = {
-                "source": f"xyz:https://tiles.invalid/{{z}}/{{x}}/{{y}}.{tile_format}",
+            specs[f"XYZ cache ({TILE_FORMATS[tile_format]})"] = {
+                "source": f"xyz:{xyz_url(tile_format)}",
                 "options": {"source_id": XYZ_SOURCE_ID, "max_zoom": TILE_ZOOM},
-                "cache_dir": str(tile_cache(folder, XYZ_SOURCE_ID, tile_format)),
+                "cache_dir": str(tile_cache(folder, tile_format)),
             }
     return {
         name: load_plan_inputs({"region": SCENE_REGION, "imagery": {**spec, "offline": True}}).imagery

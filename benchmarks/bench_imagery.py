@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mercantile
@@ -48,6 +49,9 @@ REGION = "-54.664,-25.489,-54.354,-25.208"
 BANDS = (3, 2, 1)
 TILE_ZOOM = 12  # 38 m pixels: the coarsest at least as fine as the views' 34 m
 TILE_PX = 256
+# The tile caches: their formats (file extension: name), source id and URL (never fetched: read offline).
+TILE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+XYZ_SOURCE_ID = "bench"
 # Each chunk is timed over this many passes at least, and more while they hold fewer than MIN_VIEWS views: the
 # best pass counts.
 MIN_PASSES = 3
@@ -66,7 +70,11 @@ def largest_chunk(offset: int) -> ChunkTiles:
     return max(plan_build(inputs).chunks, key=len)
 
 
-def tile_cache(folder: Path, source_id: str, tile_format: str = "png") -> Path:
+def xyz_url(tile_format: str) -> str:
+    return f"https://tiles.invalid/{{z}}/{{x}}/{{y}}.{tile_format}"
+
+
+def tile_cache(folder: Path, tile_format: str) -> Path:
     """Tiles of the scene at TILE_ZOOM (and the zoom above), stretched to 8 bits as the local reader does: PNG
     with transparency, or JPEG (`tile_format` "jpg", as imagery servers send photos: black off the scene)."""
     cache = TileCache(folder / f"tiles-{tile_format}")
@@ -77,16 +85,16 @@ def tile_cache(folder: Path, source_id: str, tile_format: str = "png") -> Path:
             rgb, valid = np.ma.getdata(image.array), ~np.ma.getmaskarray(image.array).any(axis=0)
             if valid.any():
                 body = encode_png(rgb, valid) if tile_format == "png" else encode_image(rgb, "JPEG")
-                cache.put(f"{source_id}/{tile.z}/{tile.x}/{tile.y}.{tile_format}", body)
+                cache.put(f"{XYZ_SOURCE_ID}/{tile.z}/{tile.x}/{tile.y}.{tile_format}", body)
     return cache.root
 
 
 def xyz_reader(cache_root: Path, tile_format: str) -> XYZReader:
     """A reader of the tiles `tile_cache` wrote under `cache_root`, offline."""
     return XYZReader(
-        f"https://tiles.invalid/{{z}}/{{x}}/{{y}}.{tile_format}",
+        xyz_url(tile_format),
         cache=TileCache(cache_root),
-        source_id="bench",
+        source_id=XYZ_SOURCE_ID,
         offline=True,
         max_zoom=TILE_ZOOM,
     )
@@ -141,12 +149,14 @@ def main() -> None:
         folder = Path(scratch)
         # Made once, read at every offset.
         mosaic = warp_to_web_mercator(SCENE, folder / "landsat_3857.tif")
-        png, jpeg = (tile_cache(folder, "bench", tile_format) for tile_format in ("png", "jpg"))
+        caches = {tile_format: tile_cache(folder, tile_format) for tile_format in TILE_FORMATS}
         sources: dict[str, Callable[[], ImageryReader]] = {
             "projected raster (UTM)": lambda: LocalRasterReader(SCENE, bands=BANDS),
             "Web Mercator raster": lambda: LocalRasterReader(mosaic, bands=BANDS),
-            "XYZ tile cache (PNG)": lambda: xyz_reader(png, "png"),
-            "XYZ tile cache (JPEG)": lambda: xyz_reader(jpeg, "jpg"),
+            **{
+                f"XYZ tile cache ({label})": partial(xyz_reader, caches[tile_format], tile_format)
+                for tile_format, label in TILE_FORMATS.items()
+            },
         }
         print(
             f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'per-view views/s':>16}"
