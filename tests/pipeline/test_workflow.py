@@ -452,7 +452,10 @@ def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[
         "region": RESUME_REGION,
         "imagery": {"source": str(SCENE_PATH)},
         "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 16},
-        "model": {**base_config["model"], "loader_workers": 0},
+        # One chunk a job, so the kill lands while the next job starts (seconds of imports and model load), not
+        # in the few milliseconds between two chunks of one job, which a loaded machine can let slip by. A job
+        # that stopped part-way through its chunks reuses the finished ones: tests/pipeline/test_embed.py.
+        "model": {**base_config["model"], "loader_workers": 0, "tiles_per_job": 1},
     }
     config_path = write_config(tmp_path, config)
     chunks = tmp_path / "out/resume/chunks"
