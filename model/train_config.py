@@ -69,9 +69,10 @@ class TowerSettings:
     landcover  a folder of one raster per pair (`<key>.tif`, one uint8 band per class, 0-255 = the class's share of
                the pixel, over exactly the pair's image): every patch token learns its own patch's shares
 
-    With both, every token learns each through a head of its own. With `codebook`, the pooled image embedding
-    learns the view's shares too (with `landcover`, the mean of its patches') and the codebook and its image
-    queries stay frozen with the tower. Off while both are unset."""
+    With both, every token learns each through a head of its own. With `codebook`, the pooled image embedding is
+    taught too (with `landcover`, each class's largest patch share, as the codebook pools tokens by their largest
+    score; with `shares` alone, the view's shares) and the codebook and its image queries stay frozen with the
+    tower. Off while both are unset."""
 
     shares: str | None = None
     landcover: str | None = None

@@ -299,10 +299,9 @@ class ViewShares:
 
 class PatchShares:
     """Each pair's class raster (`image_pretraining.landcover`) averaged over the token grid's patches: every patch
-    token learns its own patch's class shares (patches without imagery left out), the pooled embedding the view's
-    shares (the mean over its patches). Taught per patch, a town's tokens are a town's wherever it lies, not tokens
-    that learnt their view's context; taught the view's shares, the embedding tells how much of a class a view holds,
-    not only whether some patch shows it."""
+    token learns its own patch's class shares (patches without imagery left out), the pooled embedding each class's
+    largest patch share (is there a patch of it, and how pure), which is what pooling by the maximum can carry.
+    Taught per patch, a town's tokens are a town's wherever it lies, not tokens that learnt their view's context."""
 
     def __init__(self, means: Mapping[str, Tensor]) -> None:
         self.means = means  # key -> (C, grid, grid) float: each class's raster averaged over each patch
@@ -319,8 +318,8 @@ class PatchShares:
         loss = soft_cross_entropy(token_logits[valid], shares[valid])
         if embedding_logits is None:
             return loss
-        view = shares.masked_fill(~valid[..., None], 0.0).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
-        return loss + soft_cross_entropy(embedding_logits, view)
+        largest = shares.masked_fill(~valid[..., None], 0.0).amax(dim=1)
+        return loss + F.binary_cross_entropy_with_logits(embedding_logits.float(), largest)
 
     def patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B, T, C) shares of each token's patch, row by row as the tower orders its tokens, and (B, T) validity;
@@ -354,8 +353,8 @@ def read_patch_means(path: Path, classes: Sequence[str], grid: int) -> Tensor:
 class ImageTowerPretraining(pl.LightningModule):
     """The image side alone, every patch token taught land cover (`PatchShares`, `ViewShares`, or both) through a
     linear head per target that is dropped afterwards (soft cross-entropy). With `codebook`, the pooled embedding
-    learns the view's shares by the first target too (one more head), and the main run aligns audio and text with
-    image embeddings fixed by it."""
+    is taught the first target's rule too (one more head), and the main run aligns audio and text with image
+    embeddings fixed by it."""
 
     def __init__(self, model: Sat2Sound, settings: TrainSettings) -> None:
         super().__init__()

@@ -348,15 +348,9 @@ def test_each_token_learns_its_own_patch_turned_as_its_image_was(tmp_path: Path,
     logits = torch.zeros(1, 16, 2)
     logits[0, :, 0] = torch.where(shares[0, :, 0] > 0.5, 20.0, -20.0)
     assert float(targets.loss(logits, None, batch)) < 1e-6  # type: ignore[arg-type]
-    # The pooled embedding learns the view's shares: 1 of its 15 patches with imagery is class 0. Soft cross-entropy
-    # is least, the target's entropy, at logits that give those shares.
-    view = torch.tensor([[1 / 15, 14 / 15]])
-    tokens_only = targets.loss(logits, None, batch)  # type: ignore[arg-type]
-    best = targets.loss(logits, view.log(), batch) - tokens_only  # type: ignore[arg-type]
-    torch.testing.assert_close(best, -(view * view.log()).sum())
-    for pooled in ([[20.0, 20.0]], [[20.0, -20.0]]):  # "some of each", as the largest patch shares say; all class 0
-        worse = targets.loss(logits, torch.tensor(pooled), batch) - tokens_only  # type: ignore[arg-type]
-        assert float(worse) > float(best) + 0.4
+    # The pooled embedding learns whether, and how purely, a patch holds each class.
+    assert float(targets.loss(logits, torch.tensor([[20.0, 20.0]]), batch)) < 1e-6  # type: ignore[arg-type]
+    assert float(targets.loss(logits, torch.tensor([[20.0, -20.0]]), batch)) > 1  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
