@@ -33,8 +33,9 @@ def similarity(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of -sum_j targets_ij * log_softmax(logits_i)_j (targets not renormalised)."""
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    """Mean over rows of -sum_j targets_ij * log_softmax(logits_i)_j (targets not renormalised), in float32 whatever
+    the logits' precision."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
 def symmetric_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ from model.data.sources import PairSource
 from model.data.transforms import COLOR_JITTER, SampleTransform, dihedral_turn
 from model.errors import ConfigError, DataError
 from model.evaluate import retrieval_metrics
-from model.loss import l2_normalize
+from model.loss import l2_normalize, soft_cross_entropy
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
 from model.text import TextBackbone, load_text_backbone
 from model.text_cache import TextCache
@@ -259,10 +259,6 @@ class Sat2SoundTraining(pl.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
 def image_side(model: Sat2Sound, tower: TowerSettings) -> list[nn.Parameter]:
