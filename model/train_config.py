@@ -69,10 +69,9 @@ class TowerSettings:
     landcover  a folder of one raster per pair (`<key>.tif`, one uint8 band per class, 0-255 = the class's share of
                the pixel, over exactly the pair's image): every patch token learns its own patch's shares
 
-    With both, every token learns each through a head of its own. With `codebook`, the pooled image embedding is
-    taught too (with `landcover`, each class's largest patch share, as the codebook pools tokens by their largest
-    score; with `shares` alone, the view's shares) and the codebook and its image queries stay frozen with the
-    tower. Off while both are unset."""
+    With both, every token learns each through a head of its own. With `codebook`, the pooled image embedding
+    learns the view's shares too (with `landcover`, the mean of its patches') and the codebook and its image
+    queries stay frozen with the tower. Off while both are unset."""
 
     shares: str | None = None
     landcover: str | None = None
@@ -88,12 +87,25 @@ class TowerSettings:
 
 
 @dataclass(frozen=True)
+class RecordingSettings:
+    """Recordings heard alone, each taught its own caption in the main run: `table` is a CSV of `file` (beside it)
+    and `caption`, e.g. the recordings a data set's mixes are made of. The pairs teach what a place sounds of; this
+    keeps each recording apart from the others, so that one recording's query finds itself in a gallery of them.
+    The term (symmetric cross-entropy of the recordings' audio against their captions, the audio-caption
+    temperature) is added to each step's loss times `weight`. Off while `table` is unset."""
+
+    table: str | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     out_dir: str
     data: DataSettings
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     image_pretraining: TowerSettings = field(default_factory=TowerSettings)
+    recordings: RecordingSettings = field(default_factory=RecordingSettings)
     batch_size: int = 128
     max_epochs: int = 30
     max_steps: int = -1
@@ -139,7 +151,13 @@ class TrainSettings:
         for key in ("out_dir", "text_cache", "mel_cache", "description"):
             del values[key]
         del values["data"]["root"], values["data"]["num_workers"]
-        for section, key in (("model", "init"), ("image_pretraining", "shares"), ("image_pretraining", "landcover")):
+        named = (
+            ("model", "init"),
+            ("image_pretraining", "shares"),
+            ("image_pretraining", "landcover"),
+            ("recordings", "table"),
+        )
+        for section, key in named:
             if values[section][key]:
                 values[section][key] = Path(values[section][key]).name
         return values
@@ -203,6 +221,7 @@ def _check(settings: TrainSettings) -> None:
             "://" not in data.root or all(Path(path).is_absolute() for path in (tower.shares, tower.landcover) if path),
             "image_pretraining's targets lie in the data folder, on the hub here: give them as an absolute local path",
         ),
+        (settings.recordings.weight > 0, "recordings.weight must be > 0 (leave recordings.table unset to turn it off)"),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
         (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),
@@ -222,6 +241,7 @@ def parse_settings(values: Mapping[str, Any], base: Path | None = None) -> Train
         "model": ModelSettings,
         "optim": OptimSettings,
         "image_pretraining": TowerSettings,
+        "recordings": RecordingSettings,
     }
     parsed = {name: _section(cls, values.pop(name, None), name) for name, cls in sections.items()}
     if "out_dir" not in values:
@@ -246,6 +266,7 @@ def _relative_to(settings: TrainSettings, base: Path) -> TrainSettings:
         mel_cache=resolve(settings.mel_cache),
         data=replace(settings.data, root=resolve(settings.data.root) or ""),
         model=replace(settings.model, init=resolve(settings.model.init)),
+        recordings=replace(settings.recordings, table=resolve(settings.recordings.table)),
     )
 
 

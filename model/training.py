@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from common.atomic import atomic_path
 from common.errors import first_line
+from model.audio import load_audio
 from model.checkpoint import DESCRIPTION_KEY, build_model, read_checkpoint, save_safetensors
 from model.config import Sat2SoundConfig
 from model.data.dataset import BlockShuffleSampler, PairDataset, TrainBatch, collate
@@ -43,12 +44,13 @@ from model.data.sources import PairSource
 from model.data.transforms import COLOR_JITTER, SampleTransform, dihedral_turn
 from model.errors import ConfigError, DataError
 from model.evaluate import retrieval_metrics
-from model.loss import l2_normalize, soft_cross_entropy
+from model.loss import l2_normalize, similarity, soft_cross_entropy, symmetric_cross_entropy
+from model.mel import log_mel
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
 from model.text import TextBackbone, load_text_backbone
 from model.text_cache import TextCache
 from model.text_specs import backbone_spec
-from model.train_config import DataSettings, TowerSettings, TrainSettings
+from model.train_config import DataSettings, RecordingSettings, TowerSettings, TrainSettings
 
 MONITOR = "val/recall"
 CHECKPOINTS = "checkpoints"
@@ -147,14 +149,64 @@ def train_pairs(settings: TrainSettings) -> PairDataset:
     return PairDataset(source, transform_for(source, settings.data, train=True), seed=settings.seed)
 
 
+class RecordingCaptions:
+    """The recordings of `recordings.table`, each heard alone (its first 10 s, as a query reads it) and taught its
+    own caption among the others' (`RecordingSettings`)."""
+
+    def __init__(self, mel: Tensor, captions: Sequence[str], weight: float) -> None:
+        self.mel = mel  # (N, 1, frames, mels)
+        self.captions = list(captions)
+        self.weight = weight
+
+    @classmethod
+    def read(cls, settings: RecordingSettings) -> RecordingCaptions | None:
+        if settings.table is None:
+            return None
+        table = Path(settings.table)
+        if not table.is_file():
+            raise ConfigError(f"recordings.table {table} does not exist; give a CSV of file and caption")
+        with table.open(newline="") as file:
+            reader = csv.DictReader(file)
+            absent = [name for name in ("file", "caption") if name not in (reader.fieldnames or ())]
+            if absent:
+                raise DataError(f"{table} has no column {absent[0]!r}; give file and caption")
+            rows = list(reader)
+        if len(rows) < 2:
+            raise DataError(f"{table} lists {len(rows)} recordings; the term contrasts them, list at least 2")
+        empty = next((row["file"] for row in rows if not (row["caption"] or "").strip()), None)
+        if empty is not None:
+            raise DataError(f"{table}: {empty} has no caption; give every recording one")
+        clips = np.stack([load_audio(table.parent / row["file"]) for row in rows])
+        return cls(log_mel(torch.from_numpy(clips)), [row["caption"].strip() for row in rows], settings.weight)
+
+    def loss(self, model: Sat2Sound, texts: TextCache) -> Tensor:
+        """The term, with the audio tower normalising by its running statistics as it does for a query: normalised by
+        these few recordings' own statistics, as training mode would, they tell apart in training and not in use."""
+        device = model.logit_scale_at.device
+        tower = model.audio_encoder
+        training = tower.training
+        tower.eval()
+        try:
+            audio = model.encode_audio(self.mel.to(device)).embedding
+        finally:
+            tower.train(training)
+        tokens = texts.encode(self.captions)
+        caption = model.encode_text(tokens.hidden.to(device), tokens.mask.to(device)).embedding
+        identity = torch.eye(len(self.captions), device=device)
+        return symmetric_cross_entropy(similarity(audio, caption, model.logit_scale_at), identity)
+
+
 class Sat2SoundTraining(pl.LightningModule):
     """The model under training (submodule `model`, a plain `Sat2Sound`) and its data."""
 
-    def __init__(self, model: Sat2Sound, settings: TrainSettings, texts: TextCache) -> None:
+    def __init__(
+        self, model: Sat2Sound, settings: TrainSettings, texts: TextCache, recordings: RecordingCaptions | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.settings = settings
         self.texts = texts
+        self.recordings = recordings
         self.train_pairs = train_pairs(settings)
         self.val_pairs = PairDataset(
             val := open_pairs(settings.data, settings.data.val_split, settings.mel_cache_path),
@@ -183,15 +235,18 @@ class Sat2SoundTraining(pl.LightningModule):
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         losses = self.model.loss(self.model(self._batch(batch)))
         size = len(batch)
-        self.log("train/loss", losses.loss, prog_bar=True, batch_size=size)
-        self.log_dict(
-            {"train/multimodal_loss": losses.multimodal_loss, "train/fdt_loss": losses.fdt_loss}, batch_size=size
-        )
+        parts = {"train/multimodal_loss": losses.multimodal_loss, "train/fdt_loss": losses.fdt_loss}
+        loss = losses.loss
+        if self.recordings is not None:
+            parts["train/recordings_loss"] = self.recordings.loss(self.model, self.texts)
+            loss = loss + self.recordings.weight * parts["train/recordings_loss"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict(parts, batch_size=size)
         now = time.perf_counter()
         if self._tick is not None:
             self.log("samples_per_s", size / max(now - self._tick, 1e-9), prog_bar=True, batch_size=size)
         self._tick = now
-        return losses.loss
+        return loss
 
     def validation_step(self, batch: TrainBatch, batch_idx: int) -> None:
         model_input = self._batch(batch)
@@ -295,9 +350,10 @@ class ViewShares:
 
 class PatchShares:
     """Each pair's class raster (`image_pretraining.landcover`) averaged over the token grid's patches: every patch
-    token learns its own patch's class shares (patches without imagery left out), the pooled embedding each class's
-    largest patch share (is there a patch of it, and how pure), which is what pooling by the maximum can carry.
-    Taught per patch, a town's tokens are a town's wherever it lies, not tokens that learnt their view's context."""
+    token learns its own patch's class shares (patches without imagery left out), the pooled embedding the view's
+    shares (the mean over its patches). Taught per patch, a town's tokens are a town's wherever it lies, not tokens
+    that learnt their view's context; taught the view's shares, the embedding tells how much of a class a view holds,
+    not only whether some patch shows it."""
 
     def __init__(self, means: Mapping[str, Tensor]) -> None:
         self.means = means  # key -> (C, grid, grid) float: each class's raster averaged over each patch
@@ -314,8 +370,8 @@ class PatchShares:
         loss = soft_cross_entropy(token_logits[valid], shares[valid])
         if embedding_logits is None:
             return loss
-        largest = shares.masked_fill(~valid[..., None], 0.0).amax(dim=1)
-        return loss + F.binary_cross_entropy_with_logits(embedding_logits.float(), largest)
+        view = shares.masked_fill(~valid[..., None], 0.0).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+        return loss + soft_cross_entropy(embedding_logits, view)
 
     def patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B, T, C) shares of each token's patch, row by row as the tower orders its tokens, and (B, T) validity;
@@ -349,8 +405,8 @@ def read_patch_means(path: Path, classes: Sequence[str], grid: int) -> Tensor:
 class ImageTowerPretraining(pl.LightningModule):
     """The image side alone, every patch token taught land cover (`PatchShares`, `ViewShares`, or both) through a
     linear head per target that is dropped afterwards (soft cross-entropy). With `codebook`, the pooled embedding
-    is taught the first target's rule too (one more head), and the main run aligns audio and text with image
-    embeddings fixed by it."""
+    learns the view's shares by the first target too (one more head), and the main run aligns audio and text with
+    image embeddings fixed by it."""
 
     def __init__(self, model: Sat2Sound, settings: TrainSettings) -> None:
         super().__init__()
@@ -500,6 +556,7 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     """Train (resuming from `<out_dir>/checkpoints/last.ckpt` when there is one) and export the best weights."""
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     model = initial_model(settings)
+    recordings = RecordingCaptions.read(settings.recordings)  # before pretraining: a bad table is refused at once
     last = settings.out_path / CHECKPOINTS / LAST
     started = time.perf_counter()
     if settings.image_pretraining.enabled:
@@ -508,7 +565,7 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
             pretrain_image_tower(model, settings, **trainer_overrides)
         for param in image_side(model, settings.image_pretraining):
             param.requires_grad_(False)
-    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
+    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim), recordings)
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=str(last) if last.is_file() else None)

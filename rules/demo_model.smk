@@ -19,7 +19,8 @@ def shipped_demo_inputs(wildcards):
     return shipped_inputs()
 
 
-# Views of real Landsat 8 scenes paired with real CC0 recordings by land cover, in the plain folder layout.
+# Views of real Landsat 8 scenes paired with real CC0 recordings by land cover, in the plain folder layout; their
+# centres anywhere over each scene, so that views reach past its edge as the map's tiles do.
 rule demo_dataset:
     input:
         shipped_demo_inputs,
@@ -28,7 +29,7 @@ rule demo_dataset:
     log:
         f"{DEMO}/logs/dataset.log",
     shell:
-        "{DEMO_DATA} {output.folder:q} > {log:q} 2>&1"
+        "{DEMO_DATA} {output.folder:q} --past-edge > {log:q} 2>&1"
 
 
 # The demo model trained from scratch on that data set (config/demo_train.yaml); the run folder keeps its

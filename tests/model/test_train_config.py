@@ -32,6 +32,7 @@ def test_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
     assert settings.out_path == tmp_path / "run"
     assert settings.text_cache_path == tmp_path / "run" / "text_cache"
     assert settings.model.init == str(tmp_path / "w.safetensors")
+    assert settings.recordings.table is None
     assert settings.data.root == "hf://datasets/a/b"
 
 
@@ -54,7 +55,14 @@ def test_image_pretraining_targets_are_the_data_sets(tmp_path: Path) -> None:
 def test_a_recipe_says_how_weights_were_made_not_where_files_lay(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     tower = {"landcover": str(tmp_path / "pairs" / "landcover"), "classes": ["water"], "epochs": 3}
-    values = {**MINIMAL, "model": {"init": "w.safetensors"}, "image_pretraining": tower, "seed": 7}
+    recordings = {"table": "sounds/recordings.csv"}
+    values = {
+        **MINIMAL,
+        "model": {"init": "w.safetensors"},
+        "image_pretraining": tower,
+        "recordings": recordings,
+        "seed": 7,
+    }
     path.write_text(yaml.safe_dump({**values, "text_cache": "texts", "description": "a model"}))
     recipe = load_settings(path).recipe()
     assert str(tmp_path) not in json.dumps(recipe)
@@ -63,6 +71,7 @@ def test_a_recipe_says_how_weights_were_made_not_where_files_lay(tmp_path: Path)
     assert recipe["model"]["init"] == "w.safetensors" and recipe["seed"] == 7
     assert recipe["image_pretraining"]["landcover"] == "landcover" and recipe["image_pretraining"]["epochs"] == 3
     assert recipe["optim"]["betas"] == (0.9, 0.98)
+    assert recipe["recordings"] == {"table": "recordings.csv", "weight": 1.0}
 
 
 def test_the_architecture_takes_sat_type_and_metadata() -> None:
@@ -101,6 +110,7 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
             "data folder, on the hub here: give them as an absolute local path",
         ),
         ({**MINIMAL, "image_pretraining": {"classes": "water"}}, "image_pretraining.classes must be of type tuple"),
+        ({**MINIMAL, "recordings": {"table": "r.csv", "weight": 0}}, "recordings.weight must be > 0"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(values: dict, message: str) -> None:

@@ -30,12 +30,14 @@ from model.config import Sat2SoundConfig
 from model.data.transforms import COLOR_JITTER, dihedral_turn
 from model.errors import ConfigError, DataError
 from model.sat2sound import Sat2Sound
+from model.text_cache import TextTokens
 from model.train_config import load_settings, parse_settings
 from model.training import (
     CHECKPOINTS,
     LAST,
     ImageTowerPretraining,
     PatchShares,
+    RecordingCaptions,
     ViewShares,
     initial_model,
     open_pairs,
@@ -176,6 +178,95 @@ def test_training_logs_keeps_the_best_and_exports_what_the_pipeline_loads(tmp_pa
     assert exported["training"] == json.loads(json.dumps(settings.recipe()))
     assert not (out / "model.ckpt").exists()  # upstream's layout cannot describe the small architecture
     assert list(settings.text_cache_path.rglob("*.npy"))
+
+
+def write_recordings(folder: Path, pairs: Path, lines: Sequence[str]) -> Path:
+    """A recordings table of `lines` (its header first) beside a tone of each class of the pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(COLOURS):
+        (folder / f"{name}.wav").write_bytes((pairs / "audio" / f"{name}{index}.wav").read_bytes())
+    table = folder / "recordings.csv"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
+TONES = ["file,caption", *(f"{name}.wav,the sound of {name} alone" for name in COLOURS)]
+
+
+@pytest.mark.slow
+def test_recordings_taught_their_captions_add_their_term_to_each_step(tmp_path: Path, pairs: Path) -> None:
+    table = write_recordings(tmp_path / "sounds", pairs, TONES)
+    settings = load_settings(config(tmp_path, pairs, recordings={"table": str(table), "weight": 0.5}))
+    train(settings, enable_progress_bar=False)
+    rows = list(csv.DictReader((settings.out_path / "logs" / "csv" / "version_0" / "metrics.csv").open()))
+    steps = [row for row in rows if row.get("train/loss")]
+    assert len(steps) == 4
+    fdt_weight = Sat2SoundConfig.small("none").fdt_weight
+    for row in steps:
+        pairs_loss = float(row["train/multimodal_loss"]) + fdt_weight * float(row["train/fdt_loss"])
+        term = float(row["train/recordings_loss"])
+        assert term > 0
+        assert float(row["train/loss"]) == pytest.approx(pairs_loss + 0.5 * term, rel=1e-5)
+    recipe = json.loads((settings.out_path / "model.json").read_text())["training"]
+    assert recipe["recordings"] == {"table": "recordings.csv", "weight": 0.5}
+
+
+def test_each_recording_is_taught_its_own_caption_among_the_others() -> None:
+    """The term is least when each recording's audio embedding meets its own caption's, rows stay paired, and the
+    audio tower embeds them as it embeds a query (by its running statistics), then trains on as it did."""
+    captions = ["ducks", "an owl", "a cow"]
+    mel = torch.arange(3.0).reshape(3, 1, 1, 1)
+    recordings = RecordingCaptions(mel, captions, 1.0)
+    directions = torch.eye(3)
+    texts = SimpleNamespace(
+        encode=lambda names: TextTokens(
+            torch.stack([directions[captions.index(n)] for n in names])[:, None], torch.ones(3, 1, dtype=torch.bool)
+        )
+    )
+
+    tower = torch.nn.BatchNorm2d(1).train()
+    modes: list[bool] = []
+
+    def encode_audio(mel: torch.Tensor) -> SimpleNamespace:
+        modes.append(tower.training)
+        return SimpleNamespace(embedding=directions[mel.flatten().long()])
+
+    def model(caption_order: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(
+            audio_encoder=tower,
+            logit_scale_at=torch.tensor(np.log(50.0)),
+            encode_audio=encode_audio,
+            encode_text=lambda hidden, mask: SimpleNamespace(embedding=hidden[caption_order, 0]),
+        )
+
+    matched = float(recordings.loss(model([0, 1, 2]), texts))  # type: ignore[arg-type]
+    swapped = float(recordings.loss(model([1, 0, 2]), texts))  # type: ignore[arg-type]
+    assert matched < 1e-6 and swapped > 10
+    assert modes == [False, False] and tower.training
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (None, "recordings.table"),
+        (["file", "water.wav"], "has no column 'caption'"),
+        (TONES[:2], "lists 1 recordings; the term contrasts them, list at least 2"),
+        ([*TONES[:3], "city.wav, "], "city.wav has no caption"),
+        ([*TONES[:3], "absent.wav,rain"], "absent.wav does not exist"),
+    ],
+)
+def test_a_bad_recordings_table_is_refused_before_any_training(
+    tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str], rows: list[str] | None, message: str
+) -> None:
+    table = tmp_path / "sounds" / "recordings.csv"
+    if rows is not None:
+        table = write_recordings(tmp_path / "sounds", pairs, rows)
+    tower = {**tower_targets(tmp_path, pairs, "shares"), "classes": list(COLOURS)}
+    path = config(tmp_path, pairs, image_pretraining=tower, recordings={"table": str(table)})
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -348,9 +439,15 @@ def test_each_token_learns_its_own_patch_turned_as_its_image_was(tmp_path: Path,
     logits = torch.zeros(1, 16, 2)
     logits[0, :, 0] = torch.where(shares[0, :, 0] > 0.5, 20.0, -20.0)
     assert float(targets.loss(logits, None, batch)) < 1e-6  # type: ignore[arg-type]
-    # The pooled embedding learns whether, and how purely, a patch holds each class.
-    assert float(targets.loss(logits, torch.tensor([[20.0, 20.0]]), batch)) < 1e-6  # type: ignore[arg-type]
-    assert float(targets.loss(logits, torch.tensor([[20.0, -20.0]]), batch)) > 1  # type: ignore[arg-type]
+    # The pooled embedding learns the view's shares: 1 of its 15 patches with imagery is class 0. Soft cross-entropy
+    # is least, the target's entropy, at logits that give those shares.
+    view = torch.tensor([[1 / 15, 14 / 15]])
+    tokens_only = targets.loss(logits, None, batch)  # type: ignore[arg-type]
+    best = targets.loss(logits, view.log(), batch) - tokens_only  # type: ignore[arg-type]
+    torch.testing.assert_close(best, -(view * view.log()).sum())
+    for pooled in ([[20.0, 20.0]], [[20.0, -20.0]]):  # "some of each", as the largest patch shares say; all class 0
+        worse = targets.loss(logits, torch.tensor(pooled), batch) - tokens_only  # type: ignore[arg-type]
+        assert float(worse) > float(best) + 0.4
 
 
 @pytest.mark.slow

@@ -2,9 +2,9 @@
 
 `pipeline.demo_quality` reads each query's map as a classifier of the land cover it is meant for (ROC AUC of the
 tiles richest in the class against the poorest). model/weights/README.md gives the whole table; this test holds
-the model to what it reaches: the water and town queries, the duck recording and the dog recording + "in a town"
-separate their classes (AUC >= 0.85, above every query meant for another class); the farm query scores farmland
-above every query meant for another class. The birds query does not find forest, and nothing here pretends so.
+the model to what it reaches: the water, town and farm queries, the duck recording and the dog recording + "in a
+town" separate their classes (AUC >= 0.85, above every query meant for another class). The birds query does not
+find forest, and nothing here pretends so.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ from support.gallery import DEMO_WEIGHTS
 from support.paths import REPO
 
 from model.train_config import load_settings
+from pipeline.build import STORE_NAME
 from pipeline.config import DEFAULT_CONFIG_PATH
-from pipeline.demo_quality import map_quality
+from pipeline.demo_data import read_recordings
+from pipeline.demo_quality import map_quality, tile_class_shares
 from pipeline.gallery import open_gallery
 from pipeline.geometry import lnglat_of_mercator
+from pipeline.landcover import CLASSES, CROP, WATER
 from pipeline.plan import read_plan
+from pipeline.store.read import open_store
 
 pytestmark = pytest.mark.slow
 MEANT_FOR = {
@@ -41,8 +45,8 @@ MEANT_FOR = {
     "dogs_in_town": "developed",
     "farm": "crop",
 }
-WATER_RECORDINGS = {"duck.flac", "frog.flac"}
-WATER_HEARD = 0.9
+HALF = 0.5
+FARMLAND_HEARD = 0.75
 GEOD = Geod(ellps="WGS84")
 
 
@@ -75,8 +79,8 @@ def test_the_shipped_weights_were_made_by_the_shipped_training_config() -> None:
 def test_land_cover_queries_find_their_land_cover(default_build: Path) -> None:
     report = map_quality(default_build, MEANT_FOR)
     print(report.table())
-    assert all(report.separates(query) for query in ("water", "town", "duck_call", "dogs_in_town")), report.table()
-    assert report.outscores_other_classes("farm"), report.table()
+    separated = ("water", "town", "farm", "duck_call", "dogs_in_town")
+    assert all(report.separates(query) for query in separated), report.table()
 
 
 def test_the_default_build_gives_every_querys_statistics_per_country(default_build: Path) -> None:
@@ -103,21 +107,22 @@ def test_the_default_build_gives_every_querys_statistics_per_country(default_bui
         assert zones[f"{query}_top_decile_pct"].between(0, 100).all()
 
 
-def test_the_default_build_hears_water_where_it_maps_water(default_build: Path, tmp_path: Path) -> None:
-    """Nine in ten tiles whose dominant sound is the water query have a water recording (ducks or frogs) as their
-    best gallery item (all 137, the frog, with the shipped weights), and `listen` mixes a water tile's
+def test_the_default_build_hears_each_tiles_land_cover_in_its_gallery(default_build: Path, tmp_path: Path) -> None:
+    """Each tile's best gallery recording is one of its land cover's: ducks or frogs first on every tile at least
+    half water (55 of 55 with the shipped weights), a farm animal on three in four tiles at least half farmland (71
+    of 89; the weights before, 16: they heard the frog nearly everywhere). `listen` mixes a water tile's
     recordings from the build's own gallery."""
+    indexes, shares = tile_class_shares(open_store(default_build / STORE_NAME))
     store = xr.open_zarr(default_build / "soundscape.zarr")
     items = [item.id for item in open_gallery(default_build / "gallery").items]
-    queries = list(store["query"].values)
-    valid = store.valid.values
-    water = valid & (store.score_softmax.values.argmax(axis=0) == queries.index("water"))
-    assert water.sum() >= 10
-    best = store.gallery_item.values[0][water]
-    heard = np.array([items[index] in WATER_RECORDINGS for index in best])
-    assert heard.mean() >= WATER_HEARD, sorted(items[index] for index in best)
-    row, col = np.argwhere(water)[heard][0]
-    best = best[heard]
+    land_cover = {recording.file: recording.land_cover for recording in read_recordings()}
+    best = store.gallery_item.values[0].reshape(-1)[indexes]
+    heard = np.array([land_cover[items[index]] for index in best])
+    water, farmland = shares[:, WATER] >= HALF, shares[:, CROP] >= HALF
+    assert water.sum() >= 10 and farmland.sum() >= 10
+    assert (heard[water] == CLASSES[WATER]).all(), sorted(items[index] for index in best[water])
+    assert (heard[farmland] == CLASSES[CROP]).mean() >= FARMLAND_HEARD, sorted(items[index] for index in best[farmland])
+    row, col = np.unravel_index(indexes[water][0], store.valid.shape)
     lon, lat = (float(value) for value in lnglat_of_mercator(store.x.values[col], store.y.values[row]))
     out = tmp_path / "water.flac"
     command = [sys.executable, "-m", "pipeline", "listen", str(default_build), f"--at={lat},{lon}", "--out", str(out)]
@@ -125,4 +130,4 @@ def test_the_default_build_hears_water_where_it_maps_water(default_build: Path, 
     assert result.returncode == 0, result.stderr
     mixed = json.loads(out.with_suffix(".json").read_text())
     assert mixed["gallery"] == str(default_build / "gallery")
-    assert items[best[0]] in {Path(clip["file"]).name for clip in mixed["places"][0]["clips"]}
+    assert items[best[water][0]] in {Path(clip["file"]).name for clip in mixed["places"][0]["clips"]}
