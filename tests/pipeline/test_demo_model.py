@@ -86,7 +86,7 @@ def test_land_cover_queries_find_their_land_cover(default_build: Path) -> None:
 def test_the_default_build_gives_every_querys_statistics_per_country(default_build: Path) -> None:
     zones = gpd.read_file(default_build / "zones.gpkg", layer="zones")
     assert zones.crs.to_epsg() == 4326 and zones["zone"].tolist() == ["Brazil", "Paraguay"]
-    store = xr.open_zarr(default_build / "soundscape.zarr")
+    store = xr.open_zarr(default_build / STORE_NAME)
     valid = store.valid.to_numpy()
     assert (zones["tiles"] > 0).all() and zones["tiles"].sum() >= valid.sum(), "tiles on the border count twice"
     # The two countries share the region between them: their areas add up to the valid tiles' ground area.
@@ -113,7 +113,7 @@ def test_the_default_build_hears_each_tiles_land_cover_in_its_gallery(default_bu
     of 89; the weights before, 16: they heard the frog nearly everywhere). `listen` mixes a water tile's
     recordings from the build's own gallery."""
     indexes, shares = tile_class_shares(open_store(default_build / STORE_NAME))
-    store = xr.open_zarr(default_build / "soundscape.zarr")
+    store = xr.open_zarr(default_build / STORE_NAME)
     items = [item.id for item in open_gallery(default_build / "gallery").items]
     land_cover = {recording.file: recording.land_cover for recording in read_recordings()}
     best = store.gallery_item.values[0].reshape(-1)[indexes]
