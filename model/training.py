@@ -47,7 +47,7 @@ from model.evaluate import retrieval_metrics
 from model.loss import l2_normalize, similarity, soft_cross_entropy, symmetric_cross_entropy
 from model.mel import log_mel
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
-from model.text import TextBackbone, load_text_backbone
+from model.text import TextBackbone, TextTokens, load_text_backbone
 from model.text_cache import TextCache
 from model.text_specs import backbone_spec
 from model.train_config import DataSettings, RecordingSettings, TowerSettings, TrainSettings
@@ -157,6 +157,7 @@ class RecordingCaptions:
         self.mel = mel  # (N, 1, frames, mels)
         self.captions = list(captions)
         self.weight = weight
+        self._inputs: tuple[Tensor, TextTokens] | None = None  # on the model's device, made at the first step
 
     @classmethod
     def read(cls, settings: RecordingSettings) -> RecordingCaptions | None:
@@ -183,15 +184,20 @@ class RecordingCaptions:
         """The term, with the audio tower normalising by its running statistics as it does for a query: normalised by
         these few recordings' own statistics, as training mode would, they tell apart in training and not in use."""
         device = model.logit_scale_at.device
+        if self._inputs is None:
+            # Once, at the first step (after that step's captions, so a fresh cache loads the backbone where a run
+            # without this term loads it): both are constants of the run.
+            tokens = texts.encode(self.captions)
+            self._inputs = (self.mel.to(device), TextTokens(tokens.hidden.to(device), tokens.mask.to(device)))
+        mel, tokens = self._inputs
         tower = model.audio_encoder
         training = tower.training
         tower.eval()
         try:
-            audio = model.encode_audio(self.mel.to(device)).embedding
+            audio = model.encode_audio(mel).embedding
         finally:
             tower.train(training)
-        tokens = texts.encode(self.captions)
-        caption = model.encode_text(tokens.hidden.to(device), tokens.mask.to(device)).embedding
+        caption = model.encode_text(tokens.hidden, tokens.mask).embedding
         identity = torch.eye(len(self.captions), device=device)
         return symmetric_cross_entropy(similarity(audio, caption, model.logit_scale_at), identity)
 

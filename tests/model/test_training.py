@@ -212,17 +212,22 @@ def test_recordings_taught_their_captions_add_their_term_to_each_step(tmp_path: 
 
 
 def test_each_recording_is_taught_its_own_caption_among_the_others() -> None:
-    """The term is least when each recording's audio embedding meets its own caption's, rows stay paired, and the
-    audio tower embeds them as it embeds a query (by its running statistics), then trains on as it did."""
+    """The term is least when each recording's audio embedding meets its own caption's, rows stay paired, the
+    audio tower embeds them as it embeds a query (by its running statistics), then trains on as it did, and the
+    captions are encoded once for the run."""
     captions = ["ducks", "an owl", "a cow"]
     mel = torch.arange(3.0).reshape(3, 1, 1, 1)
     recordings = RecordingCaptions(mel, captions, 1.0)
     directions = torch.eye(3)
-    texts = SimpleNamespace(
-        encode=lambda names: TextTokens(
+    encoded: list[list[str]] = []
+
+    def encode(names: list[str]) -> TextTokens:
+        encoded.append(names)
+        return TextTokens(
             torch.stack([directions[captions.index(n)] for n in names])[:, None], torch.ones(3, 1, dtype=torch.bool)
         )
-    )
+
+    texts = SimpleNamespace(encode=encode)
 
     tower = torch.nn.BatchNorm2d(1).train()
     modes: list[bool] = []
@@ -243,6 +248,7 @@ def test_each_recording_is_taught_its_own_caption_among_the_others() -> None:
     swapped = float(recordings.loss(model([1, 0, 2]), texts))  # type: ignore[arg-type]
     assert matched < 1e-6 and swapped > 10
     assert modes == [False, False] and tower.training
+    assert encoded == [captions]
 
 
 @pytest.mark.parametrize(
