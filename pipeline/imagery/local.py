@@ -219,7 +219,9 @@ class LocalRasterReader(ImageryReader):
         top = math.floor(window.row_off) - margin
         columns = math.ceil((math.ceil(window.col_off + window.width) + margin - left) / factor)
         rows = math.ceil((math.ceil(window.row_off + window.height) + margin - top) / factor)
-        values = np.zeros((len(self.bands), rows, columns), np.float32)
+        # Read as stored where nothing is averaged: a copy of a quarter the size for 8-bit and half for 16-bit data.
+        dtype = np.dtype(dataset.dtypes[0]) if factor == 1 and _holds_integers(dataset) else np.dtype(np.float32)
+        values = np.zeros((len(self.bands), rows, columns), dtype)
         valid = np.zeros((rows, columns), bool)
         # The part of the padded window inside the raster, in output (decimated) pixels.
         first_column, first_row = max(0, -left // factor), max(0, -top // factor)
@@ -232,27 +234,22 @@ class LocalRasterReader(ImageryReader):
                 (last_column - first_column) * factor,
                 (last_row - first_row) * factor,
             )
-            shape = (len(self.bands), last_row - first_row, last_column - first_column)
             target = np.s_[first_row:last_row, first_column:last_column]
+            read = values[(slice(None), *target)]
             try:
                 with rasterio.Env(**self._gdal_env):
-                    read = dataset.read(
-                        indexes=list(self.bands),
-                        window=inside,
-                        out_shape=shape,
-                        out_dtype="float32",
-                        resampling=Resampling.average,
-                    )
-                    masks = dataset.read_masks(indexes=list(self.bands), window=inside, out_shape=shape)
+                    dataset.read(indexes=list(self.bands), window=inside, out=read, resampling=Resampling.average)
+                    masks = dataset.read_masks(indexes=list(self.bands), window=inside, out_shape=read.shape)
             except RasterioError as exc:
                 raise ImageryError(f"cannot read {self.path} ({type(exc).__name__}); check the file or URL") from exc
-            has_data = (masks > 0).all(axis=0) & np.isfinite(read).all(axis=0)
+            has_data = masks.all(axis=0)
+            if dtype.kind == "f":
+                has_data &= np.isfinite(read).all(axis=0)
             if self.nodata is not None:
-                has_data &= ~(read == self.nodata).all(axis=0)
-            values[(slice(None), *target)] = read
+                has_data &= (read != self.nodata).any(axis=0)
             valid[target] = has_data
         transform = dataset.transform @ Affine.translation(left, top) @ Affine.scale(factor)
-        pixels = values.astype(np.uint8) if self.stretch is None else values
+        pixels = values.astype(np.uint8, copy=False) if self.stretch is None else values
         extent = (first_column, first_row, max(first_column, last_column), max(first_row, last_row))
         return SourcePixels(pixels, valid, transform, self.crs, self.stretch, extent, self._resampling.name)
 
@@ -281,6 +278,11 @@ class LocalRasterReader(ImageryReader):
         if self.nodata is not None:
             sample = np.ma.masked_where(sample.data == self.nodata, sample)
         return np.ma.masked_invalid(sample)
+
+
+def _holds_integers(dataset: rasterio.io.DatasetReader) -> bool:
+    """Whether every band holds integers of one type."""
+    return len(set(dataset.dtypes)) == 1 and np.dtype(dataset.dtypes[0]).kind in "ui"
 
 
 def _alpha_band(vrt: WarpedVRT) -> int:
