@@ -13,7 +13,6 @@ side first learns land cover alone (`ImageTowerPretraining`) and then stays froz
 
 from __future__ import annotations
 
-import csv
 import random
 import time
 import warnings
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from common.atomic import atomic_path
 from common.errors import first_line
+from common.tables import read_table
 from model.audio import load_audio
 from model.checkpoint import DESCRIPTION_KEY, build_model, read_checkpoint, save_safetensors
 from model.config import Sat2SoundConfig
@@ -166,19 +166,14 @@ class RecordingCaptions:
         table = Path(settings.table)
         if not table.is_file():
             raise ConfigError(f"recordings.table {table} does not exist; give a CSV of file and caption")
-        with table.open(newline="") as file:
-            reader = csv.DictReader(file)
-            absent = [name for name in ("file", "caption") if name not in (reader.fieldnames or ())]
-            if absent:
-                raise DataError(f"{table} has no column {absent[0]!r}; give file and caption")
-            rows = list(reader)
+        rows = read_table(table, ("file", "caption"), "give file and caption", DataError)
         if len(rows) < 2:
             raise DataError(f"{table} lists {len(rows)} recordings; the term contrasts them, list at least 2")
-        empty = next((row["file"] for row in rows if not (row["caption"] or "").strip()), None)
+        empty = next((row["file"] for row in rows if not row["caption"]), None)
         if empty is not None:
             raise DataError(f"{table}: {empty} has no caption; give every recording one")
         clips = np.stack([load_audio(table.parent / row["file"]) for row in rows])
-        return cls(log_mel(torch.from_numpy(clips)), [row["caption"].strip() for row in rows], settings.weight)
+        return cls(log_mel(torch.from_numpy(clips)), [row["caption"] for row in rows], settings.weight)
 
     def loss(self, model: Sat2Sound, texts: TextCache) -> Tensor:
         """The term, with the audio tower normalising by its running statistics as it does for a query: normalised by
@@ -475,17 +470,12 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
     """Each key's class shares, in the order of `classes`, from the CSV at `path`."""
     if not path.is_file():
         raise ConfigError(f"image_pretraining.shares {path} does not exist; give a CSV of key and class shares")
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        absent = [name for name in ("key", *classes) if name not in (reader.fieldnames or ())]
-        if absent:
-            raise DataError(f"{path} has no column {absent[0]!r}; give key and one column per class")
-        rows = list(reader)
+    rows = read_table(path, ("key", *classes), "give key and one column per class", DataError)
     shares = {}
     for line, row in enumerate(rows, start=2):
         try:
             values = [float(row[name]) for name in classes]
-        except (TypeError, ValueError):
+        except ValueError:
             raise DataError(f"{path} line {line}: class shares must be numbers") from None
         if not all(0.0 <= value <= 1.0 for value in values):
             raise DataError(f"{path} line {line}: class shares must lie in [0, 1]")

@@ -64,6 +64,7 @@ from rasterio.warp import transform_bounds
 
 from common.atomic import atomic_directory
 from common.errors import Sat2SoundError, first_line
+from common.tables import read_table
 from model import MODEL_INPUT_PX
 from model.audio import CLIP_SAMPLES, CLIP_SECONDS, SAMPLE_RATE, decode_audio
 from model.config import TRAINED_ZOOM_LEVELS
@@ -216,8 +217,8 @@ def default_settings() -> Settings:
 
 
 def read_recordings(path: Path = RECORDINGS_CSV) -> list[Recording]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        recordings = [Recording(row["file"], row["land_cover"], row["caption"]) for row in csv.DictReader(handle)]
+    rows = read_table(path, ("file", "land_cover", "caption"), "give file, land_cover and caption", DatasetError)
+    recordings = [Recording(row["file"], row["land_cover"], row["caption"]) for row in rows]
     lacking = [name for name in CLASSES if name not in {recording.land_cover for recording in recordings}]
     unknown = sorted({recording.land_cover for recording in recordings} - set(CLASSES))
     if lacking or unknown:

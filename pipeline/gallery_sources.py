@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import re
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 
+from common.tables import read_table
 from model.audio import check_audio_file, decode_audio, decode_audio_from
 from model.data.parquet import GeoSoundParquet, ParquetPairs, SoundingEarthParquet, find_shards
 from model.data.sources import SPLITS
@@ -73,28 +73,22 @@ def folder_items(folder: Path, csv_path: Path | None) -> list[GalleryItem]:
 
 
 def _csv_items(folder: Path, table: Path) -> list[GalleryItem]:
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise GalleryError(
-            f"cannot read the CSV {table} ({first_line(exc)}); give a UTF-8 CSV with a file column"
-        ) from None
-    if not rows or "file" not in rows[0]:
-        raise GalleryError(f"the CSV {table} has no rows or no 'file' column; name each recording in a file column")
+    rows = read_table(table, ["file"], "give a UTF-8 CSV with a file column naming each recording", GalleryError)
+    if not rows:
+        raise GalleryError(f"the CSV {table} lists no recordings; name each recording in a file column")
     return [_item(folder, row) for row in rows]
 
 
-def _item(folder: Path, row: dict[str, Any]) -> GalleryItem:
+def _item(folder: Path, row: dict[str, str]) -> GalleryItem:
     name = row["file"]
     words = re.sub(r"[_\-]+", " ", Path(name).stem).strip()
     return GalleryItem(
         id=name,
-        caption=(row.get("caption") or "").strip() or words,
+        caption=row.get("caption") or words,
         audio=str((folder / name).resolve()),
         row=None,
         seconds=0.0,
-        licence=(row.get("licence") or "").strip() or UNKNOWN_LICENCE,
+        licence=row.get("licence") or UNKNOWN_LICENCE,
         attribution=", ".join(row[key] for key in ATTRIBUTION_COLUMNS if row.get(key)),
         lat=_coordinate(row.get("lat"), name),
         lon=_coordinate(row.get("lon"), name),

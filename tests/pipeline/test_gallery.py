@@ -238,7 +238,7 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "no source folder": ([str(root / "none"), "--out", out], "no folder"),
         "no recordings": ([str(empty), "--out", out], "holds no wav, flac, ogg or mp3 recordings"),
-        "csv without file column": ([str(headless), "--out", out], "no 'file' column"),
+        "csv without file column": ([str(headless), "--out", out], "has no column 'file'"),
         "missing csv": ([sounds, "--csv", str(root / "none.csv"), "--out", out], "cannot read the CSV"),
         "out is a file": ([sounds, "--out", str(a_file)], "cannot write into"),
         "out holds other files": ([sounds, "--out", str(busy)], "holds files but no gallery"),

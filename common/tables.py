@@ -1,0 +1,26 @@
+"""CSV tables handed in beside data (recordings and their captions, class shares), all read one way: UTF-8 (a
+byte-order mark allowed, as spreadsheets write it), the header checked before any row is used, cells stripped."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.errors import Sat2SoundError, first_line
+
+
+def read_table(path: Path, columns: Sequence[str], fix: str, error: type[Sat2SoundError]) -> list[dict[str, str]]:
+    """The rows of the CSV at `path`, once its header holds every one of `columns`: each a dict of its stripped
+    cells (a short row's missing ones empty, a long row's extra ones dropped). A file that cannot be read or
+    lacks a column raises `error` in one line naming the problem, then `fix`."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header, rows = reader.fieldnames or [], list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise error(f"cannot read the CSV {path} ({first_line(exc)}); {fix}") from None
+    absent = [name for name in columns if name not in header]
+    if absent:
+        raise error(f"{path} has no column {absent[0]!r}; {fix}")
+    return [{name: (cell or "").strip() for name, cell in row.items() if name is not None} for row in rows]
