@@ -15,8 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import rasterio
 import torch
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 from shapely.geometry import box
 from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer, warp_to_web_mercator
 from support.paths import LANDSAT
@@ -159,6 +163,26 @@ def test_views_from_a_projected_raster_match_per_view_reads(scene: str, view_m: 
     assert (edges.reference_coverage < 0.5).sum() >= 4
     np.testing.assert_allclose(edges.coverage, edges.reference_coverage, atol=2.0 / SIZE**2)
     assert np.median(edges.share_over_one) < 0.01 and edges.share_over_one.max() < 0.2
+
+
+def test_views_of_a_raster_many_times_finer_are_cut_from_a_decimated_read(tmp_path: Path) -> None:
+    # The bundled scene resampled to 5 m: the 7,680 m views' pixels are ~7 of its own, so the reader averages
+    # it down (GDAL's average) before cutting, where a per-view warp stretches the kernel over every pixel.
+    with rasterio.open(LANDSAT) as scene:
+        window = Window(200, 200, 512, 512)
+        fine = scene.read(window=window, out_shape=(3, 3072, 3072), resampling=Resampling.bilinear)
+        transform = scene.window_transform(window) * Affine.scale(512 / 3072)
+        profile = {"count": 3, "dtype": "uint16", "crs": scene.crs, "nodata": 0, "tiled": True}
+    path = tmp_path / "landsat_5m.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=3072, height=3072, transform=transform, **profile) as out:
+        out.write(fine)
+    with landsat(path) as reader:
+        views = views_over(reader.footprint_lnglat(), 7680.0, 2, inset=0.3)
+        source = reader.source_pixels(views, SIZE)
+        result = compare(reader, views)
+    assert len(views) >= 4 and source.values.shape[1] < 3072 / 3, "read at a third of the raster's resolution or less"
+    assert result.share_over_one.max() < 0.01 and result.max_diff.max() <= 12
+    np.testing.assert_allclose(result.coverage, result.reference_coverage, atol=2.0 / SIZE**2)
 
 
 def test_a_model_sees_the_same_views_either_way() -> None:
