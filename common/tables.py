@@ -12,12 +12,14 @@ from common.errors import Sat2SoundError, first_line
 
 def read_table(path: Path, columns: Sequence[str], fix: str, error: type[Sat2SoundError]) -> list[dict[str, str]]:
     """The rows of the CSV at `path`, once its header holds every one of `columns`: each a dict of its stripped
-    cells (a short row's missing ones empty, a long row's extra ones dropped). A file that cannot be read or
-    lacks a column raises `error` in one line naming the problem, then `fix`."""
+    cells (a short row's missing ones empty, a long row's extra ones dropped). A file that is missing, cannot be
+    read or lacks a column raises `error` in one line naming the problem, then `fix`."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header, rows = reader.fieldnames or [], list(reader)
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise error(f"cannot read the CSV {path} ({first_line(exc)}); {fix}") from None
     absent = [name for name in columns if name not in header]

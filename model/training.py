@@ -164,9 +164,7 @@ class RecordingCaptions:
         if settings.table is None:
             return None
         table = Path(settings.table)
-        if not table.is_file():
-            raise ConfigError(f"recordings.table {table} does not exist; give a CSV of file and caption")
-        rows = read_table(table, ("file", "caption"), "give file and caption", DataError)
+        rows = read_table(table, ("file", "caption"), "give recordings.table a CSV of file and caption", DataError)
         if len(rows) < 2:
             raise DataError(f"{table} lists {len(rows)} recordings; the term contrasts them, list at least 2")
         empty = next((row["file"] for row in rows if not row["caption"]), None)
@@ -468,9 +466,8 @@ class ImageTowerPretraining(pl.LightningModule):
 
 def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
     """Each key's class shares, in the order of `classes`, from the CSV at `path`."""
-    if not path.is_file():
-        raise ConfigError(f"image_pretraining.shares {path} does not exist; give a CSV of key and class shares")
-    rows = read_table(path, ("key", *classes), "give key and one column per class", DataError)
+    fix = "give image_pretraining.shares a CSV of key and one column per class"
+    rows = read_table(path, ("key", *classes), fix, DataError)
     shares = {}
     for line, row in enumerate(rows, start=2):
         try:

@@ -29,7 +29,7 @@ def test_rows_come_stripped_whatever_the_spreadsheet_wrote(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (None, "cannot read the CSV"),
+        (None, "recordings.csv does not exist; give file and caption"),
         (b"file,caption\n\xff\xfe\x00owl\n", "cannot read the CSV"),
         (b"file,label\nowl.flac,owl\n", "has no column 'caption'; give file and caption"),
         (b"", "has no column 'file'; give file and caption"),

@@ -239,7 +239,7 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "no source folder": ([str(root / "none"), "--out", out], "no folder"),
         "no recordings": ([str(empty), "--out", out], "holds no wav, flac, ogg or mp3 recordings"),
         "csv without file column": ([str(headless), "--out", out], "has no column 'file'"),
-        "missing csv": ([sounds, "--csv", str(root / "none.csv"), "--out", out], "cannot read the CSV"),
+        "missing csv": ([sounds, "--csv", str(root / "none.csv"), "--out", out], "none.csv does not exist"),
         "out is a file": ([sounds, "--out", str(a_file)], "cannot write into"),
         "out holds other files": ([sounds, "--out", str(busy)], "holds files but no gallery"),
         "gallery of other weights": ([sounds, "--out", str(foreign)], "embedded with other weights"),
