@@ -68,11 +68,14 @@ def _looked_for(split: str) -> str:
 
 
 class ParquetPairs(PairSource):
-    """The rows of one split's shards; subclasses name the columns and turn a row into a record."""
+    """The rows of one split's shards, each made a record; subclasses name their date column, captioned zoom levels
+    and audio source."""
 
     DATASET: ClassVar[str]
     HUB_REPO: ClassVar[str]
     SAT_TYPES: ClassVar[tuple[str, ...]]
+    DATE_COLUMN: ClassVar[str]
+    SOURCE_COLUMNS: ClassVar[tuple[str, ...]] = ()  # read beside the common columns to name the audio source
 
     def __init__(self, root: str | Path, split: str, sat_type: str | None = None) -> None:
         check_split(split)
@@ -118,12 +121,34 @@ class ParquetPairs(PairSource):
         return cls(root, split, sat_type)
 
     @property
-    @abstractmethod
     def columns(self) -> tuple[str, ...]:
         """The columns a record is made from."""
+        captions = tuple(self.caption_column(zoom) for zoom in self.zoom_levels)
+        common = (KEY_COLUMN, *self.SOURCE_COLUMNS, self.image_column, "audio_caption", "audio_caption_source")
+        return (*common, MEL_COLUMN, *captions, "latitude", "longitude", self.DATE_COLUMN)
 
     @abstractmethod
-    def _record(self, row: Mapping[str, Any], mel: np.ndarray, image: np.ndarray) -> PairRecord: ...
+    def _audio_source(self, row: Mapping[str, Any]) -> str: ...
+
+    def _record(self, row: Mapping[str, Any], mel: np.ndarray, image: np.ndarray) -> PairRecord:
+        month, hour = month_hour_from_text(row[self.DATE_COLUMN])
+        audio_source = self._audio_source(row)
+        return PairRecord(
+            key=row[KEY_COLUMN],
+            image=image,
+            sat_type=self.sat_type,
+            tile_px=crop_px(1, self.sat_type),
+            mel=PrecomputedMel(mel),
+            audio_caption=row["audio_caption"] or "",
+            image_captions={zoom: row[self.caption_column(zoom)] or "" for zoom in self.zoom_levels},
+            lat=float(row["latitude"]),
+            lon=float(row["longitude"]),
+            month=month,
+            hour=None if audio_source in UNTIMED_AUDIO_SOURCES else hour,
+            audio_source=audio_source,
+            caption_source=row["audio_caption_source"],
+            split=self.split,
+        )
 
     @property
     def image_column(self) -> str:
@@ -206,35 +231,15 @@ class GeoSoundParquet(ParquetPairs):
     DATASET = "GeoSound"
     HUB_REPO = "MVRL/GeoSound"
     SAT_TYPES = ("bingmap", "sentinel")
+    DATE_COLUMN = "date"
+    SOURCE_COLUMNS = ("source",)
 
     @property
     def zoom_levels(self) -> tuple[int, ...]:
         return TRAINED_ZOOM_LEVELS
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        captions = tuple(self.caption_column(zoom) for zoom in self.zoom_levels)
-        common = (KEY_COLUMN, "source", self.image_column, "audio_caption", "audio_caption_source")
-        return (*common, MEL_COLUMN, *captions, "latitude", "longitude", "date")
-
-    def _record(self, row: Mapping[str, Any], mel: np.ndarray, image: np.ndarray) -> PairRecord:
-        month, hour = month_hour_from_text(row["date"])
-        return PairRecord(
-            key=row[KEY_COLUMN],
-            image=image,
-            sat_type=self.sat_type,
-            tile_px=crop_px(1, self.sat_type),
-            mel=PrecomputedMel(mel),
-            audio_caption=row["audio_caption"] or "",
-            image_captions={zoom: row[self.caption_column(zoom)] or "" for zoom in self.zoom_levels},
-            lat=float(row["latitude"]),
-            lon=float(row["longitude"]),
-            month=month,
-            hour=None if row["source"] in UNTIMED_AUDIO_SOURCES else hour,
-            audio_source=row["source"],
-            caption_source=row["audio_caption_source"],
-            split=self.split,
-        )
+    def _audio_source(self, row: Mapping[str, Any]) -> str:
+        return str(row["source"])
 
 
 class SoundingEarthParquet(ParquetPairs):
@@ -243,32 +248,11 @@ class SoundingEarthParquet(ParquetPairs):
     DATASET = "SoundingEarth"
     HUB_REPO = "MVRL/SoundingEarth"
     SAT_TYPES = ("googleEarth",)
-    AUDIO_SOURCE = "aporee"
+    DATE_COLUMN = "date_recorded"
 
     @property
     def zoom_levels(self) -> tuple[int, ...]:
         return (1,)
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        common = (KEY_COLUMN, self.image_column, "audio_caption", "audio_caption_source", MEL_COLUMN)
-        return (*common, self.caption_column(1), "latitude", "longitude", "date_recorded")
-
-    def _record(self, row: Mapping[str, Any], mel: np.ndarray, image: np.ndarray) -> PairRecord:
-        month, hour = month_hour_from_text(row["date_recorded"])
-        return PairRecord(
-            key=row[KEY_COLUMN],
-            image=image,
-            sat_type=self.sat_type,
-            tile_px=crop_px(1, self.sat_type),
-            mel=PrecomputedMel(mel),
-            audio_caption=row["audio_caption"] or "",
-            image_captions={1: row[self.caption_column(1)] or ""},
-            lat=float(row["latitude"]),
-            lon=float(row["longitude"]),
-            month=month,
-            hour=hour,
-            audio_source=self.AUDIO_SOURCE,
-            caption_source=row["audio_caption_source"],
-            split=self.split,
-        )
+    def _audio_source(self, row: Mapping[str, Any]) -> str:
+        return "aporee"
