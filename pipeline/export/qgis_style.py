@@ -200,19 +200,8 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 def pseudocolor_qml(display: DisplayRange, ramp: Sequence[RampStop] = SCORE_RAMP) -> str:
     """A singleband pseudocolor style: `ramp` stretched over the display range, nodata transparent."""
     low, high = display.minimum, display.maximum
-    renderer = _renderer("singlebandpseudocolor", classificationMin=_number(low), classificationMax=_number(high))
-    _min_max_origin(renderer, "CumulativeCut", display.lower_percentile / 100, display.upper_percentile / 100)
-    shader = ET.SubElement(
-        ET.SubElement(renderer, "rastershader"),
-        "colorrampshader",
-        colorRampType="INTERPOLATED",
-        classificationMode="1",
-        clip="0",
-        minimumValue=_number(low),
-        maximumValue=_number(high),
-        labelPrecision="4",
-    )
-    _gradient(shader, ramp)
+    cuts = (display.lower_percentile / 100, display.upper_percentile / 100)
+    renderer, shader = _ramp_shader("INTERPOLATED", low, high, ramp, "CumulativeCut", cuts, label_precision=4)
     values = [low + stop.position * (high - low) for stop in ramp]
     values[0], values[-1] = low, high
     for value, stop in zip(values, ramp, strict=True):
@@ -237,21 +226,9 @@ def pseudocolor_qml(display: DisplayRange, ramp: Sequence[RampStop] = SCORE_RAMP
 def classed_qml(classes: Sequence[ValueClass], minimum: float) -> str:
     """A singleband pseudocolor style with discrete classes: a pixel takes the colour and legend line of the first
     class whose `upper` it does not exceed; `minimum` is the lowest value the first class holds."""
-    low, high = minimum, classes[-1].upper
-    renderer = _renderer("singlebandpseudocolor", classificationMin=_number(low), classificationMax=_number(high))
+    ramp = [RampStop(index / (len(classes) - 1), item.colour) for index, item in enumerate(classes)]
     # Limits "None": the classes are fixed, QGIS must not stretch them to the data it sees.
-    _min_max_origin(renderer, "None", 0.02, 0.98)
-    shader = ET.SubElement(
-        ET.SubElement(renderer, "rastershader"),
-        "colorrampshader",
-        colorRampType="DISCRETE",
-        classificationMode="1",
-        clip="0",
-        minimumValue=_number(low),
-        maximumValue=_number(high),
-        labelPrecision="0",
-    )
-    _gradient(shader, [RampStop(index / (len(classes) - 1), item.colour) for index, item in enumerate(classes)])
+    renderer, shader = _ramp_shader("DISCRETE", minimum, classes[-1].upper, ramp, "None", (0.02, 0.98))
     for item in classes:
         ET.SubElement(shader, "item", value=_number(item.upper), color=item.colour.hex, alpha="255", label=item.label)
     return _document(renderer)
@@ -447,8 +424,35 @@ def _min_max_origin(renderer: ET.Element, limits: str, cut_lower: float, cut_upp
         ET.SubElement(origin, tag).text = text
 
 
+def _ramp_shader(
+    ramp_type: str,
+    low: float,
+    high: float,
+    ramp: Sequence[RampStop],
+    limits: str,
+    cuts: tuple[float, float],
+    *,
+    label_precision: int = 0,
+) -> tuple[ET.Element, ET.Element]:
+    """A singleband pseudocolor renderer and its colour ramp shader (`ramp_type` INTERPOLATED or DISCRETE) over
+    `low`..`high`, its source ramp written; the caller adds the shader's items."""
+    renderer = _renderer("singlebandpseudocolor", classificationMin=_number(low), classificationMax=_number(high))
+    _min_max_origin(renderer, limits, *cuts)
+    shader = ET.SubElement(
+        ET.SubElement(renderer, "rastershader"),
+        "colorrampshader",
+        colorRampType=ramp_type,
+        classificationMode="1",
+        clip="0",
+        minimumValue=_number(low),
+        maximumValue=_number(high),
+        labelPrecision=str(label_precision),
+    )
+    _gradient(shader, ramp)
+    return renderer, shader
+
+
 def _gradient(shader: ET.Element, ramp: Sequence[RampStop]) -> None:
-    """The source ramp, written both as QGIS >= 3.26 reads it (Option map) and as older 3.x reads it (prop)."""
     first, *middle, last = ramp
     properties = {
         "color1": first.colour.qgis_rgba,
@@ -457,12 +461,7 @@ def _gradient(shader: ET.Element, ramp: Sequence[RampStop]) -> None:
         "rampType": "gradient",
         "stops": ":".join(f"{stop.position:.6g};{stop.colour.qgis_rgba}" for stop in middle),
     }
-    colour_ramp = ET.SubElement(shader, "colorramp", type="gradient", name="[source]")
-    options = ET.SubElement(colour_ramp, "Option", type="Map")
-    for key, value in properties.items():
-        ET.SubElement(options, "Option", type="QString", name=key, value=value)
-    for key, value in properties.items():
-        ET.SubElement(colour_ramp, "prop", k=key, v=value)
+    _properties(ET.SubElement(shader, "colorramp", type="gradient", name="[source]"), properties)
 
 
 def _contrast(renderer: ET.Element, tag: str, limits: dict[str, str]) -> None:
@@ -485,14 +484,18 @@ def _fill_symbol(name: str, properties: dict[str, str]) -> ET.Element:
     """A fill symbol of one simple fill with `properties` (QGIS's names)."""
     symbol = ET.Element("symbol", type="fill", name=name, alpha="1", clip_to_extent="1")
     layer = ET.SubElement(symbol, "layer", {"class": "SimpleFill", "enabled": "1", "locked": "0", "pass": "0"})
-    values = properties | {"outline_width_unit": "MM", "joinstyle": "miter"}
-    # Written as QGIS >= 3.26 reads it (Option map) and as older 3.x reads it (prop), like the colour ramps.
-    options = ET.SubElement(layer, "Option", type="Map")
+    _properties(layer, properties | {"outline_width_unit": "MM", "joinstyle": "miter"})
+    return symbol
+
+
+def _properties(element: ET.Element, values: dict[str, str]) -> None:
+    """`values` written into `element` both as QGIS >= 3.26 reads them (an Option map) and as older 3.x reads them
+    (prop elements)."""
+    options = ET.SubElement(element, "Option", type="Map")
     for key, value in values.items():
         ET.SubElement(options, "Option", type="QString", name=key, value=value)
     for key, value in values.items():
-        ET.SubElement(layer, "prop", k=key, v=value)
-    return symbol
+        ET.SubElement(element, "prop", k=key, v=value)
 
 
 def _rgba(colour: Colour, alpha: int) -> str:
