@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pyproj import Geod
 from shapely.geometry import box
 
+from common.cores import usable_cores
 from common.errors import Sat2SoundError
 from model import MODEL_INPUT_PX
 from pipeline.config import BuildConfig, PlanInputs, load_build_config, write_settings
@@ -289,7 +290,7 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
     lines = []
     cpu = pick_rate(workload.rates, "cpu", workload.model_size)
     if cpu is not None:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         speed_up, scaled = 1.0, ""
         if cpu.cores and cores != cpu.cores:
             speed_up, scaled = cores / cpu.cores, f", scaled from {cpu.cores} cores"

@@ -467,7 +467,7 @@ def _rates_file(path: Path) -> Path:
 
 
 def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build_module.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(build_module, "usable_cores", lambda: 4)
     with offline_server(tmp_path) as reader:
         planned = planned_with(reader, _st_louis())
     assert planned.downloads is not None

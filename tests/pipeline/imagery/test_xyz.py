@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer, f
 from pipeline.config import ImagerySettings
 from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds, imagery_zoom
-from pipeline.imagery import LocalRasterReader, PrefetchReport, TileCache, XYZReader, open_reader, reader_class
+from pipeline.imagery import LocalRasterReader, PrefetchReport, TileCache, XYZReader, open_reader, reader_class, xyz
+from pipeline.imagery.codec import TileImage
 from pipeline.imagery.http import RetryPolicy
 from pipeline.imagery.xyz import ESRI_ATTRIBUTION, ESRI_WORLD_IMAGERY_URL, TileTemplate
 
@@ -390,6 +393,44 @@ def test_prefetch_fills_the_cache_in_parallel(
     assert reader.fetch_tiles(tiles) == len(tiles)
     assert all(reader.is_cached(tile) for tile in tiles)
     assert len(server.requests) == len(tiles)
+
+
+class _AtOnce:
+    """Wraps a function to count how many calls run at once, each held a little so that overlaps show."""
+
+    def __init__(self) -> None:
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, function: Callable[[bytes], TileImage]) -> Callable[[bytes], TileImage]:
+        def counted(body: bytes) -> TileImage:
+            with self._lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.02)
+            try:
+                return function(body)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        return counted
+
+
+def test_cached_tiles_decode_on_the_cores_while_fetches_wait_side_by_side(
+    make_reader: MakeReader, server: TileServer, scene_tiles: SceneTiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(xyz, "usable_cores", lambda: 1)
+    decodes = _AtOnce()
+    monkeypatch.setattr(xyz, "decode_tile", decodes.wrap(xyz.decode_tile))
+    monkeypatch.setattr(server, "latency_s", 0.05)
+    tiles = _full_tiles(scene_tiles, ZOOM)[:8]
+    assert make_reader(concurrency=4).fetch_tiles(tiles) == len(tiles)
+    fetching, decodes.most = decodes.most, 0
+    assert make_reader(concurrency=4).fetch_tiles(tiles) == len(tiles)
+    assert len(server.requests) == len(tiles), "the second reader found every tile in the cache"
+    assert fetching > 1, "tiles to fetch are fetched, and decoded, side by side"
+    assert decodes.most == 1, "cached tiles are decoded on no more threads than the process has cores"
 
 
 # --- the reader API: resolution, fetching ahead, estimates --------------------------------------------------
