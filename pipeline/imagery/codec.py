@@ -1,6 +1,6 @@
-"""Decode and encode image tiles (JPEG, PNG, WebP): JPEG through Pillow (libjpeg-turbo: 0.24 ms a 256-px tile
-against GDAL's 1.1 ms, most of that opening a dataset), PNG and WebP with GDAL through rasterio's MemoryFile
-(GDAL's PNG reads faster than Pillow's).
+"""Decode and encode image tiles (JPEG, PNG, WebP): JPEG through simplejpeg (libjpeg-turbo: 0.11 ms a 256-px tile,
+against Pillow's 0.19 ms plus 0.05 of Python around it and GDAL's 1.1 ms, most of that opening a dataset), PNG and
+WebP with GDAL through rasterio's MemoryFile (GDAL's PNG reads faster than Pillow's).
 
 A decoded tile is RGB plus a validity mask taken from its alpha band or transparency. Truncated
 bodies are caught both structurally (a PNG must end with its IEND chunk, a JPEG with its end-of-image marker, a
@@ -9,14 +9,13 @@ WebP must be as long as its RIFF header says) and by the decoders (Pillow refuse
 
 from __future__ import annotations
 
-import io
 import threading
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 import rasterio
-from PIL import Image, UnidentifiedImageError
+import simplejpeg
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
@@ -29,6 +28,10 @@ _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
 _RIFF_HEADER_BYTES = 8
 PNG_ZLEVEL = 6  # GDAL's default
+# Map tiles are 256 or 512 px; a body that says it is larger is refused before its pixels are allocated.
+MAX_TILE_PX = 4096
+# `is_blank` compares every pixel only when this sparse grid of them is one colour (every photo differs in it).
+_BLANK_SAMPLE_STEP = 16
 # warnings.catch_warnings swaps process-wide state: XYZ fetch threads decoding at once would restore each
 # other's filters out of order (leaving 'ignore' filters behind, or letting the warning through). Opening
 # an in-memory image, the step that warns, is serialised; reading its pixels is not.
@@ -47,8 +50,12 @@ class TileImage(NamedTuple):
         if not self.valid.any():
             return True
         row, column = np.unravel_index(np.argmax(self.valid), self.valid.shape)
+        first = self.rgb[:, row, column, None, None]
+        step = np.s_[::_BLANK_SAMPLE_STEP, ::_BLANK_SAMPLE_STEP]
+        if ((self.rgb[(slice(None), *step)] != first).any(axis=0) & self.valid[step]).any():
+            return False
         # Whole-array comparisons: gathering the valid pixels first took 0.9 ms a 256-px tile, 6x its JPEG decode.
-        same = (self.rgb == self.rgb[:, row, column, None, None]).all(axis=0)
+        same = (self.rgb == first).all(axis=0)
         return bool((same | ~self.valid).all())
 
 
@@ -63,6 +70,7 @@ def decode_tile(body: bytes) -> TileImage:
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 dataset = memfile.open()
             with dataset:
+                _check_size(dataset.width, dataset.height, len(body))
                 pixels = dataset.read()
                 valid = dataset.dataset_mask() > 0
                 colormap = dataset.colormap(1) if dataset.count == 1 and _has_colormap(dataset) else None
@@ -73,11 +81,20 @@ def decode_tile(body: bytes) -> TileImage:
 
 def _decode_jpeg(body: bytes) -> TileImage:
     try:
-        with Image.open(io.BytesIO(body), formats=["JPEG"]) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(body)
+        _check_size(width, height, len(body))
+        rgb = simplejpeg.decode_jpeg(body, colorspace="RGB")
+    except ValueError as exc:
         raise TileDecodeError(f"JPEG tile of {len(body)} bytes does not decode ({first_line(exc)})") from exc
-    return TileImage(np.ascontiguousarray(np.moveaxis(rgb, -1, 0)), np.ones(rgb.shape[:2], bool))
+    # Planar as a view: the mosaic copies it in one strided pass (a contiguous copy here first cost 0.05 ms more).
+    return TileImage(np.moveaxis(rgb, -1, 0), np.ones(rgb.shape[:2], bool))
+
+
+def _check_size(width: int, height: int, length: int) -> None:
+    if max(width, height) > MAX_TILE_PX:
+        raise TileDecodeError(
+            f"tile of {length} bytes says it is {width}x{height} px, larger than any map tile ({MAX_TILE_PX} px)"
+        )
 
 
 def encode_png(rgb: np.ndarray, valid: np.ndarray | None = None, *, zlevel: int = PNG_ZLEVEL) -> bytes:

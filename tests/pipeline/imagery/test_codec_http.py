@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from email.utils import format_datetime
 import numpy as np
 import pytest
 import rasterio
+from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.windows import Window
@@ -18,7 +20,7 @@ from support.imagery_servers import encode_image
 from support.paths import LANDSAT
 
 from pipeline.errors import ImageryError, TileDecodeError
-from pipeline.imagery.codec import decode_tile, encode_png, encode_webp
+from pipeline.imagery.codec import MAX_TILE_PX, decode_tile, encode_png, encode_webp
 from pipeline.imagery.http import RetryPolicy, backoff_delay, redact, retry_after_s, retry_policy
 
 RNG = np.random.default_rng(7)
@@ -94,6 +96,33 @@ def test_blank_tiles_are_transparent_or_one_flat_colour() -> None:
     grey = decode_tile(encode_image(NOISE[:1], "PNG"))  # one band is grey, not blank
     assert grey.rgb.shape == (3, 64, 64)
     assert not grey.is_blank
+
+
+def test_one_pixel_off_the_flat_colour_is_imagery_where_it_holds_imagery() -> None:
+    flat = np.full((3, 64, 64), 17, np.uint8)
+    flat[1, 37, 21] = 18  # not on the grid of pixels compared first
+    valid = np.ones((64, 64), bool)
+    assert not decode_tile(encode_png(flat, valid)).is_blank
+    valid[37, 21] = False
+    assert decode_tile(encode_png(flat, valid)).is_blank
+    assert not decode_tile(encode_image(NOISE, "JPEG")).is_blank
+
+
+@pytest.mark.parametrize("driver", ["PNG", "JPEG"])
+def test_tiles_larger_than_any_map_tile_are_refused_before_their_pixels(driver: str) -> None:
+    wide = np.zeros((3, 2, MAX_TILE_PX + 1), np.uint8)
+    with pytest.raises(TileDecodeError, match=f"says it is {MAX_TILE_PX + 1}x2 px, larger than any map tile"):
+        decode_tile(encode_image(wide, driver))
+    assert decode_tile(encode_image(wide[:, :, :MAX_TILE_PX], driver)).rgb.shape == (3, 2, MAX_TILE_PX)
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}], ids=["420", "progressive", "444"])
+def test_jpeg_pixels_are_those_pillow_decodes(options: dict[str, object]) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.moveaxis(NOISE, 0, -1)).save(buffer, "JPEG", quality=85, **options)
+    with Image.open(buffer) as image:
+        expected = np.moveaxis(np.asarray(image.convert("RGB")), -1, 0)
+    np.testing.assert_array_equal(decode_tile(buffer.getvalue()).rgb, expected)
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
