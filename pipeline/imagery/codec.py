@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import rasterio
 import simplejpeg
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
@@ -72,7 +73,10 @@ def decode_tile(body: bytes) -> TileImage:
             with dataset:
                 _check_size(dataset.width, dataset.height, len(body))
                 pixels = dataset.read()
-                valid = dataset.dataset_mask() > 0
+                # An alpha band is the mask: GDAL's dataset_mask would decode the whole image again for it
+                # (0.56 ms of a 256-px RGBA PNG's 1.2).
+                alpha = dataset.colorinterp[-1] == ColorInterp.alpha
+                valid = pixels[-1] > 0 if alpha else dataset.dataset_mask() > 0
                 colormap = dataset.colormap(1) if dataset.count == 1 and _has_colormap(dataset) else None
     except RasterioError as exc:
         raise TileDecodeError(f"tile of {len(body)} bytes does not decode ({type(exc).__name__})") from exc

@@ -89,6 +89,37 @@ def test_lossy_webp_keeps_the_transparency_and_about_the_colours() -> None:
     assert np.abs(image.rgb[:, valid].astype(int) - smooth[:, valid]).max() <= 8
 
 
+def _pillow_png(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def _transparent_tiles() -> dict[str, bytes]:
+    valid = np.random.default_rng(3).random((64, 64)) > 0.3
+    alpha = np.where(valid, 255, 0).astype(np.uint8)
+    key = tuple(int(value) for value in NOISE[:, 0, 0])
+    return {
+        "RGBA PNG": encode_png(NOISE, valid),
+        "RGBA WebP": encode_webp(NOISE, valid, 80),
+        "grey + alpha PNG": _pillow_png(Image.fromarray(np.stack([NOISE[0], alpha], axis=-1), "LA")),
+        "palette PNG, index 0 transparent": _pillow_png(Image.fromarray(NOISE[0] // 32).convert("P"), transparency=0),
+        "RGB PNG, one colour transparent": _pillow_png(Image.fromarray(np.moveaxis(NOISE, 0, -1)), transparency=key),
+        "RGB PNG": encode_png(NOISE),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_transparent_tiles()))
+def test_where_a_tile_holds_imagery_is_what_gdal_masks(kind: str) -> None:
+    body = _transparent_tiles()[kind]
+    with warnings.catch_warnings(), MemoryFile(body) as memfile:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with memfile.open() as dataset:
+            expected = dataset.dataset_mask() > 0
+    np.testing.assert_array_equal(decode_tile(body).valid, expected)
+    assert kind == "RGB PNG" or not expected.all()
+
+
 def test_blank_tiles_are_transparent_or_one_flat_colour() -> None:
     flat = np.full((3, 64, 64), 17, np.uint8)
     assert decode_tile(encode_image(flat, "PNG")).is_blank
