@@ -40,6 +40,15 @@ def test_each_format_decodes_and_truncation_is_detected(driver: str) -> None:
             decode_tile(body[:cut])
 
 
+def test_a_jpeg_cut_anywhere_is_refused_and_bytes_after_its_end_are_ignored() -> None:
+    body = encode_image(NOISE, "JPEG")
+    for cut in range(len(body) - 1, 300, -97):
+        with pytest.raises(TileDecodeError, match=r"JPEG tile of \d+ bytes does not decode"):
+            decode_tile(body[:cut])
+    padded = decode_tile(body + b"\0" * 16 + b"<!-- served by a CDN -->")
+    np.testing.assert_array_equal(padded.rgb, decode_tile(body).rgb)
+
+
 def test_jpeg_tiles_decode_as_faithfully_as_gdal_reads_them() -> None:
     with rasterio.open(LANDSAT) as scene:
         raw = scene.read([3, 2, 1], window=Window(300, 300, 256, 256)).astype(np.float32)
