@@ -29,8 +29,9 @@ _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_START = b"\xff\xd8"
 _RIFF_HEADER_BYTES = 8
 PNG_ZLEVEL = 6  # GDAL's default
-# Map tiles are 256 or 512 px; a body that says it is larger is refused before its pixels are allocated.
-MAX_TILE_PX = 4096
+# Map tiles are 256 or 512 px a side and the STAC reader's cached strips a few million pixels: a body that says it
+# holds more than this is refused before its pixels are allocated (a 40-byte JPEG header can ask for 4 G pixels).
+MAX_TILE_PIXELS = 8192 * 8192
 # `is_blank` compares every pixel only when this sparse grid of them is one colour (every photo differs in it).
 _BLANK_SAMPLE_STEP = 16
 # warnings.catch_warnings swaps process-wide state: XYZ fetch threads decoding at once would restore each
@@ -95,9 +96,10 @@ def _decode_jpeg(body: bytes) -> TileImage:
 
 
 def _check_size(width: int, height: int, length: int) -> None:
-    if max(width, height) > MAX_TILE_PX:
+    if width * height > MAX_TILE_PIXELS:
         raise TileDecodeError(
-            f"tile of {length} bytes says it is {width}x{height} px, larger than any map tile ({MAX_TILE_PX} px)"
+            f"tile of {length} bytes says it is {width}x{height} px, more than any tile or strip holds"
+            f" ({MAX_TILE_PIXELS:,} px)"
         )
 
 

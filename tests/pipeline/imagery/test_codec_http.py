@@ -20,7 +20,7 @@ from support.imagery_servers import encode_image
 from support.paths import LANDSAT
 
 from pipeline.errors import ImageryError, TileDecodeError
-from pipeline.imagery.codec import MAX_TILE_PX, decode_tile, encode_png, encode_webp
+from pipeline.imagery.codec import MAX_TILE_PIXELS, decode_tile, encode_png, encode_webp
 from pipeline.imagery.http import RetryPolicy, backoff_delay, redact, retry_after_s, retry_policy
 
 RNG = np.random.default_rng(7)
@@ -148,12 +148,22 @@ def test_one_pixel_off_the_flat_colour_is_imagery_where_it_holds_imagery() -> No
     assert not decode_tile(encode_image(NOISE, "JPEG")).is_blank
 
 
-@pytest.mark.parametrize("driver", ["PNG", "JPEG"])
-def test_tiles_larger_than_any_map_tile_are_refused_before_their_pixels(driver: str) -> None:
-    wide = np.zeros((3, 2, MAX_TILE_PX + 1), np.uint8)
-    with pytest.raises(TileDecodeError, match=f"says it is {MAX_TILE_PX + 1}x2 px, larger than any map tile"):
-        decode_tile(encode_image(wide, driver))
-    assert decode_tile(encode_image(wide[:, :, :MAX_TILE_PX], driver)).rgb.shape == (3, 2, MAX_TILE_PX)
+def _jpeg_saying(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims `width` x `height` pixels."""
+    body = bytearray(encode_image(NOISE, "JPEG"))
+    frame = body.index(b"\xff\xc0")  # start of frame: marker, length, precision, height, width
+    body[frame + 5 : frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(body)
+
+
+def test_tiles_that_claim_more_pixels_than_any_tile_or_strip_are_refused_before_decoding() -> None:
+    with pytest.raises(TileDecodeError, match="says it is 65000x65000 px, more than any tile or strip holds"):
+        decode_tile(_jpeg_saying(65000, 65000))
+    side = int(MAX_TILE_PIXELS**0.5)
+    with pytest.raises(TileDecodeError, match=f"says it is {side + 1}x{side} px"):
+        decode_tile(_jpeg_saying(side + 1, side))
+    wide = np.zeros((3, 224, 16_384), np.uint8)  # a long strip of views, as the STAC reader caches them
+    assert decode_tile(encode_png(wide, np.ones((224, 16_384), bool))).rgb.shape == (3, 224, 16_384)
 
 
 @pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}], ids=["420", "progressive", "444"])
