@@ -226,7 +226,7 @@ class XYZReader(ImageryReader):
             max_requests_per_s=_request_cap(max_requests_per_s, self.template),
         )
         # Tiles in the cache only need decoding, CPU work that threads beyond the cores slow down (GIL hand-offs:
-        # 8 threads on 2 cores took 10-20 % more CPU and 15 % more time a view than 2); tiles to fetch wait on
+        # 8 threads on 2 cores took 10-20 % more CPU and 15-20 % more time a view than 2); tiles to fetch wait on
         # servers, `concurrency` at a time.
         self._decode_threads = min(concurrency, usable_cores())
         self._pools: dict[int, ThreadPoolExecutor] = {}
