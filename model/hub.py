@@ -14,18 +14,10 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote
 
-import httpx2
-from huggingface_hub import constants, hf_hub_download, is_offline_mode, snapshot_download
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from model.errors import DownloadError, first_line
+
+# huggingface_hub and its HTTP client load only when the Hub is asked (0.37 s of a process's start): every map
+# job resolves its checkpoint here, most of them a local file.
 
 HF_SCHEME = "hf://"
 OFFICIAL_REPO = "MVRL/sat2sound"
@@ -84,6 +76,8 @@ def resolve(uri: str | Path) -> Path:
         if not path.is_file():
             raise DownloadError(f"{path} is not a file; check the path, or give an {URI_FORM} URI")
         return path
+    from huggingface_hub import hf_hub_download
+
     hub_file = parse_hf_uri(text)
     with _hub_errors(text, hub_file):
         local = hf_hub_download(
@@ -95,6 +89,8 @@ def resolve(uri: str | Path) -> Path:
 def download_dataset(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
     """The snapshot folder of Hub dataset `repo_id` holding its files that match `patterns` (fnmatch), downloaded
     into the Hugging Face cache on first use; other files are not fetched."""
+    from huggingface_hub import snapshot_download
+
     at_revision = f"@{revision}" if revision else ""
     uri = f"{HF_SCHEME}datasets/{repo_id}{at_revision}"
     with _hub_errors(uri, HubFile(repo_id, "", revision, "dataset")):
@@ -104,6 +100,17 @@ def download_dataset(repo_id: str, patterns: list[str], revision: str | None = N
 @contextmanager
 def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
     """Turn huggingface_hub's and httpx's exceptions into one-line DownloadErrors about `uri`."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     try:
         yield
     except LocalEntryNotFoundError:
@@ -137,6 +144,8 @@ def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
 
 
 def _unreachable_message(uri: str) -> str:
+    from huggingface_hub import constants, is_offline_mode
+
     if is_offline_mode():
         return (
             f"{uri} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set;"

@@ -89,6 +89,7 @@ NOT_IMPORTED = {
     "pipeline.gallery": ("torch", "huggingface_hub"),
     "pipeline.plan": ("torch", "geopandas"),
     "model.inference": ("transformers",),
+    "model.hub": ("huggingface_hub", "httpx2"),  # every job resolves its checkpoint, most a local file
 }
 
 
