@@ -17,8 +17,7 @@ from shapely.geometry import LineString
 
 from common.errors import first_line
 from pipeline.errors import ListenError
-
-LONLAT, WEB_MERCATOR = "EPSG:4326", "EPSG:3857"
+from pipeline.geometry import WEB_MERCATOR, WGS84
 
 
 def route_line(path: Path) -> LineString:
@@ -30,7 +29,7 @@ def route_line(path: Path) -> LineString:
     except (DataSourceError, OSError, ValueError) as exc:
         raise ListenError(f"cannot read the route {path} ({first_line(exc)}); pass a GeoJSON line") from None
     if frame.crs is not None:
-        frame = frame.to_crs(LONLAT)
+        frame = frame.to_crs(WGS84)
     merged = shapely.line_merge(shapely.union_all(frame.geometry.to_numpy()))
     if not isinstance(merged, LineString) or merged.is_empty:
         raise ListenError(
@@ -51,7 +50,7 @@ def route_points(
             f"walking the route {path} ({metres:,.0f} m) at {speed:g} m/s takes {seconds:,.0f} s, outside"
             f" {min_seconds:g} to {max_seconds:g} s; draw another route or change --speed"
         )
-    to_mercator = Transformer.from_crs(LONLAT, WEB_MERCATOR, always_xy=True)
+    to_mercator = Transformer.from_crs(WGS84, WEB_MERCATOR, always_xy=True)
     projected = shapely.transform(line, lambda xy: np.column_stack(to_mercator.transform(xy[:, 0], xy[:, 1])))
     fractions = (np.arange(int(seconds // step)) + 0.5) * step / seconds
     points = shapely.line_interpolate_point(projected, fractions, normalized=True)

@@ -36,9 +36,10 @@ from common.atomic import atomic_path
 from pipeline.config import Query
 from pipeline.errors import ExportError
 from pipeline.export.cog import windows
+from pipeline.geometry import WGS84
 from pipeline.store.read import SoundscapeStore, StoreGrid
 
-PLACES_CRS = "EPSG:4326"
+PLACES_CRS = WGS84
 PLACES_LAYER = "{query}_places"
 AREAS_LAYER = "{query}_areas"
 CSV_COLUMNS = ("query", "query_text", "rank", "score", "percentile", "lon", "lat", "area")
