@@ -168,8 +168,8 @@ def start_build(config: BuildConfig) -> PlannedBuild:
     check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
     if config.outputs.zones is not None:
-        # Imported here: the exports pull in geopandas and the store reader, which a build without zones need not load.
-        from pipeline.export.zones import check_zones
+        # Imported here: geopandas, which a build without zones need not load.
+        from pipeline.zone_file import check_zones
 
         check_zones(config.outputs, planned.plan.region)
     check_model(

@@ -32,6 +32,7 @@ LAYERS = {
     "pipeline/errors.py": {"common"},
     "pipeline/geometry.py": {"pipeline.errors"},
     "pipeline/regions.py": {"common", "pipeline.errors", "pipeline.geometry"},
+    "pipeline/zone_file.py": {"common", "pipeline.config", "pipeline.errors", "pipeline.geometry", "pipeline.regions"},
     "pipeline/imagery": {"common", "pipeline.errors", "pipeline.geometry"},
     "pipeline/views.py": {"pipeline.errors", "pipeline.geometry", "pipeline.imagery"},
     "pipeline/launch.py": set(),
@@ -90,6 +91,7 @@ NOT_IMPORTED = {
     "pipeline.plan": ("torch", "geopandas"),
     "model.inference": ("transformers",),
     "model.hub": ("huggingface_hub", "httpx2"),  # every job resolves its checkpoint, most a local file
+    "pipeline.zone_file": ("torch", "zarr", "rio_cogeo"),  # a build's start checks the zone file
 }
 
 

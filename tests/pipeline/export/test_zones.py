@@ -27,9 +27,10 @@ from support.synthetic_store import (
 from pipeline.config import OutputSettings
 from pipeline.errors import BuildConfigError
 from pipeline.export.qgis_style import percentile_class
-from pipeline.export.zones import TOP_DECILE_ABOVE, ZONES_LAYER, check_zones, write_zones, zone_statistics
+from pipeline.export.zones import TOP_DECILE_ABOVE, ZONES_LAYER, write_zones, zone_statistics
 from pipeline.regions import Region
 from pipeline.steps import build_parser
+from pipeline.zone_file import check_zones
 
 HEIGHT, WIDTH = 32, 48
 # Zones as (top row, left column, bottom row, right column) of the grid, fractions cutting tiles.
