@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support.hf_stub import HubStub
+from support.hf_stub import HubStub, hub_environment
 from support.pair_data import (
     IMAGE_PX,
     MEL_SHAPE,
@@ -230,15 +230,7 @@ def hub(geosound: Path) -> Iterator[HubStub]:
 
 
 def open_in_child(split: str, endpoint: str, home: Path, repo: str = REPO, offline: bool = False) -> tuple[int, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
-    env |= {
-        "HF_ENDPOINT": endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HF_HUB_OFFLINE": "1" if offline else "0",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "PYTHONPATH": os.pathsep.join(sys.path),
-    }
+    env = hub_environment(endpoint, home, offline) | {"PYTHONPATH": os.pathsep.join(sys.path)}
     completed = subprocess.run(
         [sys.executable, str(CHILD), "GeoSound", split, repo],
         env=env,

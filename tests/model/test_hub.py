@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.hf_stub import COMMIT, HubStub
+from support.hf_stub import COMMIT, HubStub, hub_environment
 
 from model.errors import DownloadError
 from model.hub import HubFile, official_checkpoint_uri, parse_hf_uri, resolve
@@ -47,14 +46,7 @@ class Resolved:
 
 
 def resolve_in_child(uri: str, endpoint: str, home: Path, offline: bool = False) -> Resolved:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
-    env |= {
-        "HF_ENDPOINT": endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HF_HUB_OFFLINE": "1" if offline else "0",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
+    env = hub_environment(endpoint, home, offline)
     completed = subprocess.run(
         [sys.executable, str(CHILD), uri], env=env, capture_output=True, text=True, timeout=60, check=False
     )

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
+from typing import TypeGuard
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RESOLVE_PATH = re.compile(
@@ -23,6 +26,19 @@ RESOLVE_PATH = re.compile(
 API_PATH = re.compile(
     r"^/api/(?:models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<call>revision|tree)/(?P<revision>[^/?]+)"
 )
+
+
+def hub_environment(endpoint: str, home: Path, offline: bool = False) -> dict[str, str]:
+    """This process's environment for a child that talks to `endpoint` (a stub's URL) as its Hub, with its own
+    cache under `home`; every HF_ and HUGGINGFACE_ variable of this process left out."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    return env | {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 class HubStub:
@@ -75,12 +91,7 @@ class HubStub:
                     self._listing()
                     return
                 match = RESOLVE_PATH.match(self.path)
-                if match is None or not any(repo == match["repo"] for repo, _ in stub.files):
-                    # The Hub answers 401 for a repo that does not exist when the client is anonymous.
-                    self._error(401, "RepoNotFound")
-                    return
-                if match["revision"] not in ("main", COMMIT):
-                    self._error(404, "RevisionNotFound")
+                if not self._found(match):
                     return
                 content = stub.files.get((match["repo"], match["filename"]))
                 if content is None:
@@ -95,13 +106,20 @@ class HubStub:
                 if send_body:
                     self.wfile.write(content[: len(content) // 2] if stub.truncate else content)
 
-            def _listing(self) -> None:
-                match = API_PATH.match(self.path)
+            def _found(self, match: re.Match[str] | None) -> TypeGuard[re.Match[str]]:
+                """Whether the repo and revision `match` names exist; answers the Hub's error if not."""
                 if match is None or not any(repo == match["repo"] for repo, _ in stub.files):
+                    # The Hub answers 401 for a repo that does not exist when the client is anonymous.
                     self._error(401, "RepoNotFound")
-                    return
+                    return False
                 if match["revision"] not in ("main", COMMIT):
                     self._error(404, "RevisionNotFound")
+                    return False
+                return True
+
+            def _listing(self) -> None:
+                match = API_PATH.match(self.path)
+                if not self._found(match):
                     return
                 names = sorted(path for repo, path in stub.files if repo == match["repo"])
                 if match["call"] == "revision":
