@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from enum import Enum
 from pathlib import PurePosixPath
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
@@ -94,6 +95,15 @@ _KNOWN_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _ZOOM_EPSILON = 1e-9
 _OPAQUE = 255
 _MISSING_SUFFIX = "missing"
+
+
+class _NotCached(Enum):
+    """The cache's answer for a tile it lacks: the server must be asked."""
+
+    NOT_CACHED = "not cached"
+
+
+_NOT_CACHED = _NotCached.NOT_CACHED
 
 
 class TileTemplate(NamedTuple):
@@ -443,12 +453,15 @@ class XYZReader(ImageryReader):
 
     def _load_all(self, tiles: list[mercantile.Tile]) -> list[TileImage | Unavailable | None]:
         """Each of `tiles` (in order, repeats allowed), loading every distinct tile once: a block wider than
-        the world holds a tile twice, and two parallel loads of one tile would fetch it twice."""
+        the world holds a tile twice, and two parallel loads of one tile would fetch it twice. The cache is read
+        and decoded first, then the server asked for what it lacks."""
         distinct = list(dict.fromkeys(tiles))
-        cached = [tile for tile in distinct if self.is_cached(tile)]
-        loaded = dict(zip(cached, self._pool(self._decode_threads).map(self._load, cached), strict=True))
+        from_cache = self._pool(self._decode_threads).map(self._from_cache, distinct)
+        loaded = {
+            tile: image for tile, image in zip(distinct, from_cache, strict=True) if not isinstance(image, _NotCached)
+        }
         to_fetch = [tile for tile in distinct if tile not in loaded]
-        loaded |= dict(zip(to_fetch, self._pool(self._http.concurrency).map(self._load, to_fetch), strict=True))
+        loaded |= dict(zip(to_fetch, self._pool(self._http.concurrency).map(self._fetch, to_fetch), strict=True))
         return [loaded[tile] for tile in tiles]
 
     def _pool(self, threads: int) -> ThreadPoolExecutor:
@@ -457,10 +470,10 @@ class XYZReader(ImageryReader):
                 self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix=f"tiles-{self.source_id}")
             return self._pools[threads]
 
-    def _load(self, tile: mercantile.Tile) -> TileImage | Unavailable | None:
-        """One server tile from the cache or the server; None where there is no imagery, Unavailable where it
-        cannot be had: it failed every retry, or its cached copy is corrupt while offline (kept: a read online
-        fetches it again)."""
+    def _from_cache(self, tile: mercantile.Tile) -> TileImage | Unavailable | _NotCached | None:
+        """One server tile as the cache has it: None where there is no imagery (offline, or the server said so),
+        Unavailable where its cached copy is corrupt while offline (kept: a read online fetches it again), and
+        `_NOT_CACHED` where the server must be asked."""
         key = self.cache_key(tile)
         cached = self.cache.get(key)
         if cached is not None:
@@ -474,6 +487,11 @@ class XYZReader(ImageryReader):
                 self.cache.discard(key)
         if self.offline or self._missing_key(tile) in self.cache:
             return None
+        return _NOT_CACHED
+
+    def _fetch(self, tile: mercantile.Tile) -> TileImage | Unavailable | None:
+        """One server tile from the server, into the cache; None where there is no imagery, Unavailable where it
+        failed every retry."""
         try:
             fetched = self._http.fetch(self.template.url_for(tile, self._api_key), _decode_keeping_body)
         except RetriesExhausted as exc:
@@ -482,7 +500,7 @@ class XYZReader(ImageryReader):
             self.cache.put(self._missing_key(tile), b"")
             return None
         body, image = fetched
-        self.cache.put(key, body)
+        self.cache.put(self.cache_key(tile), body)
         return _imagery_or_none(image)
 
     def _missing_key(self, tile: mercantile.Tile) -> str:
