@@ -6,12 +6,6 @@ import os
 import subprocess
 import sys
 
-from common.cores import usable_cores
-
-
-def test_every_core_of_an_unpinned_process() -> None:
-    assert usable_cores() == len(os.sched_getaffinity(0))
-
 
 def test_a_process_pinned_to_one_core_has_one() -> None:
     one = min(os.sched_getaffinity(0))
