@@ -104,8 +104,9 @@ class ImagerySettings:
     def open_reader(self) -> ImageryReader:
         from pipeline.imagery import open_reader
 
-        if "on_missing" in self.options:
-            raise ImageryError("imagery.options.on_missing is an imagery key of its own; set imagery.on_missing")
+        for key in ("offline", "on_missing"):
+            if key in self.options:
+                raise ImageryError(f"imagery.options.{key} is an imagery key of its own; set imagery.{key}")
         return open_reader(
             self.source,
             cache_dir=Path(self.cache_dir),

@@ -149,9 +149,19 @@ def _distance_to_nearest_pole_m(lat: float) -> float:
     return float(_GEOD.inv(0.0, lat, 0.0, pole_lat)[2])
 
 
-def _read_vector_file(path: Path) -> BaseGeometry:
+def read_features(path: Path) -> gpd.GeoDataFrame:
+    """The features of a vector file (its first layer; GeoParquet by its suffix). A table without geometry,
+    such as a CSV, raises ValueError, as other files that are no vector data do."""
     # Imported where files are read: jobs that only carry a plan's region do not load geopandas (~0.9 s).
     import geopandas as gpd
+
+    frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
+    if not isinstance(frame, gpd.GeoDataFrame):
+        raise ValueError("it holds no geometry column")
+    return frame
+
+
+def _read_vector_file(path: Path) -> BaseGeometry:
     from pyogrio.errors import DataLayerError, DataSourceError
 
     if not path.exists():
@@ -160,7 +170,7 @@ def _read_vector_file(path: Path) -> BaseGeometry:
         with warnings.catch_warnings():
             # GDAL's warning suggests a GDAL option; the GEOSException that follows gets a line saying what to fix.
             warnings.filterwarnings("ignore", "Non closed ring detected", RuntimeWarning)
-            frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
+            frame = read_features(path)
     except ImportError:
         raise RegionError(f"reading {path.name} needs pyarrow; install it with 'pip install pyarrow'") from None
     except GEOSException as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import shapely
 from pyogrio.errors import DataSourceError
@@ -18,6 +17,7 @@ from shapely.geometry import LineString
 from common.errors import first_line
 from pipeline.errors import ListenError
 from pipeline.geometry import WEB_MERCATOR, WGS84
+from pipeline.regions import read_features
 
 
 def route_line(path: Path) -> LineString:
@@ -25,7 +25,7 @@ def route_line(path: Path) -> LineString:
     if not path.is_file():
         raise ListenError(f"no route file {path}; pass --along a GeoJSON file holding a line")
     try:
-        frame = gpd.read_file(path)
+        frame = read_features(path)
     except (DataSourceError, OSError, ValueError) as exc:
         raise ListenError(f"cannot read the route {path} ({first_line(exc)}); pass a GeoJSON line") from None
     if frame.crs is not None:

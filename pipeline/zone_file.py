@@ -22,7 +22,7 @@ from common.errors import first_line
 from pipeline.config import OutputSettings
 from pipeline.errors import BuildConfigError
 from pipeline.geometry import WGS84
-from pipeline.regions import Region
+from pipeline.regions import Region, read_features
 
 # The column that names zones when outputs.zone_field is null (compared without case).
 NAME_COLUMN = "name"
@@ -53,7 +53,7 @@ def read_zones(outputs: OutputSettings) -> gpd.GeoDataFrame:
     if not path.is_file():
         raise BuildConfigError(f"{where} does not exist; check the path or set outputs.zones: null")
     try:
-        frame = gpd.read_file(path)
+        frame = read_features(path)
     except (DataSourceError, DataLayerError, GEOSException, ValueError, OSError) as exc:
         raise BuildConfigError(
             f"{where} cannot be read as vector data ({first_line(exc)}); give a GeoPackage, GeoJSON or Shapefile"

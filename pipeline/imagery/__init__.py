@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,30 +60,20 @@ def open_reader(
     spec: str, *, cache_dir: Path, offline: bool = False, on_missing: str = "fail", **options: Any
 ) -> ImageryReader:
     """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster
-    PATH ('file:PATH' forces a path). `options` go to the reader's constructor; `on_missing` (what a tile
-    that cannot be had does) to the readers that fetch (tile servers, STAC)."""
+    PATH ('file:PATH' forces a path). `options`, checked against the reader's `OPTIONS`, go to its
+    constructor; `on_missing` (what a tile that cannot be had does) to the readers that fetch (tile
+    servers, STAC)."""
     spec = spec.strip()
     kind = reader_class(spec)
-    cache_options: dict[str, Any] = {"cache": TileCache(cache_dir), "offline": offline}
+    kind.check_options(options)
+    fetching: dict[str, Any] = {"cache": TileCache(cache_dir), "offline": offline, "on_missing": on_missing}
     if kind is XYZReader:
-        cache_options["on_missing"] = on_missing
         if spec.startswith("xyz:"):
-            return _build(XYZReader, options, spec.removeprefix("xyz:"), **cache_options)
-        return _build(XYZReader.esri, options, **cache_options)
+            return XYZReader(spec.removeprefix("xyz:"), **fetching, **options)
+        return XYZReader.esri(**fetching, **options)
     if kind is StacReader:
-        return _build(StacReader, options, spec.removeprefix("stac:"), **cache_options, on_missing=on_missing)
+        return StacReader(spec.removeprefix("stac:"), **fetching, **options)
     path = Path(spec.removeprefix("file:"))
     if not path.exists():
         raise ImageryError(f"raster {path} does not exist; check the path")
-    return _build(LocalRasterReader, options, path)
-
-
-def _build(factory: Callable[..., ImageryReader], options: dict[str, Any], *args: Any, **fixed: Any) -> ImageryReader:
-    """Call `factory`, turning unknown option names into one clear ImageryError."""
-    reader_class = XYZReader if factory == XYZReader.esri else factory
-    accepted = set(inspect.signature(reader_class).parameters)
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        valid = ", ".join(sorted(accepted - set(fixed) - {"url_template", "url", "path"}))
-        raise ImageryError(f"option {unknown[0]!r} does not apply to this imagery source; valid options: {valid}")
-    return factory(*args, **fixed, **options)
+    return LocalRasterReader(path, **options)

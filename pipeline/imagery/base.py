@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import TracebackType
-from typing import ClassVar, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import mercantile
 import numpy as np
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from pyproj import Geod, Transformer
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
@@ -48,6 +50,18 @@ _Reader = TypeVar("_Reader", bound="ImageryReader")
 ON_MISSING = ("fail", "leave_empty")
 OnMissing = Literal["fail", "leave_empty"]
 _WGS84_GEOD = Geod(ellps="WGS84")
+# A keyword option of a reader, as JSON Schema; its "description" is the fix an error about it names.
+OptionSchema = Mapping[str, Any]
+# The options every reader takes.
+COMMON_OPTIONS: dict[str, OptionSchema] = {
+    "source_id": {
+        "type": ["string", "null"],
+        "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        "description": "name the source with letters, digits, '.', '_' and '-' (the tile cache's folder for it)",
+    },
+    "attribution": {"type": "string", "description": "give the text a map made from the source must show"},
+    "resampling": {"enum": list(RESAMPLINGS), "description": f"use {' or '.join(RESAMPLINGS)}"},
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,22 @@ class ImageryReader(abc.ABC):
     source_id: str
     attribution: str
     fetches_ahead: ClassVar[bool] = False
+    # The keyword options a config may give the reader (`imagery.options`), by name.
+    OPTIONS: ClassVar[Mapping[str, OptionSchema]]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse, in one line, an option the reader does not take or a value of the wrong type or range."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            valid = ", ".join(sorted(cls.OPTIONS))
+            raise ImageryError(f"option {unknown[0]!r} does not apply to this imagery source; valid options: {valid}")
+        error = best_match(Draft202012Validator({"properties": cls.OPTIONS}).iter_errors(dict(options)))
+        if error is not None:
+            name = str(error.absolute_path[0])
+            where = ".".join(str(part) for part in error.absolute_path)
+            message = " ".join(error.message.split())
+            raise ImageryError(f"imagery option {where}: {message}; {cls.OPTIONS[name]['description']}")
 
     def native_gsd_m(self, latitude: float) -> float:
         """Ground metres per pixel of the source's finest imagery around `latitude`."""

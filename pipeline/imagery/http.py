@@ -49,6 +49,15 @@ class RetryPolicy(NamedTuple):
 
 
 DEFAULT_RETRY = RetryPolicy()
+# The `retry` option of the readers that fetch: RetryPolicy's fields as a mapping (`retry_policy` names the ones
+# it does not know).
+RETRY_OPTION = {
+    "type": "object",
+    "properties": {"attempts": {"type": "integer", "minimum": 1}},
+    "additionalProperties": {"type": "number", "minimum": 0},
+    "description": f"give a mapping of {', '.join(RetryPolicy._fields)} (attempts a whole number from 1, the rest"
+    " seconds)",
+}
 
 
 def retry_policy(value: RetryPolicy | Mapping[str, float]) -> RetryPolicy:

@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import rasterio
@@ -26,9 +27,11 @@ from rasterio.windows import Window, from_bounds
 from pipeline.errors import ImageryError
 from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, union_bounds
 from pipeline.imagery.base import (
+    COMMON_OPTIONS,
     RGB_BANDS,
     ImageData,
     ImageryReader,
+    OptionSchema,
     SourcePixels,
     Stretch,
     check_read_size,
@@ -79,7 +82,12 @@ def resolve_stretch(option: str | Sequence[float] | Stretch, dtype: str) -> Stre
         if option == "percentile":
             return option
         raise ImageryError(f"unknown stretch {option!r}; use auto, none, percentile or (min, max)")
-    low, high = (float(value) for value in option)
+    return stretch_range(option)
+
+
+def stretch_range(values: Sequence[float]) -> Stretch:
+    """A fixed Stretch from (min, max); an empty or inverted range is refused."""
+    low, high = (float(value) for value in values)
     if not high > low:
         raise ImageryError(f"stretch ({low:g}, {high:g}) is empty or inverted; pass (min, max) with min < max")
     return Stretch(low, high)
@@ -93,6 +101,32 @@ class LocalRasterReader(ImageryReader):
     config options for every open and read (e.g. for rasters served over HTTP). A reader holds an
     open GDAL dataset: use one per thread, and open it after forking worker processes.
     """
+
+    OPTIONS: ClassVar[Mapping[str, OptionSchema]] = {
+        **COMMON_OPTIONS,
+        "bands": {
+            "type": ["array", "null"],
+            "items": {"type": "integer", "minimum": 1},
+            "description": "give three 1-based band indexes in RGB order, or one for grey, e.g. [3, 2, 1]",
+        },
+        "stretch": {
+            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}],
+            "description": "use auto, none, percentile or [min, max]",
+        },
+        "percentiles": {
+            "type": "array",
+            "items": {"type": "number", "minimum": 0, "maximum": 100},
+            "minItems": 2,
+            "maxItems": 2,
+            "description": "give [low, high] percentiles between 0 and 100 for the stretch, e.g. [2, 98]",
+        },
+        "nodata": {"type": ["number", "null"], "description": "give the pixel value that means no data, or null"},
+        "gdal_env": {
+            "type": ["object", "null"],
+            "additionalProperties": {"type": ["string", "number", "boolean"]},
+            "description": "give GDAL config options as a mapping of names to values",
+        },
+    }
 
     def __init__(
         self,
@@ -111,6 +145,10 @@ class LocalRasterReader(ImageryReader):
         self.attribution = attribution
         self._gdal_env = dict(gdal_env or {})
         self._resampling = resampling_method(resampling)
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ImageryError(
+                f"percentiles {tuple(percentiles)} are not a range within 0-100; give [low, high], e.g. [2, 98]"
+            )
         self._percentiles = percentiles
         try:
             # A raster without georeferencing is refused below, in one line, not with rasterio's warning.

@@ -15,7 +15,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import mercantile
 import numpy as np
@@ -29,10 +29,12 @@ from common.errors import first_line
 from pipeline.errors import FetchError, ImageryError, ImageryWarning, TileDecodeError
 from pipeline.geometry import WEB_MERCATOR, WGS84, Bounds, strip_grid
 from pipeline.imagery.base import (
+    COMMON_OPTIONS,
     RGB_BANDS,
     ImageData,
     ImageryReader,
     OnMissing,
+    OptionSchema,
     PrefetchReport,
     SourcePixels,
     Unavailable,
@@ -48,8 +50,8 @@ from pipeline.imagery.base import (
 )
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import decode_tile, encode_png
-from pipeline.imagery.http import DEFAULT_RETRY, RetryPolicy, redact, retry_policy
-from pipeline.imagery.local import LocalRasterReader, Stretch, apply_stretch
+from pipeline.imagery.http import DEFAULT_RETRY, RETRY_OPTION, RetryPolicy, redact, retry_policy
+from pipeline.imagery.local import LocalRasterReader, Stretch, apply_stretch, stretch_range
 
 SENTINEL2_L2A = "sentinel-2-l2a"
 # Ground sample distance of Sentinel-2's true-colour bands (B04, B03, B02) and of its visual asset.
@@ -98,6 +100,34 @@ class StacReader(ImageryReader):
     """
 
     fetches_ahead = True
+    OPTIONS: ClassVar[Mapping[str, OptionSchema]] = {
+        **COMMON_OPTIONS,
+        "collection": {"type": "string", "minLength": 1, "description": "name the STAC collection to search"},
+        "datetime": {
+            "type": ["string", "null"],
+            "description": "give a STAC date range such as 2023-06-01/2023-08-31, or null for any date",
+        },
+        "max_cloud_cover": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "give the cloud cover in percent (0-100) above which scenes are skipped",
+        },
+        "max_items": {"type": "integer", "minimum": 1, "description": "give how many scenes a search keeps, from 1"},
+        "search_zoom": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "give the Web Mercator zoom (from 0) of the cells the catalogue is searched by",
+        },
+        "band_stretch": {
+            "type": ["array", "null"],
+            "items": {"type": "number"},
+            "minItems": 2,
+            "maxItems": 2,
+            "description": "give [min, max] of the per-band assets' values, or null for their own scale",
+        },
+        "retry": RETRY_OPTION,
+    }
 
     def __init__(
         self,
@@ -122,6 +152,7 @@ class StacReader(ImageryReader):
         self.url = url
         self.cache = cache
         self.collection = collection
+        _check_datetime(url, datetime)
         self.datetime = datetime
         self.max_cloud_cover = max_cloud_cover
         self.offline = offline
@@ -131,7 +162,7 @@ class StacReader(ImageryReader):
         self.search_zoom = search_zoom
         self.attribution = attribution
         self.source_id = source_id or self._default_source_id()
-        self._band_stretch = None if band_stretch is None else Stretch(*(float(value) for value in band_stretch))
+        self._band_stretch = None if band_stretch is None else stretch_range(band_stretch)
         resampling_method(resampling)  # refused here, not at the first asset read
         self._resampling = resampling
         self._retry = retry_policy(retry)
@@ -288,10 +319,6 @@ class StacReader(ImageryReader):
             raise FetchError(
                 f"STAC search at {redact(self.url)} failed ({type(exc).__name__}); check the URL or retry later"
             ) from None
-        except ValueError as exc:  # pystac-client's verdict on a malformed datetime
-            raise ImageryError(
-                f"STAC search parameters rejected: {exc}; use datetime='YYYY-MM-DD/YYYY-MM-DD'"
-            ) from None
         ids = []
         for item in found:
             if item is not None and item.cloud_cover <= self.max_cloud_cover:
@@ -326,6 +353,18 @@ class StacReader(ImageryReader):
     def _default_source_id(self) -> str:
         settings = json.dumps([self.url, self.collection, self.datetime, self.max_cloud_cover])
         return f"stac-{self.collection}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
+
+
+def _check_datetime(url: str, value: str | None) -> None:
+    """Refuse a `datetime` the search would reject, by pystac-client's own parsing (no request is made)."""
+    if value is None:
+        return
+    try:
+        pystac_client.ItemSearch(url, datetime=value)
+    except Exception as exc:  # a bare Exception for some malformed values, ValueError for others
+        raise ImageryError(
+            f"datetime {value!r} is not a STAC date range ({first_line(exc)}); give e.g. 2023-06-01/2023-08-31"
+        ) from None
 
 
 def _stac_item(feature: dict[str, Any]) -> StacItem | None:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from enum import Enum
 from pathlib import PurePosixPath
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import mercantile
@@ -43,11 +43,13 @@ from pipeline.geometry import (
     union_bounds,
 )
 from pipeline.imagery.base import (
+    COMMON_OPTIONS,
     RGB_BANDS,
     FetchEstimate,
     ImageData,
     ImageryReader,
     OnMissing,
+    OptionSchema,
     PrefetchReport,
     SourcePixels,
     Unavailable,
@@ -62,7 +64,7 @@ from pipeline.imagery.base import (
 )
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import TileImage, decode_tile
-from pipeline.imagery.http import DEFAULT_RETRY, HttpClient, RetryPolicy, redact, retry_policy
+from pipeline.imagery.http import DEFAULT_RETRY, RETRY_OPTION, HttpClient, RetryPolicy, redact, retry_policy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -185,6 +187,44 @@ class XYZReader(ImageryReader):
     """
 
     fetches_ahead = True
+    OPTIONS: ClassVar[Mapping[str, OptionSchema]] = {
+        **COMMON_OPTIONS,
+        "min_zoom": {"type": "integer", "minimum": 0, "description": "give the server's coarsest zoom, from 0"},
+        "max_zoom": {"type": "integer", "minimum": 0, "description": "give the server's finest zoom, from 0"},
+        "tile_size": {"type": "integer", "minimum": 1, "description": "give the server's tile width in px, e.g. 256"},
+        "tile_format": {
+            "type": ["string", "null"],
+            "pattern": "^[A-Za-z0-9]+$",
+            "description": "give the tiles' file extension in the cache (e.g. jpg), or null to take the URL's",
+        },
+        "api_key_env": {
+            "type": ["string", "null"],
+            "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+            "description": "name the environment variable that holds the key for the template's {api_key}",
+        },
+        "concurrency": {"type": "integer", "minimum": 1, "description": "give the parallel downloads, from 1"},
+        "retry": RETRY_OPTION,
+        "typical_tile_bytes": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "give a tile's usual size in bytes (download estimates), e.g. 20000",
+        },
+        "max_source_tiles": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "give the most server tiles one read may take, from 1",
+        },
+        "max_requests_per_s": {
+            "anyOf": [{"type": "number", "minimum": 0}, {"const": AUTO}, {"type": "null"}],
+            "description": f"give a request rate cap such as 10, {AUTO}, or 0 for none",
+        },
+        "bulk_tile_limit": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "description": "give the tile count past which the provider's bulk terms apply, or null",
+        },
+        "bulk_terms": {"type": ["string", "null"], "description": "give the provider's bulk-download terms in words"},
+    }
 
     def __init__(
         self,

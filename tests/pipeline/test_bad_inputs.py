@@ -72,6 +72,7 @@ class Inputs(NamedTuple):
     zones_points: Path
     zones_far: Path
     zones_broken: Path
+    zones_table: Path
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     write_features(folder / "points.geojson", {"type": "Point", "coordinates": [-54.5, -25.4]})
     write_features(folder / "far.geojson", box(2.0, 48.0, 3.0, 49.0).__geo_interface__)
     (folder / "broken.gpkg").write_text("not a GeoPackage")
+    (folder / "zones.csv").write_text("name,area\nnorth,1\n")
     return Inputs(
         folder,
         folder / "tone.wav",
@@ -132,6 +134,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         folder / "points.geojson",
         folder / "far.geojson",
         folder / "broken.gpkg",
+        folder / "zones.csv",
     )
 
 
@@ -251,6 +254,16 @@ CASES = [
     Case("query id concepts", set_key("queries", [{"id": "concepts", "text": "x"}]), ("config.queries[0].id",)),
     Case("query id with a space", set_key("queries", [{"id": "a b", "text": "x"}]), ("config.queries[0].id: 'a b'",)),
     Case(
+        "query id too long",
+        set_key("queries", [{"id": "a" * 65, "text": "x"}]),
+        ("config.queries[0].id: an id longer than 64 characters", "give the query a shorter one"),
+    ),
+    Case(
+        "query text blank",
+        set_key("queries", [{"id": "a", "text": "  "}]),
+        ("config.queries[0].text: '  ' holds no words",),
+    ),
+    Case(
         "query id twice",
         set_key("queries", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]),
         ("config.queries: id 'a' is used twice; give every query its own id",),
@@ -351,6 +364,40 @@ CASES = [
     Case("imagery option unknown", set_key("imagery.options", {"band": [1]}), ("option 'band' does not apply",)),
     Case("bands past the last", set_key("imagery.options", {"bands": [4, 3, 2]}), ("bands (4, 3, 2) do not fit",)),
     Case(
+        "bands by name",
+        set_key("imagery.options", {"bands": ["red", "green", "blue"]}),
+        ("imagery option bands.", "is not of type 'integer'", "give three 1-based band indexes"),
+    ),
+    Case(
+        "percentiles inverted",
+        set_key("imagery.options", {"bands": [3, 2, 1], "percentiles": [98, 2]}),
+        ("percentiles (98, 2) are not a range within 0-100", "give [low, high]"),
+    ),
+    Case(
+        "retry attempts as text",
+        lambda config, files: config.update(imagery={"source": "esri", "options": {"retry": {"attempts": "many"}}}),
+        ("imagery option retry.attempts: 'many' is not of type 'integer'", "attempts a whole number from 1"),
+    ),
+    Case(
+        "tile size 0",
+        lambda config, files: config.update(
+            imagery={"source": "xyz:http://127.0.0.1:9/{z}/{x}/{y}.png", "options": {"tile_size": 0}}
+        ),
+        ("imagery option tile_size: 0 is less than the minimum of 1", "give the server's tile width in px"),
+    ),
+    Case(
+        "stac datetime not a date",
+        lambda config, files: config.update(
+            imagery={"source": "stac:http://127.0.0.1:9/v1", "options": {"datetime": "yesterday"}}
+        ),
+        ("datetime 'yesterday' is not a STAC date range", "give e.g. 2023-06-01/2023-08-31"),
+    ),
+    Case(
+        "offline as an option",
+        set_key("imagery.options", {"bands": [3, 2, 1], "offline": True}),
+        ("imagery.options.offline is an imagery key of its own; set imagery.offline",),
+    ),
+    Case(
         "region outside the raster",
         set_key("region", "-60,10,-59,11"),
         ("region -60,10,-59,11 lies outside the imagery", "landsat8_itaipu_30m.tif", "set imagery.source"),
@@ -369,6 +416,11 @@ CASES = [
         "zones unreadable",
         set_key("outputs.zones", lambda files: str(files.zones_broken)),
         ("config.outputs.zones:", "broken.gpkg cannot be read as vector data", "give a GeoPackage"),
+    ),
+    Case(
+        "zones a table",
+        set_key("outputs.zones", lambda files: str(files.zones_table)),
+        ("config.outputs.zones:", "zones.csv cannot be read as vector data (it holds no geometry column)"),
     ),
     Case(
         "zones without polygons",

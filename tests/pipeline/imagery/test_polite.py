@@ -190,7 +190,7 @@ def test_generic_servers_are_capped_unless_on_loopback_or_told_otherwise(tmp_pat
         assert reader.max_requests_per_s is None  # type: ignore[attr-defined]
     with open_reader("xyz:http://localhost:8080/{z}/{x}/{y}.png", cache_dir=tmp_path) as reader:
         assert reader.max_requests_per_s is None  # type: ignore[attr-defined]
-    for wrong, message in ((-1, "negative"), ("fast", "not a number")):
+    for wrong, message in ((-1, "-1 is less than the minimum of 0"), ("fast", "'fast' is not valid")):
         with pytest.raises(ImageryError, match=message):
             open_reader(public, cache_dir=tmp_path, max_requests_per_s=wrong)
 

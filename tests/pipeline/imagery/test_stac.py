@@ -182,7 +182,7 @@ def test_stac_spec_and_options(server: StacServer, tmp_path: Path) -> None:
         assert isinstance(reader, StacReader)
         assert reader.attribution == "Contains modified Copernicus Sentinel data"
         assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west"]
-    with pytest.raises(ImageryError, match="not a percentage"):
+    with pytest.raises(ImageryError, match="max_cloud_cover: 150 is greater than the maximum of 100"):
         open_reader(f"stac:{server.url}", cache_dir=tmp_path, max_cloud_cover=150)
 
 
