@@ -269,6 +269,8 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
     no_gallery = listen_build(root / "build_without_gallery")
     not_a_line = root / "points.geojson"
     not_a_line.write_text(json.dumps({"type": "Point", "coordinates": [2.4, 48.8]}))
+    table = root / "route.csv"
+    table.write_text("lat,lon\n48.8,2.4\n48.9,2.5\n")
     build, out = str(setup.build), str(root / "out.flac")
     return {
         "outside the build": ([build, "--at", "10.0,10.0", "--out", out], "lies outside the build"),
@@ -283,6 +285,7 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
         "seconds too short": ([build, "--at", point, "--seconds", "0.5", "--out", out], "--seconds 0.5 is outside"),
         "no route file": ([build, "--along", str(root / "none.geojson"), "--out", out], "no route file"),
         "route not a line": ([build, "--along", str(not_a_line), "--out", out], "holds no single line"),
+        "route a table": ([build, "--along", str(table), "--out", out], "(it holds no geometry column)"),
         "generator not importable": (
             [build, "--at", point, "--generator", "no_such_module:Model", "--out", out],
             "cannot import it",
@@ -307,6 +310,7 @@ BAD_CASES = [
     "seconds too short",
     "no route file",
     "route not a line",
+    "route a table",
     "generator not importable",
     "generator without generate",
 ]

@@ -280,6 +280,7 @@ def test_longitudes_past_180_are_wrapped(tmp_path: Path) -> None:
     [
         ("garbage.geojson", "this is not json", "is not valid JSON"),
         ("garbage.gpkg", "this is no GeoPackage", "cannot read"),
+        ("places.csv", "name,lat,lon\nhere,1,2\n", "cannot read .* as vector data \\(it holds no geometry column\\)"),
         ("empty.geojson", '{"type": "FeatureCollection", "features": []}', "holds no geometries"),
     ],
 )
