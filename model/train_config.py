@@ -171,8 +171,17 @@ def _typed(value: Any, default: object, where: str) -> Any:
         return value
     expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
     if (isinstance(value, bool) and not isinstance(default, bool)) or not isinstance(value, expected):
-        raise ConfigError(f"{where} must be of type {expected[0].__name__}, got {value!r}")
+        kind = "number" if isinstance(default, float) else type(default).__name__
+        raise ConfigError(f"{where} must be of type {kind}, got {value!r}")
     return float(value) if isinstance(default, float) and isinstance(value, (int, float)) else value
+
+
+def _whole(value: object) -> bool:
+    return type(value) is int
+
+
+def _number(value: object) -> bool:
+    return type(value) in (int, float)
 
 
 def _section(cls: type, values: Any, where: str) -> Any:
@@ -197,13 +206,17 @@ def _check(settings: TrainSettings) -> None:
         (bool(data.root), "data.root is missing; give the data folder or hf://datasets/OWNER/NAME"),
         (data.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}"),
         (data.sat_type in GSD_BY_SAT_TYPE, f"data.sat_type must be one of {', '.join(GSD_BY_SAT_TYPE)}"),
-        (data.zooms is None or (bool(data.zooms) and all(z >= 1 for z in data.zooms)), "data.zooms must be >= 1"),
+        (
+            data.zooms is None
+            or (isinstance(data.zooms, tuple) and bool(data.zooms) and all(_whole(z) and z >= 1 for z in data.zooms)),
+            "data.zooms must be a list of zoom levels >= 1, e.g. [1, 3]",
+        ),
         (
             data.color_jitter is None
             or (
                 isinstance(data.color_jitter, tuple)
                 and len(data.color_jitter) == 4
-                and all(type(v) in (int, float) and v >= 0 for v in data.color_jitter)
+                and all(_number(v) and v >= 0 for v in data.color_jitter)
                 and data.color_jitter[3] <= 0.5
             ),
             "data.color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5",
@@ -211,7 +224,10 @@ def _check(settings: TrainSettings) -> None:
         (model.architecture in ARCHITECTURES, f"model.architecture must be one of {', '.join(ARCHITECTURES)}"),
         (model.meta_droprate is None or 0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
         (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
-        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)"),
+        (
+            len(optim.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in optim.betas),
+            "optim.betas must be two numbers in [0, 1)",
+        ),
         (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),
         (
             not tower.enabled or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
