@@ -200,6 +200,9 @@ CASES = [
         "batch size as text", set_key("model.batch_size", "64"), ("config.model.batch_size: '64' is not a batch size",)
     ),
     Case("batch size 0", set_key("model.batch_size", 0), ("config.model.batch_size: 0 is less than the minimum of 1",)),
+    Case(
+        "seed past 64 bits", set_key("model.seed", 2**64), ("config.model.seed: 18446744073709551616 is greater than",)
+    ),
     Case("zoom level 0", set_key("model.zoom_level", 0), ("config.model.zoom_level: 0 is less than the minimum",)),
     Case("unknown precision", set_key("model.precision", "fp8"), ("config.model.precision: 'fp8' is not one of",)),
     Case("unknown sat type", set_key("model.sat_type", "landsat"), ("config.model.sat_type: 'landsat' is not one",)),
