@@ -364,7 +364,13 @@ def check_build_gallery(setting: str, model: ModelSettings, build_dir: Path) -> 
 
 
 def _check_recordings(folder: Path) -> None:
-    """A folder of recordings the build can embed: refused in one line if it is missing or has none."""
+    """A folder of recordings the build can embed: refused in one line if it is missing, has none, or its
+    recordings CSV names a file it does not hold (a recording that does not decode is skipped with a warning)."""
     if not folder.is_dir():
         raise GalleryError(f"{folder} is neither a gallery nor a folder of recordings; name one of them")
-    folder_items(folder, None)
+    missing = [item.id for item in folder_items(folder, None) if not Path(item.audio).is_file()]
+    if missing:
+        raise GalleryError(
+            f"{folder / RECORDINGS_CSV} names {missing[0]}, which is not in {folder}"
+            f"{f' (nor are {len(missing) - 1} more)' if len(missing) > 1 else ''}; add it or drop its row"
+        )

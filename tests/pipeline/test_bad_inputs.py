@@ -113,6 +113,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     write_features(folder / "far.geojson", box(2.0, 48.0, 3.0, 49.0).__geo_interface__)
     (folder / "broken.gpkg").write_text("not a GeoPackage")
     (folder / "zones.csv").write_text("name,area\nnorth,1\n")
+    listed = folder / "listed"
+    listed.mkdir()
+    (listed / "tone.wav").write_bytes((folder / "tone.wav").read_bytes())
+    (listed / "recordings.csv").write_text("file,caption\ntone.wav,a tone\nowl.flac,an owl\n")
     return Inputs(
         folder,
         folder / "tone.wav",
@@ -246,6 +250,11 @@ CASES = [
         "gallery folder without recordings",
         set_key("outputs.gallery", lambda files: str(files.folder / "lone")),
         ("config.outputs.gallery:", "lone holds no wav, flac, ogg or mp3 recordings", "recordings.csv"),
+    ),
+    Case(
+        "gallery csv names a missing recording",
+        set_key("outputs.gallery", lambda files: str(files.folder / "listed")),
+        ("config.outputs.gallery:", "recordings.csv names owl.flac, which is not in", "add it or drop its row"),
     ),
     Case("gallery top k 0", set_key("outputs.gallery_top_k", 0), ("config.outputs.gallery_top_k: 0 is less",)),
     Case("no queries", set_key("queries", []), ("config.queries: [] should be non-empty", SCHEMA)),
