@@ -182,10 +182,6 @@ class HttpClient:
         max_requests_per_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if concurrency < 1:
-            raise ImageryError(f"concurrency {concurrency} is below 1; use 1 or more parallel downloads")
-        if policy.attempts < 1:
-            raise ImageryError(f"retry attempts {policy.attempts} is below 1; use 1 or more")
         self.concurrency = concurrency
         self.policy = policy
         self.max_requests_per_s = None if not max_requests_per_s else float(max_requests_per_s)

@@ -147,8 +147,6 @@ class StacReader(ImageryReader):
         attribution: str = SENTINEL2_ATTRIBUTION,
         on_missing: OnMissing = "fail",
     ) -> None:
-        if not 0.0 <= max_cloud_cover <= 100.0:
-            raise ImageryError(f"max cloud cover {max_cloud_cover:g} is not a percentage; use 0 to 100")
         self.url = url
         self.cache = cache
         self.collection = collection

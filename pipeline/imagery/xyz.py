@@ -549,18 +549,13 @@ class XYZReader(ImageryReader):
 
 
 def _request_cap(value: float | str | None, template: TileTemplate) -> float | None:
-    """The request cap for `value` ("auto", a number, None/0 for none) and a server at `template`."""
+    """The request cap for `value` ("auto", a number, None/0 for none; `OPTIONS` checks it) and a server at
+    `template`."""
     if value == AUTO:
         return None if _is_loopback(urlsplit(template.url).hostname or "") else DEFAULT_MAX_REQUESTS_PER_S
     if value is None:
         return None
-    try:
-        cap = float(value)
-    except (TypeError, ValueError):
-        raise ImageryError(f"max_requests_per_s {value!r} is not a number; use e.g. 10, auto or 0") from None
-    if cap < 0:
-        raise ImageryError(f"max_requests_per_s {value!r} is negative; use e.g. 10, auto, or 0 for no cap")
-    return cap or None
+    return float(value) or None
 
 
 def _is_loopback(host: str) -> bool:
