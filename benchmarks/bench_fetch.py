@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import mercantile
 
+from pipeline.errors import ImageryError
 from pipeline.imagery import TileCache, XYZReader
 from tests.support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
 
@@ -80,6 +81,11 @@ def main() -> None:
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg", help="tile encoding served")
     parser.add_argument("--max-rps", type=float, default=None, help="request cap per second (default: none)")
     args = parser.parse_args()
+    try:
+        for concurrency in args.concurrency:
+            XYZReader.check_options({"concurrency": concurrency, "max_requests_per_s": args.max_rps})
+    except ImageryError as exc:
+        parser.error(str(exc))
 
     driver = "JPEG" if args.format == "jpg" else "PNG"
     tiles = scene_tiles(args.tiles, driver)  # encoded before timing
