@@ -21,7 +21,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pyproj import Geod
 from shapely.geometry import box
 
 from common.cores import usable_cores
@@ -242,7 +241,7 @@ def describe(planned: PlannedBuild, *, offline: bool = False) -> list[str]:
     """A short summary with units, one fact per line."""
     plan = planned.plan
     view, grid, lat = plan.view, plan.grid, plan.latitude
-    area_m2 = abs(Geod(ellps="WGS84").geometry_area_perimeter(plan.region.geometry)[0])
+    area_m2 = plan.region.area_m2
     west, south, east, north = grid.lnglat_bounds
     offset = plan.zoom - plan.auto_zoom
     zoom = f"zoom {plan.zoom}" + (f" ({plan.auto_zoom} + tile_zoom_offset {offset})" if offset else "")
@@ -446,11 +445,11 @@ def _format_duration(seconds: float) -> str:
 
 
 def _format_lat(lat: float) -> str:
-    return f"{abs(lat):.4f}°{'N' if lat >= 0 else 'S'}"
+    return f"{abs(lat):.4f}°{'S' if round(lat, 4) < 0 else 'N'}"
 
 
 def _format_lon(lon: float) -> str:
-    return f"{abs(lon):.4f}°{'E' if lon >= 0 else 'W'}"
+    return f"{abs(lon):.4f}°{'W' if round(lon, 4) < 0 else 'E'}"
 
 
 def _format_length(metres: float) -> str:

@@ -25,6 +25,7 @@ from shapely.affinity import translate
 from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
 
 from common.errors import first_line
 from pipeline.errors import RegionError, RegionWarning
@@ -60,6 +61,18 @@ class Region(NamedTuple):
 
     name: str
     geometry: Polygon | MultiPolygon
+
+    @property
+    def area_m2(self) -> float:
+        """Ground area: each polygon's geodesic area, taken in halves either side of the prime meridian (a ring
+        around the whole band would otherwise leave it unclear which side it encloses) and with edges of at most
+        1° (so that they follow the parallels and meridians the region is drawn with, not geodesics)."""
+        area = 0.0
+        for west in (-180.0, 0.0):
+            half = self.geometry.intersection(box(west, -90.0, west + 180.0, 90.0))
+            for polygon in _polygon_parts(shapely.segmentize(half, max_segment_length=1.0)):
+                area += _GEOD.geometry_area_perimeter(orient(polygon))[0]
+        return area
 
 
 def parse_region(spec: str) -> Region:
@@ -178,7 +191,8 @@ def _read_vector_file(path: Path) -> BaseGeometry:
         raise RegionError(f"region file {path} holds a malformed polygon ({first_line(exc)}); {RING_FIX}") from None
     except (DataSourceError, DataLayerError, ValueError, OSError) as exc:
         raise RegionError(_unreadable_message(path, exc)) from None
-    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    shapes = frame.geometry.to_numpy()
+    frame = frame[shapely.is_geometry(shapes) & ~shapely.is_empty(shapes)]
     if frame.empty:
         raise RegionError(f"region file {path} holds no geometries; draw a polygon into it")
     rings = shapely.get_rings(shapely.get_parts(frame.geometry.to_numpy()))
@@ -300,7 +314,8 @@ def _unwrap_polygon(polygon: Polygon) -> Polygon:
     """Remove longitude jumps of more than 180° between neighbouring vertices (edges across the antimeridian).
 
     Rings that wind around a pole (their unwrapped ends differ by 360°) are left as they are: they
-    already describe a cap between two meridians at ±180°.
+    already describe a cap between two meridians at ±180°; so are rings that unwrapping would leave without
+    area, whose jumps run from -180° to 180° along the whole band (a world box).
     """
     exterior = _unwrapped_ring(np.asarray(polygon.exterior.coords))
     if exterior is None:
@@ -313,7 +328,8 @@ def _unwrap_polygon(polygon: Polygon) -> Polygon:
             return polygon
         hole[:, 0] += 360.0 * round((centre - float(np.mean(hole[:, 0]))) / 360.0)
         holes.append(hole)
-    return Polygon(exterior, holes)
+    unwrapped = Polygon(exterior, holes)
+    return unwrapped if unwrapped.area > 0.0 else polygon
 
 
 def _unwrapped_ring(coords: np.ndarray) -> np.ndarray | None:

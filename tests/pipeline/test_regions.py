@@ -23,10 +23,6 @@ from pipeline.regions import WEB_MERCATOR_MAX_LAT, Region, catalog_names, parse_
 GEOD = Geod(ellps="WGS84")
 
 
-def _area_m2(region: Region) -> float:
-    return abs(GEOD.geometry_area_perimeter(region.geometry)[0])
-
-
 def _parse_quietly(spec: str) -> Region:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -108,6 +104,32 @@ def test_bbox_wider_than_180_degrees_runs_east_from_its_west_edge(spec: str, bou
     assert region.geometry.area == pytest.approx((east - west) * (north - south))
 
 
+def slice_area_m2(south: float, north: float) -> float:
+    """Ground area of a 1° wide slice of the band between two latitudes, its edges following the parallels."""
+    return abs(GEOD.geometry_area_perimeter(shapely.segmentize(box(0, south, 1, north), 0.1))[0])
+
+
+def test_a_region_around_the_whole_band_has_the_bands_area() -> None:
+    band = _parse_quietly("-180,-60,180,60")
+    assert band.area_m2 == pytest.approx(360 * slice_area_m2(-60, 60), rel=1e-5)
+    halves = _parse_quietly("-180,0,0,60").area_m2 + _parse_quietly("0,-60,180,0").area_m2
+    assert halves == pytest.approx(band.area_m2 / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_the_world_is_the_web_mercator_band_not_nothing(as_file: bool, tmp_path: Path) -> None:
+    """A world box's edges run from -180° to 180° along the whole band; read as crossings of the antimeridian,
+    the box would shrink to nothing."""
+    spec = "-180,-90,180,90"
+    if as_file:
+        spec = str(tmp_path / "world.geojson")
+        gpd.GeoDataFrame(geometry=[box(-180, -90, 180, 90)], crs=4326).to_file(spec)
+    with pytest.warns(RegionWarning, match="clipped"):
+        world = parse_region(spec)
+    assert world.geometry.bounds == pytest.approx((-180, -WEB_MERCATOR_MAX_LAT, 180, WEB_MERCATOR_MAX_LAT))
+    assert world.area_m2 == pytest.approx(360 * slice_area_m2(-WEB_MERCATOR_MAX_LAT, WEB_MERCATOR_MAX_LAT), rel=1e-5)
+
+
 def test_bbox_across_the_antimeridian_wider_than_180_degrees_keeps_its_width() -> None:
     with pytest.warns(RegionWarning, match="antimeridian"):
         region = parse_region("10,0,-10,10")
@@ -127,14 +149,14 @@ def test_point_with_radius_is_a_ground_circle() -> None:
     _assert_clean(region)
     centre = region.geometry.centroid
     assert (centre.y, centre.x) == pytest.approx((38.627, -90.199), abs=1e-3)
-    assert _area_m2(region) == pytest.approx(math.pi * 3000.0**2, rel=5e-3)
+    assert region.area_m2 == pytest.approx(math.pi * 3000.0**2, rel=5e-3)
     _, _, distance_m = GEOD.inv(-90.199, 38.627, *region.geometry.exterior.coords[0])
     assert distance_m == pytest.approx(3000.0, rel=1e-3)
 
 
 def test_radius_in_metres() -> None:
     region = _parse_quietly("-1.28,36.82,500m")
-    assert _area_m2(region) == pytest.approx(math.pi * 500.0**2, rel=5e-3)
+    assert region.area_m2 == pytest.approx(math.pi * 500.0**2, rel=5e-3)
 
 
 def test_circle_across_the_antimeridian_is_split_without_losing_area() -> None:
@@ -142,7 +164,7 @@ def test_circle_across_the_antimeridian_is_split_without_losing_area() -> None:
     _assert_clean(region)
     assert isinstance(region.geometry, MultiPolygon)
     assert region.geometry.bounds[0] == -180.0 and region.geometry.bounds[2] == 180.0
-    assert _area_m2(region) == pytest.approx(math.pi * 50_000.0**2, rel=5e-3)
+    assert region.area_m2 == pytest.approx(math.pi * 50_000.0**2, rel=5e-3)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +194,7 @@ def test_catalog_names_are_unique_and_every_entry_is_usable() -> None:
 
 def test_example_cities_are_small() -> None:
     for name in ("St. Louis", "Paris", "Nairobi", "Tokyo", "São Paulo"):
-        area_km2 = _area_m2(_parse_quietly(name)) / 1e6
+        area_km2 = _parse_quietly(name).area_m2 / 1e6
         assert 2.0 < area_km2 < 15.0, name
 
 
@@ -289,6 +311,14 @@ def test_unusable_files_raise_region_errors(tmp_path: Path, filename: str, conte
     path.write_text(content)
     with pytest.raises(RegionError, match=message):
         parse_region(str(path))
+
+
+def test_a_file_of_empty_polygons_is_refused_with_our_line_alone(tmp_path: Path) -> None:
+    path = tmp_path / "empty_polygon.geojson"
+    empty = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": []}}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [empty]}))
+    with pytest.raises(RegionError, match="holds no geometries"):
+        _parse_quietly(str(path))  # a library's warning would be raised instead
 
 
 def test_points_only_file_is_refused(tmp_path: Path) -> None:
