@@ -64,15 +64,19 @@ class Region(NamedTuple):
 
     @property
     def area_m2(self) -> float:
-        """Ground area: each polygon's geodesic area, taken in halves either side of the prime meridian (a ring
-        around the whole band would otherwise leave it unclear which side it encloses) and with edges of at most
-        1° (so that they follow the parallels and meridians the region is drawn with, not geodesics)."""
-        area = 0.0
-        for west in (-180.0, 0.0):
-            half = self.geometry.intersection(box(west, -90.0, west + 180.0, 90.0))
-            for polygon in _polygon_parts(shapely.segmentize(half, max_segment_length=1.0)):
-                area += _GEOD.geometry_area_perimeter(orient(polygon))[0]
-        return area
+        return ground_area_m2(self.geometry)
+
+
+def ground_area_m2(geometry: BaseGeometry) -> float:
+    """Ground area (m²) of a lon/lat (Multi)Polygon: each polygon's geodesic area, taken in halves either side of
+    the prime meridian (a ring around the whole band would otherwise leave it unclear which side it encloses) and
+    with edges of at most 1°, so that they follow the parallels and meridians it is drawn with, not geodesics."""
+    area = 0.0
+    for west in (-180.0, 0.0):
+        half = geometry.intersection(box(west, -90.0, west + 180.0, 90.0))
+        for polygon in _polygon_parts(shapely.segmentize(half, max_segment_length=1.0)):
+            area += _GEOD.geometry_area_perimeter(orient(polygon))[0]
+    return area
 
 
 def parse_region(spec: str) -> Region:

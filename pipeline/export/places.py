@@ -30,13 +30,14 @@ import geopandas as gpd
 import numpy as np
 import shapely
 from pyogrio.errors import DataSourceError
-from pyproj import Geod, Transformer
+from pyproj import Transformer
 
 from common.atomic import atomic_path
 from pipeline.config import Query
 from pipeline.errors import ExportError
 from pipeline.export.cog import windows
 from pipeline.geometry import WGS84
+from pipeline.regions import ground_area_m2
 from pipeline.store.read import SoundscapeStore, StoreGrid
 
 PLACES_CRS = WGS84
@@ -46,7 +47,6 @@ CSV_COLUMNS = ("query", "query_text", "rank", "score", "percentile", "lon", "lat
 CSV_FORMATS = {"score": "{:.6f}", "percentile": "{:.2f}", "lon": "{:.6f}", "lat": "{:.6f}"}
 # Excel takes a UTF-8 file without the byte order mark for its local code page.
 CSV_ENCODING = "utf-8-sig"
-GEOD = Geod(ellps="WGS84")
 # The four tiles that share an edge with a tile, as (row, col) steps.
 EDGE_NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -184,7 +184,7 @@ def _dissolve(places: gpd.GeoDataFrame, tiles: np.ndarray, to_lnglat: Transforme
             "query_text": best["query_text"],
             "area": best["area"],
             "tiles": np.bincount(numbers)[best["area"]],
-            "area_km2": [abs(GEOD.geometry_area_perimeter(outline)[0]) / 1e6 for outline in outlines],
+            "area_km2": [ground_area_m2(outline) / 1e6 for outline in outlines],
             "best_rank": best["rank"],
             "best_score": best["score"],
             "best_percentile": best["percentile"],

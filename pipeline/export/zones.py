@@ -32,14 +32,16 @@ import shapely
 from pyogrio.errors import DataSourceError
 from pyproj import Transformer
 from rasterio.windows import Window
+from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from common.atomic import atomic_path
 from pipeline.config import OutputSettings
 from pipeline.errors import ExportError
 from pipeline.export.cog import windows
-from pipeline.export.places import CSV_ENCODING, GEOD, PLACES_CRS, grid_xy, tile_boxes, write_layers
+from pipeline.export.places import CSV_ENCODING, PLACES_CRS, grid_xy, tile_boxes, write_layers
 from pipeline.geometry import lnglat_of_mercator
+from pipeline.regions import ground_area_m2
 from pipeline.store.read import SoundscapeStore, StoreGrid
 from pipeline.zone_file import read_zones
 
@@ -118,7 +120,7 @@ def zone_statistics(store: Path, outputs: OutputSettings) -> gpd.GeoDataFrame:
         "zone": zones["zone"],
         "tiles": [zone.tiles for zone in sums],
         "area_km2": [zone.area_m2 / 1e6 for zone in sums],
-        "zone_km2": [abs(GEOD.geometry_area_perimeter(outline)[0]) / 1e6 for outline in outlines.geometry],
+        "zone_km2": [ground_area_m2(outline) / 1e6 for outline in outlines.geometry],
     }
     statistics = [zone.statistics() for zone in sums]
     for index, query in enumerate(soundscape.queries):
@@ -206,11 +208,10 @@ def _area_inside(grid: StoreGrid, zone: BaseGeometry, rows: np.ndarray, cols: np
 
 
 def _tile_ground_m2(grid: StoreGrid, row: int) -> float:
-    """The geodesic area of a tile of grid row `row`: its edges are a meridian and a parallel, so its corners
-    give its outline in lon/lat."""
-    corner_rows, corner_cols = np.array([row, row, row + 1, row + 1]), np.array([0, 1, 1, 0])
-    lon, lat = lnglat_of_mercator(*grid_xy(grid, corner_rows, corner_cols))
-    return abs(GEOD.polygon_area_perimeter(lon, lat)[0])
+    """The ground area of a tile of grid row `row`: its edges are meridians and parallels, so its corners give
+    its outline in lon/lat."""
+    lon, lat = lnglat_of_mercator(*grid_xy(grid, np.array([row, row + 1]), np.array([0, 1])))
+    return ground_area_m2(box(lon.min(), lat.min(), lon.max(), lat.max()))
 
 
 def write_zones(store: Path, outputs: OutputSettings, gpkg: Path, csv_path: Path) -> int:
