@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import mercantile
 import numpy as np
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 from pyproj import Geod, Transformer
 from rasterio.enums import Resampling
@@ -52,6 +52,11 @@ OnMissing = Literal["fail", "leave_empty"]
 _WGS84_GEOD = Geod(ellps="WGS84")
 # A keyword option of a reader, as JSON Schema; its "description" is the fix an error about it names.
 OptionSchema = Mapping[str, Any]
+# Options are checked as a config writes them, or as Python code passes them: tuples count as lists.
+_OptionsValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("array", lambda _, value: isinstance(value, (list, tuple))),
+)
 # The options every reader takes.
 COMMON_OPTIONS: dict[str, OptionSchema] = {
     "source_id": {
@@ -220,7 +225,7 @@ class ImageryReader(abc.ABC):
         if unknown:
             valid = ", ".join(sorted(cls.OPTIONS))
             raise ImageryError(f"option {unknown[0]!r} does not apply to this imagery source; valid options: {valid}")
-        error = best_match(Draft202012Validator({"properties": cls.OPTIONS}).iter_errors(dict(options)))
+        error = best_match(_OptionsValidator({"properties": cls.OPTIONS}).iter_errors(dict(options)))
         if error is not None:
             name = str(error.absolute_path[0])
             where = ".".join(str(part) for part in error.absolute_path)
