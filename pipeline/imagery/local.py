@@ -145,10 +145,8 @@ class LocalRasterReader(ImageryReader):
         self.attribution = attribution
         self._gdal_env = dict(gdal_env or {})
         self._resampling = resampling_method(resampling)
-        if not 0 <= percentiles[0] < percentiles[1] <= 100:
-            raise ImageryError(
-                f"percentiles {tuple(percentiles)} are not a range within 0-100; give [low, high], e.g. [2, 98]"
-            )
+        if not percentiles[0] < percentiles[1]:
+            raise ImageryError(f"percentiles {tuple(percentiles)} are empty or inverted; give [low, high] like [2, 98]")
         self._percentiles = percentiles
         try:
             # A raster without georeferencing is refused below, in one line, not with rasterio's warning.

@@ -383,7 +383,7 @@ CASES = [
     Case(
         "percentiles inverted",
         set_key("imagery.options", {"bands": [3, 2, 1], "percentiles": [98, 2]}),
-        ("percentiles (98, 2) are not a range within 0-100", "give [low, high]"),
+        ("percentiles (98, 2) are empty or inverted", "give [low, high]"),
     ),
     Case(
         "retry attempts as text",
