@@ -298,6 +298,11 @@ def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
     repeated = sorted({query_id for query_id in ids if ids.count(query_id) > 1})
     if repeated:
         raise BuildConfigError(f"config.queries: id {repeated[0]!r} is used twice; give every query its own id")
+    if filled["outputs"]["zone_field"] is not None and filled["outputs"]["zones"] is None:
+        raise BuildConfigError(
+            "config.outputs.zone_field names the zones' column but outputs.zones names no zone file;"
+            " set outputs.zones to a polygon file, or drop zone_field"
+        )
     return BuildConfig(
         name=filled["name"],
         output_dir=filled["output_dir"],

@@ -448,6 +448,11 @@ CASES = [
         ("config.outputs.zone_field: 'district' is not a column of", "name, iso_a3, continent", "zone_field: null"),
     ),
     Case(
+        "zone field without zones",
+        set_key("outputs.zone_field", "district"),
+        ("config.outputs.zone_field names the zones' column but outputs.zones names no zone file", "drop zone_field"),
+    ),
+    Case(
         "zones off the region",
         set_key("outputs.zones", lambda files: str(files.zones_far)),
         ("config.outputs.zones: no zone of", "far.geojson overlaps region", "set outputs.zones: null"),

@@ -138,13 +138,18 @@ def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
         ({"outputs": {"crs": "EPSG:4326"}}, {"cogs", "mosaic"}),
         ({"outputs": {"top_k": 5}}, {"places", "mosaic"}),
         ({"outputs": {"zones": "districts.gpkg"}}, {"zones", "project", "mosaic"}),
-        ({"outputs": {"zone_field": "code"}}, {"zones", "mosaic"}),
         ({"model": {"seed": 3}}, {"model", "mosaic"}),
     ],
 )
 def test_each_setting_reruns_the_steps_whose_output_it_changes(changes: dict[str, Any], steps: set[str]) -> None:
     before, after = digests(MINIMAL), digests(config_with(**changes))
     assert {step for step in before if before[step] != after[step]} == steps
+
+
+def test_the_zone_field_reruns_the_zone_statistics_alone() -> None:
+    zones = config_with(outputs={"zones": "districts.gpkg"})
+    before, after = digests(zones), digests(config_with(outputs={"zones": "districts.gpkg", "zone_field": "code"}))
+    assert {step for step in before if before[step] != after[step]} == {"zones", "mosaic"}
 
 
 def test_the_settings_file_round_trips_and_is_rewritten_only_on_change(tmp_path: Path) -> None:
