@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import cache, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,7 +115,9 @@ def zone_statistics(store: Path, outputs: OutputSettings) -> gpd.GeoDataFrame:
     if not overlapping.any():
         raise ExportError(f"no zone of {outputs.zones} overlaps the build's grid; give zones of the region")
     zones, in_grid = zones[overlapping].reset_index(drop=True), in_grid[overlapping]
-    sums = [_zone_sums(soundscape, zone) for zone in in_grid]
+    # A tile's ground area depends on its grid row alone: each row's is computed once for all zones.
+    tile_m2 = cache(partial(_tile_ground_m2, soundscape.grid))
+    sums = [_zone_sums(soundscape, zone, tile_m2) for zone in in_grid]
     outlines = zones.to_crs(ZONES_CRS)
     columns: dict[str, object] = {
         "zone": zones["zone"],
@@ -141,12 +144,12 @@ def _in_grid(zones: gpd.GeoDataFrame, grid: StoreGrid) -> np.ndarray:
     return np.asarray(shapely.intersection(cut.to_crs(grid.crs).to_numpy(), shapely.box(*grid.bounds)))
 
 
-def _zone_sums(soundscape: SoundscapeStore, zone: BaseGeometry) -> ZoneSums:
+def _zone_sums(soundscape: SoundscapeStore, zone: BaseGeometry, tile_m2: Callable[[int], float]) -> ZoneSums:
     """The sums of one zone (in the grid's CRS, inside the grid), over the windows of the grid it lies in."""
     total = ZoneSums.none(len(soundscape.queries))
     shapely.prepare(zone)
     for window in _zone_windows(soundscape.grid, zone):
-        total = total.added(_window_sums(soundscape, zone, window))
+        total = total.added(_window_sums(soundscape, zone, window, tile_m2))
     return total
 
 
@@ -173,11 +176,13 @@ def _overlaps(one: Window, other: Window) -> bool:
     )
 
 
-def _window_sums(soundscape: SoundscapeStore, zone: BaseGeometry, window: Window) -> ZoneSums:
+def _window_sums(
+    soundscape: SoundscapeStore, zone: BaseGeometry, window: Window, tile_m2: Callable[[int], float]
+) -> ZoneSums:
     grid = soundscape.grid
     rows, cols = window.toslices()
     row, col = np.nonzero(soundscape.valid(rows, cols))
-    area = _area_inside(grid, zone, row + window.row_off, col + window.col_off)
+    area = _area_inside(grid, zone, row + window.row_off, col + window.col_off, tile_m2)
     inside = area > 0
     row, col, area = row[inside], col[inside], area[inside]
     if len(area) == 0:
@@ -195,16 +200,18 @@ def _window_sums(soundscape: SoundscapeStore, zone: BaseGeometry, window: Window
     )
 
 
-def _area_inside(grid: StoreGrid, zone: BaseGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _area_inside(
+    grid: StoreGrid, zone: BaseGeometry, rows: np.ndarray, cols: np.ndarray, tile_m2: Callable[[int], float]
+) -> np.ndarray:
     """The ground area (m²) of the part of each tile inside the zone: its share of the tile, exact in the grid's
-    CRS, times the tile's geodesic area (all tiles of a grid row have the same)."""
+    CRS, times the tile's ground area (`tile_m2` of its grid row: all tiles of a row have the same)."""
     boxes = tile_boxes(grid, rows, cols)
     share = shapely.covers(zone, boxes).astype(np.float64)
     edge = (share == 0) & shapely.intersects(zone, boxes)
     share[edge] = shapely.area(shapely.intersection(boxes[edge], zone)) / shapely.area(boxes[edge])
     share[share < MIN_SHARE] = 0.0
     grid_rows, position = np.unique(rows, return_inverse=True)
-    return share * np.array([_tile_ground_m2(grid, row) for row in grid_rows])[position]
+    return share * np.array([tile_m2(int(row)) for row in grid_rows])[position]
 
 
 def _tile_ground_m2(grid: StoreGrid, row: int) -> float:
