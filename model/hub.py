@@ -8,6 +8,8 @@ cache (`HF_HUB_CACHE` / `HF_HOME`), `HF_ENDPOINT` picks a mirror and `HF_HUB_OFF
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,10 @@ OFFICIAL_CHECKPOINTS: tuple[str, ...] = tuple(
 )
 REPO_TYPE_BY_PREFIX = {"datasets": "dataset", "spaces": "space"}
 URI_FORM = "hf://OWNER/REPO[@REVISION]/PATH/IN/REPO"
+# huggingface_hub's own logger of the retries it makes, and its two lines for one retry.
+HUB_HTTP_LOGGER = "huggingface_hub.utils._http"
+FAILED_LINE = re.compile(r"'?(?P<reason>.*?)'? thrown while requesting ")
+RETRY_LINE = re.compile(r"Retrying in (?P<wait>[\d.]+)s \[Retry (?P<attempt>\d+)/(?P<attempts>\d+)\]")
 
 
 class HubFile(NamedTuple):
@@ -112,7 +118,8 @@ def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
     )
 
     try:
-        yield
+        with retry_lines(uri):
+            yield
     except LocalEntryNotFoundError:
         raise DownloadError(_unreachable_message(uri)) from None
     except RemoteEntryNotFoundError:
@@ -141,6 +148,41 @@ def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
             f"cannot store {uri} in the Hugging Face cache {constants.HF_HUB_CACHE} ({first_line(exc)});"
             " check free space and write access, or set HF_HUB_CACHE"
         ) from None
+
+
+@contextmanager
+def retry_lines(what: str) -> Iterator[None]:
+    """While inside, each retry huggingface_hub makes is logged on one line that names `what` (see RetryLines)."""
+    lines = RetryLines(what)
+    logger = logging.getLogger(HUB_HTTP_LOGGER)
+    logger.addFilter(lines)
+    try:
+        yield
+    finally:
+        logger.removeFilter(lines)
+
+
+class RetryLines(logging.Filter):
+    """huggingface_hub logs each retry as two lines, the error and the wait; people get one, naming `what`.
+    Lines of other wording (another release, a rate limit) pass unchanged."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.reason = "the request failed"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if failed := FAILED_LINE.match(message):
+            self.reason = failed["reason"]
+            return False
+        if retry := RETRY_LINE.match(message):
+            record.msg = (
+                f"Hugging Face Hub: {self.reason} for {self.what}; retry {retry['attempt']} of {retry['attempts']}"
+                f" in {retry['wait']} s"
+            )
+            record.args = ()
+        return True
 
 
 def _unreachable_message(uri: str) -> str:

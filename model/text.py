@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from model.errors import InputError, TextBackboneError, first_line
+from model.hub import retry_lines
 from model.text_specs import (
     FLAN_T5_LARGE,
     MINILM_NAME,
@@ -98,16 +99,18 @@ class FlanT5Backbone(TransformersTextBackbone):
         from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
         source = t5_source(str(source))
-        try:
-            model_type = AutoConfig.from_pretrained(source).model_type
-            if model_type not in T5_MODEL_TYPES:
-                raise TextBackboneError(
-                    f"{source} holds a {model_type!r} model, not T5; give a T5 model or set model.text_backbone: minilm"
-                )
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            encoder = T5EncoderModel.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise TextBackboneError(load_failure_message(source, exc)) from None
+        with retry_lines(f"text backbone {source}"):
+            try:
+                model_type = AutoConfig.from_pretrained(source).model_type
+                if model_type not in T5_MODEL_TYPES:
+                    raise TextBackboneError(
+                        f"{source} holds a {model_type!r} model, not T5; give a T5 model or set"
+                        " model.text_backbone: minilm"
+                    )
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                encoder = T5EncoderModel.from_pretrained(source, dtype=dtype)
+            except (OSError, ValueError) as exc:
+                raise TextBackboneError(load_failure_message(source, exc)) from None
         super().__init__(source, tokenizer, encoder, device)
 
 

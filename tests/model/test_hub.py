@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -119,8 +120,15 @@ def test_unknown_revision_is_one_line_error(hub: HubStub, tmp_path: Path) -> Non
 
 def test_unreachable_hub_is_one_line_error(tmp_path: Path) -> None:
     endpoint = closed_port_url()
-    message = resolve_in_child(URI, endpoint, tmp_path).error
-    assert f"cannot reach the Hugging Face Hub at {endpoint}" in message
+    resolved = resolve_in_child(URI, endpoint, tmp_path)
+    assert f"cannot reach the Hugging Face Hub at {endpoint}" in resolved.error
+    # huggingface_hub's retries, one line each (it logs two: the error, then the wait).
+    retries = resolved.stderr.strip().splitlines()
+    assert len(retries) == 5, retries
+    for attempt, line in enumerate(retries, start=1):
+        assert re.fullmatch(
+            rf"Hugging Face Hub: .*Connection refused for {re.escape(URI)}; retry {attempt} of 5 in \d+ s", line
+        )
 
 
 def test_connection_dropped_mid_download_is_one_line_error(tmp_path: Path) -> None:
