@@ -74,7 +74,7 @@ def ground_area_m2(geometry: BaseGeometry) -> float:
     area = 0.0
     for west in (-180.0, 0.0):
         half = geometry.intersection(box(west, -90.0, west + 180.0, 90.0))
-        for polygon in _polygon_parts(shapely.segmentize(half, max_segment_length=1.0)):
+        for polygon in polygon_parts(shapely.segmentize(half, max_segment_length=1.0)):
             area += _GEOD.geometry_area_perimeter(orient(polygon))[0]
     return area
 
@@ -258,19 +258,20 @@ def _repaired_polygons(geometries: np.ndarray, source: str) -> list[BaseGeometry
             stacklevel=2,
         )
         geometries = shapely.make_valid(geometries)
-    polygons = [part for geometry in geometries for part in _polygon_parts(geometry)]
+    polygons = [part for geometry in geometries for part in polygon_parts(geometry)]
     if not polygons:
         raise RegionError(f"{source} holds no polygons; give areas, or a point with a radius as lat,lon,3km")
     return polygons
 
 
-def _polygon_parts(geometry: BaseGeometry) -> Iterator[Polygon]:
+def polygon_parts(geometry: BaseGeometry | None) -> Iterator[Polygon]:
+    """The non-empty polygons of a geometry, however nested in multi-parts and collections."""
     if isinstance(geometry, Polygon):
         if not geometry.is_empty:
             yield geometry
     elif hasattr(geometry, "geoms"):
         for part in geometry.geoms:
-            yield from _polygon_parts(part)
+            yield from polygon_parts(part)
 
 
 def _finish(name: str, geometry: BaseGeometry) -> Region:
@@ -286,7 +287,7 @@ def _finish(name: str, geometry: BaseGeometry) -> Region:
                 RegionWarning,
                 stacklevel=2,
             )
-    polygons = list(_polygon_parts(geometry))
+    polygons = list(polygon_parts(geometry))
     if not polygons or sum(polygon.area for polygon in polygons) == 0.0:
         raise RegionError(
             f"region {name!r} is empty after clipping to ±{WEB_MERCATOR_MAX_LAT:.4f}° latitude;"
@@ -298,7 +299,7 @@ def _finish(name: str, geometry: BaseGeometry) -> Region:
 
 def _split_at_antimeridian(geometry: BaseGeometry) -> BaseGeometry:
     """Unwrap rings that jump across ±180° and cut everything outside -180..180 back into range."""
-    unwrapped = [_unwrap_polygon(polygon) for polygon in _polygon_parts(geometry)]
+    unwrapped = [_unwrap_polygon(polygon) for polygon in polygon_parts(geometry)]
     if not unwrapped:
         return geometry
     geometry = shapely.union_all(unwrapped)

@@ -22,7 +22,7 @@ from common.errors import first_line
 from pipeline.config import OutputSettings
 from pipeline.errors import BuildConfigError
 from pipeline.geometry import WGS84
-from pipeline.regions import Region, read_features
+from pipeline.regions import Region, polygon_parts, read_features
 
 # The column that names zones when outputs.zone_field is null (compared without case).
 NAME_COLUMN = "name"
@@ -88,9 +88,5 @@ def _zone_names(frame: gpd.GeoDataFrame, field: str | None, path: Path) -> np.nd
 
 
 def _polygonal(shape: BaseGeometry | None) -> BaseGeometry:
-    """The polygons of a geometry (repaired if invalid), or an empty one."""
-    if shape is None or shape.is_empty:
-        return shapely.Polygon()
-    parts = shapely.get_parts(shapely.make_valid(shapely.force_2d(shape)))
-    polygons = [part for part in parts if isinstance(part, shapely.Polygon | shapely.MultiPolygon)]
-    return shapely.union_all(polygons) if polygons else shapely.Polygon()
+    """The polygons of a geometry (repaired if invalid), or an empty geometry."""
+    return shapely.union_all(list(polygon_parts(shapely.make_valid(shapely.force_2d(shape)))))

@@ -14,9 +14,10 @@ import mercantile
 import numpy as np
 import pyogrio
 import pytest
+import shapely
 import xarray as xr
 from pyproj import Geod
-from shapely.geometry import box
+from shapely.geometry import GeometryCollection, LineString, Point, Polygon, box
 from support.synthetic_store import (
     DEFAULT_QUERIES,
     SyntheticStore,
@@ -30,7 +31,7 @@ from pipeline.export.qgis_style import percentile_class
 from pipeline.export.zones import TOP_DECILE_ABOVE, ZONES_LAYER, write_zones, zone_statistics
 from pipeline.regions import Region
 from pipeline.steps import build_parser
-from pipeline.zone_file import check_zones
+from pipeline.zone_file import check_zones, read_zones
 
 HEIGHT, WIDTH = 32, 48
 # Zones as (top row, left column, bottom row, right column) of the grid, fractions cutting tiles.
@@ -223,6 +224,19 @@ def test_zone_files_that_cannot_serve_are_refused_in_one_line(store: SyntheticSt
             check_zones(outputs, region)
         message = str(refused.value)
         assert words in message and "; " in message and "\n" not in message, message
+
+
+def test_zones_keep_their_polygons_repaired_and_drop_what_has_no_area(tmp_path: Path) -> None:
+    bowtie = Polygon([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])  # self-intersecting: two triangles once repaired
+    mixed = GeometryCollection([box(5, 5, 6, 6), LineString([(6, 6), (8, 8)]), Point(9, 9)])
+    path = tmp_path / "mixed.gpkg"
+    shapes = [bowtie, mixed, LineString([(0, 0), (1, 1)])]
+    gpd.GeoDataFrame({"name": ["bowtie", "mixed", "line"]}, geometry=shapes, crs=4326).to_file(path)
+    zones = read_zones(settings(path))
+    assert zones["zone"].tolist() == ["bowtie", "mixed"]
+    assert zones.geometry.is_valid.all()
+    assert shapely.area(zones.geometry.to_numpy()).tolist() == pytest.approx([2.0, 1.0])
+    assert zones.geometry.geom_type.tolist() == ["MultiPolygon", "Polygon"]
 
 
 def test_the_project_step_takes_the_zones_only_where_the_build_has_them() -> None:
