@@ -118,6 +118,7 @@ def plan_build(
         check_coverage(region, reader, inputs.imagery.source)
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
+        check_imagery_present(plan, reader)
         downloads, share = estimate_downloads(reader, plan, chunks)
     workload = Workload(
         config.size,
@@ -147,6 +148,17 @@ def check_coverage(region: Region, reader: ImageryReader, source: str) -> None:
         f" {_format_lon(east)}, {_format_lat(south)} to {_format_lat(north)}; map a region inside it or set"
         " imagery.source to imagery of the region"
     )
+
+
+def check_imagery_present(plan: Plan, reader: ImageryReader) -> None:
+    """Refuse imagery without a valid pixel under the region's views (a blank raster, a wrong nodata value),
+    where the reader can tell without fetching: every tile of its map would be empty."""
+    if reader.holds_imagery(plan.views_extent()) is False:
+        raise ImageryCoverageError(
+            f"imagery {plan.imagery.source} has no valid pixel over region {plan.region.name} (each is nodata,"
+            " NaN or masked there); check the file and imagery.options.nodata, or set imagery.source to imagery"
+            " of the region"
+        )
 
 
 def check_output_dir(folder: Path) -> None:

@@ -28,6 +28,7 @@ from model import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE, TRAINED_
 from pipeline.config import ImagerySettings, TilingSettings
 from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
+    Bounds,
     RasterGrid,
     TileCover,
     chunk_depth,
@@ -37,6 +38,7 @@ from pipeline.geometry import (
     raster_grid,
     region_latitude,
     tile_centres_lnglat,
+    union_bounds,
     view_bounds,
 )
 from pipeline.regions import Region
@@ -153,6 +155,19 @@ class Plan(NamedTuple):
     def zoom(self) -> int:
         """Zoom of the output tiles."""
         return self.grid.zoom
+
+    def views_extent(self) -> Bounds:
+        """The EPSG:3857 box that holds every model view of the grid: the views of its corner tiles (a row's views
+        are all one size, and the largest are in its top or bottom row), grown east and west by one of their
+        pixels (each view sits within half a pixel of its tile's centre, `on_pixel_lattice`)."""
+        grid = self.grid
+        x, y = np.meshgrid(
+            [grid.first_column, grid.first_column + grid.width - 1], [grid.top_row, grid.top_row + grid.height - 1]
+        )
+        corners = view_bounds(x.ravel(), y.ravel(), self.zoom, self.view.size_m, MODEL_INPUT_PX)
+        pixel = float(np.max(corners[:, 2] - corners[:, 0])) / MODEL_INPUT_PX
+        left, bottom, right, top = union_bounds(corners)
+        return Bounds(left - pixel, bottom, right + pixel, top)
 
 
 def chunk_id(tile: mercantile.Tile) -> str:

@@ -24,7 +24,7 @@ from pyproj import CRS, Geod, Transformer
 from shapely.affinity import translate
 from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, box
-from shapely.geometry.base import BaseGeometry
+from shapely.geometry.base import BaseGeometry, BaseMultipartGeometry
 from shapely.geometry.polygon import orient
 
 from common.errors import first_line
@@ -269,7 +269,7 @@ def polygon_parts(geometry: BaseGeometry | None) -> Iterator[Polygon]:
     if isinstance(geometry, Polygon):
         if not geometry.is_empty:
             yield geometry
-    elif hasattr(geometry, "geoms"):
+    elif isinstance(geometry, BaseMultipartGeometry):
         for part in geometry.geoms:
             yield from polygon_parts(part)
 

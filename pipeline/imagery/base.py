@@ -241,6 +241,11 @@ class ImageryReader(abc.ABC):
         source holds no imagery; None for sources that cover the world."""
         return None
 
+    def holds_imagery(self, bounds: Bounds) -> bool | None:
+        """Whether the source has a valid pixel in `bounds` (EPSG:3857); None where telling would mean
+        fetching or reading more than a build's start should (the build then finds out as it reads)."""
+        return None
+
     def prefetch(self, views: Sequence[Bounds] | np.ndarray, width: int) -> PrefetchReport:
         """Fetch what reading `views` (EPSG:3857) at `width` px would need into the tile cache.
 

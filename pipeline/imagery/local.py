@@ -46,17 +46,16 @@ DEFAULT_PERCENTILES = (2.0, 98.0)
 STRETCH_SAMPLE_PX = 1024
 # Rasters more than this many times finer than the model's views are read decimated for cutting views.
 DECIMATE_ABOVE = 4.0
+# `holds_imagery` reads the raster's own pixels under the bounds it is asked about up to this many.
+HOLDS_IMAGERY_MAX_PX = 4096 * 4096
 # Source pixels read around a strip of views beyond its footprint: room for the resampling kernel.
 KERNEL_MARGIN_PX = 3
 _UINT8_MAX = 255
 
 
 def percentile_stretch(sample: np.ma.MaskedArray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Stretch:
-    """Stretch from the `percentiles` of the valid values in `sample` (all bands pooled)."""
-    values = sample.compressed()
-    if values.size == 0:
-        raise ImageryError("cannot derive a stretch from a raster without valid pixels; pass stretch=(min, max)")
-    low, high = np.percentile(values, percentiles)
+    """Stretch from the `percentiles` of the valid values in `sample` (all bands pooled; at least one)."""
+    low, high = np.percentile(sample.compressed(), percentiles)
     return Stretch(float(low), float(high) if high > low else float(low) + 1.0)
 
 
@@ -180,7 +179,14 @@ class LocalRasterReader(ImageryReader):
         if self._stretch_rule is None or isinstance(self._stretch_rule, Stretch):
             return self._stretch_rule
         if self._stretch is None:
-            self._stretch = percentile_stretch(self._decimated_sample(), self._percentiles)
+            sample = self._decimated_sample()
+            if not sample.count():
+                raise ImageryError(
+                    f"raster {self.path} has no valid pixel in a {max(sample.shape[1:])}-px read of it (each is"
+                    f" nodata ({self.nodata}), NaN or masked); check the file and imagery.options.nodata, or give"
+                    " imagery.options.stretch: [min, max]"
+                )
+            self._stretch = percentile_stretch(sample, self._percentiles)
         return self._stretch
 
     def native_gsd_m(self, latitude: float) -> float:
@@ -200,6 +206,22 @@ class LocalRasterReader(ImageryReader):
 
     def footprint_lnglat(self) -> Bounds:
         return Bounds(*transform_bounds(self._dataset.crs, WGS84, *self._dataset.bounds, densify_pts=21))
+
+    def holds_imagery(self, bounds: Bounds) -> bool | None:
+        """Whether a pixel of the raster under `bounds` is valid, from its own pixels (mask, nodata, NaN);
+        None above HOLDS_IMAGERY_MAX_PX."""
+        if not self._overlaps(bounds, WEB_MERCATOR):
+            return False
+        dataset = self._dataset
+        window = from_bounds(
+            *transform_bounds(WEB_MERCATOR, dataset.crs, *bounds, densify_pts=21), transform=dataset.transform
+        )
+        columns, rows = min(window.width, dataset.width), min(window.height, dataset.height)
+        if columns * rows > HOLDS_IMAGERY_MAX_PX:
+            return None
+        # One view of the whole box, as many pixels across as the raster has there: read without decimating.
+        _, valid, _, _ = self._native_read(np.array([bounds]), max(1, math.ceil(window.width)))
+        return bool(valid.any())
 
     def read_values(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> np.ma.MaskedArray:
         """Raw float32 values of the selected bands on the requested grid; masked per pixel where the source
@@ -242,10 +264,19 @@ class LocalRasterReader(ImageryReader):
 
         A raster over DECIMATE_ABOVE times finer than the views is read at an integer fraction of its
         resolution (GDAL's average, or its overviews), which keeps a strip's memory bounded."""
+        if not self._overlaps(union_bounds(views), WEB_MERCATOR):
+            return SourcePixels.empty(len(self.bands))
+        values, valid, transform, extent = self._native_read(views, width)
+        pixels = values.astype(np.uint8, copy=False) if self.stretch is None else values
+        return SourcePixels(pixels, valid, transform, self.crs, self.stretch, extent, self._resampling.name)
+
+    def _native_read(
+        self, views: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray, Affine, tuple[int, int, int, int]]:
+        """`source_pixels`' read, before the stretch: raw values (bands, rows, columns), validity, the grid's
+        transform and the part of it inside the raster."""
         union = union_bounds(views)
         dataset = self._dataset
-        if not self._overlaps(union, WEB_MERCATOR):
-            return SourcePixels.empty(len(self.bands))
         source_bounds = transform_bounds(WEB_MERCATOR, dataset.crs, *union, densify_pts=21)
         window = from_bounds(*source_bounds, transform=dataset.transform)
         view_px = window.width / ((union.right - union.left) / float(np.min(views[:, 2] - views[:, 0])) * width)
@@ -285,9 +316,8 @@ class LocalRasterReader(ImageryReader):
                 has_data &= (read != self.nodata).any(axis=0)
             valid[target] = has_data
         transform = dataset.transform @ Affine.translation(left, top) @ Affine.scale(factor)
-        pixels = values.astype(np.uint8, copy=False) if self.stretch is None else values
         extent = (first_column, first_row, max(first_column, last_column), max(first_row, last_row))
-        return SourcePixels(pixels, valid, transform, self.crs, self.stretch, extent, self._resampling.name)
+        return values, valid, transform, extent
 
     def part(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> ImageData:
         values = self.read_values(bounds, width, height, dst_crs)

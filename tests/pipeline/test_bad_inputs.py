@@ -68,6 +68,7 @@ class Inputs(NamedTuple):
     raster_text: Path
     raster_without_crs: Path
     raster_not_georeferenced: Path
+    raster_blank: Path
     a_file: Path
     zones_points: Path
     zones_far: Path
@@ -108,6 +109,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         rasterio.open(folder / "plain.tif", "w", **profile) as dataset,
     ):
         dataset.write(np.zeros((3, 8, 8), np.uint8))
+    with rasterio.open(LANDSAT) as scene:
+        blank = {**scene.profile, "nodata": 0, "compress": "deflate"}
+    with rasterio.open(folder / "blank.tif", "w", **blank) as dataset:
+        dataset.write(np.zeros((blank["count"], blank["height"], blank["width"]), blank["dtype"]))
     (folder / "a_file").write_text("")
     write_features(folder / "points.geojson", {"type": "Point", "coordinates": [-54.5, -25.4]})
     write_features(folder / "far.geojson", box(2.0, 48.0, 3.0, 49.0).__geo_interface__)
@@ -134,6 +139,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
         folder / "fake.tif",
         folder / "nocrs.tif",
         folder / "plain.tif",
+        folder / "blank.tif",
         folder / "a_file",
         folder / "points.geojson",
         folder / "far.geojson",
@@ -372,6 +378,11 @@ CASES = [
         "raster not georeferenced",
         set_key("imagery.source", lambda files: str(files.raster_not_georeferenced)),
         ("plain.tif has no CRS; georeference it",),
+    ),
+    Case(
+        "raster of nodata alone",
+        set_key("imagery.source", lambda files: str(files.raster_blank)),
+        ("imagery", "blank.tif has no valid pixel over region", "check the file and imagery.options.nodata"),
     ),
     Case("imagery option unknown", set_key("imagery.options", {"band": [1]}), ("option 'band' does not apply",)),
     Case("bands past the last", set_key("imagery.options", {"bands": [4, 3, 2]}), ("bands (4, 3, 2) do not fit",)),

@@ -156,6 +156,17 @@ def test_each_chunk_lists_its_tiles_views_cells_and_centres() -> None:
     assert len(seen) == plan.tile_count
 
 
+@pytest.mark.parametrize("region_spec", ["-72.2245,18.5035,-72.2015,18.5245", "-54.664,-25.489,-54.354,-25.208"])
+def test_the_views_extent_is_the_box_of_every_view(region_spec: str) -> None:
+    plan, chunks = plan_of(parse_region(region_spec), sat_type="sentinel", zoom_level=3, offset=2)
+    views = np.vstack([chunk.views for chunk in chunks])
+    left, bottom, right, top = plan.views_extent()
+    # Every view inside; each side at most two view pixels (the rows' lattices) beyond the views' own box.
+    pixel = float((views[:, 2] - views[:, 0]).max()) / MODEL_INPUT_PX
+    assert 0 <= views[:, 0].min() - left <= 2 * pixel and 0 <= right - views[:, 2].max() <= 2 * pixel
+    assert 0 <= views[:, 1].min() - bottom <= 1e-6 and 0 <= top - views[:, 3].max() <= 1e-6
+
+
 def test_tile_zoom_offset_refines_the_automatic_zoom() -> None:
     region = parse_region("-54.664,-25.489,-54.354,-25.208")
     auto, _ = plan_of(region, "sentinel", 3)

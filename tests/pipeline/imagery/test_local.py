@@ -22,6 +22,7 @@ with rasterio.open(SCENE_PATH) as _scene:
     SCENE_RGB = _scene.read()
     SCENE_PROFILE = _scene.profile
     SCENE_BOUNDS = Bounds(*_scene.bounds)
+SCENE_BOUNDS_3857 = Bounds(*transform_bounds(SCENE_PROFILE["crs"], "EPSG:3857", *SCENE_BOUNDS))
 # A Web Mercator square well inside the scene.
 INNER = Bounds(*transform_bounds(SCENE_PROFILE["crs"], "EPSG:3857", 793900.0, 2049200.0, 794500.0, 2049800.0))
 
@@ -120,9 +121,37 @@ def test_float_nan_and_nodata_override_are_masked(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.array.data[:, 20:], SCENE_RGB[:, 20:])
 
 
-def test_percentile_stretch_needs_valid_pixels() -> None:
-    with pytest.raises(ImageryError, match="pass stretch"):
-        percentile_stretch(np.ma.MaskedArray(np.zeros((3, 4, 4)), mask=True))
+def test_a_raster_of_nodata_alone_holds_no_imagery_and_has_no_stretch(tmp_path: Path) -> None:
+    blank = _write(tmp_path / "blank.tif", np.zeros_like(SCENE_RGB), nodata=0)
+    refused = r"blank.tif has no valid pixel .*nodata \(0.0\).*stretch: \[min, max\]"
+    with LocalRasterReader(blank, stretch="percentile") as reader, pytest.raises(ImageryError, match=refused):
+        _ = reader.stretch
+    with LocalRasterReader(blank, stretch=(0, 255)) as reader:
+        assert reader.holds_imagery(INNER) is False
+
+
+def _pixel_box(column: int, row: int, width: int, height: int) -> Bounds:
+    """The EPSG:3857 box around a block of the scene's pixels."""
+    transform = SCENE_PROFILE["transform"]
+    (left, right), (top, bottom) = zip(
+        transform @ (column, row), transform @ (column + width, row + height), strict=True
+    )
+    return Bounds(*transform_bounds(SCENE_PROFILE["crs"], "EPSG:3857", left, bottom, right, top))
+
+
+def test_holds_imagery_looks_at_every_raster_pixel_under_the_bounds(tmp_path: Path) -> None:
+    data = np.zeros_like(SCENE_RGB)
+    data[:, 100, 200] = SCENE_RGB[:, 100, 200]  # one valid pixel
+    path = _write(tmp_path / "speck.tif", data, nodata=0)
+    speck, elsewhere = _pixel_box(195, 95, 10, 10), _pixel_box(0, 0, 50, 50)
+    with LocalRasterReader(path, stretch=(0, 255)) as reader:
+        assert reader.holds_imagery(speck) is True
+        assert reader.holds_imagery(elsewhere) is False
+        assert reader.holds_imagery(SCENE_BOUNDS_3857) is True
+        outside = Bounds(0.0, 0.0, 1000.0, 1000.0)
+        assert reader.holds_imagery(outside) is False
+    with LocalRasterReader(SCENE_PATH) as reader:
+        assert reader.holds_imagery(INNER) is True
 
 
 def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
