@@ -28,6 +28,17 @@ _STATUS = Path("/proc/self/status")
 _UMASK_LOCK = threading.Lock()
 
 
+def unwritable_reason(path: Path) -> str | None:
+    """Why a file cannot be written at `path`, in a few words, or None: a folder is there, or the nearest folder
+    that exists above it takes no new entries (the folders below it are made when the file is written)."""
+    if path.is_dir():
+        return f"{path} is a folder"
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is no writable folder"
+    return None
+
+
 def _umask() -> int:
     """The process umask, read without changing it where Linux tells it (setting it to 0 and back is not
     thread-safe: a parallel writer could create files in between with mode 0666)."""

@@ -112,13 +112,21 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _run_query(args: argparse.Namespace) -> None:
     from pipeline.export.places import write_places
-    from pipeline.new_query import answer, answer_lines, new_query, open_built_map, write_map
+    from pipeline.new_query import (
+        answer,
+        answer_lines,
+        check_places_files,
+        new_query,
+        open_built_map,
+        write_map,
+    )
 
     if args.text is not None and args.with_text is not None:
         raise QueryError("the query text is given twice (as TEXT and --text); give it once")
     built = open_built_map(args.build)
     text = args.text if args.with_text is None else args.with_text
-    query = new_query(built, text, args.audio, args.id, args.top_k)
+    query = new_query(built, text, args.audio, args.id, args.top_k, maps=args.map)
+    check_places_files(args.gpkg, args.csv)
     result = answer(built, query, args.top_k)
     print("\n".join(answer_lines(built, result)))
     if args.gpkg or args.csv:

@@ -24,7 +24,6 @@ Every bad input is refused in one line before any audio is decoded.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ import mercantile
 import numpy as np
 import soundfile
 
-from common.atomic import atomic_path, atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes, unwritable_reason
 from model.audio import SAMPLE_RATE
 from model.errors import AudioDecodeError
 from pipeline.errors import GalleryWarning, ListenError
@@ -96,12 +95,8 @@ def check_output(out: Path) -> None:
     """`out` names a FLAC file that can be written, as can its sidecar."""
     if out.suffix.lower() != OUTPUT_SUFFIX:
         raise ListenError(f"--out {out} is not a .flac file; name one, e.g. --out place.flac")
-    if out.is_dir():
-        raise ListenError(f"--out {out} is a folder; name a .flac file in it")
-    # The nearest folder that exists must take new entries (the rest is made when the sound is written).
-    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ListenError(f"cannot write {out} ({existing} is no writable folder); pass --out a writable path")
+    if reason := unwritable_reason(out):
+        raise ListenError(f"cannot write --out {out} ({reason}); pass --out a writable .flac path")
 
 
 def check_seconds(seconds: float, top_k: int) -> None:

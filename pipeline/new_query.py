@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import geopandas as gpd
 import numpy as np
 
+from common.atomic import unwritable_reason
 from pipeline.build import COG_DIR, MODEL_NAME, SETTINGS_NAME, STORE_NAME, check_build_folder
 from pipeline.config import BuildConfig, Query, read_settings, schema_bounds
 from pipeline.errors import BuildFolderError, QueryError
 from pipeline.export.cog import check_file_name, write_score_cog
-from pipeline.export.places import CSV_FORMATS, Candidates, place_layers
+from pipeline.export.places import CSV_FORMATS, GPKG_SUFFIX, Candidates, place_layers
 from pipeline.model_setup import ModelRecord, load_encoder, read_model_record, untrained_notice
 from pipeline.queries import check_query_files, embed_queries
 from pipeline.search import INDEX_DIR, OpenedIndex, open_tile_index
@@ -89,9 +90,12 @@ def open_built_map(folder: Path) -> BuiltMap:
     return BuiltMap(folder, store, settings, record)
 
 
-def new_query(built: BuiltMap, text: str | None, audio: str | None, query_id: str | None, top_k: int) -> Query:
-    """The query asked, checked: text not blank, audio files as a build checks them, an id that names files of
-    its own (not a configured query's), and a number of places a build could ask for."""
+def new_query(
+    built: BuiltMap, text: str | None, audio: str | None, query_id: str | None, top_k: int, *, maps: bool
+) -> Query:
+    """The query asked, checked: text not blank, audio files as a build checks them, an id that could name files
+    (with `maps`, which writes them into the build, not a configured query's), and a number of places a build
+    could ask for."""
     low, high = schema_bounds("outputs", "top_k")
     if not low <= top_k <= high:
         raise QueryError(f"--top-k {top_k} is outside {low} to {high} (the range of outputs.top_k); ask for fewer")
@@ -101,13 +105,22 @@ def new_query(built: BuiltMap, text: str | None, audio: str | None, query_id: st
         raise QueryError('the query text is empty; write what to listen for, e.g. "birds singing in the trees"')
     query = Query(default_query_id(text, audio) if query_id is None else query_id, text, audio)
     check_file_name(query)
-    if query.id in {configured.id for configured in built.store.queries}:
+    if maps and query.id in {configured.id for configured in built.store.queries}:
         raise QueryError(
             f"query id {query.id!r} is a query of the build {built.folder} (its maps are cog/{query.id}.tif);"
             " pass --id with another name"
         )
     check_query_files([query])
     return query
+
+
+def check_places_files(gpkg: Path | None, csv_path: Path | None) -> None:
+    """Refuse, before the model loads, places files that cannot be written where asked."""
+    if gpkg is not None and gpkg.suffix.lower() != GPKG_SUFFIX:
+        raise QueryError(f"--gpkg {gpkg} is not a .gpkg file; name one, e.g. --gpkg places.gpkg")
+    for flag, path in (("--gpkg", gpkg), ("--csv", csv_path)):
+        if path is not None and (reason := unwritable_reason(path)):
+            raise QueryError(f"cannot write {flag} {path} ({reason}); pass {flag} a writable file path")
 
 
 def default_query_id(text: str | None, audio: str | None) -> str:

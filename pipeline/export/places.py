@@ -43,6 +43,8 @@ from pipeline.store.read import SoundscapeStore, StoreGrid
 PLACES_CRS = WGS84
 PLACES_LAYER = "{query}_places"
 AREAS_LAYER = "{query}_areas"
+# GDAL's GPKG driver warns of a GeoPackage named otherwise.
+GPKG_SUFFIX = ".gpkg"
 CSV_COLUMNS = ("query", "query_text", "rank", "score", "percentile", "lon", "lat", "area")
 CSV_FORMATS = {"score": "{:.6f}", "percentile": "{:.2f}", "lon": "{:.6f}", "lat": "{:.6f}"}
 # Excel takes a UTF-8 file without the byte order mark for its local code page.

@@ -260,6 +260,8 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
     )
     a_file = root / "a_file"
     a_file.write_text("not a folder")
+    folder_flac = root / "folder.flac"
+    folder_flac.mkdir()
     empty = root / "empty_gallery"
     write_gallery(
         empty, [], {name: np.zeros((0, DEMO_DIM), np.float32) for name in (AUDIO, CAPTION)}, "x", "0" * 64, LOGIT_SCALES
@@ -281,6 +283,8 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
         "empty gallery": ([build, "--at", point, "--gallery", str(empty), "--out", out], "is empty"),
         "gallery of other weights": ([build, "--at", point, "--gallery", str(foreign), "--out", out], "other weights"),
         "unwritable output": ([build, "--at", point, "--out", str(a_file / "x.flac")], "cannot write"),
+        "output a folder": ([build, "--at", point, "--out", str(root)], "is not a .flac file"),
+        "output a folder named .flac": ([build, "--at", point, "--out", str(folder_flac)], "is a folder"),
         "output not flac": ([build, "--at", point, "--out", str(root / "x.wav")], "is not a .flac file"),
         "seconds too short": ([build, "--at", point, "--seconds", "0.5", "--out", out], "--seconds 0.5 is outside"),
         "no route file": ([build, "--along", str(root / "none.geojson"), "--out", out], "no route file"),
@@ -306,6 +310,8 @@ BAD_CASES = [
     "empty gallery",
     "gallery of other weights",
     "unwritable output",
+    "output a folder",
+    "output a folder named .flac",
     "output not flac",
     "seconds too short",
     "no route file",
@@ -340,7 +346,7 @@ def test_a_bad_listen_input_is_one_line_and_writes_nothing(
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], err
     assert words in lines[0]
-    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert not out.is_file() and not out.with_suffix(".json").exists()
 
 
 def test_listen_needs_a_place(capsys: pytest.CaptureFixture[str], setup: Setup) -> None:
