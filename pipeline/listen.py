@@ -41,6 +41,7 @@ from pipeline.gallery import CAPTION, COMPOSED, Gallery, build_command, item_fac
 from pipeline.gallery_sources import AudioReader
 from pipeline.mix import (
     CROSSFADE_SECONDS,
+    LOUDNESS_RANGE_LUFS,
     crossfade_join,
     fit_length,
     mastered,
@@ -99,13 +100,19 @@ def check_output(out: Path) -> None:
         raise ListenError(f"cannot write --out {out} ({reason}); pass --out a writable .flac path")
 
 
-def check_seconds(seconds: float, top_k: int) -> None:
+def check_numbers(seconds: float, top_k: int, target_lufs: float) -> None:
     if not MIN_SECONDS <= seconds <= MAX_SECONDS:
         raise ListenError(
             f"--seconds {seconds:g} is outside {MIN_SECONDS:g} to {MAX_SECONDS:g}; ask for another length"
         )
     if not 1 <= top_k <= MAX_TOP_K:
         raise ListenError(f"--top-k {top_k} is outside 1 to {MAX_TOP_K}; ask for fewer recordings")
+    quietest, loudest = LOUDNESS_RANGE_LUFS
+    if not quietest <= target_lufs <= loudest:
+        raise ListenError(
+            f"--target-lufs {target_lufs:g} is outside {quietest:g} to {loudest:g} LUFS; give e.g. -23 (EBU R128)"
+            " or -14 (streaming)"
+        )
 
 
 def gallery_of(built: BuiltMap, given: Path | None) -> Gallery:
@@ -325,7 +332,7 @@ def listen(
     """The sound of the place at `at` (LAT,LON) or of a walk `along` a route, written to `out` and its sidecar."""
     from pipeline.new_query import open_built_map
 
-    check_seconds(seconds, top_k)
+    check_numbers(seconds, top_k, target_lufs)
     check_output(out)
     point = parse_point(at) if at is not None else None
     built = open_built_map(build)

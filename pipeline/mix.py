@@ -19,7 +19,11 @@ import pyloudnorm
 from model.audio import SAMPLE_RATE
 
 # The highest sample a track may hold: -1 dBFS, the headroom EBU R128 asks of true peaks.
-PEAK_CEILING = 10 ** (-1 / 20)
+PEAK_CEILING_DBFS = -1.0
+PEAK_CEILING = 10 ** (PEAK_CEILING_DBFS / 20)
+# The targets a track can be brought to: BS.1770's absolute gate (the meter hears nothing quieter) up to the
+# ceiling (a louder one would always be turned down).
+LOUDNESS_RANGE_LUFS = (-70.0, PEAK_CEILING_DBFS)
 CROSSFADE_SECONDS = 1.0
 # Fades at a track's ends, so that it starts and stops without a click.
 EDGE_FADE_SECONDS = 0.05

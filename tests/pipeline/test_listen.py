@@ -287,6 +287,10 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
         "output a folder named .flac": ([build, "--at", point, "--out", str(folder_flac)], "is a folder"),
         "output not flac": ([build, "--at", point, "--out", str(root / "x.wav")], "is not a .flac file"),
         "seconds too short": ([build, "--at", point, "--seconds", "0.5", "--out", out], "--seconds 0.5 is outside"),
+        "target above the ceiling": (
+            [build, "--at", point, "--target-lufs", "3", "--out", out],
+            "--target-lufs 3 is outside -70 to -1 LUFS",
+        ),
         "no route file": ([build, "--along", str(root / "none.geojson"), "--out", out], "no route file"),
         "route not a line": ([build, "--along", str(not_a_line), "--out", out], "holds no single line"),
         "route a table": ([build, "--along", str(table), "--out", out], "(it holds no geometry column)"),
@@ -314,6 +318,7 @@ BAD_CASES = [
     "output a folder named .flac",
     "output not flac",
     "seconds too short",
+    "target above the ceiling",
     "no route file",
     "route not a line",
     "route a table",
