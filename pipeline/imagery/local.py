@@ -210,17 +210,20 @@ class LocalRasterReader(ImageryReader):
     def holds_imagery(self, bounds: Bounds) -> bool | None:
         """Whether a pixel of the raster under `bounds` is valid, from its own pixels (mask, nodata, NaN);
         None above HOLDS_IMAGERY_MAX_PX."""
-        if not self._overlaps(bounds, WEB_MERCATOR):
-            return False
         dataset = self._dataset
-        window = from_bounds(
-            *transform_bounds(WEB_MERCATOR, dataset.crs, *bounds, densify_pts=21), transform=dataset.transform
+        left, bottom, right, top = transform_bounds(dataset.crs, WEB_MERCATOR, *dataset.bounds, densify_pts=21)
+        inside = Bounds(
+            max(bounds.left, left), max(bounds.bottom, bottom), min(bounds.right, right), min(bounds.top, top)
         )
-        columns, rows = min(window.width, dataset.width), min(window.height, dataset.height)
-        if columns * rows > HOLDS_IMAGERY_MAX_PX:
+        if inside.left >= inside.right or inside.bottom >= inside.top:
+            return False
+        window = from_bounds(
+            *transform_bounds(WEB_MERCATOR, dataset.crs, *inside, densify_pts=21), transform=dataset.transform
+        )
+        if window.width * window.height > HOLDS_IMAGERY_MAX_PX:
             return None
-        # One view of the whole box, as many pixels across as the raster has there: read without decimating.
-        _, valid, _, _ = self._native_read(np.array([bounds]), max(1, math.ceil(window.width)))
+        # One view of the box, as many pixels across as the raster has there: read without decimating.
+        _, valid, _, _ = self._native_read(np.array([inside]), max(1, math.ceil(window.width)))
         return bool(valid.any())
 
     def read_values(self, bounds: Bounds, width: int, height: int, dst_crs: str = WEB_MERCATOR) -> np.ma.MaskedArray:

@@ -148,6 +148,8 @@ def test_holds_imagery_looks_at_every_raster_pixel_under_the_bounds(tmp_path: Pa
         assert reader.holds_imagery(speck) is True
         assert reader.holds_imagery(elsewhere) is False
         assert reader.holds_imagery(SCENE_BOUNDS_3857) is True
+        # A region far larger than the raster is read only where the raster is.
+        assert reader.holds_imagery(Bounds(-2e7, -2e7, 2e7, 2e7)) is True
         outside = Bounds(0.0, 0.0, 1000.0, 1000.0)
         assert reader.holds_imagery(outside) is False
     with LocalRasterReader(SCENE_PATH) as reader:
