@@ -25,13 +25,11 @@ from model.train_config import DATA_FORMATS
 
 def _embed(args: argparse.Namespace) -> None:
     from model.checkpoint import load_model
+    from model.evaluate import read_npz
     from model.reference import run_reference
 
-    if not args.inputs.is_file():
-        raise FileNotFoundError(f"inputs {args.inputs} do not exist; pass an .npz in the parity-reference format")
+    arrays = read_npz(args.inputs, "in/... arrays in the parity-reference format")
     model, _ = load_model(args.checkpoint)
-    with np.load(args.inputs) as data:
-        arrays = {name: data[name] for name in data.files if name.startswith("in/")}
     outputs = run_reference(model, arrays, from_waveform=args.audio_from_waveform)
     atomic_save_npz(args.out, outputs)
     print(f"wrote {args.out}: {len(outputs)} arrays for {len(outputs['ctotal'])} samples")

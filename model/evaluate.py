@@ -81,22 +81,28 @@ def check_embeddings(arrays: Mapping[str, ArrayLike], source: str) -> dict[str, 
     return checked
 
 
-def load_embeddings(path: Path) -> dict[str, np.ndarray]:
-    """Checked float32 `image`, `audio` and `audio_caption` arrays from an .npz file."""
+def read_npz(path: Path, holding: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file; a missing file, one array (.npy) or a file numpy cannot read without pickle
+    is refused in one line, which says what it should hold (`holding`)."""
     if not path.is_file():
-        raise FileNotFoundError(f"embeddings {path} do not exist; pass an .npz with {', '.join(EMBEDDING_KEYS)}")
+        raise FileNotFoundError(f"{path} does not exist; pass an .npz with {holding}")
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise InputError(f"{path} holds one array, not an .npz; save {', '.join(EMBEDDING_KEYS)} with np.savez")
+            raise InputError(f"{path} holds one array, not an .npz; save {holding} with np.savez")
         with data:
-            missing = [key for key in EMBEDDING_KEYS if key not in data.files]
-            if missing:
-                raise InputError(f"{path} lacks {', '.join(missing)} (has {', '.join(data.files) or 'nothing'})")
-            arrays = {key: data[key] for key in EMBEDDING_KEYS}
+            return {name: data[name] for name in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path} is not a readable .npz of numeric arrays ({type(exc).__name__})") from exc
-    return check_embeddings(arrays, str(path))
+
+
+def load_embeddings(path: Path) -> dict[str, np.ndarray]:
+    """Checked float32 `image`, `audio` and `audio_caption` arrays from an .npz file."""
+    arrays = read_npz(path, ", ".join(EMBEDDING_KEYS))
+    missing = [key for key in EMBEDDING_KEYS if key not in arrays]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)} (has {', '.join(arrays) or 'nothing'})")
+    return check_embeddings({key: arrays[key] for key in EMBEDDING_KEYS}, str(path))
 
 
 def recall_cutoff(gallery_size: int) -> float:

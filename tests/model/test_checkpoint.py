@@ -226,6 +226,21 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path: Path, capsys: pytest.C
     assert not (tmp_path / "o.npz").exists()
 
 
+@pytest.mark.parametrize("inputs_text", [None, "not an npz"], ids=["missing", "text"])
+def test_cli_embed_refuses_bad_inputs_before_the_checkpoint(
+    inputs_text: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00" * 100)
+    inputs = tmp_path / "in.npz"
+    if inputs_text is not None:
+        inputs.write_text(inputs_text)
+    code = main(["embed", "--checkpoint", str(bad), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {inputs} "), err
+    assert "bad.ckpt" not in err and not (tmp_path / "o.npz").exists()
+
+
 def test_small_model_state_dict_round_trips_through_build_model() -> None:
     cfg = Sat2SoundConfig.small()
     model = Sat2Sound(cfg)

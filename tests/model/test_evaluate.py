@@ -152,7 +152,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     missing_key = tmp_path / "missing.npz"
     np.savez(missing_key, image=image, audio=audio)
     return {
-        "missing file": (tmp_path / "absent.npz", "do not exist"),
+        "missing file": (tmp_path / "absent.npz", "absent.npz does not exist"),
         "missing key": (missing_key, "lacks audio_caption"),
         "mismatched rows": (save_embeddings(tmp_path / "rows.npz", image, audio[:2], caption), "shapes differ"),
         "mismatched width": (save_embeddings(tmp_path / "w.npz", image, audio, caption[:, :2]), "shapes differ"),
