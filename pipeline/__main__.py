@@ -29,6 +29,7 @@ DEFAULT_QUERY_TOP_K = 50
 DEFAULT_PLACE_OUT, DEFAULT_WALK_OUT = "place.flac", "soundwalk.flac"
 DEFAULT_LISTEN_SECONDS = 30.0
 DEFAULT_LISTEN_TOP_K = 5
+DEFAULT_GALLERY_SPLIT = "test"  # a data set's split a gallery is built from: held out from training
 WALKING_SPEED_M_S = 1.4
 TARGET_LUFS = -23.0  # EBU R128's programme loudness
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
@@ -143,8 +144,12 @@ def _run_gallery_build(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     if args.dataset is not None:
-        items = dataset_items(args.source, args.dataset, args.split)
+        if args.csv is not None:
+            raise GalleryError("--csv is a folder's table, but --dataset reads Parquet shards; give one of them")
+        items = dataset_items(args.source, args.dataset, args.split or DEFAULT_GALLERY_SPLIT)
     else:
+        if args.split is not None:
+            raise GalleryError(f"--split {args.split} picks a split of --dataset; name the dataset, or drop --split")
         items = folder_items(args.source, args.csv)
     if not items:
         raise GalleryError(f"{args.source} holds no recordings; add some")
@@ -296,7 +301,7 @@ def _add_gallery_parser(commands: Any) -> None:
     build.add_argument(
         "--dataset", help="geosound or soundingearth: SOURCE is a copy of the dataset in its Parquet layout"
     )
-    build.add_argument("--split", default="test", help="the split of --dataset (default: %(default)s)")
+    build.add_argument("--split", help=f"the split of --dataset (default: {DEFAULT_GALLERY_SPLIT})")
     build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     build.add_argument("--text-backbone", default="auto", help="the text backbone of the checkpoint (default: auto)")
     build.set_defaults(run=_run_gallery_build)

@@ -81,6 +81,7 @@ def _csv_items(folder: Path, table: Path) -> list[GalleryItem]:
 
 def _item(folder: Path, row: dict[str, str]) -> GalleryItem:
     name = row["file"]
+    lat, lon = _place(row, name)
     words = re.sub(r"[_\-]+", " ", Path(name).stem).strip()
     return GalleryItem(
         id=name,
@@ -90,19 +91,33 @@ def _item(folder: Path, row: dict[str, str]) -> GalleryItem:
         seconds=0.0,
         licence=row.get("licence") or UNKNOWN_LICENCE,
         attribution=", ".join(row[key] for key in ATTRIBUTION_COLUMNS if row.get(key)),
-        lat=_coordinate(row.get("lat"), name),
-        lon=_coordinate(row.get("lon"), name),
+        lat=lat,
+        lon=lon,
     )
 
 
-def _coordinate(text: str | None, name: str) -> float | None:
+def _place(row: dict[str, str], name: str) -> tuple[float | None, float | None]:
+    """The recording's `lat` and `lon` (both None where the row gives neither); a lone one, a value that is no
+    number or one out of range is refused."""
+    lat, lon = _coordinate(row.get("lat"), name, "lat", 90.0), _coordinate(row.get("lon"), name, "lon", 180.0)
+    if (lat is None) != (lon is None):
+        given, missing = ("lat", "lon") if lon is None else ("lon", "lat")
+        raise GalleryError(f"{name}: {given} without {missing}; give both or neither")
+    return lat, lon
+
+
+def _coordinate(text: str | None, name: str, key: str, limit: float) -> float | None:
     if not text:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise GalleryError(f"{name}: {text!r} is not a number; write lat and lon in decimal degrees") from None
-    return value if math.isfinite(value) else None
+        raise GalleryError(f"{name}: {key} {text!r} is not a number; write lat and lon in decimal degrees") from None
+    if not math.isfinite(value):
+        return None
+    if abs(value) > limit:
+        raise GalleryError(f"{name}: {key} {value:g} is outside -{limit:g} to {limit:g}; write decimal degrees")
+    return value
 
 
 def dataset_items(root: Path, dataset: str, split: str) -> list[GalleryItem]:

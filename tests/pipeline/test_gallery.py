@@ -234,6 +234,10 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     a_file.write_text("not a folder")
     foreign = root / "foreign"
     vector_gallery(foreign, 2, sha256="1" * 64)
+    far, lone = root / "far", root / "lone"
+    for folder, table in ((far, "file,lat,lon\nduck.flac,-95,10\n"), (lone, "file,lon\nduck.flac,10\n")):
+        folder.mkdir()
+        (folder / "recordings.csv").write_text(table)
     sounds, out = str(SOUNDS), str(root / "new")
     return {
         "no source folder": ([str(root / "none"), "--out", out], "no folder"),
@@ -246,6 +250,10 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "unknown dataset": ([sounds, "--dataset", "freesound", "--out", out], "unknown dataset 'freesound'"),
         "no shards": ([sounds, "--dataset", "geosound", "--out", out], "no GeoSound test shards"),
         "unknown split": ([sounds, "--dataset", "geosound", "--split", "dev", "--out", out], "unknown split 'dev'"),
+        "split without dataset": ([sounds, "--split", "train", "--out", out], "--split train picks a split of"),
+        "csv with dataset": ([sounds, "--dataset", "geosound", "--csv", "x.csv", "--out", out], "--csv is a folder's"),
+        "latitude out of range": ([str(far), "--out", out], "duck.flac: lat -95 is outside -90 to 90"),
+        "longitude without latitude": ([str(lone), "--out", out], "duck.flac: lon without lat; give both"),
     }
 
 
@@ -260,6 +268,10 @@ BAD_CASES = [
     "unknown dataset",
     "no shards",
     "unknown split",
+    "split without dataset",
+    "csv with dataset",
+    "latitude out of range",
+    "longitude without latitude",
 ]
 
 
