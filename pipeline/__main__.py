@@ -7,6 +7,7 @@ Errors of ours print one line on stderr and exit with status 2; warnings print o
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -21,7 +22,7 @@ from common.errors import Sat2SoundError
 from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.build import describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
-from pipeline.errors import BuildConfigError, GalleryError, QueryError
+from pipeline.errors import BuildConfigError, CacheError, GalleryError, QueryError
 from pipeline.imagery.cache import TileCache
 
 USAGE_ERROR_STATUS = 2
@@ -181,13 +182,20 @@ def _run_listen(args: argparse.Namespace) -> None:
 
 
 def _run_cache_info(args: argparse.Namespace) -> None:
-    stats = TileCache(args.cache_dir).stats()
+    stats = _tile_cache(args.cache_dir).stats()
     print(f"{args.cache_dir}: {stats.files:,} tiles, {format_bytes(stats.bytes)}")
 
 
 def _run_cache_prune(args: argparse.Namespace) -> None:
-    removed = TileCache(args.cache_dir).prune(max_bytes=args.max_size, older_than_days=args.older_than_days)
+    removed = _tile_cache(args.cache_dir).prune(max_bytes=args.max_size, older_than_days=args.older_than_days)
     print(f"{args.cache_dir}: removed {removed.files:,} tiles, {format_bytes(removed.bytes)}")
+
+
+def _tile_cache(folder: Path) -> TileCache:
+    """The cache in `folder`, refused when there is no such folder (a mistyped path would report an empty cache)."""
+    if not folder.is_dir():
+        raise CacheError(f"--cache-dir {folder} is no folder; give the tile cache folder (imagery.cache_dir)")
+    return TileCache(folder)
 
 
 def _show_warning_line(
@@ -220,8 +228,8 @@ def _size(text: str) -> int:
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is negative")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a finite number from 0")
     return value
 
 
@@ -335,8 +343,8 @@ def _add_listen_parser(commands: Any) -> None:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not positive")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a finite number above 0")
     return value
 
 

@@ -614,6 +614,24 @@ def test_cli_cache_prune_needs_a_limit(capsys: pytest.CaptureFixture[str], tmp_p
     assert "needs --max-size and/or --older-than-days" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("action", [["info"], ["prune", "--max-size", "1GB"]])
+def test_cli_cache_refuses_a_folder_that_is_not_there(
+    action: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, out, err = _run_cli(capsys, "cache", *action, "--cache-dir", str(tmp_path / "tiles_cahce"))
+    assert status == 2 and out == ""
+    missing = tmp_path / "tiles_cahce"
+    assert err == f"error: --cache-dir {missing} is no folder; give the tile cache folder (imagery.cache_dir)\n"
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "-1"])
+def test_cli_cache_prune_takes_a_finite_age(days: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["cache", "prune", "--older-than-days", days, "--cache-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "is not a finite number from 0" in capsys.readouterr().err
+
+
 def test_module_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "pipeline", "plan", "--region", "Atlantis", "--cache-dir", str(tmp_path)],
