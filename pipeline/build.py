@@ -26,7 +26,7 @@ from shapely.geometry import box
 from common.cores import usable_cores
 from common.errors import Sat2SoundError
 from model import MODEL_INPUT_PX
-from pipeline.config import BuildConfig, PlanInputs, load_build_config, write_settings
+from pipeline.config import BuildConfig, ImagerySettings, PlanInputs, load_build_config, write_settings
 from pipeline.errors import BuildFolderError, ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
@@ -120,6 +120,8 @@ def plan_build(
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         check_imagery_present(plan, reader)
         downloads, share = estimate_downloads(reader, plan, chunks)
+    if not survey:  # a plan still answers what the region would take once fetched
+        check_offline_cache(inputs.imagery, downloads, share)
     workload = Workload(
         config.size,
         config.codebook_dim,
@@ -158,6 +160,17 @@ def check_imagery_present(plan: Plan, reader: ImageryReader) -> None:
             f"imagery {plan.imagery.source} has no valid pixel over region {plan.region.name} (each is nodata,"
             " NaN or masked there); check the file and imagery.options.nodata, or set imagery.source to imagery"
             " of the region"
+        )
+
+
+def check_offline_cache(imagery: ImagerySettings, downloads: FetchEstimate | None, share: float) -> None:
+    """Refuse an offline build whose tile cache holds none of the source tiles it needs (when they were counted on
+    every chunk): offline, a tile not cached is no imagery, so every tile of its map would be empty."""
+    if imagery.offline and downloads is not None and share == 1.0 and downloads.tiles and not downloads.cached:
+        raise ImageryCoverageError(
+            f"imagery.offline is set but the tile cache {imagery.cache_dir} holds none of the {downloads.tiles:,}"
+            " imagery tiles the region needs; unset imagery.offline to fetch them once, or set imagery.cache_dir to a"
+            " cache that holds them"
         )
 
 

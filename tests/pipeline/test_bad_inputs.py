@@ -416,6 +416,17 @@ CASES = [
         ("datetime 'yesterday' is not a STAC date range", "give e.g. 2023-06-01/2023-08-31"),
     ),
     Case(
+        "offline without a cached tile",
+        lambda config, files: config.update(
+            imagery={
+                "source": "xyz:http://127.0.0.1:9/{z}/{x}/{y}.png",
+                "offline": True,
+                "cache_dir": str(files.folder / "empty_cache"),
+            }
+        ),
+        ("imagery.offline is set but the tile cache", "empty_cache holds none of the", "unset imagery.offline"),
+    ),
+    Case(
         "offline as an option",
         set_key("imagery.options", {"bands": [3, 2, 1], "offline": True}),
         ("imagery.options.offline is an imagery key of its own; set imagery.offline",),

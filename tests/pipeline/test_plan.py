@@ -217,8 +217,9 @@ def test_a_bbox_wider_than_180_degrees_plans_the_band_it_names(
     tmp_path: Path, spec: str, west: float, east: float
 ) -> None:
     imagery = {"source": OFFLINE_TEMPLATE, "offline": True, "cache_dir": str(tmp_path)}
-    # zoom level 200: 512 km views, zoom-6 output tiles, a few thousand at most.
-    planned = plan_build(load_plan_inputs({"region": spec, "imagery": imagery, "model": {"zoom_level": 200}}))
+    # zoom level 200: 512 km views, zoom-6 output tiles, a few thousand at most (every chunk kept by the survey).
+    inputs = load_plan_inputs({"region": spec, "imagery": imagery, "model": {"zoom_level": 200}})
+    planned = plan_build(inputs, survey=True)
     plan = planned.plan
     tile_deg = 360 / 2**plan.zoom
     lons = np.concatenate([chunk.lon for chunk in planned.chunks])
