@@ -18,7 +18,7 @@ from pipeline.errors import ImageryError
 from pipeline.imagery.base import FetchEstimate, ImageData, ImageryReader, PrefetchReport
 from pipeline.imagery.cache import CacheStats, TileCache
 from pipeline.imagery.http import RetryPolicy, redact
-from pipeline.imagery.local import LocalRasterReader, Stretch
+from pipeline.imagery.local import LocalRasterReader, Stretch, is_remote
 from pipeline.imagery.stac import StacReader
 from pipeline.imagery.xyz import XYZReader
 
@@ -49,20 +49,20 @@ def reader_class(spec: str) -> type[ImageryReader]:
     if spec.startswith("stac:"):
         return StacReader
     path = Path(spec.removeprefix("file:"))
-    if spec.startswith("file:") or path.suffix.lower() in _RASTER_SUFFIXES or path.exists():
+    if is_remote(spec) or spec.startswith("file:") or path.suffix.lower() in _RASTER_SUFFIXES or path.exists():
         return LocalRasterReader
     raise ImageryError(
-        f"unknown imagery source {redact(spec)!r}; use esri, xyz:URL_TEMPLATE, stac:URL or a raster path"
+        f"unknown imagery source {redact(spec)!r}; use esri, xyz:URL_TEMPLATE, stac:URL, a raster path or URL"
     )
 
 
 def open_reader(
     spec: str, *, cache_dir: Path, offline: bool = False, on_missing: str = "fail", **options: Any
 ) -> ImageryReader:
-    """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster
-    PATH ('file:PATH' forces a path). `options`, checked against the reader's `OPTIONS`, go to its
-    constructor; `on_missing` (what a tile that cannot be had does) to the readers that fetch (tile
-    servers, STAC)."""
+    """Reader for `spec`: 'esri' (Esri World Imagery), 'xyz:URL_TEMPLATE', 'stac:URL', or a raster: a PATH
+    ('file:PATH' forces a path), an http(s) URL or a GDAL /vsi path (a COG on a server or in a bucket).
+    `options`, checked against the reader's `OPTIONS`, go to its constructor; `on_missing` (what a tile that
+    cannot be had does) to the readers that fetch (tile servers, STAC)."""
     spec = spec.strip()
     kind = reader_class(spec)
     kind.check_options(options)
@@ -73,6 +73,8 @@ def open_reader(
         return XYZReader.esri(**fetching, **options)
     if kind is StacReader:
         return StacReader(spec.removeprefix("stac:"), **fetching, **options)
+    if is_remote(spec):
+        return LocalRasterReader(spec, **options)
     path = Path(spec.removeprefix("file:"))
     if not path.exists():
         raise ImageryError(f"raster {path} does not exist; check the path")

@@ -31,7 +31,8 @@ USER_AGENT = "sat2sound-maps/0.1 (python-requests)"
 REDACTED = "***"
 NO_CONTENT_STATUSES = frozenset({204, 404})
 _SENSITIVE_QUERY = re.compile(
-    r"(?i)([?&](?:api[_-]?key|key|access[_-]?token|token|sig|signature|subscription[_-]key|client[_-]secret)=)[^&#]*"
+    r"(?i)([?&](?:api[_-]?key|key|access[_-]?token|token|sig|signature|subscription[_-]key|client[_-]secret"
+    r"|x-(?:amz|goog)-(?:signature|credential|security-token))=)[^&#]*"
 )
 
 T = TypeVar("T")

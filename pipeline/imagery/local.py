@@ -40,7 +40,18 @@ from pipeline.imagery.base import (
     resampling_method,
     true_gsd_m,
 )
+from pipeline.imagery.http import redact
 
+# Rasters GDAL reads over the network: http(s) URLs and its virtual file systems (/vsis3/, /vsicurl/, /vsiaz/...).
+REMOTE_PREFIXES = ("http://", "https://", "/vsi")
+# GDAL settings for COGs over HTTP: no directory listing or sidecar probing, merged range requests.
+COG_HTTP_ENV: dict[str, object] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MAX_RETRY": 4,
+    "GDAL_HTTP_RETRY_DELAY": 1,
+    "VSI_CACHE": "TRUE",
+}
 DEFAULT_PERCENTILES = (2.0, 98.0)
 # The stretch is estimated from a read no larger than this many pixels on its long side.
 STRETCH_SAMPLE_PX = 1024
@@ -51,6 +62,11 @@ HOLDS_IMAGERY_MAX_PX = 4096 * 4096
 # Source pixels read around a strip of views beyond its footprint: room for the resampling kernel.
 KERNEL_MARGIN_PX = 3
 _UINT8_MAX = 255
+
+
+def is_remote(path: str) -> bool:
+    """Whether GDAL reads `path` over the network."""
+    return path.startswith(REMOTE_PREFIXES)
 
 
 def percentile_stretch(sample: np.ma.MaskedArray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> Stretch:
@@ -141,8 +157,10 @@ class LocalRasterReader(ImageryReader):
         gdal_env: Mapping[str, object] | None = None,
     ) -> None:
         self.path = str(path)
+        # The path as messages show it: a URL's credential-like query parameters hidden.
+        self.name = redact(self.path)
         self.attribution = attribution
-        self._gdal_env = dict(gdal_env or {})
+        self._gdal_env = {**(COG_HTTP_ENV if is_remote(self.path) else {}), **(gdal_env or {})}
         self._resampling = resampling_method(resampling)
         if not percentiles[0] < percentiles[1]:
             raise ImageryError(f"percentiles {tuple(percentiles)} are empty or inverted; give [low, high] like [2, 98]")
@@ -153,15 +171,15 @@ class LocalRasterReader(ImageryReader):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self._dataset = rasterio.open(self.path)
         except RasterioError as exc:
-            raise ImageryError(f"cannot open raster {self.path} ({type(exc).__name__}); check the path or URL") from exc
+            raise ImageryError(f"cannot open raster {self.name} ({type(exc).__name__}); check the path or URL") from exc
         if self._dataset.crs is None:
             self._dataset.close()
-            raise ImageryError(f"raster {self.path} has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
+            raise ImageryError(f"raster {self.name} has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
         self.bands = tuple(bands) if bands is not None else _default_bands(self._dataset)
         if len(self.bands) not in (1, RGB_BANDS) or any(not 1 <= band <= self._dataset.count for band in self.bands):
             self._dataset.close()
             raise ImageryError(
-                f"bands {self.bands} do not fit {self.path} ({self._dataset.count} bands); "
+                f"bands {self.bands} do not fit {self.name} ({self._dataset.count} bands); "
                 "pass three 1-based indexes in RGB order, or one for grey"
             )
         self.nodata = nodata if nodata is not None else self._dataset.nodata
@@ -182,7 +200,7 @@ class LocalRasterReader(ImageryReader):
             sample = self._decimated_sample()
             if not sample.count():
                 raise ImageryError(
-                    f"raster {self.path} has no valid pixel in a {max(sample.shape[1:])}-px read of it (each is"
+                    f"raster {self.name} has no valid pixel in a {max(sample.shape[1:])}-px read of it (each is"
                     f" nodata ({self.nodata}), NaN or masked); check the file and imagery.options.nodata, or give"
                     " imagery.options.stretch: [min, max]"
                 )
@@ -201,7 +219,7 @@ class LocalRasterReader(ImageryReader):
             ground_distance_m(centre, transform @ (column, row + 1.0), crs),
         )
         if not all(math.isfinite(side) for side in sides):
-            raise ImageryError(f"cannot tell the pixel size of {self.path} on the ground; set imagery.native_gsd_m")
+            raise ImageryError(f"cannot tell the pixel size of {self.name} on the ground; set imagery.native_gsd_m")
         return max(sides)
 
     def footprint_lnglat(self) -> Bounds:
@@ -209,7 +227,9 @@ class LocalRasterReader(ImageryReader):
 
     def holds_imagery(self, bounds: Bounds) -> bool | None:
         """Whether a pixel of the raster under `bounds` is valid, from its own pixels (mask, nodata, NaN);
-        None above HOLDS_IMAGERY_MAX_PX."""
+        None above HOLDS_IMAGERY_MAX_PX and for a raster read over the network."""
+        if is_remote(self.path):
+            return None
         dataset = self._dataset
         left, bottom, right, top = transform_bounds(dataset.crs, WEB_MERCATOR, *dataset.bounds, densify_pts=21)
         inside = Bounds(
@@ -257,7 +277,7 @@ class LocalRasterReader(ImageryReader):
                 alpha_band = _alpha_band(vrt)
                 stack = vrt.read(indexes=[*self.bands, alpha_band], out_dtype="float32")
         except RasterioError as exc:
-            raise ImageryError(f"cannot read {self.path} ({type(exc).__name__}); check the file or URL") from exc
+            raise ImageryError(f"cannot read {self.name} ({type(exc).__name__}); check the file or URL") from exc
         values = stack[:-1]
         invalid = (stack[-1] == 0) | ~np.isfinite(values).all(axis=0)
         return np.ma.MaskedArray(values, mask=np.broadcast_to(invalid, shape).copy())
@@ -311,7 +331,7 @@ class LocalRasterReader(ImageryReader):
                     dataset.read(indexes=list(self.bands), window=inside, out=read, resampling=Resampling.average)
                     masks = dataset.read_masks(indexes=list(self.bands), window=inside, out_shape=read.shape)
             except RasterioError as exc:
-                raise ImageryError(f"cannot read {self.path} ({type(exc).__name__}); check the file or URL") from exc
+                raise ImageryError(f"cannot read {self.name} ({type(exc).__name__}); check the file or URL") from exc
             has_data = masks.all(axis=0)
             if dtype.kind == "f":
                 has_data &= np.isfinite(read).all(axis=0)

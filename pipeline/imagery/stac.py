@@ -65,14 +65,6 @@ DIGITAL_NUMBER_STRETCH = Stretch(0.0, 3000.0)
 # From processing baseline 04.00 (January 2022) L2A digital numbers carry a +1000 offset.
 BOA_OFFSET_BASELINE = "04.00"
 BOA_ADD_OFFSET = 1000.0
-# GDAL settings for COGs over HTTP: no directory listing or sidecar probing, merged range requests.
-COG_HTTP_ENV: dict[str, object] = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "GDAL_HTTP_MAX_RETRY": 4,
-    "GDAL_HTTP_RETRY_DELAY": 1,
-    "VSI_CACHE": "TRUE",
-}
 _OPEN_ITEMS = 8
 # HTTP statuses of an asset that does not exist: no imagery, unlike a server failing every retry.
 ABSENT_STATUSES = (404, 410)
@@ -285,7 +277,7 @@ class StacReader(ImageryReader):
         if item.id in self._open:
             self._open.move_to_end(item.id)
             return self._open[item.id]
-        options: dict[str, Any] = {"resampling": self._resampling, "gdal_env": COG_HTTP_ENV}
+        options: dict[str, Any] = {"resampling": self._resampling}  # assets over HTTP get COG_HTTP_ENV
         if len(item.hrefs) == 1:
             readers = [LocalRasterReader(item.hrefs[0], bands=(1, 2, 3), stretch="none", **options)]
         else:

@@ -198,6 +198,11 @@ def test_redact_hides_secrets_and_credential_parameters() -> None:
     shown = redact(url, ["SECRET123"])
     assert "SECRET123" not in shown and "abc" not in shown and "zzz" not in shown
     assert shown == "https://tiles.example/v1/***/1/2/3.jpg?access_token=***&style=sat&key=***"
+    presigned = "https://b.s3.amazonaws.com/m.tif?X-Amz-Credential=AKIA&X-Amz-Signature=f00&X-Amz-Expires=60"
+    assert (
+        redact(presigned)
+        == "https://b.s3.amazonaws.com/m.tif?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
+    )
 
 
 def test_retry_settings_from_a_config_mapping() -> None:

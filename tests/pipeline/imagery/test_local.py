@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mercantile
@@ -11,11 +12,11 @@ import rasterio
 from pyproj import Geod
 from rasterio.transform import Affine
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
-from support.imagery_servers import SCENE_PATH, footprint, mask_errors, overlap_fraction
+from support.imagery_servers import SCENE_PATH, StacServer, footprint, mask_errors, overlap_fraction
 
 from pipeline.errors import ImageryError
 from pipeline.geometry import Bounds
-from pipeline.imagery import LocalRasterReader, PrefetchReport, Stretch, open_reader
+from pipeline.imagery import LocalRasterReader, PrefetchReport, Stretch, open_reader, reader_class
 from pipeline.imagery.local import percentile_stretch
 
 with rasterio.open(SCENE_PATH) as _scene:
@@ -154,6 +155,24 @@ def test_holds_imagery_looks_at_every_raster_pixel_under_the_bounds(tmp_path: Pa
         assert reader.holds_imagery(outside) is False
     with LocalRasterReader(SCENE_PATH) as reader:
         assert reader.holds_imagery(INNER) is True
+
+
+def test_a_raster_at_a_url_reads_as_the_file_does(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(SCENE_PATH, served / "scene.tif")
+    with StacServer([], served) as server:  # its /assets/ are files with HTTP range requests
+        url = f"{server.url}/assets/scene.tif?sig=s3cret"
+        assert reader_class(url) is LocalRasterReader
+        with open_reader(url, cache_dir=tmp_path / "cache") as remote, LocalRasterReader(SCENE_PATH) as local:
+            assert remote.footprint_lnglat() == local.footprint_lnglat()
+            remote_image, local_image = remote.part(INNER, 64, 64), local.part(INNER, 64, 64)
+            np.testing.assert_array_equal(remote_image.array.filled(0), local_image.array.filled(0))
+            assert remote.holds_imagery(INNER) is None  # it would mean reading the raster over the network
+        with pytest.raises(ImageryError) as refused:
+            open_reader(f"{server.url}/assets/absent.tif?sig=s3cret", cache_dir=tmp_path / "cache")
+    message = str(refused.value)
+    assert message.startswith(f"cannot open raster {server.url}/assets/absent.tif?sig=***") and "s3cret" not in message
 
 
 def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pipeline.errors import FetchError, ImageryError, ImageryWarning
 from pipeline.geometry import Bounds
 from pipeline.imagery import LocalRasterReader, PrefetchReport, StacReader, TileCache, open_reader
 from pipeline.imagery.http import RetryPolicy
-from pipeline.imagery.stac import COG_HTTP_ENV
+from pipeline.imagery.local import COG_HTTP_ENV
 
 FAST_RETRY = RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=2.0)
 SUMMER_2023 = "2023-01-01/2023-12-31"
