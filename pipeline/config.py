@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -329,6 +330,8 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
     )
 
 
+# GDAL options whose values are credentials (AWS_SECRET_ACCESS_KEY, AZURE_STORAGE_SAS_TOKEN, GDAL_HTTP_USERPWD...).
+SECRET_OPTION = re.compile(r"(?i)KEY|SECRET|TOKEN|PASSWORD|USERPWD|CREDENTIAL|SIGNATURE")
 # Keys that change how jobs run, or only what is checked when a build starts, never what they write.
 RUNTIME_KEYS = {
     "imagery": ("cache_dir", "offline"),
@@ -371,10 +374,18 @@ def step_values(config: BuildConfig, step: str) -> dict[str, Any]:
 
 
 def recorded_config(config: BuildConfig) -> dict[str, Any]:
-    """The config as outputs record it: everything but the runtime keys."""
+    """The config as outputs record it: everything but the runtime keys, and no credentials (a raster URL's
+    credential-like query parameters, the values of secret-like GDAL options)."""
+    from pipeline.imagery.http import REDACTED, redact
+
     recorded = dict(config.raw)
     for section, keys in RUNTIME_KEYS.items():
         recorded[section] = {key: value for key, value in config.raw[section].items() if key not in keys}
+    imagery = recorded["imagery"] = {**recorded["imagery"], "source": redact(recorded["imagery"]["source"])}
+    gdal_env = imagery["options"].get("gdal_env")
+    if gdal_env:
+        hidden = {key: REDACTED if SECRET_OPTION.search(key) else value for key, value in gdal_env.items()}
+        imagery["options"] = {**imagery["options"], "gdal_env": hidden}
     return recorded
 
 

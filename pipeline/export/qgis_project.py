@@ -60,6 +60,7 @@ from pipeline.export.qgis_style import (
 )
 from pipeline.export.zones import ZONES_CRS, ZONES_LAYER
 from pipeline.imagery import LocalRasterReader, StacReader, XYZReader, reader_class
+from pipeline.imagery.local import is_remote
 from pipeline.store.read import SoundscapeStore
 
 # The project file format written: QGIS 3.22's (Debian 12), which newer QGIS versions read as well.
@@ -230,7 +231,7 @@ def _imagery_layer(imagery: ImagerySettings, underlay: Path, home: Path) -> tupl
     """The imagery at the bottom of the project, and what it is in words."""
     if reader_class(imagery.source) is not StacReader:
         with imagery.open_reader() as reader:
-            if isinstance(reader, LocalRasterReader):
+            if isinstance(reader, LocalRasterReader) and not is_remote(reader.path):
                 return _raster_imagery(reader, home)
             if isinstance(reader, XYZReader) and not reader.template.needs_api_key:
                 return _tile_imagery(reader), "an XYZ layer of the tile server"

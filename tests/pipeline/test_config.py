@@ -126,6 +126,21 @@ def test_how_jobs_run_is_never_a_reason_to_rerun_them() -> None:
     assert recorded_config(load_build_config(tuned)) == recorded_config(load_build_config(MINIMAL))
 
 
+def test_outputs_record_no_credentials() -> None:
+    url = "https://b.s3.amazonaws.com/m.tif?X-Amz-Credential=AKIA&X-Amz-Signature=f00"
+    gdal_env = {"AWS_SECRET_ACCESS_KEY": "s3cret", "GDAL_HTTP_USERPWD": "me:pw", "GDAL_HTTP_MAX_RETRY": 3}
+    config = load_build_config(config_with(imagery={"source": url, "options": {"gdal_env": gdal_env}}))
+    recorded = recorded_config(config)
+    assert recorded["imagery"]["source"] == "https://b.s3.amazonaws.com/m.tif?X-Amz-Credential=***&X-Amz-Signature=***"
+    assert recorded["imagery"]["options"]["gdal_env"] == {
+        "AWS_SECRET_ACCESS_KEY": "***",
+        "GDAL_HTTP_USERPWD": "***",
+        "GDAL_HTTP_MAX_RETRY": 3,
+    }
+    assert "s3cret" not in json.dumps(recorded) and "f00" not in json.dumps(recorded)
+    assert config.imagery.options["gdal_env"] == gdal_env  # the build itself still reads with them
+
+
 @pytest.mark.parametrize(
     ("changes", "steps"),
     [
