@@ -17,7 +17,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 from rasterio.io import MemoryFile
-from support.imagery_servers import SceneTiles, TileServer
+from support.imagery_servers import SceneTiles, StacServer, TileServer
 from support.synthetic_store import (
     IMAGERY_TILE_PX,
     SyntheticStore,
@@ -32,7 +32,7 @@ from support.synthetic_store import (
 from pipeline.config import ImagerySettings, OutputSettings
 from pipeline.export.cog import write_concept_cog, write_dominant_cog, write_query_cogs
 from pipeline.export.places import write_top_places
-from pipeline.export.qgis_project import REPOSITORY, BuildFiles, project_path, write_qgis_project
+from pipeline.export.qgis_project import REPOSITORY, BuildFiles, _imagery_layer, project_path, write_qgis_project
 from pipeline.export.qgis_style import OVERLAY_OPACITY, percentile_classes, query_colours, value_classes
 from pipeline.export.underlay import write_underlay
 from pipeline.export.zones import write_zones
@@ -128,7 +128,7 @@ app.exitQgis()
 """
 
 
-def local_imagery(raster: Path, cache: Path) -> ImagerySettings:
+def local_imagery(raster: Path | str, cache: Path) -> ImagerySettings:
     return ImagerySettings(str(raster), {"bands": [3, 2, 1], "attribution": ATTRIBUTION}, str(cache), False, None, 0.5)
 
 
@@ -418,6 +418,18 @@ def test_a_stac_source_shows_the_builds_underlay(
     rendered = _png(qgis["stac"]["renders"] / "imagery.png")
     for row, col in ((4.0, 4.0), (4.0, 12.0)):
         assert np.abs(_pixel(rendered, store, row, col) - as_read(row, col, stretch)).max() <= 12
+
+
+def test_a_raster_over_the_network_shows_the_builds_underlay(raster: Path, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(raster, served / "scene.tif")
+    underlay = Path(shutil.copy(raster, tmp_path / "imagery.tif"))  # a raster where the build's underlay would be
+    with StacServer([], served) as server:  # its /assets/ are files with HTTP range requests
+        remote = local_imagery(f"{server.url}/assets/scene.tif", tmp_path / "cache")
+        layer, described = _imagery_layer(remote, underlay, tmp_path)
+    assert described == "imagery.tif (the source cannot be a QGIS layer)"
+    assert layer.element.findtext("datasource") == "./imagery.tif"
 
 
 @needs_debian_qgis
