@@ -14,6 +14,8 @@ from types import FrameType
 
 STOPPED_LINE = "stopped; rerun the same command to resume"
 INTERRUPTED_STATUS = 130
+USAGE_STATUS = 2
+CONFIG_FILE_FLAGS = ("--configfile", "--configfiles")
 # Names the file that Ctrl-C creates (`pipeline.build.quiet_interrupts`). A job launched just as the interrupt came
 # misses the signal, and Snakemake would wait for it to the end: the job finds the file and does not start.
 STOP_MARK_ENV = "SAT2SOUND_STOP_MARK"
@@ -34,8 +36,32 @@ def _stop_early(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED_STATUS)
 
 
+def missing_config_file(argv: list[str]) -> str | None:
+    """The first file after --configfile (or --configfiles) that does not exist: Snakemake reads them before the
+    workflow and answers a missing one with a traceback."""
+    reading = False
+    for argument in argv:
+        flag, equals, value = argument.partition("=")
+        if flag in CONFIG_FILE_FLAGS:
+            reading = not equals
+            if equals and not os.path.isfile(value):
+                return value
+        elif argument.startswith("-"):
+            reading = False
+        elif reading and not os.path.isfile(argument):
+            return argument
+    return None
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, _stop_early)
+    missing = missing_config_file(sys.argv[1:])
+    if missing is not None:
+        print(
+            f"error: --configfile {missing} is no file; check the path (shipped: config/config.yaml, config/city.yaml)",
+            file=sys.stderr,
+        )
+        return USAGE_STATUS
     from snakemake.cli import main as snakemake
 
     sys.argv[0] = "snakemake"

@@ -18,7 +18,7 @@ import yaml
 from support.paths import LANDSAT, REPO
 
 from pipeline.config import DEFAULT_CONFIG_PATH, default_config_from_anywhere
-from pipeline.launch import INTERRUPTED_STATUS, STOPPED_LINE
+from pipeline.launch import INTERRUPTED_STATUS, STOPPED_LINE, missing_config_file
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TIMEOUT_S = 120
@@ -166,3 +166,30 @@ def test_ctrl_c_before_the_workflow_is_read_prints_the_same_one_line(tmp_path: P
     text = stderr.decode()
     assert run.returncode != 0 and text.count(STOPPED_LINE) == 1, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        (["--configfile", "config/city.yaml", "-n"], None),
+        (["--configfile", "no.yaml"], "no.yaml"),
+        (["--configfile=no.yaml", "-n"], "no.yaml"),
+        (["--configfiles", "config/config.yaml", "other.yaml", "--cores", "2"], "other.yaml"),
+        (["-n", "all"], None),
+    ],
+)
+def test_missing_config_files_are_found_before_snakemake_reads_them(
+    argv: list[str], missing: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert missing_config_file(argv) == missing
+
+
+def test_a_missing_config_file_is_one_line_not_snakemakes_traceback(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pipeline.launch", "-s", str(REPO / "Snakefile"), "--configfile", "mine.yaml"]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert (
+        completed.stderr
+        == "error: --configfile mine.yaml is no file; check the path (shipped: config/config.yaml, config/city.yaml)\n"
+    )
