@@ -7,6 +7,7 @@ nothing has started, so this stops at once with the same line. Imports nothing h
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -36,31 +37,51 @@ def _stop_early(signum: int, frame: FrameType | None) -> None:
     os._exit(INTERRUPTED_STATUS)
 
 
-def missing_config_file(argv: list[str]) -> str | None:
-    """The first file after --configfile (or --configfiles) that does not exist: Snakemake reads them before the
-    workflow and answers a missing one with a traceback."""
-    reading = False
+def config_files(argv: list[str]) -> list[str]:
+    """The files named after --configfile (or --configfiles), as Snakemake reads them: every argument up to the
+    next flag."""
+    files, reading = [], False
     for argument in argv:
         flag, equals, value = argument.partition("=")
         if flag in CONFIG_FILE_FLAGS:
             reading = not equals
-            if equals and not os.path.isfile(value):
-                return value
+            if equals:
+                files.append(value)
         elif argument.startswith("-"):
             reading = False
-        elif reading and not os.path.isfile(argument):
-            return argument
+        elif reading:
+            files.append(argument)
+    return files
+
+
+def config_file_problem(path: str) -> str | None:
+    """Why Snakemake could not read `path` as a config (it answers with a traceback or a WorkflowError), or None."""
+    if not os.path.isfile(path):
+        return f"--configfile {path} is no file; check the path (shipped: config/config.yaml, config/city.yaml)"
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"--configfile {path} cannot be read as UTF-8 text ({type(exc).__name__}); give a YAML file"
+    try:
+        loaded = json.loads(text)  # Snakemake tries JSON first, then YAML
+    except ValueError:
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            return f"--configfile {path} is not readable YAML ({type(exc).__name__}); fix it (key: value lines)"
+    if not isinstance(loaded, dict):
+        return f"--configfile {path} is not a YAML mapping; write key: value lines, as config/config.yaml does"
     return None
 
 
 def main() -> int:
     signal.signal(signal.SIGINT, _stop_early)
-    missing = missing_config_file(sys.argv[1:])
-    if missing is not None:
-        print(
-            f"error: --configfile {missing} is no file; check the path (shipped: config/config.yaml, config/city.yaml)",
-            file=sys.stderr,
-        )
+    problem = next(filter(None, map(config_file_problem, config_files(sys.argv[1:]))), None)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return USAGE_STATUS
     from snakemake.cli import main as snakemake
 

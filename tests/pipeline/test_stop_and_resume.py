@@ -18,7 +18,7 @@ import yaml
 from support.paths import LANDSAT, REPO
 
 from pipeline.config import DEFAULT_CONFIG_PATH, default_config_from_anywhere
-from pipeline.launch import INTERRUPTED_STATUS, STOPPED_LINE, missing_config_file
+from pipeline.launch import INTERRUPTED_STATUS, STOPPED_LINE, config_file_problem, config_files
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TIMEOUT_S = 120
@@ -169,20 +169,40 @@ def test_ctrl_c_before_the_workflow_is_read_prints_the_same_one_line(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("argv", "missing"),
+    ("argv", "files"),
     [
-        (["--configfile", "config/city.yaml", "-n"], None),
-        (["--configfile", "no.yaml"], "no.yaml"),
-        (["--configfile=no.yaml", "-n"], "no.yaml"),
-        (["--configfiles", "config/config.yaml", "other.yaml", "--cores", "2"], "other.yaml"),
-        (["-n", "all"], None),
+        (["--configfile", "config/city.yaml", "-n"], ["config/city.yaml"]),
+        (["--configfile=no.yaml", "-n"], ["no.yaml"]),
+        (["--configfiles", "a.yaml", "b.yaml", "--cores", "2", "all"], ["a.yaml", "b.yaml"]),
+        (["-n", "all"], []),
     ],
 )
-def test_missing_config_files_are_found_before_snakemake_reads_them(
-    argv: list[str], missing: str | None, monkeypatch: pytest.MonkeyPatch
+def test_config_files_are_read_from_the_command_line_as_snakemake_reads_them(argv: list[str], files: list[str]) -> None:
+    assert config_files(argv) == files
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "no.yaml is no file; check the path"),
+        ("", "no.yaml is not a YAML mapping"),
+        ("- 1\n- 2\n", "no.yaml is not a YAML mapping"),
+        ("a: [1,\n", "no.yaml is not readable YAML (ParserError)"),
+        (b"\xff\xfe", "no.yaml cannot be read as UTF-8 text"),
+        ('{"name":\t"x"}', None),
+        ("name: x\n", None),
+    ],
+)
+def test_config_files_snakemake_could_not_read_are_named(
+    content: str | bytes | None, problem: str | None, tmp_path: Path
 ) -> None:
-    monkeypatch.chdir(REPO)
-    assert missing_config_file(argv) == missing
+    path = tmp_path / "no.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    found = config_file_problem(str(path))
+    assert found is None if problem is None else found is not None and problem in found, found
 
 
 def test_a_missing_config_file_is_one_line_not_snakemakes_traceback(tmp_path: Path) -> None:
