@@ -131,8 +131,8 @@ def gallery_of(built: BuiltMap, given: Path | None) -> Gallery:
     return gallery
 
 
-def tile_at(built: BuiltMap, lat: float, lon: float) -> tuple[int, int]:
-    """The grid row and column of the build's tile under lat, lon (refused outside the build)."""
+def tile_at(built: BuiltMap, lat: float, lon: float, fix: str = "pick a place inside it") -> tuple[int, int]:
+    """The grid row and column of the build's tile under lat, lon (refused outside the build, with `fix`)."""
     grid = built.store.grid
     x, y = mercantile.xy(lon, lat)
     col, row = (int(np.floor(value)) for value in ~grid.transform @ (x, y))
@@ -140,7 +140,7 @@ def tile_at(built: BuiltMap, lat: float, lon: float) -> tuple[int, int]:
         west, south, east, north = _lnglat_bounds(built)
         raise ListenError(
             f"{lat:.5f},{lon:.5f} lies outside the build {built.folder} (lat {south:.4f} to {north:.4f}, lon"
-            f" {west:.4f} to {east:.4f}); pick a place inside it"
+            f" {west:.4f} to {east:.4f}); {fix}"
         )
     return row, col
 
@@ -174,7 +174,8 @@ def place_at(built: BuiltMap, lat: float, lon: float, seconds: float) -> Place:
 def route_places(built: BuiltMap, route: Path, speed: float) -> list[Place]:
     """The places a walk along the line in `route` passes, each with the seconds spent over it."""
     lats, lons = route_points(route, speed, WALK_STEP_SECONDS, MIN_SECONDS, MAX_SECONDS)
-    cells = [tile_at(built, lat, lon) for lat, lon in zip(lats, lons, strict=True)]
+    fix = f"the route {route} leaves the build there: draw it inside the build"
+    cells = [tile_at(built, lat, lon, fix) for lat, lon in zip(lats, lons, strict=True)]
     valid = [is_valid(built, row, col) for row, col in cells]
     if not any(valid):
         raise ListenError(f"no tile along {route} has a prediction in {built.folder}; walk where the map has imagery")

@@ -273,6 +273,9 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
     not_a_line.write_text(json.dumps({"type": "Point", "coordinates": [2.4, 48.8]}))
     table = root / "route.csv"
     table.write_text("lat,lon\n48.8,2.4\n48.9,2.5\n")
+    lat, lon = (float(part) for part in point.split(","))
+    leaving = root / "leaving.geojson"  # from a tile of the build 5 degrees east, far past its edge
+    leaving.write_text(json.dumps({"type": "LineString", "coordinates": [[lon, lat], [lon + 5.0, lat]]}))
     build, out = str(setup.build), str(root / "out.flac")
     return {
         "outside the build": ([build, "--at", "10.0,10.0", "--out", out], "lies outside the build"),
@@ -293,6 +296,10 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "no route file": ([build, "--along", str(root / "none.geojson"), "--out", out], "no route file"),
         "route not a line": ([build, "--along", str(not_a_line), "--out", out], "holds no single line"),
+        "route leaving the build": (
+            [build, "--along", str(leaving), "--speed", "1000", "--out", out],
+            "leaves the build there: draw it inside the build",
+        ),
         "route a table": ([build, "--along", str(table), "--out", out], "(it holds no geometry column)"),
         "generator not importable": (
             [build, "--at", point, "--generator", "no_such_module:Model", "--out", out],
@@ -322,6 +329,7 @@ BAD_CASES = [
     "no route file",
     "route not a line",
     "route a table",
+    "route leaving the build",
     "generator not importable",
     "generator without generate",
 ]
