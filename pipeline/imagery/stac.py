@@ -50,7 +50,7 @@ from pipeline.imagery.base import (
 )
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import decode_tile, encode_png
-from pipeline.imagery.http import DEFAULT_RETRY, RETRY_OPTION, RetryPolicy, redact, retry_policy
+from pipeline.imagery.http import DEFAULT_RETRY, RETRY_OPTION, RetryPolicy, is_http_url, redact, retry_policy
 from pipeline.imagery.local import LocalRasterReader, Stretch, apply_stretch, stretch_range
 
 SENTINEL2_L2A = "sentinel-2-l2a"
@@ -139,6 +139,11 @@ class StacReader(ImageryReader):
         attribution: str = SENTINEL2_ATTRIBUTION,
         on_missing: OnMissing = "fail",
     ) -> None:
+        if not is_http_url(url):
+            raise ImageryError(
+                f"STAC API URL {redact(url)!r} is not http(s) with a host; write e.g."
+                " stac:https://earth-search.aws.element84.com/v1"
+            )
         self.url = url
         self.cache = cache
         self.collection = collection

@@ -64,7 +64,15 @@ from pipeline.imagery.base import (
 )
 from pipeline.imagery.cache import TileCache
 from pipeline.imagery.codec import TileImage, decode_tile
-from pipeline.imagery.http import DEFAULT_RETRY, RETRY_OPTION, HttpClient, RetryPolicy, redact, retry_policy
+from pipeline.imagery.http import (
+    DEFAULT_RETRY,
+    RETRY_OPTION,
+    HttpClient,
+    RetryPolicy,
+    is_http_url,
+    redact,
+    retry_policy,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -116,8 +124,10 @@ class TileTemplate(NamedTuple):
     @classmethod
     def parse(cls, url: str) -> TileTemplate:
         shown = redact(url)
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise ImageryError(f"tile URL template {shown} is not http(s); start it with https://")
+        if not is_http_url(url):
+            raise ImageryError(
+                f"tile URL template {shown} is not http(s) with a host; write https://host/{{z}}/{{x}}/{{y}}"
+            )
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(url) if name is not None}
         except ValueError:

@@ -184,6 +184,9 @@ def test_stac_spec_and_options(server: StacServer, tmp_path: Path) -> None:
         assert [item.id for item in reader.search(SCENE_LNGLAT)] == ["clear-west"]
     with pytest.raises(ImageryError, match="max_cloud_cover: 150 is greater than the maximum of 100"):
         open_reader(f"stac:{server.url}", cache_dir=tmp_path, max_cloud_cover=150)
+    for url in ("", "ftp://host/v1", "earth-search/v1"):
+        with pytest.raises(ImageryError, match=f"STAC API URL '{url}' is not http"):
+            open_reader(f"stac:{url}", cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("collection", ["sentinel-2-l2a", BANDS_COLLECTION])

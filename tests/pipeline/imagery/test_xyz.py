@@ -90,6 +90,7 @@ def _mean_difference(a: np.ma.MaskedArray, b: np.ma.MaskedArray) -> float:
         ("https://host/{z}/{x}.png", "lacks {x} or {y}"),
         ("https://host/{z}/{x}/{y}/{s}.png", "unknown placeholder {s}"),
         ("ftp://host/{z}/{x}/{y}.png", "not http"),
+        ("https:///{z}/{x}/{y}.png", "not http\\(s\\) with a host"),
         ("https://host/{z}/{x}/{y.png", "unbalanced braces"),
     ],
 )
