@@ -1,4 +1,5 @@
-"""Local (or /vsicurl/) rasters in any CRS: GeoTIFF, COG, VRT, read as windows warped to the request.
+"""Rasters in any CRS, local or over the network (http(s) URLs, GDAL /vsi paths): GeoTIFF, COG, VRT, read as
+windows warped to the request.
 
 Each read builds a WarpedVRT on exactly the requested grid, so GDAL resamples straight from the
 source (using its overviews when shrinking). Band selection picks the RGB bands; data that is not
@@ -113,8 +114,8 @@ class LocalRasterReader(ImageryReader):
 
     `bands` are 1-based indexes in RGB order (default: the bands tagged red/green/blue, else 1,2,3; a
     single band is shown as grey). `nodata` overrides the file's nodata value. `gdal_env` holds GDAL
-    config options for every open and read (e.g. for rasters served over HTTP). A reader holds an
-    open GDAL dataset: use one per thread, and open it after forking worker processes.
+    config options for every open and read, over COG_HTTP_ENV for a raster read over the network. A reader
+    holds an open GDAL dataset: use one per thread, and open it after forking worker processes.
     """
 
     OPTIONS: ClassVar[Mapping[str, OptionSchema]] = {
