@@ -12,8 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from common.mapping_file import read_mapping
 from model.config import GSD_BY_SAT_TYPE, Sat2SoundConfig
 from model.errors import ConfigError
 
@@ -287,12 +286,5 @@ def _relative_to(settings: TrainSettings, base: Path) -> TrainSettings:
 
 
 def load_settings(path: Path) -> TrainSettings:
-    if not path.is_file():
-        raise ConfigError(f"training config {path} does not exist; write one (see README, Training)")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{path} must hold a mapping of settings")
+    values = read_mapping(path, "training config", "write one of key: value lines (see README, Training)", ConfigError)
     return parse_settings(values, base=path.parent)

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from common.errors import Sat2SoundError
+from common.mapping_file import read_mapping
 from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
 from pipeline.build import describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
@@ -52,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+PLAN_CONFIG_FIX = "check the path, and write key: value lines as config/config.yaml does"
 PLAN_LIMIT_HINT = "pick a smaller region or a larger --zoom-level, or raise --max-tiles"
 # Flags of `plan` and the config keys they set; unset flags leave the config file's value or the schema default.
 PLAN_FLAGS = {
@@ -69,7 +69,7 @@ PLAN_FLAGS = {
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    config = _read_config(args.config) if args.config else {}
+    config = read_mapping(args.config, "the config", PLAN_CONFIG_FIX, BuildConfigError) if args.config else {}
     for flag, (*sections, key) in PLAN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -98,18 +98,6 @@ def _as_written(message: str, args: argparse.Namespace) -> str:
             pattern = rf"\bconfig\.{key}\b:?" if len(keys) == 1 else rf"\b(?:config\.)?{key}\b:?"
             message = re.sub(pattern, f"--{flag.replace('_', '-')}", message)
     return message
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BuildConfigError(
-            f"cannot read the config {path} ({type(exc).__name__}); check the path and YAML"
-        ) from None
-    if not isinstance(loaded, dict):
-        raise BuildConfigError(f"the config {path} is not a YAML mapping; write key: value lines")
-    return loaded
 
 
 def _run_query(args: argparse.Namespace) -> None:

@@ -7,16 +7,17 @@ nothing has started, so this stops at once with the same line. Imports nothing h
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 STOPPED_LINE = "stopped; rerun the same command to resume"
 INTERRUPTED_STATUS = 130
 USAGE_STATUS = 2
 CONFIG_FILE_FLAGS = ("--configfile", "--configfiles")
+CONFIG_FILE_FIX = "give a YAML file of key: value lines (shipped: config/config.yaml, config/city.yaml)"
 # Names the file that Ctrl-C creates (`pipeline.build.quiet_interrupts`). A job launched just as the interrupt came
 # misses the signal, and Snakemake would wait for it to the end: the job finds the file and does not start.
 STOP_MARK_ENV = "SAT2SOUND_STOP_MARK"
@@ -54,34 +55,16 @@ def config_files(argv: list[str]) -> list[str]:
     return files
 
 
-def config_file_problem(path: str) -> str | None:
-    """Why Snakemake could not read `path` as a config (it answers with a traceback or a WorkflowError), or None."""
-    if not os.path.isfile(path):
-        return f"--configfile {path} is no file; check the path (shipped: config/config.yaml, config/city.yaml)"
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"--configfile {path} cannot be read as UTF-8 text ({type(exc).__name__}); give a YAML file"
-    try:
-        loaded = json.loads(text)  # Snakemake tries JSON first, then YAML
-    except ValueError:
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            return f"--configfile {path} is not readable YAML ({type(exc).__name__}); fix it (key: value lines)"
-    if not isinstance(loaded, dict):
-        return f"--configfile {path} is not a YAML mapping; write key: value lines, as config/config.yaml does"
-    return None
-
-
 def main() -> int:
     signal.signal(signal.SIGINT, _stop_early)
-    problem = next(filter(None, map(config_file_problem, config_files(sys.argv[1:]))), None)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+    from common.errors import Sat2SoundError
+    from common.mapping_file import read_mapping
+
+    try:
+        for path in config_files(sys.argv[1:]):
+            read_mapping(Path(path), "--configfile", CONFIG_FILE_FIX, Sat2SoundError)
+    except Sat2SoundError as exc:  # Snakemake would answer with a traceback or a WorkflowError
+        print(f"error: {exc}", file=sys.stderr)
         return USAGE_STATUS
     from snakemake.cli import main as snakemake
 

@@ -35,7 +35,7 @@ LAYERS = {
     "pipeline/zone_file.py": {"common", "pipeline.config", "pipeline.errors", "pipeline.geometry", "pipeline.regions"},
     "pipeline/imagery": {"common", "pipeline.errors", "pipeline.geometry"},
     "pipeline/views.py": {"pipeline.errors", "pipeline.geometry", "pipeline.imagery"},
-    "pipeline/launch.py": set(),
+    "pipeline/launch.py": {"common"},
     "pipeline/vectors.py": {"common"},
     "pipeline/search.py": {"common", "pipeline.errors", "pipeline.store", "pipeline.vectors"},
     "pipeline/store": {
