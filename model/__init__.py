@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 from model.config import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS, Sat2SoundConfig
 
 if TYPE_CHECKING:
-    from model.checkpoint import read_config, save_safetensors, sha256_file
-    from model.hub import resolve
+    from model.checkpoint import checkpoint_config, read_config, resolve_checkpoint, save_safetensors, sha256_file
     from model.inference import Sat2SoundEncoder
     from model.metadata import Metadata
     from model.sat2sound import Sat2Sound
@@ -24,8 +23,9 @@ _LAZY = {
     "Metadata": "model.metadata",
     "Sat2Sound": "model.sat2sound",
     "Sat2SoundEncoder": "model.inference",
+    "checkpoint_config": "model.checkpoint",
     "read_config": "model.checkpoint",
-    "resolve": "model.hub",
+    "resolve_checkpoint": "model.checkpoint",
     "save_safetensors": "model.checkpoint",
     "sha256_file": "model.checkpoint",
 }
@@ -39,8 +39,9 @@ __all__ = [
     "Sat2Sound",
     "Sat2SoundConfig",
     "Sat2SoundEncoder",
+    "checkpoint_config",
     "read_config",
-    "resolve",
+    "resolve_checkpoint",
     "save_safetensors",
     "sha256_file",
 ]

@@ -17,8 +17,9 @@ import pathlib
 import pickle
 import zipfile
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
+# The config beside a .safetensors checkpoint.
+CONFIG_SUFFIX = ".json"
 CONFIG_FORMAT = "sat2sound-maps/config-v1"
 # The sentence a converted or trained checkpoint's config may carry about what the weights are.
 DESCRIPTION_KEY = "description"
@@ -103,78 +106,111 @@ def _unpickling_culprit(exc: pickle.UnpicklingError) -> str:
     return (named or lines or ["unsupported object"])[0][:200]
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+def _torch_load(source: Path | IO[bytes], name: str, *, weights: bool = True) -> dict[str, Any]:
+    """The payload of a torch checkpoint, a local file or an open one (`name` says which in messages); without
+    `weights` its tensors hold shapes and dtypes but no data, and no byte of the weights is read."""
     import torch
 
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(source)
+    except ValueError:  # a remote file shorter than a zip's end record: fsspec refuses the seek before its start
+        is_zip = False
+    if not is_zip:
         raise CheckpointError(
-            f"{path} is not a torch checkpoint (not a zip archive: truncated or another format); "
+            f"{name} is not a torch checkpoint (not a zip archive: truncated or another format); "
             "download it again or pass the .ckpt/.safetensors file"
         )
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} holds pickled objects outside the safe allow-list ({_unpickling_culprit(exc)});"
-            " it is not a plain Sat2Sound checkpoint — refusing to run code from it"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
-            f"{path} cannot be read ({first_line(exc)[:160]}); the file is truncated or corrupt, download it again"
-        ) from None
+    if not isinstance(source, Path):
+        source.seek(0)  # is_zipfile read the archive's end
+    with ExitStack() as stack:
+        stack.enter_context(torch.serialization.safe_globals(SAFE_GLOBALS))
+        if not weights:
+            stack.enter_context(torch.serialization.skip_data())
+        try:
+            payload = torch.load(source, map_location="cpu", weights_only=True, mmap=weights)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{name} holds pickled objects outside the safe allow-list ({_unpickling_culprit(exc)});"
+                " it is not a plain Sat2Sound checkpoint — refusing to run code from it"
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(
+                f"{name} cannot be read ({first_line(exc)[:160]}); the file is truncated or corrupt, download it again"
+            ) from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} is not a Sat2Sound checkpoint (holds a {type(payload).__name__}, not a dict)")
+        raise CheckpointError(f"{name} is not a Sat2Sound checkpoint (holds a {type(payload).__name__}, not a dict)")
     return payload
 
 
-def read_torch_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
-    payload = _torch_load(path)
+def _torch_parts(payload: Mapping[str, Any], name: str) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
     missing = [key for key in ("state_dict", "hyper_parameters") if key not in payload]
     if missing:
         raise CheckpointError(
-            f"{path} is not a Sat2Sound checkpoint (no {' or '.join(missing)}); "
+            f"{name} is not a Sat2Sound checkpoint (no {' or '.join(missing)}); "
             "expected a Lightning checkpoint of mvrl/sat2sound"
         )
     hparams = dict(payload["hyper_parameters"])
     try:
         cfg = Sat2SoundConfig.from_hparams(hparams)
     except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{name}: {exc}") from None
     return cfg, filter_state_dict(payload["state_dict"]), hparams
 
 
+def read_torch_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    return _torch_parts(_torch_load(path, str(path)), str(path))
+
+
 def _safetensors_config_path(path: Path) -> Path:
-    config_path = path.with_suffix(".json")
+    return path.with_suffix(CONFIG_SUFFIX)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files of a local checkpoint: the weights, and beside a .safetensors file its .json config."""
+    return [path, *([_safetensors_config_path(path)] if path.suffix == SAFETENSORS_SUFFIX else [])]
+
+
+def _read_meta(config_path: Path) -> dict[str, Any]:
+    """The JSON config beside a .safetensors checkpoint."""
     if not config_path.is_file():
-        raise CheckpointError(f"{path} has no config beside it ({config_path.name}); convert the .ckpt again")
-    return config_path
+        raise CheckpointError(
+            f"{config_path.with_suffix(SAFETENSORS_SUFFIX)} has no config beside it ({config_path.name});"
+            " convert the .ckpt again"
+        )
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {config_path} ({first_line(exc)}); convert the .ckpt again") from None
+    if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{config_path} is not a Sat2Sound config (format {found!r}); convert the .ckpt again")
+    return meta
+
+
+def _meta_config(meta: Mapping[str, Any], config_path: Path) -> Sat2SoundConfig:
+    try:
+        return Sat2SoundConfig.from_dict(meta.get("config", {}))
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
 
 
 def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
     from safetensors.torch import load_file
 
     config_path = _safetensors_config_path(path)
+    meta = _read_meta(config_path)
     try:
-        meta = json.loads(config_path.read_text())
         state_dict = load_file(path)
-    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} or its config cannot be read ({exc}); convert the .ckpt again") from None
-    if meta.get("format") != CONFIG_FORMAT:
-        raise CheckpointError(f"{config_path} is not a Sat2Sound config (format {meta.get('format')!r})")
-    return (
-        Sat2SoundConfig.from_dict(meta["config"]),
-        filter_state_dict(state_dict),
-        meta.get("hyper_parameters", {}),
-    )
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); convert the .ckpt again") from None
+    return _meta_config(meta, config_path), filter_state_dict(state_dict), meta.get("hyper_parameters", {})
 
 
 def checkpoint_description(path: Path) -> str:
     """What a .safetensors checkpoint says it is (its config's description; empty for other files)."""
     if path.suffix != SAFETENSORS_SUFFIX:
         return ""
-    meta = json.loads(_safetensors_config_path(path).read_text())
-    return str(meta.get(DESCRIPTION_KEY, ""))
+    return str(_read_meta(_safetensors_config_path(path)).get(DESCRIPTION_KEY, ""))
 
 
 def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
@@ -190,12 +226,40 @@ def read_config(path: Path) -> Sat2SoundConfig:
     """The architecture of a local checkpoint without reading its weights (.ckpt files are memory-mapped)."""
     if path.suffix == SAFETENSORS_SUFFIX:
         config_path = _safetensors_config_path(path)
-        try:
-            meta = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read {config_path} ({first_line(exc)}); convert the .ckpt again") from None
-        return Sat2SoundConfig.from_dict(meta.get("config", {}))
+        return _meta_config(_read_meta(config_path), config_path)
     return read_checkpoint(path)[0]
+
+
+def resolve_checkpoint(uri: str | Path) -> Path:
+    """The local file of the checkpoint at `uri` (a path, or an hf:// URI downloaded on first use); an hf://
+    .safetensors file comes with the .json config beside it."""
+    from model.hub import HF_SCHEME, resolve
+
+    path = resolve(uri)
+    if str(uri).startswith(HF_SCHEME) and path.suffix == SAFETENSORS_SUFFIX:
+        resolve(_config_uri(str(uri)))
+    return path
+
+
+def checkpoint_config(uri: str | Path) -> Sat2SoundConfig:
+    """The architecture of the checkpoint at `uri` without downloading its weights. A local file, or an hf:// one
+    already in the cache, is read where it lies. Of an hf:// checkpoint not yet downloaded, a .safetensors
+    file's .json config alone is downloaded, and a torch checkpoint's hyper-parameters are read in place: a few
+    HTTP range requests, about a megabyte of the 0.6 GB of an official checkpoint."""
+    from model.hub import HF_SCHEME, in_cache, open_remote, resolve
+
+    text = str(uri)
+    if not text.startswith(HF_SCHEME) or in_cache(text):
+        return read_config(resolve_checkpoint(text))
+    if text.endswith(SAFETENSORS_SUFFIX):
+        config_path = resolve(_config_uri(text))
+        return _meta_config(_read_meta(config_path), config_path)
+    with open_remote(text) as remote:
+        return _torch_parts(_torch_load(remote, text, weights=False), text)[0]
+
+
+def _config_uri(uri: str) -> str:
+    return uri.removesuffix(SAFETENSORS_SUFFIX) + CONFIG_SUFFIX
 
 
 def describe_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str:
@@ -270,9 +334,7 @@ def build_model(
 
 def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:
     """Model and provenance (path, sha256, hyper-parameters) from a path or an hf:// URI, on the CPU."""
-    from model.hub import resolve
-
-    path = resolve(str(source))
+    path = resolve_checkpoint(source)
     cfg, state_dict, hparams = read_checkpoint(path)
     model = build_model(cfg, state_dict, source=str(source))
     return model, {"checkpoint": str(source), "path": str(path), "hyper_parameters": hparams}
@@ -286,7 +348,7 @@ def save_safetensors(
 
     if out.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"output {out} must end in {SAFETENSORS_SUFFIX}")
-    config_path = out.with_suffix(".json")
+    config_path = _safetensors_config_path(out)
     meta = {
         "format": CONFIG_FORMAT,
         "config": model.cfg.to_dict(),

@@ -1,5 +1,5 @@
 """Turn a checkpoint or data URI into a local file: local paths as given, `hf://` files via the Hugging Face cache;
-fetch the files of a Hub dataset that match a pattern.
+fetch the files of a Hub dataset that match a pattern; open an `hf://` file where it lies, to read a few parts of it.
 
 An `hf://` URI reads `hf://OWNER/REPO[@REVISION]/PATH/IN/REPO`, with an optional `datasets/` or `spaces/`
 prefix before OWNER for those repo types (the `HfFileSystem` convention). Downloads land in the standard
@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 from urllib.parse import unquote
 
 from model.errors import DownloadError, first_line
@@ -34,6 +34,8 @@ URI_FORM = "hf://OWNER/REPO[@REVISION]/PATH/IN/REPO"
 HUB_HTTP_LOGGER = "huggingface_hub.utils._http"
 FAILED_LINE = re.compile(r"'?(?P<reason>.*?)'? thrown while requesting ")
 RETRY_LINE = re.compile(r"Retrying in (?P<wait>[\d.]+)s \[Retry (?P<attempt>\d+)/(?P<attempts>\d+)\]")
+# What one HTTP range request of a file opened where it lies asks for.
+REMOTE_BLOCK_BYTES = 1 << 18
 
 
 class HubFile(NamedTuple):
@@ -43,6 +45,12 @@ class HubFile(NamedTuple):
     filename: str
     revision: str | None
     repo_type: str
+
+    @property
+    def fs_path(self) -> str:
+        """The file's path in `HfFileSystem`."""
+        prefix = next((prefix for prefix, kind in REPO_TYPE_BY_PREFIX.items() if kind == self.repo_type), None)
+        return "/".join([*([prefix] if prefix else []), self.repo_id, self.filename])
 
     def describe(self) -> str:
         at_revision = f"@{self.revision}" if self.revision else ""
@@ -92,6 +100,35 @@ def resolve(uri: str | Path) -> Path:
     return Path(local)
 
 
+def in_cache(uri: str) -> bool:
+    """Whether the Hugging Face cache holds the hf:// file `uri` at the revision it names."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_file = parse_hf_uri(uri)
+    found = try_to_load_from_cache(
+        hub_file.repo_id, hub_file.filename, revision=hub_file.revision, repo_type=hub_file.repo_type
+    )
+    return isinstance(found, str)
+
+
+@contextmanager
+def open_remote(uri: str) -> Iterator[IO[bytes]]:
+    """The hf:// file `uri` opened where it lies, read-only and seekable: each read is an HTTP range request of
+    `REMOTE_BLOCK_BYTES`, so reading a few parts of a large file (a checkpoint's hyper-parameters) downloads those
+    alone. Nothing is cached."""
+    from huggingface_hub import HfFileSystem, is_offline_mode
+
+    hub_file = parse_hf_uri(uri)
+    if is_offline_mode():
+        raise DownloadError(_unreachable_message(uri))
+    path, revision = hub_file.fs_path, hub_file.revision
+    with (
+        _hub_errors(uri, hub_file),
+        HfFileSystem().open(path, "rb", revision=revision, block_size=REMOTE_BLOCK_BYTES) as remote,
+    ):
+        yield remote
+
+
 def download_dataset(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
     """The snapshot folder of Hub dataset `repo_id` holding its files that match `patterns` (fnmatch), downloaded
     into the Hugging Face cache on first use; other files are not fetched."""
@@ -106,6 +143,18 @@ def download_dataset(repo_id: str, patterns: list[str], revision: str | None = N
 @contextmanager
 def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
     """Turn huggingface_hub's and httpx's exceptions into one-line DownloadErrors about `uri`."""
+    try:
+        with retry_lines(uri):
+            yield
+    except Exception as exc:
+        error = _download_error(exc, uri, hub_file)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _download_error(exc: BaseException, uri: str, hub_file: HubFile) -> DownloadError | None:
+    """The one line for a Hub client's exception; None for one that is no Hub error."""
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -117,37 +166,34 @@ def _hub_errors(uri: str, hub_file: HubFile) -> Iterator[None]:
         RevisionNotFoundError,
     )
 
-    try:
-        with retry_lines(uri):
-            yield
-    except LocalEntryNotFoundError:
-        raise DownloadError(_unreachable_message(uri)) from None
-    except RemoteEntryNotFoundError:
-        raise DownloadError(
-            f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {uri}"
-        ) from None
-    except RevisionNotFoundError:
-        raise DownloadError(
+    if isinstance(exc, LocalEntryNotFoundError | httpx2.ConnectError):
+        return DownloadError(_unreachable_message(uri))
+    if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
+        # HfFileSystem's answer, with the Hub's own error as its cause; none when the repo lacks the file.
+        return _download_error(exc.__cause__, uri, hub_file)
+    if isinstance(exc, RemoteEntryNotFoundError | FileNotFoundError):
+        return DownloadError(f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {uri}")
+    if isinstance(exc, RevisionNotFoundError):
+        return DownloadError(
             f"revision {hub_file.revision!r} does not exist in Hub repo {hub_file.repo_id}; fix it in {uri}"
-        ) from None
-    except RepositoryNotFoundError:
-        raise DownloadError(
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return DownloadError(
             f"Hub {hub_file.describe()} does not exist or needs access rights;"
             " check the name, or log in with 'hf auth login'"
-        ) from None
-    except HfHubHTTPError as exc:
-        raise DownloadError(f"the Hub answered HTTP {exc.response.status_code} for {uri}; retry later") from None
-    except HFValidationError:
-        raise DownloadError(f"{hub_file.repo_id!r} is not a valid Hub repo id; fix it in {uri}") from None
-    except httpx2.HTTPError as exc:
-        raise DownloadError(
-            f"download of {uri} failed ({first_line(exc)}); retry once the connection is stable"
-        ) from None
-    except OSError as exc:
-        raise DownloadError(
+        )
+    if isinstance(exc, HfHubHTTPError):
+        return DownloadError(f"the Hub answered HTTP {exc.response.status_code} for {uri}; retry later")
+    if isinstance(exc, HFValidationError):
+        return DownloadError(f"{hub_file.repo_id!r} is not a valid Hub repo id; fix it in {uri}")
+    if isinstance(exc, httpx2.HTTPError):
+        return DownloadError(f"download of {uri} failed ({first_line(exc)}); retry once the connection is stable")
+    if isinstance(exc, OSError):
+        return DownloadError(
             f"cannot store {uri} in the Hugging Face cache {constants.HF_HUB_CACHE} ({first_line(exc)});"
             " check free space and write access, or set HF_HUB_CACHE"
-        ) from None
+        )
+    return None
 
 
 @contextmanager

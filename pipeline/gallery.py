@@ -225,9 +225,9 @@ def build_gallery(
 ) -> BuildSummary:
     """Embed the `items` the gallery in `out` lacks (all of them for a new one) with the weights `checkpoint`
     names and write the gallery; refused in one line before the model loads if `out` cannot take them."""
-    from model import Sat2SoundEncoder, resolve, sha256_file
+    from model import Sat2SoundEncoder, resolve_checkpoint, sha256_file
 
-    path = resolve(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     sha256 = sha256_file(path)
     existing = check_gallery_folder(out, sha256)
     known = set() if existing is None else {item.id for item in existing.items}
@@ -352,9 +352,9 @@ def check_build_gallery(setting: str, model: ModelSettings, build_dir: Path) -> 
         raise BuildConfigError(f"config.outputs.gallery: {exc}") from None
     if model.untrained:
         return chosen
-    from model import resolve, sha256_file
+    from model import resolve_checkpoint, sha256_file
 
-    if sha256_file(resolve(model.checkpoint)) != gallery.record.sha256:
+    if sha256_file(resolve_checkpoint(model.checkpoint)) != gallery.record.sha256:
         raise BuildConfigError(
             f"config.outputs.gallery: {setting} was embedded with other weights ({gallery.record.checkpoint}) than"
             f" model.checkpoint; build one with {build_command(Path('NEW_GALLERY'), model.checkpoint)}, or name its"

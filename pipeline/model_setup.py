@@ -75,10 +75,9 @@ def check_model(settings: ModelSettings, text_queries: bool, recorded: ModelReco
             )
         cfg = untrained_config(settings.sat_type, settings.metadata_type)
     else:
-        from model import resolve
-        from model.checkpoint import load_model, read_config, sha256_file, verify_sha256
+        from model.checkpoint import load_model, read_config, resolve_checkpoint, sha256_file, verify_sha256
 
-        path = resolve(settings.checkpoint)
+        path = resolve_checkpoint(settings.checkpoint)
         digest = None
         if settings.checkpoint_sha256 is not None:
             try:
@@ -115,22 +114,22 @@ def check_times(settings: ModelSettings, cfg: Sat2SoundConfig) -> None:
 
 
 def model_config(settings: ModelSettings) -> Sat2SoundConfig:
-    """The architecture the build will run (reads the checkpoint's hyper-parameters; downloads hf:// once)."""
+    """The architecture the build will run, from the checkpoint's hyper-parameters (an hf:// checkpoint's are
+    read without downloading its weights: `checkpoint_config`)."""
     if settings.untrained:
         return untrained_config(settings.sat_type, settings.metadata_type)
-    from model import read_config, resolve
+    from model import checkpoint_config
 
-    return read_config(resolve(settings.checkpoint))
+    return checkpoint_config(settings.checkpoint)
 
 
 def model_description(settings: ModelSettings) -> str:
     """The checkpoint's own sentence about what its weights are ("" when it has none, or is untrained)."""
     if settings.untrained:
         return ""
-    from model import resolve
-    from model.checkpoint import checkpoint_description
+    from model.checkpoint import checkpoint_description, resolve_checkpoint
 
-    return checkpoint_description(resolve(settings.checkpoint))
+    return checkpoint_description(resolve_checkpoint(settings.checkpoint))
 
 
 def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> ModelRecord:
@@ -138,7 +137,7 @@ def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> Mode
 
     `sat_type` and `metadata_type` shape the untrained model only: checkpoints carry their own.
     """
-    from model import read_config, resolve, sha256_file
+    from model import read_config, resolve_checkpoint, sha256_file
 
     checkpoint, untrained = settings.checkpoint, settings.untrained
     if untrained:
@@ -151,7 +150,7 @@ def prepare_model(settings: ModelSettings, weights_dir: Path, out: Path) -> Mode
         provenance = {"untrained": True, "seed": settings.seed}
         path, _ = save_safetensors(Sat2Sound(cfg).eval(), weights_dir / UNTRAINED_WEIGHTS_NAME, provenance=provenance)
     else:
-        path = resolve(checkpoint)
+        path = resolve_checkpoint(checkpoint)
         cfg = read_config(path)
     record = ModelRecord(
         checkpoint=checkpoint,

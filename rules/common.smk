@@ -18,6 +18,7 @@ from pipeline.build import (
     quiet_interrupts,
     retry_unavailable,
 )
+from model.checkpoint import checkpoint_files
 from pipeline.config import settings_digest
 from pipeline.plan import embed_jobs
 
@@ -58,9 +59,7 @@ def local_checkpoint(settings):
     """The checkpoint file and its config when model.checkpoint names local files; nothing otherwise."""
     if settings.untrained or "://" in settings.checkpoint:
         return []
-    weights = Path(settings.checkpoint)
-    config = weights.with_suffix(".json")
-    return [str(weights), *([str(config)] if weights.suffix == ".safetensors" else [])]
+    return [str(path) for path in checkpoint_files(Path(settings.checkpoint))]
 
 
 def digest(step):

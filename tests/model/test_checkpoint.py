@@ -257,6 +257,30 @@ def test_read_config_of_a_safetensors_checkpoint_skips_the_weights(tmp_path: Pat
     assert read_config(weights) == cfg
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (None, "small.safetensors has no config beside it (small.json); convert the .ckpt again"),
+        (b"{not json", "cannot read "),
+        (b"\xff\xfe", "cannot read "),
+        (b'{"format": "other/v1", "config": {}}', "small.json is not a Sat2Sound config (format 'other/v1')"),
+        (b"[1, 2]", "small.json is not a Sat2Sound config (format None)"),
+    ],
+)
+def test_a_safetensors_checkpoint_whose_config_is_missing_or_foreign_is_one_line(
+    config: bytes | None, message: str, tmp_path: Path
+) -> None:
+    weights, config_path = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")), tmp_path / "small.safetensors")
+    if config is None:
+        config_path.unlink()
+    else:
+        config_path.write_bytes(config)
+    for read in (read_config, read_checkpoint):
+        with pytest.raises(CheckpointError) as exc:
+            read(weights)
+        assert message in one_line(exc)
+
+
 def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path: Path) -> None:
     weights, config = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")), tmp_path / "m.safetensors")
     mask = os.umask(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import subprocess
@@ -10,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from support.hf_stub import COMMIT, HubStub, hub_environment
 
+from model import Sat2Sound, Sat2SoundConfig, save_safetensors
 from model.errors import DownloadError
 from model.hub import HubFile, official_checkpoint_uri, parse_hf_uri, resolve
 
@@ -41,16 +44,16 @@ class Resolved:
         assert self.returncode == 1, (self.lines, self.stderr)
         assert len(self.lines) == 1, self.lines
         assert "Traceback" not in self.stderr
-        prefix = "DownloadError: "
-        assert self.lines[0].startswith(prefix)
-        return self.lines[0][len(prefix) :]
+        kind, _, message = self.lines[0].partition(": ")
+        assert kind in ("DownloadError", "CheckpointError"), self.lines
+        return message
 
 
-def resolve_in_child(uri: str, endpoint: str, home: Path, offline: bool = False) -> Resolved:
+def resolve_in_child(uri: str, endpoint: str, home: Path, offline: bool = False, *, config: bool = False) -> Resolved:
+    """`uri` resolved in a child interpreter talking to `endpoint`; with `config`, its architecture read instead."""
     env = hub_environment(endpoint, home, offline)
-    completed = subprocess.run(
-        [sys.executable, str(CHILD), uri], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    command = [sys.executable, str(CHILD), *(["config"] if config else []), uri]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     return Resolved(completed)
 
 
@@ -179,3 +182,72 @@ def test_missing_local_path_is_one_line_error(tmp_path: Path) -> None:
         resolve(tmp_path / "missing.ckpt")
     assert "missing.ckpt is not a file" in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def lightning_checkpoint(hparams: dict, megabytes: int) -> bytes:
+    """A torch checkpoint of the upstream layout: `hparams`, and weights of about `megabytes`."""
+    buffer = io.BytesIO()
+    weights = {f"block.{index}.weight": torch.ones(1 << 18) for index in range(megabytes)}
+    torch.save({"state_dict": weights, "hyper_parameters": hparams, "optimizer_states": []}, buffer)
+    return buffer.getvalue()
+
+
+def blobs(home: Path) -> list[Path]:
+    return [path for path in (home / "hub").rglob("*") if path.is_file() and "blobs" in path.parts]
+
+
+def test_the_architecture_of_a_checkpoint_not_yet_downloaded_is_read_in_place(manifest: dict, tmp_path: Path) -> None:
+    content = lightning_checkpoint(manifest["configs"]["bingmap_nometa"]["hyper_parameters"], megabytes=24)
+    with HubStub({(REPO, FILENAME): content}) as hub:
+        remote = resolve_in_child(URI, hub.url, tmp_path, config=True)
+        assert remote.lines == ["bingmap none 16000"], (remote.lines, remote.stderr)
+        file_gets = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+        # Every read of the file was a range request, and together they fetched a sliver of it.
+        assert len(hub.ranges) == len(file_gets) >= 1
+        assert sum(last - first + 1 for first, last in hub.ranges) < len(content) / 20
+        assert blobs(tmp_path) == []
+
+        # Once downloaded, the cached file answers (the Hub asked only whether it is still current).
+        resolve_in_child(URI, hub.url, tmp_path)
+        hub.requests.clear()
+        assert resolve_in_child(URI, hub.url, tmp_path, config=True).lines == remote.lines
+        assert hub.gets() == 0
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        (f"hf://{REPO}/sat2sound/nope.ckpt", f"sat2sound/nope.ckpt is not in Hub model repo {REPO}"),
+        (f"hf://someone/else/{FILENAME}", "Hub model repo someone/else does not exist or needs access rights"),
+        (f"hf://{REPO}@v9/{FILENAME}", f"revision 'v9' does not exist in Hub repo {REPO}"),
+        (URI, f"{URI} is not a torch checkpoint (not a zip archive"),
+    ],
+)
+def test_reading_an_architecture_in_place_fails_in_one_line(
+    uri: str, message: str, hub: HubStub, tmp_path: Path
+) -> None:
+    assert resolve_in_child(uri, hub.url, tmp_path, config=True).error.startswith(message)
+
+
+def test_reading_an_architecture_in_place_needs_the_hub(hub: HubStub, tmp_path: Path) -> None:
+    offline = resolve_in_child(URI, hub.url, tmp_path, offline=True, config=True).error
+    assert "HF_HUB_OFFLINE is set" in offline
+    endpoint = closed_port_url()
+    assert (
+        f"cannot reach the Hugging Face Hub at {endpoint}"
+        in resolve_in_child(URI, endpoint, tmp_path, config=True).error
+    )
+
+
+def test_a_safetensors_checkpoint_on_the_hub_comes_with_its_config(tmp_path: Path) -> None:
+    weights, config = save_safetensors(Sat2Sound(Sat2SoundConfig.small("none")).eval(), tmp_path / "small.safetensors")
+    files = {(REPO, "demo/small.safetensors"): weights.read_bytes(), (REPO, "demo/small.json"): config.read_bytes()}
+    uri = f"hf://{REPO}/demo/small.safetensors"
+    with HubStub(files) as hub:
+        # Its architecture alone downloads the config alone.
+        assert resolve_in_child(uri, hub.url, tmp_path, config=True).lines == ["bingmap none 256"]
+        fetched = [path.rsplit("/", 1)[-1] for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+        assert fetched == ["small.json"]
+        path = resolve_in_child(uri, hub.url, tmp_path).path
+    assert path.read_bytes() == weights.read_bytes()
+    assert path.with_suffix(".json").read_bytes() == config.read_bytes()

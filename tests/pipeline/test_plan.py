@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from support.paths import LANDSAT
+from support.hf_stub import HubStub, hub_environment
+from support.paths import LANDSAT, REPO
 
 from model import MODEL_INPUT_PX
 from pipeline import build as build_module
@@ -745,3 +747,29 @@ def test_summary_gives_the_fetch_time_at_the_sources_cap_and_its_terms(
     assert f"to fetch, ~{format_bytes(planned.downloads.bytes_to_fetch)}, ~{round(fetch_s)} s at 20 req/s" in text
     assert "Terms          Esri World Imagery's terms" in text and "stac:URL" in text
     assert "Terms" not in "\n".join(describe(planned, offline=True))
+
+
+def test_planning_with_an_official_checkpoint_downloads_none_of_its_weights(manifest: dict, tmp_path: Path) -> None:
+    """The README's city build planned before anything is downloaded: the checkpoint's hyper-parameters are read
+    where it lies, in a few range requests, and no weights land in the Hugging Face cache."""
+    config = REPO / "config" / "city.yaml"
+    uri = yaml.safe_load(config.read_text())["model"]["checkpoint"]
+    owner, name, filename = uri.removeprefix("hf://").split("/", 2)
+    buffer = io.BytesIO()
+    hparams = manifest["configs"]["bingmap_withmeta"]["hyper_parameters"]
+    torch.save({"state_dict": {"weight": torch.ones(1 << 22)}, "hyper_parameters": hparams}, buffer)
+    with HubStub({(f"{owner}/{name}", filename): buffer.getvalue()}) as hub:
+        completed = subprocess.run(
+            [sys.executable, "-m", "pipeline", "plan", "--config", str(config), "--offline", "--cache-dir", tmp_path],
+            env=hub_environment(hub.url, tmp_path / "hf"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert completed.returncode == 0, completed.stderr
+    assert "Model view     bingmap zoom level 1: 180 m squares" in completed.stdout
+    file_gets = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+    assert len(hub.ranges) == len(file_gets) >= 1
+    assert sum(last - first + 1 for first, last in hub.ranges) < len(buffer.getvalue()) / 4
+    assert not [path for path in (tmp_path / "hf").rglob("*") if path.is_file() and "blobs" in path.parts]

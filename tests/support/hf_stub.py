@@ -18,14 +18,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import TypeGuard
+from urllib.parse import parse_qs, urlsplit
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RESOLVE_PATH = re.compile(
     r"^/(?:datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$"
 )
 API_PATH = re.compile(
-    r"^/api/(?:models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<call>revision|tree)/(?P<revision>[^/?]+)"
+    r"^/api/(?:models|datasets|spaces)/(?P<repo>[^/]+/[^/?]+)"
+    r"(?:/(?P<call>revision|tree)/(?P<revision>[^/?]+)(?:/(?P<folder>[^?]*))?)?(?:\?.*)?$"
 )
+RANGE_HEADER = re.compile(r"bytes=(?P<first>\d+)-(?P<last>\d*)")
 
 
 def hub_environment(endpoint: str, home: Path, offline: bool = False) -> dict[str, str]:
@@ -41,6 +44,27 @@ def hub_environment(endpoint: str, home: Path, offline: bool = False) -> dict[st
     }
 
 
+def _tree(files: dict[tuple[str, str], bytes], repo: str, folder: str, recursive: bool) -> list[dict[str, object]]:
+    """The Hub's tree listing of `folder` in `repo`: its files, and its subfolders unless `recursive`."""
+    prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+    entries: dict[str, dict[str, object]] = {}
+    for (owner, name), content in sorted(files.items()):
+        if owner != repo or not name.startswith(prefix):
+            continue
+        inner = name[len(prefix) :]
+        if "/" in inner and not recursive:
+            path = prefix + inner.split("/")[0]
+            entries[path] = {"type": "directory", "path": path, "oid": COMMIT}
+        else:
+            entries[name] = {
+                "type": "file",
+                "path": name,
+                "size": len(content),
+                "oid": hashlib.sha1(content).hexdigest(),
+            }
+    return list(entries.values())
+
+
 class HubStub:
     """Serves `files`, keyed by (repo id, path in repo), from one commit reachable as "main" or its hash.
 
@@ -52,6 +76,8 @@ class HubStub:
         self.files = files
         self.truncate = truncate
         self.requests: list[tuple[str, str]] = []
+        # The byte ranges (first, last) of every ranged GET.
+        self.ranges: list[tuple[int, int]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -97,9 +123,19 @@ class HubStub:
                 if content is None:
                     self._error(404, "EntryNotFound")
                     return
-                self.send_response(200)
+                etag = f'"{hashlib.sha256(content).hexdigest()}"'
+                total = len(content)
+                if wanted := RANGE_HEADER.fullmatch(self.headers.get("Range", "")):
+                    first = int(wanted["first"])
+                    last = min(int(wanted["last"] or total - 1), total - 1)
+                    stub.ranges.append((first, last))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
+                    content = content[first : last + 1]
+                else:
+                    self.send_response(200)
                 self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                self.send_header("ETag", etag)
                 self.send_header("Content-Length", str(len(content)))
                 self.send_header("Content-Type", "application/octet-stream")
                 self.end_headers()
@@ -112,7 +148,7 @@ class HubStub:
                     # The Hub answers 401 for a repo that does not exist when the client is anonymous.
                     self._error(401, "RepoNotFound")
                     return False
-                if match["revision"] not in ("main", COMMIT):
+                if match["revision"] not in (None, "main", COMMIT):
                     self._error(404, "RevisionNotFound")
                     return False
                 return True
@@ -121,23 +157,13 @@ class HubStub:
                 match = API_PATH.match(self.path)
                 if not self._found(match):
                     return
-                names = sorted(path for repo, path in stub.files if repo == match["repo"])
-                if match["call"] == "revision":
-                    answer: object = {
-                        "id": match["repo"],
-                        "sha": COMMIT,
-                        "siblings": [{"rfilename": name} for name in names],
-                    }
+                repo = match["repo"]
+                names = sorted(path for owner, path in stub.files if owner == repo)
+                if match["call"] != "tree":
+                    answer: object = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": name} for name in names]}
                 else:
-                    answer = [
-                        {
-                            "type": "file",
-                            "path": name,
-                            "size": len(stub.files[match["repo"], name]),
-                            "oid": hashlib.sha1(stub.files[match["repo"], name]).hexdigest(),
-                        }
-                        for name in names
-                    ]
+                    recursive = parse_qs(urlsplit(self.path).query).get("recursive", [""])[0].lower() == "true"
+                    answer = _tree(stub.files, repo, match["folder"] or "", recursive)
                 body = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
