@@ -121,12 +121,16 @@ def open_remote(uri: str) -> Iterator[IO[bytes]]:
     hub_file = parse_hf_uri(uri)
     if is_offline_mode():
         raise DownloadError(_unreachable_message(uri))
-    path, revision = hub_file.fs_path, hub_file.revision
-    with (
-        _hub_errors(uri, hub_file),
-        HfFileSystem().open(path, "rb", revision=revision, block_size=REMOTE_BLOCK_BYTES) as remote,
-    ):
-        yield remote
+    with _hub_errors(uri, hub_file):
+        try:
+            remote = HfFileSystem().open(
+                hub_file.fs_path, "rb", revision=hub_file.revision, block_size=REMOTE_BLOCK_BYTES
+            )
+        except FileNotFoundError as exc:
+            # HfFileSystem's answer, with the Hub's own error as its cause; none when the repo lacks the file.
+            raise exc.__cause__ or DownloadError(_missing_message(uri, hub_file)) from None
+        with remote:
+            yield remote
 
 
 def download_dataset(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
@@ -168,11 +172,8 @@ def _download_error(exc: BaseException, uri: str, hub_file: HubFile) -> Download
 
     if isinstance(exc, LocalEntryNotFoundError | httpx2.ConnectError):
         return DownloadError(_unreachable_message(uri))
-    if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
-        # HfFileSystem's answer, with the Hub's own error as its cause; none when the repo lacks the file.
-        return _download_error(exc.__cause__, uri, hub_file)
-    if isinstance(exc, RemoteEntryNotFoundError | FileNotFoundError):
-        return DownloadError(f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {uri}")
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return DownloadError(_missing_message(uri, hub_file))
     if isinstance(exc, RevisionNotFoundError):
         return DownloadError(
             f"revision {hub_file.revision!r} does not exist in Hub repo {hub_file.repo_id}; fix it in {uri}"
@@ -229,6 +230,10 @@ class RetryLines(logging.Filter):
             )
             record.args = ()
         return True
+
+
+def _missing_message(uri: str, hub_file: HubFile) -> str:
+    return f"{hub_file.filename} is not in Hub {hub_file.describe()}; check the path in {uri}"
 
 
 def _unreachable_message(uri: str) -> str:
