@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from model.sat2sound import Sat2Sound
 
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
 # The config beside a .safetensors checkpoint.
 CONFIG_SUFFIX = ".json"

@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.json"
 DEFAULT_CONFIG_PATH = SCHEMA_PATH.with_name("config.yaml")
 UNTRAINED = "untrained"
-# `model.month: all` / `model.hour: all`: every month, every hour.
-ALL_TIMES = "all"
 
 
 def default_config_from_anywhere() -> dict[str, Any]:

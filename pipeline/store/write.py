@@ -39,6 +39,7 @@ from pipeline.store.layout import (
     GALLERY_NONE,
     GALLERY_RANK,
     GRID_MAPPING,
+    SPATIAL_DIMS,
     TIME_DIMS,
     VARIABLE_ATTRS,
     ZARR_FORMAT,
@@ -187,7 +188,7 @@ def grid_variables(
     def per_time(
         extra: str, dtype: np.dtype, nodata: float, values: Callable[[str], np.ndarray], size: int, chunk: int
     ) -> GridVariable:
-        dims = (*axes.dims, extra, "y", "x")
+        dims = (*axes.dims, extra, *SPATIAL_DIMS)
         return GridVariable(dims, dtype, nodata, values, (*axes.shape, size), (*one_time, chunk))
 
     def scored(name: str) -> Callable[[str], np.ndarray]:
@@ -206,7 +207,7 @@ def grid_variables(
         "embedding": per_time("dim", np.dtype("float16"), nan, array("embedding"), dim, min(dim, EMBEDDING_DIM_CHUNK)),
         "concept_index": per_time("rank", np.dtype("int32"), CONCEPT_NONE, array("concept_index"), top_k, top_k),
         "concept_weight": per_time("rank", float32, nan, array("concept_weight"), top_k, top_k),
-        "valid": GridVariable(("y", "x"), np.dtype("bool"), False, files.valid, ()),
+        "valid": GridVariable(SPATIAL_DIMS, np.dtype("bool"), False, files.valid, ()),
     }
 
 
