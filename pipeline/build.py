@@ -318,17 +318,17 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
         speed_up, scaled = 1.0, ""
         if cpu.cores and cores != cpu.cores:
             speed_up, scaled = cores / cpu.cores, f", scaled from {cpu.cores} cores"
-        start = f" + {cpu.start_s:.0f} s start-up" if cpu.start_s else ""
         lines.append(
             f"CPU time       ~{_format_duration(cpu.seconds(tiles, speed_up))} on this machine's {cores} cores"
-            f" ({workload.model_size} model, {cpu.tiles_per_s * speed_up:,.1f} tiles/s {cpu.measure}{scaled}{start})"
+            f" ({workload.model_size} model, {cpu.tiles_per_s * speed_up:,.1f} tiles/s {cpu.measure}{scaled}"
+            f"{_start_up(cpu)})"
         )
     gpu = pick_rate(workload.rates, "gpu", workload.model_size)
     if gpu is not None:
         hours = gpu.seconds(tiles) / 3600
         lines.append(
             f"GPU time       ~{_format_duration(gpu.seconds(tiles))} on one {gpu.hardware}: {hours:,.2f} GPU-hours"
-            f" ({gpu.model} model, {gpu.tiles_per_s:,.0f} tiles/s {gpu.measure})"
+            f" ({gpu.model} model, {gpu.tiles_per_s:,.0f} tiles/s {gpu.measure}{_start_up(gpu)})"
         )
     if workload.times > 1:
         lines.append(
@@ -357,6 +357,12 @@ def _describe_workload(planned: PlannedBuild) -> list[str]:
                 f" {approx}{downloads.tiles:,} imagery tiles (~{format_bytes(round(tile_bytes))} each)"
             )
     return lines
+
+
+def _start_up(rate: Rate) -> str:
+    if rate.start_s is None:
+        return "; a build's start-up not measured there"
+    return f" + {rate.start_s:.0f} s start-up" if rate.start_s else ""
 
 
 def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:

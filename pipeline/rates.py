@@ -32,11 +32,11 @@ class Rate(NamedTuple):
     hardware: str
     source: str
     date: str
-    # Seconds a build spends whatever its size (process starts, model load, store, exports); 0 where not measured.
-    start_s: float = 0.0
+    # Seconds a build spends whatever its size (process starts, model load, store, exports); None: not measured.
+    start_s: float | None = None
 
     def seconds(self, tiles: int, speed_up: float = 1.0) -> float:
-        return self.start_s + tiles / (self.tiles_per_s * speed_up)
+        return (self.start_s or 0.0) + tiles / (self.tiles_per_s * speed_up)
 
 
 def read_rates(path: Path = RATES_PATH) -> list[Rate]:
@@ -45,9 +45,7 @@ def read_rates(path: Path = RATES_PATH) -> list[Rate]:
         data = json.loads(path.read_text())
         if data.get("format") != RATES_FORMAT:
             raise ValueError(f"not a {RATES_FORMAT} file")
-        return [
-            Rate(**{key: entry[key] for key in RATE_KEYS}, start_s=entry.get("start_s", 0.0)) for entry in data["rates"]
-        ]
+        return [Rate(**{key: entry[key] for key in RATE_KEYS}, start_s=entry.get("start_s")) for entry in data["rates"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BuildConfigError(f"cannot read the rates file {path} ({exc}); rerun benchmarks/bench_build.py") from None
 

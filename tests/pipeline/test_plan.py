@@ -493,7 +493,12 @@ def test_time_and_size_lines_follow_the_rates_file(tmp_path: Path, monkeypatch: 
         "CPU time       ~30 min on this machine's 4 cores (small model, 20.0 tiles/s end-to-end, scaled from 2" in text
     )
     # No small-model GPU rate: the full model's 100 tiles/s, 360 s, plus 60 s start-up = 420 s, 0.12 GPU-hours.
-    assert "GPU time       ~7 min on one Test GPU: 0.12 GPU-hours (full model, 100 tiles/s end-to-end)" in text
+    assert "GPU time       ~7 min on one Test GPU: 0.12 GPU-hours (full model, 100 tiles/s end-to-end + 60 s" in text
+    # A rate without start_s says its time leaves out what it did not measure.
+    unmeasured = Workload("full", 64, 2, 3, [read_rates(tmp_path / "rates.json")[1]._replace(start_s=None)])
+    assert "(full model, 100 tiles/s end-to-end; a build's start-up not measured there)" in "\n".join(
+        describe(planned._replace(workload=unmeasured))
+    )
     # Per tile: Zarr 3 kinds x 2 queries x 4 B + 64 x 2 B + 3 x 8 B + 1 B = 177 B;
     # COGs (raw and percentile: 2 x 2 x 4 B, concepts 2 B, dominant 2 x 1 B) x 4/3 = 27 B.
     assert "Outputs        ~7.3 MB on disk: Zarr 6.4 MB, COGs 972.0 kB (2 queries, 64-d embedding;" in text
