@@ -546,7 +546,8 @@ class _TileValues(MacroElement):
                 } else {
                     var best = data.queries[dominant[tile]];
                     body = '<div class="s2s-dominant">Dominant sound: ' + swatch(best.colour) + "<b>"
-                        + escape(best.label) + "</b> (margin " + margin[tile] + " points)</div>" + data.times[time]
+                        + escape(best.label) + "</b> (" + margin[tile]
+                        + " points ahead of the runner-up in the softmax across queries)</div>" + data.times[time]
                         + "<table><tr><th>query</th><th>cosine</th><th>percentile</th></tr>";
                     data.queries.forEach(function (query, index) {
                         var at = (time * data.queries.length + index) * cells + row * data.cols + col;

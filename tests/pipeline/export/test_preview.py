@@ -392,7 +392,11 @@ def test_clicking_a_tile_shows_every_querys_score_and_percentile(page: webdriver
     _click(page, x, y)
     popup = _popup(page)
     dominant = LABELS[int(np.argmax(softmax[:, row, col]))]
-    assert f"Dominant sound: {dominant}" in popup.text
+    first, second = np.sort(softmax[:, row, col])[::-1][:2]
+    margin = round((first - second) * 100)
+    assert f"Dominant sound: {dominant} ({margin} points ahead of the runner-up in the softmax across queries)" in (
+        popup.text
+    )
     lon, lat = _tile_centre_lnglat(store, row + 0.5, col + 0.5)
     assert f"Tile at {lat:.5f}, {lon:.5f}" in popup.text
     rows = popup.find_elements(By.CSS_SELECTOR, "tr.s2s-query")
