@@ -9,7 +9,8 @@ counted too), what an embed job does before the model: read every strip of a chu
 per view (`ImageryReader.part`), on the first `--per-view` views. Sources: the scene as it is (UTM, a projected
 raster), the scene warped to EPSG:3857 (a Web Mercator raster), and warm tile caches of 256-px PNG and JPEG tiles
 made from it (XYZ, read offline; imagery servers send photos as JPEG). Printed: views/s per core for both paths and
-their ratio, source pixels read per view, and the peak memory of the process. Like the embed jobs, it keeps freed
+their ratio, the strip path's CPU milliseconds per view reading the strips and cutting the views, source pixels read
+per view, and the peak memory of the process. Like the embed jobs, it keeps freed
 memory (`common.memory`). Strips are timed in a job's steady state: after one untimed pass over the chunk (the
 first chunk of a job also pays the stretch, page faults and loading the compiled kernels), the best of three passes
 or more. With `--cuda` it also times cutting the same views on the GPU (wall seconds, strips read beforehand), the
@@ -27,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import mercantile
 import numpy as np
@@ -104,15 +106,31 @@ def xyz_reader(cache_root: Path, tile_format: str) -> XYZReader:
     )
 
 
-def time_strips(reader: ImageryReader, views: np.ndarray) -> tuple[float, int]:
-    """CPU seconds to read and cut all `views`, and the source pixels read."""
-    start, read = time.process_time(), 0
+class StripTimes(NamedTuple):
+    """CPU seconds reading the strips of a chunk's views and cutting the views from them, and the source pixels
+    read."""
+
+    read_s: float
+    cut_s: float
+    source_px: int
+
+    @property
+    def seconds(self) -> float:
+        return self.read_s + self.cut_s
+
+
+def time_strips(reader: ImageryReader, views: np.ndarray) -> StripTimes:
+    read_s = cut_s = 0.0
+    source_px = 0
     for strip in read_strips(views, MODEL_INPUT_PX):
         group = views[strip.start : strip.stop]
+        start = time.process_time()
         pixels = reader.source_pixels(group, MODEL_INPUT_PX)
-        read += pixels.valid.size
+        read = time.process_time()
         cut_views(pixels, group, MODEL_INPUT_PX)
-    return time.process_time() - start, read
+        read_s, cut_s = read_s + read - start, cut_s + time.process_time() - read
+        source_px += pixels.valid.size
+    return StripTimes(read_s, cut_s, source_px)
 
 
 def time_device_cuts(reader: ImageryReader, views: np.ndarray, device: torch.device) -> float:
@@ -173,7 +191,8 @@ def main() -> None:
             },
         }
         print(
-            f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'per-view views/s':>16}"
+            f"{'source':<24} {'offset':>6} {'views':>6} {'strip views/s':>13} {'read ms':>7} {'cut ms':>7}"
+            f" {'per-view views/s':>16}"
             f" {'ratio':>6} {'source px/view':>14}" + ("  cut on GPU views/s" if device else "")
         )
         for offset in args.offsets:
@@ -182,19 +201,21 @@ def main() -> None:
                 with make() as reader:
                     # A job's steady state: the first pass also pays the stretch, page faults and kernel loads.
                     time_strips(reader, chunk.views)
-                    seconds, read = min(
-                        time_strips(reader, chunk.views) for _ in range(max(MIN_PASSES, MIN_VIEWS // len(chunk)))
+                    best = min(
+                        (time_strips(reader, chunk.views) for _ in range(max(MIN_PASSES, MIN_VIEWS // len(chunk)))),
+                        key=lambda times: times.seconds,
                     )
                     sample = chunk.views[: args.per_view]
                     per_view = len(sample) / time_per_view(reader, sample) if len(sample) else None
                     on_device = (
                         f"  {len(chunk) / time_device_cuts(reader, chunk.views, device):>19,.0f}" if device else ""
                     )
-                strip_rate = len(chunk) / seconds
+                strip_rate = len(chunk) / best.seconds
                 against = f"{per_view:>16,.0f} {strip_rate / per_view:>6.1f}" if per_view else f"{'-':>16} {'-':>6}"
+                read_ms, cut_ms = (seconds / len(chunk) * 1e3 for seconds in (best.read_s, best.cut_s))
                 print(
-                    f"{name:<24} {offset:>6} {len(chunk):>6} {strip_rate:>13,.0f} {against}"
-                    f" {read / len(chunk):>14,.0f}{on_device}",
+                    f"{name:<24} {offset:>6} {len(chunk):>6} {strip_rate:>13,.0f} {read_ms:>7.3f} {cut_ms:>7.3f}"
+                    f" {against} {best.source_px / len(chunk):>14,.0f}{on_device}",
                     flush=True,
                 )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
