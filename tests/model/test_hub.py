@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import socket
 import subprocess
@@ -11,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from support.hf_stub import COMMIT, HubStub, hub_environment
+from support.hf_stub import COMMIT, HubStub, cached_blobs, hub_environment
+from support.upstream_ckpt import hparams_checkpoint_bytes
 
 from model import Sat2Sound, Sat2SoundConfig, save_safetensors
 from model.errors import DownloadError
@@ -184,20 +183,8 @@ def test_missing_local_path_is_one_line_error(tmp_path: Path) -> None:
     assert "\n" not in str(raised.value)
 
 
-def lightning_checkpoint(hparams: dict, megabytes: int) -> bytes:
-    """A torch checkpoint of the upstream layout: `hparams`, and weights of about `megabytes`."""
-    buffer = io.BytesIO()
-    weights = {f"block.{index}.weight": torch.ones(1 << 18) for index in range(megabytes)}
-    torch.save({"state_dict": weights, "hyper_parameters": hparams, "optimizer_states": []}, buffer)
-    return buffer.getvalue()
-
-
-def blobs(home: Path) -> list[Path]:
-    return [path for path in (home / "hub").rglob("*") if path.is_file() and "blobs" in path.parts]
-
-
 def test_the_architecture_of_a_checkpoint_not_yet_downloaded_is_read_in_place(manifest: dict, tmp_path: Path) -> None:
-    content = lightning_checkpoint(manifest["configs"]["bingmap_nometa"]["hyper_parameters"], megabytes=24)
+    content = hparams_checkpoint_bytes("bingmap_nometa", 24, manifest)
     with HubStub({(REPO, FILENAME): content}) as hub:
         remote = resolve_in_child(URI, hub.url, tmp_path, config=True)
         assert remote.lines == ["bingmap none 16000"], (remote.lines, remote.stderr)
@@ -205,7 +192,7 @@ def test_the_architecture_of_a_checkpoint_not_yet_downloaded_is_read_in_place(ma
         # Every read of the file was a range request, and together they fetched a sliver of it.
         assert len(hub.ranges) == len(file_gets) >= 1
         assert sum(last - first + 1 for first, last in hub.ranges) < len(content) / 20
-        assert blobs(tmp_path) == []
+        assert cached_blobs(tmp_path) == []
 
         # Once downloaded, the cached file answers (the Hub asked only whether it is still current).
         resolve_in_child(URI, hub.url, tmp_path)

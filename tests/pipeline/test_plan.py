@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -15,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from support.hf_stub import HubStub, hub_environment
+from support.hf_stub import HubStub, cached_blobs, hub_environment
 from support.paths import LANDSAT, REPO
+from support.upstream_ckpt import hparams_checkpoint_bytes
 
 from model import MODEL_INPUT_PX
 from pipeline import build as build_module
@@ -760,10 +760,8 @@ def test_planning_with_an_official_checkpoint_downloads_none_of_its_weights(mani
     config = REPO / "config" / "city.yaml"
     uri = yaml.safe_load(config.read_text())["model"]["checkpoint"]
     owner, name, filename = uri.removeprefix("hf://").split("/", 2)
-    buffer = io.BytesIO()
-    hparams = manifest["configs"]["bingmap_withmeta"]["hyper_parameters"]
-    torch.save({"state_dict": {"weight": torch.ones(1 << 22)}, "hyper_parameters": hparams}, buffer)
-    with HubStub({(f"{owner}/{name}", filename): buffer.getvalue()}) as hub:
+    content = hparams_checkpoint_bytes("bingmap_withmeta", 16, manifest)
+    with HubStub({(f"{owner}/{name}", filename): content}) as hub:
         completed = subprocess.run(
             [sys.executable, "-m", "pipeline", "plan", "--config", str(config), "--offline", "--cache-dir", tmp_path],
             env=hub_environment(hub.url, tmp_path / "hf"),
@@ -776,5 +774,5 @@ def test_planning_with_an_official_checkpoint_downloads_none_of_its_weights(mani
     assert "Model view     bingmap zoom level 1: 180 m squares" in completed.stdout
     file_gets = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
     assert len(hub.ranges) == len(file_gets) >= 1
-    assert sum(last - first + 1 for first, last in hub.ranges) < len(buffer.getvalue()) / 4
-    assert not [path for path in (tmp_path / "hf").rglob("*") if path.is_file() and "blobs" in path.parts]
+    assert sum(last - first + 1 for first, last in hub.ranges) < len(content) / 4
+    assert cached_blobs(tmp_path / "hf") == []

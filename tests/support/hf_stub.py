@@ -65,6 +65,11 @@ def _tree(files: dict[tuple[str, str], bytes], repo: str, folder: str, recursive
     return list(entries.values())
 
 
+def cached_blobs(home: Path) -> list[Path]:
+    """The files the Hugging Face cache of `hub_environment(..., home)` holds (downloads land as blobs)."""
+    return [path for path in (home / "hub").rglob("*") if path.is_file() and "blobs" in path.parts]
+
+
 class HubStub:
     """Serves `files`, keyed by (repo id, path in repo), from one commit reachable as "main" or its hash.
 

@@ -9,6 +9,7 @@ SHA-256 of every tensor the upstream tooling produced; `tensor_sha256` lets test
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import zlib
@@ -130,3 +131,13 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of the raw little-endian bytes of `tensor`, as recorded in the manifest."""
     array = tensor.detach().cpu().contiguous().numpy()
     return hashlib.sha256(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
+
+
+def hparams_checkpoint_bytes(config_name: str, megabytes: int, manifest: dict[str, Any] | None = None) -> bytes:
+    """A torch checkpoint of the Lightning layout with `config_name`'s hyper-parameters and about `megabytes` of
+    stand-in weights, for reading its architecture without its weights."""
+    hparams = _config_entry(manifest or load_manifest(), config_name)["hyper_parameters"]
+    buffer = io.BytesIO()
+    weights = {f"block.{index}.weight": torch.ones(1 << 18) for index in range(megabytes)}
+    torch.save({"state_dict": weights, "hyper_parameters": hparams, "optimizer_states": []}, buffer)
+    return buffer.getvalue()
