@@ -234,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         help="country or city name, vector file, bbox minlon,minlat,maxlon,maxlat, or lat,lon,RADIUS (3km);"
         " write --region=-90.2,... when it starts with a minus sign",
     )
-    plan.add_argument("--imagery", help="imagery.source: esri, xyz:URL_TEMPLATE, a raster PATH or stac:URL")
+    plan.add_argument("--imagery", help="imagery.source: esri, xyz:URL_TEMPLATE, stac:URL, or a raster PATH or URL")
     plan.add_argument("--checkpoint", help="model.checkpoint: a path, hf:// URI or 'untrained'")
     plan.add_argument("--sat-type", choices=sorted(GSD_BY_SAT_TYPE), help="model.sat_type of the untrained model")
     trained = ", ".join(str(level) for level in TRAINED_ZOOM_LEVELS)

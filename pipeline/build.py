@@ -115,7 +115,7 @@ def plan_build(
     region = parse_region(inputs.region)
     tiling = replace(inputs.tiling, max_tiles=None) if survey else inputs.tiling
     with inputs.imagery.open_reader() as reader:
-        check_coverage(region, reader, inputs.imagery.source)
+        check_coverage(region, reader, inputs.imagery.shown_source)
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         check_imagery_present(plan, reader)

@@ -100,6 +100,13 @@ class ImagerySettings:
     min_coverage: float
     on_missing: str = "fail"
 
+    @property
+    def shown_source(self) -> str:
+        """`source` as messages and outputs show it: a URL's credential-like query parameters hidden."""
+        from pipeline.imagery.http import redact
+
+        return redact(self.source)
+
     def open_reader(self) -> ImageryReader:
         from pipeline.imagery import open_reader
 

@@ -41,7 +41,6 @@ from pipeline.geometry import (
     union_bounds,
     view_bounds,
 )
-from pipeline.imagery.http import redact
 from pipeline.regions import Region
 
 if TYPE_CHECKING:
@@ -118,10 +117,10 @@ def check_imagery(reader: ImageryReader, settings: ImagerySettings, view: ModelV
             f" {coarsest.zoom_level} (at most {COARSER_LIMIT * coarsest.gsd_m:.3g} m/px); use finer imagery"
         )
         raise ImageryMismatchError(
-            f"imagery {settings.source} has {native_m:.3g} m/px but a {view.sat_type} model at zoom_level"
+            f"imagery {settings.shown_source} has {native_m:.3g} m/px but a {view.sat_type} model at zoom_level"
             f" {view.zoom_level} expects {view.gsd_m:.3g} m/px (at most {COARSER_LIMIT:g}x coarser); {hint}"
         )
-    return ImageryFit(redact(settings.source), reader.source_id, reader.attribution, native_m, reader.fetches_ahead)
+    return ImageryFit(settings.shown_source, reader.source_id, reader.attribution, native_m, reader.fetches_ahead)
 
 
 class ChunkTiles(NamedTuple):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import soundfile
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from support.damage import overwritten_copy
+from support.imagery_servers import StacServer
 from support.paths import LANDSAT
 
 from model import checkpoint
@@ -22,7 +24,7 @@ from model.errors import CheckpointError
 from model.sat2sound import Sat2Sound
 from pipeline.build import plan_build
 from pipeline.config import ModelSettings, Query, load_build_config, load_plan_inputs
-from pipeline.errors import BuildConfigError, ImageryCoverageError, QueryError
+from pipeline.errors import BuildConfigError, ImageryCoverageError, ImageryMismatchError, QueryError
 from pipeline.imagery import open_reader
 from pipeline.model_setup import check_device, check_model, prepare_model
 from pipeline.queries import check_query_files
@@ -35,7 +37,7 @@ def model_settings(**model: Any) -> ModelSettings:
     return load_build_config({**MINIMAL, "model": model}).model
 
 
-def plan_inputs(region: str, source: Path, **imagery: Any) -> Any:
+def plan_inputs(region: str, source: Path | str, **imagery: Any) -> Any:
     return load_plan_inputs(
         {"region": region, "imagery": {"source": str(source), **imagery}, "model": {"zoom_level": 3}}
     )
@@ -68,6 +70,26 @@ def test_a_region_outside_a_raster_is_refused_when_the_build_is_planned() -> Non
     assert "54.6642°W to 54.3535°W, 25.4894°S to 25.2071°S" in message and "set imagery.source" in message
     # A region that reaches into the scene is planned (its tiles outside the scene are left empty).
     assert plan_build(plan_inputs("-54.9,-25.489,-54.6,-25.208", LANDSAT)).plan.tile_count > 0
+
+
+def test_the_starts_messages_about_a_raster_url_hide_its_credentials(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(LANDSAT, served / "scene.tif")
+    with StacServer([], served) as server:  # its /assets/ are files with HTTP range requests
+        url = f"{server.url}/assets/scene.tif?sig=s3cret"
+        shown = f"{server.url}/assets/scene.tif?sig=***"
+        with pytest.raises(ImageryCoverageError) as outside:
+            plan_build(plan_inputs("-60,10,-59,11", url))
+        coarse = load_plan_inputs(
+            {"region": SCENE_REGION, "imagery": {"source": url}, "model": {"sat_type": "bingmap", "zoom_level": 1}}
+        )
+        with pytest.raises(ImageryMismatchError) as too_coarse:
+            plan_build(coarse)
+        fit = plan_build(plan_inputs(SCENE_REGION, url)).plan.imagery
+    for message in (str(outside.value), str(too_coarse.value)):
+        assert shown in message and "s3cret" not in message
+    assert fit.source == shown
 
 
 @pytest.mark.parametrize(("region", "inside"), [("-179.95,-17.0,-179.92,-16.96", True), ("170,-17,171,-16", False)])
