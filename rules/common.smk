@@ -5,6 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from model.checkpoint import checkpoint_files
 from pipeline.build import (
     COG_DIR,
     MODEL_NAME,
@@ -18,7 +19,6 @@ from pipeline.build import (
     quiet_interrupts,
     retry_unavailable,
 )
-from model.checkpoint import checkpoint_files
 from pipeline.config import settings_digest
 from pipeline.plan import embed_jobs
 
