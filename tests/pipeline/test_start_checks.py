@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import soundfile
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from support.damage import overwritten_copy
-from support.imagery_servers import StacServer
+from support.imagery_servers import served_raster
 from support.paths import LANDSAT
 
 from model import checkpoint
@@ -73,12 +72,8 @@ def test_a_region_outside_a_raster_is_refused_when_the_build_is_planned() -> Non
 
 
 def test_the_starts_messages_about_a_raster_url_hide_its_credentials(tmp_path: Path) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(LANDSAT, served / "scene.tif")
-    with StacServer([], served) as server:  # its /assets/ are files with HTTP range requests
-        url = f"{server.url}/assets/scene.tif?sig=s3cret"
-        shown = f"{server.url}/assets/scene.tif?sig=***"
+    with served_raster(LANDSAT, tmp_path / "served") as served:
+        url, shown = f"{served}?sig=s3cret", f"{served}?sig=***"
         with pytest.raises(ImageryCoverageError) as outside:
             plan_build(plan_inputs("-60,10,-59,11", url))
         coarse = load_plan_inputs(

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -580,3 +582,12 @@ def _passes(value: float, rules: Mapping[str, float]) -> bool:
     checks["gt"] = value > rules.get("gt", float("-inf"))
     checks["gte"] = value >= rules.get("gte", float("-inf"))
     return all(checks.values())
+
+
+@contextmanager
+def served_raster(raster: Path, folder: Path) -> Iterator[str]:
+    """The URL of a copy of `raster` (kept in `folder`) served with HTTP range requests, as a COG on a web server."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(raster, folder / raster.name)
+    with StacServer([], folder) as server:
+        yield f"{server.url}/assets/{raster.name}"

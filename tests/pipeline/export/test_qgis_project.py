@@ -17,7 +17,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 from rasterio.io import MemoryFile
-from support.imagery_servers import SceneTiles, StacServer, TileServer
+from support.imagery_servers import SceneTiles, TileServer, served_raster
 from support.synthetic_store import (
     IMAGERY_TILE_PX,
     SyntheticStore,
@@ -421,12 +421,9 @@ def test_a_stac_source_shows_the_builds_underlay(
 
 
 def test_a_raster_over_the_network_shows_the_builds_underlay(raster: Path, tmp_path: Path) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(raster, served / "scene.tif")
     underlay = Path(shutil.copy(raster, tmp_path / "imagery.tif"))  # a raster where the build's underlay would be
-    with StacServer([], served) as server:  # its /assets/ are files with HTTP range requests
-        remote = local_imagery(f"{server.url}/assets/scene.tif", tmp_path / "cache")
+    with served_raster(raster, tmp_path / "served") as served:
+        remote = local_imagery(served, tmp_path / "cache")
         layer, described = _imagery_layer(remote, underlay, tmp_path)
     assert described == "imagery.tif (the source cannot be a QGIS layer)"
     assert layer.element.findtext("datasource") == "./imagery.tif"

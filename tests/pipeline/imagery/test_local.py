@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mercantile
@@ -12,7 +11,7 @@ import rasterio
 from pyproj import Geod
 from rasterio.transform import Affine
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
-from support.imagery_servers import SCENE_PATH, StacServer, footprint, mask_errors, overlap_fraction
+from support.imagery_servers import SCENE_PATH, footprint, mask_errors, overlap_fraction, served_raster
 
 from pipeline.errors import ImageryError
 from pipeline.geometry import Bounds
@@ -158,11 +157,8 @@ def test_holds_imagery_looks_at_every_raster_pixel_under_the_bounds(tmp_path: Pa
 
 
 def test_a_raster_at_a_url_reads_as_the_file_does(tmp_path: Path) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(SCENE_PATH, served / "scene.tif")
-    with StacServer([], served) as server:  # its /assets/ are files with HTTP range requests
-        url = f"{server.url}/assets/scene.tif?sig=s3cret"
+    with served_raster(SCENE_PATH, tmp_path / "served") as served:
+        url, absent = f"{served}?sig=s3cret", served.rsplit("/", 1)[0] + "/absent.tif"
         assert reader_class(url) is LocalRasterReader
         with open_reader(url, cache_dir=tmp_path / "cache") as remote, LocalRasterReader(SCENE_PATH) as local:
             assert remote.footprint_lnglat() == local.footprint_lnglat()
@@ -170,9 +166,9 @@ def test_a_raster_at_a_url_reads_as_the_file_does(tmp_path: Path) -> None:
             np.testing.assert_array_equal(remote_image.array.filled(0), local_image.array.filled(0))
             assert remote.holds_imagery(INNER) is None  # it would mean reading the raster over the network
         with pytest.raises(ImageryError) as refused:
-            open_reader(f"{server.url}/assets/absent.tif?sig=s3cret", cache_dir=tmp_path / "cache")
+            open_reader(f"{absent}?sig=s3cret", cache_dir=tmp_path / "cache")
     message = str(refused.value)
-    assert message.startswith(f"cannot open raster {server.url}/assets/absent.tif?sig=***") and "s3cret" not in message
+    assert message.startswith(f"cannot open raster {absent}?sig=***") and "s3cret" not in message
 
 
 def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
