@@ -232,10 +232,10 @@ def read_config(path: Path) -> Sat2SoundConfig:
 def resolve_checkpoint(uri: str | Path) -> Path:
     """The local file of the checkpoint at `uri` (a path, or an hf:// URI downloaded on first use); an hf://
     .safetensors file comes with the .json config beside it."""
-    from model.hub import HF_SCHEME, resolve
+    from model.hub import is_hub_uri, resolve
 
     path = resolve(uri)
-    if str(uri).startswith(HF_SCHEME) and path.suffix == SAFETENSORS_SUFFIX:
+    if is_hub_uri(uri) and path.suffix == SAFETENSORS_SUFFIX:
         resolve(_config_uri(str(uri)))
     return path
 
@@ -245,10 +245,10 @@ def checkpoint_config(uri: str | Path) -> Sat2SoundConfig:
     already in the cache, is read where it lies. Of an hf:// checkpoint not yet downloaded, a .safetensors
     file's .json config alone is downloaded, and a torch checkpoint's hyper-parameters are read in place: a few
     HTTP range requests, about a megabyte of the 0.6 GB of an official checkpoint."""
-    from model.hub import HF_SCHEME, in_cache, open_remote, resolve
+    from model.hub import in_cache, is_hub_uri, open_remote, resolve
 
     text = str(uri)
-    if not text.startswith(HF_SCHEME) or in_cache(text):
+    if not is_hub_uri(text) or in_cache(text):
         return read_config(resolve_checkpoint(text))
     if text.endswith(SAFETENSORS_SUFFIX):
         config_path = resolve(_config_uri(text))

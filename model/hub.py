@@ -22,6 +22,7 @@ from model.errors import DownloadError, first_line
 # job resolves its checkpoint here, most of them a local file.
 
 HF_SCHEME = "hf://"
+HUB_DATASETS = f"{HF_SCHEME}datasets/"
 OFFICIAL_REPO = "MVRL/sat2sound"
 OFFICIAL_CHECKPOINTS: tuple[str, ...] = tuple(
     f"{imagery}_{metadata}"
@@ -64,9 +65,14 @@ def official_checkpoint_uri(name: str) -> str:
     return f"{HF_SCHEME}{OFFICIAL_REPO}/sat2sound/{name}.ckpt"
 
 
+def is_hub_uri(uri: str | Path) -> bool:
+    """Whether `uri` names a file on the Hugging Face Hub (hf://...) rather than a local path."""
+    return str(uri).startswith(HF_SCHEME)
+
+
 def parse_hf_uri(uri: str) -> HubFile:
     """Split an hf:// URI into repo id, path in repo, revision (None for the default branch) and repo type."""
-    if not uri.startswith(HF_SCHEME):
+    if not is_hub_uri(uri):
         raise DownloadError(f"{uri!r} is not an hf:// URI; write it as {URI_FORM}")
     parts = uri[len(HF_SCHEME) :].split("/")
     repo_type = REPO_TYPE_BY_PREFIX.get(parts[0], "model")
@@ -85,7 +91,7 @@ def parse_hf_uri(uri: str) -> HubFile:
 def resolve(uri: str | Path) -> Path:
     """The local file behind `uri`, downloading an `hf://` file into the Hugging Face cache on first use."""
     text = str(uri)
-    if not text.startswith(HF_SCHEME):
+    if not is_hub_uri(text):
         path = Path(text).expanduser()
         if not path.is_file():
             raise DownloadError(f"{path} is not a file; check the path, or give an {URI_FORM} URI")
@@ -139,7 +145,7 @@ def download_dataset(repo_id: str, patterns: list[str], revision: str | None = N
     from huggingface_hub import snapshot_download
 
     at_revision = f"@{revision}" if revision else ""
-    uri = f"{HF_SCHEME}datasets/{repo_id}{at_revision}"
+    uri = f"{HUB_DATASETS}{repo_id}{at_revision}"
     with _hub_errors(uri, HubFile(repo_id, "", revision, "dataset")):
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns))
 

@@ -15,6 +15,7 @@ from typing import Any
 from common.mapping_file import read_mapping
 from model.config import GSD_BY_SAT_TYPE, Sat2SoundConfig
 from model.errors import ConfigError
+from model.hub import is_hub_uri
 
 ARCHITECTURES = ("small", "full")
 DATA_FORMATS = ("folder", "geosound", "soundingearth")
@@ -233,7 +234,8 @@ def _check(settings: TrainSettings) -> None:
             "image_pretraining needs classes (its targets' columns or bands), epochs >= 1 and lr > 0",
         ),
         (
-            "://" not in data.root or all(Path(path).is_absolute() for path in (tower.shares, tower.landcover) if path),
+            not is_hub_uri(data.root)
+            or all(Path(path).is_absolute() for path in (tower.shares, tower.landcover) if path),
             "image_pretraining's targets lie in the data folder, on the hub here: give them as an absolute local path",
         ),
         (settings.recordings.weight > 0, "recordings.weight must be > 0 (leave recordings.table unset to turn it off)"),
@@ -270,7 +272,7 @@ def parse_settings(values: Mapping[str, Any], base: Path | None = None) -> Train
 
 def _relative_to(settings: TrainSettings, base: Path) -> TrainSettings:
     def resolve(path: str | None) -> str | None:
-        if not path or "://" in path or Path(path).is_absolute():
+        if not path or is_hub_uri(path) or Path(path).is_absolute():
             return path
         return str(base / path)
 

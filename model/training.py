@@ -44,6 +44,7 @@ from model.data.sources import PairSource
 from model.data.transforms import COLOR_JITTER, SampleTransform, dihedral_turn
 from model.errors import ConfigError, DataError
 from model.evaluate import retrieval_metrics
+from model.hub import HUB_DATASETS
 from model.loss import l2_normalize, similarity, soft_cross_entropy, symmetric_cross_entropy
 from model.mel import log_mel
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
@@ -56,7 +57,6 @@ MONITOR = "val/recall"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 EXPORT_NAME = "model"
-HUB_DATASETS = "hf://datasets/"
 
 
 class PairEmbeddings(NamedTuple):

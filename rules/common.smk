@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import checkpoint_files
+from model.hub import is_hub_uri
 from pipeline.build import (
     COG_DIR,
     MODEL_NAME,
@@ -56,8 +57,8 @@ if workflow.is_main_process and retry_unavailable(BUILD, JOBS):
 
 
 def local_checkpoint(settings):
-    """The checkpoint file and its config when model.checkpoint names local files; nothing otherwise."""
-    if settings.untrained or "://" in settings.checkpoint:
+    """The checkpoint file and its config when model.checkpoint names local files; nothing for the Hub's."""
+    if settings.untrained or is_hub_uri(settings.checkpoint):
         return []
     return [str(path) for path in checkpoint_files(Path(settings.checkpoint))]
 

@@ -59,8 +59,7 @@ from pipeline.export.qgis_style import (
     rgb_renderer,
 )
 from pipeline.export.zones import ZONES_CRS, ZONES_LAYER
-from pipeline.imagery import LocalRasterReader, StacReader, XYZReader, reader_class
-from pipeline.imagery.local import is_remote
+from pipeline.imagery.base import RasterLayer, TileLayer
 from pipeline.store.read import SoundscapeStore
 
 # The project file format written: QGIS 3.22's (Debian 12), which newer QGIS versions read as well.
@@ -229,34 +228,32 @@ def _zones_layer(zones: Path, query: Query, home: Path) -> Layer:
 
 def _imagery_layer(imagery: ImagerySettings, underlay: Path, home: Path) -> tuple[Layer, str]:
     """The imagery at the bottom of the project, and what it is in words."""
-    if reader_class(imagery.source) is not StacReader:
-        with imagery.open_reader() as reader:
-            if isinstance(reader, LocalRasterReader) and not is_remote(reader.path):
-                return _raster_imagery(reader, home)
-            if isinstance(reader, XYZReader) and not reader.template.needs_api_key:
-                return _tile_imagery(reader), "an XYZ layer of the tile server"
+    with imagery.open_reader() as reader:
+        source = reader.gis_layer()
+    match source:
+        case RasterLayer():
+            return _raster_imagery(source, home), f"the raster {source.path}"
+        case TileLayer():
+            return _tile_imagery(source), "an XYZ layer of the tile server"
     return _underlay_layer(underlay, home), f"{underlay.name} (the source cannot be a QGIS layer)"
 
 
-def _raster_imagery(reader: LocalRasterReader, home: Path) -> tuple[Layer, str]:
+def _raster_imagery(raster: RasterLayer, home: Path) -> Layer:
     """The raster itself, drawn with the bands and the stretch the build reads it with."""
-    stretch = reader.stretch
-    low, high = UINT8_RANGE if stretch is None else (stretch.low, stretch.high)
-    raster = Path(reader.path).resolve()
-    crs, _ = _raster_frame(raster)
-    pipe = raster_pipe(rgb_renderer(reader.bands, low, high), smooth=True)
-    element = _map_layer("raster", IMAGERY_ID, f"Imagery: {raster.name}", project_path(raster, home), "gdal", crs, pipe)
-    return _with_rights(Layer(element, True), reader.attribution), f"the raster {raster}"
+    pipe = raster_pipe(rgb_renderer(raster.bands, *raster.value_range), smooth=True)
+    name = f"Imagery: {raster.path.name}"
+    element = _map_layer("raster", IMAGERY_ID, name, project_path(raster.path, home), "gdal", raster.crs, pipe)
+    return _with_rights(Layer(element, True), raster.attribution)
 
 
-def _tile_imagery(reader: XYZReader) -> Layer:
+def _tile_imagery(tiles: TileLayer) -> Layer:
     """An XYZ layer of the tile server's URL template and zoom range."""
-    template = reader.template.url
-    query = {"type": "xyz", "url": template, "zmin": reader.min_zoom, "zmax": reader.max_zoom}
+    zmin, zmax = tiles.zoom_range
+    query = {"type": "xyz", "url": tiles.url_template, "zmin": zmin, "zmax": zmax}
     source = urlencode(query, quote_via=quote, safe=":/")
     pipe = raster_pipe(colour_data_renderer(), smooth=True)
     element = _map_layer("raster", IMAGERY_ID, "Imagery: tile server", source, "wms", CRS.from_epsg(3857), pipe)
-    return _with_rights(Layer(element, True), reader.attribution)
+    return _with_rights(Layer(element, True), tiles.attribution)
 
 
 def _underlay_layer(underlay: Path, home: Path) -> Layer:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
@@ -20,6 +21,7 @@ import numpy as np
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 from pyproj import Geod, Transformer
+from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
@@ -145,6 +147,25 @@ class SourcePixels:
         return cls(np.zeros((bands, 1, 1), np.uint8), np.zeros((1, 1), bool), Affine.identity(), WEB_MERCATOR)
 
 
+class RasterLayer(NamedTuple):
+    """A raster file on this machine that a GIS can draw itself: its CRS, and the bands and value range (drawn
+    as 0-255) the build reads it with."""
+
+    path: Path
+    crs: CRS
+    bands: tuple[int, ...]
+    value_range: tuple[float, float]
+    attribution: str
+
+
+class TileLayer(NamedTuple):
+    """An XYZ tile service (Web Mercator) that a GIS can draw itself, by URL template and zoom range."""
+
+    url_template: str
+    zoom_range: tuple[int, int]
+    attribution: str
+
+
 class Unavailable(NamedTuple):
     """Source imagery that could not be had, and why (one clause)."""
 
@@ -231,6 +252,11 @@ class ImageryReader(abc.ABC):
             where = ".".join(str(part) for part in error.absolute_path)
             message = " ".join(error.message.split())
             raise ImageryError(f"imagery option {where}: {message}; {cls.OPTIONS[name]['description']}")
+
+    def gis_layer(self) -> RasterLayer | TileLayer | None:
+        """The source as a GIS can draw it itself, with no copy; None where it cannot (the build's underlay
+        stands in)."""
+        return None
 
     def native_gsd_m(self, latitude: float) -> float:
         """Ground metres per pixel of the source's finest imagery around `latitude`."""

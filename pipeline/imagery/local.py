@@ -33,6 +33,7 @@ from pipeline.imagery.base import (
     ImageData,
     ImageryReader,
     OptionSchema,
+    RasterLayer,
     SourcePixels,
     Stretch,
     check_read_size,
@@ -207,6 +208,15 @@ class LocalRasterReader(ImageryReader):
                 )
             self._stretch = percentile_stretch(sample, self._percentiles)
         return self._stretch
+
+    def gis_layer(self) -> RasterLayer | None:
+        """The raster itself, drawn with the bands and stretch the build reads it with; None over the network."""
+        if is_remote(self.path):
+            return None
+        stretch = self.stretch
+        value_range = (0.0, float(_UINT8_MAX)) if stretch is None else (stretch.low, stretch.high)
+        path = Path(self.path).resolve()
+        return RasterLayer(path, self._dataset.crs, self.bands, value_range, self.attribution)
 
     def native_gsd_m(self, latitude: float) -> float:
         """The raster's own pixel size on the ground at its centre (geodesic, projection scale included): the

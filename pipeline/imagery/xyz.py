@@ -52,6 +52,7 @@ from pipeline.imagery.base import (
     OptionSchema,
     PrefetchReport,
     SourcePixels,
+    TileLayer,
     Unavailable,
     check_on_missing,
     check_read_size,
@@ -329,6 +330,12 @@ class XYZReader(ImageryReader):
                 stacklevel=3,
             )
         return self._clamp_zoom(wanted)
+
+    def gis_layer(self) -> TileLayer | None:
+        """The tile server itself; None when its template needs an API key (the project would hold it)."""
+        if self.template.needs_api_key:
+            return None
+        return TileLayer(self.template.url, (self.min_zoom, self.max_zoom), self.attribution)
 
     def native_gsd_m(self, latitude: float) -> float:
         return ground_resolution_m(self.max_zoom, latitude, self.tile_size)

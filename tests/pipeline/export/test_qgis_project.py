@@ -429,6 +429,19 @@ def test_a_raster_over_the_network_shows_the_builds_underlay(raster: Path, tmp_p
     assert layer.element.findtext("datasource") == "./imagery.tif"
 
 
+def test_a_tile_server_that_needs_a_key_shows_the_builds_underlay(
+    raster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    underlay = Path(shutil.copy(raster, tmp_path / "imagery.tif"))
+    monkeypatch.setenv("TILES_KEY", "s3cret")
+    template = "xyz:https://tiles.example/{z}/{x}/{y}.png?key={api_key}"
+    tiles = ImagerySettings(template, {"api_key_env": "TILES_KEY"}, str(tmp_path / "cache"), False, None, 0.5)
+    layer, described = _imagery_layer(tiles, underlay, tmp_path)
+    assert described == "imagery.tif (the source cannot be a QGIS layer)"
+    assert layer.element.findtext("datasource") == "./imagery.tif"
+    assert "s3cret" not in ET.tostring(layer.element, encoding="unicode")
+
+
 @needs_debian_qgis
 def test_a_reprojected_build_opens_in_its_crs(qgis: dict[str, dict[str, Any]]) -> None:
     utm = qgis["utm"]
