@@ -29,7 +29,7 @@ from model.train_config import load_settings
 from pipeline.build import STORE_NAME
 from pipeline.config import DEFAULT_CONFIG_PATH
 from pipeline.demo_data import read_recordings
-from pipeline.demo_quality import map_quality, tile_class_shares
+from pipeline.demo_quality import WHOLE, map_quality, tile_class_shares
 from pipeline.gallery import open_gallery
 from pipeline.geometry import lnglat_of_mercator
 from pipeline.landcover import CLASSES, CROP, WATER
@@ -112,18 +112,19 @@ def test_the_default_build_hears_each_tiles_land_cover_in_its_gallery(default_bu
     half water (55 of 55 with the shipped weights), a farm animal on three in four tiles at least half farmland (71
     of 89; the weights before, 16: they heard the frog nearly everywhere). `listen` mixes a water tile's
     recordings from the build's own gallery."""
-    indexes, shares = tile_class_shares(open_store(default_build / STORE_NAME))
-    store = xr.open_zarr(default_build / STORE_NAME)
+    store = open_store(default_build / STORE_NAME)
+    indexes, shares = tile_class_shares(store)
     items = [item.id for item in open_gallery(default_build / "gallery").items]
     land_cover = {recording.file: recording.land_cover for recording in read_recordings()}
-    best = store.gallery_item.values[0].reshape(-1)[indexes]
+    best = store.gallery_items(WHOLE, WHOLE)[0].reshape(-1)[indexes]
     heard = np.array([land_cover[items[index]] for index in best])
     water, farmland = shares[:, WATER] >= HALF, shares[:, CROP] >= HALF
     assert water.sum() >= 10 and farmland.sum() >= 10
     assert (heard[water] == CLASSES[WATER]).all(), sorted(items[index] for index in best[water])
     assert (heard[farmland] == CLASSES[CROP]).mean() >= FARMLAND_HEARD, sorted(items[index] for index in best[farmland])
-    row, col = np.unravel_index(indexes[water][0], store.valid.shape)
-    lon, lat = (float(value) for value in lnglat_of_mercator(store.x.values[col], store.y.values[row]))
+    x, y = store.tile_centres()
+    row, col = np.unravel_index(indexes[water][0], (len(y), len(x)))
+    lon, lat = (float(value) for value in lnglat_of_mercator(x[col], y[row]))
     out = tmp_path / "water.flac"
     command = [sys.executable, "-m", "pipeline", "listen", str(default_build), f"--at={lat},{lon}", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
