@@ -29,8 +29,9 @@ setup() {
 }
 
 # Debian packages some tests drive, installed when we can (root + apt): headless Chromium for the HTML preview,
-# and Debian's own GDAL (gdalinfo, gdallocationinfo, osgeo) and PyQGIS, which open the Zarr store and the COGs
-# as GIS users' Debian 12 tools (GDAL 3.6, QGIS 3.22) do.
+# Debian's own GDAL (gdalinfo, gdallocationinfo, osgeo) and PyQGIS, which open the Zarr store and the COGs
+# as GIS users' Debian 12 tools (GDAL 3.6, QGIS 3.22) do, and SLURM 22.05, a one-node cluster the tests start to
+# run the workflow through profiles/slurm.
 debian_test_tools() {
     local missing=()
     command -v chromium >/dev/null || missing+=(chromium)
@@ -38,12 +39,15 @@ debian_test_tools() {
     [ -x /usr/bin/gdalinfo ] && [ -x /usr/bin/gdallocationinfo ] || missing+=(gdal-bin)
     /usr/bin/python3 -c 'from osgeo import gdal' 2>/dev/null || missing+=(python3-gdal)
     /usr/bin/python3 -c 'import qgis.core' 2>/dev/null || missing+=(python3-qgis)
+    [ -x /usr/sbin/slurmctld ] || missing+=(slurmctld)
+    [ -x /usr/sbin/slurmd ] || missing+=(slurmd)
+    command -v sbatch >/dev/null || missing+=(slurm-client)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "installing ${missing[*]} for the preview and GIS-tool tests ..."
+            echo "installing ${missing[*]} for the preview, GIS-tool and SLURM tests ..."
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
         else
-            echo "note: install ${missing[*]} (Debian packages) for the preview and GIS-tool tests" >&2
+            echo "note: install ${missing[*]} (Debian packages) for the preview, GIS-tool and SLURM tests" >&2
         fi
     fi
 }

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import Polygon, box
 from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
 from support.paths import REPO
+from support.slurm_cluster import needs_slurm, requested_gres, slurm_cluster
 
 from model.config import Sat2SoundConfig
 from model.inference import Sat2SoundEncoder
@@ -586,3 +588,35 @@ def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(base_config: dict[str,
     assert len(embed_jobs) == planned["embed"] >= 2
     assert all("gpu=1" in job for job in embed_jobs)
     assert not any("gpu=1" in job for job in jobs if not job.startswith("embed:"))
+
+
+@pytest.fixture
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as folder:
+        yield folder
+
+
+@needs_slurm
+def test_a_build_on_slurm_gives_each_embed_job_a_gpu_and_the_local_builds_map(
+    base_config: dict[str, Any], built: Path, slurm: Path, tmp_path: Path
+) -> None:
+    """profiles/slurm as shipped, on a one-node cluster with one GPU (see support.slurm_cluster); only the job
+    status comes from squeue (no accounting database here) and is asked for every second."""
+    config = {**base_config, "model": {**base_config["model"], "tiles_per_job": 20}}
+    polling = [
+        *("--slurm-status-command", "squeue"),
+        *("--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1"),
+    ]
+    result = snakemake(tmp_path, write_config(tmp_path, config), *polling, profile=SLURM_PROFILE)
+    check_ran(result, tmp_path)
+    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_([a-z_]+)/", result.stderr)
+    rules = {rule for _, rule in submitted}
+    assert {"embed", "gallery", "score", "mosaic", "cogs", "top_places", "zones", "preview", "project"} == rules
+    embed_jobs = [job for job, rule in submitted if rule == "embed"]
+    assert len(embed_jobs) == len(list((tmp_path / "out/tiny/embedded").glob("*.json"))) >= 2
+    for job, rule in submitted:
+        assert ("gpu:1" in requested_gres(job)) == (rule == "embed"), (rule, requested_gres(job))
+    on_slurm = xr.open_zarr(tmp_path / "out/tiny/soundscape.zarr")
+    local = xr.open_zarr(built / "out/tiny/soundscape.zarr")
+    np.testing.assert_array_equal(on_slurm.valid.values, local.valid.values)
+    np.testing.assert_allclose(on_slurm.score.values, local.score.values, atol=SCORE_ATOL)
