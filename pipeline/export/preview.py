@@ -72,7 +72,7 @@ from pipeline.export.qgis_style import (
     query_colours,
 )
 from pipeline.export.underlay import read_underlay
-from pipeline.geometry import lnglat_of_mercator
+from pipeline.geometry import WEB_MERCATOR, lnglat_of_mercator
 from pipeline.imagery.codec import encode_webp
 from pipeline.store.read import SoundscapeStore, StoreGrid
 from pipeline.store.scores import SCORE_KINDS, dominant_query
@@ -160,8 +160,8 @@ def write_preview(
     region = _region(region_geojson)
     soundscape = SoundscapeStore(store)
     grid = soundscape.grid
-    if grid.crs != CRS.from_epsg(3857):
-        raise ExportError(f"the preview needs an EPSG:3857 store, got {grid.crs}; rebuild the store")
+    if grid.crs != CRS.from_user_input(WEB_MERCATOR):
+        raise ExportError(f"the preview needs an {WEB_MERCATOR} store, got {grid.crs}; rebuild the store")
     queries = soundscape.queries
     colours = query_colours(len(queries))
     times = soundscape.times.all

@@ -59,6 +59,7 @@ from pipeline.export.qgis_style import (
     rgb_renderer,
 )
 from pipeline.export.zones import ZONES_CRS, ZONES_LAYER
+from pipeline.geometry import WEB_MERCATOR
 from pipeline.imagery.base import RasterLayer, TileLayer
 from pipeline.store.read import SoundscapeStore
 
@@ -252,7 +253,8 @@ def _tile_imagery(tiles: TileLayer) -> Layer:
     query = {"type": "xyz", "url": tiles.url_template, "zmin": zmin, "zmax": zmax}
     source = urlencode(query, quote_via=quote, safe=":/")
     pipe = raster_pipe(colour_data_renderer(), smooth=True)
-    element = _map_layer("raster", IMAGERY_ID, "Imagery: tile server", source, "wms", CRS.from_epsg(3857), pipe)
+    crs = CRS.from_user_input(WEB_MERCATOR)
+    element = _map_layer("raster", IMAGERY_ID, "Imagery: tile server", source, "wms", crs, pipe)
     return _with_rights(Layer(element, True), tiles.attribution)
 
 
