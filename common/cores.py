@@ -1,8 +1,13 @@
-"""The CPU cores this process may use."""
+"""The CPU cores this process may use, and whether it sees a GPU."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# One folder per GPU the NVIDIA driver drives; ROCm's compute device, which torch.cuda drives on AMD GPUs.
+NVIDIA_GPUS = Path("proc/driver/nvidia/gpus")
+ROCM_DEVICE = Path("dev/kfd")
 
 
 def usable_cores() -> int:
@@ -11,3 +16,13 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def gpu_visible(root: Path = Path("/")) -> bool:
+    """Whether torch.cuda would find a GPU here, told without importing torch (1-2 s): NVIDIA's driver lists one or
+    ROCm's compute device exists, and CUDA_VISIBLE_DEVICES does not hide them all."""
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if shown is not None and shown.strip() in ("", "-1"):
+        return False
+    nvidia = root / NVIDIA_GPUS
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or (root / ROCM_DEVICE).exists()

@@ -23,6 +23,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
+from common.cores import gpu_visible
 from common.errors import first_line
 from model.config import HOURS, MONTHS
 from pipeline.errors import BuildConfigError, ImageryError
@@ -153,6 +154,14 @@ class ModelSettings:
     def swept(self) -> tuple[str, ...]:
         """The keys (month, hour) given as a list or `all`."""
         return tuple(key for key in ("month", "hour") if isinstance(getattr(self, key), list | str))
+
+    @property
+    def embed_gpus(self) -> int:
+        """The GPUs an embed job takes on this machine: one where it runs on a GPU (`device` cuda or mps, or auto
+        with a GPU in sight), none on the CPU."""
+        if self.device == "auto":
+            return int(gpu_visible())
+        return int(self.device != "cpu")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ rule embed:
         digest=digest("embed"),
         chunks_dir=f"{BUILD}/chunks",
     threads: 2
+    resources:
+        # profiles/local runs one embed job at a time on a GPU (each takes the whole card: batch_size auto);
+        # profiles/slurm gives each its own.
+        gpu=CFG.model.embed_gpus,
     log:
         f"{LOGS}/embed/{{job}}.log",
     shell:

@@ -15,6 +15,7 @@ import yaml
 from rasterio.warp import transform_bounds
 from support.paths import LANDSAT
 
+from pipeline import config as config_module
 from pipeline.build import check_output_dir
 from pipeline.config import (
     DEFAULT_CONFIG_PATH,
@@ -177,6 +178,24 @@ def test_the_settings_file_round_trips_and_is_rewritten_only_on_change(tmp_path:
     assert path.stat().st_mtime_ns == stamp
     write_settings(load_build_config(config_with(model={"device": "cpu"})), path)
     assert read_settings(path).model.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu_in_sight", "gpus"),
+    [
+        ("cpu", True, 0),
+        ("cuda", False, 1),
+        ("cuda:1", False, 1),
+        ("mps", False, 1),
+        ("auto", True, 1),
+        ("auto", False, 0),
+    ],
+)
+def test_an_embed_job_takes_a_gpu_where_it_runs_on_one(
+    device: str, gpu_in_sight: bool, gpus: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config_module, "gpu_visible", lambda: gpu_in_sight)
+    assert load_build_config(config_with(model={"device": device})).model.embed_gpus == gpus
 
 
 def test_plan_inputs_need_no_name_or_queries_and_share_the_defaults() -> None:

@@ -493,6 +493,41 @@ def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[
     assert int(xr.open_zarr(tmp_path / "out/resume/soundscape.zarr").valid.sum()) > 0
 
 
+def most_at_once(log: str, rule: str) -> tuple[int, int]:
+    """(jobs of `rule` a Snakemake run started, the most of them running at once), from its log."""
+    started = running = most = 0
+    lines = log.splitlines()
+    for line in lines:
+        if re.fullmatch(rf"(local)?rule {rule}:", line.strip()):
+            started, running = started + 1, running + 1
+            most = max(most, running)
+        elif re.fullmatch(rf"Finished jobid: \d+ \(Rule: {rule}\)", line.strip()):
+            running -= 1
+    return started, most
+
+
+def test_on_a_gpu_the_local_profile_runs_one_embed_job_at_a_time(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """Cores for two embed jobs, but each takes the one GPU (here the resource stands in for it: this machine runs
+    them on the CPU, where they ask for none)."""
+    config = {
+        **base_config,
+        "name": "gpu",
+        "region": RESUME_REGION,
+        "imagery": {"source": str(SCENE_PATH)},
+        "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 16},
+        "model": {**base_config["model"], "loader_workers": 0, "tiles_per_job": 1},
+    }
+    config_path = write_config(tmp_path, config)
+    store = "out/gpu/soundscape.zarr/.zmetadata"
+    dry_run = snakemake(tmp_path, config_path, "-n", store)
+    check_ran(dry_run, tmp_path)
+    assert "gpu=0" in dry_run.stdout.split("\nrule embed:")[1].split("\n\n")[0]
+    result = snakemake(tmp_path, config_path, "--set-resources", "embed:gpu=1", "--cores", "4", store)
+    check_ran(result, tmp_path)
+    started, most = most_at_once(result.stderr, "embed")
+    assert started >= 2 and most == 1, (started, most)
+
+
 BAD_INPUT_CASES = [
     "missing audio",
     "undecodable audio",
