@@ -61,9 +61,9 @@ SEED = 0
 # A triangle over the 1.6 x 1.4 km scene: its corners reach well past the scene (tiles without imagery)
 # and its bounding box holds tiles outside it.
 TRIANGLE = Polygon([(-72.2245, 18.5035), (-72.2015, 18.5035), (-72.2130, 18.5245)])
-# A 700 m square in the scene's centre: 12 tiles in 4 chunks of zoom 16.
 # Zones: the triangle's western and eastern halves, split at its apex.
 HALVES = {"west": box(-72.23, 18.50, -72.2130, 18.53), "east": box(-72.2130, 18.50, -72.19, 18.53)}
+# A 700 m square in the scene's centre: 12 tiles in 4 chunks of zoom 16.
 RESUME_REGION = "-72.2160,18.5110,-72.2095,18.5175"
 QUERIES = [{"id": "birds", "text": "birds singing in the trees"}, {"id": "traffic", "text": "cars and horns"}]
 SCORE_ATOL = 3e-3  # embeddings are stored as float16
@@ -447,19 +447,23 @@ def test_paths_with_spaces_quotes_and_accents_build_inside_their_folder(
     }
 
 
-def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[str, Any], tmp_path: Path) -> None:
-    config = {
+def one_chunk_jobs(base_config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A build `name` of RESUME_REGION from the local scene: four chunks, each its own embed job."""
+    return {
         **base_config,
-        "name": "resume",
+        "name": name,
         "region": RESUME_REGION,
         "imagery": {"source": str(SCENE_PATH)},
         "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 16},
-        # One chunk a job, so the kill lands while the next job starts (seconds of imports and model load), not
-        # in the few milliseconds between two chunks of one job, which a loaded machine can let slip by. A job
-        # that stopped part-way through its chunks reuses the finished ones: tests/pipeline/test_embed.py.
         "model": {**base_config["model"], "loader_workers": 0, "tiles_per_job": 1},
     }
-    config_path = write_config(tmp_path, config)
+
+
+def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[str, Any], tmp_path: Path) -> None:
+    # One chunk a job, so the kill lands while the next job starts (seconds of imports and model load), not in the
+    # few milliseconds between two chunks of one job, which a loaded machine can let slip by. A job that stopped
+    # part-way through its chunks reuses the finished ones: tests/pipeline/test_embed.py.
+    config_path = write_config(tmp_path, one_chunk_jobs(base_config, "resume"))
     chunks = tmp_path / "out/resume/chunks"
     target = "out/resume/soundscape.zarr/.zmetadata"  # the store alone: exports are not what this test is about
     command = [
@@ -509,15 +513,7 @@ def most_at_once(log: str, rule: str) -> tuple[int, int]:
 def test_on_a_gpu_the_local_profile_runs_one_embed_job_at_a_time(base_config: dict[str, Any], tmp_path: Path) -> None:
     """Cores for two embed jobs, but each takes the one GPU (here the resource stands in for it: this machine runs
     them on the CPU, where they ask for none)."""
-    config = {
-        **base_config,
-        "name": "gpu",
-        "region": RESUME_REGION,
-        "imagery": {"source": str(SCENE_PATH)},
-        "tiling": {"tile_zoom_offset": 2, "chunk_zoom": 16},
-        "model": {**base_config["model"], "loader_workers": 0, "tiles_per_job": 1},
-    }
-    config_path = write_config(tmp_path, config)
+    config_path = write_config(tmp_path, one_chunk_jobs(base_config, "gpu"))
     store = "out/gpu/soundscape.zarr/.zmetadata"
     dry_run = snakemake(tmp_path, config_path, "-n", store)
     check_ran(dry_run, tmp_path)
