@@ -10,6 +10,7 @@ importing torch (a build's model job reads only those of a converted checkpoint)
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import json
@@ -77,6 +78,14 @@ SAFE_GLOBALS: list[Any] = [
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256, hashed once per process while the file stays as it is (the build's start asks for the
+    checkpoint's up to three times: its expected sha256, the model record, the gallery's weights)."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

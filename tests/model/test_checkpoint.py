@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -287,3 +288,20 @@ def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path: Path) -> None:
     os.umask(mask)
     assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
     assert config.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_file_is_hashed_once_while_it_stays_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    contents = [b"first", b"second, longer", b"third, longer!"]
+    expected = [hashlib.sha256(content).hexdigest() for content in contents]
+    hashed: list[int] = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda: hashed.append(1) or real())
+    path = tmp_path / "weights.bin"
+    path.write_bytes(contents[0])
+    assert sha256_file(path) == sha256_file(path) == expected[0] and len(hashed) == 1
+    path.write_bytes(contents[1])  # rewritten in place: another size and time
+    assert sha256_file(path) == expected[1] and len(hashed) == 2
+    replaced = tmp_path / "other.bin"
+    replaced.write_bytes(contents[2])
+    os.replace(replaced, path)  # renamed over it, as downloads and conversions write: another file
+    assert sha256_file(path) == expected[2] and len(hashed) == 3
