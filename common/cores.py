@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# One folder per GPU the NVIDIA driver drives; ROCm's compute device, which torch.cuda drives on AMD GPUs.
+# One folder per GPU the NVIDIA driver drives, or (in a container) its device files; ROCm's compute device, which
+# torch.cuda drives on AMD GPUs.
 NVIDIA_GPUS = Path("proc/driver/nvidia/gpus")
-ROCM_DEVICE = Path("dev/kfd")
+NVIDIA_DEVICES = "nvidia[0-9]*"
+DEVICES = Path("dev")
+ROCM_DEVICE = DEVICES / "kfd"
 
 
 def usable_cores() -> int:
@@ -19,10 +22,11 @@ def usable_cores() -> int:
 
 
 def gpu_visible(root: Path = Path("/")) -> bool:
-    """Whether torch.cuda would find a GPU here, told without importing torch (1-2 s): NVIDIA's driver lists one or
-    ROCm's compute device exists, and CUDA_VISIBLE_DEVICES does not hide them all."""
+    """Whether torch.cuda would find a GPU here, told without importing torch (1-2 s): NVIDIA's driver lists one, its
+    device file or ROCm's compute device exists, and CUDA_VISIBLE_DEVICES does not hide them all."""
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")
     if shown is not None and shown.strip() in ("", "-1"):
         return False
     nvidia = root / NVIDIA_GPUS
-    return (nvidia.is_dir() and any(nvidia.iterdir())) or (root / ROCM_DEVICE).exists()
+    listed = nvidia.is_dir() and any(nvidia.iterdir())
+    return listed or any((root / DEVICES).glob(NVIDIA_DEVICES)) or (root / ROCM_DEVICE).exists()

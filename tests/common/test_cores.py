@@ -28,6 +28,8 @@ def test_a_process_pinned_to_one_core_has_one() -> None:
         (["proc/driver/nvidia/gpus/0000:65:00.0/information"], "", False),
         (["proc/driver/nvidia/gpus/0000:65:00.0/information"], "-1", False),
         (["dev/kfd"], None, True),
+        (["dev/nvidia0", "dev/nvidiactl"], None, True),
+        (["dev/nvidiactl"], None, False),
     ],
 )
 def test_a_gpu_is_seen_where_a_driver_shows_one_and_cuda_visible_devices_does_not_hide_it(
