@@ -500,12 +500,11 @@ def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[
 def most_at_once(log: str, rule: str) -> tuple[int, int]:
     """(jobs of `rule` a Snakemake run started, the most of them running at once), from its log."""
     started = running = most = 0
-    lines = log.splitlines()
-    for line in lines:
-        if re.fullmatch(rf"(local)?rule {rule}:", line.strip()):
+    for line in (line.strip() for line in log.splitlines()):
+        if re.fullmatch(rf"(local)?rule {rule}:", line):
             started, running = started + 1, running + 1
             most = max(most, running)
-        elif re.fullmatch(rf"Finished jobid: \d+ \(Rule: {rule}\)", line.strip()):
+        elif re.fullmatch(rf"Finished jobid: \d+ \(Rule: {rule}\)", line):
             running -= 1
     return started, most
 
