@@ -291,12 +291,14 @@ def _taps(coords: Tensor, scale: Tensor, kernel: Kernel, length: int) -> tuple[T
     """GDAL's kernel taps along one axis: source indexes (..., K) and their weights, zero off the source.
     `coords` are continuous source pixel coordinates of output pixel centres (pixel j spans j..j+1), `scale`
     the output/source pixel ratio (< 1 shrinks), broadcast to coords."""
-    reach = math.ceil(kernel.radius / float(scale.min()))
-    offsets = torch.arange(1 - reach, reach + 1, device=coords.device, dtype=coords.dtype)
-    base = torch.floor(coords - 0.5)
-    delta = coords - 0.5 - base
-    weights = kernel.weight((offsets - delta[..., None]) * scale[..., None])
-    index = base[..., None].long() + offsets.long()
+    # Taps lie strictly within `reach` of the centre: ceil(2 x reach) of them from the first one past its left
+    # end cover them all (3 where a shrinking bilinear kernel, from a window fixed around the centre, takes 4).
+    reach = kernel.radius / scale[..., None]
+    taps = math.ceil(2.0 * kernel.radius / float(scale.min()))
+    centre = coords[..., None] - 0.5
+    index = torch.floor(centre - reach) + 1.0 + torch.arange(taps, device=coords.device, dtype=coords.dtype)
+    weights = kernel.weight((index - centre) * scale[..., None])
+    index = index.long()
     inside = (index >= 0) & (index < length)
     return index.clamp(0, length - 1), weights * inside
 
@@ -470,19 +472,21 @@ def _tap_weight(x: float, pieces: np.ndarray) -> float:
 def _store(
     pixels: np.ndarray,
     at: tuple[int, int, int],
-    red: float,
-    green: float,
-    blue: float,
-    valid: float,
-    gain: float,
-    offset: float,
+    red: np.float32,
+    green: np.float32,
+    blue: np.float32,
+    valid: np.float32,
+    gain: np.float32,
+    offset: np.float32,
 ) -> None:
-    """Renormalise kernel sums by their valid weight, stretch, round and store them at (view, row, column)."""
+    """Renormalise kernel sums by their valid weight, stretch, round and store them at (view, row, column).
+    float32 throughout, as the sparse products on other devices take them: float64 sums cost a conversion a tap."""
     view, row, column = at
-    factor = gain / max(valid, _MIN_WEIGHT)
-    pixels[view, 0, row, column] = np.uint8(min(max(red * factor + offset, 0.0), _UINT8_MAX))
-    pixels[view, 1, row, column] = np.uint8(min(max(green * factor + offset, 0.0), _UINT8_MAX))
-    pixels[view, 2, row, column] = np.uint8(min(max(blue * factor + offset, 0.0), _UINT8_MAX))
+    factor = gain / max(valid, np.float32(_MIN_WEIGHT))
+    lowest, highest = np.float32(0.0), np.float32(_UINT8_MAX)
+    pixels[view, 0, row, column] = np.uint8(min(max(red * factor + offset, lowest), highest))
+    pixels[view, 1, row, column] = np.uint8(min(max(green * factor + offset, lowest), highest))
+    pixels[view, 2, row, column] = np.uint8(min(max(blue * factor + offset, lowest), highest))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -523,13 +527,13 @@ def _cut_points(
     count, points, size = coarse_columns.shape[0], coarse_columns.shape[1], pixels.shape[-1]
     first, second, weight = _interpolation_taps(size, points)
     flat = stack.reshape(-1)
-    offset = 0.5 - low * gain
+    gain32, offset = np.float32(gain), np.float32(0.5 - low * gain)
     radius = pieces.shape[0]
     for view in numba.prange(count):
         scale = scales[view]
         # Source pixels further than this from an output pixel centre have no weight.
         span = radius / scale
-        across = np.empty(2 * math.ceil(span) + 1)
+        across = np.empty(2 * math.ceil(span) + 1, np.float32)
         line_columns = np.empty(points)
         line_rows = np.empty(points)
         for out_row in range(size):
@@ -560,10 +564,10 @@ def _cut_points(
                 last_row = min(math.ceil(at_row + span) - 1, height - 1)
                 for tap in range(last_column - first_column + 1):
                     across[tap] = _tap_weight((first_column + tap - at_column) * scale, pieces)
-                red = green = blue = valid = 0.0
+                red = green = blue = valid = np.float32(0.0)
                 for source_row in range(first_row, last_row + 1):
-                    down = _tap_weight((source_row - at_row) * scale, pieces)
-                    row_red = row_green = row_blue = row_valid = 0.0
+                    down = np.float32(_tap_weight((source_row - at_row) * scale, pieces))
+                    row_red = row_green = row_blue = row_valid = np.float32(0.0)
                     at = (source_row * width + first_column) * 4
                     for tap in range(last_column - first_column + 1):
                         tap_weight = across[tap]
@@ -576,7 +580,7 @@ def _cut_points(
                     green += down * row_green
                     blue += down * row_blue
                     valid += down * row_valid
-                _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain, offset)
+                _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain32, offset)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -618,7 +622,7 @@ def _cut_rows(
             source = source_lines[row_index[out_row, tap], first_value:end_value]
             for at in range(end_value - first_value):
                 line[at] += weight * source[at]
-    offset = 0.5 - low * gain
+    gain32, offset = np.float32(gain), np.float32(0.5 - low * gain)
     for view in numba.prange(count):
         view_columns, view_index, view_weight = columns[view], column_index[view], column_weight[view]
         for out_row in range(size):
@@ -631,7 +635,7 @@ def _cut_rows(
                 if not (0 <= land_column < width and landing_line[land_column]):
                     continue
                 landed[view, out_row, out_column] = True
-                red = green = blue = valid = 0.0
+                red = green = blue = valid = np.float32(0.0)
                 index, weights = view_index[out_column], view_weight[out_column]
                 for tap in range(index.shape[0]):
                     weight, at = weights[tap], index[tap] * channels
@@ -639,7 +643,7 @@ def _cut_rows(
                     green += weight * line[at + 1]
                     blue += weight * line[at + 2]
                     valid += weight * line[at + 3]
-                _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain, offset)
+                _store(pixels, (view, out_row, out_column), red, green, blue, valid, gain32, offset)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
