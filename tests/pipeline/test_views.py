@@ -171,7 +171,7 @@ def test_views_of_a_raster_many_times_finer_are_cut_from_a_decimated_read(tmp_pa
     with rasterio.open(LANDSAT) as scene:
         window = Window(200, 200, 512, 512)
         fine = scene.read(window=window, out_shape=(3, 3072, 3072), resampling=Resampling.bilinear)
-        transform = scene.window_transform(window) * Affine.scale(512 / 3072)
+        transform = scene.window_transform(window) @ Affine.scale(512 / 3072)
         profile = {"count": 3, "dtype": "uint16", "crs": scene.crs, "nodata": 0, "tiled": True}
     path = tmp_path / "landsat_5m.tif"
     with rasterio.open(path, "w", driver="GTiff", width=3072, height=3072, transform=transform, **profile) as out:

@@ -192,7 +192,7 @@ def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
 
 def _rotated_transform(degrees: float) -> Affine:
     """The scene's pixel grid turned by `degrees` about its top-left corner (a rotated geotransform)."""
-    return SCENE_PROFILE["transform"] * Affine.rotation(degrees)
+    return SCENE_PROFILE["transform"] @ Affine.rotation(degrees)
 
 
 @pytest.mark.parametrize("dst_crs", ["EPSG:3857", "EPSG:32618", "EPSG:4326"])

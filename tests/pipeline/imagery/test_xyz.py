@@ -555,7 +555,7 @@ def _inner_tile(scene_tiles: SceneTiles) -> tuple[mercantile.Tile, str]:
 def _unavailable_mask(reader: XYZReader, views: np.ndarray, tile: mercantile.Tile) -> np.ndarray:
     pixels = reader.source_pixels(views, 256)
     assert pixels.unavailable is not None and pixels.unavailable_tiles == (tuple(tile),)
-    column, row = ~pixels.transform * mercantile.xy(*mercantile.ul(tile))
+    column, row = ~pixels.transform @ mercantile.xy(*mercantile.ul(tile))
     expected = np.zeros_like(pixels.unavailable)
     expected[round(row) : round(row) + 256, round(column) : round(column) + 256] = True
     np.testing.assert_array_equal(pixels.unavailable, expected)
