@@ -1,4 +1,4 @@
-"""The CPU cores this process may use, and whether it sees a GPU."""
+"""The CPU cores this process may use, and the GPUs it sees."""
 
 from __future__ import annotations
 
@@ -21,12 +21,20 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def gpu_visible(root: Path = Path("/")) -> bool:
-    """Whether torch.cuda would find a GPU here, told without importing torch (1-2 s): NVIDIA's driver lists one, its
-    device file or ROCm's compute device exists, and CUDA_VISIBLE_DEVICES does not hide them all."""
-    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if shown is not None and shown.strip() in ("", "-1"):
-        return False
+def visible_gpus(root: Path = Path("/")) -> tuple[str, ...]:
+    """The GPUs torch.cuda would find here, told without importing torch (1-2 s), as CUDA_VISIBLE_DEVICES names
+    them (their indexes where it is unset): those NVIDIA's driver lists or, in a container, shows as device files;
+    ROCm's compute device counts as one. CUDA_VISIBLE_DEVICES narrows them; like CUDA, it ends at its first
+    invalid entry, so "" and "-1" hide them all."""
     nvidia = root / NVIDIA_GPUS
-    listed = nvidia.is_dir() and any(nvidia.iterdir())
-    return listed or any((root / DEVICES).glob(NVIDIA_DEVICES)) or (root / ROCM_DEVICE).exists()
+    count = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
+    count = count or len(list((root / DEVICES).glob(NVIDIA_DEVICES))) or int((root / ROCM_DEVICE).exists())
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if shown is None or not count:
+        return tuple(str(index) for index in range(count))
+    names: list[str] = []
+    for name in (entry.strip() for entry in shown.split(",")):
+        if not name or name.startswith("-"):
+            break
+        names.append(name)
+    return tuple(names)

@@ -435,6 +435,15 @@ def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> i
     return rerun
 
 
+def idle_gpus_line(config: BuildConfig, jobs: int, gpu_limit: int | None) -> str | None:
+    """What to add when a build of several embed jobs would run them one at a time (the local profile's `gpu=1`)
+    on a machine whose GPUs they could share out (`ModelSettings.shared_gpus`); None when nothing would idle."""
+    gpus = len(config.model.shared_gpus) if jobs > 1 and gpu_limit == 1 else 0
+    if gpus < 2:
+        return None
+    return f"{gpus} GPUs here and embed jobs take one each: add --resources gpu={gpus} to run one on each"
+
+
 def finish_lines(build_dir: Path | str, store: Path | str, zones: bool = False) -> list[str]:
     """What the workflow prints when it ends well: where the outputs are (`zones`: with the zone statistics) and,
     when imagery could not be had (`imagery.on_missing: leave_empty`), how many tiles were left empty and why

@@ -23,7 +23,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError
 
 from common.atomic import atomic_path
-from common.cores import gpu_visible
+from common.cores import visible_gpus
 from common.errors import first_line
 from model.config import HOURS, MONTHS
 from pipeline.errors import BuildConfigError, ImageryError
@@ -156,11 +156,17 @@ class ModelSettings:
         return tuple(key for key in ("month", "hour") if isinstance(getattr(self, key), list | str))
 
     @property
+    def shared_gpus(self) -> tuple[str, ...]:
+        """The GPUs embed jobs share out, one each, where several run side by side (`common.gpu_claim`): this
+        machine's, unless `device` names one (cuda:N) or none."""
+        return visible_gpus() if self.device in ("auto", "cuda") else ()
+
+    @property
     def embed_gpus(self) -> int:
         """The GPUs an embed job takes on this machine: one where it runs on a GPU (`device` cuda or mps, or auto
         with a GPU in sight), none on the CPU."""
         if self.device == "auto":
-            return int(gpu_visible())
+            return int(bool(visible_gpus()))
         return int(self.device != "cpu")
 
 

@@ -50,6 +50,18 @@ def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
 
 
 def _embed(args: argparse.Namespace, config: BuildConfig) -> str:
+    """On a machine with several GPUs, each embed job claims one and sees only it (`common.gpu_claim`; the locks
+    lie beside the jobs' records): jobs side by side then run one to a GPU."""
+    from common.gpu_claim import own_gpu
+
+    shared = config.model.shared_gpus
+    with own_gpu(args.out.parent, shared, say=lambda line: print(f"embed: {line}", flush=True)) as gpu:
+        if gpu is not None:
+            print(f"embed: GPU {gpu} of {', '.join(shared)}, its own while the job runs", flush=True)
+        return _embed_on_device(args, config)
+
+
+def _embed_on_device(args: argparse.Namespace, config: BuildConfig) -> str:
     import torch
 
     from pipeline.config import settings_digest
@@ -246,7 +258,11 @@ Step = Callable[[argparse.Namespace, BuildConfig], str]
 STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "model": (_model, ("out",), "resolve or build the model weights and record them"),
     "fetch": (_fetch, ("plan", "chunk", "out"), "fetch one chunk's imagery into the tile cache"),
-    "embed": (_embed, ("plan", "model", "job", "threads", "chunks_dir", "out"), "embed one job's chunks"),
+    "embed": (
+        _embed,
+        ("plan", "model", "job", "threads", "chunks_dir", "out"),
+        "embed one job's chunks (on a GPU of its own where the machine has several)",
+    ),
     "queries": (_queries, ("model", "out"), "embed the queries"),
     "gallery": (_gallery, ("model", "recordings", "out"), "embed outputs.gallery's recordings into a gallery"),
     "score": (

@@ -16,6 +16,7 @@ from pipeline.build import (
     SETTINGS_NAME,
     STORE_NAME,
     ZONES_NAME,
+    idle_gpus_line,
     open_workflow,
     quiet_interrupts,
     retry_unavailable,
@@ -54,6 +55,11 @@ JOBS = embed_jobs(PLANNED, CFG.model.tiles_per_job)
 EMBEDDED = [f"{BUILD}/embedded/{job}.json" for job in range(len(JOBS))]
 if workflow.is_main_process and retry_unavailable(BUILD, JOBS):
     print("retrying the imagery an earlier run could not have (imagery.on_missing: leave_empty)", file=sys.stderr)
+# The --resources gpu limit (profiles/local: 1), an int in Snakemake 8 and a Resource (its .value) in 9.
+GPU_LIMIT = workflow.global_resources.get("gpu")
+GPU_LIMIT = getattr(GPU_LIMIT, "value", GPU_LIMIT)
+if workflow.is_main_process and (line := idle_gpus_line(CFG, len(JOBS), GPU_LIMIT)):
+    print(line, file=sys.stderr)
 
 
 def local_checkpoint(settings):

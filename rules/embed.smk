@@ -34,8 +34,9 @@ rule embed:
         chunks_dir=f"{BUILD}/chunks",
     threads: 2
     resources:
-        # profiles/local runs one embed job at a time on a GPU (each takes the whole card: batch_size auto);
-        # profiles/slurm gives each its own.
+        # profiles/local runs one embed job at a time on a GPU (each takes the whole card: batch_size auto), one
+        # on each GPU with --resources gpu=N (each job claims its own: common.gpu_claim); profiles/slurm gives
+        # each its own.
         gpu=CFG.model.embed_gpus,
     log:
         f"{LOGS}/embed/{{job}}.log",

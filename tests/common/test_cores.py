@@ -1,4 +1,5 @@
-"""The cores a process may use follow its CPU affinity, as SLURM and taskset set it; a GPU is seen as torch sees it."""
+"""The cores a process may use follow its CPU affinity, as SLURM and taskset set it; GPUs are seen as torch sees
+them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cores import gpu_visible
+from common.cores import visible_gpus
 
 
 def test_a_process_pinned_to_one_core_has_one() -> None:
@@ -19,21 +20,28 @@ def test_a_process_pinned_to_one_core_has_one() -> None:
     assert printed.strip() == "1"
 
 
+NVIDIA = "proc/driver/nvidia/gpus/0000:{}:00.0/information"
+
+
 @pytest.mark.parametrize(
     ("device_files", "visible", "seen"),
     [
-        ([], None, False),
-        (["proc/driver/nvidia/gpus/0000:65:00.0/information"], None, True),
-        (["proc/driver/nvidia/gpus/0000:65:00.0/information"], "0,1", True),
-        (["proc/driver/nvidia/gpus/0000:65:00.0/information"], "", False),
-        (["proc/driver/nvidia/gpus/0000:65:00.0/information"], "-1", False),
-        (["dev/kfd"], None, True),
-        (["dev/nvidia0", "dev/nvidiactl"], None, True),
-        (["dev/nvidiactl"], None, False),
+        ([], None, ()),
+        ([NVIDIA.format(65)], None, ("0",)),
+        ([NVIDIA.format(65), NVIDIA.format(66), NVIDIA.format(67)], None, ("0", "1", "2")),
+        ([NVIDIA.format(65), NVIDIA.format(66)], "1", ("1",)),
+        ([NVIDIA.format(65), NVIDIA.format(66)], "GPU-5c3e, GPU-77af", ("GPU-5c3e", "GPU-77af")),
+        ([NVIDIA.format(65), NVIDIA.format(66)], "1,-1,0", ("1",)),
+        ([NVIDIA.format(65)], "", ()),
+        ([NVIDIA.format(65)], "-1", ()),
+        ([], "0,1", ()),
+        (["dev/kfd"], None, ("0",)),
+        (["dev/nvidia0", "dev/nvidia1", "dev/nvidiactl", "dev/nvidia-uvm"], None, ("0", "1")),
+        (["dev/nvidiactl"], None, ()),
     ],
 )
-def test_a_gpu_is_seen_where_a_driver_shows_one_and_cuda_visible_devices_does_not_hide_it(
-    device_files: list[str], visible: str | None, seen: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_gpus_are_seen_where_a_driver_shows_them_as_cuda_visible_devices_narrows_them(
+    device_files: list[str], visible: str | None, seen: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in device_files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -43,4 +51,4 @@ def test_a_gpu_is_seen_where_a_driver_shows_one_and_cuda_visible_devices_does_no
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert gpu_visible(tmp_path) is seen
+    assert visible_gpus(tmp_path) == seen

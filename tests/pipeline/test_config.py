@@ -181,21 +181,24 @@ def test_the_settings_file_round_trips_and_is_rewritten_only_on_change(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("device", "gpu_in_sight", "gpus"),
+    ("device", "in_sight", "gpus", "shared"),
     [
-        ("cpu", True, 0),
-        ("cuda", False, 1),
-        ("cuda:1", False, 1),
-        ("mps", False, 1),
-        ("auto", True, 1),
-        ("auto", False, 0),
+        ("cpu", ("0", "1"), 0, ()),
+        ("cuda", (), 1, ()),
+        ("cuda", ("0", "1"), 1, ("0", "1")),
+        ("cuda:1", ("0", "1"), 1, ()),
+        ("mps", (), 1, ()),
+        ("auto", ("0",), 1, ("0",)),
+        ("auto", ("2", "3"), 1, ("2", "3")),
+        ("auto", (), 0, ()),
     ],
 )
-def test_an_embed_job_takes_a_gpu_where_it_runs_on_one(
-    device: str, gpu_in_sight: bool, gpus: int, monkeypatch: pytest.MonkeyPatch
+def test_an_embed_job_takes_a_gpu_where_it_runs_on_one_and_shares_out_the_gpus_unless_the_config_names_one(
+    device: str, in_sight: tuple[str, ...], gpus: int, shared: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config_module, "gpu_visible", lambda: gpu_in_sight)
-    assert load_build_config(config_with(model={"device": device})).model.embed_gpus == gpus
+    monkeypatch.setattr(config_module, "visible_gpus", lambda: in_sight)
+    model = load_build_config(config_with(model={"device": device})).model
+    assert (model.embed_gpus, model.shared_gpus) == (gpus, shared)
 
 
 def test_plan_inputs_need_no_name_or_queries_and_share_the_defaults() -> None:

@@ -21,7 +21,8 @@ from model.checkpoint import save_safetensors, sha256_file
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError
 from model.sat2sound import Sat2Sound
-from pipeline.build import plan_build
+from pipeline import config as config_module
+from pipeline.build import idle_gpus_line, plan_build
 from pipeline.config import ModelSettings, Query, load_build_config, load_plan_inputs
 from pipeline.errors import BuildConfigError, ImageryCoverageError, ImageryMismatchError, QueryError
 from pipeline.imagery import open_reader
@@ -196,3 +197,24 @@ def test_the_expected_sha256_of_a_checkpoint_is_checked(small_checkpoint: Path) 
         check_model(model_settings(checkpoint_sha256=digest), text_queries=False)
     with pytest.raises(BuildConfigError, match=r"config\.model\.checkpoint_sha256: 'abc' does not match"):
         model_settings(checkpoint=str(small_checkpoint), checkpoint_sha256="abc")
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "jobs", "limit", "said"),
+    [
+        ("auto", ("0", "1", "2", "3"), 7, 1, "4 GPUs here and embed jobs take one each: add --resources gpu=4"),
+        ("cuda", ("0", "1"), 2, 1, "2 GPUs here"),
+        ("auto", ("0", "1"), 1, 1, None),  # one job: nothing to run side by side
+        ("auto", ("0", "1"), 4, 2, None),  # already one on each
+        ("auto", ("0", "1"), 4, None, None),  # no limit: the jobs run as the cores allow, each claiming a GPU
+        ("auto", ("0",), 4, 1, None),
+        ("cuda:1", ("0", "1"), 4, 1, None),  # every job on GPU 1
+        ("cpu", ("0", "1"), 4, 1, None),
+    ],
+)
+def test_the_start_says_how_to_run_an_embed_job_on_each_gpu_where_they_would_idle(
+    device: str, gpus: tuple[str, ...], jobs: int, limit: int | None, said: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config_module, "visible_gpus", lambda: gpus)
+    line = idle_gpus_line(load_build_config({**MINIMAL, "model": {"device": device}}), jobs, limit)
+    assert (line is None) if said is None else (line is not None and line.startswith(said)), line

@@ -523,6 +523,35 @@ def test_on_a_gpu_the_local_profile_runs_one_embed_job_at_a_time(base_config: di
     assert started >= 2 and most == 1, (started, most)
 
 
+# Two GPUs as NVIDIA's driver would show them, in every Python process of a run (Snakemake's and its jobs'): this
+# machine has none, and its jobs, claiming them all the same, run on the CPU.
+TWO_GPUS = "import common.cores\ncommon.cores.visible_gpus = lambda root=None: ('0', '1')\n"
+
+
+def test_on_two_gpus_embed_jobs_run_one_on_each_given_the_resources_and_the_start_says_how(
+    base_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "two_gpus"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(TWO_GPUS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])))
+    config_path = write_config(tmp_path, one_chunk_jobs(base_config, "gpus"))
+    store = "out/gpus/soundscape.zarr/.zmetadata"
+    hint = "2 GPUs here and embed jobs take one each: add --resources gpu=2 to run one on each"
+    dry_run = snakemake(tmp_path, config_path, "-n", store)
+    check_ran(dry_run, tmp_path)
+    assert hint in dry_run.stderr
+    result = snakemake(tmp_path, config_path, "--resources", "gpu=2", "--cores", "4", store)
+    check_ran(result, tmp_path)
+    assert hint not in result.stderr
+    started, most = most_at_once(result.stderr, "embed")
+    assert started >= 2 and most == 2, (started, most)
+    logs = sorted((tmp_path / "out/gpus/logs/embed").glob("*.log"))
+    claimed = [re.search(r"^embed: GPU (\d) of 0, 1,", log.read_text(), re.MULTILINE) for log in logs]
+    assert len(logs) == started and all(claimed), [log.read_text() for log in logs]
+    assert {match.group(1) for match in claimed if match} == {"0", "1"}
+
+
 BAD_INPUT_CASES = [
     "missing audio",
     "undecodable audio",
