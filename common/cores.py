@@ -23,12 +23,13 @@ def usable_cores() -> int:
 
 def visible_gpus(root: Path = Path("/")) -> tuple[str, ...]:
     """The GPUs torch.cuda would find here, told without importing torch (1-2 s), as CUDA_VISIBLE_DEVICES names
-    them (their indexes where it is unset): those NVIDIA's driver lists or, in a container, shows as device files;
-    ROCm's compute device counts as one. CUDA_VISIBLE_DEVICES narrows them; like CUDA, it ends at its first
-    invalid entry, so "" and "-1" hide them all."""
+    them (their indexes where it is unset): NVIDIA's device files, which are the GPUs a process may open (a
+    container given some of a machine's GPUs has theirs only), or the GPUs the driver lists while it has made no
+    device file yet; ROCm's compute device counts as one. CUDA_VISIBLE_DEVICES narrows them; like CUDA, it ends at
+    its first invalid entry, so "" and "-1" hide them all."""
     nvidia = root / NVIDIA_GPUS
-    count = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
-    count = count or len(list((root / DEVICES).glob(NVIDIA_DEVICES))) or int((root / ROCM_DEVICE).exists())
+    listed = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
+    count = len(list((root / DEVICES).glob(NVIDIA_DEVICES))) or listed or int((root / ROCM_DEVICE).exists())
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")
     if shown is None or not count:
         return tuple(str(index) for index in range(count))

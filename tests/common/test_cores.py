@@ -37,6 +37,8 @@ NVIDIA = "proc/driver/nvidia/gpus/0000:{}:00.0/information"
         ([], "0,1", ()),
         (["dev/kfd"], None, ("0",)),
         (["dev/nvidia0", "dev/nvidia1", "dev/nvidiactl", "dev/nvidia-uvm"], None, ("0", "1")),
+        # A container given two of a machine's four GPUs: their device files keep the machine's numbers.
+        ([*(NVIDIA.format(bus) for bus in (65, 66, 67, 68)), "dev/nvidia1", "dev/nvidia3"], None, ("0", "1")),
         (["dev/nvidiactl"], None, ()),
     ],
 )
