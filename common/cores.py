@@ -11,6 +11,8 @@ NVIDIA_GPUS = Path("proc/driver/nvidia/gpus")
 NVIDIA_DEVICES = "nvidia[0-9]*"
 DEVICES = Path("dev")
 ROCM_DEVICE = DEVICES / "kfd"
+# The GPUs a CUDA process sees, by index or UUID, comma-separated.
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 
 
 def usable_cores() -> int:
@@ -30,7 +32,7 @@ def visible_gpus(root: Path = Path("/")) -> tuple[str, ...]:
     nvidia = root / NVIDIA_GPUS
     listed = len(list(nvidia.iterdir())) if nvidia.is_dir() else 0
     count = len(list((root / DEVICES).glob(NVIDIA_DEVICES))) or listed or int((root / ROCM_DEVICE).exists())
-    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = os.environ.get(VISIBLE_ENV)
     if shown is None or not count:
         return tuple(str(index) for index in range(count))
     names: list[str] = []

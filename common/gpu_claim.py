@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+from common.cores import VISIBLE_ENV
+
 # How often a job that found every GPU held tries again: jobs run minutes, so a second is soon enough.
 POLL_S = 1.0
 

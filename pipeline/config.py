@@ -166,7 +166,7 @@ class ModelSettings:
         """The GPUs an embed job takes on this machine: one where it runs on a GPU (`device` cuda or mps, or auto
         with a GPU in sight), none on the CPU."""
         if self.device == "auto":
-            return int(bool(visible_gpus()))
+            return int(bool(self.shared_gpus))
         return int(self.device != "cpu")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.gpu_claim import VISIBLE_ENV, own_gpu
+from common.cores import VISIBLE_ENV
+from common.gpu_claim import own_gpu
 
 # A job: claim a GPU, say which and what CUDA_VISIBLE_DEVICES then is, hold it for argv[3] seconds.
 JOB = """
