@@ -541,7 +541,8 @@ def test_on_two_gpus_embed_jobs_run_one_on_each_given_the_resources_and_the_star
     dry_run = snakemake(tmp_path, config_path, "-n", store)
     check_ran(dry_run, tmp_path)
     assert hint in dry_run.stderr
-    result = snakemake(tmp_path, config_path, "--resources", "gpu=2", "--cores", "4", store)
+    # Cores for two embed jobs beside the queries and the gallery, so that the GPUs alone set how many run at once.
+    result = snakemake(tmp_path, config_path, "--resources", "gpu=2", "--cores", "6", store)
     check_ran(result, tmp_path)
     assert hint not in result.stderr
     started, most = most_at_once(result.stderr, "embed")
