@@ -23,6 +23,7 @@ import soundfile
 import torch
 
 from common.memory import keep_freed_memory
+from model.launch import training_launch
 from model.train_config import parse_settings
 from model.training import Sat2SoundTraining, initial_model, text_cache, trainer
 from tests.support.pair_data import encode_image, write_folder
@@ -100,7 +101,7 @@ def main() -> None:
         model = initial_model(settings)
         module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim))
         options = {"callbacks": [clock], "limit_val_batches": 0, "enable_checkpointing": False, "logger": False}
-        trainer(settings, [], enable_progress_bar=False, **options).fit(module)
+        trainer(settings, training_launch(settings.devices), [], enable_progress_bar=False, **options).fit(module)
         parameters = sum(p.numel() for p in model.parameters())
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(

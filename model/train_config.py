@@ -112,7 +112,7 @@ class TrainSettings:
     val_every_epochs: int = 1
     keep_best: int = 1
     precision: str = "auto"
-    devices: int | None = None  # None: every device of the accelerator
+    devices: int | None = None  # None: every device of the accelerator, or one per SLURM task (model.launch)
     seed: int = 0
     text_cache: str | None = None  # default: <out_dir>/text_cache
     mel_cache: str | None = None  # folder sources' log-mels; default: <out_dir>/mel_cache
@@ -239,6 +239,10 @@ def _check(settings: TrainSettings) -> None:
             "image_pretraining's targets lie in the data folder, on the hub here: give them as an absolute local path",
         ),
         (settings.recordings.weight > 0, "recordings.weight must be > 0 (leave recordings.table unset to turn it off)"),
+        (
+            settings.devices is None or settings.devices >= 1,
+            "devices must be at least 1 (leave it out for every device, or a device per SLURM task)",
+        ),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
         (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -45,6 +46,7 @@ from model.data.transforms import COLOR_JITTER, SampleTransform, dihedral_turn
 from model.errors import ConfigError, DataError
 from model.evaluate import retrieval_metrics
 from model.hub import HUB_DATASETS
+from model.launch import Launch, training_launch
 from model.loss import l2_normalize, similarity, soft_cross_entropy, symmetric_cross_entropy
 from model.mel import log_mel
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
@@ -480,12 +482,12 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
     return shares
 
 
-def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, **trainer_overrides: Any) -> None:
+def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, launch: Launch, **trainer_overrides: Any) -> None:
     """`ImageTowerPretraining` for `image_pretraining.epochs`, logged beside the main run's logs."""
     module = ImageTowerPretraining(model, settings)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
     options = {"max_epochs": settings.image_pretraining.epochs, "max_steps": -1, "logger": logger}
-    trainer(settings, [], **{**trainer_overrides, **options, "enable_checkpointing": False}).fit(module)
+    trainer(settings, launch, [], **{**trainer_overrides, **options, "enable_checkpointing": False}).fit(module)
 
 
 def initial_model(settings: TrainSettings) -> Sat2Sound:
@@ -497,7 +499,9 @@ def initial_model(settings: TrainSettings) -> Sat2Sound:
     return build_model(settings.with_droprate(cfg), state_dict, source=settings.model.init, trainable=True)
 
 
-def trainer(settings: TrainSettings, checkpoints: Sequence[ModelCheckpoint], **overrides: Any) -> pl.Trainer:
+def trainer(
+    settings: TrainSettings, launch: Launch, checkpoints: Sequence[ModelCheckpoint], **overrides: Any
+) -> pl.Trainer:
     logs = settings.out_path / "logs"
     precision = settings.precision
     if precision == "auto":
@@ -510,7 +514,8 @@ def trainer(settings: TrainSettings, checkpoints: Sequence[ModelCheckpoint], **o
         "gradient_clip_val": settings.optim.grad_clip,
         "gradient_clip_algorithm": "norm",
         "precision": precision,
-        "devices": "auto" if settings.devices is None else settings.devices,
+        "devices": launch.devices,
+        "num_nodes": launch.num_nodes,
         "logger": [TensorBoardLogger(logs, name="tensorboard"), CSVLogger(logs, name="csv")],
         "callbacks": list(checkpoints),
         "log_every_n_steps": 1,
@@ -547,6 +552,9 @@ class TrainResult(NamedTuple):
 
 def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     """Train (resuming from `<out_dir>/checkpoints/last.ckpt` when there is one) and export the best weights."""
+    launch = training_launch(settings.devices)
+    if launch.note:
+        rank_zero_info(launch.note)
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     model = initial_model(settings)
     recordings = RecordingCaptions.read(settings.recordings)  # before pretraining: a bad table is refused at once
@@ -555,12 +563,12 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     if settings.image_pretraining.enabled:
         # A resumed run's checkpoint holds the taught tower already.
         if not last.is_file():
-            pretrain_image_tower(model, settings, **trainer_overrides)
+            pretrain_image_tower(model, settings, launch, **trainer_overrides)
         for param in image_side(model, settings.image_pretraining):
             param.requires_grad_(False)
     module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim), recordings)
     checkpoints = best_checkpoints(settings)
-    fit = trainer(settings, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
+    fit = trainer(settings, launch, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=str(last) if last.is_file() else None)
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
     chosen = best if settings.export == "best" else last

@@ -90,6 +90,7 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
         ({"out_dir": "r", "data": {}}, "data.root is missing"),
         ({**MINIMAL, "batch_size": "big"}, "train.batch_size must be of type int"),
         ({**MINIMAL, "batch_size": 1}, "batch_size must be at least 2"),
+        ({**MINIMAL, "devices": 0}, "devices must be at least 1"),
         ({**MINIMAL, "lr": 1}, "unknown setting train.lr"),
         ({**MINIMAL, "optim": {"betas": [0.9]}}, "optim.betas must be two numbers"),
         ({**MINIMAL, "optim": {"lr": 0}}, "optim.lr and optim.eps must be > 0"),

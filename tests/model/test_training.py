@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import yaml
 from rasterio.transform import from_bounds
 from support.pair_data import encode_image, write_folder
 from support.paths import REPO
+from support.slurm_cluster import needs_slurm, slurm_cluster
 
 from model import training
 from model.__main__ import main
@@ -564,6 +566,45 @@ def test_two_process_ddp_validates_on_the_whole_split_and_exports_once(tmp_path:
         == 0
     )
     assert rank == [json.loads((tmp_path / "val.json").read_text())["none"]["I2S"]["median_rank"]]
+
+
+def sbatch(folder: Path, *options: str, command: str) -> tuple[int, str]:
+    """`command` run as a batch job from `folder` and waited for: the job's exit status and its output. The ranks
+    meet at 127.0.0.1: the test node's name does not resolve, as a real cluster's node names do."""
+    done = subprocess.run(
+        ["sbatch", "--wait", "--chdir", str(folder), "--output", "job.out", *options, "--wrap", command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1"},
+        timeout=420,
+    )
+    return done.returncode, (folder / "job.out").read_text()
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_on_slurm_srun_starts_a_rank_per_task_and_a_step_of_fewer_tasks_than_devices_is_refused(
+    tmp_path: Path, pairs: Path
+) -> None:
+    """As users run it on a cluster (a real one-node SLURM, `support.slurm_cluster`): with devices left out, srun
+    under --ntasks-per-node=2 starts the two ranks, a device each; `devices: 2` in a batch step of one task would
+    train in a world of one and fail at its first validation, so it is refused before any work."""
+    # Bounded, so that a run that hangs ends with its job rather than outliving the cluster.
+    train = f"timeout 300 {shlex.quote(sys.executable)} -m model train --config train.yaml"
+    with slurm_cluster(tmp_path / "slurm"):
+        auto = config(tmp_path / "auto", pairs, max_epochs=1, text_cache=str(tmp_path / "text")).parent
+        status, output = sbatch(auto, "--nodes=1", "--ntasks-per-node=2", command=f"srun {train}")
+        assert status == 0, output[-2000:]
+        assert "MEMBER: 2/2" in output and output.count("trained 1 steps") == 1
+        assert (auto / "run" / "model.safetensors").is_file()
+        two = config(tmp_path / "two", pairs, max_epochs=1, devices=2).parent
+        status, output = sbatch(two, "--ntasks=1", command=train)
+        assert status == 2
+        assert output.strip().splitlines() == [
+            "error: devices: 2, but SLURM started 1 task(s) on each node, one per device; ask for"
+            " --ntasks-per-node=2 and start the run with srun, or set devices: 1"
+        ]
+        assert not (two / "run").exists()
 
 
 @pytest.mark.slow
