@@ -101,13 +101,31 @@ def _wait_until_idle(folder: Path) -> None:
 
 
 def _stop(folder: Path) -> None:
+    """Stop the daemons and wait for them to be gone, so that a cluster started next (another test module) meets
+    none of this one's."""
+    stopped = []
     for daemon in reversed(DAEMONS):
         pid_file = folder / f"{daemon}.pid"
         if pid_file.exists():
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                pid = int(pid_file.read_text())
+                os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 continue
+            stopped.append(pid)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while stopped and time.monotonic() < deadline:
+        stopped = [pid for pid in stopped if _running(pid)]
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is alive: neither gone nor a zombie (the daemons' parent is whatever init this machine has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 @contextmanager
