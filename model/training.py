@@ -483,10 +483,17 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
 
 
 def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, launch: Launch, **trainer_overrides: Any) -> None:
-    """`ImageTowerPretraining` for `image_pretraining.epochs`, logged beside the main run's logs."""
+    """`ImageTowerPretraining` for `image_pretraining.epochs`, logged beside the main run's logs. Its own root
+    folder keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`) apart from the main
+    run's: a fit without a checkpoint path resumes from the one in its root."""
     module = ImageTowerPretraining(model, settings)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
-    options = {"max_epochs": settings.image_pretraining.epochs, "max_steps": -1, "logger": logger}
+    options = {
+        "max_epochs": settings.image_pretraining.epochs,
+        "max_steps": -1,
+        "logger": logger,
+        "default_root_dir": settings.out_path / "image_pretraining",
+    }
     trainer(settings, launch, [], **{**trainer_overrides, **options, "enable_checkpointing": False}).fit(module)
 
 

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -290,6 +291,29 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, pair
     assert expected.keys() == found.keys()
     for key in expected:
         assert torch.allclose(expected[key], found[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_run_requeued_by_slurm_in_its_first_epoch_resumes_from_lightnings_checkpoint(
+    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requeued by SLURM (`sbatch --signal=USR1@90`), Lightning saves `hpc_ckpt_N.ckpt` in the run's root folder,
+    and a fit without a checkpoint path resumes from it. Before the first epoch ends there is no last.ckpt, so the
+    image pretraining runs again: in a root of its own, it does not load the main run's checkpoint."""
+    job = {"NTASKS": "1", "JOB_NAME": "train", "JOB_ID": "1", "NNODES": "1", "NODELIST": "localhost"}
+    for name, value in {**job, "PROCID": "0", "LOCALID": "0", "NODEID": "0"}.items():
+        monkeypatch.setenv(f"SLURM_{name}", value)
+    tower = {**tower_targets(tmp_path, pairs, "shares"), "classes": list(COLOURS), "epochs": 1, "codebook": True}
+    # Stopped after its first step of two an epoch, as a requeue stops it: the main run's state, no epoch's end.
+    first = train(load_settings(config(tmp_path, pairs, max_steps=1, image_pretraining=tower)))
+    out = tmp_path / "run"
+    (out / CHECKPOINTS / LAST).rename(out / "hpc_ckpt_1.ckpt")
+    shutil.rmtree(out / CHECKPOINTS)
+    again = train(load_settings(config(tmp_path, pairs, max_epochs=2, image_pretraining=tower)))
+    # Resumed at step 1, Lightning goes on from the next epoch: 2 more steps (a fresh run would take 4).
+    assert (first.steps, again.steps) == (1, 3)
+    logged = [list(csv.DictReader(path.open())) for path in sorted((out / "logs" / "csv").rglob("metrics.csv"))]
+    assert [len([row for row in rows if row["train/loss"]]) for rows in logged] == [1, 2]
 
 
 @pytest.mark.slow
