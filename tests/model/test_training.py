@@ -357,9 +357,9 @@ def test_image_pretraining_teaches_the_image_side_which_then_stays_frozen(
     pretrain = training.pretrain_image_tower
     states: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
-    def watched(model: Sat2Sound, settings: object, **overrides: object) -> None:
+    def watched(model: Sat2Sound, settings: object, launch: object, **overrides: object) -> None:
         before = {key: value.clone() for key, value in model.state_dict().items()}
-        pretrain(model, settings, **overrides)  # type: ignore[arg-type]
+        pretrain(model, settings, launch, **overrides)  # type: ignore[arg-type]
         states.append((before, {key: value.clone() for key, value in model.state_dict().items()}))
 
     monkeypatch.setattr(training, "pretrain_image_tower", watched)
