@@ -12,6 +12,11 @@ from model.errors import InputError
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 
 
+def cuda_devices() -> int:
+    """The CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """The device `device` names; "auto" is CUDA when available, else the CPU.
 
@@ -24,7 +29,7 @@ def pick_device(device: str = "auto") -> torch.device:
     except RuntimeError:
         raise InputError(f"unknown device {device!r}; use {DEVICE_FORMS}") from None
     if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = cuda_devices()
         if count == 0:
             raise InputError(f"device {device!r}: CUDA is not available on this machine; use auto or cpu")
         if chosen.index is not None and chosen.index >= count:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
+from model.devices import cuda_devices
 from model.errors import ConfigError
 
 
@@ -51,7 +51,7 @@ def training_launch(devices: int | None, gpus: int | None = None) -> Launch:
     """The launch of a run whose config asks for `devices` (None: every device, or a device per SLURM task) on a
     machine with `gpus` CUDA devices (None: as torch counts them; 0 trains on the CPU)."""
     if gpus is None:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = cuda_devices()
     tasks = slurm_tasks()
     if tasks is None:
         if devices is not None and 0 < gpus < devices:
