@@ -1,7 +1,8 @@
 """Training with PyTorch Lightning, as the reference trains (`python -m model train --config train.yaml`).
 
 Lightning runs the loop: mixed precision on GPUs, several GPUs through DDP, gradient clipping, resume from
-`<out_dir>/checkpoints/last.ckpt` (weights, optimiser, scheduler, step and the RNG states), TensorBoard and
+`<out_dir>/checkpoints/last.ckpt` or a SLURM requeue's `<out_dir>/hpc_ckpt_N.ckpt`, whichever went further
+(weights, optimiser, scheduler, step and the RNG states), TensorBoard and
 CSV logs under `<out_dir>/logs`, and a progress bar with the loss and samples/s. After each validation the
 retrieval metrics of the whole validation split are computed (`model.evaluate`, R@k and median rank; under DDP
 the ranks' embeddings are gathered first, so the gallery is still the whole split), and
@@ -58,6 +59,8 @@ from model.train_config import DataSettings, RecordingSettings, TowerSettings, T
 MONITOR = "val/recall"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
+# Lightning's checkpoint when SLURM signals a job before its time limit, in the trainer's root folder.
+REQUEUED = "hpc_ckpt_*.ckpt"
 EXPORT_NAME = "model"
 
 
@@ -548,6 +551,18 @@ def last_checkpoint(settings: TrainSettings) -> ModelCheckpoint:
     )
 
 
+def resume_checkpoint(settings: TrainSettings) -> Path | None:
+    """The main run's checkpoint that went furthest: the last epoch's, or one Lightning saved when SLURM requeued
+    the job, possibly mid-epoch after it (Lightning itself looks at the latter only when given no path)."""
+    found = [*settings.out_path.glob(REQUEUED), settings.out_path / CHECKPOINTS / LAST]
+    steps = {path: checkpoint_step(path) for path in found if path.is_file()}
+    return max(steps, key=steps.__getitem__, default=None)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+
+
 class TrainResult(NamedTuple):
     best: Path
     best_recall: float | None
@@ -558,7 +573,7 @@ class TrainResult(NamedTuple):
 
 
 def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
-    """Train (resuming from `<out_dir>/checkpoints/last.ckpt` when there is one) and export the best weights."""
+    """Train (resuming from the run's furthest checkpoint when there is one) and export the best weights."""
     launch = training_launch(settings.devices)
     if launch.note:
         rank_zero_info(launch.note)
@@ -566,17 +581,18 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     model = initial_model(settings)
     recordings = RecordingCaptions.read(settings.recordings)  # before pretraining: a bad table is refused at once
     last = settings.out_path / CHECKPOINTS / LAST
+    resume = resume_checkpoint(settings)
     started = time.perf_counter()
     if settings.image_pretraining.enabled:
         # A resumed run's checkpoint holds the taught tower already.
-        if not last.is_file():
+        if resume is None:
             pretrain_image_tower(model, settings, launch, **trainer_overrides)
         for param in image_side(model, settings.image_pretraining):
             param.requires_grad_(False)
     module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim), recordings)
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, launch, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
-    fit.fit(module, ckpt_path=str(last) if last.is_file() else None)
+    fit.fit(module, ckpt_path=resume)
     best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last
     chosen = best if settings.export == "best" else last
     exported = []

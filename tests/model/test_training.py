@@ -42,9 +42,11 @@ from model.training import (
     PatchShares,
     RecordingCaptions,
     ViewShares,
+    checkpoint_step,
     initial_model,
     open_pairs,
     read_patch_means,
+    resume_checkpoint,
     train,
     transform_for,
     upstream_hparams,
@@ -297,9 +299,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, pair
 def test_a_run_requeued_by_slurm_in_its_first_epoch_resumes_from_lightnings_checkpoint(
     tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Requeued by SLURM (`sbatch --signal=USR1@90`), Lightning saves `hpc_ckpt_N.ckpt` in the run's root folder,
-    and a fit without a checkpoint path resumes from it. Before the first epoch ends there is no last.ckpt, so the
-    image pretraining runs again: in a root of its own, it does not load the main run's checkpoint."""
+    """Requeued by SLURM (`sbatch --signal=USR1@90`), Lightning saves `hpc_ckpt_N.ckpt` in the run's root folder.
+    Before the first epoch ends there is no last.ckpt: the run resumes from Lightning's checkpoint, which holds the
+    taught image tower, so the image pretraining does not run again."""
     job = {"NTASKS": "1", "JOB_NAME": "train", "JOB_ID": "1", "NNODES": "1", "NODELIST": "localhost"}
     for name, value in {**job, "PROCID": "0", "LOCALID": "0", "NODEID": "0"}.items():
         monkeypatch.setenv(f"SLURM_{name}", value)
@@ -314,6 +316,34 @@ def test_a_run_requeued_by_slurm_in_its_first_epoch_resumes_from_lightnings_chec
     assert (first.steps, again.steps) == (1, 3)
     logged = [list(csv.DictReader(path.open())) for path in sorted((out / "logs" / "csv").rglob("metrics.csv"))]
     assert [len([row for row in rows if row["train/loss"]]) for rows in logged] == [1, 2]
+    assert len(list((out / "logs" / "image_pretraining").glob("version_*"))) == 1
+
+
+class RequeuedAt(pl.Callback):
+    """Saves Lightning's requeue checkpoint after `step` steps and stops, as SLURM's signal and requeue would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+            trainer.should_stop = True
+
+
+@pytest.mark.slow
+def test_a_run_requeued_after_an_epoch_resumes_from_the_further_checkpoint(tmp_path: Path, pairs: Path) -> None:
+    """Requeued in its second epoch, the run goes on from Lightning's checkpoint of step 3, not from the first
+    epoch's last.ckpt (step 2)."""
+    train(load_settings(config(tmp_path, pairs, max_epochs=1)))
+    # The second epoch stopped after one step of two by a requeue, with no last.ckpt callback to move on.
+    stopped = train(load_settings(config(tmp_path, pairs, max_epochs=2)), callbacks=[RequeuedAt(3)])
+    out = tmp_path / "run"
+    assert stopped.steps == 3 and checkpoint_step(out / CHECKPOINTS / LAST) == 2
+    assert resume_checkpoint(load_settings(config(tmp_path, pairs))) == out / "hpc_ckpt_1.ckpt"
+    again = train(load_settings(config(tmp_path, pairs, max_epochs=2)))
+    logged = [list(csv.DictReader(path.open())) for path in sorted((out / "logs" / "csv").rglob("metrics.csv"))]
+    assert (again.steps, [len([row for row in rows if row["train/loss"]]) for rows in logged]) == (4, [2, 1, 1])
 
 
 @pytest.mark.slow
