@@ -14,6 +14,7 @@ side first learns land cover alone (`ImageTowerPretraining`) and then stays froz
 
 from __future__ import annotations
 
+import pickle
 import random
 import time
 import warnings
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -555,12 +556,18 @@ def resume_checkpoint(settings: TrainSettings) -> Path | None:
     """The main run's checkpoint that went furthest: the last epoch's, or one Lightning saved when SLURM requeued
     the job, possibly mid-epoch after it (Lightning itself looks at the latter only when given no path)."""
     found = [*settings.out_path.glob(REQUEUED), settings.out_path / CHECKPOINTS / LAST]
-    steps = {path: checkpoint_step(path) for path in found if path.is_file()}
+    steps = {path: step for path in found if path.is_file() and (step := checkpoint_step(path)) is not None}
     return max(steps, key=steps.__getitem__, default=None)
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint was saved at; None, with a warning, for one that cannot be read (a job killed
+    while saving it)."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as error:
+        rank_zero_warn(f"{path} cannot be read ({first_line(error)}); resuming without it")
+        return None
 
 
 class TrainResult(NamedTuple):

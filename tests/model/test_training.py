@@ -319,6 +319,20 @@ def test_a_run_requeued_by_slurm_in_its_first_epoch_resumes_from_lightnings_chec
     assert len(list((out / "logs" / "image_pretraining").glob("version_*"))) == 1
 
 
+def test_a_run_resumes_from_its_furthest_readable_checkpoint(tmp_path: Path, pairs: Path) -> None:
+    settings = load_settings(config(tmp_path, pairs))
+    assert resume_checkpoint(settings) is None
+    (settings.out_path / CHECKPOINTS).mkdir(parents=True)
+    for name, step in {f"{CHECKPOINTS}/{LAST}": 4, "hpc_ckpt_1.ckpt": 3, "hpc_ckpt_2.ckpt": 6}.items():
+        torch.save({"global_step": step}, settings.out_path / name)
+    assert resume_checkpoint(settings) == settings.out_path / "hpc_ckpt_2.ckpt"
+    # A job killed while Lightning saved its checkpoint leaves it cut short: the run goes on from the next one.
+    cut = settings.out_path / "hpc_ckpt_2.ckpt"
+    cut.write_bytes(cut.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="hpc_ckpt_2.ckpt cannot be read"):
+        assert resume_checkpoint(settings) == settings.out_path / CHECKPOINTS / LAST
+
+
 class RequeuedAt(pl.Callback):
     """Saves Lightning's requeue checkpoint after `step` steps and stops, as SLURM's signal and requeue would."""
 
