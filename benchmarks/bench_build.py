@@ -10,7 +10,10 @@ end-to-end tiles/s, the model's own tiles/s on the same device in the same run (
 `embed_images` at the build's batch size; the mean of a timing just before and one just after the build, as a
 shared host's speed drifts within minutes), their ratio, the embed jobs' fixed cost (process start,
 imports, model load: embedded/<job>.json) and their tiles/s after it, and the peak resident memory of the
-largest process of the build, which stays flat as regions grow because every step works chunk by chunk.
+largest process of the build, which stays flat as regions grow because every step works chunk by chunk. After
+each build, where its CPU time went: every rule's jobs (each job's log ends with its process's CPU time, imports
+included), Snakemake's own process with the jobs' exits, and on a CPU the ratio the build's CPU time allows at
+best (the model's own CPU seconds against all of them spread perfectly over the cores).
 
 `--write-rates` records in benchmarks/rates.json (the rates `python -m pipeline plan` times builds by; schema
 in `pipeline.rates`) the line through the smallest and the largest build: tiles/s and the fixed seconds every
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mercantile
 import torch
@@ -45,6 +48,7 @@ from pipeline.geometry import output_zoom
 from pipeline.model_setup import untrained_config
 from pipeline.plan import ModelView, read_plan
 from pipeline.rates import RATES_PATH, Rate, update_rates
+from pipeline.steps import JOB_TIMES
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "examples" / "landsat8_itaipu_30m.tif"
@@ -86,8 +90,14 @@ def build_config(name: str, region: str, args: argparse.Namespace, output_dir: P
     }
 
 
-def run_build(config_path: Path, workdir: Path, cores: int) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of the largest process of one `snakemake` build."""
+class BuildRun(NamedTuple):
+    seconds: float
+    cpu_s: float  # user + system, the whole process tree
+    peak_mb: float  # the largest process's resident memory
+
+
+def run_build(config_path: Path, workdir: Path, cores: int) -> BuildRun:
+    """One `snakemake` build, timed."""
     command = [
         sys.executable,
         "-m",
@@ -109,7 +119,17 @@ def run_build(config_path: Path, workdir: Path, cores: int) -> tuple[float, floa
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"build {config_path} failed; see {config_path.with_suffix('.log')} and the build's logs/")
-    return seconds, usage.ru_maxrss / 1024
+    return BuildRun(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+
+
+def jobs_cpu(build: Path) -> dict[str, float]:
+    """CPU seconds per rule, summed over its jobs, from the last line of each job's log (`pipeline.steps`)."""
+    cpu: dict[str, float] = {}
+    for log in sorted((build / "logs").rglob("*.log")):
+        lines = log.read_text().splitlines()
+        if lines and (times := JOB_TIMES.match(lines[-1])):
+            cpu[times["step"]] = cpu.get(times["step"], 0.0) + float(times["cpu"])
+    return cpu
 
 
 def embed_jobs_record(build: Path, tiles: int) -> tuple[float, float]:
@@ -220,20 +240,23 @@ def main() -> None:
             config_path = root / f"{name}.yaml"
             config_path.write_text(yaml.safe_dump(build_config(name, square_region(tiles, zoom), args, root)))
             before = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
-            seconds, peak_mb = run_build(config_path, root, args.cores)
+            build = run_build(config_path, root, args.cores)
             after = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
             model_rate = (before + after) / 2
             plan = read_plan(root / name / PLAN_NAME)
-            count = plan.tile_count
+            count, seconds = plan.tile_count, build.seconds
             startup, embed_rate = embed_jobs_record(root / name, count)
             rows.append(
-                (count, len(plan.chunk_ids), seconds, count / seconds, model_rate, startup, embed_rate, peak_mb)
+                (count, len(plan.chunk_ids), seconds, count / seconds, model_rate, startup, embed_rate, build.peak_mb)
             )
             print(
                 f"built {count:,} tiles at zoom {plan.zoom} in {seconds:.1f} s; model alone {before:.1f} tiles/s"
                 f" before the build, {after:.1f} after",
                 flush=True,
             )
+            # On a CPU the model alone keeps torch's threads busy; on a GPU its CPU share is not the bound.
+            model_cpu = count / model_rate * torch.get_num_threads() if encoder.device.type == "cpu" else None
+            print(cpu_lines(build, jobs_cpu(root / name), model_cpu, args.cores), flush=True)
     print(f"\ndevice {encoder.device}, {torch.get_num_threads()} torch threads, snakemake --cores {args.cores}")
     print(
         "tiles  chunks  end-to-end s  end-to-end tiles/s  model-only tiles/s  ratio"
@@ -254,6 +277,20 @@ def main() -> None:
             f"wrote {written.device}/{written.model}: {written.tiles_per_s} tiles/s after {written.start_s} s"
             f" of fixed start-up to {RATES_PATH}"
         )
+
+
+def cpu_lines(build: BuildRun, jobs: dict[str, float], model_cpu_s: float | None, cores: int) -> str:
+    """Where the build's CPU time went and, with the model's own CPU seconds, the ratio that allows: the model's
+    work against the build's whole CPU time spread perfectly over `cores`."""
+    by_job = ", ".join(f"{step} {cpu:.1f}" for step, cpu in sorted(jobs.items(), key=lambda item: -item[1]))
+    rest = build.cpu_s - sum(jobs.values())
+    lines = f"  CPU {build.cpu_s:.1f} s in all: jobs {by_job}; snakemake and the jobs' exits {rest:.1f}"
+    if model_cpu_s is None:
+        return lines
+    return (
+        f"{lines}\n  the model alone needs ~{model_cpu_s:.1f} s of it: with every CPU second packed on {cores} cores,"
+        f" the ratio is at most {model_cpu_s / build.cpu_s * cores / torch.get_num_threads():.2f}"
+    )
 
 
 def _tile_zoom(args: argparse.Namespace, settings: Any) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,9 @@ from pipeline.config import BuildConfig, read_settings
 from pipeline.launch import INTERRUPTED_STATUS, stop_marked
 
 ERROR_STATUS = 2
+# A job's last log line ends with its wall time and the CPU time of its whole process (interpreter start, imports
+# and loader processes included): what `benchmarks/bench_build.py` adds up per job.
+JOB_TIMES = re.compile(r"^(?P<step>\w+): .* \((?P<wall>[\d.]+) s, job CPU (?P<cpu>[\d.]+) s\)$")
 # When the job's process started its Python code (the embed job reports its fixed start-up cost).
 STARTED = time.perf_counter()
 
@@ -318,8 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Sat2SoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ERROR_STATUS
-    print(f"{args.step}: {summary} ({time.perf_counter() - start:.1f} s)")
+    print(f"{args.step}: {summary} ({time.perf_counter() - start:.1f} s, job CPU {job_cpu_seconds():.1f} s)")
     return 0
+
+
+def job_cpu_seconds() -> float:
+    """User and system CPU seconds of this process and the children it has waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":

@@ -555,6 +555,25 @@ def test_bench_build_writes_a_valid_rates_file(tmp_path: Path) -> None:
     assert [(rate.device, rate.model) for rate in read_rates(fresh)] == [("cpu", "full")]
 
 
+def test_bench_build_adds_up_the_cpu_time_each_job_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.bench_build import jobs_cpu
+    from pipeline.config import write_settings
+    from pipeline.steps import main as run_step
+
+    config = load_build_config({"name": "t", "region": "1,1,1.1,1.1", "queries": [{"id": "birds", "text": "birds"}]})
+    settings = tmp_path / "settings.json"
+    write_settings(config, settings)
+    assert run_step(["model", "--settings", str(settings), "--out", str(tmp_path / "model.json")]) == 0
+    logs = tmp_path / "build" / "logs"
+    (logs / "embed").mkdir(parents=True)
+    (logs / "model.log").write_text(capsys.readouterr().out)
+    for job, cpu in enumerate((2.5, 4.0)):
+        (logs / "embed" / f"{job}.log").write_text(f"embed: 4 chunks\nembed: 9 tiles (1.5 s, job CPU {cpu} s)\n")
+    (logs / "underlay.log").write_text("error: the imagery is gone\n")
+    found = jobs_cpu(tmp_path / "build")
+    assert found.keys() == {"model", "embed"} and found["embed"] == 6.5 and found["model"] > 0
+
+
 @pytest.mark.parametrize("audio_queries_only", [False, True])
 def test_bench_build_configs_name_files_that_exist_from_any_folder(tmp_path: Path, audio_queries_only: bool) -> None:
     from argparse import Namespace
