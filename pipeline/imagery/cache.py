@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +23,18 @@ from pipeline.errors import CacheError
 # Temporary files older than this belong to a writer that died; pruning removes them.
 _STALE_TEMP_S = 3600.0
 _SECONDS_PER_DAY = 86400.0
+# The keys of the two layouts below: other files in the folder are not the cache's, and are never counted or pruned.
+_KEY = re.compile(r"[^/]+/(\d+/\d+/\d+\.[A-Za-z0-9]+|parts/[0-9a-f]+\.png)")
+
+
+def tile_key(source_id: str, z: int, x: int, y: int, suffix: str) -> str:
+    """The key of a server tile (or, with another suffix, of a marker about it)."""
+    return f"{source_id}/{z}/{x}/{y}.{suffix}"
+
+
+def part_key(source_id: str, digest: str) -> str:
+    """The key of a mosaicked part of a source, by the hex digest of its request."""
+    return f"{source_id}/parts/{digest}.png"
 
 
 class CacheStats(NamedTuple):
@@ -114,9 +127,9 @@ class TileCache:
         entries = []
         for directory, _, names in os.walk(self.root):
             for name in names:
-                if name.startswith("."):  # temporary files, and the repository's .gitkeep
-                    continue
                 path = Path(directory, name)
+                if not _KEY.fullmatch(path.relative_to(self.root).as_posix()):
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     status = path.stat()
                     entries.append(_Entry(path, status.st_size, status.st_mtime))

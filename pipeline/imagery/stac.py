@@ -48,7 +48,7 @@ from pipeline.imagery.base import (
     unavailable_error,
     view_array,
 )
-from pipeline.imagery.cache import TileCache
+from pipeline.imagery.cache import TileCache, part_key
 from pipeline.imagery.codec import decode_tile, encode_png
 from pipeline.imagery.http import DEFAULT_RETRY, RETRY_OPTION, RetryPolicy, is_http_url, redact, retry_policy
 from pipeline.imagery.local import LocalRasterReader, Stretch, apply_stretch, stretch_range
@@ -343,7 +343,7 @@ class StacReader(ImageryReader):
 
     def _part_key(self, bounds: Bounds, width: int, height: int, dst_crs: str) -> str:
         request = json.dumps([dst_crs, [round(value, 3) for value in bounds], width, height])
-        return f"{self.source_id}/parts/{hashlib.sha256(request.encode()).hexdigest()[:24]}.png"
+        return part_key(self.source_id, hashlib.sha256(request.encode()).hexdigest()[:24])
 
     def _default_source_id(self) -> str:
         settings = json.dumps([self.url, self.collection, self.datetime, self.max_cloud_cover])

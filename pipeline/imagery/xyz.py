@@ -63,7 +63,7 @@ from pipeline.imagery.base import (
     unavailable_error,
     view_array,
 )
-from pipeline.imagery.cache import TileCache
+from pipeline.imagery.cache import TileCache, tile_key
 from pipeline.imagery.codec import TileImage, decode_tile
 from pipeline.imagery.http import (
     DEFAULT_RETRY,
@@ -382,7 +382,7 @@ class XYZReader(ImageryReader):
         return list(dict.fromkeys(TileBlock.covering(bounds, zoom).tiles()))
 
     def cache_key(self, tile: mercantile.Tile) -> str:
-        return f"{self.source_id}/{tile.z}/{tile.x}/{tile.y}.{self.tile_format}"
+        return tile_key(self.source_id, tile.z, tile.x, tile.y, self.tile_format)
 
     def is_cached(self, tile: mercantile.Tile) -> bool:
         return self.cache_key(tile) in self.cache or self._missing_key(tile) in self.cache
@@ -562,7 +562,7 @@ class XYZReader(ImageryReader):
 
     def _missing_key(self, tile: mercantile.Tile) -> str:
         """Empty marker file: the server said there is no tile here (204/404)."""
-        return f"{self.source_id}/{tile.z}/{tile.x}/{tile.y}.{_MISSING_SUFFIX}"
+        return tile_key(self.source_id, tile.z, tile.x, tile.y, _MISSING_SUFFIX)
 
 
 def _request_cap(value: float | str | None, template: TileTemplate) -> float | None:

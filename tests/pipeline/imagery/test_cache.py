@@ -13,7 +13,7 @@ import pytest
 from common.atomic import TEMP_PREFIX
 from pipeline.errors import CacheError
 from pipeline.imagery import cache as cache_module
-from pipeline.imagery.cache import CacheStats, TileCache
+from pipeline.imagery.cache import CacheStats, TileCache, part_key, tile_key
 
 DAY_S = 86400.0
 
@@ -55,13 +55,28 @@ def test_dotfiles_such_as_gitkeep_are_not_cache_entries(tmp_path: Path) -> None:
 
 def test_prune_by_age_then_least_recently_used_by_size(tmp_path: Path) -> None:
     cache = TileCache(tmp_path)
-    for name, days in (("old", 40), ("a", 3), ("b", 2), ("c", 1)):
-        cache.put(f"s/9/1/{name}.png", b"x" * 100)
-        _age(cache, f"s/9/1/{name}.png", days)
-    cache.get("s/9/1/a.png")  # reading makes 'a' the most recently used
+    ages = {"s/9/1/0.png": 40, "s/9/1/1.png": 3, "s/9/1/2.png": 2, "s/9/1/3.png": 1}
+    for key, days in ages.items():
+        cache.put(key, b"x" * 100)
+        _age(cache, key, days)
+    cache.get("s/9/1/1.png")  # reading makes it the most recently used
     removed = cache.prune(max_bytes=150, older_than_days=30)
     assert removed == CacheStats(3, 300)
-    assert [key for key in ("old", "a", "b", "c") if f"s/9/1/{key}.png" in cache] == ["a"]
+    assert [key for key in ages if key in cache] == ["s/9/1/1.png"]
+
+
+def test_files_that_are_not_tiles_are_neither_counted_nor_pruned(tmp_path: Path) -> None:
+    """A --cache-dir mistyped as a folder of the user's own loses nothing: only the cache's layouts count."""
+    theirs = ["report.docx", "notes/plan.md", "a/1/2/draft.png", "src/1/2/3.png.bak", "src/parts/summary.png"]
+    for name in theirs:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"mine")
+    cache = TileCache(tmp_path)
+    for key in (tile_key("src", 1, 2, 3, "png"), tile_key("src", 1, 2, 4, "missing"), part_key("stac", "0af3")):
+        cache.put(key, b"tile")
+    assert cache.stats() == CacheStats(3, 12)
+    assert cache.prune(max_bytes=0) == CacheStats(3, 12)
+    assert all((tmp_path / name).read_bytes() == b"mine" for name in theirs)
 
 
 def test_prune_removes_emptied_folders_and_stale_temp_files(tmp_path: Path) -> None:
