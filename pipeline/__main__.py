@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from common.cli import USAGE_ERROR_STATUS, OneLineParser
 from common.errors import Sat2SoundError
 from common.mapping_file import read_mapping
 from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
@@ -24,7 +25,6 @@ from pipeline.config import load_plan_inputs
 from pipeline.errors import BuildConfigError, CacheError, GalleryError, QueryError
 from pipeline.imagery.cache import TileCache
 
-USAGE_ERROR_STATUS = 2
 DEFAULT_QUERY_TOP_K = 50
 DEFAULT_PLACE_OUT, DEFAULT_WALK_OUT = "place.flac", "soundwalk.flac"
 DEFAULT_LISTEN_SECONDS = 30.0
@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.run is _run_cache_prune and args.max_size is None and args.older_than_days is None:
-        parser.error("cache prune needs --max-size and/or --older-than-days")
+        print("error: cache prune needs --max-size and/or --older-than-days, e.g. --max-size 2GB", file=sys.stderr)
+        return USAGE_ERROR_STATUS
     warnings.showwarning = _show_warning_line
     try:
         args.run(args)
@@ -222,7 +223,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Sat2Sound map pipeline")
+    parser = OneLineParser(prog="python -m pipeline", description="Sat2Sound map pipeline")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     plan = commands.add_parser(

@@ -42,7 +42,6 @@ atomically (a run stopped half-way leaves no OUT_DIR):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -63,6 +62,7 @@ from rasterio.transform import from_bounds
 from rasterio.warp import transform_bounds
 
 from common.atomic import atomic_directory
+from common.cli import OneLineParser
 from common.errors import Sat2SoundError, first_line
 from common.tables import read_table
 from model import MODEL_INPUT_PX
@@ -632,7 +632,7 @@ def _count(text: str, flag: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m pipeline.demo_data", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to write (replaced if it holds an earlier data set)")
     parser.add_argument("--views", default=str(DEFAULT_VIEWS), help=f"train views (default {DEFAULT_VIEWS})")
     parser.add_argument("--seed", default="0", help="seed of every random draw (default 0)")

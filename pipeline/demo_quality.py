@@ -20,7 +20,6 @@ town from farmland from forest where there is no water to tell.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import ConstantInputWarning, rankdata, spearmanr
 
+from common.cli import OneLineParser
 from pipeline.build import STORE_NAME
 from pipeline.demo_data import default_settings, land_cover, open_scene
 from pipeline.errors import PipelineError
@@ -167,7 +167,7 @@ def map_quality(build: Path, expected: Mapping[str, str]) -> QualityReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_quality", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m pipeline.demo_quality", description=__doc__.splitlines()[0])
     parser.add_argument("build", type=Path, help="a build folder over the held-out scene (the default build)")
     parser.add_argument("pairs", nargs="+", help="QUERY=CLASS, the land cover each query is meant to find")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_path
+from common.cli import OneLineParser
 from common.errors import Sat2SoundError
 from common.memory import keep_freed_memory
 from pipeline.config import BuildConfig, read_settings
@@ -297,7 +298,7 @@ OPTIONAL = "?"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.steps", description="Jobs of the map workflow")
+    parser = OneLineParser(prog="python -m pipeline.steps", description="Jobs of the map workflow")
     commands = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, (_, options, summary) in STEPS.items():
         command = commands.add_parser(name, help=summary)

@@ -635,10 +635,28 @@ def test_cli_cache_info_and_prune(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 
 def test_cli_cache_prune_needs_a_limit(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, out, err = _run_cli(capsys, "cache", "prune", "--cache-dir", str(tmp_path))
+    assert (status, out) == (2, "")
+    assert err == "error: cache prune needs --max-size and/or --older-than-days, e.g. --max-size 2GB\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cache", "prune", "--max-size", "-5GB"], "--max-size: expected one argument (write a value that starts"),
+        (["plan", "--sat-type", "landsat"], "argument --sat-type: invalid choice: 'landsat'"),
+        (["query", "build", "--top-k", "abc"], "argument --top-k: invalid int value: 'abc'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_a_bad_command_line_is_refused_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["cache", "prune", "--cache-dir", str(tmp_path)])
-    assert exited.value.code == 2
-    assert "needs --max-size and/or --older-than-days" in capsys.readouterr().err
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err and err.endswith(" --help\n")
 
 
 @pytest.mark.parametrize("action", [["info"], ["prune", "--max-size", "1GB"]])
