@@ -25,9 +25,10 @@ from shapely.geometry import box
 
 from common.cores import usable_cores
 from common.errors import Sat2SoundError
+from common.mapping_file import read_mapping
 from model import MODEL_INPUT_PX
 from pipeline.config import BuildConfig, ImagerySettings, PlanInputs, load_build_config, write_settings
-from pipeline.errors import BuildFolderError, ImageryCoverageError, OutputDirError
+from pipeline.errors import BuildConfigError, BuildFolderError, ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
     ground_resolution_m,
@@ -36,7 +37,7 @@ from pipeline.geometry import (
     region_latitude,
     tile_ground_size_m,
 )
-from pipeline.launch import STOP_MARK_ENV, STOPPED_LINE
+from pipeline.launch import CONFIG_FILE_FIX, STOP_MARK_ENV, STOPPED_LINE
 from pipeline.model_setup import (
     check_device,
     check_model,
@@ -215,12 +216,19 @@ def _check_gallery(config: BuildConfig) -> None:
         check_build_gallery(config.outputs.gallery, config.model, config.build_dir)
 
 
-def open_workflow(config: Mapping[str, Any], main_process: bool) -> tuple[BuildConfig, Plan]:
+def open_workflow(
+    config: Mapping[str, Any], main_process: bool, config_files: Sequence[str | Path] = ()
+) -> tuple[BuildConfig, Plan]:
     """What the Snakefile runs first: the config checked, then, in the main process, the build started and its
     plan described on stderr; a job on a cluster node only reads the plan the main process wrote.
+    `config_files` (the --configfile files Snakemake read into `config`) are read again as the project reads
+    settings files, which refuses what Snakemake lets pass, a key given twice.
 
     Bad input prints one line, `error: ...`, and exits with status 2 before any job."""
     try:
+        if main_process:
+            for path in config_files:
+                read_mapping(Path(path), "--configfile", CONFIG_FILE_FIX, BuildConfigError)
         build = load_build_config(config)
         if not main_process:
             return build, read_plan(build.build_dir / PLAN_NAME)

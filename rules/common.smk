@@ -26,7 +26,7 @@ from pipeline.plan import embed_jobs
 
 if workflow.is_main_process:
     quiet_interrupts()
-CFG, PLANNED = open_workflow(config, workflow.is_main_process)
+CFG, PLANNED = open_workflow(config, workflow.is_main_process, workflow.overwrite_configfiles or ())
 
 BUILD = str(CFG.build_dir)
 SETTINGS = f"{BUILD}/{SETTINGS_NAME}"

@@ -44,3 +44,27 @@ def test_json_and_yaml_mappings_are_read(content: str, mapping: dict[str, object
     path = tmp_path / "settings.yaml"
     path.write_text(content)
     assert read_mapping(path, "the file", "the fix", Sat2SoundError) == mapping
+
+
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        ("name: x\nqueries: [1]\nn: 2\nqueries: [2]\n", "'queries' (line 4)"),
+        ("model:\n  device: cpu\n  device: cuda\n", "'device' (line 3)"),
+        ('{"name": "x", "name": "y"}', "'name'"),
+    ],
+)
+def test_a_key_given_twice_is_refused_where_the_last_would_silently_count(
+    content: str, key: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text(content)
+    with pytest.raises(Sat2SoundError) as refused:
+        read_mapping(path, "the file", "the fix", Sat2SoundError)
+    assert str(refused.value) == f"the file {path} gives {key} twice, and only the last would count; keep one"
+
+
+def test_keys_a_yaml_merge_brings_in_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text("base: &base {device: cpu, batch_size: 8}\nmodel:\n  <<: *base\n  device: cuda\n")
+    assert read_mapping(path, "the file", "the fix", Sat2SoundError)["model"] == {"device": "cuda", "batch_size": 8}

@@ -571,3 +571,26 @@ def test_the_workflow_stops_with_the_same_one_line(case_id: str, inputs: Inputs,
     assert result.stdout == ""
     check_error_line(result.stderr, case)
     assert snapshot(tmp_path, inputs.folder) == before
+
+
+def test_a_config_file_giving_a_key_twice_stops_the_workflow_in_one_line(tmp_path: Path) -> None:
+    """Snakemake's own reading keeps the last of two `queries:` blocks: the build would silently map fewer."""
+    config_path = tmp_path / "config.yaml"
+    second = yaml.safe_dump({"queries": [{"id": "water", "text": "ducks quacking"}]})
+    first = yaml.safe_dump(BASE)
+    config_path.write_text(first + second)
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(config_path)]
+    result = subprocess.run(
+        [*command, "--dry-run", "--cores", "1"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout) == (ERROR_STATUS, "")
+    assert result.stderr == (
+        f"error: --configfile {config_path} gives 'queries' (line {first.count(chr(10)) + 1}) twice, and only the last"
+        " would count; keep one\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.yaml"]
