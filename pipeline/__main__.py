@@ -117,7 +117,7 @@ def _run_query(args: argparse.Namespace) -> None:
     built = open_built_map(args.build)
     text = args.text if args.with_text is None else args.with_text
     query = new_query(built, text, args.audio, args.id, args.top_k, maps=args.map)
-    check_places_files(args.gpkg, args.csv)
+    check_places_files(args.gpkg, args.csv, built.folder)
     result = answer(built, query, args.top_k)
     print("\n".join(answer_lines(built, result)))
     if args.gpkg or args.csv:

@@ -114,12 +114,20 @@ def new_query(
     return query
 
 
-def check_places_files(gpkg: Path | None, csv_path: Path | None) -> None:
-    """Refuse, before the model loads, places files that cannot be written where asked."""
+def check_places_files(gpkg: Path | None, csv_path: Path | None, build: Path) -> None:
+    """Refuse, before the model loads, places files that cannot be written where asked, or that would land in the
+    build's folder (among, or over, the build's own outputs: its places, zones, preview and project)."""
     if gpkg is not None and gpkg.suffix.lower() != GPKG_SUFFIX:
         raise QueryError(f"--gpkg {gpkg} is not a .gpkg file; name one, e.g. --gpkg places.gpkg")
     for flag, path in (("--gpkg", gpkg), ("--csv", csv_path)):
-        if path is not None and (reason := unwritable_reason(path)):
+        if path is None:
+            continue
+        if path.resolve().is_relative_to(build.resolve()):
+            raise QueryError(
+                f"{flag} {path} lies in the build folder {build}, which holds the build's own outputs;"
+                f" write the places outside it, e.g. {flag} {path.name}"
+            )
+        if reason := unwritable_reason(path):
             raise QueryError(f"cannot write {flag} {path} ({reason}); pass {flag} a writable file path")
 
 

@@ -277,6 +277,14 @@ BAD_INPUTS = {
         lambda build, audio: [str(build), "birds", "--gpkg", str(audio / "notes.txt" / "x.gpkg")],
         "notes.txt is no writable folder",
     ),
+    "places over the build's own": (
+        lambda build, audio: [str(build), "birds", "--gpkg", str(build / "top_places.gpkg")],
+        "lies in the build folder",
+    ),
+    "places in the build folder": (
+        lambda build, audio: [str(build), "birds", "--csv", str(build / "cog" / ".." / "mine.csv")],
+        "which holds the build's own outputs; write the places outside it, e.g. --csv mine.csv",
+    ),
     "reserved id": (lambda build, audio: [str(build), "birds", "--id", "dominant"], "cannot name a file"),
     "percentile id": (lambda build, audio: [str(build), "birds", "--id", "x_percentile"], "cannot name a file"),
     "id with spaces": (lambda build, audio: [str(build), "birds", "--id", "my query"], "cannot name a file"),
