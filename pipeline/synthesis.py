@@ -21,6 +21,7 @@ model: install one and its weights yourself, and wrap it, e.g. for a diffusers p
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +52,7 @@ def load_generator(spec: str) -> TextToAudio:
         raise ListenError(
             f"--generator {spec}: cannot import it ({first_line(exc)}); install the module or put it on PYTHONPATH"
         ) from None
+    check_factory(spec, factory)
     generator = factory()
     if not isinstance(generator, TextToAudio):
         raise ListenError(
@@ -58,6 +60,19 @@ def load_generator(spec: str) -> TextToAudio:
             " seconds); wrap the model as pipeline/synthesis.py shows"
         )
     return generator
+
+
+def check_factory(spec: str, factory: object) -> None:
+    """Refuse a `--generator` attribute that cannot be called without arguments."""
+    fix = "name a class or function that takes no arguments and returns the generator"
+    if not callable(factory):
+        raise ListenError(f"--generator {spec} is a {type(factory).__name__}, not a factory; {fix}")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise ListenError(f"--generator {spec} cannot be called without arguments; {fix}") from None
+    except ValueError:  # no signature to read (some built-ins): calling it will tell
+        pass
 
 
 def prompt_of(captions: Sequence[str]) -> str:

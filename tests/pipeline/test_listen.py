@@ -309,6 +309,14 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
             [build, "--at", point, "--generator", "support.gallery:NotAGenerator", "--out", out],
             "lacks sample_rate or generate",
         ),
+        "generator needing arguments": (
+            [build, "--at", point, "--generator", "math:sqrt", "--out", out],
+            "math:sqrt cannot be called without arguments; name a class or function that takes no arguments",
+        ),
+        "generator no factory": (
+            [build, "--at", point, "--generator", "math:pi", "--out", out],
+            "math:pi is a float, not a factory",
+        ),
     }
 
 
@@ -332,6 +340,8 @@ BAD_CASES = [
     "route leaving the build",
     "generator not importable",
     "generator without generate",
+    "generator needing arguments",
+    "generator no factory",
 ]
 
 
