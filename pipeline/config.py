@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -284,6 +285,7 @@ def _describe(error: ValidationError) -> str:
 
 
 def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+    _check_finite(config, "config")
     filled = with_defaults(config)
     error = best_match(Draft202012Validator(schema).iter_errors(filled))
     if error is not None:
@@ -291,6 +293,16 @@ def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str
     if filled["outputs"]["crs"] is not None:
         _check_output_crs(filled["outputs"]["crs"])
     return filled
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinities anywhere in the config: JSON Schema's bounds let NaN through (every comparison
+    with it is false), and no setting means an infinite amount."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BuildConfigError(f"{where}: {value} is not a finite number; give a number")
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(item, f"{where}.{key}" if isinstance(value, Mapping) else f"{where}[{key}]")
 
 
 def _check_output_crs(text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,16 @@ def test_missing_keys_take_the_schema_defaults() -> None:
         ({"queries": []}, "config.queries: [] should be non-empty"),
         ({"outputs": {"crs": "EPSG:999999"}}, "config.outputs.crs: 'EPSG:999999' is not a known CRS"),
         ({"outputs": {"crs": "EPSG:4978"}}, "config.outputs.crs: 'EPSG:4978' is not a map CRS"),
+        ({"imagery": {"min_coverage": math.nan}}, "config.imagery.min_coverage: nan is not a finite number"),
+        (
+            {"imagery": {"source": "scene.tif", "options": {"stretch": [0, math.inf]}}},
+            "config.imagery.options.stretch[1]: inf is not a finite number; give a number",
+        ),
+        (
+            {"model": {"zoom_level": 100_000}},
+            "config.model.zoom_level: 100000 would make each model view 100000 imagery tiles a side; use 1, 3 or 5",
+        ),
+        ({"outputs": {"zarr_chunk_px": 10**12}}, "config.outputs.zarr_chunk_px: 1000000000000 is greater than"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key(changes: dict[str, Any], words: str) -> None:
