@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 from shapely.geometry import box
 
 from common.cores import usable_cores
@@ -77,6 +78,8 @@ PROJECT_NAME = "project.qgz"
 ZONES_NAME = "zones"
 # Queries assumed by the size estimate when none are given (the default config has 5).
 DEFAULT_QUERY_COUNT = 5
+# Above this many model views the start does not bound their coverage (a country's views take seconds).
+COVERAGE_CHECK_MAX_VIEWS = 250_000
 # COG overviews add at most a third to the full-resolution band.
 OVERVIEW_FACTOR = 4 / 3
 
@@ -120,6 +123,8 @@ def plan_build(
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
         plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
         check_imagery_present(plan, reader)
+        if not survey:  # a survey holds a sample of the chunks
+            check_views_covered(plan, chunks, reader, inputs.imagery.min_coverage)
         downloads, share = estimate_downloads(reader, plan, chunks)
     if not survey:  # a plan still answers what the region would take once fetched
         check_offline_cache(inputs.imagery, downloads, share)
@@ -162,6 +167,22 @@ def check_imagery_present(plan: Plan, reader: ImageryReader) -> None:
             " NaN or masked there); check the file and imagery.options.nodata, or set imagery.source to imagery"
             " of the region"
         )
+
+
+def check_views_covered(plan: Plan, chunks: Sequence[ChunkTiles], reader: ImageryReader, min_coverage: float) -> None:
+    """Refuse a region none of whose model views the imagery can cover on `min_coverage` of their pixels (a region
+    at the raster's edge): every tile would be left empty, found only after embedding. Skipped for regions of more
+    than COVERAGE_CHECK_MAX_VIEWS views, to keep the start quick."""
+    if sum(len(chunk) for chunk in chunks) > COVERAGE_CHECK_MAX_VIEWS:
+        return
+    bound = reader.coverage_bound(np.concatenate([chunk.views for chunk in chunks]))
+    if bound is None or (bound >= min_coverage).any():
+        return
+    raise ImageryCoverageError(
+        f"no model view of region {plan.region.name} can hold imagery on imagery.min_coverage ({min_coverage:g}) of"
+        f" its pixels: {plan.imagery.source} covers at most {bound.max():.0%} of any; map a region further inside"
+        " the imagery, or lower imagery.min_coverage"
+    )
 
 
 def check_offline_cache(imagery: ImagerySettings, downloads: FetchEstimate | None, share: float) -> None:

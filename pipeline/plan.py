@@ -28,6 +28,7 @@ from model import GSD_BY_SAT_TYPE, MODEL_INPUT_PX, TILE_PX_BY_SAT_TYPE, TRAINED_
 from pipeline.config import ImagerySettings, TilingSettings
 from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
+    EARTH_CIRCUMFERENCE_M,
     Bounds,
     RasterGrid,
     TileCover,
@@ -67,7 +68,13 @@ class ModelView(NamedTuple):
             raise TilingError(f"unknown sat type {sat_type!r}; use one of {', '.join(sorted(GSD_BY_SAT_TYPE))}")
         if zoom_level < 1:
             raise TilingError(f"zoom level {zoom_level} is below 1; use a trained one {TRAINED_ZOOM_LEVELS}")
-        return cls(sat_type, zoom_level)
+        view = cls(sat_type, zoom_level)
+        if view.size_m > EARTH_CIRCUMFERENCE_M:
+            raise TilingError(
+                f"zoom level {zoom_level} makes {sat_type} views {view.size_m / 1000:,.0f} km wide, more than the"
+                f" world; use a trained one {TRAINED_ZOOM_LEVELS}"
+            )
+        return view
 
     @property
     def size_m(self) -> float:

@@ -267,6 +267,11 @@ class ImageryReader(abc.ABC):
         source holds no imagery; None for sources that cover the world."""
         return None
 
+    def coverage_bound(self, views: np.ndarray) -> np.ndarray | None:
+        """The most of each view ((N, 4) EPSG:3857 bounds) the source can cover, a share in [0, 1]; None where
+        only reading would tell (sources of the whole world, remote rasters)."""
+        return None
+
     def holds_imagery(self, bounds: Bounds) -> bool | None:
         """Whether the source has a valid pixel in `bounds` (EPSG:3857); None where telling would mean
         fetching or reading more than a build's start should (the build then finds out as it reads)."""

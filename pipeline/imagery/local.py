@@ -18,11 +18,12 @@ from typing import ClassVar
 
 import numpy as np
 import rasterio
+import shapely
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
+from rasterio.warp import transform, transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from pipeline.errors import ImageryError
@@ -63,6 +64,8 @@ DECIMATE_ABOVE = 4.0
 HOLDS_IMAGERY_MAX_PX = 4096 * 4096
 # Source pixels read around a strip of views beyond its footprint: room for the resampling kernel.
 KERNEL_MARGIN_PX = 3
+# `coverage_bound` follows the footprint's edges, curved in EPSG:3857, through a point every this many pixels.
+FOOTPRINT_SEGMENT_PX = 64
 _UINT8_MAX = 255
 
 
@@ -235,6 +238,24 @@ class LocalRasterReader(ImageryReader):
 
     def footprint_lnglat(self) -> Bounds:
         return Bounds(*transform_bounds(self._dataset.crs, WGS84, *self._dataset.bounds, densify_pts=21))
+
+    def coverage_bound(self, views: np.ndarray) -> np.ndarray | None:
+        """The share of each view ((N, 4) EPSG:3857 bounds) that the raster's footprint covers, from its corners
+        alone (nodata inside is not looked at): the most imagery each view can hold; None for a remote raster or
+        one across the antimeridian."""
+        west, _, east, _ = self.footprint_lnglat()
+        if is_remote(self.path) or west > east:  # across the antimeridian its footprint is two shapes in EPSG:3857
+            return None
+        dataset = self._dataset
+        corners = [
+            dataset.transform @ corner
+            for corner in ((0, 0), (dataset.width, 0), dataset.shape[::-1], (0, dataset.height))
+        ]
+        edges = shapely.segmentize(shapely.Polygon(corners), max_segment_length=max(dataset.res) * FOOTPRINT_SEGMENT_PX)
+        x, y = shapely.get_coordinates(edges).T
+        footprint = shapely.Polygon(np.column_stack(transform(dataset.crs, WEB_MERCATOR, x, y)))
+        boxes = shapely.box(*views.T)
+        return shapely.area(shapely.intersection(boxes, footprint)) / shapely.area(boxes)
 
     def holds_imagery(self, bounds: Bounds) -> bool | None:
         """Whether a pixel of the raster under `bounds` is valid, from its own pixels (mask, nodata, NaN);

@@ -437,6 +437,15 @@ CASES = [
         ("region -60,10,-59,11 lies outside the imagery", "landsat8_itaipu_30m.tif", "set imagery.source"),
     ),
     Case(
+        "region at the raster's corner",
+        set_key("region", "-54.664,-25.215,-54.660,-25.2075"),
+        (
+            "imagery.min_coverage (0.5) of its pixels",
+            "landsat8_itaipu_30m.tif covers at most",
+            "lower imagery.min_coverage",
+        ),
+    ),
+    Case(
         "imagery too coarse", set_key("model.zoom_level", 1), ("m/px but a sentinel model", "set model.zoom_level: 3")
     ),
     Case("too many tiles", set_key("tiling.max_tiles", 1), ("tiling.max_tiles",)),
@@ -499,6 +508,7 @@ WORKFLOW_CASES = [
     "audio wav cut short",
     "checkpoint corrupt",
     "region outside the raster",
+    "region at the raster's corner",
     "zones off the region",
 ]
 

@@ -93,10 +93,6 @@ def test_missing_keys_take_the_schema_defaults() -> None:
             {"imagery": {"source": "scene.tif", "options": {"stretch": [0, math.inf]}}},
             "config.imagery.options.stretch[1]: inf is not a finite number; give a number",
         ),
-        (
-            {"model": {"zoom_level": 100_000}},
-            "config.model.zoom_level: 100000 would make each model view 100000 imagery tiles a side; use 1, 3 or 5",
-        ),
         ({"outputs": {"zarr_chunk_px": 10**12}}, "config.outputs.zarr_chunk_px: 1000000000000 is greater than"),
     ],
 )

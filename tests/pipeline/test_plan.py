@@ -537,6 +537,12 @@ def test_the_committed_rates_file_reads() -> None:
     assert all(rate.tiles_per_s > 0 and rate.source and rate.date and rate.hardware for rate in rates)
 
 
+def test_a_model_view_wider_than_the_world_is_refused() -> None:
+    assert ModelView.of("sentinel", 200).size_m == pytest.approx(512_000)
+    with pytest.raises(TilingError, match="makes sentinel views 256,000 km wide, more than the world; use a trained"):
+        ModelView.of("sentinel", 100_000)
+
+
 def test_bench_build_writes_a_valid_rates_file(tmp_path: Path) -> None:
     from benchmarks.bench_build import write_rates
 
