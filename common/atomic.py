@@ -33,7 +33,13 @@ def unwritable_reason(path: Path) -> str | None:
     that exists above it takes no new entries (the folders below it are made when the file is written)."""
     if path.is_dir():
         return f"{path} is a folder"
-    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    return unwritable_folder_reason(path.parent)
+
+
+def unwritable_folder_reason(folder: Path) -> str | None:
+    """Why files cannot be made in `folder`, in a few words, or None: it, or the nearest folder that exists above
+    it (the folders below are made when a file is written), is a file or takes no new entries."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is no writable folder"
     return None

@@ -17,10 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_save_npz
+from common.atomic import atomic_save_npz, unwritable_reason
 from common.memory import keep_freed_memory
-from model.errors import InputError, Sat2SoundError
+from model.errors import ConfigError, InputError, Sat2SoundError
 from model.train_config import DATA_FORMATS
+
+
+def check_output(path: Path, fix: str) -> None:
+    """Refuse, before any work, an output file that cannot be written at `path`; `fix` says what to pass."""
+    if reason := unwritable_reason(path):
+        raise ConfigError(f"cannot write {path} ({reason}); {fix}")
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -28,6 +34,7 @@ def _embed(args: argparse.Namespace) -> None:
     from model.evaluate import read_npz
     from model.reference import run_reference
 
+    check_output(args.out, "pass --out a writable .npz path")
     arrays = read_npz(args.inputs, "in/... arrays in the parity-reference format")
     model, _ = load_model(args.checkpoint)
     outputs = run_reference(model, arrays, from_waveform=args.audio_from_waveform)
@@ -36,8 +43,12 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from model.checkpoint import convert_to_safetensors
+    from model.checkpoint import SAFETENSORS_SUFFIX, checkpoint_files, convert_to_safetensors
 
+    if args.out.suffix != SAFETENSORS_SUFFIX:
+        raise ConfigError(f"output {args.out} must end in {SAFETENSORS_SUFFIX}; name one, e.g. model.safetensors")
+    for path in checkpoint_files(args.out):  # the weights and the .json config beside them
+        check_output(path, f"pass a writable {SAFETENSORS_SUFFIX} path, with room for its .json beside it")
     weights, config = convert_to_safetensors(args.checkpoint, args.out)
     print(f"wrote {weights} and {config}")
 
@@ -67,13 +78,17 @@ def _split_embeddings(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
     model, _ = load_model(args.checkpoint)
     data = {"format": args.format, "root": args.data, "sat_type": model.cfg.sat_type, "num_workers": 0}
-    settings = parse_settings({"out_dir": ".", "data": data, "text_cache": args.text_cache or str(user_cache())})
+    settings = parse_settings({"out_dir": ".", "data": data, "text_cache": str(text_cache_folder(args))})
     embeddings = split_embeddings(model, text_cache(settings, model.cfg.text_dim), settings.data, args.split)
     return {name: getattr(embeddings, name).numpy() for name in embeddings._fields}
 
 
 def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sat2sound-maps" / "text"
+
+
+def text_cache_folder(args: argparse.Namespace) -> Path:
+    return Path(args.text_cache) if args.text_cache else user_cache()
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -83,6 +98,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise InputError("give either --embeddings EMB.npz or --checkpoint CKPT with --data DIR")
     if args.checkpoint is not None and args.data is None:
         raise InputError("--checkpoint needs --data: the folder (or hf://datasets/OWNER/NAME) of the split")
+    if args.out is not None:
+        check_output(args.out, "pass --out a writable .json path")
+    if args.checkpoint is not None:
+        from model.training import check_cache_folder
+
+        check_cache_folder(text_cache_folder(args), "--text-cache")
     arrays = load_embeddings(args.embeddings) if args.embeddings is not None else _split_embeddings(args)
     metrics = evaluate_embeddings(**arrays, out=args.out)
     print(format_table(metrics, gallery_size=len(arrays["image"])))

@@ -12,12 +12,16 @@ one line that says what to ask SLURM for.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple
 
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from model.devices import cuda_devices
 from model.errors import ConfigError
+
+# The start of the warning `SLURMEnvironment.detect` gives where `srun` is on PATH but did not start the process.
+SRUN_UNUSED = "The `srun` command is available on your system but is not used"
 
 
 class Launch(NamedTuple):
@@ -33,8 +37,12 @@ class SlurmTasks(NamedTuple):
 
 def slurm_tasks() -> SlurmTasks | None:
     """The tasks of the SLURM job step this process is one of, or None where Lightning does not see SLURM."""
-    if not SLURMEnvironment.detect():
-        return None
+    with warnings.catch_warnings():
+        # Where `srun` is on PATH but did not start this process, `detect` warns that it could have; the warning
+        # belongs to Lightning's own launch (the trainer's detection repeats it), not to a refusal of ours.
+        warnings.filterwarnings("ignore", message=SRUN_UNUSED)
+        if not SLURMEnvironment.detect():
+            return None
     tasks = _count("SLURM_NTASKS")
     nodes = _count("SLURM_NNODES") if "SLURM_NNODES" in os.environ else 1
     if "SLURM_NTASKS_PER_NODE" in os.environ:

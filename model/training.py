@@ -14,6 +14,7 @@ side first learns land cover alone (`ImageTowerPretraining`) and then stays froz
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 import time
@@ -34,7 +35,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from common.atomic import atomic_path
+from common.atomic import atomic_path, unwritable_folder_reason
 from common.errors import first_line
 from common.tables import read_table
 from model.audio import load_audio
@@ -45,8 +46,9 @@ from model.data.folder import FolderPairs
 from model.data.parquet import GeoSoundParquet, SoundingEarthParquet
 from model.data.sources import PairSource
 from model.data.transforms import COLOR_JITTER, SampleTransform, dihedral_turn
+from model.devices import cuda_devices
 from model.errors import ConfigError, DataError
-from model.evaluate import retrieval_metrics
+from model.evaluate import MIN_GALLERY, retrieval_metrics
 from model.hub import HUB_DATASETS
 from model.launch import Launch, training_launch
 from model.loss import l2_normalize, similarity, soft_cross_entropy, symmetric_cross_entropy
@@ -54,7 +56,7 @@ from model.mel import log_mel
 from model.sat2sound import Sat2Sound, Sat2SoundBatch, Sat2SoundOutput
 from model.text import TextBackbone, TextTokens, load_text_backbone
 from model.text_cache import TextCache
-from model.text_specs import backbone_spec
+from model.text_specs import backbone_spec, check_text_backbone
 from model.train_config import DataSettings, RecordingSettings, TowerSettings, TrainSettings
 
 MONITOR = "val/recall"
@@ -155,6 +157,20 @@ def train_pairs(settings: TrainSettings) -> PairDataset:
     return PairDataset(source, transform_for(source, settings.data, train=True), seed=settings.seed)
 
 
+def val_pairs(settings: TrainSettings) -> PairDataset:
+    source = open_pairs(settings.data, settings.data.val_split, settings.mel_cache_path)
+    return PairDataset(source, transform_for(source, settings.data, train=False), seed=settings.seed)
+
+
+class Splits(NamedTuple):
+    train: PairDataset
+    val: PairDataset
+
+
+def open_splits(settings: TrainSettings) -> Splits:
+    return Splits(train_pairs(settings), val_pairs(settings))
+
+
 class RecordingCaptions:
     """The recordings of `recordings.table`, each heard alone (its first 10 s, as a query reads it) and taught its
     own caption among the others' (`RecordingSettings`)."""
@@ -205,19 +221,19 @@ class Sat2SoundTraining(pl.LightningModule):
     """The model under training (submodule `model`, a plain `Sat2Sound`) and its data."""
 
     def __init__(
-        self, model: Sat2Sound, settings: TrainSettings, texts: TextCache, recordings: RecordingCaptions | None = None
+        self,
+        model: Sat2Sound,
+        settings: TrainSettings,
+        texts: TextCache,
+        recordings: RecordingCaptions | None = None,
+        splits: Splits | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.settings = settings
         self.texts = texts
         self.recordings = recordings
-        self.train_pairs = train_pairs(settings)
-        self.val_pairs = PairDataset(
-            val := open_pairs(settings.data, settings.data.val_split, settings.mel_cache_path),
-            transform_for(val, settings.data, train=False),
-            seed=settings.seed,
-        )
+        self.train_pairs, self.val_pairs = open_splits(settings) if splits is None else splits
         self._val_outputs: list[PairEmbeddings] = []
         self._tick: float | None = None
 
@@ -413,7 +429,7 @@ class ImageTowerPretraining(pl.LightningModule):
     learns the view's shares by the first target too (one more head), and the main run aligns audio and text with
     image embeddings fixed by it."""
 
-    def __init__(self, model: Sat2Sound, settings: TrainSettings) -> None:
+    def __init__(self, model: Sat2Sound, settings: TrainSettings, pairs: PairDataset | None = None) -> None:
         super().__init__()
         tower = settings.image_pretraining
         if tower.codebook and model.cfg.metadata:
@@ -424,7 +440,7 @@ class ImageTowerPretraining(pl.LightningModule):
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
-        self.pairs = train_pairs(settings)
+        self.pairs = train_pairs(settings) if pairs is None else pairs
         keys = self.pairs.source.pair_keys()
         self.targets: list[PatchShares | ViewShares] = []
         if tower.landcover is not None:
@@ -486,11 +502,13 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
     return shares
 
 
-def pretrain_image_tower(model: Sat2Sound, settings: TrainSettings, launch: Launch, **trainer_overrides: Any) -> None:
-    """`ImageTowerPretraining` for `image_pretraining.epochs`, logged beside the main run's logs. Its own root
-    folder keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`) apart from the main
-    run's: a fit without a checkpoint path resumes from the one in its root."""
-    module = ImageTowerPretraining(model, settings)
+def pretrain_image_tower(
+    model: Sat2Sound, settings: TrainSettings, launch: Launch, *, pairs: PairDataset, **trainer_overrides: Any
+) -> None:
+    """`ImageTowerPretraining` on the train `pairs` for `image_pretraining.epochs`, logged beside the main run's
+    logs. Its own root folder keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`)
+    apart from the main run's: a fit without a checkpoint path resumes from the one in its root."""
+    module = ImageTowerPretraining(model, settings, pairs)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
     options = {
         "max_epochs": settings.image_pretraining.epochs,
@@ -579,13 +597,52 @@ class TrainResult(NamedTuple):
     global_zero: bool  # the process that exports and reports (the only one but under DDP)
 
 
+def check_folders(settings: TrainSettings) -> None:
+    """Refuse an out_dir, text_cache or mel_cache that no file can be written in."""
+    if reason := unwritable_folder_reason(settings.out_path):
+        raise ConfigError(f"cannot write in out_dir {settings.out_dir} ({reason}); give out_dir a writable folder")
+    check_cache_folder(settings.text_cache_path, "text_cache")
+    if settings.data.format == "folder":  # the Hub layouts store their log-mels
+        check_cache_folder(settings.mel_cache_path, "mel_cache")
+
+
+def check_cache_folder(folder: Path, setting: str) -> None:
+    """Refuse a cache that cannot be made at `folder`. One that is there is taken as it is: it may be a shared,
+    read-only cache that holds every entry already."""
+    if not folder.is_dir() and (reason := unwritable_folder_reason(folder)):
+        raise ConfigError(f"cannot keep {setting} in {folder} ({reason}); give {setting} a writable folder")
+
+
+def check_training_batches(settings: TrainSettings, pairs: PairDataset, launch: Launch) -> None:
+    """Refuse a run that would take no training step: Lightning would stop at once, leaving no checkpoint."""
+    for name, limit in (("max_steps", settings.max_steps), ("max_epochs", settings.max_epochs)):
+        if limit < 1 and limit != -1:
+            raise ConfigError(f"{name}: {limit} trains no step; set {name} to at least 1, or -1 for no limit")
+    devices = launch.devices if isinstance(launch.devices, int) else max(cuda_devices(), 1)
+    world = devices * launch.num_nodes
+    # As the train loader batches: each process reads its share of the split (Lightning pads the shares to one
+    # length) and drops the last, partial batch.
+    if math.ceil(len(pairs) / world) // settings.batch_size == 0:
+        split = settings.data.train_split
+        across = f" for {world} processes" if world > 1 else ""
+        raise ConfigError(
+            f"the {split} split holds {len(pairs)} pairs{across}, too few for one batch of batch_size"
+            f" {settings.batch_size}; lower batch_size or add {split} pairs"
+        )
+
+
 def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
-    """Train (resuming from the run's furthest checkpoint when there is one) and export the best weights."""
+    """Train (resuming from the run's furthest checkpoint when there is one) and export the best weights. What
+    the settings, data or launch make impossible is refused before any work."""
+    check_folders(settings)
     launch = training_launch(settings.devices)
+    splits = open_splits(settings)
+    check_training_batches(settings, splits.train, launch)
     if launch.note:
         rank_zero_info(launch.note)
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     model = initial_model(settings)
+    check_text_backbone(settings.model.text_backbone, model.cfg.text_dim)
     recordings = RecordingCaptions.read(settings.recordings)  # before pretraining: a bad table is refused at once
     last = settings.out_path / CHECKPOINTS / LAST
     resume = resume_checkpoint(settings)
@@ -593,10 +650,10 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     if settings.image_pretraining.enabled:
         # A resumed run's checkpoint holds the taught tower already.
         if resume is None:
-            pretrain_image_tower(model, settings, launch, **trainer_overrides)
+            pretrain_image_tower(model, settings, launch, pairs=splits.train, **trainer_overrides)
         for param in image_side(model, settings.image_pretraining):
             param.requires_grad_(False)
-    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim), recordings)
+    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim), recordings, splits)
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, launch, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=resume)
@@ -658,6 +715,11 @@ def split_embeddings(
 ) -> PairEmbeddings:
     """Every pair of `split` through the evaluation transform and the model (in eval mode), normalised."""
     source = open_pairs(data, split)
+    if len(source) < MIN_GALLERY:
+        raise DataError(
+            f"the {split} split of {data.root} holds {len(source)} pair(s); retrieval needs a gallery of at least"
+            f" {MIN_GALLERY}: add pairs to it or evaluate another split"
+        )
     pairs = PairDataset(source, transform_for(source, data, train=False))
     loader = DataLoader(pairs, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers)
     model.eval()
