@@ -5,6 +5,7 @@ recordings (a map's preview) does not pay its import.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -15,7 +16,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from model.errors import AudioDecodeError, InputError, first_line
+from model.errors import AudioDecodeError, InputError, Sat2SoundError, first_line
 
 SAMPLE_RATE = 32_000
 CLIP_SECONDS = 10
@@ -26,6 +27,7 @@ N_MELS = 64
 DECODE_BLOCK_FRAMES = 1 << 16
 # WAV writers that stream put one of these in the data chunk's size field: the length is not declared.
 WAV_UNDECLARED_SIZES = (0, 0xFFFFFFFF)
+COPY_AGAIN = "copy or export it again"
 N_FRAMES = 1 + CLIP_SAMPLES // HOP_LENGTH
 # Extra input decoded past the clip end so the resampler's filter tail does not reach the kept samples.
 RESAMPLER_MARGIN_SECONDS = 0.1
@@ -55,7 +57,8 @@ def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
 
 def decode_audio(path: str | os.PathLike[str], seconds: float) -> np.ndarray:
     """The first `seconds` of a WAV/FLAC/OGG/MP3 file (all of it if shorter, never padded) as float32 mono
-    samples at 32 kHz; only that much of the file is decoded."""
+    samples at 32 kHz; only that much of the file is decoded. Non-finite samples and a WAV cut short (its
+    header says) raise AudioDecodeError."""
     path = Path(path)
     if not path.is_file():
         raise AudioDecodeError(f"audio file {path} does not exist or is not a file; check the path")
@@ -76,44 +79,61 @@ def decode_audio_from(source: Path | BinaryIO, name: str, seconds: float) -> np.
         ) from None
     if samples.shape[0] == 0:
         raise AudioDecodeError(f"{name} holds no samples; use a file with at least some audio")
+    _check_finite(samples, name)
+    check_wav_complete(source, name)
     return resample(samples.mean(axis=1, dtype=np.float32), rate)[: round(seconds * SAMPLE_RATE)]
 
 
 def check_audio_file(path: str | os.PathLike[str]) -> None:
-    """Raise AudioDecodeError unless `path` decodes to at least one frame and holds all the audio its header
-    declares: a WAV cut short by a failed copy opens and decodes without complaint, only shorter."""
+    """Raise AudioDecodeError unless `path` decodes to at least one frame, all finite, and holds all the audio its
+    header declares: a WAV cut short by a failed copy opens and decodes without complaint, only shorter."""
     path = Path(path)
     if not path.is_file():
         raise AudioDecodeError(f"audio file {path} does not exist; check the path")
     try:
         with soundfile.SoundFile(path) as audio_file:
-            declared, kind = audio_file.frames, audio_file.format
-            decoded = sum(len(block) for block in audio_file.blocks(DECODE_BLOCK_FRAMES, dtype="float32"))
+            declared, kind, decoded = audio_file.frames, audio_file.format, 0
+            for block in audio_file.blocks(DECODE_BLOCK_FRAMES, dtype="float32"):
+                _check_finite(block, f"audio file {path}")
+                decoded += len(block)
     except (RuntimeError, OSError) as exc:
         raise AudioDecodeError(
             f"cannot read {path} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
         ) from None
     if decoded == 0:
         raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")
-    again = "copy or export it again"
     # Without a Xing header an MP3's frame count is estimated from its bit rate, so it cannot show a cut.
     if decoded < declared and kind != "MP3":
         raise AudioDecodeError(
-            f"audio file {path} is truncated: its header declares {declared:,} frames but {decoded:,} decode; {again}"
+            f"audio file {path} is truncated: its header declares {declared:,} frames but {decoded:,} decode;"
+            f" {COPY_AGAIN}"
         )
-    if kind == "WAV":
-        sizes = _wav_data_sizes(path)
-        if sizes is not None and sizes[1] < sizes[0]:
-            raise AudioDecodeError(
-                f"audio file {path} is truncated: its header declares {sizes[0]:,} bytes of audio but the file"
-                f" holds {sizes[1]:,}; {again}"
-            )
+    check_wav_complete(path, f"audio file {path}")
 
 
-def _wav_data_sizes(path: Path) -> tuple[int, int] | None:
+def _check_finite(samples: np.ndarray, name: str) -> None:
+    if not np.isfinite(samples).all():
+        raise AudioDecodeError(f"{name} holds NaN or infinite samples; export it again (as 16-bit PCM, say)")
+
+
+def check_wav_complete(source: Path | BinaryIO, name: str, error: type[Sat2SoundError] = AudioDecodeError) -> None:
+    """Raise `error` if `source` is a WAV whose data chunk declares more bytes than the file holds (a copy cut
+    short: it opens and decodes without complaint, only shorter). Reads chunk headers only; a file of another
+    format, or a WAV that declares no length, passes."""
+    sizes = _wav_data_sizes(source)
+    if sizes is not None and sizes[1] < sizes[0]:
+        raise error(
+            f"{name} is truncated: its header declares {sizes[0]:,} bytes of audio but the file holds {sizes[1]:,};"
+            f" {COPY_AGAIN}"
+        )
+
+
+def _wav_data_sizes(source: Path | BinaryIO) -> tuple[int, int] | None:
     """The bytes a RIFF/RIFX WAV's data chunk declares and those the file holds; None where it declares none."""
-    size = path.stat().st_size
-    with open(path, "rb") as wav:
+    with contextlib.ExitStack() as stack:
+        wav = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+        size = wav.seek(0, os.SEEK_END)
+        wav.seek(0)
         riff = wav.read(12)
         if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RIFX") or riff[8:] != b"WAVE":
             return None

@@ -2,7 +2,10 @@
 
 Rows of `image`, `audio` and `audio_caption` belong together (one pair per row); the gallery is the whole
 split. Every embedding is L2-normalised (x / (‖x‖ + 1e-8), `model.loss.l2_normalize`) and scored by cosine
-similarity in float32. A query's rank of its own pair is 1-based with ties averaged:
+similarity in float32. Each row is first scaled by the power of two that brings its largest magnitude into
+[1, 2): exact, and what keeps the result independent of the embeddings' scale (a float32 norm of 1e20-sized
+values overflows, one of 1e-10-sized ones sinks under the 1e-8). Rows that are all zero are refused.
+A query's rank of its own pair is 1-based with ties averaged:
 1 + #(gallery items scoring strictly higher) + #(other items scoring exactly the same) / 2.
 R@k is the share of queries whose rank is strictly below k = 10 % of the gallery size, not rounded
 (gallery 15: k = 1.5, so a pair tied with one other at the top does not count); the median rank is the
@@ -35,6 +38,8 @@ from model.errors import InputError
 from model.loss import l2_normalize
 
 EMBEDDING_KEYS = ("image", "audio", "audio_caption")
+# The fewest pairs retrieval is scored on: a gallery of one ranks every query first.
+MIN_GALLERY = 2
 SETTINGS = {"none": "nothing added", "audio": "caption added to audio", "query": "caption added to queries"}
 DIRECTIONS = ("I2S", "S2I")
 RECALL_AT_PERCENT = 10
@@ -62,23 +67,38 @@ class Sides(NamedTuple):
 
 
 def check_embeddings(arrays: Mapping[str, ArrayLike], source: str) -> dict[str, np.ndarray]:
-    """The three arrays as float32, or InputError if they are not row-aligned finite 2-D embeddings."""
+    """The three arrays as float32 rows scaled by `_peak_scaled`, or InputError if they are not row-aligned
+    finite 2-D embeddings with a direction in every row."""
     checked = {}
     for key in EMBEDDING_KEYS:
         array = np.asarray(arrays[key])
         if array.ndim != 2 or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise InputError(f"{source}: {key!r} is {array.dtype} {array.shape}; pass a 2-D real array (pairs, width)")
-        checked[key] = array.astype(np.float32, copy=False)
+        checked[key] = array.astype(np.float64, copy=False)
     shapes = {key: array.shape for key, array in checked.items()}
     if len(set(shapes.values())) != 1:
         raise InputError(f"{source}: shapes differ {shapes}; pass row-aligned pairs of one embedding width")
-    rows = shapes["image"][0]
-    if rows < 2:
-        raise InputError(f"{source}: {rows} pair(s); retrieval needs a gallery of at least 2 pairs")
+    rows, width = shapes["image"]
+    if rows < MIN_GALLERY:
+        raise InputError(f"{source}: {rows} pair(s); retrieval needs a gallery of at least {MIN_GALLERY} pairs")
+    if width == 0:
+        raise InputError(f"{source}: the embeddings are 0 wide; pass arrays of shape (pairs, width >= 1)")
     for key, array in checked.items():
         if not np.isfinite(array).all():
-            raise InputError(f"{source}: {key!r} holds NaN or infinite values (as float32); pass finite embeddings")
-    return checked
+            raise InputError(f"{source}: {key!r} holds NaN or infinite values; pass finite embeddings")
+        zero = np.flatnonzero(~array.any(axis=1))
+        if len(zero):
+            raise InputError(
+                f"{source}: {len(zero)} of the {rows} rows of {key!r} are all zero (first: row {zero[0]}), with no"
+                " direction to rank by; drop those pairs or recompute their embeddings"
+            )
+    return {key: _peak_scaled(array) for key, array in checked.items()}
+
+
+def _peak_scaled(rows: np.ndarray) -> np.ndarray:
+    """Nonzero float64 rows as float32, each scaled as the module docstring says."""
+    _, exponent = np.frexp(np.abs(rows).max(axis=1, keepdims=True))
+    return np.ldexp(rows, 1 - exponent).astype(np.float32)
 
 
 def read_npz(path: Path, holding: str) -> dict[str, np.ndarray]:

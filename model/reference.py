@@ -4,15 +4,18 @@ every output the reference records: embeddings, codebook weights, losses, logits
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 from torch import Tensor
 
-from model.audio import fit_clip, resample
+from model.audio import N_MELS, fit_clip, resample
+from model.config import AUDIO_SOURCES, CAPTION_SOURCES
 from model.errors import InputError
 from model.mel import log_mel
-from model.metadata import Metadata
+from model.metadata import ENCODING_WIDTH, Metadata
 from model.sat2sound import Sat2Sound, Sat2SoundBatch
 
 # Codes kept for the token maps: every 125th code plus each sample's top codes by image weight.
@@ -21,47 +24,93 @@ TOKEN_MAP_TOP_CODES = 8
 INT16_SCALE = 32768.0
 
 
-def _tensor(arrays: Mapping[str, np.ndarray], name: str) -> Tensor:
+@dataclass(frozen=True)
+class Kind:
+    """What an input array's values must be: `text` in errors, of one of `dtypes`, within [low, high]."""
+
+    text: str
+    dtypes: tuple[DTypeLike, ...]
+    low: int | None = None
+    high: int | None = None
+
+
+REAL = Kind("finite real numbers", (np.floating, np.integer))
+FLAGS = Kind("0/1 flags", (np.bool_, np.integer), 0, 1)
+INT16 = Kind("int16 samples (float audio times 32767, rounded)", (np.int16,))
+HERTZ = Kind("whole number of Hz above 0", (np.integer,), 1)
+
+
+def _indices(names: tuple[str, ...]) -> Kind:
+    return Kind(f"indices 0 to {len(names) - 1} into {list(names)}", (np.integer,), 0, len(names) - 1)
+
+
+def _input(arrays: Mapping[str, np.ndarray], name: str, shape: tuple[int | None, ...], kind: Kind) -> Tensor:
+    """Array `name` as a tensor once it is shaped `shape` (None: any length) and of `kind`; InputError otherwise."""
     if name not in arrays:
         raise InputError(f"input file lacks '{name}'; write it in the parity-reference format (see README)")
-    return torch.from_numpy(np.ascontiguousarray(arrays[name]))
+    array = arrays[name]
+    fits = array.ndim == len(shape) and all(want in (None, got) for got, want in zip(array.shape, shape, strict=True))
+    if not fits or not any(np.issubdtype(array.dtype, dtype) for dtype in kind.dtypes):
+        sizes = ", ".join("any" if size is None else str(size) for size in shape)
+        must = f"({sizes}) {kind.text}" if shape else f"one {kind.text}"
+        raise InputError(f"input array '{name}' is {array.dtype} {array.shape}; it must be {must}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"input array '{name}' holds NaN or infinite values; it must be {kind.text}")
+    outside = (kind.low is not None and (array < kind.low).any()) or (
+        kind.high is not None and (array > kind.high).any()
+    )
+    if array.size and outside:
+        raise InputError(
+            f"input array '{name}' holds values from {array.min()} to {array.max()}; it must be {kind.text}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def reference_mel(arrays: Mapping[str, np.ndarray], from_waveform: bool) -> Tensor:
+def reference_mel(arrays: Mapping[str, np.ndarray], samples: int, from_waveform: bool) -> Tensor:
     """Mel features as stored (`in/mel`) or computed from `in/waveform_int16` / 32768 at `in/sample_rate`."""
     if not from_waveform:
-        return _tensor(arrays, "in/mel").float()
-    waveforms = _tensor(arrays, "in/waveform_int16").numpy().astype(np.float32) / INT16_SCALE
-    rate = int(_tensor(arrays, "in/sample_rate"))
+        return _input(arrays, "in/mel", (samples, 1, None, N_MELS), REAL).float()
+    waveforms = _input(arrays, "in/waveform_int16", (samples, None), INT16).numpy().astype(np.float32) / INT16_SCALE
+    rate = int(_input(arrays, "in/sample_rate", (), HERTZ))
     clips = np.stack([fit_clip(resample(waveform, rate)) for waveform in waveforms])
     return log_mel(torch.from_numpy(clips))
 
 
+def reference_caption(arrays: Mapping[str, np.ndarray], samples: int, name: str) -> tuple[Tensor, Tensor]:
+    """A caption's text hidden states `in/{name}_hidden` (samples, tokens, width) and their valid mask."""
+    hidden = _input(arrays, f"in/{name}_hidden", (samples, None, None), REAL).float()
+    return hidden, _input(arrays, f"in/{name}_mask", (samples, hidden.shape[1]), FLAGS).bool()
+
+
+def reference_metadata(arrays: Mapping[str, np.ndarray], samples: int) -> Metadata:
+    encoded = {
+        name: _input(arrays, f"in/{name}", (samples, width), REAL).float() for name, width in ENCODING_WIDTH.items()
+    }
+    return Metadata(
+        **encoded,
+        month_valid=_input(arrays, "in/month_valid", (samples,), FLAGS).long(),
+        time_valid=_input(arrays, "in/time_valid", (samples,), FLAGS).long(),
+        audio_source=_input(arrays, "in/audio_source", (samples,), _indices(AUDIO_SOURCES)).long(),
+        caption_source=_input(arrays, "in/caption_source", (samples,), _indices(CAPTION_SOURCES)).long(),
+    )
+
+
 def reference_batch(arrays: Mapping[str, np.ndarray], model: Sat2Sound, from_waveform: bool = False) -> Sat2SoundBatch:
-    meta = None
-    if model.cfg.metadata:
-        meta = Metadata(
-            latlong=_tensor(arrays, "in/latlong").float(),
-            month=_tensor(arrays, "in/month").float(),
-            time=_tensor(arrays, "in/time").float(),
-            month_valid=_tensor(arrays, "in/month_valid").long(),
-            time_valid=_tensor(arrays, "in/time_valid").long(),
-            audio_source=_tensor(arrays, "in/audio_source").long(),
-            caption_source=_tensor(arrays, "in/caption_source").long(),
-        )
+    """The model's batch from `in/...` arrays; each array's shape, dtype and values are checked (one InputError
+    naming the array and what it must be) before the mel features are computed."""
+    images = _input(arrays, "in/sat", (None, 3, None, None), REAL).float()
+    samples = len(images)
+    zoom_level = _input(arrays, "in/sat_zoom_level", (samples,), REAL)
+    audio_caption = reference_caption(arrays, samples, "audio_caption")
+    image_caption = reference_caption(arrays, samples, "llava_caption")
+    metadata = reference_metadata(arrays, samples) if model.cfg.metadata else None
     return Sat2SoundBatch(
-        images=_tensor(arrays, "in/sat").float(),
-        zoom_level=_tensor(arrays, "in/sat_zoom_level"),
-        mel=reference_mel(arrays, from_waveform),
-        audio_caption=(
-            _tensor(arrays, "in/audio_caption_hidden").float(),
-            _tensor(arrays, "in/audio_caption_mask").bool(),
-        ),
-        image_caption=(
-            _tensor(arrays, "in/llava_caption_hidden").float(),
-            _tensor(arrays, "in/llava_caption_mask").bool(),
-        ),
-        metadata=meta,
+        images=images,
+        zoom_level=zoom_level,
+        mel=reference_mel(arrays, samples, from_waveform),
+        audio_caption=audio_caption,
+        image_caption=image_caption,
+        metadata=metadata,
     )
 
 

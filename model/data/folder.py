@@ -12,7 +12,8 @@
 (month known, hour unknown), a date-time, or empty (both unknown). `split` is train, val or test. `image_caption`
 describes the image's soundscape at every zoom level. `zoom_level` must be one of the source's zoom levels.
 Empty optional cells take the constructor's defaults.
-The CSV is checked whole when the source is made; each problem is one error naming its line.
+The CSV (UTF-8, a byte-order mark allowed) is checked whole when the source is made, and its split's PNG and WAV
+files for being cut short (what decodes without complaint); each problem is one error naming its line.
 
 The mel segments come from the recording's first 50 s: MEL_SEGMENTS windows of 10 s spread evenly over it
 (back to back for 50 s or more, overlapping when shorter, one zero-padded window repeated under 10 s), each
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,16 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_path
-from model.audio import CLIP_SAMPLES, CLIP_SECONDS, HOP_LENGTH, N_FFT, N_MELS, decode_audio, fit_clip
+from model.audio import (
+    CLIP_SAMPLES,
+    CLIP_SECONDS,
+    HOP_LENGTH,
+    N_FFT,
+    N_MELS,
+    check_wav_complete,
+    decode_audio,
+    fit_clip,
+)
 from model.config import (
     AUDIO_SOURCES,
     CAPTION_SOURCES,
@@ -56,7 +67,7 @@ from model.data.sources import (
     check_zoom_levels,
     month_hour_from_iso,
 )
-from model.errors import DataError
+from model.errors import DataError, first_line
 
 CSV_NAME = "pairs.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -71,6 +82,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "split",
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("sat_type", "audio_source", "caption_source", "zoom_level")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # Decoded recordings a source keeps (about 1.3 MB of mel each once all 5 segments are asked for).
 RECORDINGS_KEPT = 64
 # What a cached log-mel depends on besides the recording; a change of the front end misses every older entry.
@@ -120,6 +133,8 @@ class FolderPairs(PairSource):
         rows = read_pairs_csv(self.root, defaults)
         _check_row_zooms(self.root, rows, self._zoom_levels)
         self.rows = [row for row in rows if row.split == split]
+        for row in self.rows:
+            _check_complete(self.root, row)
         self.mel_cache = None if mel_cache is None else Path(mel_cache)
         self._recordings: dict[Path, MelSegments] = {}
 
@@ -220,11 +235,19 @@ def read_pairs_csv(root: Path, defaults: Mapping[str, str]) -> list[FolderRow]:
     path = root / CSV_NAME
     if not path.is_file():
         raise DataError(f"{path} does not exist; write the pairs CSV (columns {','.join(REQUIRED_COLUMNS)})")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        _check_header(path, reader.fieldnames or [])
-        # line_num: the file line a record ends on (a quoted caption may span lines).
-        rows = [_parse_row(root, reader.line_num, cells, defaults) for cells in reader]
+    # Read as common.tables.read_table reads CSV, not through it: its rows lose the line numbers and cell counts
+    # checked here.
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            _check_header(path, reader.fieldnames or [])
+            # line_num: the file line a record ends on (a quoted caption may span lines).
+            rows = [_parse_row(root, reader.line_num, cells, defaults) for cells in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(
+            f"cannot read the CSV {path} ({first_line(exc)}); save it as UTF-8 CSV with balanced quotes"
+            " (a spreadsheet's 'CSV UTF-8')"
+        ) from None
     seen: dict[str, int] = {}
     for row in rows:
         if row.key in seen:
@@ -275,6 +298,20 @@ def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults:
         caption_source=chosen["caption_source"],
         zoom_level=_zoom_level(where, text.get("zoom_level", "")),
     )
+
+
+def _check_complete(root: Path, row: FolderRow) -> None:
+    """Refuse files cut short that would decode without complaint: a PNG that lacks the IEND chunk it must end
+    with (GDAL 3.10 fills its missing rows with garbage) and a WAV that holds less than its header declares.
+    Reads a few bytes of each file."""
+    where = f"{root / CSV_NAME} line {row.line}"
+    with row.image.open("rb") as image:
+        head = image.read(len(PNG_SIGNATURE))
+        image.seek(max(image.seek(0, os.SEEK_END) - len(PNG_END), 0))
+        tail = image.read()
+    if head == PNG_SIGNATURE and tail != PNG_END:
+        raise DataError(f"{row.image} ({where}) is truncated: the PNG lacks its closing IEND chunk; export it again")
+    check_wav_complete(row.audio, f"audio file {row.audio} ({where})", DataError)
 
 
 def _zoom_level(where: str, text: str) -> int | None:
