@@ -2,7 +2,8 @@
 
 `python -m pipeline gallery build SOURCE --checkpoint CKPT --out GALLERY` (sources: `pipeline.gallery_sources`).
 Building again into the same folder embeds only the recordings it does not hold yet (by id); a recording that
-cannot be decoded is reported as a warning line and skipped, and the summary counts it.
+cannot be decoded, is silent (or under 0.4 s) or has no caption is reported as a warning line and skipped, and the
+summary counts it.
 
 GALLERY/ holds, each file written atomically and the record last:
 - `gallery.json`: the record: checkpoint and sha256 of the weights that embedded it (a build with other weights
@@ -40,6 +41,7 @@ from model.errors import AudioDecodeError, first_line
 from pipeline.config import ModelSettings
 from pipeline.errors import BuildConfigError, GalleryError, GalleryWarning
 from pipeline.gallery_sources import RECORDINGS_CSV, AudioReader, GalleryItem, folder_items
+from pipeline.mix import measured_loudness
 from pipeline.store.layout import GALLERY_ATTRS, GALLERY_NONE
 from pipeline.vectors import VectorSearch, index_of, kind_of, read_index, write_index
 
@@ -283,11 +285,20 @@ def _decoded(reader: AudioReader, item: GalleryItem) -> tuple[GalleryItem, np.nd
         return None
     try:
         seconds = reader.checked_seconds(item)
-        clip = fit_clip(reader.clip(item, CLIP_SECONDS))
+        heard = reader.clip(item, CLIP_SECONDS)
     except AudioDecodeError as exc:
         warnings.warn(GalleryWarning(f"skipped {item.id}: {exc}"), stacklevel=3)
         return None
-    return GalleryItem(**{**asdict(item), "seconds": round(seconds, 3)}), clip
+    if not math.isfinite(measured_loudness(heard)):
+        warnings.warn(
+            GalleryWarning(
+                f"skipped {item.id}: its first {CLIP_SECONDS} s are silent, or shorter than a loudness meter's"
+                " 0.4 s, with nothing to listen to; give a recording with sound"
+            ),
+            stacklevel=3,
+        )
+        return None
+    return GalleryItem(**{**asdict(item), "seconds": round(seconds, 3)}), fit_clip(heard)
 
 
 def write_gallery(

@@ -24,6 +24,7 @@ Every bad input is refused in one line before any audio is decoded.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -350,6 +351,11 @@ def listen(
         longest = max(place.seconds for place in places) + CROSSFADE_SECONDS
         render = mix_renderer(chosen, top_k, target_lufs, longest)
     track, facts = render_track(built, places, render, target_lufs)
+    if not math.isfinite(measured_loudness(track)):
+        raise ListenError(
+            f"the sound made for {out.name} is silent (the recordings chosen hold no sound); build the gallery"
+            f" {chosen.folder} again, which leaves silent recordings out"
+        )
     sidecar = sidecar_of(built, chosen, facts, track, target_lufs)
     return Listening(out, write_listening(out, track, sidecar), sidecar)
 

@@ -11,6 +11,7 @@ reaches full scale. Tracks are mono at the model's sample rate (32 kHz).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,8 +31,11 @@ EDGE_FADE_SECONDS = 0.05
 
 
 def measured_loudness(samples: np.ndarray) -> float:
-    """Integrated loudness (LUFS) of mono samples at SAMPLE_RATE; -inf for silence."""
+    """Integrated loudness (LUFS) of mono samples at SAMPLE_RATE; -inf for silence, and for fewer samples than the
+    meter's one gating block (0.4 s) measures."""
     meter = pyloudnorm.Meter(SAMPLE_RATE)
+    if len(samples) <= meter.block_size * SAMPLE_RATE:
+        return -math.inf
     return float(meter.integrated_loudness(np.asarray(samples, dtype=np.float64)))
 
 

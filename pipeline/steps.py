@@ -153,7 +153,7 @@ def _gallery(args: argparse.Namespace, config: BuildConfig) -> str:
         summary = build_gallery(items, read_model_record(args.model).path, tmp, model.device, model.text_backbone)
     return (
         f"{summary.added:,} of {len(items):,} recordings of {args.recordings} embedded, {summary.skipped:,} skipped"
-        " (could not be decoded or had no caption)"
+        " (could not be decoded, silent, or without a caption)"
     )
 
 

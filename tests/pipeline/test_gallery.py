@@ -16,6 +16,7 @@ import soundfile
 from support.gallery import DEMO_DIM, DEMO_WEIGHTS, SOUNDS, demo_record, unit_rows, vector_gallery
 from support.pair_data import geosound_row, geosound_schema, write_shard
 
+from model.audio import SAMPLE_RATE
 from model.inference import Sat2SoundEncoder
 from pipeline import vectors
 from pipeline.__main__ import main
@@ -174,11 +175,19 @@ def test_building_again_embeds_only_the_new_recordings_and_skips_broken_ones(
     )
     shutil.copy(SOUNDS / "cow.flac", source / "cow_in_a_field.flac")
     (source / "broken.wav").write_bytes(b"RIFF, then nothing a decoder can read")
+    soundfile.write(source / "silence.wav", np.zeros(SAMPLE_RATE * 5, np.float32), SAMPLE_RATE)
+    soundfile.write(source / "click.wav", np.ones(100, np.float32) * 0.5, SAMPLE_RATE)
     status, printed, err = build(capsys, source, out)
 
     assert status == 0, err
-    assert "1 recordings added, 2 kept, 1 skipped" in printed
-    assert err.startswith("warning: skipped broken.wav: ") and len(err.splitlines()) == 1
+    assert "1 recordings added, 2 kept, 3 skipped" in printed
+    warned = err.splitlines()
+    assert len(warned) == 3 and warned[0].startswith("warning: skipped broken.wav: ")
+    silent = "are silent, or shorter than a loudness meter's 0.4 s, with nothing to listen to"
+    assert warned[1:] == [
+        f"warning: skipped {name}: its first 10 s {silent}; give a recording with sound"
+        for name in ("click.wav", "silence.wav")
+    ]
     assert embedded == [1]
     second = open_gallery(out)
     assert [item.id for item in second.items] == ["duck.flac", "owl.flac", "cow_in_a_field.flac"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,16 @@ import mercantile
 import numpy as np
 import pytest
 import soundfile
-from support.gallery import DEMO_DIM, LOGIT_SCALES, ToneGenerator, listen_build, vector_gallery
+from support.gallery import (
+    DEMO_DIM,
+    DEMO_WEIGHTS,
+    LOGIT_SCALES,
+    ToneGenerator,
+    demo_record,
+    listen_build,
+    shipped_items,
+    vector_gallery,
+)
 
 from model.audio import SAMPLE_RATE
 from pipeline import mix
@@ -268,6 +278,12 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
     )
     foreign = root / "foreign_gallery"
     vector_gallery(foreign, 3, sha256="1" * 64)
+    # A gallery whose recordings went silent after it was built (a build now leaves silent ones out).
+    silent = root / "silent_gallery"
+    embeddings = vector_gallery(silent, 3)
+    soundfile.write(root / "silence.wav", np.zeros(SAMPLE_RATE * 5, np.float32), SAMPLE_RATE)
+    items = [replace(item, audio=str(root / "silence.wav")) for item in shipped_items(3)]
+    write_gallery(silent, items, embeddings, str(DEMO_WEIGHTS), demo_record().sha256, LOGIT_SCALES)
     no_gallery = listen_build(root / "build_without_gallery")
     not_a_line = root / "points.geojson"
     not_a_line.write_text(json.dumps({"type": "Point", "coordinates": [2.4, 48.8]}))
@@ -284,6 +300,10 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
         "no gallery": ([str(no_gallery), "--at", point, "--out", out], "has no gallery (outputs.gallery"),
         "missing gallery": ([build, "--at", point, "--gallery", str(root / "nope"), "--out", out], "no folder"),
         "empty gallery": ([build, "--at", point, "--gallery", str(empty), "--out", out], "is empty"),
+        "silent gallery": (
+            [build, "--at", point, "--gallery", str(silent), "--out", out],
+            "the sound made for out.flac is silent (the recordings chosen hold no sound); build the gallery",
+        ),
         "gallery of other weights": ([build, "--at", point, "--gallery", str(foreign), "--out", out], "other weights"),
         "unwritable output": ([build, "--at", point, "--out", str(a_file / "x.flac")], "cannot write"),
         "output a folder": ([build, "--at", point, "--out", str(root)], "is not a .flac file"),
@@ -369,6 +389,16 @@ def test_a_bad_listen_input_is_one_line_and_writes_nothing(
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], err
     assert words in lines[0]
+    assert not out.is_file() and not out.with_suffix(".json").exists()
+
+
+def test_a_place_whose_recordings_are_silent_is_refused_and_writes_nothing(
+    bad_cases: dict[str, tuple[list[str], str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, words = bad_cases["silent gallery"]
+    out = Path(argv[argv.index("--out") + 1])
+    status, printed, err = run(capsys, *argv)
+    assert (status, printed) == (ERROR_STATUS, "") and err.startswith(f"error: {words}") and err.count("\n") == 1
     assert not out.is_file() and not out.with_suffix(".json").exists()
 
 
