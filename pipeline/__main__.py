@@ -146,8 +146,8 @@ def _run_gallery_build(args: argparse.Namespace) -> None:
     summary = build_gallery(items, args.checkpoint, args.out, args.device, args.text_backbone)
     print(
         f"gallery {args.out}: {summary.added:,} recordings added, {summary.kept:,} kept, {summary.skipped:,} skipped"
-        f" (could not be decoded, silent, or without a caption); {summary.record.count:,} in all, {summary.record.dim}-d,"
-        f" {summary.record.index_kind} index; {time.perf_counter() - start:.1f} s"
+        f" (could not be decoded, silent, or without a caption); {summary.record.count:,} in all,"
+        f" {summary.record.dim}-d, {summary.record.index_kind} index; {time.perf_counter() - start:.1f} s"
     )
 
 
