@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from safetensors import SafetensorError
 
-from common.atomic import atomic_path
+from common.atomic import atomic_path, unwritable_reason
 from model.config import Sat2SoundConfig
 from model.errors import CheckpointError, CheckpointMismatchError, ConfigError, first_line
 
@@ -99,11 +99,12 @@ def filter_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
 
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            continue
         for prefix in WRAPPER_PREFIXES:
             key = key.removeprefix(prefix)
-        if key.startswith(IGNORED_PREFIXES) or not isinstance(value, Tensor):
-            continue
-        out[key] = value
+        if not key.startswith(IGNORED_PREFIXES):
+            out[key] = value
     return out
 
 
@@ -151,12 +152,19 @@ def _torch_load(source: Path | IO[bytes], name: str, *, weights: bool = True) ->
 
 
 def _torch_parts(payload: Mapping[str, Any], name: str) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
-    missing = [key for key in ("state_dict", "hyper_parameters") if key not in payload]
+    parts = ("state_dict", "hyper_parameters")
+    missing = [key for key in parts if key not in payload]
     if missing:
         raise CheckpointError(
             f"{name} is not a Sat2Sound checkpoint (no {' or '.join(missing)}); "
             "expected a Lightning checkpoint of mvrl/sat2sound"
         )
+    for key in parts:
+        if not isinstance(payload[key], Mapping):
+            raise CheckpointError(
+                f"{name} is not a Sat2Sound checkpoint (its {key} is a {type(payload[key]).__name__}, not a mapping);"
+                " expected a Lightning checkpoint of mvrl/sat2sound"
+            )
     hparams = dict(payload["hyper_parameters"])
     try:
         cfg = Sat2SoundConfig.from_hparams(hparams)
@@ -207,11 +215,12 @@ def read_safetensors_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, 
 
     config_path = _safetensors_config_path(path)
     meta = _read_meta(config_path)
+    cfg = _meta_config(meta, config_path)
     try:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); convert the .ckpt again") from None
-    return _meta_config(meta, config_path), filter_state_dict(state_dict), meta.get("hyper_parameters", {})
+    return cfg, filter_state_dict(state_dict), meta.get("hyper_parameters", {})
 
 
 def checkpoint_description(path: Path) -> str:
@@ -221,10 +230,14 @@ def checkpoint_description(path: Path) -> str:
     return str(_read_meta(_safetensors_config_path(path)).get(DESCRIPTION_KEY, ""))
 
 
-def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
-    """Config, filtered state dict and original hyper-parameters of a local checkpoint file."""
+def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path or use hf://MVRL/sat2sound/...")
+
+
+def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dict[str, Any]]:
+    """Config, filtered state dict and original hyper-parameters of a local checkpoint file."""
+    _check_exists(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         return read_safetensors_checkpoint(path)
     return read_torch_checkpoint(path)
@@ -232,6 +245,7 @@ def read_checkpoint(path: Path) -> tuple[Sat2SoundConfig, dict[str, Tensor], dic
 
 def read_config(path: Path) -> Sat2SoundConfig:
     """The architecture of a local checkpoint without reading its weights (.ckpt files are memory-mapped)."""
+    _check_exists(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         config_path = _safetensors_config_path(path)
         return _meta_config(_read_meta(config_path), config_path)
@@ -351,21 +365,32 @@ def load_model(source: str | Path) -> tuple[Sat2Sound, dict[str, Any]]:
 def save_safetensors(
     model: Sat2Sound, out: Path, hparams: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None
 ) -> tuple[Path, Path]:
-    """Write `out` (.safetensors weights) and its `.json` config beside it, each atomically."""
+    """Write `out` (.safetensors weights) and its `.json` config beside it: both, each atomically, or neither."""
     from safetensors.torch import save_file
 
     if out.suffix != SAFETENSORS_SUFFIX:
         raise CheckpointError(f"output {out} must end in {SAFETENSORS_SUFFIX}")
     config_path = _safetensors_config_path(out)
+    for target in (out, config_path):
+        if reason := unwritable_reason(target):
+            raise CheckpointError(f"cannot write {target} ({reason}); choose another output path")
     meta = {
         "format": CONFIG_FORMAT,
         "config": model.cfg.to_dict(),
         "hyper_parameters": json.loads(json.dumps(dict(hparams or {}), default=str)),
         **dict(provenance or {}),
     }
-    with atomic_path(config_path) as tmp_config, atomic_path(out) as tmp_weights:
-        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(tmp_weights))
-        tmp_config.write_text(json.dumps(meta, indent=1))
+    weights_placed = False
+    try:
+        with atomic_path(config_path) as tmp_config:
+            tmp_config.write_text(json.dumps(meta, indent=1))
+            with atomic_path(out) as tmp_weights:
+                save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(tmp_weights))
+            weights_placed = True
+    except OSError as exc:
+        if weights_placed:  # their config could not follow them into place
+            out.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {out} and its config ({first_line(exc)}); choose another path") from None
     return out, config_path
 
 

@@ -6,9 +6,10 @@ dict (official checkpoints carry many more); `Sat2SoundConfig.small()` builds a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, TypeGuard
 
 from model.errors import ConfigError
 
@@ -38,6 +39,49 @@ MONTHS: tuple[int, ...] = tuple(range(1, 13))
 HOURS: tuple[int, ...] = tuple(range(24))
 
 
+def _is_whole(value: object) -> TypeGuard[int]:
+    """An int that is no bool (YAML and JSON `true` would pass isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    """A finite int or float that is no bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_whole(value: object) -> bool:
+    return _is_whole(value) and value >= 1
+
+
+def _field_rule(default: object) -> tuple[str, Callable[[Any], bool]]:
+    """What a config field must be, in words, and its test, after the kind of the field's default."""
+    if isinstance(default, bool):
+        return "true or false", lambda value: isinstance(value, bool)
+    if isinstance(default, int):
+        return "a whole number >= 1", _positive_whole
+    if isinstance(default, float):
+        return "a finite number >= 0", lambda value: _is_number(value) and value >= 0
+    if isinstance(default, tuple):
+        return (
+            "a list of whole numbers >= 1",
+            lambda value: isinstance(value, tuple) and bool(value) and all(map(_positive_whole, value)),
+        )
+    if isinstance(default, str):
+        return "a string", lambda value: isinstance(value, str)
+    return "a mapping of its fields", lambda value: isinstance(value, type(default))
+
+
+def _check_fields(config: Any, prefix: str = "") -> None:
+    """Refuse, in one line naming the field, a value of another kind than the field's default or out of its range:
+    a checkpoint file's config would otherwise reach the tensor shapes unchecked."""
+    for item in fields(config):
+        default = item.default if item.default_factory is MISSING else item.default_factory()
+        rule, fits = _field_rule(default)
+        value = getattr(config, item.name)
+        if not fits(value):
+            raise ConfigError(f"{prefix}{item.name} must be {rule}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """SatMAE ViT image encoder (no cls token, no learned position table)."""
@@ -49,6 +93,9 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "vit.")
 
     @property
     def grid_size(self) -> int:
@@ -72,6 +119,11 @@ class HTSATConfig:
     window_size: int = 8
     mlp_ratio: float = 4.0
     num_classes: int = 527
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "audio.")
+        if len(self.num_heads) != len(self.depths):
+            raise ConfigError(f"audio.num_heads {self.num_heads} must give one head count per stage of {self.depths}")
 
     @property
     def out_dim(self) -> int:
@@ -102,6 +154,7 @@ class Sat2SoundConfig:
     audio: HTSATConfig = field(default_factory=HTSATConfig)
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.sat_type not in GSD_BY_SAT_TYPE:
             raise ConfigError(f"unknown sat_type {self.sat_type!r}; use one of {sorted(GSD_BY_SAT_TYPE)}")
         if not 0.0 <= self.meta_droprate <= 1.0:
@@ -141,10 +194,11 @@ class Sat2SoundConfig:
                 " (expected the Lightning hparams of mvrl/sat2sound)"
             )
         kwargs: dict[str, Any] = {name: hparams[name] for name in names}
-        kwargs["combined_modality_loss"] = bool(hparams.get("combined_modality_loss", 1))
+        combined = hparams.get("combined_modality_loss", 1)
+        kwargs["combined_modality_loss"] = bool(combined) if combined in (0, 1) else combined  # upstream's 0 or 1
         for name in ("fdt_weight", "pseudo_match_alpha", "meta_droprate"):
             if name in hparams:
-                kwargs[name] = float(hparams[name])
+                kwargs[name] = float(hparams[name]) if _is_number(hparams[name]) else hparams[name]
         return cls(**kwargs)
 
     @classmethod
@@ -168,19 +222,27 @@ class Sat2SoundConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Sat2SoundConfig:
+    def from_dict(cls, data: object) -> Sat2SoundConfig:
         """Inverse of `to_dict` (used by the safetensors + JSON checkpoint format)."""
-        data = dict(data)
+        values = _fields_of(data, "config")
+        vit = _fields_of(values.pop("vit", {}), "vit")
+        audio = _fields_of(values.pop("audio", {}), "audio")
+        for name in ("depths", "num_heads"):
+            if isinstance(audio.get(name), list):
+                audio[name] = tuple(audio[name])
         try:
-            vit = ViTConfig(**data.pop("vit", {}))
-            audio_fields = dict(data.pop("audio", {}))
-            for name in ("depths", "num_heads"):
-                if name in audio_fields:
-                    audio_fields[name] = tuple(audio_fields[name])
-            audio = HTSATConfig(**audio_fields)
-            return cls(vit=vit, audio=audio, **data)
+            return cls(vit=ViTConfig(**vit), audio=HTSATConfig(**audio), **values)
         except TypeError as exc:
             raise ConfigError(f"bad model config ({exc}); regenerate it with 'python -m model convert'") from None
 
     def with_metadata(self, metadata_type: str) -> Sat2SoundConfig:
         return replace(self, metadata_type=metadata_type)
+
+
+def _fields_of(data: object, where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        kind = type(data).__name__
+        raise ConfigError(
+            f"{where} must be a mapping of fields, got {kind}; regenerate it with 'python -m model convert'"
+        )
+    return dict(data)

@@ -7,19 +7,26 @@ every 5,000 steps, gradient clipping 0.5 (norm), batch 128, metadata dropout 0.5
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from common.mapping_file import read_mapping
+from model.checkpoint import read_config
 from model.config import GSD_BY_SAT_TYPE, Sat2SoundConfig
-from model.errors import ConfigError
+from model.errors import CheckpointError, ConfigError
 from model.hub import is_hub_uri
 
 ARCHITECTURES = ("small", "full")
 DATA_FORMATS = ("folder", "geosound", "soundingearth")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+MAX_SEED = 2**32 - 1  # the largest seed seed_everything (numpy) takes
+# The settings' types in words, for refusals.
+TYPE_NAMES: dict[type, str] = {bool: "bool", int: "int", float: "number", str: "str"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The model to train: an architecture from scratch, or `init` weights (a checkpoint path) to go on from."""
+    """The model to train: an architecture from scratch, or `init` weights (a checkpoint path) to go on from, whose
+    architecture, metadata_type and data.sat_type the settings then take (refusing others stated)."""
 
     architecture: str = "small"
     init: str | None = None
@@ -163,25 +171,29 @@ class TrainSettings:
         return values
 
 
-def _typed(value: Any, default: object, where: str) -> Any:
-    """`value` as the type of the setting's default (YAML lists become tuples), or a one-line error."""
-    if isinstance(value, list):
-        value = tuple(value)
-    if default is None or default is dataclasses.MISSING or value is None:
-        return value
-    expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
-    if (isinstance(value, bool) and not isinstance(default, bool)) or not isinstance(value, expected):
-        kind = "number" if isinstance(default, float) else type(default).__name__
-        raise ConfigError(f"{where} must be of type {kind}, got {value!r}")
-    return float(value) if isinstance(default, float) and isinstance(value, (int, float)) else value
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the setting's declared type `hint` (YAML lists become tuples), or a one-line error; None only
+    where the setting may be left unset."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    kind = kinds[0]
+    if typing.get_origin(kind) is not tuple:
+        return _scalar(value, kind, where)
+    item = typing.get_args(kind)[0]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be of type list of {TYPE_NAMES[item]}, got {value!r}")
+    return tuple(_scalar(v, item, f"each of {where}") for v in value)
 
 
-def _whole(value: object) -> bool:
-    return type(value) is int
-
-
-def _number(value: object) -> bool:
-    return type(value) in (int, float)
+def _scalar(value: Any, kind: type, where: str) -> Any:
+    """`value` as `kind` (a whole number as a float), or a one-line error; never an infinite or NaN number."""
+    fits = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    if not fits or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{where} must be of type {TYPE_NAMES[kind]}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def _section(cls: type, values: Any, where: str) -> Any:
@@ -189,14 +201,13 @@ def _section(cls: type, values: Any, where: str) -> Any:
         return cls()
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where} must be a mapping of settings, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ConfigError(f"unknown setting {where}.{unknown[0]}; known: {', '.join(fields)}")
+        raise ConfigError(f"unknown setting {where}.{unknown[0]}; known: {', '.join(hints)}")
     kwargs = {}
     for name, value in values.items():
-        default = fields[name].default
-        kwargs[name] = value if dataclasses.is_dataclass(value) else _typed(value, default, f"{where}.{name}")
+        kwargs[name] = value if dataclasses.is_dataclass(value) else _typed(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
@@ -207,25 +218,20 @@ def _check(settings: TrainSettings) -> None:
         (data.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}"),
         (data.sat_type in GSD_BY_SAT_TYPE, f"data.sat_type must be one of {', '.join(GSD_BY_SAT_TYPE)}"),
         (
-            data.zooms is None
-            or (isinstance(data.zooms, tuple) and bool(data.zooms) and all(_whole(z) and z >= 1 for z in data.zooms)),
+            data.zooms is None or (bool(data.zooms) and all(z >= 1 for z in data.zooms)),
             "data.zooms must be a list of zoom levels >= 1, e.g. [1, 3]",
         ),
         (
             data.color_jitter is None
-            or (
-                isinstance(data.color_jitter, tuple)
-                and len(data.color_jitter) == 4
-                and all(_number(v) and v >= 0 for v in data.color_jitter)
-                and data.color_jitter[3] <= 0.5
-            ),
+            or (len(data.color_jitter) == 4 and min(data.color_jitter) >= 0 and data.color_jitter[3] <= 0.5),
             "data.color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5",
         ),
+        (data.num_workers >= 0, "data.num_workers must be >= 0 (0 reads the data in the training process)"),
         (model.architecture in ARCHITECTURES, f"model.architecture must be one of {', '.join(ARCHITECTURES)}"),
         (model.meta_droprate is None or 0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
         (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
         (
-            len(optim.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in optim.betas),
+            len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
             "optim.betas must be two numbers in [0, 1)",
         ),
         (optim.restart_steps >= 1 and optim.grad_clip > 0, "optim.restart_steps and optim.grad_clip must be > 0"),
@@ -243,6 +249,7 @@ def _check(settings: TrainSettings) -> None:
             settings.devices is None or settings.devices >= 1,
             "devices must be at least 1 (leave it out for every device, or a device per SLURM task)",
         ),
+        (0 <= settings.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
         (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),
@@ -264,14 +271,45 @@ def parse_settings(values: Mapping[str, Any], base: Path | None = None) -> Train
         "image_pretraining": TowerSettings,
         "recordings": RecordingSettings,
     }
-    parsed = {name: _section(cls, values.pop(name, None), name) for name, cls in sections.items()}
+    raw = {name: values.pop(name, None) for name in sections}
+    parsed = {name: _section(cls, raw[name], name) for name, cls in sections.items()}
     if "out_dir" not in values:
         raise ConfigError("out_dir is missing; name the folder for checkpoints and logs")
     settings: TrainSettings = _section(TrainSettings, {**values, **parsed}, "train")
     if base is not None:
         settings = _relative_to(settings, base)
     _check(settings)
-    return settings
+    if settings.model.init is None:
+        settings.model_config()  # refuses a metadata_type of unknown tokens
+        return settings
+    return _from_init(settings, {f"{name}.{key}" for name, section in raw.items() if section for key in section})
+
+
+def _from_init(settings: TrainSettings, given: set[str]) -> TrainSettings:
+    """With `model.init`, the architecture is the checkpoint's: a setting `given` that says otherwise is refused,
+    and those left out take the checkpoint's values, so that the exported recipe tells what was trained."""
+    init = str(settings.model.init)
+    try:
+        cfg = read_config(Path(init))
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.init: {exc}") from None
+    found = {"model.architecture": cfg.size, "model.metadata_type": cfg.metadata_type, "data.sat_type": cfg.sat_type}
+    stated = {
+        "model.architecture": settings.model.architecture,
+        "model.metadata_type": settings.model.metadata_type,
+        "data.sat_type": settings.data.sat_type,
+    }
+    for key in sorted(given & found.keys()):
+        if stated[key] != found[key]:
+            raise ConfigError(
+                f"{key} is {stated[key]!r} but model.init {init} has {found[key]!r};"
+                f" leave {key} out to go on from the checkpoint's, or set it to {found[key]!r}"
+            )
+    return replace(
+        settings,
+        model=replace(settings.model, architecture=cfg.size, metadata_type=cfg.metadata_type),
+        data=replace(settings.data, sat_type=cfg.sat_type),
+    )
 
 
 def _relative_to(settings: TrainSettings, base: Path) -> TrainSettings:
