@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_save_npz, unwritable_reason
+from common.cli import USAGE_ERROR_STATUS, OneLineParser
 from common.memory import keep_freed_memory
 from model.errors import ConfigError, InputError, Sat2SoundError
 from model.train_config import DATA_FORMATS
@@ -112,7 +113,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model", description="Sat2Sound model tools")
+    parser = OneLineParser(prog="python -m model", description="Sat2Sound model tools")
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser("embed", help="run the model on an .npz in the parity-reference format")
     embed.add_argument("--checkpoint", required=True, help="path, or hf://OWNER/REPO/FILE")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except (Sat2SoundError, FileNotFoundError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR_STATUS
     return 0
 
 

@@ -249,3 +249,16 @@ def test_an_unused_srun_on_path_adds_no_warning_to_a_refusal(
         warnings.simplefilter("always")
         refused(capsys, ["train", "--config", str(train_config(tmp_path, pairs, batch_size=8))], "batch_size")
     assert not [str(warning.message) for warning in caught if "srun" in str(warning.message)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["evaluate", "--bogus"], "unrecognized arguments: --bogus; see python -m model --help"),
+        ([], "the following arguments are required: command; see python -m model --help"),
+    ],
+)
+def test_a_bad_command_line_is_one_line(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and capsys.readouterr().err == f"error: {words}\n"
