@@ -76,6 +76,10 @@ def _csv_items(folder: Path, table: Path) -> list[GalleryItem]:
     rows = read_table(table, ["file"], "give a UTF-8 CSV with a file column naming each recording", GalleryError)
     if not rows:
         raise GalleryError(f"the CSV {table} lists no recordings; name each recording in a file column")
+    files = [row["file"] for row in rows]
+    twice = next((name for index, name in enumerate(files) if name in files[:index]), None)
+    if twice is not None:
+        raise GalleryError(f"the CSV {table} lists {twice} twice (a recording is one item); keep one row of it")
     return [_item(folder, row) for row in rows]
 
 

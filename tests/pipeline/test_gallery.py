@@ -243,8 +243,13 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     a_file.write_text("not a folder")
     foreign = root / "foreign"
     vector_gallery(foreign, 2, sha256="1" * 64)
-    far, lone = root / "far", root / "lone"
-    for folder, table in ((far, "file,lat,lon\nduck.flac,-95,10\n"), (lone, "file,lon\nduck.flac,10\n")):
+    far, lone, twice = root / "far", root / "lone", root / "twice"
+    tables = (
+        (far, "file,lat,lon\nduck.flac,-95,10\n"),
+        (lone, "file,lon\nduck.flac,10\n"),
+        (twice, "file,caption\nduck.flac,ducks\nowl.flac,an owl\nduck.flac,a duck at dawn\n"),
+    )
+    for folder, table in tables:
         folder.mkdir()
         (folder / "recordings.csv").write_text(table)
     sounds, out = str(SOUNDS), str(root / "new")
@@ -263,10 +268,12 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "csv with dataset": ([sounds, "--dataset", "geosound", "--csv", "x.csv", "--out", out], "--csv is a folder's"),
         "latitude out of range": ([str(far), "--out", out], "duck.flac: lat -95 is outside -90 to 90"),
         "longitude without latitude": ([str(lone), "--out", out], "duck.flac: lon without lat; give both"),
+        "a recording listed twice": ([str(twice), "--out", out], "lists duck.flac twice (a recording is one item)"),
     }
 
 
 BAD_CASES = [
+    "a recording listed twice",
     "no source folder",
     "no recordings",
     "csv without file column",
