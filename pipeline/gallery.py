@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import faiss
 import numpy as np
 
-from common.atomic import atomic_path, atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes, unwritable_folder_reason
 from model.audio import CLIP_SECONDS, fit_clip
 from model.errors import AudioDecodeError, first_line
 from pipeline.config import ModelSettings
@@ -203,12 +202,10 @@ def open_filled_gallery(folder: Path) -> Gallery:
 def check_gallery_folder(folder: Path, sha256: str) -> Gallery | None:
     """Before any embedding: `folder` can be written and is new, empty or a gallery of the same weights (which
     it returns, to be added to)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise GalleryError(f"cannot write into {folder} ({exc.strerror}); pass --out a writable folder") from None
+    if reason := unwritable_folder_reason(folder):
+        raise GalleryError(f"cannot write into {folder} ({reason}); pass --out a writable folder")
+    if not folder.is_dir():  # made when the gallery is written, not before: a refusal leaves nothing behind
+        return None
     if not (folder / RECORD_NAME).is_file():
         if any(folder.iterdir()):
             raise GalleryError(f"{folder} holds files but no gallery; pass --out an empty or new folder")
@@ -238,6 +235,11 @@ def build_gallery(
         return BuildSummary(0, existing.record.count, 0, existing.record)
     encoder = Sat2SoundEncoder.from_checkpoint(path, device=device, text_backbone=text_backbone)
     every, embeddings, skipped = _with_new(new, encoder, existing)
+    if not every:
+        raise GalleryError(
+            f"none of the {len(new)} recordings could be embedded (each warned about above); give recordings that"
+            " decode, with sound and a caption"
+        )
     record = write_gallery(out, every, embeddings, checkpoint, sha256, model_logit_scales(encoder))
     kept = 0 if existing is None else existing.record.count
     return BuildSummary(record.count - kept, kept, skipped, record)

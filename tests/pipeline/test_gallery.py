@@ -227,6 +227,21 @@ def test_parquet_items_list_every_row_of_every_shard(tmp_path: Path) -> None:
     assert [(item.lat, item.lon) for item in items] == [(38.5, -90.25), (39.5, -91.25)]
 
 
+def test_a_gallery_of_recordings_none_of_which_can_be_embedded_is_refused_and_not_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, out = tmp_path / "sounds", tmp_path / "new" / "gallery"
+    source.mkdir()
+    soundfile.write(source / "silence.wav", np.zeros(SAMPLE_RATE * 5, np.float32), SAMPLE_RATE)
+    status, printed, err = build(capsys, source, out)
+    assert (status, printed) == (ERROR_STATUS, "")
+    assert err.splitlines()[-1] == (
+        "error: none of the 1 recordings could be embedded (each warned about above); give recordings that decode,"
+        " with sound and a caption"
+    )
+    assert not (tmp_path / "new").exists()
+
+
 # --- bad inputs: one line, exit status 2, before the model loads, nothing written ----------------------------------
 
 
