@@ -12,21 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from support.model_cli import refused
 from support.pair_data import encode_image, synthetic_image, wav_bytes, write_folder
 
 from common import atomic
 from model import Sat2Sound, Sat2SoundConfig, save_safetensors
 from model.__main__ import main
-
-
-def refused(capsys: pytest.CaptureFixture[str], argv: Sequence[str], *words: str) -> str:
-    """The one-line error `main(argv)` exits 2 with, checked to hold `words`."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def pairs_folder(root: Path, splits: Sequence[str], header_only: bool = False) -> Path:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile
+from support.model_cli import refused
 from support.pair_data import encode_image, synthetic_image, wav_bytes, write_folder
 
 from model import Sat2Sound, Sat2SoundConfig, save_safetensors
@@ -23,16 +24,6 @@ from model.errors import AudioDecodeError, DataError
 from model.evaluate import retrieval_metrics
 
 SAMPLES, TOKENS = 2, 5
-
-
-def refused(capsys: pytest.CaptureFixture[str], argv: Sequence[str], *words: str) -> str:
-    """The one-line error `main(argv)` exits 2 with, checked to hold `words`."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def one_line(error: pytest.ExceptionInfo[Exception], *words: str) -> None:

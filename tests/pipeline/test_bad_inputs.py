@@ -562,21 +562,26 @@ def test_a_bad_input_stops_the_start_with_one_line_and_writes_nothing(
     assert snapshot(tmp_path, inputs.folder) == before
 
 
+def dry_run(config_path: Path, folder: Path) -> subprocess.CompletedProcess[str]:
+    """A bare `snakemake --dry-run` of the workflow with `config_path`, in `folder`."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(config_path)]
+    return subprocess.run(
+        [*command, "--dry-run", "--cores", "1"],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize("case_id", WORKFLOW_CASES)
 def test_the_workflow_stops_with_the_same_one_line(case_id: str, inputs: Inputs, tmp_path: Path) -> None:
     case = CASES[CASE_IDS.index(case_id)]
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(bad_config(case, inputs)))
     before = snapshot(tmp_path, inputs.folder)
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(config_path)]
-    result = subprocess.run(
-        [*command, "--dry-run", "--cores", "1"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = dry_run(config_path, tmp_path)
     assert result.returncode == ERROR_STATUS, result.stderr
     assert result.stdout == ""
     check_error_line(result.stderr, case)
@@ -589,15 +594,7 @@ def test_a_config_file_giving_a_key_twice_stops_the_workflow_in_one_line(tmp_pat
     second = yaml.safe_dump({"queries": [{"id": "water", "text": "ducks quacking"}]})
     first = yaml.safe_dump(BASE)
     config_path.write_text(first + second)
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(config_path)]
-    result = subprocess.run(
-        [*command, "--dry-run", "--cores", "1"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = dry_run(config_path, tmp_path)
     assert (result.returncode, result.stdout) == (ERROR_STATUS, "")
     assert result.stderr == (
         f"error: --configfile {config_path} gives 'queries' (line {first.count(chr(10)) + 1}) twice, and only the last"
