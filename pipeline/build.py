@@ -173,7 +173,7 @@ def check_views_covered(plan: Plan, chunks: Sequence[ChunkTiles], reader: Imager
     """Refuse a region none of whose model views the imagery can cover on `min_coverage` of their pixels (a region
     at the raster's edge): every tile would be left empty, found only after embedding. Skipped for regions of more
     than COVERAGE_CHECK_MAX_VIEWS views, to keep the start quick."""
-    if sum(len(chunk) for chunk in chunks) > COVERAGE_CHECK_MAX_VIEWS:
+    if not chunks or sum(len(chunk) for chunk in chunks) > COVERAGE_CHECK_MAX_VIEWS:
         return
     bound = reader.coverage_bound(np.concatenate([chunk.views for chunk in chunks]))
     if bound is None or (bound >= min_coverage).any():
