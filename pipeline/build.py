@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from shapely.geometry import box
 
+from common.cli import USAGE_ERROR_STATUS
 from common.cores import usable_cores
 from common.errors import Sat2SoundError
 from common.mapping_file import read_mapping
@@ -65,7 +66,7 @@ from pipeline.store.scores import SCORE_KINDS
 if TYPE_CHECKING:
     from pipeline.imagery import FetchEstimate, ImageryReader
 
-ERROR_STATUS = 2
+ERROR_STATUS = USAGE_ERROR_STATUS
 BUILD_LIMIT_HINT = "lower tiling.tile_zoom_offset, raise model.zoom_level or tiling.max_tiles, or map a smaller region"
 SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"

@@ -15,7 +15,6 @@ from types import FrameType
 
 STOPPED_LINE = "stopped; rerun the same command to resume"
 INTERRUPTED_STATUS = 130
-USAGE_STATUS = 2
 CONFIG_FILE_FLAGS = ("--configfile", "--configfiles")
 CONFIG_FILE_FIX = "give a YAML file of key: value lines (shipped: config/config.yaml, config/city.yaml)"
 # Names the file that Ctrl-C creates (`pipeline.build.quiet_interrupts`). A job launched just as the interrupt came
@@ -57,6 +56,7 @@ def config_files(argv: list[str]) -> list[str]:
 
 def main() -> int:
     signal.signal(signal.SIGINT, _stop_early)
+    from common.cli import USAGE_ERROR_STATUS
     from common.errors import Sat2SoundError
     from common.mapping_file import read_mapping
 
@@ -65,7 +65,7 @@ def main() -> int:
             read_mapping(Path(path), "--configfile", CONFIG_FILE_FIX, Sat2SoundError)
     except Sat2SoundError as exc:  # Snakemake would answer with a traceback or a WorkflowError
         print(f"error: {exc}", file=sys.stderr)
-        return USAGE_STATUS
+        return USAGE_ERROR_STATUS
     from snakemake.cli import main as snakemake
 
     sys.argv[0] = "snakemake"

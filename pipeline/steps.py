@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_path
-from common.cli import OneLineParser
+from common.cli import USAGE_ERROR_STATUS, OneLineParser
 from common.errors import Sat2SoundError
 from common.memory import keep_freed_memory
 from pipeline.config import BuildConfig, read_settings
 from pipeline.launch import INTERRUPTED_STATUS, stop_marked
 
-ERROR_STATUS = 2
+ERROR_STATUS = USAGE_ERROR_STATUS
 # A job's last log line ends with its wall time and the CPU time of its whole process (interpreter start, imports
 # and loader processes included): what `benchmarks/bench_build.py` adds up per job.
 JOB_TIMES = re.compile(r"^(?P<step>\w+): .* \((?P<wall>[\d.]+) s, job CPU (?P<cpu>[\d.]+) s\)$")
