@@ -252,6 +252,10 @@ def _check(settings: TrainSettings) -> None:
         (0 <= settings.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
         (settings.batch_size >= 2, "batch_size must be at least 2 (the loss contrasts pairs within a batch)"),
         (settings.max_epochs >= 1 or settings.max_steps >= 1, "set max_epochs or max_steps to at least 1"),
+        (
+            all(limit >= 1 or limit == -1 for limit in (settings.max_epochs, settings.max_steps)),
+            "max_epochs and max_steps must each be at least 1, or -1 for no limit (0 trains no step)",
+        ),
         (settings.keep_best >= 1 and settings.val_every_epochs >= 1, "keep_best and val_every_epochs must be >= 1"),
         (settings.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         (settings.export in ("best", "last"), "export must be best or last"),

@@ -614,10 +614,7 @@ def check_cache_folder(folder: Path, setting: str) -> None:
 
 
 def check_training_batches(settings: TrainSettings, pairs: PairDataset, launch: Launch) -> None:
-    """Refuse a run that would take no training step: Lightning would stop at once, leaving no checkpoint."""
-    for name, limit in (("max_steps", settings.max_steps), ("max_epochs", settings.max_epochs)):
-        if limit < 1 and limit != -1:
-            raise ConfigError(f"{name}: {limit} trains no step; set {name} to at least 1, or -1 for no limit")
+    """Refuse a train split too small for one batch: Lightning would stop at once, leaving no checkpoint."""
     devices = launch.devices if isinstance(launch.devices, int) else max(cuda_devices(), 1)
     world = devices * launch.num_nodes
     # As the train loader batches: each process reads its share of the split (Lightning pads the shares to one

@@ -201,8 +201,8 @@ def test_train_refuses_folders_it_cannot_write_in(
         ({"val_split": "bogus"}, {}, "unknown split 'bogus'"),
         ({}, {"model": {"text_backbone": "/nonexistent/t5"}}, "model.text_backbone"),
         ({}, {"batch_size": 8}, "holds 4 pairs, too few for one batch of batch_size 8"),
-        ({}, {"max_steps": 0}, "max_steps: 0"),
-        ({}, {"max_epochs": 0}, "max_epochs: 0"),
+        ({}, {"max_steps": 0}, "max_epochs and max_steps must each be at least 1, or -1"),
+        ({}, {"max_epochs": 0, "max_steps": 5}, "(0 trains no step)"),
     ],
     ids=["val-split", "text-backbone", "batch-over-pairs", "max-steps-0", "max-epochs-0"],
 )
