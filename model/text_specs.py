@@ -2,7 +2,8 @@
 
 A spec is "minilm", "flan-t5-large", a Hugging Face Hub model id or a local model directory; "auto" is the
 backbone a checkpoint was trained with, told by its text width. `check_text_backbone` reads only config files
-(the model directory's, or the Hugging Face cache's), so a program can refuse a backbone before loading it.
+(the model directory's, or the Hugging Face cache's) and, for a Hub model not cached yet, asks the Hub once whether
+it holds it, so a program can refuse a backbone before loading it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import is_offline_mode, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import HfApi, constants, is_offline_mode, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from model.errors import TextBackboneError, first_line
@@ -25,6 +26,8 @@ T5_MODEL_TYPES = ("t5", "mt5", "umt5")
 # Text backbone the official checkpoints were trained with, by hidden width.
 DEFAULT_TEXT_BACKBONE_BY_DIM = {1024: FLAN_T5_LARGE, 384: "minilm"}
 MODEL_CONFIG_NAME = "config.json"
+# How long the start waits for the Hub to say whether it holds an uncached text backbone.
+HUB_CHECK_TIMEOUT_S = 10.0
 
 
 def backbone_spec(spec: str, text_dim: int) -> str:
@@ -104,7 +107,32 @@ def _t5_config_path(source: str) -> Path | None:
         return Path(cached)
     if is_offline_mode():
         raise TextBackboneError(load_failure_message(source, FileNotFoundError("not cached")))
+    _check_on_hub(source)
     return None
+
+
+def _check_on_hub(source: str) -> None:
+    """Refuse a Hub model id the Hub does not hold, or a Hub out of reach, with one request (no retries): the
+    loader would find out only when it downloads, after retrying for half a minute."""
+    import httpx2  # the Hub client's HTTP library
+
+    try:
+        HfApi().model_info(source, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError:
+        raise TextBackboneError(
+            f"text backbone {source!r} is a gated Hub model; accept its terms on the Hub and log in (hf auth login),"
+            " or set model.text_backbone to a local directory"
+        ) from None
+    except RepositoryNotFoundError:
+        raise TextBackboneError(
+            f"text backbone {source!r} is no model on the Hub ({constants.ENDPOINT}); check the id (OWNER/NAME), or"
+            " set model.text_backbone to a local directory"
+        ) from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as exc:
+        raise TextBackboneError(
+            f"cannot reach the Hub ({constants.ENDPOINT}) for text backbone {source!r} ({first_line(exc)}); check the"
+            " network (or HF_ENDPOINT), download it once, or set model.text_backbone to a local directory"
+        ) from None
 
 
 def load_failure_message(source: str, exc: Exception) -> str:

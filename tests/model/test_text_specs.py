@@ -7,6 +7,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from support.hf_stub import HubStub
 
 from model.errors import TextBackboneError
 from model.text_specs import FLAN_T5_LARGE, backbone_spec, check_text_backbone, minilm_directory
@@ -70,13 +71,22 @@ def test_missing_or_empty_directories_and_other_models_are_refused(tmp_path: Pat
     assert "neither a model directory nor a Hub model id" in refusal("google/flan/t5", 1024)
 
 
-def test_an_uncached_hub_model_is_refused_offline_and_left_to_the_loader_online(
+def test_an_uncached_hub_model_is_refused_offline_and_asked_for_online(
     hub_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     message = refusal("flan-t5-large", 1024)
     assert "'google/flan-t5-large' is not in the Hugging Face cache and HF_HUB_OFFLINE is set" in message
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    check_text_backbone("auto", 1024)
+    config = json.dumps({"model_type": "t5", "d_model": 1024}).encode()
+    with HubStub({(FLAN_T5_LARGE, "config.json"): config}) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        check_text_backbone("auto", 1024)  # the loader downloads it
+        assert f"text backbone 'google/flan-t5-lrage' is no model on the Hub ({hub.url}); check the id" in refusal(
+            "google/flan-t5-lrage", 1024
+        )
+        assert not list(hub_cache.iterdir())
+    # The stub is gone: nothing answers there now.
+    assert f"cannot reach the Hub ({hub.url}) for text backbone 'google/flan-t5-large'" in refusal("auto", 1024)
 
 
 def test_a_cached_hub_model_is_checked_from_its_cached_config(hub_cache: Path) -> None:
