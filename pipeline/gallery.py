@@ -224,11 +224,13 @@ def build_gallery(
 ) -> BuildSummary:
     """Embed the `items` the gallery in `out` lacks (all of them for a new one) with the weights `checkpoint`
     names and write the gallery; refused in one line before the model loads if `out` cannot take them."""
-    from model import Sat2SoundEncoder, resolve_checkpoint, sha256_file
+    from model import Sat2SoundEncoder, read_config, resolve_checkpoint, sha256_file
+    from model.text_specs import check_text_backbone
 
     path = resolve_checkpoint(checkpoint)
     sha256 = sha256_file(path)
     existing = check_gallery_folder(out, sha256)
+    check_text_backbone(text_backbone, read_config(path).text_dim)
     known = set() if existing is None else {item.id for item in existing.items}
     new = [item for item in _unique(items) if item.id not in known]
     if existing is not None and not new:

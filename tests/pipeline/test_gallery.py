@@ -284,11 +284,16 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "latitude out of range": ([str(far), "--out", out], "duck.flac: lat -95 is outside -90 to 90"),
         "longitude without latitude": ([str(lone), "--out", out], "duck.flac: lon without lat; give both"),
         "a recording listed twice": ([str(twice), "--out", out], "lists duck.flac twice (a recording is one item)"),
+        "text backbone not there": (
+            [sounds, "--text-backbone", str(root / "no_t5"), "--out", out],
+            "no T5 model directory at",
+        ),
     }
 
 
 BAD_CASES = [
     "a recording listed twice",
+    "text backbone not there",
     "no source folder",
     "no recordings",
     "csv without file column",
