@@ -31,14 +31,15 @@ def check_output(path: Path, fix: str) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from model.checkpoint import load_model
+    from model.checkpoint import checkpoint_config, load_model
     from model.evaluate import read_npz
-    from model.reference import run_reference
+    from model.reference import reference_batch, run_reference
 
     check_output(args.out, "pass --out a writable .npz path")
     arrays = read_npz(args.inputs, "in/... arrays in the parity-reference format")
+    batch = reference_batch(arrays, checkpoint_config(args.checkpoint), from_waveform=args.audio_from_waveform)
     model, _ = load_model(args.checkpoint)
-    outputs = run_reference(model, arrays, from_waveform=args.audio_from_waveform)
+    outputs = run_reference(model, batch)
     atomic_save_npz(args.out, outputs)
     print(f"wrote {args.out}: {len(outputs)} arrays for {len(outputs['ctotal'])} samples")
 

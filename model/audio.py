@@ -111,6 +111,32 @@ def check_audio_file(path: str | os.PathLike[str]) -> None:
     check_wav_complete(path, f"audio file {path}")
 
 
+def check_audio_opens(path: Path, name: str, error: type[Sat2SoundError] = AudioDecodeError) -> None:
+    """Raise `error` unless `path` opens as audio, holds samples and reaches the last frame its header declares:
+    what is not audio, and a WAV or FLAC cut short (which open, and decode the part that is there), are found
+    without decoding. Reads the headers and the last frame; an OGG or MP3 declares no length, so a cut one passes.
+    """
+    try:
+        with soundfile.SoundFile(path) as audio_file:
+            frames, kind = audio_file.frames, audio_file.format
+            try:
+                if frames > 0 and kind != "MP3":  # an MP3's frame count is estimated (see check_audio_file)
+                    audio_file.seek(frames - 1)
+                    audio_file.read(1)
+            except (RuntimeError, OSError):
+                raise error(
+                    f"{name} is truncated: its header declares {frames:,} frames but the last cannot be read;"
+                    f" {COPY_AGAIN}"
+                ) from None
+    except (RuntimeError, OSError) as exc:
+        raise error(
+            f"cannot read {name} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
+        ) from None
+    if frames == 0:
+        raise error(f"{name} holds no samples; use a file with at least some audio")
+    check_wav_complete(path, name, error)
+
+
 def _check_finite(samples: np.ndarray, name: str) -> None:
     if not np.isfinite(samples).all():
         raise AudioDecodeError(f"{name} holds NaN or infinite samples; export it again (as 16-bit PCM, say)")

@@ -12,7 +12,7 @@ from numpy.typing import DTypeLike
 from torch import Tensor
 
 from model.audio import N_MELS, fit_clip, resample
-from model.config import AUDIO_SOURCES, CAPTION_SOURCES
+from model.config import AUDIO_SOURCES, CAPTION_SOURCES, Sat2SoundConfig
 from model.errors import InputError
 from model.mel import log_mel
 from model.metadata import ENCODING_WIDTH, Metadata
@@ -95,15 +95,18 @@ def reference_metadata(arrays: Mapping[str, np.ndarray], samples: int) -> Metada
     )
 
 
-def reference_batch(arrays: Mapping[str, np.ndarray], model: Sat2Sound, from_waveform: bool = False) -> Sat2SoundBatch:
-    """The model's batch from `in/...` arrays; each array's shape, dtype and values are checked (one InputError
-    naming the array and what it must be) before the mel features are computed."""
+def reference_batch(
+    arrays: Mapping[str, np.ndarray], cfg: Sat2SoundConfig, from_waveform: bool = False
+) -> Sat2SoundBatch:
+    """The batch of a model of architecture `cfg` from `in/...` arrays; each array's shape, dtype and values are
+    checked (one InputError naming the array and what it must be) before the mel features are computed, so that
+    bad arrays are refused before the weights are loaded."""
     images = _input(arrays, "in/sat", (None, 3, None, None), REAL).float()
     samples = len(images)
     zoom_level = _input(arrays, "in/sat_zoom_level", (samples,), REAL)
     audio_caption = reference_caption(arrays, samples, "audio_caption")
     image_caption = reference_caption(arrays, samples, "llava_caption")
-    metadata = reference_metadata(arrays, samples) if model.cfg.metadata else None
+    metadata = reference_metadata(arrays, samples) if cfg.metadata else None
     return Sat2SoundBatch(
         images=images,
         zoom_level=zoom_level,
@@ -122,10 +125,7 @@ def token_map_codes(image_weights: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def run_reference(
-    model: Sat2Sound, arrays: Mapping[str, np.ndarray], from_waveform: bool = False
-) -> dict[str, np.ndarray]:
-    batch = reference_batch(arrays, model, from_waveform)
+def run_reference(model: Sat2Sound, batch: Sat2SoundBatch) -> dict[str, np.ndarray]:
     out = model(batch)
     losses = model.loss(out)
     image_tokens = model.image_tokens(batch.images, batch.zoom_level, batch.metadata)

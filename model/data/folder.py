@@ -12,8 +12,9 @@
 (month known, hour unknown), a date-time, or empty (both unknown). `split` is train, val or test. `image_caption`
 describes the image's soundscape at every zoom level. `zoom_level` must be one of the source's zoom levels.
 Empty optional cells take the constructor's defaults.
-The CSV (UTF-8, a byte-order mark allowed) is checked whole when the source is made, and its split's PNG and WAV
-files for being cut short (what decodes without complaint); each problem is one error naming its line.
+The CSV (UTF-8, a byte-order mark allowed) is checked whole when the source is made, its split's PNG files for
+being cut short (what decodes without complaint) and its recordings for opening whole as audio; each problem is one
+error naming its line.
 
 The mel segments come from the recording's first 50 s: MEL_SEGMENTS windows of 10 s spread evenly over it
 (back to back for 50 s or more, overlapping when shorter, one zero-padded window repeated under 10 s), each
@@ -37,13 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_path
+from common.png import PNG_END, PNG_SIGNATURE, png_cut_short
 from model.audio import (
     CLIP_SAMPLES,
     CLIP_SECONDS,
     HOP_LENGTH,
     N_FFT,
     N_MELS,
-    check_wav_complete,
+    check_audio_opens,
     decode_audio,
     fit_clip,
 )
@@ -82,8 +84,6 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "split",
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("sat_type", "audio_source", "caption_source", "zoom_level")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # Decoded recordings a source keeps (about 1.3 MB of mel each once all 5 segments are asked for).
 RECORDINGS_KEPT = 64
 # What a cached log-mel depends on besides the recording; a change of the front end misses every older entry.
@@ -133,8 +133,7 @@ class FolderPairs(PairSource):
         rows = read_pairs_csv(self.root, defaults)
         _check_row_zooms(self.root, rows, self._zoom_levels)
         self.rows = [row for row in rows if row.split == split]
-        for row in self.rows:
-            _check_complete(self.root, row)
+        _check_complete(self.root, self.rows)
         self.mel_cache = None if mel_cache is None else Path(mel_cache)
         self._recordings: dict[Path, MelSegments] = {}
 
@@ -300,18 +299,23 @@ def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults:
     )
 
 
-def _check_complete(root: Path, row: FolderRow) -> None:
-    """Refuse files cut short that would decode without complaint: a PNG that lacks the IEND chunk it must end
-    with (GDAL 3.10 fills its missing rows with garbage) and a WAV that holds less than its header declares.
-    Reads a few bytes of each file."""
-    where = f"{root / CSV_NAME} line {row.line}"
-    with row.image.open("rb") as image:
-        head = image.read(len(PNG_SIGNATURE))
-        image.seek(max(image.seek(0, os.SEEK_END) - len(PNG_END), 0))
-        tail = image.read()
-    if head == PNG_SIGNATURE and tail != PNG_END:
-        raise DataError(f"{row.image} ({where}) is truncated: the PNG lacks its closing IEND chunk; export it again")
-    check_wav_complete(row.audio, f"audio file {row.audio} ({where})", DataError)
+def _check_complete(root: Path, rows: Sequence[FolderRow]) -> None:
+    """Refuse files that are cut short or are not what they claim, where decoding would fail only at their first
+    batch or not at all: a PNG that lacks the IEND chunk it must end with, audio that does not open or lacks the
+    frames its header declares (`check_audio_opens`). Reads a few bytes of each image, the headers and last frame
+    of each distinct recording."""
+    where: dict[Path, str] = {}
+    for row in rows:
+        at = f"{root / CSV_NAME} line {row.line}"
+        with row.image.open("rb") as image:
+            head = image.read(len(PNG_SIGNATURE))
+            image.seek(max(image.seek(0, os.SEEK_END) - len(PNG_END), 0))
+            tail = image.read()
+        if png_cut_short(head, tail):
+            raise DataError(f"{row.image} ({at}) is truncated: the PNG lacks its closing IEND chunk; export it again")
+        where.setdefault(row.audio, at)
+    for audio, at in where.items():
+        check_audio_opens(audio, f"audio file {audio} ({at})", DataError)
 
 
 def _zoom_level(where: str, text: str) -> int | None:

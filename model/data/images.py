@@ -10,12 +10,16 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
+from common.png import png_cut_short
 from model.errors import DataError, first_line
 
 
 def decode_image(source: bytes | Path, what: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an 8-bit image; grey is repeated into three bands, alpha and extra bands dropped.
-    `what` names the image in errors (a file, or a row of a shard)."""
+    `what` names the image in errors (a file, or a row of a shard). PNG bytes cut short are refused (a folder's
+    files are checked so when its split is opened)."""
+    if isinstance(source, bytes) and png_cut_short(source, source):
+        raise DataError(f"{what} is truncated: the PNG lacks its closing IEND chunk; export it again")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -179,9 +179,8 @@ class ParquetPairs(PairSource):
         image = table.column(self.image_column)[offset].as_py()
         if not image or not image.get("bytes"):
             raise DataError(f"{where} has no embedded {self.image_column} bytes; download the shard again")
-        return self._record(
-            row, _mel_stack(table.column(MEL_COLUMN), offset, where), decode_image(image["bytes"], where)
-        )
+        pixels = decode_image(image["bytes"], f"{where}'s {self.image_column}")
+        return self._record(row, _mel_stack(table.column(MEL_COLUMN), offset, where), pixels)
 
     def _group_table(self, group: int) -> pa.Table:
         if self._cached is None or self._cached[0] != group:

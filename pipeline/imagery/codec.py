@@ -22,10 +22,9 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
 from common.errors import first_line
+from common.png import PNG_SIGNATURE, png_cut_short
 from pipeline.errors import TileDecodeError
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"
 _JPEG_START = b"\xff\xd8"
 _RIFF_HEADER_BYTES = 8
 PNG_ZLEVEL = 6  # GDAL's default
@@ -139,8 +138,8 @@ def _encode(bands: np.ndarray, driver: str, **options: int) -> bytes:
 
 
 def _check_complete(body: bytes) -> None:
-    if body.startswith(_PNG_SIGNATURE):
-        if not body.endswith(_PNG_END):
+    if body.startswith(PNG_SIGNATURE):
+        if png_cut_short(body, body):
             raise TileDecodeError(f"PNG tile of {len(body)} bytes lacks its IEND chunk (truncated)")
     elif body.startswith(b"RIFF") and body[8:12] == b"WEBP":
         declared = int.from_bytes(body[4:8], "little") + _RIFF_HEADER_BYTES

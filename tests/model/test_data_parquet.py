@@ -8,7 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -202,15 +202,26 @@ def test_row_without_image_bytes_is_one_line_error(tmp_path: Path) -> None:
         GeoSoundParquet(tmp_path, "train").record(0)
 
 
-def test_undecodable_image_is_one_line_error(tmp_path: Path) -> None:
+def _half(body: bytes) -> bytes:
+    return body[: len(body) // 2]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "words"),
+    [
+        (_half, "row 0's bingmap_image is truncated: the PNG lacks its closing IEND chunk"),  # GDAL decodes it
+        (lambda body: body[8:], "does not decode as PNG, JPEG or GeoTIFF"),
+    ],
+)
+def test_undecodable_image_is_one_line_error(tmp_path: Path, spoil: Callable[[bytes], bytes], words: str) -> None:
     path = tmp_path / "train-00000-of-00001.parquet"
     write_shard(path, geosound_schema(), [geosound_row(0)])
     table = pq.read_table(path)
     index = table.schema.get_field_index("bingmap_image")
-    body = encode_image(synthetic_image(8, 0), "PNG")[:40]
+    body = spoil(encode_image(synthetic_image(64, 0), "PNG"))
     cut = pa.array([{"bytes": body, "path": "0.png"}], table.schema.field(index).type)
     pq.write_table(table.set_column(index, table.schema.field(index), cut), path)
-    with pytest.raises(DataError, match="does not decode as PNG, JPEG or GeoTIFF") as raised:
+    with pytest.raises(DataError, match=words) as raised:
         GeoSoundParquet(tmp_path, "train").record(0)
     assert "\n" not in str(raised.value)
 

@@ -5,6 +5,7 @@ input arrays of the wrong shape, dtype or range."""
 from __future__ import annotations
 
 import io
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,11 +37,12 @@ def one_line(error: pytest.ExceptionInfo[Exception], *words: str) -> None:
 # --- a folder of pairs ----------------------------------------------------------------------------------------
 
 
-def one_pair(root: Path, caption: str = "sound") -> Path:
+def one_pair(root: Path, caption: str = "sound", audio: str = "p.wav") -> Path:
     (root / "files").mkdir(parents=True)
     (root / "files" / "p.png").write_bytes(encode_image(synthetic_image(64, 0)))
-    (root / "files" / "p.wav").write_bytes(wav_bytes(0.5))
-    line = {"key": "p", "image": "files/p.png", "audio": "files/p.wav", "audio_caption": caption}
+    samples, rate = soundfile.read(io.BytesIO(wav_bytes(0.5)))
+    soundfile.write(root / "files" / audio, samples, rate)
+    line = {"key": "p", "image": "files/p.png", "audio": f"files/{audio}", "audio_caption": caption}
     return write_folder(root, [line | {"image_caption": "image", "lat": "10", "lon": "20", "split": "train"}])
 
 
@@ -80,6 +82,25 @@ def test_a_file_cut_short_is_refused_when_the_folder_is_read(tmp_path: Path, nam
     with pytest.raises(DataError) as error:
         read(tmp_path)
     one_line(error, str(path), "pairs.csv line 2", "is truncated", "again")
+
+
+@pytest.mark.parametrize(
+    ("audio", "spoil", "words"),
+    [
+        ("p.flac", lambda body: body[: len(body) // 2], "is truncated: its header declares 16,000 frames"),
+        ("p.flac", lambda body: b"\0" + body, "cannot read"),
+        ("p.wav", lambda body: b"", "cannot read"),
+    ],
+)
+def test_a_recording_that_does_not_open_whole_is_refused_when_the_folder_is_read(
+    tmp_path: Path, audio: str, spoil: Callable[[bytes], bytes], words: str
+) -> None:
+    """Found when the split is opened, not at the recording's first batch (after the image pretraining)."""
+    path = one_pair(tmp_path, audio=audio) / "files" / audio
+    path.write_bytes(spoil(path.read_bytes()))
+    with pytest.raises(DataError) as error:
+        read(tmp_path)
+    one_line(error, f"audio file {path} (", "pairs.csv line 2", words)
 
 
 def test_nan_audio_is_refused_when_its_pair_is_read(tmp_path: Path) -> None:
@@ -216,6 +237,17 @@ def test_embed_refuses_malformed_arrays(
     changes, words = BAD_ARRAYS[case]
     refused(capsys, embed(checkpoint, tmp_path, changes), "input array", *words)
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_embed_checks_its_arrays_before_it_loads_the_weights(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the checkpoint's config is read first: weights that would not load are not what is reported."""
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not weights")
+    shutil.copy(checkpoint.with_suffix(".json"), broken.with_suffix(".json"))
+    refused(capsys, embed(broken, tmp_path, BAD_ARRAYS["NaN images"][0]), "'in/sat' holds NaN")
+    refused(capsys, embed(broken, tmp_path, {}), str(broken))
 
 
 BAD_WAVEFORMS: dict[str, tuple[dict[str, np.ndarray], tuple[str, ...]]] = {
