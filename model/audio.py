@@ -90,25 +90,21 @@ def check_audio_file(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if not path.is_file():
         raise AudioDecodeError(f"audio file {path} does not exist; check the path")
+    name = f"audio file {path}"
+    check_audio_opens(path, name)
     try:
         with soundfile.SoundFile(path) as audio_file:
             declared, kind, decoded = audio_file.frames, audio_file.format, 0
             for block in audio_file.blocks(DECODE_BLOCK_FRAMES, dtype="float32"):
-                _check_finite(block, f"audio file {path}")
+                _check_finite(block, name)
                 decoded += len(block)
     except (RuntimeError, OSError) as exc:
-        raise AudioDecodeError(
-            f"cannot read {path} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
-        ) from None
-    if decoded == 0:
-        raise AudioDecodeError(f"audio file {path} holds no samples; use a file with at least some audio")
+        raise AudioDecodeError(_cannot_read(name, exc)) from None
     # Without a Xing header an MP3's frame count is estimated from its bit rate, so it cannot show a cut.
     if decoded < declared and kind != "MP3":
         raise AudioDecodeError(
-            f"audio file {path} is truncated: its header declares {declared:,} frames but {decoded:,} decode;"
-            f" {COPY_AGAIN}"
+            f"{name} is truncated: its header declares {declared:,} frames but {decoded:,} decode; {COPY_AGAIN}"
         )
-    check_wav_complete(path, f"audio file {path}")
 
 
 def check_audio_opens(path: Path, name: str, error: type[Sat2SoundError] = AudioDecodeError) -> None:
@@ -120,7 +116,7 @@ def check_audio_opens(path: Path, name: str, error: type[Sat2SoundError] = Audio
         with soundfile.SoundFile(path) as audio_file:
             frames, kind = audio_file.frames, audio_file.format
             try:
-                if frames > 0 and kind != "MP3":  # an MP3's frame count is estimated (see check_audio_file)
+                if frames > 0 and kind != "MP3":  # an MP3's frame count is estimated from its bit rate
                     audio_file.seek(frames - 1)
                     audio_file.read(1)
             except (RuntimeError, OSError):
@@ -129,12 +125,14 @@ def check_audio_opens(path: Path, name: str, error: type[Sat2SoundError] = Audio
                     f" {COPY_AGAIN}"
                 ) from None
     except (RuntimeError, OSError) as exc:
-        raise error(
-            f"cannot read {name} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
-        ) from None
+        raise error(_cannot_read(name, exc)) from None
     if frames == 0:
         raise error(f"{name} holds no samples; use a file with at least some audio")
     check_wav_complete(path, name, error)
+
+
+def _cannot_read(name: str, exc: BaseException) -> str:
+    return f"cannot read {name} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
 
 
 def _check_finite(samples: np.ndarray, name: str) -> None:
