@@ -74,11 +74,9 @@ def decode_audio_from(source: Path | BinaryIO, name: str, seconds: float) -> np.
             frames = math.ceil(rate * (seconds + RESAMPLER_MARGIN_SECONDS))
             samples = audio_file.read(frames, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as exc:
-        raise AudioDecodeError(
-            f"cannot decode {name} ({first_line(exc)}); convert it to WAV, FLAC, OGG or MP3"
-        ) from None
+        raise AudioDecodeError(_cannot_read(name, exc)) from None
     if samples.shape[0] == 0:
-        raise AudioDecodeError(f"{name} holds no samples; use a file with at least some audio")
+        raise AudioDecodeError(_no_samples(name))
     _check_finite(samples, name)
     check_wav_complete(source, name)
     return resample(samples.mean(axis=1, dtype=np.float32), rate)[: round(seconds * SAMPLE_RATE)]
@@ -127,12 +125,16 @@ def check_audio_opens(path: Path, name: str, error: type[Sat2SoundError] = Audio
     except (RuntimeError, OSError) as exc:
         raise error(_cannot_read(name, exc)) from None
     if frames == 0:
-        raise error(f"{name} holds no samples; use a file with at least some audio")
+        raise error(_no_samples(name))
     check_wav_complete(path, name, error)
 
 
 def _cannot_read(name: str, exc: BaseException) -> str:
     return f"cannot read {name} as audio ({first_line(exc)}); check the file or convert it to WAV, FLAC, OGG or MP3"
+
+
+def _no_samples(name: str) -> str:
+    return f"{name} holds no samples; use a file with at least some audio"
 
 
 def _check_finite(samples: np.ndarray, name: str) -> None:
