@@ -14,12 +14,14 @@ side first learns land cover alone (`ImageTowerPretraining`) and then stays froz
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import random
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,6 +67,11 @@ LAST = "last.ckpt"
 # Lightning's checkpoint when SLURM signals a job before its time limit, in the trainer's root folder.
 REQUEUED = "hpc_ckpt_*.ckpt"
 EXPORT_NAME = "model"
+# Lightning's notices that say nothing about a run, in every run's log: torch's deprecation of the `LeafSpec` that
+# Lightning's loop still builds, and a tip for a cloud logger.
+LEAFSPEC_DEPRECATED = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+LIGHTNING_TIP = "💡 Tip:"
+LIGHTNING_NOTICES = logging.getLogger("pytorch_lightning.utilities.rank_zero")
 
 
 class PairEmbeddings(NamedTuple):
@@ -628,6 +635,21 @@ def check_training_batches(settings: TrainSettings, pairs: PairDataset, launch: 
         )
 
 
+@contextmanager
+def lightning_notices_muted() -> Iterator[None]:
+    def not_a_tip(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(LIGHTNING_TIP)
+
+    LIGHTNING_NOTICES.addFilter(not_a_tip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", LEAFSPEC_DEPRECATED, FutureWarning)
+            yield
+    finally:
+        LIGHTNING_NOTICES.removeFilter(not_a_tip)
+
+
+@lightning_notices_muted()
 def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     """Train (resuming from the run's furthest checkpoint when there is one) and export the best weights. What
     the settings, data or launch make impossible is refused before any work."""

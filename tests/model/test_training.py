@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,9 +162,16 @@ def test_the_configs_colour_jitter_reaches_the_training_transform(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_training_logs_keeps_the_best_and_exports_what_the_pipeline_loads(tmp_path: Path, pairs: Path) -> None:
+def test_training_logs_keeps_the_best_and_exports_what_the_pipeline_loads(
+    tmp_path: Path, pairs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = load_settings(config(tmp_path, pairs))
-    result = train(settings, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(settings, enable_progress_bar=False)
+    # Lightning's notices that say nothing about the run stay out of its log.
+    assert "GPU available" in caplog.text and "💡" not in caplog.text
+    assert not [warning for warning in caught if "LeafSpec" in str(warning.message)]
     out = settings.out_path
     assert result.steps == 2 * 2  # 8 training pairs, batches of 4 (the last partial batch is dropped)
     assert result.best.name.startswith("best-")
