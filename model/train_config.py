@@ -100,10 +100,17 @@ class RecordingSettings:
     and `caption`, e.g. the recordings a data set's mixes are made of. The pairs teach what a place sounds of; this
     keeps each recording apart from the others, so that one recording's query finds itself in a gallery of them.
     The term (symmetric cross-entropy of the recordings' audio against their captions, the audio-caption
-    temperature) is added to each step's loss times `weight`. Off while `table` is unset."""
+    temperature) is added to each step's loss times `weight`. Off while `table` is unset.
+
+    With `directions` > 0 (and `image_pretraining` with `codebook`), each recording and its caption are also pulled
+    towards the direction of the recording's `land_cover` (a column of `table`, one of `image_pretraining.classes`)
+    in the head that taught the pooled image embedding its view's shares: that class's row of the head less the
+    mean row. The term, one minus the mean cosine, is added times `directions`. The image side then scores a class
+    by how far it lies along that direction, and so do the class's sounds and words."""
 
     table: str | None = None
     weight: float = 1.0
+    directions: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,16 @@ def _check(settings: TrainSettings) -> None:
             "image_pretraining's targets lie in the data folder, on the hub here: give them as an absolute local path",
         ),
         (settings.recordings.weight > 0, "recordings.weight must be > 0 (leave recordings.table unset to turn it off)"),
+        (
+            settings.recordings.directions >= 0,
+            "recordings.directions must be >= 0 (0 leaves the recordings' class directions out)",
+        ),
+        (
+            settings.recordings.directions == 0
+            or (settings.recordings.table is not None and tower.enabled and tower.codebook),
+            "recordings.directions pulls recordings towards the classes image pretraining teaches the pooled image"
+            " embedding: set recordings.table and image_pretraining with codebook: true, or leave directions 0",
+        ),
         (
             settings.devices is None or settings.devices >= 1,
             "devices must be at least 1 (leave it out for every device, or a device per SLURM task)",

@@ -62,6 +62,8 @@ from model.text_specs import backbone_spec, check_text_backbone
 from model.train_config import DataSettings, RecordingSettings, TowerSettings, TrainSettings
 
 MONITOR = "val/recall"
+RECORDINGS_LOSS = "train/recordings_loss"
+DIRECTIONS_LOSS = "train/directions_loss"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 # Lightning's checkpoint when SLURM signals a job before its time limit, in the trainer's root folder.
@@ -180,30 +182,45 @@ def open_splits(settings: TrainSettings) -> Splits:
 
 class RecordingCaptions:
     """The recordings of `recordings.table`, each heard alone (its first 10 s, as a query reads it) and taught its
-    own caption among the others' (`RecordingSettings`)."""
+    own caption among the others' and, with `land_covers` (indices into the image pretraining's classes), pulled
+    with its caption towards its class's direction (`RecordingSettings`)."""
 
-    def __init__(self, mel: Tensor, captions: Sequence[str], weight: float) -> None:
+    def __init__(
+        self, mel: Tensor, captions: Sequence[str], settings: RecordingSettings, land_covers: Tensor | None = None
+    ) -> None:
         self.mel = mel  # (N, 1, frames, mels)
         self.captions = list(captions)
-        self.weight = weight
+        self.settings = settings
+        self.land_covers = land_covers  # (N,) class indices; None while `directions` is 0
         self._inputs: tuple[Tensor, TextTokens] | None = None  # on the model's device, made at the first step
 
     @classmethod
-    def read(cls, settings: RecordingSettings) -> RecordingCaptions | None:
+    def read(cls, settings: RecordingSettings, classes: Sequence[str]) -> RecordingCaptions | None:
         if settings.table is None:
             return None
         table = Path(settings.table)
-        rows = read_table(table, ("file", "caption"), "give recordings.table a CSV of file and caption", DataError)
+        columns = ("file", "caption", "land_cover") if settings.directions else ("file", "caption")
+        rows = read_table(table, columns, f"give recordings.table a CSV of {', '.join(columns)}", DataError)
         if len(rows) < 2:
             raise DataError(f"{table} lists {len(rows)} recordings; the term contrasts them, list at least 2")
         empty = next((row["file"] for row in rows if not row["caption"]), None)
         if empty is not None:
             raise DataError(f"{table}: {empty} has no caption; give every recording one")
+        land_covers = None
+        if settings.directions:
+            unknown = next((row for row in rows if row["land_cover"] not in classes), None)
+            if unknown is not None:
+                raise DataError(
+                    f"{table}: {unknown['file']}'s land_cover {unknown['land_cover']!r} is not one of"
+                    f" image_pretraining.classes ({', '.join(classes)}); name one of them"
+                )
+            land_covers = torch.tensor([list(classes).index(row["land_cover"]) for row in rows])
         clips = np.stack([load_audio(table.parent / row["file"]) for row in rows])
-        return cls(log_mel(torch.from_numpy(clips)), [row["caption"] for row in rows], settings.weight)
+        return cls(log_mel(torch.from_numpy(clips)), [row["caption"] for row in rows], settings, land_covers)
 
-    def loss(self, model: Sat2Sound, texts: TextCache) -> Tensor:
-        """The term, with the audio tower normalising by its running statistics as it does for a query: normalised by
+    def losses(self, model: Sat2Sound, texts: TextCache, directions: Tensor | None) -> dict[str, Tensor]:
+        """The terms by their log names, unweighted: captions, and with `directions` ((C, D), unit rows) the pull
+        towards them. The audio tower normalises by its running statistics as it does for a query: normalised by
         these few recordings' own statistics, as training mode would, they tell apart in training and not in use."""
         device = model.logit_scale_at.device
         if self._inputs is None:
@@ -221,11 +238,29 @@ class RecordingCaptions:
             tower.train(training)
         caption = model.encode_text(tokens.hidden, tokens.mask).embedding
         identity = torch.eye(len(self.captions), device=device)
-        return symmetric_cross_entropy(similarity(audio, caption, model.logit_scale_at), identity)
+        terms = {RECORDINGS_LOSS: symmetric_cross_entropy(similarity(audio, caption, model.logit_scale_at), identity)}
+        if directions is not None and self.land_covers is not None:
+            toward = directions[self.land_covers.to(device)]
+            cosines = torch.cat([F.cosine_similarity(audio, toward), F.cosine_similarity(caption, toward)])
+            terms[DIRECTIONS_LOSS] = 1 - cosines.mean()
+        return terms
+
+    def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
+        weights = {RECORDINGS_LOSS: self.settings.weight, DIRECTIONS_LOSS: self.settings.directions}
+        return torch.stack([weights[name] * term for name, term in terms.items()]).sum()
+
+
+def class_directions(head: nn.Linear) -> Tensor:
+    """(C, D) unit rows: each class's row of a linear class head over the embedding, less the mean row. A softmax
+    over the head's logits depends only on these differences."""
+    rows = head.weight.detach()
+    return l2_normalize(rows - rows.mean(dim=0, keepdim=True))
 
 
 class Sat2SoundTraining(pl.LightningModule):
-    """The model under training (submodule `model`, a plain `Sat2Sound`) and its data."""
+    """The model under training (submodule `model`, a plain `Sat2Sound`) and its data. `directions`, the image
+    pretraining's class directions the recordings are pulled to, is a buffer, so a resumed run reads it back from
+    its checkpoint (pass zeros of its shape then)."""
 
     def __init__(
         self,
@@ -234,12 +269,15 @@ class Sat2SoundTraining(pl.LightningModule):
         texts: TextCache,
         recordings: RecordingCaptions | None = None,
         splits: Splits | None = None,
+        directions: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.settings = settings
         self.texts = texts
         self.recordings = recordings
+        self.directions: Tensor | None
+        self.register_buffer("directions", directions)
         self.train_pairs, self.val_pairs = open_splits(settings) if splits is None else splits
         self._val_outputs: list[PairEmbeddings] = []
         self._tick: float | None = None
@@ -266,8 +304,9 @@ class Sat2SoundTraining(pl.LightningModule):
         parts = {"train/multimodal_loss": losses.multimodal_loss, "train/fdt_loss": losses.fdt_loss}
         loss = losses.loss
         if self.recordings is not None:
-            parts["train/recordings_loss"] = self.recordings.loss(self.model, self.texts)
-            loss = loss + self.recordings.weight * parts["train/recordings_loss"]
+            terms = self.recordings.losses(self.model, self.texts, self.directions)
+            parts.update(terms)
+            loss = loss + self.recordings.weighted(terms)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict(parts, batch_size=size)
         now = time.perf_counter()
@@ -511,10 +550,11 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
 
 def pretrain_image_tower(
     model: Sat2Sound, settings: TrainSettings, launch: Launch, *, pairs: PairDataset, **trainer_overrides: Any
-) -> None:
+) -> Tensor | None:
     """`ImageTowerPretraining` on the train `pairs` for `image_pretraining.epochs`, logged beside the main run's
-    logs. Its own root folder keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`)
-    apart from the main run's: a fit without a checkpoint path resumes from the one in its root."""
+    logs; it returns the `class_directions` of the pooled embedding's head (with `codebook`). Its own root folder
+    keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`) apart from the main run's:
+    a fit without a checkpoint path resumes from the one in its root."""
     module = ImageTowerPretraining(model, settings, pairs)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
     options = {
@@ -524,6 +564,7 @@ def pretrain_image_tower(
         "default_root_dir": settings.out_path / "image_pretraining",
     }
     trainer(settings, launch, [], **{**trainer_overrides, **options, "enable_checkpointing": False}).fit(module)
+    return None if module.embedding_head is None else class_directions(module.embedding_head)
 
 
 def initial_model(settings: TrainSettings) -> Sat2Sound:
@@ -662,17 +703,25 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     model = initial_model(settings)
     check_text_backbone(settings.model.text_backbone, model.cfg.text_dim)
-    recordings = RecordingCaptions.read(settings.recordings)  # before pretraining: a bad table is refused at once
+    tower = settings.image_pretraining
+    # Before pretraining: a bad table is refused at once.
+    recordings = RecordingCaptions.read(settings.recordings, tower.classes)
     last = settings.out_path / CHECKPOINTS / LAST
     resume = resume_checkpoint(settings)
     started = time.perf_counter()
-    if settings.image_pretraining.enabled:
+    directions = None
+    if tower.enabled:
         # A resumed run's checkpoint holds the taught tower already.
         if resume is None:
-            pretrain_image_tower(model, settings, launch, pairs=splits.train, **trainer_overrides)
-        for param in image_side(model, settings.image_pretraining):
+            directions = pretrain_image_tower(model, settings, launch, pairs=splits.train, **trainer_overrides)
+        for param in image_side(model, tower):
             param.requires_grad_(False)
-    module = Sat2SoundTraining(model, settings, text_cache(settings, model.cfg.text_dim), recordings, splits)
+    if not settings.recordings.directions:
+        directions = None
+    elif directions is None:  # resumed: the module's buffer is read back from the checkpoint
+        directions = torch.zeros(len(tower.classes), model.cfg.codebook_dim)
+    texts = text_cache(settings, model.cfg.text_dim)
+    module = Sat2SoundTraining(model, settings, texts, recordings, splits, directions)
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, launch, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=resume)
@@ -691,7 +740,8 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
 def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSettings, source: Path) -> list[Path]:
     """`<out_dir>/model.safetensors` (+ `.json`), and upstream's `.ckpt` layout when its hyper-parameters
     describe the model whole (the full architecture)."""
-    model.load_state_dict({key.removeprefix("model."): value for key, value in module_state.items()})
+    prefix = "model."
+    model.load_state_dict({key[len(prefix) :]: value for key, value in module_state.items() if key.startswith(prefix)})
     hparams = upstream_hparams(settings, model.cfg)
     provenance = {
         "trained_by": "python -m model train",

@@ -81,7 +81,7 @@ def test_a_recipe_says_how_weights_were_made_not_where_files_lay(tmp_path: Path)
     assert recipe["model"]["init"] == "w.safetensors" and recipe["seed"] == 7
     assert recipe["image_pretraining"]["landcover"] == "landcover" and recipe["image_pretraining"]["epochs"] == 3
     assert recipe["optim"]["betas"] == (0.9, 0.98)
-    assert recipe["recordings"] == {"table": "recordings.csv", "weight": 1.0}
+    assert recipe["recordings"] == {"table": "recordings.csv", "weight": 1.0, "directions": 0.0}
 
 
 def test_the_architecture_takes_sat_type_and_metadata() -> None:
@@ -130,6 +130,23 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
             "image_pretraining.classes must be of type list of str",
         ),
         ({**MINIMAL, "recordings": {"table": "r.csv", "weight": 0}}, "recordings.weight must be > 0"),
+        ({**MINIMAL, "recordings": {"table": "r.csv", "directions": -1}}, "recordings.directions must be >= 0"),
+        (
+            {
+                **MINIMAL,
+                "image_pretraining": {"shares": "l.csv", "classes": ["a"]},
+                "recordings": {"table": "r.csv", "directions": 2},
+            },
+            "set recordings.table and image_pretraining with codebook: true, or leave directions 0",
+        ),
+        (
+            {
+                **MINIMAL,
+                "image_pretraining": {"shares": "l.csv", "classes": ["a"], "codebook": True},
+                "recordings": {"directions": 2},
+            },
+            "set recordings.table and image_pretraining with codebook: true",
+        ),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(values: dict, message: str) -> None:

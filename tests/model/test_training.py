@@ -33,9 +33,10 @@ from model.checkpoint import load_model, read_checkpoint
 from model.config import Sat2SoundConfig
 from model.data.transforms import COLOR_JITTER, dihedral_turn
 from model.errors import ConfigError, DataError
+from model.loss import l2_normalize
 from model.sat2sound import Sat2Sound
 from model.text_cache import TextTokens
-from model.train_config import load_settings, parse_settings
+from model.train_config import RecordingSettings, load_settings, parse_settings
 from model.training import (
     CHECKPOINTS,
     LAST,
@@ -44,6 +45,7 @@ from model.training import (
     RecordingCaptions,
     ViewShares,
     checkpoint_step,
+    class_directions,
     initial_model,
     open_pairs,
     read_patch_means,
@@ -203,6 +205,18 @@ def write_recordings(folder: Path, pairs: Path, lines: Sequence[str]) -> Path:
     return table
 
 
+def logged_steps(out: Path, version: int) -> list[dict[str, str]]:
+    """The training steps' rows of a run's CSV log (`version` counts the run's starts)."""
+    rows = csv.DictReader((out / "logs" / "csv" / f"version_{version}" / "metrics.csv").open())
+    return [row for row in rows if row.get("train/loss")]
+
+
+def pairs_loss(row: dict[str, str]) -> float:
+    """A logged step's loss of its pairs alone, its parts weighed as the small model weighs them."""
+    fdt_weight = Sat2SoundConfig.small("none").fdt_weight
+    return float(row["train/multimodal_loss"]) + fdt_weight * float(row["train/fdt_loss"])
+
+
 TONES = ["file,caption", *(f"{name}.wav,the sound of {name} alone" for name in COLOURS)]
 
 
@@ -211,57 +225,90 @@ def test_recordings_taught_their_captions_add_their_term_to_each_step(tmp_path: 
     table = write_recordings(tmp_path / "sounds", pairs, TONES)
     settings = load_settings(config(tmp_path, pairs, recordings={"table": str(table), "weight": 0.5}))
     train(settings, enable_progress_bar=False)
-    rows = list(csv.DictReader((settings.out_path / "logs" / "csv" / "version_0" / "metrics.csv").open()))
-    steps = [row for row in rows if row.get("train/loss")]
+    steps = logged_steps(settings.out_path, 0)
     assert len(steps) == 4
-    fdt_weight = Sat2SoundConfig.small("none").fdt_weight
     for row in steps:
-        pairs_loss = float(row["train/multimodal_loss"]) + fdt_weight * float(row["train/fdt_loss"])
         term = float(row["train/recordings_loss"])
         assert term > 0
-        assert float(row["train/loss"]) == pytest.approx(pairs_loss + 0.5 * term, rel=1e-5)
+        assert float(row["train/loss"]) == pytest.approx(pairs_loss(row) + 0.5 * term, rel=1e-5)
     recipe = json.loads((settings.out_path / "model.json").read_text())["training"]
-    assert recipe["recordings"] == {"table": "recordings.csv", "weight": 0.5}
+    assert recipe["recordings"] == {"table": "recordings.csv", "weight": 0.5, "directions": 0.0}
+
+
+def recordings_model(caption_order: list[int], tower: torch.nn.Module, modes: list[bool]) -> SimpleNamespace:
+    """A stand-in model whose audio embedding of recording i is the unit vector i (mels 0, 1, 2) and whose captions
+    come out in `caption_order`; `modes` records the audio tower's training mode at each embedding."""
+
+    def encode_audio(mel: torch.Tensor) -> SimpleNamespace:
+        modes.append(tower.training)
+        return SimpleNamespace(embedding=torch.eye(3)[mel.flatten().long()])
+
+    return SimpleNamespace(
+        audio_encoder=tower,
+        logit_scale_at=torch.tensor(np.log(50.0)),
+        encode_audio=encode_audio,
+        encode_text=lambda hidden, mask: SimpleNamespace(embedding=hidden[caption_order, 0]),
+    )
+
+
+CAPTIONS = ["ducks", "an owl", "a cow"]
+
+
+def caption_texts(encoded: list[list[str]]) -> SimpleNamespace:
+    """Caption i encodes as the unit vector i; `encoded` records each call."""
+
+    def encode(names: list[str]) -> TextTokens:
+        encoded.append(names)
+        hidden = torch.stack([torch.eye(3)[CAPTIONS.index(n)] for n in names])[:, None]
+        return TextTokens(hidden, torch.ones(len(names), 1, dtype=torch.bool))
+
+    return SimpleNamespace(encode=encode)
 
 
 def test_each_recording_is_taught_its_own_caption_among_the_others() -> None:
     """The term is least when each recording's audio embedding meets its own caption's, rows stay paired, the
     audio tower embeds them as it embeds a query (by its running statistics), then trains on as it did, and the
     captions are encoded once for the run."""
-    captions = ["ducks", "an owl", "a cow"]
     mel = torch.arange(3.0).reshape(3, 1, 1, 1)
-    recordings = RecordingCaptions(mel, captions, 1.0)
-    directions = torch.eye(3)
+    recordings = RecordingCaptions(mel, CAPTIONS, RecordingSettings(table="r.csv"))
     encoded: list[list[str]] = []
-
-    def encode(names: list[str]) -> TextTokens:
-        encoded.append(names)
-        return TextTokens(
-            torch.stack([directions[captions.index(n)] for n in names])[:, None], torch.ones(3, 1, dtype=torch.bool)
-        )
-
-    texts = SimpleNamespace(encode=encode)
-
+    texts = caption_texts(encoded)
     tower = torch.nn.BatchNorm2d(1).train()
     modes: list[bool] = []
-
-    def encode_audio(mel: torch.Tensor) -> SimpleNamespace:
-        modes.append(tower.training)
-        return SimpleNamespace(embedding=directions[mel.flatten().long()])
-
-    def model(caption_order: list[int]) -> SimpleNamespace:
-        return SimpleNamespace(
-            audio_encoder=tower,
-            logit_scale_at=torch.tensor(np.log(50.0)),
-            encode_audio=encode_audio,
-            encode_text=lambda hidden, mask: SimpleNamespace(embedding=hidden[caption_order, 0]),
-        )
-
-    matched = float(recordings.loss(model([0, 1, 2]), texts))  # type: ignore[arg-type]
-    swapped = float(recordings.loss(model([1, 0, 2]), texts))  # type: ignore[arg-type]
-    assert matched < 1e-6 and swapped > 10
+    matched = recordings.losses(recordings_model([0, 1, 2], tower, modes), texts, None)  # type: ignore[arg-type]
+    swapped = recordings.losses(recordings_model([1, 0, 2], tower, modes), texts, None)  # type: ignore[arg-type]
+    assert list(matched) == ["train/recordings_loss"]
+    assert float(matched["train/recordings_loss"]) < 1e-6 and float(swapped["train/recordings_loss"]) > 10
     assert modes == [False, False] and tower.training
-    assert encoded == [captions]
+    assert encoded == [CAPTIONS]
+
+
+def test_recordings_and_their_captions_are_pulled_towards_their_classes_directions() -> None:
+    """One minus the mean cosine of each recording, and of its caption, with its class's direction; weighted by
+    `directions` beside the caption term's `weight`."""
+    mel = torch.arange(3.0).reshape(3, 1, 1, 1)
+    settings = RecordingSettings(table="r.csv", weight=0.5, directions=4.0)
+    recordings = RecordingCaptions(mel, CAPTIONS, settings, land_covers=torch.tensor([2, 0, 1]))
+    tower = torch.nn.BatchNorm2d(1)
+    model = recordings_model([0, 1, 2], tower, [])
+    along = torch.eye(3)[[1, 2, 0]]  # class c's direction is the unit vector of the recording of class c
+    terms = recordings.losses(model, caption_texts([]), along)  # type: ignore[arg-type]
+    assert float(terms["train/directions_loss"]) == pytest.approx(0.0, abs=1e-6)
+    across = recordings.losses(model, caption_texts([]), torch.eye(3))  # type: ignore[arg-type]
+    assert float(across["train/directions_loss"]) == pytest.approx(1.0)
+    halfway = l2_normalize(torch.eye(3)[[1, 2, 0]] + torch.eye(3))
+    tilted = recordings.losses(model, caption_texts([]), halfway)  # type: ignore[arg-type]
+    assert float(tilted["train/directions_loss"]) == pytest.approx(1 - 2**-0.5)
+    expected = 0.5 * tilted["train/recordings_loss"] + 4.0 * tilted["train/directions_loss"]
+    assert float(recordings.weighted(tilted)) == pytest.approx(float(expected))
+
+
+def test_class_directions_are_the_heads_rows_less_their_mean_row() -> None:
+    head = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    expected = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [-1.0, -1.0]])
+    assert torch.allclose(class_directions(head), expected / expected.norm(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize(
@@ -286,6 +333,69 @@ def test_a_bad_recordings_table_is_refused_before_any_training(
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (TONES, "has no column 'land_cover'"),
+        (
+            ["file,caption,land_cover", "water.wav,water alone,water", "city.wav,a city,sky"],
+            "city.wav's land_cover 'sky' is not one of image_pretraining.classes (water, forest, city); name one",
+        ),
+    ],
+)
+def test_recordings_pulled_to_their_classes_must_name_one(
+    tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str], rows: list[str], message: str
+) -> None:
+    table = write_recordings(tmp_path / "sounds", pairs, rows)
+    tower = {**tower_targets(tmp_path, pairs, "shares"), "classes": list(COLOURS), "codebook": True}
+    recordings = {"table": str(table), "directions": 1.0}
+    path = config(tmp_path, pairs, image_pretraining=tower, recordings=recordings)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_recordings_pulled_to_the_pretrained_heads_directions_and_a_resumed_run_keeps_them(
+    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pretrain = training.pretrain_image_tower
+    taught: list[torch.Tensor] = []
+
+    def watched(*args: object, **overrides: object) -> torch.Tensor:
+        directions = pretrain(*args, **overrides)  # type: ignore[arg-type]
+        assert directions is not None
+        taught.append(directions)
+        return directions
+
+    monkeypatch.setattr(training, "pretrain_image_tower", watched)
+    lines = ["file,caption,land_cover", *(f"{name}.wav,the sound of {name} alone,{name}" for name in COLOURS)]
+    table = write_recordings(tmp_path / "sounds", pairs, lines)
+    tower = {**tower_targets(tmp_path, pairs, "shares"), "classes": list(COLOURS), "epochs": 1, "codebook": True}
+    recordings = {"table": str(table), "weight": 0.5, "directions": 3.0}
+    settings = load_settings(config(tmp_path, pairs, max_epochs=1, image_pretraining=tower, recordings=recordings))
+    train(settings, enable_progress_bar=False)
+    [directions] = taught
+    assert directions.shape == (len(COLOURS), Sat2SoundConfig.small("none").codebook_dim)
+    last = settings.out_path / CHECKPOINTS / LAST
+
+    def saved() -> torch.Tensor:
+        return torch.load(last, map_location="cpu", weights_only=True)["state_dict"]["directions"]
+
+    assert torch.equal(saved(), directions)
+    more = config(tmp_path, pairs, max_epochs=2, image_pretraining=tower, recordings=recordings)
+    train(load_settings(more), enable_progress_bar=False)
+    assert len(taught) == 1 and torch.equal(saved(), directions)
+    steps = logged_steps(settings.out_path, 1)
+    assert len(steps) == 2
+    for row in steps:
+        terms = 0.5 * float(row["train/recordings_loss"]) + 3.0 * float(row["train/directions_loss"])
+        assert 0 < float(row["train/directions_loss"]) <= 2
+        assert float(row["train/loss"]) == pytest.approx(pairs_loss(row) + terms, rel=1e-5)
+    assert "directions" not in final_weights(settings.out_path)
 
 
 @pytest.mark.slow
