@@ -192,7 +192,8 @@ class RecordingCaptions:
         self.captions = list(captions)
         self.settings = settings
         self.land_covers = land_covers  # (N,) class indices; None while `directions` is 0
-        self._inputs: tuple[Tensor, TextTokens] | None = None  # on the model's device, made at the first step
+        # mel, caption tokens and land covers on the model's device, made at the first step
+        self._inputs: tuple[Tensor, TextTokens, Tensor | None] | None = None
 
     @classmethod
     def read(cls, settings: RecordingSettings, classes: Sequence[str]) -> RecordingCaptions | None:
@@ -225,10 +226,15 @@ class RecordingCaptions:
         device = model.logit_scale_at.device
         if self._inputs is None:
             # Once, at the first step (after that step's captions, so a fresh cache loads the backbone where a run
-            # without this term loads it): both are constants of the run.
+            # without this term loads it): all are constants of the run.
             tokens = texts.encode(self.captions)
-            self._inputs = (self.mel.to(device), TextTokens(tokens.hidden.to(device), tokens.mask.to(device)))
-        mel, tokens = self._inputs
+            land_covers = None if self.land_covers is None else self.land_covers.to(device)
+            self._inputs = (
+                self.mel.to(device),
+                TextTokens(tokens.hidden.to(device), tokens.mask.to(device)),
+                land_covers,
+            )
+        mel, tokens, land_covers = self._inputs
         tower = model.audio_encoder
         training = tower.training
         tower.eval()
@@ -239,8 +245,8 @@ class RecordingCaptions:
         caption = model.encode_text(tokens.hidden, tokens.mask).embedding
         identity = torch.eye(len(self.captions), device=device)
         terms = {RECORDINGS_LOSS: symmetric_cross_entropy(similarity(audio, caption, model.logit_scale_at), identity)}
-        if directions is not None and self.land_covers is not None:
-            toward = directions[self.land_covers.to(device)]
+        if directions is not None and land_covers is not None:
+            toward = directions[land_covers]
             cosines = torch.cat([F.cosine_similarity(audio, toward), F.cosine_similarity(caption, toward)])
             terms[DIRECTIONS_LOSS] = 1 - cosines.mean()
         return terms
@@ -716,12 +722,12 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
             directions = pretrain_image_tower(model, settings, launch, pairs=splits.train, **trainer_overrides)
         for param in image_side(model, tower):
             param.requires_grad_(False)
-    if not settings.recordings.directions:
-        directions = None
-    elif directions is None:  # resumed: the module's buffer is read back from the checkpoint
-        directions = torch.zeros(len(tower.classes), model.cfg.codebook_dim)
+    pulled = None  # the directions the recordings are pulled to
+    if settings.recordings.directions:
+        # A resumed run reads them back from its checkpoint into these zeros.
+        pulled = torch.zeros(len(tower.classes), model.cfg.codebook_dim) if directions is None else directions
     texts = text_cache(settings, model.cfg.text_dim)
-    module = Sat2SoundTraining(model, settings, texts, recordings, splits, directions)
+    module = Sat2SoundTraining(model, settings, texts, recordings, splits, pulled)
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, launch, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=resume)
@@ -740,8 +746,9 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
 def export(module_state: dict[str, Tensor], model: Sat2Sound, settings: TrainSettings, source: Path) -> list[Path]:
     """`<out_dir>/model.safetensors` (+ `.json`), and upstream's `.ckpt` layout when its hyper-parameters
     describe the model whole (the full architecture)."""
-    prefix = "model."
-    model.load_state_dict({key[len(prefix) :]: value for key, value in module_state.items() if key.startswith(prefix)})
+    # The module's other state (the recordings' directions) is the run's, not the model's.
+    weights = {key.removeprefix("model."): value for key, value in module_state.items() if key.startswith("model.")}
+    model.load_state_dict(weights)
     hparams = upstream_hparams(settings, model.cfg)
     provenance = {
         "trained_by": "python -m model train",
