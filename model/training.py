@@ -354,10 +354,15 @@ class Sat2SoundTraining(pl.LightningModule):
         assert isinstance(gathered, Tensor)
         return gathered.cpu().transpose(0, 1).reshape(-1, column.shape[-1])[: len(self.val_pairs)]
 
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser steps: the model's parameters but the frozen ones (the image side after its
+        pretraining)."""
+        return [param for param in self.model.parameters() if param.requires_grad]
+
     def configure_optimizers(self) -> Any:
         optim = self.settings.optim
         optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            self.trained_parameters(),
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
@@ -632,6 +637,34 @@ def resume_checkpoint(settings: TrainSettings) -> Path | None:
     return max(steps, key=steps.__getitem__, default=None)
 
 
+def check_resumable(path: Path, module: Sat2SoundTraining) -> None:
+    """Refuse a checkpoint that the run these settings make cannot go on from: one of another architecture, with
+    other state (`recordings.directions` turned on or off) or other trained parameters (`image_pretraining` turned
+    on or off). Lightning would stop at loading it, with a traceback."""
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    state, made = saved["state_dict"], module.state_dict()
+    held = sum(len(group["params"]) for group in saved["optimizer_states"][0]["param_groups"])
+    trained = len(module.trained_parameters())
+    if lacked := sorted(made.keys() - state.keys()):
+        detail = f"it lacks tensors these settings make ({len(lacked)}, e.g. {lacked[0]})"
+    elif extra := sorted(state.keys() - made.keys()):
+        detail = f"it holds tensors these settings do not make ({len(extra)}, e.g. {extra[0]})"
+    elif reshaped := [key for key in sorted(made) if state[key].shape != made[key].shape]:
+        key = reshaped[0]
+        detail = f"{key} is {tuple(state[key].shape)} there, {tuple(made[key].shape)} here"
+    elif held != trained:
+        detail = f"it trains {held} parameter tensors, these settings {trained}"
+    else:
+        return
+    theirs, ours = saved.get("sat2sound_config", {}), module.model.cfg.to_dict()
+    if changed := [name for name in ours if name in theirs and theirs[name] != ours[name]]:
+        detail += "; " + ", ".join(f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in changed)
+    raise ConfigError(
+        f"{path} was saved by a run of other settings ({detail}); resume with that run's settings,"
+        " or give out_dir a new folder"
+    )
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The global step a checkpoint was saved at; None, with a warning, for one that cannot be read (a job killed
     while saving it)."""
@@ -728,6 +761,8 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
         pulled = torch.zeros(len(tower.classes), model.cfg.codebook_dim) if directions is None else directions
     texts = text_cache(settings, model.cfg.text_dim)
     module = Sat2SoundTraining(model, settings, texts, recordings, splits, pulled)
+    if resume is not None:
+        check_resumable(resume, module)
     checkpoints = best_checkpoints(settings)
     fit = trainer(settings, launch, [checkpoints, last_checkpoint(settings)], **trainer_overrides)
     fit.fit(module, ckpt_path=resume)

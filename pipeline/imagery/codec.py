@@ -22,7 +22,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
 from common.errors import first_line
-from common.png import PNG_SIGNATURE, png_cut_short
+from common.png import PNG_END, PNG_SIGNATURE
 from pipeline.errors import TileDecodeError
 
 _JPEG_START = b"\xff\xd8"
@@ -139,7 +139,7 @@ def _encode(bands: np.ndarray, driver: str, **options: int) -> bytes:
 
 def _check_complete(body: bytes) -> None:
     if body.startswith(PNG_SIGNATURE):
-        if png_cut_short(body, body):
+        if not body.endswith(PNG_END):
             raise TileDecodeError(f"PNG tile of {len(body)} bytes lacks its IEND chunk (truncated)")
     elif body.startswith(b"RIFF") and body[8:12] == b"WEBP":
         declared = int.from_bytes(body[4:8], "little") + _RIFF_HEADER_BYTES

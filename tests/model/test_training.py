@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -449,6 +450,44 @@ def test_a_run_resumes_from_its_furthest_readable_checkpoint(tmp_path: Path, pai
     cut.write_bytes(cut.read_bytes()[:40])
     with pytest.warns(UserWarning, match="hpc_ckpt_2.ckpt cannot be read"):
         assert resume_checkpoint(settings) == settings.out_path / CHECKPOINTS / LAST
+
+
+# A run resumed in its out_dir with one setting changed: how the refusal says what differs.
+REFUSED_RESUMES = {
+    "metadata": r"lacks tensors these settings make \(16, e\.g\. model\.sat_encoder\.meta_fuser\..*; metadata_type"
+    r" 'none' there, 'latlong' here\)",
+    "image_pretraining": r"\(it trains (\d+) parameter tensors, these settings (?!\1)\d+\)",
+    "directions": r"\(it lacks tensors these settings make \(1, e\.g\. directions\)\)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", list(REFUSED_RESUMES))
+def test_a_run_resumed_with_other_settings_is_refused_before_any_work(
+    tmp_path: Path, pairs: Path, capsys: pytest.CaptureFixture[str], change: str
+) -> None:
+    lines = ["file,caption,land_cover", *(f"{name}.wav,the sound of {name} alone,{name}" for name in COLOURS)]
+    recordings = {"table": str(write_recordings(tmp_path / "sounds", pairs, lines))}
+    tower = {**tower_targets(tmp_path, pairs, "shares"), "classes": list(COLOURS), "epochs": 1, "codebook": True}
+    before: dict[str, object] = {"recordings": recordings}
+    if change == "directions":
+        before["image_pretraining"] = tower
+    after = {
+        "metadata": {**before, "model": {"metadata_type": "latlong"}},
+        "image_pretraining": {**before, "image_pretraining": tower},
+        "directions": {**before, "recordings": {**recordings, "directions": 1.0}},
+    }[change]
+    train(load_settings(config(tmp_path, pairs, max_epochs=1, **before)), enable_progress_bar=False)
+    run = tmp_path / "run"
+    last = run / CHECKPOINTS / LAST
+    saved, listing = last.read_bytes(), sorted(run.rglob("*"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config(tmp_path, pairs, max_epochs=2, **after))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(REFUSED_RESUMES[change], err) and "\n" not in err
+    assert err.startswith(f"error: {last} was saved by a run of other settings")
+    assert err.endswith("resume with that run's settings, or give out_dir a new folder")
+    assert last.read_bytes() == saved and sorted(run.rglob("*")) == listing
 
 
 class RequeuedAt(pl.Callback):
