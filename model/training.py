@@ -656,13 +656,24 @@ def check_resumable(path: Path, module: Sat2SoundTraining) -> None:
         detail = f"it trains {held} parameter tensors, these settings {trained}"
     else:
         return
-    theirs, ours = saved.get("sat2sound_config", {}), module.model.cfg.to_dict()
-    if changed := [name for name in ours if name in theirs and theirs[name] != ours[name]]:
-        detail += "; " + ", ".join(f"{name} {theirs[name]!r} there, {ours[name]!r} here" for name in changed)
+    if changed := list(config_changes(saved.get("sat2sound_config", {}), module.model.cfg.to_dict())):
+        detail += "; " + ", ".join(changed)
     raise ConfigError(
         f"{path} was saved by a run of other settings ({detail}); resume with that run's settings,"
         " or give out_dir a new folder"
     )
+
+
+def config_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """`NAME A there, B here` for each field of a model config (`Sat2SoundConfig.to_dict`) that differs from
+    another's; nested fields by their dotted names."""
+    for name, value in ours.items():
+        if name not in theirs or theirs[name] == value:
+            continue
+        if isinstance(value, dict) and isinstance(theirs[name], dict):
+            yield from config_changes(theirs[name], value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name} {theirs[name]!r} there, {value!r} here"
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -47,6 +47,7 @@ from model.training import (
     ViewShares,
     checkpoint_step,
     class_directions,
+    config_changes,
     initial_model,
     open_pairs,
     read_patch_means,
@@ -488,6 +489,14 @@ def test_a_run_resumed_with_other_settings_is_refused_before_any_work(
     assert err.startswith(f"error: {last} was saved by a run of other settings")
     assert err.endswith("resume with that run's settings, or give out_dir a new folder")
     assert last.read_bytes() == saved and sorted(run.rglob("*")) == listing
+
+
+def test_a_refused_resume_names_each_model_field_that_differs_nested_ones_by_dotted_name() -> None:
+    small, full = Sat2SoundConfig.small("none").to_dict(), Sat2SoundConfig().to_dict()
+    changes = list(config_changes(small, full))
+    assert "vit.embed_dim 64 there, 768 here" in changes and "fc_dim 64 there, 1024 here" in changes
+    assert not any(change.startswith(("vit ", "audio ", "sat_type")) for change in changes)
+    assert list(config_changes(full, full)) == []
 
 
 class RequeuedAt(pl.Callback):
