@@ -297,13 +297,14 @@ class TileCover:
             yield mercantile.Tile(x, y, self.zoom)
 
 
-def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> TileCover:
+def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None, max_listed: int | None = None) -> TileCover:
     """Tiles at `zoom` whose interior intersects the EPSG:4326 `geometry` (holes and gaps excluded).
 
     Descends from the zoom-0 tile, keeping tiles that touch the region's boundary and filling tiles that
     lie wholly inside it in one step, so the work grows with the boundary, not the area. Raises a
     `TooManyTilesError` ("more than N tiles at zoom Z"; callers name the region and the fix) as soon as more than
-    `max_tiles` tiles are certain.
+    `max_tiles` tiles are certain, and one that gives their exact count ("N tiles at zoom Z, more than M") when
+    there are more than `max_listed`: the count needs only the descent, the list memory for every tile.
     """
     if not 0 <= zoom <= MAX_ZOOM:
         raise TilingError(f"tile zoom {zoom} is outside 0..30; use a coarser model view (a larger model.zoom_level)")
@@ -329,11 +330,13 @@ def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> Ti
         if max_tiles is not None and inner_count + len(x) > max_tiles:
             raise TooManyTilesError(f"more than {max_tiles:,} tiles at zoom {zoom}")
         x, y = _children(x, y)
+    count = inner_count + len(x)
+    for limit in (max_tiles, max_listed):
+        if limit is not None and count > limit:
+            raise TooManyTilesError(f"{count:,} tiles at zoom {zoom}, more than {limit:,}")
     filled = [_descendants(block_x, block_y, depth) for depth, block_x, block_y in inner_blocks]
     all_x = np.concatenate([x, *(block[0] for block in filled)])
     all_y = np.concatenate([y, *(block[1] for block in filled)])
-    if max_tiles is not None and len(all_x) > max_tiles:
-        raise TooManyTilesError(f"{len(all_x):,} tiles at zoom {zoom}, more than {max_tiles:,}")
     order = np.lexsort((all_x, all_y))
     return TileCover(zoom=zoom, x=all_x[order], y=all_y[order])
 

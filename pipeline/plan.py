@@ -52,6 +52,12 @@ PLAN_FORMAT = "sat2sound-maps/plan-v3"
 COARSER_LIMIT = 1.5
 # Above this many output tiles the download estimate is extrapolated from evenly spread chunks.
 EXACT_ESTIMATE_TILES = 100_000
+# A plan lists every tile of its region (~80 bytes each while it is made): a survey of more would take gigabytes.
+SURVEY_MAX_TILES = 25_000_000
+SURVEY_LIMIT_HINT = (
+    "a plan lists at most that many: plan a part of it, or a coarser view (a larger model.zoom_level or a smaller"
+    " tiling.tile_zoom_offset)"
+)
 _HEADER = "header"
 _CHUNK_ARRAYS = ("x", "y", "row", "col", "views", "lon", "lat")
 
@@ -198,10 +204,12 @@ def make_plan(
     latitude = region_latitude(region.geometry)
     auto_zoom = output_zoom(view.size_m, latitude)
     zoom = auto_zoom + tiling.tile_zoom_offset
+    listed = SURVEY_MAX_TILES if sampled_only else None
     try:
-        tile_cover = cover(region.geometry, zoom, max_tiles=tiling.max_tiles)
+        tile_cover = cover(region.geometry, zoom, max_tiles=tiling.max_tiles, max_listed=listed)
     except TooManyTilesError as exc:
-        raise TooManyTilesError(f"region {region.name!r} needs {exc}; {limit_hint}") from None
+        hint = limit_hint if tiling.max_tiles is not None else SURVEY_LIMIT_HINT
+        raise TooManyTilesError(f"region {region.name!r} needs {exc}; {hint}") from None
     grid = raster_grid(tile_cover)
     chunk_zoom = default_chunk_zoom(zoom) if tiling.chunk_zoom is None else tiling.chunk_zoom
     spans = _chunk_spans(tile_cover, chunk_zoom)

@@ -259,6 +259,10 @@ def test_cover_refuses_more_tiles_than_allowed() -> None:
         cover(geometry, 12, max_tiles=len(full) - 1)
     with pytest.raises(TooManyTilesError, match="more than 1,000"):
         cover(geometry, 22, max_tiles=1000)
+    # Past `max_listed` the exact count, found without listing the tiles.
+    assert len(cover(geometry, 12, max_listed=len(full))) == len(full)
+    with pytest.raises(TooManyTilesError, match=f"^{len(full):,} tiles at zoom 12, more than {len(full) - 1:,}$"):
+        cover(geometry, 12, max_listed=len(full) - 1)
 
 
 def test_cover_of_a_country_stays_fast_and_complete() -> None:

@@ -42,6 +42,7 @@ from pipeline.errors import BuildConfigError, ImageryMismatchError, TilingError,
 from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
 from pipeline.plan import (
+    SURVEY_MAX_TILES,
     ImageryFit,
     ModelView,
     Plan,
@@ -433,6 +434,23 @@ def test_cli_plans_a_country_and_says_the_build_would_refuse_it(
     assert "> tiling.max_tiles 10: the build refuses it" in out
     status, out, err = _run_cli(capsys, *common, *small)
     assert (status, err) == (0, "") and "Tile limit" not in out
+
+
+def test_cli_answers_for_the_whole_world_with_its_tile_count_in_bounded_memory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The world band at sentinel zoom level 1 holds ~268 M output tiles: listing them would take ~20 GB. The
+    plan counts them by its descent alone and says how to plan instead."""
+    band = "--region=-180,-85,180,85"
+    status, out, err = _run_cli(capsys, "plan", band, "--imagery", OFFLINE_TEMPLATE, "--cache-dir", str(tmp_path))
+    top, bottom = mercantile.tile(0.0, 85.0, 14), mercantile.tile(0.0, -85.0, 14)
+    count = (bottom.y - top.y + 1) * 2**14
+    message = (
+        f"error: region '-180,-85,180,85' needs {count:,} tiles at zoom 14, more than {SURVEY_MAX_TILES:,};"
+        " a plan lists at most that many: plan a part of it, or a coarser view (a larger --zoom-level or a"
+        " smaller --tile-zoom-offset)"
+    )
+    assert (status, out, err.strip()) == (2, "", message)
 
 
 def test_the_build_still_refuses_a_country_over_its_limit(tmp_path: Path) -> None:
