@@ -11,9 +11,9 @@ from common.errors import Sat2SoundError, first_line
 
 
 def read_table(path: Path, columns: Sequence[str], fix: str, error: type[Sat2SoundError]) -> list[dict[str, str]]:
-    """The rows of the CSV at `path`, once its header holds every one of `columns`: each a dict of its stripped
-    cells (a short row's missing ones empty, a long row's extra ones dropped). A file that is missing, cannot be
-    read or lacks a column raises `error` in one line naming the problem, then `fix`."""
+    """The rows of the CSV at `path`, once its header holds every one of `columns`, none twice: each a dict of its
+    stripped cells (a short row's missing ones empty, a long row's extra ones dropped). A file that is missing,
+    cannot be read or lacks a column raises `error` in one line naming the problem, then `fix`."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -22,7 +22,16 @@ def read_table(path: Path, columns: Sequence[str], fix: str, error: type[Sat2Sou
         raise error(f"{path} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise error(f"cannot read the CSV {path} ({first_line(exc)}); {fix}") from None
+    check_unique_columns(path, header, error)
     absent = [name for name in columns if name not in header]
     if absent:
         raise error(f"{path} has no column {absent[0]!r}; {fix}")
     return [{name: (cell or "").strip() for name, cell in row.items() if name is not None} for row in rows]
+
+
+def check_unique_columns(path: Path, header: Sequence[str], error: type[Sat2SoundError]) -> None:
+    """Refuse a CSV header that names a column twice: csv.DictReader keeps only the last one's cells. Unnamed
+    columns (a spreadsheet's trailing empty ones) are never read, and may repeat."""
+    twice = next((name for index, name in enumerate(header) if name and name in header[:index]), None)
+    if twice is not None:
+        raise error(f"{path} has column {twice!r} twice, and only the last would count; keep one")

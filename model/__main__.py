@@ -30,6 +30,13 @@ def check_output(path: Path, fix: str) -> None:
         raise ConfigError(f"cannot write {path} ({reason}); {fix}")
 
 
+def path_argument(text: str) -> Path:
+    """A path argument; an empty one is refused, not taken as the current folder (Path("") is ".")."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a path (write . for the current folder)")
+    return Path(text)
+
+
 def _embed(args: argparse.Namespace) -> None:
     from model.checkpoint import checkpoint_config, load_model
     from model.evaluate import read_npz
@@ -118,27 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser("embed", help="run the model on an .npz in the parity-reference format")
     embed.add_argument("--checkpoint", required=True, help="path, or hf://OWNER/REPO/FILE")
-    embed.add_argument("--inputs", required=True, type=Path, help=".npz with in/... arrays")
-    embed.add_argument("--out", required=True, type=Path, help="output .npz")
+    embed.add_argument("--inputs", required=True, type=path_argument, help=".npz with in/... arrays")
+    embed.add_argument("--out", required=True, type=path_argument, help="output .npz")
     embed.add_argument("--audio-from-waveform", action="store_true", help="compute mel features from in/waveform_int16")
     embed.set_defaults(run=_embed)
     convert = commands.add_parser("convert", help="convert a .ckpt once to .safetensors + .json config")
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("out", type=Path, help="output .safetensors path")
+    convert.add_argument("checkpoint", type=path_argument)
+    convert.add_argument("out", type=path_argument, help="output .safetensors path")
     convert.set_defaults(run=_convert)
     train = commands.add_parser("train", help="train (or go on training) a model; resumes from the last checkpoint")
-    train.add_argument("--config", required=True, type=Path, help="training settings (.yaml; see README, Training)")
-    train.add_argument("--out-dir", type=Path, help="instead of the config's out_dir")
-    train.add_argument("--data-root", type=Path, help="instead of the config's data.root")
+    train.add_argument(
+        "--config", required=True, type=path_argument, help="training settings (.yaml; see README, Training)"
+    )
+    train.add_argument("--out-dir", type=path_argument, help="instead of the config's out_dir")
+    train.add_argument("--data-root", type=path_argument, help="instead of the config's data.root")
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("evaluate", help="image <-> audio retrieval metrics with the reference protocol")
-    evaluate.add_argument("--embeddings", type=Path, help=".npz with row-aligned image, audio, audio_caption arrays")
+    evaluate.add_argument(
+        "--embeddings", type=path_argument, help=".npz with row-aligned image, audio, audio_caption arrays"
+    )
     evaluate.add_argument("--checkpoint", help="or: a checkpoint to embed a data split with (path or hf://...)")
     evaluate.add_argument("--data", help="the split's data: a folder, or hf://datasets/OWNER/NAME")
     evaluate.add_argument("--format", default="folder", choices=DATA_FORMATS)
     evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
     evaluate.add_argument("--text-cache", help="cached caption states (default: ~/.cache/sat2sound-maps/text)")
-    evaluate.add_argument("--out", type=Path, help="metrics .json (the table is printed either way)")
+    evaluate.add_argument("--out", type=path_argument, help="metrics .json (the table is printed either way)")
     evaluate.set_defaults(run=_evaluate)
     return parser
 

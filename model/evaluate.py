@@ -23,7 +23,9 @@ Queries are scored in blocks of rows, so memory stays bounded whatever the galle
 from __future__ import annotations
 
 import json
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -102,8 +104,10 @@ def _peak_scaled(rows: np.ndarray) -> np.ndarray:
 
 
 def read_npz(path: Path, holding: str) -> dict[str, np.ndarray]:
-    """Every array of an .npz file; a missing file, one array (.npy) or a file numpy cannot read without pickle
-    is refused in one line, which says what it should hold (`holding`)."""
+    """Every array of an .npz file; a missing file, a folder, one array (.npy) or a file numpy cannot read without
+    pickle is refused in one line, which says what it should hold (`holding`)."""
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an .npz; pass an .npz with {holding}")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass an .npz with {holding}")
     try:
@@ -112,8 +116,11 @@ def read_npz(path: Path, holding: str) -> dict[str, np.ndarray]:
             raise InputError(f"{path} holds one array, not an .npz; save {holding} with np.savez")
         with data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path} is not a readable .npz of numeric arrays ({type(exc).__name__})") from exc
+    # EOFError: an empty file; zlib.error and TokenError: a compressed member or an array header that is garbled.
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError) as exc:
+        raise InputError(
+            f"{path} is not a readable .npz of numeric arrays ({type(exc).__name__}); save {holding} with np.savez"
+        ) from exc
 
 
 def load_embeddings(path: Path) -> dict[str, np.ndarray]:

@@ -221,6 +221,7 @@ def _section(cls: type, values: Any, where: str) -> Any:
 def _check(settings: TrainSettings) -> None:
     data, model, optim, tower = settings.data, settings.model, settings.optim, settings.image_pretraining
     checks = [
+        (bool(settings.out_dir), "out_dir is empty; name the folder for checkpoints and logs"),
         (bool(data.root), "data.root is missing; give the data folder or hf://datasets/OWNER/NAME"),
         (data.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}"),
         (data.sat_type in GSD_BY_SAT_TYPE, f"data.sat_type must be one of {', '.join(GSD_BY_SAT_TYPE)}"),
@@ -236,7 +237,8 @@ def _check(settings: TrainSettings) -> None:
         (data.num_workers >= 0, "data.num_workers must be >= 0 (0 reads the data in the training process)"),
         (model.architecture in ARCHITECTURES, f"model.architecture must be one of {', '.join(ARCHITECTURES)}"),
         (model.meta_droprate is None or 0 <= model.meta_droprate < 1, "model.meta_droprate must be in [0, 1)"),
-        (optim.lr > 0 and optim.eps > 0 and optim.weight_decay >= 0, "optim.lr and optim.eps must be > 0"),
+        (optim.lr > 0 and optim.eps > 0, "optim.lr and optim.eps must be > 0"),
+        (optim.weight_decay >= 0, "optim.weight_decay must be >= 0 (0 turns weight decay off)"),
         (
             len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
             "optim.betas must be two numbers in [0, 1)",
@@ -246,6 +248,7 @@ def _check(settings: TrainSettings) -> None:
             not tower.enabled or (bool(tower.classes) and tower.epochs >= 1 and tower.lr > 0),
             "image_pretraining needs classes (its targets' columns or bands), epochs >= 1 and lr > 0",
         ),
+        (tower.weight_decay >= 0, "image_pretraining.weight_decay must be >= 0 (0 turns weight decay off)"),
         (
             not is_hub_uri(data.root)
             or all(Path(path).is_absolute() for path in (tower.shares, tower.landcover) if path),
@@ -280,6 +283,17 @@ def _check(settings: TrainSettings) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    optional_paths = {
+        "text_cache": settings.text_cache,
+        "mel_cache": settings.mel_cache,
+        "model.init": model.init,
+        "image_pretraining.shares": tower.shares,
+        "image_pretraining.landcover": tower.landcover,
+        "recordings.table": settings.recordings.table,
+    }
+    empty = next((name for name, path in optional_paths.items() if path == ""), None)
+    if empty is not None:  # Path("") is the current folder
+        raise ConfigError(f"{empty} is empty; give it a path, or leave it out")
 
 
 def parse_settings(values: Mapping[str, Any], base: Path | None = None) -> TrainSettings:

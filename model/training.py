@@ -711,18 +711,26 @@ def check_cache_folder(folder: Path, setting: str) -> None:
         raise ConfigError(f"cannot keep {setting} in {folder} ({reason}); give {setting} a writable folder")
 
 
-def check_training_batches(settings: TrainSettings, pairs: PairDataset, launch: Launch) -> None:
-    """Refuse a train split too small for one batch: Lightning would stop at once, leaving no checkpoint."""
+def check_training_batches(settings: TrainSettings, splits: Splits, launch: Launch) -> None:
+    """Refuse a train split too small for one batch: Lightning would stop at once, leaving no checkpoint. And a val
+    split too small for a retrieval gallery: it would log no validation recall to choose the best checkpoints by,
+    failing the run after its first epoch (a val split of no pairs trains without validation)."""
     devices = launch.devices if isinstance(launch.devices, int) else max(cuda_devices(), 1)
     world = devices * launch.num_nodes
     # As the train loader batches: each process reads its share of the split (Lightning pads the shares to one
     # length) and drops the last, partial batch.
-    if math.ceil(len(pairs) / world) // settings.batch_size == 0:
+    if math.ceil(len(splits.train) / world) // settings.batch_size == 0:
         split = settings.data.train_split
         across = f" for {world} processes" if world > 1 else ""
         raise ConfigError(
-            f"the {split} split holds {len(pairs)} pairs{across}, too few for one batch of batch_size"
+            f"the {split} split holds {len(splits.train)} pairs{across}, too few for one batch of batch_size"
             f" {settings.batch_size}; lower batch_size or add {split} pairs"
+        )
+    if 0 < len(splits.val) < MIN_GALLERY:
+        split = settings.data.val_split
+        raise ConfigError(
+            f"the {split} split holds {len(splits.val)} pair(s); validation retrieval needs a gallery of at least"
+            f" {MIN_GALLERY}: add {split} pairs, or move its pairs to another split to train without validation"
         )
 
 
@@ -747,7 +755,7 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     check_folders(settings)
     launch = training_launch(settings.devices)
     splits = open_splits(settings)
-    check_training_batches(settings, splits.train, launch)
+    check_training_batches(settings, splits, launch)
     if launch.note:
         rank_zero_info(launch.note)
     pl.seed_everything(settings.seed, workers=True, verbose=False)

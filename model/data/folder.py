@@ -12,9 +12,10 @@
 (month known, hour unknown), a date-time, or empty (both unknown). `split` is train, val or test. `image_caption`
 describes the image's soundscape at every zoom level. `zoom_level` must be one of the source's zoom levels.
 Empty optional cells take the constructor's defaults.
-The CSV (UTF-8, a byte-order mark allowed) is checked whole when the source is made, its split's PNG files for
-being cut short (what decodes without complaint) and its recordings for opening whole as audio; each problem is one
-error naming its line.
+The CSV (UTF-8, a byte-order mark allowed) is checked whole when the source is made, its split's images for
+opening as PNG, JPEG or TIFF (a PNG of 8 bits a sample) and its PNG files for being cut short (what decodes without
+complaint), by their first and last bytes, and its recordings for opening whole as audio; each problem is one error
+naming its line.
 
 The mel segments come from the recording's first 50 s: MEL_SEGMENTS windows of 10 s spread evenly over it
 (back to back for 50 s or more, overlapping when shorter, one zero-padded window repeated under 10 s), each
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_path
-from common.png import PNG_END, PNG_SIGNATURE, png_cut_short
+from common.png import PNG_END, png_cut_short
+from common.tables import check_unique_columns
 from model.audio import (
     CLIP_SAMPLES,
     CLIP_SECONDS,
@@ -57,7 +59,7 @@ from model.config import (
     TRAINED_ZOOM_LEVELS,
     Sat2SoundConfig,
 )
-from model.data.images import decode_image
+from model.data.images import IMAGE_HEAD_BYTES, check_image_head, decode_image
 from model.data.sources import (
     MEL_SEGMENTS,
     SPLITS,
@@ -256,6 +258,7 @@ def read_pairs_csv(root: Path, defaults: Mapping[str, str]) -> list[FolderRow]:
 
 
 def _check_header(path: Path, columns: Sequence[str]) -> None:
+    check_unique_columns(path, columns, DataError)
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
         raise DataError(f"{path} lacks columns {missing}; its header must hold {','.join(REQUIRED_COLUMNS)}")
@@ -301,16 +304,18 @@ def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults:
 
 def _check_complete(root: Path, rows: Sequence[FolderRow]) -> None:
     """Refuse files that are cut short or are not what they claim, where decoding would fail only at their first
-    batch or not at all: a PNG that lacks the IEND chunk it must end with, audio that does not open or lacks the
-    frames its header declares (`check_audio_opens`). Reads a few bytes of each image, the headers and last frame
-    of each distinct recording."""
+    batch or not at all: an image that is no 8-bit PNG, JPEG or TIFF by its first bytes (`check_image_head`), a PNG
+    that lacks the IEND chunk it must end with, audio that does not open or lacks the frames its header declares
+    (`check_audio_opens`). Reads a few bytes of each image, the headers and last frame of each distinct
+    recording."""
     where: dict[Path, str] = {}
     for row in rows:
         at = f"{root / CSV_NAME} line {row.line}"
         with row.image.open("rb") as image:
-            head = image.read(len(PNG_SIGNATURE))
+            head = image.read(IMAGE_HEAD_BYTES)
             image.seek(max(image.seek(0, os.SEEK_END) - len(PNG_END), 0))
             tail = image.read()
+        check_image_head(head, f"{row.image} ({at})")
         if png_cut_short(head, tail):
             raise DataError(f"{row.image} ({at}) is truncated: the PNG lacks its closing IEND chunk; export it again")
         where.setdefault(row.audio, at)

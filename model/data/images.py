@@ -10,14 +10,39 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
-from common.png import png_cut_short
+from common.colours import band_colormap, rgb_bands
+from common.png import PNG_SIGNATURE, png_cut_short
 from model.errors import DataError, first_line
+
+# How the files decode_image reads open: PNG, JPEG, TIFF (classic or BigTIFF, either byte order).
+IMAGE_SIGNATURES = (PNG_SIGNATURE, b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# A PNG's IHDR chunk follows its signature: its length, type, width and height (4 bytes each), then the bit depth.
+PNG_BIT_DEPTH_AT = len(PNG_SIGNATURE) + 16
+# The first bytes of a file check_image_head reads.
+IMAGE_HEAD_BYTES = PNG_BIT_DEPTH_AT + 1
+
+
+def check_image_head(head: bytes, what: str) -> None:
+    """Refuse, from its first IMAGE_HEAD_BYTES bytes, a file that is no PNG, JPEG or TIFF, or a PNG of other than
+    8 bits a sample, without decoding it (a PNG too short to tell is left to the check for being cut short)."""
+    if not head.startswith(IMAGE_SIGNATURES):
+        raise undecodable(what, "it opens with none of their signatures")
+    if head.startswith(PNG_SIGNATURE) and len(head) > PNG_BIT_DEPTH_AT and head[PNG_BIT_DEPTH_AT] != 8:
+        raise not_8_bit(what, f"{head[PNG_BIT_DEPTH_AT]}-bit")
+
+
+def undecodable(what: str, why: str) -> DataError:
+    return DataError(f"{what} does not decode as PNG, JPEG or GeoTIFF ({why}); re-export it")
+
+
+def not_8_bit(what: str, pixels: str) -> DataError:
+    return DataError(f"{what} holds {pixels} pixels; export it as 8-bit RGB")
 
 
 def decode_image(source: bytes | Path, what: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an 8-bit image; grey is repeated into three bands, alpha and extra bands dropped.
-    `what` names the image in errors (a file, or a row of a shard). PNG bytes cut short are refused (a folder's
-    files are checked so when its split is opened)."""
+    """(H, W, 3) uint8 RGB of an 8-bit image (`common.colours`: a palette through its colours, grey repeated,
+    alpha and extra bands dropped). `what` names the image in errors (a file, or a row of a shard). PNG bytes cut
+    short are refused (a folder's files are checked so when its split is opened)."""
     if isinstance(source, bytes) and png_cut_short(source, source):
         raise DataError(f"{what} is truncated: the PNG lacks its closing IEND chunk; export it again")
     try:
@@ -25,13 +50,12 @@ def decode_image(source: bytes | Path, what: str) -> np.ndarray:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if isinstance(source, Path):
                 with rasterio.open(source) as dataset:
-                    pixels = dataset.read()
+                    pixels, colormap = dataset.read(), band_colormap(dataset)
             else:
                 with MemoryFile(source) as memfile, memfile.open() as dataset:
-                    pixels = dataset.read()
+                    pixels, colormap = dataset.read(), band_colormap(dataset)
     except RasterioError as exc:
-        raise DataError(f"{what} does not decode as PNG, JPEG or GeoTIFF ({first_line(exc)}); re-export it") from None
+        raise undecodable(what, first_line(exc)) from None
     if pixels.dtype != np.uint8:
-        raise DataError(f"{what} holds {pixels.dtype} pixels; export it as 8-bit RGB")
-    rgb = np.repeat(pixels[:1], 3, axis=0) if pixels.shape[0] < 3 else pixels[:3]
-    return np.ascontiguousarray(np.moveaxis(rgb, 0, -1))
+        raise not_8_bit(what, str(pixels.dtype))
+    return np.ascontiguousarray(np.moveaxis(rgb_bands(pixels, colormap), 0, -1))

@@ -15,12 +15,12 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-import rasterio
 import simplejpeg
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
+from common.colours import band_colormap, rgb_bands
 from common.errors import first_line
 from common.png import PNG_END, PNG_SIGNATURE
 from pipeline.errors import TileDecodeError
@@ -77,10 +77,10 @@ def decode_tile(body: bytes) -> TileImage:
                 # (0.56 ms of a 256-px RGBA PNG's 1.2).
                 alpha = dataset.colorinterp[-1] == ColorInterp.alpha
                 valid = pixels[-1] > 0 if alpha else dataset.dataset_mask() > 0
-                colormap = dataset.colormap(1) if dataset.count == 1 and _has_colormap(dataset) else None
+                colormap = band_colormap(dataset)
     except RasterioError as exc:
         raise TileDecodeError(f"tile of {len(body)} bytes does not decode ({type(exc).__name__})") from exc
-    return TileImage(_to_rgb(pixels, colormap), valid)
+    return TileImage(rgb_bands(pixels, colormap), valid)
 
 
 def _decode_jpeg(body: bytes) -> TileImage:
@@ -147,22 +147,3 @@ def _check_complete(body: bytes) -> None:
             raise TileDecodeError(f"WebP tile has {len(body)} of its {declared} bytes (truncated)")
     elif not body.startswith(_JPEG_START):
         raise TileDecodeError(f"tile of {len(body)} bytes is not a JPEG, PNG or WebP image")
-
-
-def _has_colormap(dataset: rasterio.io.DatasetReader) -> bool:
-    try:
-        dataset.colormap(1)
-    except ValueError:
-        return False
-    return True
-
-
-def _to_rgb(pixels: np.ndarray, colormap: dict[int, tuple[int, ...]] | None) -> np.ndarray:
-    if colormap is not None:
-        lookup = np.zeros((256, 3), np.uint8)
-        for index, colour in colormap.items():
-            lookup[index] = colour[:3]
-        return np.moveaxis(lookup[pixels[0]], -1, 0)
-    if pixels.shape[0] in (1, 2):  # grey, or grey + alpha
-        return np.repeat(pixels[:1], 3, axis=0).astype(np.uint8)
-    return pixels[:3].astype(np.uint8)

@@ -26,6 +26,13 @@ def test_rows_come_stripped_whatever_the_spreadsheet_wrote(tmp_path: Path) -> No
     ]
 
 
+def test_unnamed_columns_may_repeat(tmp_path: Path) -> None:
+    table = tmp_path / "recordings.csv"
+    table.write_text("file,caption,,\nowl.flac,a tawny owl,,\n")  # a spreadsheet's trailing empty columns
+    rows = read_table(table, ["file", "caption"], "fix it", TableProblem)
+    assert [(row["file"], row["caption"]) for row in rows] == [("owl.flac", "a tawny owl")]
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -33,6 +40,7 @@ def test_rows_come_stripped_whatever_the_spreadsheet_wrote(tmp_path: Path) -> No
         (b"file,caption\n\xff\xfe\x00owl\n", "cannot read the CSV"),
         (b"file,label\nowl.flac,owl\n", "has no column 'caption'; give file and caption"),
         (b"", "has no column 'file'; give file and caption"),
+        (b"file,caption,file\nowl.flac,owl,duck.flac\n", "has column 'file' twice, and only the last would count"),
     ],
 )
 def test_a_table_that_cannot_serve_is_refused_in_one_line_with_the_callers_error(

@@ -226,6 +226,13 @@ def test_train_without_a_train_pair_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_a_val_split_too_small_for_a_gallery(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = pairs_folder(tmp_path / "data", ["train"] * 4 + ["val"])
+    says = "the val split holds 1 pair(s); validation retrieval needs a gallery of at least 2: add val pairs"
+    refused(capsys, ["train", "--config", str(train_config(tmp_path, data))], says)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unused_srun_on_path_adds_no_warning_to_a_refusal(
     tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -247,6 +254,16 @@ def test_an_unused_srun_on_path_adds_no_warning_to_a_refusal(
     [
         (["evaluate", "--bogus"], "unrecognized arguments: --bogus; see python -m model --help"),
         ([], "the following arguments are required: command; see python -m model --help"),
+        (
+            ["train", "--config", "train.yaml", "--out-dir", ""],
+            "argument --out-dir: is empty; give a path (write . for the current folder); see python -m model train"
+            " --help",
+        ),
+        (
+            ["evaluate", "--embeddings", ""],
+            "argument --embeddings: is empty; give a path (write . for the current folder); see python -m model"
+            " evaluate --help",
+        ),
     ],
 )
 def test_a_bad_command_line_is_one_line(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:

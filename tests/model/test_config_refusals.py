@@ -88,6 +88,17 @@ def test_train_refuses_an_infinite_learning_rate_before_training(
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_an_empty_out_dir_rather_than_train_in_the_current_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("out_dir: ''\ndata: {root: pairs}\n")
+    monkeypatch.chdir(tmp_path)
+    says = "error: out_dir is empty; name the folder for checkpoints and logs"
+    assert cli_error(["train", "--config", str(config)], capsys) == says
+    assert [path.name for path in tmp_path.iterdir()] == ["train.yaml"]
+
+
 def write_init(folder: Path, cfg: Sat2SoundConfig) -> Path:
     weights, _ = save_safetensors(stub_model(cfg), folder / "init.safetensors")
     return weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from PIL import Image
 from support.pair_data import encode_image, synthetic_image, write_folder
 
 from model.audio import CLIP_SAMPLES, SAMPLE_RATE, fit_clip
 from model.data import folder as folder_module
 from model.data.dataset import PairDataset, collate
 from model.data.folder import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, FolderPairs, recording_clips
+from model.data.images import decode_image
 from model.data.transforms import SampleTransform
 from model.errors import DataError
 from model.mel import log_mel
@@ -211,6 +214,7 @@ def ragged(root: Path) -> None:
         (no_csv, "pairs.csv does not exist; write the pairs CSV"),
         (header(*[c for c in REQUIRED_COLUMNS if c != "time"]), r"lacks columns \['time'\]"),
         (header(*REQUIRED_COLUMNS, "weather"), r"unknown columns \['weather'\]; the optional ones are sat_type"),
+        (header(*REQUIRED_COLUMNS, "lat"), "has column 'lat' twice, and only the last would count; keep one"),
         (ragged, "line 3: its cells do not match the header's columns"),
         (set_cell("key", ""), "line 2: key is empty"),
         (set_cell("key", "a", line=1), "line 3: key 'a' repeats line 2; make keys unique"),
@@ -253,3 +257,16 @@ def test_lines_are_counted_in_the_file_when_a_caption_spans_lines(tmp_path: Path
     write_folder(tmp_path, [pair_line("a", image_caption="birds,\nthen rain"), pair_line("bb", lat="-91")])
     with pytest.raises(DataError, match="line 4: lat '-91'"):
         FolderPairs(tmp_path, "train")
+
+
+@pytest.mark.parametrize("mode", ["P", "L", "LA", "RGBA"])
+def test_every_pixel_layout_decodes_to_the_colours_it_shows(mode: str) -> None:
+    """A paletted PNG decodes through its palette (not to its indices as grey), grey is repeated, alpha dropped."""
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[:2], rgb[2:] = (200, 30, 10), (10, 60, 240)
+    image = Image.fromarray(rgb).convert("L") if mode in ("L", "LA") else Image.fromarray(rgb)
+    image = image.quantize(2) if mode == "P" else image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    shown = np.asarray(image.convert("RGB"))
+    assert np.array_equal(decode_image(buffer.getvalue(), "test.png"), shown)

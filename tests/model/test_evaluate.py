@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,23 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     garbage.write_bytes(b"not a zip")
     missing_key = tmp_path / "missing.npz"
     np.savez(missing_key, image=image, audio=audio)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.npz"
+    text.write_text("image,audio,audio_caption\n")
+    folder = tmp_path / "folder.npz"
+    folder.mkdir()
+    garbled_header = tmp_path / "header.npz"
+    with zipfile.ZipFile(garbled_header, "w") as archive:
+        archive.writestr("image.npy", b"\x93NUMPY\x01\x00\x76\x00" + b"((((".ljust(117) + b"\n")
+    garbled_member = tmp_path / "deflated.npz"
+    with zipfile.ZipFile(garbled_member, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("image.npy", b"x" * 1000)
+    body = bytearray(garbled_member.read_bytes())
+    body[body.index(b"image.npy") + len("image.npy") + 2] ^= 0xFF  # a bit of the compressed data
+    garbled_member.write_bytes(bytes(body))
+    readable = "is not a readable .npz of numeric arrays"
+    fix = "; save image, audio, audio_caption with np.savez"
     return {
         "missing file": (tmp_path / "absent.npz", "absent.npz does not exist"),
         "missing key": (missing_key, "lacks audio_caption"),
@@ -162,6 +180,11 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "not numeric": (save_embeddings(tmp_path / "str.npz", image.astype(str), audio, caption), "real array"),
         "an .npy": (npy, "one array"),
         "not a zip": (garbage, "not a readable .npz"),
+        "empty file": (empty, f"{readable} (EOFError){fix}"),
+        "text file": (text, f"{readable} (ValueError){fix}"),
+        "a folder": (folder, "folder.npz is a folder, not an .npz; pass an .npz with image, audio, audio_caption"),
+        "garbled array header": (garbled_header, f"{readable} (TokenError){fix}"),
+        "garbled compressed array": (garbled_member, f"{readable} (error){fix}"),
     }
 
 
@@ -178,6 +201,11 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "not numeric",
         "an .npy",
         "not a zip",
+        "empty file",
+        "text file",
+        "a folder",
+        "garbled array header",
+        "garbled compressed array",
     ],
 )
 def test_cli_refuses_bad_embeddings_in_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

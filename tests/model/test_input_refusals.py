@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
 from support.model_cli import refused
 from support.pair_data import encode_image, synthetic_image, wav_bytes, write_folder
 
@@ -82,6 +84,53 @@ def test_a_file_cut_short_is_refused_when_the_folder_is_read(tmp_path: Path, nam
     with pytest.raises(DataError) as error:
         read(tmp_path)
     one_line(error, str(path), "pairs.csv line 2", "is truncated", "again")
+
+
+def raster_bytes(driver: str, count: int = 3, dtype: str = "uint8", **options: str) -> bytes:
+    """A 64 px image as GDAL writes it with `driver`: `count` bands of `dtype`."""
+    with warnings.catch_warnings(), MemoryFile() as memfile:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with memfile.open(driver=driver, width=64, height=64, count=count, dtype=dtype, **options) as dataset:
+            dataset.write(np.full((count, 64, 64), 7, dtype))
+        return bytes(memfile.read())
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (lambda: b"root:x:0:0:root:/root:/bin/bash\n", "does not decode as PNG, JPEG or GeoTIFF (it opens with none"),
+        (lambda: b"", "does not decode as PNG, JPEG or GeoTIFF"),
+        (lambda: raster_bytes("PNG", dtype="uint16"), "holds 16-bit pixels; export it as 8-bit RGB"),
+    ],
+    ids=["text", "empty", "16-bit-png"],
+)
+def test_a_file_that_is_no_8_bit_image_is_refused_when_the_folder_is_read(
+    tmp_path: Path, body: Callable[[], bytes], words: str
+) -> None:
+    """Found by its first bytes when the split is opened, not at its first batch (after the image pretraining)."""
+    path = one_pair(tmp_path) / "files" / "p.png"
+    path.write_bytes(body())
+    with pytest.raises(DataError) as error:
+        read(tmp_path)
+    one_line(error, f"{path} (", "pairs.csv line 2", words)
+
+
+@pytest.mark.parametrize(
+    ("driver", "count", "options"),
+    [
+        ("PNG", 2, {}),
+        ("JPEG", 3, {}),
+        ("GTiff", 3, {}),
+        ("GTiff", 3, {"ENDIANNESS": "BIG"}),
+        ("GTiff", 1, {"BIGTIFF": "YES"}),
+    ],
+    ids=["grey-alpha-png", "jpeg", "tiff", "big-endian-tiff", "bigtiff"],
+)
+def test_every_image_format_that_decodes_passes_the_check_of_its_first_bytes(
+    tmp_path: Path, driver: str, count: int, options: dict[str, str]
+) -> None:
+    (one_pair(tmp_path) / "files" / "p.png").write_bytes(raster_bytes(driver, count, **options))
+    assert read(tmp_path).record(0).image.shape == (64, 64, 3)
 
 
 @pytest.mark.parametrize(
@@ -236,6 +285,25 @@ def test_embed_refuses_malformed_arrays(
 ) -> None:
     changes, words = BAD_ARRAYS[case]
     refused(capsys, embed(checkpoint, tmp_path, changes), "input array", *words)
+    assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda path: path.write_bytes(b""), "is not a readable .npz of numeric arrays (EOFError); save in/... arrays"),
+        (lambda path: path.mkdir(), "is a folder, not an .npz; pass an .npz with in/... arrays"),
+    ],
+    ids=["empty-file", "folder"],
+)
+def test_embed_refuses_inputs_that_are_no_npz(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], Any], words: str
+) -> None:
+    argv = embed(checkpoint, tmp_path, {})
+    inputs = Path(argv[argv.index("--inputs") + 1])
+    inputs.unlink()
+    make(inputs)
+    refused(capsys, argv, str(inputs), words)
     assert not (tmp_path / "out.npz").exists()
 
 

@@ -97,6 +97,13 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
     ("values", "message"),
     [
         ({"data": {"root": "p"}}, "out_dir is missing"),
+        ({"out_dir": "", "data": {"root": "p"}}, "out_dir is empty; name the folder for checkpoints and logs"),
+        ({**MINIMAL, "text_cache": ""}, "text_cache is empty; give it a path, or leave it out"),
+        ({**MINIMAL, "mel_cache": ""}, "mel_cache is empty"),
+        ({**MINIMAL, "model": {"init": ""}}, "model.init is empty"),
+        ({**MINIMAL, "image_pretraining": {"shares": "", "classes": ["a"]}}, "image_pretraining.shares is empty"),
+        ({**MINIMAL, "image_pretraining": {"landcover": "", "classes": ["a"]}}, "image_pretraining.landcover is"),
+        ({**MINIMAL, "recordings": {"table": ""}}, "recordings.table is empty"),
         ({"out_dir": "r", "data": {}}, "data.root is missing"),
         ({**MINIMAL, "batch_size": "big"}, "train.batch_size must be of type int"),
         ({**MINIMAL, "batch_size": 1}, "batch_size must be at least 2"),
@@ -104,6 +111,7 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
         ({**MINIMAL, "lr": 1}, "unknown setting train.lr"),
         ({**MINIMAL, "optim": {"betas": [0.9]}}, "optim.betas must be two numbers"),
         ({**MINIMAL, "optim": {"lr": 0}}, "optim.lr and optim.eps must be > 0"),
+        ({**MINIMAL, "optim": {"weight_decay": -0.1}}, r"optim.weight_decay must be >= 0 \(0 turns"),
         ({**MINIMAL, "data": {"root": "p", "format": "webdataset"}}, "data.format must be"),
         ({**MINIMAL, "data": {"root": "p", "zooms": [0]}}, "data.zooms must be a list of zoom levels >= 1"),
         ({**MINIMAL, "data": {"root": "p", "zooms": "1"}}, "data.zooms must be of type list of int, got '1'"),
@@ -121,6 +129,10 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
         ({**MINIMAL, "image_pretraining": {"shares": "l.csv"}}, "image_pretraining needs classes"),
         ({**MINIMAL, "image_pretraining": {"shares": "l.csv", "classes": ["a"], "epochs": 0}}, "epochs >= 1"),
         ({**MINIMAL, "image_pretraining": {"landcover": "lc"}}, "image_pretraining needs classes"),
+        (
+            {**MINIMAL, "image_pretraining": {"shares": "l.csv", "classes": ["a"], "weight_decay": -0.1}},
+            "image_pretraining.weight_decay must be >= 0",
+        ),
         (
             {**MINIMAL, "data": {"root": "hf://d/a"}, "image_pretraining": {"landcover": "lc", "classes": ["a"]}},
             "data folder, on the hub here: give them as an absolute local path",
