@@ -20,10 +20,10 @@ from common.cli import USAGE_ERROR_STATUS, OneLineParser
 from common.errors import Sat2SoundError
 from common.mapping_file import read_mapping
 from model import GSD_BY_SAT_TYPE, TRAINED_ZOOM_LEVELS
-from pipeline.build import describe, format_bytes, plan_build
+from pipeline.build import check_named_files, describe, format_bytes, plan_build
 from pipeline.config import load_plan_inputs
-from pipeline.errors import BuildConfigError, CacheError, GalleryError, QueryError
-from pipeline.imagery.cache import TileCache
+from pipeline.errors import BuildConfigError, GalleryError, QueryError
+from pipeline.imagery.cache import TileCache, check_cache_dir
 
 DEFAULT_QUERY_TOP_K = 50
 DEFAULT_PLACE_OUT, DEFAULT_WALK_OUT = "place.flac", "soundwalk.flac"
@@ -84,6 +84,7 @@ def _run_plan(args: argparse.Namespace) -> None:
     # Any region is planned; over tiling.max_tiles the summary says the build would refuse it (--allow-large
     # is accepted for old scripts and changes nothing).
     planned = plan_build(inputs, limit_hint=PLAN_LIMIT_HINT, survey=True)
+    check_named_files(inputs, planned.plan.region, weights=False)
     print("\n".join(describe(planned, offline=inputs.imagery.offline)))
 
 
@@ -181,9 +182,8 @@ def _run_cache_prune(args: argparse.Namespace) -> None:
 
 
 def _tile_cache(folder: Path) -> TileCache:
-    """The cache in `folder`, refused when there is no such folder (a mistyped path would report an empty cache)."""
-    if not folder.is_dir():
-        raise CacheError(f"--cache-dir {folder} is no folder; give the tile cache folder (imagery.cache_dir)")
+    """The cache in `folder`, refused when there is no such folder."""
+    check_cache_dir(folder, "--cache-dir", "give the tile cache folder (imagery.cache_dir)", existing=True)
     return TileCache(folder)
 
 

@@ -1,7 +1,8 @@
 """Where a build starts: every input checked, the plan made once, and one summary of it for people.
 
 `plan_build` is shared by the workflow and by `python -m pipeline plan`: the same defaults (config/schema.json),
-the same resolution and coverage checks, the same tiles. `start_build` is what the Snakefile runs when it starts
+the same resolution and coverage checks, the same tiles; so is `check_named_files`, the checks of the files a
+config names (audio queries, zones, gallery). `start_build` is what the Snakefile runs when it starts
 (through `open_workflow`): it refuses bad input with one `Sat2SoundError` line before any job, then writes
 settings.json and plan.npz (each only when its content changes, so that Snakefile reruns follow content, not
 time). `quiet_interrupts` makes Ctrl-C on a running build one line too.
@@ -212,30 +213,34 @@ def check_output_dir(folder: Path) -> None:
 def start_build(config: BuildConfig) -> PlannedBuild:
     """Check every input, then write the build's settings.json and plan.npz; raises one Sat2SoundError line."""
     check_device(config.model.device)
-    check_query_files(config.queries)
     planned = plan_build(config.plan_inputs)
-    if config.outputs.zones is not None:
-        # Imported here: geopandas, which a build without zones need not load.
-        from pipeline.zone_file import check_zones
-
-        check_zones(config.outputs, planned.plan.region)
+    check_named_files(config.plan_inputs, planned.plan.region, weights=True)
     check_model(
         config.model,
         text_queries=any(query.text is not None for query in config.queries),
         recorded=earlier_model_record(config.build_dir / MODEL_NAME),
     )
-    _check_gallery(config)
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)
     write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)
     return planned
 
 
-def _check_gallery(config: BuildConfig) -> None:
-    if config.outputs.gallery is not None:  # faiss loads only for builds that name a gallery
+def check_named_files(inputs: PlanInputs, region: Region, *, weights: bool) -> None:
+    """Refuse the files a config names beside its imagery and model: audio queries, zones (against the `region`)
+    and the gallery, checked against the model's weights only with `weights` (`python -m pipeline plan`, which
+    runs these checks too, reads no weights)."""
+    check_query_files(inputs.queries or ())
+    outputs = inputs.outputs
+    if outputs.zones is not None:
+        # Imported here: geopandas, which a build without zones need not load.
+        from pipeline.zone_file import check_zones
+
+        check_zones(outputs, region)
+    if outputs.gallery is not None:  # faiss loads only for builds that name a gallery
         from pipeline.gallery import check_build_gallery
 
-        check_build_gallery(config.outputs.gallery, config.model, config.build_dir)
+        check_build_gallery(outputs.gallery, inputs.model if weights else None)
 
 
 def open_workflow(

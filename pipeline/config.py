@@ -215,15 +215,23 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """What a plan is made from: the region, its imagery, the model (its view) and the tiling; and, for the
-    plan's size estimates, the number of queries (None: not given) and the concepts kept per tile."""
+    """What a plan is made from: the region, its imagery, the model (its view) and the tiling; and the outputs and
+    queries (None: not given), whose files a plan checks as the build does and whose sizes it estimates."""
 
     region: str
     imagery: ImagerySettings
     model: ModelSettings
     tiling: TilingSettings
-    query_count: int | None = None
-    concepts_top_k: int = 3
+    outputs: OutputSettings
+    queries: tuple[Query, ...] | None = None
+
+    @property
+    def query_count(self) -> int | None:
+        return None if self.queries is None else len(self.queries)
+
+    @property
+    def concepts_top_k(self) -> int:
+        return self.outputs.concepts_top_k
 
 
 @dataclass(frozen=True)
@@ -244,9 +252,7 @@ class BuildConfig:
 
     @property
     def plan_inputs(self) -> PlanInputs:
-        return PlanInputs(
-            self.region, self.imagery, self.model, self.tiling, len(self.queries), self.outputs.concepts_top_k
-        )
+        return PlanInputs(self.region, self.imagery, self.model, self.tiling, self.outputs, self.queries)
 
 
 @cache
@@ -292,7 +298,21 @@ def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str
         raise BuildConfigError(_describe(error))
     if filled["outputs"]["crs"] is not None:
         _check_output_crs(filled["outputs"]["crs"])
+    _check_across_keys(filled)
     return filled
+
+
+def _check_across_keys(config: Mapping[str, Any]) -> None:
+    """Refuse what no single key's schema can: two queries of one id, a zone field without zones."""
+    ids = [query["id"] for query in config.get("queries", [])]
+    repeated = sorted({query_id for query_id in ids if ids.count(query_id) > 1})
+    if repeated:
+        raise BuildConfigError(f"config.queries: id {repeated[0]!r} is used twice; give every query its own id")
+    if config["outputs"]["zone_field"] is not None and config["outputs"]["zones"] is None:
+        raise BuildConfigError(
+            "config.outputs.zone_field names the zones' column but outputs.zones names no zone file;"
+            " set outputs.zones to a polygon file, or drop zone_field"
+        )
 
 
 def _check_finite(value: Any, where: str) -> None:
@@ -327,15 +347,6 @@ def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
     if not config:
         raise BuildConfigError(f"the config is empty; pass --configfile {DEFAULT_CONFIG_PATH.name} or another file")
     filled = _validated(config, _schema())
-    ids = [query["id"] for query in filled["queries"]]
-    repeated = sorted({query_id for query_id in ids if ids.count(query_id) > 1})
-    if repeated:
-        raise BuildConfigError(f"config.queries: id {repeated[0]!r} is used twice; give every query its own id")
-    if filled["outputs"]["zone_field"] is not None and filled["outputs"]["zones"] is None:
-        raise BuildConfigError(
-            "config.outputs.zone_field names the zones' column but outputs.zones names no zone file;"
-            " set outputs.zones to a polygon file, or drop zone_field"
-        )
     return BuildConfig(
         name=filled["name"],
         output_dir=filled["output_dir"],
@@ -357,8 +368,8 @@ def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
         imagery=ImagerySettings(**filled["imagery"]),
         model=ModelSettings(**filled["model"]),
         tiling=TilingSettings(**filled["tiling"]),
-        query_count=len(filled["queries"]) if "queries" in filled else None,
-        concepts_top_k=filled["outputs"]["concepts_top_k"],
+        outputs=OutputSettings(**filled["outputs"]),
+        queries=tuple(Query(**query) for query in filled["queries"]) if "queries" in filled else None,
     )
 
 

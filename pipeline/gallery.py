@@ -154,9 +154,14 @@ def gallery_of_build(setting: str, build_dir: Path) -> BuildGallery:
     """`outputs.gallery` of a build in `build_dir`: a gallery is used as it is; any other folder holds recordings
     that the build embeds with its own weights into `<build>/gallery`."""
     given = Path(setting)
-    if (given / RECORD_NAME).is_file():
+    if is_gallery(given):
         return BuildGallery(given, None)
     return BuildGallery(build_dir / BUILD_GALLERY_DIR, given)
+
+
+def is_gallery(folder: Path) -> bool:
+    """Whether `folder` holds a gallery (its record), not recordings to embed."""
+    return (folder / RECORD_NAME).is_file()
 
 
 class BuildSummary(NamedTuple):
@@ -174,7 +179,7 @@ def composed_vectors(embeddings: dict[str, np.ndarray], logit_scale: dict[str, f
 
 def open_gallery(folder: Path) -> Gallery:
     """The gallery in `folder`, refused in one line if there is none or it is damaged (it may be empty)."""
-    if not (folder / RECORD_NAME).is_file():
+    if not is_gallery(folder):
         what = "no folder" if not folder.is_dir() else f"no gallery ({RECORD_NAME})"
         raise GalleryError(f"{folder}: {what}; build a gallery there with {build_command(folder)}")
     try:
@@ -206,7 +211,7 @@ def check_gallery_folder(folder: Path, sha256: str) -> Gallery | None:
         raise GalleryError(f"cannot write into {folder} ({reason}); pass --out a writable folder")
     if not folder.is_dir():  # made when the gallery is written, not before: a refusal leaves nothing behind
         return None
-    if not (folder / RECORD_NAME).is_file():
+    if not is_gallery(folder):
         if any(folder.iterdir()):
             raise GalleryError(f"{folder} holds files but no gallery; pass --out an empty or new folder")
         return None
@@ -353,20 +358,20 @@ def item_facts(item: GalleryItem) -> dict[str, Any]:
     }
 
 
-def check_build_gallery(setting: str, model: ModelSettings, build_dir: Path) -> BuildGallery:
-    """Refuse, when a build starts, an `outputs.gallery` that is neither a gallery nor a folder of recordings, or a
-    gallery that other weights than the build's embedded (untrained weights are made by the build: their gallery
-    is checked by `listen`)."""
-    chosen = gallery_of_build(setting, build_dir)
+def check_build_gallery(setting: str, model: ModelSettings | None) -> None:
+    """Refuse, before a build, an `outputs.gallery` that is neither a gallery nor a folder of recordings, or a
+    gallery that other weights than the build's `model` embedded (untrained weights are made by the build: their
+    gallery is checked by `listen`; without a model, as `python -m pipeline plan` reads no weights, not checked)."""
+    given = Path(setting)
     try:
-        if chosen.recordings is not None:
-            _check_recordings(chosen.recordings)
-            return chosen
-        gallery = open_gallery(chosen.folder)
+        if not is_gallery(given):  # recordings the build embeds
+            _check_recordings(given)
+            return
+        gallery = open_gallery(given)
     except GalleryError as exc:
         raise BuildConfigError(f"config.outputs.gallery: {exc}") from None
-    if model.untrained:
-        return chosen
+    if model is None or model.untrained:
+        return
     from model import resolve_checkpoint, sha256_file
 
     if sha256_file(resolve_checkpoint(model.checkpoint)) != gallery.record.sha256:
@@ -375,7 +380,6 @@ def check_build_gallery(setting: str, model: ModelSettings, build_dir: Path) -> 
             f" model.checkpoint; build one with {build_command(Path('NEW_GALLERY'), model.checkpoint)}, or name its"
             " recordings' folder"
         )
-    return chosen
 
 
 def _check_recordings(folder: Path) -> None:

@@ -51,7 +51,7 @@ from pipeline.mix import (
     softmax,
     to_loudness,
 )
-from pipeline.new_query import BuiltMap
+from pipeline.new_query import BuiltMap, check_top_k
 from pipeline.synthesis import TextToAudio, generated, load_generator, prompt_of
 from pipeline.walk import route_points
 
@@ -106,8 +106,7 @@ def check_numbers(seconds: float, top_k: int, target_lufs: float) -> None:
         raise ListenError(
             f"--seconds {seconds:g} is outside {MIN_SECONDS:g} to {MAX_SECONDS:g}; ask for another length"
         )
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise ListenError(f"--top-k {top_k} is outside 1 to {MAX_TOP_K}; ask for fewer recordings")
+    check_top_k(top_k, 1, MAX_TOP_K, "recordings", ListenError)
     quietest, loudest = LOUDNESS_RANGE_LUFS
     if not quietest <= target_lufs <= loudest:
         raise ListenError(

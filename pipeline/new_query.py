@@ -29,7 +29,7 @@ import numpy as np
 from common.atomic import unwritable_reason
 from pipeline.build import COG_DIR, MODEL_NAME, SETTINGS_NAME, STORE_NAME, check_build_folder
 from pipeline.config import BuildConfig, Query, read_settings, schema_bounds
-from pipeline.errors import BuildFolderError, QueryError
+from pipeline.errors import BuildFolderError, PipelineError, QueryError
 from pipeline.export.cog import check_file_name, write_score_cog
 from pipeline.export.places import CSV_FORMATS, GPKG_SUFFIX, Candidates, place_layers
 from pipeline.model_setup import ModelRecord, load_encoder, read_model_record, untrained_notice
@@ -97,8 +97,7 @@ def new_query(
     (with `maps`, which writes them into the build, not a configured query's), and a number of places a build
     could ask for."""
     low, high = schema_bounds("outputs", "top_k")
-    if not low <= top_k <= high:
-        raise QueryError(f"--top-k {top_k} is outside {low} to {high} (the range of outputs.top_k); ask for fewer")
+    check_top_k(top_k, low, high, "places", QueryError, " (the range of outputs.top_k)")
     if text is None and audio is None:
         raise QueryError("give a query: its text, or --audio FILE (with --text TEXT for audio and text together)")
     if text is not None and not text.strip():
@@ -112,6 +111,15 @@ def new_query(
         )
     check_query_files([query])
     return query
+
+
+def check_top_k(
+    top_k: int, low: int, high: int, things: str, error: type[PipelineError], bounds_note: str = ""
+) -> None:
+    """Refuse a --top-k outside `low` to `high` (of `things`), saying to ask for more or fewer as it lies."""
+    if not low <= top_k <= high:
+        ask = f"{low} or more" if top_k < low else f"{high} or fewer"
+        raise error(f"--top-k {top_k} is outside {low} to {high}{bounds_note}; ask for {ask} {things}")
 
 
 def check_places_files(gpkg: Path | None, csv_path: Path | None, build: Path) -> None:

@@ -290,8 +290,9 @@ def _finish(name: str, geometry: BaseGeometry) -> Region:
     polygons = list(polygon_parts(geometry))
     if not polygons or sum(polygon.area for polygon in polygons) == 0.0:
         raise RegionError(
-            f"region {name!r} is empty after clipping to ±{WEB_MERCATOR_MAX_LAT:.4f}° latitude;"
-            " Web Mercator maps cannot show it"
+            f"region {name!r} is empty after clipping to ±{WEB_MERCATOR_MAX_LAT:.4f}° latitude, as far north and"
+            f" south as Web Mercator maps show; map a region between {WEB_MERCATOR_MAX_LAT:.4f}°S and"
+            f" {WEB_MERCATOR_MAX_LAT:.4f}°N"
         )
     merged = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
     return Region(name=name, geometry=merged)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import ImageryError
 from pipeline.imagery.base import FetchEstimate, ImageData, ImageryReader, PrefetchReport
-from pipeline.imagery.cache import CacheStats, TileCache
+from pipeline.imagery.cache import CacheStats, TileCache, check_cache_dir
 from pipeline.imagery.http import RetryPolicy, redact
 from pipeline.imagery.local import LocalRasterReader, Stretch, is_remote
 from pipeline.imagery.stac import StacReader
@@ -66,6 +66,8 @@ def open_reader(
     spec = spec.strip()
     kind = reader_class(spec)
     kind.check_options(options)
+    if kind.fetches_ahead:
+        check_cache_dir(cache_dir, "imagery.cache_dir", "set imagery.cache_dir to a folder (one not there yet is made)")
     fetching: dict[str, Any] = {"cache": TileCache(cache_dir), "offline": offline, "on_missing": on_missing}
     if kind is XYZReader:
         if spec.startswith("xyz:"):

@@ -37,6 +37,17 @@ def part_key(source_id: str, digest: str) -> str:
     return f"{source_id}/parts/{digest}.png"
 
 
+def check_cache_dir(folder: Path, name: str, fix: str, *, existing: bool = False) -> None:
+    """Refuse a tile cache `folder` (given as `name`, a flag or config key) that is a file or lies under one, and,
+    when `existing`, one that is not there (a mistyped path would report an empty cache)."""
+    # os.path.exists, not Path.exists: a folder that cannot be looked into is not there for it, not an error.
+    there = next(path for path in (folder, *folder.parents) if os.path.exists(path))
+    if there.is_dir() and (there == folder or not existing):
+        return
+    under = "" if there == folder or there.is_dir() else f" (it lies under {there}, a file)"
+    raise CacheError(f"{name} {folder} is no folder{under}; {fix}")
+
+
 class CacheStats(NamedTuple):
     files: int
     bytes: int

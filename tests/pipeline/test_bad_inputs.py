@@ -3,7 +3,8 @@
 Every case goes through `pipeline.build.open_workflow`, what the Snakefile runs first, and must exit with
 status 2 after exactly one `error: ...` line on stderr that names the key or file and says what to do,
 having written nothing at all (no build folder, no tile cache, nothing beside the inputs). A few cases also
-go through a real `snakemake --dry-run`, to show the workflow adds nothing to that line.
+go through a real `snakemake --dry-run`, to show the workflow adds nothing to that line, and through
+`python -m pipeline plan --config`, to show the plan refuses them as the build's start does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from support.paths import LANDSAT, REPO
 from model.checkpoint import save_safetensors, sha256_file
 from model.sat2sound import Sat2Sound
 from model.text_specs import minilm_directory
+from pipeline.__main__ import main
 from pipeline.build import ERROR_STATUS, open_workflow
 from pipeline.model_setup import untrained_config
 
@@ -431,6 +433,20 @@ CASES = [
         ("imagery.offline is set but the tile cache", "empty_cache holds none of the", "unset imagery.offline"),
     ),
     Case(
+        "tile cache a file",
+        lambda config, files: config.update(
+            imagery={"source": "xyz:http://127.0.0.1:9/{z}/{x}/{y}.png", "cache_dir": str(files.a_file)}
+        ),
+        ("imagery.cache_dir", "a_file is no folder; set imagery.cache_dir to a folder"),
+    ),
+    Case(
+        "tile cache under a file",
+        lambda config, files: config.update(
+            imagery={"source": "xyz:http://127.0.0.1:9/{z}/{x}/{y}.png", "cache_dir": str(files.a_file / "tiles")}
+        ),
+        ("a_file/tiles is no folder (it lies under", "a_file, a file); set imagery.cache_dir to a folder"),
+    ),
+    Case(
         "offline as an option",
         set_key("imagery.options", {"bands": [3, 2, 1], "offline": True}),
         ("imagery.options.offline is an imagery key of its own; set imagery.offline",),
@@ -448,6 +464,11 @@ CASES = [
             "landsat8_itaipu_30m.tif covers at most",
             "lower imagery.min_coverage",
         ),
+    ),
+    Case(
+        "region past the web mercator latitudes",
+        set_key("region", "89.9,10,3km"),
+        ("region '89.9,10,3km' is empty after clipping", "map a region between 85.0511°S and 85.0511°N"),
     ),
     Case(
         "imagery too coarse", set_key("model.zoom_level", 1), ("m/px but a sentinel model", "set model.zoom_level: 3")
@@ -505,6 +526,18 @@ CASES = [
     ),
 ]
 CASE_IDS = [case.id for case in CASES]
+# The checks `python -m pipeline plan --config` runs too, with the same line.
+PLAN_CASES = [
+    "query id twice",
+    "zone field without zones",
+    "audio missing",
+    "zones missing",
+    "zones off the region",
+    "gallery missing",
+    "gallery csv names a missing recording",
+    "tile cache a file",
+    "region past the web mercator latitudes",
+]
 # One case per place a check lives, run through Snakemake itself.
 WORKFLOW_CASES = [
     "unknown key",
@@ -589,6 +622,22 @@ def test_the_workflow_stops_with_the_same_one_line(case_id: str, inputs: Inputs,
     assert result.returncode == ERROR_STATUS, result.stderr
     assert result.stdout == ""
     check_error_line(result.stderr, case)
+    assert snapshot(tmp_path, inputs.folder) == before
+
+
+@pytest.mark.parametrize("case_id", PLAN_CASES)
+def test_the_plan_of_the_config_stops_with_the_same_one_line(
+    case_id: str, inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    case = CASES[CASE_IDS.index(case_id)]
+    monkeypatch.chdir(tmp_path)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(bad_config(case, inputs)))
+    before = snapshot(tmp_path, inputs.folder)
+    assert main(["plan", "--config", str(config_path)]) == ERROR_STATUS
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    check_error_line(captured.err, case)
     assert snapshot(tmp_path, inputs.folder) == before
 
 

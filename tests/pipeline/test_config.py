@@ -211,9 +211,10 @@ def test_an_embed_job_takes_a_gpu_where_it_runs_on_one_and_shares_out_the_gpus_u
 def test_plan_inputs_need_no_name_or_queries_and_share_the_defaults() -> None:
     inputs = load_plan_inputs({"region": "St. Louis"})
     build = load_build_config(config_with(region="St. Louis"))
-    assert inputs == replace(build.plan_inputs, query_count=None)
+    assert inputs == replace(build.plan_inputs, queries=None)
     assert build.plan_inputs.query_count == len(build.queries)
-    assert load_plan_inputs({"region": "St. Louis", "queries": [{"id": "a", "text": "a"}] * 2}).query_count == 2
+    queries = [{"id": "a", "text": "a"}, {"id": "b", "text": "b"}]
+    assert load_plan_inputs({"region": "St. Louis", "queries": queries}).query_count == 2
     with pytest.raises(BuildConfigError, match=r"config\.tiling\.tile_zoom_offset: -3 is less than the minimum of 0"):
         load_plan_inputs({"region": "St. Louis", "tiling": {"tile_zoom_offset": -3}})
 

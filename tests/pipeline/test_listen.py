@@ -310,6 +310,18 @@ def _bad_cases(setup: Setup, root: Path) -> dict[str, tuple[list[str], str]]:
         "output a folder named .flac": ([build, "--at", point, "--out", str(folder_flac)], "is a folder"),
         "output not flac": ([build, "--at", point, "--out", str(root / "x.wav")], "is not a .flac file"),
         "seconds too short": ([build, "--at", point, "--seconds", "0.5", "--out", out], "--seconds 0.5 is outside"),
+        "no recordings": (
+            [build, "--at", point, "--top-k", "0", "--out", out],
+            "--top-k 0 is outside 1 to 50; ask for 1 or more recordings",
+        ),
+        "fewer than no recordings": (
+            [build, "--at", point, "--top-k=-3", "--out", out],
+            "--top-k -3 is outside 1 to 50; ask for 1 or more recordings",
+        ),
+        "too many recordings": (
+            [build, "--at", point, "--top-k", "51", "--out", out],
+            "--top-k 51 is outside 1 to 50; ask for 50 or fewer recordings",
+        ),
         "target above the ceiling": (
             [build, "--at", point, "--target-lufs", "3", "--out", out],
             "--target-lufs 3 is outside -70 to -1 LUFS",
@@ -353,6 +365,9 @@ BAD_CASES = [
     "output a folder named .flac",
     "output not flac",
     "seconds too short",
+    "no recordings",
+    "fewer than no recordings",
+    "too many recordings",
     "target above the ceiling",
     "no route file",
     "route not a line",

@@ -693,6 +693,28 @@ def test_cli_cache_refuses_a_folder_that_is_not_there(
     assert err == f"error: --cache-dir {missing} is no folder; give the tile cache folder (imagery.cache_dir)\n"
 
 
+@pytest.mark.parametrize("under", [False, True])
+def test_cli_plan_refuses_a_cache_dir_that_cannot_be_a_folder(
+    under: bool, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cache_dir = a_file / "tiles" if under else a_file
+    common = ("--region", "St. Louis", "--sat-type", "bingmap", "--imagery", OFFLINE_TEMPLATE, "--offline")
+    status, out, err = _run_cli(capsys, "plan", *common, "--cache-dir", str(cache_dir))
+    assert (status, out) == (2, "")
+    problem = f" (it lies under {a_file}, a file)" if under else ""
+    fix = "set --cache-dir to a folder (one not there yet is made)"
+    assert err == f"error: --cache-dir {cache_dir} is no folder{problem}; {fix}\n"
+    assert sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_cli_plan_refuses_a_config_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, out, err = _run_cli(capsys, "plan", "--config", str(tmp_path))
+    assert (status, out) == (2, "")
+    assert err == f"error: the config {tmp_path} is a folder; give the YAML file itself, not its folder\n"
+
+
 @pytest.mark.parametrize("days", ["nan", "inf", "-1"])
 def test_cli_cache_prune_takes_a_finite_age(days: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exited:

@@ -268,7 +268,18 @@ BAD_INPUTS = {
     ),
     "unreadable audio": (lambda build, audio: [str(build), "--audio", str(audio / "noise.wav")], "cannot read"),
     "not audio": (lambda build, audio: [str(build), "--audio", str(audio / "notes.txt")], "is not a wav"),
-    "no places": (lambda build, audio: [str(build), "birds", "--top-k", "0"], "--top-k 0 is outside 1 to 1000"),
+    "no places": (
+        lambda build, audio: [str(build), "birds", "--top-k", "0"],
+        "--top-k 0 is outside 1 to 1000 (the range of outputs.top_k); ask for 1 or more places",
+    ),
+    "fewer than no places": (
+        lambda build, audio: [str(build), "birds", "--top-k=-3"],
+        "--top-k -3 is outside 1 to 1000 (the range of outputs.top_k); ask for 1 or more places",
+    ),
+    "too many places": (
+        lambda build, audio: [str(build), "birds", "--top-k", "1001"],
+        "--top-k 1001 is outside 1 to 1000 (the range of outputs.top_k); ask for 1000 or fewer places",
+    ),
     "configured id": (lambda build, audio: [str(build), "birds", "--id", "birds", "--map"], "is a query of the build"),
     "derived configured id": (lambda build, audio: [str(build), "Rain!", "--map"], "'rain' is a query of the build"),
     "places in a folder": (lambda build, audio: [str(build), "birds", "--csv", str(audio)], "is a folder"),
