@@ -14,7 +14,7 @@ from common.errors import Sat2SoundError, first_line
 
 def read_mapping(path: Path, what: str, fix: str, error: type[Sat2SoundError]) -> dict[str, Any]:
     """The mapping in the file at `path`; `error` names it as `what` and says `fix` when the file is missing,
-    is not UTF-8 JSON or YAML, or holds something else than a mapping, or to give the file when `path` is a folder."""
+    is not UTF-8 JSON or YAML, or holds something else than a mapping (a folder is refused as one)."""
     if path.is_dir():
         raise error(f"{what} {path} is a folder; give the YAML file itself, not its folder")
     if not path.is_file():
