@@ -426,7 +426,7 @@ def _describe_imagery(planned: PlannedBuild, offline: bool) -> list[str]:
         f" {approx}{downloads.tiles:,} tiles, {approx}{downloads.cached:,} cached, {fetch}"
     ]
     if approx:
-        lines.append(f"               (counted on {planned.counted_share:.0%} of the chunks and scaled up)")
+        lines.append(f"               (counted on {planned.counted_share * 100:.2g}% of the chunks and scaled up)")
     wanted = imagery_zoom(plan.view.gsd_m * mercator_scale(plan.latitude))
     if wanted > downloads.source_max_zoom:
         lines.append(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -297,14 +297,73 @@ class TileCover:
             yield mercantile.Tile(x, y, self.zoom)
 
 
-def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None, max_listed: int | None = None) -> TileCover:
-    """Tiles at `zoom` whose interior intersects the EPSG:4326 `geometry` (holes and gaps excluded).
+@dataclass(frozen=True)
+class CoverBlocks:
+    """A cover as `cover_blocks` finds it: square blocks of tiles at `zoom`, each (depth, x, y) the 4**depth tiles
+    under tiles (x, y) of zoom - depth (depth 0: single tiles, along the region's boundary). Counting its tiles,
+    their raster grid and its chunks' sizes take memory for the blocks alone; `tiles` lists every tile."""
 
-    Descends from the zoom-0 tile, keeping tiles that touch the region's boundary and filling tiles that
-    lie wholly inside it in one step, so the work grows with the boundary, not the area. Raises a
+    zoom: int
+    blocks: tuple[tuple[int, np.ndarray, np.ndarray], ...]
+
+    def __len__(self) -> int:
+        return sum(len(x) * 4**depth for depth, x, _ in self.blocks)
+
+    def tiles(self) -> TileCover:
+        return _listed(self.zoom, [_descendants(x, y, depth) for depth, x, y in self.blocks])
+
+    def grid(self) -> RasterGrid:
+        """The smallest tile-aligned raster holding every tile, wrapping at the antimeridian."""
+        if len(self) == 0:
+            raise TilingError("the tile cover is empty; the region has no area at this zoom")
+        starts = np.concatenate([x << depth for depth, x, _ in self.blocks])
+        ends = np.concatenate([(x + 1) << depth for depth, x, _ in self.blocks])
+        top = min(int(y.min()) << depth for depth, _, y in self.blocks if len(y))
+        bottom = max((int(y.max()) + 1 << depth) - 1 for depth, _, y in self.blocks if len(y))
+        return _column_grid(self.zoom, starts, ends, top, bottom)
+
+    def chunk_bound(self, chunk_zoom: int) -> int:
+        """At least the number of chunks at `chunk_zoom` that hold tiles of the cover (`chunk_sizes` lists them)."""
+        depth = chunk_depth(self.zoom, chunk_zoom)
+        return sum(len(x) * 4 ** max(block - depth, 0) for block, x, _ in self.blocks)
+
+    def chunk_sizes(self, chunk_zoom: int) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks at `chunk_zoom` that hold tiles of the cover, row by row, as keys (row * 2**chunk_zoom +
+        column), and how many tiles each holds."""
+        depth = chunk_depth(self.zoom, chunk_zoom)
+        keys, sizes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for block, x, y in self.blocks:
+            if block >= depth:  # whole chunks
+                chunk_x, chunk_y = _descendants(x, y, block - depth)
+            else:
+                chunk_x, chunk_y = x >> depth - block, y >> depth - block
+            keys.append(chunk_y * 2**chunk_zoom + chunk_x)
+            sizes.append(np.full(len(chunk_x), 4 ** min(block, depth), np.int64))
+        unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+        return unique, np.bincount(inverse, weights=np.concatenate(sizes), minlength=len(unique)).astype(np.int64)
+
+    def chunk_tiles(self, key: int, chunk_zoom: int) -> TileCover:
+        """The cover's tiles in the chunk of `key` (`chunk_sizes`), row by row."""
+        depth = chunk_depth(self.zoom, chunk_zoom)
+        chunk_x, chunk_y = np.array([key % 2**chunk_zoom]), np.array([key // 2**chunk_zoom])
+        filled = []
+        for block, x, y in self.blocks:
+            if block >= depth:  # a block holding the whole chunk
+                if ((x == chunk_x >> block - depth) & (y == chunk_y >> block - depth)).any():
+                    filled.append(_descendants(chunk_x, chunk_y, depth))
+            else:
+                mine = (x >> depth - block == chunk_x) & (y >> depth - block == chunk_y)
+                filled.append(_descendants(x[mine], y[mine], block))
+        return _listed(self.zoom, filled)
+
+
+def cover_blocks(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> CoverBlocks:
+    """The tiles at `zoom` whose interior intersects the EPSG:4326 `geometry` (holes and gaps excluded), as blocks.
+
+    Descends from the zoom-0 tile, keeping tiles that touch the region's boundary and taking tiles that lie
+    wholly inside it as one block each, so the work grows with the boundary, not the area. Raises a
     `TooManyTilesError` ("more than N tiles at zoom Z"; callers name the region and the fix) as soon as more than
-    `max_tiles` tiles are certain, and one that gives their exact count ("N tiles at zoom Z, more than M") when
-    there are more than `max_listed`: the count needs only the descent, the list memory for every tile.
+    `max_tiles` tiles are certain.
     """
     if not 0 <= zoom <= MAX_ZOOM:
         raise TilingError(f"tile zoom {zoom} is outside 0..30; use a coarser model view (a larger model.zoom_level)")
@@ -330,13 +389,15 @@ def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None, max_l
         if max_tiles is not None and inner_count + len(x) > max_tiles:
             raise TooManyTilesError(f"more than {max_tiles:,} tiles at zoom {zoom}")
         x, y = _children(x, y)
-    count = inner_count + len(x)
-    for limit in (max_tiles, max_listed):
-        if limit is not None and count > limit:
-            raise TooManyTilesError(f"{count:,} tiles at zoom {zoom}, more than {limit:,}")
-    filled = [_descendants(block_x, block_y, depth) for depth, block_x, block_y in inner_blocks]
-    all_x = np.concatenate([x, *(block[0] for block in filled)])
-    all_y = np.concatenate([y, *(block[1] for block in filled)])
+    blocks = CoverBlocks(zoom, ((0, x, y), *inner_blocks))
+    if max_tiles is not None and len(blocks) > max_tiles:
+        raise TooManyTilesError(f"{len(blocks):,} tiles at zoom {zoom}, more than {max_tiles:,}")
+    return blocks
+
+
+def _listed(zoom: int, parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> TileCover:
+    all_x = np.concatenate([np.zeros(0, np.int64), *(part[0] for part in parts)])
+    all_y = np.concatenate([np.zeros(0, np.int64), *(part[1] for part in parts)])
     order = np.lexsort((all_x, all_y))
     return TileCover(zoom=zoom, x=all_x[order], y=all_y[order])
 
@@ -421,19 +482,19 @@ class RasterGrid(NamedTuple):
         return rows.astype(np.int32), columns.astype(np.int32)
 
 
-def raster_grid(tile_cover: TileCover) -> RasterGrid:
-    """Smallest tile-aligned raster holding every tile of a non-empty cover, wrapping at the antimeridian."""
-    if len(tile_cover) == 0:
-        raise TilingError("the tile cover is empty; the region has no area at this zoom")
-    world_columns = 2**tile_cover.zoom
-    columns = np.unique(tile_cover.x)
+def _column_grid(zoom: int, starts: np.ndarray, ends: np.ndarray, top_row: int, bottom_row: int) -> RasterGrid:
+    """The grid of rows `top_row`..`bottom_row` and of the columns that [start, end) ranges cover."""
+    world_columns = 2**zoom
+    order = np.argsort(starts, kind="stable")
+    starts, reach = starts[order], np.maximum.accumulate(ends[order])
+    # Runs of covered columns, and the empty columns after each (the last run's wrap round to the first).
+    opens = np.r_[True, starts[1:] > reach[:-1]]
+    run_starts, run_ends = starts[opens], reach[np.r_[opens[1:], True]]
+    gaps = np.r_[run_starts[1:], run_starts[0] + world_columns] - run_ends
     # The widest run of empty columns stays outside the raster; on a tie, the run across the antimeridian.
-    steps = np.diff(columns, append=columns[0] + world_columns)
-    widest = len(steps) - 1 if steps[-1] == steps.max() else int(np.argmax(steps))
-    first_column = int(columns[(widest + 1) % len(columns)])
-    width = world_columns - int(steps[widest]) + 1
-    top_row, bottom_row = int(tile_cover.y.min()), int(tile_cover.y.max())
-    return RasterGrid(tile_cover.zoom, first_column, top_row, width, bottom_row - top_row + 1)
+    widest = len(gaps) - 1 if gaps[-1] == gaps.max() else int(np.argmax(gaps))
+    first_column = int(run_starts[(widest + 1) % len(run_starts)])
+    return RasterGrid(zoom, first_column, top_row, world_columns - int(gaps[widest]), bottom_row - top_row + 1)
 
 
 class TileBlock(NamedTuple):

@@ -30,13 +30,13 @@ from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
     EARTH_CIRCUMFERENCE_M,
     Bounds,
+    CoverBlocks,
     RasterGrid,
     TileCover,
     chunk_depth,
-    cover,
+    cover_blocks,
     default_chunk_zoom,
     output_zoom,
-    raster_grid,
     region_latitude,
     tile_centres_lnglat,
     union_bounds,
@@ -52,12 +52,9 @@ PLAN_FORMAT = "sat2sound-maps/plan-v3"
 COARSER_LIMIT = 1.5
 # Above this many output tiles the download estimate is extrapolated from evenly spread chunks.
 EXACT_ESTIMATE_TILES = 100_000
-# A plan lists every tile of its region (~80 bytes each while it is made): a survey of more would take gigabytes.
-SURVEY_MAX_TILES = 25_000_000
-SURVEY_LIMIT_HINT = (
-    "a plan lists at most that many: plan a part of it, or a coarser view (a larger model.zoom_level or a smaller"
-    " tiling.tile_zoom_offset)"
-)
+# A survey lists its chunks (~300 bytes each while it is made), not its tiles: the whole world at sentinel zoom
+# level 1 is ~65,000 chunks.
+SURVEY_MAX_CHUNKS = 1_000_000
 _HEADER = "header"
 _CHUNK_ARRAYS = ("x", "y", "row", "col", "views", "lon", "lat")
 
@@ -204,17 +201,18 @@ def make_plan(
     latitude = region_latitude(region.geometry)
     auto_zoom = output_zoom(view.size_m, latitude)
     zoom = auto_zoom + tiling.tile_zoom_offset
-    listed = SURVEY_MAX_TILES if sampled_only else None
     try:
-        tile_cover = cover(region.geometry, zoom, max_tiles=tiling.max_tiles, max_listed=listed)
+        blocks = cover_blocks(region.geometry, zoom, max_tiles=tiling.max_tiles)
     except TooManyTilesError as exc:
-        hint = limit_hint if tiling.max_tiles is not None else SURVEY_LIMIT_HINT
-        raise TooManyTilesError(f"region {region.name!r} needs {exc}; {hint}") from None
-    grid = raster_grid(tile_cover)
+        raise TooManyTilesError(f"region {region.name!r} needs {exc}; {limit_hint}") from None
+    grid = blocks.grid()
     chunk_zoom = default_chunk_zoom(zoom) if tiling.chunk_zoom is None else tiling.chunk_zoom
-    spans = _chunk_spans(tile_cover, chunk_zoom)
-    step = sample_step(len(tile_cover)) if sampled_only else 1
-    chunks = [_chunk_tiles(span, tile_cover.zoom, grid, view) for span in spans[::step]]
+    if sampled_only:
+        ids, sizes, chunks = _survey_chunks(region, blocks, chunk_zoom, grid, view)
+    else:
+        spans = _chunk_spans(blocks.tiles(), chunk_zoom)
+        ids, sizes = tuple(span.id for span in spans), tuple(len(span.x) for span in spans)
+        chunks = [_chunk_tiles(span, zoom, grid, view) for span in spans]
     plan = Plan(
         region=region,
         view=view,
@@ -222,12 +220,35 @@ def make_plan(
         auto_zoom=auto_zoom,
         grid=grid,
         chunk_zoom=chunk_zoom,
-        chunk_ids=tuple(span.id for span in spans),
-        chunk_sizes=tuple(len(span.x) for span in spans),
-        tile_count=len(tile_cover),
+        chunk_ids=ids,
+        chunk_sizes=sizes,
+        tile_count=len(blocks),
         imagery=imagery,
     )
     return plan, chunks
+
+
+def _survey_chunks(
+    region: Region, blocks: CoverBlocks, chunk_zoom: int, grid: RasterGrid, view: ModelView
+) -> tuple[tuple[str, ...], tuple[int, ...], list[ChunkTiles]]:
+    """Every chunk's id and size, counted from the cover's blocks, and the tiles of every `sample_step`-th chunk
+    alone: memory for the chunks, not for the tiles (the world at sentinel zoom level 1 holds 268 M)."""
+    bound = blocks.chunk_bound(chunk_zoom)
+    if bound > SURVEY_MAX_CHUNKS:
+        raise TooManyTilesError(
+            f"region {region.name!r} needs {len(blocks):,} tiles at zoom {blocks.zoom} in up to {bound:,} chunks of"
+            f" zoom {chunk_zoom}, more than the {SURVEY_MAX_CHUNKS:,} a plan lists; plan a part of it, a coarser"
+            " view (a larger model.zoom_level or a smaller tiling.tile_zoom_offset) or larger chunks (a smaller"
+            " tiling.chunk_zoom)"
+        )
+    keys, sizes = blocks.chunk_sizes(chunk_zoom)
+    side = 2**chunk_zoom
+    ids = tuple(chunk_id(mercantile.Tile(key % side, key // side, chunk_zoom)) for key in keys.tolist())
+    chunks = []
+    for index in range(0, len(keys), sample_step(len(blocks))):
+        tiles = blocks.chunk_tiles(int(keys[index]), chunk_zoom)
+        chunks.append(_chunk_tiles(_ChunkSpan(ids[index], tiles.x, tiles.y), blocks.zoom, grid, view))
+    return ids, tuple(sizes.tolist()), chunks
 
 
 class _ChunkSpan(NamedTuple):

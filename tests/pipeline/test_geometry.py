@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
 
 from model import MODEL_INPUT_PX
 from pipeline.errors import TilingError, TooManyTilesError
 from pipeline.geometry import (
     WORLD_HALF_M,
     Bounds,
+    CoverBlocks,
+    RasterGrid,
     TileBlock,
     TileCover,
     chunk_depth,
-    cover,
+    cover_blocks,
     default_chunk_zoom,
     ground_resolution_m,
     imagery_zoom,
@@ -26,7 +29,6 @@ from pipeline.geometry import (
     lnglat_of_mercator,
     mercator_scale,
     output_zoom,
-    raster_grid,
     tile_bounds,
     tile_centres,
     tile_centres_lnglat,
@@ -251,6 +253,40 @@ def test_cover_across_the_antimeridian_has_both_edges_of_the_world() -> None:
     assert not any(-169.0 < lon < 168.0 for lon in longitudes)
 
 
+def cover(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> TileCover:
+    return cover_blocks(geometry, zoom, max_tiles).tiles()
+
+
+def grid_of(tiles: TileCover) -> RasterGrid:
+    """The raster grid of listed tiles: a cover of one-tile blocks."""
+    return CoverBlocks(tiles.zoom, ((0, tiles.x, tiles.y),)).grid()
+
+
+@pytest.mark.parametrize(
+    ("region", "zoom", "chunk_zoom"),
+    [("Belgium", 12, 7), ("Paris", 16, 10), ("Fiji", 8, 4), ("-180,-60,180,60", 6, 2), ("Paris", 9, 9)],
+)
+def test_a_cover_counted_by_its_blocks_holds_what_its_listed_tiles_hold(
+    region: str, zoom: int, chunk_zoom: int
+) -> None:
+    """What the plan of a large region takes from the blocks alone: the tile count, the raster grid (across the
+    antimeridian too) and every chunk's size, and one chunk's tiles."""
+    blocks = cover_blocks(parse_region(region).geometry, zoom)
+    tiles = blocks.tiles()
+    assert len(blocks) == len(tiles) == len(set(tiles.tiles()))
+    assert blocks.grid() == grid_of(tiles)
+    depth = chunk_depth(zoom, chunk_zoom)
+    listed_keys = (tiles.y >> depth) * 2**chunk_zoom + (tiles.x >> depth)
+    expected_keys, expected_sizes = np.unique(listed_keys, return_counts=True)
+    keys, sizes = blocks.chunk_sizes(chunk_zoom)
+    assert np.array_equal(keys, expected_keys) and np.array_equal(sizes, expected_sizes)
+    assert len(keys) <= blocks.chunk_bound(chunk_zoom)
+    for key in keys[:: max(1, len(keys) // 7)].tolist():
+        chunk = blocks.chunk_tiles(key, chunk_zoom)
+        mine = listed_keys == key
+        assert np.array_equal(chunk.x, tiles.x[mine]) and np.array_equal(chunk.y, tiles.y[mine])
+
+
 def test_cover_refuses_more_tiles_than_allowed() -> None:
     geometry = box(5.0, 45.0, 6.0, 46.0)
     full = cover(geometry, 12)
@@ -259,10 +295,6 @@ def test_cover_refuses_more_tiles_than_allowed() -> None:
         cover(geometry, 12, max_tiles=len(full) - 1)
     with pytest.raises(TooManyTilesError, match="more than 1,000"):
         cover(geometry, 22, max_tiles=1000)
-    # Past `max_listed` the exact count, found without listing the tiles.
-    assert len(cover(geometry, 12, max_listed=len(full))) == len(full)
-    with pytest.raises(TooManyTilesError, match=f"^{len(full):,} tiles at zoom 12, more than {len(full) - 1:,}$"):
-        cover(geometry, 12, max_listed=len(full) - 1)
 
 
 def test_cover_of_a_country_stays_fast_and_complete() -> None:
@@ -302,7 +334,7 @@ def test_tile_block_holds_the_source_tiles_under_a_read() -> None:
 
 def test_raster_grid_spans_the_cover() -> None:
     result = _city_cover()
-    grid = raster_grid(result)
+    grid = grid_of(result)
     assert grid.width == result.x.max() - result.x.min() + 1
     assert grid.height == result.y.max() - result.y.min() + 1
     top_left = mercantile.xy_bounds(int(result.x.min()), int(result.y.min()), 16)
@@ -319,7 +351,7 @@ def test_raster_grid_spans_the_cover() -> None:
 def test_a_raster_grid_round_the_world_runs_from_180_west_to_180_east() -> None:
     zoom = 3
     columns = np.arange(2**zoom)
-    grid = raster_grid(TileCover(zoom, columns, np.full_like(columns, 2)))
+    grid = grid_of(TileCover(zoom, columns, np.full_like(columns, 2)))
     assert (grid.first_column, grid.width) == (0, 2**zoom)
     assert grid.lnglat_bounds[0::2] == (-180.0, 180.0)
 
@@ -328,7 +360,7 @@ def test_raster_grid_continues_across_the_antimeridian() -> None:
     zoom = 5
     last = 2**zoom - 1
     crossing = TileCover(zoom, np.array([last, 0, 1]), np.array([10, 10, 11]))
-    grid = raster_grid(crossing)
+    grid = grid_of(crossing)
     assert (grid.width, grid.height) == (3, 2)
     assert grid.bounds.left == pytest.approx(mercantile.xy_bounds(last, 10, zoom).left)
     assert grid.bounds.right == pytest.approx(WORLD_HALF_WIDTH_M + 2 * 2 * WORLD_HALF_WIDTH_M / 2**zoom)
@@ -338,7 +370,7 @@ def test_raster_grid_continues_across_the_antimeridian() -> None:
     assert (west, east) == pytest.approx((mercantile.bounds(last, 10, zoom).west, mercantile.bounds(1, 11, zoom).east))
     assert (south, north) == pytest.approx((mercantile.bounds(0, 11, zoom).south, mercantile.bounds(0, 10, zoom).north))
     with pytest.raises(TilingError, match="empty"):
-        raster_grid(TileCover(zoom, np.array([], dtype=np.int64), np.array([], dtype=np.int64)))
+        grid_of(TileCover(zoom, np.array([], dtype=np.int64), np.array([], dtype=np.int64)))
 
 
 def test_view_strips_group_whole_rows_within_their_budgets() -> None:

@@ -42,7 +42,7 @@ from pipeline.errors import BuildConfigError, ImageryMismatchError, TilingError,
 from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
 from pipeline.plan import (
-    SURVEY_MAX_TILES,
+    SURVEY_MAX_CHUNKS,
     ImageryFit,
     ModelView,
     Plan,
@@ -436,21 +436,25 @@ def test_cli_plans_a_country_and_says_the_build_would_refuse_it(
     assert (status, err) == (0, "") and "Tile limit" not in out
 
 
-def test_cli_answers_for_the_whole_world_with_its_tile_count_in_bounded_memory(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    """The world band at sentinel zoom level 1 holds ~268 M output tiles: listing them would take ~20 GB. The
-    plan counts them by its descent alone and says how to plan instead."""
-    band = "--region=-180,-85,180,85"
-    status, out, err = _run_cli(capsys, "plan", band, "--imagery", OFFLINE_TEMPLATE, "--cache-dir", str(tmp_path))
+def test_cli_plans_the_whole_world_from_the_covers_blocks(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The world band at sentinel zoom level 1 holds ~268 M output tiles: listing them would take ~20 GB. The plan
+    counts tiles and chunks from the cover's blocks and lists the sampled chunks' tiles alone (~170 MB, ~4 s)."""
+    common = ("plan", "--region=-180,-85,180,85", "--imagery", OFFLINE_TEMPLATE, "--cache-dir", str(tmp_path))
+    status, out, err = _run_cli(capsys, *common)
     top, bottom = mercantile.tile(0.0, 85.0, 14), mercantile.tile(0.0, -85.0, 14)
-    count = (bottom.y - top.y + 1) * 2**14
-    message = (
-        f"error: region '-180,-85,180,85' needs {count:,} tiles at zoom 14, more than {SURVEY_MAX_TILES:,};"
-        " a plan lists at most that many: plan a part of it, or a coarser view (a larger --zoom-level or a"
-        " smaller --tile-zoom-offset)"
+    assert (status, err) == (0, "")
+    assert f"Output tiles   {(bottom.y - top.y + 1) * 2**14:,} at zoom 14\n" in out
+    assert f"Chunks         {((bottom.y >> 6) - (top.y >> 6) + 1) * 2**8:,} at zoom 8 " in out
+    assert "(counted on 0.038% of the chunks and scaled up)" in out
+    # Finer views: ~17 G tiles in millions of chunks, more than a plan lists.
+    status, out, err = _run_cli(capsys, *common, "--tile-zoom-offset", "3")
+    assert (status, out) == (2, "")
+    assert re.fullmatch(
+        r"error: region '-180,-85,180,85' needs 17,123,770,368 tiles at zoom 17 in up to [\d,]+ chunks of zoom 11,"
+        rf" more than the {SURVEY_MAX_CHUNKS:,} a plan lists; plan a part of it, a coarser view \(a larger"
+        r" --zoom-level or a smaller --tile-zoom-offset\) or larger chunks \(a smaller --chunk-zoom\)\n",
+        err,
     )
-    assert (status, out, err.strip()) == (2, "", message)
 
 
 def test_the_build_still_refuses_a_country_over_its_limit(tmp_path: Path) -> None:

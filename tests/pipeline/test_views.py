@@ -31,7 +31,7 @@ from pipeline.geometry import (
     WEB_MERCATOR,
     WGS84,
     Bounds,
-    cover,
+    cover_blocks,
     lattice_blocks,
     lnglat_of_mercator,
     output_zoom,
@@ -65,7 +65,7 @@ def views_over(footprint: Bounds, view_m: float, offset: int, inset: float = 0.0
     dx, dy = (right - left) * inset, (top - bottom) * inset
     lon, lat = lnglat_of_mercator([left + dx, right - dx], [bottom + dy, top - dy])
     zoom = output_zoom(view_m, float(np.mean(lat))) + offset
-    tiles = cover(box(lon[0], lat[0], lon[1], lat[1]), zoom)
+    tiles = cover_blocks(box(lon[0], lat[0], lon[1], lat[1]), zoom).tiles()
     return view_bounds(tiles.x, tiles.y, zoom, view_m, SIZE)
 
 
