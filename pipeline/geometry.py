@@ -319,11 +319,12 @@ class CoverBlocks:
         starts = np.concatenate([x << depth for depth, x, _ in self.blocks])
         ends = np.concatenate([(x + 1) << depth for depth, x, _ in self.blocks])
         top = min(int(y.min()) << depth for depth, _, y in self.blocks if len(y))
-        bottom = max((int(y.max()) + 1 << depth) - 1 for depth, _, y in self.blocks if len(y))
+        bottom = max(((int(y.max()) + 1) << depth) - 1 for depth, _, y in self.blocks if len(y))
         return _column_grid(self.zoom, starts, ends, top, bottom)
 
     def chunk_bound(self, chunk_zoom: int) -> int:
-        """At least the number of chunks at `chunk_zoom` that hold tiles of the cover (`chunk_sizes` lists them)."""
+        """An upper bound on the number of chunks at `chunk_zoom` that hold tiles of the cover: the entries
+        `chunk_sizes` gathers before it merges them."""
         depth = chunk_depth(self.zoom, chunk_zoom)
         return sum(len(x) * 4 ** max(block - depth, 0) for block, x, _ in self.blocks)
 
@@ -336,7 +337,7 @@ class CoverBlocks:
             if block >= depth:  # whole chunks
                 chunk_x, chunk_y = _descendants(x, y, block - depth)
             else:
-                chunk_x, chunk_y = x >> depth - block, y >> depth - block
+                chunk_x, chunk_y = x >> (depth - block), y >> (depth - block)
             keys.append(chunk_y * 2**chunk_zoom + chunk_x)
             sizes.append(np.full(len(chunk_x), 4 ** min(block, depth), np.int64))
         unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
@@ -349,10 +350,10 @@ class CoverBlocks:
         filled = []
         for block, x, y in self.blocks:
             if block >= depth:  # a block holding the whole chunk
-                if ((x == chunk_x >> block - depth) & (y == chunk_y >> block - depth)).any():
+                if ((x == (chunk_x >> (block - depth))) & (y == (chunk_y >> (block - depth)))).any():
                     filled.append(_descendants(chunk_x, chunk_y, depth))
             else:
-                mine = (x >> depth - block == chunk_x) & (y >> depth - block == chunk_y)
+                mine = ((x >> (depth - block)) == chunk_x) & ((y >> (depth - block)) == chunk_y)
                 filled.append(_descendants(x[mine], y[mine], block))
         return _listed(self.zoom, filled)
 
