@@ -331,31 +331,32 @@ class CoverBlocks:
     def chunk_sizes(self, chunk_zoom: int) -> tuple[np.ndarray, np.ndarray]:
         """The chunks at `chunk_zoom` that hold tiles of the cover, row by row, as keys (row * 2**chunk_zoom +
         column), and how many tiles each holds."""
-        depth = chunk_depth(self.zoom, chunk_zoom)
-        keys, sizes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        for block, x, y in self.blocks:
-            if block >= depth:  # whole chunks
-                chunk_x, chunk_y = _descendants(x, y, block - depth)
-            else:
-                chunk_x, chunk_y = x >> (depth - block), y >> (depth - block)
-            keys.append(chunk_y * 2**chunk_zoom + chunk_x)
-            sizes.append(np.full(len(chunk_x), 4 ** min(block, depth), np.int64))
-        unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-        return unique, np.bincount(inverse, weights=np.concatenate(sizes), minlength=len(unique)).astype(np.int64)
+        parts = list(self._by_chunk(chunk_zoom))
+        keys = np.concatenate([np.zeros(0, np.int64), *(key for _, _, _, key in parts)])
+        sizes = np.concatenate([np.zeros(0, np.int64), *(np.full(len(x), 4**depth) for depth, x, _, _ in parts)])
+        unique, inverse = np.unique(keys, return_inverse=True)
+        return unique, np.bincount(inverse, weights=sizes, minlength=len(unique)).astype(np.int64)
 
-    def chunk_tiles(self, key: int, chunk_zoom: int) -> TileCover:
-        """The cover's tiles in the chunk of `key` (`chunk_sizes`), row by row."""
-        depth = chunk_depth(self.zoom, chunk_zoom)
-        chunk_x, chunk_y = np.array([key % 2**chunk_zoom]), np.array([key // 2**chunk_zoom])
-        filled = []
-        for block, x, y in self.blocks:
-            if block >= depth:  # a block holding the whole chunk
-                if ((x == (chunk_x >> (block - depth))) & (y == (chunk_y >> (block - depth)))).any():
-                    filled.append(_descendants(chunk_x, chunk_y, depth))
-            else:
-                mine = ((x >> (depth - block)) == chunk_x) & ((y >> (depth - block)) == chunk_y)
-                filled.append(_descendants(x[mine], y[mine], block))
-        return _listed(self.zoom, filled)
+    def tiles_in(self, keys: np.ndarray, chunk_zoom: int) -> TileCover:
+        """The cover's tiles in the chunks of `keys` (as `chunk_sizes` gives them), row by row."""
+        return _listed(
+            self.zoom,
+            [
+                _descendants(x[mine], y[mine], depth)
+                for depth, x, y, key in self._by_chunk(chunk_zoom)
+                if (mine := np.isin(key, keys)).any()
+            ],
+        )
+
+    def _by_chunk(self, chunk_zoom: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """The blocks cut to fit chunks: (depth, x, y, chunk key) of blocks smaller than a chunk, and of the
+        chunks that larger blocks hold whole."""
+        chunk = chunk_depth(self.zoom, chunk_zoom)
+        for depth, x, y in self.blocks:
+            if depth >= chunk:
+                x, y = _descendants(x, y, depth - chunk)
+                depth = chunk
+            yield depth, x, y, (y >> (chunk - depth)) * 2**chunk_zoom + (x >> (chunk - depth))
 
 
 def cover_blocks(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> CoverBlocks:

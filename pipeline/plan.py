@@ -244,10 +244,8 @@ def _survey_chunks(
     keys, sizes = blocks.chunk_sizes(chunk_zoom)
     side = 2**chunk_zoom
     ids = tuple(chunk_id(mercantile.Tile(key % side, key // side, chunk_zoom)) for key in keys.tolist())
-    chunks = []
-    for index in range(0, len(keys), sample_step(len(blocks))):
-        tiles = blocks.chunk_tiles(int(keys[index]), chunk_zoom)
-        chunks.append(_chunk_tiles(_ChunkSpan(ids[index], tiles.x, tiles.y), blocks.zoom, grid, view))
+    sampled = blocks.tiles_in(keys[:: sample_step(len(blocks))], chunk_zoom)
+    chunks = [_chunk_tiles(span, blocks.zoom, grid, view) for span in _chunk_spans(sampled, chunk_zoom)]
     return ids, tuple(sizes.tolist()), chunks
 
 
