@@ -39,10 +39,16 @@ def unwritable_reason(path: Path) -> str | None:
 def unwritable_folder_reason(folder: Path) -> str | None:
     """Why files cannot be made in `folder`, in a few words, or None: it, or the nearest folder that exists above
     it (the folders below are made when a file is written), is a file or takes no new entries."""
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    existing = nearest_existing(folder)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is no writable folder"
     return None
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (os.path.exists: an entry that cannot be looked into
+    counts as missing, where Path.exists raises)."""
+    return next(entry for entry in (path, *path.parents) if os.path.exists(entry))
 
 
 def _umask() -> int:

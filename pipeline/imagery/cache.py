@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common.atomic import TEMP_PREFIX, atomic_write_bytes
+from common.atomic import TEMP_PREFIX, atomic_write_bytes, nearest_existing
 from pipeline.errors import CacheError
 
 # Temporary files older than this belong to a writer that died; pruning removes them.
@@ -40,8 +40,7 @@ def part_key(source_id: str, digest: str) -> str:
 def check_cache_dir(folder: Path, name: str, fix: str, *, existing: bool = False) -> None:
     """Refuse a tile cache `folder` (given as `name`, a flag or config key) that is a file or lies under one, and,
     when `existing`, one that is not there (a mistyped path would report an empty cache)."""
-    # os.path.exists, not Path.exists: a folder that cannot be looked into is not there for it, not an error.
-    there = next(path for path in (folder, *folder.parents) if os.path.exists(path))
+    there = nearest_existing(folder)
     if there.is_dir() and (there == folder or not existing):
         return
     under = "" if there == folder or there.is_dir() else f" (it lies under {there}, a file)"
