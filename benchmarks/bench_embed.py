@@ -47,7 +47,7 @@ from pipeline.config import ImagerySettings, Time, load_plan_inputs
 from pipeline.embed import EmbedOptions, auto_batch_size, embed_chunks, stage_line
 from pipeline.geometry import output_zoom
 from pipeline.model_setup import untrained_config
-from pipeline.plan import ChunkTiles, ModelView
+from pipeline.plan import ChunkTiles, ModelView, all_chunks
 from tests.support.imagery_servers import warp_to_web_mercator
 
 SAMPLE_SECONDS = 0.2
@@ -67,7 +67,8 @@ def plan(args: argparse.Namespace) -> tuple[list[ChunkTiles], int]:
             "tiling": {"tile_zoom_offset": args.tile_zoom_offset, "max_tiles": 10_000_000},
         }
     )
-    return list(plan_build(inputs).chunks), inputs.concepts_top_k
+    planned = plan_build(inputs)
+    return all_chunks(planned.plan, planned.blocks), inputs.concepts_top_k
 
 
 def imagery_sources(folder: Path, names: list[str]) -> dict[str, ImagerySettings]:

@@ -43,7 +43,7 @@ from pipeline.geometry import Bounds
 from pipeline.imagery import ImageryReader, LocalRasterReader, TileCache, XYZReader
 from pipeline.imagery.base import read_strips
 from pipeline.imagery.codec import encode_png
-from pipeline.plan import ChunkTiles
+from pipeline.plan import ChunkTiles, all_chunks
 from pipeline.views import cut_views
 from tests.support.imagery_servers import encode_image, warp_to_web_mercator
 
@@ -73,7 +73,8 @@ def largest_chunk(offset: int) -> ChunkTiles:
             "tiling": {"tile_zoom_offset": offset, "max_tiles": 10_000_000},
         }
     )
-    return max(plan_build(inputs).chunks, key=len)
+    planned = plan_build(inputs)
+    return max(all_chunks(planned.plan, planned.blocks), key=len)
 
 
 def xyz_url(tile_format: str) -> str:

@@ -34,6 +34,7 @@ from pipeline.config import BuildConfig, ImagerySettings, PlanInputs, load_build
 from pipeline.errors import BuildConfigError, BuildFolderError, ImageryCoverageError, OutputDirError
 from pipeline.geometry import (
     WEB_MERCATOR,
+    ChunkBlocks,
     ground_resolution_m,
     imagery_zoom,
     mercator_scale,
@@ -80,8 +81,6 @@ PROJECT_NAME = "project.qgz"
 ZONES_NAME = "zones"
 # Queries assumed by the size estimate when none are given (the default config has 5).
 DEFAULT_QUERY_COUNT = 5
-# Above this many model views the start does not bound their coverage (a country's views take seconds).
-COVERAGE_CHECK_MAX_VIEWS = 250_000
 # COG overviews add at most a third to the full-resolution band.
 OVERVIEW_FACTOR = 4 / 3
 
@@ -99,6 +98,8 @@ class Workload(NamedTuple):
 
 class PlannedBuild(NamedTuple):
     plan: Plan
+    blocks: ChunkBlocks
+    # Every chunk's tiles, or beyond EXACT_ESTIMATE_TILES tiles every `sample_step`-th chunk's (`make_plan`).
     chunks: list[ChunkTiles]
     downloads: FetchEstimate | None
     # The share of chunks the download estimate was counted on (1.0: all of them, else extrapolated).
@@ -123,10 +124,9 @@ def plan_build(
     with inputs.imagery.open_reader() as reader:
         check_coverage(region, reader, inputs.imagery.shown_source)
         fit = check_imagery(reader, inputs.imagery, view, region_latitude(region.geometry))
-        plan, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint, sampled_only=survey)
+        plan, blocks, chunks = make_plan(region, view, tiling, fit, limit_hint=limit_hint)
         check_imagery_present(plan, reader)
-        if not survey:  # a survey holds a sample of the chunks
-            check_views_covered(plan, chunks, reader, inputs.imagery.min_coverage)
+        check_views_covered(plan, chunks, reader, inputs.imagery.min_coverage)
         downloads, share = estimate_downloads(reader, plan, chunks)
     if not survey:  # a plan still answers what the region would take once fetched
         check_offline_cache(inputs.imagery, downloads, share)
@@ -138,7 +138,7 @@ def plan_build(
         read_rates(rates_path),
         len(inputs.model.times.all),
     )
-    return PlannedBuild(plan, chunks, downloads, share, inputs.tiling.max_tiles, workload)
+    return PlannedBuild(plan, blocks, chunks, downloads, share, inputs.tiling.max_tiles, workload)
 
 
 def check_coverage(region: Region, reader: ImageryReader, source: str) -> None:
@@ -173,9 +173,9 @@ def check_imagery_present(plan: Plan, reader: ImageryReader) -> None:
 
 def check_views_covered(plan: Plan, chunks: Sequence[ChunkTiles], reader: ImageryReader, min_coverage: float) -> None:
     """Refuse a region none of whose model views the imagery can cover on `min_coverage` of their pixels (a region
-    at the raster's edge): every tile would be left empty, found only after embedding. Skipped for regions of more
-    than COVERAGE_CHECK_MAX_VIEWS views, to keep the start quick."""
-    if not chunks or sum(len(chunk) for chunk in chunks) > COVERAGE_CHECK_MAX_VIEWS:
+    at the raster's edge): every tile would be left empty, found only after embedding. Skipped where `chunks` are
+    a sample (regions of more than EXACT_ESTIMATE_TILES tiles), which could not tell."""
+    if not chunks or len(chunks) < len(plan.chunk_ids):
         return
     bound = reader.coverage_bound(np.concatenate([chunk.views for chunk in chunks]))
     if bound is None or (bound >= min_coverage).any():
@@ -222,7 +222,7 @@ def start_build(config: BuildConfig) -> PlannedBuild:
     )
     check_output_dir(config.build_dir)
     write_settings(config, config.build_dir / SETTINGS_NAME)
-    write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.chunks)
+    write_plan(config.build_dir / PLAN_NAME, planned.plan, planned.blocks)
     return planned
 
 

@@ -323,40 +323,64 @@ class CoverBlocks:
         return _column_grid(self.zoom, starts, ends, top, bottom)
 
     def chunk_bound(self, chunk_zoom: int) -> int:
-        """An upper bound on the number of chunks at `chunk_zoom` that hold tiles of the cover: the entries
-        `chunk_sizes` gathers before it merges them."""
+        """An upper bound on the number of chunks at `chunk_zoom` that hold tiles of the cover: the blocks
+        `chunked` cuts them into."""
         depth = chunk_depth(self.zoom, chunk_zoom)
         return sum(len(x) * 4 ** max(block - depth, 0) for block, x, _ in self.blocks)
 
-    def chunk_sizes(self, chunk_zoom: int) -> tuple[np.ndarray, np.ndarray]:
-        """The chunks at `chunk_zoom` that hold tiles of the cover, row by row, as keys (row * 2**chunk_zoom +
-        column), and how many tiles each holds."""
-        parts = list(self._by_chunk(chunk_zoom))
-        keys = np.concatenate([np.zeros(0, np.int64), *(key for _, _, _, key in parts)])
-        sizes = np.concatenate([np.zeros(0, np.int64), *(np.full(len(x), 4**depth) for depth, x, _, _ in parts)])
-        unique, inverse = np.unique(keys, return_inverse=True)
-        return unique, np.bincount(inverse, weights=sizes, minlength=len(unique)).astype(np.int64)
-
-    def tiles_in(self, keys: np.ndarray, chunk_zoom: int) -> TileCover:
-        """The cover's tiles in the chunks of `keys` (as `chunk_sizes` gives them), row by row."""
-        return _listed(
-            self.zoom,
-            [
-                _descendants(x[mine], y[mine], depth)
-                for depth, x, y, key in self._by_chunk(chunk_zoom)
-                if (mine := np.isin(key, keys)).any()
-            ],
-        )
-
-    def _by_chunk(self, chunk_zoom: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """The blocks cut to fit chunks: (depth, x, y, chunk key) of blocks smaller than a chunk, and of the
-        chunks that larger blocks hold whole."""
+    def chunked(self, chunk_zoom: int) -> ChunkBlocks:
+        """The blocks cut to fit the chunks of `chunk_zoom` (a block larger than a chunk becomes the chunks it holds)
+        and grouped by chunk, chunks row by row."""
         chunk = chunk_depth(self.zoom, chunk_zoom)
+        parts = []
         for depth, x, y in self.blocks:
             if depth >= chunk:
                 x, y = _descendants(x, y, depth - chunk)
                 depth = chunk
-            yield depth, x, y, (y >> (chunk - depth)) * 2**chunk_zoom + (x >> (chunk - depth))
+            parts.append((np.full(len(x), depth, dtype=np.int64), x, y))
+        depth, x, y = (np.concatenate([np.zeros(0, np.int64), *(part[i] for part in parts)]) for i in range(3))
+        shift = chunk - depth
+        keys = (y >> shift) * 2**chunk_zoom + (x >> shift)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+        return ChunkBlocks(
+            self.zoom, chunk_zoom, keys[starts], np.r_[starts, len(keys)], depth[order], x[order], y[order]
+        )
+
+
+@dataclass(frozen=True)
+class ChunkBlocks:
+    """A cover's blocks grouped by chunk (`CoverBlocks.chunked`): chunk i, the tile `keys[i]` (row *
+    2**chunk_zoom + column) of `chunk_zoom`, holds blocks starts[i]:starts[i + 1] of (depth, x, y). A chunk's tiles
+    are listed from its own blocks, so a plan keeps the blocks of a region, never all its tiles at once."""
+
+    zoom: int
+    chunk_zoom: int
+    keys: np.ndarray
+    starts: np.ndarray
+    depth: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def chunk(self, index: int) -> mercantile.Tile:
+        row, column = divmod(int(self.keys[index]), 2**self.chunk_zoom)
+        return mercantile.Tile(column, row, self.chunk_zoom)
+
+    def sizes(self) -> np.ndarray:
+        """How many tiles each chunk holds."""
+        if not len(self):
+            return np.zeros(0, np.int64)
+        return np.add.reduceat(np.int64(4) ** self.depth, self.starts[:-1])
+
+    def tiles(self, index: int) -> TileCover:
+        """Chunk `index`'s tiles, row by row."""
+        part = slice(int(self.starts[index]), int(self.starts[index + 1]))
+        depth, x, y = self.depth[part], self.x[part], self.y[part]
+        return _listed(self.zoom, [_descendants(x[depth == d], y[depth == d], int(d)) for d in np.unique(depth)])
 
 
 def cover_blocks(geometry: BaseGeometry, zoom: int, max_tiles: int | None = None) -> CoverBlocks:

@@ -2,9 +2,11 @@
 
 `make_plan` checks the imagery against the model's view, covers the region with output tiles, groups them
 into chunks and places them on the output raster. The workflow makes the plan once, when it starts, and
-writes it to plan.npz: a JSON header plus, per chunk, its tiles (x, y), their grid cells (row, col), their
-model views (EPSG:3857 bounds) and their centres (lon, lat). Every job reads its chunk from that file and
-never re-derives it. `python -m pipeline plan` makes the very same plan, and says what it will cost.
+writes it to plan.npz: a JSON header plus the region's cover as blocks of tiles grouped by chunk
+(`pipeline.geometry.ChunkBlocks`), so the file and the start hold memory for the blocks, not the tiles. Every job
+lists its chunk's tiles from that file (`read_chunks`: tiles x, y, their grid cells row, col, their model views
+and centres) and never re-derives the plan. `python -m pipeline plan` makes the very same plan, and says what it
+will cost.
 
 Output tiles are `tile_zoom_offset` zooms finer than the zoom whose tiles match the model's view: with an
 offset the views of neighbouring tiles overlap, which gives a smoother map.
@@ -30,10 +32,8 @@ from pipeline.errors import ImageryMismatchError, TilingError, TooManyTilesError
 from pipeline.geometry import (
     EARTH_CIRCUMFERENCE_M,
     Bounds,
-    CoverBlocks,
+    ChunkBlocks,
     RasterGrid,
-    TileCover,
-    chunk_depth,
     cover_blocks,
     default_chunk_zoom,
     output_zoom,
@@ -47,16 +47,16 @@ from pipeline.regions import Region
 if TYPE_CHECKING:
     from pipeline.imagery import FetchEstimate, ImageryReader
 
-PLAN_FORMAT = "sat2sound-maps/plan-v3"
+PLAN_FORMAT = "sat2sound-maps/plan-v4"
 # Imagery more than this many times coarser than the model's view would feed it blurred views it never saw.
 COARSER_LIMIT = 1.5
 # Above this many output tiles the download estimate is extrapolated from evenly spread chunks.
 EXACT_ESTIMATE_TILES = 100_000
-# A survey lists its chunks (~300 bytes each while it is made), not its tiles: the whole world at sentinel zoom
-# level 1 is ~65,000 chunks.
-SURVEY_MAX_CHUNKS = 1_000_000
+# A plan holds its chunks (~300 bytes each while it is made) and blocks, not its tiles: the whole world at
+# sentinel zoom level 1 is ~65,000 chunks.
+MAX_CHUNKS = 1_000_000
 _HEADER = "header"
-_CHUNK_ARRAYS = ("x", "y", "row", "col", "views", "lon", "lat")
+_BLOCK_ARRAYS = ("keys", "starts", "depth", "x", "y")
 
 
 class ModelView(NamedTuple):
@@ -185,19 +185,12 @@ def chunk_id(tile: mercantile.Tile) -> str:
 
 
 def make_plan(
-    region: Region,
-    view: ModelView,
-    tiling: TilingSettings,
-    imagery: ImageryFit,
-    *,
-    limit_hint: str,
-    sampled_only: bool = False,
-) -> tuple[Plan, list[ChunkTiles]]:
-    """The plan and its chunks; `limit_hint` says how to lift the tile limit where the caller is (config or CLI).
-
-    With `sampled_only` the list holds only the chunks `estimate_downloads` counts on (every `sample_step`-th):
-    what `python -m pipeline plan` needs, in bounded memory for a country. The build writes all of them.
-    """
+    region: Region, view: ModelView, tiling: TilingSettings, imagery: ImageryFit, *, limit_hint: str
+) -> tuple[Plan, ChunkBlocks, list[ChunkTiles]]:
+    """The plan, its cover's blocks by chunk (what plan.npz keeps), and the tiles of every `sample_step`-th chunk
+    (all of them up to EXACT_ESTIMATE_TILES tiles): what the start's checks and the download estimate read, in
+    memory for the blocks whatever the region's size. `limit_hint` says how to lift the tile limit where the
+    caller is (config or CLI)."""
     latitude = region_latitude(region.geometry)
     auto_zoom = output_zoom(view.size_m, latitude)
     zoom = auto_zoom + tiling.tile_zoom_offset
@@ -207,12 +200,15 @@ def make_plan(
         raise TooManyTilesError(f"region {region.name!r} needs {exc}; {limit_hint}") from None
     grid = blocks.grid()
     chunk_zoom = default_chunk_zoom(zoom) if tiling.chunk_zoom is None else tiling.chunk_zoom
-    if sampled_only:
-        ids, sizes, chunks = _survey_chunks(region, blocks, chunk_zoom, grid, view)
-    else:
-        spans = _chunk_spans(blocks.tiles(), chunk_zoom)
-        ids, sizes = tuple(span.id for span in spans), tuple(len(span.x) for span in spans)
-        chunks = [_chunk_tiles(span, zoom, grid, view) for span in spans]
+    bound = blocks.chunk_bound(chunk_zoom)
+    if bound > MAX_CHUNKS:
+        raise TooManyTilesError(
+            f"region {region.name!r} needs {len(blocks):,} tiles at zoom {zoom} in up to {bound:,} chunks of"
+            f" zoom {chunk_zoom}, more than the {MAX_CHUNKS:,} a plan holds; plan a part of it, a coarser view (a"
+            " larger model.zoom_level or a smaller tiling.tile_zoom_offset) or larger chunks (a smaller"
+            " tiling.chunk_zoom)"
+        )
+    chunked = blocks.chunked(chunk_zoom)
     plan = Plan(
         region=region,
         view=view,
@@ -220,61 +216,27 @@ def make_plan(
         auto_zoom=auto_zoom,
         grid=grid,
         chunk_zoom=chunk_zoom,
-        chunk_ids=ids,
-        chunk_sizes=sizes,
+        chunk_ids=tuple(chunk_id(chunked.chunk(index)) for index in range(len(chunked))),
+        chunk_sizes=tuple(chunked.sizes().tolist()),
         tile_count=len(blocks),
         imagery=imagery,
     )
-    return plan, chunks
+    sampled = range(0, len(chunked), sample_step(plan.tile_count))
+    return plan, chunked, [chunk_tiles(plan, chunked, index) for index in sampled]
 
 
-def _survey_chunks(
-    region: Region, blocks: CoverBlocks, chunk_zoom: int, grid: RasterGrid, view: ModelView
-) -> tuple[tuple[str, ...], tuple[int, ...], list[ChunkTiles]]:
-    """Every chunk's id and size, counted from the cover's blocks, and the tiles of every `sample_step`-th chunk
-    alone: memory for the chunks, not for the tiles (the world at sentinel zoom level 1 holds 268 M)."""
-    bound = blocks.chunk_bound(chunk_zoom)
-    if bound > SURVEY_MAX_CHUNKS:
-        raise TooManyTilesError(
-            f"region {region.name!r} needs {len(blocks):,} tiles at zoom {blocks.zoom} in up to {bound:,} chunks of"
-            f" zoom {chunk_zoom}, more than the {SURVEY_MAX_CHUNKS:,} a plan lists; plan a part of it, a coarser"
-            " view (a larger model.zoom_level or a smaller tiling.tile_zoom_offset) or larger chunks (a smaller"
-            " tiling.chunk_zoom)"
-        )
-    keys, sizes = blocks.chunk_sizes(chunk_zoom)
-    side = 2**chunk_zoom
-    ids = tuple(chunk_id(mercantile.Tile(key % side, key // side, chunk_zoom)) for key in keys.tolist())
-    sampled = blocks.tiles_in(keys[:: sample_step(len(blocks))], chunk_zoom)
-    chunks = [_chunk_tiles(span, blocks.zoom, grid, view) for span in _chunk_spans(sampled, chunk_zoom)]
-    return ids, tuple(sizes.tolist()), chunks
+def chunk_tiles(plan: Plan, blocks: ChunkBlocks, index: int) -> ChunkTiles:
+    """Chunk `index` of the plan, listed from its blocks."""
+    tiles = blocks.tiles(index)
+    row, col = plan.grid.cells(tiles.x, tiles.y)
+    lon, lat = tile_centres_lnglat(tiles.x, tiles.y, tiles.zoom)
+    views = view_bounds(tiles.x, tiles.y, tiles.zoom, plan.view.size_m, MODEL_INPUT_PX)
+    return ChunkTiles(plan.chunk_ids[index], tiles.x, tiles.y, row, col, views, lon, lat)
 
 
-class _ChunkSpan(NamedTuple):
-    id: str
-    x: np.ndarray
-    y: np.ndarray
-
-
-def _chunk_spans(tile_cover: TileCover, chunk_zoom: int) -> list[_ChunkSpan]:
-    """The cover's tiles grouped by their parent at `chunk_zoom`, chunks and tiles row by row (views of 2 arrays)."""
-    depth = chunk_depth(tile_cover.zoom, chunk_zoom)
-    parent_x, parent_y = tile_cover.x >> depth, tile_cover.y >> depth
-    order = np.lexsort((tile_cover.x, tile_cover.y, parent_x, parent_y))
-    x, y = tile_cover.x[order], tile_cover.y[order]
-    px, py = x >> depth, y >> depth
-    starts = np.flatnonzero(np.r_[True, (px[1:] != px[:-1]) | (py[1:] != py[:-1])])
-    spans = []
-    for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(x)], strict=True):
-        parent = mercantile.Tile(int(px[start]), int(py[start]), chunk_zoom)
-        spans.append(_ChunkSpan(chunk_id(parent), x[start:stop], y[start:stop]))
-    return spans
-
-
-def _chunk_tiles(span: _ChunkSpan, zoom: int, grid: RasterGrid, view: ModelView) -> ChunkTiles:
-    row, col = grid.cells(span.x, span.y)
-    lon, lat = tile_centres_lnglat(span.x, span.y, zoom)
-    views = view_bounds(span.x, span.y, zoom, view.size_m, MODEL_INPUT_PX)
-    return ChunkTiles(span.id, span.x, span.y, row, col, views, lon, lat)
+def all_chunks(plan: Plan, blocks: ChunkBlocks) -> list[ChunkTiles]:
+    """Every chunk of the plan, listed: memory for all its tiles, where a caller wants them at once."""
+    return [chunk_tiles(plan, blocks, index) for index in range(len(blocks))]
 
 
 def embed_jobs(plan: Plan, tiles_per_job: int) -> tuple[tuple[str, ...], ...]:
@@ -304,30 +266,28 @@ def estimate_downloads(
 ) -> tuple[FetchEstimate | None, float]:
     """What fetching the plan's imagery downloads, and the share of chunks it was counted on (1.0 = all).
 
-    Beyond EXACT_ESTIMATE_TILES tiles the count runs over every `sample_step`-th chunk and is scaled up;
-    `chunks` are all the plan's chunks, or already that sample (`make_plan(..., sampled_only=True)`).
+    `chunks` are those `make_plan` lists: every chunk, or beyond EXACT_ESTIMATE_TILES tiles every
+    `sample_step`-th, whose count is scaled up.
     """
-    total, chunk_count = plan.tile_count, len(plan.chunk_ids)
-    sampled = chunks[:: sample_step(total)] if len(chunks) == chunk_count else chunks
-    views = np.concatenate([chunk.views for chunk in sampled]) if sampled else np.zeros((0, 4))
+    views = np.concatenate([chunk.views for chunk in chunks]) if chunks else np.zeros((0, 4))
     estimate = reader.estimate(views, MODEL_INPUT_PX)
-    if estimate is None or len(sampled) == chunk_count:
+    if estimate is None or len(chunks) == len(plan.chunk_ids):
         return estimate, 1.0
-    scale = total / len(views)
+    scale = plan.tile_count / len(views)
     return (
         estimate._replace(
             tiles=round(estimate.tiles * scale),
             cached=round(estimate.cached * scale),
             bytes_to_fetch=round(estimate.bytes_to_fetch * scale),
         ),
-        len(sampled) / chunk_count,
+        len(chunks) / len(plan.chunk_ids),
     )
 
 
-def write_plan(path: Path, plan: Plan, chunks: Sequence[ChunkTiles]) -> bool:
+def write_plan(path: Path, plan: Plan, blocks: ChunkBlocks) -> bool:
     """Write plan.npz unless the file already holds this very plan (so its time stamp, which Snakemake
     compares, changes only with its content). Returns whether it wrote."""
-    arrays = {f"{chunk.id}/{name}": getattr(chunk, name) for chunk in chunks for name in _CHUNK_ARRAYS}
+    arrays = {f"blocks/{name}": getattr(blocks, name) for name in _BLOCK_ARRAYS}
     header = _header(plan)
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name in sorted(arrays):
@@ -385,9 +345,13 @@ def read_plan(path: Path) -> Plan:
     )
 
 
-def read_chunk(path: Path, chunk: str) -> ChunkTiles:
+def read_chunks(path: Path, chunks: Sequence[str]) -> list[ChunkTiles]:
+    """The tiles of the named chunks of the plan in `path`."""
+    plan = read_plan(path)
     with np.load(path) as archive:
-        return ChunkTiles(chunk, *(archive[f"{chunk}/{name}"] for name in _CHUNK_ARRAYS))
+        blocks = ChunkBlocks(plan.zoom, plan.chunk_zoom, *(archive[f"blocks/{name}"] for name in _BLOCK_ARRAYS))
+    index = {chunk: number for number, chunk in enumerate(plan.chunk_ids)}
+    return [chunk_tiles(plan, blocks, index[chunk]) for chunk in chunks]
 
 
 def region_feature(plan: Plan) -> dict[str, Any]:

@@ -46,9 +46,9 @@ def _model(args: argparse.Namespace, config: BuildConfig) -> str:
 
 def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.fetch import fetch_chunk
-    from pipeline.plan import read_chunk
+    from pipeline.plan import read_chunks
 
-    report = fetch_chunk(read_chunk(args.plan, args.chunk), config.imagery, args.out)
+    report = fetch_chunk(read_chunks(args.plan, [args.chunk])[0], config.imagery, args.out)
     line = f"{report.views} views, {report.method}: {report.with_imagery}/{report.source_items} with imagery"
     if report.unavailable:
         line += f", {len(report.unavailable)} unavailable (failed or corrupt; their tiles are left empty)"
@@ -73,7 +73,7 @@ def _embed_on_device(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.config import settings_digest
     from pipeline.embed import EmbedOptions, TimeCosts, auto_batch_size, chunk_stamp, embed_chunks, stage_line
     from pipeline.model_setup import load_encoder, read_model_record
-    from pipeline.plan import embed_jobs, read_chunk, read_plan
+    from pipeline.plan import embed_jobs, read_chunks, read_plan
 
     torch.set_num_threads(args.threads)
     model, plan = config.model, read_plan(args.plan)
@@ -92,7 +92,7 @@ def _embed_on_device(args: argparse.Namespace, config: BuildConfig) -> str:
     options = EmbedOptions(times, batch_size, model.loader_workers, config.outputs.concepts_top_k)
     embed_digest = settings_digest(config, "embed")
     reports = embed_chunks(
-        [read_chunk(args.plan, chunk) for chunk in chunk_ids],
+        read_chunks(args.plan, chunk_ids),
         zoom_level,
         encoder,
         config.imagery,

@@ -270,7 +270,7 @@ def test_a_cover_counted_by_its_blocks_holds_what_its_listed_tiles_hold(
     region: str, zoom: int, chunk_zoom: int
 ) -> None:
     """What the plan of a large region takes from the blocks alone: the tile count, the raster grid (across the
-    antimeridian too) and every chunk's size, and the tiles of some chunks."""
+    antimeridian too), every chunk's size, and each chunk's tiles from its own blocks."""
     blocks = cover_blocks(parse_region(region).geometry, zoom)
     tiles = blocks.tiles()
     assert len(blocks) == len(tiles) == len(set(tiles.tiles()))
@@ -278,13 +278,15 @@ def test_a_cover_counted_by_its_blocks_holds_what_its_listed_tiles_hold(
     depth = chunk_depth(zoom, chunk_zoom)
     listed_keys = (tiles.y >> depth) * 2**chunk_zoom + (tiles.x >> depth)
     expected_keys, expected_sizes = np.unique(listed_keys, return_counts=True)
-    keys, sizes = blocks.chunk_sizes(chunk_zoom)
-    assert np.array_equal(keys, expected_keys) and np.array_equal(sizes, expected_sizes)
-    assert len(keys) <= blocks.chunk_bound(chunk_zoom)
-    sampled = keys[:: max(1, len(keys) // 7)]
-    chunks = blocks.tiles_in(sampled, chunk_zoom)
-    mine = np.isin(listed_keys, sampled)
-    assert np.array_equal(chunks.x, tiles.x[mine]) and np.array_equal(chunks.y, tiles.y[mine])
+    chunked = blocks.chunked(chunk_zoom)
+    assert np.array_equal(chunked.keys, expected_keys) and np.array_equal(chunked.sizes(), expected_sizes)
+    assert len(chunked) <= blocks.chunk_bound(chunk_zoom)
+    for index in range(0, len(chunked), max(1, len(chunked) // 7)):
+        chunk = chunked.chunk(index)
+        assert (chunk.z, chunk.y * 2**chunk_zoom + chunk.x) == (chunk_zoom, chunked.keys[index])
+        listed = chunked.tiles(index)
+        mine = listed_keys == chunked.keys[index]
+        assert np.array_equal(listed.x, tiles.x[mine]) and np.array_equal(listed.y, tiles.y[mine])
 
 
 def test_cover_refuses_more_tiles_than_allowed() -> None:

@@ -39,18 +39,20 @@ from pipeline.config import (
     load_plan_inputs,
 )
 from pipeline.errors import BuildConfigError, ImageryMismatchError, TilingError, TooManyTilesError
+from pipeline.geometry import ChunkBlocks
 from pipeline.imagery import LocalRasterReader, XYZReader
 from pipeline.imagery.cache import TileCache
 from pipeline.plan import (
-    SURVEY_MAX_CHUNKS,
+    MAX_CHUNKS,
     ImageryFit,
     ModelView,
     Plan,
+    all_chunks,
     check_imagery,
     estimate_downloads,
     fitting_zoom_level,
     make_plan,
-    read_chunk,
+    read_chunks,
     read_plan,
     write_plan,
 )
@@ -79,6 +81,20 @@ def plan_of(
     chunk_zoom: int | None = None,
     max_tiles: int | None = 250_000,
 ) -> tuple[Plan, list[plan_module.ChunkTiles]]:
+    """The plan and every one of its chunks, listed from its blocks."""
+    plan, blocks, _ = made_plan(region, sat_type, zoom_level, offset=offset, chunk_zoom=chunk_zoom, max_tiles=max_tiles)
+    return plan, all_chunks(plan, blocks)
+
+
+def made_plan(
+    region: Region,
+    sat_type: str = "bingmap",
+    zoom_level: int = 1,
+    *,
+    offset: int = 0,
+    chunk_zoom: int | None = None,
+    max_tiles: int | None = 250_000,
+) -> tuple[Plan, ChunkBlocks, list[plan_module.ChunkTiles]]:
     tiling = TilingSettings(offset, chunk_zoom, max_tiles)
     return make_plan(region, ModelView.of(sat_type, zoom_level), tiling, FIT, limit_hint=LIMIT_HINT)
 
@@ -96,10 +112,10 @@ def offline_server(cache_dir: Path, max_zoom: int = 19) -> XYZReader:
 
 
 def planned_with(reader: XYZReader | LocalRasterReader, region: Region, **options: object) -> PlannedBuild:
-    plan, chunks = plan_of(region, **options)  # type: ignore[arg-type]
+    plan, blocks, chunks = made_plan(region, **options)  # type: ignore[arg-type]
     plan = plan._replace(imagery=plan.imagery._replace(source_id=reader.source_id, attribution=reader.attribution))
     downloads, share = estimate_downloads(reader, plan, chunks)
-    return PlannedBuild(plan, chunks, downloads, share)
+    return PlannedBuild(plan, blocks, chunks, downloads, share)
 
 
 def _expected_source_tiles(region: Region, output_zoom: int, imagery_zoom: int) -> set[mercantile.Tile]:
@@ -242,19 +258,22 @@ def test_a_bbox_wider_than_180_degrees_plans_the_band_it_names(
 @pytest.mark.filterwarnings("ignore::pipeline.errors.RegionWarning")
 def test_the_plan_file_round_trips_and_is_rewritten_only_when_the_plan_changes(tmp_path: Path) -> None:
     path = tmp_path / "plan.npz"
-    plan, chunks = plan_of(parse_region("179.99,-0.01,-179.99,0.01"), zoom_level=5, offset=2)
-    assert write_plan(path, plan, chunks)
+    region = parse_region("179.99,-0.01,-179.99,0.01")
+    plan, blocks, _ = made_plan(region, zoom_level=5, offset=2)
+    assert write_plan(path, plan, blocks)
     stamp = path.stat().st_mtime_ns
     assert read_plan(path) == plan
-    for chunk in chunks:
-        stored = read_chunk(path, chunk.id)
-        for name in stored._fields[1:]:
-            np.testing.assert_array_equal(getattr(stored, name), getattr(chunk, name))
-    again, again_chunks = plan_of(parse_region("179.99,-0.01,-179.99,0.01"), zoom_level=5, offset=2)
-    assert not write_plan(path, again, again_chunks)
+    _, chunks = plan_of(region, zoom_level=5, offset=2)
+    assert len(chunks) > 1
+    stored = read_chunks(path, [chunk.id for chunk in reversed(chunks)])
+    for chunk, again in zip(reversed(chunks), stored, strict=True):
+        assert again.id == chunk.id
+        for name in chunk._fields[1:]:
+            np.testing.assert_array_equal(getattr(again, name), getattr(chunk, name))
+    assert not write_plan(path, *made_plan(region, zoom_level=5, offset=2)[:2])
     assert path.stat().st_mtime_ns == stamp
-    finer, finer_chunks = plan_of(parse_region("179.99,-0.01,-179.99,0.01"), zoom_level=5, offset=3)
-    assert write_plan(path, finer, finer_chunks)
+    finer, finer_blocks, _ = made_plan(region, zoom_level=5, offset=3)
+    assert write_plan(path, finer, finer_blocks)
     assert read_plan(path).zoom == plan.zoom + 1
 
 
@@ -451,7 +470,7 @@ def test_cli_plans_the_whole_world_from_the_covers_blocks(capsys: pytest.Capture
     assert (status, out) == (2, "")
     assert re.fullmatch(
         r"error: region '-180,-85,180,85' needs 17,123,770,368 tiles at zoom 17 in up to [\d,]+ chunks of zoom 11,"
-        rf" more than the {SURVEY_MAX_CHUNKS:,} a plan lists; plan a part of it, a coarser view \(a larger"
+        rf" more than the {MAX_CHUNKS:,} a plan holds; plan a part of it, a coarser view \(a larger"
         r" --zoom-level or a smaller --tile-zoom-offset\) or larger chunks \(a smaller --chunk-zoom\)\n",
         err,
     )
@@ -473,20 +492,25 @@ def test_the_build_still_refuses_a_country_over_its_limit(tmp_path: Path) -> Non
     assert not (tmp_path / build.name / "plan.npz").exists()
 
 
-def test_a_survey_keeps_only_the_sampled_chunks_and_estimates_the_same(
+def test_a_large_plan_lists_only_the_sampled_chunks_and_estimates_as_from_every_chunk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     region = parse_region("38.627,-90.199,6km")
-    monkeypatch.setattr(plan_module, "EXACT_ESTIMATE_TILES", 400)
     tiling = TilingSettings(0, 13, None)
     view = ModelView.of("bingmap", 1)
-    full_plan, every_chunk = make_plan(region, view, tiling, FIT, limit_hint=LIMIT_HINT)
-    plan, sampled = make_plan(region, view, tiling, FIT, limit_hint=LIMIT_HINT, sampled_only=True)
+    full_plan, _, every_chunk = make_plan(region, view, tiling, FIT, limit_hint=LIMIT_HINT)
+    assert [chunk.id for chunk in every_chunk] == list(full_plan.chunk_ids)
+    monkeypatch.setattr(plan_module, "EXACT_ESTIMATE_TILES", 400)
+    plan, _, sampled = make_plan(region, view, tiling, FIT, limit_hint=LIMIT_HINT)
     assert plan == full_plan
     step = plan_module.sample_step(plan.tile_count)
     assert step > 1 and [chunk.id for chunk in sampled] == list(plan.chunk_ids[::step])
     with offline_server(tmp_path) as reader:
-        assert estimate_downloads(reader, plan, sampled) == estimate_downloads(reader, full_plan, every_chunk)
+        exact, share = estimate_downloads(reader, full_plan, every_chunk)
+        assert exact is not None and share == 1.0
+        estimate, share = estimate_downloads(reader, plan, sampled)
+    assert estimate is not None and share == len(sampled) / len(plan.chunk_ids) < 1.0
+    assert estimate.tiles == pytest.approx(exact.tiles, rel=0.1)
 
 
 # --- time and size estimates -----------------------------------------------------------------------------
