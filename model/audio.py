@@ -31,6 +31,8 @@ COPY_AGAIN = "copy or export it again"
 N_FRAMES = 1 + CLIP_SAMPLES // HOP_LENGTH
 # Extra input decoded past the clip end so the resampler's filter tail does not reach the kept samples.
 RESAMPLER_MARGIN_SECONDS = 0.1
+# A clip whose loudest sample stays under this level is silence (16-bit audio's smallest step is -90 dBFS).
+SILENT_DBFS = -80.0
 
 
 def fit_clip(waveform: np.ndarray) -> np.ndarray:
@@ -40,6 +42,12 @@ def fit_clip(waveform: np.ndarray) -> np.ndarray:
         return waveform[..., :CLIP_SAMPLES]
     padding = [(0, 0)] * (waveform.ndim - 1) + [(0, CLIP_SAMPLES - length)]
     return np.pad(waveform, padding)
+
+
+def peak_dbfs(samples: np.ndarray) -> float:
+    """The loudest sample's level in dB relative to full scale (-inf for digital silence)."""
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    return 20.0 * math.log10(peak) if peak > 0.0 else -math.inf
 
 
 def resample(waveform: np.ndarray, rate: int) -> np.ndarray:

@@ -30,13 +30,13 @@ FALLBACK_COMPOSED_SCALE = "logit_scale_ia"
 
 
 def check_query_files(queries: Sequence[Query]) -> None:
-    """Raise a QueryError for the first audio file that is missing, of an unknown type, undecodable, empty or
-    truncated."""
+    """Raise a QueryError for the first audio file that is missing, of an unknown type, undecodable, empty,
+    truncated, or silent where the model listens."""
     audio_queries = [query for query in queries if query.audio is not None]
     if not audio_queries:
         return
     # model.audio imports torch: only builds with audio queries pay for it when they start.
-    from model.audio import check_audio_file
+    from model.audio import CLIP_SECONDS, SILENT_DBFS, check_audio_file, decode_audio, peak_dbfs
     from model.errors import AudioDecodeError
 
     for query in audio_queries:
@@ -45,8 +45,15 @@ def check_query_files(queries: Sequence[Query]) -> None:
             raise QueryError(f"query {query.id!r}: {path} is not a wav, flac, ogg or mp3 file; convert it to one")
         try:
             check_audio_file(path)
+            heard = decode_audio(path, CLIP_SECONDS)
         except AudioDecodeError as exc:
             raise QueryError(f"query {query.id!r}: {exc}") from None
+        if peak_dbfs(heard) < SILENT_DBFS:
+            raise QueryError(
+                f"query {query.id!r}: {path} is silent in its first {CLIP_SECONDS} s, all the model hears of it (no"
+                f" sample reaches {SILENT_DBFS:g} dBFS), so its map would score silence; trim the silence from its"
+                " start or pick a recording of the sound to map"
+            )
 
 
 class QueryEmbeddings(NamedTuple):

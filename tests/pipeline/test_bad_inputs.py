@@ -85,6 +85,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     soundfile.write(folder / "tone.wav", tone, 16_000, subtype="PCM_16")
     (folder / "cut.wav").write_bytes((folder / "tone.wav").read_bytes()[:200])
     soundfile.write(folder / "silent.wav", np.zeros(0, np.float32), 16_000)
+    soundfile.write(folder / "hush.flac", np.zeros(48_000, np.float32), 16_000)
+    # 16-bit silence for the 10 s the model hears, then the tone.
+    soundfile.write(folder / "late.wav", np.r_[np.zeros(16_000 * 10 + 800, np.float32), tone], 16_000, "PCM_16")
     soundfile.write(folder / "tone.flac", tone, 16_000)
     flac = (folder / "tone.flac").read_bytes()
     (folder / "cut.flac").write_bytes(flac[: len(flac) // 2])
@@ -317,6 +320,16 @@ CASES = [
         ("cut.flac is truncated", "the last cannot be read"),
     ),
     Case("audio without frames", audio_query(lambda files: files.wav_no_frames), ("silent.wav holds no samples",)),
+    Case(
+        "audio of silence",
+        audio_query(lambda files: files.folder / "hush.flac"),
+        ("query 'rain': ", "hush.flac is silent in its first 10 s", "pick a recording of the sound to map"),
+    ),
+    Case(
+        "audio silent where the model listens",
+        audio_query(lambda files: files.folder / "late.wav", text="rain on a roof"),
+        ("late.wav is silent in its first 10 s", "no sample reaches -80 dBFS", "trim the silence from its start"),
+    ),
     Case(
         "composed query cut short",
         audio_query(lambda files: files.wav_cut, text="rain on a roof"),
