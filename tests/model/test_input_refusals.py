@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -288,13 +289,27 @@ def test_embed_refuses_malformed_arrays(
     assert not (tmp_path / "out.npz").exists()
 
 
+def _npz_declaring(path: Path, shape: tuple[int, ...]) -> None:
+    """An .npz whose one array's header declares `shape` but holds four floats."""
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    member.write(np.zeros(4, np.float32).tobytes())
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("in/sat.npy", member.getvalue())
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [
         (lambda path: path.write_bytes(b""), "is not a readable .npz of numeric arrays (EOFError); save in/... arrays"),
         (lambda path: path.mkdir(), "is a folder, not an .npz; pass an .npz with in/... arrays"),
+        (
+            lambda path: _npz_declaring(path, (10**12, 512)),
+            "array 'in/sat' declares shape (1000000000000, 512) of float32 (2,048,000,000,000,000 bytes) but holds 16"
+            " bytes; save in/... arrays",
+        ),
     ],
-    ids=["empty-file", "folder"],
+    ids=["empty-file", "folder", "header-declaring-petabytes"],
 )
 def test_embed_refuses_inputs_that_are_no_npz(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], Any], words: str
