@@ -333,11 +333,11 @@ class CoverBlocks:
         and grouped by chunk, chunks row by row."""
         chunk = chunk_depth(self.zoom, chunk_zoom)
         parts = []
-        for depth, x, y in self.blocks:
-            if depth >= chunk:
-                x, y = _descendants(x, y, depth - chunk)
-                depth = chunk
-            parts.append((np.full(len(x), depth, dtype=np.int64), x, y))
+        for block, block_x, block_y in self.blocks:
+            if block >= chunk:
+                block_x, block_y = _descendants(block_x, block_y, block - chunk)
+                block = chunk
+            parts.append((np.full(len(block_x), block, dtype=np.int64), block_x, block_y))
         depth, x, y = (np.concatenate([np.zeros(0, np.int64), *(part[i] for part in parts)]) for i in range(3))
         shift = chunk - depth
         keys = (y >> shift) * 2**chunk_zoom + (x >> shift)

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mercantile
 import numpy as np
@@ -72,17 +73,9 @@ def _st_louis() -> Region:
     return parse_region("St. Louis")
 
 
-def plan_of(
-    region: Region,
-    sat_type: str = "bingmap",
-    zoom_level: int = 1,
-    *,
-    offset: int = 0,
-    chunk_zoom: int | None = None,
-    max_tiles: int | None = 250_000,
-) -> tuple[Plan, list[plan_module.ChunkTiles]]:
-    """The plan and every one of its chunks, listed from its blocks."""
-    plan, blocks, _ = made_plan(region, sat_type, zoom_level, offset=offset, chunk_zoom=chunk_zoom, max_tiles=max_tiles)
+def plan_of(region: Region, *args: Any, **options: Any) -> tuple[Plan, list[plan_module.ChunkTiles]]:
+    """The plan and every one of its chunks, listed from its blocks (`made_plan`'s arguments)."""
+    plan, blocks, _ = made_plan(region, *args, **options)
     return plan, all_chunks(plan, blocks)
 
 
