@@ -193,11 +193,28 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     return tuple(_scalar(v, item, f"each of {where}") for v in value)
 
 
+def _yaml_text_hint(value: Any, kind: type) -> str:
+    """Why a number may have been read as text: YAML 1.1 (PyYAML) reads a float only with a dot in its mantissa
+    and a sign in its exponent, so 5e-4 and 1.0e308 are strings."""
+    if kind is not float or not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    mantissa, _, exponent = value.lower().partition("e")
+    if not exponent or not math.isfinite(number):
+        return ""
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    exponent = exponent if exponent[0] in "+-" else f"+{exponent}"
+    return f" (YAML reads {value} as text; write {mantissa}e{exponent})"
+
+
 def _scalar(value: Any, kind: type, where: str) -> Any:
     """`value` as `kind` (a whole number as a float), or a one-line error; never an infinite or NaN number."""
     fits = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
     if not fits or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{where} must be of type {TYPE_NAMES[kind]}, got {value!r}")
+        raise ConfigError(f"{where} must be of type {TYPE_NAMES[kind]}, got {value!r}{_yaml_text_hint(value, kind)}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return float(value) if kind is float else value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,17 @@ def test_bad_settings_are_refused_in_one_line(values: dict, message: str) -> Non
     with pytest.raises(ConfigError, match=message) as info:
         parse_settings(values)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("written", "fix"), [("5e-4", "5.0e-4"), ("1.0e308", "1.0e+308"), ("2E-1", "2.0e-1")])
+def test_a_number_yaml_reads_as_text_is_refused_with_how_to_write_it(tmp_path: Path, written: str, fix: str) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(f"out_dir: run\ndata:\n  root: pairs\noptim:\n  lr: {written}\n")
+    message = f"optim.lr must be of type number, got '{written}' (YAML reads {written} as text; write {fix})"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_settings(path)
+    path.write_text(f"out_dir: run\ndata:\n  root: pairs\noptim:\n  lr: {fix}\n")
+    assert load_settings(path).optim.lr == float(written)
 
 
 def test_a_missing_or_broken_file_is_refused(tmp_path: Path) -> None:
