@@ -12,12 +12,21 @@ from common.errors import Sat2SoundError, first_line
 
 def read_table(path: Path, columns: Sequence[str], fix: str, error: type[Sat2SoundError]) -> list[dict[str, str]]:
     """The rows of the CSV at `path`, once its header holds every one of `columns`, none twice: each a dict of its
-    stripped cells (a short row's missing ones empty, a long row's extra ones dropped). A file that is missing,
-    cannot be read or lacks a column raises `error` in one line naming the problem, then `fix`."""
+    stripped cells (a short row's missing ones empty; a long row's extra ones must be empty, as a spreadsheet's
+    trailing commas are). A file that is missing, cannot be read, lacks a column or holds a row with a cell under
+    no column (an unquoted comma, which would cut a caption short) raises `error` in one line naming the problem."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            header, rows = reader.fieldnames or [], list(reader)
+            header, rows = reader.fieldnames or [], []
+            for row in reader:
+                extra = [cell for cell in row.get(None) or () if cell.strip()]
+                if extra:
+                    raise error(
+                        f"{path} line {reader.line_num}: the cell {extra[0].strip()!r} lies under none of its"
+                        f" {len(header)} columns; quote cells that hold a comma"
+                    )
+                rows.append(row)
     except FileNotFoundError:
         raise error(f"{path} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

@@ -16,8 +16,8 @@ class TableProblem(Sat2SoundError):
 
 def test_rows_come_stripped_whatever_the_spreadsheet_wrote(tmp_path: Path) -> None:
     table = tmp_path / "recordings.csv"
-    # A byte-order mark, padded cells, a short row and a long one.
-    table.write_bytes("\ufefffile,caption\n owl.flac , a tawny owl \nduck.flac\ncat.flac,a cat,extra\n".encode())
+    # A byte-order mark, padded cells, a short row and a long one whose extra cells are empty.
+    table.write_bytes("\ufefffile,caption\n owl.flac , a tawny owl \nduck.flac\ncat.flac,a cat,, \n".encode())
     rows = read_table(table, ["file", "caption"], "fix it", TableProblem)
     assert rows == [
         {"file": "owl.flac", "caption": "a tawny owl"},
@@ -41,6 +41,10 @@ def test_unnamed_columns_may_repeat(tmp_path: Path) -> None:
         (b"file,label\nowl.flac,owl\n", "has no column 'caption'; give file and caption"),
         (b"", "has no column 'file'; give file and caption"),
         (b"file,caption,file\nowl.flac,owl,duck.flac\n", "has column 'file' twice, and only the last would count"),
+        (
+            b"file,caption\nowl.flac,owl\ndog.flac,a dog, barking\n",
+            "recordings.csv line 3: the cell 'barking' lies under none of its 2 columns; quote cells that hold a comma",
+        ),
     ],
 )
 def test_a_table_that_cannot_serve_is_refused_in_one_line_with_the_callers_error(
