@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import rasterio
 import yaml
-from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
@@ -26,28 +25,31 @@ from rasterio.errors import CRSError
 from common.atomic import atomic_path
 from common.cores import visible_gpus
 from common.errors import first_line
+from common.schema import SettingsValidator
 from model.config import HOURS, MONTHS
 from pipeline.errors import BuildConfigError, ImageryError
 
 if TYPE_CHECKING:
     from pipeline.imagery import ImageryReader
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.json"
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO / "config" / "schema.json"
 DEFAULT_CONFIG_PATH = SCHEMA_PATH.with_name("config.yaml")
 UNTRAINED = "untrained"
+# The project's own folders, which no build may write into (the repository root and its outputs/ it may).
+SOURCE_FOLDERS = ("pipeline", "model", "common", "rules", "config", "regions", "tests", "benchmarks", "examples")
 
 
 def default_config_from_anywhere() -> dict[str, Any]:
     """The default config with its repository-relative files (checkpoint, audio queries, zones, gallery) made
     absolute, for builds run from another folder (tests, benchmarks)."""
-    repo = DEFAULT_CONFIG_PATH.parents[1]
     config: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    config["model"]["checkpoint"] = str(repo / config["model"]["checkpoint"])
+    config["model"]["checkpoint"] = str(REPO / config["model"]["checkpoint"])
     for query in config["queries"]:
         if "audio" in query:
-            query["audio"] = str(repo / query["audio"])
+            query["audio"] = str(REPO / query["audio"])
     for key in ("zones", "gallery"):
-        config["outputs"][key] = str(repo / config["outputs"][key])
+        config["outputs"][key] = str(REPO / config["outputs"][key])
     return config
 
 
@@ -266,6 +268,17 @@ def schema_bounds(section: str, key: str) -> tuple[int, int]:
     return int(spec["minimum"]), int(spec["maximum"])
 
 
+def holds_words(text: str) -> bool:
+    """Whether a query's text holds a word (a letter or digit, in any script): config/schema.json's rule for it."""
+    return re.search(_schema()["properties"]["queries"]["items"]["properties"]["text"]["pattern"], text) is not None
+
+
+def id_key(query_id: str) -> str:
+    """What tells query ids apart: their text less its case, as GeoPackage layer and field names (and file names
+    on file systems that ignore case) are told apart."""
+    return query_id.lower()
+
+
 def with_defaults(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A copy of `config` with every missing key that has a schema default filled in, recursively."""
     schema = _schema() if schema is None else schema
@@ -287,32 +300,55 @@ def _describe(error: ValidationError) -> str:
         return f"config{where}: {templates[error.validator].format(value=error.instance)}"
     except (KeyError, IndexError, TypeError):  # no template, or a value it cannot be formatted with
         message = " ".join(error.message.split())
-        return f"config{where}: {message}; see {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[1])}"
+        return f"config{where}: {message}; see {SCHEMA_PATH.relative_to(REPO)}"
 
 
 def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
     _check_finite(config, "config")
     filled = with_defaults(config)
-    error = best_match(Draft202012Validator(schema).iter_errors(filled))
+    error = best_match(SettingsValidator(schema).iter_errors(filled))
     if error is not None:
         raise BuildConfigError(_describe(error))
     if filled["outputs"]["crs"] is not None:
         _check_output_crs(filled["outputs"]["crs"])
+    _check_output_dir(filled["output_dir"])
     _check_across_keys(filled)
     return filled
 
 
+def _check_output_dir(output_dir: str) -> None:
+    """Refuse an output_dir whose builds would land among files not theirs: the file system's root, or one of the
+    project's own folders."""
+    folder = Path(output_dir).resolve()
+    fix = "set output_dir to a folder of its own, e.g. outputs"
+    if folder == Path(folder.anchor):
+        raise BuildConfigError(f"config.output_dir: {output_dir!r} is the file system's root; {fix}")
+    for name in SOURCE_FOLDERS:
+        if folder.is_relative_to(REPO / name):
+            raise BuildConfigError(
+                f"config.output_dir: {output_dir!r} lies in the project's own folder {REPO / name}; {fix}"
+            )
+
+
 def _check_across_keys(config: Mapping[str, Any]) -> None:
-    """Refuse what no single key's schema can: two queries of one id, a zone field without zones."""
-    ids = [query["id"] for query in config.get("queries", [])]
-    repeated = sorted({query_id for query_id in ids if ids.count(query_id) > 1})
-    if repeated:
-        raise BuildConfigError(f"config.queries: id {repeated[0]!r} is used twice; give every query its own id")
+    """Refuse what no single key's schema can: two queries of one id (case aside), a zone field without zones."""
+    seen: dict[str, str] = {}
+    for query_id in (query["id"] for query in config.get("queries", [])):
+        key = id_key(query_id)
+        if key in seen:
+            raise BuildConfigError(f"config.queries: {_id_clash(seen[key], query_id)}; give every query its own id")
+        seen[key] = query_id
     if config["outputs"]["zone_field"] is not None and config["outputs"]["zones"] is None:
         raise BuildConfigError(
             "config.outputs.zone_field names the zones' column but outputs.zones names no zone file;"
             " set outputs.zones to a polygon file, or drop zone_field"
         )
+
+
+def _id_clash(first: str, second: str) -> str:
+    if first == second:
+        return f"id {first!r} is used twice"
+    return f"ids {first!r} and {second!r} differ only in case (GeoPackage and field names ignore case)"
 
 
 def _check_finite(value: Any, where: str) -> None:

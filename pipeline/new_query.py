@@ -1,13 +1,14 @@
 """New questions on a built map: `python -m pipeline query BUILD "text" | --audio FILE [--text TEXT]`.
 
-A new query is checked as a build checks its queries (its audio files: `pipeline.queries.check_query_files`; its
-id: `pipeline.export.cog.check_file_name`), embedded exactly as the build embedded its own (the weights model.json
-names, checked against their sha256, with settings.json's text backbone, device and precision, through
-`pipeline.queries.embed_queries`) and answered from the build's tile index (`pipeline.search`): the index finds
-its best tiles, which become places as a build's top places do (`pipeline.export.places`), each with its
-percentile among the region's valid tiles (`pipeline.store.scores.percentile_within`, over every tile's score:
-one matrix product). `write_map` writes its COG and percentile COG into the build's cog/ with the build's writer
-and output CRS. Every bad input is refused in one line before the model is loaded.
+A new query is checked as a build checks its queries (its text: `pipeline.config.holds_words`; its audio files:
+`pipeline.queries.check_query_files`; its id: `pipeline.export.cog.check_file_name`), embedded exactly as the
+build embedded its own (the weights model.json names, checked against their sha256, with settings.json's text
+backbone, device and precision, through `pipeline.queries.embed_queries`) and answered from the build's tile
+index (`pipeline.search`): the index finds its best tiles, which become places as a build's top places do
+(`pipeline.export.places`), each with its percentile among the region's valid tiles
+(`pipeline.store.scores.percentile_within`, over every tile's score: one matrix product). `write_map` writes its
+COG and percentile COG into the build's cog/ with the build's writer and output CRS. Every bad input is refused
+in one line before the model is loaded.
 
 A build of several times (`model.month`/`model.hour` lists or `all`) is asked at its first time: the tile index
 holds that time's embeddings (`pipeline.search`), as the build's top places and dominant map show that time; the
@@ -28,7 +29,7 @@ import numpy as np
 
 from common.atomic import unwritable_reason
 from pipeline.build import COG_DIR, MODEL_NAME, SETTINGS_NAME, STORE_NAME, check_build_folder
-from pipeline.config import BuildConfig, Query, read_settings, schema_bounds
+from pipeline.config import BuildConfig, Query, holds_words, id_key, read_settings, schema_bounds
 from pipeline.errors import BuildFolderError, PipelineError, QueryError
 from pipeline.export.cog import check_file_name, write_score_cog
 from pipeline.export.places import CSV_FORMATS, GPKG_SUFFIX, Candidates, place_layers
@@ -93,20 +94,24 @@ def open_built_map(folder: Path) -> BuiltMap:
 def new_query(
     built: BuiltMap, text: str | None, audio: str | None, query_id: str | None, top_k: int, *, maps: bool
 ) -> Query:
-    """The query asked, checked: text not blank, audio files as a build checks them, an id that could name files
-    (with `maps`, which writes them into the build, not a configured query's), and a number of places a build
-    could ask for."""
+    """The query asked, checked: text with words (as a build's), audio files as a build checks them, an id that
+    could name files (with `maps`, which writes them into the build, not a configured query's, case aside), and a
+    number of places a build could ask for."""
     low, high = schema_bounds("outputs", "top_k")
     check_top_k(top_k, low, high, "places", QueryError, " (the range of outputs.top_k)")
     if text is None and audio is None:
         raise QueryError("give a query: its text, or --audio FILE (with --text TEXT for audio and text together)")
-    if text is not None and not text.strip():
-        raise QueryError('the query text is empty; write what to listen for, e.g. "birds singing in the trees"')
+    if text is not None and not holds_words(text):
+        raise QueryError(
+            f'the query text {text!r} holds no words; write what to listen for, e.g. "birds singing in the trees"'
+        )
     query = Query(default_query_id(text, audio) if query_id is None else query_id, text, audio)
     check_file_name(query)
-    if maps and query.id in {configured.id for configured in built.store.queries}:
+    taken = next((known.id for known in built.store.queries if id_key(known.id) == id_key(query.id)), None)
+    if maps and taken is not None:
+        which = "is" if taken == query.id else f"differs only in case from {taken!r},"
         raise QueryError(
-            f"query id {query.id!r} is a query of the build {built.folder} (its maps are cog/{query.id}.tif);"
+            f"query id {query.id!r} {which} a query of the build {built.folder} (its maps are cog/{taken}.tif);"
             " pass --id with another name"
         )
     check_query_files([query])

@@ -46,6 +46,8 @@ VECTOR_SUFFIXES = frozenset({".geojson", ".json", ".gpkg", ".shp", ".parquet", "
 PARQUET_SUFFIXES = frozenset({".parquet", ".geoparquet"})
 JSON_SUFFIXES = frozenset({".geojson", ".json"})
 RING_FIX = "close every ring: at least 4 points, the last one repeating the first"
+# Beyond this magnitude a geographic file's coordinates look like metres or feet; closer, like a typo in degrees.
+PROJECTED_MAGNITUDE = 1000.0
 _GEOD = Geod(ellps="WGS84")
 
 BBOX_LAYOUT = "minlon,minlat,maxlon,maxlat"
@@ -166,16 +168,41 @@ def _distance_to_nearest_pole_m(lat: float) -> float:
     return float(_GEOD.inv(0.0, lat, 0.0, pole_lat)[2])
 
 
+class UnusableFeaturesError(ValueError):
+    """A vector file that reads but cannot be used as it is: the message says what it holds and the fix, to follow
+    the file's name."""
+
+
 def read_features(path: Path) -> gpd.GeoDataFrame:
-    """The features of a vector file (its first layer; GeoParquet by its suffix). A table without geometry,
-    such as a CSV, raises ValueError, as other files that are no vector data do."""
+    """The features of a vector file of one layer (GeoParquet by its suffix). A table without geometry, such as
+    a CSV, raises ValueError, as other files that are no vector data do; several layers or a NaN or infinite
+    coordinate raise UnusableFeaturesError."""
     # Imported where files are read: jobs that only carry a plan's region do not load geopandas (~0.9 s).
     import geopandas as gpd
+    import pyogrio
 
-    frame = gpd.read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else gpd.read_file(path)
+    parquet = path.suffix.lower() in PARQUET_SUFFIXES
+    layers = [] if parquet else pyogrio.list_layers(path)[:, 0].tolist()
+    if len(layers) > 1:
+        raise UnusableFeaturesError(
+            f"holds {len(layers)} layers ({', '.join(layers)}) where one is read; save the layer you want alone"
+            f" (ogr2ogr OUT.gpkg {path.name} LAYER)"
+        )
+    with warnings.catch_warnings():
+        # Shapely's warning on decoding a NaN coordinate; the feature that holds it is named below.
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        frame = gpd.read_parquet(path) if parquet else gpd.read_file(path)
     if not isinstance(frame, gpd.GeoDataFrame):
         raise ValueError("it holds no geometry column")
+    _check_finite(frame.geometry.to_numpy())
     return frame
+
+
+def _check_finite(geometries: np.ndarray) -> None:
+    coordinates, owners = shapely.get_coordinates(geometries, return_index=True)
+    bad = owners[~np.isfinite(coordinates).all(axis=1)]
+    if bad.size:
+        raise UnusableFeaturesError(f"has NaN or infinite coordinates (feature {bad[0] + 1}); fix or remove them")
 
 
 def _read_vector_file(path: Path) -> BaseGeometry:
@@ -188,6 +215,8 @@ def _read_vector_file(path: Path) -> BaseGeometry:
             # GDAL's warning suggests a GDAL option; the GEOSException that follows gets a line saying what to fix.
             warnings.filterwarnings("ignore", "Non closed ring detected", RuntimeWarning)
             frame = read_features(path)
+    except UnusableFeaturesError as exc:
+        raise RegionError(f"region file {path} {exc}") from None
     except ImportError:
         raise RegionError(f"reading {path.name} needs pyarrow; install it with 'pip install pyarrow'") from None
     except GEOSException as exc:
@@ -196,13 +225,15 @@ def _read_vector_file(path: Path) -> BaseGeometry:
     except (DataSourceError, DataLayerError, ValueError, OSError) as exc:
         raise RegionError(_unreadable_message(path, exc)) from None
     shapes = frame.geometry.to_numpy()
-    frame = frame[shapely.is_geometry(shapes) & ~shapely.is_empty(shapes)]
-    if frame.empty:
+    if not (shapely.is_geometry(shapes) & ~shapely.is_empty(shapes)).any():
         raise RegionError(f"region file {path} holds no geometries; draw a polygon into it")
-    rings = shapely.get_rings(shapely.get_parts(frame.geometry.to_numpy()))
+    rings = shapely.get_rings(shapely.get_parts(shapes))
     if (shapely.get_num_coordinates(rings) < 4).any():
         raise RegionError(f"region file {path} holds a polygon ring of fewer than 4 points; {RING_FIX}")
-    return shapely.union_all(_repaired_polygons(_in_wgs84(frame, path).geometry.to_numpy(), path.name))
+    try:
+        return shapely.union_all(_repaired_polygons(_in_wgs84(frame, path).geometry.to_numpy(), path.name))
+    except UnusableFeaturesError as exc:
+        raise RegionError(f"region file {path} {exc}") from None
 
 
 def _unreadable_message(path: Path, exc: Exception) -> str:
@@ -230,34 +261,65 @@ def _in_wgs84(frame: gpd.GeoDataFrame, path: Path) -> gpd.GeoDataFrame:
     # -180..180 are taken as EPSG:4326 and anything else (x 250..300 may as well be metres) is refused. A
     # geographic CRS may run to 360 (0..360 longitudes; rings unwrapped across ±180°).
     max_lon = 180.0 if frame.crs is None else 360.0
-    west, south, east, north = frame.total_bounds
+    bounds = frame.total_bounds
+    west, south, east, north = bounds
     if west < -max_lon or east > max_lon or south < -90.0 or north > 90.0:
-        ranges = f"x {west:.10g}..{east:.10g}, y {south:.10g}..{north:.10g}"
-        problem = (
-            f"has no CRS and its coordinates ({ranges}) are outside the longitude/latitude range"
-            if frame.crs is None
-            else f"has coordinates that look projected ({ranges}) but no projected CRS (it reads as {frame.crs.name})"
-        )
-        raise RegionError(
-            f"region file {path} {problem}; set its CRS (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg {path.name})"
-            " or reproject it to EPSG:4326"
-        )
+        raise RegionError(f"region file {path} {_outside_lonlat(frame.crs, bounds, max_lon, path.name)}")
     if frame.crs is None:
         warnings.warn(f"{path.name} has no CRS; assuming EPSG:4326 (lon/lat)", RegionWarning, stacklevel=2)
         return frame.set_crs(WGS84)
     return frame if frame.crs.equals(CRS(WGS84)) else frame.to_crs(WGS84)
 
 
-def _repaired_polygons(geometries: np.ndarray, source: str) -> list[BaseGeometry]:
+def _outside_lonlat(crs: CRS | None, bounds: np.ndarray, max_lon: float, name: str) -> str:
+    """What is wrong with coordinates beyond ±`max_lon`° or ±90°, and the fix."""
+    west, south, east, north = bounds
+    ranges = f"x {west:.10g}..{east:.10g}, y {south:.10g}..{north:.10g}"
+    set_crs = f"set its CRS (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg {name}) or reproject it to EPSG:4326"
+    if crs is None:
+        return f"has no CRS and its coordinates ({ranges}) are outside the longitude/latitude range; {set_crs}"
+    if np.abs(bounds).max() > PROJECTED_MAGNITUDE:
+        return (
+            f"has coordinates that look projected ({ranges}) but no projected CRS (it reads as {crs.name}); {set_crs}"
+        )
+    if south < -90.0 or north > 90.0:
+        axis, value, limit = "latitude", (south if south < -90.0 else north), 90.0
+    else:
+        axis, value, limit = "longitude", (west if west < -max_lon else east), max_lon
+    return (
+        f"has {axis} {value:.10g}, outside the longitude/latitude range ({axis}s -{limit:g}..{limit:g} in"
+        f" {crs.name}); fix that coordinate, or give the file its real CRS"
+    )
+
+
+def repaired(geometries: np.ndarray) -> tuple[np.ndarray, int]:
+    """The geometries in 2-D, invalid ones repaired, and how many were: rings stay the shells and holes they were
+    drawn as (GEOS's 'structure' method; its 'linework' would turn a hole as large as its shell into the shell's
+    area). A polygon that keeps no area raises UnusableFeaturesError."""
     geometries = shapely.force_2d(geometries)
-    invalid = ~shapely.is_valid(geometries)
-    if invalid.any():
+    invalid = np.flatnonzero(shapely.is_geometry(geometries) & ~shapely.is_valid(geometries))
+    before = geometries[invalid]
+    geometries[invalid] = shapely.make_valid(before, method="structure")
+    polygonal = np.isin(shapely.get_type_id(before), (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON))
+    collapsed = np.flatnonzero(polygonal & (shapely.area(geometries[invalid]) == 0.0))
+    if collapsed.size:
+        first = collapsed[0]
+        raise UnusableFeaturesError(
+            f"has a polygon that encloses no area once repaired (feature {invalid[first] + 1}:"
+            f" {shapely.is_valid_reason(before[first])}); fix the polygon in a GIS: its holes must lie inside its"
+            " shell, enclose less than it and cross no ring"
+        )
+    return geometries, invalid.size
+
+
+def _repaired_polygons(geometries: np.ndarray, source: str) -> list[BaseGeometry]:
+    geometries, count = repaired(geometries)
+    if count:
         warnings.warn(
-            f"{source}: repaired {int(invalid.sum())} invalid geometries (self-intersecting or badly nested rings)",
+            f"{source}: repaired {count} invalid geometries (self-intersecting or badly nested rings)",
             RegionWarning,
             stacklevel=2,
         )
-        geometries = shapely.make_valid(geometries)
     polygons = [part for geometry in geometries for part in polygon_parts(geometry)]
     if not polygons:
         raise RegionError(f"{source} holds no polygons; give areas, or a point with a radius as lat,lon,3km")

@@ -1,6 +1,6 @@
 """A zone file (`outputs.zones`: districts, parks, planning zones), read and checked: the zones' polygons and names.
 
-A zone file is read whole (its first layer, in any CRS it declares); features without area (points, lines) are
+A zone file of one layer is read whole (in any CRS it declares); features without area (points, lines) are
 left out, invalid polygons repaired. Zones are named by `outputs.zone_field`, else by a `name` column (any case),
 else by their number in the file (1, 2, ...). Apart from the zonal statistics (`pipeline.export.zones`): a build's
 start checks the file and loads no exporter (0.3 s of the store reader and the COG writer).
@@ -16,13 +16,12 @@ import pandas as pd
 import shapely
 from pyogrio.errors import DataLayerError, DataSourceError
 from shapely.errors import GEOSException
-from shapely.geometry.base import BaseGeometry
 
 from common.errors import first_line
 from pipeline.config import OutputSettings
 from pipeline.errors import BuildConfigError
 from pipeline.geometry import WGS84
-from pipeline.regions import Region, polygon_parts, read_features
+from pipeline.regions import Region, UnusableFeaturesError, polygon_parts, read_features, repaired
 
 # The column that names zones when outputs.zone_field is null (compared without case).
 NAME_COLUMN = "name"
@@ -54,6 +53,9 @@ def read_zones(outputs: OutputSettings) -> gpd.GeoDataFrame:
         raise BuildConfigError(f"{where} does not exist; check the path or set outputs.zones: null")
     try:
         frame = read_features(path)
+        shapes, _ = repaired(frame.geometry.to_numpy())
+    except UnusableFeaturesError as exc:
+        raise BuildConfigError(f"{where} {exc}") from None
     except (DataSourceError, DataLayerError, GEOSException, ValueError, OSError) as exc:
         raise BuildConfigError(
             f"{where} cannot be read as vector data ({first_line(exc)}); give a GeoPackage, GeoJSON or Shapefile"
@@ -61,7 +63,7 @@ def read_zones(outputs: OutputSettings) -> gpd.GeoDataFrame:
     if frame.crs is None:
         raise BuildConfigError(f"{where} has no CRS; set it (e.g. ogr2ogr -a_srs EPSG:4326 fixed.gpkg {path.name})")
     names = _zone_names(frame, outputs.zone_field, path)
-    geometry = np.array([_polygonal(shape) for shape in frame.geometry.to_numpy()], dtype=object)
+    geometry = np.array([shapely.union_all(list(polygon_parts(shape))) for shape in shapes], dtype=object)
     kept = ~shapely.is_empty(geometry)
     if not kept.any():
         raise BuildConfigError(f"{where} holds no polygons; give areas (polygons or multipolygons)")
@@ -85,8 +87,3 @@ def _zone_names(frame: gpd.GeoDataFrame, field: str | None, path: Path) -> np.nd
         )
     values = frame[field]
     return values.astype(str).where(values.notna(), numbers).to_numpy()
-
-
-def _polygonal(shape: BaseGeometry | None) -> BaseGeometry:
-    """The polygons of a geometry (repaired if invalid), or an empty geometry."""
-    return shapely.union_all(list(polygon_parts(shapely.make_valid(shapely.force_2d(shape)))))

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import mercantile
 import numpy as np
-from jsonschema import Draft202012Validator, validators
+from jsonschema import validators
 from jsonschema.exceptions import best_match
 from pyproj import Geod, Transformer
 from rasterio.crs import CRS
@@ -26,6 +26,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
 
+from common.schema import SettingsValidator
 from pipeline.errors import FetchError, ImageryError
 from pipeline.geometry import (
     WEB_MERCATOR,
@@ -56,8 +57,8 @@ _WGS84_GEOD = Geod(ellps="WGS84")
 OptionSchema = Mapping[str, Any]
 # Options are checked as a config writes them, or as Python code passes them: tuples count as lists.
 _OptionsValidator = validators.extend(
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("array", lambda _, value: isinstance(value, (list, tuple))),
+    SettingsValidator,
+    type_checker=SettingsValidator.TYPE_CHECKER.redefine("array", lambda _, value: isinstance(value, (list, tuple))),
 )
 # The options every reader takes.
 COMMON_OPTIONS: dict[str, OptionSchema] = {

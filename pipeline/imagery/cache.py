@@ -1,8 +1,12 @@
 """A directory of fetched tiles shared by runs and by concurrent jobs.
 
-Keys are relative POSIX paths such as `esri-world-imagery/17/38000/49000.jpg`. Writes go through
-common.atomic (a temporary file beside the target, renamed into place), so a reader in another process
-sees either no file or a whole one, and files get the umask's mode, so a group sharing the cache can read
+Keys are relative POSIX paths such as `esri-world-imagery/17/38000/49000.jpg`, in a folder per source named by
+its id. The cache marks a source folder with a SOURCE_MARKER file when it first stores or reads a tile there, and
+counts and prunes only tile-named files in marked folders: a folder of the user's own given as the cache loses
+nothing, and a cache written before the marker existed is adopted source by source as builds use it.
+
+Writes go through common.atomic (a temporary file beside the target, renamed into place), so a reader in another
+process sees either no file or a whole one, and files get the umask's mode, so a group sharing the cache can read
 them. There is no fsync: a file cut short by a crash is caught when its bytes fail to decode, and fetched
 again. Reads refresh a file's modification time, so pruning by size drops the least recently used tiles
 first.
@@ -23,8 +27,10 @@ from pipeline.errors import CacheError
 # Temporary files older than this belong to a writer that died; pruning removes them.
 _STALE_TEMP_S = 3600.0
 _SECONDS_PER_DAY = 86400.0
-# The keys of the two layouts below: other files in the folder are not the cache's, and are never counted or pruned.
-_KEY = re.compile(r"[^/]+/(\d+/\d+/\d+\.[A-Za-z0-9]+|parts/[0-9a-f]+\.png)")
+SOURCE_MARKER = ".sat2sound-tile-source"
+_MARKER_TEXT = b"A Sat2Sound tile cache source folder: `python -m pipeline cache prune` deletes its tiles.\n"
+# Paths in a source folder of the two layouts below: other files are not the cache's, and are never counted or pruned.
+_TILE_PATH = re.compile(r"\d+/\d+/\d+\.[A-Za-z0-9]+|parts/[0-9a-f]+\.png")
 
 
 def tile_key(source_id: str, z: int, x: int, y: int, suffix: str) -> str:
@@ -63,11 +69,13 @@ class TileCache:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._marked: set[str] = set()
 
     def path_of(self, key: str) -> Path:
-        """File that holds `key`; raises CacheError for keys that would escape the cache directory."""
+        """File that holds `key`; raises CacheError for keys that would escape the cache directory or that name
+        no source folder."""
         parts = key.split("/")
-        if any(part in ("", ".", "..") or "\\" in part for part in parts):
+        if len(parts) < 2 or any(part in ("", ".", "..") or "\\" in part for part in parts):
             raise CacheError(f"cache key {key!r} is not a relative path inside the cache; use 'source/z/x/y.ext'")
         return self.root.joinpath(*parts)
 
@@ -79,13 +87,15 @@ class TileCache:
             return None
         except OSError as exc:
             raise CacheError(f"cannot read cached tile {key}: {exc.strerror}; check permissions on the cache") from exc
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a cache shared read-only
             os.utime(path)
+            self._mark_source(key)  # adopts a source folder written before the marker existed
         return data
 
     def put(self, key: str, data: bytes) -> None:
         path = self.path_of(key)
         try:
+            self._mark_source(key)
             try:
                 atomic_write_bytes(path, data)
             except FileNotFoundError:  # a concurrent prune removed the directory just created
@@ -102,7 +112,7 @@ class TileCache:
         return isinstance(key, str) and self.path_of(key).is_file()
 
     def stats(self) -> CacheStats:
-        entries = self._entries()
+        entries = self._entries(self._sources())
         return CacheStats(len(entries), sum(entry.size for entry in entries))
 
     def prune(self, max_bytes: int | None = None, older_than_days: float | None = None) -> CacheStats:
@@ -114,9 +124,10 @@ class TileCache:
             raise CacheError("prune needs a size limit or an age; pass max_bytes and/or older_than_days")
         if max_bytes is not None and max_bytes < 0:
             raise CacheError(f"cache size limit {max_bytes} is negative; pass 0 or more bytes")
+        sources = self._sources()
         now = time.time()
-        self._remove_stale_temp_files(now)
-        entries = sorted(self._entries(), key=lambda entry: entry.mtime)
+        self._remove_stale_temp_files(sources, now)
+        entries = sorted(self._entries(sources), key=lambda entry: entry.mtime)
         doomed: list[_Entry] = []
         if older_than_days is not None:
             cutoff = now - older_than_days * _SECONDS_PER_DAY
@@ -130,37 +141,64 @@ class TileCache:
                 doomed.append(entry)
                 excess -= entry.size
         removed = [entry for entry in doomed if self._unlink(entry.path)]
-        self._remove_empty_dirs()
         return CacheStats(len(removed), sum(entry.size for entry in removed))
 
-    def _entries(self) -> list[_Entry]:
-        entries = []
-        for directory, _, names in os.walk(self.root):
-            for name in names:
-                path = Path(directory, name)
-                if not _KEY.fullmatch(path.relative_to(self.root).as_posix()):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    status = path.stat()
-                    entries.append(_Entry(path, status.st_size, status.st_mtime))
-        return entries
+    def _mark_source(self, key: str) -> None:
+        """Write the marker of `key`'s source folder unless this cache has seen it there."""
+        source = key.split("/", 1)[0]
+        if source not in self._marked:
+            marker = self.root / source / SOURCE_MARKER
+            if not marker.is_file():
+                atomic_write_bytes(marker, _MARKER_TEXT)
+            self._marked.add(source)
 
-    def _remove_stale_temp_files(self, now: float) -> None:
-        for path in self.root.rglob(f"{TEMP_PREFIX}*"):
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < now - _STALE_TEMP_S:
-                    path.unlink()
-
-    def _remove_empty_dirs(self) -> None:
-        for directory, _, _ in sorted(os.walk(self.root), key=lambda item: len(item[0]), reverse=True):
-            if Path(directory) != self.root:
-                with contextlib.suppress(OSError):  # not empty, or removed by another process
-                    os.rmdir(directory)
+    def _sources(self) -> list[Path]:
+        """The marked source folders; refuses a folder that holds folders but none of them (files beside them, such
+        as a .gitkeep, are never the cache's)."""
+        try:
+            children = [child for child in self.root.iterdir() if child.is_dir()]
+        except FileNotFoundError:
+            return []
+        sources = [child for child in children if (child / SOURCE_MARKER).is_file()]
+        if children and not sources:
+            raise CacheError(
+                f"{self.root} is not a tile cache (no folder in it holds {SOURCE_MARKER}); give the folder"
+                " imagery.cache_dir names (a cache from an older version: run a build with it once to adopt it)"
+            )
+        return sources
 
     @staticmethod
-    def _unlink(path: Path) -> bool:
+    def _entries(sources: list[Path]) -> list[_Entry]:
+        entries = []
+        for source in sources:
+            for directory, _, names in os.walk(source):
+                for name in names:
+                    path = Path(directory, name)
+                    if not _TILE_PATH.fullmatch(path.relative_to(source).as_posix()):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        status = path.stat()
+                        entries.append(_Entry(path, status.st_size, status.st_mtime))
+        return entries
+
+    def _remove_stale_temp_files(self, sources: list[Path], now: float) -> None:
+        for source in sources:
+            for path in list(source.rglob(f"{TEMP_PREFIX}*")):  # removing folders while globbing upsets it
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < now - _STALE_TEMP_S:
+                        self._unlink(path)
+
+    def _unlink(self, path: Path) -> bool:
+        """Remove `path` and the tile folders it leaves empty (never its source folder, which keeps its marker)."""
         try:
             path.unlink()
         except FileNotFoundError:
             return False
+        for folder in path.parents:
+            if folder.parent == self.root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or removed by another process
+                break
         return True

@@ -98,9 +98,13 @@ def retry_after_s(header: str | None, now: datetime) -> float | None:
 
 
 def is_http_url(url: str) -> bool:
-    """Whether `url` is http(s) with a host."""
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    """Whether `url` is http(s) with a host, and a port in range where it names one."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port out of range or not a number
+    except ValueError:  # also a malformed IPv6 host
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

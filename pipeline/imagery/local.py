@@ -43,7 +43,7 @@ from pipeline.imagery.base import (
     resampling_method,
     true_gsd_m,
 )
-from pipeline.imagery.http import redact
+from pipeline.imagery.http import is_http_url, redact
 
 # Rasters GDAL reads over the network: http(s) URLs and its virtual file systems (/vsis3/, /vsicurl/, /vsiaz/...).
 REMOTE_PREFIXES = ("http://", "https://", "/vsi")
@@ -116,8 +116,8 @@ def stretch_range(values: Sequence[float]) -> Stretch:
 class LocalRasterReader(ImageryReader):
     """A raster GDAL can open, in any CRS, read as RGB uint8.
 
-    `bands` are 1-based indexes in RGB order (default: the bands tagged red/green/blue, else 1,2,3; a
-    single band is shown as grey). `nodata` overrides the file's nodata value. `gdal_env` holds GDAL
+    `bands` are 1-based indexes in RGB order (default: the bands tagged red/green/blue, else the first three
+    not tagged alpha; a single band is shown as grey). `nodata` overrides the file's nodata value. `gdal_env` holds GDAL
     config options for every open and read, over COG_HTTP_ENV for a raster read over the network. A reader
     holds an open GDAL dataset: use one per thread, and open it after forking worker processes.
     """
@@ -143,8 +143,10 @@ class LocalRasterReader(ImageryReader):
         "nodata": {"type": ["number", "null"], "description": "give the pixel value that means no data, or null"},
         "gdal_env": {
             "type": ["object", "null"],
+            # rasterio takes the cache size only as a number (of MB, or bytes above 100,000).
+            "patternProperties": {"(?i)^GDAL_CACHEMAX$": {"type": "integer", "minimum": 0}},
             "additionalProperties": {"type": ["string", "number", "boolean"]},
-            "description": "give GDAL config options as a mapping of names to values",
+            "description": "give GDAL config options as a mapping of names to values (GDAL_CACHEMAX in whole MB)",
         },
     }
 
@@ -170,23 +172,13 @@ class LocalRasterReader(ImageryReader):
         if not percentiles[0] < percentiles[1]:
             raise ImageryError(f"percentiles {tuple(percentiles)} are empty or inverted; give [low, high] like [2, 98]")
         self._percentiles = percentiles
+        self._dataset = _open_raster(self.path, self.name, self._gdal_env)
         try:
-            # A raster without georeferencing is refused below, in one line, not with rasterio's warning.
-            with rasterio.Env(**self._gdal_env), warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self._dataset = rasterio.open(self.path)
-        except RasterioError as exc:
-            raise ImageryError(f"cannot open raster {self.name} ({type(exc).__name__}); check the path or URL") from exc
-        if self._dataset.crs is None:
+            _check_grid(self._dataset, self.name)
+            self.bands = _colour_bands(self._dataset, self.name, bands)
+        except ImageryError:
             self._dataset.close()
-            raise ImageryError(f"raster {self.name} has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
-        self.bands = tuple(bands) if bands is not None else _default_bands(self._dataset)
-        if len(self.bands) not in (1, RGB_BANDS) or any(not 1 <= band <= self._dataset.count for band in self.bands):
-            self._dataset.close()
-            raise ImageryError(
-                f"bands {self.bands} do not fit {self.name} ({self._dataset.count} bands); "
-                "pass three 1-based indexes in RGB order, or one for grey"
-            )
+            raise
         self.nodata = nodata if nodata is not None else self._dataset.nodata
         self.source_id = source_id or _path_source_id(self.path)
         self._stretch_rule = resolve_stretch(stretch, self._dataset.dtypes[self.bands[0] - 1])
@@ -401,6 +393,48 @@ class LocalRasterReader(ImageryReader):
         return np.ma.masked_invalid(sample)
 
 
+def _open_raster(path: str, name: str, gdal_env: Mapping[str, object]) -> rasterio.io.DatasetReader:
+    """The raster at `path` opened, or refused in one line."""
+    if path.startswith(("http://", "https://")) and not is_http_url(path):
+        raise ImageryError(f"raster URL {name} is not http(s) with a valid host and port; check the URL")
+    try:
+        # A raster without georeferencing is refused by `_check_grid`, in one line, not with rasterio's warning.
+        with rasterio.Env(**gdal_env), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError as exc:
+        raise ImageryError(f"cannot open raster {name} ({type(exc).__name__}); check the path or URL") from exc
+
+
+def _check_grid(dataset: rasterio.io.DatasetReader, name: str) -> None:
+    """Refuse a raster without a CRS, or whose columns do not run east and rows south (as rasterio's windows from
+    bounds need)."""
+    if dataset.crs is None:
+        raise ImageryError(f"raster {name} has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
+    width, height = dataset.transform.a, dataset.transform.e
+    if not width > 0 > height:
+        raise ImageryError(
+            f"raster {name} is stored south-up, mirrored or turned past 90 degrees (geotransform pixel width"
+            f" {width:g}, height {height:g}); warp it north-up, e.g. gdalwarp {name} north_up.tif"
+        )
+
+
+def _colour_bands(dataset: rasterio.io.DatasetReader, name: str, bands: Sequence[int] | None) -> tuple[int, ...]:
+    """`bands`, else the default ones; refused where they do not fit the raster or hold palette indexes."""
+    chosen = tuple(bands) if bands is not None else _default_bands(dataset, name)
+    if len(chosen) not in (1, RGB_BANDS) or any(not 1 <= band <= dataset.count for band in chosen):
+        raise ImageryError(
+            f"bands {chosen} do not fit {name} ({dataset.count} bands); "
+            "pass three 1-based indexes in RGB order, or one for grey"
+        )
+    if any(dataset.colorinterp[band - 1] == ColorInterp.palette for band in chosen):
+        raise ImageryError(
+            f"raster {name} holds palette indexes, not colours; expand it to RGB: gdal_translate -expand rgb {name}"
+            " rgb.tif"
+        )
+    return chosen
+
+
 def _holds_integers(dataset: rasterio.io.DatasetReader) -> bool:
     """Whether every band holds integers of one type."""
     return len(set(dataset.dtypes)) == 1 and np.dtype(dataset.dtypes[0]).kind in "ui"
@@ -414,12 +448,19 @@ def _alpha_band(vrt: WarpedVRT) -> int:
     return tagged[-1]
 
 
-def _default_bands(dataset: rasterio.io.DatasetReader) -> tuple[int, ...]:
+def _default_bands(dataset: rasterio.io.DatasetReader, name: str) -> tuple[int, ...]:
+    """The bands tagged red, green and blue, else the first three (or the one) not tagged alpha."""
     interpretation = list(dataset.colorinterp)
     wanted = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
     if all(colour in interpretation for colour in wanted):
         return tuple(interpretation.index(colour) + 1 for colour in wanted)
-    return (1, 2, 3) if dataset.count >= RGB_BANDS else (1,)
+    colour_bands = [band for band, colour in enumerate(interpretation, start=1) if colour != ColorInterp.alpha]
+    if 1 < len(colour_bands) < RGB_BANDS:
+        raise ImageryError(
+            f"raster {name} has {len(colour_bands)} bands not tagged alpha, too many for grey and too few for RGB;"
+            " name the bands to use in imagery.options.bands, e.g. [1] for grey"
+        )
+    return tuple(colour_bands[:RGB_BANDS])
 
 
 def _path_source_id(path: str) -> str:

@@ -141,7 +141,7 @@ class StacReader(ImageryReader):
     ) -> None:
         if not is_http_url(url):
             raise ImageryError(
-                f"STAC API URL {redact(url)!r} is not http(s) with a host; write e.g."
+                f"STAC API URL {redact(url)!r} is not http(s) with a valid host and port; write e.g."
                 " stac:https://earth-search.aws.element84.com/v1"
             )
         self.url = url

@@ -127,7 +127,8 @@ class TileTemplate(NamedTuple):
         shown = redact(url)
         if not is_http_url(url):
             raise ImageryError(
-                f"tile URL template {shown} is not http(s) with a host; write https://host/{{z}}/{{x}}/{{y}}"
+                f"tile URL template {shown} is not http(s) with a valid host and port;"
+                " write https://host/{z}/{x}/{y}"
             )
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(url) if name is not None}

@@ -85,6 +85,24 @@ def test_missing_keys_take_the_schema_defaults() -> None:
             "config.tiling.chunk_zoom: -1 is below 0: a chunk zoom must be between 0 and the output zoom;",
         ),
         ({"queries": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "id 'a' is used twice"),
+        (
+            {"queries": [{"id": "A", "text": "x"}, {"id": "a", "text": "y"}]},
+            "config.queries: ids 'A' and 'a' differ only in case (GeoPackage and field names ignore case);"
+            " give every query its own id",
+        ),
+        ({"queries": [{"id": "a", "text": "🦆🐸🦉"}]}, "config.queries[0].text: '🦆🐸🦉' holds no words; give"),
+        ({"queries": [{"id": "a", "text": "..."}]}, "config.queries[0].text: '...' holds no words; give"),
+        ({"queries": [{"id": "a", "text": "_"}]}, "config.queries[0].text: '_' holds no words; give"),
+        ({"model": {"zoom_level": 3.0}}, "config.model.zoom_level: 3.0 is not of type 'integer'; see config/schema"),
+        ({"model": {"hour": [6.0, 18]}}, "config.model.hour[0]: 6.0 is not of type 'integer'; see config/schema.json"),
+        ({"outputs": {"top_k": True}}, "config.outputs.top_k: True is not of type 'integer'"),
+        ({"output_dir": "/"}, "config.output_dir: '/' is the file system's root; set output_dir to a folder of its"),
+        (
+            {"output_dir": str(config_module.REPO / "pipeline" / "maps")},
+            f"config.output_dir: '{config_module.REPO}/pipeline/maps' lies in the project's own folder"
+            f" {config_module.REPO}/pipeline; set output_dir to a folder of its own, e.g. outputs",
+        ),
+        ({"output_dir": str(config_module.REPO / "examples")}, "lies in the project's own folder"),
         ({"queries": []}, "config.queries: [] should be non-empty"),
         ({"outputs": {"crs": "EPSG:999999"}}, "config.outputs.crs: 'EPSG:999999' is not a known CRS"),
         ({"outputs": {"crs": "EPSG:4978"}}, "config.outputs.crs: 'EPSG:4978' is not a map CRS"),
@@ -101,6 +119,22 @@ def test_config_errors_are_one_line_naming_the_key(changes: dict[str, Any], word
         load_build_config(config_with(**changes))
     message = str(raised.value)
     assert words in message and "\n" not in message
+
+
+def test_text_of_any_script_ids_of_one_case_and_the_repository_and_its_outputs_are_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queries = [{"id": "niao", "text": "鸟鸣"}, {"id": "Birds", "text": "x"}, {"id": "birds_2", "text": "2"}]
+    assert [query.text for query in load_build_config(config_with(queries=queries)).queries] == ["鸟鸣", "x", "2"]
+    monkeypatch.chdir(config_module.REPO)
+    for output_dir in (".", "outputs", str(config_module.REPO / "outputs" / "maps")):
+        assert load_build_config(config_with(output_dir=output_dir)).output_dir == output_dir
+
+
+def test_the_output_dir_is_read_from_where_the_build_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(config_module.REPO / "config")
+    with pytest.raises(BuildConfigError, match=r"config\.output_dir: 'outputs' lies in the project's own folder"):
+        load_plan_inputs({"region": "St. Louis"})
 
 
 def test_a_crs_gdal_does_not_know_is_refused_at_load_without_gdal_noise(capfd: pytest.CaptureFixture[str]) -> None:
@@ -228,7 +262,7 @@ def test_an_output_folder_that_cannot_be_created_is_refused(tmp_path: Path) -> N
 
 def test_query_audio_files_are_checked_before_any_job(tmp_path: Path) -> None:
     clip = tmp_path / "clip.flac"
-    soundfile.write(clip, np.zeros(1600, np.float32), 16000)
+    soundfile.write(clip, np.sin(np.arange(1600, dtype=np.float32) / 5), 16000)
     config = load_build_config(config_with(queries=[{"id": "ok", "audio": str(clip), "text": "rain"}]))
     check_query_files(config.queries)
     assert config.queries[0].kind == "composed" and config.queries[0].label == "clip.flac + rain"

@@ -259,7 +259,9 @@ def audio_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 BAD_INPUTS = {
     "no such build": (lambda build, audio: ["/nonexistent/build", "birds"], "no build folder"),
     "not a build": (lambda build, audio: [str(audio), "birds"], "is no finished map build (no soundscape.zarr"),
-    "empty text": (lambda build, audio: [str(build), "   "], "the query text is empty"),
+    "empty text": (lambda build, audio: [str(build), "   "], "the query text '   ' holds no words; write what to"),
+    "text without words": (lambda build, audio: [str(build), "..."], "the query text '...' holds no words"),
+    "text of emoji": (lambda build, audio: [str(build), "--audio", "x.wav", "--text", "🦆🐸"], "holds no words"),
     "no query": (lambda build, audio: [str(build)], "give a query"),
     "text twice": (lambda build, audio: [str(build), "a", "--text", "b"], "given twice"),
     "missing audio": (
@@ -282,6 +284,10 @@ BAD_INPUTS = {
     ),
     "configured id": (lambda build, audio: [str(build), "birds", "--id", "birds", "--map"], "is a query of the build"),
     "derived configured id": (lambda build, audio: [str(build), "Rain!", "--map"], "'rain' is a query of the build"),
+    "configured id in another case": (
+        lambda build, audio: [str(build), "birds", "--id", "Birds", "--map"],
+        "query id 'Birds' differs only in case from 'birds', a query of the build",
+    ),
     "places in a folder": (lambda build, audio: [str(build), "birds", "--csv", str(audio)], "is a folder"),
     "places not a gpkg": (lambda build, audio: [str(build), "birds", "--gpkg", "x.txt"], "is not a .gpkg file"),
     "places under a file": (
@@ -311,6 +317,12 @@ def test_bad_inputs_are_one_line_and_status_2(
     status, out, err = run_cli(capsys, *argv(synthetic, audio_files))
     assert status == ERROR_STATUS
     assert out == [] and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_text_of_any_script_is_asked_and_an_id_in_another_case_only_without_maps(synthetic: Path) -> None:
+    built = new_query.open_built_map(synthetic)
+    assert new_query.new_query(built, "鸟鸣", None, None, 5, maps=True).text == "鸟鸣"
+    assert new_query.new_query(built, "birds", None, "Birds", 5, maps=False).id == "Birds"
 
 
 @pytest.mark.usefixtures("no_model")

@@ -425,3 +425,69 @@ def test_a_shapefile_without_prj_beyond_180_degrees_is_not_taken_as_lonlat(
         " longitude/latitude range; set its CRS"
     )
     assert CRS_FIX in err
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_nan_or_infinite_coordinate_is_refused_before_any_repair(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bad: float
+) -> None:
+    path = tmp_path / "region.geojson"
+    path.write_text(
+        _feature_collection(
+            box(10, 10, 11, 11).__geo_interface__,
+            {"type": "Polygon", "coordinates": [[[10, 10], [bad, 10], [11, 11], [10, 10]]]},
+        )
+    )
+    assert _plan_error(capsys, path) == (
+        f"error: region file {path} has NaN or infinite coordinates (feature 2); fix or remove them\n"
+    )
+
+
+def test_a_polygon_whose_hole_is_its_shell_is_refused_not_filled(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ring = box(10, 10, 11, 11).exterior.coords
+    path = _write(gpd.GeoDataFrame(geometry=[Polygon(ring, [ring])], crs=4326), tmp_path / "hollow.geojson")
+    err = _plan_error(capsys, path)
+    assert err.startswith(
+        f"error: region file {path} has a polygon that encloses no area once repaired (feature 1: Self-intersection"
+    )
+    assert "); fix the polygon in a GIS: its holes must lie inside its shell" in err
+
+
+def test_overlapping_holes_are_cut_out_together_when_repaired(tmp_path: Path) -> None:
+    holes = [box(11, 11, 12, 12).exterior.coords, box(11.5, 11.5, 13, 13).exterior.coords]
+    polygon = Polygon(box(10, 10, 14, 14).exterior.coords, holes)
+    path = _write(gpd.GeoDataFrame(geometry=[polygon], crs=4326), tmp_path / "holes.geojson")
+    with pytest.warns(RegionWarning, match="repaired 1 invalid"):
+        region = parse_region(str(path))
+    assert region.geometry.area == pytest.approx(16 - 1 - 2.25 + 0.25)
+
+
+@pytest.mark.parametrize(
+    ("corner", "words"),
+    [
+        ((10, -95), "latitude -95, outside the longitude/latitude range (latitudes -90..90 in WGS 84)"),
+        ((-361.5, 10), "longitude -361.5, outside the longitude/latitude range (longitudes -360..360 in WGS 84)"),
+    ],
+)
+def test_degrees_a_little_out_of_range_are_named_not_taken_for_a_projection(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, corner: tuple[float, float], words: str
+) -> None:
+    path = tmp_path / "typo.geojson"
+    path.write_text(_feature_collection(Polygon([corner, (11, 10), (11, 11), corner]).__geo_interface__))
+    assert _plan_error(capsys, path) == (
+        f"error: region file {path} has {words}; fix that coordinate, or give the file its real CRS\n"
+    )
+
+
+def test_a_geopackage_of_several_layers_is_refused_naming_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "layers.gpkg"
+    for layer, west in (("far", 10), ("here", 20)):
+        gpd.GeoDataFrame(geometry=[box(west, 10, west + 1, 11)], crs=4326).to_file(path, layer=layer)
+    assert _plan_error(capsys, path) == (
+        f"error: region file {path} holds 2 layers (far, here) where one is read; save the layer you want alone"
+        " (ogr2ogr OUT.gpkg layers.gpkg LAYER)\n"
+    )

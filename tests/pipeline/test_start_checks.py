@@ -131,7 +131,7 @@ def test_a_text_backbone_that_cannot_load_is_refused_when_text_queries_need_it(t
 
 def test_an_audio_query_cut_short_or_without_frames_is_refused(tmp_path: Path) -> None:
     whole = tmp_path / "rain.wav"
-    soundfile.write(whole, np.zeros(32_000, np.float32), 16_000, subtype="PCM_16")
+    soundfile.write(whole, 0.1 * np.sin(np.arange(32_000, dtype=np.float32) / 5), 16_000, subtype="PCM_16")
     cut = tmp_path / "cut.wav"
     cut.write_bytes(whole.read_bytes()[:200])
     empty = tmp_path / "empty.wav"

@@ -6,7 +6,9 @@ tiles outside the region, one a hundredth of a tile, and one off the grid."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
+import warnings
 from pathlib import Path
 
 import geopandas as gpd
@@ -224,6 +226,33 @@ def test_zone_files_that_cannot_serve_are_refused_in_one_line(store: SyntheticSt
             check_zones(outputs, region)
         message = str(refused.value)
         assert words in message and "; " in message and "\n" not in message, message
+
+
+def test_zone_files_with_bad_coordinates_several_layers_or_a_hollow_polygon_are_refused_alone(tmp_path: Path) -> None:
+    ring = box(0, 0, 1, 1).exterior.coords
+    nan = tmp_path / "nan.geojson"
+    broken = {"type": "Polygon", "coordinates": [[[0, 0], [float("nan"), 0], [1, 1], [0, 0]]]}
+    nan.write_text(
+        json.dumps(
+            {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": broken}]}
+        )
+    )
+    hollow = tmp_path / "hollow.gpkg"
+    gpd.GeoDataFrame(geometry=[box(2, 2, 3, 3), Polygon(ring, [ring])], crs=4326).to_file(hollow)
+    layers = tmp_path / "layers.gpkg"
+    for layer in ("districts", "parks"):
+        gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)], crs=4326).to_file(layers, layer=layer)
+    cases = {
+        nan: "nan.geojson has NaN or infinite coordinates (feature 1); fix or remove them",
+        hollow: "hollow.gpkg has a polygon that encloses no area once repaired (feature 2: Self-intersection",
+        layers: "layers.gpkg holds 2 layers (districts, parks) where one is read; save the layer you want alone"
+        " (ogr2ogr OUT.gpkg layers.gpkg LAYER)",
+    }
+    for path, words in cases.items():
+        with warnings.catch_warnings(), pytest.raises(BuildConfigError) as refused:
+            warnings.simplefilter("error")  # a library's warning would be raised instead
+            read_zones(settings(path))
+        assert str(refused.value).startswith(f"config.outputs.zones: {tmp_path / words}")
 
 
 def test_zones_keep_their_polygons_repaired_and_drop_what_has_no_area(tmp_path: Path) -> None:

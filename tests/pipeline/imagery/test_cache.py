@@ -9,18 +9,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
 
 from common.atomic import TEMP_PREFIX
+from pipeline.__main__ import main
 from pipeline.errors import CacheError
+from pipeline.imagery import XYZReader
 from pipeline.imagery import cache as cache_module
-from pipeline.imagery.cache import CacheStats, TileCache, part_key, tile_key
+from pipeline.imagery.cache import SOURCE_MARKER, CacheStats, TileCache, part_key, tile_key
 
 DAY_S = 86400.0
 
 
 def _age(cache: TileCache, key: str, days: float) -> None:
+    _age_file(cache.path_of(key), days)
+
+
+def _age_file(path: Path, days: float) -> None:
     stamp = time.time() - days * DAY_S
-    os.utime(cache.path_of(key), (stamp, stamp))
+    os.utime(path, (stamp, stamp))
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*"))
 
 
 def test_put_get_contains_and_stats(tmp_path: Path) -> None:
@@ -88,7 +99,72 @@ def test_prune_removes_emptied_folders_and_stale_temp_files(tmp_path: Path) -> N
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert cache.prune(older_than_days=0) == CacheStats(1, 1)
     assert not stale.exists()
-    assert list(tmp_path.iterdir()) == []
+    assert _tree(tmp_path) == ["s", f"s/{SOURCE_MARKER}"]  # the source folder stays, marked
+
+
+def _photos(folder: Path) -> list[str]:
+    """A folder of the user's own whose photo is named like a tile, with an empty folder beside it."""
+    (folder / "notes" / "empty").mkdir(parents=True)
+    photo = folder / "photos" / "2023" / "12" / "25.jpg"
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(b"mine")
+    _age_file(photo, 400)
+    return _tree(folder)
+
+
+@pytest.mark.parametrize("action", [["info"], ["prune", "--older-than-days", "30"], ["prune", "--max-size", "2GB"]])
+def test_cli_cache_refuses_a_folder_the_cache_did_not_write(
+    action: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    before = _photos(tmp_path)
+    status = main(["cache", *action, "--cache-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert err == (
+        f"error: {tmp_path} is not a tile cache (no folder in it holds {SOURCE_MARKER}); give the folder"
+        " imagery.cache_dir names (a cache from an older version: run a build with it once to adopt it)\n"
+    )
+    assert _tree(tmp_path) == before
+
+
+def test_a_new_cache_holding_files_but_no_folders_is_empty_not_refused(tmp_path: Path) -> None:
+    (tmp_path / ".gitkeep").write_bytes(b"")  # as the repository's tiles_cache/ holds
+    assert TileCache(tmp_path).stats() == CacheStats(0, 0)
+    assert TileCache(tmp_path).prune(max_bytes=0) == CacheStats(0, 0)
+    assert (tmp_path / ".gitkeep").is_file()
+
+
+def test_a_cache_prunes_only_its_source_folders_and_the_tile_folders_it_empties(tmp_path: Path) -> None:
+    cache = TileCache(tmp_path)
+    cache.put(tile_key("src", 1, 2, 3, "png"), b"tile")
+    _photos(tmp_path)
+    _photos(tmp_path / "src")
+    before = _tree(tmp_path)
+    assert cache.stats() == CacheStats(1, 4)
+    assert cache.prune(max_bytes=0) == CacheStats(1, 4)
+    assert _tree(tmp_path) == [path for path in before if path not in ("src/1", "src/1/2", "src/1/2/3.png")]
+
+
+def test_reading_a_tile_adopts_a_source_folder_written_before_the_marker(tmp_path: Path) -> None:
+    old = tmp_path / "esri-world-imagery" / "17" / "1" / "2.jpg"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"tile")
+    with pytest.raises(CacheError, match="is not a tile cache"):
+        TileCache(tmp_path).stats()
+    assert TileCache(tmp_path).get("esri-world-imagery/17/1/2.jpg") == b"tile"
+    assert TileCache(tmp_path).prune(max_bytes=0) == CacheStats(1, 4)
+
+
+def test_fetched_tiles_are_marked_and_prunable(tmp_path: Path) -> None:
+    scene = SceneTiles.from_raster(SCENE_PATH, zooms=(15,))
+    tile = next(iter(scene.rgba))
+    with (
+        TileServer(scene) as server,
+        XYZReader(f"{server.url}/png/{{z}}/{{x}}/{{y}}.png", cache=TileCache(tmp_path)) as reader,
+    ):
+        reader.tile(*tile)
+    assert (tmp_path / reader.source_id / SOURCE_MARKER).is_file()
+    assert TileCache(tmp_path).prune(older_than_days=0).files == 1
 
 
 def test_prune_needs_a_limit(tmp_path: Path) -> None:
@@ -159,8 +235,9 @@ def test_a_write_into_a_folder_pruned_meanwhile_is_retried(tmp_path: Path, monke
             raise FileNotFoundError(2, "No such file or directory")
         real_write(path, data)
 
-    monkeypatch.setattr(cache_module, "atomic_write_bytes", pruned_once)
     cache = TileCache(tmp_path)
+    cache.put("s/0/0/0.png", b"")  # marks the source folder, which a prune never removes
+    monkeypatch.setattr(cache_module, "atomic_write_bytes", pruned_once)
     cache.put("s/1/1/1.png", b"abc")
     assert cache.get("s/1/1/1.png") == b"abc"
     assert len(calls) == 2

@@ -21,7 +21,7 @@ from support.paths import LANDSAT
 
 from pipeline.errors import ImageryError, TileDecodeError
 from pipeline.imagery.codec import MAX_TILE_PIXELS, decode_tile, encode_png, encode_webp
-from pipeline.imagery.http import RetryPolicy, backoff_delay, redact, retry_after_s, retry_policy
+from pipeline.imagery.http import RetryPolicy, backoff_delay, is_http_url, redact, retry_after_s, retry_policy
 
 RNG = np.random.default_rng(7)
 NOISE = RNG.integers(0, 256, (3, 64, 64), dtype=np.uint8)
@@ -203,6 +203,21 @@ def test_redact_hides_secrets_and_credential_parameters() -> None:
         redact(presigned)
         == "https://b.s3.amazonaws.com/m.tif?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "usable"),
+    [
+        ("https://[::1]:8080/a", True),
+        ("http://[::1/a", False),  # urllib: Invalid IPv6 URL
+        ("http://127.0.0.1:99999/a", False),  # port out of range
+        ("http://host:port/a", False),
+        ("http://:80/a", False),
+        ("ftp://host/a", False),
+    ],
+)
+def test_an_http_url_needs_a_host_and_a_valid_port(url: str, usable: bool) -> None:
+    assert is_http_url(url) is usable
 
 
 def test_retry_settings_from_a_config_mapping() -> None:

@@ -178,6 +178,8 @@ def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
         open_reader(str(tmp_path / "missing.tif"), cache_dir=tmp_path)
     with pytest.raises(ImageryError, match="unknown stretch"):
         LocalRasterReader(SCENE_PATH, stretch="magic")
+    with pytest.raises(ImageryError, match=r"raster URL https://\[::1/m.tif is not http\(s\) with a valid host"):
+        LocalRasterReader("https://[::1/m.tif")
     no_crs = tmp_path / "plain.tif"
     with rasterio.open(no_crs, "w", driver="GTiff", width=4, height=4, count=3, dtype="uint8") as dataset:
         dataset.write(np.zeros((3, 4, 4), np.uint8))
@@ -185,6 +187,49 @@ def test_bad_local_inputs_say_what_to_fix(tmp_path: Path) -> None:
         LocalRasterReader(no_crs)
     with pytest.raises(ImageryError, match="does not apply"):
         open_reader(str(SCENE_PATH), cache_dir=tmp_path, max_zoom=3)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        SCENE_PROFILE["transform"] @ Affine.translation(0, SCENE_PROFILE["height"]) @ Affine.scale(1, -1),
+        SCENE_PROFILE["transform"] @ Affine.rotation(120.0),
+    ],
+    ids=["south-up", "turned-120"],
+)
+def test_a_raster_not_stored_north_up_is_refused_at_open(tmp_path: Path, transform: Affine) -> None:
+    path = _write(tmp_path / "flipped.tif", SCENE_RGB, transform=transform)
+    with pytest.raises(ImageryError, match=r"flipped.tif is stored south-up.*; warp it north-up, e.g. gdalwarp"):
+        LocalRasterReader(path)
+
+
+@pytest.mark.parametrize("bands", [None, (1,)])
+def test_a_palette_raster_is_refused_not_read_as_grey(tmp_path: Path, bands: tuple[int, ...] | None) -> None:
+    path = _write(tmp_path / "palette.tif", SCENE_RGB[:1], photometric="palette")
+    with rasterio.open(path, "r+") as dataset:
+        dataset.write_colormap(1, {index: (index, 255 - index, 0, 255) for index in range(256)})
+    with pytest.raises(
+        ImageryError, match="palette indexes, not colours; expand it to RGB: gdal_translate -expand rgb"
+    ):
+        LocalRasterReader(path, bands=bands)
+
+
+def test_two_bands_are_grey_and_alpha_or_are_named(tmp_path: Path) -> None:
+    valid = np.full(SCENE_RGB.shape[1:], 255, np.uint8)
+    valid[:, : SCENE_RGB.shape[2] // 2] = 0  # the west half is transparent
+    grey_alpha = _write(
+        tmp_path / "grey_alpha.tif", np.stack([SCENE_RGB[0], valid]), photometric="minisblack", alpha="YES"
+    )
+    with LocalRasterReader(grey_alpha) as reader:
+        assert reader.bands == (1,)
+        image = reader.part(SCENE_BOUNDS, 320, 288, dst_crs=SCENE_PROFILE["crs"].to_string())
+    assert image.coverage == pytest.approx(0.5)
+    np.testing.assert_array_equal(image.array.data[:, :, 160:], np.repeat(SCENE_RGB[:1, :, 160:], 3, axis=0))
+    two = _write(tmp_path / "two.tif", SCENE_RGB[:2])
+    with pytest.raises(ImageryError, match=r"two.tif has 2 bands not tagged alpha.*name the bands to use in imagery"):
+        LocalRasterReader(two)
+    with LocalRasterReader(two, bands=(2,)) as reader:
+        assert reader.bands == (2,)
 
 
 # --- coverage from the real data mask ----------------------------------------------------------------------

@@ -44,6 +44,13 @@ def test_the_constructors_defaults_pass_their_schema(reader: type[ImageryReader]
         ({"bands": [3, 2, 1], "nodata": "none"}, "imagery option nodata: 'none' is not of type 'number', 'null'"),
         ({"bands": [3, 2, 1], "percentiles": [2, 101]}, "imagery option percentiles.1: 101 is greater than"),
         ({"bands": [3, 2, 1], "gdal_env": {"GDAL_CACHEMAX": [1]}}, "imagery option gdal_env.GDAL_CACHEMAX:"),
+        (
+            {"bands": [3, 2, 1], "gdal_env": {"gdal_cachemax": "512MB"}},
+            "imagery option gdal_env.gdal_cachemax: '512MB' is not of type 'integer'; give GDAL config options as a"
+            " mapping of names to values (GDAL_CACHEMAX in whole MB)",
+        ),
+        ({"bands": [3.0, 2, 1]}, "imagery option bands.0: 3.0 is not of type 'integer'; give three 1-based band"),
+        ({"bands": [True]}, "imagery option bands.0: True is not of type 'integer'"),
         ({"bands": [3, 2, 1], "source_id": "../elsewhere"}, "imagery option source_id: '../elsewhere' does not match"),
         ({"bands": [3, 2, 1], "resampling": "lanczos"}, "imagery option resampling: 'lanczos' is not one of"),
     ],

@@ -90,7 +90,9 @@ def _mean_difference(a: np.ma.MaskedArray, b: np.ma.MaskedArray) -> float:
         ("https://host/{z}/{x}.png", "lacks {x} or {y}"),
         ("https://host/{z}/{x}/{y}/{s}.png", "unknown placeholder {s}"),
         ("ftp://host/{z}/{x}/{y}.png", "not http"),
-        ("https:///{z}/{x}/{y}.png", "not http\\(s\\) with a host"),
+        ("https:///{z}/{x}/{y}.png", "not http\\(s\\) with a valid host"),
+        ("http://[::1/{z}/{x}/{y}", "not http\\(s\\) with a valid host and port"),
+        ("http://127.0.0.1:99999/{z}/{x}/{y}", "not http\\(s\\) with a valid host and port"),
         ("https://host/{z}/{x}/{y.png", "unbalanced braces"),
     ],
 )
