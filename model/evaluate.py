@@ -116,7 +116,8 @@ def read_npz(path: Path, holding: str) -> dict[str, np.ndarray]:
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise InputError(f"{path} holds one array, not an .npz; save {holding} with np.savez")
         with data:
-            _check_declared_sizes(path, holding)
+            assert data.zip is not None  # an NpzFile holds its zip until closed
+            _check_declared_sizes(data.zip, path, holding)
             return {name: data[name] for name in data.files}
     # EOFError: an empty file; zlib.error and TokenError: a compressed member or an array header that is garbled.
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError) as exc:
@@ -125,24 +126,23 @@ def read_npz(path: Path, holding: str) -> dict[str, np.ndarray]:
         ) from exc
 
 
-def _check_declared_sizes(path: Path, holding: str) -> None:
-    """Refuse an array whose header declares more data than its member of the .npz holds: numpy would first
-    allocate what a garbled header declares (a MemoryError, or terabytes of address space)."""
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-                else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-                held = info.file_size - member.tell()
-            declared = math.prod(shape) * dtype.itemsize
-            if not dtype.hasobject and declared > held:
-                raise InputError(
-                    f"{path}: array {info.filename.removesuffix('.npy')!r} declares shape {shape} of {dtype}"
-                    f" ({declared:,} bytes) but holds {held:,} bytes; save {holding} with np.savez again"
-                )
+def _check_declared_sizes(archive: zipfile.ZipFile, path: Path, holding: str) -> None:
+    """Refuse an array whose header declares more data than its member of the .npz `archive` holds: numpy would
+    first allocate what a garbled header declares (a MemoryError, or terabytes of address space)."""
+    for info in archive.infolist():
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            held = info.file_size - member.tell()
+        declared = math.prod(shape) * dtype.itemsize
+        if not dtype.hasobject and declared > held:
+            raise InputError(
+                f"{path}: array {info.filename.removesuffix('.npy')!r} declares shape {shape} of {dtype}"
+                f" ({declared:,} bytes) but holds {held:,} bytes; save {holding} with np.savez again"
+            )
 
 
 def load_embeddings(path: Path) -> dict[str, np.ndarray]:

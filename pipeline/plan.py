@@ -345,9 +345,8 @@ def read_plan(path: Path) -> Plan:
     )
 
 
-def read_chunks(path: Path, chunks: Sequence[str]) -> list[ChunkTiles]:
-    """The tiles of the named chunks of the plan in `path`."""
-    plan = read_plan(path)
+def read_chunks(path: Path, plan: Plan, chunks: Sequence[str]) -> list[ChunkTiles]:
+    """The tiles of the named chunks of `plan`, read from its file at `path` (`read_plan`)."""
     with np.load(path) as archive:
         blocks = ChunkBlocks(plan.zoom, plan.chunk_zoom, *(archive[f"blocks/{name}"] for name in _BLOCK_ARRAYS))
     index = {chunk: number for number, chunk in enumerate(plan.chunk_ids)}

@@ -46,9 +46,10 @@ def _model(args: argparse.Namespace, config: BuildConfig) -> str:
 
 def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.fetch import fetch_chunk
-    from pipeline.plan import read_chunks
+    from pipeline.plan import read_chunks, read_plan
 
-    report = fetch_chunk(read_chunks(args.plan, [args.chunk])[0], config.imagery, args.out)
+    (chunk,) = read_chunks(args.plan, read_plan(args.plan), [args.chunk])
+    report = fetch_chunk(chunk, config.imagery, args.out)
     line = f"{report.views} views, {report.method}: {report.with_imagery}/{report.source_items} with imagery"
     if report.unavailable:
         line += f", {len(report.unavailable)} unavailable (failed or corrupt; their tiles are left empty)"
@@ -92,7 +93,7 @@ def _embed_on_device(args: argparse.Namespace, config: BuildConfig) -> str:
     options = EmbedOptions(times, batch_size, model.loader_workers, config.outputs.concepts_top_k)
     embed_digest = settings_digest(config, "embed")
     reports = embed_chunks(
-        read_chunks(args.plan, chunk_ids),
+        read_chunks(args.plan, plan, chunk_ids),
         zoom_level,
         encoder,
         config.imagery,

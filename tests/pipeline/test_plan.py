@@ -258,7 +258,7 @@ def test_the_plan_file_round_trips_and_is_rewritten_only_when_the_plan_changes(t
     assert read_plan(path) == plan
     _, chunks = plan_of(region, zoom_level=5, offset=2)
     assert len(chunks) > 1
-    stored = read_chunks(path, [chunk.id for chunk in reversed(chunks)])
+    stored = read_chunks(path, read_plan(path), [chunk.id for chunk in reversed(chunks)])
     for chunk, again in zip(reversed(chunks), stored, strict=True):
         assert again.id == chunk.id
         for name in chunk._fields[1:]:
