@@ -174,6 +174,9 @@ def _score(args: argparse.Namespace, config: BuildConfig) -> str:
 
     for chunk in chunks:
         score_chunk(args.chunks_dir / f"{chunk}.npz", args.queries, args.out_dir / f"{chunk}.npz", matches)
+    record = {"chunks": len(chunks), "gallery": None if args.gallery is None else str(args.gallery)}
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps({**record, "seconds": round(time.perf_counter() - STARTED, 3)}, indent=1))
     found = f", each tile's {config.outputs.gallery_top_k} best recordings of {args.gallery}" if args.gallery else ""
     return f"{len(chunks)} chunks{found}"
 
@@ -274,7 +277,7 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "gallery": (_gallery, ("model", "recordings", "out"), "embed outputs.gallery's recordings into a gallery"),
     "score": (
         _score,
-        ("plan", "chunks_dir", "queries", "gallery?", "out_dir"),
+        ("plan", "chunks_dir", "queries", "gallery?", "out_dir", "out"),
         "score every chunk's tiles against the queries (and find their best gallery recordings)",
     ),
     "mosaic": (

@@ -9,7 +9,7 @@ rule mosaic:
         model=rules.model.output.record,
         queries=rules.queries.output.queries,
         embedded=EMBEDDED,
-        scores=rules.score.output.scores,
+        scores=rules.score.output.record,
         gallery=GALLERY_RECORD,
     output:
         store=f"{STORE}/.zmetadata",

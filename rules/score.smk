@@ -1,5 +1,5 @@
 # The queries' embeddings, and every chunk's raw cosine scores (redone when the queries change). Scoring
-# is one matrix product per chunk, so one job does all chunks; with a sound gallery, it also finds each tile's
+# is one matrix product per chunk, so one job does all chunks (scores/<chunk>.npz, then scored.json); with a sound gallery, it also finds each tile's
 # best gallery recordings (redone when the gallery changes, without embedding the tiles again).
 
 
@@ -44,7 +44,8 @@ rule score:
         queries=rules.queries.output.queries,
         gallery=GALLERY_RECORD,
     output:
-        scores=expand(f"{BUILD}/scores/{{chunk}}.npz", chunk=CHUNKS),
+        # One record: listing every chunk's score file as an output makes Snakemake's DAG quadratic in chunks.
+        record=f"{BUILD}/scored.json",
     params:
         settings=SETTINGS,
         digest=digest("score"),
@@ -55,4 +56,5 @@ rule score:
         f"{LOGS}/score.log",
     shell:
         "{STEP} score --settings {params.settings:q} --plan {input.plan:q} --chunks-dir {params.chunks_dir:q}"
-        " --queries {input.queries:q}{params.gallery} --out-dir {params.scores_dir:q} > {log:q} 2>&1"
+        " --queries {input.queries:q}{params.gallery} --out-dir {params.scores_dir:q} --out {output.record:q}"
+        " > {log:q} 2>&1"

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ from pipeline.errors import CacheError
 _STALE_TEMP_S = 3600.0
 _SECONDS_PER_DAY = 86400.0
 SOURCE_MARKER = ".sat2sound-tile-source"
+REQUEST_SLOTS_PREFIX = ".sat2sound-requests-"
 _MARKER_TEXT = b"A Sat2Sound tile cache source folder: `python -m pipeline cache prune` deletes its tiles.\n"
 # Paths in a source folder of the two layouts below: other files are not the cache's, and are never counted or pruned.
 _TILE_PATH = re.compile(r"\d+/\d+/\d+\.[A-Za-z0-9]+|parts/[0-9a-f]+\.png")
@@ -108,8 +110,36 @@ class TileCache:
         with contextlib.suppress(FileNotFoundError):
             self.path_of(key).unlink()
 
+    def request_slots(self, source_id: str) -> Path:
+        """The file through which every process fetching `source_id` into this cache shares the source's request
+        rate cap (fetch jobs run side by side). It lies beside the source folders, where counting and pruning
+        never look."""
+        return self.root / f"{REQUEST_SLOTS_PREFIX}{source_id}"
+
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.path_of(key).is_file()
+
+    def held(self, keys: Iterable[str]) -> set[str]:
+        """The `keys` the cache holds. Lists each folder once: a plan counting a region's cached tiles makes one
+        system call a column of tiles instead of one a tile (and none per tile of a cold cache)."""
+        listings: dict[str, frozenset[str]] = {}
+        found = set()
+        for key in keys:
+            folder, _, name = key.rpartition("/")
+            names = listings.get(folder)
+            if names is None:
+                names = listings[folder] = self._files_in(self.path_of(folder))
+            if name in names:
+                found.add(key)
+        return found
+
+    @staticmethod
+    def _files_in(folder: Path) -> frozenset[str]:
+        try:
+            with os.scandir(folder) as entries:
+                return frozenset(entry.name for entry in entries if entry.is_file())
+        except OSError:  # no such folder: nothing cached there
+            return frozenset()
 
     def stats(self) -> CacheStats:
         entries = self._entries(self._sources())

@@ -8,15 +8,18 @@ so API keys never leave the process. A client's `max_requests_per_s` spaces the 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import random
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
@@ -134,22 +137,27 @@ class RateLimiter:
     """At most `per_s` starts per second, shared by every thread that calls `wait`: each call is given the
     next free slot, slots lie at least 1/per_s seconds apart, and the caller sleeps until its slot.
 
-    No bursts: any window of one second holds at most per_s + 1 slots. `clock` and `sleep` are injectable
-    (a fake clock whose sleep advances it makes tests wait for nothing).
+    No bursts: any window of one second holds at most per_s + 1 slots. With `shared`, a file, the next free
+    slot lives there under the kernel's lock (flock), so that every process of this machine using that file
+    shares the cap: fetch jobs side by side stay under it together. `clock` and `sleep` are injectable (a fake
+    clock whose sleep advances it makes tests wait for nothing); a shared limiter's clock must be the wall
+    clock, the one time all processes agree on (its default).
     """
 
     def __init__(
         self,
         per_s: float,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        shared: Path | None = None,
+        clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not per_s > 0 or not math.isfinite(per_s):
             raise ImageryError(f"request rate cap {per_s} is not a positive number; use e.g. 10 (requests per second)")
         self.per_s = float(per_s)
         self.spacing_s = 1.0 / self.per_s
-        self._clock = clock
+        self.shared = shared
+        self._clock = clock or (time.monotonic if shared is None else time.time)
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next_slot: float | None = None
@@ -158,30 +166,61 @@ class RateLimiter:
         """Block until this caller's slot; returns the slot's time on `clock`."""
         with self._lock:
             now = self._clock()
-            slot = now if self._next_slot is None else max(now, self._next_slot)
-            self._next_slot = slot + self.spacing_s
+            if self.shared is None:
+                slot = now if self._next_slot is None else max(now, self._next_slot)
+                self._next_slot = slot + self.spacing_s
+            else:
+                slot = self._take_shared_slot(self.shared, now)
         if slot > now:
             self._sleep(slot - now)
         return slot
+
+    def _take_shared_slot(self, path: Path, now: float) -> float:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+                handle.seek(0)
+                stored = handle.read(_SLOT.size)
+                slot = now
+                if len(stored) == _SLOT.size:
+                    next_slot = _SLOT.unpack(stored)[0]
+                    # Further ahead than any queue of waiting requests puts it: the clock was set back since.
+                    if math.isfinite(next_slot) and next_slot - now <= _SHARED_SLOT_HORIZON_S:
+                        slot = max(now, next_slot)
+                handle.truncate(0)
+                handle.write(_SLOT.pack(slot + self.spacing_s))
+        except OSError as exc:
+            raise ImageryError(
+                f"cannot share the request rate cap through {path}: {exc.strerror}; check permissions on the tile cache"
+            ) from exc
+        return slot
+
+
+# The shared limiter's file holds the next free slot, a float of Unix time.
+_SLOT = struct.Struct("<d")
+_SHARED_SLOT_HORIZON_S = 3600.0
 
 
 def rate_limiter(
     max_requests_per_s: float | None,
     *,
-    clock: Callable[[], float] = time.monotonic,
+    shared: Path | None = None,
+    clock: Callable[[], float] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RateLimiter | None:
     """A RateLimiter for a cap; None (no cap) for None or 0."""
     if max_requests_per_s is None or max_requests_per_s == 0:
         return None
-    return RateLimiter(max_requests_per_s, clock=clock, sleep=sleep)
+    return RateLimiter(max_requests_per_s, shared=shared, clock=clock, sleep=sleep)
 
 
 class HttpClient:
     """Retrying GETs from up to `concurrency` threads, each with its own keep-alive requests.Session.
 
     `max_requests_per_s` caps the rate at which requests start, across all threads and counting every
-    retry (None or 0: no cap). `sleep` and `clock` serve the backoff and the cap; tests inject fakes.
+    retry (None or 0: no cap); with `shared_cap`, a file, across every process using that file too (RateLimiter).
+    `sleep` and `clock` serve the backoff and the cap; tests inject fakes.
     """
 
     def __init__(
@@ -192,12 +231,13 @@ class HttpClient:
         secrets: Iterable[str] = (),
         sleep: Callable[[float], None] = time.sleep,
         max_requests_per_s: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        shared_cap: Path | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.concurrency = concurrency
         self.policy = policy
         self.max_requests_per_s = None if not max_requests_per_s else float(max_requests_per_s)
-        self._limiter = rate_limiter(max_requests_per_s, clock=clock, sleep=sleep)
+        self._limiter = rate_limiter(max_requests_per_s, shared=shared_cap, clock=clock, sleep=sleep)
         self._secrets = tuple(secret for secret in secrets if secret)
         self._sleep = sleep
         self._rng = random.Random()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -286,6 +287,7 @@ class XYZReader(ImageryReader):
             policy=retry_policy(retry),
             secrets=(self._api_key,),
             max_requests_per_s=_request_cap(max_requests_per_s, self.template),
+            shared_cap=cache.request_slots(self.source_id),
         )
         # Tiles in the cache only need decoding, CPU work that threads beyond the cores slow down (GIL hand-offs:
         # 8 threads on 2 cores took 10-20 % more CPU and 15-20 % more time a view than 2); tiles to fetch wait on
@@ -365,7 +367,7 @@ class XYZReader(ImageryReader):
             return zoom
 
         tiles = self._tiles_under(view_array(views), width, zoom_of)
-        cached = sum(1 for tile in tiles if self.is_cached(tile))
+        cached = sum(self.cached(tiles))
         return FetchEstimate(
             min_zoom=min(zooms, default=self.min_zoom),
             max_zoom=max(zooms, default=self.max_zoom),
@@ -385,8 +387,11 @@ class XYZReader(ImageryReader):
     def cache_key(self, tile: mercantile.Tile) -> str:
         return tile_key(self.source_id, tile.z, tile.x, tile.y, self.tile_format)
 
-    def is_cached(self, tile: mercantile.Tile) -> bool:
-        return self.cache_key(tile) in self.cache or self._missing_key(tile) in self.cache
+    def cached(self, tiles: Iterable[mercantile.Tile]) -> list[bool]:
+        """Whether the cache answers for each tile: with its imagery, or with the server's word that it has none."""
+        keys = [(self.cache_key(tile), self._missing_key(tile)) for tile in tiles]
+        held = self.cache.held(itertools.chain.from_iterable(keys))
+        return [not held.isdisjoint(pair) for pair in keys]
 
     def fetch_tiles(self, tiles: Iterable[mercantile.Tile]) -> int:
         """Fetch `tiles` into the cache in parallel; returns how many hold imagery (unavailable ones: none)."""

@@ -34,6 +34,19 @@ def _tree(root: Path) -> list[str]:
     return sorted(path.relative_to(root).as_posix() for path in root.rglob("*"))
 
 
+def test_held_lists_each_folder_once_and_agrees_with_contains(tmp_path: Path) -> None:
+    cache = TileCache(tmp_path / "cache")
+    for key in ("src/5/1/1.jpg", "src/5/1/2.missing", "src/5/2/7.jpg"):
+        cache.put(key, b"")
+    (tmp_path / "cache" / "src" / "5" / "1" / "9.jpg").mkdir()  # a folder, not a tile
+    asked = ["src/5/1/1.jpg", "src/5/1/2.jpg", "src/5/1/2.missing", "src/5/1/9.jpg", "src/5/2/7.jpg", "src/6/0/0.jpg"]
+    held = {"src/5/1/1.jpg", "src/5/1/2.missing", "src/5/2/7.jpg"}
+    assert cache.held(asked) == {key for key in asked if key in cache} == held
+    assert cache.held([]) == set()
+    with pytest.raises(CacheError, match="not a relative path"):
+        cache.held(["src/../5/1/1.jpg"])
+
+
 def test_put_get_contains_and_stats(tmp_path: Path) -> None:
     cache = TileCache(tmp_path / "cache")
     assert cache.get("src/1/2/3.jpg") is None

@@ -7,6 +7,9 @@ of slack, so that a loaded machine (which only delays requests) cannot fail them
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -117,6 +120,35 @@ def test_limiter_is_shared_by_threads() -> None:
     assert time.monotonic() - started >= 23 * 0.01
 
 
+def test_limiters_sharing_a_file_share_the_cap(tmp_path: Path) -> None:
+    clock, shared = FakeClock(), tmp_path / "cache" / "slots"
+    first, second = (RateLimiter(10.0, shared=shared, clock=clock, sleep=clock.sleep) for _ in range(2))
+    assert [first.wait(), second.wait(), first.wait(), second.wait()] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    clock.sleep(5.0)
+    assert second.wait() == pytest.approx(5.3)
+    # A slot an hour ahead is a clock set back since: it does not stall every fetch until then.
+    shared.write_bytes(struct.pack("<d", clock.now + 7200.0))
+    assert first.wait() == pytest.approx(clock.now)
+
+
+def _waits_in_a_process(shared: Path, count: int, out: multiprocessing.Queue[list[float]]) -> None:
+    limiter = RateLimiter(50.0, shared=shared)
+    out.put([limiter.wait() for _ in range(count)])
+
+
+def test_processes_sharing_a_file_keep_to_one_cap(tmp_path: Path) -> None:
+    shared, context = tmp_path / "slots", multiprocessing.get_context("fork")
+    out: multiprocessing.Queue[list[float]] = context.Queue()
+    workers = [context.Process(target=_waits_in_a_process, args=(shared, 6, out)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    slots = sorted(slot for _ in workers for slot in out.get(timeout=60))
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(slots) == 18
+    assert min(later - earlier for earlier, later in itertools.pairwise(slots)) >= 1 / 50.0 - 1e-6
+
+
 @pytest.mark.parametrize("cap", [-1.0, float("nan"), float("inf")])
 def test_limiter_rejects_caps_that_are_not_positive_numbers(cap: float) -> None:
     with pytest.raises(ImageryError, match="not a positive number"):
@@ -136,6 +168,25 @@ def test_cap_holds_across_threads_of_a_real_fetch(server: TileServer, scene_tile
     assert len(starts) == count
     assert _most_in_one_second(starts) <= cap + 1
     assert elapsed >= (count - 1) / cap
+
+
+def test_cap_holds_across_readers_of_one_cache(server: TileServer, scene_tiles: SceneTiles, tmp_path: Path) -> None:
+    """Two readers fetching the same source into one cache (two fetch jobs of a build) share its cap."""
+    cap, tiles = 5.0, _tiles(scene_tiles, 10)
+    readers = [_reader(server, tmp_path, concurrency=4, max_requests_per_s=cap) for _ in range(2)]
+    with readers[0], readers[1]:
+        threads = [
+            threading.Thread(target=reader.fetch_tiles, args=(part,))
+            for reader, part in zip(readers, (tiles[:5], tiles[5:]), strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    starts = [record.time for record in server.requests]
+    assert len(starts) == len(tiles)
+    assert _most_in_one_second(starts) <= cap + 1
+    assert max(starts) - min(starts) >= (len(tiles) - 2) / cap
 
 
 def test_retries_count_against_the_cap(server: TileServer, scene_tiles: SceneTiles) -> None:

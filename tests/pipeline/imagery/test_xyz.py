@@ -217,7 +217,7 @@ def test_outside_the_scene_is_no_imagery(make_reader: MakeReader, server: TileSe
     assert requests_made > 0
     assert reader.part(far_away, 64, 64).coverage == 0.0
     assert len(server.requests) == requests_made  # 404s are remembered in the cache
-    assert all(reader.is_cached(tile) for tile in reader.source_tiles(far_away, reader.zoom_for(far_away, 64)))
+    assert all(reader.cached(reader.source_tiles(far_away, reader.zoom_for(far_away, 64))))
 
 
 def test_coverage_at_the_scene_edge_is_the_true_overlap(make_reader: MakeReader) -> None:
@@ -363,9 +363,9 @@ def test_cache_hits_skip_the_server_and_corrupt_files_are_fetched_again(
 ) -> None:
     tile, path = _one_tile(scene_tiles)
     reader = make_reader()
-    assert not reader.is_cached(tile)
+    assert reader.cached([tile]) == [False]
     first = reader.tile(*tile)
-    assert reader.is_cached(tile)
+    assert reader.cached([tile]) == [True]
     assert len(server.requests_to(path)) == 1
     np.testing.assert_array_equal(reader.tile(*tile).array, first.array)
     assert len(server.requests_to(path)) == 1
@@ -394,7 +394,7 @@ def test_prefetch_fills_the_cache_in_parallel(
     tiles = [tile for tile in scene_tiles.rgba if tile.z == 17]
     reader = make_reader(concurrency=8)
     assert reader.fetch_tiles(tiles) == len(tiles)
-    assert all(reader.is_cached(tile) for tile in tiles)
+    assert all(reader.cached(tiles))
     assert len(server.requests) == len(tiles)
 
 
@@ -590,7 +590,7 @@ def test_with_leave_empty_a_tile_failing_every_retry_is_unavailable_and_nothing_
     reader = make_reader(on_missing="leave_empty")
     report = reader.prefetch(views, 256)
     assert report.unavailable == (tuple(tile),) and report.with_imagery == report.source_items - 1
-    assert not reader.is_cached(tile), "a tile that could not be had is not remembered: a rerun retries it"
+    assert reader.cached([tile]) == [False], "a tile that could not be had is not remembered: a rerun retries it"
     mask = _unavailable_mask(reader, views, tile)
     np.testing.assert_array_equal(reader.source_pixels(views, 256).values[:, ~mask], clean.values[:, ~mask])
     np.testing.assert_array_equal(reader.source_pixels(views, 256).valid[~mask], clean.valid[~mask])
