@@ -450,13 +450,13 @@ def check_build_folder(folder: Path, names: Sequence[str]) -> None:
         )
 
 
-def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> int:
+def retry_unavailable(build_dir: Path | str, jobs: int) -> int:
     """Make this run retry imagery an earlier run could not have: drop the records of embed jobs whose chunks
-    left tiles empty for it (embedded/<job>.json) and their chunks' fetch reports, so that Snakemake reruns
-    them (the embed job redoes only those chunks). Returns how many jobs will rerun."""
+    left tiles empty for it (embedded/<job>.json) and of their fetch jobs (imagery/<job>.json), so that Snakemake
+    reruns them (each of the `jobs` redoes only those chunks). Returns how many will rerun."""
     build = Path(build_dir)
     rerun = 0
-    for job, chunk_ids in enumerate(jobs):
+    for job in range(jobs):
         record = build / "embedded" / f"{job}.json"
         try:
             chunks = json.loads(record.read_text())["chunks"]
@@ -465,8 +465,7 @@ def retry_unavailable(build_dir: Path | str, jobs: Sequence[Sequence[str]]) -> i
         if any(chunk.get("empty_unavailable") or chunk.get("unavailable_source_tiles") for chunk in chunks):
             rerun += 1
             record.unlink(missing_ok=True)
-            for chunk_id in chunk_ids:
-                (build / "imagery" / f"{chunk_id}.json").unlink(missing_ok=True)
+            (build / "imagery" / f"{job}.json").unlink(missing_ok=True)
     return rerun
 
 

@@ -241,7 +241,7 @@ def all_chunks(plan: Plan, blocks: ChunkBlocks) -> list[ChunkTiles]:
 
 def embed_jobs(plan: Plan, tiles_per_job: int) -> tuple[tuple[str, ...], ...]:
     """The plan's chunks in order, grouped into embed jobs of about `tiles_per_job` tiles (whole chunks; a chunk
-    larger than that is a job of its own)."""
+    larger than that is a job of its own). A job's fetch job fetches the same chunks."""
     jobs: list[tuple[str, ...]] = []
     current: list[str] = []
     tiles = 0

@@ -45,14 +45,31 @@ def _model(args: argparse.Namespace, config: BuildConfig) -> str:
 
 
 def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
-    from pipeline.fetch import fetch_chunk
-    from pipeline.plan import read_chunks, read_plan
+    from pipeline.config import settings_digest
+    from pipeline.fetch import fetch_chunks, fetch_stamp
+    from pipeline.plan import embed_jobs, read_chunks, read_plan
 
-    (chunk,) = read_chunks(args.plan, read_plan(args.plan), [args.chunk])
-    report = fetch_chunk(chunk, config.imagery, args.out)
-    line = f"{report.views} views, {report.method}: {report.with_imagery}/{report.source_items} with imagery"
-    if report.unavailable:
-        line += f", {len(report.unavailable)} unavailable (failed or corrupt; their tiles are left empty)"
+    plan = read_plan(args.plan)
+    chunk_ids = embed_jobs(plan, config.model.tiles_per_job)[args.job]
+    digest = settings_digest(config, "fetch")
+    fetched = fetch_chunks(
+        read_chunks(args.plan, plan, chunk_ids),
+        config.imagery,
+        args.records_dir,
+        lambda chunk: fetch_stamp(chunk, digest),
+        say=lambda line: print(line, flush=True),
+    )
+    kept = sum(chunk.kept for chunk in fetched)
+    unavailable = sum(chunk.unavailable for chunk in fetched)
+    summary = {
+        "chunks": [{"id": chunk.id, "kept": chunk.kept, "unavailable": chunk.unavailable} for chunk in fetched],
+        "seconds": round(time.perf_counter() - STARTED, 3),
+    }
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    line = f"{len(fetched) - kept} chunks fetched, {kept} kept from an earlier run"
+    if unavailable:
+        line += f", {unavailable} source items unavailable (failed or corrupt; their tiles are left empty)"
     return line
 
 
@@ -267,7 +284,7 @@ def _project(args: argparse.Namespace, config: BuildConfig) -> str:
 Step = Callable[[argparse.Namespace, BuildConfig], str]
 STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "model": (_model, ("out",), "resolve or build the model weights and record them"),
-    "fetch": (_fetch, ("plan", "chunk", "out"), "fetch one chunk's imagery into the tile cache"),
+    "fetch": (_fetch, ("plan", "job", "records_dir", "out"), "fetch one embed job's imagery into the tile cache"),
     "embed": (
         _embed,
         ("plan", "model", "job", "threads", "chunks_dir", "out"),
@@ -296,7 +313,7 @@ STEPS: dict[str, tuple[Step, tuple[str, ...], str]] = {
     "preview": (_preview, ("store", "plan", "underlay", "places", "out"), "write the HTML preview"),
     "project": (_project, ("store", "cog_dir", "places", "underlay", "zones?", "out"), "write the QGIS project"),
 }
-OPTION_TYPES: dict[str, Callable[[str], Any]] = {"chunk": str, "threads": int, "job": int}
+OPTION_TYPES: dict[str, Callable[[str], Any]] = {"threads": int, "job": int}
 # An option named with this suffix may be left out (None): a file only some builds have.
 OPTIONAL = "?"
 

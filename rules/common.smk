@@ -49,11 +49,10 @@ GALLERY_RECORD = [str(GALLERY.record_path)] if GALLERY else []
 GALLERY_OPTION = f" --gallery {shlex.quote(str(GALLERY.folder))}" if GALLERY else ""
 QUERY_IDS = [query.id for query in CFG.queries]
 STEP = f"{shlex.quote(sys.executable)} -m pipeline.steps"
-CHUNKS = PLANNED.chunk_ids
 # Embed jobs: one process each loads the model once and works through its chunks (chunks/<chunk>.npz).
 JOBS = embed_jobs(PLANNED, CFG.model.tiles_per_job)
 EMBEDDED = [f"{BUILD}/embedded/{job}.json" for job in range(len(JOBS))]
-if workflow.is_main_process and retry_unavailable(BUILD, JOBS):
+if workflow.is_main_process and retry_unavailable(BUILD, len(JOBS)):
     print("retrying the imagery an earlier run could not have (imagery.on_missing: leave_empty)", file=sys.stderr)
 # The --resources gpu limit (profiles/local: 1), an int in Snakemake 8 and a Resource (its .value) in 9.
 GPU_LIMIT = workflow.global_resources.get("gpu")
@@ -75,5 +74,4 @@ def digest(step):
 
 
 wildcard_constraints:
-    chunk=r"\d+_\d+_\d+",
     job=r"\d+",

@@ -1,31 +1,29 @@
-# Per chunk: fetch its imagery into the tile cache (remote sources only). Per embed job (a group of chunks,
-# `model.tiles_per_job` tiles): embed their tiles in one process (the GPU jobs on a cluster).
+# Per embed job (a group of chunks, `model.tiles_per_job` tiles): fetch its imagery into the tile cache (remote
+# sources only), then embed its tiles in one process (the GPU jobs on a cluster). Both go chunk by chunk and keep
+# the chunks an interrupted run finished.
 
 
 rule fetch:
     input:
         plan=PLAN,
     output:
-        report=f"{BUILD}/imagery/{{chunk}}.json",
+        report=f"{BUILD}/imagery/{{job}}.json",
     params:
         settings=SETTINGS,
         digest=digest("fetch"),
+        records_dir=f"{BUILD}/imagery/chunks",
     log:
-        f"{LOGS}/fetch/{{chunk}}.log",
+        f"{LOGS}/fetch/{{job}}.log",
     shell:
-        "{STEP} fetch --settings {params.settings:q} --plan {input.plan:q} --chunk {wildcards.chunk}"
-        " --out {output.report:q} > {log:q} 2>&1"
+        "{STEP} fetch --settings {params.settings:q} --plan {input.plan:q} --job {wildcards.job}"
+        " --records-dir {params.records_dir:q} --out {output.report:q} > {log:q} 2>&1"
 
 
 rule embed:
     input:
         plan=PLAN,
         model=rules.model.output.record,
-        imagery=lambda wildcards: (
-            [f"{BUILD}/imagery/{chunk}.json" for chunk in JOBS[int(wildcards.job)]]
-            if PLANNED.imagery.fetches_ahead
-            else []
-        ),
+        imagery=rules.fetch.output.report if PLANNED.imagery.fetches_ahead else [],
     output:
         record=f"{BUILD}/embedded/{{job}}.json",
     params:

@@ -1,6 +1,7 @@
-# The queries' embeddings, and every chunk's raw cosine scores (redone when the queries change). Scoring
-# is one matrix product per chunk, so one job does all chunks (scores/<chunk>.npz, then scored.json); with a sound gallery, it also finds each tile's
-# best gallery recordings (redone when the gallery changes, without embedding the tiles again).
+# The queries' embeddings, and every chunk's raw cosine scores (redone when the queries change). Scoring is one
+# matrix product per chunk, so one job does all chunks (scores/<chunk>.npz, then scored.json); with a sound
+# gallery, it also finds each tile's best gallery recordings (redone when the gallery changes, without embedding
+# the tiles again).
 
 
 rule queries:

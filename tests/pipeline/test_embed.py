@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -32,7 +31,7 @@ from pipeline.embed import (
     stage_line,
 )
 from pipeline.errors import FetchError
-from pipeline.fetch import fetch_chunk
+from pipeline.fetch import fetch_chunks, fetch_stamp
 from pipeline.geometry import Bounds
 from pipeline.imagery import LocalRasterReader, TileCache, XYZReader
 from pipeline.imagery.http import RetryPolicy
@@ -260,20 +259,28 @@ def test_views_touching_a_tile_that_fails_every_retry_are_empty_and_the_rest_unc
     np.testing.assert_array_equal(_stored(tmp_path / "b", scene_chunks, "valid"), valid_a)
 
 
+def test_a_chunks_fetch_stamp_follows_its_views_and_the_imagery_settings(scene_chunks: list[ChunkTiles]) -> None:
+    first, second = scene_chunks[:2]
+    assert fetch_stamp(first, "a") == fetch_stamp(first, "a")
+    assert len({fetch_stamp(first, "a"), fetch_stamp(first, "b"), fetch_stamp(second, "a")}) == 3
+
+
 def test_a_corrupt_cached_tile_read_offline_leaves_its_views_empty_and_counted(
     scene_chunks: list[ChunkTiles], scene_server: TileServer, encoder: Sat2SoundEncoder, tmp_path: Path
 ) -> None:
     online = _scene_imagery(scene_server, tmp_path / "cache")
-    for chunk in scene_chunks:
-        fetch_chunk(chunk, online, tmp_path / "imagery" / f"{chunk.id}.json")
+    fetch_chunks(scene_chunks, online, tmp_path / "imagery", lambda chunk: "s")
     with XYZReader(f"{scene_server.url}/png/{{z}}/{{x}}/{{y}}.png", cache=TileCache(tmp_path / "cache")) as reader:
         tile, reaching = _edge_tile(scene_chunks, lambda tile: reader.cache_key(tile) in reader.cache)
         cached_file = reader.cache.path_of(reader.cache_key(tile))
     cached_file.write_bytes(cached_file.read_bytes()[:1000])
     offline = replace(online, offline=True, on_missing="leave_empty")
-    recorded = [fetch_chunk(chunk, offline, tmp_path / "again" / f"{chunk.id}.json") for chunk in scene_chunks]
-    assert {tuple(tile)} == {item for report in recorded for item in report.unavailable}
-    assert any(json.loads(path.read_text())["unavailable"] == [list(tile)] for path in (tmp_path / "again").iterdir())
+    recorded = fetch_chunks(scene_chunks, offline, tmp_path / "again", lambda chunk: "s")
+    assert [tuple(item) for chunk in recorded for item in chunk.record["unavailable"]] == [tuple(tile)]
+    # A rerun keeps the chunks fetched whole for the same stamp and fetches the others again.
+    again = fetch_chunks(scene_chunks, offline, tmp_path / "again", lambda chunk: "s")
+    assert [chunk.kept for chunk in again] == [not chunk.unavailable for chunk in recorded]
+    assert not any(chunk.kept for chunk in fetch_chunks(scene_chunks, offline, tmp_path / "again", lambda chunk: "t"))
     served = len(scene_server.requests)
     embed_chunks(scene_chunks, 5, encoder, offline, OPTIONS, tmp_path / "chunks", lambda chunk: "s")
     # Views cut in a loader process carry what they touched, and the source tiles that could not be had.
