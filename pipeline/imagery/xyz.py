@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import itertools
 import logging
 import os
 import re
 import string
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from enum import Enum
@@ -387,11 +386,10 @@ class XYZReader(ImageryReader):
     def cache_key(self, tile: mercantile.Tile) -> str:
         return tile_key(self.source_id, tile.z, tile.x, tile.y, self.tile_format)
 
-    def cached(self, tiles: Iterable[mercantile.Tile]) -> list[bool]:
+    def cached(self, tiles: Collection[mercantile.Tile]) -> list[bool]:
         """Whether the cache answers for each tile: with its imagery, or with the server's word that it has none."""
-        keys = [(self.cache_key(tile), self._missing_key(tile)) for tile in tiles]
-        held = self.cache.held(itertools.chain.from_iterable(keys))
-        return [not held.isdisjoint(pair) for pair in keys]
+        held = self.cache.held(key for tile in tiles for key in (self.cache_key(tile), self._missing_key(tile)))
+        return [self.cache_key(tile) in held or self._missing_key(tile) in held for tile in tiles]
 
     def fetch_tiles(self, tiles: Iterable[mercantile.Tile]) -> int:
         """Fetch `tiles` into the cache in parallel; returns how many hold imagery (unavailable ones: none)."""
