@@ -47,7 +47,7 @@ from pipeline.gallery import composed_vectors, open_gallery
 from pipeline.gallery_sources import folder_items
 from pipeline.geometry import Bounds
 from pipeline.imagery import open_reader
-from pipeline.plan import read_plan
+from pipeline.plan import embed_jobs, read_plan
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 LOCAL_PROFILE = str(REPO / "profiles" / "local")
@@ -643,11 +643,28 @@ def test_slurm_profile_dry_run_asks_one_gpu_per_embed_job(base_config: dict[str,
     result = snakemake(tmp_path, write_config(tmp_path, config), "-n", profile=SLURM_PROFILE)
     check_ran(result, tmp_path)
     jobs = result.stdout.split("\nrule ")
-    embed_jobs = [job for job in jobs if job.startswith("embed:")]
+    embeds = [job for job in jobs if job.startswith("embed:")]
     planned = job_counts(result.stdout)
-    assert len(embed_jobs) == planned["embed"] >= 2
-    assert all("gpu=1" in job for job in embed_jobs)
+    assert len(embeds) == planned["embed"] >= 2
+    assert all("gpu=1" in job for job in embeds)
     assert not any("gpu=1" in job for job in jobs if not job.startswith("embed:"))
+
+
+def test_a_region_of_many_chunks_makes_a_fetch_and_an_embed_job_per_group_of_chunks(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # Snakemake's DAG grows with its jobs and files, faster than linearly where one rule lists many of them: a
+    # continent's 48,000 chunks must not each become a job or a tracked output.
+    check_ran(snakemake(tmp_path, write_config(tmp_path, base_config), "-n"), tmp_path)
+    zoom = read_plan(tmp_path / "out/tiny/plan.npz").zoom
+    tiling = {**base_config["tiling"], "chunk_zoom": zoom}  # a chunk a tile
+    config = {**base_config, "tiling": tiling, "model": {**base_config["model"], "tiles_per_job": 4}}
+    result = snakemake(tmp_path, write_config(tmp_path, config), "-n")
+    check_ran(result, tmp_path)
+    plan = read_plan(tmp_path / "out/tiny/plan.npz")
+    planned, jobs = job_counts(result.stdout), embed_jobs(plan, 4)
+    assert 2 <= planned["fetch"] == planned["embed"] == len(jobs) < len(plan.chunk_ids) == plan.tile_count
+    assert planned["score"] == planned["mosaic"] == 1
 
 
 @pytest.fixture
