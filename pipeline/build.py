@@ -74,6 +74,8 @@ SETTINGS_NAME = "settings.json"
 PLAN_NAME = "plan.npz"
 MODEL_NAME = "model.json"
 STORE_NAME = "soundscape.zarr"
+# The file that stands for the store in the workflow (its consolidated metadata, written last).
+STORE_MARKER = ".zmetadata"
 COG_DIR = "cog"
 PREVIEW_NAME = "preview.html"
 PROJECT_NAME = "project.qgz"
@@ -452,8 +454,9 @@ def check_build_folder(folder: Path, names: Sequence[str]) -> None:
 
 def retry_unavailable(build_dir: Path | str, jobs: int) -> int:
     """Make this run retry imagery an earlier run could not have: drop the records of embed jobs whose chunks
-    left tiles empty for it (embedded/<job>.json) and of their fetch jobs (imagery/<job>.json), so that Snakemake
-    reruns them (each of the `jobs` redoes only those chunks). Returns how many will rerun."""
+    left tiles empty for it (embedded/<job>.json) and of their fetch jobs (imagery/<job>.json), and the store's
+    marker, so that Snakemake reruns them and what follows (each of the `jobs` redoes only those chunks; a
+    missing record alone reruns nothing while the outputs after it are there). Returns how many jobs will rerun."""
     build = Path(build_dir)
     rerun = 0
     for job in range(jobs):
@@ -466,6 +469,8 @@ def retry_unavailable(build_dir: Path | str, jobs: int) -> int:
             rerun += 1
             record.unlink(missing_ok=True)
             (build / "imagery" / f"{job}.json").unlink(missing_ok=True)
+    if rerun:
+        (build / STORE_NAME / STORE_MARKER).unlink(missing_ok=True)
     return rerun
 
 
@@ -488,7 +493,7 @@ def finish_lines(build_dir: Path | str, store: Path | str, zones: bool = False) 
         f" {store}"
     ]
     try:
-        metadata = json.loads((Path(store) / ".zmetadata").read_text())
+        metadata = json.loads((Path(store) / STORE_MARKER).read_text())
         attrs = metadata["metadata"][".zattrs"]
     except (OSError, ValueError, KeyError):
         return lines

@@ -14,6 +14,7 @@ from pipeline.build import (
     PREVIEW_NAME,
     PROJECT_NAME,
     SETTINGS_NAME,
+    STORE_MARKER,
     STORE_NAME,
     ZONES_NAME,
     idle_gpus_line,

@@ -12,7 +12,7 @@ rule mosaic:
         scores=rules.score.output.record,
         gallery=GALLERY_RECORD,
     output:
-        store=f"{STORE}/.zmetadata",
+        store=f"{STORE}/{STORE_MARKER}",
     params:
         settings=SETTINGS,
         digest=digest("mosaic"),

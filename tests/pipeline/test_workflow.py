@@ -35,7 +35,7 @@ import yaml
 from rasterio.warp import transform_bounds
 from rio_cogeo.cogeo import cog_validate
 from shapely.geometry import Polygon, box
-from support.imagery_servers import SCENE_PATH, SceneTiles, TileServer
+from support.imagery_servers import SCENE_PATH, Fault, SceneTiles, TileServer
 from support.paths import REPO
 from support.slurm_cluster import needs_slurm, requested_gres, slurm_cluster
 
@@ -47,7 +47,7 @@ from pipeline.gallery import composed_vectors, open_gallery
 from pipeline.gallery_sources import folder_items
 from pipeline.geometry import Bounds
 from pipeline.imagery import open_reader
-from pipeline.plan import embed_jobs, read_plan
+from pipeline.plan import embed_jobs, read_chunks, read_plan
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 LOCAL_PROFILE = str(REPO / "profiles" / "local")
@@ -495,6 +495,66 @@ def test_a_killed_run_resumes_without_redoing_finished_chunks(base_config: dict[
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     assert sorted(path.stem for path in chunks.glob("*.npz")) == sorted(planned)
     assert int(xr.open_zarr(tmp_path / "out/resume/soundscape.zarr").valid.sum()) > 0
+
+
+def least_shared_imagery_tile(plan_path: Path) -> mercantile.Tile:
+    """The scene's imagery tile under the views of the fewest chunks of a plan (one at least)."""
+    plan = read_plan(plan_path)
+    under: dict[mercantile.Tile, int] = {}
+    for chunk in read_chunks(plan_path, plan, plan.chunk_ids):
+        tiles = set()
+        for left, bottom, right, top in chunk.views.tolist():
+            west, south = mercantile.lnglat(left, bottom)
+            east, north = mercantile.lnglat(right, top)
+            tiles |= set(mercantile.tiles(west, south, east, north, zooms=IMAGERY_ZOOM))
+        for tile in tiles:
+            under[tile] = under.get(tile, 0) + 1
+    scene = scene_box_3857()
+    inside = [tile for tile in under if scene.contains(box(*mercantile.xy_bounds(tile)).centroid)]
+    return min(inside, key=lambda tile: (under[tile], tile))
+
+
+def test_imagery_a_run_could_not_have_is_fetched_by_the_next_run_alone(
+    server: TileServer, base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    cache = tmp_path / "tiles"
+    imagery = {**base_config["imagery"], "cache_dir": str(cache), "on_missing": "leave_empty"}
+    imagery["options"] = {**imagery["options"], "retry": {"attempts": 2, "backoff_s": 0.01}}
+    config = {
+        **one_chunk_jobs(base_config, "retry"),
+        "imagery": imagery,
+        "model": {**base_config["model"], "loader_workers": 0, "tiles_per_job": 6},
+    }
+    config_path = write_config(tmp_path, config)
+    check_ran(snakemake(tmp_path, config_path, "-n"), tmp_path)
+    failing = least_shared_imagery_tile(tmp_path / "out/retry/plan.npz")
+    path = f"/png/{failing.z}/{failing.x}/{failing.y}.png"
+    target = "out/retry/soundscape.zarr/.zmetadata"
+    server.clear()
+    server.add_fault(Fault("status", path=path, status=503))
+    try:
+        first = snakemake(tmp_path, config_path, "--cores", "2", target)
+    finally:
+        server.clear()
+    check_ran(first, tmp_path)
+    store = tmp_path / "out/retry/soundscape.zarr"
+    with xr.open_zarr(store) as built:
+        assert built.attrs["empty_tiles_unavailable_imagery"] > 0
+        valid = int(built.valid.sum())
+    records = {record: record.stat().st_mtime_ns for record in (tmp_path / "out/retry/imagery/chunks").glob("*.json")}
+    whole = {record: stamp for record, stamp in records.items() if not json.loads(record.read_text())["unavailable"]}
+    assert len(whole) < len(records) and whole
+
+    again = snakemake(tmp_path, config_path, "--cores", "2", target)
+    check_ran(again, tmp_path)
+    assert "retrying the imagery an earlier run could not have" in again.stderr
+    # Only the tile that failed was asked for again: the chunks fetched whole were kept, their tiles cached.
+    assert {record.path for record in server.requests} == {path}
+    assert {record: record.stat().st_mtime_ns for record in whole} == whole
+    assert not any(json.loads(record.read_text())["unavailable"] for record in records)
+    with xr.open_zarr(store) as rebuilt:
+        assert rebuilt.attrs["empty_tiles_unavailable_imagery"] == 0
+        assert int(rebuilt.valid.sum()) > valid
 
 
 def most_at_once(log: str, rule: str) -> tuple[int, int]:

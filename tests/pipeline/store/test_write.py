@@ -172,7 +172,10 @@ def test_a_rerun_retries_the_jobs_whose_chunks_lacked_imagery(tmp_path: Path) ->
     complete = {"chunk": "c", "tiles": 4, "valid": 4, "reused": False, "empty_unavailable": 0}
     (tmp_path / "embedded" / "0.json").write_text(json.dumps({"chunks": [complete, lacking]}))
     (tmp_path / "embedded" / "1.json").write_text(json.dumps({"chunks": [complete]}))
+    (tmp_path / "soundscape.zarr").mkdir()
+    (tmp_path / "soundscape.zarr" / ".zmetadata").write_text("{}")
     assert retry_unavailable(tmp_path, 3) == 1
     assert sorted(path.name for path in (tmp_path / "embedded").iterdir()) == ["1.json"]
     assert sorted(path.name for path in (tmp_path / "imagery").iterdir()) == ["1.json", "2.json"]
+    assert not (tmp_path / "soundscape.zarr" / ".zmetadata").exists()
     assert retry_unavailable(tmp_path, 3) == 0
