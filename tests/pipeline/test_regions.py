@@ -181,9 +181,17 @@ def test_catalog_names_ignore_case_accents_and_punctuation(spec: str, name: str)
     assert _parse_quietly(spec).name == name
 
 
+def test_france_is_metropolitan_and_french_guiana_an_entry_of_its_own() -> None:
+    # Natural Earth's France also held French Guiana: a map of France spanned the Atlantic, 98 % outside it.
+    france, guiana = _parse_quietly("France"), _parse_quietly("GUF")
+    assert france.geometry.bounds == pytest.approx((-4.6, 41.4, 9.6, 51.1), abs=0.1)
+    assert guiana.name == "French Guiana" and guiana.geometry.bounds[0] < -54 and guiana.geometry.bounds[3] < 6
+    assert not france.geometry.intersects(guiana.geometry)
+
+
 def test_catalog_names_are_unique_and_every_entry_is_usable() -> None:
     names = catalog_names()
-    assert len(names) == 177 + 5
+    assert len(names) == 178 + 5
     folded = {name.casefold() for name in names}
     assert len(folded) == len(names)
     with warnings.catch_warnings():
