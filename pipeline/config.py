@@ -303,7 +303,11 @@ def _describe(error: ValidationError) -> str:
         return f"config{where}: {message}; see {SCHEMA_PATH.relative_to(REPO)}"
 
 
-def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
+def _validated(
+    config: Mapping[str, Any], schema: Mapping[str, Any], *, where_builds_land: bool = True
+) -> dict[str, Any]:
+    """The config with its defaults, checked; `where_builds_land` checks output_dir too (not when a build's own
+    settings are read again: a relative output_dir is relative to where the build ran, not to where it is read)."""
     _check_finite(config, "config")
     filled = with_defaults(config)
     error = best_match(SettingsValidator(schema).iter_errors(filled))
@@ -311,7 +315,8 @@ def _validated(config: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str
         raise BuildConfigError(_describe(error))
     if filled["outputs"]["crs"] is not None:
         _check_output_crs(filled["outputs"]["crs"])
-    _check_output_dir(filled["output_dir"])
+    if where_builds_land:
+        _check_output_dir(filled["output_dir"])
     _check_across_keys(filled)
     return filled
 
@@ -378,11 +383,11 @@ def _check_output_crs(text: str) -> None:
         )
 
 
-def load_build_config(config: Mapping[str, Any]) -> BuildConfig:
+def load_build_config(config: Mapping[str, Any], *, where_builds_land: bool = True) -> BuildConfig:
     """Validate a config mapping (as Snakemake loaded it) and return typed settings with defaults."""
     if not config:
         raise BuildConfigError(f"the config is empty; pass --configfile {DEFAULT_CONFIG_PATH.name} or another file")
-    filled = _validated(config, _schema())
+    filled = _validated(config, _schema(), where_builds_land=where_builds_land)
     return BuildConfig(
         name=filled["name"],
         output_dir=filled["output_dir"],
@@ -483,4 +488,5 @@ def write_settings(config: BuildConfig, path: Path) -> None:
 
 
 def read_settings(path: Path) -> BuildConfig:
-    return load_build_config(json.loads(path.read_text()))
+    """A build's settings.json, as its jobs and later commands (`python -m pipeline query`, from any folder) read it."""
+    return load_build_config(json.loads(path.read_text()), where_builds_land=False)

@@ -137,6 +137,19 @@ def test_the_output_dir_is_read_from_where_the_build_runs(monkeypatch: pytest.Mo
         load_plan_inputs({"region": "St. Louis"})
 
 
+def test_a_builds_settings_read_from_another_folder_keep_their_relative_output_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `python -m pipeline query BUILD` reads settings.json from wherever it runs: from the project's config/
+    # folder, 'outputs' would resolve inside the project's own folders, which only a new build must avoid.
+    path = tmp_path / "settings.json"
+    write_settings(load_build_config(config_with(output_dir="outputs")), path)
+    monkeypatch.chdir(config_module.REPO / "config")
+    assert read_settings(path).output_dir == "outputs"
+    with pytest.raises(BuildConfigError, match="lies in the project's own folder"):
+        load_build_config(config_with(output_dir="outputs"))
+
+
 def test_a_crs_gdal_does_not_know_is_refused_at_load_without_gdal_noise(capfd: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(BuildConfigError, match="EPSG:999999"):
         load_plan_inputs({"region": "St. Louis", "outputs": {"crs": "EPSG:999999"}})
