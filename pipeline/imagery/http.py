@@ -3,7 +3,8 @@
 Timeouts, connection errors, bodies cut short, undecodable bodies, 429 and 5xx are retried; 204 and
 404 mean "nothing here" and are returned as None. URLs in messages and logs pass through `redact`,
 so API keys never leave the process. A client's `max_requests_per_s` spaces the starts of its requests
-(first tries and retries alike, from all its threads) at least 1/cap seconds apart.
+(first tries and retries alike, from all its threads, and from every process sharing its cap's file) at least
+1/cap seconds apart.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ class RateLimiter:
                 if len(stored) == _SLOT.size:
                     next_slot = _SLOT.unpack(stored)[0]
                     # Further ahead than any queue of waiting requests puts it: the clock was set back since.
-                    if math.isfinite(next_slot) and next_slot - now <= _SHARED_SLOT_HORIZON_S:
+                    horizon = max(_SHARED_SLOT_HORIZON_S, _SHARED_SLOT_HORIZON_SLOTS * self.spacing_s)
+                    if math.isfinite(next_slot) and next_slot - now <= horizon:
                         slot = max(now, next_slot)
                 handle.truncate(0)
                 handle.write(_SLOT.pack(slot + self.spacing_s))
@@ -200,6 +202,7 @@ class RateLimiter:
 # The shared limiter's file holds the next free slot, a float of Unix time.
 _SLOT = struct.Struct("<d")
 _SHARED_SLOT_HORIZON_S = 3600.0
+_SHARED_SLOT_HORIZON_SLOTS = 10_000
 
 
 def rate_limiter(

@@ -126,9 +126,13 @@ def test_limiters_sharing_a_file_share_the_cap(tmp_path: Path) -> None:
     assert [first.wait(), second.wait(), first.wait(), second.wait()] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     clock.sleep(5.0)
     assert second.wait() == pytest.approx(5.3)
-    # A slot an hour ahead is a clock set back since: it does not stall every fetch until then.
+    # A slot hours ahead is a clock set back since: it does not stall every fetch until then.
     shared.write_bytes(struct.pack("<d", clock.now + 7200.0))
     assert first.wait() == pytest.approx(clock.now)
+    # At a cap of one request in two hours, the next slot lies two hours ahead, and is kept.
+    slow = RateLimiter(1 / 7200, shared=tmp_path / "slow", clock=clock, sleep=clock.sleep)
+    start = slow.wait()
+    assert slow.wait() == pytest.approx(start + 7200.0)
 
 
 def _waits_in_a_process(shared: Path, count: int, out: multiprocessing.Queue[list[float]]) -> None:
