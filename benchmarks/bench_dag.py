@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REGIONS = ("France", "-10,36,30,60")
@@ -32,7 +33,16 @@ CHILD = (
 )
 
 
-def dry_run(region: str, zoom_level: int, work: Path) -> dict[str, object]:
+class DryRun(NamedTuple):
+    region: str
+    tiles: str
+    chunks: str
+    jobs: dict[str, str]
+    seconds: float
+    peak_mb: int | None
+
+
+def dry_run(region: str, zoom_level: int, work: Path) -> DryRun:
     config = {
         "name": "dag",
         "output_dir": str(work / "out"),
@@ -55,14 +65,14 @@ def dry_run(region: str, zoom_level: int, work: Path) -> dict[str, object]:
     tiles = re.search(r"Output tiles\s+([\d,]+)", result.stderr)
     chunks = re.search(r"Chunks\s+([\d,]+)", result.stderr)
     peak = re.search(r"PEAK_KB (\d+)", result.stderr)
-    return {
-        "region": region,
-        "tiles": tiles.group(1) if tiles else "?",
-        "chunks": chunks.group(1) if chunks else "?",
-        "jobs": jobs,
-        "seconds": round(seconds, 1),
-        "peak_mb": round(int(peak.group(1)) / 1024) if peak else None,
-    }
+    return DryRun(
+        region,
+        tiles.group(1) if tiles else "?",
+        chunks.group(1) if chunks else "?",
+        jobs,
+        round(seconds, 1),
+        round(int(peak.group(1)) / 1024) if peak else None,
+    )
 
 
 def main() -> None:
@@ -74,12 +84,10 @@ def main() -> None:
     for region in args.region or DEFAULT_REGIONS:
         with tempfile.TemporaryDirectory(prefix="bench-dag-") as folder:
             found = dry_run(region, args.zoom_level, Path(folder))
-        jobs = found["jobs"]
-        assert isinstance(jobs, dict)
-        listed = ", ".join(f"{rule} {count}" for rule, count in jobs.items() if rule != "total")
+        listed = ", ".join(f"{rule} {count}" for rule, count in found.jobs.items() if rule != "total")
         print(
-            f"{found['region']}: {found['tiles']} tiles in {found['chunks']} chunks; {jobs.get('total')} jobs"
-            f" ({listed}); dry run {found['seconds']} s, peak RSS {found['peak_mb']} MB"
+            f"{found.region}: {found.tiles} tiles in {found.chunks} chunks; {found.jobs.get('total')} jobs"
+            f" ({listed}); dry run {found.seconds} s, peak RSS {found.peak_mb} MB"
         )
 
 

@@ -191,9 +191,10 @@ def _score(args: argparse.Namespace, config: BuildConfig) -> str:
 
     for chunk in chunks:
         score_chunk(args.chunks_dir / f"{chunk}.npz", args.queries, args.out_dir / f"{chunk}.npz", matches)
-    record = {"chunks": len(chunks), "gallery": None if args.gallery is None else str(args.gallery)}
+    gallery_path = None if args.gallery is None else str(args.gallery)
+    record = {"chunks": len(chunks), "gallery": gallery_path, "seconds": round(time.perf_counter() - STARTED, 3)}
     with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps({**record, "seconds": round(time.perf_counter() - STARTED, 3)}, indent=1))
+        tmp.write_text(json.dumps(record, indent=1))
     found = f", each tile's {config.outputs.gallery_top_k} best recordings of {args.gallery}" if args.gallery else ""
     return f"{len(chunks)} chunks{found}"
 

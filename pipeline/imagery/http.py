@@ -162,6 +162,7 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next_slot: float | None = None
+        self._shared_folder_made = False
 
     def wait(self) -> float:
         """Block until this caller's slot; returns the slot's time on `clock`."""
@@ -178,7 +179,9 @@ class RateLimiter:
 
     def _take_shared_slot(self, path: Path, now: float) -> float:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._shared_folder_made:  # once: the tile cache may not exist before the first fetch
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._shared_folder_made = True
             with path.open("a+b") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
                 handle.seek(0)
