@@ -13,9 +13,10 @@
 describes the image's soundscape at every zoom level. `zoom_level` must be one of the source's zoom levels.
 Empty optional cells take the constructor's defaults.
 The CSV (UTF-8, a byte-order mark allowed) is checked whole when the source is made, its split's images for
-opening as PNG, JPEG or TIFF (a PNG of 8 bits a sample) and its PNG files for being cut short (what decodes without
-complaint), by their first and last bytes, and its recordings for opening whole as audio; each problem is one error
-naming its line.
+opening as PNG, JPEG or TIFF of 8 bits a sample, for being large enough to crop their zoom levels from (each level's
+crop at least one pixel: the image's shorter side at least its largest zoom level) and its PNG files for being cut
+short (what decodes without complaint), by their headers and last bytes, and its recordings for opening whole as
+audio; each problem is one error naming its line. Captions must not be empty.
 
 The mel segments come from the recording's first 50 s: MEL_SEGMENTS windows of 10 s spread evenly over it
 (back to back for 50 s or more, overlapping when shorter, one zero-padded window repeated under 10 s), each
@@ -59,7 +60,7 @@ from model.config import (
     TRAINED_ZOOM_LEVELS,
     Sat2SoundConfig,
 )
-from model.data.images import IMAGE_HEAD_BYTES, check_image_head, decode_image
+from model.data.images import IMAGE_HEAD_BYTES, check_image_head, decode_image, image_size
 from model.data.sources import (
     MEL_SEGMENTS,
     SPLITS,
@@ -86,6 +87,11 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "split",
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("sat_type", "audio_source", "caption_source", "zoom_level")
+# What an empty caption should hold: both are what training teaches the recording and the image to meet.
+CAPTION_FIXES = {
+    "audio_caption": "describe what the recording sounds like (e.g. 'rain on leaves, a distant road')",
+    "image_caption": "describe how the place sounds (e.g. 'birdsong in a quiet park')",
+}
 # Decoded recordings a source keeps (about 1.3 MB of mel each once all 5 segments are asked for).
 RECORDINGS_KEPT = 64
 # What a cached log-mel depends on besides the recording; a change of the front end misses every older entry.
@@ -112,6 +118,10 @@ class FolderRow:
     caption_source: str
     zoom_level: int | None
 
+    def zoom_levels(self, data_levels: tuple[int, ...]) -> tuple[int, ...]:
+        """The zoom levels the pair is seen at: its own, or all of the data's (ascending)."""
+        return data_levels if self.zoom_level is None else (self.zoom_level,)
+
 
 class FolderPairs(PairSource):
     """The pairs of one split listed in DIR/pairs.csv (layout in the module docstring)."""
@@ -135,7 +145,7 @@ class FolderPairs(PairSource):
         rows = read_pairs_csv(self.root, defaults)
         _check_row_zooms(self.root, rows, self._zoom_levels)
         self.rows = [row for row in rows if row.split == split]
-        _check_complete(self.root, self.rows)
+        _check_files(self.root, self.rows, self._zoom_levels)
         self.mel_cache = None if mel_cache is None else Path(mel_cache)
         self._recordings: dict[Path, MelSegments] = {}
 
@@ -166,18 +176,12 @@ class FolderPairs(PairSource):
         row = self.rows[index]
         where = f"{self.root / CSV_NAME} line {row.line}"
         image = decode_image(row.image, f"{row.image} ({where})")
-        levels = self._zoom_levels if row.zoom_level is None else (row.zoom_level,)
-        largest = levels[-1]
-        if min(image.shape[:2]) < largest:
-            raise DataError(
-                f"{row.image} ({where}) is {image.shape[1]}x{image.shape[0]} px, too small to crop zoom levels"
-                f" 1 to {largest} from; export it at {MODEL_INPUT_PX} px or more"
-            )
+        levels = row.zoom_levels(self._zoom_levels)
         return PairRecord(
             key=row.key,
             image=image,
             sat_type=row.sat_type,
-            tile_px=min(image.shape[:2]) / largest,
+            tile_px=min(image.shape[:2]) / levels[-1],
             mel=self._recording(row.audio),
             audio_caption=row.audio_caption,
             image_captions=dict.fromkeys(levels, row.image_caption),
@@ -274,6 +278,9 @@ def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults:
     text = {name: (value or "").strip() for name, value in cells.items() if isinstance(name, str)}
     if not text["key"]:
         raise DataError(f"{where}: key is empty; give every pair a unique key")
+    for column, fix in CAPTION_FIXES.items():
+        if not text[column]:
+            raise DataError(f"{where}: {column} is empty; {fix}")
     choices = {"sat_type": tuple(GSD_BY_SAT_TYPE), "audio_source": AUDIO_SOURCES, "caption_source": CAPTION_SOURCES}
     chosen = {name: text.get(name) or defaults[name] for name in choices}
     for name, allowed in choices.items():
@@ -302,22 +309,31 @@ def _parse_row(root: Path, line: int, cells: Mapping[str, str | None], defaults:
     )
 
 
-def _check_complete(root: Path, rows: Sequence[FolderRow]) -> None:
-    """Refuse files that are cut short or are not what they claim, where decoding would fail only at their first
-    batch or not at all: an image that is no 8-bit PNG, JPEG or TIFF by its first bytes (`check_image_head`), a PNG
-    that lacks the IEND chunk it must end with, audio that does not open or lacks the frames its header declares
-    (`check_audio_opens`). Reads a few bytes of each image, the headers and last frame of each distinct
-    recording."""
+def _check_files(root: Path, rows: Sequence[FolderRow], zoom_levels: tuple[int, ...]) -> None:
+    """Refuse files that are cut short, are not what they claim or are too small, where decoding would fail only at
+    their first batch or not at all: an image that is no 8-bit PNG, JPEG or TIFF by its header
+    (`check_image_head`, `image_size`), a PNG that lacks the IEND chunk it must end with, an image too small to
+    crop its zoom levels from, audio that does not open or lacks the frames its header declares
+    (`check_audio_opens`). Reads the header and last bytes of each image, the headers and last frame of each
+    distinct recording."""
     where: dict[Path, str] = {}
     for row in rows:
         at = f"{root / CSV_NAME} line {row.line}"
+        what = f"{row.image} ({at})"
         with row.image.open("rb") as image:
             head = image.read(IMAGE_HEAD_BYTES)
             image.seek(max(image.seek(0, os.SEEK_END) - len(PNG_END), 0))
             tail = image.read()
-        check_image_head(head, f"{row.image} ({at})")
+        check_image_head(head, what)
         if png_cut_short(head, tail):
-            raise DataError(f"{row.image} ({at}) is truncated: the PNG lacks its closing IEND chunk; export it again")
+            raise DataError(f"{what} is truncated: the PNG lacks its closing IEND chunk; export it again")
+        width, height = image_size(head, row.image, what)
+        largest = row.zoom_levels(zoom_levels)[-1]
+        if min(width, height) < largest:
+            raise DataError(
+                f"{what} is {width}x{height} px, too small to crop zoom levels 1 to {largest} from; export it at"
+                f" {MODEL_INPUT_PX} px or more"
+            )
         where.setdefault(row.audio, at)
     for audio, at in where.items():
         check_audio_opens(audio, f"audio file {audio} ({at})", DataError)

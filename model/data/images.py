@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from model.errors import DataError, first_line
 # How the files decode_image reads open: PNG, JPEG, TIFF (classic or BigTIFF, either byte order).
 IMAGE_SIGNATURES = (PNG_SIGNATURE, b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # A PNG's IHDR chunk follows its signature: its length, type, width and height (4 bytes each), then the bit depth.
-PNG_BIT_DEPTH_AT = len(PNG_SIGNATURE) + 16
+PNG_SIZE_AT = len(PNG_SIGNATURE) + 8
+PNG_BIT_DEPTH_AT = PNG_SIZE_AT + 8
 # The first bytes of a file check_image_head reads.
 IMAGE_HEAD_BYTES = PNG_BIT_DEPTH_AT + 1
 
@@ -29,6 +31,25 @@ def check_image_head(head: bytes, what: str) -> None:
         raise undecodable(what, "it opens with none of their signatures")
     if head.startswith(PNG_SIGNATURE) and len(head) > PNG_BIT_DEPTH_AT and head[PNG_BIT_DEPTH_AT] != 8:
         raise not_8_bit(what, f"{head[PNG_BIT_DEPTH_AT]}-bit")
+
+
+def image_size(head: bytes, path: Path, what: str) -> tuple[int, int]:
+    """(width, height) in pixels of the image file at `path`, whose first IMAGE_HEAD_BYTES bytes are `head` (passed
+    `check_image_head`): a PNG's from its header chunk, a JPEG's or TIFF's from GDAL's reading of its header (which
+    also refuses one of other than 8 bits a sample)."""
+    if head.startswith(PNG_SIGNATURE) and len(head) >= PNG_BIT_DEPTH_AT:
+        width, height = struct.unpack(">II", head[PNG_SIZE_AT:PNG_BIT_DEPTH_AT])
+        return width, height
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as dataset:
+                size, dtype = (dataset.width, dataset.height), dataset.dtypes[0]
+    except RasterioError as exc:
+        raise undecodable(what, first_line(exc)) from None
+    if dtype != "uint8":
+        raise not_8_bit(what, dtype)
+    return size
 
 
 def undecodable(what: str, why: str) -> DataError:

@@ -179,7 +179,9 @@ def test_an_image_too_small_to_crop_is_one_line_error(tmp_path: Path) -> None:
     add_files(tmp_path, "tiny", image_px=4)
     write_folder(tmp_path, [pair_line("tiny")])
     with pytest.raises(DataError, match=r"tiny.png .*line 2\) is 4x4 px, too small to crop zoom levels 1 to 5"):
-        FolderPairs(tmp_path, "train").record(0)
+        FolderPairs(tmp_path, "train")
+    write_folder(tmp_path, [pair_line("tiny", zoom_level="3")], [*REQUIRED_COLUMNS, "zoom_level"])
+    assert FolderPairs(tmp_path, "train").record(0).tile_px == 4 / 3
 
 
 Edit = Callable[[Path], None]
@@ -217,6 +219,8 @@ def ragged(root: Path) -> None:
         (header(*REQUIRED_COLUMNS, "lat"), "has column 'lat' twice, and only the last would count; keep one"),
         (ragged, "line 3: its cells do not match the header's columns"),
         (set_cell("key", ""), "line 2: key is empty"),
+        (set_cell("audio_caption", " "), "line 2: audio_caption is empty; describe what the recording sounds like"),
+        (set_cell("image_caption", "", line=1), "line 3: image_caption is empty; describe how the place sounds"),
         (set_cell("key", "a", line=1), "line 3: key 'a' repeats line 2; make keys unique"),
         (set_cell("image", "images/missing.png"), r"line 2: image file .*images/missing.png does not exist"),
         (set_cell("audio", "", line=1), r"line 3: audio file .* does not exist; give a path relative to"),

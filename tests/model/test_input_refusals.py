@@ -102,8 +102,10 @@ def raster_bytes(driver: str, count: int = 3, dtype: str = "uint8", **options: s
         (lambda: b"root:x:0:0:root:/root:/bin/bash\n", "does not decode as PNG, JPEG or GeoTIFF (it opens with none"),
         (lambda: b"", "does not decode as PNG, JPEG or GeoTIFF"),
         (lambda: raster_bytes("PNG", dtype="uint16"), "holds 16-bit pixels; export it as 8-bit RGB"),
+        (lambda: raster_bytes("GTiff", dtype="uint16"), "holds uint16 pixels; export it as 8-bit RGB"),
+        (lambda: b"\xff\xd8\xff" + b"\0" * 40, "does not decode as PNG, JPEG or GeoTIFF"),
     ],
-    ids=["text", "empty", "16-bit-png"],
+    ids=["text", "empty", "16-bit-png", "16-bit-tiff", "jpeg-signature-only"],
 )
 def test_a_file_that_is_no_8_bit_image_is_refused_when_the_folder_is_read(
     tmp_path: Path, body: Callable[[], bytes], words: str
@@ -114,6 +116,20 @@ def test_a_file_that_is_no_8_bit_image_is_refused_when_the_folder_is_read(
     with pytest.raises(DataError) as error:
         read(tmp_path)
     one_line(error, f"{path} (", "pairs.csv line 2", words)
+
+
+@pytest.mark.parametrize("driver", ["PNG", "JPEG", "GTiff"])
+def test_an_image_too_small_for_the_zoom_levels_is_refused_when_the_folder_is_read(tmp_path: Path, driver: str) -> None:
+    """Its size is read from its header when the split is opened, not found at its first batch."""
+    path = one_pair(tmp_path) / "files" / "p.png"
+    with warnings.catch_warnings(), MemoryFile() as memfile:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with memfile.open(driver=driver, width=4, height=2, count=3, dtype="uint8") as dataset:
+            dataset.write(np.full((3, 2, 4), 7, np.uint8))
+        path.write_bytes(bytes(memfile.read()))
+    with pytest.raises(DataError) as error:
+        FolderPairs(tmp_path, "train", zoom_levels=(1, 3))
+    one_line(error, f"{path} (", "pairs.csv line 2", "is 4x2 px, too small to crop zoom levels 1 to 3")
 
 
 @pytest.mark.parametrize(
