@@ -5,7 +5,8 @@
 Each build runs the whole Snakemake workflow (plan, embed, score, Zarr, COGs, preview) in a fresh folder on
 a square of output tiles in the middle of the bundled Landsat scene (local-raster source; the default
 config's model, or `--checkpoint`: `untrained`, a file, an hf:// URI; the default config's view;
-`--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the scene). Printed per build:
+`--tile-zoom-offset 5` makes tiles small enough for 10,000 of them to fit the scene; `--chunk-depth` sizes the
+chunks, 4**D tiles each, 4,096 as a build's by default). Printed per build:
 end-to-end tiles/s, the model's own tiles/s on the same device in the same run (random uint8 tiles through
 `embed_images` at the build's batch size; the mean of a timing just before and one just after the build, as a
 shared host's speed drifts within minutes), their ratio, the embed jobs' fixed cost (process start,
@@ -44,7 +45,7 @@ from common.memory import keep_freed_memory
 from model import Sat2Sound, Sat2SoundEncoder
 from pipeline.build import PLAN_NAME
 from pipeline.config import default_config_from_anywhere, load_build_config
-from pipeline.geometry import output_zoom
+from pipeline.geometry import DEFAULT_CHUNK_DEPTH, output_zoom
 from pipeline.model_setup import untrained_config
 from pipeline.plan import ModelView, read_plan
 from pipeline.rates import RATES_PATH, Rate, update_rates
@@ -69,7 +70,10 @@ def square_region(tiles: int, zoom: int) -> str:
     return f"{west + dx},{south + dy},{east - dx},{north - dy}"
 
 
-def build_config(name: str, region: str, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+def build_config(
+    name: str, region: str, args: argparse.Namespace, output_dir: Path, tile_zoom: int | None = None
+) -> dict[str, Any]:
+    """The build's config; `tile_zoom` (the output zoom, where known) places its chunks `args.chunk_depth` above."""
     defaults = default_config_from_anywhere()
     if args.audio_queries_only:
         defaults["queries"] = [query for query in defaults["queries"] if "text" not in query]
@@ -86,7 +90,10 @@ def build_config(name: str, region: str, args: argparse.Namespace, output_dir: P
             "device": args.device,
             "batch_size": args.batch_size,
         },
-        "tiling": {"tile_zoom_offset": args.tile_zoom_offset},
+        "tiling": {
+            "tile_zoom_offset": args.tile_zoom_offset,
+            "chunk_zoom": None if tile_zoom is None else max(0, tile_zoom - args.chunk_depth),
+        },
     }
 
 
@@ -214,6 +221,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tile-zoom-offset", type=int, default=5)
+    parser.add_argument(
+        "--chunk-depth",
+        type=int,
+        default=DEFAULT_CHUNK_DEPTH,
+        help="chunks of 4**D tiles (tiling.chunk_zoom = tile zoom - D): smaller ones measure the per-chunk costs",
+    )
     parser.add_argument("--model-tiles", type=int, default=2048, help="tiles timed for the model-only rate")
     parser.add_argument(
         "--audio-queries-only",
@@ -238,7 +251,7 @@ def main() -> None:
         for tiles in args.tiles:
             name = f"bench-{tiles}"
             config_path = root / f"{name}.yaml"
-            config_path.write_text(yaml.safe_dump(build_config(name, square_region(tiles, zoom), args, root)))
+            config_path.write_text(yaml.safe_dump(build_config(name, square_region(tiles, zoom), args, root, zoom)))
             before = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)
             build = run_build(config_path, root, args.cores)
             after = model_only_tiles_per_s(encoder, settings.zoom_level, args.batch_size, args.model_tiles)

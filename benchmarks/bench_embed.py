@@ -174,7 +174,7 @@ def main() -> None:
     batch_size = auto_batch_size(encoder, zoom_level) if args.batch_size == "auto" else int(args.batch_size)
     chunks, top_k = plan(args)
     options = EmbedOptions((Time(None, None),), batch_size, args.loader_workers, top_k)
-    tiles = sum(len(chunk) for chunk in chunks)
+    tiles = sum(chunk.tile_count for chunk in chunks)
     print(
         f"{tiles:,} tiles in {len(chunks)} chunks; {encoder.cfg.size} model on {encoder.device}, {encoder.dtype}"
         f"{' compiled' if args.compile else ''},"

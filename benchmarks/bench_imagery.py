@@ -198,25 +198,24 @@ def main() -> None:
         )
         for offset in args.offsets:
             chunk = largest_chunk(offset)
+            views = chunk.tile_count
             for name, make in sources.items():
                 with make() as reader:
                     # A job's steady state: the first pass also pays the stretch, page faults and kernel loads.
                     time_strips(reader, chunk.views)
                     best = min(
-                        (time_strips(reader, chunk.views) for _ in range(max(MIN_PASSES, MIN_VIEWS // len(chunk)))),
+                        (time_strips(reader, chunk.views) for _ in range(max(MIN_PASSES, MIN_VIEWS // views))),
                         key=lambda times: times.seconds,
                     )
                     sample = chunk.views[: args.per_view]
                     per_view = len(sample) / time_per_view(reader, sample) if len(sample) else None
-                    on_device = (
-                        f"  {len(chunk) / time_device_cuts(reader, chunk.views, device):>19,.0f}" if device else ""
-                    )
-                strip_rate = len(chunk) / best.seconds
+                    on_device = f"  {views / time_device_cuts(reader, chunk.views, device):>19,.0f}" if device else ""
+                strip_rate = views / best.seconds
                 against = f"{per_view:>16,.0f} {strip_rate / per_view:>6.1f}" if per_view else f"{'-':>16} {'-':>6}"
-                read_ms, cut_ms = (seconds / len(chunk) * 1e3 for seconds in (best.read_s, best.cut_s))
+                read_ms, cut_ms = (seconds / views * 1e3 for seconds in (best.read_s, best.cut_s))
                 print(
-                    f"{name:<24} {offset:>6} {len(chunk):>6} {strip_rate:>13,.0f} {read_ms:>7.3f} {cut_ms:>7.3f}"
-                    f" {against} {best.source_px / len(chunk):>14,.0f}{on_device}",
+                    f"{name:<24} {offset:>6} {views:>6} {strip_rate:>13,.0f} {read_ms:>7.3f} {cut_ms:>7.3f}"
+                    f" {against} {best.source_px / views:>14,.0f}{on_device}",
                     flush=True,
                 )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

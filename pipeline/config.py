@@ -9,12 +9,12 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
 
 import rasterio
 import yaml
@@ -383,6 +383,28 @@ def _check_output_crs(text: str) -> None:
         )
 
 
+class _Sections(TypedDict):
+    """The config's sections as typed settings, alike in a build's config and a plan's inputs."""
+
+    imagery: ImagerySettings
+    model: ModelSettings
+    tiling: TilingSettings
+    outputs: OutputSettings
+
+
+def _sections(filled: Mapping[str, Any]) -> _Sections:
+    return _Sections(
+        imagery=ImagerySettings(**filled["imagery"]),
+        model=ModelSettings(**filled["model"]),
+        tiling=TilingSettings(**filled["tiling"]),
+        outputs=OutputSettings(**filled["outputs"]),
+    )
+
+
+def _queries(items: Sequence[Mapping[str, Any]]) -> tuple[Query, ...]:
+    return tuple(Query(**query) for query in items)
+
+
 def load_build_config(config: Mapping[str, Any], *, where_builds_land: bool = True) -> BuildConfig:
     """Validate a config mapping (as Snakemake loaded it) and return typed settings with defaults."""
     if not config:
@@ -392,26 +414,17 @@ def load_build_config(config: Mapping[str, Any], *, where_builds_land: bool = Tr
         name=filled["name"],
         output_dir=filled["output_dir"],
         region=filled["region"],
-        imagery=ImagerySettings(**filled["imagery"]),
-        model=ModelSettings(**filled["model"]),
-        tiling=TilingSettings(**filled["tiling"]),
-        queries=tuple(Query(**query) for query in filled["queries"]),
-        outputs=OutputSettings(**filled["outputs"]),
+        queries=_queries(filled["queries"]),
         raw=filled,
+        **_sections(filled),
     )
 
 
 def load_plan_inputs(config: Mapping[str, Any]) -> PlanInputs:
     """The plan's part of a config (no name or queries needed), checked against the same schema and defaults."""
     filled = _validated(config, {**_schema(), "required": ["region"]})
-    return PlanInputs(
-        region=filled["region"],
-        imagery=ImagerySettings(**filled["imagery"]),
-        model=ModelSettings(**filled["model"]),
-        tiling=TilingSettings(**filled["tiling"]),
-        outputs=OutputSettings(**filled["outputs"]),
-        queries=tuple(Query(**query) for query in filled["queries"]) if "queries" in filled else None,
-    )
+    queries = _queries(filled["queries"]) if "queries" in filled else None
+    return PlanInputs(region=filled["region"], queries=queries, **_sections(filled))
 
 
 # GDAL options whose values are credentials (AWS_SECRET_ACCESS_KEY, AZURE_STORAGE_SAS_TOKEN, GDAL_HTTP_USERPWD...).

@@ -234,7 +234,7 @@ class ChunkResult:
     """A chunk's outputs as they fill in, strip by strip."""
 
     def __init__(self, chunk: ChunkTiles, codebook_dim: int, options: EmbedOptions, strips: int) -> None:
-        count, times, top_k = len(chunk), len(options.times), options.top_k
+        count, times, top_k = chunk.tile_count, len(options.times), options.top_k
         self.chunk = chunk
         self.times = options.times
         self.embedding = np.zeros((times, count, codebook_dim), np.float16)
@@ -304,7 +304,7 @@ def embed_chunks(
     pending = []
     for chunk in chunks:
         if is_done(out_dir / f"{chunk.id}.npz", stamps[chunk.id]):
-            reports[chunk.id] = ChunkReport(chunk.id, len(chunk), None, reused=True)
+            reports[chunk.id] = ChunkReport(chunk.id, chunk.tile_count, None, reused=True)
         else:
             pending.append(chunk)
     reads = StripReads(pending, imagery, cut_here=options.cut_in_loaders and options.loader_workers > 0)
@@ -317,7 +317,7 @@ def embed_chunks(
         pin_memory=reads.cut_here and encoder.device.type == "cuda",
     )
     results: dict[int, ChunkResult] = {}
-    progress = Progress(sum(len(chunk) for chunk in pending))
+    progress = Progress(sum(chunk.tile_count for chunk in pending))
     asked = time.perf_counter()
     for read in loader:
         waited = time.perf_counter() - asked
@@ -334,7 +334,7 @@ def embed_chunks(
             valid = result.save(out_dir / f"{chunk.id}.npz", imagery.min_coverage, stamps[chunk.id])
             reports[chunk.id] = ChunkReport(
                 chunk.id,
-                len(chunk),
+                chunk.tile_count,
                 valid,
                 reused=False,
                 empty_unavailable=int(result.unavailable.sum()),

@@ -145,7 +145,8 @@ class ChunkTiles(NamedTuple):
     lon: np.ndarray
     lat: np.ndarray
 
-    def __len__(self) -> int:
+    @property
+    def tile_count(self) -> int:
         return len(self.x)
 
 
@@ -351,6 +352,11 @@ def read_chunks(path: Path, plan: Plan, chunks: Sequence[str]) -> list[ChunkTile
         blocks = ChunkBlocks(plan.zoom, plan.chunk_zoom, *(archive[f"blocks/{name}"] for name in _BLOCK_ARRAYS))
     index = {chunk: number for number, chunk in enumerate(plan.chunk_ids)}
     return [chunk_tiles(plan, blocks, index[chunk]) for chunk in chunks]
+
+
+def job_chunks(path: Path, plan: Plan, tiles_per_job: int, job: int) -> list[ChunkTiles]:
+    """The tiles of the chunks of fetch and embed job `job` (`embed_jobs`), read from the plan's file at `path`."""
+    return read_chunks(path, plan, embed_jobs(plan, tiles_per_job)[job])
 
 
 def region_feature(plan: Plan) -> dict[str, Any]:

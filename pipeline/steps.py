@@ -47,13 +47,11 @@ def _model(args: argparse.Namespace, config: BuildConfig) -> str:
 def _fetch(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.config import settings_digest
     from pipeline.fetch import fetch_chunks, fetch_stamp
-    from pipeline.plan import embed_jobs, read_chunks, read_plan
+    from pipeline.plan import job_chunks, read_plan
 
-    plan = read_plan(args.plan)
-    chunk_ids = embed_jobs(plan, config.model.tiles_per_job)[args.job]
     digest = settings_digest(config, "fetch")
     fetched = fetch_chunks(
-        read_chunks(args.plan, plan, chunk_ids),
+        job_chunks(args.plan, read_plan(args.plan), config.model.tiles_per_job, args.job),
         config.imagery,
         args.records_dir,
         lambda chunk: fetch_stamp(chunk, digest),
@@ -91,18 +89,18 @@ def _embed_on_device(args: argparse.Namespace, config: BuildConfig) -> str:
     from pipeline.config import settings_digest
     from pipeline.embed import EmbedOptions, TimeCosts, auto_batch_size, chunk_stamp, embed_chunks, stage_line
     from pipeline.model_setup import load_encoder, read_model_record
-    from pipeline.plan import embed_jobs, read_chunks, read_plan
+    from pipeline.plan import job_chunks, read_plan
 
     torch.set_num_threads(args.threads)
     model, plan = config.model, read_plan(args.plan)
-    chunk_ids = embed_jobs(plan, model.tiles_per_job)[args.job]
+    chunks = job_chunks(args.plan, plan, model.tiles_per_job, args.job)
     record = read_model_record(args.model)
     encoder = load_encoder(record, model.device, model.precision, compiled=model.compile)
     zoom_level = plan.view.zoom_level
     batch_size = auto_batch_size(encoder, zoom_level) if model.batch_size == "auto" else model.batch_size
     started = time.perf_counter() - STARTED
     print(
-        f"embed: {len(chunk_ids)} chunks on {encoder.device}{', compiled' if model.compile else ''},"
+        f"embed: {len(chunks)} chunks on {encoder.device}{', compiled' if model.compile else ''},"
         f" batch size {batch_size} ({model.batch_size}); start-up (imports, model load) {started:.1f} s",
         flush=True,
     )
@@ -110,7 +108,7 @@ def _embed_on_device(args: argparse.Namespace, config: BuildConfig) -> str:
     options = EmbedOptions(times, batch_size, model.loader_workers, config.outputs.concepts_top_k)
     embed_digest = settings_digest(config, "embed")
     reports = embed_chunks(
-        read_chunks(args.plan, plan, chunk_ids),
+        chunks,
         zoom_level,
         encoder,
         config.imagery,

@@ -135,7 +135,7 @@ def test_plan_tiles_chunks_and_grid_of_a_city() -> None:
     assert plan.zoom == plan.auto_zoom == 17
     west, south, east, north = region.geometry.bounds
     bbox_tiles = list(mercantile.tiles(west, south, east, north, zooms=17))
-    assert plan.tile_count == len(bbox_tiles) == sum(len(chunk) for chunk in chunks)
+    assert plan.tile_count == len(bbox_tiles) == sum(chunk.tile_count for chunk in chunks)
     assert plan.chunk_zoom == 11
     assert set(plan.chunk_ids) == {plan_module.chunk_id(mercantile.parent(tile, zoom=11)) for tile in bbox_tiles}
     assert (plan.grid.width, plan.grid.height) == (
@@ -151,7 +151,7 @@ def test_each_chunk_lists_its_tiles_views_cells_and_centres() -> None:
     seen = set()
     for chunk in chunks:
         z, x, y = (int(part) for part in chunk.id.split("_"))
-        for index in range(len(chunk)):
+        for index in range(chunk.tile_count):
             tile = mercantile.Tile(int(chunk.x[index]), int(chunk.y[index]), plan.zoom)
             assert mercantile.parent(tile, zoom=z) == mercantile.Tile(x, y, z)
             left, bottom, right, top = mercantile.xy_bounds(tile)

@@ -198,3 +198,14 @@ def test_a_config_file_snakemake_cannot_read_is_one_line_not_its_traceback(
     assert completed.returncode == 2 and completed.stdout == ""
     fix = "give a YAML file of key: value lines (shipped: config/config.yaml, config/city.yaml)"
     assert completed.stderr == f"{line}{fix}\n"
+
+
+def test_a_config_the_workflow_refuses_is_one_line_through_the_profile_too(tmp_path: Path) -> None:
+    """As `bash run.sh build` runs it: Snakemake's note on the profile does not come before the refusal."""
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"name": "x", "region": "0,0,1,1"}))
+    command = [sys.executable, "-m", "pipeline.launch", "-s", str(REPO / "Snakefile"), "-n"]
+    command += ["--profile", str(REPO / "profiles" / "local"), "--configfile", "mine.yaml"]
+    completed = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert (completed.returncode, completed.stdout) == (2, "")
+    assert completed.stderr == "error: config: 'queries' is a required property; see config/schema.json\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine.yaml"]
