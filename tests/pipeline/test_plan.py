@@ -136,6 +136,7 @@ def test_plan_tiles_chunks_and_grid_of_a_city() -> None:
     west, south, east, north = region.geometry.bounds
     bbox_tiles = list(mercantile.tiles(west, south, east, north, zooms=17))
     assert plan.tile_count == len(bbox_tiles) == sum(chunk.tile_count for chunk in chunks)
+    assert chunks[0]._replace(id="renamed").tile_count == chunks[0].tile_count  # a plain NamedTuple
     assert plan.chunk_zoom == 11
     assert set(plan.chunk_ids) == {plan_module.chunk_id(mercantile.parent(tile, zoom=11)) for tile in bbox_tiles}
     assert (plan.grid.width, plan.grid.height) == (
