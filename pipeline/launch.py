@@ -77,7 +77,7 @@ def main() -> int:
     return _snakemake(sys.argv[1:])
 
 
-def without_profile_note(text: str) -> str:
+def _without_profile_note(text: str) -> str:
     """`text` (what Snakemake printed while reading its arguments) less its line on the profile."""
     return "".join(line for line in text.splitlines(keepends=True) if not line.rstrip("\n").endswith(PROFILE_NOTE_END))
 
@@ -93,7 +93,7 @@ def _snakemake(argv: list[str]) -> int:
         with contextlib.redirect_stderr(heard):
             parser, args = parse_args(argv)
     finally:  # argparse's usage errors too
-        sys.stderr.write(without_profile_note(heard.getvalue()))
+        sys.stderr.write(_without_profile_note(heard.getvalue()))
     try:
         return 0 if args_to_api(args, parser) else 1
     except Exception as exc:  # as snakemake.cli.main answers

@@ -261,7 +261,7 @@ def test_views_touching_a_tile_that_fails_every_retry_are_empty_and_the_rest_unc
 
 def test_a_chunks_fetch_stamp_follows_its_views_and_the_imagery_settings(scene_chunks: list[ChunkTiles]) -> None:
     first, second = scene_chunks[:2]
-    same_views = ChunkTiles(**{**first._asdict(), "views": first.views.copy()})
+    same_views = first._replace(views=first.views.copy())
     assert fetch_stamp(first, "a") == fetch_stamp(same_views, "a")
     assert len({fetch_stamp(first, "a"), fetch_stamp(first, "b"), fetch_stamp(second, "a")}) == 3
 
