@@ -79,7 +79,9 @@ class TowerSettings:
 
     With both, every token learns each through a head of its own. With `codebook`, the pooled image embedding
     learns the view's shares too (with `landcover`, the mean of its patches') and the codebook and its image
-    queries stay frozen with the tower. Off while both are unset."""
+    queries stay frozen with the tower; with `prototypes` > 0 as well, it is also drawn towards its shares'
+    point in the embedding space (`model.training.class_prototypes`), so that it varies with them rather than
+    with what else a scene shows. Off while both are unset."""
 
     shares: str | None = None
     landcover: str | None = None
@@ -88,6 +90,7 @@ class TowerSettings:
     lr: float = 5e-4
     weight_decay: float = 0.05
     codebook: bool = False  # teach and freeze the image's codebook path too
+    prototypes: float = 0.0  # weight of the pooled embedding's pull to its shares' point (0: off)
 
     @property
     def enabled(self) -> bool:
@@ -266,6 +269,12 @@ def _check(settings: TrainSettings) -> None:
             "image_pretraining needs classes (its targets' columns or bands), epochs >= 1 and lr > 0",
         ),
         (tower.weight_decay >= 0, "image_pretraining.weight_decay must be >= 0 (0 turns weight decay off)"),
+        (tower.prototypes >= 0, "image_pretraining.prototypes must be >= 0 (0 leaves the term out)"),
+        (
+            tower.prototypes == 0 or (tower.enabled and tower.codebook),
+            "image_pretraining.prototypes teaches the pooled image embedding: set codebook: true and its shares"
+            " or landcover, or leave prototypes 0",
+        ),
         (
             not is_hub_uri(data.root)
             or all(Path(path).is_absolute() for path in (tower.shares, tower.landcover) if path),

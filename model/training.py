@@ -66,6 +66,7 @@ RECORDINGS_LOSS = "train/recordings_loss"
 DIRECTIONS_LOSS = "train/directions_loss"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
+PROTOTYPES_SEED = 0  # `class_prototypes`: fixed, so that every run draws the same
 # Lightning's checkpoint when SLURM signals a job before its time limit, in the trainer's root folder.
 REQUEUED = "hpc_ckpt_*.ckpt"
 EXPORT_NAME = "model"
@@ -421,9 +422,13 @@ class ViewShares:
 
     def loss(self, token_logits: Tensor, embedding_logits: Tensor | None, batch: TrainBatch) -> Tensor:
         """Of (B, T, C) token logits and, when the pooled embedding is taught, its (B, C) logits."""
-        shares = torch.stack([self.shares[key] for key in batch.keys]).to(token_logits.device)
+        shares = self.view_shares(batch, token_logits.device)
         loss = soft_cross_entropy(token_logits, shares[:, None, :])
         return loss if embedding_logits is None else loss + soft_cross_entropy(embedding_logits, shares)
+
+    def view_shares(self, batch: TrainBatch, device: torch.device) -> Tensor:
+        """(B, C) each view's class shares."""
+        return torch.stack([self.shares[key] for key in batch.keys]).to(device)
 
 
 class PatchShares:
@@ -448,8 +453,11 @@ class PatchShares:
         loss = soft_cross_entropy(token_logits[valid], shares[valid])
         if embedding_logits is None:
             return loss
-        view = shares.masked_fill(~valid[..., None], 0.0).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
-        return loss + soft_cross_entropy(embedding_logits, view)
+        return loss + soft_cross_entropy(embedding_logits, _mean_of_patches(shares, valid))
+
+    def view_shares(self, batch: TrainBatch, device: torch.device) -> Tensor:
+        """(B, C) each view's class shares: the mean of its patches' with imagery."""
+        return _mean_of_patches(*self.patches(batch, device))
 
     def patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B, T, C) shares of each token's patch, row by row as the tower orders its tokens, and (B, T) validity;
@@ -460,6 +468,25 @@ class PatchShares:
         means = means.flatten(2).transpose(1, 2).to(device)
         total = means.sum(dim=-1, keepdim=True)
         return means / total.clamp_min(1e-6), total[..., 0] > 0
+
+
+def _mean_of_patches(shares: Tensor, valid: Tensor) -> Tensor:
+    return shares.masked_fill(~valid[..., None], 0.0).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def class_prototypes(classes: int, dim: int) -> Tensor:
+    """(classes, dim) orthonormal rows, the same in every run: each class's point in the embedding space, which
+    `image_pretraining.prototypes` draws a view's pooled embedding towards, mixed by the view's shares."""
+    generator = torch.Generator().manual_seed(PROTOTYPES_SEED)
+    basis, _ = torch.linalg.qr(torch.randn(dim, classes, generator=generator))
+    return basis.T.contiguous()
+
+
+def prototypes_loss(embedding: Tensor, shares: Tensor, prototypes: Tensor) -> Tensor:
+    """One minus the mean cosine of (B, D) normalised pooled embeddings with their views' points: the (C, D)
+    `prototypes` mixed by the views' (B, C) shares."""
+    goal = l2_normalize(shares @ prototypes.to(embedding))
+    return 1 - (embedding * goal).sum(dim=-1).mean()
 
 
 def read_patch_means(path: Path, classes: Sequence[str], grid: int) -> Tensor:
@@ -494,6 +521,12 @@ class ImageTowerPretraining(pl.LightningModule):
                 "image_pretraining.codebook teaches the codebook tokens without metadata fused in;"
                 " use it with metadata_type none, or leave codebook off"
             )
+        dim = model.cfg.codebook_dim
+        if tower.prototypes and len(tower.classes) > dim:
+            raise ConfigError(
+                f"image_pretraining.prototypes gives each of {len(tower.classes)} classes its own direction of the"
+                f" {dim}-d embedding; name at most {dim} classes, or leave prototypes 0"
+            )
         self.tower = model.satmae_backbone
         self.gsd = model.ground_sample_distance
         self.settings = settings
@@ -509,6 +542,7 @@ class ImageTowerPretraining(pl.LightningModule):
         # in the order it always has (the shipped weights' recipe rebuilds to the same model).
         self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in self.targets)
         self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
+        self.prototypes = class_prototypes(len(tower.classes), model.cfg.codebook_dim) if tower.prototypes else None
         self.encode_image = model.fdt.encode_image
         # The model's own tensors, registered here so that the optimiser and DDP see them.
         self.taught = nn.ParameterList(image_side(model, tower))
@@ -524,13 +558,18 @@ class ImageTowerPretraining(pl.LightningModule):
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         tokens = self.tower(batch.images.to(self.device), self.gsd(batch.zoom_level).to(self.device))
-        embedding_logits = None
+        embedding = embedding_logits = None
         if self.embedding_head is not None:
-            embedding_logits = self.embedding_head(l2_normalize(self.encode_image(tokens).embedding))
+            embedding = l2_normalize(self.encode_image(tokens).embedding)
+            embedding_logits = self.embedding_head(embedding)
         losses = [
             targets.loss(head(tokens), embedding_logits if index == 0 else None, batch)
             for index, (targets, head) in enumerate(zip(self.targets, self.heads, strict=True))
         ]
+        if self.prototypes is not None and embedding is not None:
+            term = prototypes_loss(embedding, self.targets[0].view_shares(batch, self.device), self.prototypes)
+            self.log("image_pretraining/prototypes_loss", term, batch_size=len(batch))
+            losses.append(self.settings.image_pretraining.prototypes * term)
         loss = torch.stack(losses).sum()
         self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss

@@ -142,6 +142,15 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
             {**MINIMAL, "image_pretraining": {"classes": "water"}},
             "image_pretraining.classes must be of type list of str",
         ),
+        (
+            {**MINIMAL, "image_pretraining": {"shares": "l.csv", "classes": ["a"], "prototypes": -1}},
+            "image_pretraining.prototypes must be >= 0",
+        ),
+        (
+            {**MINIMAL, "image_pretraining": {"shares": "l.csv", "classes": ["a"], "prototypes": 1}},
+            "set codebook: true and its shares or landcover, or leave prototypes 0",
+        ),
+        ({**MINIMAL, "image_pretraining": {"prototypes": 1}}, "set codebook: true and its shares or landcover"),
         ({**MINIMAL, "recordings": {"table": "r.csv", "weight": 0}}, "recordings.weight must be > 0"),
         ({**MINIMAL, "recordings": {"table": "r.csv", "directions": -1}}, "recordings.directions must be >= 0"),
         (

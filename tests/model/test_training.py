@@ -47,9 +47,11 @@ from model.training import (
     ViewShares,
     checkpoint_step,
     class_directions,
+    class_prototypes,
     config_changes,
     initial_model,
     open_pairs,
+    prototypes_loss,
     read_patch_means,
     resume_checkpoint,
     train,
@@ -658,6 +660,60 @@ def test_with_both_targets_each_token_learns_its_patch_and_its_view_through_a_he
         )
     assert all(part > 0 for part in parts)
     torch.testing.assert_close(loss, parts[0] + parts[1])
+
+
+def test_class_prototypes_are_orthonormal_and_the_same_in_every_run() -> None:
+    prototypes = class_prototypes(4, 64)
+    assert prototypes.shape == (4, 64)
+    torch.testing.assert_close(prototypes @ prototypes.T, torch.eye(4))
+    assert torch.equal(prototypes, class_prototypes(4, 64))
+
+
+def test_the_pooled_embedding_is_drawn_to_its_views_mix_of_prototypes() -> None:
+    prototypes = class_prototypes(2, 4)
+    shares = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    goals = l2_normalize(shares @ prototypes)
+    assert float(prototypes_loss(goals, shares, prototypes)) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(goals[1], (prototypes[0] + prototypes[1]) / 2**0.5)
+    # A pure view's embedding on the other class's prototype is orthogonal to its goal; the mixed one's, at 45°.
+    across = torch.stack([prototypes[1], prototypes[1]])
+    assert float(prototypes_loss(across, shares, prototypes)) == pytest.approx((1 + (1 - 2**-0.5)) / 2)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("targets", ["shares", "landcover"])
+def test_prototypes_add_their_weighted_term_to_the_image_pretraining(tmp_path: Path, pairs: Path, targets: str) -> None:
+    tower = {
+        **tower_targets(tmp_path, pairs, targets),
+        "classes": list(COLOURS),
+        "codebook": True,
+        "prototypes": 2.5,
+    }
+    settings = load_settings(config(tmp_path, pairs, image_pretraining=tower))
+    module = ImageTowerPretraining(initial_model(settings), settings)
+    [target] = module.targets
+    assert module.prototypes is not None and torch.equal(module.prototypes, class_prototypes(3, 64))
+    batch = next(iter(module.train_dataloader()))
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        tokens = module.tower(batch.images, module.gsd(batch.zoom_level))
+        embedding = l2_normalize(module.encode_image(tokens).embedding)
+        shares = target.view_shares(batch, torch.device("cpu"))
+        base = target.loss(module.heads[0](tokens), module.embedding_head(embedding), batch)
+        term = prototypes_loss(embedding, shares, module.prototypes)
+    torch.testing.assert_close(shares.sum(dim=1), torch.ones(len(batch)))
+    assert 0 < float(term) <= 2
+    torch.testing.assert_close(loss, base + 2.5 * term)
+
+
+def test_more_classes_than_the_embedding_has_dimensions_are_refused_with_prototypes(
+    tmp_path: Path, pairs: Path
+) -> None:
+    classes = [f"class{index}" for index in range(65)]
+    tower = {"shares": "labels.csv", "classes": classes, "codebook": True, "prototypes": 1.0}
+    settings = load_settings(config(tmp_path, pairs, image_pretraining=tower))
+    with pytest.raises(ConfigError, match="name at most 64 classes, or leave prototypes 0"):
+        ImageTowerPretraining(initial_model(settings), settings, pairs=SimpleNamespace())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("turn", range(8))
