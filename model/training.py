@@ -420,15 +420,10 @@ class ViewShares:
             raise DataError(f"{path} has no row for pair {missing[0]!r} ({len(missing)} missing); add the train pairs")
         return cls(shares)
 
-    def loss(self, token_logits: Tensor, embedding_logits: Tensor | None, batch: TrainBatch) -> Tensor:
-        """Of (B, T, C) token logits and, when the pooled embedding is taught, its (B, C) logits."""
-        shares = self.view_shares(batch, token_logits.device)
-        loss = soft_cross_entropy(token_logits, shares[:, None, :])
-        return loss if embedding_logits is None else loss + soft_cross_entropy(embedding_logits, shares)
-
-    def view_shares(self, batch: TrainBatch, device: torch.device) -> Tensor:
-        """(B, C) each view's class shares."""
-        return torch.stack([self.shares[key] for key in batch.keys]).to(device)
+    def patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(B, 1, C) each view's shares, which every token learns alike, and (B, 1) validity (all)."""
+        shares = torch.stack([self.shares[key] for key in batch.keys]).to(device)
+        return shares[:, None, :], torch.ones(len(shares), 1, dtype=torch.bool, device=device)
 
 
 class PatchShares:
@@ -447,18 +442,6 @@ class PatchShares:
             raise ConfigError(f"image_pretraining.landcover {folder} is not a folder; give the folder of class rasters")
         return cls({key: read_patch_means(folder / f"{key}.tif", classes, grid) for key in keys})
 
-    def loss(self, token_logits: Tensor, embedding_logits: Tensor | None, batch: TrainBatch) -> Tensor:
-        """Of (B, T, C) token logits and, when the pooled embedding is taught, its (B, C) logits."""
-        shares, valid = self.patches(batch, token_logits.device)
-        loss = soft_cross_entropy(token_logits[valid], shares[valid])
-        if embedding_logits is None:
-            return loss
-        return loss + soft_cross_entropy(embedding_logits, _mean_of_patches(shares, valid))
-
-    def view_shares(self, batch: TrainBatch, device: torch.device) -> Tensor:
-        """(B, C) each view's class shares: the mean of its patches' with imagery."""
-        return _mean_of_patches(*self.patches(batch, device))
-
     def patches(self, batch: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B, T, C) shares of each token's patch, row by row as the tower orders its tokens, and (B, T) validity;
         each raster turned as its image was."""
@@ -470,7 +453,15 @@ class PatchShares:
         return means / total.clamp_min(1e-6), total[..., 0] > 0
 
 
-def _mean_of_patches(shares: Tensor, valid: Tensor) -> Tensor:
+def token_shares_loss(token_logits: Tensor, shares: Tensor, valid: Tensor) -> Tensor:
+    """Soft cross-entropy of (B, T, C) token logits with a target's `patches` (shares and validity per token, or one
+    row of each for all tokens alike), over the valid tokens."""
+    valid = valid.expand(token_logits.shape[:2])
+    return soft_cross_entropy(token_logits[valid], shares.expand_as(token_logits)[valid])
+
+
+def mean_of_patches(shares: Tensor, valid: Tensor) -> Tensor:
+    """(B, C) each view's shares: the mean of a target's `patches` over the valid ones."""
     return shares.masked_fill(~valid[..., None], 0.0).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
 
 
@@ -541,8 +532,8 @@ class ImageTowerPretraining(pl.LightningModule):
         # A head per target, made before the embedding's so that a run with one target draws its initial weights
         # in the order it always has (the shipped weights' recipe rebuilds to the same model).
         self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in self.targets)
-        self.embedding_head = nn.Linear(model.cfg.codebook_dim, len(tower.classes)) if tower.codebook else None
-        self.prototypes = class_prototypes(len(tower.classes), model.cfg.codebook_dim) if tower.prototypes else None
+        self.embedding_head = nn.Linear(dim, len(tower.classes)) if tower.codebook else None
+        self.prototypes = class_prototypes(len(tower.classes), dim) if tower.prototypes else None
         self.encode_image = model.fdt.encode_image
         # The model's own tensors, registered here so that the optimiser and DDP see them.
         self.taught = nn.ParameterList(image_side(model, tower))
@@ -558,18 +549,17 @@ class ImageTowerPretraining(pl.LightningModule):
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         tokens = self.tower(batch.images.to(self.device), self.gsd(batch.zoom_level).to(self.device))
-        embedding = embedding_logits = None
+        patches = [targets.patches(batch, self.device) for targets in self.targets]
+        losses = [token_shares_loss(head(tokens), *read) for head, read in zip(self.heads, patches, strict=True)]
         if self.embedding_head is not None:
+            # The pooled embedding learns the first target's view shares.
             embedding = l2_normalize(self.encode_image(tokens).embedding)
-            embedding_logits = self.embedding_head(embedding)
-        losses = [
-            targets.loss(head(tokens), embedding_logits if index == 0 else None, batch)
-            for index, (targets, head) in enumerate(zip(self.targets, self.heads, strict=True))
-        ]
-        if self.prototypes is not None and embedding is not None:
-            term = prototypes_loss(embedding, self.targets[0].view_shares(batch, self.device), self.prototypes)
-            self.log("image_pretraining/prototypes_loss", term, batch_size=len(batch))
-            losses.append(self.settings.image_pretraining.prototypes * term)
+            view = mean_of_patches(*patches[0])
+            losses.append(soft_cross_entropy(self.embedding_head(embedding), view))
+            if self.prototypes is not None:
+                term = prototypes_loss(embedding, view, self.prototypes)
+                self.log("image_pretraining/prototypes_loss", term, batch_size=len(batch))
+                losses.append(self.settings.image_pretraining.prototypes * term)
         loss = torch.stack(losses).sum()
         self.log("image_pretraining/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss

@@ -34,7 +34,7 @@ from model.checkpoint import load_model, read_checkpoint
 from model.config import Sat2SoundConfig
 from model.data.transforms import COLOR_JITTER, dihedral_turn
 from model.errors import ConfigError, DataError
-from model.loss import l2_normalize
+from model.loss import l2_normalize, soft_cross_entropy
 from model.sat2sound import Sat2Sound
 from model.text_cache import TextTokens
 from model.train_config import RecordingSettings, load_settings, parse_settings
@@ -50,10 +50,12 @@ from model.training import (
     class_prototypes,
     config_changes,
     initial_model,
+    mean_of_patches,
     open_pairs,
     prototypes_loss,
     read_patch_means,
     resume_checkpoint,
+    token_shares_loss,
     train,
     transform_for,
     upstream_hparams,
@@ -654,12 +656,15 @@ def test_with_both_targets_each_token_learns_its_patch_and_its_view_through_a_he
         loss = module.training_step(batch, 0)
         tokens = module.tower(batch.images, module.gsd(batch.zoom_level))
         embedding_logits = module.embedding_head(training.l2_normalize(module.encode_image(tokens).embedding))
+        shares, valid = patch.patches(batch, torch.device("cpu"))
+        view_shares = torch.stack([view.shares[key] for key in batch.keys])
         parts = (
-            patch.loss(module.heads[0](tokens), embedding_logits, batch),
-            view.loss(module.heads[1](tokens), None, batch),
+            soft_cross_entropy(module.heads[0](tokens)[valid], shares[valid]),
+            soft_cross_entropy(module.heads[1](tokens), view_shares[:, None, :].expand_as(shares)),
+            soft_cross_entropy(embedding_logits, mean_of_patches(shares, valid)),
         )
     assert all(part > 0 for part in parts)
-    torch.testing.assert_close(loss, parts[0] + parts[1])
+    torch.testing.assert_close(loss, sum(parts))
 
 
 def test_class_prototypes_are_orthonormal_and_the_same_in_every_run() -> None:
@@ -698,8 +703,10 @@ def test_prototypes_add_their_weighted_term_to_the_image_pretraining(tmp_path: P
         loss = module.training_step(batch, 0)
         tokens = module.tower(batch.images, module.gsd(batch.zoom_level))
         embedding = l2_normalize(module.encode_image(tokens).embedding)
-        shares = target.view_shares(batch, torch.device("cpu"))
-        base = target.loss(module.heads[0](tokens), module.embedding_head(embedding), batch)
+        patches = target.patches(batch, torch.device("cpu"))
+        shares = mean_of_patches(*patches)
+        base = token_shares_loss(module.heads[0](tokens), *patches)
+        base = base + soft_cross_entropy(module.embedding_head(embedding), shares)
         term = prototypes_loss(embedding, shares, module.prototypes)
     torch.testing.assert_close(shares.sum(dim=1), torch.ones(len(batch)))
     assert 0 < float(term) <= 2
@@ -736,16 +743,15 @@ def test_each_token_learns_its_own_patch_turned_as_its_image_was(tmp_path: Path,
     assert int(shares[0, :, 0].argmax()) == int(expected[:, 0].argmax())
     logits = torch.zeros(1, 16, 2)
     logits[0, :, 0] = torch.where(shares[0, :, 0] > 0.5, 20.0, -20.0)
-    assert float(targets.loss(logits, None, batch)) < 1e-6  # type: ignore[arg-type]
+    assert float(token_shares_loss(logits, shares, valid)) < 1e-6
     # The pooled embedding learns the view's shares: 1 of its 15 patches with imagery is class 0. Soft cross-entropy
     # is least, the target's entropy, at logits that give those shares.
-    view = torch.tensor([[1 / 15, 14 / 15]])
-    tokens_only = targets.loss(logits, None, batch)  # type: ignore[arg-type]
-    best = targets.loss(logits, view.log(), batch) - tokens_only  # type: ignore[arg-type]
+    view = mean_of_patches(shares, valid)
+    torch.testing.assert_close(view, torch.tensor([[1 / 15, 14 / 15]]))
+    best = soft_cross_entropy(view.log(), view)
     torch.testing.assert_close(best, -(view * view.log()).sum())
     for pooled in ([[20.0, 20.0]], [[20.0, -20.0]]):  # "some of each", as the largest patch shares say; all class 0
-        worse = targets.loss(logits, torch.tensor(pooled), batch) - tokens_only  # type: ignore[arg-type]
-        assert float(worse) > float(best) + 0.4
+        assert float(soft_cross_entropy(torch.tensor(pooled), view)) > float(best) + 0.4
 
 
 @pytest.mark.slow
