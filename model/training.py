@@ -382,6 +382,8 @@ class Sat2SoundTraining(pl.LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         checkpoint["sat2sound_config"] = self.model.cfg.to_dict()
+        # A resumed run keeps the image side it pretrained: `check_resumable` refuses other pretraining settings.
+        checkpoint["image_pretraining"] = self.settings.recipe()["image_pretraining"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng")
@@ -669,11 +671,13 @@ def resume_checkpoint(settings: TrainSettings) -> Path | None:
 def check_resumable(path: Path, module: Sat2SoundTraining) -> None:
     """Refuse a checkpoint that the run these settings make cannot go on from: one of another architecture, with
     other state (`recordings.directions` turned on or off) or other trained parameters (`image_pretraining` turned
-    on or off). Lightning would stop at loading it, with a traceback."""
+    on or off), where Lightning would stop at loading it with a traceback; or one whose image side was pretrained
+    by other `image_pretraining` settings, which a resumed run would keep while its weights' config named these."""
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     state, made = saved["state_dict"], module.state_dict()
     held = sum(len(group["params"]) for group in saved["optimizer_states"][0]["param_groups"])
     trained = len(module.trained_parameters())
+    pretraining = module.settings.recipe()["image_pretraining"]
     if lacked := sorted(made.keys() - state.keys()):
         detail = f"it lacks tensors these settings make ({len(lacked)}, e.g. {lacked[0]})"
     elif extra := sorted(state.keys() - made.keys()):
@@ -683,6 +687,10 @@ def check_resumable(path: Path, module: Sat2SoundTraining) -> None:
         detail = f"{key} is {tuple(state[key].shape)} there, {tuple(made[key].shape)} here"
     elif held != trained:
         detail = f"it trains {held} parameter tensors, these settings {trained}"
+    elif pretrained := list(
+        config_changes(saved.get("image_pretraining", pretraining), pretraining, "image_pretraining.")
+    ):
+        detail = "its image side was pretrained otherwise: " + ", ".join(pretrained)
     else:
         return
     if changed := list(config_changes(saved.get("sat2sound_config", {}), module.model.cfg.to_dict())):
@@ -694,8 +702,8 @@ def check_resumable(path: Path, module: Sat2SoundTraining) -> None:
 
 
 def config_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
-    """`NAME A there, B here` for each field of a model config (`Sat2SoundConfig.to_dict`) that differs from
-    another's; nested fields by their dotted names."""
+    """`NAME A there, B here` for each field of a model config (`Sat2SoundConfig.to_dict`) or a recipe section
+    (`TrainSettings.recipe`) that differs from another's; nested fields by their dotted names."""
     for name, value in ours.items():
         if name not in theirs or theirs[name] == value:
             continue

@@ -463,6 +463,7 @@ REFUSED_RESUMES = {
     r" 'none' there, 'latlong' here\)",
     "image_pretraining": r"\(it trains (\d+) parameter tensors, these settings (?!\1)\d+\)",
     "directions": r"\(it lacks tensors these settings make \(1, e\.g\. directions\)\)",
+    "prototypes": r"\(its image side was pretrained otherwise: image_pretraining\.prototypes 0\.0 there, 1\.5 here\)",
 }
 
 
@@ -475,12 +476,13 @@ def test_a_run_resumed_with_other_settings_is_refused_before_any_work(
     recordings = {"table": str(write_recordings(tmp_path / "sounds", pairs, lines))}
     tower = {**tower_targets(tmp_path, pairs, "shares"), "classes": list(COLOURS), "epochs": 1, "codebook": True}
     before: dict[str, object] = {"recordings": recordings}
-    if change == "directions":
+    if change in ("directions", "prototypes"):
         before["image_pretraining"] = tower
     after = {
         "metadata": {**before, "model": {"metadata_type": "latlong"}},
         "image_pretraining": {**before, "image_pretraining": tower},
         "directions": {**before, "recordings": {**recordings, "directions": 1.0}},
+        "prototypes": {**before, "image_pretraining": {**tower, "prototypes": 1.5}},
     }[change]
     train(load_settings(config(tmp_path, pairs, max_epochs=1, **before)), enable_progress_bar=False)
     run = tmp_path / "run"
