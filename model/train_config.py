@@ -106,10 +106,11 @@ class RecordingSettings:
     temperature) is added to each step's loss times `weight`. Off while `table` is unset.
 
     With `directions` > 0 (and `image_pretraining` with `codebook`), each recording and its caption are also pulled
-    towards the direction of the recording's `land_cover` (a column of `table`, one of `image_pretraining.classes`)
-    in the head that taught the pooled image embedding its view's shares: that class's row of the head less the
-    mean row. The term, one minus the mean cosine, is added times `directions`. The image side then scores a class
-    by how far it lies along that direction, and so do the class's sounds and words."""
+    towards the direction of the recording's `land_cover` (a column of `table`, one of `image_pretraining.classes`):
+    with `image_pretraining.prototypes`, the class's point the pooled image embedding was drawn to; otherwise its
+    direction in the head that taught the pooled image embedding its view's shares, that class's row of the head
+    less the mean row. The term, one minus the mean cosine, is added times `directions`. The image side then scores
+    a class by how far it lies along that direction, and so do the class's sounds and words."""
 
     table: str | None = None
     weight: float = 1.0
@@ -136,6 +137,9 @@ class TrainSettings:
     mel_cache: str | None = None  # folder sources' log-mels; default: <out_dir>/mel_cache
     description: str = ""  # what the exported weights are, in a sentence; maps built with them show it
     export: str = "best"  # the checkpoint exported: best (by validation recall) or last
+    # Weight of the main run's pull of each train pair's audio embedding to its view's point, the one the image
+    # pretraining's `prototypes` term drew its image to (one minus their cosine); 0: off.
+    audio_prototypes: float = 0.0
 
     @property
     def out_path(self) -> Path:
@@ -290,6 +294,12 @@ def _check(settings: TrainSettings) -> None:
             or (settings.recordings.table is not None and tower.enabled and tower.codebook),
             "recordings.directions pulls recordings towards the classes image pretraining teaches the pooled image"
             " embedding: set recordings.table and image_pretraining with codebook: true, or leave directions 0",
+        ),
+        (settings.audio_prototypes >= 0, "audio_prototypes must be >= 0 (0 leaves the term out)"),
+        (
+            settings.audio_prototypes == 0 or tower.prototypes > 0,
+            "audio_prototypes draws each pair's audio to the point image_pretraining.prototypes draws its image to:"
+            " set image_pretraining.prototypes > 0, or leave audio_prototypes 0",
         ),
         (
             settings.devices is None or settings.devices >= 1,

@@ -64,6 +64,7 @@ from model.train_config import DataSettings, RecordingSettings, TowerSettings, T
 MONITOR = "val/recall"
 RECORDINGS_LOSS = "train/recordings_loss"
 DIRECTIONS_LOSS = "train/directions_loss"
+AUDIO_PROTOTYPES_LOSS = "train/audio_prototypes_loss"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 PROTOTYPES_SEED = 0  # `class_prototypes`: fixed, so that every run draws the same
@@ -267,7 +268,8 @@ def class_directions(head: nn.Linear) -> Tensor:
 class Sat2SoundTraining(pl.LightningModule):
     """The model under training (submodule `model`, a plain `Sat2Sound`) and its data. `directions`, the image
     pretraining's class directions the recordings are pulled to, is a buffer, so a resumed run reads it back from
-    its checkpoint (pass zeros of its shape then)."""
+    its checkpoint (pass zeros of its shape then). `goals` (with `audio_prototypes`) gives each train pair's point
+    its audio is drawn to."""
 
     def __init__(
         self,
@@ -277,12 +279,14 @@ class Sat2SoundTraining(pl.LightningModule):
         recordings: RecordingCaptions | None = None,
         splits: Splits | None = None,
         directions: Tensor | None = None,
+        goals: AudioGoals | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.settings = settings
         self.texts = texts
         self.recordings = recordings
+        self.goals = goals
         self.directions: Tensor | None
         self.register_buffer("directions", directions)
         self.train_pairs, self.val_pairs = open_splits(settings) if splits is None else splits
@@ -306,10 +310,14 @@ class Sat2SoundTraining(pl.LightningModule):
         return model_batch(batch, self.texts, self.model.cfg, self.device)
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
-        losses = self.model.loss(self.model(self._batch(batch)))
+        out = self.model(self._batch(batch))
+        losses = self.model.loss(out)
         size = len(batch)
         parts = {"train/multimodal_loss": losses.multimodal_loss, "train/fdt_loss": losses.fdt_loss}
         loss = losses.loss
+        if self.goals is not None:
+            parts[AUDIO_PROTOTYPES_LOSS] = self.goals.loss(out.audio.embedding, batch, self.device)
+            loss = loss + self.settings.audio_prototypes * parts[AUDIO_PROTOTYPES_LOSS]
         if self.recordings is not None:
             terms = self.recordings.losses(self.model, self.texts, self.directions)
             parts.update(terms)
@@ -482,6 +490,21 @@ def prototypes_loss(embedding: Tensor, shares: Tensor, prototypes: Tensor) -> Te
     return 1 - (embedding * goal).sum(dim=-1).mean()
 
 
+class AudioGoals:
+    """Each train pair's point in the embedding space (`audio_prototypes`): the class prototypes the image
+    pretraining drew the pooled image embedding to, mixed by the view's shares from the same target, so that a
+    view's sound is drawn where its image was."""
+
+    def __init__(self, shares: PatchShares | ViewShares, prototypes: Tensor) -> None:
+        self.shares = shares
+        self.prototypes = prototypes
+
+    def loss(self, audio: Tensor, batch: TrainBatch, device: torch.device) -> Tensor:
+        """`prototypes_loss` of the pairs' (B, D) audio embeddings."""
+        shares = mean_of_patches(*self.shares.patches(batch, device))
+        return prototypes_loss(l2_normalize(audio), shares, self.prototypes)
+
+
 def read_patch_means(path: Path, classes: Sequence[str], grid: int) -> Tensor:
     """(C, grid, grid): the raster at `path` (one band per class, over the pair's image) averaged over grid x grid
     patches, as the tower cuts its input into tokens."""
@@ -524,13 +547,7 @@ class ImageTowerPretraining(pl.LightningModule):
         self.gsd = model.ground_sample_distance
         self.settings = settings
         self.pairs = train_pairs(settings) if pairs is None else pairs
-        keys = self.pairs.source.pair_keys()
-        self.targets: list[PatchShares | ViewShares] = []
-        if tower.landcover is not None:
-            grid = model.cfg.vit.grid_size
-            self.targets.append(PatchShares.read(settings.in_data(tower.landcover), keys, tower.classes, grid))
-        if tower.shares is not None:
-            self.targets.append(ViewShares.read(settings.in_data(tower.shares), keys, tower.classes))
+        self.targets = shares_targets(settings, self.pairs, model.cfg.vit.grid_size)
         # A head per target, made before the embedding's so that a run with one target draws its initial weights
         # in the order it always has (the shipped weights' recipe rebuilds to the same model).
         self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in self.targets)
@@ -574,6 +591,19 @@ class ImageTowerPretraining(pl.LightningModule):
         )
 
 
+def shares_targets(settings: TrainSettings, pairs: PairDataset, grid: int) -> list[PatchShares | ViewShares]:
+    """The image pretraining's targets for the `pairs`: `landcover`'s (per patch of a grid x grid token grid),
+    then `shares`'."""
+    tower = settings.image_pretraining
+    keys = pairs.source.pair_keys()
+    targets: list[PatchShares | ViewShares] = []
+    if tower.landcover is not None:
+        targets.append(PatchShares.read(settings.in_data(tower.landcover), keys, tower.classes, grid))
+    if tower.shares is not None:
+        targets.append(ViewShares.read(settings.in_data(tower.shares), keys, tower.classes))
+    return targets
+
+
 def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
     """Each key's class shares, in the order of `classes`, from the CSV at `path`."""
     fix = "give image_pretraining.shares a CSV of key and one column per class"
@@ -594,9 +624,10 @@ def pretrain_image_tower(
     model: Sat2Sound, settings: TrainSettings, launch: Launch, *, pairs: PairDataset, **trainer_overrides: Any
 ) -> Tensor | None:
     """`ImageTowerPretraining` on the train `pairs` for `image_pretraining.epochs`, logged beside the main run's
-    logs; it returns the `class_directions` of the pooled embedding's head (with `codebook`). Its own root folder
-    keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`) apart from the main run's:
-    a fit without a checkpoint path resumes from the one in its root."""
+    logs; with `codebook`, it returns the classes' directions the recordings are pulled to: the points the pooled
+    embedding was drawn to (`class_prototypes`) with `prototypes`, else the `class_directions` of its head. Its own
+    root folder keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`) apart from the
+    main run's: a fit without a checkpoint path resumes from the one in its root."""
     module = ImageTowerPretraining(model, settings, pairs)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
     options = {
@@ -606,7 +637,9 @@ def pretrain_image_tower(
         "default_root_dir": settings.out_path / "image_pretraining",
     }
     trainer(settings, launch, [], **{**trainer_overrides, **options, "enable_checkpointing": False}).fit(module)
-    return None if module.embedding_head is None else class_directions(module.embedding_head)
+    if module.embedding_head is None:
+        return None
+    return module.prototypes if module.prototypes is not None else class_directions(module.embedding_head)
 
 
 def initial_model(settings: TrainSettings) -> Sat2Sound:
@@ -815,8 +848,12 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     if settings.recordings.directions:
         # A resumed run reads them back from its checkpoint into these zeros.
         pulled = torch.zeros(len(tower.classes), model.cfg.codebook_dim) if directions is None else directions
+    goals = None
+    if settings.audio_prototypes:
+        shares = shares_targets(settings, splits.train, model.cfg.vit.grid_size)[0]
+        goals = AudioGoals(shares, class_prototypes(len(tower.classes), model.cfg.codebook_dim))
     texts = text_cache(settings, model.cfg.text_dim)
-    module = Sat2SoundTraining(model, settings, texts, recordings, splits, pulled)
+    module = Sat2SoundTraining(model, settings, texts, recordings, splits, pulled, goals)
     if resume is not None:
         check_resumable(resume, module)
     checkpoints = best_checkpoints(settings)

@@ -169,6 +169,15 @@ def test_the_architecture_takes_sat_type_and_metadata() -> None:
             },
             "set recordings.table and image_pretraining with codebook: true",
         ),
+        ({**MINIMAL, "audio_prototypes": -1}, "audio_prototypes must be >= 0"),
+        (
+            {
+                **MINIMAL,
+                "image_pretraining": {"shares": "l.csv", "classes": ["a"], "codebook": True},
+                "audio_prototypes": 1,
+            },
+            "set image_pretraining.prototypes > 0, or leave audio_prototypes 0",
+        ),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(values: dict, message: str) -> None:

@@ -41,6 +41,7 @@ from model.train_config import RecordingSettings, load_settings, parse_settings
 from model.training import (
     CHECKPOINTS,
     LAST,
+    AudioGoals,
     ImageTowerPretraining,
     PatchShares,
     RecordingCaptions,
@@ -402,6 +403,61 @@ def test_recordings_pulled_to_the_pretrained_heads_directions_and_a_resumed_run_
         assert 0 < float(row["train/directions_loss"]) <= 2
         assert float(row["train/loss"]) == pytest.approx(pairs_loss(row) + terms, rel=1e-5)
     assert "directions" not in final_weights(settings.out_path)
+
+
+def test_a_pairs_audio_is_drawn_to_its_views_mix_of_the_prototypes() -> None:
+    """`AudioGoals`: the same term as the image pretraining's `prototypes_loss`, on the pairs' audio embeddings
+    (normalised here: the model's are not), with the shares of the image pretraining's first target."""
+    prototypes = class_prototypes(2, 4)
+    shares = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    target = ViewShares({"a": shares[0], "b": shares[1]})
+    batch = SimpleNamespace(keys=["a", "b"])
+    goals = AudioGoals(target, prototypes)
+    on_goal = 3 * l2_normalize(shares @ prototypes)
+    assert float(goals.loss(on_goal, batch, torch.device("cpu"))) == pytest.approx(0.0, abs=1e-6)  # type: ignore[arg-type]
+    swapped = on_goal.flip(0)
+    expected = prototypes_loss(l2_normalize(swapped), shares, prototypes)
+    assert float(goals.loss(swapped, batch, torch.device("cpu"))) == pytest.approx(float(expected))  # type: ignore[arg-type]
+    assert float(expected) > 0.1
+
+
+@pytest.mark.slow
+def test_audio_drawn_to_the_prototypes_and_the_recordings_pulled_to_them(
+    tmp_path: Path, pairs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `image_pretraining.prototypes`, the recordings' directions are the class prototypes themselves; with
+    `audio_prototypes` each step adds its weighted term, logged as `train/audio_prototypes_loss`."""
+    pretrain = training.pretrain_image_tower
+    taught: list[torch.Tensor | None] = []
+
+    def watched(*args: object, **overrides: object) -> torch.Tensor | None:
+        taught.append(pretrain(*args, **overrides))  # type: ignore[arg-type]
+        return taught[-1]
+
+    monkeypatch.setattr(training, "pretrain_image_tower", watched)
+    lines = ["file,caption,land_cover", *(f"{name}.wav,the sound of {name} alone,{name}" for name in COLOURS)]
+    table = write_recordings(tmp_path / "sounds", pairs, lines)
+    tower = {
+        **tower_targets(tmp_path, pairs, "landcover"),
+        "classes": list(COLOURS),
+        "epochs": 1,
+        "codebook": True,
+        "prototypes": 2.0,
+    }
+    recordings = {"table": str(table), "weight": 0.5, "directions": 3.0}
+    values = {"max_epochs": 1, "image_pretraining": tower, "recordings": recordings, "audio_prototypes": 1.5}
+    settings = load_settings(config(tmp_path, pairs, **values))
+    train(settings, enable_progress_bar=False)
+    assert len(taught) == 1 and taught[0] is not None
+    torch.testing.assert_close(taught[0], class_prototypes(len(COLOURS), Sat2SoundConfig.small("none").codebook_dim))
+    steps = logged_steps(settings.out_path, 0)
+    assert len(steps) == 2
+    for row in steps:
+        term = float(row["train/audio_prototypes_loss"])
+        assert 0 < term <= 2
+        recorded = 0.5 * float(row["train/recordings_loss"]) + 3.0 * float(row["train/directions_loss"])
+        assert float(row["train/loss"]) == pytest.approx(pairs_loss(row) + recorded + 1.5 * term, rel=1e-5)
+    assert json.loads((settings.out_path / "model.json").read_text())["training"]["audio_prototypes"] == 1.5
 
 
 @pytest.mark.slow
