@@ -200,6 +200,12 @@ def test_a_model_sees_the_same_views_either_way() -> None:
     assert float((strip - part).norm(dim=1).max()) < 1.5e-3
 
 
+def assert_within_a_grey_level(pixels: torch.Tensor, expected: torch.Tensor) -> None:
+    """uint8 views alike but for rounding: at most one grey level apart, in fewer than one value in a thousand."""
+    difference = (pixels.int() - expected.int()).abs()
+    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled kernels", "sparse products"])
 @pytest.mark.parametrize("grid", ["projected", "web mercator"])
 def test_overlapping_views_sliced_from_shared_blocks_match_views_cut_alone(
@@ -214,16 +220,19 @@ def test_overlapping_views_sliced_from_shared_blocks_match_views_cut_alone(
     assert len(blocks.bounds) <= len(views) / 4, "a row of views 8 tiles wide is cut from ~1/8 of the pixels"
     shared = cut_views(source, views, SIZE, compiled=compiled)
     alone = [cut_views(source, view[None], SIZE, compiled=compiled) for view in views]
-    difference = (shared.pixels.int() - torch.cat([view.pixels for view in alone]).int()).abs()
-    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
+    assert_within_a_grey_level(shared.pixels, torch.cat([view.pixels for view in alone]))
     np.testing.assert_allclose(shared.coverage, torch.cat([view.coverage for view in alone]), atol=2.0 / SIZE**2)
-    # More bands than RGB (land-cover planes: `pipeline.demo_data`) are cut and sliced band for band alike.
+    # More bands than RGB (land-cover planes: `pipeline.demo_data`) are cut and sliced band for band alike: the
+    # compiled kernels exactly (a group of three bands at a time); sparse products up to rounding, as the order of
+    # their sums may change with the number of bands (MKL chooses its kernel by the CPU and the matrix's width).
     planes = cut_views(
         replace(source, values=np.concatenate([source.values, source.values[:1]])), views, SIZE, compiled=compiled
     )
-    assert torch.equal(planes.pixels[:, :RGB_BANDS], shared.pixels) and torch.equal(
-        planes.pixels[:, 3], shared.pixels[:, 0]
-    )
+    if compiled:
+        assert torch.equal(planes.pixels[:, :RGB_BANDS], shared.pixels)
+        assert torch.equal(planes.pixels[:, 3], shared.pixels[:, 0])
+    assert_within_a_grey_level(planes.pixels[:, :RGB_BANDS], shared.pixels)
+    assert_within_a_grey_level(planes.pixels[:, 3], shared.pixels[:, 0])
 
 
 def test_views_off_one_pixel_lattice_are_cut_alone() -> None:
@@ -296,7 +305,6 @@ def test_the_compiled_cpu_kernels_and_the_sparse_products_cut_the_same_views(
         sparse = sparse._replace(pixels=sparse.pixels.cpu())
         np.testing.assert_array_equal(compiled.coverage, sparse.coverage)
         assert compiled.coverage.min() < 1.0 and compiled.coverage.max() == 1.0, "views inside and across the edge"
-        difference = (compiled.pixels.int() - sparse.pixels.int()).abs()
-        assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 1e-3
+        assert_within_a_grey_level(sparse.pixels, compiled.pixels)
         assert compiled.pixels.shape[1] == max(RGB_BANDS, len(pixels.values))
     assert torch.equal(compiled.pixels[:, 0], compiled.pixels[:, 2]), "a grey source's views are grey"
