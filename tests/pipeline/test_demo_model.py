@@ -108,7 +108,7 @@ def test_the_default_build_gives_every_querys_statistics_per_country(default_bui
 
 def test_the_default_build_hears_each_tiles_land_cover_in_its_gallery(default_build: Path, tmp_path: Path) -> None:
     """Each tile's best gallery recording is one of its land cover's: ducks or frogs first on every tile at least
-    half water (55 of 55 with the shipped weights), a farm animal on three in four tiles at least half farmland (81
+    half water (55 of 55 with the shipped weights), a farm animal on three in four tiles at least half farmland (82
     of 89; before the recordings were taught their captions, 16: the frog nearly everywhere). `listen` mixes a
     water tile's recordings from the build's own gallery."""
     store = open_store(default_build / STORE_NAME)
