@@ -529,7 +529,13 @@ class ImageTowerPretraining(pl.LightningModule):
     learns the view's shares by the first target too (one more head), and the main run aligns audio and text with
     image embeddings fixed by it."""
 
-    def __init__(self, model: Sat2Sound, settings: TrainSettings, pairs: PairDataset | None = None) -> None:
+    def __init__(
+        self,
+        model: Sat2Sound,
+        settings: TrainSettings,
+        pairs: PairDataset | None = None,
+        targets: list[PatchShares | ViewShares] | None = None,
+    ) -> None:
         super().__init__()
         tower = settings.image_pretraining
         if tower.codebook and model.cfg.metadata:
@@ -547,7 +553,7 @@ class ImageTowerPretraining(pl.LightningModule):
         self.gsd = model.ground_sample_distance
         self.settings = settings
         self.pairs = train_pairs(settings) if pairs is None else pairs
-        self.targets = shares_targets(settings, self.pairs, model.cfg.vit.grid_size)
+        self.targets = shares_targets(settings, self.pairs, model.cfg.vit.grid_size) if targets is None else targets
         # A head per target, made before the embedding's so that a run with one target draws its initial weights
         # in the order it always has (the shipped weights' recipe rebuilds to the same model).
         self.heads = nn.ModuleList(nn.Linear(model.cfg.fc_dim, len(tower.classes)) for _ in self.targets)
@@ -621,14 +627,20 @@ def read_class_shares(path: Path, classes: Sequence[str]) -> dict[str, Tensor]:
 
 
 def pretrain_image_tower(
-    model: Sat2Sound, settings: TrainSettings, launch: Launch, *, pairs: PairDataset, **trainer_overrides: Any
+    model: Sat2Sound,
+    settings: TrainSettings,
+    launch: Launch,
+    *,
+    pairs: PairDataset,
+    targets: list[PatchShares | ViewShares] | None = None,
+    **trainer_overrides: Any,
 ) -> Tensor | None:
     """`ImageTowerPretraining` on the train `pairs` for `image_pretraining.epochs`, logged beside the main run's
     logs; with `codebook`, it returns the classes' directions the recordings are pulled to: the points the pooled
     embedding was drawn to (`class_prototypes`) with `prototypes`, else the `class_directions` of its head. Its own
     root folder keeps the checkpoint Lightning saves when SLURM requeues the job (`hpc_ckpt_N.ckpt`) apart from the
     main run's: a fit without a checkpoint path resumes from the one in its root."""
-    module = ImageTowerPretraining(model, settings, pairs)
+    module = ImageTowerPretraining(model, settings, pairs, targets)
     logger = CSVLogger(settings.out_path / "logs", name="image_pretraining")
     options = {
         "max_epochs": settings.image_pretraining.epochs,
@@ -838,10 +850,15 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     resume = resume_checkpoint(settings)
     started = time.perf_counter()
     directions = None
+    # Read once for the pretraining and the audio's goals; a resumed run's checkpoint holds the taught tower already.
+    targets = None
+    if tower.enabled and (resume is None or settings.audio_prototypes):
+        targets = shares_targets(settings, splits.train, model.cfg.vit.grid_size)
     if tower.enabled:
-        # A resumed run's checkpoint holds the taught tower already.
         if resume is None:
-            directions = pretrain_image_tower(model, settings, launch, pairs=splits.train, **trainer_overrides)
+            directions = pretrain_image_tower(
+                model, settings, launch, pairs=splits.train, targets=targets, **trainer_overrides
+            )
         for param in image_side(model, tower):
             param.requires_grad_(False)
     pulled = None  # the directions the recordings are pulled to
@@ -849,9 +866,8 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
         # A resumed run reads them back from its checkpoint into these zeros.
         pulled = torch.zeros(len(tower.classes), model.cfg.codebook_dim) if directions is None else directions
     goals = None
-    if settings.audio_prototypes:
-        shares = shares_targets(settings, splits.train, model.cfg.vit.grid_size)[0]
-        goals = AudioGoals(shares, class_prototypes(len(tower.classes), model.cfg.codebook_dim))
+    if settings.audio_prototypes and targets:
+        goals = AudioGoals(targets[0], class_prototypes(len(tower.classes), model.cfg.codebook_dim))
     texts = text_cache(settings, model.cfg.text_dim)
     module = Sat2SoundTraining(model, settings, texts, recordings, splits, pulled, goals)
     if resume is not None:
