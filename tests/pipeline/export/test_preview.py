@@ -198,11 +198,18 @@ def _click(driver: webdriver.Chrome, x: int, y: int) -> None:
 
 
 def _popup(driver: webdriver.Chrome) -> WebElement:
-    """The open popup's content, once it has faded in."""
+    """The open popup's content, once it has faded in and the map has panned it whole into view: until then the
+    map clips its top lines, and a reader (and Selenium's visible text) misses them."""
+    inside = (
+        "const popup = arguments[0].closest('.leaflet-popup').getBoundingClientRect();"
+        "const map = document.querySelector('.folium-map').getBoundingClientRect();"
+        "return popup.top >= map.top && popup.bottom <= map.bottom"
+        "  && popup.left >= map.left && popup.right <= map.right;"
+    )
 
     def shown(found: webdriver.Chrome) -> WebElement | bool:
         popups = found.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content .s2s-popup")
-        return popups[0] if popups and popups[0].text else False
+        return popups[0] if popups and found.execute_script(inside, popups[0]) and popups[0].text else False
 
     return WebDriverWait(driver, PAGE_LOAD_S).until(shown)
 
