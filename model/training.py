@@ -632,7 +632,7 @@ def pretrain_image_tower(
     launch: Launch,
     *,
     pairs: PairDataset,
-    targets: list[PatchShares | ViewShares] | None = None,
+    targets: list[PatchShares | ViewShares],
     **trainer_overrides: Any,
 ) -> Tensor | None:
     """`ImageTowerPretraining` on the train `pairs` for `image_pretraining.epochs`, logged beside the main run's
@@ -850,11 +850,11 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
     resume = resume_checkpoint(settings)
     started = time.perf_counter()
     directions = None
-    # Read once for the pretraining and the audio's goals; a resumed run's checkpoint holds the taught tower already.
-    targets = None
-    if tower.enabled and (resume is None or settings.audio_prototypes):
-        targets = shares_targets(settings, splits.train, model.cfg.vit.grid_size)
+    targets: list[PatchShares | ViewShares] = []
     if tower.enabled:
+        # Read once for the pretraining and the audio's goals; a resumed run's checkpoint holds the taught tower.
+        if resume is None or settings.audio_prototypes:
+            targets = shares_targets(settings, splits.train, model.cfg.vit.grid_size)
         if resume is None:
             directions = pretrain_image_tower(
                 model, settings, launch, pairs=splits.train, targets=targets, **trainer_overrides
@@ -866,7 +866,7 @@ def train(settings: TrainSettings, **trainer_overrides: Any) -> TrainResult:
         # A resumed run reads them back from its checkpoint into these zeros.
         pulled = torch.zeros(len(tower.classes), model.cfg.codebook_dim) if directions is None else directions
     goals = None
-    if settings.audio_prototypes and targets:
+    if settings.audio_prototypes:  # which needs image_pretraining.prototypes, so targets were read
         goals = AudioGoals(targets[0], class_prototypes(len(tower.classes), model.cfg.codebook_dim))
     texts = text_cache(settings, model.cfg.text_dim)
     module = Sat2SoundTraining(model, settings, texts, recordings, splits, pulled, goals)
