@@ -24,8 +24,8 @@ per-pixel classes exactly like its image. Its recording is its own 10 s mix of t
 weighs its share relative to that class's share over all train views (its location quotient, so that rare
 towns are heard among fields), classes under MIN_MIX_WEIGHT of the mix are left out, and each class left sounds
 a random non-empty subset of its recordings (examples/sounds/recordings.csv), each looped from a random start,
-together as loud (RMS) as the class's weight. The audio caption names the mixed recordings, loudest first. Written
-atomically (a run stopped half-way leaves no OUT_DIR):
+together holding the class's weight of the mix's power. The audio caption names the mixed recordings, loudest
+first. Written atomically (a run stopped half-way leaves no OUT_DIR):
 
     OUT_DIR/pairs.csv       key,image,audio,audio_caption,image_caption,lat,lon,time,split,sat_type,
                             audio_source,caption_source,zoom_level (the plain folder layout of model.data.folder)
@@ -269,9 +269,10 @@ def choose_components(
     weights: np.ndarray, recordings: Sequence[Recording], clips: Mapping[str, np.ndarray], rng: np.random.Generator
 ) -> list[Component]:
     """A view's mix, loudest class first: per class it weighs, a random non-empty subset of the class's recordings
-    (of a random size), each from a random loop start. A class's n recordings heard each weigh its weight /
-    sqrt(n): independent sounds add up in power, so the class is as loud as its weight whatever its number of
-    recordings. Hearing sometimes one recording of a class alone is what lets a query of one recording (a duck)
+    (of a random size), each from a random loop start. A class's n recordings heard each weigh sqrt(its weight /
+    n): independent sounds add up in power, and a class twice as wide holds twice the sources, so the class's
+    power is its weight whatever its number of recordings (an amplitude of its weight would bury a class of a
+    tenth 20 dB down). Hearing sometimes one recording of a class alone is what lets a query of one recording (a duck)
     find its land cover; hearing several of them most of the time keeps a view's sound close to its land cover."""
     components = []
     for index in np.argsort(-weights, kind="stable"):
@@ -279,7 +280,7 @@ def choose_components(
             members = [recording for recording in recordings if recording.land_cover == CLASSES[index]]
             chosen = rng.choice(len(members), size=int(rng.integers(1, len(members) + 1)), replace=False)
             members = [members[i] for i in sorted(chosen)]
-            weight = float(weights[index]) / math.sqrt(len(members))
+            weight = math.sqrt(float(weights[index]) / len(members))
             for recording in members:
                 components.append(Component(recording, weight, int(rng.integers(len(clips[recording.file])))))
     return components

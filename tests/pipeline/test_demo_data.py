@@ -175,9 +175,9 @@ def test_a_mix_sounds_some_recordings_of_each_class_at_its_weight_loudest_first(
         # Loudest class first, each class's recordings in the table's order, at least one of each.
         assert parts == [*town_heard, *water_heard] and town_heard and water_heard
         assert town_heard == [r for r in town if r in parts] and water_heard == [r for r in water if r in parts]
-        # Each class is as loud as its weight: its n independent recordings heard each weigh weight / sqrt(n).
+        # Each class holds its weight of the power: its n independent recordings heard each weigh sqrt(weight / n).
         assert [part.weight for part in components] == pytest.approx(
-            [0.75 / np.sqrt(len(town_heard))] * len(town_heard) + [0.25 / np.sqrt(len(water_heard))] * len(water_heard)
+            [np.sqrt(0.75 / len(town_heard))] * len(town_heard) + [np.sqrt(0.25 / len(water_heard))] * len(water_heard)
         )
         assert all(0 <= part.start < len(clips[part.recording.file]) for part in components)
         assert len({part.start for part in components}) == len(components)
@@ -288,7 +288,7 @@ def test_labels_are_class_shares_and_each_view_has_its_own_mix(dataset: Path) ->
         power = dict.fromkeys(sounding, 0.0)
         for land_cover, _, weight in parts:
             power[land_cover] += float(weight) ** 2
-        assert sum(np.sqrt(list(power.values()))) == pytest.approx(1.0, abs=1e-3)
+        assert sum(power.values()) == pytest.approx(1.0, abs=1e-3)
         assert pair["audio_caption"].startswith(captions[parts[0][1]])
         assert pair["audio"] == f"recordings/{pair['key']}.flac"
         assert (label["scene"] == LANDSAT.name) == (label["split"] == "test")
