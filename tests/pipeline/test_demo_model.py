@@ -3,7 +3,7 @@
 `pipeline.demo_quality` reads each query's map as a classifier of the land cover it is meant for (ROC AUC of the
 tiles richest in the class against the poorest). model/weights/README.md gives the whole table; this test holds
 the model to what it reaches: each of the six queries, text (water, birds, town, farm), audio (the duck recording)
-and composed (the dog recording + "in a town"), separates its class (AUC >= 0.85, above every query meant for
+and composed (the dog recording + "among city blocks"), separates its class (AUC >= 0.85, above every query meant for
 another class). Retrieval by `python -m model evaluate` on the held-out scene's test pairs, from the data set
 `snakemake demo_dataset` rebuilds, holds what the card says it reaches.
 """
